@@ -1,0 +1,127 @@
+"""Typed values shared by the pure core and the adapters around it. Frozen, no I/O, times as epoch seconds.
+
+Times are plain floats (seconds since the epoch, UTC) handed in by the caller: the core never reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from drivers.base import Capability, Family
+
+
+class Source(StrEnum):
+    """Who asked for a limit. Order matters only for reporting; the lowest target always wins."""
+
+    CAP = "cap"  # the licensed site cap (config, or lowered at run time)
+    GRID = "grid"  # a signed grid-operator dispatch
+    OPERATOR = "operator"  # an override from the local CLI or operator MQTT
+    SCHEDULE = "schedule"  # a time-of-use window from config
+    FAILSAFE = "failsafe"  # the grid link is lost or was never heard
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A request to hold the site at or below a level for a window.
+
+    Exactly one of target_kw (an absolute level) and curtail_kw (a reduction from the site's baseline at
+    acceptance) is set. `rev` orders revisions of the same id (OpenADR modification number).
+    """
+
+    id: str
+    source: Source
+    issued_at: float
+    start: float
+    end: float | None
+    target_kw: float | None = None
+    curtail_kw: float | None = None
+    ramp_kw_per_min: float | None = None
+    priority: int = 0
+    rev: int = 0
+    # for curtail_kw: the site baseline measured when the dispatch was accepted, so "by X" is stable
+    baseline_kw: float | None = None
+
+    def level_kw(self) -> float:
+        if self.target_kw is not None:
+            return self.target_kw
+        assert self.curtail_kw is not None
+        assert self.baseline_kw is not None
+        return max(0.0, self.baseline_kw - self.curtail_kw)
+
+    def active_at(self, now: float) -> bool:
+        return self.start <= now and (self.end is None or now < self.end)
+
+    def expired_at(self, now: float) -> bool:
+        return self.end is not None and now >= self.end
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The one effective target of the site, and why."""
+
+    kw: float
+    source: Source  # which input binds
+    binding_id: str | None  # the dispatch / window id that binds, if any
+    cap_kw: float
+    ramp_kw_per_min: float | None = None  # a ramp asked for by the binding input (decreases too)
+    failsafe: bool = False
+
+    @property
+    def reason(self) -> str:
+        return f"{self.source.value}:{self.binding_id}" if self.binding_id else self.source.value
+
+
+class MinerState(StrEnum):
+    HASHING = "hashing"  # running at full (nominal or highest preset) power
+    THROTTLED = "throttled"  # running under a power limit below nominal
+    SLEEPING = "sleeping"
+    WAKING = "waking"  # woken, ramping to power: counted at full power
+    UNREACHABLE = "unreachable"  # no fresh reading: counted at worst case
+
+
+@dataclass(frozen=True, slots=True)
+class MinerView:
+    """The planner's view of one miner: what it is, what it does, what we last told it."""
+
+    id: str  # the miner's address
+    family: Family
+    capability: Capability
+    nominal_w: float
+    nominal_ths: float
+    state: MinerState
+    power_w: float | None  # fresh measured (or estimated, for miners that report no power) draw
+    commanded_w: float | None  # last limit we set and it accepted; None = never limited by us
+    asleep_by_us: bool = False  # we put it to sleep (so a restart knows what it curtailed)
+    last_transition: float = 0.0  # when it last went on or off, for minimum on/off times
+    circuit: str | None = None
+    priority: int = 0  # higher = sleeps later (hosted customers)
+    ignores_commands: bool = False  # acknowledged commands without acting: counted at what it draws
+
+
+@dataclass(frozen=True, slots=True)
+class SleepAction:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RunAction:
+    """Run at `watts` (a power limit or preset); wake first if asleep."""
+
+    watts: int
+
+
+Action = RunAction | SleepAction
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Who runs at what and who sleeps, with the accounting that justifies it."""
+
+    actions: dict[str, Action]  # every planned miner id -> desired end state
+    worst_case_kw: float  # site power if every planned miner obeys and every uncontrollable one draws its max
+    expected_kw: float
+    expected_ths: float
+    target_kw: float
+    alarms: tuple[str, ...] = ()
+    circuit_worst_case_kw: dict[str, float] = field(default_factory=dict)
