@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: lint, type-check, then the whole test suite against real Mosquitto, real TCP to the
+# simulated site and real SQLite. Extra arguments go to pytest (e.g. scripts/test.sh -k mqtt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "== ruff" >&2
+.venv/bin/ruff check agent drivers sim tests
+echo "== mypy" >&2
+.venv/bin/mypy agent drivers
+echo "== pytest" >&2
+exec .venv/bin/pytest "$@"
