@@ -6,7 +6,9 @@ passwords, MQTT password) live in a separate file or a systemd credential, never
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,11 +43,21 @@ class CircuitConfig(_Model):
     miners: list[AddressSpec] = Field(default_factory=list, description="Miners fed by this circuit.")
 
 
+_SITE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class SiteConfig(_Model):
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Site id; used in MQTT topics.")
+    id: str = Field(pattern=_SITE_ID.pattern, description="Site id; used in MQTT topics.")
     cap_kw: float = Field(gt=0, description="Licensed site cap in kW: never exceeded, even in the worst case.")
     circuits: list[CircuitConfig] = Field(default_factory=list)
     meter: Literal["none"] = Field("none", description="Site meter; 'none' = power from miners' reports.")
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_is_topic_safe(cls, v: Any) -> Any:
+        if isinstance(v, str) and not _SITE_ID.match(v):
+            raise ValueError("use 1-64 letters, digits, '-' or '_' (the site id is part of MQTT topic names)")
+        return v
 
     @model_validator(mode="after")
     def _circuits_form_a_tree(self) -> SiteConfig:
@@ -327,9 +339,13 @@ def load_config(path: str | Path) -> AgentConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc)
+        hint = " (indent with spaces, not tabs)" if "\\t" in problem or "\t" in problem else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}{hint}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; it needs at least `site: {{id: ..., cap_kw: ...}}`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with at least 'site'")
+        raise ConfigError(f"{path}: the top level must be a mapping (key: value lines) with at least 'site'")
     try:
         return AgentConfig.model_validate({**data, "source": path.resolve()})
     except ValidationError as exc:
@@ -339,18 +355,67 @@ def load_config(path: str | Path) -> AgentConfig:
 def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
     lines = [f"{path}: {exc.error_count()} error(s) in the site config"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = _format_loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check its spelling; see configs/agent.example.yaml)")
+            hint = _suggest(err["loc"])
+            lines.append(f"  {loc}: unknown key{hint} (check its spelling; see configs/agent.example.yaml)")
             continue
         if err["type"] == "missing":
             lines.append(f"  {loc}: required field is missing")
             continue
         value = _lookup(data, err["loc"])
-        shown = f" = {value!r}" if value is not _MISSING else ""
-        lines.append(f"  {loc}{shown}: {msg}")
+        if value is _MISSING or isinstance(value, dict | list):
+            # a cross-field check on a whole section: its message names the fields; the section is noise
+            lines.append(f"  {msg}" if not err["loc"] else f"  {loc}: {msg}")
+            continue
+        lines.append(f"  {loc} = {value!r}: {msg}{_unit_hint(err)}")
     return "\n".join(lines)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _unit_hint(err: Any) -> str:
+    """Say which unit a number is in when a unit was typed into a field whose name carries it."""
+    name = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] not in ("float_parsing", "int_parsing", "float_type", "int_type"):
+        return ""
+    for suffix, unit in (("_kw", "kW"), ("_w", "W"), ("_mb", "MB"), ("_pct", "%")):
+        if name.endswith(suffix):
+            return f" (a plain number in {unit}: the unit is in the key's name)"
+    return ""
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """`, did you mean 'miners'?` for a misspelt key, from the fields of the section it sits in."""
+    model: Any = AgentConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+        if model is None:
+            return ""
+    known = [k for k in getattr(model, "model_fields", {}) if k != "source"]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 _MISSING = object()

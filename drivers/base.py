@@ -162,3 +162,5 @@ class DriverSettings:
     command_timeout_s: float = 10.0
     identify_timeout_s: float = 10.0
     passwords: dict[str, str] = field(default_factory=dict)  # family -> password
+    # identifications in flight at once, across every caller of one driver (pyasic fails past ~700)
+    identify_concurrency: int = 128

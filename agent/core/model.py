@@ -66,6 +66,8 @@ class Target:
     cap_kw: float
     ramp_kw_per_min: float | None = None  # a ramp asked for by the binding input (decreases too)
     failsafe: bool = False
+    # why the binding input still binds, when that is not obvious: "min_hold", "release_debounce", ...
+    detail: str = ""
 
     @property
     def reason(self) -> str:
@@ -125,3 +127,9 @@ class Plan:
     target_kw: float
     alarms: tuple[str, ...] = ()
     circuit_worst_case_kw: dict[str, float] = field(default_factory=dict)
+    # miners slept inside their minimum on-time because a cap or the target could not be met otherwise
+    min_on_overridden: tuple[str, ...] = ()
+    # unreachable miners and miners that ignore commands: no action, counted at their worst case
+    uncontrolled: tuple[str, ...] = ()
+    method: str = ""  # which planner produced it: "optimal" or "sleep_only"
+    baseline_ths: float | None = None  # what the sleep-only baseline would have kept, for reporting

@@ -1,0 +1,183 @@
+"""Operator overrides: `hashflex curtail`, `hashflex resume`, `hashflex cap`.
+
+They go to the agent over the control socket (trusted by file permissions), through the same validation as
+grid commands on MQTT. Powers accept units (`12MW`, `850kW`, `3000W`; a bare number is kW), durations too
+(`90s`, `30m`, `2h`). `--wait` follows the site down to its new level with a progress bar.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agent.cli import render as r
+from agent.cli.agentclient import call, request_id
+from agent.cli.common import DEFAULT_CONFIG, EXIT_REFUSED, ConfigOpt, JsonOpt, emit_json, err, fail
+from agent.core.units import format_kw, parse_duration_s, parse_power_kw
+
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until the site is at or under the new level.")]
+WaitTimeoutOpt = Annotated[
+    str, typer.Option("--wait-timeout", help="Give up waiting after this long (e.g. 10m).", show_default=True)
+]
+
+
+def parse_power(value: str, option: str, *, as_json: bool, allow_zero: bool = True) -> float:
+    try:
+        kw = parse_power_kw(value)
+    except ValueError as exc:
+        fail(f"{option}: {exc}", as_json=as_json)
+    if kw < 0 or (kw == 0 and not allow_zero):
+        fail(f"{option}: must be {'zero or more' if allow_zero else 'more than zero'}, got {value!r}", as_json=as_json)
+    return kw
+
+
+def parse_duration(value: str, option: str, *, as_json: bool) -> float:
+    try:
+        seconds = parse_duration_s(value)
+    except ValueError as exc:
+        fail(f"{option}: {exc}", as_json=as_json)
+    if seconds <= 0:
+        fail(f"{option}: must be longer than zero, got {value!r}", as_json=as_json)
+    return seconds
+
+
+def site_power_kw(doc: Mapping[str, Any]) -> float | None:
+    power = r.num(doc.get("power_kw_estimated"))
+    return power if power is not None else r.num(doc.get("power_kw_measured"))
+
+
+def dispatch_level_kw(dispatch: Mapping[str, Any]) -> float | None:
+    if (target := r.num(dispatch.get("target_kw"))) is not None:
+        return target
+    baseline, by = r.num(dispatch.get("baseline_kw")), r.num(dispatch.get("curtail_kw"))
+    return None if baseline is None or by is None else max(0.0, baseline - by)
+
+
+def reached(doc: Mapping[str, Any], level_kw: float | None, dispatch_id: str | None) -> bool:
+    """The agent says the dispatch met its target, or the site's power is at or under the level."""
+    for d in doc.get("dispatches") or []:
+        if isinstance(d, Mapping) and dispatch_id is not None and d.get("id") == dispatch_id and d.get("target_met_at"):
+            return True
+    power = site_power_kw(doc)
+    level = level_kw if level_kw is not None else r.num(doc.get("target_kw"))
+    return power is not None and level is not None and power <= level + 1e-6
+
+
+def wait_for_level(
+    config: Any, level_kw: float | None, dispatch_id: str | None, timeout_s: float, *, as_json: bool
+) -> dict[str, Any]:
+    """Poll `status` with a progress bar on stderr until `reached`; exit 1 on timeout."""
+    deadline = time.monotonic() + timeout_s
+    doc = call(config, "status", {}, as_json=as_json)
+    start = site_power_kw(doc) or 0.0
+    goal = level_kw if level_kw is not None else r.num(doc.get("target_kw")) or 0.0
+    total = max(start - goal, 1e-9)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True, disable=as_json,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(f"site power → {format_kw(goal)}", total=total)
+        while not reached(doc, level_kw, dispatch_id):
+            if time.monotonic() > deadline:
+                fail(
+                    f"the site is still at {format_kw(site_power_kw(doc))}, above {format_kw(goal)}, after "
+                    f"{r.duration(timeout_s)}; see `hashflex status` and `hashflex miners --state unreachable`",
+                    EXIT_REFUSED, as_json=as_json, data={"status": doc},
+                )  # fmt: skip
+            now_kw = site_power_kw(doc) or start
+            progress.update(task, completed=min(total, max(0.0, start - now_kw)),
+                            description=f"site power {format_kw(now_kw)} → {format_kw(goal)}")  # fmt: skip
+            time.sleep(1.0)
+            doc = call(config, "status", {}, as_json=as_json)
+        progress.update(task, completed=total)
+    return doc
+
+
+def curtail(
+    *,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    as_json: JsonOpt = False,
+    to: Annotated[str | None, typer.Option("--to", help="Hold the site at or under this power (e.g. 12MW).")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Lower the site by this much from now (e.g. 3MW).")] = None,
+    for_: Annotated[str | None, typer.Option("--for", help="For this long (e.g. 2h); default until resume.")] = None,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = "10m",
+) -> None:
+    """Operator override: hold the site at --to, or --by under its present draw [--for a while]."""
+    if (to is None) == (by is None):
+        fail("give exactly one of --to POWER (a level) or --by POWER (a reduction), e.g. --to 12MW", as_json=as_json)
+    payload: dict[str, Any] = {"id": request_id()}
+    if to is not None:
+        payload["to_kw"] = parse_power(to, "--to", as_json=as_json)
+    else:
+        payload["by_kw"] = parse_power(by or "", "--by", as_json=as_json, allow_zero=False)
+    if for_ is not None:
+        payload["for_s"] = parse_duration(for_, "--for", as_json=as_json)
+    timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
+    data = call(config, "curtail", payload, as_json=as_json)
+    dispatch = data.get("dispatch") or {}
+    level = dispatch_level_kw(dispatch)
+    if level is None:
+        level = payload.get("to_kw")
+    final = wait_for_level(config, level, dispatch.get("id"), timeout_s, as_json=as_json) if wait else None
+    if as_json:
+        emit_json({**data, **({"status": final} if final is not None else {})})
+        return
+    until = f"until {r.clock(dispatch.get('end'))}" if dispatch.get("end") else "until `hashflex resume`"
+    err.print(
+        f"curtailment accepted: override {dispatch.get('id', payload['id'])} holds the site at or under "
+        f"{format_kw(level)} {until}",
+        highlight=False,
+    )
+    if final is not None:
+        err.print(f"site at {format_kw(site_power_kw(final))}: target reached", highlight=False)
+
+
+def resume(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
+    """End every operator override (grid dispatches, the cap and time-of-use windows still apply)."""
+    data = call(config, "resume", {"id": request_id()}, as_json=as_json)
+    if as_json:
+        emit_json(data)
+        return
+    cancelled = [str(c.get("id", c)) if isinstance(c, Mapping) else str(c) for c in data.get("cancelled") or []]
+    if cancelled:
+        err.print(f"resumed: ended override(s) {', '.join(cancelled)}", highlight=False)
+    else:
+        err.print("no operator override was in force; nothing to resume", highlight=False)
+
+
+def cap(
+    power: Annotated[str | None, typer.Argument(help="New site cap (e.g. 18MW); omit to show the cap.")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    as_json: JsonOpt = False,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = "10m",
+) -> None:
+    """Show the site cap, or set the run-time cap (never above the licensed cap)."""
+    if power is None:
+        doc = call(config, "status", {}, as_json=as_json)
+        shown = {"cap_kw": doc.get("cap_kw"), "licensed_cap_kw": doc.get("licensed_cap_kw")}
+        if as_json:
+            emit_json(shown)
+        else:
+            Console().print(f"cap {r.kw(shown['cap_kw'])} (licensed {r.kw(shown['licensed_cap_kw'])})", highlight=False)
+        return
+    cap_kw = parse_power(power, "POWER", as_json=as_json, allow_zero=False)
+    timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
+    data = call(config, "cap", {"id": request_id(), "issued_at": time.time(), "cap_kw": cap_kw}, as_json=as_json)
+    final = wait_for_level(config, cap_kw, None, timeout_s, as_json=as_json) if wait else None
+    if as_json:
+        emit_json({**data, **({"status": final} if final is not None else {})})
+        return
+    err.print(f"site cap set to {format_kw(r.num(data.get('cap_kw')) or cap_kw)}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("curtail")(curtail)
+    app.command("resume")(resume)
+    app.command("cap")(cap)

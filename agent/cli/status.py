@@ -1,0 +1,217 @@
+"""`hashflex status` and `hashflex watch`: the site at a glance, once or live.
+
+Shows site power against target and cap, which input sets the target and why, miners by state, dispatches
+in force, the fail-safe, the broker link, the gateway's health and alarms. Reads the agent's STATUS DOC
+(verb `status`) over the control socket, so it works with the network and the broker down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from agent.cli import render as r
+from agent.cli.agentclient import call, socket_path
+from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, JsonOpt, config_or_exit, emit_json, err, fail
+from agent.core.units import format_kw
+from agent.io.control_socket import AgentUnavailable, request_sync
+
+STATE_ORDER = ("hashing", "throttled", "sleeping", "waking", "unreachable")
+STATE_STYLE = {"hashing": "green", "throttled": "yellow", "sleeping": "blue", "waking": "cyan", "unreachable": "red"}
+ACTIVE_STATUSES = (None, "active", "accepted", "pending", "scheduled")
+
+
+def explain_target(doc: Mapping[str, Any]) -> str:
+    """Why the target is what it is, in words (the lowest of all limits wins)."""
+    source = str(doc.get("target_source") or "")
+    reason = str(doc.get("target_reason") or "")
+    binding = reason.split(":", 1)[1] if ":" in reason else None
+    failsafe = doc.get("failsafe") or {}
+    match source:
+        case "cap":
+            return "the site cap binds (no dispatch, override or window asks for less)"
+        case "grid":
+            return f"grid dispatch {binding or '?'} binds"
+        case "operator":
+            return f"operator override {binding or '?'} binds (`hashflex resume` ends it)"
+        case "schedule":
+            return f"time-of-use window {binding or '?'} binds"
+        case "failsafe":
+            why = failsafe.get("reason") or "grid link lost"
+            return f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))})"
+    return reason or r.DASH
+
+
+def _power_line(doc: Mapping[str, Any]) -> Text:
+    power = r.num(doc.get("power_kw_estimated"))
+    if power is None:
+        power = r.num(doc.get("power_kw_measured"))
+    target = r.num(doc.get("target_kw"))
+    line = Text(format_kw(power), style="bold")
+    line.append(
+        f"  (measured {r.kw(doc.get('power_kw_measured'))} · worst case {r.kw(doc.get('power_kw_worst_case'))})"
+    )
+    if power is not None and target is not None:
+        gap = target - power
+        if gap < 0:
+            line.append(f"  {format_kw(-gap)} OVER TARGET", style="bold red")
+        else:
+            line.append(f"  {format_kw(gap)} under target", style="green")
+    return line
+
+
+def _miners_line(miners: Mapping[str, Any]) -> Text:
+    line = Text()
+    for i, state in enumerate(STATE_ORDER):
+        if i:
+            line.append(" · ")
+        n = r.num(miners.get(state)) or 0
+        line.append(f"{r.count(n)} {state}", style=STATE_STYLE[state] if n else "dim")
+    line.append(f"  ({r.count(miners.get('total'))} total)")
+    return line
+
+
+def _failsafe_line(fs: Mapping[str, Any]) -> Text:
+    if fs.get("active"):
+        return Text(
+            f"ACTIVE since {r.clock(fs.get('since'))}: {fs.get('reason') or 'grid link lost'} "
+            f"(last heartbeat {r.ago(fs.get('last_heartbeat'))})",
+            style="bold red",
+        )
+    return Text(f"off · last heartbeat {r.ago(fs.get('last_heartbeat'))}")
+
+
+def _broker_line(broker: Mapping[str, Any]) -> Text:
+    state = str(broker.get("state") or "unknown")
+    style = {"connected": "green", "disabled": "dim", "connecting": "yellow"}.get(state, "red")
+    since = f" since {r.clock(broker.get('since'))} ({r.ago(broker.get('since'))})" if broker.get("since") else ""
+    return Text(f"{state}{since}", style=style)
+
+
+def _gateway_line(gw: Mapping[str, Any]) -> Text:
+    line = Text(
+        f"cpu {r.pct(gw.get('cpu_pct'))} · mem {r.pct(gw.get('mem_pct'))} · disk {r.mib(gw.get('disk_free_mb'))} "
+        f"free · agent {r.mib(gw.get('rss_mb'))}"
+    )
+    if gw.get("low_disk"):
+        line.append("  LOW DISK", style="bold red")
+    return line
+
+
+def dispatch_rows(dispatches: list[Mapping[str, Any]]) -> list[list[str]]:
+    rows = []
+    for d in dispatches:
+        level = r.kw(d.get("target_kw")) if d.get("target_kw") is not None else f"−{r.kw(d.get('curtail_kw'))}"
+        rows.append([
+            str(d.get("id", r.DASH)), str(d.get("source", r.DASH)), level, r.clock(d.get("start")),
+            r.clock(d.get("end")) if d.get("end") is not None else "open", str(d.get("status", r.DASH)),
+            r.clock(d.get("commands_sent_at")), r.clock(d.get("target_met_at")), r.kw(d.get("max_overshoot_kw")),
+        ])  # fmt: skip
+    return rows
+
+
+DISPATCH_COLUMNS = ("id", "source", "level", "start", "end", "status", "sent", "target met", "max over")
+
+
+def status_view(doc: Mapping[str, Any]) -> RenderableType:
+    tick = doc.get("tick") or {}
+    head = Text(f"hashflex · site {doc.get('site_id', '?')} · v{doc.get('version', '?')}", style="bold")
+    dur_ms = r.num(tick.get("dur_ms")) or 0
+    head.append(f" · tick {r.count(tick.get('n'))} ({dur_ms:.0f} ms) · updated {r.ago(doc.get('ts'))}")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("power", _power_line(doc))
+    grid.add_row("target", Text(f"{r.kw(doc.get('target_kw'))} — {explain_target(doc)}"))
+    grid.add_row("cap", Text(f"{r.kw(doc.get('cap_kw'))} (licensed {r.kw(doc.get('licensed_cap_kw'))})"))
+    grid.add_row("hashrate", Text(r.hashrate(doc.get("hashrate_ths"))))
+    grid.add_row("miners", _miners_line(doc.get("miners") or {}))
+    grid.add_row("fail-safe", _failsafe_line(doc.get("failsafe") or {}))
+    grid.add_row("broker", _broker_line(doc.get("broker") or {}))
+    grid.add_row("gateway", _gateway_line(doc.get("gateway") or {}))
+    alarms = [str(a.get("message", a) if isinstance(a, Mapping) else a) for a in doc.get("alarms") or []]
+    grid.add_row("alarms", Text("; ".join(alarms), style="bold red") if alarms else Text("none", style="dim"))
+    parts: list[RenderableType] = [head, grid]
+    active = [d for d in doc.get("dispatches") or [] if isinstance(d, Mapping) and d.get("status") in ACTIVE_STATUSES]
+    if active:
+        table = Table(title="dispatches in force", title_justify="left", header_style="bold")
+        for name in DISPATCH_COLUMNS:
+            table.add_column(name, no_wrap=True)
+        for row in dispatch_rows(active):
+            table.add_row(*row)
+        parts.append(table)
+    else:
+        parts.append(Text("no dispatch in force", style="dim"))
+    return Group(*parts)
+
+
+def status(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
+    """Site power against cap and target, why that target, miners by state, dispatches, fail-safe, broker."""
+    doc = call(config, "status", {}, as_json=as_json)
+    if as_json:
+        emit_json(doc)
+        return
+    Console().print(status_view(doc))
+
+
+def watch(
+    *,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    as_json: JsonOpt = False,
+    interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="Seconds between refreshes.")] = 2.0,
+    count: Annotated[int | None, typer.Option("--count", min=1, help="Stop after this many refreshes.")] = None,
+) -> None:
+    """A live view of `hashflex status`, refreshed every --interval seconds (Ctrl-C to stop)."""
+    if as_json and count is None:
+        fail("--json needs --count N (it prints one JSON array of N status documents)", as_json=True)
+    cfg = config_or_exit(config, as_json=as_json)
+    path = socket_path(cfg)
+    console = Console()
+    docs: list[dict[str, Any]] = []
+    n = 0
+
+    def fetch() -> RenderableType:
+        try:
+            reply = request_sync(path, "status", {})
+        except AgentUnavailable as exc:
+            if not docs:  # nothing to show yet: say so and stop, as `status` would
+                fail(str(exc), EXIT_UNAVAILABLE, as_json=as_json, data={"reason": exc.reason, "socket": str(path)})
+            return Text(f"{time.strftime('%H:%M:%S')} agent unreachable: {exc}", style="bold red")
+        if not reply.is_ok:
+            fail(f"the agent refused 'status': {reply.error_message}", as_json=as_json)
+        docs.append(reply.data)
+        return status_view(reply.data)
+
+    try:
+        if as_json or not console.is_terminal:
+            while count is None or n < count:
+                view = fetch()
+                n += 1
+                if not as_json:
+                    console.rule(time.strftime("%H:%M:%S"))
+                    console.print(view)
+                if count is None or n < count:
+                    time.sleep(interval)
+        else:
+            with Live(fetch(), console=console, refresh_per_second=4, screen=False) as live:
+                n = 1
+                while count is None or n < count:
+                    time.sleep(interval)
+                    live.update(fetch())
+                    n += 1
+    except KeyboardInterrupt:
+        err.print("stopped")
+    if as_json:
+        emit_json(docs)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("watch")(watch)

@@ -1,0 +1,244 @@
+"""Logging: structlog key/value events, JSON lines on stdout (journald-friendly), a console view on a TTY.
+
+One call, `configure_logging(cfg)`, sets up both structlog (our own events) and the stdlib root logger
+(pyasic, aiomqtt and asyncio log there) so every line has the same shape:
+
+    {"event": "tick", "level": "info", "component": "controller", "timestamp": "2025-01-01T00:00:00.000Z",
+     "site_id": "demo", "tick": 8123, "n": 8123, "target_kw": 41200.0, ...}
+
+- Per-component levels: `logging: {level: info, levels: {drivers: warning, mqtt: debug}}`; a component named
+  `drivers.pyasic` follows `drivers` unless it has its own entry. Stdlib records use their logger name.
+- pyasic logs on the ROOT logger (see PYASIC-NOTES), so its records are recognised by their source path and
+  kept only from WARNING up, whatever the configured level.
+- Secrets never reach the log: a processor replaces values whose key names a secret (password, token, key,
+  signature, ...) and hides passwords in URLs.
+- `site_id`, `tick` and `dispatch_id` travel in contextvars (`bind_context`), so any line logged while
+  handling a tick or a dispatch carries them without passing them around.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+from agent.config import LoggingConfig
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+REDACTED = "***"
+_PYASIC_PATH = re.compile(r"[/\\]pyasic[/\\]")
+# a name part that marks a secret value (checked on lowercase, split at non-alphanumerics and camelCase)
+_SECRET_PARTS = frozenset(
+    {
+        "password", "passwd", "passphrase", "pwd", "secret", "token", "key", "apikey", "privkey", "signature",
+        "credential", "credentials", "authorization", "cookie", "private",
+    }
+)  # fmt: skip
+# ...unless the name ends like this: a key *file*, a key *id* or the list of public *keys* is not itself secret
+_NOT_SECRET_SUFFIXES = frozenset({"file", "files", "path", "paths", "dir", "id", "ids", "keys", "count", "name"})
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_HANDLER_MARK = "_hashflex_handler"
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+def is_secret_name(name: str) -> bool:
+    """True for names like `password`, `mqtt_password`, `apiKey`, `private_key`, `signature`."""
+    parts = [p for p in re.split(r"[^a-z0-9]+", _CAMEL.sub("_", name).lower()) if p]
+    if not parts or parts[-1] in _NOT_SECRET_SUFFIXES:
+        return False
+    return any(p in _SECRET_PARTS for p in parts)
+
+
+def redact(value: Any, *, _depth: int = 0) -> Any:
+    """A copy of `value` with secret-named entries replaced by `***` and URL passwords hidden."""
+    if _depth > 6:
+        return value
+    if isinstance(value, Mapping):
+        deeper = _depth + 1
+        return {
+            k: REDACTED if isinstance(k, str) and is_secret_name(k) and v is not None else redact(v, _depth=deeper)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v, _depth=_depth + 1) for v in value)
+    if isinstance(value, str) and "@" in value:
+        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    return value
+
+
+def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    for key, value in event_dict.items():
+        if key.startswith("_") or key in ("event", "level", "timestamp", "component"):
+            if key == "event" and isinstance(value, str):
+                event_dict[key] = redact(value)
+            continue
+        event_dict[key] = REDACTED if is_secret_name(key) and value is not None else redact(value)
+    return event_dict
+
+
+# -------------------------------------------------------------------------------------- per-component levels
+class ComponentLevels:
+    """The level that applies to a component: its own entry, else its nearest dotted parent's, else the default."""
+
+    def __init__(self, default: int, levels: Mapping[str, int]) -> None:
+        self.default = default
+        self.levels = dict(levels)
+        self._cache: dict[str, int] = {}
+
+    @property
+    def floor(self) -> int:
+        """The lowest level any component may log at: the fast filter in front of everything else."""
+        return min([self.default, *self.levels.values()])
+
+    def level_for(self, component: str | None) -> int:
+        if not component:
+            return self.default
+        cached = self._cache.get(component)
+        if cached is not None:
+            return cached
+        name, level = component, self.default
+        while name:
+            if name in self.levels:
+                level = self.levels[name]
+                break
+            name = name.rpartition(".")[0]
+        self._cache[component] = level
+        return level
+
+    def processor(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        level = LEVELS.get(str(event_dict.get("level", "info")), logging.INFO)
+        if level < self.level_for(event_dict.get("component")):
+            raise structlog.DropEvent
+        return event_dict
+
+
+class _StdlibFilter(logging.Filter):
+    """Records from the stdlib side: pyasic (root logger, recognised by path) from WARNING up; others by name."""
+
+    def __init__(self, levels: ComponentLevels) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _PYASIC_PATH.search(record.pathname or ""):
+            record.hashflex_component = "pyasic"
+            return record.levelno >= max(logging.WARNING, self.levels.level_for("pyasic"))
+        record.hashflex_component = record.name
+        return record.levelno >= self.levels.level_for(record.name)
+
+
+def _component_from_record(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict.setdefault("component", getattr(record, "hashflex_component", record.name))
+    return event_dict
+
+
+# ------------------------------------------------------------------------------------------------- set-up
+def configure_logging(
+    cfg: LoggingConfig | None = None, *, force_json: bool | None = None, stream: TextIO | None = None
+) -> None:
+    """Set up structlog and the stdlib root logger. Safe to call again (tests, reload).
+
+    `force_json`: True/False overrides `cfg.format`; None follows it ("auto" = console on a TTY, else JSON).
+    `stream`: where lines go (default stdout, which journald captures under systemd).
+    """
+    cfg = cfg or LoggingConfig()
+    out = stream if stream is not None else sys.stdout
+    if force_json is not None:
+        as_json = force_json
+    elif cfg.format == "auto":
+        as_json = not _isatty(out)
+    else:
+        as_json = cfg.format == "json"
+    levels = ComponentLevels(LEVELS[cfg.level], {k: LEVELS[v] for k, v in cfg.levels.items()})
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    renderer: Processor
+    tail: list[Processor]
+    if as_json:
+        renderer = structlog.processors.JSONRenderer(separators=(",", ":"))
+        tail = [structlog.processors.dict_tracebacks, renderer]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out), sort_keys=False)
+        tail = [renderer]
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            levels.processor,
+            timestamper,
+            structlog.processors.StackInfoRenderer(),
+            redact_processor,
+            *tail,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(levels.floor),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # not cached: a reconfiguration (tests, SIGHUP) reaches loggers created at import time
+        cache_logger_on_first_use=False,
+    )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            _component_from_record,
+            structlog.stdlib.add_log_level,
+            timestamper,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_processor, *tail],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    handler.addFilter(_StdlibFilter(levels))
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(min(levels.floor, logging.WARNING))
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def get_logger(component: str, **initial: Any) -> FilteringBoundLogger:
+    """A logger whose lines carry `component=`; its level comes from `logging.levels` (dotted parents apply)."""
+    logger: FilteringBoundLogger = structlog.get_logger(component=component, **initial)
+    return logger
+
+
+# ----------------------------------------------------------------------------------------- context (contextvars)
+def bind_context(**values: Any) -> None:
+    """Bind e.g. site_id=…, tick=…, dispatch_id=… to every line logged from this task/context onwards."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def unbind_context(*keys: str) -> None:
+    structlog.contextvars.unbind_contextvars(*keys)
+
+
+def clear_context() -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+bound_context = structlog.contextvars.bound_contextvars  # `with bound_context(dispatch_id=d.id): ...`
+
+
+def context() -> MutableMapping[str, Any]:
+    return structlog.contextvars.get_contextvars()

@@ -1,0 +1,334 @@
+"""Operator CLI: argument parsing, output (text and --json), exit codes, and what it says when no agent is
+listening. Commands run in-process (typer's runner) against a stand-in agent on a real socket, and a few run
+as the installed `hashflex` executable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli.main import app
+from tests.integration.ops_agent import StandInAgent
+
+pytestmark = pytest.mark.timeout(120)
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+HASHFLEX = str(Path(sys.executable).parent / "hashflex")
+
+
+@pytest.fixture
+def agent() -> Iterator[StandInAgent]:
+    stand_in = StandInAgent().start()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def no_agent_config() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="hf-none-", dir="/tmp"))
+    config = folder / "site.yaml"
+    config.write_text(
+        "site: {id: demo, cap_kw: 45000}\nmqtt: {enabled: false}\n"
+        f"state_dir: {folder / 'state'}\ncontrol_socket: {{path: {folder / 'run' / 'control.sock'}}}\n"
+    )
+    yield config
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def one_json(text: str) -> Any:
+    return json.loads(text)  # raises if stdout holds anything but exactly one document
+
+
+# --------------------------------------------------------------------------- no agent: say what to do, exit 2
+ALL_COMMANDS = [
+    ["status"], ["miners"], ["curtail", "--to", "12MW"], ["curtail", "--by", "3MW", "--for", "2h"], ["resume"],
+    ["cap", "18MW"], ["cap"], ["preview", "--target", "12MW"], ["dispatches"], ["watch", "--count", "1"],
+    ["logs"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=" ".join)
+def test_no_agent_listening_says_what_to_do(command: list[str], no_agent_config: Path) -> None:
+    result = run(*command, "--config", str(no_agent_config))
+    assert result.exit_code == 2, result.output
+    assert "no agent listening on" in result.stderr
+    assert "systemctl status hashflex" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=" ".join)
+def test_no_agent_with_json_is_one_error_document(command: list[str], no_agent_config: Path) -> None:
+    args = [*command, "--config", str(no_agent_config), "--json"]
+    result = run(*args)
+    assert result.exit_code == 2
+    doc = one_json(result.stdout)
+    assert doc["status"] == "error"
+    assert "no agent listening" in doc["error"]
+    assert doc["data"]["reason"] == "missing"
+    assert doc["data"]["socket"].endswith("control.sock")
+
+
+def test_missing_config_file_names_it(tmp_path: Path) -> None:
+    result = run("status", "--config", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2
+    assert "nope.yaml: no such file" in result.stderr
+
+
+def test_invalid_config_file_names_field(tmp_path: Path) -> None:
+    bad = tmp_path / "site.yaml"
+    bad.write_text("site: {id: demo, cap_kw: -5}\nmqtt: {enabled: false}\n")
+    result = run("status", "--config", str(bad), "--json")
+    assert result.exit_code == 2
+    assert "site.cap_kw" in one_json(result.stdout)["error"]
+
+
+def test_config_from_environment_variable(no_agent_config: Path) -> None:
+    result = runner.invoke(app, ["status"], env={"HASHFLEX_CONFIG": str(no_agent_config)})
+    assert result.exit_code == 2
+    assert str(no_agent_config.parent / "run" / "control.sock") in result.stderr
+
+
+# ------------------------------------------------------------------------- bad arguments: refused before sending
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["curtail"], "exactly one of --to"),
+        (["curtail", "--to", "12MW", "--by", "1MW"], "exactly one of --to"),
+        (["curtail", "--to", "twelve"], "--to: not a power"),
+        (["curtail", "--to", "-3MW"], "--to: must be zero or more"),
+        (["curtail", "--by", "0"], "--by: must be more than zero"),
+        (["curtail", "--to", "12MW", "--for", "soon"], "--for: not a duration"),
+        (["curtail", "--to", "12MW", "--for", "0s"], "--for: must be longer than zero"),
+        (["curtail", "--to", "12MW", "--wait-timeout", "x"], "--wait-timeout: not a duration"),
+        (["cap", "lots"], "POWER: not a power"),
+        (["cap", "0MW"], "must be more than zero"),
+        (["preview", "--target", "12 parsecs"], "--target: not a power"),
+        (["miners", "--ip", "10.0.0.300"], "--ip:"),
+        (["watch", "--json"], "--json needs --count"),
+        (["logs", "--json", "--follow"], "--json and --follow do not mix"),
+    ],
+)
+def test_bad_arguments_are_refused_with_exit_1(args: list[str], words: str, no_agent_config: Path) -> None:
+    result = run(*args, "--config", str(no_agent_config))
+    assert result.exit_code == 1, result.output
+    assert words in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["preview"], ["miners", "--state", "dancing"], ["miners", "--sort", "colour"], ["watch", "--count", "0"],
+     ["logs", "--limit", "0"], ["status", "--bogus"], ["cap", "1MW", "2MW"]],
+)  # fmt: skip
+def test_usage_errors_exit_2(args: list[str], no_agent_config: Path) -> None:
+    result = run(*args, "--config", str(no_agent_config))
+    assert result.exit_code == 2
+    assert "Usage" in result.output or "Error" in result.output
+
+
+# ---------------------------------------------------------------------------------- against a stand-in agent
+def test_status_text(agent: StandInAgent) -> None:
+    result = run("status", "--config", str(agent.config))
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "site demo" in text
+    assert "tick 8 123" in text
+    assert "41.20 MW" in text
+    assert "3.80 MW under target" in text
+    assert "45.00 MW — the site cap binds" in text
+    assert "3 hashing · 1 throttled · 1 sleeping · 0 waking · 1 unreachable  (6 total)" in text
+    assert "disconnected" in text
+    assert "cpu 12% · mem 40% · disk 2.0 GB free · agent 310 MB" in text
+    assert "no dispatch in force" in text
+
+
+def test_status_json_is_the_status_doc(agent: StandInAgent) -> None:
+    result = run("status", "--config", str(agent.config), "--json")
+    assert result.exit_code == 0
+    doc = one_json(result.stdout)
+    assert doc["site_id"] == "demo"
+    assert doc["cap_kw"] == 45000.0
+    assert doc["miners"]["total"] == 6
+
+
+def test_curtail_sends_kw_and_seconds_then_status_explains_the_target(agent: StandInAgent) -> None:
+    result = run("curtail", "--to", "12MW", "--for", "2h", "--config", str(agent.config))
+    assert result.exit_code == 0, result.output
+    verb, body = agent.handler.calls[-1]
+    assert verb == "curtail"
+    assert body["to_kw"] == 12000.0
+    assert body["for_s"] == 7200.0
+    assert body["id"].startswith("cli-")
+    assert f"override {body['id']} holds the site at or under 12.00 MW until" in result.stderr
+    status = run("status", "--config", str(agent.config)).stdout
+    assert f"operator override {body['id']} binds (`hashflex resume` ends it)" in status
+    assert "dispatches in force" in status
+
+
+def test_curtail_by_with_units(agent: StandInAgent) -> None:
+    result = run("curtail", "--by", "3000kW", "--config", str(agent.config), "--json")
+    assert result.exit_code == 0
+    doc = one_json(result.stdout)
+    assert doc["dispatch"]["curtail_kw"] == 3000.0
+    assert doc["dispatch"]["end"] is None
+    assert agent.handler.calls[-1][1]["by_kw"] == 3000.0
+    assert "for_s" not in agent.handler.calls[-1][1]
+
+
+def test_curtail_wait_follows_the_site_to_its_level(agent: StandInAgent) -> None:
+    result = run("curtail", "--to", "30MW", "--wait", "--config", str(agent.config), "--json")
+    assert result.exit_code == 0, result.output
+    doc = one_json(result.stdout)
+    assert doc["status"]["power_kw_estimated"] <= 30000.0
+
+
+def test_refusal_exits_1_with_the_agents_reason(agent: StandInAgent) -> None:
+    result = run("curtail", "--to", "50MW", "--config", str(agent.config))
+    assert result.exit_code == 1
+    assert "the agent refused 'curtail'" in result.stderr
+    assert "above the site cap" in result.stderr
+    result = run("cap", "60MW", "--config", str(agent.config), "--json")
+    assert result.exit_code == 1
+    doc = one_json(result.stdout)
+    assert doc["data"]["code"] == "out_of_range"
+
+
+def test_resume_lists_what_it_ended(agent: StandInAgent) -> None:
+    assert run("resume", "--config", str(agent.config)).stderr.startswith("no operator override")
+    run("curtail", "--to", "20MW", "--config", str(agent.config))
+    override_id = agent.handler.calls[-1][1]["id"]
+    result = run("resume", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert f"ended override(s) {override_id}" in result.stderr
+    assert agent.handler.calls[-1][0] == "resume"
+
+
+def test_cap_set_and_show(agent: StandInAgent) -> None:
+    result = run("cap", "18MW", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert "site cap set to 18.00 MW" in result.stderr
+    verb, body = agent.handler.calls[-1]
+    assert verb == "cap"
+    assert body["cap_kw"] == 18000.0
+    assert isinstance(body["issued_at"], float)
+    shown = one_json(run("cap", "--config", str(agent.config), "--json").stdout)
+    assert shown == {"cap_kw": 18000.0, "licensed_cap_kw": 45000.0}
+    assert "cap 18.00 MW (licensed 45.00 MW)" in run("cap", "--config", str(agent.config)).stdout
+
+
+def test_miners_table_sorted_filtered_limited(agent: StandInAgent) -> None:
+    result = run("miners", "--sort", "power", "--desc", "--config", str(agent.config))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["ip", "model", "firmware", "state", "power", "limit", "hashrate", "J/TH", "temp",
+                                    "last seen"]  # fmt: skip
+    ips = [line.split("\t")[0] for line in lines[1:]]
+    assert ips == ["10.0.0.9", "10.0.1.1", "10.0.0.10", "10.0.0.2", "10.0.0.3", "10.0.0.4"]  # unknown power last
+    row = dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=True))
+    assert row["power"] == "3.40 kW"
+    assert row["hashrate"] == "112.0 TH/s"
+    assert row["J/TH"] == "30.4"
+    assert row["temp"] == "74°C"
+    by_ip = [line.split("\t")[0] for line in run("miners", "--config", str(agent.config)).stdout.splitlines()[1:]]
+    assert by_ip == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.9", "10.0.0.10", "10.0.1.1"]  # numeric IP order
+
+
+def test_miners_filters_and_json(agent: StandInAgent) -> None:
+    result = run("miners", "--state", "hashing", "--model", "s19", "--json", "--config", str(agent.config))
+    doc = one_json(result.stdout)
+    assert [m["ip"] for m in doc["miners"]] == ["10.0.0.10", "10.0.1.1"]
+    assert doc["total"] == 2
+    assert agent.handler.calls[-1] == ("miners", {"state": "hashing"})
+    doc = one_json(run("miners", "--ip", "10.0.0.0/28", "--sort", "efficiency", "--limit", "2", "--json",
+                       "--config", str(agent.config)).stdout)  # fmt: skip
+    assert [m["ip"] for m in doc["miners"]] == ["10.0.0.2", "10.0.0.10"]
+    assert doc["total"] == 5
+
+
+def test_preview_sends_target_and_prints_the_plan(agent: StandInAgent) -> None:
+    result = run("preview", "--target", "12MW", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert agent.handler.calls[-1] == ("preview", {"target_kw": 12000.0})
+    assert "preview only: nothing sent" in result.stdout
+    assert "worst_case_kw  12.00 MW" in result.stdout
+    assert one_json(run("preview", "-t", "2kW", "--json", "--config", str(agent.config)).stdout)["sleep"] == 3
+
+
+def test_dispatches_table_and_all(agent: StandInAgent) -> None:
+    assert "no dispatch in force" in run("dispatches", "--config", str(agent.config)).stderr
+    run("curtail", "--to", "20MW", "--config", str(agent.config))
+    run("resume", "--config", str(agent.config))
+    run("curtail", "--to", "25MW", "--config", str(agent.config))
+    rows = run("dispatches", "--config", str(agent.config)).stdout.splitlines()
+    assert rows[0].startswith("id\tsource\tlevel")
+    assert len(rows) == 2
+    assert "25.00 MW" in rows[1]
+    every = one_json(run("dispatches", "--all", "--json", "--config", str(agent.config)).stdout)["dispatches"]
+    assert [d["status"] for d in every] == ["cancelled", "active"]
+    assert agent.handler.calls[-1] == ("dispatches", {"all": True})
+
+
+def test_watch_refreshes_count_times(agent: StandInAgent) -> None:
+    result = run("watch", "--count", "3", "--interval", "0.1", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert result.stdout.count("site demo") == 3
+    assert [verb for verb, _ in agent.handler.calls] == ["status"] * 3
+    docs = one_json(run("watch", "--count", "2", "-n", "0.1", "--json", "--config", str(agent.config)).stdout)
+    assert len(docs) == 2
+    assert all(d["site_id"] == "demo" for d in docs)
+
+
+def test_logs_shows_events_oldest_first_and_filters(agent: StandInAgent) -> None:
+    run("cap", "40MW", "--config", str(agent.config))
+    agent.handler.refuse["curtail"] = ("stale", "issued too long ago")
+    assert run("curtail", "--to", "1MW", "--config", str(agent.config)).exit_code == 1
+    result = run("logs", "--config", str(agent.config))
+    lines = result.stdout.splitlines()
+    assert "cap_changed cap_kw=40000.0" in lines[0]
+    assert "rejected verb=curtail code=stale" in lines[1]
+    only = one_json(run("logs", "--type", "rejected", "--json", "--config", str(agent.config)).stdout)
+    assert [e["type"] for e in only["events"]] == ["rejected"]
+    assert agent.handler.calls[-1] == ("events", {"limit": 50})
+
+
+def test_logs_follow_prints_only_new_events(agent: StandInAgent) -> None:
+    run("cap", "40MW", "--config", str(agent.config))
+    result = run("logs", "--follow", "--count", "2", "--interval", "0.1", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert result.stdout.count("cap_changed") == 1  # seen once, not once per poll
+
+
+def test_the_installed_executable_keeps_stdout_to_one_json_document(agent: StandInAgent) -> None:
+    done = subprocess.run([HASHFLEX, "status", "--json", "--config", str(agent.config)], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert one_json(done.stdout)["site_id"] == "demo"
+
+
+def test_the_installed_executable_without_an_agent(no_agent_config: Path) -> None:
+    done = subprocess.run([HASHFLEX, "curtail", "--to", "12MW", "--config", str(no_agent_config)],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "no agent listening on" in done.stderr
+    assert "systemctl status hashflex" in done.stderr
+
+
+def test_logs_from_the_journal_is_one_json_document(no_agent_config: Path) -> None:
+    """--journal reads journald (no agent needed); here the unit has never run, so the list is empty."""
+    result = run("logs", "--journal", "--json", "-n", "5", "--config", str(no_agent_config))
+    assert result.exit_code == 0, result.output
+    assert one_json(result.stdout) == []
