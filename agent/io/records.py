@@ -1,0 +1,198 @@
+"""Plain-data forms of what the store keeps: identities, miner control memory, dispatches and their progress.
+
+No SQLite here (agent/io/store.py owns it); these are the JSON shapes, shared with the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from agent.core.model import Dispatch, Source
+from drivers.base import Capability, Family, Identity, OnOff, PowerRange, Presets
+
+# statuses after which a dispatch never binds again; anything else with no closed_at is open
+CLOSED_STATUSES = frozenset({"completed", "expired", "cancelled", "failed", "rejected", "superseded", "closed"})
+PROGRESS_FIELDS = (
+    "received_at",
+    "accepted_at",
+    "commands_sent_at",
+    "target_met_at",
+    "max_overshoot_kw",
+    "closed_at",
+    "close_reason",
+    "channel",
+)
+_TEXT_PROGRESS = frozenset({"close_reason", "channel"})
+
+
+class DispatchRecord(NamedTuple):
+    """A stored dispatch: unpacks as (dispatch, status, progress)."""
+
+    dispatch: Dispatch
+    status: str
+    progress: dict[str, Any]  # PROGRESS_FIELDS; unset ones are None
+
+    @property
+    def open(self) -> bool:
+        return self.status not in CLOSED_STATUSES and self.progress.get("closed_at") is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.dispatch
+        out: dict[str, Any] = {
+            "id": d.id,
+            "rev": d.rev,
+            "source": d.source.value,
+            "issued_at": d.issued_at,
+            "start": d.start,
+            "end": d.end,
+            "target_kw": d.target_kw,
+            "curtail_kw": d.curtail_kw,
+            "baseline_kw": d.baseline_kw,
+            "ramp_kw_per_min": d.ramp_kw_per_min,
+            "priority": d.priority,
+            "status": self.status,
+        }
+        out.update({k: self.progress.get(k) for k in PROGRESS_FIELDS})
+        met, start = self.progress.get("target_met_at"), self.progress.get("accepted_at")
+        start = start if start is not None else self.progress.get("received_at")
+        out["time_to_target_s"] = met - start if met is not None and start is not None else None
+        return out
+
+
+def check_progress(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate progress fields by name and type; raises ValueError naming the bad one."""
+    unknown = sorted(set(fields) - set(PROGRESS_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown dispatch progress field(s) {unknown}; known: {list(PROGRESS_FIELDS)}")
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in _TEXT_PROGRESS:
+            if not isinstance(value, str):
+                raise ValueError(f"dispatch {key} must be text, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"dispatch {key} must be a number, got {value!r}")
+    return {k: (float(v) if isinstance(v, int) and k not in _TEXT_PROGRESS else v) for k, v in fields.items()}
+
+
+def dispatch_values(d: Dispatch) -> dict[str, Any]:
+    if not d.id:
+        raise ValueError("a dispatch needs an id")
+    if (d.target_kw is None) == (d.curtail_kw is None):
+        raise ValueError(f"dispatch {d.id!r}: exactly one of target_kw and curtail_kw must be set")
+    return {
+        "id": d.id,
+        "source": Source(d.source).value,
+        "issued_at": d.issued_at,
+        "start_ts": d.start,
+        "end_ts": d.end,
+        "target_kw": d.target_kw,
+        "curtail_kw": d.curtail_kw,
+        "ramp_kw_per_min": d.ramp_kw_per_min,
+        "priority": d.priority,
+        "rev": d.rev,
+        "baseline_kw": d.baseline_kw,
+    }
+
+
+def dispatch_from_values(v: dict[str, Any]) -> Dispatch:
+    return Dispatch(
+        id=v["id"],
+        source=Source(v["source"]),
+        issued_at=v["issued_at"],
+        start=v["start_ts"],
+        end=v["end_ts"],
+        target_kw=v["target_kw"],
+        curtail_kw=v["curtail_kw"],
+        ramp_kw_per_min=v["ramp_kw_per_min"],
+        priority=int(v["priority"]),
+        rev=int(v["rev"]),
+        baseline_kw=v["baseline_kw"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def capability_to_dict(cap: Capability) -> dict[str, Any]:
+    if isinstance(cap, PowerRange):
+        return {"type": "range", "min_w": cap.min_w, "max_w": cap.max_w, "step_w": cap.step_w}
+    if isinstance(cap, Presets):
+        return {"type": "presets", "watts": list(cap.watts)}
+    return {"type": "onoff"}
+
+
+def capability_from_dict(raw: dict[str, Any]) -> Capability:
+    kind = raw.get("type")
+    if kind == "range":
+        return PowerRange(int(raw["min_w"]), int(raw["max_w"]), int(raw.get("step_w", 1)))
+    if kind == "presets":
+        return Presets(tuple(int(w) for w in raw["watts"]))
+    if kind == "onoff":
+        return OnOff()
+    raise ValueError(f"unknown capability type {kind!r}")
+
+
+def identity_to_dict(ident: Identity) -> dict[str, Any]:
+    return {
+        "ip": ident.ip,
+        "family": ident.family.value,
+        "make": ident.make,
+        "model": ident.model,
+        "firmware": ident.firmware,
+        "driver_class": ident.driver_class,
+        "capability": capability_to_dict(ident.capability),
+        "nominal_w": ident.nominal_w,
+        "nominal_ths": ident.nominal_ths,
+        "mac": ident.mac,
+        "serial": ident.serial,
+        "reports_power": ident.reports_power,
+    }
+
+
+def identity_from_dict(raw: dict[str, Any]) -> Identity:
+    return Identity(
+        ip=raw["ip"],
+        family=Family(raw["family"]),
+        make=raw["make"],
+        model=raw["model"],
+        firmware=raw["firmware"],
+        driver_class=raw["driver_class"],
+        capability=capability_from_dict(raw["capability"]),
+        nominal_w=float(raw["nominal_w"]),
+        nominal_ths=float(raw["nominal_ths"]),
+        mac=raw.get("mac"),
+        serial=raw.get("serial"),
+        reports_power=bool(raw.get("reports_power", True)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- control memory
+@dataclass(frozen=True, slots=True)
+class MinerControl:
+    """What the agent itself did to a miner, so a restart neither wakes everything nor forgets a curtailment."""
+
+    asleep_by_us: bool = False  # the agent put it to sleep
+    commanded_w: float | None = None  # the power limit the agent set and the miner accepted
+    since: float = 0.0  # when the agent last put it to sleep, woke it or limited it
+    limits_unsupported: bool = False  # its firmware refused a power limit: on/off only
+    ignores_commands: bool = False  # it acknowledged commands and did not act on them
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "asleep_by_us": self.asleep_by_us,
+            "commanded_w": self.commanded_w,
+            "since": self.since,
+            "limits_unsupported": self.limits_unsupported,
+            "ignores_commands": self.ignores_commands,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MinerControl:
+        cw = raw.get("commanded_w")
+        return cls(
+            asleep_by_us=bool(raw.get("asleep_by_us", False)),
+            commanded_w=float(cw) if isinstance(cw, int | float) and not isinstance(cw, bool) else None,
+            since=float(raw.get("since", 0.0) or 0.0),
+            limits_unsupported=bool(raw.get("limits_unsupported", False)),
+            ignores_commands=bool(raw.get("ignores_commands", False)),
+        )
