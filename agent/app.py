@@ -1,0 +1,334 @@
+"""The agent process: `hashflex run --config FILE`.
+
+Start-up, in this order (systemd hears READY=1 only at the end, so `Type=notify` means "state loaded, fleet read"):
+config (any error exits non-zero before a miner is touched) → logging → store (a corrupt store is moved aside and
+the agent starts SAFE: curtailed to the fail-safe level, with an alarm, until an operator resumes) → miner
+identities from the store, discovery only for addresses it has never identified → first sweep → restore control
+state (a dispatch that expired while the agent was down is closed as expired, not applied) → READY=1.
+
+Then one TaskGroup: the controller (the one writer), the sweep loop, the MQTT link (if enabled), the control socket,
+the telemetry publisher. The metrics endpoint runs on its own thread. SIGTERM/SIGINT stop it cleanly: the link
+publishes `offline`, systemd hears STOPPING=1, the audit trail gets `agent_stop`; miners are left as they are
+unless control.on_shutdown says otherwise (a restart must not cause a surge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import __version__
+from agent.config import AgentConfig, ConfigError
+from agent.core.addresses import expand
+from agent.core.audit import AuditKind
+from agent.core.signing import load_public_key
+from agent.io.control_socket import ControlServer
+from agent.io.sdnotify import SdNotifier
+from agent.logging import bind_context, configure_logging, get_logger
+from agent.runtime.actuator import Actuator
+from agent.runtime.clock import Clock, make_clock
+from agent.runtime.controller import Controller
+from agent.runtime.events import EventLog, iso
+from agent.runtime.service import CommandService
+
+log = get_logger("agent")
+
+MIN_SWEEP_GAP_S = 0.25  # wall seconds between sweeps, even when the controller asks for confirmation early
+
+
+class _Stop(Exception):
+    """Raised inside the task group to end it (a signal arrived)."""
+
+
+def load_keys(cfg: AgentConfig) -> tuple[list[Ed25519PublicKey], list[Ed25519PublicKey]]:
+    """The grid and operator public keys; a key that cannot be read is a config error."""
+
+    def read(paths: list[Path], field: str) -> list[Ed25519PublicKey]:
+        keys = []
+        for p in paths:
+            path = cfg.resolve(p)
+            try:
+                keys.append(load_public_key(path))
+            except FileNotFoundError:
+                raise ConfigError(f"{field}: {path}: no such file") from None
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{field}: {exc}") from None
+        return keys
+
+    return read(cfg.grid.public_keys, "grid.public_keys"), read(cfg.grid.operator_public_keys,
+                                                                "grid.operator_public_keys")  # fmt: skip
+
+
+def check_time_scale(cfg: AgentConfig, time_scale: float | None) -> None:
+    """A scaled clock shortens every safety timer: simulation only, so only loopback miners."""
+    if time_scale is None or time_scale == 1.0:
+        return
+    if not time_scale > 0:
+        raise ConfigError(f"--time-scale must be > 0, got {time_scale}")
+    for ip in expand(cfg.miners.addresses):
+        if not ipaddress.IPv4Address(ip).is_loopback:
+            raise ConfigError(
+                f"--time-scale is for runs against the simulator only, and {ip} is not a loopback address"
+            )
+
+
+def configured_addresses(cfg: AgentConfig) -> list[str]:
+    excluded = set(expand(cfg.miners.exclude))
+    return [ip for ip in expand(cfg.miners.addresses) if ip not in excluded]
+
+
+def open_store(cfg: AgentConfig) -> tuple[Any, str | None]:
+    """The store, and why the agent must start safe (None when the store was sound)."""
+    from agent.io.store import Store, StoreCorrupt  # noqa: PLC0415
+
+    path = cfg.db_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Store.open(path, retention_days=cfg.audit.retention_days), None
+    except StoreCorrupt as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(moved) + suffix))
+        log.error("state store corrupt; moved aside, starting safe", error=str(exc), moved_to=str(moved))
+        why = f"the state store was corrupt ({exc}); it was moved to {moved.name}"
+        return Store.open(path, retention_days=cfg.audit.retention_days), why
+
+
+class Agent:
+    """Everything one agent process runs, wired together. `run()` until stopped."""
+
+    def __init__(self, cfg: AgentConfig, *, time_scale: float | None = None, time_origin: float | None = None) -> None:
+        self.cfg = cfg
+        self.clock: Clock = make_clock(time_scale, time_origin)
+        self.time_scale = time_scale
+        self.notifier = SdNotifier()
+        self.stop_event = asyncio.Event()
+        self.started_at = self.clock.time()
+        self.store: Any = None
+        self.fleet: Any = None
+        self.controller: Controller | None = None
+        self.link: Any = None
+        self.metrics: Any = None
+        self.server: ControlServer | None = None
+        self.sweep_request = asyncio.Event()
+        self.sweeps = 0
+
+    # --------------------------------------------------------------------------------------------- start-up
+    async def start(self) -> None:
+        cfg = self.cfg
+        grid_keys, operator_keys = load_keys(cfg)
+        from agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
+
+        self.store, safe_reason = open_store(cfg)
+        self.store.append_audit(
+            AuditKind.AGENT_START, {"version": __version__, "pid": os.getpid(), "time_scale": self.time_scale,
+                            "safe_start": safe_reason},
+            self.clock.time(),
+        )  # fmt: skip
+        driver = driver_from_config(cfg)
+        self.fleet = fleet = Fleet.from_config(driver, cfg.polling, clock=self.clock.time)
+        fleet.on_identified = self.store.save_identities
+        wanted = configured_addresses(cfg)
+        wanted_set = set(wanted)
+        cached = [i for i in self.store.load_identities() if i.ip in wanted_set]
+        fleet.attach_all(cached)
+        missing = [ip for ip in wanted if ip not in fleet]
+        if missing:
+            self.notifier.extend_timeout(max(60.0, len(missing) / 50))
+            log.info("discovering miners", addresses=len(missing), cached=len(cached))
+            await fleet.discover(missing)
+        self.notifier.extend_timeout(max(60.0, len(fleet) / 100))
+        await self._sweep_once()
+
+        self.events = events = EventLog(self.clock.time)
+        from agent.io.metrics import Metrics  # noqa: PLC0415
+        from agent.runtime.health import gateway_health  # noqa: PLC0415
+
+        actuator = Actuator(
+            fleet.handle,
+            concurrency=cfg.polling.concurrency,
+            command_timeout_s=cfg.polling.command_timeout_s,
+            retries_per_command=cfg.control.retry_budget,
+        )
+        grid_link = cfg.mqtt.enabled and bool(grid_keys)
+        self.controller = ctl = Controller(
+            cfg, fleet=fleet, store=self.store, actuator=actuator, clock=self.clock, events=events,
+            notifier=self.notifier, grid_link=grid_link,
+            gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
+        )  # fmt: skip
+        ctl.sweep_request = self.sweep_request
+        self.metrics = Metrics(status_provider=lambda: ctl.status_doc or None,
+                               miners_provider=self._miner_rows if cfg.metrics.per_miner else None)  # fmt: skip
+        ctl.metrics = self.metrics
+        ctl.restore(safe_start=safe_reason)
+        self.service = CommandService(
+            cfg, ctl, events, clock=self.clock, grid_keys=grid_keys, operator_keys=operator_keys, metrics=self.metrics
+        )
+        if cfg.mqtt.enabled:
+            from agent.io.mqtt import MqttLink  # noqa: PLC0415
+
+            self.link = MqttLink(cfg, self.service, ctl, self.info, clock=self.clock.time)
+            events.subscribe(self.link.publish_event)
+            ctl.status_sinks.append(self.link.publish_state)
+            ctl.broker_status = self.link.status
+        self.server = ControlServer(self.cfg.socket_path, self.service, group=cfg.control_socket.group)
+        await self.server.start()
+        if cfg.metrics.enabled:
+            self.metrics_port = self.metrics.start_http(cfg.metrics.host, cfg.metrics.port)
+        ctl.tick()  # the first decision is made now, on the restored state and the first sweep
+        snap = fleet.latest()
+        self.notifier.ready(
+            f"ready: {len(snap.miners)} miners, {snap.unreachable} unreachable, target {ctl.status()['target_kw']} kW"
+        )
+        log.info(
+            "agent ready", version=__version__, miners=len(snap.miners), unreachable=snap.unreachable,
+            socket=str(self.cfg.socket_path), mqtt=cfg.mqtt.enabled, time_scale=self.time_scale,
+        )  # fmt: skip
+
+    def info(self) -> dict[str, Any]:
+        ctl = self.controller
+        return {
+            "version": __version__, "site_id": self.cfg.site.id, "started_at": iso(self.started_at),
+            "cap_kw": self.cfg.site.cap_kw, "circuits": [c.id for c in self.cfg.site.circuits],
+            "miners": len(self.fleet) if self.fleet is not None else 0,
+            "target_kw": None if ctl is None or ctl.target is None else ctl.target.kw,
+        }  # fmt: skip
+
+    def _miner_rows(self) -> list[dict[str, Any]]:
+        assert self.controller is not None
+        return self.controller.miner_rows(None, "ip", False, None)
+
+    # --------------------------------------------------------------------------------------------- loops
+    async def _sweep_once(self) -> None:
+        snap = await self.fleet.sweep()
+        self.sweeps += 1
+        if self.metrics is not None:
+            self.metrics.observe_sweep(snap.sweep_s)
+        if self.controller is not None:
+            self.controller.on_snapshot(snap)
+
+    async def sweep_loop(self) -> None:
+        interval = self.clock.to_wall(self.cfg.polling.interval_s)
+        while True:
+            started = time.monotonic()
+            await self._sweep_once()
+            wait = max(MIN_SWEEP_GAP_S, interval - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.sweep_request.wait()
+                # asked early: still leave the miners a moment to act on what they were told
+                await asyncio.sleep(max(0.0, MIN_SWEEP_GAP_S - (time.monotonic() - started)))
+            self.sweep_request.clear()
+
+    async def telemetry_loop(self) -> None:
+        """Site figures on …/telemetry (lossy), and per-miner detail when configured."""
+        assert self.controller is not None
+        assert self.link is not None
+        interval = self.clock.to_wall(self.cfg.mqtt.telemetry_interval_s)
+        detail = self.cfg.mqtt.miner_detail_interval_s
+        detail_wall = None if detail is None else self.clock.to_wall(detail)
+        last_detail = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            s = self.controller.status()
+            self.link.publish_telemetry({
+                k: s.get(k) for k in ("ts", "target_kw", "cap_kw", "power_kw", "power_kw_measured",
+                                      "power_kw_estimated", "power_kw_worst_case", "hashrate_ths", "miners")
+            })  # fmt: skip
+            if detail_wall is not None and time.monotonic() - last_detail >= detail_wall:
+                last_detail = time.monotonic()
+                for row in self.controller.miner_rows(None, "ip", False, None):
+                    self.link.publish_miner(row["ip"], row)
+
+    async def _wait_for_stop(self) -> None:
+        await self.stop_event.wait()
+        raise _Stop
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        try:
+            if not await self._start_or_stop():
+                return 0
+            assert self.controller is not None
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.controller.run(), name="controller")
+                    tg.create_task(self.sweep_loop(), name="sweep")
+                    if self.link is not None:
+                        tg.create_task(self.link.run(), name="mqtt")
+                        tg.create_task(self.telemetry_loop(), name="telemetry")
+                    tg.create_task(self._wait_for_stop(), name="signals")
+            except* _Stop:
+                pass
+        finally:
+            await self.close()
+        return 0
+
+    async def _start_or_stop(self) -> bool:
+        """Start up, unless a signal arrives first (a long discovery must not hold off a stop). True = started."""
+        starting = asyncio.create_task(self.start(), name="start")
+        stopping = asyncio.create_task(self.stop_event.wait(), name="stop-during-start")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            stopping.cancel()
+            starting.result()  # start-up errors propagate
+            return True
+        log.info("stop requested during start-up")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return False
+
+    async def close(self) -> None:
+        log.info("agent stopping")
+        self.notifier.stopping("stopping")
+        if self.controller is not None:
+            try:
+                await self.controller.shutdown_miners()
+            except Exception:
+                log.exception("on_shutdown commands failed")
+        if self.server is not None:
+            await self.server.close()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.stop_http()
+        if self.fleet is not None:
+            with contextlib.suppress(Exception):
+                await self.fleet.aclose()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.append_audit(AuditKind.AGENT_STOP, {"pid": os.getpid()}, self.clock.time())
+            with contextlib.suppress(Exception):
+                self.store.close()
+        log.info("agent stopped")
+
+
+def run(cfg: AgentConfig, *, time_scale: float | None = None, time_origin: float | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT. Config problems raise ConfigError before any miner is touched."""
+    check_time_scale(cfg, time_scale)
+    load_keys(cfg)  # fail on unreadable keys before logging is set up or a miner is contacted
+    configure_logging(cfg.logging)
+    bind_context(site_id=cfg.site.id)
+
+    async def main() -> int:
+        return await Agent(cfg, time_scale=time_scale, time_origin=time_origin).run()
+
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main())
+    return uvloop.run(main())

@@ -1,0 +1,92 @@
+"""`hashflex keygen` and `hashflex sign`: Ed25519 keys for the grid side, and signed commands to publish.
+
+    hashflex keygen --out /etc/hashflex/keys/grid        # writes grid (private, 0600) and grid.pub
+    echo '{"target_kw": 800}' | hashflex sign --key grid | mosquitto_pub -t hashflex/lhr-07/cmd/dispatch -s -q 1
+
+`sign` fills `id` (a UUID) and `issued_at` (now, UTC, ISO 8601) only when the command has none, then adds
+`signature` (agent.core.signing: Ed25519 over the canonical JSON of every other field) and prints one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.cli.common import EXIT_REFUSED, err, fail
+from agent.core import signing
+
+
+def register(app: typer.Typer) -> None:
+    app.command("keygen")(keygen)
+    app.command("sign")(sign)
+
+
+def public_path(private: Path) -> Path:
+    return private.with_name(private.name + ".pub")
+
+
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Private key file; the public key goes to OUT.pub.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace existing key files.")] = False,
+) -> None:
+    """Make an Ed25519 key pair: OUT (private PEM, mode 0600) and OUT.pub (public PEM)."""
+    pub = public_path(out)
+    existing = [p for p in (out, pub) if p.exists()]
+    if existing and not force:
+        fail(f"{', '.join(map(str, existing))} already exists; pass --force to replace (the old key stops working)")
+    if not out.parent.is_dir():
+        fail(f"{out.parent} is not a directory; create it first")
+    private_pem, public_pem = signing.generate_keypair()
+    try:
+        # created 0600 from the start: the private key is never readable by others, not even briefly
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
+            f.write(private_pem)
+        pub.write_bytes(public_pem)
+        pub.chmod(0o644)
+    except OSError as exc:
+        fail(f"cannot write the key pair: {exc}")
+    message = f"wrote {out} (private, keep it secret) and {pub} (list it in grid.public_keys)"
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+def sign(
+    key: Annotated[Path, typer.Option("--key", help="Private key file (from hashflex keygen).")],
+) -> None:
+    """Sign the command JSON read on stdin and print it, signed, on one line.
+
+    Adds `id` (a UUID) and `issued_at` (now, UTC) when they are missing; an existing `signature` is replaced.
+    """
+    try:
+        private = signing.load_private_key(key)
+    except OSError as exc:
+        fail(f"cannot read {key}: {exc.strerror}")
+    except ValueError as exc:
+        fail(str(exc))
+    text = sys.stdin.read()
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        fail(f"stdin is not JSON: {exc}", EXIT_REFUSED)
+    if not isinstance(document, dict):
+        fail('a command is a JSON object, e.g. {"target_kw": 800}', EXIT_REFUSED)
+    signed = signing.sign(fill_defaults(document, datetime.now(UTC)), private)
+    sys.stdout.write(json.dumps(signed, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+def fill_defaults(document: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """`id` and `issued_at` added only when the command has none."""
+    filled = dict(document)
+    if "id" not in filled:
+        filled["id"] = str(uuid.uuid4())
+    if "issued_at" not in filled:
+        filled["issued_at"] = now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return filled

@@ -1,0 +1,167 @@
+"""Arbitration: every input that limits the site → one effective Target, and which input binds.
+
+Inputs: the licensed cap, a run-time cap (it may only lower the licensed one), grid dispatches and operator
+overrides (`Dispatch`), time-of-use windows (`ScheduleRule`) and the fail-safe level. The lowest level wins; ties
+go to the input listed first in `_RANK` so the reason shown is stable.
+
+Event rules (all pure functions of the dispatches and `now`):
+- A reduction is never delayed: a dispatch binds from its start (only a grid cool-down may defer a start).
+- min_hold_s: a dispatch (grid or operator) holds at least this long from its effective start, even if it is
+  cancelled or scheduled to end sooner (protects hardware from short cycles).
+- max_event_s: a GRID dispatch binds at most this long from its effective start.
+- cooldown_s: a GRID dispatch that starts less than cooldown_s after the previous grid event ended (no overlap) is
+  deferred to end + cooldown_s — the site's declared recovery time, as in demand-response programmes.
+  Overlapping grid dispatches are one event and are never deferred. The cap, operator overrides, schedules and
+  the fail-safe are never deferred.
+- debounce_s: the target rises only after the input that held it down has been gone for debounce_s, so a resume
+  right after a curtail (or a flapping dispatch) does not cycle the fleet.
+A cancelled dispatch is passed as a copy whose `end` is the cancel time (`cancelled()`). The runtime keeps ended
+dispatches in the inputs for `retention_s(rules)` so holds, debounce and cool-down can be computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from agent.core.model import Dispatch, Source, Target
+from agent.core.schedule import ScheduleRule
+
+_RANK = {Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3, Source.CAP: 4}
+
+
+@dataclass(frozen=True, slots=True)
+class ArbitrationRules:
+    debounce_s: float = 5.0
+    min_hold_s: float = 0.0
+    cooldown_s: float = 0.0
+    max_event_s: float | None = None
+
+
+def retention_s(rules: ArbitrationRules) -> float:
+    """How long after its end an ended dispatch still matters to arbitration."""
+    return rules.min_hold_s + rules.debounce_s + rules.cooldown_s
+
+
+def cancelled(dispatch: Dispatch, now: float) -> Dispatch:
+    """The dispatch as it stands after a cancel at `now` (its end moved forward, never back)."""
+    end = now if dispatch.end is None else min(dispatch.end, now)
+    return dataclasses.replace(dispatch, end=end)
+
+
+@dataclass(frozen=True, slots=True)
+class EventWindow:
+    """When a dispatch actually binds, after the event rules."""
+
+    dispatch_id: str
+    start: float  # effective start (a grid cool-down may defer it)
+    end: float | None  # effective end: scheduled end, extended by min hold, cut by max length; None = open
+    release: float | None  # end + debounce: the moment it stops holding the target down
+    deferred: bool = False  # started later than asked because of the cool-down
+    never: bool = False  # cancelled or cut before it could start
+
+    def binds_at(self, now: float) -> bool:
+        return not self.never and self.start <= now and (self.release is None or now < self.release)
+
+    def phase(self, now: float) -> str:
+        """pending | deferred | active | holding (past end, inside the debounce) | ended."""
+        if self.never or (self.release is not None and now >= self.release):
+            return "ended"
+        if now < self.start:
+            return "deferred" if self.deferred else "pending"
+        if self.end is not None and now >= self.end:
+            return "holding"
+        return "active"
+
+
+def latest_revisions(dispatches: Iterable[Dispatch]) -> list[Dispatch]:
+    """One dispatch per id: the highest revision (OpenADR modification number)."""
+    best: dict[str, Dispatch] = {}
+    for d in dispatches:
+        if d.id not in best or d.rev > best[d.id].rev:
+            best[d.id] = d
+    return list(best.values())
+
+
+def event_windows(dispatches: Iterable[Dispatch], rules: ArbitrationRules) -> dict[str, EventWindow]:
+    """The effective window of every dispatch (latest revision per id)."""
+    windows: dict[str, EventWindow] = {}
+    grid_end: float | None = None  # effective end of the current (or last) grid event; inf = open-ended
+    for d in sorted(latest_revisions(dispatches), key=lambda d: (d.start, d.id)):
+        start, deferred = d.start, False
+        is_grid = d.source is Source.GRID
+        if is_grid and grid_end is not None and grid_end <= start < grid_end + rules.cooldown_s:
+            start, deferred = grid_end + rules.cooldown_s, True
+        end = d.end
+        never = end is not None and end <= start
+        if end is not None and not never:
+            end = max(end, start + rules.min_hold_s)
+        if is_grid and rules.max_event_s is not None and not never:
+            end = start + rules.max_event_s if end is None else min(end, start + rules.max_event_s)
+        release = None if end is None else end + rules.debounce_s
+        windows[d.id] = EventWindow(d.id, start, end, release, deferred, never)
+        if is_grid and not never:
+            stop = math.inf if end is None else end
+            grid_end = stop if grid_end is None else max(grid_end, stop)
+    return windows
+
+
+def _level_kw(d: Dispatch) -> float:
+    if d.target_kw is None and (d.curtail_kw is None or d.baseline_kw is None):
+        raise ValueError(f"dispatch {d.id!r}: curtail_kw needs the baseline_kw measured at acceptance")
+    return max(0.0, d.level_kw())
+
+
+@dataclass(frozen=True, slots=True)
+class ArbitrationInputs:
+    licensed_cap_kw: float
+    runtime_cap_kw: float | None = None  # a lower cap set at run time; a higher one is ignored
+    dispatches: Sequence[Dispatch] = ()  # grid and operator, incl. recently ended ones (see retention_s)
+    schedule: Sequence[ScheduleRule] = ()
+    failsafe_kw: float | None = None  # the fail-safe limit while it is active (failsafe.limit_kw), else None
+    rules: ArbitrationRules = ArbitrationRules()
+
+
+def effective_cap_kw(licensed_cap_kw: float, runtime_cap_kw: float | None) -> float:
+    """The run-time cap may only lower the licensed one."""
+    if runtime_cap_kw is None:
+        return licensed_cap_kw
+    return min(licensed_cap_kw, max(0.0, runtime_cap_kw))
+
+
+def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
+    """The one effective target at `now`: the most restrictive of all inputs, with the one that binds."""
+    cap = effective_cap_kw(inputs.licensed_cap_kw, inputs.runtime_cap_kw)
+    cap_id = "runtime" if cap < inputs.licensed_cap_kw else None
+    # (kw, rank, id, source, ramp, detail)
+    best: tuple[float, int, str, Source, float | None, str] = (cap, _RANK[Source.CAP], cap_id or "", Source.CAP, None, "")
+    windows = event_windows(inputs.dispatches, inputs.rules)
+    for d in latest_revisions(inputs.dispatches):
+        window = windows[d.id]
+        if not window.binds_at(now):
+            continue
+        phase = window.phase(now)
+        detail = {"holding": "release_debounce"}.get(phase, "")
+        if phase == "active" and d.end is not None and now >= d.end:
+            detail = "min_hold"
+        candidate = (_level_kw(d), _RANK[d.source], d.id, d.source, d.ramp_kw_per_min, detail)
+        best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
+    for w in inputs.schedule:
+        if w.active_at(now):
+            candidate = (w.target_kw, _RANK[Source.SCHEDULE], w.name, Source.SCHEDULE, None, "")
+            best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
+    if inputs.failsafe_kw is not None:
+        candidate = (max(0.0, inputs.failsafe_kw), _RANK[Source.FAILSAFE], "", Source.FAILSAFE, None, "")
+        best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
+    kw, _, binding_id, source, ramp, detail = best
+    return Target(
+        kw=min(kw, cap),
+        source=source,
+        binding_id=binding_id or None,
+        cap_kw=cap,
+        ramp_kw_per_min=ramp,
+        failsafe=inputs.failsafe_kw is not None,
+        detail=detail,
+    )

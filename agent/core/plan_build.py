@@ -1,0 +1,79 @@
+"""An assignment (a level per miner) and the Plan built from it, with its accounting."""
+
+from __future__ import annotations
+
+from agent.core.accounting import UNCONTROLLED, Prep
+from agent.core.model import Action, MinerState, Plan, RunAction, SleepAction
+
+SLEEP = SleepAction()
+NO_ACTION = -1.0  # level of a miner we do not control
+
+
+class Assignment:
+    """level[i]: watts to run at, 0.0 = sleep, NO_ACTION = uncontrolled; wc[i]: its worst-case draw (W)."""
+
+    __slots__ = ("extra_alarms", "level", "method", "overridden", "ths", "wc")
+
+    def __init__(self, prep: Prep, method: str) -> None:
+        n = len(prep.views)
+        self.level = [0.0] * n
+        self.wc = [prep.rules.sleep_w] * n
+        self.ths = 0.0  # expected hashrate of the miners we control
+        self.overridden: list[int] = []  # min-on miners this assignment sleeps
+        self.extra_alarms: list[str] = []
+        self.method = method
+        for i, k in enumerate(prep.kind):
+            if k == UNCONTROLLED:
+                self.level[i] = NO_ACTION
+                self.wc[i] = prep.fixed_w[i]
+
+    def node_loads(self, prep: Prep) -> list[float]:
+        return prep.node_sums(self.wc)
+
+
+def build_plan(prep: Prep, a: Assignment, target_kw: float, baseline_ths: float | None = None) -> Plan:
+    """The Plan for assignment `a`; `baseline_ths` is the baseline assignment's hashrate (controlled miners)."""
+    views, curve = prep.views, prep.rules.curve
+    actions: dict[str, Action] = {}
+    runs: dict[int, RunAction] = {}
+    uncontrolled: list[str] = []
+    expected_w = 0.0
+    uncontrolled_ths = 0.0
+    for i, v in enumerate(views):
+        lv = a.level[i]
+        if lv == NO_ACTION:
+            uncontrolled.append(v.id)
+            drawn = prep.fixed_w[i] if v.power_w is None else v.power_w
+            expected_w += drawn
+            if v.state is not MinerState.UNREACHABLE:  # it hashes at what it draws; unknown counts as nothing
+                uncontrolled_ths += curve.ths_at(drawn, v.nominal_w, v.nominal_ths)
+            continue
+        expected_w += a.wc[i]
+        if lv == 0.0:
+            actions[v.id] = SLEEP
+        else:
+            w = int(lv)
+            run = runs.get(w)
+            if run is None:
+                run = runs[w] = RunAction(w)
+            actions[v.id] = run
+    loads = a.node_loads(prep)
+    ids = prep.tree.ids
+    return Plan(
+        actions=actions,
+        worst_case_kw=loads[0] / 1000.0,
+        expected_kw=expected_w / 1000.0,
+        expected_ths=a.ths + uncontrolled_ths,
+        target_kw=target_kw,
+        alarms=(*prep.alarms, *a.extra_alarms, *_min_on_alarm(a)),
+        circuit_worst_case_kw={ids[nd]: w / 1000.0 for nd, w in enumerate(loads)},
+        min_on_overridden=tuple(views[i].id for i in sorted(set(a.overridden))),
+        uncontrolled=tuple(uncontrolled),
+        method=a.method,
+        baseline_ths=None if baseline_ths is None else baseline_ths + uncontrolled_ths,
+    )
+
+
+def _min_on_alarm(a: Assignment) -> tuple[str, ...]:
+    count = len(set(a.overridden))
+    return (f"min_on_overridden: {count} miners slept inside min_on to meet caps",) if count else ()

@@ -1,0 +1,61 @@
+"""Energy accounting from the fleet picture: every snapshot is a sample for the pure integrator
+(agent.core.energy), each closed minute goes to the store (site measured/estimated kWh, per-miner kWh, seconds
+under curtailment, energy not drawn because of dispatch) and to the joules counter of the metrics.
+
+Curtailed: while a dispatch, an override, a time-of-use window or the fail-safe binds the target. The baseline
+(what the site would have drawn without it) is the site's power when the binding dispatch was accepted, or the
+cap when nothing better is known (a window, the fail-safe).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agent.core.energy import EnergyIntegrator, SiteSample
+from agent.core.model import Source
+from agent.logging import get_logger
+
+if TYPE_CHECKING:
+    from agent.runtime.controller import Controller
+
+log = get_logger("energy")
+
+
+class EnergyMeter:
+    def __init__(self, max_gap_s: float = 120.0) -> None:
+        self.integrator = EnergyIntegrator(max_gap_s=max_gap_s)
+        self.minutes = 0
+
+    def add(self, snap: Any, ctl: Controller) -> None:
+        curtailed, baseline_w = _curtailment(ctl)
+        sample = SiteSample(
+            ts=snap.ts, measured_w=snap.power_w_measured, estimated_w=snap.power_w_estimated,
+            curtailed=curtailed, baseline_w=baseline_w,
+        )  # fmt: skip
+        miners = {ip: (ms.power_w, ms.measured) for ip, ms in snap.miners.items()}
+        self._record(self.integrator.add(sample, miners), ctl)
+
+    def flush(self, ctl: Controller) -> None:
+        """On stop: write every minute already complete."""
+        self._record(self.integrator.close_until(ctl.clock.time()), ctl)
+
+    def _record(self, closed: list[Any], ctl: Controller) -> None:
+        for minute, per_miner in closed:
+            try:
+                ctl.store.record_energy_minute(minute, per_miner)
+            except Exception:
+                log.exception("energy minute not recorded", minute_ts=minute.minute_ts)
+                continue
+            self.minutes += 1
+            if ctl.metrics is not None:
+                ctl.metrics.add_energy_kwh(minute.kwh)
+
+
+def _curtailment(ctl: Controller) -> tuple[bool, float | None]:
+    t = ctl.target
+    if t is None or t.source is Source.CAP:
+        return False, None
+    rec = ctl.dispatches.get(t.binding_id or "")
+    if rec is not None and rec.dispatch.baseline_kw is not None:
+        return True, rec.dispatch.baseline_kw * 1000.0
+    return True, t.cap_kw * 1000.0

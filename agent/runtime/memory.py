@@ -1,0 +1,138 @@
+"""What the controller remembers between ticks and across restarts: per miner (what it told it, whether it put it
+to sleep, when it last switched, whether it obeys) and per dispatch (its status and compliance figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from agent.core.model import Dispatch, Source
+from agent.io.records import MinerControl
+from agent.runtime.events import iso
+
+OPEN_STATUSES = frozenset({"pending", "active"})
+
+
+@dataclass(slots=True)
+class MinerMemory:
+    commanded_w: float | None = None  # last limit it accepted from us
+    asleep_by_us: bool = False  # we put it to sleep (so a restart knows what it curtailed)
+    last_transition: float = 0.0  # last sleep/wake we saw through (min on/off times)
+    limits_unsupported: bool = False  # its firmware refused a power limit: treat as on/off
+    ignores_commands: bool = False  # acknowledged, then did not act, repeatedly: counted at its real draw
+    # a command it acknowledged and telemetry has not yet confirmed
+    pending_op: str | None = None
+    pending_w: int | None = None
+    pending_at: float = 0.0
+    recommands: int = 0  # re-sends of the pending command
+    resend_due: bool = False  # telemetry did not confirm it in time: send it again
+    retry_at: float = 0.0  # a miner that ignores commands is tried again at this time
+    limited_at: float = -1e18  # when it last acknowledged a power limit (firmware re-tunes for a moment after)
+    off_seen_at: float | None = None  # first reading that showed it off when we had not slept it
+
+    def to_control(self) -> MinerControl:
+        """The part that survives a restart."""
+        return MinerControl(
+            asleep_by_us=self.asleep_by_us,
+            commanded_w=self.commanded_w,
+            since=self.last_transition,
+            limits_unsupported=self.limits_unsupported,
+            ignores_commands=self.ignores_commands,
+        )
+
+    @classmethod
+    def from_control(cls, c: MinerControl) -> MinerMemory:
+        return cls(
+            commanded_w=c.commanded_w,
+            asleep_by_us=c.asleep_by_us,
+            last_transition=c.since,
+            limits_unsupported=c.limits_unsupported,
+            ignores_commands=c.ignores_commands,
+        )
+
+
+@dataclass(slots=True)
+class DispatchRecord:
+    dispatch: Dispatch
+    status: str  # pending | active | expired | cancelled | failed
+    received_at: float
+    channel: str = "mqtt"
+    commands_sent_at: float | None = None
+    target_met_at: float | None = None
+    max_overshoot_kw: float = 0.0
+    closed_at: float | None = None
+    close_reason: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "received_at": self.received_at,
+            "channel": self.channel,
+            "commands_sent_at": self.commands_sent_at,
+            "target_met_at": self.target_met_at,
+            "max_overshoot_kw": self.max_overshoot_kw,
+            "closed_at": self.closed_at,
+            "close_reason": self.close_reason,
+        }
+
+    @classmethod
+    def from_stored(cls, dispatch: Dispatch, status: str, progress: dict[str, Any]) -> DispatchRecord:
+        def num(key: str) -> float | None:
+            v = progress.get(key)
+            return float(v) if isinstance(v, int | float) else None
+
+        return cls(
+            dispatch=dispatch,
+            status=status,
+            received_at=num("received_at") or dispatch.issued_at,
+            channel=str(progress.get("channel") or "mqtt"),
+            commands_sent_at=num("commands_sent_at"),
+            target_met_at=num("target_met_at"),
+            max_overshoot_kw=num("max_overshoot_kw") or 0.0,
+            closed_at=num("closed_at"),
+            close_reason=progress.get("close_reason"),
+        )
+
+    def doc(self) -> dict[str, Any]:
+        d = self.dispatch
+        level = None
+        if d.target_kw is not None or d.baseline_kw is not None:
+            level = round(d.level_kw(), 3)
+        return {
+            "id": d.id,
+            "rev": d.rev,
+            "source": d.source.value,
+            "target_kw": d.target_kw,
+            "curtail_kw": d.curtail_kw,
+            "baseline_kw": d.baseline_kw,
+            "level_kw": level,
+            "ramp_kw_per_min": d.ramp_kw_per_min,
+            "priority": d.priority,
+            "issued_at": iso(d.issued_at),
+            "start": iso(d.start),
+            "end": iso(d.end),
+            "status": self.status,
+            "received_at": iso(self.received_at),
+            "commands_sent_at": iso(self.commands_sent_at),
+            "target_met_at": iso(self.target_met_at),
+            "time_to_target_s": (
+                round(self.target_met_at - self.received_at, 3) if self.target_met_at is not None else None
+            ),
+            "max_overshoot_kw": round(self.max_overshoot_kw, 3),
+            "closed_at": iso(self.closed_at),
+            "close_reason": self.close_reason,
+        }
+
+
+def ended_copy(dispatch: Dispatch, now: float) -> Dispatch:
+    end = now if dispatch.end is None else min(dispatch.end, now)
+    return dataclasses.replace(dispatch, end=end)
+
+
+def is_override(record: DispatchRecord) -> bool:
+    return record.dispatch.source is Source.OPERATOR

@@ -1,0 +1,174 @@
+"""The controller's read side: the STATUS DOC, the miners table, dispatch lists and the preview.
+
+Functions over a Controller; they read its state and never change it (the preview plans on a copy of the
+controller's memory), so transports may call them at any time from the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+from agent.core.efficiency import stock_w
+from agent.core.model import MinerState, MinerView, RunAction, SleepAction
+from agent.core.planner import plan
+from agent.core.ramp import wake_budget
+from agent.runtime.actuator import diff
+from agent.runtime.events import iso
+from agent.runtime.memory import DispatchRecord, MinerMemory
+
+if TYPE_CHECKING:
+    from agent.runtime.controller import Controller
+
+
+_SORT_KEYS = {
+    "ip": "ip", "model": "model", "state": "state", "power": "power_w", "limit": "limit_w",
+    "hashrate": "hashrate_ths", "efficiency": "efficiency_j_th", "temp": "temp_c", "last_seen": "age_s",
+}  # fmt: skip
+
+
+def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
+    counts = {s.value: 0 for s in MinerState}
+    hashrate = 0.0
+    for ms in snap.miners.values():
+        counts[state_of(ctl, ms).value] += 1
+        if ms.reachable and ms.reading is not None:
+            hashrate += ms.reading.hashrate_ths or 0.0
+    counts["total"] = len(snap.miners)
+    t, f = ctl.target, ctl.failsafe
+    broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
+    return {
+        "ts": iso(now),
+        "site_id": ctl.cfg.site.id,
+        "version": __version__,
+        "target_kw": None if t is None else round(t.kw, 3),
+        "target_reason": None if t is None else t.reason,
+        "target_source": None if t is None else t.source.value,
+        "target_detail": None if t is None else t.detail,
+        "planning_level_kw": None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3),
+        "cap_kw": ctl.effective_cap_kw(),
+        "licensed_cap_kw": ctl.licensed_cap_kw,
+        # power_kw_measured: what miners reported; power_kw_estimated (= power_kw): the site's power with an
+        # estimate for every miner that did not report (unknown is never zero); power_kw_unmeasured: those estimates
+        "power_kw": round(snap.power_w / 1000, 3),
+        "power_kw_measured": round(snap.power_w_measured / 1000, 3),
+        "power_kw_estimated": round(snap.power_w / 1000, 3),
+        "power_kw_unmeasured": round(snap.power_w_estimated / 1000, 3),
+        "power_kw_worst_case": None if ctl.plan is None else round(ctl.plan.worst_case_kw, 3),
+        "hashrate_ths": round(hashrate, 3),
+        "miners": counts,
+        "dispatches": [r.doc() for r in ctl.dispatches.values() if r.open],
+        "failsafe": {
+            "active": bool(f and f.active), "since": iso(f.since) if f else None,
+            "reason": f.reason if f else None,
+            "last_heartbeat": iso(f.last_heartbeat) if f and f.last_heartbeat else None,
+            "applies": ctl.fs_rules.applies,
+        },
+        "broker": broker,
+        "alarms": [{"key": k, "message": v} for k, v in sorted(ctl.alarms.items())],
+        "gateway": ctl.gateway_health() if ctl.gateway_health else {},
+        "tick": {"n": ctl.tick_n, "dur_ms": round(ctl.tick_ms, 2), "ts": iso(ctl.tick_at)},
+        "sweep": {"ts": iso(snap.ts), "dur_s": round(snap.sweep_s, 3), "unreachable": snap.unreachable},
+        "plan": None if ctl.plan is None else {
+            "method": ctl.plan.method, "expected_kw": round(ctl.plan.expected_kw, 3),
+            "expected_ths": round(ctl.plan.expected_ths, 3),
+            "baseline_ths": None if ctl.plan.baseline_ths is None else round(ctl.plan.baseline_ths, 3),
+        },
+        "in_flight": len(ctl.in_flight),
+    }
+
+def state_of(ctl: Controller, ms: Any) -> MinerState:
+    stale = ctl.cfg.polling.stale_after_s
+    if not ms.reachable or ms.age_s is None or ms.age_s > stale:
+        return MinerState.UNREACHABLE
+    mem = ctl.memory.get(ms.ip)
+    if ms.state_hint == "sleeping" or (ms.state_hint == "unknown" and mem is not None and mem.asleep_by_us):
+        return MinerState.SLEEPING
+    if ms.state_hint == "waking":
+        return MinerState.WAKING
+    commanded = mem.commanded_w if mem is not None else None
+    if commanded is None and ms.reading is not None and ms.reading.power_limit_w:
+        commanded = ms.reading.power_limit_w
+    if commanded is not None and commanded < stock_w(ms.identity.capability, ms.identity.nominal_w) - 1:
+        return MinerState.THROTTLED
+    return MinerState.HASHING
+
+def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
+    snap = ctl.fleet.latest()
+    rows: list[dict[str, Any]] = []
+    for ip, ms in snap.miners.items():
+        st = state_of(ctl, ms).value
+        if state is not None and st != state:
+            continue
+        r, ident, mem = ms.reading, ms.identity, ctl.memory.get(ip)
+        power = ms.power_w if st != "unreachable" else None
+        ths = r.hashrate_ths if r is not None and st != "unreachable" else None
+        rows.append({
+            "ip": ip, "model": ident.model, "make": ident.make, "family": ident.family.value,
+            "firmware": ident.firmware, "state": st, "power_w": power, "measured": ms.measured,
+            "limit_w": (mem.commanded_w if mem and mem.commanded_w is not None
+                        else (r.power_limit_w if r is not None else None)),
+            "nominal_w": ident.nominal_w, "hashrate_ths": ths,
+            "efficiency_j_th": round(power / ths, 2) if power and ths else None,
+            "temp_c": max(r.temps_c) if r is not None and r.temps_c else None,
+            "last_seen": iso(snap.ts - ms.age_s) if ms.age_s is not None else None,
+            "age_s": None if ms.age_s is None else round(ms.age_s, 1),
+            "asleep_by_us": bool(mem and mem.asleep_by_us), "ignores_commands": bool(mem and mem.ignores_commands),
+            "circuit": ctl.circuit_of.get(ip), "priority": ctl.priority_of.get(ip, 0),
+            "error": ms.last_error,
+        })  # fmt: skip
+    key = _SORT_KEYS[sort]
+    rows.sort(key=lambda row: (row[key] is None, row[key] if row[key] is not None else 0), reverse=desc)
+    if desc:  # keep unknowns last either way
+        rows.sort(key=lambda row: row[key] is None)
+    return rows[:limit] if limit else rows
+
+def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
+    """What the planner would do for `target_kw` now, without doing it."""
+    now = ctl.clock.time()
+    snap = ctl.fleet.latest()
+    views = views_readonly(ctl, snap, now)
+    kw = min(target_kw, ctl.effective_cap_kw())
+    budget = wake_budget(ctl.wake_times, now, ctl.stagger)
+    started = time.perf_counter()
+    p = plan(kw, views, ctl.tree, ctl.planner_rules, now, wake_budget=budget, ramp_allowance_kw=None)
+    by_ip = {v.id: v for v in views}
+    changes = diff(p.actions, by_ip, use_power_limits=ctl.cfg.control.use_power_limits)
+    ops: dict[str, int] = {}
+    for c in changes:
+        ops[c.op.value] = ops.get(c.op.value, 0) + 1
+    return {
+        "target_kw": kw, "requested_kw": target_kw, "method": p.method,
+        "worst_case_kw": round(p.worst_case_kw, 3), "expected_kw": round(p.expected_kw, 3),
+        "expected_ths": round(p.expected_ths, 3),
+        "baseline_ths": None if p.baseline_ths is None else round(p.baseline_ths, 3),
+        "present_kw": round(snap.power_w / 1000, 3),
+        "running": sum(1 for a in p.actions.values() if isinstance(a, RunAction)),
+        "sleeping": sum(1 for a in p.actions.values() if isinstance(a, SleepAction)),
+        "uncontrolled": len(p.uncontrolled), "changes": ops, "alarms": list(p.alarms),
+        "circuits": {k: round(v, 3) for k, v in p.circuit_worst_case_kw.items()},
+        "wake_budget": budget, "plan_ms": round((time.perf_counter() - started) * 1000, 2),
+    }  # fmt: skip
+
+def views_readonly(ctl: Controller, snap: Any, now: float) -> list[MinerView]:
+    """Views without side effects on memory (for preview)."""
+    saved_memory = {ip: MinerMemory(**{f: getattr(m, f) for f in MinerMemory.__slots__})
+                    for ip, m in ctl.memory.items()}  # fmt: skip
+    saved_seen, saved_dirty, saved_alarms = dict(ctl.seen_on), set(ctl._dirty_controls), dict(ctl.alarms)
+    try:
+        return ctl._views(snap, now)
+    finally:
+        ctl.memory, ctl.seen_on, ctl._dirty_controls, ctl.alarms = (
+            saved_memory, saved_seen, saved_dirty, saved_alarms,
+        )
+
+def dispatch_docs(ctl: Controller, include_closed: bool) -> list[dict[str, Any]]:
+    if not include_closed:
+        return [r.doc() for r in ctl.dispatches.values() if r.open]
+    seen: dict[str, dict[str, Any]] = {}
+    for d, status, progress in ctl.store.load_dispatches(active_only=False):
+        seen[d.id] = DispatchRecord.from_stored(d, status, dict(progress or {})).doc()
+    for r in ctl.dispatches.values():
+        seen[r.dispatch.id] = r.doc()
+    return sorted(seen.values(), key=lambda doc: doc["received_at"] or "")

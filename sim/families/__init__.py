@@ -1,0 +1,1 @@
+"""Firmware families: each maps its wire requests to replies shaped as that firmware's are."""

@@ -1,0 +1,82 @@
+"""The agent over MQTT, wired as in production: `hashflex run` with its MQTT link to a real Mosquitto, the grid side
+an aiomqtt client. Signed dispatches get a reply and change the target; the heartbeat drives the fail-safe.
+
+No miners here (the runtime against the simulated site is in test_runtime.py): this is about the wiring
+between the link, the command service, the controller and the fail-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from tests.agent_harness import AgentProcess, write_agent_config
+from tests.broker import HOST, Mosquitto
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def next_json(client: aiomqtt.Client, topic: str, timeout: float = 10.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            if message.topic.matches(topic):
+                doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                assert isinstance(doc, dict)
+                return doc
+    raise AssertionError("no message")
+
+
+async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    site = f"rt-{uuid.uuid4().hex[:8]}"
+    files = write_agent_config(
+        tmp_path, [], cap_kw=1000, site_id=site,
+        overrides={
+            "mqtt": {"enabled": True, "host": HOST, "port": mosquitto.plain_port, "telemetry_interval_s": 1},
+            "failsafe": {"enabled": True, "level": 50, "hold_at_start": True, "heartbeat_timeout_s": 4,
+                         "release_after_s": 60},
+        },
+    )  # fmt: skip
+    root = f"hashflex/{site}"
+    agent = await asyncio.to_thread(AgentProcess.start, files)
+    try:
+        status = await asyncio.to_thread(agent.status)
+        assert status["failsafe"]["active"] is True  # held at start until the grid is heard
+        assert status["target_source"] == "failsafe"
+        assert status["target_kw"] == 50
+        async with aiomqtt.Client(HOST, mosquitto.plain_port, identifier=f"grid-{site}") as grid:
+            await grid.subscribe(f"{root}/reply/#", qos=1)
+            await grid.subscribe(f"{root}/events", qos=1)
+            await grid.publish(f"{root}/heartbeat", json.dumps({"seq": 1}), qos=1)
+            doc = agent.signed({"id": "mq-1", "target_kw": 400})
+            await grid.publish(f"{root}/cmd/dispatch", json.dumps(doc), qos=1)
+            reply = await next_json(grid, f"{root}/reply/dispatch")
+            assert reply["id"] == "mq-1"
+            assert reply["status"] == "ok", reply
+            # heartbeat back + a fresh command: the fail-safe is left, the dispatch binds
+            status = await asyncio.to_thread(
+                agent.wait_for, lambda: (s := agent.status())["target_source"] == "grid" and s, 10
+            )
+            assert status["failsafe"]["active"] is False
+            assert status["target_kw"] == 400
+            # a bad signature: an error reply, and nothing changes
+            bad = {**agent.signed({"id": "mq-2", "target_kw": 10}), "target_kw": 11}
+            await grid.publish(f"{root}/cmd/dispatch", json.dumps(bad), qos=1)
+            reply = await next_json(grid, f"{root}/reply/dispatch")
+            assert reply["id"] == "mq-2"
+            assert reply["error"]["code"] == "bad_signature"
+            assert (await asyncio.to_thread(agent.status))["target_kw"] == 400
+            # the heartbeat stops: after the timeout the fail-safe holds the last target
+            status = await asyncio.to_thread(
+                agent.wait_for, lambda: (s := agent.status())["failsafe"]["active"] and s, 15
+            )
+            assert status["target_source"] == "failsafe"
+            assert status["target_kw"] == 50  # the configured level: the lowest input wins
+    finally:
+        await asyncio.to_thread(agent.stop)
+    assert list(agent.log_events("failsafe_entered"))

@@ -1,0 +1,228 @@
+"""The command path in-process, on a real SQLite store: CommandService → Controller (the one writer) → store.
+
+No miners here (an empty fleet through the real driver): these tests are about what the agent decides and
+remembers — acceptance, idempotency, audit, events, restart and expiry — under a clock the test moves. The
+same path against a simulated site over TCP is in test_runtime.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent.io.store import Store
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import AgentConfig
+from agent.core import signing
+from agent.protocol import Channel, Reply
+from agent.runtime.actuator import Actuator
+from agent.runtime.controller import Controller
+from agent.runtime.events import EventLog
+from agent.runtime.fleet import Fleet, driver_from_config
+from agent.runtime.service import CommandService
+from tests.agent_harness import iso
+
+T0 = 1_760_000_000.0
+GRID = Ed25519PrivateKey.generate()
+
+
+class ManualClock:
+    """Site time that moves only when the test says so."""
+
+    scale = 1.0
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def time(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def to_wall(self, seconds: float) -> float:
+        return seconds
+
+
+@dataclass
+class Runtime:
+    clock: ManualClock
+    store: Any
+    controller: Controller
+    service: CommandService
+    events: EventLog
+    task: asyncio.Task[None]
+
+    async def send(self, verb: str, doc: dict[str, Any] | None, channel: Channel = Channel.LOCAL,
+                   *, raw: bytes | None = None, retained: bool = False) -> Reply:  # fmt: skip
+        payload = raw if raw is not None else json.dumps(doc or {}).encode()
+        return await self.service.handle(verb, payload, channel, retained=retained)
+
+    def signed(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return signing.sign({"issued_at": iso(self.clock.t), **doc}, GRID)
+
+    def audit_kinds(self) -> list[str]:
+        return [r.kind for r in self.store.audit_records()]
+
+
+def make_config(tmp_path: Path) -> AgentConfig:
+    pub = tmp_path / "grid.pub"
+    pub.write_bytes(GRID.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    return AgentConfig.model_validate({
+        "site": {"id": "svc", "cap_kw": 1000},
+        "mqtt": {"enabled": False},
+        "grid": {"public_keys": [str(pub)]},
+        "state_dir": str(tmp_path / "state"),
+        "failsafe": {"enabled": False},
+        "dispatch": {"debounce_s": 0},
+    })  # fmt: skip
+
+
+async def start_runtime(cfg: AgentConfig, clock: ManualClock) -> Runtime:
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    store = Store.open(cfg.db_path)
+    fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=clock.time)
+    await fleet.sweep()
+    events = EventLog(clock.time)
+    actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
+    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=False)
+    ctl.restore()
+    service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[GRID.public_key()], operator_keys=[])
+    task = asyncio.create_task(ctl.run())
+    return Runtime(clock, store, ctl, service, events, task)
+
+
+async def stop_runtime(rt: Runtime) -> None:
+    rt.controller.stop()
+    await asyncio.wait_for(rt.task, 5)
+    rt.store.close()
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = await start_runtime(make_config(tmp_path), ManualClock(T0))
+    yield rt
+    await stop_runtime(rt)
+
+
+async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> None:
+    reply = await runtime.send("dispatch", runtime.signed({"id": "d1", "target_kw": 600, "end": iso(T0 + 600)}))
+    assert reply.is_ok, reply
+    assert reply.data["dispatch"]["level_kw"] == 600
+    # durable before the reply: the store has the dispatch and the reply
+    stored = [d for d, _status, _progress in runtime.store.load_dispatches(active_only=True)]
+    assert [d.id for d in stored] == ["d1"]
+    assert runtime.store.get_reply("d1")["status"] == "ok"
+    await asyncio.sleep(0.3)  # the early tick
+    status = runtime.controller.status()
+    assert status["target_kw"] == 600
+    assert status["target_source"] == "grid"
+    assert "command" in runtime.audit_kinds()
+    types = [e["type"] for e in runtime.events.recent()]
+    assert types.index("received") < types.index("accepted") < types.index("target_changed", types.index("accepted"))
+    assert "commands_sent" in types
+    assert "target_reached" in types  # an empty fleet draws nothing: met at once
+
+
+async def test_repeat_gets_the_stored_reply_even_after_cancel(runtime: Runtime) -> None:
+    doc = runtime.signed({"id": "d2", "target_kw": 500})
+    first = await runtime.send("dispatch", doc, Channel.MQTT)
+    cancel = await runtime.send("cancel", runtime.signed({"id": "c2", "dispatch_id": "d2"}), Channel.MQTT)
+    assert cancel.is_ok
+    assert cancel.data["status"] == "cancelled"
+    again = await runtime.send("dispatch", doc, Channel.MQTT)
+    assert again.to_dict() == first.to_dict()
+    assert runtime.controller.dispatches["d2"].status == "cancelled"
+    # a new revision of a cancelled dispatch is refused, not revived
+    rev = await runtime.send("dispatch", runtime.signed({"id": "d2", "target_kw": 400, "rev": 1}), Channel.MQTT)
+    assert rev.error_code == "conflict"
+    # cancel is idempotent too
+    assert (await runtime.send("cancel", runtime.signed({"id": "c2", "dispatch_id": "d2"}))).to_dict() == (
+        cancel.to_dict()
+    )
+
+
+async def test_higher_revision_replaces_lower_is_refused(runtime: Runtime) -> None:
+    assert (await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 700, "rev": 2}))).is_ok
+    up = await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 300, "rev": 3}))
+    assert up.is_ok
+    assert runtime.controller.dispatches["d3"].dispatch.target_kw == 300
+    down = await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 900, "rev": 1}))
+    assert down.error_code == "stale_revision"
+    assert runtime.controller.dispatches["d3"].dispatch.target_kw == 300
+
+
+async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None:
+    before = (dict(runtime.controller.dispatches), runtime.controller.runtime_cap_kw)
+    refused = [
+        await runtime.send("dispatch", {"id": "x", "issued_at": iso(T0), "target_kw": 5}),
+        await runtime.send("dispatch", None, raw=b"{oops"),
+        await runtime.send("cap", {"cap_kw": 5000}),
+        await runtime.send("curtail", {"to_kw": 100}, Channel.MQTT),
+        await runtime.send("dispatch", runtime.signed({"id": "y", "target_kw": 5}), Channel.MQTT, retained=True),
+    ]
+    assert [r.error_code for r in refused] == ["unsigned", "bad_json", "out_of_range", "disabled", "retained"]
+    assert (dict(runtime.controller.dispatches), runtime.controller.runtime_cap_kw) == before
+    assert runtime.audit_kinds().count("command") == len(refused)
+    assert [e["type"] for e in runtime.events.recent()].count("rejected") == len(refused)
+    assert runtime.store.get_reply("x") is None  # refused before parsing succeeded: nothing stored
+
+
+async def test_operator_override_cap_and_resume(runtime: Runtime) -> None:
+    cap = await runtime.send("cap", {"cap_kw": "0.8MW"})
+    assert cap.data["cap_kw"] == 800
+    cur = await runtime.send("curtail", {"id": "o1", "by_kw": 0, "for_s": "1h"})
+    assert cur.is_ok
+    resume = await runtime.send("resume", {})
+    assert resume.data["cancelled"] == ["o1"]
+    await asyncio.sleep(0.3)
+    assert runtime.controller.status()["cap_kw"] == 800
+    assert "cap_change" in runtime.audit_kinds()
+
+
+async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    clock = ManualClock(T0)
+    rt = await start_runtime(cfg, clock)
+    assert (await rt.send("dispatch", rt.signed({"id": "long", "target_kw": 500, "end": iso(T0 + 3600)}))).is_ok
+    short_doc = rt.signed({"id": "short", "target_kw": 400, "end": iso(T0 + 60)})
+    short_reply = await rt.send("dispatch", short_doc, Channel.MQTT)
+    assert short_reply.is_ok
+    assert (await rt.send("curtail", {"id": "op", "to_kw": 450})).is_ok
+    assert (await rt.send("cap", {"cap_kw": 900})).is_ok
+    await stop_runtime(rt)
+
+    clock.t = T0 + 120  # two minutes down: "short" ended meanwhile
+    rt = await start_runtime(cfg, clock)
+    try:
+        ctl = rt.controller
+        assert ctl.runtime_cap_kw == 900
+        assert {i for i, r in ctl.dispatches.items() if r.open} == {"long", "op"}
+        short = next(doc for doc in ctl.dispatch_docs(True) if doc["id"] == "short")
+        assert short["status"] == "expired"
+        assert short["close_reason"] == "expired while the agent was down"
+        await asyncio.sleep(0.3)
+        ctl.trigger()
+        await asyncio.sleep(0.3)
+        assert ctl.status()["target_kw"] == 450
+        # an authentic repeat of an id answered before the restart gets the stored reply, even though its
+        # window is over now; a forged one is refused before the store is asked
+        clock.t = T0 + 7200
+        again = await rt.send("dispatch", short_doc, Channel.MQTT)
+        assert again.to_dict() == short_reply.to_dict()
+        forged = await rt.send("dispatch", {**short_doc, "target_kw": 1}, Channel.MQTT)
+        assert forged.error_code == "bad_signature"
+        assert next(d for d in ctl.dispatch_docs(True) if d["id"] == "short")["status"] == "expired"
+    finally:
+        await stop_runtime(rt)

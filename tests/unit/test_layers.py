@@ -1,0 +1,131 @@
+"""The import rules of the house, checked on the source (every import, also those inside functions).
+
+- agent/core is pure: nothing from agent.runtime, agent.io, agent.cli or drivers except drivers.base, and
+  no module that does I/O or runs an event loop.
+- drivers/* import only drivers.* and their vendor library: nothing from agent or sim.
+- Only drivers/pyasic_driver.py (and its patches) import pyasic; only agent/io/mqtt.py imports aiomqtt; only
+  agent/io/store.py imports sqlite3 (checked over agent/, drivers/ and sim/; tests may use them directly).
+- sim/ shares no code with agent/ or drivers/.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("agent", "drivers", "sim")
+IO_MODULES = {"asyncio", "socket", "sqlite3", "subprocess", "aiomqtt", "pyasic", "httpx", "selectors", "ssl"}
+OWNERS = {
+    "pyasic": {"drivers/pyasic_driver.py", "drivers/pyasic_patches.py"},
+    "aiomqtt": {"agent/io/mqtt.py"},
+    "sqlite3": {"agent/io/store.py"},
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, package: str | None = None) -> Iterator[str]:
+    """Every absolute module name `path` imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    if package is None:
+        package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                prefix = ".".join(base)
+                module = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                module = node.module or ""
+            yield module
+            for alias in node.names:  # `from drivers import pyasic_driver` imports drivers.pyasic_driver
+                yield f"{module}.{alias.name}"
+        elif (  # __import__("x.y") and importlib.import_module("x.y") with a literal name
+            isinstance(node, ast.Call)
+            and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                 or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"))
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+        ):  # fmt: skip
+            yield node.args[0].value
+
+
+def sources(*packages: str) -> list[Path]:
+    return sorted(p for pkg in packages for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_the_walker_sees_nested_relative_and_dynamic_imports(tmp_path: Path) -> None:
+    # the rules below are only as good as the import walker: prove it on a file with every form
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os\nfrom . import base\nfrom .catalogue import lookup\n"
+        "def f():\n    import sqlite3\n    from agent.core import units\n    __import__('aiomqtt')\n"
+    )
+    found = set(imports_of(probe, package="drivers"))
+    assert {"os", "drivers.base", "drivers.catalogue", "sqlite3", "agent.core", "aiomqtt"} <= found
+
+
+@pytest.mark.parametrize("path", sources("agent/core"), ids=_rel)
+def test_core_is_pure(path: Path) -> None:
+    def forbidden(module: str) -> bool:
+        top = module.split(".", maxsplit=1)[0]
+        if top in IO_MODULES:
+            return True
+        if top == "drivers":
+            return module != "drivers" and not _under(module, "drivers.base")
+        return top == "agent" and module != "agent" and not _under(module, "agent.core")
+
+    bad = [m for m in imports_of(path) if forbidden(m)]
+    assert not bad, f"{_rel(path)} (pure core) imports {sorted(set(bad))}"
+
+
+@pytest.mark.parametrize("path", sources("drivers"), ids=_rel)
+def test_drivers_import_only_drivers_and_their_vendor(path: Path) -> None:
+    bad = [m for m in imports_of(path) if m.split(".")[0] in ("agent", "sim", "aiomqtt", "sqlite3")]
+    assert not bad, f"{_rel(path)} imports {sorted(set(bad))}"
+
+
+@pytest.mark.parametrize("library", sorted(OWNERS))
+def test_each_outside_library_has_one_owner(library: str) -> None:
+    users = {_rel(p) for p in sources(*PACKAGES) if any(m.split(".")[0] == library for m in imports_of(p))}
+    assert users <= OWNERS[library], f"{library} imported outside its owner: {sorted(users - OWNERS[library])}"
+
+
+@pytest.mark.parametrize("path", sources("sim"), ids=_rel)
+def test_sim_shares_no_code_with_the_agent(path: Path) -> None:
+    bad = [m for m in imports_of(path) if m.split(".")[0] in ("agent", "drivers")]
+    assert not bad, f"{_rel(path)} imports {sorted(set(bad))}"
+
+
+def test_pyasic_is_behind_the_driver_at_runtime_too() -> None:
+    """Importing the agent's core and config must not pull pyasic in (it reconfigures the root logger)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent.config, agent.core.model, agent.core.units, drivers.base, drivers.catalogue;"
+        "print('pyasic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
