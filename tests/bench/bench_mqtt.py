@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import statistics
 import tempfile
 import time
@@ -27,6 +28,9 @@ import structlog
 
 from tests.broker import HOST, Mosquitto
 from tests.integration.mqtt_support import Observer, make_link, running, site_config, wait_until
+
+# every client here sets TCP_NODELAY, as MqttLink does, so the figures are not Nagle/delayed-ACK waits (~40 ms)
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 def _ms(values: list[float]) -> str:
@@ -52,10 +56,12 @@ async def _baseline_echo(broker: Mosquitto, n: int) -> list[float]:
         async for message in client.messages:
             await client.publish("bench/echo/out", message.payload, qos=1)
 
-    async with aiomqtt.Client(HOST, broker.plain_port, protocol=aiomqtt.ProtocolVersion.V5) as echoer:
+    async with aiomqtt.Client(
+        HOST, broker.plain_port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY
+    ) as echoer:
         await echoer.subscribe("bench/echo/in", qos=1)
         task = asyncio.create_task(echo(echoer))
-        async with Observer(broker, "bench/echo/out") as grid:
+        async with Observer(broker, "bench/echo/out", socket_options=NODELAY) as grid:
             out: list[float] = []
             for i in range(n):
                 start = time.perf_counter()
@@ -78,7 +84,7 @@ async def main(n: int, miners: int) -> None:
         baseline = await _baseline_echo(broker, n)
         print(f"round trip, bare aiomqtt echo (baseline) : {_ms(baseline)}")
         link, _, _ = make_link(cfg)
-        async with running(link), Observer(broker, f"{root}/reply/#") as grid:
+        async with running(link), Observer(broker, f"{root}/reply/#", socket_options=NODELAY) as grid:
             idle = await _round_trips(grid, root, n)
             print(f"round trip, MqttLink idle                : {_ms(idle)}")
 
@@ -104,16 +110,18 @@ async def main(n: int, miners: int) -> None:
             print(f"  telemetry dropped by the bounded queue during the flood: {link.telemetry_dropped}")
 
         # outbound drain
-        async with Observer(broker, "bench/raw/#") as sub:
-            async with aiomqtt.Client(HOST, broker.plain_port, protocol=aiomqtt.ProtocolVersion.V5) as raw:
-                start = time.perf_counter()
-                for m in range(miners):
-                    await raw.publish(f"bench/raw/{m}", json.dumps({"power_w": m}).encode(), qos=0)
-                await wait_until(lambda: len(sub.messages) >= miners, 120)
-                raw_s = time.perf_counter() - start
+        async with (
+            Observer(broker, "bench/raw/#", socket_options=NODELAY) as sub,
+            aiomqtt.Client(HOST, broker.plain_port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY) as raw,
+        ):
+            start = time.perf_counter()
+            for m in range(miners):
+                await raw.publish(f"bench/raw/{m}", json.dumps({"power_w": m}).encode(), qos=0)
+            await wait_until(lambda: len(sub.messages) >= miners, 120)
+            raw_s = time.perf_counter() - start
         site2 = site_config(Path(tmp), broker.plain_port)
         link2, _, _ = make_link(site2)
-        async with Observer(broker, f"{site2.mqtt_root}/miners/#") as sub, running(link2):
+        async with Observer(broker, f"{site2.mqtt_root}/miners/#", socket_options=NODELAY) as sub, running(link2):
             start = time.perf_counter()
             for m in range(miners):
                 link2.publish_miner(f"m{m}", {"power_w": m})
