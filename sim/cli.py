@@ -102,7 +102,8 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     truth_server.close()
     await site.close()
-    print("hashflex sim: stopped", flush=True)
+    with contextlib.suppress(OSError):  # stdout may be gone (a closed pipe) by now
+        print("hashflex sim: stopped", flush=True)
     return 0
 
 

@@ -167,3 +167,16 @@ def test_faults_given_at_start_are_active_from_the_first_request() -> None:
         with pytest.raises(SimError, match="400"):
             site.set_faults({"mode": "refuse", "count": 99})
         assert sum(not m["reachable"] for m in site.truth()["miners"]) == 1  # the bad spec changed nothing
+
+
+async def test_every_family_reboots_to_its_factory_settings(sim: SimProcess) -> None:
+    wm, am = ips_of(sim, "whatsminer")[2], ips_of(sim, "antminer")[3]
+    wm_miner, am_miner = await pyasic.get_miner(wm), await pyasic.get_miner(am)
+    assert await wm_miner.set_power_limit(2000)
+    assert await am_miner.stop_mining()
+    assert truth_of(sim, am)["mode"] == "sleep"
+    sim.set_faults({"mode": "reboot", "ips": [wm, am], "duration_s": 20})
+    wait_until(lambda: all(truth_of(sim, ip)["state"] == "waking" for ip in (wm, am)), 6, "both booting")
+    assert truth_of(sim, wm)["power_limit_w"] == truth_of(sim, wm)["nominal_w"]
+    assert truth_of(sim, am)["mode"] == "normal"
+    assert (await am_miner.get_data(include=["is_mining"])).is_mining is True
