@@ -634,8 +634,9 @@ class Controller:
             if hint == "sleeping" and not mem.asleep_by_us:
                 # off, and not by us: believe it once it lasts (a firmware re-tuning after a new limit, or a
                 # restarting miner, shows off for a moment); until then it counts as running, which is safe
-                if mem.off_seen_at is None:
-                    mem.off_seen_at = now
+                if mem.off_seen_at is None:  # (found off at start-up: nothing to wait for)
+                    first_look = ip not in self.seen_on
+                    mem.off_seen_at = now - self.cfg.control.confirm_after_s if first_look else now
                 if now - mem.off_seen_at < self.cfg.control.confirm_after_s:
                     hint = "hashing"
             else:

@@ -9,6 +9,7 @@ cap when nothing better is known (a window, the fail-safe).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from agent.core.energy import EnergyIntegrator, SiteSample
@@ -36,8 +37,8 @@ class EnergyMeter:
         self._record(self.integrator.add(sample, miners), ctl)
 
     def flush(self, ctl: Controller) -> None:
-        """On stop: write every minute already complete."""
-        self._record(self.integrator.close_until(ctl.clock.time()), ctl)
+        """On stop: write what is known, the minute in progress too (its covered_s says how much of it)."""
+        self._record(self.integrator.close_until(math.inf), ctl)
 
     def _record(self, closed: list[Any], ctl: Controller) -> None:
         for minute, per_miner in closed:

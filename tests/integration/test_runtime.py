@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sim.testing import SimProcess
 
+from sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, iso, write_agent_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -155,21 +155,23 @@ def test_operator_override_survives_a_restart_without_a_surge(site: SimProcess, 
 
 def test_killed_agent_restarts_in_the_right_state(site: SimProcess, tmp_path: Path) -> None:
     full = nominal_kw(site)
-    files = write_agent_config(tmp_path, site.ips, cap_kw=round(full * 1.2, 1))
+    scale = 4.0  # the agent's clock runs 4x (both runs share one timeline: the same origin)
+    files = write_agent_config(tmp_path, site.ips, cap_kw=round(full * 1.2, 1), time_scale=scale)
+    origin = time.time()
     target = round(full * 0.5, 1)
-    agent = AgentProcess.start(files)
+    agent = AgentProcess.start(files, time_scale=scale, time_origin=origin)
     try:
-        end = agent.now() + 20
+        end = agent.now() + 48  # 12 s of wall time
         reply = agent.request("dispatch", agent.signed({"id": "rt-kill", "target_kw": target, "end": iso(end)}))
         assert reply.is_ok
         wait_kw_at_most(agent, site, target, timeout=30)
     finally:
         agent.kill()  # SIGKILL: no clean-up at all
-    with AgentProcess.start(files) as agent:
+    with AgentProcess.start(files, time_scale=scale, time_origin=origin) as agent:
         d = dispatch_by_id(agent, "rt-kill", closed=False)
         assert d is not None
         assert d["target_met_at"] is not None  # progress survived
-        while agent.now() < end - 1:
+        while agent.now() < end - 2:
             assert truth_kw(site) <= target + 0.05 * full
             time.sleep(0.3)
         closed = agent.wait_for(lambda: (x := dispatch_by_id(agent, "rt-kill")) and x["status"] == "expired" and x,
@@ -213,3 +215,19 @@ def test_corrupt_store_starts_safe_at_the_failsafe_level(site: SimProcess, tmp_p
         assert list(files.state_dir.glob("hashflex.db.corrupt-*"))
         assert agent.ok("resume", {})["cancelled"] == ["safe-start"]
         assert not any(a["key"] == "safe_start" for a in agent.status()["alarms"])
+
+
+def test_on_shutdown_sleep_puts_the_site_to_sleep_on_stop(site: SimProcess, tmp_path: Path) -> None:
+    full = nominal_kw(site)
+    scale = 4.0  # min on/off times pass 4x faster
+    files = write_agent_config(tmp_path, site.ips, cap_kw=round(full * 1.2, 1), time_scale=scale,
+                               overrides={"control": {"on_shutdown": "sleep"}})  # fmt: skip
+    running = lambda: sum(m["state"] != "sleeping" for m in site.truth()["miners"])  # noqa: E731
+    with AgentProcess.start(files, time_scale=scale) as agent:
+        agent.wait_for(lambda: running() >= 6, 30, what="miners running before the stop")
+        assert agent.stop() == 0
+    assert running() == 0
+    # the next agent (default: leave) finds them asleep, and wakes them again within the stagger and the cap
+    files = write_agent_config(tmp_path / "again", site.ips, cap_kw=round(full * 1.2, 1), time_scale=scale)
+    with AgentProcess.start(files, time_scale=scale) as agent:
+        agent.wait_for(lambda: running() >= 6, 30, what="miners woken again")

@@ -22,8 +22,8 @@ from tests.broker import HOST, Mosquitto
 pytestmark = pytest.mark.timeout(120)
 
 
-async def next_json(client: aiomqtt.Client, topic: str, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
+async def next_json(client: aiomqtt.Client, topic: str, wait_s: float = 10.0) -> dict[str, Any]:
+    async with asyncio.timeout(wait_s):
         async for message in client.messages:
             if message.topic.matches(topic):
                 doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]

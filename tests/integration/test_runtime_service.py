@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent.io.store import Store
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig
 from agent.core import signing
+from agent.io.store import Store
 from agent.protocol import Channel, Reply
 from agent.runtime.actuator import Actuator
 from agent.runtime.controller import Controller
