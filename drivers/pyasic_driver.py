@@ -11,8 +11,12 @@ pyasic knows how to talk to every firmware; this module fences off how it behave
 - pyasic hides unreachability (a refused connection comes back as `{}`, then as a reading full of None)
   and mixes `False`, raised `APIError` and swallowed errors for control calls. Reads here send pyasic's
   own RPC/web commands and hand the replies to pyasic's own parsers, so an empty reply is `Unreachable`
-  and a garbled one `ProtocolError`; control calls end as `Ok | Unsupported | Failed(reason, retryable)`,
-  with a read-back where pyasic answers True without looking (stock Antminer sleep/wake, Whatsminer v3).
+  and a garbled one `ProtocolError`; control calls end as `Ok | Unsupported | Failed(reason, retryable)`:
+  where pyasic answers True without looking, the reply is checked (Whatsminer v3 power limit) or the state
+  read back (stock Antminer sleep/wake); a stale cached session or salt is renewed once (pyasic never does).
+- Cost: identification asks RPC first (pyasic races an httpx web probe against it for every address);
+  stock Antminer reads avoid the digest-auth web UI except where it decides something (see
+  `_collect_stock_antminer`); `pyasic_patches` removes two per-request CPU sinks.
 - LuxOS: `is_mining` is True even asleep and `get_hashrate()`/`get_wattage_limit()` alone return None;
   hashrate comes from the hash boards (`stats`), the limit from `config` + `profiles`, sleep is inferred.
 - Whatsminer v3 behind a closed port 4028 is identified with the v2 backend (every call then goes to a
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -160,18 +165,32 @@ def _plan_for(miner: Any, options: tuple[str, ...]) -> _Plan:
     return plan
 
 
-# What a sweep reads, per family: only what the agent needs, and only options whose commands are cheap.
-_READ_OPTIONS: dict[Family, tuple[str, ...]] = {
+# What a read asks for, per family: only what the agent needs. Fast fields on every read; slow fields (board
+# temperatures, error codes: they change slowly and cost extra connections) every SLOW_FIELDS_EVERY-th read of
+# a handle, on a beat of its own so no sweep carries them for the whole site, and carried over in between.
+SLOW_FIELDS_EVERY = 12
+_FAST_OPTIONS: dict[Family, tuple[str, ...]] = {
     # LuxOS: one connection (stats+power+config+profiles). "hashrate" is skipped: its parser returns None
     # unconditionally in 0.79.0; the boards' chain rates (stats) carry hashrate and temperatures.
     Family.LUXOS: ("hashboards", "wattage", "wattage_limit"),
-    # Whatsminer v3: summary (power, limit, hashrate, env temp) + device info (errors) + edevs (boards).
-    Family.WHATSMINER: ("hashrate", "wattage", "wattage_limit", "env_temp", "is_mining", "errors", "hashboards"),
-    # Stock Antminer with the old web UI (no digest-auth CGI); the modern ones take `_collect_stock_antminer`.
+    # Whatsminer v3: one connection (get.miner.status:summary) for power, limit, hashrate, ambient temp.
+    Family.WHATSMINER: ("hashrate", "wattage", "wattage_limit", "env_temp", "is_mining"),
+    # Stock Antminer, old web UI (the modern ones take `_collect_stock_antminer`).
     Family.ANTMINER: ("hashrate", "is_mining", "errors", "hashboards"),
-    Family.BRAIINS: ("hashrate", "wattage", "wattage_limit", "is_mining", "errors", "hashboards"),
+    Family.BRAIINS: ("hashrate", "wattage", "wattage_limit", "is_mining"),
     Family.OTHER: ("hashrate", "wattage", "wattage_limit", "is_mining", "hashboards"),
 }
+_SLOW_OPTIONS: dict[Family, tuple[str, ...]] = {
+    Family.WHATSMINER: ("errors", "hashboards"),  # get.device.info + get.miner.status:edevs: two more connections
+    Family.BRAIINS: ("errors", "hashboards"),
+}
+
+
+def telemetry_options(family: Family) -> tuple[str, ...]:
+    """Every pyasic data item a read of this family needs, fast and slow (what a bare get_data would ask)."""
+    return _FAST_OPTIONS[family] + _SLOW_OPTIONS.get(family, ())
+
+
 _IDENTIFY_OPTIONS = ("mac", "serial_number", "fw_ver", "expected_hashrate", "wattage_limit", "wattage")
 
 
@@ -322,7 +341,6 @@ def _error_text(error: Any) -> str:
 # mode is asked only when the hashrate is zero (asleep, or coming up: the only case where it decides
 # anything); errors and board temperatures come from the web UI every SLOW_FIELDS_EVERY-th read and are
 # carried over in between (they change slowly).
-SLOW_FIELDS_EVERY = 12
 
 
 async def _collect_stock_antminer(miner: Any, slow: bool) -> _Collected:
@@ -360,16 +378,20 @@ async def _collect_stock_antminer(miner: Any, slow: bool) -> _Collected:
 class PyasicHandle:
     """One live pyasic miner object; keeps its sessions and tokens between calls."""
 
-    __slots__ = ("_identity", "_lean_antminer", "_miner", "_options", "_reads", "_settings", "_slow")
+    __slots__ = ("_beat", "_fast", "_identity", "_lean_antminer", "_miner", "_reads", "_settings", "_slow",
+                 "_slow_fields", "_slow_options")  # fmt: skip
 
     def __init__(self, identity: Identity, miner: Any, settings: DriverSettings) -> None:
         self._identity = identity
         self._miner = miner
         self._settings = settings
-        self._options = _READ_OPTIONS[identity.family]
         self._lean_antminer = "AntminerModern" in _mro_names(type(miner)) and miner.web is not None
+        self._fast = _FAST_OPTIONS[identity.family]
+        self._slow_options = _SLOW_OPTIONS.get(identity.family, ())
+        self._slow_fields = self._lean_antminer or bool(self._slow_options)
         self._reads = 0
-        self._slow: tuple[tuple[float, ...], tuple[str, ...]] = ((), ())  # temps, errors carried over
+        self._beat = zlib.crc32(identity.ip.encode()) % SLOW_FIELDS_EVERY
+        self._slow: tuple[tuple[float, ...], tuple[str, ...]] = ((), ())  # board temps, errors carried over
 
     @property
     def identity(self) -> Identity:
@@ -383,10 +405,11 @@ class PyasicHandle:
         ident = self._identity
         try:
             async with asyncio.timeout(self._settings.read_timeout_s):
+                slow = self._slow_fields and (self._reads + self._beat) % SLOW_FIELDS_EVERY == 0
                 if self._lean_antminer:
-                    got = await _collect_stock_antminer(self._miner, self._reads % SLOW_FIELDS_EVERY == 0)
+                    got = await _collect_stock_antminer(self._miner, slow)
                 else:
-                    got = await _collect(self._miner, self._options)
+                    got = await _collect(self._miner, self._fast + self._slow_options if slow else self._fast)
         except TimeoutError:
             raise Unreachable(f"{ident.ip}: no answer within {self._settings.read_timeout_s:g} s") from None
         except OSError as exc:
@@ -397,19 +420,20 @@ class PyasicHandle:
             if any(r is None for r in got.rpc.values()):
                 raise ProtocolError(f"{ident.ip}: the miner answered, but nothing pyasic could parse")
             raise Unreachable(f"{ident.ip}: connection refused or closed without a reply")
-        reading = self._reading(got.values)
+        reading = self._reading(got.values, slow)
         self._reads += 1
         return reading
 
-    def _reading(self, values: dict[str, Any]) -> Reading:
+    def _reading(self, values: dict[str, Any], slow: bool) -> Reading:
         miner, ident = self._miner, self._identity
         board_ths, temps = _board_figures(miner, values.get("hashboards"))
+        errors = tuple(_error_text(e) for e in values.get("errors") or ())
         if self._lean_antminer:
             board_ths, _ = _board_figures(miner, values.get("rpc_boards"))
-            if "hashboards" in values:
-                self._slow = (tuple(temps), tuple(_error_text(e) for e in values.get("errors") or ()))
-            temps = list(self._slow[0])
-            values = {**values, "errors": None}
+        if self._slow_fields:
+            if slow:
+                self._slow = (tuple(temps), errors)
+            temps, errors = list(self._slow[0]), self._slow[1]
         hashrate = _ths(miner, values.get("hashrate"))
         if hashrate is None:
             hashrate = board_ths
@@ -423,9 +447,6 @@ class PyasicHandle:
             mining = infer_mining(hashrate, power, ident.nominal_w)
         if power is None and hashrate is None and mining is None and limit is None:
             raise ProtocolError(f"{ident.ip}: the reply carried none of power, hashrate, mining state or limit")
-        errors = tuple(_error_text(e) for e in values.get("errors") or ())
-        if self._lean_antminer:
-            errors = self._slow[1]
         return Reading(
             ts=time.time(),
             power_w=power,

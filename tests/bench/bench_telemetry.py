@@ -76,7 +76,7 @@ async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int)
     import pyasic
 
     from drivers import pyasic_patches
-    from drivers.pyasic_driver import _READ_OPTIONS, family_of
+    from drivers.pyasic_driver import family_of, telemetry_options
 
     pyasic_patches.revert()  # pyasic exactly as installed
     out: dict[str, Any] = {}
@@ -95,7 +95,7 @@ async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int)
 
     async def read(miner: Any) -> Any:
         async with read_slots:
-            return await miner.get_data(include=list(_READ_OPTIONS[family_of(type(miner))]))
+            return await miner.get_data(include=list(telemetry_options(family_of(type(miner)))))
 
     out["sweeps"] = []
     for _ in range(SWEEPS):
