@@ -42,6 +42,7 @@ __import__("agent.cli.service", fromlist=["register"]).register(app)  # install-
 __import__("agent.cli.run", fromlist=["register"]).register(app)  # run, agent run (the agent itself)
 __import__("agent.cli.audit", fromlist=["register"]).register(app)  # audit verify|export, energy (store)
 __import__("sim.typer_command", fromlist=["register"]).register(app)  # sim (the simulated site; sim/ owns it)
+__import__("sim.demo", fromlist=["register"]).register(app)  # demo (simulated site + agent + scenario; sim/demo.py)
 
 
 def main() -> None:

@@ -1,0 +1,181 @@
+"""`hashflex demo --short` (what scripts/demo.sh runs, shortened): a real simulated site, the real agent, the
+scenario, and what it leaves in --out: a PNG plot, an audit export whose chain verifies from the export alone, a
+timeline and a summary that agree with ground truth.
+
+Loopback range of this file: 127.62.0.0 - 127.63.255.255.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from agent.core.audit import AuditRecord, verify_chain
+from sim.demo import cap_verdict, describe_event, explain
+from sim.demo_support import Ramp, Sample, address_ranges
+
+pytestmark = pytest.mark.timeout(180)
+HASHFLEX = str(Path(sys.executable).parent / "hashflex")
+ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def demo(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HASHFLEX, "demo", *args], capture_output=True, text=True, timeout=timeout, check=False,
+                          cwd=ROOT)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    return demo("--short", "--base-ip", "127.62.0.1", "--out", str(out)), out
+
+
+def test_short_demo_runs_the_scenario_and_exits_zero(short_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, _ = short_run
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    text = done.stdout
+    # the live view: narration of each step, the agent's reason for its target, and its own events
+    for needle in ("grid operator: signed dispatch", "the dispatch ends", "time-of-use window 'evening-peak'",
+                   "the window ends", "(grid dispatch grid-demo-0001)", "(window evening-peak)", "(site cap)",
+                   "agent: accepted dispatch grid-demo-0001", "agent: grid-demo-0001 met", "cap never exceeded",
+                   "audit chain verified"):  # fmt: skip
+        assert needle in text, f"{needle!r} missing from the demo's output:\n{text}"
+
+
+def test_short_demo_writes_a_readable_png_plot(short_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, out = short_run
+    plot = out / "site-power.png"
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(plot) as image:
+        image.verify()  # the whole file decodes
+    with Image.open(plot) as image:
+        width, height = image.size
+        assert width >= 1000
+        assert height >= 600
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+        assert len(colours) > 50, "the plot is (nearly) blank"
+
+
+def test_short_demo_export_verifies_from_the_export_alone(
+    short_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    _, out = short_run
+    export = json.loads((out / "audit-export.json").read_text())
+    assert export["format"] == "hashflex-export/1"
+    assert export["chain"]["ok"] is True
+    records = [AuditRecord(**r) for r in export["audit"]]
+    assert records
+    assert records[0].seq == 1  # the whole run, from the first record
+    result = verify_chain(records)
+    assert result.ok, result
+    assert result.records == len(records)
+    kinds = {r.kind for r in records}
+    assert {"agent_start", "agent_stop"} <= kinds
+    # the grid dispatch is in the export with its compliance figures
+    dispatch = next(d for d in export["dispatches"] if d["id"] == "grid-demo-0001")
+    assert dispatch["commands_sent_at"] is not None
+    assert dispatch["target_met_at"] is not None
+    # tampering with one exported record breaks the chain at that record
+    tampered = [*records[:2], AuditRecord(**{**records[2].to_dict(), "data": {"forged": True}}), *records[3:]]
+    assert verify_chain(tampered).broken_seq == records[2].seq
+    # and the agent's own database verifies too, with the agent gone
+    verify = subprocess.run([HASHFLEX, "audit", "verify", "--config", str(out / "site.yaml"), "--json"],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+    assert json.loads(verify.stdout)["records"] == len(records)
+
+
+def test_short_demo_summary_agrees_with_its_timeline(short_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, out = short_run
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True
+    with (out / "timeline.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == summary["samples"] > 40
+    truth = [float(r["truth_kw"]) for r in rows]
+    cap = summary["cap"]["cap_kw"]
+    assert max(truth) == pytest.approx(summary["cap"]["peak_kw"], abs=0.1)
+    assert max(truth) <= cap
+    # the scenario happened in ground truth: the site went down to the dispatch level and came back up
+    assert summary["dispatch"]["met"]
+    assert summary["window"]["met"]
+    assert min(truth) <= summary["dispatch"]["level_kw"] * 1.02
+    assert truth[0] >= 0.95 * summary["full_kw"]
+    reasons = {r["reason"] for r in rows}
+    assert {"cap", "grid:grid-demo-0001", "schedule:evening-peak"} <= reasons
+    # the agent's view of power followed ground truth (within the simulator's PSU spread and sweep delay)
+    full = summary["full_kw"]
+    close = [abs(float(r["agent_kw"]) - float(r["truth_kw"])) <= 0.05 * full for r in rows if r["agent_kw"]]
+    assert sum(close) >= 0.8 * len(close)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--speed", "1"], "--speed must be at least 2"),
+    (["--miners", "3"], "--miners must be at least 10"),
+    (["--grid-key", "/nonexistent/grid.key"], "pass --grid-key FILE"),
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--tolerance", "-0.5"], "--tolerance is a share of the cap"),
+])  # fmt: skip
+def test_bad_arguments_are_refused_before_anything_starts(args: list[str], message: str, tmp_path: Path) -> None:
+    done = demo(*args, "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2
+    assert message in done.stdout + done.stderr
+    assert not (tmp_path / "out" / "state").exists()
+
+
+def test_an_out_folder_holding_someone_elses_state_is_left_alone(tmp_path: Path) -> None:
+    foreign = tmp_path / "out" / "state"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.db").write_text("not the demo's")
+    done = demo("--short", "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2
+    assert "was not made by the demo" in done.stdout
+    assert (foreign / "precious.db").read_text() == "not the demo's"
+
+
+# ---------------------------------------------------------------------------------------------- the verdict
+def sample(truth_kw: float) -> Sample:
+    return Sample(site_ts=0.0, truth_kw=truth_kw, hashrate_ths=0.0, states={})
+
+
+def test_the_cap_verdict_fails_a_run_that_went_over_the_cap_beyond_tolerance() -> None:
+    under = cap_verdict([sample(900.0), sample(1000.0), sample(1019.0)], cap_kw=1000.0, tolerance=0.02)
+    assert under["ok"] is True  # 1,019 kW is within 2 % of a 1,000 kW cap
+    assert under["peak_share"] == pytest.approx(1.019)
+    over = cap_verdict([sample(900.0), sample(1021.0), sample(1050.0)], cap_kw=1000.0, tolerance=0.02)
+    assert over["ok"] is False
+    assert over["samples_over"] == 2
+    assert over["peak_kw"] == 1050.0
+
+
+def test_the_ramp_limit_rises_from_where_the_site_was_to_the_target() -> None:
+    ramp = Ramp(start=1000.0, start_kw=400.0, kw_per_min=300.0, ceiling_kw=1000.0)
+    assert ramp.limit_kw(900.0) == 400.0
+    assert ramp.limit_kw(1060.0) == pytest.approx(700.0)
+    assert ramp.limit_kw(5000.0) == 1000.0
+    assert ramp.end == pytest.approx(1120.0)
+
+
+def test_the_live_view_explains_targets_and_events_in_words() -> None:
+    assert explain("grid:d1") == "grid dispatch d1"
+    assert explain("schedule:evening-peak") == "window evening-peak"
+    assert explain("cap") == "site cap"
+    assert describe_event({"type": "received", "data": {}}) is None
+    assert describe_event({"type": "target_changed", "data": {"kw": 1234.5, "reason": "grid:d1"}}) == (
+        "target → 1,234.5 kW (grid dispatch d1)")
+    assert "REFUSED dispatch d2: too old" in str(describe_event(
+        {"type": "rejected", "data": {"verb": "dispatch", "id": "d2", "message": "too old"}}))
+
+
+def test_simulator_addresses_become_ranges_around_the_gaps() -> None:
+    ips = [f"127.62.0.{i}" for i in range(1, 255)] + ["127.62.1.1", "127.62.1.2"]
+    assert address_ranges(ips) == ["127.62.0.1-127.62.0.254", "127.62.1.1-127.62.1.2"]
+    assert address_ranges(["127.62.0.9"]) == ["127.62.0.9"]
