@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+import sim.demo
+import sim.typer_command
 from agent import __version__
+from agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
 
 app = typer.Typer(
     name="hashflex",
@@ -26,23 +29,22 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.command("discover")(__import__("agent.cli.discover", fromlist=["discover"]).discover)
-__import__("agent.cli.keys", fromlist=["register"]).register(app)  # keygen, sign (grid side)
-
-
-# operator commands over the control socket, config and service set-up (ops)
-__import__("agent.cli.status", fromlist=["register"]).register(app)  # status, watch
-__import__("agent.cli.miners", fromlist=["register"]).register(app)  # miners
-__import__("agent.cli.override", fromlist=["register"]).register(app)  # curtail, resume, cap
-__import__("agent.cli.dispatches", fromlist=["register"]).register(app)  # dispatches, preview
-__import__("agent.cli.logs", fromlist=["register"]).register(app)  # logs
-__import__("agent.cli.config", fromlist=["register"]).register(app)  # config check|dump
-__import__("agent.cli.service", fromlist=["register"]).register(app)  # install-service
-
-__import__("agent.cli.run", fromlist=["register"]).register(app)  # run, agent run (the agent itself)
-__import__("agent.cli.audit", fromlist=["register"]).register(app)  # audit verify|export, energy (store)
-__import__("sim.typer_command", fromlist=["register"]).register(app)  # sim (the simulated site; sim/ owns it)
-__import__("sim.demo", fromlist=["register"]).register(app)  # demo (simulated site + agent + scenario; sim/demo.py)
+# the agent itself and the operator's commands over the control socket
+run.register(app)  # run, agent run
+status.register(app)  # status, watch
+miners.register(app)  # miners
+override.register(app)  # curtail, resume, cap
+dispatches.register(app)  # dispatches, preview
+logs.register(app)  # logs
+# set-up and records (these work with the agent stopped)
+app.command("discover")(discover.discover)  # discover CIDR…
+config.register(app)  # config check|dump
+service.register(app)  # install-service
+audit.register(app)  # audit verify|export, energy
+keys.register(app)  # keygen, sign (the grid side's tools)
+# the simulated site and the demo live in sim/, a separate world the agent never imports at run time
+sim.typer_command.register(app)  # sim
+sim.demo.register(app)  # demo
 
 
 def main() -> None:
