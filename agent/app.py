@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import os
 import signal
@@ -168,6 +169,8 @@ class Agent:
             gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
         )  # fmt: skip
         ctl.sweep_request = self.sweep_request
+        hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
+        ctl.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
         self.metrics = Metrics(status_provider=lambda: ctl.status_doc or None,
                                miners_provider=self._miner_rows if cfg.metrics.per_miner else None)  # fmt: skip
         ctl.metrics = self.metrics
@@ -187,6 +190,11 @@ class Agent:
         if cfg.metrics.enabled:
             self.metrics_port = self.metrics.start_http(cfg.metrics.host, cfg.metrics.port)
         ctl.tick()  # the first decision is made now, on the restored state and the first sweep
+        # The fleet (a handle, a pyasic object and a reading per miner) and the loaded modules live as long as the
+        # process: move them out of the collector's sight, or every full collection walks all of them again (at
+        # 10,000 miners that made a command fan-out ~1.5x slower than pyasic alone).
+        gc.collect()
+        gc.freeze()
         snap = fleet.latest()
         self.notifier.ready(
             f"ready: {len(snap.miners)} miners, {snap.unreachable} unreachable, target {ctl.status()['target_kw']} kW"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.core.circuits import CircuitTree
-from agent.core.efficiency import DEFAULT_CURVE, EfficiencyCurve, run_levels, range_step, stock_w
+from agent.core.efficiency import DEFAULT_CURVE, EfficiencyCurve, range_step, run_levels, stock_w
 from agent.core.model import MinerState, MinerView
 from drivers.base import Capability
 
@@ -32,7 +32,10 @@ class PlannerRules:
     min_on_s: float = 120.0
     min_off_s: float = 120.0
     sleep_w: float = 20.0  # what a sleeping miner draws
-    headroom_pct: float = 0.0  # plan this share below the target and circuit caps (drift margin)
+    # plan this share below the site target (meter noise, drift). Not applied to circuit caps: those bound the
+    # worst case, which already counts every miner at the most it may draw, and a PDU sized for exactly its
+    # miners must not cost hashrate in normal operation.
+    headroom_pct: float = 0.0
     use_power_limits: bool = True  # False: plan() is plan_sleep_only()
     levels_per_range: int = 8  # run levels the optimiser considers for a continuous range
     curve: EfficiencyCurve = DEFAULT_CURVE
@@ -157,8 +160,8 @@ class Prep:
         return self.rules.sleep_w
 
     def soft_caps(self, ramp_ceiling_w: float | None) -> list[float]:
-        keep = 1.0 - self.rules.headroom_pct / 100.0
-        soft = [c * keep for c in self.hard]
+        soft = list(self.hard)
+        soft[0] *= 1.0 - self.rules.headroom_pct / 100.0
         if ramp_ceiling_w is not None:
             soft[0] = min(soft[0], ramp_ceiling_w)
         return soft
@@ -183,9 +186,7 @@ class Prep:
         for nd in order:
             if floor[nd] <= hard[nd] + _EPS:
                 continue
-            cands = sorted(
-                (i for i in protected if not self.forced[i] and nd in self.path[i]), key=self._force_order
-            )
+            cands = sorted((i for i in protected if not self.forced[i] and nd in self.path[i]), key=self._force_order)
             for i in cands:
                 if floor[nd] <= hard[nd] + _EPS:
                     break

@@ -136,7 +136,14 @@ def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
     cap = effective_cap_kw(inputs.licensed_cap_kw, inputs.runtime_cap_kw)
     cap_id = "runtime" if cap < inputs.licensed_cap_kw else None
     # (kw, rank, id, source, ramp, detail)
-    best: tuple[float, int, str, Source, float | None, str] = (cap, _RANK[Source.CAP], cap_id or "", Source.CAP, None, "")
+    best: tuple[float, int, str, Source, float | None, str] = (
+        cap,
+        _RANK[Source.CAP],
+        cap_id or "",
+        Source.CAP,
+        None,
+        "",
+    )
     windows = event_windows(inputs.dispatches, inputs.rules)
     for d in latest_revisions(inputs.dispatches):
         window = windows[d.id]

@@ -27,7 +27,14 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
     a = Assignment(prep, "sleep_only")
     rules, curve = prep.rules, prep.rules.curve
     s = rules.sleep_w
-    kind, curtailed, path, cur_w, full_w, model = prep.kind, prep.curtailed, prep.path, prep.cur_w, prep.full_w, prep.model
+    kind, curtailed, path, cur_w, full_w, model = (
+        prep.kind,
+        prep.curtailed,
+        prep.path,
+        prep.cur_w,
+        prep.full_w,
+        prep.model,
+    )
     level, wc = a.level, a.wc
     ths = [0.0] * len(kind)
     eff = [0.0] * len(kind)  # TH per W at the present level: the sleep order
@@ -37,7 +44,7 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
     sleeping: list[int] = []
     for i, k in enumerate(kind):
         # sleep-only cannot throttle, so it makes its own min-on choices; only infeasible nodes are given
-        if curtailed[i] or k == UNCONTROLLED or k == OFF_LOCKED:
+        if curtailed[i] or k in (UNCONTROLLED, OFF_LOCKED):
             if curtailed[i] and k in (ON_P, WAKE_P):
                 a.overridden.append(i)
             continue
@@ -59,11 +66,12 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
     present = prep.present_w()
     soft = prep.soft_caps(None)
     # 1) sleep the least efficient free miners while any node on their path is over its (soft) cap
-    _shed(a, _sleep_order(free, eff, prep.prio), loads, soft, path, s, ths)
+    _shed(a, _sleep_order(free, eff, prep.prio), loads=loads, caps=soft, path=path, sleep_w=s, ths=ths)
     # 2) only if a hard cap still cannot be met: min-on miners too
     if any(loads[nd] > prep.hard[nd] + _EPS for nd in range(len(loads))):
-        shed = _shed(a, _sleep_order(protected, eff, prep.prio), loads, prep.hard, path, s, ths)
-        shed = _restore_unneeded(prep, a, shed, loads, ths, cache)
+        order = _sleep_order(protected, eff, prep.prio)
+        shed = _shed(a, order, loads=loads, caps=prep.hard, path=path, sleep_w=s, ths=ths)
+        shed = _restore_unneeded(prep, a, shed, loads=loads, ths=ths, cache=cache)
         a.overridden.extend(shed)
     # 3) wake the most efficient sleeping miners while there is room (stagger, ramp, caps)
     ceiling = soft[0] if ramp_allowance_kw is None else min(soft[0], max(present, floor[0]) + ramp_allowance_kw * 1e3)
@@ -102,7 +110,13 @@ def _sleep_order(miners: list[int], eff: list[float], prio: list[int]) -> list[i
 
 
 def _restore_unneeded(
-    prep: Prep, a: Assignment, shed: list[int], loads: list[float], ths: list[float], cache: dict[tuple[int, float], float]
+    prep: Prep,
+    a: Assignment,
+    shed: list[int],
+    *,
+    loads: list[float],
+    ths: list[float],
+    cache: dict[tuple[int, float], float],
 ) -> list[int]:
     """Keep on any min-on miner whose sleep turned out unnecessary (a later, larger one freed enough)."""
     kept: list[int] = []
@@ -125,6 +139,7 @@ def _restore_unneeded(
 def _shed(
     a: Assignment,
     order: list[int],
+    *,
     loads: list[float],
     caps: list[float],
     path: list[tuple[int, ...]],

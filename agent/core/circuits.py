@@ -23,7 +23,7 @@ class Circuit:
 class CircuitTree:
     """An immutable tree of caps. Node 0 is the site; `path(circuit)` runs from a circuit up to the site."""
 
-    __slots__ = ("_caps", "_depth", "_index", "_ids", "_paths")
+    __slots__ = ("_caps", "_depth", "_ids", "_index", "_paths")
 
     def __init__(self, site_cap_kw: float, circuits: Iterable[Circuit] = ()) -> None:
         items = list(circuits)

@@ -42,8 +42,8 @@ class EfficiencyCurve:
             return 0.0
         f = watts / nominal_w
         if f >= self.floor_fraction:
-            return nominal_ths * f**self.alpha
-        return nominal_ths * self.floor_fraction ** (self.alpha - 1.0) * f
+            return float(nominal_ths * f**self.alpha)
+        return float(nominal_ths * self.floor_fraction ** (self.alpha - 1.0) * f)
 
     def j_per_th(self, watts: float, nominal_w: float, nominal_ths: float) -> float:
         """Energy per terahash at `watts` (J/TH); infinite for a miner that hashes nothing."""

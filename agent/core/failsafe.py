@@ -85,14 +85,22 @@ def heartbeat_fresh(state: FailsafeState, now: float, rules: FailsafeRules) -> b
 def evaluate(state: FailsafeState, now: float, rules: FailsafeRules, hold_kw: float) -> FailsafeState:
     """Advance the machine to `now`. `hold_kw` is what "hold" means now: the last effective target."""
     if not rules.applies:
-        return state if not state.active else FailsafeState(False, now, "", state.started_at,
-                                                            state.last_heartbeat, state.last_command)
+        return (
+            state
+            if not state.active
+            else FailsafeState(False, now, "", state.started_at, state.last_heartbeat, state.last_command)
+        )
     fresh = heartbeat_fresh(state, now, rules)
     if not state.active:
         heard_at = state.last_heartbeat if state.last_heartbeat is not None else state.started_at
         if now - heard_at >= rules.heartbeat_timeout_s:  # [LPC-911/912]
             return dataclasses.replace(
-                state, active=True, since=now, reason="heartbeat_lost", heartbeat_back_at=None, max_gap_s=0.0,
+                state,
+                active=True,
+                since=now,
+                reason="heartbeat_lost",
+                heartbeat_back_at=None,
+                max_gap_s=0.0,
                 level_kw=_level(rules, hold_kw),
             )
         return state

@@ -5,9 +5,13 @@ is concave with hashrate(0) = 0, going from asleep to the lowest level and then 
 TH per W. So we cut every miner's path into segments (asleep→L0, L0→L1, …), each with a ratio gain/cost, and
 grant segments in order of ratio (higher priority groups first, strictly) while every node on the miner's path
 still has room. That is what makes many under-clocked miners beat a few at full power when the curve says so, and
-the least efficient models sleep first. Identical miners (model, priority, circuit, state) form one group, so a
-segment is granted to n miners at once: the work is per group, not per miner. A final top-up spends what is
+the least efficient models sleep first. Identical miners (model, priority, circuit path, state) form one group,
+so a segment is granted to n miners at once: the work is per group, not per miner. A final top-up spends what is
 left on one miner per continuous-range group at a finer step.
+
+Speed at 10,000 miners: when no binding circuit is tighter than the site, a circuit-blind pass (groups across
+circuits, levels handed out round-robin over circuits) is tried first and kept if every circuit holds; otherwise
+the circuit-aware pass checks every grant up the miner's path, leaving out nodes that cannot bind.
 
 Min-on miners start at their lowest level (they stay on), waking ones at full power (they cannot be throttled
 yet), sleeping ones can only be woken whole, at full power, and at most `wake_budget` of them this tick.
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from agent.core.accounting import OFF, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
+from agent.core.accounting import OFF, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE_P, ModelInfo, Prep
 from agent.core.baseline import present_level
 from agent.core.plan_build import Assignment
 
@@ -26,29 +30,74 @@ GroupKey = tuple[int, int, int, int, float, float]  # model, priority, path id, 
 
 
 def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
+    """Circuit-blind first (few, large groups; levels spread round-robin over circuits), kept when every circuit
+    holds; otherwise circuit-aware (groups per circuit path, every grant checked up the path)."""
+    ceiling = None if ramp_allowance_kw is None else max(prep.present_w() + ramp_allowance_kw * 1e3, floor[0])
+    soft = prep.soft_caps(ceiling)
+    if len(soft) == 1:
+        return _allocate(prep, floor, soft, wake_budget, blind=True)
+    peak = _peaks(prep)
+    binds = [nd == 0 or peak[nd] > soft[nd] + _EPS for nd in range(len(soft))]
+    site_share = soft[0] / peak[0] if peak[0] > 0 else 1.0
+    # circuit-blind spreads the site's share evenly; worth a try only if no binding circuit is tighter than that
+    if all(not binds[nd] or soft[nd] >= site_share * peak[nd] for nd in range(1, len(soft))):
+        a = _allocate(prep, floor, soft, wake_budget, blind=True)
+        loads = a.node_loads(prep)
+        if all(loads[nd] <= max(soft[nd], floor[nd]) + _EPS for nd in range(1, len(soft))):
+            return a
+    # a node whose subtree, every miner at the most it may be planned to draw, stays under its cap (a PDU sized
+    # for its miners) needs no check: it is left out of the paths, so its miners group wider
+    pruned = [tuple(nd for nd in path if binds[nd]) for path in prep.paths]
+    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned)
+
+
+def _peaks(prep: Prep) -> list[float]:
+    """Per node: its subtree's load with every miner at the most the optimiser may plan it to draw."""
+    most = [
+        w if k == UNCONTROLLED else max(w, full, prep.rules.sleep_w)
+        for k, w, full in zip(prep.kind, prep.cur_w, prep.full_w, strict=True)
+    ]
+    return prep.node_sums(most)
+
+
+def _allocate(
+    prep: Prep,
+    floor: list[float],
+    soft: list[float],
+    wake_budget: int,
+    *,
+    blind: bool,
+    pruned_paths: list[tuple[int, ...]] | None = None,
+) -> Assignment:
+    """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id."""
     a = Assignment(prep, "optimal")
     a.overridden = list(prep.overridden)
     s = prep.rules.sleep_w
-    ceiling = None if ramp_allowance_kw is None else max(prep.present_w() + ramp_allowance_kw * 1e3, floor[0])
-    room = [max(0.0, cap - fl) for cap, fl in zip(prep.soft_caps(ceiling), floor, strict=True)]
-    groups, models, fixed_ths = _group(prep, a)
+    room = [max(0.0, cap - fl) for cap, fl in zip(soft, floor, strict=True)]
+    # group by the path that matters: none (blind), or the binding nodes (miners under one non-binding PDU merge)
+    pruned: dict[tuple[int, ...], int] = {}
+    group_path = [0] * len(prep.paths)
+    for pid, path in enumerate(pruned_paths or prep.paths):
+        group_path[pid] = -1 if blind else pruned.setdefault(path, len(pruned))
+    path_of: list[tuple[int, ...]] = [(0,)] * max(1, len(pruned))
+    for path, gid in pruned.items():
+        path_of[gid] = path
+    groups, models, fixed_ths = _group(prep, a, group_path)
     keys = list(groups)
     taken: list[list[int]] = []
     segs: list[tuple[int, float, int, int, float]] = []  # (-priority, -ratio, level index, group, cost)
+    templates: dict[tuple[int, int], list[tuple[float, int, float]]] = {}  # (model, kind) → (-ratio, j, cost)
     for g, key in enumerate(keys):
         _, prio, _, kind, full, level = key
         m = models[g]
         if kind in (ON, ON_P):
+            tpl = templates.get((key[0], kind))
+            if tpl is None:
+                tpl = templates[(key[0], kind)] = _ladder(m, kind, s)
             t = [0] * len(m.levels)
-            start, prev_w, prev_h = 0, s, 0.0
             if kind == ON_P:
-                t[0], start, prev_w, prev_h = len(groups[key]), 1, float(m.levels[0]), m.ths[0]
-            ratio_prev = math.inf
-            for j in range(start, len(m.levels)):
-                cost = max(_EPS, m.levels[j] - prev_w)
-                ratio_prev = min(ratio_prev, (m.ths[j] - prev_h) / cost)  # keep per-miner order monotone
-                segs.append((-prio, -ratio_prev, j, g, cost))
-                prev_w, prev_h = float(m.levels[j]), m.ths[j]
+                t[0] = len(groups[key])
+            segs.extend((-prio, neg_ratio, j, g, cost) for neg_ratio, j, cost in tpl)
         else:  # OFF (wake) or WAKE (keep on): the whole miner at full power
             t = [0]
             gain = m.stock_ths if kind == OFF else prep.rules.curve.ths_at(level, m.nominal_w, m.nominal_ths)
@@ -56,42 +105,62 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
             segs.append((-prio, -gain / cost, 0, g, cost))
         taken.append(t)
     segs.sort()
-    paths = [prep.paths[key[2]] for key in keys]
+    node_paths: list[tuple[int, ...]] = [(0,) if blind else path_of[key[2]] for key in keys]
     is_wake = [key[3] == OFF for key in keys]
     sizes = [len(groups[key]) for key in keys]
     wakes_left = max(0, wake_budget)
+    min_cost = min((seg[4] for seg in segs), default=0.0)
     for _, _, j, g, cost in segs:
+        if room[0] + _EPS < min_cost:
+            break  # the site is full: nothing left can be granted anywhere
         t = taken[g]
         n = t[j - 1] if j else sizes[g]
         if is_wake[g] and wakes_left < n:
             n = wakes_left
         if n <= 0:
             continue
-        for p in paths[g]:
+        for p in node_paths[g]:
             fit = int((room[p] + _EPS) / cost)
-            if fit < n:
-                n = fit
+            n = min(n, fit)
         if n <= 0:
             continue
         spent = n * cost
-        for p in paths[g]:
+        for p in node_paths[g]:
             room[p] -= spent
         t[j] = n
         if is_wake[g]:
             wakes_left -= n
-    extra = _top_up(segs, keys, models, taken, paths, room)
-    a.ths = fixed_ths + _materialise(prep, a, groups, keys, models, taken, extra)
+    extra = _top_up(segs, keys, models=models, taken=taken, paths=node_paths, room=room)
+    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=taken, extra=extra, blind=blind)
     return a
 
 
-def _group(prep: Prep, a: Assignment) -> tuple[dict[GroupKey, list[int]], list[ModelInfo], float]:
+def _ladder(m: ModelInfo, kind: int, sleep_w: float) -> list[tuple[float, int, float]]:
+    """The segments of one miner of model m: (-ratio, level index, cost), ratios kept non-increasing."""
+    out: list[tuple[float, int, float]] = []
+    start, prev_w, prev_h = 0, sleep_w, 0.0
+    if kind == ON_P:  # already on at its lowest level (counted in the floor)
+        start, prev_w, prev_h = 1, float(m.levels[0]), m.ths[0]
+    ratio_prev = math.inf
+    for j in range(start, len(m.levels)):
+        cost = max(_EPS, m.levels[j] - prev_w)
+        ratio_prev = min(ratio_prev, (m.ths[j] - prev_h) / cost)  # keep per-miner order monotone
+        out.append((-ratio_prev, j, cost))
+        prev_w, prev_h = float(m.levels[j]), m.ths[j]
+    return out
+
+
+def _group(
+    prep: Prep, a: Assignment, group_path: list[int]
+) -> tuple[dict[GroupKey, list[int]], list[ModelInfo], float]:
     """Group the miners the optimiser may move; fix the ones it may not (locked, forced, min-on waking)."""
     groups: dict[GroupKey, list[int]] = {}
     curve, kinds, forced, full_w = prep.rules.curve, prep.kind, prep.forced, prep.full_w
-    prio, path_id = prep.prio, prep.path_id
+    prio = prep.prio
+    path_id = [group_path[pid] for pid in prep.path_id]
     fixed_ths = 0.0
     for i, k in enumerate(kinds):
-        if k == UNCONTROLLED or k == OFF_LOCKED or forced[i]:
+        if k in (UNCONTROLLED, OFF_LOCKED) or forced[i]:
             continue  # uncontrolled keep their worst case; locked and forced sleep (the Assignment default)
         m = prep.model[i]
         assert m is not None
@@ -100,7 +169,7 @@ def _group(prep: Prep, a: Assignment) -> tuple[dict[GroupKey, list[int]], list[M
             a.level[i], a.wc[i] = lv, full_w[i]
             fixed_ths += curve.ths_at(lv, m.nominal_w, m.nominal_ths)
             continue
-        if k == ON or k == ON_P:
+        if k in (ON, ON_P):
             key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0)
         elif k == OFF:
             key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0)
@@ -122,6 +191,7 @@ def _group(prep: Prep, a: Assignment) -> tuple[dict[GroupKey, list[int]], list[M
 def _top_up(
     segs: list[tuple[int, float, int, int, float]],
     keys: list[GroupKey],
+    *,
     models: list[ModelInfo],
     taken: list[list[int]],
     paths: list[tuple[int, ...]],
@@ -130,13 +200,15 @@ def _top_up(
     """Spend what is left: raise one miner per continuous-range group part of the way to its next level."""
     extra: dict[int, tuple[int, int]] = {}
     for _, _, j, g, cost in segs:
+        if room[0] < 1.0:
+            break  # less than a watt left at the site
         m = models[g]
         if m.step is None or j == 0 or g in extra or keys[g][3] not in (ON, ON_P):
             continue
         t = taken[g]
         if t[j] >= t[j - 1]:
             continue
-        spare = min(min(room[p] for p in paths[g]), cost)
+        spare = min(*(room[p] for p in paths[g]), cost)
         add = int((spare + _EPS) // m.step) * m.step
         if add <= 0 or add >= cost:
             continue
@@ -150,14 +222,24 @@ def _materialise(
     prep: Prep,
     a: Assignment,
     groups: dict[GroupKey, list[int]],
+    *,
     keys: list[GroupKey],
     models: list[ModelInfo],
     taken: list[list[int]],
     extra: dict[int, tuple[int, int]],
+    blind: bool,
 ) -> float:
-    """Hand each group's level counts to its members (stably: who runs highest now gets the highest level)."""
+    """Hand each group's level counts to its members (stably: who runs highest now gets the highest level;
+    circuit-blind, ties go round-robin over circuits so no circuit collects the high levels)."""
     curve, views = prep.rules.curve, prep.views
     neg_cur = [-w for w in prep.cur_w]  # highest present level first; ties keep input order
+    if blind:
+        seen = [0] * len(prep.paths)
+        rank = [0] * len(neg_cur)
+        for i, pid in enumerate(prep.path_id):
+            rank[i] = seen[pid]
+            seen[pid] += 1
+        neg_cur = [w + r * 1e-9 for w, r in zip(neg_cur, rank, strict=True)]
     ths = 0.0
     for g, key in enumerate(keys):
         members, m, t, kind = groups[key], models[g], taken[g], key[3]
@@ -165,7 +247,10 @@ def _materialise(
             order = sorted(members, key=neg_cur.__getitem__) if len(members) > 1 else members
             pos, above = 0, 0
             ex = extra.get(g)
-            for j in range(len(m.levels) - 1, -1, -1):
+            used = len(t)
+            while used and t[used - 1] == 0:
+                used -= 1
+            for j in range(used - 1, -1, -1):
                 cnt = t[j] - above
                 above = t[j]
                 w = float(m.levels[j])

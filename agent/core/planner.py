@@ -37,7 +37,9 @@ def plan(
     ramp_allowance_kw: float | None = None,
 ) -> Plan:
     """The hashrate-optimal plan under `target_kw` (already ≤ the cap) and every circuit cap of `tree`."""
-    prep, floor = _prepare(target_kw, miners, tree, rules, now, wake_budget, ramp_allowance_kw)
+    prep, floor = _prepare(
+        target_kw, miners, tree, rules, now=now, wake_budget=wake_budget, ramp_allowance_kw=ramp_allowance_kw
+    )
     base = sleep_only(prep, floor, wake_budget, ramp_allowance_kw)
     if not rules.use_power_limits:
         return build_plan(prep, base, target_kw, baseline_ths=None)
@@ -57,7 +59,9 @@ def plan_sleep_only(
     ramp_allowance_kw: float | None = None,
 ) -> Plan:
     """Meet the target with sleep and wake only (no power-limit changes): least efficient sleep first."""
-    prep, floor = _prepare(target_kw, miners, tree, rules, now, wake_budget, ramp_allowance_kw)
+    prep, floor = _prepare(
+        target_kw, miners, tree, rules, now=now, wake_budget=wake_budget, ramp_allowance_kw=ramp_allowance_kw
+    )
     return build_plan(prep, sleep_only(prep, floor, wake_budget, ramp_allowance_kw), target_kw)
 
 
@@ -66,6 +70,7 @@ def _prepare(
     miners: Sequence[MinerView],
     tree: CircuitTree,
     rules: PlannerRules,
+    *,
     now: float,
     wake_budget: int,
     ramp_allowance_kw: float | None,

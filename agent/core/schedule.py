@@ -44,7 +44,7 @@ class ScheduleRule:
             raise ValueError(f"window {self.name!r}: target_kw must not be negative")
 
     @classmethod
-    def from_hhmm(
+    def from_hhmm(  # noqa: PLR0917 -- mirrors the config's ScheduleWindow fields, in their order
         cls, name: str, start: str, end: str, days: Iterable[str], target_kw: float, utc_offset_h: float = 0.0
     ) -> ScheduleRule:
         day_set = set()

@@ -171,6 +171,10 @@ class Controller:
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
         self.sweep_request: asyncio.Event | None = None  # set by the app: ask the sweep loop for a fresh picture
+        # set by the app: called with True when a command batch goes out while none is on the wire, False when the
+        # last one is answered (the fleet pauses its sweeps in between: commands first)
+        self.on_actuating: Callable[[bool], None] | None = None
+        self._batches_out = 0
 
     # ============================================================================================= start-up
     @property
@@ -782,7 +786,16 @@ class Controller:
             self.wake_times = (*self.wake_times, *([now] * wakes))
         task = asyncio.get_running_loop().create_task(self._actuate(changes, new_plan, fast), name="actuate")
         self._actuations.add(task)
-        task.add_done_callback(self._actuations.discard)
+        task.add_done_callback(self._actuation_done)
+        self._batches_out += 1
+        if self._batches_out == 1 and self.on_actuating is not None:
+            self.on_actuating(True)
+
+    def _actuation_done(self, task: asyncio.Task[None]) -> None:
+        self._actuations.discard(task)
+        self._batches_out -= 1
+        if self._batches_out == 0 and self.on_actuating is not None:
+            self.on_actuating(False)
 
     async def _actuate(self, changes: list[Change], new_plan: Plan, fast: bool) -> None:
         try:

@@ -143,6 +143,10 @@ class Fleet:
         self._latest: FleetSnapshot | None = None
         self._background: dict[str, asyncio.Task[None]] = {}
         self._sweeps = 0
+        # commands first: while the controller has a command batch on the wire, sweeps wait between polls
+        self._go = asyncio.Event()
+        self._go.set()
+        self._held_until = 0.0
 
     @classmethod
     def from_config(
@@ -251,6 +255,28 @@ class Fleet:
                 log.error("identities_not_saved", count=len(identities), error=repr(exc))
 
     # ------------------------------------------------------------------ sweep
+    def hold(self, max_s: float) -> None:
+        """Commands first: sweeps pause between polls until `release()`, or for `max_s` wall seconds at most.
+
+        A command batch and a sweep share one event loop and one core; at site scale a sweep running beside a
+        curtailment roughly halves its fan-out speed. The bound keeps telemetry from going stale behind a batch
+        that is slow to finish (dead miners, timeouts)."""
+        self._held_until = time.monotonic() + max(0.0, max_s)
+        self._go.clear()
+
+    def release(self) -> None:
+        self._go.set()
+
+    async def _wait_for_go(self) -> None:
+        remaining = self._held_until - time.monotonic()
+        if self._go.is_set() or remaining <= 0:
+            return
+        try:
+            async with asyncio.timeout(remaining):
+                await self._go.wait()
+        except TimeoutError:
+            self._go.set()  # held too long: telemetry goes on
+
     async def sweep(self) -> FleetSnapshot:
         """Poll every miner once (bounded, a deadline per miner) and return the new picture."""
         started = time.perf_counter()
@@ -261,6 +287,7 @@ class Fleet:
 
         async def worker() -> None:
             for rec in pending:
+                await self._wait_for_go()
                 await self._poll(rec, lost, back)
 
         async with asyncio.TaskGroup() as tg:

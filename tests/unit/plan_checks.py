@@ -96,6 +96,7 @@ def check_plan(
     views: list[MinerView],
     tree: CircuitTree,
     rules: PlannerRules,
+    *,
     now: float,
     target_kw: float,
     wake_budget: int,
@@ -136,12 +137,13 @@ def check_plan(
     overridden = set(plan.min_on_overridden)
     least = [least_w(v, plan, rules, now) for v in views]
     least_loads = node_sums(tree, views, least)
-    for i, v in enumerate(views):
+    for v in views:
         protected = v.state in (*RUNNING, MinerState.WAKING) and now - v.last_transition < rules.min_on_s
         if protected and not uncontrolled(v) and isinstance(plan.actions[v.id], SleepAction):
             assert v.id in overridden, v
         if v.id in overridden:
-            assert protected and any("min_on_overridden" in a for a in plan.alarms)
+            assert protected
+            assert any("min_on_overridden" in a for a in plan.alarms)
             # optimal plans: even with everything else at its least, it did not fit; sleep-only plans (which
             # cannot throttle): it did not fit beside what the plan runs
             base = least_loads if plan.method == "optimal" else loads

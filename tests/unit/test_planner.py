@@ -53,6 +53,7 @@ def miner(
 def run(
     target_kw: float,
     views: list[MinerView],
+    *,
     tree: CircuitTree | None = None,
     rules: PlannerRules = RULES,
     wake_budget: int = 100,
@@ -62,7 +63,9 @@ def run(
     tree = tree or CircuitTree(10_000.0)
     fn = plan_sleep_only if sleep_only else plan
     p = fn(target_kw, views, tree, rules, NOW, wake_budget=wake_budget, ramp_allowance_kw=ramp)
-    check_plan(p, views, tree, rules, NOW, target_kw, wake_budget, ramp)  # every table case keeps the invariants
+    check_plan(
+        p, views, tree, rules, now=NOW, target_kw=target_kw, wake_budget=wake_budget, ramp_allowance_kw=ramp
+    )  # every table case keeps the invariants
     return p
 
 
@@ -83,7 +86,8 @@ def test_many_underclocked_miners_beat_fewer_at_full_power() -> None:
     assert not asleep(p), "at 60 % every miner should run, under-clocked"
     assert len(asleep(base)) == 4
     assert p.expected_ths > base.expected_ths * 1.05
-    assert p.method == "optimal" and p.baseline_ths == pytest.approx(base.expected_ths)
+    assert p.method == "optimal"
+    assert p.baseline_ths == pytest.approx(base.expected_ths)
 
 
 def test_least_efficient_miners_sleep_first() -> None:
@@ -104,7 +108,8 @@ def test_sleep_only_plan_changes_no_power_limit() -> None:
 def test_use_power_limits_false_plans_sleep_only() -> None:
     fleet = [miner(i) for i in range(10)]
     p = run(20.0, fleet, rules=PlannerRules(sleep_w=20.0, use_power_limits=False))
-    assert p.method == "sleep_only" and len(asleep(p)) == 4
+    assert p.method == "sleep_only"
+    assert len(asleep(p)) == 4
 
 
 def test_planner_never_commands_above_stock_power() -> None:
@@ -133,7 +138,8 @@ def test_min_on_kept_when_the_target_can_be_met_otherwise() -> None:
 def test_min_on_broken_only_when_the_target_cannot_be_met_otherwise() -> None:
     fresh = [miner(i, cap=OnOff(), nominal_w=3000, since=NOW - 30) for i in range(3)]
     p = run(6.5, fresh)
-    assert len(asleep(p)) == 1 and len(p.min_on_overridden) == 1
+    assert len(asleep(p)) == 1
+    assert len(p.min_on_overridden) == 1
     assert any(a.startswith("min_on_overridden") for a in p.alarms)
     assert p.worst_case_kw <= 6.5
 
@@ -141,7 +147,8 @@ def test_min_on_broken_only_when_the_target_cannot_be_met_otherwise() -> None:
 def test_min_on_miner_is_throttled_before_it_is_slept() -> None:
     fresh = [miner(i, since=NOW - 30) for i in range(3)]  # range miners, may go to ~1790 W
     p = run(6.0, fresh)
-    assert not p.min_on_overridden and not asleep(p)
+    assert not p.min_on_overridden
+    assert not asleep(p)
     assert p.worst_case_kw <= 6.0
 
 
@@ -154,7 +161,8 @@ def test_wakes_never_exceed_the_wake_budget() -> None:
 
 def test_a_woken_miner_is_counted_at_full_power() -> None:
     p = run(100.0, [miner(0, state=MinerState.SLEEPING, commanded_w=2000)])
-    assert watts(p.actions["m0"]) == 3250 and p.worst_case_kw == pytest.approx(3.25)
+    assert watts(p.actions["m0"]) == 3250
+    assert p.worst_case_kw == pytest.approx(3.25)
 
 
 def test_wake_needs_room_for_full_power_not_the_planned_limit() -> None:
@@ -204,7 +212,8 @@ def test_nested_circuit_caps_bind_at_every_level() -> None:
     tree = CircuitTree(100.0, [Circuit("tx", None, 8.0), Circuit("pdu", "tx", 6.0)])
     fleet = [miner(i, circuit="pdu" if i < 3 else "tx") for i in range(6)]
     p = run(100.0, fleet, tree=tree)
-    assert p.circuit_worst_case_kw["pdu"] <= 6.0 and p.circuit_worst_case_kw["tx"] <= 8.0
+    assert p.circuit_worst_case_kw["pdu"] <= 6.0
+    assert p.circuit_worst_case_kw["tx"] <= 8.0
 
 
 def test_unknown_circuit_raises_an_alarm_and_counts_against_the_site() -> None:
@@ -220,21 +229,29 @@ def test_unreachable_miner_counts_at_the_larger_of_last_known_and_full_power() -
     throttled = miner(2, state=MinerState.UNREACHABLE, power_w=1800, commanded_w=1800)
     p = run(100.0, [hot, unknown, throttled])
     assert p.worst_case_kw == pytest.approx(3.6 + 3.25 + 3.25)
-    assert not p.actions and set(p.uncontrolled) == {"m0", "m1", "m2"}
+    assert not p.actions
+    assert set(p.uncontrolled) == {"m0", "m1", "m2"}
 
 
 def test_miner_ignoring_commands_counts_at_what_it_draws() -> None:
     p = run(100.0, [miner(0, ignores=True, power_w=3400, commanded_w=2000)])
-    assert p.worst_case_kw == pytest.approx(3.4) and "m0" not in p.actions
+    assert p.worst_case_kw == pytest.approx(3.4)
+    assert "m0" not in p.actions
 
 
 def test_waking_miner_counts_at_full_power() -> None:
     p = run(100.0, [miner(0, state=MinerState.WAKING, commanded_w=2000, since=NOW - 10)])
-    assert watts(p.actions["m0"]) == 2000 and p.worst_case_kw == pytest.approx(3.25)
+    assert watts(p.actions["m0"]) == 2000
+    assert p.worst_case_kw == pytest.approx(3.25)
 
 
 def test_too_much_uncontrollable_load_curtails_everything_and_alarms() -> None:
-    fleet = [miner(0, state=MinerState.UNREACHABLE), miner(1), miner(2, since=NOW - 5), miner(3, state=MinerState.WAKING, since=NOW - 5)]
+    fleet = [
+        miner(0, state=MinerState.UNREACHABLE),
+        miner(1),
+        miner(2, since=NOW - 5),
+        miner(3, state=MinerState.WAKING, since=NOW - 5),
+    ]
     p = run(3.0, fleet)
     assert any(a.startswith("cannot_meet:site") for a in p.alarms)
     assert asleep(p) == {"m1", "m2", "m3"}
@@ -245,8 +262,10 @@ def test_infeasible_circuit_curtails_only_its_own_miners() -> None:
     tree = CircuitTree(100.0, [Circuit("bad", None, 1.0), Circuit("ok", None, 50.0)])
     fleet = [miner(0, circuit="bad", state=MinerState.UNREACHABLE), miner(1, circuit="bad"), miner(2, circuit="ok")]
     p = run(100.0, fleet, tree=tree)
-    assert [a for a in p.alarms if a.startswith("cannot_meet")] == [p.alarms[0]] and "cannot_meet:bad" in p.alarms[0]
-    assert asleep(p) == {"m1"} and isinstance(p.actions["m2"], RunAction)
+    assert [a for a in p.alarms if a.startswith("cannot_meet")] == [p.alarms[0]]
+    assert "cannot_meet:bad" in p.alarms[0]
+    assert asleep(p) == {"m1"}
+    assert isinstance(p.actions["m2"], RunAction)
 
 
 def test_presets_miner_runs_only_at_a_preset() -> None:
@@ -271,3 +290,9 @@ def test_bad_input_is_refused_with_a_clear_error(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         plan(target, views, CircuitTree(10.0), RULES, NOW, wake_budget=budget, ramp_allowance_kw=ramp)
+
+
+def test_headroom_applies_to_the_target_not_to_circuit_caps() -> None:
+    tree = CircuitTree(100.0, [Circuit("pdu", None, 13.0)])  # sized for exactly its four miners
+    p = run(100.0, [miner(i, circuit="pdu") for i in range(4)], tree=tree, rules=PlannerRules(headroom_pct=5.0))
+    assert p.circuit_worst_case_kw["pdu"] == pytest.approx(13.0)

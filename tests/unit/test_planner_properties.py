@@ -40,7 +40,16 @@ def test_plan_keeps_every_invariant_for_random_fleets_with_faults(case: Case) ->
     """Worst case ≤ target and every circuit cap (or an alarm and all curtailed), min off never broken, min on
     only when required, wakes ≤ budget, ramp respected, hashrate claimed = hashrate of the actions."""
     p = _run(case)
-    check_plan(p, case.views, case.tree, case.rules, NOW, case.target_kw, case.wake_budget, case.ramp_allowance_kw)
+    check_plan(
+        p,
+        case.views,
+        case.tree,
+        case.rules,
+        now=NOW,
+        target_kw=case.target_kw,
+        wake_budget=case.wake_budget,
+        ramp_allowance_kw=case.ramp_allowance_kw,
+    )
 
 
 @PROPS
@@ -52,7 +61,16 @@ def test_sleep_only_plan_keeps_every_invariant_for_random_fleets_with_faults(cas
         for mid, a in p.actions.items()
         if _state(case, mid) is not MinerState.SLEEPING
     ), "sleep-only must not change any running miner's limit"
-    check_plan(p, case.views, case.tree, case.rules, NOW, case.target_kw, case.wake_budget, case.ramp_allowance_kw)
+    check_plan(
+        p,
+        case.views,
+        case.tree,
+        case.rules,
+        now=NOW,
+        target_kw=case.target_kw,
+        wake_budget=case.wake_budget,
+        ramp_allowance_kw=case.ramp_allowance_kw,
+    )
 
 
 @PROPS

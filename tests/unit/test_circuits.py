@@ -1,0 +1,91 @@
+"""The circuit tree: building, worst-case loads per node, and the reduction-always-passes check."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.core.circuits import ROOT, Circuit, CircuitTree
+
+
+def site() -> CircuitTree:
+    return CircuitTree(
+        100.0,
+        [
+            Circuit("pdu-a1", "container-a", 20.0),  # children may come before their parents
+            Circuit("transformer", None, 80.0),
+            Circuit("container-a", "transformer", 50.0),
+            Circuit("pdu-a2", "container-a", 25.0),
+        ],
+    )
+
+
+def test_paths_run_from_a_circuit_up_to_the_site() -> None:
+    t = site()
+    assert [t.ids[i] for i in t.path("pdu-a1")] == ["pdu-a1", "container-a", "transformer", ROOT]
+    assert [t.ids[i] for i in t.path(None)] == [ROOT]
+    assert t.ids[0] == ROOT
+    assert t.cap_kw(ROOT) == 100.0
+
+
+def test_parents_come_before_children_in_ids() -> None:
+    t = site()
+    for cid in t.ids[1:]:
+        path = t.path(cid)
+        assert all(p < path[0] for p in path[1:])
+
+
+def test_loads_add_up_the_tree() -> None:
+    loads = site().loads_kw([("pdu-a1", 10.0), ("pdu-a2", 5.0), (None, 3.0), ("transformer", 1.0)])
+    assert loads == {ROOT: 19.0, "transformer": 16.0, "container-a": 15.0, "pdu-a1": 10.0, "pdu-a2": 5.0}
+
+
+def test_overloads_name_every_node_over_its_cap() -> None:
+    t = site()
+    loads = t.loads_kw([("pdu-a1", 30.0), ("pdu-a2", 24.0)])
+    assert [node for node, _, _ in t.overloads(loads)] == ["container-a", "pdu-a1"]
+
+
+def test_circuit_check_passes_a_reduction_even_on_an_overloaded_node() -> None:
+    t = site()
+    loads = t.loads_kw([("pdu-a1", 30.0)])
+    assert t.check_change(loads, "pdu-a1", old_kw=30.0, new_kw=10.0) is None
+    assert t.check_change(loads, "pdu-a1", old_kw=5.0, new_kw=5.0) is None
+
+
+def test_circuit_check_refuses_an_increase_at_the_first_node_that_would_overflow() -> None:
+    t = site()
+    loads = t.loads_kw([("pdu-a1", 15.0), ("pdu-a2", 20.0)])
+    assert t.check_change(loads, "pdu-a1", 0.0, 5.0) is None
+    assert t.check_change(loads, "pdu-a1", 0.0, 6.0) == "pdu-a1"
+    assert t.check_change(loads, "pdu-a2", 0.0, 6.0) == "pdu-a2"
+    assert t.check_change(loads, None, 0.0, 66.0) == ROOT
+
+
+def test_with_site_cap_changes_only_the_root() -> None:
+    t = site().with_site_cap(40.0)
+    assert t.cap_kw(ROOT) == 40.0
+    assert t.cap_kw("pdu-a1") == 20.0
+    assert site().cap_kw(ROOT) == 100.0
+
+
+@pytest.mark.parametrize(
+    ("circuits", "message"),
+    [
+        ([Circuit("site", None, 1.0)], "reserved"),
+        ([Circuit("a", None, 1.0), Circuit("a", None, 2.0)], "repeated"),
+        ([Circuit("a", "ghost", 1.0)], "not defined"),
+        ([Circuit("a", "b", 1.0), Circuit("b", "a", 1.0)], "cycle"),
+        ([Circuit("a", None, -1.0)], "negative"),
+    ],
+)
+def test_bad_trees_are_refused(circuits: list[Circuit], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CircuitTree(10.0, circuits)
+
+
+def test_unknown_circuits_are_reported() -> None:
+    t = site()
+    assert t.knows(None)
+    assert t.knows("pdu-a2")
+    assert not t.knows("pdu-z9")
+    assert t.subtree_contains(t.ids.index("container-a"), "pdu-a2")
