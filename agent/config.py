@@ -65,6 +65,8 @@ class SiteConfig(_Model):
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             raise ValueError(f"circuit ids must be unique, repeated: {sorted(dupes)}")
+        if "site" in ids:
+            raise ValueError("circuit id 'site' is reserved for the site itself; name the circuit after its equipment")
         by_id = {c.id: c for c in self.circuits}
         for c in self.circuits:
             if c.parent is not None and c.parent not in by_id:
