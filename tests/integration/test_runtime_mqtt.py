@@ -49,6 +49,8 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
         assert status["failsafe"]["active"] is True  # held at start until the grid is heard
         assert status["target_source"] == "failsafe"
         assert status["target_kw"] == 50
+        # the agent subscribes on its first connect: a command published before that has no session to wait in
+        await asyncio.to_thread(agent.wait_for, lambda: agent.status()["broker"]["state"] == "connected", 20)
         async with aiomqtt.Client(HOST, mosquitto.plain_port, identifier=f"grid-{site}") as grid:
             await grid.subscribe(f"{root}/reply/#", qos=1)
             await grid.subscribe(f"{root}/events", qos=1)
