@@ -4,7 +4,8 @@ error `Reply` out. MQTT and the local control socket share this one gate, so the
 Order of checks (the first failure wins, and nothing is changed by a refused request):
 size → JSON → object → known verb → not retained → schema and types (unknown fields are errors) → ranges that need
 no context → who may send it (signatures) → a repeat? (an id already answered gets its stored reply, however old:
-MQTT redelivers, and a grid retries until it has a reply) → issue time (too old, too far in the future) → ranges
+MQTT redelivers, and a grid retries until it has a reply; the same id with other content is refused as a conflict,
+never answered with the first command's "ok") → issue time (too old, too far in the future) → ranges
 that need the site (a target above the cap, a window that is already over).
 
 Who may send what:
@@ -18,6 +19,7 @@ Any signed request must carry `issued_at`, and any request that carries `issued_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -53,6 +55,8 @@ INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
 
 MAX_ID_LEN = 128
+# stored with each reply (never sent): what the request said, to tell a repeat from a conflicting reuse of its id
+REQUEST_DIGEST = "request_digest"
 
 
 # ------------------------------------------------------------------------------------------- field converters
@@ -245,6 +249,28 @@ class Repeat:
         return Reply.from_dict(self.stored)
 
 
+def request_digest(request: Request) -> str:
+    """What a request asks for, as a hash: every field but the issue time and the signature (a retry may be signed
+    again later and is still the same request)."""
+    body = request.model_dump(mode="json", exclude={"issued_at", "signature"})
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def answer_repeat(request: Request, stored: dict[str, Any]) -> Repeat | Reply:
+    """A request whose idempotency key has a stored reply: a `Repeat` when it asks for the same thing, else a conflict
+    error (replies stored before digests were kept count as repeats)."""
+    digest = stored.get(REQUEST_DIGEST)
+    if digest is None or digest == request_digest(request):
+        return Repeat(request, stored)
+    revise = " (or a higher rev to revise a dispatch)" if request.verb == "dispatch" else ""
+    return Reply.error(
+        request.id, CONFLICT,
+        f"id {request.id!r} was already used for a different {request.verb!r} request, which keeps its reply; "
+        f"a repeat must ask for the same thing: send new content with a new id{revise}",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A request that passed every check: what to apply, from where, received when."""
@@ -264,6 +290,10 @@ class Command:
     @property
     def mutating(self) -> bool:
         return self.verb in MUTATING_VERBS
+
+    @property
+    def digest(self) -> str:
+        return request_digest(self.request)
 
     @property
     def idempotency_key(self) -> str | None:
@@ -325,7 +355,7 @@ def parse_request(
     if key is not None and stored_reply is not None:
         stored = stored_reply(key)
         if stored is not None:
-            return Repeat(request, stored)
+            return answer_repeat(request, stored)
     refusal = _check_freshness(request, now, rules)
     if refusal is not None:
         return Reply.error(request_id, *refusal)

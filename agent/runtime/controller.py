@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from agent.commands import (
     CONFLICT,
+    REQUEST_DIGEST,
     STALE_REVISION,
     UNKNOWN_DISPATCH,
     CancelRequest,
@@ -36,7 +37,9 @@ from agent.commands import (
     Command,
     CurtailRequest,
     DispatchRequest,
+    Repeat,
     ResumeRequest,
+    answer_repeat,
 )
 from agent.config import AgentConfig
 from agent.core import failsafe as fs
@@ -275,7 +278,8 @@ class Controller:
         if key is not None:  # a repeat that raced the first one through the inbox
             stored = self.stored_reply(key)
             if stored is not None:
-                return Reply.from_dict(stored)
+                answer = answer_repeat(cmd.request, stored)
+                return answer.reply if isinstance(answer, Repeat) else answer
         now = self.clock.time()
         req = cmd.request
         events: list[tuple[str, dict[str, Any]]] = []
@@ -293,7 +297,7 @@ class Controller:
             else:  # pragma: no cover - parse_request only marks the verbs above as mutating
                 raise ValueError(f"verb {cmd.verb!r} does not change anything")
             if key is not None:
-                self.store.put_reply(key, cmd.verb, reply.to_dict(), now)
+                self.store.put_reply(key, cmd.verb, {**reply.to_dict(), REQUEST_DIGEST: cmd.digest}, now)
             self.store.append_audit(
                 AuditKind.COMMAND,
                 {"verb": cmd.verb, "id": req.id, "channel": cmd.channel.value, "status": reply.status,

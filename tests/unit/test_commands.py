@@ -13,10 +13,12 @@ from agent.commands import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
+    CONFLICT,
     DISABLED,
     EXPIRED,
     FUTURE,
     OUT_OF_RANGE,
+    REQUEST_DIGEST,
     RETAINED,
     TOO_LARGE,
     UNKNOWN_VERB,
@@ -30,6 +32,7 @@ from agent.commands import (
     Repeat,
     parse_request,
     parse_timestamp,
+    request_digest,
 )
 from agent.config import DispatchRules
 from agent.core import signing
@@ -337,3 +340,23 @@ def test_an_authentic_repeat_gets_its_stored_reply_however_old() -> None:
     )  # fmt: skip
     code, _ = error(result)
     assert code == BAD_SIGNATURE
+
+
+def test_an_id_reused_for_other_content_is_a_conflict_not_the_first_ok() -> None:
+    first = DispatchRequest.model_validate(dispatch_doc())
+    stored = {"id": "d-1", "status": "ok", "data": {}, REQUEST_DIGEST: request_digest(first)}
+
+    def send(doc: dict[str, Any]) -> Command | Repeat | Reply:
+        return parse_request(
+            "dispatch", json.dumps(signed(doc)).encode(), Channel.MQTT, grid_keys=[GRID.public_key()],
+            operator_keys=[], now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, stored_reply={"d-1": stored}.get,
+        )  # fmt: skip
+
+    # the same request signed again later (a retry) is a repeat...
+    assert isinstance(send(dispatch_doc(issued_at=iso(NOW - 1))), Repeat)
+    # ...the same id asking for something else is refused, and says what to do
+    refused = send(dispatch_doc(target_kw=5))
+    assert isinstance(refused, Reply)
+    code, message = error(refused)
+    assert code == CONFLICT
+    assert "new id" in message
