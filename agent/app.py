@@ -34,6 +34,7 @@ from agent.core.signing import load_public_key
 from agent.io.control_socket import ControlServer
 from agent.io.sdnotify import SdNotifier
 from agent.logging import bind_context, configure_logging, get_logger
+from agent.runtime import crashpoints
 from agent.runtime.actuator import Actuator
 from agent.runtime.clock import Clock, make_clock
 from agent.runtime.controller import Controller
@@ -131,6 +132,9 @@ class Agent:
         grid_keys, operator_keys = load_keys(cfg)
         from agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
 
+        if crashpoints.armed():
+            log.warning("TEST ONLY: a crash point is armed; this agent will SIGKILL itself", point=crashpoints.armed(),
+                        env=crashpoints.ENV)  # fmt: skip
         self.store, safe_reason = open_store(cfg)
         self.store.append_audit(
             AuditKind.AGENT_START, {"version": __version__, "pid": os.getpid(), "time_scale": self.time_scale,
@@ -228,15 +232,19 @@ class Agent:
 
     async def sweep_loop(self) -> None:
         interval = self.clock.to_wall(self.cfg.polling.interval_s)
+        # a floor of MIN_SWEEP_GAP_S wall seconds, or as many site seconds under a scaled clock: at --time-scale
+        # 1000 a wall floor would be 250 site seconds between readings, longer than miners take to ramp, and
+        # energy would be integrated over changes it never saw
+        min_gap = min(MIN_SWEEP_GAP_S, self.clock.to_wall(MIN_SWEEP_GAP_S))
         while True:
             started = time.monotonic()
             await self._sweep_once()
-            wait = max(MIN_SWEEP_GAP_S, interval - (time.monotonic() - started))
+            wait = max(min_gap, interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.sweep_request.wait()
                 # asked early: still leave the miners a moment to act on what they were told
-                await asyncio.sleep(max(0.0, MIN_SWEEP_GAP_S - (time.monotonic() - started)))
+                await asyncio.sleep(max(0.0, min_gap - (time.monotonic() - started)))
             self.sweep_request.clear()
 
     async def telemetry_loop(self) -> None:

@@ -57,6 +57,7 @@ from agent.protocol import Channel, Reply
 from agent.runtime import readout
 from agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
 from agent.runtime.clock import Clock
+from agent.runtime.crashpoints import crash_point
 from agent.runtime.energy_meter import EnergyMeter
 from agent.runtime.events import EventLog
 from agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy
@@ -305,6 +306,8 @@ class Controller:
                  "request": req.model_dump(mode="json", exclude_none=True)},
                 now,
             )  # fmt: skip
+            crash_point("mid_write")
+        crash_point("accepted")
         for event_type, data in events:
             self.events.emit(event_type, **data)
         if reply.is_ok:
@@ -431,6 +434,7 @@ class Controller:
 
         def write() -> None:
             self.store.save_dispatch(rec.dispatch, status, **rec.progress())
+            crash_point("closing")
             self.store.append_audit(AuditKind.COMPLIANCE, data, now)
 
         if commit:
@@ -542,6 +546,7 @@ class Controller:
         changes += self._recommands(new_plan, {c.ip for c in changes}, now)
         if changes:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
+            crash_point("planned")
             self._launch(changes, new_plan, fast, now)
             if fast:
                 self.trigger()  # the optimal plan follows as soon as the fast one is out
@@ -783,6 +788,7 @@ class Controller:
 
     # ----------------------------------------------------------------------------------------- actuation
     def _launch(self, changes: list[Change], new_plan: Plan, fast: bool, now: float) -> None:
+        self._energy.hold(self.fleet.latest(), now, self)  # what miners drew until now is what was last read
         for c in changes:
             self.in_flight[c.ip] = c
         wakes = sum(1 for c in changes if c.op is Op.WAKE)
@@ -858,6 +864,8 @@ class Controller:
         elif r.outcome != "skipped":
             log.warning("miner command failed", ip=r.ip, op=r.op.value, outcome=r.outcome, detail=r.detail)
         self._dirty_controls.add(r.ip)
+        if r.ok:
+            crash_point("in_flight")
 
     # ----------------------------------------------------------------------------------------- dispatches
     def _binding_records(self, now: float) -> list[DispatchRecord]:

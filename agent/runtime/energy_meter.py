@@ -1,6 +1,8 @@
 """Energy accounting from the fleet picture: every snapshot is a sample for the pure integrator
 (agent.core.energy), each closed minute goes to the store (site measured/estimated kWh, per-miner kWh, seconds
-under curtailment, energy not drawn because of dispatch) and to the joules counter of the metrics.
+under curtailment, energy not drawn because of dispatch) and to the joules counter of the metrics. When the
+controller sends commands, the last picture is pinned at that moment too (`hold`): a change the agent causes starts
+when it was commanded, not back at the reading before it.
 
 Curtailed: while a dispatch, an override, a time-of-use window or the fail-safe binds the target. The baseline
 (what the site would have drawn without it) is the site's power when the binding dispatch was accepted, or the
@@ -26,11 +28,28 @@ class EnergyMeter:
     def __init__(self, max_gap_s: float = 120.0) -> None:
         self.integrator = EnergyIntegrator(max_gap_s=max_gap_s)
         self.minutes = 0
+        self._may_hold = True  # no command has gone out since the last reading
 
     def add(self, snap: Any, ctl: Controller) -> None:
+        """A new fleet picture: a sample at the time it was taken."""
+        self._add(snap, snap.ts, ctl)
+        self._may_hold = True
+
+    def hold(self, snap: Any, now: float, ctl: Controller) -> None:
+        """Commands are about to go out: the last picture still holds up to `now` (nothing the agent did changed
+        any miner's draw since it was taken), so pin it here. Without this, the change the commands cause would be
+        spread back over the whole gap since that picture (the trapezoid runs from the last reading), and a
+        dispatch would look as if it had started early. Once per picture: after the first batch, what the miners
+        draw is no longer what the picture says, until the next reading."""
+        if not self._may_hold:
+            return
+        self._may_hold = False
+        self._add(snap, now, ctl)
+
+    def _add(self, snap: Any, ts: float, ctl: Controller) -> None:
         curtailed, baseline_w = _curtailment(ctl)
         sample = SiteSample(
-            ts=snap.ts, measured_w=snap.power_w_measured, estimated_w=snap.power_w_estimated,
+            ts=ts, measured_w=snap.power_w_measured, estimated_w=snap.power_w_estimated,
             curtailed=curtailed, baseline_w=baseline_w,
         )  # fmt: skip
         miners = {ip: (ms.power_w, ms.measured) for ip, ms in snap.miners.items()}

