@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError
 from agent.core.addresses import expand
 from agent.core.audit import AuditKind
-from agent.core.signing import load_public_key
+from agent.core.signing import load_private_key, load_public_key
 from agent.io.control_socket import ControlServer
 from agent.io.sdnotify import SdNotifier
 from agent.logging import bind_context, configure_logging, get_logger
@@ -39,6 +39,7 @@ from agent.runtime.actuator import Actuator
 from agent.runtime.clock import Clock, make_clock
 from agent.runtime.controller import Controller
 from agent.runtime.events import EventLog, iso
+from agent.runtime.housekeeping import Housekeeping
 from agent.runtime.service import CommandService
 
 log = get_logger("agent")
@@ -67,6 +68,21 @@ def load_keys(cfg: AgentConfig) -> tuple[list[Ed25519PublicKey], list[Ed25519Pub
 
     return read(cfg.grid.public_keys, "grid.public_keys"), read(cfg.grid.operator_public_keys,
                                                                 "grid.operator_public_keys")  # fmt: skip
+
+
+def load_signing_key(cfg: AgentConfig) -> Ed25519PrivateKey | None:
+    """The site's key for signing daily chain heads, when `audit.sign_daily_head` is on."""
+    if not cfg.audit.sign_daily_head:
+        return None
+    if cfg.audit.signing_key is None:
+        raise ConfigError("audit.sign_daily_head is on but audit.signing_key is not set")
+    path = cfg.resolve(cfg.audit.signing_key)
+    try:
+        return load_private_key(path)
+    except FileNotFoundError:
+        raise ConfigError(f"audit.signing_key: {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"audit.signing_key: {exc}") from None
 
 
 def check_time_scale(cfg: AgentConfig, time_scale: float | None) -> None:
@@ -130,6 +146,7 @@ class Agent:
     async def start(self) -> None:
         cfg = self.cfg
         grid_keys, operator_keys = load_keys(cfg)
+        signing_key = load_signing_key(cfg)
         from agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
 
         if crashpoints.armed():
@@ -179,6 +196,7 @@ class Agent:
                                miners_provider=self._miner_rows if cfg.metrics.per_miner else None)  # fmt: skip
         ctl.metrics = self.metrics
         ctl.restore(safe_start=safe_reason)
+        self.housekeeping = Housekeeping(self.store, self.clock, cfg.site.id, signing_key)
         self.service = CommandService(
             cfg, ctl, events, clock=self.clock, grid_keys=grid_keys, operator_keys=operator_keys, metrics=self.metrics
         )
@@ -284,6 +302,7 @@ class Agent:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self.controller.run(), name="controller")
                     tg.create_task(self.sweep_loop(), name="sweep")
+                    tg.create_task(self.housekeeping.run(), name="housekeeping")
                     if self.link is not None:
                         tg.create_task(self.link.run(), name="mqtt")
                         tg.create_task(self.telemetry_loop(), name="telemetry")

@@ -729,6 +729,34 @@ class Store:
             }
             return self.append_audit("energy", data, ts)
 
+    def pin_energy_until(self, upto: float, ts: float) -> list[str]:
+        """Pin every quarter hour that ends at or before `upto` and is not pinned yet (close_energy_period), in
+        order; quarters with no stored minute (the agent was down) are skipped. The caller guarantees no minute
+        before `upto` can still arrive. Returns the record hashes."""
+        with self.transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'energy_pinned_to'").fetchone()
+            if row is not None:
+                start = int(float(row[0]))
+            else:
+                first = self._db.execute("SELECT MIN(minute_ts) FROM energy_minute").fetchone()[0]
+                if first is None:
+                    return []
+                start = period_start(first, QUARTER_S)
+            hashes: list[str] = []
+            while start + QUARTER_S <= upto:
+                nxt = self._db.execute(
+                    "SELECT MIN(minute_ts) FROM energy_minute WHERE minute_ts >= ?", (start,)
+                ).fetchone()[0]
+                if nxt is None:
+                    break
+                if nxt >= start + QUARTER_S:  # nothing stored in this quarter: jump to the next that has some
+                    start = period_start(nxt, QUARTER_S)
+                    continue
+                hashes.append(self.close_energy_period(start, start + QUARTER_S, ts))
+                start += QUARTER_S
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('energy_pinned_to', ?)", (repr(float(start)),))
+            return hashes
+
     # ------------------------------------------------------------------ export bookkeeping and retention
     def export_watermark(self) -> float | None:
         """Everything older than this has been exported (None: nothing yet)."""

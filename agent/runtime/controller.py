@@ -204,6 +204,7 @@ class Controller:
             self.dispatches[d.id] = rec
             if rec.open and d.expired_at(now):
                 self._close(rec, now, "expired", "expired while the agent was down", commit=True)
+        self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
         self.failsafe = fs.start(now, self.fs_rules, hold_kw=min(present_kw, self.effective_cap_kw()))
         self.level_kw = min(present_kw, self.effective_cap_kw())
         if safe_start is not None:

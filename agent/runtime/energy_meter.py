@@ -4,6 +4,11 @@ under curtailment, energy not drawn because of dispatch) and to the joules count
 controller sends commands, the last picture is pinned at that moment too (`hold`): a change the agent causes starts
 when it was commanded, not back at the reading before it.
 
+Every quarter hour whose minutes are all in is pinned into the audit chain (`Store.pin_energy_until`): a record of
+its totals that `audit verify` recomputes from the energy table, so an edited kWh figure is found. Pinned as the
+minutes close, and at start for what the last run left; never on the flush at stop, whose last minute is partial
+and gets the rest of it after the restart.
+
 Curtailed: while a dispatch, an override, a time-of-use window or the fail-safe binds the target. The baseline
 (what the site would have drawn without it) is the site's power when the binding dispatch was accepted, or the
 cap when nothing better is known (a window, the fail-safe).
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from agent.core.energy import EnergyIntegrator, SiteSample
+from agent.core.energy import MINUTE_S, EnergyIntegrator, SiteSample
 from agent.core.model import Source
 from agent.logging import get_logger
 
@@ -57,9 +62,19 @@ class EnergyMeter:
 
     def flush(self, ctl: Controller) -> None:
         """On stop: write what is known, the minute in progress too (its covered_s says how much of it)."""
-        self._record(self.integrator.close_until(math.inf), ctl)
+        self._record(self.integrator.close_until(math.inf), ctl, pin=False)
 
-    def _record(self, closed: list[Any], ctl: Controller) -> None:
+    def pin_closed(self, upto: float, ctl: Controller) -> None:
+        """Pin the quarter hours that end at or before `upto` (no minute before it can still arrive)."""
+        try:
+            pinned = ctl.store.pin_energy_until(upto, ctl.clock.time())
+        except Exception:
+            log.exception("energy quarter hours not pinned into the audit chain", upto=upto)
+            return
+        if pinned:
+            log.debug("energy pinned", quarters=len(pinned), upto=upto)
+
+    def _record(self, closed: list[Any], ctl: Controller, *, pin: bool = True) -> None:
         for minute, per_miner in closed:
             try:
                 ctl.store.record_energy_minute(minute, per_miner)
@@ -69,6 +84,8 @@ class EnergyMeter:
             self.minutes += 1
             if ctl.metrics is not None:
                 ctl.metrics.add_energy_kwh(minute.kwh)
+        if pin and closed:
+            self.pin_closed(closed[-1][0].minute_ts + MINUTE_S, ctl)
 
 
 def _curtailment(ctl: Controller) -> tuple[bool, float | None]:

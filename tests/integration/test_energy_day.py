@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.io.store import Store
 from sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso, write_agent_config
 
@@ -42,6 +45,7 @@ pytestmark = pytest.mark.timeout(300)
 K = 1000.0  # site seconds per wall second: the day takes 86 s
 DAY_S = 86400
 HOUR_S = 3600
+QUARTER_S = 900
 MINERS = 20
 MIX = "luxos:40,whatsminer:40,antminer:20"  # stock Antminers report no power: the agent estimates theirs
 # Readings every 60 site seconds (60 ms of wall time): a real site polls more often than that, and miners settle a
@@ -137,8 +141,13 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
             first = sim.truth()
             full = sum(float(m["nominal_w"]) for m in first["miners"]) / 1000
             families = {m["ip"]: m["family"] for m in first["miners"]}
+            site_key = Ed25519PrivateKey.generate()  # the site signs each whole day's chain head
+            (folder / "site.key").write_bytes(site_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
             files = write_agent_config(folder, sim.ips, cap_kw=round(full * 0.9, 1), time_scale=K,
-                                       overrides={"polling": {"interval_s": POLL_S}})  # fmt: skip
+                                       overrides={"polling": {"interval_s": POLL_S},
+                                                  "audit": {"sign_daily_head": True,
+                                                            "signing_key": str(folder / "site.key")}})  # fmt: skip
             agent = AgentProcess.start(files, time_scale=K, time_origin=origin)
             try:
                 t0 = agent.now()
@@ -242,3 +251,26 @@ def test_the_whole_run_is_accounted_up_to_the_last_reading_before_the_stop(day: 
     assert abs(error) < 0.01, f"agent {doc['total']['kwh']:.2f} kWh vs truth {truth:.2f} kWh ({error:+.2%})"
     print(f"\nwhole run: {(covered_to - covered_from) / 3600:.2f} h covered of {(t_stop - t0) / 3600:.2f} h, "
           f"error {error:+.3%}")
+
+
+def test_every_quarter_hour_is_pinned_in_the_audit_chain_and_each_day_signed(day: Day) -> None:
+    """The agent pins each quarter hour's energy into the chain as it closes and signs each whole UTC day's head:
+    `audit verify` recomputes the pinned totals from the energy table and checks the signatures."""
+    a0, a1 = day.window
+    db = next(day.files.state_dir.glob("*.db"))
+    with Store.open(db, create=False) as store:
+        pinned = [r.data for r in store.audit_records(None, None) if r.kind == "energy"]
+        heads = store.signed_heads()
+    spans = [(p["from"], p["to"]) for p in pinned]
+    assert spans == sorted(set(spans)), "a quarter pinned twice or out of order"
+    assert all(b - a == QUARTER_S and a % QUARTER_S == 0 for a, b in spans)
+    inside = [p for p in pinned if a0 <= p["from"] and p["to"] <= a1]
+    assert len(inside) == DAY_S // QUARTER_S, "a quarter hour of the day was never pinned"
+    assert sum(p["kwh"] for p in inside) == pytest.approx(
+        cli("energy", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1), "--json")["total"]["kwh"],
+        rel=1e-9)  # fmt: skip
+    assert heads, "no day's chain head was signed"
+    verdict = cli("audit", "verify", "--config", str(day.files.path), "--json")
+    assert verdict["status"] == "ok", verdict
+    assert verdict["heads_checked"] == len(heads)
+    print(f"\naudit: {len(pinned)} quarter hours pinned, {len(heads)} day head(s) signed, {verdict['records']} records")

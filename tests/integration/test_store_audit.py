@@ -15,6 +15,8 @@ import pytest
 from agent.core import signing
 from agent.core.energy import EnergyMinute, MinerMinute
 from agent.io.store import Store, verify_database
+from agent.runtime.clock import WallClock
+from agent.runtime.housekeeping import Housekeeping
 from tests.integration.store_support import hashflex, write_config
 
 DAY0 = 1_700_006_400.0  # 2023-11-15T00:00Z, a UTC midnight
@@ -165,6 +167,57 @@ def test_an_edited_energy_row_is_found_through_the_chain(tmp_path: Path) -> None
     assert not result.ok
     assert "energy rows" in str(result.reason)
     assert "changed after record 1" in str(result.reason)
+
+
+def test_quarter_hours_are_pinned_once_in_order_skipping_the_ones_with_no_minutes(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    q0 = int(DAY0)
+    with Store.open(db) as store:
+        assert store.pin_energy_until(q0 + 3600, ts=q0) == []  # nothing recorded yet: nothing to pin
+        for i in list(range(15)) + list(range(15, 23)) + list(range(90, 95)):  # q0 whole, q1 half, q6 a third
+            store.record_energy_minute(_minute(q0 + 60 * i, 1.0))
+        assert len(store.pin_energy_until(q0 + 900, ts=q0 + 901)) == 1
+        assert store.pin_energy_until(q0 + 900, ts=q0 + 902) == []  # idempotent
+        assert store.pin_energy_until(q0 + 1700, ts=q0 + 1700) == []  # q1 is not over yet
+        assert len(store.pin_energy_until(q0 + 7 * 900, ts=q0 + 7 * 900)) == 2  # q1 and q6; q2..q5 were empty
+        pinned = [(r.data["from"] - q0, r.data["kwh"]) for r in store.audit_records() if r.kind == "energy"]
+        assert pinned == [(0, pytest.approx(15.0)), (900, pytest.approx(8.0)), (5400, pytest.approx(5.0))]
+        assert store.verify_audit().ok
+    raw(db, f"UPDATE energy_minute SET kwh = kwh + 1 WHERE minute_ts = {q0 + 5460}")
+    assert "energy rows" in str(verify_database(db).reason)
+
+
+class FixedClock(WallClock):
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_housekeeping_signs_whole_days_and_prunes_only_what_was_exported(
+    site: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The agent's hourly upkeep, on a real store in a worker thread: the days before `now` get signed heads, and
+    with retention 1 day nothing goes until an export covers it."""
+    _, db = site
+    key = signing.parse_private_key(signing.generate_keypair()[0])
+    clock = FixedClock(DAY0 + 3 * 86400 + 10)
+    with Store.open(db, retention_days=1) as store:
+        keeper = Housekeeping(store, clock, "audit-site", key)
+        await keeper.once()
+        assert [h["day"] for h in store.signed_heads()] == ["2023-11-15", "2023-11-16", "2023-11-17"]
+        before = len(store.audit_records())
+        assert before > 24  # nothing was exported: nothing pruned
+        keeper.last_prune = None
+        store.mark_exported(DAY0 - 100, DAY0 + 86400, "json", "d1", clock.time())
+        await keeper.once()
+        after = store.audit_records()
+        assert len(after) == before - 24 + 1  # the first day's records, and a `prune` record anchoring the chain
+        assert after[-1].kind == "prune"
+        await keeper.once()  # not a day since the last prune: nothing more
+        assert len(store.audit_records()) == len(after)
+        assert store.verify_audit([key.public_key()]).ok
 
 
 # ---------------------------------------------------------------------------------------------- signed heads
