@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from agent.core.model import Action, MinerState, MinerView, SleepAction
-from drivers.base import DriverError, Failed, MinerHandle, Ok, OnOff, Result, Unreachable, Unsupported
+from drivers.base import (
+    CONTROL_COST_MS,
+    DriverError,
+    Failed,
+    Family,
+    MinerHandle,
+    Ok,
+    OnOff,
+    Result,
+    Unreachable,
+    Unsupported,
+)
 
 
 class Op(StrEnum):
@@ -36,7 +47,8 @@ class Change:
     op: Op
     watts: int | None = None
     decrease: bool = False  # a limit change that lowers power (goes out with the sleeps)
-    rank: float = 0.0  # wakes and increases: lower goes first (J/TH: the most efficient miners first)
+    rank: float = 0.0  # lower goes first: J/TH for wakes and increases (the most efficient first); for decreases,
+    # minus the power shed per ms of client CPU the command costs (the draw falls fastest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +118,7 @@ def diff(
         off = view.state is MinerState.SLEEPING
         if isinstance(action, SleepAction):
             if not off:
-                changes.append(Change(ip, Op.SLEEP, None, decrease=True))
+                changes.append(Change(ip, Op.SLEEP, None, decrease=True, rank=-_shed_rate(view, view.power_w)))
             continue
         watts = action.watts
         limited = use_power_limits and not isinstance(view.capability, OnOff)
@@ -121,8 +133,15 @@ def diff(
         if round(current) == watts:
             continue
         lower = watts < current
-        changes.append(Change(ip, Op.SET_POWER, watts, decrease=lower, rank=_rank(rank, view, watts)))
+        order_by = -_shed_rate(view, current - watts) if lower else _rank(rank, view, watts)
+        changes.append(Change(ip, Op.SET_POWER, watts, decrease=lower, rank=order_by))
     return changes
+
+
+def _shed_rate(view: MinerView, shed_w: float | None) -> float:
+    """Watts shed per ms of client CPU the command costs."""
+    watts = shed_w if shed_w is not None else view.nominal_w
+    return max(0.0, watts) / CONTROL_COST_MS.get(view.family, CONTROL_COST_MS[Family.OTHER])
 
 
 def _rank(rank: Callable[[MinerView, int], float] | None, view: MinerView, watts: int) -> float:
@@ -141,6 +160,7 @@ def order(changes: Iterable[Change]) -> tuple[list[Change], list[Change], list[C
             wakes.append(c)
         else:
             increases.append(c)
+    decreases.sort(key=lambda c: c.rank)
     increases.sort(key=lambda c: c.rank)
     wakes.sort(key=lambda c: c.rank)
     return decreases, increases, wakes

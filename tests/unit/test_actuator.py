@@ -119,6 +119,25 @@ def test_order_puts_decreases_first_and_most_efficient_wakes_first() -> None:
     assert [c.ip for c in wakes] == ["w2", "w1"]
 
 
+def test_decreases_go_out_in_order_of_power_shed_per_command_cost() -> None:
+    """Cheap RPC sleeps before a stock Antminer's three HTTP calls, bigger sheds first within a family: the site's
+    draw falls fastest when the client CPU is what limits the fan-out."""
+
+    def at(ip: str, family: Family, power_w: float, cap: PowerRange | OnOff = RANGE) -> MinerView:
+        return MinerView(id=ip, family=family, capability=cap, nominal_w=3250.0, nominal_ths=100.0,
+                         state=MinerState.HASHING, power_w=power_w, commanded_w=None)  # fmt: skip
+
+    views = {
+        "am": at("am", Family.ANTMINER, 3250.0, OnOff()), "lux-small": at("lux-small", Family.LUXOS, 1200.0),
+        "lux-big": at("lux-big", Family.LUXOS, 3400.0), "wm": at("wm", Family.WHATSMINER, 3300.0),
+        "wm-limit": at("wm-limit", Family.WHATSMINER, 3250.0),
+    }  # fmt: skip
+    actions = {ip: SleepAction() for ip in views} | {"wm-limit": RunAction(3000)}  # a 250 W cut by a limit
+    decreases, _, _ = order(diff(actions, views))
+    # per ms: wm 13,200 W, lux-big 8,500, lux-small 3,000, am 1,083, wm-limit 1,000 (a small cut yields)
+    assert [c.ip for c in decreases] == ["wm", "lux-big", "lux-small", "am", "wm-limit"]
+
+
 async def test_apply_sends_sleeps_before_wakes_and_batches_wakes() -> None:
     log: list[tuple[str, str, float]] = []
     handles = {ip: RecordingHandle(ip, log, delay_s=0.01) for ip in ("s1", "s2", "w1", "w2", "w3", "u")}
