@@ -6,8 +6,9 @@ read the latest FleetSnapshot → build MinerViews (telemetry + the controller's
 when the level drops, a sleep-only plan at once; the hashrate-optimal plan with power limits on the next tick)
 → the actuator sends only the diff, in the background → record (store, audit, events, status doc).
 
-Commands reach it through `submit()`: a queue drained by `run()`, so they are applied one at a time by this task,
-persisted (change + reply + audit in one transaction) before the reply is returned, and trigger an early tick.
+Commands reach it through `submit()`: a queue drained by `run()`, so they are applied one at a time by this task
+(agent/runtime/apply.py says what each one changes), persisted (change + reply + audit in one transaction)
+before the reply is returned, and trigger an early tick.
 
 Closed loop: a command acknowledged by a miner is confirmed from telemetry within control.confirm_after_s; if the
 miner still draws well above what it was told, it is re-commanded, then (after MAX_RECOMMANDS) counted at its real
@@ -23,23 +24,11 @@ import asyncio
 import contextlib
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from agent.commands import (
-    CONFLICT,
-    REQUEST_DIGEST,
-    STALE_REVISION,
-    UNKNOWN_DISPATCH,
-    CancelRequest,
-    CapRequest,
     Command,
-    CurtailRequest,
-    DispatchRequest,
-    Repeat,
-    ResumeRequest,
-    answer_repeat,
 )
 from agent.config import AgentConfig
 from agent.core import failsafe as fs
@@ -56,6 +45,7 @@ from agent.logging import get_logger
 from agent.protocol import Channel, Reply
 from agent.runtime import readout
 from agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
+from agent.runtime.apply import SAFE_START_ID, apply_command
 from agent.runtime.clock import Clock
 from agent.runtime.crashpoints import crash_point
 from agent.runtime.energy_meter import EnergyMeter
@@ -71,7 +61,6 @@ SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
 LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
 LIMIT_CONFIRM_W = 100.0
 MIN_EARLY_GAP_S = 0.2  # wall seconds between early ticks
-SAFE_START_ID = "safe-start"
 _COMPLIANCE_FIELDS = ("level_kw", "received_at", "commands_sent_at", "target_met_at", "time_to_target_s",
                       "max_overshoot_kw")  # fmt: skip
 CONTROLS_SAVE_EVERY_S = 30.0
@@ -203,7 +192,7 @@ class Controller:
             rec = DispatchRecord.from_stored(d, status, dict(progress or {}))
             self.dispatches[d.id] = rec
             if rec.open and d.expired_at(now):
-                self._close(rec, now, "expired", "expired while the agent was down", commit=True)
+                self.close_dispatch(rec, now, "expired", "expired while the agent was down", commit=True)
         self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
         self.failsafe = fs.start(now, self.fs_rules, hold_kw=min(present_kw, self.effective_cap_kw()))
         self.level_kw = min(present_kw, self.effective_cap_kw())
@@ -268,155 +257,14 @@ class Controller:
             if future.done():
                 continue
             try:
-                reply = self._apply(command)
+                reply = apply_command(self, command)
             except Exception as exc:
                 log.exception("command failed", verb=command.verb, id=command.id)
                 future.set_exception(exc)
                 continue
             future.set_result(reply)
 
-    def _apply(self, cmd: Command) -> Reply:
-        key = cmd.idempotency_key
-        if key is not None:  # a repeat that raced the first one through the inbox
-            stored = self.stored_reply(key)
-            if stored is not None:
-                answer = answer_repeat(cmd.request, stored)
-                return answer.reply if isinstance(answer, Repeat) else answer
-        now = self.clock.time()
-        req = cmd.request
-        events: list[tuple[str, dict[str, Any]]] = []
-        with self.store.transaction():
-            if isinstance(req, DispatchRequest):
-                reply = self._apply_dispatch(req, cmd, now, events)
-            elif isinstance(req, CancelRequest):
-                reply = self._apply_cancel(req, now, events)
-            elif isinstance(req, CapRequest):
-                reply = self._apply_cap(req, cmd, now, events)
-            elif isinstance(req, CurtailRequest):
-                reply = self._apply_curtail(req, cmd, now, events)
-            elif isinstance(req, ResumeRequest):
-                reply = self._apply_resume(req, now, events)
-            else:  # pragma: no cover - parse_request only marks the verbs above as mutating
-                raise ValueError(f"verb {cmd.verb!r} does not change anything")
-            if key is not None:
-                self.store.put_reply(key, cmd.verb, {**reply.to_dict(), REQUEST_DIGEST: cmd.digest}, now)
-            self.store.append_audit(
-                AuditKind.COMMAND,
-                {"verb": cmd.verb, "id": req.id, "channel": cmd.channel.value, "status": reply.status,
-                 "code": reply.error_code, "message": reply.error_message,
-                 "request": req.model_dump(mode="json", exclude_none=True)},
-                now,
-            )  # fmt: skip
-            crash_point("mid_write")
-        crash_point("accepted")
-        for event_type, data in events:
-            self.events.emit(event_type, **data)
-        if reply.is_ok:
-            self.events.emit("accepted", verb=cmd.verb, id=req.id, channel=cmd.channel.value)
-            if cmd.channel is Channel.MQTT and req.kind in ("grid", "cap") and self.failsafe is not None:
-                self.failsafe = fs.command(self.failsafe, now)  # a fresh grid command [LPC-916]
-            self.trigger()
-        else:
-            self.events.emit(
-                "rejected", verb=cmd.verb, id=req.id, channel=cmd.channel.value, code=reply.error_code,
-                message=reply.error_message,
-            )  # fmt: skip
-            if self.metrics is not None and reply.error_code:
-                self.metrics.count_rejected(reply.error_code)
-        if self.metrics is not None and cmd.verb == "dispatch":
-            self.metrics.count_dispatch("accepted" if reply.is_ok else "rejected")
-        return reply
-
-    def _apply_dispatch(
-        self, req: DispatchRequest, cmd: Command, now: float, events: list[tuple[str, dict[str, Any]]]
-    ) -> Reply:
-        existing = self.dispatches.get(req.id)
-        if existing is None:
-            with contextlib.suppress(Exception):
-                existing = self._load_closed(req.id)
-        if existing is not None:
-            if not existing.open:
-                return Reply.error(
-                    req.id, CONFLICT,
-                    f"dispatch {req.id!r} is already {existing.status}; a closed dispatch cannot be revised: "
-                    "send a new id",
-                )  # fmt: skip
-            if req.rev <= existing.dispatch.rev:
-                return Reply.error(
-                    req.id, STALE_REVISION,
-                    f"dispatch {req.id!r} is at revision {existing.dispatch.rev}; send a higher rev to replace it",
-                )  # fmt: skip
-        # the site's power now: what "curtail by X" is taken from, and the baseline of the flexibility delivered
-        baseline = round(self.fleet.latest().power_w / 1000.0, 3)
-        start = req.start if req.start is not None else now
-        d = Dispatch(
-            id=req.id, source=Source.GRID, issued_at=req.issued_at, start=start, end=req.end,
-            target_kw=req.target_kw, curtail_kw=req.curtail_kw, ramp_kw_per_min=req.ramp_kw_per_min,
-            priority=req.priority, rev=req.rev, baseline_kw=baseline,
-        )  # fmt: skip
-        rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value)
-        if existing is not None:  # a revision keeps its reception time only if it binds the same way
-            rec.received_at = now
-        self.dispatches[d.id] = rec
-        self.store.save_dispatch(d, rec.status, **rec.progress())
-        return Reply.ok(req.id, {"dispatch": rec.doc()})
-
-    def _load_closed(self, dispatch_id: str) -> DispatchRecord | None:
-        for d, status, progress in self.store.load_dispatches(active_only=False):
-            if d.id == dispatch_id:
-                return DispatchRecord.from_stored(d, status, dict(progress or {}))
-        return None
-
-    def _apply_cancel(self, req: CancelRequest, now: float, events: list[tuple[str, dict[str, Any]]]) -> Reply:
-        rec = self.dispatches.get(req.dispatch_id)
-        if rec is None:
-            rec = self._load_closed(req.dispatch_id)
-        if rec is None or rec.dispatch.source is not Source.GRID:
-            return Reply.error(req.id, UNKNOWN_DISPATCH, f"no grid dispatch with id {req.dispatch_id!r} is known")
-        if rec.open:
-            self._close(rec, now, "cancelled", f"cancelled by {req.id}", events=events)
-        return Reply.ok(req.id, {"dispatch_id": rec.dispatch.id, "status": rec.status})
-
-    def _apply_cap(
-        self, req: CapRequest, cmd: Command, now: float, events: list[tuple[str, dict[str, Any]]]
-    ) -> Reply:
-        old = self.effective_cap_kw()
-        self.runtime_cap_kw = None if req.cap_kw >= self.licensed_cap_kw else req.cap_kw
-        self.store.set_state("runtime_cap_kw", self.runtime_cap_kw)
-        new = self.effective_cap_kw()
-        change = {"from_kw": old, "to_kw": new, "by": req.id, "channel": cmd.channel.value}
-        self.store.append_audit(AuditKind.CAP_CHANGE, change, now)
-        events.append(("cap_changed", change))
-        return Reply.ok(req.id, {"cap_kw": new, "licensed_cap_kw": self.licensed_cap_kw})
-
-    def _apply_curtail(
-        self, req: CurtailRequest, cmd: Command, now: float, events: list[tuple[str, dict[str, Any]]]
-    ) -> Reply:
-        did = req.id or f"op-{uuid.uuid4().hex[:12]}"
-        if did in self.dispatches:
-            return Reply.error(req.id, CONFLICT, f"an override with id {did!r} already exists; use a new id")
-        baseline = round(self.fleet.latest().power_w / 1000.0, 3)
-        d = Dispatch(
-            id=did, source=Source.OPERATOR, issued_at=req.issued_at or now, start=now,
-            end=None if req.for_s is None else now + req.for_s, target_kw=req.to_kw, curtail_kw=req.by_kw,
-            baseline_kw=baseline,
-        )  # fmt: skip
-        rec = DispatchRecord(d, "active", now, channel=cmd.channel.value)
-        self.dispatches[did] = rec
-        self.store.save_dispatch(d, rec.status, **rec.progress())
-        return Reply.ok(req.id, {"dispatch": rec.doc()})
-
-    def _apply_resume(self, req: ResumeRequest, now: float, events: list[tuple[str, dict[str, Any]]]) -> Reply:
-        ended: list[str] = []
-        for rec in list(self.dispatches.values()):
-            if rec.open and rec.dispatch.source is Source.OPERATOR:
-                self._close(rec, now, "cancelled", "resumed by the operator", events=events)
-                ended.append(rec.dispatch.id)
-        if SAFE_START_ID in ended:
-            self.alarms.pop("safe_start", None)
-        return Reply.ok(req.id, {"cancelled": ended})
-
-    def _close(
+    def close_dispatch(
         self,
         rec: DispatchRecord,
         now: float,
@@ -549,8 +397,11 @@ class Controller:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
             crash_point("planned")
             self._launch(changes, new_plan, fast, now)
-            if fast:
-                self.trigger()  # the optimal plan follows as soon as the fast one is out
+            if fast and any(v.state in _RUNNING and ip not in self.in_flight for ip, v in by_ip.items()):
+                # the optimal plan follows as soon as the fast one is out, to limit the miners the fast one left
+                # running; when it is sleeping all of them there is nothing to plan until its results are in
+                # (they tick again), and a tick now would only take CPU from the batch
+                self.trigger()
         self._mark_commands_sent(now, len(changes))
         self._dispatch_progress(snap, present_kw, now)
         self._save_controls()
@@ -573,7 +424,7 @@ class Controller:
         for rec in list(self.dispatches.values()):
             if rec.open:
                 if rec.dispatch.expired_at(now):
-                    self._close(rec, now, "expired", "window ended", commit=True)
+                    self.close_dispatch(rec, now, "expired", "window ended", commit=True)
                 elif rec.status == "pending" and rec.dispatch.active_at(now):
                     rec.status = "active"
                     self.store.update_dispatch(rec.dispatch.id, status="active")
@@ -989,6 +840,9 @@ class Controller:
         self._save_controls(force=True)
         self.store.append_audit(AuditKind.ACTIONS, {"on_shutdown": mode, "sent": report.sent, "by_op": report.by_op()},
                                 self.clock.time())  # fmt: skip
+
+
+_RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
 
 
 def _efficiency_rank(view: MinerView, watts: int) -> float:
