@@ -1,8 +1,10 @@
 """The agent process: `hashflex run --config FILE`.
 
 Start-up, in this order (systemd hears READY=1 only at the end, so `Type=notify` means "state loaded, fleet read"):
-config (any error exits non-zero before a miner is touched) → logging → store (a corrupt store is moved aside and
-the agent starts SAFE: curtailed to the fail-safe level, with an alarm, until an operator resumes) → miner
+config (any error exits non-zero before a miner is touched) → logging → the single-instance lock on state_dir (a
+second agent exits here) → store (a corrupt store is moved aside and the agent starts SAFE: curtailed to the
+fail-safe level, with an alarm, until an operator resumes; a store that cannot be used now — full, locked,
+read-only — is waited for, never moved) → miner
 identities from the store, discovery only for addresses it has never identified → first sweep → restore control
 state (a dispatch that expired while the agent was down is closed as expired, not applied) → READY=1.
 
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
+import json
 import os
 import signal
 import time
@@ -27,19 +30,23 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent import __version__
+from agent.commands import UNAVAILABLE
 from agent.config import AgentConfig, ConfigError
 from agent.core.addresses import expand
 from agent.core.audit import AuditKind
 from agent.core.signing import load_private_key, load_public_key
 from agent.io.control_socket import ControlServer
 from agent.io.sdnotify import SdNotifier
+from agent.io.store import StoreError, StoreUnavailable
 from agent.logging import bind_context, configure_logging, get_logger
+from agent.protocol import Channel, Reply
 from agent.runtime import crashpoints
 from agent.runtime.actuator import Actuator
 from agent.runtime.clock import Clock, make_clock
 from agent.runtime.controller import Controller
 from agent.runtime.events import EventLog, iso
 from agent.runtime.housekeeping import Housekeeping
+from agent.runtime.persist import WriteBehind
 from agent.runtime.service import CommandService
 
 log = get_logger("agent")
@@ -103,24 +110,89 @@ def configured_addresses(cfg: AgentConfig) -> list[str]:
     return [ip for ip in expand(cfg.miners.addresses) if ip not in excluded]
 
 
+LOOP_BUSY_TIMEOUT_MS = 5  # the control loop never waits longer than this for another process's lock: it retries
+STORE_RETRY_MAX_S = 30.0  # the longest pause between attempts to open a state store that cannot be used now
+
+
+class AlreadyRunning(StoreError):
+    """Another agent runs on this state directory (its store is in use)."""
+
+
+def take_instance_lock(state_dir: Path) -> int:
+    """One agent per state directory: an exclusive lock on `state_dir/agent.lock`, held (by the returned open
+    descriptor) for the life of the process and released by the kernel when it ends, however it ends. Taken
+    before the store is opened, so a second `hashflex run` on the same config touches nothing."""
+    import fcntl  # noqa: PLC0415
+
+    path = state_dir / "agent.lock"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        try:  # a read-only file system: an existing lock file can still be locked
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            raise StoreUnavailable(f"{path}: cannot take the agent's lock: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another hashflex agent (pid {holder}) is running on {state_dir}; stop it first"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # who holds it, for the message a second agent gives
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def open_store(cfg: AgentConfig) -> tuple[Any, str | None]:
-    """The store, and why the agent must start safe (None when the store was sound)."""
-    from agent.io.store import Store, StoreCorrupt  # noqa: PLC0415
+    """The store, and why the agent must start safe (None when nothing says so).
+
+    Only a damaged file (StoreCorrupt) is moved aside; a store that cannot be used now (full, locked, read-only,
+    I/O errors) raises StoreUnavailable and is left exactly as it is. A safe start is remembered in a marker file
+    next to the database before the damaged file is moved, and every start reads it: the agent starts safe until
+    an operator runs `hashflex resume`, whatever happens to the new database in between."""
+    from agent.io.store import Store, StoreCorrupt, pending_safe_start, remember_safe_start  # noqa: PLC0415
 
     path = cfg.db_path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return Store.open(path, retention_days=cfg.audit.retention_days), None
+        store = Store.open(path, retention_days=cfg.audit.retention_days)
     except StoreCorrupt as exc:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        why = f"the state store was corrupt ({exc}); it was moved to {moved.name}"
+        remember_safe_start(path.parent, why, time.time())
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(moved) + suffix))
         log.error("state store corrupt; moved aside, starting safe", error=str(exc), moved_to=str(moved))
-        why = f"the state store was corrupt ({exc}); it was moved to {moved.name}"
         return Store.open(path, retention_days=cfg.audit.retention_days), why
+    return store, pending_safe_start(path.parent)
+
+
+class WaitingForStore:
+    """The control socket's handler while start-up waits for a state store that cannot be used now (locked, full,
+    read-only): every request is refused as `unavailable` with the reason, so `hashflex status` says why the agent
+    does not control yet instead of finding a dead socket. Nothing is applied or stored: there is nothing to apply
+    it to yet. (`ping` is refused too: the agent is not ready.)"""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def handle(self, verb: str, payload: bytes, channel: Channel, *, retained: bool = False) -> Reply:
+        request_id = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            doc = json.loads(payload)
+            request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        return Reply.error(request_id, UNAVAILABLE, f"the agent is not controlling yet: waiting for the state store: "
+                           f"{self.reason}")  # fmt: skip
 
 
 class Agent:
@@ -134,11 +206,13 @@ class Agent:
         self.stop_event = asyncio.Event()
         self.started_at = self.clock.time()
         self.store: Any = None
+        self._instance_lock: int | None = None  # the descriptor holding state_dir/agent.lock (see take_instance_lock)
         self.fleet: Any = None
         self.controller: Controller | None = None
         self.link: Any = None
         self.metrics: Any = None
         self.server: ControlServer | None = None
+        self._waiting: WaitingForStore | None = None  # the socket's answer while the store is waited for
         self.sweep_request = asyncio.Event()
         self.sweeps = 0
 
@@ -152,15 +226,24 @@ class Agent:
         if crashpoints.armed():
             log.warning("TEST ONLY: a crash point is armed; this agent will SIGKILL itself", point=crashpoints.armed(),
                         env=crashpoints.ENV)  # fmt: skip
-        self.store, safe_reason = open_store(cfg)
-        self.store.append_audit(
+        self.store, safe_reason = await self._open_store()
+        self.store.set_busy_timeout(LOOP_BUSY_TIMEOUT_MS)  # never hold the loop for another process's lock
+        # the agent's own records go through the write-behind: a store that refuses writes does not stop it
+        self.persist = persist = WriteBehind(self.store)
+        persist.audit(
             AuditKind.AGENT_START, {"version": __version__, "pid": os.getpid(), "time_scale": self.time_scale,
                             "safe_start": safe_reason},
             self.clock.time(),
         )  # fmt: skip
         driver = driver_from_config(cfg)
-        self.fleet = fleet = Fleet.from_config(driver, cfg.polling, clock=self.clock.time)
-        fleet.on_identified = self.store.save_identities
+        self.fleet = fleet = Fleet.from_config(
+            driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w
+        )
+
+        def save_identities(identities: list[Any]) -> None:
+            persist.call("save_identities", identities)
+
+        fleet.on_identified = save_identities
         wanted = configured_addresses(cfg)
         wanted_set = set(wanted)
         cached = [i for i in self.store.load_identities() if i.ip in wanted_set]
@@ -189,6 +272,7 @@ class Agent:
             notifier=self.notifier, grid_link=grid_link,
             gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
         )  # fmt: skip
+        ctl.persist = persist
         ctl.sweep_request = self.sweep_request
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
         ctl.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
@@ -203,12 +287,17 @@ class Agent:
         if cfg.mqtt.enabled:
             from agent.io.mqtt import MqttLink  # noqa: PLC0415
 
-            self.link = MqttLink(cfg, self.service, ctl, self.info, clock=self.clock.time)
+            # heartbeats go through the service, which passes on only signed, fresh ones for this site
+            self.link = MqttLink(cfg, self.service, self.service, self.info, clock=self.clock.time,
+                                 authentic=self.service.authentic)  # fmt: skip
             events.subscribe(self.link.publish_event)
             ctl.status_sinks.append(self.link.publish_state)
             ctl.broker_status = self.link.status
-        self.server = ControlServer(self.cfg.socket_path, self.service, group=cfg.control_socket.group)
-        await self.server.start()
+        if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
+            self.server.handler = self.service
+        else:
+            self.server = ControlServer(self.cfg.socket_path, self.service, group=cfg.control_socket.group)
+            await self.server.start()
         if cfg.metrics.enabled:
             self.metrics_port = self.metrics.start_http(cfg.metrics.host, cfg.metrics.port)
         ctl.tick()  # the first decision is made now, on the restored state and the first sweep
@@ -225,6 +314,44 @@ class Agent:
             "agent ready", version=__version__, miners=len(snap.miners), unreachable=snap.unreachable,
             socket=str(self.cfg.socket_path), mqtt=cfg.mqtt.enabled, time_scale=self.time_scale,
         )  # fmt: skip
+
+    async def _open_store(self) -> tuple[Any, str | None]:
+        """open_store, waited for while the store cannot be used now (full, locked, read-only, I/O errors): the file
+        is never moved for that, no miner is touched meanwhile (they keep what they were last told), and the wait
+        is alarmed in the log and the systemd status. In a thread: a locked file holds the open for its busy
+        timeout, and a stop signal must still be heard."""
+        delay = 1.0
+        while True:
+            try:
+                if self._instance_lock is None:  # before the store: a second agent touches nothing
+                    self._instance_lock = take_instance_lock(self.cfg.state_path)
+                return await asyncio.to_thread(open_store, self.cfg)
+            except StoreUnavailable as exc:
+                message = f"the state store cannot be used now ({exc}); not starting control, retry in {delay:g} s"
+                log.error("alarm", alarm="store_unavailable", message=message)
+                self.notifier.status(f"waiting for the state store: {exc}")
+                await self._say_waiting(str(exc))
+                self.notifier.extend_timeout(delay + 60.0)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, STORE_RETRY_MAX_S)
+
+    async def _say_waiting(self, reason: str) -> None:
+        """Answer on the control socket while the store is waited for (see WaitingForStore); only once this agent
+        holds the state directory's lock (a second agent must not take the socket). Best effort, tried once: when
+        the socket cannot be taken now, the start after the store opens takes it (or reports why)."""
+        if self._waiting is not None:
+            self._waiting.reason = reason
+            return
+        self._waiting = WaitingForStore(reason)
+        if self._instance_lock is None or self.server is not None:
+            return
+        server = ControlServer(self.cfg.socket_path, self._waiting, group=self.cfg.control_socket.group)
+        try:
+            await server.start()
+        except Exception as exc:  # ControlSocketError, OSError
+            log.warning("control socket not taken while waiting for the state store", error=str(exc))
+            return
+        self.server = server
 
     def info(self) -> dict[str, Any]:
         ctl = self.controller
@@ -344,9 +471,19 @@ class Agent:
         if self.fleet is not None:
             with contextlib.suppress(Exception):
                 await self.fleet.aclose()
+        service: CommandService | None = getattr(self, "service", None)
+        if service is not None:
+            service.refusals.flush()  # the refusals counted since the last record (never raises)
         if self.store is not None:
+            persist: WriteBehind | None = getattr(self, "persist", None)
             with contextlib.suppress(Exception):
-                self.store.append_audit(AuditKind.AGENT_STOP, {"pid": os.getpid()}, self.clock.time())
+                if persist is None:
+                    self.store.append_audit(AuditKind.AGENT_STOP, {"pid": os.getpid()}, self.clock.time())
+                else:
+                    persist.audit(AuditKind.AGENT_STOP, {"pid": os.getpid()}, self.clock.time())
+                    if not persist.flush(force=True):
+                        log.error("state store still refuses writes at stop; queued records lost",
+                                  records=persist.backlog, error=persist.error)  # fmt: skip
             with contextlib.suppress(Exception):
                 self.store.close()
         log.info("agent stopped")

@@ -14,7 +14,15 @@ Who may send what:
 - operator verbs (`curtail`, `resume`) over MQTT need an operator signature, or are refused as disabled when no
   operator key is configured; on the local socket they need nothing more;
 - read verbs (`ping`, `status`, `miners`, `preview`, `dispatches`, `events`) are open on both channels.
-Any signed request must carry `issued_at`, and any request that carries `issued_at` is checked for freshness.
+Any signed request must carry `id`, `issued_at`, `site` (this site's id) and `verb` (the verb it is sent as): the
+signature (agent.core.signing, format `hashflex-sig-v2`) covers them, so a signed command cannot be replayed at
+another site or as another verb. Any request that carries `issued_at` is checked for freshness; `site` and `verb`,
+when present on any request, must match.
+
+Parsing never raises: payloads are bounded in size and nesting before `json.loads`, numbers are parsed by hooks that
+refuse NaN, Infinity, floats that overflow to infinity and integers with more digits than any field needs, and
+duplicate keys are refused. Timestamps must fall in a sane window and durations are bounded, so no absurd value
+reaches the runtime.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -47,14 +56,30 @@ DISABLED = "disabled"
 EXPIRED = "expired"
 FUTURE = "future"
 RETAINED = "retained"
+WRONG_SCOPE = "wrong_scope"  # a signed document for another site or another verb
 # codes the runtime uses when applying a well-formed command
 UNKNOWN_DISPATCH = "unknown_dispatch"
 STALE_REVISION = "stale_revision"
 CONFLICT = "conflict"
+STALE = "stale"  # issued before a newer command of the same kind that was already applied
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
 
 MAX_ID_LEN = 128
+# the envelope of a signed command: what it is for, outside the verb's own fields (see agent.core.signing)
+SCOPE_FIELDS = ("site", "verb")
+MAX_DEPTH = 16  # a command is a flat object; nothing legitimate nests deeper than this
+MAX_INT_DIGITS = 18  # |n| < 10**18: every integer field fits, and no huge int reaches float() or int limits
+# timestamps: epoch seconds between 2000-01-01 and 2200-01-01 (epoch milliseconds land far beyond it)
+MIN_TIMESTAMP = 946_684_800.0
+MAX_TIMESTAMP = 7_258_118_400.0
+MAX_AHEAD_S = 400 * 86400.0  # a dispatch window may start or end at most this far after the agent's now
+MAX_DURATION_S = 366 * 86400.0  # an operator override lasts at most a year (or until `hashflex resume`)
+MAX_RAMP_KW_PER_MIN = 1e7
+# operator overrides live in their own id namespace: their dispatch ids carry this prefix, so a grid dispatch and a
+# local override with the same id never meet (the grid may not use the prefix, nor the safe start's id)
+OPERATOR_ID_PREFIX = "op:"
+RESERVED_GRID_IDS = frozenset({"safe-start"})
 # stored with each reply (never sent): what the request said, to tell a repeat from a conflicting reuse of its id
 REQUEST_DIGEST = "request_digest"
 
@@ -65,9 +90,13 @@ def parse_timestamp(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be an ISO 8601 time such as 2025-01-01T12:00:00Z")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        try:
+            ts = float(value)
+        except OverflowError:
+            ts = math.inf
+        if not math.isfinite(ts):
             raise ValueError("must be a finite number of epoch seconds")
-        return float(value)
+        return _in_window(ts, value)
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 time such as 2025-01-01T12:00:00Z")
     text = value.strip()
@@ -77,13 +106,29 @@ def parse_timestamp(value: Any) -> float:
         raise ValueError(f"{value!r} is not an ISO 8601 time (e.g. 2025-01-01T12:00:00Z)") from None
     if parsed.tzinfo is None:
         raise ValueError(f"{value!r} has no time zone: add Z for UTC (e.g. 2025-01-01T12:00:00Z)")
-    return parsed.timestamp()
+    try:
+        ts = parsed.timestamp()
+    except (OverflowError, ValueError):  # a zone offset that pushes year 9999 over the edge
+        raise ValueError(f"{value!r} is outside the accepted window (2000-01-01 to 2200-01-01 UTC)") from None
+    return _in_window(ts, value)
+
+
+def _in_window(ts: float, value: Any) -> float:
+    # the store, the audit and every ISO rendering must be able to hold it; epoch milliseconds are the usual mistake
+    if not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+        raise ValueError(
+            f"{value!r} is outside the accepted window (2000-01-01 to 2200-01-01 UTC; epoch seconds, not milliseconds)"
+        )
+    return ts
 
 
 def _power(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be a number of kW or a string such as '12MW' or '850kW'")
-    kw = parse_power_kw(value)
+    try:
+        kw = parse_power_kw(value)
+    except OverflowError:
+        kw = math.inf
     if not math.isfinite(kw):
         raise ValueError("must be a finite power")
     if kw < 0:
@@ -94,9 +139,14 @@ def _power(value: Any) -> float:
 def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be seconds or a string such as '30m' or '2h'")
-    seconds = parse_duration_s(value)
+    try:
+        seconds = parse_duration_s(value)
+    except OverflowError:
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{value!r}: a duration must be longer than 0 s")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{value!r} is outside the accepted range: at most {MAX_DURATION_S / 86400:.0f} days")
     return seconds
 
 
@@ -110,7 +160,8 @@ CommandId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, pattern=r"
 class Request(BaseModel):
     """Every request may carry an id, an issue time and a signature; unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: "inf"/"nan" strings are refused by every float field, not only by the JSON hooks
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     verb: ClassVar[str] = ""
     kind: ClassVar[Literal["grid", "cap", "operator", "read"]] = "read"
     id: CommandId | None = None
@@ -133,7 +184,9 @@ class DispatchRequest(Request):
     curtail_kw: PowerKw | None = None
     start: Timestamp | None = None
     end: Timestamp | None = None
-    ramp_kw_per_min: float | None = Field(None, description="> 0 kW/min; None = as fast as allowed.")
+    ramp_kw_per_min: float | None = Field(
+        None, le=MAX_RAMP_KW_PER_MIN, description="> 0 kW/min; None = as fast as allowed."
+    )
     priority: int = Field(0, ge=-1000, le=1000)
     rev: int = Field(0, ge=0, le=2**31)
 
@@ -162,6 +215,9 @@ class CapRequest(Request):
     verb: ClassVar[str] = "cap"
     kind: ClassVar[Literal["grid", "cap", "operator", "read"]] = "cap"
     cap_kw: PowerKw
+    # local socket only: also clear the grid's run-time cap (audited); without it an operator cap never lifts the
+    # grid's, the lower of the two binds (agent/runtime/apply.py `_cap`)
+    lift_grid_cap: bool = False
 
 
 class CurtailRequest(Request):
@@ -296,12 +352,119 @@ class Command:
         return request_digest(self.request)
 
     @property
+    def source(self) -> str | None:
+        """Whose command it is: "grid" (grid verbs; a cap over MQTT) or "operator" (overrides; a local cap)."""
+        kind = self.request.kind
+        if kind == "grid" or (kind == "cap" and self.channel is Channel.MQTT):
+            return "grid"
+        if kind in ("cap", "operator"):
+            return "operator"
+        return None
+
+    @property
     def idempotency_key(self) -> str | None:
-        """The key a repeat is recognised by: the id, plus the revision for revised dispatches (OpenADR)."""
+        """The key a repeat is recognised by: source, verb and id, plus the revision for revised dispatches
+        (OpenADR). Namespaced, so a local override never answers for a grid dispatch that uses the same id."""
         if self.request.id is None or not self.mutating:
             return None
         rev = getattr(self.request, "rev", 0)
-        return f"{self.request.id}#rev{rev}" if rev else self.request.id
+        key = f"{self.source}:{self.verb}:{self.request.id}"
+        return f"{key}#rev{rev}" if rev else key
+
+    @property
+    def order_key(self) -> str | None:
+        """What a command's issue time is ordered within: a newer applied command of the same key makes an older
+        one stale (a cap delivered late must not undo a newer cap). None: no order to keep (no issued_at)."""
+        req = self.request
+        if req.issued_at is None or not self.mutating:
+            return None
+        if isinstance(req, DispatchRequest):
+            return f"{self.source}:dispatch:{req.id}"
+        if isinstance(req, CancelRequest):
+            return f"{self.source}:dispatch:{req.dispatch_id}"
+        if isinstance(req, CapRequest):
+            return f"{self.source}:cap"
+        return f"{self.source}:override"  # curtail and resume: a late resume must not end a newer override
+
+
+def check_order(command: Command, newest_issued: Callable[[str], float | None]) -> Reply | None:
+    """An error reply when a newer command of the same kind (`Command.order_key`) was already applied."""
+    key = command.order_key
+    issued = command.request.issued_at
+    if key is None or issued is None:
+        return None
+    newest = newest_issued(key)
+    if newest is None or issued >= newest:
+        return None
+    return Reply.error(
+        command.id, STALE,
+        f"{command.verb!r} was issued at {_iso(issued)}, before a newer {key.split(':', 1)[1]!r} command "
+        f"(issued {_iso(newest)}) that is already applied: a late or replayed command cannot undo a newer one",
+    )  # fmt: skip
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------------------- JSON in
+class _Refused(ValueError):
+    """A payload `load_json` will not parse; the message says why."""
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _depth(payload: bytes) -> int:
+    """How deep objects and arrays nest (string contents ignored), without recursion."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(_STRINGS.sub(b'""', payload)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"the integer {text[:24]}… has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:24]} overflows to infinity")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise _Refused(f"{text} is not a JSON number (NaN and Infinity are refused)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # a signature checker and a reader could disagree about which one counts
+            raise _Refused(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def load_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Strict JSON: bounded nesting, finite numbers only, integers of at most MAX_INT_DIGITS digits, no duplicate
+    keys. Raises ValueError (with a message for the sender) for anything else; never another exception."""
+    try:
+        if _depth(payload) > max_depth:
+            raise _Refused(f"nested deeper than {max_depth} levels")
+        return json.loads(
+            payload, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant,
+            object_pairs_hook=_unique_keys,
+        )  # fmt: skip
+    except _Refused:
+        raise
+    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
+        raise ValueError(str(exc)[:200]) from None
 
 
 # ------------------------------------------------------------------------------------------------- the gate
@@ -316,36 +479,46 @@ def parse_request(
     rules: DispatchRules,
     max_bytes: int,
     cap_kw: float,
+    site_id: str,
     retained: bool = False,
     stored_reply: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> Command | Repeat | Reply:
     """A `Command` ready to apply, a `Repeat` of one already answered, or an error `Reply` that says what to change.
 
-    `cap_kw` is the licensed site cap: no target or cap may ask for more. `now` is the agent's clock.
-    `stored_reply(key)`: the reply stored for an idempotency key, if any (see `Command.idempotency_key`).
+    `cap_kw` is the licensed site cap: no target or cap may ask for more. `now` is the agent's clock. `site_id`: the
+    site a signed command must name. `stored_reply(key)`: the reply stored for an idempotency key, if any (see
+    `Command.idempotency_key`). Never raises for any payload.
     """
     if len(payload) > max_bytes:
         return Reply.error(None, TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}")
     try:
-        raw = json.loads(payload) if payload.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = load_json(payload) if payload.strip() else {}
+    except ValueError as exc:
         return Reply.error(None, BAD_JSON, f"payload is not valid JSON: {exc}")
     if not isinstance(raw, dict):
         return Reply.error(None, BAD_JSON, f"payload must be a JSON object, got {type(raw).__name__}")
-    request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    request_id = raw.get("id") if isinstance(raw.get("id"), str) and len(raw["id"]) <= MAX_ID_LEN else None
 
     model = REQUESTS.get(verb)
     if model is None:
         known = ", ".join(sorted(REQUESTS))
-        return Reply.error(request_id, UNKNOWN_VERB, f"unknown verb {verb!r}; known verbs: {known}")
+        return Reply.error(request_id, UNKNOWN_VERB, f"unknown verb {verb[:64]!r}; known verbs: {known}")
     if retained:
         return Reply.error(
             request_id, RETAINED, "retained messages on command topics are refused: publish commands without retain"
         )
+    refusal = _check_scope(verb, raw, site_id)  # a document for another site or verb: say so, whatever its fields
+    if refusal is not None:
+        return Reply.error(request_id, *refusal)
     try:
-        request = model.model_validate(raw)
+        request = model.model_validate({k: v for k, v in raw.items() if k not in SCOPE_FIELDS})
     except ValidationError as exc:
         return Reply.error(request_id, *_schema_error(verb, exc))
+    except Exception as exc:  # a validator that raised something else: still the sender's input, still refused
+        return Reply.error(request_id, BAD_REQUEST, f"bad {verb!r} request: {type(exc).__name__}")
+    refusal = _check_reserved_id(request)
+    if refusal is not None:
+        return Reply.error(request_id, *refusal)
 
     refusal = _check_authority(request, raw, channel, grid_keys, operator_keys)
     if refusal is not None:
@@ -365,11 +538,38 @@ def parse_request(
     return command
 
 
+def _check_scope(verb: str, raw: dict[str, Any], site_id: str) -> tuple[str, str] | None:
+    """`site` and `verb`, when present (always, on a signed request), must name this site and this verb."""
+    site, named = raw.get("site"), raw.get("verb")
+    if "site" in raw and not isinstance(site, str):
+        return BAD_REQUEST, "site: must be the site id (a string)"
+    if "verb" in raw and not isinstance(named, str):
+        return BAD_REQUEST, "verb: must be the verb the request is sent as (a string)"
+    if site is not None and site != site_id:
+        return WRONG_SCOPE, f"this request is for site {site[:64]!r}, and this is site {site_id!r}"
+    if named is not None and named != verb:
+        return WRONG_SCOPE, f"this request is a {named[:32]!r} request, sent as {verb!r}"
+    return None
+
+
+def _check_reserved_id(request: Request) -> tuple[str, str] | None:
+    if request.kind != "grid":
+        return None
+    ids = [request.id, getattr(request, "dispatch_id", None)]
+    for value in ids:
+        if isinstance(value, str) and (value.startswith(OPERATOR_ID_PREFIX) or value in RESERVED_GRID_IDS):
+            return BAD_REQUEST, (
+                f"id {value!r} is reserved for the site's own overrides (ids starting with {OPERATOR_ID_PREFIX!r} "
+                f"and {', '.join(sorted(RESERVED_GRID_IDS))}); use another id"
+            )
+    return None
+
+
 def _schema_error(verb: str, exc: ValidationError) -> tuple[str, str]:
     parts: list[str] = []
     range_errors = 0
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) for p in err["loc"])[:64]
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(REQUESTS[verb].model_fields))
@@ -377,13 +577,19 @@ def _schema_error(verb: str, exc: ValidationError) -> tuple[str, str]:
         elif err["type"] == "missing":
             parts.append(f"{loc}: required field is missing")
         else:
-            if any(word in msg for word in ("negative", "greater than", "less than", "after start", "must be > 0")):
+            range_words = ("negative", "greater than", "less than", "after start", "must be > 0", "outside")
+            if any(word in msg for word in range_words):
                 range_errors += 1
-            shown = f" = {err['input']!r}" if loc and "input" in err else ""
+            shown = f" = {_short(err['input'])}" if loc and "input" in err else ""
             parts.append(f"{loc}{shown}: {msg}" if loc else msg)
     # out of range only when every complaint is about a range: a missing field is the bigger problem
     code = OUT_OF_RANGE if range_errors == len(parts) else BAD_REQUEST
     return code, f"bad {verb!r} request: " + "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_authority(
@@ -407,7 +613,7 @@ def _check_authority(
         return _check_signature(verb, raw, operator_keys, "operator")
     # LOCAL operator and cap commands: the socket's file permissions are the authority; a signature, if present,
     # is not required, and a bad one is not silently accepted either
-    if request.signature is not None and not signing.verify(raw, [*operator_keys, *grid_keys]):
+    if request.signature is not None and not signing.verify_command(raw, [*operator_keys, *grid_keys]):
         return BAD_SIGNATURE, f"{verb!r}: the signature does not match any configured key; send it unsigned locally"
     return None
 
@@ -419,9 +625,13 @@ def _check_signature(
         return UNSIGNED, f"{verb!r} needs a {who} signature, and no {who} public key is configured"
     if raw.get("signature") is None:
         return UNSIGNED, f"{verb!r} must be signed by a {who} key (field 'signature'; see `hashflex sign`)"
-    if raw.get("issued_at") is None:
-        return BAD_REQUEST, f"a signed {verb!r} must carry issued_at (ISO 8601 UTC)"
-    if not signing.verify(raw, keys):
+    missing = [f for f in ("id", "issued_at", *SCOPE_FIELDS) if raw.get(f) is None]
+    if missing:
+        return BAD_REQUEST, (
+            f"a signed {verb!r} must carry {', '.join(missing)} ({signing.COMMAND_FORMAT}: id, issued_at, and the "
+            "site and verb it is for, all under the signature; `hashflex sign --site SITE --verb VERB` adds them)"
+        )
+    if not signing.verify_command(raw, keys):
         return BAD_SIGNATURE, (
             f"{verb!r}: the signature does not match any configured {who} key "
             "(was the message changed after signing, or signed with another key?)"
@@ -450,6 +660,12 @@ def _check_site_ranges(request: Request, now: float, cap_kw: float) -> tuple[str
     if isinstance(request, DispatchRequest):
         if request.target_kw is not None and request.target_kw > cap_kw:
             return OUT_OF_RANGE, f"target_kw {request.target_kw:g} is above the site cap of {cap_kw:g} kW"
+        for name, ts in (("start", request.start), ("end", request.end)):
+            if ts is not None and ts > now + MAX_AHEAD_S:
+                return OUT_OF_RANGE, (
+                    f"{name} {_iso(ts)} is more than {MAX_AHEAD_S / 86400:.0f} days ahead; send the dispatch nearer "
+                    "its time"
+                )
         if request.end is not None and request.end <= now:
             return EXPIRED, "the dispatch window is already over (end is in the past)"
     elif isinstance(request, CapRequest):
@@ -464,3 +680,53 @@ def _check_site_ranges(request: Request, now: float, cap_kw: float) -> tuple[str
     elif isinstance(request, PreviewRequest) and request.target_kw > cap_kw:
         return OUT_OF_RANGE, f"target_kw {request.target_kw:g} is above the site cap of {cap_kw:g} kW"
     return None
+
+
+# ------------------------------------------------------------------------------------------------- heartbeat
+class HeartbeatRequest(BaseModel):
+    """A grid heartbeat: signed (`hashflex-sig-v2`, verb "heartbeat") for this site, fresh, newer than the last."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    site: str = Field(max_length=MAX_ID_LEN)
+    verb: Literal["heartbeat"]
+    issued_at: Timestamp
+    signature: str = Field(min_length=1, max_length=512)
+    id: CommandId | None = None
+    seq: int | None = Field(None, ge=0)
+
+
+def parse_heartbeat(
+    payload: bytes,
+    *,
+    grid_keys: Sequence[Ed25519PublicKey],
+    site_id: str,
+    now: float,
+    max_age_s: float,
+    max_skew_s: float,
+    newest: float | None,
+) -> float | str:
+    """The heartbeat's issue time when it is authentic, for this site, fresh and newer than `newest` (the last
+    one accepted); otherwise why it is ignored. An unsigned, old or replayed heartbeat must not hold off (or release)
+    the fail-safe. Never raises."""
+    try:
+        raw = load_json(payload)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    try:
+        beat = HeartbeatRequest.model_validate(raw)
+    except Exception as exc:  # ValidationError, or anything a validator raised
+        return f"not a signed heartbeat ({signing.COMMAND_FORMAT}: site, verb, issued_at, signature): {str(exc)[:200]}"
+    if beat.site != site_id:
+        return f"for site {beat.site!r}, not {site_id!r}"
+    if not grid_keys or not signing.verify_command(raw, grid_keys):
+        return "the signature does not match any configured grid key"
+    age = now - beat.issued_at
+    if age > max_age_s:
+        return f"issued {age:.0f} s ago (older than {max_age_s:.0f} s)"
+    if -age > max_skew_s:
+        return f"issued {-age:.0f} s in the future"
+    if newest is not None and beat.issued_at <= newest:
+        return "not newer than the last accepted heartbeat (a replay)"
+    return beat.issued_at

@@ -2,45 +2,95 @@
 
 Durations accept "30s", "5m", "2h"; powers are in the unit their name says (`cap_kw`). Secrets (miner
 passwords, MQTT password) live in a separate file or a systemd credential, never in the main file.
+
+Nothing in the file can defeat the caps: no number anywhere may be infinite or NaN (`_Model`, for every float
+field, unions included), powers are at most `MAX_POWER_KW` and durations at most `MAX_DURATION_S`, an address
+list names at most `MAX_ADDRESSES_TOTAL` addresses, circuits follow the rules of `agent.core.circuits` (the same
+code the runtime uses), and time-of-use windows are in the site's IANA zone (`site.timezone`).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from agent.core.addresses import validate_spec
+from agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_spec, validate_specs
+from agent.core.circuits import Circuit, CircuitTree, check_membership
 from agent.core.units import parse_duration_s
 
 DEFAULT_CONFIG_PATH = Path("/etc/hashflex/site.yaml")
 
-Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
+# The largest power any field may hold (1,000 MW): far above any mining site, so a bigger number is a typo (W
+# typed for kW) or an attempt to switch the cap off, never a site.
+MAX_POWER_KW = 1_000_000.0
+# The longest duration any field may hold (a week): a timer longer than that is a timer that never fires.
+MAX_DURATION_S = 7 * 86400.0
+# Without a grid heartbeat for this long the link is down, whatever the file says (the fail-safe must act).
+MAX_HEARTBEAT_TIMEOUT_S = 3600.0
+# control.tolerance_kw at most this share of the site cap: meter noise, not a licence to run over the cap.
+MAX_TOLERANCE_SHARE = 0.10
+# All address lists of a file together (fleet, exclusions, circuits, groups name the same miners again).
+MAX_ADDRESSES_CONFIG = 4 * MAX_ADDRESSES_TOTAL
+
+Seconds = Annotated[float, BeforeValidator(parse_duration_s), Field(le=MAX_DURATION_S)]
+PowerKw = Annotated[float, Field(le=MAX_POWER_KW)]  # each field states its own lower bound
 AddressSpec = Annotated[str, BeforeValidator(lambda v: validate_spec(str(v)))]
+AddressList = Annotated[list[AddressSpec], AfterValidator(validate_specs)]
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first infinite or NaN float in a plain value (lists, dicts), else None. Models check themselves."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    for item in items:
+        found = _non_finite(item)
+        if found is not None:
+            return found
+    return None
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float field of every section, inside unions too, refuses inf and nan (".inf",
+    # ".nan", "1e400" in YAML) at validation; the after-check below is the net for a value a custom validator made
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _all_finite(self) -> Any:
+        for name in type(self).model_fields:
+            bad = _non_finite(getattr(self, name))
+            if bad is not None:
+                raise ValueError(f"{name} = {bad!r}: Input should be a finite number")
+        return self
 
 
 class CircuitConfig(_Model):
     id: str = Field(title="Circuit id", description="Unique name of a transformer, container or PDU.")
     parent: str | None = Field(None, description="Parent circuit id; None hangs it directly under the site.")
-    cap_kw: float = Field(gt=0, description="Most this circuit may draw, in kW.")
-    miners: list[AddressSpec] = Field(default_factory=list, description="Miners fed by this circuit.")
+    cap_kw: PowerKw = Field(gt=0, description="Most this circuit may draw, in kW.")
+    miners: AddressList = Field(
+        default_factory=list,
+        description="Miners fed by this circuit. A miner may also be listed by an ancestor, never by a sibling.",
+    )
 
 
 _SITE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -48,9 +98,35 @@ _SITE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 class SiteConfig(_Model):
     id: str = Field(pattern=_SITE_ID.pattern, description="Site id; used in MQTT topics.")
-    cap_kw: float = Field(gt=0, description="Licensed site cap in kW: never exceeded, even in the worst case.")
+    cap_kw: PowerKw = Field(
+        gt=0, description="Licensed site cap in kW: never exceeded, even in the worst case. At most 1,000 MW."
+    )
+    timezone: str | None = Field(
+        None,
+        description="IANA time zone of the site (e.g. Asia/Karachi); schedule windows are in its local wall "
+        "time, daylight saving included. Required when there are schedule windows.",
+    )
     circuits: list[CircuitConfig] = Field(default_factory=list)
     meter: Literal["none"] = Field("none", description="Site meter; 'none' = power from miners' reports.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                "not an IANA time zone (e.g. Asia/Karachi, Europe/Berlin, UTC; `timedatectl list-timezones` "
+                "lists them; the system's tzdata package provides them)"
+            ) from None
+        return v
+
+    @property
+    def tzinfo(self) -> tzinfo:
+        """The site's zone, for the schedule; UTC when none is set (then there are no windows to place)."""
+        return ZoneInfo(self.timezone) if self.timezone else UTC
 
     @field_validator("id", mode="before")
     @classmethod
@@ -59,49 +135,41 @@ class SiteConfig(_Model):
             raise ValueError("use 1-64 letters, digits, '-' or '_' (the site id is part of MQTT topic names)")
         return v
 
-    @model_validator(mode="after")
-    def _circuits_form_a_tree(self) -> SiteConfig:
-        ids = [c.id for c in self.circuits]
-        dupes = {i for i in ids if ids.count(i) > 1}
-        if dupes:
-            raise ValueError(f"circuit ids must be unique, repeated: {sorted(dupes)}")
-        if "site" in ids:
-            raise ValueError("circuit id 'site' is reserved for the site itself; name the circuit after its equipment")
-        by_id = {c.id: c for c in self.circuits}
-        for c in self.circuits:
-            if c.parent is not None and c.parent not in by_id:
-                raise ValueError(f"circuit {c.id!r} names parent {c.parent!r}, which is not defined")
-        for c in self.circuits:  # cycles
-            seen, node = {c.id}, c
-            while node.parent is not None:
-                if node.parent in seen:
-                    raise ValueError(f"circuit {c.id!r} is part of a parent cycle")
-                seen.add(node.parent)
-                node = by_id[node.parent]
-        for c in self.circuits:
-            parent_cap = by_id[c.parent].cap_kw if c.parent else self.cap_kw
-            if c.cap_kw > parent_cap:
-                raise ValueError(
-                    f"circuit {c.id!r} cap_kw={c.cap_kw} exceeds its parent's cap ({parent_cap} kW)"
-                )
-        return self
+    @field_validator("circuits")
+    @classmethod
+    def _circuits_form_a_tree(cls, circuits: list[CircuitConfig], info: ValidationInfo) -> list[CircuitConfig]:
+        """The runtime's own rules (agent.core.circuits), so `config check` refuses exactly what `run` would."""
+        cap_kw = info.data.get("cap_kw")  # absent when the cap itself was refused: check the rest against none
+        tree = CircuitTree(
+            cap_kw if cap_kw is not None else MAX_POWER_KW, [Circuit(c.id, c.parent, c.cap_kw) for c in circuits]
+        )
+        above = tree.caps_above_parents()
+        if above:
+            raise ValueError(above[0])
+        check_membership(tree, [(c.id, c.miners) for c in circuits if c.miners])
+        return circuits
 
 
 class PriorityGroup(_Model):
     name: str
     priority: int = Field(description="Higher sleeps later (e.g. hosted customers' miners).")
-    addresses: list[AddressSpec]
+    addresses: AddressList
 
 
 class MinersConfig(_Model):
-    addresses: list[AddressSpec] = Field(
-        default_factory=list, description="Single IPs, ranges a-b, CIDRs to scan for miners."
+    addresses: AddressList = Field(
+        default_factory=list, description="Single IPs, ranges a-b, CIDRs to scan for miners; 65,536 at most."
     )
-    exclude: list[AddressSpec] = Field(default_factory=list)
+    exclude: AddressList = Field(default_factory=list)
     driver: Literal["pyasic"] = "pyasic"
     priority_groups: list[PriorityGroup] = Field(default_factory=list)
     credentials_file: Path | None = Field(
         None, description="YAML {family: password}; relative to the config file. Or $CREDENTIALS_DIRECTORY."
+    )
+    unknown_w: float | None = Field(
+        None, gt=0, le=20_000, allow_inf_nan=False,
+        description="Worst case (W) a configured address counts at until a miner there is identified; "
+        "default: the largest model in the catalogue.",
     )
 
 
@@ -125,14 +193,14 @@ class WakeStagger(_Model):
 
 class ControlConfig(_Model):
     tick_s: Seconds = Field(5.0, gt=0, description="Control tick period; dispatches also trigger a tick.")
-    ramp_up_kw_per_min: float | None = Field(
+    ramp_up_kw_per_min: PowerKw | None = Field(
         None, gt=0, description="Limit on increases of site power; None = no limit."
     )
     wake: WakeStagger = WakeStagger()
     min_on_s: Seconds = Field(120.0, ge=0, description="A woken miner stays on at least this long.")
     min_off_s: Seconds = Field(120.0, ge=0, description="A slept miner stays off at least this long.")
-    tolerance_kw: float = Field(
-        0.0, ge=0, description="Measured overshoot tolerated before curtailing more (meter noise)."
+    tolerance_kw: PowerKw = Field(
+        0.0, ge=0, description="Measured overshoot tolerated before curtailing more (meter noise); ≤ 10 % of the cap."
     )
     headroom_pct: float = Field(
         1.0, ge=0, le=20, description="Plan this share below the target so drift does not cross it."
@@ -156,21 +224,16 @@ class DispatchRules(_Model):
 
 class FailsafeConfig(_Model):
     enabled: bool = Field(True, description="Only meaningful when a grid link (MQTT) is configured.")
-    heartbeat_timeout_s: Seconds = Field(180.0, gt=0, description="No heartbeat for this long: fail-safe.")
-    level: Literal["hold"] | float = Field(
+    heartbeat_timeout_s: Seconds = Field(
+        180.0, gt=0, le=MAX_HEARTBEAT_TIMEOUT_S, description="No heartbeat for this long: fail-safe (≤ 1 h)."
+    )
+    level: Literal["hold"] | Annotated[PowerKw, Field(ge=0)] = Field(
         "hold", description="'hold' keeps the last target; a number is a kW level."
     )
     hold_at_start: bool = Field(True, description="Stay in fail-safe at first start until the grid is heard.")
     release_after_s: Seconds = Field(
         300.0, gt=0, description="With heartbeat back, leave fail-safe after this even without a command."
     )
-
-    @field_validator("level", mode="before")
-    @classmethod
-    def _level(cls, v: Any) -> Any:
-        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
-            raise ValueError("fail-safe level must be 'hold' or a non-negative kW")
-        return v
 
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -181,9 +244,9 @@ class ScheduleWindow(_Model):
     name: str
     start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Local time HH:MM.")
     end: str = Field(pattern=r"^([01]\d|2[0-4]):[0-5]\d$", description="Local time HH:MM; may wrap midnight.")
-    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
-    target_kw: float = Field(ge=0, description="Most the site may draw in the window.")
-    utc_offset_h: float = Field(5.0, ge=-12, le=14, description="Local time offset (Pakistan: +5).")
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS), min_length=1)
+    target_kw: PowerKw = Field(ge=0, description="Most the site may draw in the window.")
+    # no per-window offset: the zone is the site's (site.timezone), so windows follow its DST (see _RETIRED)
 
 
 class TlsConfig(_Model):
@@ -272,6 +335,24 @@ class AgentConfig(_Model):
         for w in self.schedule:
             if w.target_kw > self.site.cap_kw:
                 raise ValueError(f"schedule window {w.name!r} target_kw is above site.cap_kw")
+        if self.schedule and self.site.timezone is None:
+            raise ValueError(
+                "site.timezone is required with schedule windows: the IANA zone of the site, e.g. Asia/Karachi "
+                "(windows are in its local wall time, daylight saving included)"
+            )
+        if self.control.tolerance_kw > MAX_TOLERANCE_SHARE * self.site.cap_kw:
+            raise ValueError(
+                f"control.tolerance_kw = {self.control.tolerance_kw}: more than {MAX_TOLERANCE_SHARE * 100:g} % of "
+                f"site.cap_kw ({self.site.cap_kw} kW); the site could stay that far above its cap uncorrected"
+            )
+        lists = [self.miners.addresses, self.miners.exclude, *(g.addresses for g in self.miners.priority_groups),
+                 *(c.miners for c in self.site.circuits)]  # fmt: skip
+        total = sum(size(spec) for specs in lists for spec in specs)
+        if total > MAX_ADDRESSES_CONFIG:
+            raise ValueError(
+                f"the address lists name {total} addresses together, more than {MAX_ADDRESSES_CONFIG} "
+                "(miners.addresses, exclude, priority_groups and circuits' miners)"
+            )
         return self
 
     # ----------------------------------------------------------------- derived values, one place each
@@ -354,25 +435,64 @@ def load_config(path: str | Path) -> AgentConfig:
         raise ConfigError(format_validation_error(path, exc, data)) from None
 
 
+# Keys an older site file may still carry, and what to write instead (an "unknown key" alone would not say).
+_RETIRED: dict[str, str] = {
+    "utc_offset_h": "no longer accepted: windows are in the site's time zone; set site.timezone once instead "
+    "(an IANA name, e.g. Asia/Karachi; daylight saving is applied)",
+}
+
+
 def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
-    lines = [f"{path}: {exc.error_count()} error(s) in the site config"]
+    """One line per problem: `field = value: what is wrong`. A single problem is a single line after the file."""
+    problems: list[str | tuple[Any, ...]] = []  # a tuple: the field of a union, its branches' messages below
+    branches: dict[tuple[Any, ...], list[str]] = {}
     for err in exc.errors():
-        loc = _format_loc(err["loc"])
+        where = tuple(err["loc"])
+        loc = _format_loc(where)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            hint = _suggest(err["loc"])
-            lines.append(f"  {loc}: unknown key{hint} (check its spelling; see configs/agent.example.yaml)")
+            retired = _RETIRED.get(str(where[-1])) if where else None
+            if retired is not None:
+                problems.append(f"{loc} = {_lookup(data, where)!r}: {retired}")
+                continue
+            hint = _suggest(where)
+            problems.append(f"{loc}: unknown key{hint} (check its spelling; see configs/agent.example.yaml)")
             continue
         if err["type"] == "missing":
-            lines.append(f"  {loc}: required field is missing")
+            problems.append(f"{loc}: required field is missing")
             continue
-        value = _lookup(data, err["loc"])
+        value = _lookup(data, where)
+        field = where
+        while field and value is _MISSING:  # a union reports each branch under field + the branch's name
+            field = field[:-1]
+            value = _lookup(data, field)
+        if field != where and field and not isinstance(value, dict | list):
+            if field not in branches:
+                branches[field] = []
+                problems.append(field)
+            if msg not in branches[field]:
+                branches[field].append(msg)
+            continue
         if value is _MISSING or isinstance(value, dict | list):
             # a cross-field check on a whole section: its message names the fields; the section is noise
-            lines.append(f"  {msg}" if not err["loc"] else f"  {loc}: {msg}")
+            problems.append(msg if not where else f"{loc}: {msg}")
             continue
-        lines.append(f"  {loc} = {value!r}: {msg}{_unit_hint(err)}")
-    return "\n".join(lines)
+        problems.append(f"{loc} = {value!r}: {msg}{_unit_hint(err)}")
+    lines = [
+        p if isinstance(p, str) else f"{_format_loc(p)} = {_lookup(data, p)!r}: {_either(branches[p])}"
+        for p in problems
+    ]
+    if len(lines) == 1:
+        return f"{path}: {lines[0]}"
+    return "\n".join([f"{path}: {len(lines)} error(s) in the site config", *(f"  {line}" for line in lines)])
+
+
+def _either(messages: list[str]) -> str:
+    """Branch messages as one: "Input should be 'hold'", "... a finite number" → "... 'hold' or a finite number"."""
+    prefix = "Input should be "
+    if all(m.startswith(prefix) for m in messages):
+        return prefix + " or ".join(m.removeprefix(prefix) for m in messages)
+    return "; or ".join(messages)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -385,6 +505,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 def _unit_hint(err: Any) -> str:
     """Say which unit a number is in when a unit was typed into a field whose name carries it."""
     name = str(err["loc"][-1]) if err["loc"] else ""
+    if name.endswith("_s") and err["type"] in ("less_than_equal", "less_than", "greater_than", "greater_than_equal"):
+        return " (seconds)"  # "2h" was read as 7200: the bound is in seconds
     if err["type"] not in ("float_parsing", "int_parsing", "float_type", "int_type"):
         return ""
     for suffix, unit in (("_kw", "kW"), ("_w", "W"), ("_mb", "MB"), ("_pct", "%")):

@@ -25,6 +25,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from agent.config import LoggingConfig
@@ -38,6 +39,9 @@ LEVELS: dict[str, int] = {
 }
 REDACTED = "***"
 _PYASIC_PATH = re.compile(r"[/\\]pyasic[/\\]")
+# Libraries that log one line per request (pyasic's HTTP calls through httpx): kept from WARNING up unless
+# `logging.levels` names them, or a 200-miner site's log is 90 % request lines.
+_CHATTY_LIBRARIES = ("pyasic", "httpx", "httpcore")
 # a name part that marks a secret value (checked on lowercase, split at non-alphanumerics and camelCase)
 _SECRET_PARTS = frozenset(
     {
@@ -102,6 +106,15 @@ class ComponentLevels:
         """The lowest level any component may log at: the fast filter in front of everything else."""
         return min([self.default, *self.levels.values()])
 
+    def names(self, component: str) -> bool:
+        """True when `logging.levels` has an entry for the component or one of its dotted parents."""
+        name = component
+        while name:
+            if name in self.levels:
+                return True
+            name = name.rpartition(".")[0]
+        return False
+
     def level_for(self, component: str | None) -> int:
         if not component:
             return self.default
@@ -132,11 +145,12 @@ class _StdlibFilter(logging.Filter):
         self.levels = levels
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _PYASIC_PATH.search(record.pathname or ""):
-            record.hashflex_component = "pyasic"
-            return record.levelno >= max(logging.WARNING, self.levels.level_for("pyasic"))
-        record.hashflex_component = record.name
-        return record.levelno >= self.levels.level_for(record.name)
+        name = "pyasic" if _PYASIC_PATH.search(record.pathname or "") else record.name
+        record.hashflex_component = name
+        level = self.levels.level_for(name)
+        if name.partition(".")[0] in _CHATTY_LIBRARIES and not self.levels.names(name):
+            level = max(logging.WARNING, level)
+        return record.levelno >= level
 
 
 def _component_from_record(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -167,11 +181,19 @@ def configure_logging(
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     renderer: Processor
     tail: list[Processor]
+    # Tracebacks without frame locals: a local holding a password or a key would otherwise reach the log in
+    # clear (the redaction above sees keys of the event, not the locals inside a rendered traceback).
     if as_json:
         renderer = structlog.processors.JSONRenderer(separators=(",", ":"))
-        tail = [structlog.processors.dict_tracebacks, renderer]
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        tail = [tracebacks, renderer]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out), sort_keys=False)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=_isatty(out), sort_keys=False,
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
+        )  # fmt: skip
         tail = [renderer]
 
     structlog.configure(

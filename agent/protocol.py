@@ -65,5 +65,6 @@ class CommandHandler(Protocol):
 
 class HeartbeatSink(Protocol):
     def heartbeat(self, payload: bytes) -> None:
-        """A grid heartbeat arrived (the fail-safe's input). Non-blocking."""
+        """A grid heartbeat arrived (the fail-safe's input), unchecked: the sink (agent.runtime.service) passes on
+        only a signed, fresh one for this site, newer than the last. Non-blocking; never raises."""
         ...

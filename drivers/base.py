@@ -61,6 +61,17 @@ class OnOff:
 
 Capability = PowerRange | Presets | OnOff
 
+# Families whose firmware takes a power limit while the miner sleeps and comes up at it when woken: LuxOS
+# `profileset` and the Whatsminer power limit are stored settings the wake starts from. The actuator sets the limit
+# before the wake, so the plan may count such a wake at its planned limit instead of stock power (issue 11 finding
+# 8). Stock Antminer is on/off; Braiins and unknown firmware are not known to, so they count at full power.
+WAKES_AT_LIMIT: frozenset[Family] = frozenset({Family.LUXOS, Family.WHATSMINER})
+
+
+def wakes_at_limit(family: Family, capability: Capability) -> bool:
+    """Whether a sleeping miner of this family can be told its limit first and comes up at it."""
+    return family in WAKES_AT_LIMIT and not isinstance(capability, OnOff)
+
 
 # ---------------------------------------------------------------------------------------------- identity
 @dataclass(frozen=True, slots=True)

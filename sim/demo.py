@@ -61,7 +61,8 @@ from sim.demo_support import (
 )
 from sim.testing import SimError, SimProcess
 
-UTC_OFFSET_H = 5.0  # the site's local time (the config's default offset)
+SITE_TIMEZONE = "Asia/Karachi"  # the site's zone (site.timezone): its windows are in this wall time
+UTC_OFFSET_H = 5.0  # Asia/Karachi's offset (no daylight saving), for the demo's own clock and plot
 SAMPLE_EVERY_S = 0.25  # wall seconds between looks at the site
 FAMILY_NAMES = {"luxos": "LuxOS", "whatsminer": "Whatsminer", "antminer": "stock Antminer"}
 SIGN_AHEAD_S = 3.0  # wall seconds before the dispatch is due that the grid side signs it
@@ -259,7 +260,7 @@ class Demo:
         write_agent_config(self.config, ips=sim.ips, cap_kw=self.cap_kw, scale=sc.speed,
                            ramp_kw_per_min=self.ramp_kw_per_min, window=window, grid_pub=self.pub,
                            state_dir=self.out / "state", socket_path=socket_path,
-                           utc_offset_h=UTC_OFFSET_H)  # fmt: skip
+                           timezone=SITE_TIMEZONE)  # fmt: skip
         self.clock = clock = SiteClock.reading(at["launch"], wall_at=time.time(), scale=sc.speed,
                                                utc_offset_h=UTC_OFFSET_H)  # fmt: skip
         agent = AgentRun(self.config, clock, socket_path, self.out / "agent.log")

@@ -53,9 +53,12 @@ def public_key_for(private: Path) -> Path:
     raise DemoError(f"no public key next to {private} (expected {private.with_suffix('.pub')})")
 
 
-def sign(key: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
-    """The grid operator's side: `hashflex sign --key KEY` over the command JSON."""
-    done = run_hashflex(["sign", "--key", str(key)], stdin=json.dumps(dict(doc)))
+DEMO_SITE_ID = "demo"  # site.id in the demo's agent config; signed commands name it (hashflex-sig-v2)
+
+
+def sign(key: Path, doc: Mapping[str, Any], *, verb: str = "dispatch", site: str = DEMO_SITE_ID) -> dict[str, Any]:
+    """The grid operator's side: `hashflex sign --key KEY --site SITE --verb VERB` over the command JSON."""
+    done = run_hashflex(["sign", "--key", str(key), "--site", site, "--verb", verb], stdin=json.dumps(dict(doc)))
     if done.returncode != 0:
         raise DemoError(f"hashflex sign failed: {done.stderr.strip()}")
     signed: dict[str, Any] = json.loads(done.stdout)
@@ -166,20 +169,20 @@ class AgentLink:
 # ---------------------------------------------------------------------------------------------- the agent
 def write_agent_config(path: Path, *, ips: list[str], cap_kw: float, scale: float, ramp_kw_per_min: float,
                        window: Mapping[str, Any], grid_pub: Path, state_dir: Path, socket_path: Path,
-                       utc_offset_h: float) -> dict[str, Any]:  # fmt: skip
+                       timezone: str) -> dict[str, Any]:  # fmt: skip
     """The site config the demo's agent runs with. Site timers are site seconds (they pass `scale` times faster);
     network deadlines are wall seconds. Sweeps and ticks come every half wall second, so the agent sees a change
     within a few site seconds even at 50×."""
     beat = 0.5 * scale  # site seconds in half a wall second
     doc: dict[str, Any] = {
-        "site": {"id": "demo", "cap_kw": cap_kw},
+        "site": {"id": DEMO_SITE_ID, "cap_kw": cap_kw, "timezone": timezone},
         "miners": {"addresses": address_ranges(ips)},
         "polling": {"interval_s": beat, "read_timeout_s": 3.0, "command_timeout_s": 5.0, "identify_timeout_s": 8.0,
                     "stale_after_s": 10 * beat, "concurrency": 200},
         "control": {"tick_s": beat, "ramp_up_kw_per_min": round(ramp_kw_per_min, 1), "min_on_s": 120,
                     "min_off_s": 120, "confirm_after_s": 6 * beat, "headroom_pct": 1.0},
         "dispatch": {"max_skew_s": max(30.0, 2 * beat)},
-        "schedule": [dict(window, utc_offset_h=utc_offset_h)],
+        "schedule": [dict(window)],
         "failsafe": {"enabled": False},
         "mqtt": {"enabled": False},
         "grid": {"public_keys": [str(grid_pub)]},

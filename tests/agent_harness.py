@@ -101,7 +101,7 @@ def write_agent_config(
             "tick_s": 1.0 * k, "min_on_s": 5.0 * k, "min_off_s": 5.0 * k, "confirm_after_s": 6.0 * k,
             "wake": {"max_per_interval": 1000, "interval_s": 1.0 * k}, "headroom_pct": 1.0,
         },
-        "dispatch": {"debounce_s": 0, "max_age_s": 3600 * k, "max_skew_s": 60 * k},
+        "dispatch": {"debounce_s": 0, "max_age_s": min(3600 * k, 7 * 86400), "max_skew_s": min(60 * k, 86400)},
         "failsafe": {"enabled": False},
         "mqtt": {"enabled": False},
         "grid": {"public_keys": [str(folder / "grid.pub")]},
@@ -115,6 +115,22 @@ def write_agent_config(
     path = folder / "agent.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return AgentConfigFiles(path, state_dir, socket, key, doc)
+
+
+def guess_verb(doc: Mapping[str, Any]) -> str:
+    """The grid verb a test document is meant for (tests sign it without saying)."""
+    if "dispatch_id" in doc:
+        return "cancel"
+    if "cap_kw" in doc:
+        return "cap"
+    return "dispatch"
+
+
+def sign_for(key: Ed25519PrivateKey, doc: Mapping[str, Any], *, site: str, verb: str,
+             issued_at: float) -> dict[str, Any]:  # fmt: skip
+    """What the grid side sends (hashflex-sig-v2): `doc` with issued_at, site and verb, signed with `key`. Fields
+    already in `doc` win (a test may sign a wrong site or verb on purpose)."""
+    return signing.sign_command({"issued_at": iso(issued_at), "site": site, "verb": verb, **doc}, key)
 
 
 class AgentProcess:
@@ -211,10 +227,14 @@ class AgentProcess:
         """The agent's clock (scaled like the agent's own): for issued_at, start and end fields."""
         return self.time_origin + (time.time() - self.time_origin) * self.time_scale
 
-    def signed(self, doc: Mapping[str, Any], *, issued_at: float | None = None) -> dict[str, Any]:
-        """`doc` with issued_at (the agent's now, unless given) and a grid signature."""
-        body = {"issued_at": iso(self.now() if issued_at is None else issued_at), **doc}
-        return signing.sign(body, self.files.grid_key)
+    def signed(self, doc: Mapping[str, Any], *, issued_at: float | None = None, verb: str | None = None,
+               site: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """`doc` grid-signed (hashflex-sig-v2) for this site: with issued_at (the agent's now, unless given), `site`
+        and `verb`. The verb defaults to what the fields say (dispatch_id: cancel, cap_kw: cap, else dispatch)."""
+        when = self.now() if issued_at is None else issued_at
+        site = site or str(self.files.doc["site"]["id"])
+        return sign_for(self.files.grid_key, doc, site=site, verb=verb or guess_verb(doc), issued_at=when)
+
 
     # ------------------------------------------------------------------------------------------ waiting
     def wait_for(self, predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "") -> T:

@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import datetime
+import os
+import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -191,23 +194,41 @@ def _to_stdout(files: dict[str, bytes]) -> None:
 
 
 def _write(files: dict[str, bytes], out: Path, fmt: str) -> Path:
-    """Write atomically enough for a regulator: to a temporary name, then rename."""
+    """Write atomically enough for a regulator: to a temporary file, then rename over the target.
+
+    The temporary file is created exclusively under a random name (mkstemp: O_CREAT|O_EXCL, never through a
+    symlink someone planted in the folder), and the rename replaces a symlink at the target rather than writing
+    through it."""
     if fmt == "json":
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(next(iter(files.values())))
-        tmp.replace(out)
+        _replace_atomically(out, lambda f: f.write(next(iter(files.values()))))
         return out
     if out.suffix == ".zip":
-        tmp = out.with_name(f".{out.name}.tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for name, body in files.items():
-                z.writestr(name, body)
-        tmp.replace(out)
+
+        def write_zip(f: BinaryIO) -> None:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+                for name, body in files.items():
+                    z.writestr(name, body)
+
+        _replace_atomically(out, write_zip)
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name, body in files.items():
-        (out / name).write_bytes(body)
+        _replace_atomically(out / name, lambda f, b=body: f.write(b))  # type: ignore[misc]
     return out
+
+
+def _replace_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # an export is meant to be handed on: not mkstemp's owner-only mode
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- energy

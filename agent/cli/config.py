@@ -120,7 +120,8 @@ def check(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
     except ConfigError as exc:
         if as_json:
             emit_json({"ok": False, "config": str(config), "errors": str(exc).splitlines(), "warnings": []})
-        err.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        # soft_wrap: each problem stays one line in the journal (ExecStartPre) and in a pipe, whatever the width
+        err.print(f"[bold red]config error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED) from None
     findings = deep_check(cfg)
     ok = not findings.errors

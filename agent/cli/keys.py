@@ -1,10 +1,12 @@
 """`hashflex keygen` and `hashflex sign`: Ed25519 keys for the grid side, and signed commands to publish.
 
     hashflex keygen --out /etc/hashflex/keys/grid        # writes grid (private, 0600) and grid.pub
-    echo '{"target_kw": 800}' | hashflex sign --key grid | mosquitto_pub -t hashflex/lhr-07/cmd/dispatch -s -q 1
+    echo '{"target_kw": 800}' | hashflex sign --key grid --site lhr-07 --verb dispatch \
+        | mosquitto_pub -t hashflex/lhr-07/cmd/dispatch -s -q 1
 
-`sign` fills `id` (a UUID) and `issued_at` (now, UTC, ISO 8601) only when the command has none, then adds
-`signature` (agent.core.signing: Ed25519 over the canonical JSON of every other field) and prints one line.
+`sign` sets `site` and `verb` (what the signature is good for: one site, one verb), fills `id` (a UUID) and
+`issued_at` (now, UTC, ISO 8601 with milliseconds) only when the command has none, then adds `signature`
+(agent.core.signing, format hashflex-sig-v2) and prints one line. `--verb heartbeat` signs a heartbeat.
 """
 
 from __future__ import annotations
@@ -58,12 +60,22 @@ def keygen(
     err.print(message, highlight=False, soft_wrap=True)
 
 
+SIGNED_VERBS = ("dispatch", "cancel", "cap", "curtail", "resume", "heartbeat")
+
+
 def sign(
     key: Annotated[Path, typer.Option("--key", help="Private key file (from hashflex keygen).")],
+    site: Annotated[
+        str | None, typer.Option("--site", help="The site id the command is for (site.id in its config).")
+    ] = None,
+    verb: Annotated[
+        str | None, typer.Option("--verb", help=f"The verb it is published as: {', '.join(SIGNED_VERBS)}.")
+    ] = None,
 ) -> None:
-    """Sign the command JSON read on stdin and print it, signed, on one line.
+    """Sign the command JSON read on stdin (format hashflex-sig-v2) and print it, signed, on one line.
 
-    Adds `id` (a UUID) and `issued_at` (now, UTC) when they are missing; an existing `signature` is replaced.
+    Sets `site` and `verb` (from --site/--verb, or kept from the document); adds `id` (a UUID) and `issued_at`
+    (now, UTC) when they are missing; an existing `signature` is replaced.
     """
     try:
         private = signing.load_private_key(key)
@@ -78,7 +90,16 @@ def sign(
         fail(f"stdin is not JSON: {exc}", EXIT_REFUSED)
     if not isinstance(document, dict):
         fail('a command is a JSON object, e.g. {"target_kw": 800}', EXIT_REFUSED)
-    signed = signing.sign(fill_defaults(document, datetime.now(UTC)), private)
+    scoped = dict(document)
+    for name, value in (("site", site), ("verb", verb)):
+        if value is not None:
+            scoped[name] = value
+        if not isinstance(scoped.get(name), str) or not scoped[name]:
+            fail(f"--{name} is required (the {name} the command is for; it is covered by the signature)",
+                 EXIT_REFUSED)  # fmt: skip
+    if scoped["verb"] not in SIGNED_VERBS:
+        fail(f"--verb {scoped['verb']!r}: signed verbs are {', '.join(SIGNED_VERBS)}", EXIT_REFUSED)
+    signed = signing.sign_command(fill_defaults(scoped, datetime.now(UTC)), private)
     sys.stdout.write(json.dumps(signed, separators=(",", ":"), ensure_ascii=False) + "\n")
 
 
@@ -88,5 +109,6 @@ def fill_defaults(document: dict[str, Any], now: datetime) -> dict[str, Any]:
     if "id" not in filled:
         filled["id"] = str(uuid.uuid4())
     if "issued_at" not in filled:
-        filled["issued_at"] = now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        # milliseconds: two commands signed within one second still have an order (see commands.check_order)
+        filled["issued_at"] = now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return filled

@@ -24,6 +24,7 @@ from rich.console import Console
 from agent.cli import render as r
 from agent.cli.agentclient import call
 from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, JsonOpt, emit_json, fail
+from agent.runtime.events import EVENT_TYPES
 from agent.service_files import SERVICE_NAME
 
 EVENT_STYLE = {"rejected": "red", "failed": "bold red", "failsafe_entered": "bold red", "alarm": "bold red",
@@ -77,6 +78,8 @@ def logs(
     """The agent's recent events (dispatches, rejections, fail-safe, alarms), or its journal with --journal."""
     if as_json and follow:
         fail("--json and --follow do not mix: --json prints one document", as_json=True)
+    if type_ is not None and type_ not in EVENT_TYPES:
+        fail(f"--type: no event type {type_!r} (one of: {', '.join(sorted(EVENT_TYPES))})", as_json=as_json)
     if from_journal:
         journal(limit, follow, as_json)
         return

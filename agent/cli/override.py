@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from agent.cli import render as r
 from agent.cli.agentclient import call, request_id
 from agent.cli.common import DEFAULT_CONFIG, EXIT_REFUSED, ConfigOpt, JsonOpt, emit_json, err, fail
+from agent.commands import MAX_DURATION_S
 from agent.core.units import format_kw, parse_duration_s, parse_power_kw
 
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until the site is at or under the new level.")]
@@ -118,6 +119,9 @@ def curtail(
         payload["by_kw"] = parse_power(by or "", "--by", as_json=as_json, allow_zero=False)
     if for_ is not None:
         payload["for_s"] = parse_duration(for_, "--for", as_json=as_json)
+        if payload["for_s"] > MAX_DURATION_S:
+            fail(f"--for: at most {MAX_DURATION_S / 86400:.0f} days (leave --for out to hold until "
+                 f"`hashflex resume`), got {for_!r}", as_json=as_json)  # fmt: skip
     timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
     data = call(config, "curtail", payload, as_json=as_json)
     dispatch = data.get("dispatch") or {}
@@ -153,28 +157,63 @@ def resume(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None
 
 def cap(
     power: Annotated[str | None, typer.Argument(help="New site cap (e.g. 18MW); omit to show the cap.")] = None,
+    *,
     config: ConfigOpt = DEFAULT_CONFIG,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
     wait_timeout: WaitTimeoutOpt = "10m",
+    lift_grid_cap: Annotated[
+        bool,
+        typer.Option(
+            "--lift-grid-cap",
+            help="Also lift the cap the grid set at run time (audited). Without it the "
+            "lower of the grid's cap and yours binds.",
+        ),
+    ] = False,
 ) -> None:
-    """Show the site cap, or set the run-time cap (never above the licensed cap)."""
+    """Show the site cap, or set the operator's run-time cap (never above the licensed cap).
+
+    The grid may set a run-time cap too: the lower of the two binds, and a local cap never lifts the grid's unless
+    you say so with --lift-grid-cap (recorded in the audit log).
+    """
     if power is None:
         doc = call(config, "status", {}, as_json=as_json)
-        shown = {"cap_kw": doc.get("cap_kw"), "licensed_cap_kw": doc.get("licensed_cap_kw")}
+        # and the run-time caps by source that are set (the lowest cap binds)
+        shown = {k: doc.get(k) for k in ("cap_kw", "licensed_cap_kw")}
+        shown.update({k: doc[k] for k in ("grid_cap_kw", "operator_cap_kw") if doc.get(k) is not None})
         if as_json:
             emit_json(shown)
         else:
-            Console().print(f"cap {r.kw(shown['cap_kw'])} (licensed {r.kw(shown['licensed_cap_kw'])})", highlight=False)
+            parts = [f"licensed {r.kw(shown['licensed_cap_kw'])}"]
+            for who in ("grid", "operator"):
+                if shown.get(f"{who}_cap_kw") is not None:
+                    parts.append(f"{who} {r.kw(shown[f'{who}_cap_kw'])}")
+            Console().print(f"cap {r.kw(shown['cap_kw'])} ({', '.join(parts)})", highlight=False)
         return
     cap_kw = parse_power(power, "POWER", as_json=as_json, allow_zero=False)
     timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
-    data = call(config, "cap", {"id": request_id(), "issued_at": time.time(), "cap_kw": cap_kw}, as_json=as_json)
-    final = wait_for_level(config, cap_kw, None, timeout_s, as_json=as_json) if wait else None
+    payload: dict[str, Any] = {"id": request_id(), "issued_at": time.time(), "cap_kw": cap_kw}
+    if lift_grid_cap:
+        payload["lift_grid_cap"] = True
+    data = call(config, "cap", payload, as_json=as_json)
+    effective = r.num(data.get("cap_kw"))
+    final = wait_for_level(config, effective if effective is not None else cap_kw, None, timeout_s,
+                           as_json=as_json) if wait else None  # fmt: skip
     if as_json:
         emit_json({**data, **({"status": final} if final is not None else {})})
         return
-    err.print(f"site cap set to {format_kw(r.num(data.get('cap_kw')) or cap_kw)}", highlight=False)
+    lifted = r.num(data.get("lifted_grid_cap_kw"))
+    if lifted is not None:
+        err.print(f"the grid's cap of {format_kw(lifted)} is lifted (recorded in the audit log)", highlight=False)
+    grid = r.num(data.get("grid_cap_kw"))
+    if grid is not None and effective is not None and grid <= effective and grid < cap_kw:
+        err.print(
+            f"operator cap set to {format_kw(cap_kw)}; the grid's cap of {format_kw(grid)} still binds "
+            "(--lift-grid-cap lifts it)",
+            highlight=False,
+        )
+    else:
+        err.print(f"site cap set to {format_kw(effective if effective is not None else cap_kw)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,10 +4,24 @@ Worst-case rules (the planner keeps the sum of these under the target and every 
 - running, obeying miner planned at RunAction(w): w (its limit).
 - sleeping miner: `PlannerRules.sleep_w` (control board and fans).
 - waking miner, and a miner this plan wakes: its full power, `full_w` = max(nominal, stock level, last commanded
-  limit) — a miner comes back from sleep at its stored or stock profile before any new limit can take hold.
-- unreachable miner: max(last known draw, full_w). Conservative on purpose: we cannot tell whether it kept our
-  limit, rebooted into stock settings or is about to; unknown is never zero (evcc: a stale meter is an overload).
-- miner that ignores commands: what it actually draws (its measured power), or full_w when that is unknown.
+  limit) — a miner comes back from sleep at its stored or stock profile before any new limit can take hold —
+  except a waking miner that accepted a limit with its wake command (`MinerView.woken_to_w`): it comes up at
+  that limit and counts at it (else a fast cut's re-plan would leave ~10-15 % of the target unused for minutes).
+- a miner this plan wakes whose firmware takes a limit while asleep (`drivers.base.wakes_at_limit`: LuxOS,
+  Whatsminer): its planned limit, `OFF_L`. The actuator sets that limit before the wake and wakes it only if it
+  took, so it comes up at it; the optimiser may wake it at any run level, so the room under a limit smaller than
+  one miner's stock power is used by a throttled wake (issue 11 finding 8). The sleep-only plan wakes at stock.
+- measured above that: a controllable miner whose own settled report (`MinerView.measured_w`) is above what the
+  rules above count for its present state keeps the difference (`excess_w`) counted, whatever the plan does with
+  it, on its circuit and the site: every miner counts at no less than max(planned, measured), and a miner that
+  drifts above its limit costs room on its own circuit, not only at the site.
+- unreachable miner: max(last known draw, full_w, its self-step ceiling). Conservative on purpose: we cannot tell
+  whether it kept our limit, rebooted into stock settings or is about to; unknown is never zero (evcc: a stale
+  meter is an overload). The self-step ceiling (`efficiency.self_step_ceiling_w`) is the most its own firmware may
+  move it to unasked: a Presets miner's highest preset (LuxOS ATM, on by default, steps the profile up by itself,
+  and nobody sees it while the miner cannot be read), else its stock level.
+- miner that ignores commands: what it actually draws (its measured power), or max(full_w, self-step ceiling)
+  when that is unknown.
 Minimum on/off times: a sleeping miner inside min_off is never woken (absolute). A running or waking miner inside
 min_on is kept on by the optimiser's own choices; it is slept only when a cap or the target cannot be met
 otherwise, and then it is listed in `Plan.min_on_overridden` with an alarm. `force_off` makes those choices.
@@ -15,15 +29,23 @@ otherwise, and then it is listed in `Plan.min_on_overridden` with an alarm. `for
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.core.circuits import CircuitTree
-from agent.core.efficiency import DEFAULT_CURVE, EfficiencyCurve, range_step, run_levels, stock_w
+from agent.core.efficiency import (
+    DEFAULT_CURVE,
+    EfficiencyCurve,
+    range_step,
+    run_levels,
+    self_step_ceiling_w,
+    stock_w,
+)
 from agent.core.model import MinerState, MinerView
-from drivers.base import Capability
+from drivers.base import Capability, wakes_at_limit
 
 # miner kinds
-UNCONTROLLED, OFF_LOCKED, OFF, ON, ON_P, WAKE, WAKE_P = range(7)
+UNCONTROLLED, OFF_LOCKED, OFF, ON, ON_P, WAKE, WAKE_P, OFF_L = range(8)  # OFF_L: asleep, wakes at a planned limit
 _EPS = 1e-6
 
 
@@ -44,13 +66,14 @@ class PlannerRules:
 class ModelInfo:
     """Everything the planners need about one (capability, nominal) pair, computed once per plan."""
 
-    __slots__ = ("levels", "nominal_ths", "nominal_w", "step", "stock", "stock_ths", "ths")
+    __slots__ = ("ceiling", "levels", "nominal_ths", "nominal_w", "step", "stock", "stock_ths", "ths")
 
     def __init__(self, cap: Capability, nominal_w: float, nominal_ths: float, rules: PlannerRules) -> None:
         self.nominal_w, self.nominal_ths = nominal_w, nominal_ths
         self.levels = run_levels(cap, nominal_w, rules.curve, rules.levels_per_range)
         self.ths = tuple(rules.curve.ths_at(w, nominal_w, nominal_ths) for w in self.levels)
         self.stock = stock_w(cap, nominal_w)
+        self.ceiling = self_step_ceiling_w(cap, nominal_w)  # where its firmware may take it unasked
         self.stock_ths = rules.curve.ths_at(self.stock, nominal_w, nominal_ths)
         self.step = range_step(cap)
 
@@ -73,9 +96,12 @@ class Prep:
         self.cur_w = [0.0] * n  # present level: what the miner is told / draws now (worst-case rules)
         self.full_w = [0.0] * n
         self.fixed_w = [0.0] * n  # worst case of uncontrolled miners
+        self.excess_w = [0.0] * n  # measured above what the rules count for its present state (fixed load)
         self.hard = [target_kw * 1000.0, *(c * 1000.0 for c in tree.caps_kw()[1:])]
         self.hard[0] = min(self.hard[0], tree.caps_kw()[0] * 1000.0)
         self._classify(now)
+        # the measured excess is a fixed load on every node up the miner's path (floors, loads, present)
+        self.excess_nodes = self.node_sums(self.excess_w) if any(self.excess_w) else [0.0] * len(self.hard)
         self.forced = [False] * n  # min-on miners this plan must sleep, and everything in an infeasible subtree
         self.curtailed = [False] * n  # inside a node that cannot be met even with everything asleep
         self.overridden: list[int] = []  # min-on miners the optimiser's floors require asleep
@@ -91,6 +117,7 @@ class Prep:
         cur_w, full_w, fixed_w = self.cur_w, self.full_w, self.fixed_w
         unreachable, sleeping, waking = MinerState.UNREACHABLE, MinerState.SLEEPING, MinerState.WAKING
         min_on, min_off, sleep_w = rules.min_on_s, rules.min_off_s, rules.sleep_w
+        limits = rules.use_power_limits
         for i, v in enumerate(self.views):
             fast_key = (id(v.capability), v.nominal_w, v.nominal_ths)
             m = fast.get(fast_key)
@@ -119,16 +146,24 @@ class Prep:
             if st is unreachable or v.ignores_commands:
                 kind[i] = UNCONTROLLED
                 pw = v.power_w
-                fixed_w[i] = cur_w[i] = max(full, pw or 0.0) if st is unreachable else (full if pw is None else pw)
+                unread = full if full >= m.ceiling else float(m.ceiling)  # nobody sees where its firmware took it
+                fixed_w[i] = cur_w[i] = max(unread, pw or 0.0) if st is unreachable else (unread if pw is None else pw)
             elif st is sleeping:
                 kind[i] = OFF if now - v.last_transition >= min_off else OFF_LOCKED
                 cur_w[i] = sleep_w
+                if kind[i] == OFF and limits and wakes_at_limit(v.family, v.capability):
+                    kind[i] = OFF_L  # told its limit before the wake: it comes up at it, whatever it had stored
+                    full_w[i] = float(m.stock)  # the most it is woken to (the sleep-only plan's level)
             elif st is waking:
                 kind[i] = WAKE if now - v.last_transition >= min_on else WAKE_P
+                if v.woken_to_w is not None and v.woken_to_w > 0:
+                    full_w[i] = full = float(v.woken_to_w)  # it comes up at the limit it accepted
                 cur_w[i] = full
             else:
                 kind[i] = ON if now - v.last_transition >= min_on else ON_P
                 cur_w[i] = float(cmd) if cmd is not None else float(m.stock)
+            if v.measured_w is not None and kind[i] != UNCONTROLLED and v.measured_w > cur_w[i]:
+                self.excess_w[i] = v.measured_w - cur_w[i]
         for c in sorted(unknown):
             self.alarms.append(f"unknown_circuit:{c}: its miners are checked against the site cap only")
 
@@ -167,7 +202,7 @@ class Prep:
         return soft
 
     def present_w(self) -> float:
-        return sum(self.cur_w)
+        return sum(self.cur_w) + self.excess_nodes[0]
 
     def force_off(self) -> list[float]:
         """Sleep min-on miners only where a node cannot be met otherwise; curtail infeasible subtrees. → floors."""
@@ -179,7 +214,7 @@ class Prep:
                 mins[i] = self.fixed_w[i]
         for i in protected:
             mins[i] = self.min_w(i)
-        floor = self.node_sums(mins)
+        floor = [f + x for f, x in zip(self.node_sums(mins), self.excess_nodes, strict=True)]
         order = sorted(range(len(hard)), key=lambda nd: -tree.depth(nd))  # children before parents
         forced: list[int] = []
         infeasible: list[int] = []
@@ -230,3 +265,33 @@ class Prep:
         ths = m.ths[0] if self.kind[i] == ON_P else m.stock_ths
         saved = max(_EPS, self.min_w(i) - self.rules.sleep_w)
         return (self.views[i].priority, ths / saved, self.views[i].last_transition)
+
+
+def excess_w(v: MinerView, sleep_w: float) -> float:
+    """What a controllable miner measurably draws above what the accounting counts for its present state (the
+    site-level correction leaves this to the plan, which counts it per miner)."""
+    if v.measured_w is None or v.ignores_commands or v.state is MinerState.UNREACHABLE:
+        return 0.0
+    if v.state is MinerState.SLEEPING:
+        counted = sleep_w
+    elif v.state is MinerState.WAKING:
+        return 0.0  # counted at full power (or the limit it woke to) while it comes up
+    elif v.commanded_w is not None:
+        counted = v.commanded_w
+    else:
+        counted = stock_w(v.capability, v.nominal_w)
+    return max(0.0, v.measured_w - counted)
+
+
+def largest_full_w(views: Iterable[MinerView]) -> float:
+    """The most one wake adds to the worst case: the largest `full_w` (max of nominal, stock level and last commanded
+    limit) in the fleet. The controller's ramp credit must be able to hold this much, or that miner never wakes."""
+    stock: dict[tuple[int, float], int] = {}  # by capability object: miners share few of them
+    top = 0.0
+    for v in views:
+        key = (id(v.capability), v.nominal_w)
+        s = stock.get(key)
+        if s is None:
+            s = stock[key] = stock_w(v.capability, v.nominal_w)
+        top = max(top, v.nominal_w, float(s), v.commanded_w or 0.0)
+    return top

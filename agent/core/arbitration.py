@@ -1,8 +1,14 @@
 """Arbitration: every input that limits the site → one effective Target, and which input binds.
 
-Inputs: the licensed cap, a run-time cap (it may only lower the licensed one), grid dispatches and operator
-overrides (`Dispatch`), time-of-use windows (`ScheduleRule`) and the fail-safe level. The lowest level wins; ties
-go to the input listed first in `_RANK` so the reason shown is stable.
+Inputs: the licensed cap, run-time caps from the grid and from the operator (each may only lower the licensed
+one; the lowest binds), grid dispatches and operator overrides (`Dispatch`), time-of-use windows (`ScheduleRule`)
+and the fail-safe level. The lowest level wins; ties go to the input listed first in `_RANK` so the reason shown
+is stable.
+
+Ramps (`ramped_level`): a dispatch may ask to be approached at `ramp_kw_per_min`. That slows its own input only:
+each input ramps on its own path (an input without a ramp binds at once), and the planning level is the minimum
+of the ramped inputs, so a slow grid ramp never holds the site above an operator curtail, a time-of-use window,
+the fail-safe or a cap. The path of each ramped input is explicit state, handed in and returned each tick.
 
 Event rules (all pure functions of the dispatches and `now`):
 - A reduction is never delayed: a dispatch binds from its start (only a grid cool-down may defer a start).
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.core.model import Dispatch, Source, Target
+from agent.core.ramp import ramp_step
 from agent.core.schedule import ScheduleRule
 
 _RANK = {Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3, Source.CAP: 4}
@@ -117,33 +124,44 @@ def _level_kw(d: Dispatch) -> float:
 @dataclass(frozen=True, slots=True)
 class ArbitrationInputs:
     licensed_cap_kw: float
-    runtime_cap_kw: float | None = None  # a lower cap set at run time; a higher one is ignored
+    # run-time caps, one per source, each may only lower the licensed cap and the lowest binds: a `cap` command
+    # from the grid (signed, MQTT) and one from the site's operator (local socket) are separate inputs, so neither
+    # lifts the other (lifting a grid cap locally is an explicit, audited act of the runtime, not a cap)
+    grid_cap_kw: float | None = None
+    operator_cap_kw: float | None = None
     dispatches: Sequence[Dispatch] = ()  # grid and operator, incl. recently ended ones (see retention_s)
     schedule: Sequence[ScheduleRule] = ()
     failsafe_kw: float | None = None  # the fail-safe limit while it is active (failsafe.limit_kw), else None
     rules: ArbitrationRules = ArbitrationRules()
 
 
-def effective_cap_kw(licensed_cap_kw: float, runtime_cap_kw: float | None) -> float:
-    """The run-time cap may only lower the licensed one."""
-    if runtime_cap_kw is None:
-        return licensed_cap_kw
-    return min(licensed_cap_kw, max(0.0, runtime_cap_kw))
+def effective_cap_kw(licensed_cap_kw: float, *runtime_caps_kw: float | None) -> float:
+    """The lowest of the licensed cap and the run-time caps: a run-time cap may only lower the licensed one."""
+    return min([licensed_cap_kw, *(max(0.0, c) for c in runtime_caps_kw if c is not None)])
 
 
-def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
-    """The one effective target at `now`: the most restrictive of all inputs, with the one that binds."""
-    cap = effective_cap_kw(inputs.licensed_cap_kw, inputs.runtime_cap_kw)
-    cap_id = "runtime" if cap < inputs.licensed_cap_kw else None
-    # (kw, rank, id, source, ramp, detail)
-    best: tuple[float, int, str, Source, float | None, str] = (
-        cap,
-        _RANK[Source.CAP],
-        cap_id or "",
-        Source.CAP,
-        None,
-        "",
-    )
+def _cap_binding(inputs: ArbitrationInputs, cap: float) -> str:
+    """Which cap binds: "" for the licensed one, else the source of the run-time cap (the grid's on a tie)."""
+    if cap >= inputs.licensed_cap_kw:
+        return ""
+    if inputs.grid_cap_kw is not None and max(0.0, inputs.grid_cap_kw) <= cap:
+        return Source.GRID.value
+    return Source.OPERATOR.value
+
+
+# (kw, rank, id, source, ramp, detail, since): one input that binds now, at its own (unramped) level, and since
+# when it binds (a dispatch's effective start; the others: -inf)
+_Limit = tuple[float, int, str, Source, float | None, str, float]
+
+
+def _key(limit: _Limit) -> tuple[float, int, str]:
+    return limit[0], limit[1], limit[2]
+
+
+def _limits(inputs: ArbitrationInputs, now: float) -> tuple[float, list[_Limit]]:
+    """The effective cap and every input that binds at `now` (the cap first)."""
+    cap = effective_cap_kw(inputs.licensed_cap_kw, inputs.grid_cap_kw, inputs.operator_cap_kw)
+    out: list[_Limit] = [(cap, _RANK[Source.CAP], _cap_binding(inputs, cap), Source.CAP, None, "", -math.inf)]
     windows = event_windows(inputs.dispatches, inputs.rules)
     for d in latest_revisions(inputs.dispatches):
         window = windows[d.id]
@@ -153,16 +171,22 @@ def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
         detail = {"holding": "release_debounce"}.get(phase, "")
         if phase == "active" and d.end is not None and now >= d.end:
             detail = "min_hold"
-        candidate = (_level_kw(d), _RANK[d.source], d.id, d.source, d.ramp_kw_per_min, detail)
-        best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
+        out.append((_level_kw(d), _RANK[d.source], d.id, d.source, d.ramp_kw_per_min, detail, window.start))
     for w in inputs.schedule:
         if w.active_at(now):
-            candidate = (w.target_kw, _RANK[Source.SCHEDULE], w.name, Source.SCHEDULE, None, "")
-            best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
+            out.append((w.target_kw, _RANK[Source.SCHEDULE], w.name, Source.SCHEDULE, None, "", -math.inf))
     if inputs.failsafe_kw is not None:
-        candidate = (max(0.0, inputs.failsafe_kw), _RANK[Source.FAILSAFE], "", Source.FAILSAFE, None, "")
-        best = min(best, candidate, key=lambda c: (c[0], c[1], c[2]))
-    kw, _, binding_id, source, ramp, detail = best
+        out.append((max(0.0, inputs.failsafe_kw), _RANK[Source.FAILSAFE], "", Source.FAILSAFE, None, "", -math.inf))
+    return cap, out
+
+
+def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
+    """The one effective target at `now`: the most restrictive of all inputs, with the one that binds.
+
+    This is where the site is headed; how fast it may get there, input by input, is `ramped_level`.
+    """
+    cap, limits = _limits(inputs, now)
+    kw, _, binding_id, source, ramp, detail, _since = min(limits, key=_key)
     return Target(
         kw=min(kw, cap),
         source=source,
@@ -172,3 +196,52 @@ def arbitrate(inputs: ArbitrationInputs, now: float) -> Target:
         failsafe=inputs.failsafe_kw is not None,
         detail=detail,
     )
+
+
+# ---------------------------------------------------------------------------------------------- ramps
+RampState = Mapping[str, float]  # ramped input (`ramp_key`) -> where its own ramp path is now, in kW
+
+
+def ramp_key(source: Source, input_id: str) -> str:
+    return f"{source.value}:{input_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RampedLevel:
+    """The planning level for this tick: the lowest of all inputs, each one ramped on its own."""
+
+    kw: float
+    ramps: dict[str, float]  # the state to hand to the next call (only inputs that still bind and ramp)
+    binding: str  # the input that holds the level ("grid:d1"; "cap" for the cap)
+    ramping: bool  # the binding input is on its way down its ramp (not yet at its level)
+
+
+def ramped_level(
+    inputs: ArbitrationInputs, now: float, dt_s: float, ramps: RampState, *, from_kw: float
+) -> RampedLevel:
+    """Each input's contribution, and the level: the minimum of them, never above the cap.
+
+    An input without a ramp binds at once at its level. An input that asks for a ramp (a dispatch's
+    `ramp_kw_per_min`) goes down its own path: from where it was (`ramps`, the state returned by the last call) or,
+    the first time it binds, from `from_kw` (the level planned last tick: where the site is headed from), at most
+    its rate times the time since (`dt_s`, or since it began to bind), to its level; a rise of its level applies at
+    once (increases are limited by the planner's ramp allowance). So a ramp slows only its own input: any other
+    input binds as if it were alone.
+    """
+    cap, limits = _limits(inputs, now)
+    out: dict[str, float] = {}
+    best: tuple[float, int, str] | None = None  # (contribution, rank, id): ties reported as in `arbitrate`
+    binding, ramping = Source.CAP.value, False
+    for kw, rank, input_id, source, ramp, _detail, since in limits:
+        contribution = kw
+        if ramp is not None:
+            key = ramp_key(source, input_id)
+            # a path that starts now has run only since the input began to bind, not the whole tick
+            prev, run_s = (ramps[key], dt_s) if key in ramps else (from_kw, min(dt_s, now - since))
+            contribution = out[key] = ramp_step(prev, kw, run_s, down_kw_per_min=ramp)
+        if best is None or (contribution, rank, input_id) < best:
+            best = (contribution, rank, input_id)
+            binding = f"{source.value}:{input_id}" if input_id else source.value
+            ramping = contribution > kw + 1e-9
+    assert best is not None  # the cap is always among the limits
+    return RampedLevel(kw=min(best[0], cap), ramps=out, binding=binding, ramping=ramping)

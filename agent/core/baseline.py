@@ -2,14 +2,16 @@
 
 It changes no power limit. Running miners stay at their present level; to come under the target and every
 circuit cap it sleeps the least efficient miners first (J/TH at their present level), lowest priority group
-first; with room to spare it wakes the most efficient sleeping miners first (highest priority group first),
-within the wake budget and the ramp allowance, each counted at full power. Min-on miners are slept only where a
-cap cannot be met otherwise (then `Plan.min_on_overridden` says so); min-off miners are never woken.
+first; with room to spare it wakes the most efficient sleeping miners first (highest priority group first, the
+optimiser's order), within the wake budget and the ramp allowance, each counted at full power, and only when it
+sleeps no miner that is on (running or waking): a wake-up is never thrown away to start another. Min-on miners
+are slept only where a cap cannot be met otherwise (then `Plan.min_on_overridden` says so); min-off miners are
+never woken.
 """
 
 from __future__ import annotations
 
-from agent.core.accounting import OFF, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
+from agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
 from agent.core.plan_build import Assignment
 
 _EPS = 1e-6
@@ -48,7 +50,7 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
             if curtailed[i] and k in (ON_P, WAKE_P):
                 a.overridden.append(i)
             continue
-        if k == OFF:
+        if k in (OFF, OFF_L):  # woken at stock (no limit changes here): OFF_L counts at its stock level
             sleeping.append(i)
             continue
         m = model[i]
@@ -66,26 +68,31 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
     present = prep.present_w()
     soft = prep.soft_caps(None)
     # 1) sleep the least efficient free miners while any node on their path is over its (soft) cap
-    _shed(a, _sleep_order(free, eff, prep.prio), loads=loads, caps=soft, path=path, sleep_w=s, ths=ths)
+    shed = _shed(a, _sleep_order(free, eff, prep.prio), loads=loads, caps=soft, path=path, sleep_w=s, ths=ths)
+    # a miner on now that this plan sleeps (curtailed, or shed) means the limit wants less: wake nothing now (a
+    # smaller sleeping miner taking the room it leaves would throw its wake-up away, see optimiser.py)
+    slept_on = bool(shed) or any(c and k in (ON, ON_P, WAKE, WAKE_P) for c, k in zip(curtailed, kind, strict=True))
     # 2) only if a hard cap still cannot be met: min-on miners too
     if any(loads[nd] > prep.hard[nd] + _EPS for nd in range(len(loads))):
         order = _sleep_order(protected, eff, prep.prio)
         shed = _shed(a, order, loads=loads, caps=prep.hard, path=path, sleep_w=s, ths=ths)
         shed = _restore_unneeded(prep, a, shed, loads=loads, ths=ths, cache=cache)
         a.overridden.extend(shed)
-    # 3) wake the most efficient sleeping miners while there is room (stagger, ramp, caps)
+        slept_on = slept_on or bool(shed)
+    # 3) wake the most efficient sleeping miners while there is room (stagger, ramp, caps), in the optimiser's
+    # order: highest priority first, then the most TH per W the wake costs, then the longest asleep
     ceiling = soft[0] if ramp_allowance_kw is None else min(soft[0], max(present, floor[0]) + ramp_allowance_kw * 1e3)
     soft = [ceiling, *soft[1:]]
     wakes_left = wake_budget
-    if wakes_left > 0 and sleeping:
+    if wakes_left > 0 and sleeping and not slept_on:
         gain = [0.0] * len(kind)
+        views = prep.views
         for i in sleeping:
             m = model[i]
             assert m is not None
             gain[i] = m.stock_ths
-            eff[i] = -m.stock_ths / full_w[i]  # most efficient first
-        order = sorted(sleeping, key=eff.__getitem__)
-        order.sort(key=lambda i: -prep.prio[i])
+            eff[i] = -m.stock_ths / max(_EPS, full_w[i] - s)  # most efficient first
+        order = sorted(sleeping, key=lambda i: (-prep.prio[i], eff[i], views[i].last_transition))
         for i in order:
             if wakes_left <= 0 or soft[0] - loads[0] < _EPS:
                 break

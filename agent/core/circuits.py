@@ -3,12 +3,21 @@
 Built from plain values (the runtime maps `site.circuits` from the config). Modelled on evcc's circuit.go: the
 worst-case load of every node must stay at or under its cap, and a check guards only increases — a reduction
 always goes through (`delta = max(0, new - old)`), so shedding load can never be refused by a full circuit.
+
+Every rule about the tree lives here, and the config check calls the same code the runtime does: `CircuitTree`
+(ids, parents, cycles, caps), `caps_above_parents` (a site file's typo guard) and `membership` (which circuit
+counts a miner). A miner counts on one circuit and, through its path, on every ancestor; so it may be listed by
+a circuit and one of its descendants (it belongs to the deepest), never by two circuits side by side — one of
+them would never count it (`check_membership`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from agent.core.addresses import address, expand, span
 
 ROOT = "site"  # the root node's id; reserved, no circuit may use it
 
@@ -27,16 +36,18 @@ class CircuitTree:
 
     def __init__(self, site_cap_kw: float, circuits: Iterable[Circuit] = ()) -> None:
         items = list(circuits)
-        if site_cap_kw < 0:
-            raise ValueError(f"site cap must not be negative, got {site_cap_kw}")
+        if not math.isfinite(site_cap_kw) or site_cap_kw < 0:
+            raise ValueError(f"site cap must be a finite, non-negative kW, got {site_cap_kw}")
         by_id: dict[str, Circuit] = {}
         for c in items:
             if c.id == ROOT:
-                raise ValueError(f"circuit id {ROOT!r} is reserved for the site itself")
+                raise ValueError(
+                    f"circuit id {ROOT!r} is reserved for the site itself; name the circuit after its equipment"
+                )
             if c.id in by_id:
                 raise ValueError(f"circuit id {c.id!r} is repeated")
-            if c.cap_kw < 0:
-                raise ValueError(f"circuit {c.id!r} has a negative cap {c.cap_kw}")
+            if not math.isfinite(c.cap_kw) or c.cap_kw < 0:
+                raise ValueError(f"circuit {c.id!r} has a negative or non-finite cap {c.cap_kw}")
             by_id[c.id] = c
         for c in items:
             if c.parent is not None and c.parent not in by_id:
@@ -91,6 +102,29 @@ class CircuitTree:
     def depth(self, index: int) -> int:
         return self._depth[index]
 
+    def index(self, node: str) -> int:
+        return self._index[node]
+
+    def parent_index(self, index: int) -> int | None:
+        path = self._paths[self._ids[index]]
+        return path[1] if len(path) > 1 else None
+
+    def nested(self, a: str, b: str) -> bool:
+        """Is one of the two circuits the other or an ancestor of it?"""
+        return self._index[a] in self._paths[b] or self._index[b] in self._paths[a]
+
+    def caps_above_parents(self) -> list[str]:
+        """Why a circuit's cap is above its parent's (or the site's), one sentence each; a config refuses these.
+
+        The planner itself copes (the parent binds), so the tree allows them; in a site file it is a typo."""
+        out = []
+        for i in range(1, len(self._ids)):
+            parent = self.parent_index(i)
+            if parent is not None and self._caps[i] > self._caps[parent]:
+                cap, parent_cap = self._caps[i], self._caps[parent]
+                out.append(f"circuit {self._ids[i]!r} cap_kw={cap} exceeds its parent's cap ({parent_cap} kW)")
+        return out
+
     def subtree_contains(self, ancestor: int, circuit: str | None) -> bool:
         return ancestor in self.path(circuit)
 
@@ -131,3 +165,38 @@ class CircuitTree:
             if loads.get(node, 0.0) + delta > self._caps[i] + 1e-9:
                 return node
         return None
+
+
+# ---------------------------------------------------------------------------------------------------- membership
+def check_membership(tree: CircuitTree, members: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Raise ValueError if two circuits that are not ancestor and descendant list a common address.
+
+    `members` is (circuit id, address specs) in config order. Works on address runs, never expanding them."""
+    order = {cid: n for n, (cid, _specs) in enumerate(members)}
+    for cid, _specs in members:
+        if not tree.knows(cid) or cid == ROOT:
+            raise ValueError(f"miners listed for circuit {cid!r}, which is not defined")
+    runs = sorted((*span(spec), cid) for cid, specs in members for spec in specs)
+    open_runs: list[tuple[int, str]] = []  # (last address, circuit) of runs that may still overlap the next
+    for first, last, cid in runs:
+        open_runs = [(end, other) for end, other in open_runs if end >= first]
+        for _end, other in open_runs:
+            if other != cid and not tree.nested(other, cid):
+                a, b = sorted((other, cid), key=order.__getitem__)
+                raise ValueError(
+                    f"circuits {a!r} and {b!r} both list {address(first)}, and neither is below the other: a "
+                    f"miner is fed by one of them, and the other would never count it (list it once)"
+                )
+        open_runs.append((last, cid))
+
+
+def membership(tree: CircuitTree, members: Sequence[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """Address → the circuit that feeds it: the deepest circuit listing it (its ancestors count it via its path).
+
+    Refuses overlapping siblings (`check_membership`): first-listed-wins would leave one circuit blind."""
+    check_membership(tree, members)
+    out: dict[str, str] = {}
+    for cid, specs in sorted(members, key=lambda m: -tree.depth(tree.index(m[0]))):  # deepest first
+        for ip in expand(specs):
+            out.setdefault(ip, cid)
+    return out

@@ -73,6 +73,19 @@ def stock_w(capability: Capability, nominal_w: float) -> int:
     return round(nominal_w)
 
 
+def self_step_ceiling_w(capability: Capability, nominal_w: float) -> int:
+    """The most a miner's own firmware may move it to without a command from us, at or above stock_w().
+
+    Presets: the highest preset. LuxOS ships with ATM (automatic tuning) enabled, and ATM steps the profile by
+    itself, up to the highest profile (the simulator: +3 steps, ~+19 % of stock); a miner we cannot read may be
+    there without anyone seeing it. PowerRange and OnOff: stock_w() (their firmware holds the limit it was given).
+    """
+    stock = stock_w(capability, nominal_w)
+    if isinstance(capability, Presets):
+        return max(stock, *capability.watts)
+    return stock
+
+
 def _snap_range(cap: PowerRange, watts: float) -> int:
     step = max(1, cap.step_w)
     clamped = min(max(watts, cap.min_w), cap.max_w)

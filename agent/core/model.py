@@ -64,7 +64,9 @@ class Target:
     source: Source  # which input binds
     binding_id: str | None  # the dispatch / window id that binds, if any
     cap_kw: float
-    ramp_kw_per_min: float | None = None  # a ramp asked for by the binding input (decreases too)
+    # the ramp the binding input asked for, for reporting: each input ramps on its own path, and the level the site
+    # is planned at is arbitration.ramped_level (never this target approached at this rate)
+    ramp_kw_per_min: float | None = None
     failsafe: bool = False
     # why the binding input still binds, when that is not obvious: "min_hold", "release_debounce", ...
     detail: str = ""
@@ -99,6 +101,12 @@ class MinerView:
     circuit: str | None = None
     priority: int = 0  # higher = sleeps later (hosted customers)
     ignores_commands: bool = False  # acknowledged commands without acting: counted at what it draws
+    # its own report of its draw, read once its present setting had time to take effect (None: no such reading,
+    # a command still settling, or a firmware that reports no watts): it is counted at no less than this
+    measured_w: float | None = None
+    # a waking miner that accepted this limit after its wake command comes up at it, not at its stock profile:
+    # it counts at this instead of its full power (None: it comes up at whatever it had, counted at full)
+    woken_to_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +141,9 @@ class Plan:
     uncontrolled: tuple[str, ...] = ()
     method: str = ""  # which planner produced it: "optimal" or "sleep_only"
     baseline_ths: float | None = None  # what the sleep-only baseline would have kept, for reporting
+    # the fleet's worst case as it stood before this plan: what the ramp allowance is counted from (the controller's
+    # ramp credit is spent by worst_case_kw - ramp_from_kw)
+    ramp_from_kw: float = 0.0
+    # the site now as the plan counts it: each miner's reading, else (unreachable, unidentified, stale) the worst case
+    # it is counted at. What "curtail by X" is taken from (not worst_case_kw: waking miners count there at full power)
+    counted_now_kw: float = 0.0

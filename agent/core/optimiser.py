@@ -14,19 +14,29 @@ circuits, levels handed out round-robin over circuits) is tried first and kept i
 the circuit-aware pass checks every grant up the miner's path, leaving out nodes that cannot bind.
 
 Min-on miners start at their lowest level (they stay on), waking ones at full power (they cannot be throttled
-yet), sleeping ones can only be woken whole, at full power, and at most `wake_budget` of them this tick.
+yet), sleeping ones can only be woken whole, at full power, and at most `wake_budget` of them this tick — except
+those whose firmware takes a limit while asleep (`OFF_L`): they are woken at any run level, climbing it like a
+running miner (a wake counts against the budget once, at its first level).
+
+A wake-up is a sunk cost (minutes without hashrate): every wake is granted after every miner that is on now
+(running or waking) has had its chance to stay on, and a plan that sleeps one of those wakes nothing. So no plan
+sleeps a running or waking miner to wake a more efficient sleeping one; a more efficient model only replaces a
+less efficient one when a lower limit has slept it first (and power limits still move between them by ratio).
 """
 
 from __future__ import annotations
 
 import math
 
-from agent.core.accounting import OFF, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE_P, ModelInfo, Prep
+from agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
 from agent.core.baseline import present_level
 from agent.core.plan_build import Assignment
 
 _EPS = 1e-6
 GroupKey = tuple[int, int, int, int, float, float]  # model, priority, path id, kind, full W, level W
+_ON_KINDS = (ON, ON_P, WAKE, WAKE_P)  # on now: running or waking
+_WAKE_KINDS = (OFF, OFF_L)  # asleep, may be woken
+_LADDER_KINDS = (ON, ON_P, OFF_L)  # run level by level
 
 
 def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
@@ -57,7 +67,7 @@ def _peaks(prep: Prep) -> list[float]:
         w if k == UNCONTROLLED else max(w, full, prep.rules.sleep_w)
         for k, w, full in zip(prep.kind, prep.cur_w, prep.full_w, strict=True)
     ]
-    return prep.node_sums(most)
+    return [w + x for w, x in zip(prep.node_sums(most), prep.excess_nodes, strict=True)]
 
 
 def _allocate(
@@ -90,7 +100,7 @@ def _allocate(
     for g, key in enumerate(keys):
         _, prio, _, kind, full, level = key
         m = models[g]
-        if kind in (ON, ON_P):
+        if kind in _LADDER_KINDS:
             tpl = templates.get((key[0], kind))
             if tpl is None:
                 tpl = templates[(key[0], kind)] = _ladder(m, kind, s)
@@ -104,35 +114,60 @@ def _allocate(
             cost = max(_EPS, full - s)
             segs.append((-prio, -gain / cost, 0, g, cost))
         taken.append(t)
-    segs.sort()
+    is_wake = [key[3] in _WAKE_KINDS for key in keys]
+    segs = _keep_on_before_wakes(sorted(segs), keys)
     node_paths: list[tuple[int, ...]] = [(0,) if blind else path_of[key[2]] for key in keys]
-    is_wake = [key[3] == OFF for key in keys]
     sizes = [len(groups[key]) for key in keys]
     wakes_left = max(0, wake_budget)
+    # a miner on (running or still waking) that this plan sleeps means the limit wants less: wake nothing now
+    # (else a smaller sleeping miner would take the room it leaves, a swap that throws a wake-up away)
+    slept_on = any(f and prep.kind[i] in _ON_KINDS for i, f in enumerate(prep.forced))
     min_cost = min((seg[4] for seg in segs), default=0.0)
     for _, _, j, g, cost in segs:
         if room[0] + _EPS < min_cost:
             break  # the site is full: nothing left can be granted anywhere
         t = taken[g]
         n = t[j - 1] if j else sizes[g]
-        if is_wake[g] and wakes_left < n:
-            n = wakes_left
+        if is_wake[g] and j == 0:  # a wake (its next levels are not: they raise a miner this plan woke)
+            n = 0 if slept_on else min(n, wakes_left)
         if n <= 0:
             continue
         for p in node_paths[g]:
             fit = int((room[p] + _EPS) / cost)
             n = min(n, fit)
+        if j == 0 and n < sizes[g] and keys[g][3] in _ON_KINDS:
+            slept_on = True  # not all of this group stay on (every keep-on segment comes before the wakes)
         if n <= 0:
             continue
         spent = n * cost
         for p in node_paths[g]:
             room[p] -= spent
         t[j] = n
-        if is_wake[g]:
+        if is_wake[g] and j == 0:
             wakes_left -= n
     extra = _top_up(segs, keys, models=models, taken=taken, paths=node_paths, room=room)
     a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=taken, extra=extra, blind=blind)
     return a
+
+
+def _keep_on_before_wakes(
+    segs: list[tuple[int, float, int, int, float]], keys: list[GroupKey]
+) -> list[tuple[int, float, int, int, float]]:
+    """Move every wake after the last keep-on segment (a running miner's first level, a waking miner kept on),
+    the rest in ratio order: a wake is granted only from the room left once every miner that is on has had its
+    chance to stay on, so no plan sleeps a running or still-waking miner to wake a more efficient one (its
+    wake-up would be thrown away, and the new one's started: minutes without hashrate, N4)."""
+    last = -1
+    for pos, seg in enumerate(segs):
+        if seg[2] == 0 and keys[seg[3]][3] in _ON_KINDS:
+            last = pos
+    if last < 0:
+        return segs
+    head = segs[: last + 1]
+    held = [seg for seg in head if keys[seg[3]][3] in _WAKE_KINDS]  # every level of a wake, in order
+    if not held:
+        return segs
+    return [seg for seg in head if keys[seg[3]][3] not in _WAKE_KINDS] + held + segs[last + 1 :]
 
 
 def _ladder(m: ModelInfo, kind: int, sleep_w: float) -> list[tuple[float, int, float]]:
@@ -171,7 +206,7 @@ def _group(
             continue
         if k in (ON, ON_P):
             key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0)
-        elif k == OFF:
+        elif k in _WAKE_KINDS:
             key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0)
         else:  # WAKE
             key = (id(m), prio[i], path_id[i], k, full_w[i], present_level(prep, i))
@@ -203,7 +238,7 @@ def _top_up(
         if room[0] < 1.0:
             break  # less than a watt left at the site
         m = models[g]
-        if m.step is None or j == 0 or g in extra or keys[g][3] not in (ON, ON_P):
+        if m.step is None or j == 0 or g in extra or keys[g][3] not in _LADDER_KINDS:
             continue
         t = taken[g]
         if t[j] >= t[j - 1]:
@@ -243,8 +278,10 @@ def _materialise(
     ths = 0.0
     for g, key in enumerate(keys):
         members, m, t, kind = groups[key], models[g], taken[g], key[3]
-        if kind in (ON, ON_P):
-            order = sorted(members, key=neg_cur.__getitem__) if len(members) > 1 else members
+        if kind in _LADDER_KINDS:
+            # OFF_L: those asleep the longest are woken (and the highest level goes to the first of them)
+            by = (lambda i: views[i].last_transition) if kind == OFF_L else neg_cur.__getitem__
+            order = sorted(members, key=by) if len(members) > 1 else members
             pos, above = 0, 0
             ex = extra.get(g)
             used = len(t)

@@ -28,7 +28,8 @@ class Assignment:
                 self.wc[i] = prep.fixed_w[i]
 
     def node_loads(self, prep: Prep) -> list[float]:
-        return prep.node_sums(self.wc)
+        loads = prep.node_sums(self.wc)
+        return [w + x for w, x in zip(loads, prep.excess_nodes, strict=True)] if prep.excess_nodes[0] else loads
 
 
 def build_plan(prep: Prep, a: Assignment, target_kw: float, baseline_ths: float | None = None) -> Plan:
@@ -48,7 +49,7 @@ def build_plan(prep: Prep, a: Assignment, target_kw: float, baseline_ths: float 
             if v.state is not MinerState.UNREACHABLE:  # it hashes at what it draws; unknown counts as nothing
                 uncontrolled_ths += curve.ths_at(drawn, v.nominal_w, v.nominal_ths)
             continue
-        expected_w += a.wc[i]
+        expected_w += a.wc[i] + prep.excess_w[i]
         if lv == 0.0:
             actions[v.id] = SLEEP
         else:
@@ -71,6 +72,10 @@ def build_plan(prep: Prep, a: Assignment, target_kw: float, baseline_ths: float 
         uncontrolled=tuple(uncontrolled),
         method=a.method,
         baseline_ths=None if baseline_ths is None else baseline_ths + uncontrolled_ths,
+        ramp_from_kw=prep.present_w() / 1000.0,
+        # each miner's reading, else what the plan counts it at now (no reading: unreachable, unidentified, stale)
+        counted_now_kw=sum(p if (p := v.power_w) is not None else c for v, c in zip(views, prep.cur_w, strict=True))
+        / 1000.0,
     )
 
 

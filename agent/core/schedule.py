@@ -1,14 +1,19 @@
 """Time-of-use windows ("evening peak 18:00–22:00 at 600 kW"), evaluated at a UTC epoch `now` handed in.
 
-A window is given in local wall time (HH:MM) at a fixed UTC offset; `days` name the local days on which the window
-STARTS, so 22:00–06:00 on "fri" covers Friday 22:00 to Saturday 06:00. End "24:00" means midnight; start == end is
-a whole day (24 h from start) — an empty window would be a configuration mistake nobody means.
+A window is given in the site's local wall time (HH:MM) in its time zone (a `tzinfo` handed in, e.g. the
+config's IANA zone `Asia/Karachi`: reading the zone database is the caller's I/O, so this stays pure). Tariffs
+follow the wall clock, so daylight saving time is applied: 18:00 is 18:00 local in summer and in winter, and on
+the day the clocks change a window is as long as the wall clock says. `days` name the local days on which the
+window STARTS, so 22:00–06:00 on "fri" covers Friday 22:00 to Saturday 06:00. End "24:00" means midnight; start ==
+end is a whole day (24 h of wall clock from start) — an empty window would be a configuration mistake nobody means.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 
 DAY_NAMES: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MINUTES_PER_DAY = 24 * 60
@@ -33,19 +38,19 @@ class ScheduleRule:
     end_min: int  # 0..1440
     days: frozenset[int]  # 0 = Monday .. 6 = Sunday, local day the window starts on
     target_kw: float
-    utc_offset_h: float = 0.0
+    tz: tzinfo  # the site's zone: start/end/days are its wall clock
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_min < _MINUTES_PER_DAY or not 0 <= self.end_min <= _MINUTES_PER_DAY:
             raise ValueError(f"window {self.name!r}: start/end out of range")
         if not self.days or not self.days <= frozenset(range(7)):
             raise ValueError(f"window {self.name!r}: days must be a non-empty subset of 0..6")
-        if self.target_kw < 0:
-            raise ValueError(f"window {self.name!r}: target_kw must not be negative")
+        if not math.isfinite(self.target_kw) or self.target_kw < 0:
+            raise ValueError(f"window {self.name!r}: target_kw must be a finite, non-negative kW")
 
     @classmethod
-    def from_hhmm(  # noqa: PLR0917 -- mirrors the config's ScheduleWindow fields, in their order
-        cls, name: str, start: str, end: str, days: Iterable[str], target_kw: float, utc_offset_h: float = 0.0
+    def from_hhmm(  # noqa: PLR0917 -- the config's ScheduleWindow fields in their order, then the site's zone
+        cls, name: str, start: str, end: str, days: Iterable[str], target_kw: float, tz: tzinfo
     ) -> ScheduleRule:
         day_set = set()
         for d in days:
@@ -58,7 +63,7 @@ class ScheduleRule:
             end_min=parse_hhmm(end, allow_24=True),
             days=frozenset(day_set),
             target_kw=float(target_kw),
-            utc_offset_h=float(utc_offset_h),
+            tz=tz,
         )
 
     @property
@@ -67,10 +72,9 @@ class ScheduleRule:
         return length or _MINUTES_PER_DAY
 
     def active_at(self, now: float) -> bool:
-        local_min = (now + self.utc_offset_h * 3600.0) / 60.0
-        day = int(local_min // _MINUTES_PER_DAY)
-        minute = local_min - day * _MINUTES_PER_DAY
-        weekday = (day + 3) % 7  # 1970-01-01 was a Thursday
+        local = datetime.fromtimestamp(now, self.tz)  # the wall clock at the site, DST applied
+        weekday = local.weekday()
+        minute = local.hour * 60 + local.minute + (local.second + local.microsecond / 1e6) / 60.0
         since_today_start = minute - self.start_min
         if since_today_start >= 0:
             return weekday in self.days and since_today_start < self.length_min

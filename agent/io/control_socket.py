@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.commands import MAX_DEPTH, load_json
 from agent.logging import get_logger
 from agent.protocol import Channel, CommandHandler, Reply
 
@@ -254,14 +255,21 @@ class ControlServer:
                 return  # the stream is mid-line: it cannot be resynchronised
             except TimeoutError:
                 return
-            await _send(writer, await self._dispatch(line, peer))
+            try:
+                reply = await self._dispatch(line, peer)
+            except Exception:  # never drop the connection without an answer
+                log.exception("control request failed", **peer)
+                reply = Reply.error(None, "internal", "the agent failed on this request; see its log")
+            await _send(writer, reply)
             if last:
                 return
 
     async def _dispatch(self, line: bytes, peer: dict[str, int]) -> Reply:
         try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # the same strict reader as the command gate (bounded nesting, finite numbers, no duplicate keys), one
+            # level deeper for the envelope: nothing a client writes can raise out of here and drop the connection
+            request = load_json(line, max_depth=MAX_DEPTH + 1)
+        except ValueError as exc:
             return Reply.error(None, "bad_request", f"not a JSON line: {exc}")
         if not isinstance(request, dict):
             return Reply.error(None, "bad_request", 'expected {"verb": ..., "payload": {...}}')
@@ -275,7 +283,7 @@ class ControlServer:
             return Reply.error(request_id, "bad_request", "'payload' must be a JSON object")
         started = time.monotonic()
         try:
-            reply = await self.handler.handle(verb, json.dumps(payload).encode(), Channel.LOCAL)
+            reply = await self.handler.handle(verb[:64], json.dumps(payload).encode(), Channel.LOCAL)
         except Exception:
             log.exception("control request failed", verb=verb, **peer)
             return Reply.error(

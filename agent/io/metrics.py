@@ -252,6 +252,8 @@ class _SiteCollector:
         for state in MINER_STATES:
             by_state.add_metric([state], _num(miners.get(state)) or 0.0)
         yield by_state
+        yield from _gauge("hashflex_miners_unidentified", "Configured addresses not identified yet (counted as "
+                          "unreachable, at a worst case).", _num(miners.get("unidentified")) or 0.0)  # fmt: skip
         dispatches = s.get("dispatches") or []
         yield from _gauge("hashflex_dispatches_active", "Dispatches and overrides in force now.", float(sum(
             1 for d in dispatches if isinstance(d, Mapping) and d.get("status") in (None, "active", "accepted")

@@ -4,19 +4,24 @@ Topic tree (root `cfg.mqtt_root`, default `hashflex/<site id>`), see STYLE.md:
 
     availability  out  retained QoS1  "online" / "offline"; "offline" is also the last will
     info          out  retained QoS1  info() as JSON, republished after every (re)connect
-    state         out  retained QoS1  latest status doc (latest wins), republished after every (re)connect
+    state         out  retained QoS1  latest status doc (latest wins), republished after every (re)connect; at
+                                      most mqtt.max_payload_bytes (largest fields left out, see _fit)
     telemetry     out  QoS0           periodic site figures; lossy (a bounded queue drops the oldest)
     miners/<id>   out  retained QoS0  per-miner detail (latest per miner wins)
     events        out  QoS1           dispatch lifecycle; never dropped, in order
     cmd/<verb>    in   QoS1           requests, handed to the CommandHandler in arrival order
-    reply/<verb>  out  QoS1           one Reply per request (also to the MQTT 5 response topic, if given)
-    heartbeat     in   QoS1           grid heartbeat, handed to the HeartbeatSink
+    reply/<verb>  out  QoS1           one Reply per request (also to the MQTT 5 response topic, if it is under
+                                      this site's own reply/ subtree: never …/heartbeat, …/cmd/ or another site)
+    heartbeat     in   QoS1           grid heartbeat (signed, see agent.core.signing), handed to the HeartbeatSink
 
 Why it is built the way it is:
 - aiomqtt 2.x PUBACKs a QoS 1 message before our code sees it, so a message it has queued must never be lost
-  with a dropped connection. aiomqtt's queue is therefore replaced by a forwarder into the link's own inbox
-  (unbounded: capping it would silently drop commands), which outlives connections; one consumer task drains
-  it in arrival order. The reply is the real acknowledgement (the runtime persists before replying ok).
+  with a dropped connection. aiomqtt's queue is therefore replaced by a forwarder into the link's own inbox,
+  which outlives connections; one consumer task drains it in arrival order. The reply is the real
+  acknowledgement (the runtime persists before replying ok). The inbox is bounded for unauthenticated traffic
+  only: past INBOX_SOFT_LIMIT messages, a message is queued only if it carries a valid signature (the `authentic`
+  check); anything else is dropped and counted (`dropped_unauthenticated` in the status). A signed command is
+  never dropped, and a flood of junk cannot grow the inbox without bound.
 - Retained commands: the link subscribes with MQTT 5 "retain as published" (so a live retained publish is
   still flagged) and "do not send retained" (so a stale retained command is never replayed on subscribe),
   and hands `retained=message.retain` to the handler. THE HANDLER refuses retained commands (it owns the
@@ -71,6 +76,7 @@ STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff; 
 STOP_GRACE_S = 3.0  # on a clean stop: time to answer commands already received and flush replies and events
 OFFLINE_TIMEOUT_S = 2.0
 EVENT_BACKLOG_WARNING = 10_000
+INBOX_SOFT_LIMIT = 1_000  # queued messages past which only authenticated ones are queued
 
 # MQTT 5 reason codes (paho maps MQTT 3.1.1 CONNACK codes onto them)
 _UNSUPPORTED_PROTOCOL = 132
@@ -183,6 +189,25 @@ def _encode(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), default=str).encode()
 
 
+def _fit(document: Mapping[str, Any], limit: int) -> tuple[bytes, list[str]]:
+    """`document` encoded, at most `limit` bytes: the largest top-level fields are left out (and named under
+    "truncated") until it fits. Brokers refuse big payloads (the example config: 256 KiB) by dropping the
+    connection, and the state is announced first after every reconnect: an oversized one kept the link down for
+    good (chaos finding A: the status doc grew with the dispatches it lists)."""
+    body = _encode(document)
+    if len(body) <= limit:
+        return body, []
+    doc = dict(document)
+    dropped: list[str] = []
+    for key in sorted(doc, key=lambda k: len(_encode({k: doc[k]})), reverse=True):
+        del doc[key]
+        dropped.append(str(key))
+        body = _encode({**doc, "truncated": dropped})
+        if len(body) <= limit:
+            break
+    return (body if len(body) <= limit else _encode({"truncated": True})), dropped
+
+
 def _as_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
@@ -195,16 +220,22 @@ def _request_id(payload: bytes) -> str | None:
     """The `id` of a request, if it has a readable one (only used for an internal-error reply)."""
     try:
         raw = json.loads(payload)
-    except ValueError:
+    except Exception:  # ValueError, RecursionError (deep nesting): no id, then
         return None
     value = raw.get("id") if isinstance(raw, dict) else None
     return value if isinstance(value, str) else None
 
 
-def _response_target(properties: Properties | None) -> tuple[str, bytes | None] | None:
-    """MQTT 5 response topic and correlation data of a request, if it names a usable topic."""
+def _response_target(properties: Properties | None, reply_root: str) -> tuple[str, bytes | None] | None:
+    """MQTT 5 response topic and correlation data of a request, if it names a topic under `reply_root` (the site's
+    own `…/reply/` subtree). Anything else is ignored: a requester must not make the agent publish, as itself, on
+    its heartbeat, its command topics or another site's tree."""
     topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
-    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        return None
+    if not topic.startswith(reply_root) or len(topic) == len(reply_root) or len(topic) > 512:
+        return None
+    if any(level in ("", ".", "..") for level in topic[len(reply_root) :].split("/")):
         return None
     correlation = getattr(properties, "CorrelationData", None)
     return topic, bytes(correlation) if correlation is not None else None
@@ -214,8 +245,10 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _forwarding_queue(inbox: asyncio.Queue[aiomqtt.Message]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A queue class for aiomqtt that hands every incoming message straight to `inbox`.
+def _forwarding_queue(
+    inbox: asyncio.Queue[aiomqtt.Message], admit: Callable[[aiomqtt.Message], bool]
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for aiomqtt that hands every incoming message `admit` lets through straight to `inbox`.
 
     aiomqtt puts what it receives into its own queue, which dies with the client object; the link's inbox
     lives as long as the link, so a message already acknowledged to the broker is handled even if the
@@ -225,7 +258,8 @@ def _forwarding_queue(inbox: asyncio.Queue[aiomqtt.Message]) -> type[asyncio.Que
 
     class ForwardingQueue(asyncio.Queue[aiomqtt.Message]):
         def put_nowait(self, item: aiomqtt.Message) -> None:
-            inbox.put_nowait(item)
+            if admit(item):
+                inbox.put_nowait(item)
 
     return ForwardingQueue
 
@@ -243,8 +277,14 @@ class MqttLink:
         telemetry_queue: int = 64,
         op_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        authentic: Callable[[bytes], bool] | None = None,
+        inbox_soft_limit: int = INBOX_SOFT_LIMIT,
     ) -> None:
         self._cfg = cfg
+        # is a payload validly signed? (asked only while the inbox is over its soft limit; None: nothing is)
+        self._authentic = authentic
+        self._inbox_soft_limit = inbox_soft_limit
+        self.dropped_unauthenticated = 0
         self._handler = handler
         self._heartbeat = heartbeat
         self._info = info
@@ -263,12 +303,14 @@ class MqttLink:
         self.failures = 0  # failed attempts in the current cycle (resets after a stable connection)
         self.telemetry_dropped = 0
 
-        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()  # unbounded on purpose (see module doc)
+        # bounded for unauthenticated traffic only (see the module doc and _admit)
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
         self._handling = False
         self._replies: deque[_Outgoing] = deque()
         self._events: deque[_Outgoing] = deque()
         self._state_doc: bytes | None = None
         self._state_dirty = False
+        self._state_dropped: list[str] = []  # top-level fields left out of the state doc to fit (see _fit)
         self._telemetry: deque[bytes] = deque(maxlen=telemetry_queue)
         self._miners: dict[str, bytes] = {}
         self._wake = asyncio.Event()
@@ -279,7 +321,12 @@ class MqttLink:
         """The latest status doc, retained on …/state. Only the newest unsent one is kept (latest wins)."""
         if self.state is LinkState.DISABLED:
             return
-        self._state_doc = _encode(document)
+        self._state_doc, dropped = _fit(document, self._max_payload)
+        if dropped != self._state_dropped:  # logged when it changes, not on every tick
+            self._state_dropped = dropped
+            if dropped:
+                log.warning("mqtt state doc over mqtt.max_payload_bytes; fields left out", fields=dropped,
+                            limit=self._max_payload)  # fmt: skip
         self._state_dirty = True
         self._wake.set()
 
@@ -324,7 +371,27 @@ class MqttLink:
                 "miners": len(self._miners),
             },
             "telemetry_dropped": self.telemetry_dropped,
+            "dropped_unauthenticated": self.dropped_unauthenticated,
         }
+
+    def _admit(self, message: aiomqtt.Message) -> bool:
+        """Queue `message`? Always below the soft limit; above it, only a validly signed one. Never raises: aiomqtt
+        calls this from its network callback."""
+        if self._inbox.qsize() < self._inbox_soft_limit:
+            return True
+        try:
+            payload = _as_bytes(message.payload)
+            ok = self._authentic is not None and len(payload) <= self._max_payload and self._authentic(payload)
+        except Exception:
+            ok = False
+        if not ok:
+            self.dropped_unauthenticated += 1
+            if self.dropped_unauthenticated == 1 or self.dropped_unauthenticated % 10_000 == 0:
+                log.warning(
+                    "mqtt inbox over its bound: unauthenticated messages dropped",
+                    queued=self._inbox.qsize(), dropped=self.dropped_unauthenticated,
+                )  # fmt: skip
+        return ok
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -418,7 +485,7 @@ class MqttLink:
             "timeout": self._op_timeout_s,
             # small packets (a reply, a PUBACK) must not wait for Nagle's algorithm and the peer's delayed ACK
             "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-            "queue_type": _forwarding_queue(self._inbox),
+            "queue_type": _forwarding_queue(self._inbox, self._admit),
             # max_queued_incoming_messages stays unset: a capped queue silently drops commands
         }
         if self._protocol is aiomqtt.ProtocolVersion.V5:
@@ -616,7 +683,7 @@ class MqttLink:
             except Exception:  # the handler must answer; if it raises, the sender still gets one
                 log.exception("command handler raised", verb=verb)
                 reply = Reply.error(_request_id(payload), "internal", "the agent failed to handle this request")
-        self._queue_reply(verb, reply, _response_target(message.properties))
+        self._queue_reply(verb, reply, _response_target(message.properties, f"{self.topics.root}/reply/"))
 
     def _on_heartbeat(self, payload: bytes, *, retained: bool) -> None:
         if retained:  # a retained heartbeat is an old proof of life: it must not hold off the fail-safe

@@ -176,6 +176,7 @@ class MinerControl:
     since: float = 0.0  # when the agent last put it to sleep, woke it or limited it
     limits_unsupported: bool = False  # its firmware refused a power limit: on/off only
     ignores_commands: bool = False  # it acknowledged commands and did not act on them
+    woken_to_w: float | None = None  # the limit it was told before its last wake: it comes up at it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,15 +185,17 @@ class MinerControl:
             "since": self.since,
             "limits_unsupported": self.limits_unsupported,
             "ignores_commands": self.ignores_commands,
+            "woken_to_w": self.woken_to_w,
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> MinerControl:
-        cw = raw.get("commanded_w")
+        cw, ww = raw.get("commanded_w"), raw.get("woken_to_w")
         return cls(
             asleep_by_us=bool(raw.get("asleep_by_us", False)),
             commanded_w=float(cw) if isinstance(cw, int | float) and not isinstance(cw, bool) else None,
             since=float(raw.get("since", 0.0) or 0.0),
             limits_unsupported=bool(raw.get("limits_unsupported", False)),
             ignores_commands=bool(raw.get("ignores_commands", False)),
+            woken_to_w=float(ww) if isinstance(ww, int | float) and not isinstance(ww, bool) else None,
         )

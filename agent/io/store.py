@@ -15,6 +15,13 @@ failure raises StoreCorrupt with what was found; the agent then starts safe at t
 file is created fresh (built under a temporary name and renamed, so a crash during creation never leaves an empty
 file that could be mistaken for a fresh start).
 
+Not damage. Only SQLite's own verdict (SQLITE_CORRUPT, SQLITE_NOTADB) and the checks above mean a damaged file. A
+full disk, another process's lock, a read-only file system or an I/O error raise StoreUnavailable: the file is
+sound and may be used later, so it is never moved aside for that (see `classify`). How long a call waits for
+another process's lock is the store's busy timeout (`Store.open(busy_timeout_ms=)`): the CLI waits 10 s, the
+agent's control loop a few milliseconds, and retries later. A safe start that is pending is remembered outside
+the database, in a marker file next to it (`remember_safe_start`), because the database is what failed.
+
 Threads. Calls on a Store are serialised by a lock. The light calls (everything that writes one thing) take well
 under a millisecond plus one fsync. The heavy calls read through their own short-lived read-only connection, so
 the runtime can run them with `asyncio.to_thread` while its loop keeps writing: `verify_audit`, `audit_records`,
@@ -32,6 +39,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +81,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so the writer never waits long behind a prune
+_PRUNE_CHUNK_BULK = 60  # per-miner minutes (~41 kB each at 10k miners): an hour of them per transaction
 _ENERGY_TOLERANCE_KWH = 1e-6
 
 
@@ -82,6 +91,34 @@ class StoreError(Exception):
 
 class StoreCorrupt(StoreError):
     """The state database is damaged (torn, truncated, overwritten). Start safe; keep the file for inspection."""
+
+
+class StoreUnavailable(StoreError):
+    """The state database is sound but cannot be used now: the disk is full, another process holds its lock, the
+    file system is read-only or fails I/O. Retry later and alarm; never treat the file as damaged."""
+
+
+# SQLite's primary result codes (the low byte of the extended code the sqlite3 module attaches to every error)
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+# SQLITE_PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL
+_UNAVAILABLE_CODES = frozenset({3, 5, 6, 7, 8, 10, 13, 14, 15})
+_SQLITE_READONLY = 8
+
+
+def classify(path: Path, exc: BaseException, what: str = "") -> StoreError:
+    """The StoreError for a SQLite (or OS) error: corruption only when SQLite says the file is damaged."""
+    prefix = f"{path}: {what}{': ' if what else ''}"
+    if isinstance(exc, OSError):
+        return StoreUnavailable(f"{prefix}{exc.strerror or exc}")
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if code is None:  # not from the SQLite library itself (misuse, a closed connection): no verdict on the file
+        return StoreError(f"{prefix}{text}")
+    if code & 0xFF in _CORRUPT_CODES:
+        return StoreCorrupt(f"{prefix}damaged database: {text}")
+    if code & 0xFF in _UNAVAILABLE_CODES:
+        return StoreUnavailable(f"{prefix}{text} ({getattr(exc, 'sqlite_errorname', code)})")
+    return StoreError(f"{prefix}{text}")
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -185,15 +222,78 @@ def check_file(path: Path) -> str | None:
     return None
 
 
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+# ---------------------------------------------------------------------------------------------- safe start marker
+SAFE_START_MARKER = "safe-start.pending"
+
+
+def remember_safe_start(state_dir: Path, reason: str, ts: float) -> None:
+    """Remember, outside the database, that the agent must start safe until an operator resumes: the database
+    that would hold it is the thing that failed. Written atomically (a temporary file, fsync, rename, fsync of the
+    directory), so a crash leaves the old marker or the new one, never half of one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{SAFE_START_MARKER}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"reason": reason, "ts": ts}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / SAFE_START_MARKER)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(state_dir)
+
+
+def pending_safe_start(state_dir: Path) -> str | None:
+    """Why the agent must start safe, if a marker says so (an unreadable marker still means: start safe)."""
+    path = state_dir / SAFE_START_MARKER
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"a safe start is pending ({path} cannot be read: {exc.strerror})"
+    try:
+        reason = json.loads(text).get("reason")
+    except (ValueError, AttributeError):
+        reason = None
+    return str(reason) if reason else f"a safe start is pending ({path})"
+
+
+def clear_safe_start(state_dir: Path) -> None:
+    """An operator resumed: the next start is a normal one."""
+    (state_dir / SAFE_START_MARKER).unlink(missing_ok=True)
+    _fsync_dir(state_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+DEFAULT_BUSY_TIMEOUT_MS = 10_000  # the CLI and start-up: wait out another writer's transaction
+
+
+def _connect(path: Path, *, readonly: bool, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(
             f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
     else:
-        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-    db.execute("PRAGMA busy_timeout = 10000")
+        db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+        )
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     return db
+
+
+def _writer_pragmas(db: sqlite3.Connection) -> None:
+    """Per-connection settings of the store's writing connection."""
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA journal_size_limit = 67108864")
 
 
 def _create_fresh(path: Path) -> None:
@@ -287,18 +387,29 @@ class Store:
         self._depth = 0
         self._durable = True
         self._closed = False
-        head = db.execute("SELECT seq, hash FROM audit_head").fetchone()
-        top = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        # continue after whichever is further on; a mismatch is for verify_audit to report, not for us to hide
-        self._head: tuple[int, str] = (int(head[0]), str(head[1]))
-        if top is not None and int(top[0]) > self._head[0]:
-            self._head = (int(top[0]), str(top[1]))
+        self._busy_timeout_ms = DEFAULT_BUSY_TIMEOUT_MS
+        # SQLite refused a write as read-only: this connection may be read-only for good (SQLite opens a file it
+        # cannot write read-only, and never upgrades that connection), so the next write reopens it (`_reopen`)
+        self._stale = False
+        self._head: tuple[int, str] = _chain_head(db)
         self._miner_idx: dict[str, int] = {ip: int(i) for i, ip in db.execute("SELECT idx, ip FROM miner_index")}
 
     # ------------------------------------------------------------------ open / close
     @classmethod
-    def open(cls, path: str | Path, *, create: bool = True, check: bool = True, retention_days: int = 730) -> Store:
-        """Open (or create) the database. Raises StoreCorrupt when the file is damaged, StoreError otherwise."""
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        check: bool = True,
+        retention_days: int = 730,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> Store:
+        """Open (or create) the database. Raises StoreCorrupt when the file is damaged, StoreUnavailable when it
+        cannot be used now (full, locked, read-only, I/O error: never a reason to move it), StoreError otherwise.
+
+        `busy_timeout_ms` applies once the store is open: how long a write waits for another process's lock
+        before it fails with StoreUnavailable (the agent's control loop gives a few ms, and retries later)."""
         path = Path(path)
         if not path.exists():
             if not create:
@@ -306,33 +417,45 @@ class Store:
             try:
                 _create_fresh(path)
             except (sqlite3.Error, OSError) as exc:
-                raise StoreError(f"{path}: cannot create the state database: {exc}") from exc
+                raise classify(path, exc, "cannot create the state database") from exc
         elif check:
+            try:  # a file that cannot be read now is not a damaged file
+                with path.open("rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise classify(path, exc, "cannot read") from exc
             problem = check_file(path)
             if problem:
                 raise StoreCorrupt(problem)
         try:
             db = _connect(path, readonly=False)
         except sqlite3.Error as exc:
-            raise StoreError(f"{path}: cannot open: {exc}") from exc
+            raise classify(path, exc, "cannot open") from exc
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{path}: cannot switch to WAL mode (got {mode!r}); is the directory writable?")
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA journal_size_limit = 67108864")
+            _writer_pragmas(db)
             if check:
                 problems = _quick_check(db, include_bulk=False)
                 if problems:
                     raise StoreCorrupt(f"{path}: integrity check failed: {'; '.join(problems[:5])}")
             _migrate(db)
-            return cls(path, db, retention_days)
+            store = cls(path, db, retention_days)
         except StoreError:
             db.close()
             raise
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:  # full, locked, read-only and I/O errors are not damage (classify)
             db.close()
-            raise StoreCorrupt(f"{path}: damaged database: {exc}") from exc
+            raise classify(path, exc) from exc
+        store.set_busy_timeout(busy_timeout_ms)
+        return store
+
+    def set_busy_timeout(self, ms: int) -> None:
+        """How long a call waits for another process's write lock before it fails with StoreUnavailable."""
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout = {int(ms)}")
+            self._busy_timeout_ms = int(ms)
 
     def close(self) -> None:
         with self._lock:
@@ -355,7 +478,12 @@ class Store:
                 raise StoreError("the store is closed")
             head, idx = self._head, dict(self._miner_idx)
             if self._depth == 0:
+                if self._stale:
+                    self._reopen()
                 self._db.execute("BEGIN IMMEDIATE")
+                # the chain head as the file has it now, under the write lock: another writer on the same file
+                # (a second agent, a CLI) may have appended since we last looked
+                self._head = _chain_head(self._db)
                 begin, commit, rollback = None, "COMMIT", "ROLLBACK"
             else:
                 name = f"sp{self._depth}"
@@ -366,9 +494,12 @@ class Store:
                 yield
             except BaseException:
                 self._depth -= 1
-                self._db.execute(rollback)
-                if self._depth:
-                    self._db.execute(f"RELEASE sp{self._depth}")
+                # SQLite may already have rolled the whole transaction back (a full disk, an I/O error): then
+                # there is nothing to roll back, and trying would replace the real error with a misleading one
+                if self._db.in_transaction:
+                    self._db.execute(rollback)
+                    if self._depth:
+                        self._db.execute(f"RELEASE sp{self._depth}")
                 self._head, self._miner_idx = head, idx
                 raise
             self._depth -= 1
@@ -382,14 +513,43 @@ class Store:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """SQLite errors become StoreError (StoreCorrupt when SQLite says the file is damaged)."""
+        """SQLite errors become StoreError: StoreCorrupt only when SQLite says the file is damaged,
+        StoreUnavailable for full, locked, read-only and I/O errors (see `classify`)."""
         try:
             yield
-        except sqlite3.DatabaseError as exc:
-            text = str(exc)
-            if "malformed" in text or "not a database" in text:
-                raise StoreCorrupt(f"{self.path}: {text}") from exc
-            raise StoreError(f"{self.path}: {text}") from exc
+        except sqlite3.Error as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY:
+                self._stale = True
+            raise classify(self.path, exc) from exc
+
+    def _reopen(self) -> None:
+        """A new read-write connection in place of one that refused a write as read-only (the file system was
+        read-only when it was opened, or the file was replaced). Raises while the file cannot be written yet (a
+        retry tries again), with a connection that still reads in place. Under the lock."""
+        # the old connection goes first: SQLite shares a file's WAL index between the connections of a process,
+        # and one opened read-only would make the new connection read-only too
+        self._db.close()
+        try:
+            uri = f"file:{quote(str(self.path.resolve()))}?mode=rw"  # never creates a file that is gone
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                                 timeout=self._busy_timeout_ms / 1000)  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # (if even that fails, the next write tries again)
+                self._db = _connect(self.path, readonly=True, busy_timeout_ms=self._busy_timeout_ms)
+            raise
+        self._db = db
+        db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        # SQLite opens a file it cannot write read-only without a word: only a write tells (rolled back). While
+        # it fails, this connection stays (it reads) and `_stale` stays set
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM kv WHERE 0")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        _writer_pragmas(db)
+        self._miner_idx = {ip: int(i) for i, ip in db.execute("SELECT idx, ip FROM miner_index")}
+        self._stale = False
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock, self._guard():
@@ -423,6 +583,15 @@ class Store:
                 "updated_at = excluded.updated_at",
                 (key, text, float(ts)),
             )
+
+    # the newest applied issue time per command order key (agent.commands.Command.order_key): kept durably, so a
+    # stale or replayed signed command is refused after a restart too
+    def newest_issued(self, order_key: str) -> float | None:
+        value = self.get_state(f"issued:{order_key}")
+        return float(value) if isinstance(value, int | float) else None
+
+    def set_newest_issued(self, order_key: str, issued_at: float, ts: float) -> None:
+        self.set_state(f"issued:{order_key}", float(issued_at), ts)
 
     def delete_state(self, key: str) -> None:
         with self.transaction():
@@ -765,9 +934,15 @@ class Store:
 
     def mark_exported(self, start: float, end: float, fmt: str, digest: str, now: float) -> float | None:
         """Record a written export of [start, end); advances the watermark over contiguous exports from the
-        oldest data kept. Returns the new watermark."""
+        oldest data kept. Returns the new watermark.
+
+        What an export holds ends at the time it was made (`now`): an export "to 2100" covers nothing written
+        after it, so its range is recorded, and moves the watermark, only up to `now`."""
         if not end > start:
             raise ValueError("an export needs start < end")
+        end = min(end, now)
+        if not end > start:  # all of it after the export was made: nothing exported yet
+            return self.export_watermark()
         with self.transaction():
             self._db.execute(
                 "INSERT INTO exports (from_ts, to_ts, fmt, digest, exported_at) VALUES (?, ?, ?, ?, ?)",
@@ -799,7 +974,9 @@ class Store:
             return PruneResult(cutoff, 0, 0, 0, 0)
         audit_n = self._prune_audit(cutoff, now)
         energy_n = self._delete_chunks("energy_minute", "minute_ts", "minute_ts + 60 <= ?", cutoff)
-        miner_n = self._delete_chunks("energy_miner_minute", "minute_ts", "minute_ts + 60 <= ?", cutoff)
+        miner_n = self._delete_chunks(
+            "energy_miner_minute", "minute_ts", "minute_ts + 60 <= ?", cutoff, chunk=_PRUNE_CHUNK_BULK
+        )
         disp_n = self._delete_chunks("dispatches", "rowid", "closed_at IS NOT NULL AND closed_at < ?", cutoff)
         return PruneResult(cutoff, audit_n, energy_n, miner_n, disp_n)
 
@@ -819,17 +996,18 @@ class Store:
             )
         return count
 
-    def _delete_chunks(self, table: str, key: str, where: str, cutoff: float) -> int:
+    def _delete_chunks(self, table: str, key: str, where: str, cutoff: float, *, chunk: int = _PRUNE_CHUNK) -> int:
         deleted = 0
         while True:
             with self.transaction():
                 n = self._db.execute(
                     f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {where} LIMIT ?)",
-                    (cutoff, _PRUNE_CHUNK),
+                    (cutoff, chunk),
                 ).rowcount
             deleted += n
-            if n < _PRUNE_CHUNK:
+            if n < chunk:
                 return deleted
+            time.sleep(0)  # let the control loop's writes, waiting on our lock, in between chunks
 
     # ------------------------------------------------------------------ export
     def export(
@@ -891,6 +1069,16 @@ class Store:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _chain_head(db: sqlite3.Connection) -> tuple[int, str]:
+    """(seq, hash) to append after: the recorded head or the last record, whichever is further on (a mismatch is
+    for verify_audit to report, not for the writer to hide)."""
+    head = db.execute("SELECT seq, hash FROM audit_head").fetchone()
+    top = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if top is not None and int(top[0]) > int(head[0]):
+        return int(top[0]), str(top[1])
+    return int(head[0]), str(head[1])
+
+
 def _day_name(day_start: int) -> str:
     return datetime.datetime.fromtimestamp(day_start, datetime.UTC).strftime("%Y-%m-%d")
 

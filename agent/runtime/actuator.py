@@ -30,6 +30,7 @@ from drivers.base import (
     Result,
     Unreachable,
     Unsupported,
+    wakes_at_limit,
 )
 
 
@@ -125,7 +126,10 @@ def diff(
         # what it runs at (or wakes up at): the last limit it accepted, else its stock power
         current = view.commanded_w if view.commanded_w is not None else view.nominal_w
         if off:
-            relimit = watts if limited and round(current) != watts else None
+            # a miner that takes its limit while asleep always gets it before its wake (the limit it has stored
+            # may not be ours): it comes up at the planned limit, which is what the plan counts it at
+            stored = wakes_at_limit(view.family, view.capability)
+            relimit = watts if limited and (round(current) != watts or stored) else None
             changes.append(Change(ip, Op.WAKE, relimit, rank=_rank(rank, view, watts)))
             continue
         if view.state is MinerState.WAKING or not limited:
@@ -243,6 +247,16 @@ class Actuator:
                 async with asyncio.timeout(self.command_timeout_s):
                     if change.op is Op.SLEEP:
                         result = await handle.sleep()
+                    elif change.op is Op.WAKE and change.watts is not None and _limit_first(handle):
+                        # it comes up at the limit it has when woken: set the planned one first, and wake only if it
+                        # took (else it stays asleep, and counts as such, rather than waking above what the plan
+                        # counted it at)
+                        limit = await handle.set_power(change.watts)
+                        if not isinstance(limit, Ok):
+                            outcome, detail, retryable = _outcome(limit)
+                            return ("failed" if outcome == "unsupported" else outcome,
+                                    f"limit not set, not woken: {detail}".strip(), retryable)  # fmt: skip
+                        result = await handle.wake()
                     elif change.op is Op.WAKE:
                         result = await handle.wake()
                         if isinstance(result, Ok) and change.watts is not None:
@@ -261,6 +275,12 @@ class Actuator:
             except DriverError as exc:
                 return "failed", f"{type(exc).__name__}: {exc}", False
         return _outcome(result)
+
+
+def _limit_first(handle: MinerHandle) -> bool:
+    """Whether this miner's wake goes out after its limit: its firmware takes a limit while asleep."""
+    ident = handle.identity
+    return wakes_at_limit(ident.family, ident.capability)
 
 
 def _outcome(result: Result) -> tuple[str, str, bool]:

@@ -7,11 +7,15 @@ audit record are committed in one transaction before the reply goes out, and eve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent.commands import (
+    BAD_REQUEST,
     CONFLICT,
+    OPERATOR_ID_PREFIX,
     REQUEST_DIGEST,
     STALE_REVISION,
     UNKNOWN_DISPATCH,
@@ -23,10 +27,13 @@ from agent.commands import (
     Repeat,
     ResumeRequest,
     answer_repeat,
+    check_order,
 )
 from agent.core import failsafe as fs
 from agent.core.audit import AuditKind
 from agent.core.model import Dispatch, Source
+from agent.io.store import StoreError, StoreUnavailable, clear_safe_start
+from agent.logging import get_logger
 from agent.protocol import Channel, Reply
 from agent.runtime.crashpoints import crash_point
 from agent.runtime.memory import DispatchRecord
@@ -34,13 +41,30 @@ from agent.runtime.memory import DispatchRecord
 if TYPE_CHECKING:
     from agent.runtime.controller import Controller
 
+log = get_logger("apply")
+
 SAFE_START_ID = "safe-start"  # the override a safe start holds until an operator resumes
+STORE_UNAVAILABLE = "store_unavailable"  # error code: the command could not be stored, so it was not applied
 
 Events = list[tuple[str, dict[str, Any]]]
 
 
 def apply_command(ctl: Controller, cmd: Command) -> Reply:
-    """Apply one validated command: change, reply and audit record in one transaction, then events."""
+    """Apply one validated command: change, reply and audit record in one transaction, then events.
+
+    A command the state store cannot record now (full, locked, read-only: StoreError) is refused with
+    `store_unavailable`: nothing of it is applied (the controller's memory is put back as it was), no `ok` goes
+    out, and the sender's retry with the same id is applied once the store takes writes again. It is stored only
+    behind the loop's own queued records (the write-behind is flushed first), so the chain keeps their order."""
+    try:
+        if not ctl.persist.flush(force=True):
+            raise StoreUnavailable(ctl.persist.error or "the state store refuses writes")
+        return _apply_command(ctl, cmd)
+    except StoreError as exc:
+        return _store_refused(ctl, cmd, exc)
+
+
+def _apply_command(ctl: Controller, cmd: Command) -> Reply:
     key = cmd.idempotency_key
     if key is not None:  # a repeat that raced the first one through the inbox
         stored = ctl.stored_reply(key)
@@ -50,8 +74,13 @@ def apply_command(ctl: Controller, cmd: Command) -> Reply:
     now = ctl.clock.time()
     req = cmd.request
     events: Events = []
-    with ctl.store.transaction():
-        if isinstance(req, DispatchRequest):
+    with _all_or_nothing(ctl):
+        # a command issued before a newer one of its kind that was already applied is stale (checked here, in the
+        # write transaction, so two commands racing through the inbox are ordered too)
+        stale = check_order(cmd, ctl.store.newest_issued)
+        if stale is not None:
+            reply = stale
+        elif isinstance(req, DispatchRequest):
             reply = _dispatch(ctl, req, cmd, now, events)
         elif isinstance(req, CancelRequest):
             reply = _cancel(ctl, req, now, events)
@@ -63,6 +92,8 @@ def apply_command(ctl: Controller, cmd: Command) -> Reply:
             reply = _resume(ctl, req, now, events)
         else:  # pragma: no cover - parse_request only marks the verbs above as mutating
             raise ValueError(f"verb {cmd.verb!r} does not change anything")
+        if reply.is_ok and cmd.order_key is not None and req.issued_at is not None:
+            ctl.store.set_newest_issued(cmd.order_key, req.issued_at, now)
         if key is not None:
             ctl.store.put_reply(key, cmd.verb, {**reply.to_dict(), REQUEST_DIGEST: cmd.digest}, now)
         ctl.store.append_audit(
@@ -74,6 +105,8 @@ def apply_command(ctl: Controller, cmd: Command) -> Reply:
         )  # fmt: skip
         crash_point("mid_write")
     crash_point("accepted")
+    if isinstance(req, ResumeRequest) and reply.is_ok:
+        _forget_safe_start(ctl)
     for event_type, data in events:
         ctl.events.emit(event_type, **data)
     if reply.is_ok:
@@ -91,6 +124,61 @@ def apply_command(ctl: Controller, cmd: Command) -> Reply:
     if ctl.metrics is not None and cmd.verb == "dispatch":
         ctl.metrics.count_dispatch("accepted" if reply.is_ok else "rejected")
     return reply
+
+
+# what a command may change in the controller besides its dispatches and alarms (the caps, whichever exist)
+_COMMAND_STATE = ("runtime_cap_kw", "grid_cap_kw", "operator_cap_kw")
+
+
+@contextlib.contextmanager
+def _all_or_nothing(ctl: Controller) -> Iterator[None]:
+    """The command's transaction; when it does not commit (the store refuses, or anything raises), the controller's
+    memory is put back as it was before: nothing is applied that was not committed."""
+    records = {i: (r, dataclasses.replace(r)) for i, r in ctl.dispatches.items()}
+    attrs = {a: v for a, v in vars(ctl).items() if a in _COMMAND_STATE}  # plain attributes, not properties
+    alarms = dict(ctl.alarms)
+    try:
+        with ctl.store.transaction():
+            yield
+    except BaseException:
+        ctl.dispatches.clear()
+        for i, (rec, before) in records.items():
+            for f in dataclasses.fields(rec):
+                setattr(rec, f.name, getattr(before, f.name))
+            ctl.dispatches[i] = rec
+        for a, v in attrs.items():
+            setattr(ctl, a, v)
+        ctl.alarms.clear()
+        ctl.alarms.update(alarms)
+        raise
+
+
+def _store_refused(ctl: Controller, cmd: Command, exc: StoreError) -> Reply:
+    req = cmd.request
+    message = f"the state store cannot record this command now ({exc}); nothing was applied: retry later"
+    log.warning("command refused: state store unavailable", verb=cmd.verb, id=req.id, error=str(exc))
+    # audited behind the loop's own queued records once the store takes writes again (and, queued, it keeps the
+    # store_unavailable alarm up until then)
+    ctl.persist.audit(
+        AuditKind.COMMAND,
+        {"verb": cmd.verb, "id": req.id, "channel": cmd.channel.value, "status": "error", "code": STORE_UNAVAILABLE,
+         "message": message},
+        ctl.clock.time(),
+    )  # fmt: skip
+    ctl.events.emit("rejected", verb=cmd.verb, id=req.id, channel=cmd.channel.value, code=STORE_UNAVAILABLE,
+                    message=message)  # fmt: skip
+    if ctl.metrics is not None:
+        ctl.metrics.count_rejected(STORE_UNAVAILABLE)
+    return Reply.error(req.id, STORE_UNAVAILABLE, message)
+
+
+def _forget_safe_start(ctl: Controller) -> None:
+    """The operator resumed (committed): the next start is a normal one."""
+    try:
+        clear_safe_start(ctl.cfg.state_path)
+    except OSError as exc:  # the next start is then safe again: the safe side
+        log.error("safe start marker not removed", error=str(exc))
+
 
 def _dispatch(
     ctl: Controller, req: DispatchRequest, cmd: Command, now: float, events: Events
@@ -111,8 +199,13 @@ def _dispatch(
                 req.id, STALE_REVISION,
                 f"dispatch {req.id!r} is at revision {existing.dispatch.rev}; send a higher rev to replace it",
             )  # fmt: skip
-    # the site's power now: what "curtail by X" is taken from, and the baseline of the flexibility delivered
-    baseline = round(ctl.fleet.latest().power_w / 1000.0, 3)
+    # the site's power now: what "curtail by X" is taken from, and the baseline of the flexibility delivered. A
+    # revision keeps the baseline its first revision measured: the site now is already curtailed by the dispatch
+    # being revised, and "by X" means by X from where the site was before the event
+    if existing is not None and existing.dispatch.baseline_kw is not None:
+        baseline = existing.dispatch.baseline_kw
+    else:
+        baseline = round(ctl.counted_present_kw(), 3)
     start = req.start if req.start is not None else now
     d = Dispatch(
         id=req.id, source=Source.GRID, issued_at=req.issued_at, start=start, end=req.end,
@@ -145,22 +238,56 @@ def _cancel(ctl: Controller, req: CancelRequest, now: float, events: Events) -> 
 def _cap(
     ctl: Controller, req: CapRequest, cmd: Command, now: float, events: Events
 ) -> Reply:
+    """A cap from the grid (signed, over MQTT) or from the site's operator (the local socket): two inputs, each
+    replaced only by its own source, the lower binds. So a local `hashflex cap 1000kW` never lifts a grid cap of
+    400 kW; only an explicit `lift_grid_cap` on the local socket clears the grid's, and it is audited as such."""
+    lift = req.lift_grid_cap
+    grid = cmd.channel is not Channel.LOCAL
+    if lift and grid:
+        return Reply.error(
+            req.id, BAD_REQUEST,
+            "lift_grid_cap is an operator's act on the site's own control socket; the grid sets its cap directly",
+        )  # fmt: skip
     old = ctl.effective_cap_kw()
-    ctl.runtime_cap_kw = None if req.cap_kw >= ctl.licensed_cap_kw else req.cap_kw
-    ctl.store.set_state("runtime_cap_kw", ctl.runtime_cap_kw)
+    old_grid = ctl.grid_cap_kw
+    cap = None if req.cap_kw >= ctl.licensed_cap_kw else req.cap_kw
+    if grid:
+        ctl.grid_cap_kw = cap
+    else:
+        ctl.operator_cap_kw = cap
+        if lift:
+            ctl.grid_cap_kw = None
+    ctl.save_caps()
     new = ctl.effective_cap_kw()
-    change = {"from_kw": old, "to_kw": new, "by": req.id, "channel": cmd.channel.value}
+    change: dict[str, Any] = {
+        "from_kw": old, "to_kw": new, "by": req.id, "channel": cmd.channel.value,
+        "source": "grid" if grid else "operator", "asked_kw": req.cap_kw,
+        "grid_cap_kw": ctl.grid_cap_kw, "operator_cap_kw": ctl.operator_cap_kw,
+    }  # fmt: skip
+    if lift:
+        change["lifted_grid_cap_kw"] = old_grid
     ctl.store.append_audit(AuditKind.CAP_CHANGE, change, now)
     events.append(("cap_changed", change))
-    return Reply.ok(req.id, {"cap_kw": new, "licensed_cap_kw": ctl.licensed_cap_kw})
+    if lift and old_grid is not None:
+        log.warning("grid cap lifted by the operator", lifted_kw=old_grid, operator_cap_kw=ctl.operator_cap_kw,
+                    by=req.id)  # fmt: skip
+    data: dict[str, Any] = {
+        "cap_kw": new, "licensed_cap_kw": ctl.licensed_cap_kw, "grid_cap_kw": ctl.grid_cap_kw,
+        "operator_cap_kw": ctl.operator_cap_kw,
+    }  # fmt: skip
+    if lift:
+        data["lifted_grid_cap_kw"] = old_grid
+    return Reply.ok(req.id, data)
 
 def _curtail(
     ctl: Controller, req: CurtailRequest, cmd: Command, now: float, events: Events
 ) -> Reply:
-    did = req.id or f"op-{uuid.uuid4().hex[:12]}"
+    # operator overrides have their own id namespace (the grid may not use the prefix): a grid dispatch and an
+    # override with the same id are two different things and never replace or block each other
+    did = OPERATOR_ID_PREFIX + (req.id or uuid.uuid4().hex[:12])
     if did in ctl.dispatches:
         return Reply.error(req.id, CONFLICT, f"an override with id {did!r} already exists; use a new id")
-    baseline = round(ctl.fleet.latest().power_w / 1000.0, 3)
+    baseline = round(ctl.counted_present_kw(), 3)
     d = Dispatch(
         id=did, source=Source.OPERATOR, issued_at=req.issued_at or now, start=now,
         end=None if req.for_s is None else now + req.for_s, target_kw=req.to_kw, curtail_kw=req.by_kw,

@@ -12,9 +12,17 @@ before the reply is returned, and trigger an early tick.
 
 Closed loop: a command acknowledged by a miner is confirmed from telemetry within control.confirm_after_s; if the
 miner still draws well above what it was told, it is re-commanded, then (after MAX_RECOMMANDS) counted at its real
-draw (`ignores_commands`) and retried now and then. At site level, once the fleet has settled, measured power above
-the level (beyond control.tolerance_kw) lowers the planning level by the excess; when it falls back, the correction
-is given back within the ramp allowance. The planning level never rises above the target: room left because miners
+draw (`ignores_commands`) and retried now and then. Once confirmed, a miner is still watched: every plan counts it
+at no less than its settled measured draw (on its circuit and the site), and one measured above its limit beyond
+the confirmation slack is re-commanded the same way. A command that fails (refused, timed out) is not sent again
+before a back-off (confirm_after_s, doubling per failure in a row, at most FAILED_BACKOFF_MAX_S); meanwhile the miner
+is counted at its worst case, like an unreachable one, and a failed wake does not count against the wake stagger.
+Configured addresses no miner answered at are counted at a worst
+case until the fleet identifies them (an alarm names them). At site level, once the last plan was carried out and
+has settled, measured power above the level (beyond control.tolerance_kw, and beyond what the plan already counts
+per miner) lowers the planning level by the excess; when it falls back, the correction is given back within the ramp
+allowance. Never before the first plan went out, nor while its commands settle: that excess is what they cut.
+The planning level never rises above the target: room left because miners
 draw less than their limits is not spent (the worst case stays under the target and the cap).
 """
 
@@ -22,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.commands import (
@@ -32,38 +42,62 @@ from agent.commands import (
 )
 from agent.config import AgentConfig
 from agent.core import failsafe as fs
+from agent.core.accounting import excess_w, largest_full_w
 from agent.core.addresses import expand
-from agent.core.arbitration import ArbitrationInputs, ArbitrationRules, arbitrate, event_windows, retention_s
+from agent.core.arbitration import (
+    ArbitrationInputs,
+    ArbitrationRules,
+    arbitrate,
+    effective_cap_kw,
+    event_windows,
+    ramped_level,
+    retention_s,
+)
 from agent.core.audit import AuditKind
-from agent.core.circuits import Circuit, CircuitTree
+from agent.core.circuits import Circuit, CircuitTree, membership
 from agent.core.efficiency import DEFAULT_CURVE, stock_w
 from agent.core.model import Dispatch, MinerState, MinerView, Plan, SleepAction, Source, Target
 from agent.core.planner import PlannerRules, plan, plan_sleep_only
-from agent.core.ramp import WakeStaggerRule, prune_wake_times, ramp_allowance_kw, ramp_step, wake_budget
+from agent.core.ramp import (
+    WakeStaggerRule,
+    prune_wake_times,
+    ramp_credit_cap_kw,
+    ramp_credit_kw,
+    spend_ramp_credit,
+    wake_budget,
+)
 from agent.core.schedule import ScheduleRule
+from agent.io.store import StoreError
 from agent.logging import get_logger
-from agent.protocol import Channel, Reply
+from agent.protocol import Reply
 from agent.runtime import readout
 from agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
 from agent.runtime.apply import SAFE_START_ID, apply_command
-from agent.runtime.clock import Clock
+from agent.runtime.clock import Clock, steady
 from agent.runtime.crashpoints import crash_point
 from agent.runtime.energy_meter import EnergyMeter
 from agent.runtime.events import EventLog
 from agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy
-from agent.runtime.service import payload_digest
-from drivers.base import OnOff
+from agent.runtime.persist import WriteBehind
+from drivers.base import Family, OnOff
 
 log = get_logger("controller")
 
+SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
+SETTLED_W = 50.0
+UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a count)
 MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
 SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
 LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
 LIMIT_CONFIRM_W = 100.0
 MIN_EARLY_GAP_S = 0.2  # wall seconds between early ticks
+# a miner whose command failed is left alone for confirm_after_s, doubling with each failure in a row up to this
+# (clock seconds): a miner that refuses commands (a session another client holds, firmware errors) is not hammered
+FAILED_BACKOFF_MAX_S = 300.0
 _COMPLIANCE_FIELDS = ("level_kw", "received_at", "commands_sent_at", "target_met_at", "time_to_target_s",
                       "max_overshoot_kw")  # fmt: skip
 CONTROLS_SAVE_EVERY_S = 30.0
+CAPS_STATE_KEY = "caps"  # {"grid_kw": float | None, "operator_kw": float | None}
 
 
 class SnapshotSource(Protocol):
@@ -93,8 +127,13 @@ class Controller:
         self.cfg = cfg
         self.fleet = fleet
         self.store = store
+        # the loop's own records go through this: a store that refuses writes must not stop the control loop
+        self.persist = WriteBehind(store)
         self.actuator = actuator
-        self.clock = clock
+        # elapsed-time rules (heartbeat timeout, min on/off, stagger, confirmation, a dispatch's start at receipt)
+        # read a time that never steps with the wall clock; a step is alarmed (_check_clock)
+        self.clock = steady(clock)
+        self._clock_step_s: float | None = None  # the wall-clock step alarmed, if any
         self.events = events
         self.metrics = metrics
         self.notifier = notifier
@@ -104,12 +143,15 @@ class Controller:
         ctl = cfg.control
 
         self.licensed_cap_kw = cfg.site.cap_kw
-        self.runtime_cap_kw: float | None = None
+        # run-time caps by source (separate inputs, the lower binds): a grid `cap` (signed, MQTT) and an operator
+        # `cap` (local socket); None = not set. Persisted together under CAPS_STATE_KEY.
+        self.grid_cap_kw: float | None = None
+        self.operator_cap_kw: float | None = None
         self.tree = CircuitTree(cfg.site.cap_kw, [Circuit(c.id, c.parent, c.cap_kw) for c in cfg.site.circuits])
-        self.circuit_of = _address_map([(c.id, c.miners) for c in cfg.site.circuits])
+        self.circuit_of = membership(self.tree, [(c.id, c.miners) for c in cfg.site.circuits])  # deepest listing
         self.priority_of = _priority_map(cfg)
         self.schedule = [
-            ScheduleRule.from_hhmm(w.name, w.start, w.end, w.days, w.target_kw, w.utc_offset_h) for w in cfg.schedule
+            ScheduleRule.from_hhmm(w.name, w.start, w.end, w.days, w.target_kw, cfg.site.tzinfo) for w in cfg.schedule
         ]
         self.arb_rules = ArbitrationRules(
             debounce_s=cfg.dispatch.debounce_s,
@@ -140,9 +182,13 @@ class Controller:
         self.target: Target | None = None
         self.plan: Plan | None = None
         self.level_kw: float | None = None  # the ramped level planned for last tick
+        self.ramps: dict[str, float] = {}  # where each ramped input's own path is (arbitration.ramped_level)
+        self.ramp_credit_kw = 0.0  # ramp-up credit left unspent (ramp.ramp_credit_kw: a token bucket)
+        self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given
         self.bias_kw = 0.0  # closed-loop correction: measured above target → plan lower
         self.alarms: dict[str, str] = {}
         self.in_flight: dict[str, Change] = {}  # commands sent and not yet answered
+        self.decreasing: set[str] = set()  # told to sleep or to draw less, not yet seen doing it (_hold_rises)
         self.seen_on: dict[str, bool] = {}
         self.tick_n = 0
         self.tick_ms = 0.0
@@ -160,6 +206,9 @@ class Controller:
         self._controls_saved_at = 0.0
         self._last_snapshot_ts: float | None = None
         self._last_ack_at = -math.inf  # when a miner last acknowledged a command
+        # since when the plan in force has been carried out in full (a tick found nothing to send, nothing on the
+        # wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
+        self._settled_at: float | None = None
         self._energy = EnergyMeter(max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale))
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
@@ -175,32 +224,84 @@ class Controller:
         """The licensed cap: no command may ask for more."""
         return self.licensed_cap_kw
 
+    @property
+    def runtime_cap_kw(self) -> float | None:
+        """The lower of the run-time caps (grid, operator), or None when neither is set."""
+        caps = [c for c in (self.grid_cap_kw, self.operator_cap_kw) if c is not None]
+        return min(caps) if caps else None
+
     def effective_cap_kw(self) -> float:
-        rc = self.runtime_cap_kw
-        return self.licensed_cap_kw if rc is None else min(self.licensed_cap_kw, rc)
+        return effective_cap_kw(self.licensed_cap_kw, self.grid_cap_kw, self.operator_cap_kw)
+
+    @property
+    def settled_at(self) -> float | None:
+        """Since when the plan in force has been carried out in full (None: the fleet is still being moved)."""
+        return self._settled_at
+
+    def counted_present_kw(self) -> float:
+        """The site's power now as the last plan counted it: what the miners draw (measured, or estimated where a
+        miner reports no watts), and every miner it cannot read at the worst case the plan counts it at. "Curtail by X"
+        is taken from this: the planner holds the level against the same count, so a level taken from the readings
+        alone falls below what the silent miners are counted at and sleeps every miner that answers. (Not the plan's
+        own worst case: waking miners count there at full power, and "by X" is from what the site draws now.)"""
+        read_kw = self.fleet.latest().power_w / 1000.0
+        return read_kw if self.plan is None else self.plan.counted_now_kw
+
+    def save_caps(self) -> None:
+        self.store.set_state(CAPS_STATE_KEY, {"grid_kw": self.grid_cap_kw, "operator_kw": self.operator_cap_kw})
+
+    def _load_caps(self) -> None:
+        def kw(value: Any) -> float | None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            return float(value) if ok else None
+
+        caps = self.store.get_state(CAPS_STATE_KEY, None)
+        if isinstance(caps, dict):
+            self.grid_cap_kw, self.operator_cap_kw = kw(caps.get("grid_kw")), kw(caps.get("operator_kw"))
+        else:
+            # state written before caps were kept by source: one cap of unknown source. Taken as the grid's, the
+            # safe reading (a local `cap` cannot lift it without --lift-grid-cap)
+            self.grid_cap_kw, self.operator_cap_kw = kw(self.store.get_state("runtime_cap_kw", None)), None
 
     def restore(self, *, safe_start: str | None = None) -> None:
         """Load state from the store (after the first sweep, before the first tick)."""
         now = self.clock.time()
         snap = self.fleet.latest()
         present_kw = snap.power_w / 1000.0
-        rc = self.store.get_state("runtime_cap_kw", None)
-        self.runtime_cap_kw = float(rc) if isinstance(rc, int | float) else None
+        self._load_caps()
+        ahead_s = 0.0  # how far times recorded by the last run are ahead of the clock now: the wall went back
         for ip, control in self.store.load_controls().items():
-            self.memory[ip] = MinerMemory.from_control(control)
+            mem = self.memory[ip] = MinerMemory.from_control(control)
+            if mem.last_transition > now:  # its min on/off time runs from now, not from a time still to come
+                ahead_s = max(ahead_s, mem.last_transition - now)
+                mem.last_transition = now
         for d, status, progress in self.store.load_dispatches(active_only=True):
             rec = DispatchRecord.from_stored(d, status, dict(progress or {}))
+            if rec.status == "active" and d.start > now:
+                # it was binding when the last run stopped: a wall clock that went back must not un-bind it (the
+                # store keeps the start the grid gave; this run holds it from now)
+                ahead_s = max(ahead_s, d.start - now)
+                rec.dispatch = dataclasses.replace(d, start=now)
             self.dispatches[d.id] = rec
             if rec.open and d.expired_at(now):
                 self.close_dispatch(rec, now, "expired", "expired while the agent was down", commit=True)
         self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
         self.failsafe = fs.start(now, self.fs_rules, hold_kw=min(present_kw, self.effective_cap_kw()))
         self.level_kw = min(present_kw, self.effective_cap_kw())
+        # the correction starts at nothing and learns only from a plan that was carried out (_correct): what the
+        # site draws above its cap at start is what the first plan cuts, not model error
+        self.bias_kw = 0.0
+        self._settled_at = None
         if safe_start is not None:
             self._enter_safe_start(now, present_kw, safe_start)
+        if ahead_s > self.clock.step_threshold_s:
+            self._raise_alarm("clock_step", f"the wall clock is {ahead_s:.0f} s behind times the last run recorded "
+                              "(it went back while the agent was down); bound dispatches stay bound, min on/off "
+                              "times run from now: check the gateway's time (NTP)")  # fmt: skip
         log.info(
             "state restored", dispatches=sum(1 for r in self.dispatches.values() if r.open),
-            controls=len(self.memory), runtime_cap_kw=self.runtime_cap_kw, failsafe=self.failsafe.active,
+            controls=len(self.memory), grid_cap_kw=self.grid_cap_kw, operator_cap_kw=self.operator_cap_kw,
+            failsafe=self.failsafe.active,
             present_kw=round(present_kw, 2),
         )  # fmt: skip
 
@@ -211,8 +312,8 @@ class Controller:
         rec = DispatchRecord(d, "active", now, channel="agent")
         self.dispatches[d.id] = rec
         self._raise_alarm("safe_start", f"{why}; holding {level:.1f} kW until an operator runs `hashflex resume`")
-        with contextlib.suppress(Exception):  # the store may be the thing that is broken
-            self.store.save_dispatch(d, rec.status, **rec.progress())
+        # the store may be the thing that is broken (the safe start is also remembered outside it: app.open_store)
+        self.persist.call("save_dispatch", d, rec.status, **rec.progress())
 
     # ============================================================================================= commands
     async def submit(self, command: Command, timeout_s: float = 30.0) -> Reply:
@@ -240,13 +341,10 @@ class Controller:
         self._early = True
         self._wake.set()
 
-    def record_refusal(self, verb: str, channel: Channel, reply: Reply, payload: bytes) -> None:
-        self.store.append_audit(
-            AuditKind.COMMAND,
-            {"verb": verb, "id": reply.id, "channel": channel.value, "status": "error", "code": reply.error_code,
-             "message": reply.error_message, **payload_digest(payload)},
-            self.clock.time(),
-        )  # fmt: skip
+    def record_refusal(self, summary: dict[str, Any]) -> None:
+        """One audit record for an interval's refused commands (counts per channel and code, a digest sample):
+        see agent.runtime.service.RefusalAudit. Never one record per refusal."""
+        self.store.append_audit(AuditKind.COMMAND, {"status": "refused", **summary}, self.clock.time())
 
     def _drain_inbox(self) -> None:
         while True:
@@ -281,16 +379,21 @@ class Controller:
         data = {"id": rec.dispatch.id, "source": rec.dispatch.source.value, "status": status, "reason": reason}
         data.update({k: v for k, v in rec.doc().items() if k in _COMPLIANCE_FIELDS})
 
-        def write() -> None:
-            self.store.save_dispatch(rec.dispatch, status, **rec.progress())
-            crash_point("closing")
-            self.store.append_audit(AuditKind.COMPLIANCE, data, now)
+        dispatch, progress, record = rec.dispatch, rec.progress(), dict(data)
 
-        if commit:
-            with self.store.transaction():
-                write()
-        else:
-            write()
+        def write(store: Any) -> None:
+            store.save_dispatch(dispatch, status, **progress)
+            crash_point("closing")
+            store.append_audit(AuditKind.COMPLIANCE, record, now)
+
+        def write_together(store: Any) -> None:
+            with store.transaction():
+                write(store)
+
+        if commit:  # the loop's own close (expired): write-behind, so a refusing store does not stop the loop
+            self.persist.write(f"close {rec.dispatch.id}", write_together)
+        else:  # inside a command's transaction: commits with the command, or the command is refused
+            write(self.store)
         event = {"cancelled": "cancelled", "expired": "expired"}.get(status, "failed")
         if events is None:
             self.events.emit(event, **data)
@@ -321,7 +424,11 @@ class Controller:
                 if due or early:
                     self._early = False
                     last_tick = time.monotonic()
-                    self.tick()
+                    try:
+                        self.tick()
+                    except StoreError as exc:  # a store call not behind the write-behind: the loop goes on
+                        log.exception("tick: state store error")
+                        self._raise_alarm("store_unavailable", f"the state store failed in a tick: {exc}")
         finally:
             self._fail_waiting()
             for task in list(self._actuations):
@@ -360,6 +467,7 @@ class Controller:
         dt = self.cfg.control.tick_s if self.tick_at is None else max(0.0, now - self.tick_at)
         self.tick_at = now
         self.tick_n += 1
+        self._check_clock()
         self._advance_dispatches(now)
         target = self._arbitrate(now)
         views = self._views(snap, now)
@@ -369,13 +477,21 @@ class Controller:
         self._last_snapshot_ts = snap.ts
         prev_level = self.level_kw if self.level_kw is not None else present_kw
         if measured_fresh:
-            self._correct(present_kw, prev_level)
-        level = ramp_step(prev_level, target.kw, dt, down_kw_per_min=target.ramp_kw_per_min, ceiling_kw=target.cap_kw)
+            # what the plan already counts per miner (measured above its setting) is not the site's to correct
+            explained_kw = sum(excess_w(v, self.planner_rules.sleep_w) for v in views) / 1000.0
+            self._correct(present_kw - explained_kw, prev_level, snap.ts)
+        # each input ramps on its own (an input without a ramp binds at once): the level is the lowest of them
+        ramped = ramped_level(self._arb_inputs, now, dt, self.ramps, from_kw=prev_level)
+        level, self.ramps = ramped.kw, ramped.ramps
         self.level_kw = level
         plan_kw = max(0.0, min(target.cap_kw, level - self.bias_kw))
         self.wake_times = prune_wake_times(self.wake_times, now, self.stagger)
         budget = wake_budget(self.wake_times, now, self.stagger)
-        allowance = ramp_allowance_kw(self.cfg.control.ramp_up_kw_per_min, dt)
+        up = self.cfg.control.ramp_up_kw_per_min
+        # the ramp-up allowance builds up between ticks (a rate below one miner per tick must still wake miners)
+        allowance = None if up is None else ramp_credit_kw(
+            self.ramp_credit_kw, up, dt, ramp_credit_cap_kw(up, self.cfg.control.tick_s, largest_full_w(views) / 1000)
+        )  # fmt: skip
         fast = level < prev_level - 1e-6 or (
             measured_fresh and present_kw > plan_kw + self.cfg.control.tolerance_kw and not self._fast_done
         )
@@ -385,6 +501,7 @@ class Controller:
             plan_kw, views, self.tree, self.planner_rules, now, wake_budget=budget, ramp_allowance_kw=allowance
         )
         plan_ms = (time.perf_counter() - t_plan) * 1000
+        self.ramp_credit_kw = spend_ramp_credit(allowance, new_plan.worst_case_kw - new_plan.ramp_from_kw)
         self.plan = new_plan
         self._fast_done = fast
         self._plan_alarms(new_plan)
@@ -393,6 +510,7 @@ class Controller:
             pending=self._blocked(), rank=_efficiency_rank,
         )  # fmt: skip
         changes += self._recommands(new_plan, {c.ip for c in changes}, now)
+        changes, held = self._hold_rises(changes, by_ip)
         if changes:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
             crash_point("planned")
@@ -402,9 +520,15 @@ class Controller:
                 # running; when it is sleeping all of them there is nothing to plan until its results are in
                 # (they tick again), and a tick now would only take CPU from the batch
                 self.trigger()
+        unconfirmed = any(m.pending_op and not m.ignores_commands for m in self.memory.values())
+        if changes or held or self.in_flight or unconfirmed:
+            self._settled_at = None
+        elif self._settled_at is None:
+            self._settled_at = now
         self._mark_commands_sent(now, len(changes))
         self._dispatch_progress(snap, present_kw, now)
         self._save_controls()
+        self._store_health()
         self.tick_ms = (time.perf_counter() - started) * 1000
         if self.metrics is not None:
             self.metrics.observe_tick(self.tick_ms / 1000)
@@ -419,6 +543,25 @@ class Controller:
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------- arbitration
+    def _check_clock(self) -> None:
+        """Alarm on a wall-clock step: the agent keeps its own time (SteadyClock), so nothing un-binds or fires
+        early, but an operator must know the gateway's clock jumped (and that dispatch windows keep the old one)."""
+        offset = self.clock.wall_offset_s()
+        threshold = self.clock.step_threshold_s
+        if abs(offset) > threshold:
+            if self._clock_step_s is None or abs(offset - self._clock_step_s) > threshold:
+                self._clock_step_s = offset
+                self._raise_alarm(
+                    "clock_step",
+                    f"the wall clock stepped {offset:+.0f} s from the agent's time; timers and dispatch windows keep "
+                    f"the agent's time, which follows the wall at most {self.clock.max_slew * 100:.2g} % (a restart "
+                    "adopts the wall clock): check the gateway's time (NTP)",
+                )  # fmt: skip
+        elif self._clock_step_s is not None:  # (the alarm restore raises for a clock behind the store stays)
+            self._clock_step_s = None
+            self.alarms.pop("clock_step", None)
+            log.info("wall clock back in step with the agent's time", offset_s=round(offset, 3))
+
     def _advance_dispatches(self, now: float) -> None:
         keep_s = retention_s(self.arb_rules)
         for rec in list(self.dispatches.values()):
@@ -427,7 +570,7 @@ class Controller:
                     self.close_dispatch(rec, now, "expired", "window ended", commit=True)
                 elif rec.status == "pending" and rec.dispatch.active_at(now):
                     rec.status = "active"
-                    self.store.update_dispatch(rec.dispatch.id, status="active")
+                    self.persist.call("update_dispatch", rec.dispatch.id, status="active")
             elif rec.closed_at is not None and now - rec.closed_at > keep_s and rec.dispatch.id in self.dispatches:
                 # out of arbitration's reach: forget it here (the store keeps it)
                 end = rec.dispatch.end if rec.dispatch.end is not None else rec.closed_at
@@ -443,24 +586,26 @@ class Controller:
             kind = "failsafe_entered" if self.failsafe.active else "failsafe_exited"
             data = {"reason": self.failsafe.reason or prev.reason, "level_kw": self.failsafe.level_kw}
             audit = AuditKind.FAILSAFE_ENTER if self.failsafe.active else AuditKind.FAILSAFE_EXIT
-            self.store.append_audit(audit, data, now)
+            self.persist.audit(audit, data, now)
             self.events.emit(kind, **data)
             log.warning(kind, **data) if self.failsafe.active else log.info(kind, **data)
         inputs = ArbitrationInputs(
             licensed_cap_kw=self.licensed_cap_kw,
-            runtime_cap_kw=self.runtime_cap_kw,
+            grid_cap_kw=self.grid_cap_kw,
+            operator_cap_kw=self.operator_cap_kw,
             dispatches=[r.dispatch for r in self.dispatches.values() if r.status != "failed"],
             schedule=self.schedule,
             failsafe_kw=fs.limit_kw(self.failsafe),
             rules=self.arb_rules,
         )
+        self._arb_inputs = inputs
         target = arbitrate(inputs, now)
         old = self.target
         if old is None or abs(old.kw - target.kw) > 1e-6 or old.reason != target.reason or old.cap_kw != target.cap_kw:
             data = {"kw": round(target.kw, 3), "reason": target.reason, "source": target.source.value,
                     "cap_kw": target.cap_kw, "failsafe": target.failsafe, "detail": target.detail,
                     "from_kw": None if old is None else round(old.kw, 3)}  # fmt: skip
-            self.store.append_audit(AuditKind.TARGET_CHANGE, data, now)
+            self.persist.audit(AuditKind.TARGET_CHANGE, data, now)
             self.events.emit("target_changed", **data)
             log.info("target changed", **data)
             self._fast_done = False
@@ -524,16 +669,91 @@ class Controller:
                 state = running
             if fresh:
                 self._track_transition(ip, mem, state, now)
+            if state in _RUNNING:
+                mem.woken_to_w = None  # up: it runs at its limit now, whatever it woke to
+            # what it reports drawing, once its present setting had time to take effect: counted at no less
+            # (a command on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet
+            # seen is `_confirm`'s: re-sent, then the miner is counted at its real draw as ignoring commands)
+            measured_w = None
+            if (fresh and ms.measured and told is None and not mem.ignores_commands and ms.age_s is not None
+                    and (state in _RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
+                    and self._settled(mem, snap.ts - ms.age_s, float(ms.power_w))):
+                measured_w = float(ms.power_w)
+                setting = commanded if commanded is not None else stock
+                mem.excess_w = max(0.0, measured_w - setting) if state in _RUNNING else 0.0
+                mem.excess_setting_w = setting
+            elif state in _RUNNING and not mem.ignores_commands:
+                # settling at a new setting: the excess it showed at the last one is still counted (not doing so
+                # let the plan raise a drifting miner back over its circuit cap every time it moved its limit),
+                # and so is a larger one it shows meanwhile above both settings (a drift that began meanwhile)
+                setting = commanded if commanded is not None else stock
+                if fresh and ms.measured and told is None:
+                    above = float(ms.power_w) - max(setting, mem.excess_setting_w)
+                    mem.excess_w = max(mem.excess_w, above)
+                if mem.excess_w > 0:
+                    measured_w = setting + mem.excess_w
+            elif state not in _RUNNING:
+                mem.excess_w = 0.0
+            if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
+                # its last command failed and it is left alone until the back-off ends (`_blocked`); that command
+                # may or may not have taken, so the plan counts it as one it cannot reach: no action, at the larger
+                # of its full power and its draw (not at what the plan would like it to do)
+                state = MinerState.UNREACHABLE
             views.append(
                 MinerView(
                     id=ip, family=ident.family, capability=cap, nominal_w=ident.nominal_w,
                     nominal_ths=ident.nominal_ths, state=state, power_w=ms.power_w if fresh else None,
                     commanded_w=commanded, asleep_by_us=mem.asleep_by_us, last_transition=mem.last_transition,
                     circuit=self.circuit_of.get(ip), priority=self.priority_of.get(ip, 0),
-                    ignores_commands=mem.ignores_commands,
+                    ignores_commands=mem.ignores_commands, measured_w=measured_w,
+                    woken_to_w=mem.woken_to_w if state is MinerState.WAKING else None,
                 )
             )  # fmt: skip
+        views.extend(self._unidentified_views(snap))
         return views
+
+    def _settled(self, mem: MinerMemory, read_at: float, power_w: float) -> bool:
+        """Has the miner's draw settled at its present setting, by this reading? Yes once confirm_after_s has
+        passed since it acknowledged the change, or earlier once two readings after it agree (its ramp is over)."""
+        if read_at >= mem.changed_at + self.cfg.control.confirm_after_s or mem.settled:
+            return True
+        if read_at <= mem.changed_at:
+            return False  # taken before the change
+        if mem.probe_at <= mem.changed_at:
+            mem.probe_at, mem.probe_w = read_at, power_w  # the first reading since the change
+            return False
+        if read_at > mem.probe_at:
+            if abs(power_w - mem.probe_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, mem.probe_w)):
+                mem.settled = True
+                return True
+            mem.probe_at, mem.probe_w = read_at, power_w
+        return False
+
+    def _unidentified_views(self, snap: Any) -> list[MinerView]:
+        """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start):
+        the fleet retries them in the background; until one is identified it is held at a worst case (the fleet's
+        `unknown_w`) on its circuit and the site, and an alarm names them. Zero would let the site run over its
+        cap the moment they come back."""
+        held: dict[str, float] = dict(getattr(snap, "unidentified", {}) or {})
+        if not held:
+            self.alarms.pop("unidentified", None)
+            return []
+        names = sorted(held, key=_ip_sort_key)
+        shown = ", ".join(names[:UNIDENTIFIED_NAMED]) + (f" and {len(names) - UNIDENTIFIED_NAMED} more"
+                                                        if len(names) > UNIDENTIFIED_NAMED else "")  # fmt: skip
+        self._raise_alarm(
+            "unidentified",
+            f"{len(names)} configured addresses not identified yet, each counted at {max(held.values()):.0f} W "
+            f"until it answers: {shown}",
+        )
+        return [
+            MinerView(
+                id=ip, family=Family.OTHER, capability=OnOff(), nominal_w=w, nominal_ths=0.0,
+                state=MinerState.UNREACHABLE, power_w=None, commanded_w=None, circuit=self.circuit_of.get(ip),
+                priority=self.priority_of.get(ip, 0),
+            )
+            for ip, w in held.items()
+        ]  # fmt: skip
 
     def _track_transition(self, ip: str, mem: MinerMemory, state: MinerState, now: float) -> None:
         """A miner seen switching on or off by itself (or by someone else) starts its min on/off time too."""
@@ -545,8 +765,14 @@ class Controller:
             self._dirty_controls.add(ip)
 
     def _confirm(self, ip: str, ms: Any, mem: MinerMemory, *, fresh: bool, snap_ts: float, now: float) -> None:
-        """Closed loop per miner: did the last acknowledged command show in telemetry?"""
-        if mem.pending_op is None or not fresh or ms.age_s is None:
+        """Closed loop per miner: did the last acknowledged command show in telemetry? And, once it did: does the
+        miner still keep to it? (One measured above its limit beyond the slack is re-commanded, and after
+        MAX_RECOMMANDS counted at its real draw as ignoring commands; until then the plan counts it at what it
+        measures, see `_views`.)"""
+        if not fresh or ms.age_s is None:
+            return
+        if mem.pending_op is None:
+            self._watch_setting(ip, ms, mem, snap_ts=snap_ts, now=now)
             return
         read_at = snap_ts - ms.age_s
         if read_at <= mem.pending_at:
@@ -582,10 +808,32 @@ class Controller:
             return
         mem.resend_due = True
 
+    def _watch_setting(self, ip: str, ms: Any, mem: MinerMemory, *, snap_ts: float, now: float) -> None:
+        """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM
+        stepping its profile up). Measured above its limit beyond the confirmation slack, once its setting had time
+        to take effect: send the limit again (the re-send and ignoring rules of `_confirm` take it from there)."""
+        confirm = self.cfg.control.confirm_after_s
+        limit = mem.commanded_w
+        if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured:
+            return
+        if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm:
+            return
+        if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
+            return
+        mem.pending_op, mem.pending_w = Op.SET_POWER.value, int(limit)
+        mem.pending_at = now - confirm  # due for a re-send on this tick (see _recommands)
+        mem.recommands, mem.resend_due = 0, True
+        self._dirty_controls.add(ip)
+        log.warning("miner draws above its limit", ip=ip, power_w=round(ms.power_w), limit_w=round(limit))
+
     def _blocked(self) -> dict[str, Op]:
-        """Miners the diff leaves alone: a command is on the wire. (An acknowledged command awaiting confirmation
-        needs no block: the views already take it as done, so the diff only sends what the plan changes.)"""
-        return {ip: c.op for ip, c in self.in_flight.items()}
+        """Miners the diff leaves alone: a command is on the wire, or one failed and its back-off is not over (the
+        views count such a miner at its worst case). (An acknowledged command awaiting confirmation needs no
+        block: the views already take it as done, so the diff only sends what the plan changes.)"""
+        now = self.clock.time()
+        out = {ip: Op(m.failed_op) for ip, m in self.memory.items() if m.failed_op and now < m.failed_retry_at}
+        out.update({ip: c.op for ip, c in self.in_flight.items()})
+        return out
 
     def _recommands(self, new_plan: Plan, skip: set[str], now: float) -> list[Change]:
         """Re-send acknowledged commands telemetry has not confirmed in time, where the plan still wants them
@@ -596,6 +844,8 @@ class Controller:
         for ip, mem in self.memory.items():
             if mem.pending_op is None or ip in self.in_flight or ip in skip or now - mem.pending_at < confirm:
                 continue
+            if now < mem.failed_retry_at:
+                continue  # its last command failed: backing off
             if mem.ignores_commands:
                 if now < mem.retry_at:
                     continue
@@ -615,9 +865,13 @@ class Controller:
         return out
 
     # ----------------------------------------------------------------------------------------- correction
-    def _correct(self, present_kw: float, level_kw: float) -> None:
-        """Site-level closed loop from measurement, once the fleet has settled (nothing in flight or unconfirmed,
-        no command acknowledged within confirm_after_s: miners may still be ramping).
+    def _correct(self, present_kw: float, level_kw: float, snap_ts: float) -> None:
+        """Site-level closed loop from measurement, only on error the last executed plan explains: the plan in
+        force was carried out in full (a tick found nothing left to send and nothing awaiting confirmation) and
+        the picture was taken after that and at least confirm_after_s after the last acknowledged command (miners
+        may still be ramping). Before the first plan went out, or while its commands settle, what the site draws
+        above the level is what those commands are cutting, not model error: taking it for model error blacked a
+        site out that started at twice its cap. `present_kw` leaves out what the plan counts per miner.
 
         Draws more than the level (beyond tolerance_kw; a miner drifting above its limit, a reading higher than
         the plan counts): plan lower by the excess, at once. Draws less again: give that correction back, in
@@ -626,7 +880,9 @@ class Controller:
         """
         if self.in_flight or any(m.pending_op and not m.ignores_commands for m in self.memory.values()):
             return
-        if self.clock.time() - self._last_ack_at < self.cfg.control.confirm_after_s:
+        if self._settled_at is None or snap_ts <= self._settled_at:
+            return
+        if snap_ts - self._last_ack_at < self.cfg.control.confirm_after_s:
             return
         tol = self.cfg.control.tolerance_kw
         error = present_kw - level_kw
@@ -639,14 +895,35 @@ class Controller:
             self.bias_kw = max(0.0, self.bias_kw - step)
 
     # ----------------------------------------------------------------------------------------- actuation
+    def _hold_rises(self, changes: list[Change], by_ip: dict[str, MinerView]) -> tuple[list[Change], int]:
+        """Wakes and limit raises wait until every decrease sent before them (or with them) shows in telemetry.
+
+        The plan takes an acknowledged sleep or lower limit as done, but the miner ramps down over seconds while a
+        wake or a raise can land sooner: spending that room at once lifted the site above its level (a re-plan that
+        lowers some miners and wakes others; the first re-plan after a fast cut). A decrease stops holding rises once
+        it is confirmed, or its miner cannot be read or ignores commands (both counted at their worst case).
+        Returns the changes to send now and how many rises wait."""
+        for ip in list(self.decreasing):
+            mem, view = self.memory.get(ip), by_ip.get(ip)
+            if ip in self.in_flight:
+                continue
+            if mem is None or mem.pending_op is None or mem.ignores_commands or view is None \
+                    or view.state is MinerState.UNREACHABLE:  # fmt: skip
+                self.decreasing.discard(ip)
+        if not self.decreasing and not any(c.op is Op.SLEEP or c.decrease for c in changes):
+            return changes, 0
+        now_ = [c for c in changes if c.op is Op.SLEEP or c.decrease]
+        return now_, len(changes) - len(now_)
+
     def _launch(self, changes: list[Change], new_plan: Plan, fast: bool, now: float) -> None:
         self._energy.hold(self.fleet.latest(), now, self)  # what miners drew until now is what was last read
+        self.decreasing.update(c.ip for c in changes if c.op is Op.SLEEP or c.decrease)
         for c in changes:
             self.in_flight[c.ip] = c
         wakes = sum(1 for c in changes if c.op is Op.WAKE)
         if wakes:  # the stagger counts wakes when they are sent
             self.wake_times = (*self.wake_times, *([now] * wakes))
-        task = asyncio.get_running_loop().create_task(self._actuate(changes, new_plan, fast), name="actuate")
+        task = asyncio.get_running_loop().create_task(self._actuate(changes, new_plan, fast, now), name="actuate")
         self._actuations.add(task)
         task.add_done_callback(self._actuation_done)
         self._batches_out += 1
@@ -659,11 +936,12 @@ class Controller:
         if self._batches_out == 0 and self.on_actuating is not None:
             self.on_actuating(False)
 
-    async def _actuate(self, changes: list[Change], new_plan: Plan, fast: bool) -> None:
+    async def _actuate(self, changes: list[Change], new_plan: Plan, fast: bool, sent_at: float) -> None:
         try:
             report = await self.actuator.apply(
-                changes, wake_batch=self.stagger.max_per_interval, on_result=self._on_result
-            )
+                changes, wake_batch=self.stagger.max_per_interval,
+                on_result=functools.partial(self._on_result, sent_at=sent_at),
+            )  # fmt: skip
         finally:
             for c in changes:
                 self.in_flight.pop(c.ip, None)
@@ -677,44 +955,59 @@ class Controller:
                        for r in failed[:50]],
             "failed_total": len(failed),
         }  # fmt: skip
-        try:
-            self.store.append_audit(AuditKind.ACTIONS, data, self.clock.time())
-        except Exception:
-            log.exception("could not audit an action batch")
+        self.persist.audit(AuditKind.ACTIONS, data, self.clock.time())
         log.info("actions", **{k: v for k, v in data.items() if k != "failed"})
         if self.sweep_request is not None:
             self.sweep_request.set()  # confirm from a fresh picture, soon
         self.trigger()
 
-    def _on_result(self, r: OpResult) -> None:
+    def _on_result(self, r: OpResult, *, sent_at: float | None = None) -> None:
         now = self.clock.time()
         mem = self.memory.setdefault(r.ip, MinerMemory())
         if self.metrics is not None:
             self.metrics.observe_command(r.op.value, r.outcome, r.latency_s)
+        if r.ok:
+            mem.failures, mem.failed_op, mem.failed_retry_at = 0, None, -1e18
+        elif not (r.outcome == "unsupported" and r.op is Op.SET_POWER):  # (that one: on/off from now on, below)
+            # back off before sending it anything again (`_blocked`); until then the plan counts it at its worst
+            # case (`_views`): whatever the failed command was, it may or may not have taken
+            mem.failures += 1
+            backoff = min(FAILED_BACKOFF_MAX_S, self.cfg.control.confirm_after_s * 2 ** min(mem.failures - 1, 16))
+            mem.failed_op, mem.failed_retry_at = r.op.value, now + backoff
+            if r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
+                # the stagger counts wakes that happen: a refused wake must not hold back every other miner's
+                wt = list(self.wake_times)
+                wt.remove(sent_at)
+                self.wake_times = tuple(wt)
         if r.ok:
             self._last_ack_at = now
             if r.op is Op.SLEEP:
                 if self.seen_on.get(r.ip, True):
                     mem.last_transition = now
                 mem.asleep_by_us = True
+                mem.woken_to_w = None
             elif r.op is Op.WAKE:
                 if not self.seen_on.get(r.ip, False):
                     mem.last_transition = now
                 mem.asleep_by_us = False
+                mem.woken_to_w = None
                 if r.watts is not None and "limit not set" not in r.detail:
                     mem.commanded_w = float(r.watts)
+                    mem.woken_to_w = float(r.watts)  # accepted after the wake: it comes up at this limit
             else:
                 mem.commanded_w = float(r.watts) if r.watts is not None else mem.commanded_w
                 mem.limited_at = now
             if (mem.pending_op, mem.pending_w) != (r.op.value, r.watts):
                 mem.recommands = 0  # a new command, not a re-send of the last one
+                mem.changed_at, mem.settled = now, False
             mem.pending_op, mem.pending_w, mem.pending_at = r.op.value, r.watts, now
             self.seen_on[r.ip] = r.op is not Op.SLEEP
         elif r.outcome == "unsupported" and r.op is Op.SET_POWER:
             mem.limits_unsupported = True
             log.warning("miner refuses power limits; treated as on/off", ip=r.ip, detail=r.detail)
         elif r.outcome != "skipped":
-            log.warning("miner command failed", ip=r.ip, op=r.op.value, outcome=r.outcome, detail=r.detail)
+            log.warning("miner command failed", ip=r.ip, op=r.op.value, outcome=r.outcome, detail=r.detail,
+                        failures=mem.failures, retry_in_s=round(mem.failed_retry_at - now, 1))  # fmt: skip
         self._dirty_controls.add(r.ip)
         if r.ok:
             crash_point("in_flight")
@@ -731,7 +1024,7 @@ class Controller:
         for rec in self._binding_records(now):
             if rec.commands_sent_at is None:
                 rec.commands_sent_at = now
-                self.store.update_dispatch(rec.dispatch.id, commands_sent_at=now)
+                self.persist.call("update_dispatch", rec.dispatch.id, commands_sent_at=now)
                 self.events.emit("commands_sent", id=rec.dispatch.id, commands=sent, in_flight=len(self.in_flight))
 
     def _dispatch_progress(self, snap: Any, present_kw: float, now: float) -> None:
@@ -744,7 +1037,7 @@ class Controller:
             if rec.target_met_at is None:
                 if present_kw <= level + tol:
                     rec.target_met_at = snap.ts
-                    self.store.update_dispatch(d.id, target_met_at=snap.ts)
+                    self.persist.call("update_dispatch", d.id, target_met_at=snap.ts)
                     secs = snap.ts - rec.received_at
                     self.events.emit("target_reached", id=d.id, level_kw=round(level, 3),
                                      power_kw=round(present_kw, 3), after_s=round(secs, 3))  # fmt: skip
@@ -754,7 +1047,7 @@ class Controller:
             over = present_kw - level
             if over > rec.max_overshoot_kw + 1e-3:
                 rec.max_overshoot_kw = over
-                self.store.update_dispatch(d.id, max_overshoot_kw=over)
+                self.persist.call("update_dispatch", d.id, max_overshoot_kw=over)
 
     # ----------------------------------------------------------------------------------------- bookkeeping
     def _raise_alarm(self, key: str, message: str, *, quiet: bool = False) -> None:
@@ -762,10 +1055,9 @@ class Controller:
             return
         self.alarms[key] = message
         if not quiet:
-            log.warning("alarm", key=key, message=message)
+            log.warning("alarm", alarm=key, message=message)  # `key=` would be redacted as a secret
         self.events.emit("alarm", key=key, message=message)
-        with contextlib.suppress(Exception):
-            self.store.append_audit(AuditKind.ALARM, {"key": key, "message": message}, self.clock.time())
+        self.persist.audit(AuditKind.ALARM, {"key": key, "message": message}, self.clock.time())
 
     def _plan_alarms(self, p: Plan) -> None:
         current = {a.split(":", 1)[0] + ":" + a.split(":", 2)[1] if a.count(":") >= 1 else a for a in p.alarms}
@@ -781,8 +1073,21 @@ class Controller:
         if not self._dirty_controls or (not force and now - self._controls_saved_at < CONTROLS_SAVE_EVERY_S / 10):
             return
         dirty, self._dirty_controls = self._dirty_controls, set()
-        self.store.save_controls({ip: self.memory[ip].to_control() for ip in dirty if ip in self.memory})
+        controls = {ip: self.memory[ip].to_control() for ip in dirty if ip in self.memory}
+        self.persist.call("save_controls", controls)
         self._controls_saved_at = now
+
+    def _store_health(self) -> None:
+        """Retry the writes the store refused; alarm while it refuses them, clear the alarm once all are in."""
+        self.persist.flush()
+        if self.persist.error is not None:
+            self._raise_alarm(
+                "store_unavailable",
+                f"the state store refuses writes ({self.persist.error}); controlling from memory, retrying; "
+                "commands are refused until it takes writes again",
+            )
+        elif self.alarms.pop("store_unavailable", None) is not None:
+            log.info("alarm cleared", key="store_unavailable")
 
     def _notify_systemd(self) -> None:
         if self.notifier is None:
@@ -850,12 +1155,11 @@ def _efficiency_rank(view: MinerView, watts: int) -> float:
     return DEFAULT_CURVE.j_per_th(watts, view.nominal_w, view.nominal_ths) - view.priority * 1e6
 
 
-def _address_map(groups: Iterable[tuple[str, list[str]]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, specs in groups:
-        for ip in expand(specs):
-            out.setdefault(ip, name)
-    return out
+def _ip_sort_key(ip: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in ip.split("."))
+    except ValueError:
+        return (1 << 16,)
 
 
 def _priority_map(cfg: AgentConfig) -> dict[str, int]:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = get_logger("energy")
 
+PER_MINER_BACKLOG = 600  # queued writes past which a refused minute keeps only its site figures
+
 
 class EnergyMeter:
     def __init__(self, max_gap_s: float = 120.0) -> None:
@@ -65,22 +67,16 @@ class EnergyMeter:
         self._record(self.integrator.close_until(math.inf), ctl, pin=False)
 
     def pin_closed(self, upto: float, ctl: Controller) -> None:
-        """Pin the quarter hours that end at or before `upto` (no minute before it can still arrive)."""
-        try:
-            pinned = ctl.store.pin_energy_until(upto, ctl.clock.time())
-        except Exception:
-            log.exception("energy quarter hours not pinned into the audit chain", upto=upto)
-            return
-        if pinned:
-            log.debug("energy pinned", quarters=len(pinned), upto=upto)
+        """Pin the quarter hours that end at or before `upto` (no minute before it can still arrive). Through the
+        controller's write-behind: behind any minute the store refused earlier, never before it."""
+        ctl.persist.call("pin_energy_until", upto, ctl.clock.time())
 
     def _record(self, closed: list[Any], ctl: Controller, *, pin: bool = True) -> None:
         for minute, per_miner in closed:
-            try:
-                ctl.store.record_energy_minute(minute, per_miner)
-            except Exception:
-                log.exception("energy minute not recorded", minute_ts=minute.minute_ts)
-                continue
+            # a store that refuses writes: the minute waits in the write-behind; past an hour of them only the site
+            # figures do (per-miner detail for a big fleet is ~1 MB a minute, too much to hold for long)
+            detail = per_miner if ctl.persist.backlog < PER_MINER_BACKLOG else None
+            ctl.persist.call("record_energy_minute", minute, detail)
             self.minutes += 1
             if ctl.metrics is not None:
                 ctl.metrics.add_energy_kwh(minute.kwh)

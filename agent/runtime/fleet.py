@@ -13,6 +13,11 @@
   INFO when it recovers (at most `TRANSITIONS_LOGGED` lines of each per sweep, then one line with the rest).
 - Identities: identified once (`discover`), handed to `on_identified` for the runtime to persist, restored
   on restart with `attach_all` (no I/O).
+- Configured addresses nothing answered at (a miner booting, unplugged or refusing connections when the agent
+  started) are not forgotten: each sweep retries the due ones in the background (backing off from
+  UNIDENTIFIED_RETRY_S to UNIDENTIFIED_RETRY_MAX_S), and until one is identified the picture lists it in
+  `FleetSnapshot.unidentified`, held at `unknown_w` (the configured worst case, else the catalogue's largest
+  model): the controller counts it there on its circuit and the site, and names it in an alarm.
 """
 
 from __future__ import annotations
@@ -20,20 +25,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from agent.core.addresses import expand
 from agent.logging import get_logger
 from drivers.base import DriverError, DriverSettings, Identity, MinerDriver, MinerHandle, Reading
-from drivers.catalogue import STANDBY_W
+from drivers.catalogue import CATALOGUE, STANDBY_W
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig, PollingConfig
 
 StateHint = Literal["hashing", "sleeping", "waking", "unknown"]
 TRANSITIONS_LOGGED = 20  # per sweep and kind; the rest go into one summary line
-WAKING_SHARE = 0.2  # not hashing, yet drawing more than this share of nominal: coming up
+WAKING_SHARE = 0.02  # not hashing, yet drawing more than this share of nominal: coming up (a booting miner draws
+# a few % of nominal for the first third of its wake-up, a sleeping one under 1 %: at 20 % a boot read as sleep)
+UNIDENTIFIED_RETRY_S = 10.0  # first retry of an address nothing answered at (fleet clock: site seconds) …
+UNIDENTIFIED_RETRY_MAX_S = 60.0  # … doubling up to this (an identify at an empty address is cheap)
+# an unidentified address is held at the largest model we know of: it may be any of them
+LARGEST_MODEL_W = max(spec.nominal_w for spec in CATALOGUE.values())
 
 log = get_logger("fleet")
 
@@ -64,6 +74,9 @@ class FleetSnapshot:
     power_w_estimated: float  # sum of estimates for the rest
     unreachable_share: float  # 0..1 of attached miners whose last poll failed (or that were never read)
     sweep_s: float  # wall time of the sweep that produced it; 0 when built without a sweep
+    # configured addresses not identified yet → the worst case each is held at (W); not in `miners`, not in the
+    # power sums (nothing is known of them but that a miner may be there)
+    unidentified: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def power_w(self) -> float:
@@ -126,6 +139,7 @@ class Fleet:
         identify_concurrency: int = 128,
         identify_timeout_s: float = 10.0,
         reidentify_after_failures: int = 20,
+        unknown_w: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if concurrency < 1 or identify_concurrency < 1:
@@ -138,7 +152,10 @@ class Fleet:
         self.identify_timeout_s = identify_timeout_s
         self.reidentify_after_failures = reidentify_after_failures
         self.clock = clock
+        self.unknown_w = LARGEST_MODEL_W if unknown_w is None else float(unknown_w)
         self.on_identified: IdentifiedHook | None = None
+        # configured addresses nothing answered at yet → (tries, next try at, on the fleet clock)
+        self._unidentified: dict[str, tuple[int, float]] = {}
         self._miners: dict[str, _Miner] = {}
         self._latest: FleetSnapshot | None = None
         self._background: dict[str, asyncio.Task[None]] = {}
@@ -150,7 +167,12 @@ class Fleet:
 
     @classmethod
     def from_config(
-        cls, driver: MinerDriver, polling: PollingConfig, *, clock: Callable[[], float] = time.time
+        cls,
+        driver: MinerDriver,
+        polling: PollingConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        unknown_w: float | None = None,
     ) -> Fleet:
         return cls(
             driver,
@@ -160,6 +182,7 @@ class Fleet:
             identify_concurrency=polling.identify_concurrency,
             identify_timeout_s=polling.identify_timeout_s,
             reidentify_after_failures=polling.reidentify_after_failures,
+            unknown_w=unknown_w,
             clock=clock,
         )
 
@@ -177,6 +200,7 @@ class Fleet:
                 log.warning("miner_not_attached", ip=identity.ip, driver_class=identity.driver_class, error=str(exc))
                 continue
             self._replace(handle)
+            self._unidentified.pop(identity.ip, None)
             attached += 1
         self._latest = None
         return attached
@@ -191,6 +215,7 @@ class Fleet:
 
     def detach(self, ip: str) -> None:
         self._miners.pop(ip, None)
+        self._unidentified.pop(ip, None)
         self._latest = None
 
     def handle(self, ip: str) -> MinerHandle:
@@ -243,6 +268,13 @@ class Fleet:
         found.sort(key=lambda i: _ip_key(i.ip))
         if attach:
             self.attach_all(found)
+            # addresses nothing answered at: retried in the background, held at a worst case until identified
+            first = self.clock() + UNIDENTIFIED_RETRY_S
+            known = {i.ip for i in found}
+            for ip in ips:
+                if ip not in known and ip not in self._miners:
+                    self._unidentified.setdefault(ip, (0, first))
+            self._latest = None
         log.info("discovered", addresses=total, found=len(found), dur_s=round(time.perf_counter() - started, 2))
         self._notify(found)
         return found
@@ -294,6 +326,7 @@ class Fleet:
             for _ in range(min(self.concurrency, len(records))):
                 tg.create_task(worker())
         self._sweeps += 1
+        self._retry_unidentified()
         self._log_transitions(lost, back)
         snap = self._build(time.perf_counter() - started)
         self._latest = snap
@@ -373,6 +406,61 @@ class Fleet:
             log.info("miner_reidentified", ip=ip, was=current.identity.driver_class, now=identity.driver_class)
             self._notify([identity])
 
+    # ------------------------------------------------------------------ addresses not identified yet
+    def unidentified(self) -> list[str]:
+        return sorted(self._unidentified, key=_ip_key)
+
+    def _retry_unidentified(self) -> None:
+        """Identify the due addresses again in the background (never more than identify_concurrency at once)."""
+        if not self._unidentified:
+            return
+        now = self.clock()
+        running = sum(1 for ip in self._background if ip in self._unidentified)
+        for ip, (_tries, due) in list(self._unidentified.items()):
+            if running >= self.identify_concurrency:
+                break
+            if due > now or ip in self._background:
+                continue
+            task = asyncio.get_running_loop().create_task(self._identify_missing(ip), name=f"identify {ip}")
+            self._background[ip] = task
+            task.add_done_callback(self._forget_task(ip))
+            running += 1
+
+    def _forget_task(self, ip: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(_task: asyncio.Task[None]) -> None:  # bound per address, not to the loop variable
+            self._background.pop(ip, None)
+
+        return forget
+
+    async def _identify_missing(self, ip: str) -> None:
+        identity: Identity | None = None
+        try:
+            async with asyncio.timeout(self.identify_timeout_s * 1.5 + 1.0):
+                identity = await self.driver.identify(ip)
+        except (TimeoutError, DriverError):
+            identity = None
+        entry = self._unidentified.get(ip)
+        if entry is None:
+            return  # detached, or identified another way meanwhile
+        if identity is None:
+            tries = entry[0] + 1
+            wait = min(UNIDENTIFIED_RETRY_MAX_S, UNIDENTIFIED_RETRY_S * 2.0**tries)
+            self._unidentified[ip] = (tries, self.clock() + wait)
+            return
+        try:
+            handle = self.driver.attach(identity)
+        except DriverError as exc:
+            log.warning("miner_not_attached", ip=ip, driver_class=identity.driver_class, error=str(exc))
+            self._unidentified[ip] = (entry[0] + 1, self.clock() + UNIDENTIFIED_RETRY_MAX_S)
+            return
+        self._replace(handle)
+        del self._unidentified[ip]
+        self._latest = None
+        log.info(
+            "miner_identified", ip=ip, model=identity.model, family=identity.family.value, after_tries=entry[0] + 1
+        )
+        self._notify([identity])
+
     async def aclose(self) -> None:
         """Cancel background re-identifications (call on shutdown)."""
         tasks = list(self._background.values())
@@ -402,7 +490,8 @@ class Fleet:
             if not snap.reachable:
                 unreachable += 1
         share = unreachable / len(miners) if miners else 0.0
-        return FleetSnapshot(now, miners, measured_w, estimated_w, share, sweep_s)
+        held = dict.fromkeys(self._unidentified, self.unknown_w)
+        return FleetSnapshot(now, miners, measured_w, estimated_w, share, sweep_s, held)
 
     def _miner_snapshot(self, rec: _Miner, now: float) -> MinerSnapshot:
         ident, reading = rec.identity, rec.reading

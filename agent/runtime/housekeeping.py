@@ -15,6 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core.energy import DAY_S
+from agent.io.store import StoreUnavailable
 from agent.logging import get_logger
 from agent.runtime.clock import Clock
 
@@ -47,12 +48,15 @@ class Housekeeping:
                 if days:
                     log.info("audit chain heads signed", days=len(days), first=days[0], last=days[-1])
         if self.last_prune is None or now - self.last_prune >= DAY_S:
-            self.last_prune = now
             try:
                 result = await asyncio.to_thread(self.store.prune, now)
+            except StoreUnavailable as exc:  # full, locked, read-only: try again next round, not in a day
+                log.warning("retention prune postponed: the state store cannot be written now", error=str(exc))
             except Exception:
+                self.last_prune = now
                 log.exception("retention prune failed")
             else:
+                self.last_prune = now
                 deleted = result.audit_records + result.energy_minutes + result.miner_minutes + result.dispatches
                 if deleted:
                     log.info("old exported records pruned", cutoff=result.cutoff, audit=result.audit_records,

@@ -29,8 +29,27 @@ class MinerMemory:
     recommands: int = 0  # re-sends of the pending command
     resend_due: bool = False  # telemetry did not confirm it in time: send it again
     retry_at: float = 0.0  # a miner that ignores commands is tried again at this time
+    # a command that failed (refused, timed out, no answer) is not re-sent before `failed_retry_at`: the back-off
+    # doubles with each failure in a row (`failures`), up to a bound, and a command that succeeds resets it.
+    # Runtime only: a restart tries again at once.
+    failures: int = 0
+    failed_op: str | None = None
+    failed_retry_at: float = -1e18
     limited_at: float = -1e18  # when it last acknowledged a power limit (firmware re-tunes for a moment after)
     off_seen_at: float | None = None  # first reading that showed it off when we had not slept it
+    # when it acknowledged a command that changed its setting (a re-send of the same one does not count): its
+    # readings show what it draws at that setting from confirm_after_s later
+    changed_at: float = -1e18
+    woken_to_w: float | None = None  # the limit it accepted right after its last wake command (it comes up at it)
+    # how far above its setting it drew at its last settled reading while running: still counted while a new
+    # setting settles (a drifting miner drifts at the next one too), renewed by the next settled reading
+    excess_w: float = 0.0
+    excess_setting_w: float = 0.0  # the setting that settled reading was taken at
+    # settling after a change: the first reading since (time, W); two readings in a row that agree mean it has
+    # settled before confirm_after_s is up (`settled`)
+    probe_at: float = -1e18
+    probe_w: float = 0.0
+    settled: bool = False
 
     def to_control(self) -> MinerControl:
         """The part that survives a restart."""
@@ -40,6 +59,7 @@ class MinerMemory:
             since=self.last_transition,
             limits_unsupported=self.limits_unsupported,
             ignores_commands=self.ignores_commands,
+            woken_to_w=self.woken_to_w,
         )
 
     @classmethod
@@ -50,6 +70,7 @@ class MinerMemory:
             last_transition=c.since,
             limits_unsupported=c.limits_unsupported,
             ignores_commands=c.ignores_commands,
+            woken_to_w=c.woken_to_w,
         )
 
 

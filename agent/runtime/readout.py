@@ -35,7 +35,11 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         counts[state_of(ctl, ms).value] += 1
         if ms.reachable and ms.reading is not None:
             hashrate += ms.reading.hashrate_ths or 0.0
-    counts["total"] = len(snap.miners)
+    # configured addresses not identified yet: unreachable miners as far as anyone can tell (and counted so)
+    unidentified = len(getattr(snap, "unidentified", {}) or {})
+    counts[MinerState.UNREACHABLE.value] += unidentified
+    counts["unidentified"] = unidentified
+    counts["total"] = len(snap.miners) + unidentified
     t, f = ctl.target, ctl.failsafe
     broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
     return {
@@ -49,13 +53,16 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         "planning_level_kw": None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3),
         "cap_kw": ctl.effective_cap_kw(),
         "licensed_cap_kw": ctl.licensed_cap_kw,
+        "grid_cap_kw": ctl.grid_cap_kw,  # run-time caps by source (None = not set); the lowest cap binds
+        "operator_cap_kw": ctl.operator_cap_kw,
         # power_kw_measured: what miners reported; power_kw_estimated (= power_kw): the site's power with an
         # estimate for every miner that did not report (unknown is never zero); power_kw_unmeasured: those estimates
         "power_kw": round(snap.power_w / 1000, 3),
         "power_kw_measured": round(snap.power_w_measured / 1000, 3),
         "power_kw_estimated": round(snap.power_w / 1000, 3),
         "power_kw_unmeasured": round(snap.power_w_estimated / 1000, 3),
-        "power_kw_worst_case": None if ctl.plan is None else round(ctl.plan.worst_case_kw, 3),
+        # never below what the site draws now, whatever the plan counts (a miner still spinning down, …)
+        "power_kw_worst_case": None if ctl.plan is None else round(max(ctl.plan.worst_case_kw, snap.power_w / 1000), 3),
         "hashrate_ths": round(hashrate, 3),
         "miners": counts,
         "dispatches": [r.doc() for r in ctl.dispatches.values() if r.open],
@@ -69,13 +76,16 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         "alarms": [{"key": k, "message": v} for k, v in sorted(ctl.alarms.items())],
         "gateway": ctl.gateway_health() if ctl.gateway_health else {},
         "tick": {"n": ctl.tick_n, "dur_ms": round(ctl.tick_ms, 2), "ts": iso(ctl.tick_at)},
-        "sweep": {"ts": iso(snap.ts), "dur_s": round(snap.sweep_s, 3), "unreachable": snap.unreachable},
+        "sweep": {"ts": iso(snap.ts), "dur_s": round(snap.sweep_s, 3), "unreachable": snap.unreachable + unidentified},
         "plan": None if ctl.plan is None else {
             "method": ctl.plan.method, "expected_kw": round(ctl.plan.expected_kw, 3),
             "expected_ths": round(ctl.plan.expected_ths, 3),
             "baseline_ths": None if ctl.plan.baseline_ths is None else round(ctl.plan.baseline_ths, 3),
         },
         "in_flight": len(ctl.in_flight),
+        # since when the plan in force has been carried out in full (nothing to send, on the wire, held back or
+        # awaiting confirmation); null while the agent is still moving the fleet
+        "settled_since": iso(ctl.settled_at),
     }
 
 def state_of(ctl: Controller, ms: Any) -> MinerState:
@@ -118,6 +128,15 @@ def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit:
             "circuit": ctl.circuit_of.get(ip), "priority": ctl.priority_of.get(ip, 0),
             "error": ms.last_error,
         })  # fmt: skip
+    if state is None or state == MinerState.UNREACHABLE.value:
+        for ip, held_w in (getattr(snap, "unidentified", {}) or {}).items():
+            rows.append({
+                "ip": ip, "model": None, "make": None, "family": None, "firmware": None, "state": "unreachable",
+                "power_w": None, "measured": False, "limit_w": None, "nominal_w": held_w, "hashrate_ths": None,
+                "efficiency_j_th": None, "temp_c": None, "last_seen": None, "age_s": None, "asleep_by_us": False,
+                "ignores_commands": False, "circuit": ctl.circuit_of.get(ip), "priority": ctl.priority_of.get(ip, 0),
+                "error": f"not identified yet; counted at {held_w:.0f} W until it answers",
+            })  # fmt: skip
     key = _SORT_KEYS[sort]
     rows.sort(key=lambda row: (row[key] is None, row[key] if row[key] is not None else 0), reverse=desc)
     if desc:  # keep unknowns last either way

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.runtime.actuator import Actuator, Change, Op
 from drivers.base import (
     DriverSettings,
     Failed,
@@ -22,6 +23,7 @@ from drivers.base import (
     ProtocolError,
     Unreachable,
     Unsupported,
+    wakes_at_limit,
 )
 from drivers.pyasic_driver import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
 from sim.testing import SimProcess
@@ -301,3 +303,32 @@ async def test_whatsminer_v3_behind_a_dead_legacy_port_gets_the_v3_backend(site:
         assert isinstance(ident.capability, PowerRange)
         assert isinstance(await handle.set_power(ident.capability.min_w + 123), Ok)
         assert (await atruth(site, target))["power_limit_w"] == ident.capability.min_w + 123
+
+
+@pytest.mark.parametrize("family", ["luxos", "whatsminer"])
+async def test_a_limit_set_while_asleep_is_kept_and_the_actuator_wakes_to_it(
+    site: SimProcess, identities: dict[str, Identity], family: str
+) -> None:
+    # the firmware fact `drivers.base.wakes_at_limit` states for these families (issue 11 finding 8): a limit is
+    # taken while asleep (the miner stays asleep) and the wake starts from it; the actuator sets it before the wake
+    ip = ips_of(site, family)[2]
+    ident = identities[ip]
+    assert wakes_at_limit(ident.family, ident.capability)
+    cap = ident.capability
+    low = cap.watts[0] if isinstance(cap, Presets) else cap.min_w + 200 if isinstance(cap, PowerRange) else 0
+    handle = PyasicDriver(SETTINGS).attach(ident)
+    assert isinstance(await handle.sleep(), Ok)
+    result = await handle.set_power(low)
+    assert isinstance(result, Ok), result
+    truth = await atruth(site, ip)
+    assert (truth["state"], truth["power_limit_w"]) == ("sleeping", low)
+    assert isinstance(await handle.sleep(), Ok)
+    high = cap.watts[1] if isinstance(cap, Presets) else low + 300
+    report = await Actuator({ip: handle}.__getitem__, concurrency=1, command_timeout_s=6).apply(
+        [Change(ip, Op.WAKE, high)]
+    )
+    (r,) = report.results
+    assert r.ok, r
+    truth = await atruth(site, ip)
+    assert truth["state"] in ("waking", "hashing")
+    assert truth["power_limit_w"] == high

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,11 @@ def settle(agent: AgentProcess, site: Site, *, timeout: float = 40.0) -> None:
         quiet = all(d["status"] not in ("active", "pending") for d in status["dispatches"])
         sample = site.truth.latest()
         calm = "waking" not in sample.states.values()
-        return quiet and calm and sample.power_kw <= site.cap_kw + site.tol_kw and status["tick"]["n"] > 3
+        # the plan carried out, and for a while (it refines over a few rounds as limits take effect and wakes that
+        # waited for decreases go out): a restart then has nothing to redo
+        since = status.get("settled_since")
+        done = since is not None and agent.now() - datetime.fromisoformat(since).timestamp() >= 4 * K
+        return quiet and calm and done and sample.power_kw <= site.cap_kw + site.tol_kw and status["tick"]["n"] > 3
 
     agent.wait_for(settled, timeout, interval=0.3, what="the site settled at the cap")
 

@@ -201,7 +201,7 @@ def test_a_day_of_exported_energy_agrees_with_the_ground_truth_within_one_percen
     # the day had dispatch in it, and the export says so
     assert total["curtailed_s"] > 5 * HOUR_S
     assert total["not_drawn_kwh"] > 0
-    assert {d["id"] for d in export["dispatches"]} >= {"d-morning", "d-noon", "d-evening", "op-maintenance"}
+    assert {d["id"] for d in export["dispatches"]} >= {"d-morning", "d-noon", "d-evening", "op:op-maintenance"}
     # Hour by hour too: a change is booked in the hour it happened. Within 1 % of what the site draws in an hour at
     # full power (a share of an hour when the site is nearly off would say little: 0.1 kWh is 3 % of such an hour).
     hours = [(p["start"], p["kwh"]) for p in table["periods"]]

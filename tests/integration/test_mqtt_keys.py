@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands import Command, parse_heartbeat, parse_request
+from agent.config import DispatchRules
 from agent.core import signing
+from agent.protocol import Channel, Reply
 from tests.broker import HOST, REPO, Mosquitto
 from tests.integration.mqtt_support import Observer, make_link, running, site_config
 
 pytestmark = pytest.mark.timeout(60)
+SCOPE = ("--site", "lhr-07", "--verb", "dispatch")  # what every signed command now names (hashflex-sig-v2)
 
 
 def hashflex(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -58,44 +62,82 @@ def test_keygen_refuses_to_overwrite_a_key_unless_forced(keypair: Path) -> None:
 
 def test_sign_round_trip_verifies_and_any_changed_field_fails(keypair: Path, tmp_path: Path) -> None:
     public = signing.load_public_key(keypair.with_name("grid.pub"))
-    result = hashflex("sign", "--key", str(keypair), stdin='{"target_kw": 800, "end": "2030-01-01T00:00:00Z"}')
+    result = hashflex("sign", "--key", str(keypair), *SCOPE, stdin='{"target_kw": 800, "end": "2030-01-01T00:00:00Z"}')
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1  # one line, ready for mosquitto_pub -s
     signed = json.loads(result.stdout)
-    assert signing.verify(signed, [public])
+    assert signing.verify_command(signed, [public])
+    assert (signed["site"], signed["verb"]) == ("lhr-07", "dispatch")  # under the signature
     # filled in because they were missing
     uuid.UUID(signed["id"])
     issued = datetime.fromisoformat(signed["issued_at"].replace("Z", "+00:00"))
     assert signed["issued_at"].endswith("Z")
     assert abs((datetime.now(UTC) - issued).total_seconds()) < 60
     # any change to any field breaks it; so does another key
-    for field, value in (("target_kw", 801), ("id", str(uuid.uuid4())), ("issued_at", "2030-01-01T00:00:00Z")):
-        assert not signing.verify({**signed, field: value}, [public])
-    assert not signing.verify({**signed, "extra": 1}, [public])
+    for field, value in (("target_kw", 801), ("id", str(uuid.uuid4())), ("issued_at", "2030-01-01T00:00:00Z"),
+                         ("site", "ams-01"), ("verb", "cancel")):
+        assert not signing.verify_command({**signed, field: value}, [public])
+    assert not signing.verify_command({**signed, "extra": 1}, [public])
+    assert not signing.verify(signed, [public])  # a v2 signature is not a plain (v1) one
     other = tmp_path / "other"
     assert hashflex("keygen", "--out", str(other)).returncode == 0
-    assert not signing.verify(signed, [signing.load_public_key(other.with_name("other.pub"))])
+    assert not signing.verify_command(signed, [signing.load_public_key(other.with_name("other.pub"))])
 
 
 def test_sign_keeps_an_existing_id_and_issue_time(keypair: Path) -> None:
     request = {"id": "d-1", "issued_at": "2025-06-01T12:00:00Z", "target_kw": 5, "signature": "old"}
-    result = hashflex("sign", "--key", str(keypair), stdin=json.dumps(request))
+    result = hashflex("sign", "--key", str(keypair), *SCOPE, stdin=json.dumps(request))
     signed = json.loads(result.stdout)
     assert (signed["id"], signed["issued_at"], signed["target_kw"]) == ("d-1", "2025-06-01T12:00:00Z", 5)
     assert signed["signature"] != "old"
-    assert signing.verify(signed, [signing.load_public_key(keypair.with_name("grid.pub"))])
+    assert signing.verify_command(signed, [signing.load_public_key(keypair.with_name("grid.pub"))])
+
+
+@pytest.mark.parametrize("missing", ["--site", "--verb"])
+def test_sign_needs_the_site_and_the_verb(keypair: Path, missing: str) -> None:
+    args = [a for pair in (("--site", "lhr-07"), ("--verb", "dispatch")) if pair[0] != missing for a in pair]
+    result = hashflex("sign", "--key", str(keypair), *args, stdin='{"target_kw": 5}')
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert missing in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("verb", "doc"),
+    [("dispatch", {"target_kw": 5}), ("cancel", {"dispatch_id": "d-1"}), ("cap", {"cap_kw": 5}),
+     ("curtail", {"to_kw": 5}), ("resume", {}), ("heartbeat", {"seq": 1})],
+)  # fmt: skip
+def test_sign_makes_what_the_agent_accepts_for_each_verb(keypair: Path, verb: str, doc: dict[str, object]) -> None:
+    """The README's pipeline, verb by verb: what `hashflex sign --site --verb` prints passes the agent's gate."""
+    result = hashflex("sign", "--key", str(keypair), "--site", "lhr-07", "--verb", verb, stdin=json.dumps(doc))
+    assert result.returncode == 0, result.stderr
+    payload = result.stdout.encode()
+    key = signing.load_public_key(keypair.with_name("grid.pub"))
+    now = datetime.now(UTC).timestamp()
+    if verb == "heartbeat":
+        accepted = parse_heartbeat(payload, grid_keys=[key], site_id="lhr-07", now=now, max_age_s=60, max_skew_s=5,
+                                   newest=None)  # fmt: skip
+        assert isinstance(accepted, float), accepted
+        return
+    parsed = parse_request(verb, payload, Channel.MQTT, grid_keys=[key], operator_keys=[key], now=now,
+                           rules=DispatchRules(), max_bytes=65_536, cap_kw=1000, site_id="lhr-07")  # fmt: skip
+    assert isinstance(parsed, Command), parsed
+    elsewhere = parse_request(verb, payload, Channel.MQTT, grid_keys=[key], operator_keys=[key], now=now,
+                              rules=DispatchRules(), max_bytes=65_536, cap_kw=1000, site_id="ams-01")  # fmt: skip
+    assert isinstance(elsewhere, Reply)
+    assert elsewhere.error_code == "wrong_scope"
 
 
 @pytest.mark.parametrize("stdin", ["not json", "[1, 2]", ""])
 def test_sign_refuses_what_is_not_a_json_object(keypair: Path, stdin: str) -> None:
-    result = hashflex("sign", "--key", str(keypair), stdin=stdin)
+    result = hashflex("sign", "--key", str(keypair), *SCOPE, stdin=stdin)
     assert result.returncode == 1
     assert result.stdout == ""
     assert "error" in result.stderr
 
 
 def test_sign_refuses_a_file_that_is_not_a_private_key(keypair: Path) -> None:
-    result = hashflex("sign", "--key", str(keypair.with_name("grid.pub")), stdin="{}")
+    result = hashflex("sign", "--key", str(keypair.with_name("grid.pub")), *SCOPE, stdin="{}")
     assert result.returncode == 1
     assert result.stdout == ""
 
@@ -106,7 +148,8 @@ async def test_signed_command_piped_to_mosquitto_pub_reaches_the_site_intact(
     cfg = site_config(tmp_path, mosquitto.plain_port)
     root = cfg.mqtt_root
     link, handler, _ = make_link(cfg)
-    signed = hashflex("sign", "--key", str(keypair), stdin='{"target_kw": 750}').stdout
+    signed = hashflex("sign", "--key", str(keypair), "--site", cfg.site.id, "--verb", "dispatch",
+                      stdin='{"target_kw": 750}').stdout
     async with running(link), Observer(mosquitto, f"{root}/reply/#") as grid:
         # the README's recipe: hashflex sign --key grid < cmd.json | mosquitto_pub -t …/cmd/dispatch -q 1 -s
         published = await asyncio.to_thread(
@@ -118,4 +161,4 @@ async def test_signed_command_piped_to_mosquitto_pub_reaches_the_site_intact(
         request_id = json.loads(signed)["id"]
         assert (await grid.wait_reply(root, "echo", request_id))["status"] == "ok"
     [call] = handler.calls
-    assert signing.verify(json.loads(call.payload), [signing.load_public_key(keypair.with_name("grid.pub"))])
+    assert signing.verify_command(json.loads(call.payload), [signing.load_public_key(keypair.with_name("grid.pub"))])

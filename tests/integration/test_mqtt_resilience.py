@@ -205,3 +205,24 @@ def test_backoff_grows_by_1_8_to_a_60_s_ceiling_plus_jitter() -> None:
         assert all(base <= d <= base + 1.0 + 0.1 * base for d in delays), (failures, min(delays), max(delays))
         assert max(delays) - min(delays) > 0.1  # jittered, so many sites do not retry in step
     assert all(60.0 <= backoff_s(1, FailureKind.AUTH) <= 67.0 for _ in range(50))
+
+
+async def test_a_state_doc_larger_than_the_broker_takes_does_not_cut_the_link(
+    mosquitto_factory: Callable[[], Mosquitto], tmp_path: Path
+) -> None:
+    """Chaos finding A: the status doc grew past the broker's message_size_limit (256 KiB in the example config).
+    Mosquitto dropped the retained state publish and the connection with it; every reconnect announced the same
+    doc first, so the link never came up again and no request was answered any more."""
+    broker = mosquitto_factory()
+    cfg = site_config(tmp_path, broker.plain_port)
+    root = cfg.mqtt_root
+    link, handler, _ = make_link(cfg)
+    async with running(link), Observer(broker, f"{root}/reply/#", f"{root}/state") as grid:
+        link.publish_state({"v": 2, "dispatches": ["x" * 1000] * 300})  # ~300 kB
+        await grid.wait(f"{root}/state", lambda m: json.loads(m.payload).get("v") == 2, within=10)  # type: ignore[arg-type]
+        await grid.publish(f"{root}/cmd/ping", {"id": "after-big-state"})
+        await grid.wait_reply(root, "ping", "after-big-state", within=20)
+        assert link.connects == 1, link.status()
+        assert link.state is LinkState.CONNECTED
+        assert all(len(m.payload) <= cfg.mqtt.max_payload_bytes for m in grid.on(f"{root}/state"))  # type: ignore[arg-type]
+    assert handler.ids() == ["after-big-state"]

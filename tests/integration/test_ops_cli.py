@@ -119,6 +119,7 @@ def test_config_from_environment_variable(no_agent_config: Path) -> None:
         (["miners", "--ip", "10.0.0.300"], "--ip:"),
         (["watch", "--json"], "--json needs --count"),
         (["logs", "--json", "--follow"], "--json and --follow do not mix"),
+        (["logs", "--type", "bogus"], "--type: no event type 'bogus' (one of: accepted, agent_start,"),
     ],
 )
 def test_bad_arguments_are_refused_with_exit_1(args: list[str], words: str, no_agent_config: Path) -> None:

@@ -153,7 +153,7 @@ def test_dump_shows_defaults_and_derived_paths_and_hides_secrets(
     assert "s3cret" not in result.stdout
     assert "pa55" not in result.stdout
     doc = json.loads(result.stdout)
-    assert doc["site"] == {"id": "demo", "cap_kw": 45000.0, "circuits": [], "meter": "none"}
+    assert doc["site"] == {"id": "demo", "cap_kw": 45000.0, "timezone": None, "circuits": [], "meter": "none"}
     assert doc["polling"]["interval_s"] == 5.0
     assert doc["metrics"]["port"] == 9708
     assert doc["grid"]["public_keys"] == ["keys/grid.pub"]

@@ -143,13 +143,13 @@ def test_operator_override_survives_a_restart_without_a_surge(site: SimProcess, 
     assert truth_kw(site) <= target + 0.05 * full
     with AgentProcess.start(files) as agent:
         status = agent.status()
-        assert [d["id"] for d in status["dispatches"]] == ["rt-op"]
+        assert [d["id"] for d in status["dispatches"]] == ["op:rt-op"]  # overrides: their own id namespace
         assert status["cap_kw"] == round(full * 1.1, 1)
         assert status["target_source"] == "operator"
         for _ in range(15):  # the restart does not wake what the override holds down
             assert truth_kw(site) <= target + 0.05 * full
             time.sleep(0.3)
-        assert agent.ok("resume", {})["cancelled"] == ["rt-op"]
+        assert agent.ok("resume", {})["cancelled"] == ["op:rt-op"]
         agent.wait_for(lambda: truth_kw(site) > target + 0.1 * full, 40, what="site back up after resume")
 
 

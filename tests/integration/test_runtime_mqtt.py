@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.agent_harness import AgentProcess, write_agent_config
+from tests.agent_harness import AgentProcess, sign_for, write_agent_config
 from tests.broker import HOST, Mosquitto
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,7 +54,10 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
         async with aiomqtt.Client(HOST, mosquitto.plain_port, identifier=f"grid-{site}") as grid:
             await grid.subscribe(f"{root}/reply/#", qos=1)
             await grid.subscribe(f"{root}/events", qos=1)
-            await grid.publish(f"{root}/heartbeat", json.dumps({"seq": 1}), qos=1)
+            # signed for this site (hashflex-sig-v2, verb heartbeat): an anonymous heartbeat is ignored
+            beat = sign_for(files.grid_key, {"seq": 1}, site=str(files.doc["site"]["id"]), verb="heartbeat",
+                            issued_at=agent.now())  # fmt: skip
+            await grid.publish(f"{root}/heartbeat", json.dumps(beat), qos=1)
             doc = agent.signed({"id": "mq-1", "target_kw": 400})
             await grid.publish(f"{root}/cmd/dispatch", json.dumps(doc), qos=1)
             reply = await next_json(grid, f"{root}/reply/dispatch")

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig
-from agent.core import signing
 from agent.io.store import Store
 from agent.protocol import Channel, Reply
 from agent.runtime.actuator import Actuator
@@ -27,7 +26,7 @@ from agent.runtime.controller import Controller
 from agent.runtime.events import EventLog
 from agent.runtime.fleet import Fleet, driver_from_config
 from agent.runtime.service import CommandService
-from tests.agent_harness import iso
+from tests.agent_harness import guess_verb, iso, sign_for
 
 T0 = 1_760_000_000.0
 GRID = Ed25519PrivateKey.generate()
@@ -68,8 +67,9 @@ class Runtime:
         payload = raw if raw is not None else json.dumps(doc or {}).encode()
         return await self.service.handle(verb, payload, channel, retained=retained)
 
-    def signed(self, doc: dict[str, Any]) -> dict[str, Any]:
-        return signing.sign({"issued_at": iso(self.clock.t), **doc}, GRID)
+    def signed(self, doc: dict[str, Any], verb: str | None = None) -> dict[str, Any]:
+        """Grid-signed (hashflex-sig-v2) for this site, issued now."""
+        return sign_for(GRID, doc, site="svc", verb=verb or guess_verb(doc), issued_at=self.clock.t)
 
     def audit_kinds(self) -> list[str]:
         return [r.kind for r in self.store.audit_records()]
@@ -123,7 +123,7 @@ async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> No
     # durable before the reply: the store has the dispatch and the reply
     stored = [d for d, _status, _progress in runtime.store.load_dispatches(active_only=True)]
     assert [d.id for d in stored] == ["d1"]
-    assert runtime.store.get_reply("d1")["status"] == "ok"
+    assert runtime.store.get_reply("grid:dispatch:d1")["status"] == "ok"
     await asyncio.sleep(0.3)  # the early tick
     status = runtime.controller.status()
     assert status["target_kw"] == 600
@@ -174,9 +174,16 @@ async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None
     ]
     assert [r.error_code for r in refused] == ["unsigned", "bad_json", "out_of_range", "disabled", "retained"]
     assert (dict(runtime.controller.dispatches), runtime.controller.runtime_cap_kw) == before
-    assert runtime.audit_kinds().count("command") == len(refused)
     assert [e["type"] for e in runtime.events.recent()].count("rejected") == len(refused)
-    assert runtime.store.get_reply("x") is None  # refused before parsing succeeded: nothing stored
+    # audited as counts per channel and code, one record per interval (not one per refusal)
+    assert runtime.audit_kinds().count("command") == 0
+    runtime.service.refusals.flush()
+    records = [r.data for r in runtime.store.audit_records() if r.kind == "command"]
+    assert len(records) == 1
+    assert records[0]["by_channel"] == {"local": {"bad_json": 1, "out_of_range": 1, "unsigned": 1},
+                                        "mqtt": {"disabled": 1, "retained": 1}}  # fmt: skip
+    assert records[0]["refusals"] == len(refused)
+    assert runtime.store.get_reply("grid:dispatch:x") is None  # refused before parsing succeeded: nothing stored
 
 
 async def test_operator_override_cap_and_resume(runtime: Runtime) -> None:
@@ -185,7 +192,7 @@ async def test_operator_override_cap_and_resume(runtime: Runtime) -> None:
     cur = await runtime.send("curtail", {"id": "o1", "by_kw": 0, "for_s": "1h"})
     assert cur.is_ok
     resume = await runtime.send("resume", {})
-    assert resume.data["cancelled"] == ["o1"]
+    assert resume.data["cancelled"] == ["op:o1"]  # operator overrides have their own id namespace
     await asyncio.sleep(0.3)
     assert runtime.controller.status()["cap_kw"] == 800
     assert "cap_change" in runtime.audit_kinds()
@@ -208,7 +215,7 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
     try:
         ctl = rt.controller
         assert ctl.runtime_cap_kw == 900
-        assert {i for i, r in ctl.dispatches.items() if r.open} == {"long", "op"}
+        assert {i for i, r in ctl.dispatches.items() if r.open} == {"long", "op:op"}
         short = next(doc for doc in ctl.dispatch_docs(True) if doc["id"] == "short")
         assert short["status"] == "expired"
         assert short["close_reason"] == "expired while the agent was down"

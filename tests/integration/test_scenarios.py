@@ -32,7 +32,7 @@ import aiomqtt
 import pytest
 
 from sim.testing import SimProcess
-from tests.agent_harness import AgentConfigFiles, AgentProcess, iso, site_power_kw, write_agent_config
+from tests.agent_harness import AgentConfigFiles, AgentProcess, iso, sign_for, site_power_kw, write_agent_config
 from tests.broker import HOST, Mosquitto
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -312,9 +312,9 @@ def test_time_of_use_window_from_config_limits_the_site_only_inside_the_window(t
         start_utc = datetime.fromtimestamp(start_site, UTC)
         end_utc = datetime.fromtimestamp(start_site + TOU_WINDOW_MIN * 60, UTC)
         window = {"name": "evening-peak", "start": start_utc.strftime("%H:%M"), "end": end_utc.strftime("%H:%M"),
-                  "target_kw": window_kw, "utc_offset_h": 0}  # fmt: skip
+                  "target_kw": window_kw}  # fmt: skip
         files = write_agent_config(tmp_path, sim.ips, cap_kw=round(cap, 1), time_scale=k,
-                                   overrides={"schedule": [window]})  # fmt: skip
+                                   overrides={"site": {"timezone": "UTC"}, "schedule": [window]})  # fmt: skip
         agent = AgentProcess.start(files, time_scale=k, time_origin=origin, ready_timeout=60)
         with agent, TruthRecorder(sim) as rec:
             window_start = time.monotonic() + (starts_at - time.time())
@@ -355,8 +355,9 @@ EARLY_SHARE = 0.8
 class Heartbeat:
     """The grid side's heartbeat over real MQTT (aiomqtt on its own thread): `pause()` to lose it, `resume()`."""
 
-    def __init__(self, port: int, topic: str) -> None:
-        self.port, self.topic = port, topic
+    def __init__(self, port: int, topic: str, files: AgentConfigFiles) -> None:
+        self.port, self.topic, self.files = port, topic, files
+        self.now: Callable[[], float] = time.time  # the agent's (scaled) clock, once it runs: set `now = agent.now`
         self.running = threading.Event()
         self.sent = 0
         self._stop = threading.Event()
@@ -367,7 +368,10 @@ class Heartbeat:
             while not self._stop.is_set():
                 if self.running.is_set():
                     self.sent += 1
-                    await client.publish(self.topic, json.dumps({"seq": self.sent}), qos=1)
+                    # signed for this site (hashflex-sig-v2, verb heartbeat): an anonymous heartbeat is ignored
+                    beat = sign_for(self.files.grid_key, {"seq": self.sent}, site=str(self.files.doc["site"]["id"]),
+                                    verb="heartbeat", issued_at=self.now())  # fmt: skip
+                    await client.publish(self.topic, json.dumps(beat), qos=1)
                 await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     def __enter__(self) -> Heartbeat:
@@ -396,8 +400,9 @@ def test_heartbeat_loss_takes_the_site_to_the_failsafe_level(tmp_path: Path, mos
                              "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_SITE_S, "release_after_s": RELEASE_SITE_S},
             },
         )  # fmt: skip
-        with Heartbeat(mosquitto.plain_port, f"hashflex/{site_id}/heartbeat") as hb:
+        with Heartbeat(mosquitto.plain_port, f"hashflex/{site_id}/heartbeat", files) as hb:
             with start_agent(files, k) as agent, TruthRecorder(sim) as rec:
+                hb.now = agent.now
                 # heard: a full timeout's worth of heartbeats and nothing changes
                 agent.wait_for(lambda: agent.status()["failsafe"]["last_heartbeat"], 10, what="a heartbeat heard")
                 rec.hold(HEARTBEAT_TIMEOUT_SITE_S / k * 1.2)

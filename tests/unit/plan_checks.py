@@ -10,14 +10,30 @@ from agent.core.accounting import PlannerRules
 from agent.core.circuits import CircuitTree
 from agent.core.efficiency import run_levels, stock_w
 from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from drivers.base import OnOff, PowerRange, Presets
+from drivers.base import OnOff, PowerRange, Presets, wakes_at_limit
 
 EPS_W = 1e-3
 RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
 
 
 def full_w(v: MinerView) -> float:
+    if v.state is MinerState.WAKING and v.woken_to_w:
+        return v.woken_to_w  # it accepted this limit after its wake command: it comes up at it
     return max(v.nominal_w, stock_w(v.capability, v.nominal_w), v.commanded_w or 0.0)
+
+
+def unread_w(v: MinerView) -> float:
+    """An uncontrolled miner whose draw is unknown: full power, or where its own firmware may step it unasked if
+    that is higher (a Presets miner: its highest preset, LuxOS ATM's ceiling)."""
+    ceiling = max(v.capability.watts) if isinstance(v.capability, Presets) else 0.0
+    return max(full_w(v), ceiling)
+
+
+def excess(v: MinerView, rules: PlannerRules) -> float:
+    """Measured above what its present state counts: counted on top, whatever the plan does with it."""
+    if uncontrolled(v) or v.measured_w is None:
+        return 0.0
+    return max(0.0, v.measured_w - _present_w(v, rules))
 
 
 def uncontrolled(v: MinerView) -> bool:
@@ -27,13 +43,21 @@ def uncontrolled(v: MinerView) -> bool:
 def worst_w(v: MinerView, plan: Plan, rules: PlannerRules) -> float:
     if uncontrolled(v):
         if v.state is MinerState.UNREACHABLE:
-            return max(full_w(v), v.power_w or 0.0)
-        return full_w(v) if v.power_w is None else v.power_w
+            return max(unread_w(v), v.power_w or 0.0)
+        return unread_w(v) if v.power_w is None else v.power_w
+    return _planned_w(v, plan, rules) + excess(v, rules)
+
+
+def _planned_w(v: MinerView, plan: Plan, rules: PlannerRules) -> float:
     action = plan.actions[v.id]
     if isinstance(action, SleepAction):
         return rules.sleep_w
-    if v.state in (MinerState.SLEEPING, MinerState.WAKING):
-        return full_w(v)  # woken now, or still waking: full power
+    if v.state is MinerState.SLEEPING:
+        if rules.use_power_limits and wakes_at_limit(v.family, v.capability):
+            return float(action.watts)  # told its limit before the wake: it comes up at it
+        return max(v.nominal_w, stock_w(v.capability, v.nominal_w), v.commanded_w or 0.0)  # woken now: full
+    if v.state is MinerState.WAKING:
+        return full_w(v)  # still waking: full power (or the limit it woke to)
     return float(action.watts)
 
 
@@ -41,6 +65,10 @@ def least_w(v: MinerView, plan: Plan, rules: PlannerRules, now: float) -> float:
     """The least the miner could draw given min on/off and the plan's own overrides."""
     if uncontrolled(v):
         return worst_w(v, plan, rules)
+    return _least_planned_w(v, plan, rules, now) + excess(v, rules)
+
+
+def _least_planned_w(v: MinerView, plan: Plan, rules: PlannerRules, now: float) -> float:
     in_min_on = now - v.last_transition < rules.min_on_s
     if v.id in plan.min_on_overridden or not in_min_on or v.state not in (*RUNNING, MinerState.WAKING):
         return rules.sleep_w
@@ -79,7 +107,7 @@ def expected_ths(v: MinerView, plan: Plan, rules: PlannerRules) -> float:
     if uncontrolled(v):
         if v.state is MinerState.UNREACHABLE:
             return 0.0
-        drawn = full_w(v) if v.power_w is None else v.power_w
+        drawn = unread_w(v) if v.power_w is None else v.power_w
         return rules.curve.ths_at(drawn, v.nominal_w, v.nominal_ths)
     action = plan.actions[v.id]
     if isinstance(action, SleepAction):
@@ -153,9 +181,12 @@ def check_plan(
     # the wake stagger
     woken = sum(1 for v in views if v.state is MinerState.SLEEPING and isinstance(plan.actions.get(v.id), RunAction))
     assert woken <= wake_budget
-    # the ramp: no rise beyond what the fleet may draw now + the allowance (or the least it can draw)
+    # the ramp: no rise beyond what the fleet may draw now + the allowance (or the least it can draw); the plan
+    # states what it rose from (the controller's ramp credit is spent by worst_case_kw - ramp_from_kw)
+    present = sum(_present_w(v, rules) for v in views)
+    present += sum(excess(v, rules) for v in views)
+    assert abs(plan.ramp_from_kw * 1000 - present) < 1e-6 * max(1.0, present) + EPS_W, (plan.ramp_from_kw, present)
     if ramp_allowance_kw is not None:
-        present = sum(_present_w(v, rules) for v in views)
         assert loads[0] <= max(present + ramp_allowance_kw * 1000, least_loads[0]) + EPS_W
     # hashrate claimed is the hashrate of the actions
     claimed = sum(expected_ths(v, plan, rules) for v in views)
@@ -174,8 +205,8 @@ def _unprotected_least(v: MinerView, plan: Plan, rules: PlannerRules) -> float:
 def _present_w(v: MinerView, rules: PlannerRules) -> float:
     if uncontrolled(v):
         if v.state is MinerState.UNREACHABLE:
-            return max(full_w(v), v.power_w or 0.0)
-        return full_w(v) if v.power_w is None else v.power_w
+            return max(unread_w(v), v.power_w or 0.0)
+        return unread_w(v) if v.power_w is None else v.power_w
     if v.state is MinerState.SLEEPING:
         return rules.sleep_w
     if v.state is MinerState.WAKING:

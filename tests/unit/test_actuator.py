@@ -43,6 +43,8 @@ def view(ip: str, state: MinerState = MinerState.HASHING, *, commanded: float | 
 class RecordingHandle:
     """Records every call (with the time it started and ended) and fails the first `fail_first` calls."""
 
+    family = Family.LUXOS
+
     def __init__(self, ip: str, log: list[tuple[str, str, float]], *, fail_first: int = 0, result: Result = OK,
                  delay_s: float = 0.0, raises: Exception | None = None) -> None:  # fmt: skip
         self.ip, self.log, self.fail_first, self.result = ip, log, fail_first, result
@@ -53,7 +55,7 @@ class RecordingHandle:
 
     @property
     def identity(self) -> Identity:
-        return Identity(self.ip, Family.LUXOS, "x", "S19", "1", "C", RANGE, 3250.0, 100.0)
+        return Identity(self.ip, self.family, "x", "S19", "1", "C", RANGE, 3250.0, 100.0)
 
     async def read(self) -> Reading:
         raise Unreachable("not used")
@@ -83,7 +85,7 @@ def test_diff_sends_only_changes() -> None:
         "a": view("a"),  # running at stock, planned at stock: nothing
         "b": view("b", MinerState.SLEEPING),  # asleep, planned asleep: nothing
         "c": view("c"),  # running, planned asleep: sleep
-        "d": view("d", MinerState.SLEEPING),  # asleep, planned to run at stock: wake only
+        "d": view("d", MinerState.SLEEPING),  # asleep, planned at stock: its limit (LuxOS takes it asleep), wake
         "e": view("e", commanded=3000),  # limited at 3000, planned 2500: decrease
         "f": view("f", MinerState.THROTTLED, commanded=2000),  # planned 3000: increase
         "g": view("g", MinerState.UNREACHABLE),  # unreachable: left alone
@@ -97,7 +99,7 @@ def test_diff_sends_only_changes() -> None:
     changes = {c.ip: c for c in diff(actions, views)}
     assert set(changes) == {"c", "d", "e", "f", "h"}
     assert changes["c"].op is Op.SLEEP
-    assert changes["d"] == Change("d", Op.WAKE, None)
+    assert changes["d"] == Change("d", Op.WAKE, 3250)
     assert (changes["e"].op, changes["e"].decrease) == (Op.SET_POWER, True)
     assert (changes["f"].op, changes["f"].decrease) == (Op.SET_POWER, False)
     assert (changes["h"].op, changes["h"].watts) == (Op.WAKE, 3000)
@@ -223,8 +225,10 @@ async def test_outcomes_are_mapped_and_not_retried_when_pointless() -> None:
 
 
 async def test_wake_with_a_new_limit_sets_it_after_waking() -> None:
+    # firmware not known to take a limit while asleep (LuxOS and Whatsminer do: tests/unit/test_wake_at_limit.py)
     log: list[tuple[str, str, float]] = []
     h = RecordingHandle("m", log)
+    h.family = Family.OTHER
     act = Actuator({"m": h}.__getitem__, concurrency=1, command_timeout_s=1.0)
     await act.apply([Change("m", Op.WAKE, 2500)])
     assert [op for _ip, op, _t in log] == ["wake", "set_power:2500"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+from zoneinfo import ZoneInfo
+
 import pytest
 
 from agent.core.arbitration import (
@@ -67,14 +70,27 @@ def test_licensed_cap_binds_when_nothing_else_does() -> None:
     assert (t.kw, t.source, t.binding_id, t.cap_kw, t.reason) == (1000.0, Source.CAP, None, 1000.0, "cap")
 
 
+@pytest.mark.parametrize("source", ["grid", "operator"])
 @pytest.mark.parametrize(
-    ("runtime", "cap", "binding"),
-    [(600.0, 600.0, "runtime"), (1500.0, 1000.0, None), (None, 1000.0, None), (-5.0, 0.0, "runtime")],
+    ("runtime", "cap", "lowered"),
+    [(600.0, 600.0, True), (1500.0, 1000.0, False), (None, 1000.0, False), (-5.0, 0.0, True)],
 )
-def test_runtime_cap_may_only_lower_the_licensed_cap(runtime: float | None, cap: float, binding: str | None) -> None:
-    t = at(0, runtime_cap_kw=runtime)
-    assert (t.kw, t.cap_kw, t.binding_id) == (cap, cap, binding)
+def test_runtime_cap_may_only_lower_the_licensed_cap(
+    source: str, runtime: float | None, cap: float, lowered: bool
+) -> None:
+    t = at(0, **{f"{source}_cap_kw": runtime})
+    assert (t.kw, t.cap_kw, t.binding_id) == (cap, cap, source if lowered else None)
     assert effective_cap_kw(1000.0, runtime) == cap
+
+
+@pytest.mark.parametrize(("grid_cap", "operator_cap", "cap", "binding"),
+                         [(400.0, 1000.0, 400.0, "grid"), (400.0, 300.0, 300.0, "operator"), (400.0, 400.0, 400.0,
+                          "grid")])  # fmt: skip
+def test_grid_and_operator_caps_are_separate_inputs_and_the_lower_binds(
+    grid_cap: float, operator_cap: float, cap: float, binding: str
+) -> None:
+    t = at(0, grid_cap_kw=grid_cap, operator_cap_kw=operator_cap)
+    assert (t.kw, t.cap_kw, t.binding_id, t.reason) == (cap, cap, binding, f"cap:{binding}")
 
 
 def test_a_dispatch_above_the_cap_is_held_to_the_cap() -> None:
@@ -127,7 +143,7 @@ def test_ramp_of_the_binding_dispatch_is_passed_on() -> None:
 
 
 def test_ties_report_the_grid_before_operator_schedule_and_cap() -> None:
-    window = ScheduleRule.from_hhmm("all", "00:00", "00:00", ["mon"], 500.0, 0.0)
+    window = ScheduleRule.from_hhmm("all", "00:00", "00:00", ["mon"], 500.0, UTC)
     t = at(10, operator("o", 0, 100, 500.0), grid("g", 0, 100, 500.0), schedule=[window])
     assert t.source is Source.GRID
     t = at(10, operator("o", 0, 100, 500.0), schedule=[window])
@@ -205,7 +221,7 @@ def test_cancel_never_moves_an_end_later() -> None:
 
 # ---------------------------------------------------------------------------------------------- schedule, fail-safe
 def test_schedule_window_binds_while_active() -> None:
-    evening = ScheduleRule.from_hhmm("evening", "18:00", "22:00", ["mon"], 400.0, 5.0)
+    evening = ScheduleRule.from_hhmm("evening", "18:00", "22:00", ["mon"], 400.0, ZoneInfo("Asia/Karachi"))
     t = arbitrate(ArbitrationInputs(1000.0, schedule=[evening]), T0 + 14 * 3600)  # 19:00 local
     assert (t.kw, t.source, t.binding_id) == (400.0, Source.SCHEDULE, "evening")
     assert arbitrate(ArbitrationInputs(1000.0, schedule=[evening]), T0 + 18 * 3600).source is Source.CAP

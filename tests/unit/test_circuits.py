@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.circuits import ROOT, Circuit, CircuitTree
+from agent.core.circuits import ROOT, Circuit, CircuitTree, check_membership, membership
 
 
 def site() -> CircuitTree:
@@ -89,3 +89,48 @@ def test_unknown_circuits_are_reported() -> None:
     assert t.knows("pdu-a2")
     assert not t.knows("pdu-z9")
     assert t.subtree_contains(t.ids.index("container-a"), "pdu-a2")
+
+
+# ---------------------------------------------------------------------------------------------- membership
+def test_a_miner_listed_by_a_circuit_and_its_descendant_belongs_to_the_deepest() -> None:
+    t = site()
+    members = [("transformer", ["10.0.0.0/24"]), ("pdu-a1", ["10.0.0.10-20"]), ("container-a", ["10.0.0.1-50"])]
+    of = membership(t, members)
+    assert of["10.0.0.15"] == "pdu-a1"  # listed three times; the PDU counts it, and so do its ancestors
+    assert of["10.0.0.30"] == "container-a"
+    assert of["10.0.0.200"] == "transformer"
+    loads = t.loads_kw([(of["10.0.0.15"], 3.0)])
+    assert loads["pdu-a1"] == loads["container-a"] == loads["transformer"] == loads[ROOT] == 3.0
+
+
+def test_a_miner_in_two_sibling_circuits_is_refused() -> None:
+    # first-listed-wins used to put it on pdu-a1 only: pdu-a2 never counted it
+    members = [("pdu-a1", ["10.0.0.1-10.0.0.20"]), ("pdu-a2", ["10.0.0.0/28"])]
+    with pytest.raises(ValueError, match=r"'pdu-a1' and 'pdu-a2' both list 10\.0\.0\.1,"):
+        membership(site(), members)
+    t = CircuitTree(100.0, [Circuit("tx1", None, 50.0), Circuit("tx2", None, 50.0), Circuit("pdu", "tx2", 9.0)])
+    with pytest.raises(ValueError, match=r"'tx1' and 'pdu' both list 10\.0\.0\.7, and neither is below the other"):
+        check_membership(t, [("tx1", ["10.0.0.0/24"]), ("pdu", ["10.0.0.7"])])  # cousins, not siblings: same
+    check_membership(site(), [("transformer", ["10.0.0.7"]), ("pdu-a2", ["10.0.0.7"])])  # nested: allowed
+
+
+def test_circuits_with_miners_must_exist() -> None:
+    with pytest.raises(ValueError, match="'ghost', which is not defined"):
+        check_membership(site(), [("ghost", ["10.0.0.7"])])
+
+
+def test_caps_above_parents_are_reported() -> None:
+    t = CircuitTree(100.0, [Circuit("tx", None, 120.0), Circuit("pdu", "tx", 50.0), Circuit("pdu2", "tx", 130.0)])
+    assert t.caps_above_parents() == [
+        "circuit 'tx' cap_kw=120.0 exceeds its parent's cap (100.0 kW)",
+        "circuit 'pdu2' cap_kw=130.0 exceeds its parent's cap (120.0 kW)",
+    ]
+    assert site().caps_above_parents() == []
+
+
+@pytest.mark.parametrize("cap", [float("inf"), float("nan")])
+def test_non_finite_caps_are_refused(cap: float) -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        CircuitTree(10.0, [Circuit("a", None, cap)])
+    with pytest.raises(ValueError, match="finite"):
+        CircuitTree(cap, [])

@@ -43,6 +43,8 @@ CAP_KW = 2000.0
 RULES = DispatchRules(max_age_s=300, max_skew_s=30)
 GRID = Ed25519PrivateKey.generate()
 OPERATOR = Ed25519PrivateKey.generate()
+SITE = "test-site"
+KEY = "grid:dispatch:d-1"  # the idempotency key of dispatch d-1
 STRANGER = Ed25519PrivateKey.generate()
 
 
@@ -70,6 +72,7 @@ def parse(
         rules=RULES,
         max_bytes=4096,
         cap_kw=CAP_KW,
+        site_id=SITE,
         retained=retained,
     )
 
@@ -80,8 +83,13 @@ def dispatch_doc(**over: Any) -> dict[str, Any]:
     return doc
 
 
-def signed(doc: dict[str, Any], key: Ed25519PrivateKey = GRID) -> dict[str, Any]:
-    return signing.sign(doc, key)
+def signed(doc: dict[str, Any], key: Ed25519PrivateKey = GRID, verb: str | None = None) -> dict[str, Any]:
+    """hashflex-sig-v2 for this site; the verb is what the fields say unless given."""
+    if verb is None:
+        verb = next((v for f, v in (("dispatch_id", "cancel"), ("cap_kw", "cap"), ("to_kw", "curtail"),
+                                    ("by_kw", "curtail"), ("target_kw", "dispatch"), ("curtail_kw", "dispatch"))
+                     if f in doc), "resume")  # fmt: skip
+    return signing.sign_command({"site": SITE, "verb": verb, **doc}, key)
 
 
 def error(result: Command | Reply) -> tuple[str, str]:
@@ -103,7 +111,7 @@ def test_signed_dispatch_parses_to_typed_command_with_epoch_times() -> None:
     assert req.start == pytest.approx(NOW)
     assert req.end == pytest.approx(NOW + 3600)
     assert req.issued_at == pytest.approx(NOW - 2)
-    assert cmd.idempotency_key == "d-1#rev2"
+    assert cmd.idempotency_key == "grid:dispatch:d-1#rev2"  # namespaced by source and verb
     assert cmd.mutating
 
 
@@ -112,7 +120,7 @@ def test_dispatch_accepts_curtail_kw_and_unit_strings() -> None:
     assert isinstance(cmd, Command)
     assert isinstance(cmd.request, DispatchRequest)
     assert cmd.request.curtail_kw == 500.0
-    assert cmd.idempotency_key == "d-2"
+    assert cmd.idempotency_key == "grid:dispatch:d-2"
 
 
 def test_key_order_and_spacing_do_not_matter_for_the_signature() -> None:
@@ -265,7 +273,7 @@ def test_bad_signatures_are_refused() -> None:
     assert "changed after signing" in msg
     code, _ = error(parse("dispatch", signed(dispatch_doc(), STRANGER)))
     assert code == BAD_SIGNATURE
-    code, _ = error(parse("dispatch", {**dispatch_doc(), "signature": "!!not base64!!"}))
+    code, _ = error(parse("dispatch", {**signed(dispatch_doc()), "signature": "!!not base64!!"}))
     assert code == BAD_SIGNATURE
     # an operator key cannot sign a grid command
     code, _ = error(parse("dispatch", signed(dispatch_doc(), OPERATOR)))
@@ -328,7 +336,7 @@ def test_an_authentic_repeat_gets_its_stored_reply_however_old() -> None:
     stored = {"id": "d-1", "status": "ok", "data": {"dispatch": {"id": "d-1"}}}
     result = parse_request(
         "dispatch", json.dumps(doc).encode(), Channel.MQTT, grid_keys=[GRID.public_key()], operator_keys=[],
-        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, stored_reply={"d-1": stored}.get,
+        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE, stored_reply={KEY: stored}.get,
     )  # fmt: skip
     assert isinstance(result, Repeat)
     assert result.reply.to_dict() == stored
@@ -336,7 +344,7 @@ def test_an_authentic_repeat_gets_its_stored_reply_however_old() -> None:
     forged = {**doc, "target_kw": 1}
     result = parse_request(
         "dispatch", json.dumps(forged).encode(), Channel.MQTT, grid_keys=[GRID.public_key()], operator_keys=[],
-        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, stored_reply={"d-1": stored}.get,
+        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE, stored_reply={KEY: stored}.get,
     )  # fmt: skip
     code, _ = error(result)
     assert code == BAD_SIGNATURE
@@ -349,7 +357,8 @@ def test_an_id_reused_for_other_content_is_a_conflict_not_the_first_ok() -> None
     def send(doc: dict[str, Any]) -> Command | Repeat | Reply:
         return parse_request(
             "dispatch", json.dumps(signed(doc)).encode(), Channel.MQTT, grid_keys=[GRID.public_key()],
-            operator_keys=[], now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, stored_reply={"d-1": stored}.get,
+            operator_keys=[], now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE,
+            stored_reply={KEY: stored}.get,
         )  # fmt: skip
 
     # the same request signed again later (a retry) is a repeat...

@@ -70,6 +70,39 @@ CASES: list[tuple[str, str, list[str]]] = [
         GOOD.replace("cap_kw: 1000}", "cap_kw: 1000, circuits: [{id: t1, parent: tx9, cap_kw: 200}]}"),
         ["circuit 't1' names parent 'tx9', which is not defined"],
     ),
+    # values that would switch a cap off (issue 11, finding 5); tests/unit/test_config_limits.py covers every field
+    ("infinite_cap", GOOD.replace("cap_kw: 1000", "cap_kw: .inf"), ["site.cap_kw = inf", "finite number"]),
+    ("huge_cap", GOOD.replace("cap_kw: 1000", "cap_kw: 1e400"), ["site.cap_kw = '1e400'", "finite number"]),
+    (
+        "nan_failsafe_level",
+        GOOD + "failsafe: {level: .nan}\n",
+        ["failsafe.level = nan", "should be 'hold' or a finite number"],
+    ),
+    (
+        "window_with_an_offset",
+        GOOD.replace("cap_kw: 1000}", "cap_kw: 1000, timezone: Asia/Karachi}")
+        + 'schedule: [{name: p, start: "18:00", end: "22:00", target_kw: 5, utc_offset_h: 5}]\n',
+        ["schedule[0].utc_offset_h = 5", "set site.timezone", "Asia/Karachi"],
+    ),
+    (
+        "unknown_zone",
+        GOOD.replace("cap_kw: 1000}", "cap_kw: 1000, timezone: Mars/Olympus}"),
+        ["site.timezone = 'Mars/Olympus'", "not an IANA time zone"],
+    ),
+    (
+        "sibling_circuits",
+        GOOD.replace(
+            "cap_kw: 1000}",
+            "cap_kw: 1000, circuits: [{id: a, cap_kw: 9, miners: [10.20.0.0/24]},"
+            " {id: b, cap_kw: 9, miners: [10.20.0.5]}]}",
+        ),
+        ["site.circuits", "'a' and 'b' both list 10.20.0.5"],
+    ),
+    (
+        "addresses_past_the_total",
+        GOOD.replace('"10.20.0.0/22"', ", ".join(f'"10.{i}.0.0/16"' for i in range(2))),
+        ["miners.addresses", "more than 65536 addresses in total"],
+    ),
 ]
 
 

@@ -192,3 +192,15 @@ def test_exceptions_are_structured_in_json(stream: io.StringIO) -> None:
     [line] = lines(stream)
     assert line["level"] == "error"
     assert "bad thing" in json.dumps(line["exception"])
+
+
+def test_http_client_chatter_is_kept_from_warning_only_unless_asked_for(stream: io.StringIO) -> None:
+    # pyasic's stock-Antminer and Whatsminer calls go through httpx: one INFO line per request would bury the
+    # agent's own lines (90 % of a 200-miner site's log)
+    configure_logging(LoggingConfig(level="info"), force_json=True, stream=stream)
+    logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1/cgi-bin/get_miner_conf.cgi")
+    logging.getLogger("httpcore.connection").debug("connect_tcp.started")
+    logging.getLogger("httpx").warning("kept: a warning")
+    configure_logging(LoggingConfig(level="info", levels={"httpx": "info"}), force_json=True, stream=stream)
+    logging.getLogger("httpx").info("kept: asked for")
+    assert [line["event"] for line in lines(stream)] == ["kept: a warning", "kept: asked for"]

@@ -1,0 +1,1024 @@
+"""The closed loop in one process, on virtual time: the real controller, actuator, fleet, command service and
+store (SQLite in a temporary folder) against the simulated site without its TCP front (`tests/closedloop/inprocess.py`).
+
+    world = World(tmp_path, SiteSpec(miners=12, mix="luxos:1,whatsminer:1,antminer:1", seed=3, cap_share=0.8))
+    world.start()
+    world.dispatch("d1", target_share=0.5, ramp_share_per_min=None, start_in=0, duration=600)
+    world.run_for(300)            # five minutes of site time, checked against the invariants as they pass
+    world.close()
+
+Time: one `VirtualTime` drives the devices and the agent's clock (`ManualClock`: wall time may be stepped, the
+monotonic clock never). Nothing waits on the wall: `run_for` moves time to the next thing that happens (a sweep, a
+tick, an early tick the controller asked for, a reply a slow miner sends, a reboot ending, an ATM step, a
+heartbeat, an invariant sample) and lets the event loop run everything that became ready. The controller's and
+the sweep loop's asyncio loops (`Controller.run`, `Agent.sweep_loop`) are replaced by that scheduler, which calls
+what they call (`_drain_inbox`, `tick`, `Fleet.sweep`, `on_snapshot`) at the times they would.
+
+Where the harness differs from `hashflex run`, on purpose: no MQTT link (grid commands and heartbeats go to the
+same `CommandService.handle` / `Controller.heartbeat` the link calls), no control socket (operator commands go
+through `CommandService.handle` on the LOCAL channel, as the socket does), no metrics; the actuator's retry
+back-off is 0 (it sleeps on the wall clock; retries happen at once in site time); the fleet is not paused while a
+batch is out (`Fleet.hold` waits on the wall clock); restarts are clean stops (controls saved, write-behind flushed).
+
+The oracle: the world keeps its own record of every input the site was given that the agent accepted (cap, grid
+dispatches with their ramps, overrides, time-of-use windows, heartbeats for the fail-safe), from which it computes
+the limit that binds at any moment in true time, independently of the agent's arbitration. Ground truth is the
+simulated devices' physics. See `Invariants` for what is checked and the tolerances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import AgentConfig, LoggingConfig, MinersConfig
+from agent.core import signing
+from agent.io.store import Store
+from agent.logging import configure_logging
+from agent.protocol import Channel, Reply
+from agent.runtime.actuator import Actuator
+from agent.runtime.clock import SteadyClock
+from agent.runtime.controller import MIN_EARLY_GAP_S, Controller
+from agent.runtime.events import EventLog
+from agent.runtime.fleet import Fleet, driver_settings
+from agent.runtime.service import CommandService
+from sim.families.luxos import LuxosDevice
+from sim.physics import PhysicsParams
+from tests.closedloop.inprocess import InProcessDriver, InProcessSite, VirtualTime
+
+HEARTBEAT_EVERY_S = 10.0
+SAMPLE_EVERY_S = 5.0
+PHYSICS = PhysicsParams(wake_s=60.0, reboot_s=30.0)  # shorter than the defaults: more happens in an hour
+MIN_SWEEP_GAP_S = 0.25  # agent/app.py
+# the store is real SQLite; on tmpfs its fsyncs cost nothing, and a scenario is a few hundred transactions
+_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class Violation(AssertionError):
+    """An invariant failed; the message carries the scenario so far."""
+
+
+# ---------------------------------------------------------------------------------------------- clocks
+class ManualClock:
+    """`agent.runtime.clock.Clock` on virtual time. `step(s)` moves the wall clock only (NTP, an operator)."""
+
+    scale = 1.0
+
+    def __init__(self, vt: VirtualTime) -> None:
+        self.vt = vt
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return self.vt.epoch + self.vt.t + self.offset
+
+    def monotonic(self) -> float:
+        return self.vt.t
+
+    async def sleep(self, seconds: float) -> None:
+        await self.vt.sleep(seconds)
+
+    def to_wall(self, seconds: float) -> float:
+        return seconds
+
+
+# ---------------------------------------------------------------------------------------------- the site
+@dataclass(frozen=True)
+class SiteSpec:
+    miners: int = 12
+    mix: str = "luxos:1,whatsminer:1,antminer:1"
+    seed: int = 1
+    cap_share: float = 0.8  # licensed cap / the fleet's nominal power: < 1 starts the site above its cap
+    circuits: tuple[tuple[int, float], ...] = ()  # (miners, cap / their nominal) taken in order from the first
+    tick_s: float = 5.0
+    poll_s: float = 5.0
+    min_on_s: float = 60.0
+    min_off_s: float = 60.0
+    confirm_after_s: float = 20.0
+    wake_per_interval: int = 4
+    wake_interval_s: float = 10.0
+    ramp_up_kw_per_min: float | None = None
+    headroom_pct: float = 1.0
+    failsafe_share: float = 0.5  # fail-safe level / cap
+    heartbeat_timeout_s: float = 120.0
+    release_after_s: float = 60.0
+    tou: tuple[tuple[int, int, float], ...] = ()  # (start minute of day UTC, end minute, target / cap)
+    # start states
+    asleep_share: float = 0.0
+    refused_share: float = 0.0  # refusing connections at first start (hashing: silent miners)
+    blackhole_share: float = 0.0
+    rebooting_share: float = 0.0
+    atm_share: float = 0.0  # LuxOS with ATM stepping up at start
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if v != SiteSpec.__dataclass_fields__[k].default
+                         or k in ("miners", "mix", "seed", "cap_share"))  # fmt: skip
+
+
+@dataclass
+class Input:
+    """One limit the site was given, as the oracle understands it (true time)."""
+
+    id: str
+    source: str  # grid | operator
+    level_kw: float
+    start: float
+    end: float | None
+    ramp_kw_per_min: float | None = None
+    ref_kw: float | None = None  # the limit when it started binding, without it: a ramp starts from there
+    baseline_kw: float | None = None
+
+    def value(self, t: float, ref: Callable[[Input], float]) -> float | None:
+        if t < self.start or (self.end is not None and t >= self.end):
+            return None
+        if self.ramp_kw_per_min is None:
+            return self.level_kw
+        if self.ref_kw is None:
+            self.ref_kw = ref(self)
+        return max(self.level_kw, self.ref_kw - self.ramp_kw_per_min * (t - self.start) / 60.0)
+
+
+@dataclass
+class Margins:
+    """Worst margins seen (kW; negative = a violation by that much)."""
+
+    safety_kw: float = math.inf
+    safety_share: float = math.inf  # of the limit
+    service_share: float = math.inf  # drawn / floor - 1
+    checks_safety: int = 0
+    checks_service: int = 0
+
+    def merge(self, other: Margins) -> None:
+        self.safety_kw = min(self.safety_kw, other.safety_kw)
+        self.safety_share = min(self.safety_share, other.safety_share)
+        self.service_share = min(self.service_share, other.service_share)
+        self.checks_safety += other.checks_safety
+        self.checks_service += other.checks_service
+
+
+_LOGGING = {"done": False}
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115  (the agent's logs, for the whole process)
+
+
+def quiet_logging() -> None:
+    if not _LOGGING["done"]:
+        configure_logging(LoggingConfig(level="error", format="json"), stream=_DEVNULL)
+        _LOGGING["done"] = True
+
+
+class World:
+    """A site, its agent and the oracle, on one virtual clock."""
+
+    def __init__(self, spec: SiteSpec, folder: Path | None = None) -> None:
+        quiet_logging()
+        self.spec = spec
+        self._own_dir = folder is None
+        self.dir = Path(tempfile.mkdtemp(prefix="hashflex-closedloop-", dir=_TMP)) if folder is None else folder
+        self.loop = asyncio.new_event_loop()
+        self.vt = VirtualTime()
+        self.clock = ManualClock(self.vt)
+        self.site = InProcessSite(miners=spec.miners, mix=spec.mix, seed=spec.seed, vt=self.vt, params=PHYSICS)
+        self.ips = [d.ip for d in self.site.devices]
+        self.nominal_kw = sum(d.spec.nominal_w for d in self.site.devices) / 1000.0
+        self.cap_kw = round(max(1.0, spec.cap_share * self.nominal_kw), 3)
+        self.circuits: dict[str, tuple[list[str], float]] = {}
+        first = 0
+        for n, (count, share) in enumerate(spec.circuits):
+            members = self.ips[first : first + count]
+            first += count
+            if not members:
+                continue
+            nominal = sum(self.site.by_ip[ip].spec.nominal_w for ip in members) / 1000.0
+            self.circuits[f"c{n}"] = (members, round(min(self.cap_kw, max(0.5, share * nominal)), 3))
+        self.grid_key = Ed25519PrivateKey.generate()
+        self.story: list[str] = []
+        self.margins = Margins()
+        self.steps = 0
+        # oracle state
+        self.inputs: dict[str, Input] = {}
+        self.closed: list[Input] = []
+        self.caps: list[tuple[float, float | None]] = [(0.0, None)]  # (t, runtime cap)
+        self.heartbeat_on = True
+        self.hb_changes: list[tuple[float, bool]] = [(0.0, True)]
+        self.fs_possible_until = 0.0
+        self.fault_at = -math.inf  # last fault change
+        self.disturbed_at = 0.0  # last fault change, restart, clock step (agent and truth may disagree for a while)
+        self.changed_at = 0.0  # last change of any input (for the service check)
+        self.unhealthy_since: dict[str, float] = {}
+        self.samples: list[tuple[float, float, float]] = []  # (t, site kW, healthy kW)
+        # (t, the limit that certainly binds, the lowest that may bind (fail-safe uncertain)) as time passed, kW
+        self.limits: list[tuple[float, float, float]] = [(0.0, self.cap_kw, self.cap_kw)]
+        self.wake_starts: dict[str, float] = {}
+        self.wakes: list[float] = []
+        self.rebooted_at: dict[str, float] = {}
+        self.restart_check: tuple[float, set[str]] | None = None
+        self._next_sample = 0.0
+        self._next_hb = 0.0
+        self.cfg = self._config()
+        self.store: Any = None
+        self.persist: Any = None
+        self.fleet: Fleet | None = None
+        self.ctl: Controller | None = None
+        self.service: CommandService | None = None
+        self._sweep_task: asyncio.Task[Any] | None = None
+        self._next_sweep = 0.0
+        self._last_sweep_start = -math.inf
+        self._last_tick = -math.inf
+        self._seq = 0
+        self._baseline_of: dict[str, float] = {}
+        self._achievable_cache: dict[Any, float] = {}
+        self.soak = False  # True: a violation is recorded in `violation` and ends the checks, instead of raising
+        self.violation: Violation | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @property
+    def now(self) -> float:
+        """True wall time (the grid's), whatever the agent's clock says."""
+        return self.vt.epoch + self.vt.t
+
+    def _config(self) -> AgentConfig:
+        s = self.spec
+        doc: dict[str, Any] = {
+            "site": {"id": "closedloop", "cap_kw": self.cap_kw, "timezone": "UTC",
+                     "circuits": [{"id": cid, "cap_kw": cap, "miners": members}
+                                  for cid, (members, cap) in self.circuits.items()]},
+            "miners": {"addresses": list(self.ips),
+                       **({"unknown_w": UNKNOWN_W} if "unknown_w" in MinersConfig.model_fields else {})},
+            "polling": {"interval_s": s.poll_s, "read_timeout_s": 4.0, "command_timeout_s": 8.0,
+                        "identify_timeout_s": 10.0, "stale_after_s": 30.0, "concurrency": 200},
+            "control": {"tick_s": s.tick_s, "min_on_s": s.min_on_s, "min_off_s": s.min_off_s,
+                        "confirm_after_s": s.confirm_after_s, "headroom_pct": s.headroom_pct,
+                        "wake": {"max_per_interval": s.wake_per_interval, "interval_s": s.wake_interval_s},
+                        "ramp_up_kw_per_min": s.ramp_up_kw_per_min},
+            "dispatch": {"debounce_s": 0, "min_hold_s": 0, "cooldown_s": 0, "max_age_s": 600, "max_skew_s": 60},
+            "failsafe": {"enabled": True, "heartbeat_timeout_s": s.heartbeat_timeout_s,
+                         "level": round(s.failsafe_share * self.cap_kw, 3), "hold_at_start": True,
+                         "release_after_s": s.release_after_s},
+            "schedule": [{"name": f"tou{n}", "start": _hhmm(a), "end": _hhmm(b),
+                          "target_kw": round(sh * self.cap_kw, 3)} for n, (a, b, sh) in enumerate(s.tou)],
+            "mqtt": {"enabled": False},
+            "metrics": {"enabled": False},
+            "state_dir": str(self.dir / "state"),
+            "control_socket": {"path": str(self.dir / "ctl.sock")},
+            "logging": {"level": "error", "format": "json"},
+        }  # fmt: skip
+        return AgentConfig.model_validate(doc)
+
+    def say(self, line: str) -> None:
+        self.story.append(f"t={self.vt.t:7.1f}s  {line}")
+
+    def prepare_start_states(self) -> None:
+        """The site as the agent finds it at first start."""
+        s = self.spec
+        t = self.vt.t
+        n = len(self.ips)
+
+        def pick(share: float, salt: str) -> list[str]:
+            import random
+
+            k = round(share * n)
+            return sorted(random.Random(f"{s.seed}:{salt}").sample(self.ips, min(k, n)))
+
+        for ip in pick(s.asleep_share, "asleep"):
+            self.site.by_ip[ip].physics.sleep(t)
+            dev = self.site.by_ip[ip]
+            if hasattr(dev, "work_mode"):
+                dev.work_mode = 1
+        faults: list[dict[str, Any]] = []
+        for mode, share in (("refuse", s.refused_share), ("blackhole", s.blackhole_share),
+                            ("reboot", s.rebooting_share)):  # fmt: skip
+            ips = pick(share, mode)
+            if ips:
+                faults.append({"mode": mode, "ips": ips})
+        lux = [d.ip for d in self.site.devices if isinstance(d, LuxosDevice)]
+        if s.atm_share and lux:
+            faults.append({"mode": "atm", "ips": lux[: max(1, round(s.atm_share * len(lux)))], "direction": "up",
+                           "interval_s": 30})  # fmt: skip
+        for f in faults:
+            self.set_fault(f, quiet=True)
+
+    def start(self) -> None:
+        """First start (or a restart on the kept store): as agent/app.py Agent.start, without sockets."""
+        self.loop.run_until_complete(self._start())
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        # one agent clock for every part, new at each start, as agent/app.py's make_clock: it starts at the wall
+        # clock and then follows the monotonic one (a wall step is alarmed, never followed)
+        clock = SteadyClock(self.clock)
+        self.store = Store.open(cfg.db_path, retention_days=cfg.audit.retention_days)
+        persist = _write_behind(self.store)  # agent/app.py: the loop's own records go through a write-behind
+        self.persist = persist
+        settings = driver_settings(cfg)
+        driver = InProcessDriver(self.site, settings)
+        extra = {"unknown_w": cfg.miners.unknown_w} if hasattr(cfg.miners, "unknown_w") else {}
+        fleet = Fleet.from_config(driver, cfg.polling, clock=clock.time, **extra)
+        if persist is not None:
+            fleet.on_identified = lambda identities: persist.call("save_identities", identities)
+        else:
+            fleet.on_identified = self.store.save_identities
+        wanted = list(self.ips)
+        cached = [i for i in self.store.load_identities() if i.ip in set(wanted)]
+        fleet.attach_all(cached)
+        missing = [ip for ip in wanted if ip not in fleet]
+        if missing:
+            await self._pump(fleet.discover(missing))
+        self.fleet = fleet
+        await self._pump(fleet.sweep())
+        events = EventLog(clock.time)
+        actuator = Actuator(fleet.handle, concurrency=cfg.polling.concurrency,
+                            command_timeout_s=cfg.polling.command_timeout_s,
+                            retries_per_command=cfg.control.retry_budget, backoff_s=0.0, backoff_max_s=0.0)  # fmt: skip
+        ctl = Controller(cfg, fleet=fleet, store=self.store, actuator=actuator, clock=clock,
+                         events=events, grid_link=True)  # fmt: skip
+        if persist is not None:
+            ctl.persist = persist
+        ctl.sweep_request = asyncio.Event()
+        ctl.restore()
+        self.ctl = ctl
+        self.service = CommandService(cfg, ctl, events, clock=clock,
+                                      grid_keys=[self.grid_key.public_key()], operator_keys=[])  # fmt: skip
+        if self.heartbeat_on:
+            ctl.heartbeat(b"{}")
+        self._tick()
+        self._last_sweep_start = self.vt.t
+        self._next_sweep = self.vt.t + cfg.polling.interval_s
+        release = self.vt.t + self.spec.release_after_s + 2 * self.spec.tick_s + HEARTBEAT_EVERY_S
+        self.fs_possible_until = max(self.fs_possible_until, release if self.heartbeat_on else math.inf)
+
+    async def _pump(self, coro: Any) -> Any:
+        """Await `coro` while moving virtual time forward as far as it needs (start-up only: nothing else runs)."""
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            await self._settle()
+            if task.done():
+                break
+            due = self.vt.next_timer()
+            if due is None:
+                await asyncio.sleep(0)
+                continue
+            self.vt.t = max(self.vt.t, due)
+            await self.site.advance()
+            self.vt.fire_due()
+        return task.result()
+
+    async def _settle(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(10_000):
+            await asyncio.sleep(0)
+            ready = getattr(loop, "_ready", None)
+            if ready is not None and not ready:
+                await asyncio.sleep(0)
+                if not ready:
+                    return
+
+    def restart(self) -> None:
+        """Stop the agent as SIGTERM does (controls saved, miners left as they are) and start it on the same store."""
+        self.loop.run_until_complete(self._stop())
+        asleep = {d.ip for d in self.site.devices if d.physics.current_state(self.vt.t) == "sleeping"}
+        self.say(f"agent restarts ({len(asleep)} miners asleep)")
+        self.restart_check = (self.vt.t, asleep)
+        self.disturbed_at = self.changed_at = self.vt.t
+        self.start()
+
+    async def _stop(self) -> None:
+        ctl = self.ctl
+        assert ctl is not None
+        assert self.fleet is not None
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweep_task
+            self._sweep_task = None
+        for task in list(ctl._actuations):
+            task.cancel()
+        if ctl._actuations:
+            await asyncio.gather(*ctl._actuations, return_exceptions=True)
+        ctl._fail_waiting()
+        ctl._save_controls(force=True)
+        with contextlib.suppress(Exception):
+            ctl._energy.flush(ctl)
+        await self.fleet.aclose()
+        if self.persist is not None:
+            self.persist.flush(force=True)
+        self.store.close()
+        self.ctl = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.ctl is not None:
+                self.loop.run_until_complete(self._stop())
+        self.loop.close()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ running
+    def run_for(self, seconds: float) -> None:
+        self.loop.run_until_complete(self._run_until(self.vt.t + seconds))
+
+    def _tick(self) -> None:
+        ctl = self.ctl
+        assert ctl is not None
+        ctl._early = False
+        ctl._wake.clear()
+        ctl._drain_inbox()
+        self._last_tick = self.vt.t
+        ctl.tick()
+        self.steps += 1
+
+    async def _sweep(self) -> None:
+        assert self.fleet is not None
+        assert self.ctl is not None
+        snap = await self.fleet.sweep()
+        if self.ctl is not None:
+            self.ctl.on_snapshot(snap)
+
+    async def _run_until(self, end: float) -> None:
+        ctl = self.ctl
+        assert ctl is not None
+        interval = self.cfg.polling.interval_s
+        tick_s = self.cfg.control.tick_s
+        while True:
+            await self._settle()
+            t = self.vt.t
+            # the sweep loop (agent/app.py sweep_loop): every interval, or early when asked (a batch was answered)
+            request = ctl.sweep_request
+            if self._sweep_task is not None and self._sweep_task.done():
+                self._sweep_task.result()
+                self._sweep_task = None
+            if self._sweep_task is None:
+                asked = request is not None and request.is_set()
+                due = max(self._last_sweep_start + MIN_SWEEP_GAP_S, self._next_sweep if not asked else -math.inf)
+                if t >= due - 1e-9:
+                    if request is not None:
+                        request.clear()
+                    self._last_sweep_start = t
+                    self._next_sweep = t + interval
+                    self._sweep_task = asyncio.ensure_future(self._sweep())
+                    await self._settle()
+                    continue
+            # the controller loop (Controller.run): commands, then a tick every tick_s, or early on demand
+            if not ctl._inbox.empty():
+                ctl._drain_inbox()
+                await self._settle()
+            if t >= self._last_tick + tick_s - 1e-9 or (ctl._early and t >= self._last_tick + MIN_EARLY_GAP_S - 1e-9):
+                self._tick()
+                await self._settle()
+                continue
+            if self.heartbeat_on and t >= self._next_hb - 1e-9:
+                ctl.heartbeat(b"{}")
+                self._next_hb = t + HEARTBEAT_EVERY_S
+            if t >= self._next_sample - 1e-9:
+                self._sample()
+                self._next_sample = t + SAMPLE_EVERY_S
+            # the next thing that happens
+            candidates = [end, self._last_tick + tick_s, self._next_sample]
+            if ctl._early:
+                candidates.append(self._last_tick + MIN_EARLY_GAP_S)
+            if self._sweep_task is None:
+                asked = request is not None and request.is_set()
+                candidates.append(self._last_sweep_start + MIN_SWEEP_GAP_S if asked else self._next_sweep)
+            if self.heartbeat_on:
+                candidates.append(self._next_hb)
+            for extra in (self.vt.next_timer(), self.site.next_event()):
+                if extra is not None:
+                    candidates.append(extra)
+            nxt = max(t, min(candidates))
+            if t >= end - 1e-9:
+                return
+            if nxt > t:
+                self.vt.t = min(nxt, end)
+            await self.site.advance()
+            self.vt.fire_due()
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _ramp_ref(self, rec: Input) -> float:
+        return self._limit_kw(rec.start, certain=True, without=rec.id)
+
+    def _limit_kw(self, t_true: float, *, certain: bool, without: str | None = None) -> float:
+        """The limit that binds at true time t: licensed cap, run-time cap, grid dispatches, overrides, time-of-use,
+        and (only when `certain` is False, or when it is certain) the fail-safe level."""
+        t = t_true
+        lim = self.cap_kw
+        rc = None
+        for at, cap in self.caps:
+            if at <= t - self.vt.epoch:
+                rc = cap
+        if rc is not None:
+            lim = min(lim, rc)
+        for rec in (*self.inputs.values(), *self.closed):
+            if rec.id == without:
+                continue
+            v = rec.value(t, self._ramp_ref)
+            if v is not None:
+                lim = min(lim, v)
+        minute = int((t % 86400) // 60)
+        for a, b, share in self.spec.tou:
+            inside = a <= minute < b if a < b else (minute >= a or minute < b)
+            if inside:
+                lim = min(lim, share * self.cap_kw)
+        rel = t - self.vt.epoch
+        fs_level = self.spec.failsafe_share * self.cap_kw
+        if self._fs_certain(rel) or (not certain and self._fs_possible(rel)):
+            lim = min(lim, fs_level)
+        return max(0.0, lim)
+
+    def _hb_state(self, rel: float) -> tuple[bool, float]:
+        on, since = True, 0.0
+        for at, state in self.hb_changes:
+            if at <= rel:
+                on, since = state, at
+        return on, since
+
+    def _fs_certain(self, rel: float) -> bool:
+        on, since = self._hb_state(rel)
+        return not on and rel - since > self.spec.heartbeat_timeout_s + 2 * self.spec.tick_s + HEARTBEAT_EVERY_S
+
+    def _fs_possible(self, rel: float) -> bool:
+        """The fail-safe may hold the site: at start until the heartbeat has been back for release_after_s (with
+        no heartbeat at start, until it returns), and from about the heartbeat timeout after it is lost."""
+        if rel < self.fs_possible_until:
+            return True
+        on, since = self._hb_state(rel)
+        return not on and rel - since >= self.spec.heartbeat_timeout_s - HEARTBEAT_EVERY_S - 2 * self.spec.tick_s
+
+    def limit_now(self) -> float:
+        return self._limit_kw(self.now, certain=True)
+
+    def _note_change(self) -> None:
+        """An input changed: the limit as it was just before and is now both bound the site for a settle time."""
+        self.changed_at = self.vt.t
+        self.limits.append((self.vt.t, self.limit_now(), self._limit_kw(self.now, certain=False)))
+
+    def _signed(self, verb: str, doc: dict[str, Any]) -> bytes:
+        doc = {**doc, "site": self.cfg.site.id, "verb": verb}
+        sign = getattr(signing, "sign_command", signing.sign)  # hashflex-sig-v2 where the agent has it
+        return json.dumps(sign(doc, self.grid_key)).encode()
+
+    def _submit(self, verb: str, doc: dict[str, Any], channel: Channel) -> Reply:
+        assert self.service is not None
+        assert self.ctl is not None
+        payload = self._signed(verb, doc) if channel is Channel.MQTT else json.dumps(doc).encode()
+        service = self.service
+
+        async def go() -> Reply:
+            task = asyncio.ensure_future(service.handle(verb, payload, channel))
+            await self._settle()
+            assert self.ctl is not None
+            self.ctl._drain_inbox()
+            await self._settle()
+            return await task
+
+        reply: Reply = self.loop.run_until_complete(go())
+        return reply
+
+    def _next_id(self, prefix: str) -> str:
+        self._seq += 1
+        return f"{prefix}{self._seq}"
+
+    def dispatch(self, *, target_share: float | None = None, curtail_share: float | None = None,
+                 start_in: float = 0.0, duration: float | None = None, ramp_share_per_min: float | None = None,
+                 revise: str | None = None) -> str | None:  # fmt: skip
+        """A signed grid dispatch over MQTT: a level (share of the cap) or a reduction (share of the site's power)."""
+        did = revise or self._next_id("d")
+        prev = self.inputs.get(did) if revise else None
+        if revise and prev is None:
+            return None
+        assert self.fleet is not None
+        site_kw = round(self.fleet.latest().power_w / 1000.0, 3)
+        now = self.now
+        start = now + start_in
+        self._seq += 1  # a revision carries a higher rev than any before it
+        doc: dict[str, Any] = {"id": did, "issued_at": now - 1, "rev": self._seq}
+        if target_share is not None:
+            doc["target_kw"] = round(target_share * self.cap_kw, 3)
+        else:
+            assert curtail_share is not None
+            doc["curtail_kw"] = round(curtail_share * max(site_kw, 0.001), 3)
+        if start_in:
+            doc["start"] = start
+        if duration is not None:
+            doc["end"] = start + duration
+        ramp = None if ramp_share_per_min is None else round(max(0.01, ramp_share_per_min * self.cap_kw), 3)
+        if ramp is not None:
+            doc["ramp_kw_per_min"] = ramp
+        reply = self._submit("dispatch", doc, Channel.MQTT)
+        what = ", ".join(f"{k}={v}" for k, v in doc.items() if k not in ("id", "issued_at", "rev", "signature"))
+        self.say(f"grid {'revises' if revise else 'dispatches'} {did}: {what} -> {_said(reply)}")
+        if not reply.is_ok:
+            return None
+        # "by X" is from the baseline the agent declares in its reply (the site as it counts it: readings, and the
+        # miners it cannot read at their worst case); a revision keeps the first baseline (finding 6). A baseline
+        # taken too low shows here as a decrease too deep
+        declared = ((reply.data or {}).get("dispatch") or {}).get("baseline_kw")
+        baseline = self._baseline_of.setdefault(did, float(declared) if declared is not None else site_kw)
+        level = doc.get("target_kw", baseline - doc.get("curtail_kw", 0.0))
+        if prev is not None:
+            prev.end = now if prev.end is None else min(prev.end, now)
+            self.closed.append(prev)
+        rec = Input(did, "grid", max(0.0, level), start, doc.get("end"), ramp, None, baseline)
+        self.inputs[did] = rec
+        self._note_change()
+        return did
+
+    def cancel(self, did: str) -> None:
+        reply = self._submit("cancel", {"id": self._next_id("x"), "issued_at": self.now - 1, "dispatch_id": did},
+                             Channel.MQTT)  # fmt: skip
+        self.say(f"grid cancels {did} -> {_said(reply)}")
+        rec = self.inputs.get(did)
+        if reply.is_ok and rec is not None:
+            rec.end = self.now if rec.end is None else min(rec.end, self.now)
+            self._note_change()
+
+    def cap(self, share: float) -> None:
+        kw = round(share * self.cap_kw, 3)
+        reply = self._submit("cap", {"id": self._next_id("cap"), "cap_kw": kw}, Channel.LOCAL)
+        self.say(f"operator sets cap {kw} kW -> {_said(reply)}")
+        if reply.is_ok:
+            self.caps.append((self.vt.t, None if kw >= self.cap_kw else kw))
+            self._note_change()
+
+    def curtail(
+        self, *, to_share: float | None = None, by_share: float | None = None, for_s: float | None = None
+    ) -> None:
+        assert self.fleet is not None
+        site_kw = round(self.fleet.latest().power_w / 1000.0, 3)
+        doc: dict[str, Any] = {"id": self._next_id("op")}
+        if to_share is not None:
+            doc["to_kw"] = round(to_share * self.cap_kw, 3)
+        else:
+            doc["by_kw"] = round((by_share or 0.0) * max(site_kw, 0.001), 3)
+        if for_s is not None:
+            doc["for_s"] = for_s
+        reply = self._submit("curtail", doc, Channel.LOCAL)
+        self.say(f"operator curtails {doc} -> {_said(reply)}")
+        if reply.is_ok:
+            declared = ((reply.data or {}).get("dispatch") or {}).get("baseline_kw")
+            baseline = float(declared) if declared is not None else site_kw  # as for a grid dispatch
+            level = doc.get("to_kw", baseline - doc.get("by_kw", 0.0))
+            end = None if for_s is None else self.now + for_s
+            self.inputs[doc["id"]] = Input(doc["id"], "operator", max(0.0, level), self.now, end)
+            self._note_change()
+
+    def resume(self) -> None:
+        reply = self._submit("resume", {"id": self._next_id("res")}, Channel.LOCAL)
+        self.say(f"operator resumes -> {_said(reply)}")
+        if reply.is_ok:
+            for rec in self.inputs.values():
+                if rec.source == "operator":
+                    rec.end = self.now if rec.end is None else min(rec.end, self.now)
+            self._note_change()
+
+    def heartbeat(self, on: bool) -> None:
+        if on == self.heartbeat_on:
+            return
+        self.heartbeat_on = on
+        self.hb_changes.append((self.vt.t, on))
+        self.say(f"grid heartbeat {'returns' if on else 'is lost'}")
+        if on:
+            self._next_hb = self.vt.t
+            self.fs_possible_until = self.vt.t + self.spec.release_after_s + 2 * self.spec.tick_s + HEARTBEAT_EVERY_S
+        elif self.vt.t < self.fs_possible_until:
+            self.fs_possible_until = math.inf  # in (or maybe in) fail-safe, and no heartbeat to release it
+        self._note_change()
+
+    def step_clock(self, seconds: float) -> None:
+        self.clock.offset += seconds
+        self.say(f"the agent's wall clock steps {seconds:+.0f} s")
+        self.disturbed_at = self.changed_at = self.vt.t
+
+    def set_fault(self, spec: dict[str, Any], *, quiet: bool = False) -> None:
+        self.site.set_faults(spec)
+        if not quiet:
+            self.say(f"fault {spec}")
+        self.fault_at = self.vt.t
+        for ip in spec.get("ips", self.ips):
+            self.unhealthy_since[ip] = self.vt.t
+            if spec.get("mode") == "reboot":
+                self.rebooted_at[ip] = self.vt.t
+        self.disturbed_at = self.changed_at = self.vt.t
+
+    # ------------------------------------------------------------------------------------------ invariants
+    def settle_s(self) -> float:
+        s = self.spec
+        return 2 * s.tick_s + 2 * s.poll_s + 15.0
+
+    def fault_settle_s(self) -> float:
+        s = self.spec
+        return 3 * s.confirm_after_s + 2 * s.tick_s + 2 * s.poll_s + PHYSICS.wake_s + PHYSICS.reboot_s + 10.0
+
+    def service_settle_s(self) -> float:
+        s = self.spec
+        wake_rounds = math.ceil(len(self.ips) / s.wake_per_interval) * s.wake_interval_s
+        ramp = 0.0 if s.ramp_up_kw_per_min is None else 60.0 * self.cap_kw / s.ramp_up_kw_per_min
+        return self.fault_settle_s() + s.min_off_s + s.min_on_s + wake_rounds + PHYSICS.wake_s + ramp + 30.0
+
+    def _healthy(self, ip: str, t: float) -> bool:
+        dev = self.site.by_ip[ip]
+        if dev.faults or not self.site.answers(dev):
+            return False
+        since = self.unhealthy_since.get(ip)
+        return since is None or t - since >= self.fault_settle_s()
+
+    def _eventual_w(self, ip: str) -> float:
+        """What a waking or running miner will draw once its ramp ends: its present setting, as the unit draws it."""
+        p = self.site.by_ip[ip].physics
+        return p.setpoint_w * p.power_factor * (1.0 + p.drift)
+
+    def _max_w(self, ip: str) -> float:
+        dev = self.site.by_ip[ip]
+        top = max(p.watts for p in dev.profiles) if isinstance(dev, LuxosDevice) else dev.spec.nominal_w
+        return top * dev.physics.power_factor
+
+    def tolerance_kw(self, limit_kw: float, members: list[str] | None = None) -> float:
+        """Stated tolerance: control.tolerance_kw + 0.5 % of the limit (unit spread on reported draw, rounding) +
+        3 % of the nominal power of running miners that report no watts (stock Antminer: counted at nominal,
+        a unit draws up to 2 % more) + 50 W."""
+        t = self.vt.t
+        devices = self.site.devices if members is None else [self.site.by_ip[ip] for ip in members]
+        blind = sum(d.spec.nominal_w for d in devices
+                    if d.family == "antminer" and d.physics.current_state(t) != "sleeping")  # fmt: skip
+        return self.cfg.control.tolerance_kw + 0.005 * limit_kw + 0.03 * blind / 1000.0 + 0.05
+
+    def fail(self, kind: str, message: str) -> None:
+        """Raise the violation (or, in soak mode, record it and stop checking this scenario)."""
+        assert self.ctl is not None
+        ctl = self.ctl
+        target = ctl.target
+        tail = "\n".join(self.story[-40:])
+        v = Violation(
+            f"{kind} at t={self.vt.t:.1f}s: {message}\n"
+            f"agent: target={None if target is None else round(target.kw, 2)} "
+            f"({None if target is None else target.reason}) "
+            f"level={None if ctl.level_kw is None else round(ctl.level_kw, 2)} bias={ctl.bias_kw:.2f} "
+            f"worst_case={None if ctl.plan is None else round(ctl.plan.worst_case_kw, 2)}\n"
+            f"site: {self.spec.describe()} cap_kw={self.cap_kw} "
+            f"circuits={ {k: v[1] for k, v in self.circuits.items()} }\n"
+            f"scenario so far:\n{tail}"
+        )
+        if self.soak:
+            self.violation = self.violation or v
+            return
+        raise v
+
+    def _check_worst_case(self) -> None:
+        ctl = self.ctl
+        assert ctl is not None
+        assert self.fleet is not None
+        if ctl.plan is None:
+            return
+        measured = self.fleet.latest().power_w_measured / 1000.0
+        worst = ctl.plan.worst_case_kw
+        if worst < measured - 0.005 * measured - 0.05:
+            self.fail("worst case below measured",
+                      f"the agent reports a worst case of {worst:.2f} kW while its miners report {measured:.2f} kW")
+
+    def _invisible_w(self, truth: dict[str, float], ips: list[str]) -> float:
+        """Draw no reading can show: a stock Antminer reports no watts, so what it draws above its stock power
+        (a `drift` fault) is invisible to the agent (the site has no meter it reads). Added to the limit."""
+        out = 0.0
+        for ip in ips:
+            dev = self.site.by_ip[ip]
+            if dev.family == "antminer":
+                out += max(0.0, truth[ip] - dev.spec.nominal_w * dev.physics.power_factor)
+        return out
+
+    def _uncontrollable(self, t: float) -> list[str]:
+        """Miners nothing can control right now (they do not answer, or answer and do not act): their draw is the
+        floor the site cannot go under, whatever the agent does."""
+        blocked = {"refuse", "blackhole", "error", "ignore", "reboot", "session_held"}
+        return [d.ip for d in self.site.devices if blocked & set(d.faults) or not self.site.answers(d)]
+
+    def _sample(self) -> None:
+        if self.violation is not None:
+            return
+        t = self.vt.t
+        truth = {d.ip: d.physics.power_w(t) for d in self.site.devices}
+        site_kw = sum(truth.values()) / 1000.0
+        healthy = [ip for ip in self.ips if self._healthy(ip, t)]
+        healthy_kw = sum(truth[ip] for ip in healthy) / 1000.0
+        self.samples.append((t, site_kw, healthy_kw))
+        horizon = max(self.settle_s(), 90.0, self.fault_settle_s())
+        while self.samples and self.samples[0][0] < t - horizon:
+            self.samples.pop(0)
+        self._track_wakes(t)
+        limit = self.limit_now()
+        low_now = self._limit_kw(self.now, certain=False)
+        if abs(limit - self.limits[-1][1]) > 1e-6 or abs(low_now - self.limits[-1][2]) > 1e-6:
+            self.changed_at = t  # a change nobody sent: a window opened or closed, a ramp moved, the fail-safe
+        self.limits.append((t, limit, low_now))
+        while self.limits and self.limits[0][0] < t - horizon:
+            self.limits.pop(0)
+        tol = self.tolerance_kw(limit)
+        quiet = t - self.disturbed_at >= self.fault_settle_s()
+        # (safety) the site, after a settle time, at or under the highest limit of the last settle_s
+        if quiet:
+            bound = max(hi for at, hi, _lo in self.limits if at >= t - self.settle_s())
+            stuck = set(self._uncontrollable(t))
+            floor_kw = sum(truth[ip] if ip in stuck else self.site.by_ip[ip].spec.sleep_w for ip in self.ips) / 1000.0
+            bound = max(bound, floor_kw)  # under a limit below what uncontrollable miners draw: all else asleep
+            bound += self._invisible_w(truth, self.ips) / 1000.0
+            margin = bound + tol - site_kw
+            self.margins.checks_safety += 1
+            self.margins.safety_kw = min(self.margins.safety_kw, margin)
+            if bound > 0:
+                self.margins.safety_share = min(self.margins.safety_share, (bound - site_kw) / bound)
+            if t - self.changed_at >= self.settle_s():
+                self._check_worst_case()
+            if margin < 0:
+                self.fail("safety", f"site draws {site_kw:.2f} kW, limit {bound:.2f} kW + tolerance {tol:.2f} kW")
+            for cid, (members, cap) in self.circuits.items():
+                drawn = sum(truth[ip] for ip in members) / 1000.0
+                floor_c = sum(truth[ip] if ip in stuck else self.site.by_ip[ip].spec.sleep_w for ip in members)
+                cap_eff = max(cap, floor_c / 1000.0) + self._invisible_w(truth, members) / 1000.0
+                ctol = self.tolerance_kw(cap_eff, members)
+                if drawn > cap_eff + ctol:
+                    self.fail("safety (circuit)",
+                              f"circuit {cid} draws {drawn:.2f} kW, cap {cap_eff:.2f} kW + {ctol:.2f}")
+        # (state) after a restart, miners the agent had asleep are not woken beyond what the limit allows
+        if self.restart_check is not None:
+            since, asleep = self.restart_check
+            if t - since > self.fault_settle_s() or t - self.fault_at < self.fault_settle_s():
+                self.restart_check = None  # (a fault near the restart: what woke whom is not the agent's alone)
+            else:
+                woken = [ip for ip in asleep if self.site.by_ip[ip].physics.current_state(t) in ("waking", "hashing")
+                         and ip not in self.rebooted_at]  # fmt: skip
+                if woken:
+                    others = sum(truth[ip] for ip in self.ips if ip not in woken) / 1000.0
+                    full = sum(self._eventual_w(ip) for ip in woken) / 1000.0
+                    bound = max(hi for at, hi, _lo in self.limits if at >= since)
+                    if others + full > bound + tol + max(self._max_w(ip) for ip in self.ips) / 1000.0:
+                        self.fail("state after restart",
+                                  f"{len(woken)} miners asleep before the restart were woken: {others:.2f} kW + "
+                                  f"{full:.2f} kW at full power > limit {bound:.2f} kW")  # fmt: skip
+        unhealthy = [ip for ip in self.ips if ip not in set(healthy)]
+        counted_u = sum(self._counted_w(ip, truth[ip]) for ip in unhealthy) / 1000.0
+        one = max(self._max_w(ip) for ip in self.ips) / 1000.0
+        low = self._limit_kw(self.now, certain=False)
+        # (grid-friendly, down) no decrease deeper than the limit requires plus one miner and the headroom
+        if quiet and len(self.samples) > 1:
+            before = max(s[2] for s in self.samples if s[0] >= t - 60.0)
+            # the lowest the limit was while the site could still be settling on it: a cut the limit asked for a
+            # moment ago (a dispatch to 0 then cancelled) is not too deep
+            lowest = min(lo for at, _hi, lo in self.limits if at >= t - self.settle_s())
+            need = min(before, max(0.0, lowest - counted_u)) * (1 - self.spec.headroom_pct / 100.0) - one - tol
+            if healthy_kw < need:
+                self.fail("decrease too deep",
+                          f"healthy miners draw {healthy_kw:.2f} kW (were {before:.2f} kW within 60 s); the limit "
+                          f"{low:.2f} kW with {counted_u:.2f} kW counted for unhealthy miners needs no less than "
+                          f"{need:.2f} kW")  # fmt: skip
+        # (grid-friendly, up) no increase faster than the ramp and the wake stagger allow
+        if quiet:
+            ramp = self.spec.ramp_up_kw_per_min
+            if ramp is not None and len(self.samples) > 1:
+                lowest = min(s[1] for s in self.samples if s[0] >= t - 60.0)
+                allow = ramp * (60.0 + 30.0 + self.spec.tick_s) / 60.0 + one + tol
+                if site_kw - lowest > allow:
+                    self.fail("increase too fast", f"site rose {site_kw - lowest:.2f} kW within 60 s; ramp "
+                              f"{ramp} kW/min allows {allow:.2f} kW")  # fmt: skip
+            per = self.spec.wake_interval_s
+            recent = [w for w in self.wakes if w > t - per - SAMPLE_EVERY_S and w >= self.disturbed_at]
+            for w in recent:
+                n = sum(1 for x in recent if w <= x < w + per)
+                if n > self.spec.wake_per_interval:
+                    self.fail("wake stagger", f"{n} miners woke within {per:.0f} s (at most "
+                              f"{self.spec.wake_per_interval} per interval)")  # fmt: skip
+        # (service) after settle + min-off + stagger: at least 90 % of min(limit, what the healthy fleet can draw)
+        if t - max(self.changed_at, self.disturbed_at) >= self.service_settle_s():
+            room = max(0.0, low - counted_u) * (1 - self.spec.headroom_pct / 100.0)
+            capacity = self._achievable_kw(tuple(healthy), room, truth)
+            floor = 0.9 * capacity
+            self.margins.checks_service += 1
+            if floor > 0:
+                self.margins.service_share = min(self.margins.service_share, healthy_kw / floor - 1.0)
+            if healthy_kw < floor - 1e-6:
+                self.fail(f"service{self._service_hint(low, healthy)}",
+                          f"healthy miners draw {healthy_kw:.2f} kW < 90 % of min(limit {low:.2f} kW - "
+                          f"{counted_u:.2f} kW counted for unhealthy miners, what the healthy fleet can draw "
+                          f"within it {capacity:.2f} kW) = "
+                          f"{floor:.2f} kW")  # fmt: skip
+
+    def _service_hint(self, limit_kw: float, healthy: list[str]) -> str:
+        """Which known cause a service shortfall looks like (for the soak's tally; a hint, not a verdict)."""
+        ctl = self.ctl
+        t = self.vt.t
+        asleep = [ip for ip in healthy if self.site.by_ip[ip].physics.current_state(t) == "sleeping"]
+        if ctl is None or ctl.plan is None or not asleep:
+            return ""
+        smallest = min(self.site.by_ip[ip].spec.nominal_w for ip in asleep) / 1000.0
+        ramp = self.spec.ramp_up_kw_per_min
+        if ramp is not None and ramp * self.spec.tick_s / 60.0 < smallest:
+            return " (ramp allowance per tick < one miner: N3?)"
+        room = limit_kw * (1 - self.spec.headroom_pct / 100.0) - ctl.plan.worst_case_kw
+        if room < smallest:
+            return " (room < one sleeping miner's stock power: finding 8?)"
+        return ""
+
+    def _counted_w(self, ip: str, truth_w: float) -> float:
+        """What an unhealthy miner may legitimately be counted at: an address the agent never identified at
+        miners.unknown_w, any other at its stock power or what it draws, the higher; a LuxOS miner at no less than
+        its highest profile (ATM may step it there unasked, and nobody sees it while it cannot be read: N1)."""
+        if self.fleet is not None and ip not in self.fleet:
+            return UNKNOWN_W
+        dev = self.site.by_ip[ip]
+        top = max(p.watts for p in dev.profiles) if isinstance(dev, LuxosDevice) else 0.0
+        return max(dev.spec.nominal_w, top, truth_w)
+
+    def _options(self, ip: str, unit: float) -> list[int]:
+        """Steady draws (in `unit` W steps, rounded up) a healthy miner can be set to besides asleep."""
+        dev = self.site.by_ip[ip]
+        pf = dev.physics.power_factor
+        if isinstance(dev, LuxosDevice):
+            return [int(p.watts * pf / unit + 0.999) for p in dev.profiles if p.watts <= dev.spec.nominal_w]
+        if dev.family == "whatsminer":
+            lo = int(dev.spec.wm_min_w * pf / unit + 0.999)
+            return list(range(lo, int(dev.spec.nominal_w * pf / unit + 0.999) + 1))
+        return [int(dev.spec.nominal_w * pf / unit + 0.999)]
+
+    def _achievable_kw(self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float]) -> float:
+        """The most the healthy miners can draw in steady state within `room_kw` at the site and, in each circuit,
+        within the circuit's cap less what its unhealthy miners are counted at (and the headroom), given what each
+        miner can be set to (on/off: asleep or stock; LuxOS: asleep or a profile; Whatsminer: asleep or min..max),
+        in 25 W steps. Subset sums as bitsets: bit k set = k x 25 W reachable."""
+        unit = 25.0
+        keep = 1 - self.spec.headroom_pct / 100.0
+        groups: list[tuple[list[str], float]] = []
+        placed: set[str] = set()
+        healthy_set = set(healthy)
+        for members, cap in self.circuits.values():
+            counted = sum(self._counted_w(ip, truth[ip]) for ip in members if ip not in healthy_set) / 1000.0
+            inside = [ip for ip in members if ip in healthy_set]
+            groups.append((inside, max(0.0, cap - counted) * keep))
+            placed.update(inside)
+        groups.append(([ip for ip in healthy if ip not in placed], room_kw))
+        key = (tuple((tuple(g), round(r, 2)) for g, r in groups), round(room_kw, 2))
+        hit = self._achievable_cache.get(key)
+        if hit is not None:
+            return hit
+        site_mask = (1 << (int(room_kw * 1000 / unit) + 1)) - 1
+        total = 1
+        for members, room in groups:
+            mask = (1 << (int(min(room, room_kw) * 1000 / unit) + 1)) - 1
+            reach = 1
+            for ip in members:
+                step = reach
+                for k in self._options(ip, unit):
+                    step |= reach << k
+                reach = step & mask
+            combined, bits, k = 0, reach, 0
+            while bits:  # total ⊕ reach: every sum of one reachable value from each
+                if bits & 1:
+                    combined |= total << k
+                bits >>= 1
+                k += 1
+            total = combined & site_mask
+        best = (total.bit_length() - 1) * unit / 1000.0
+        self._achievable_cache[key] = best
+        return best
+
+    def _track_wakes(self, t: float) -> None:
+        for dev in self.site.devices:
+            p = dev.physics
+            state = p.current_state(t)
+            if state == "waking":
+                began = p.state_until - PHYSICS.wake_s
+                if self.wake_starts.get(dev.ip) != began and (
+                    dev.ip not in self.rebooted_at or began > self.rebooted_at[dev.ip] + PHYSICS.reboot_s + 1
+                ) and not dev.faults:
+                    if dev.ip not in self.wake_starts or abs(self.wake_starts[dev.ip] - began) > 1.0:
+                        self.wakes.append(began)
+                    self.wake_starts[dev.ip] = began
+        self.wakes = [w for w in self.wakes if w > t - 120.0]
+
+
+def _write_behind(store: Any) -> Any:
+    try:
+        from agent.runtime.persist import WriteBehind
+    except ImportError:  # an agent without a write-behind writes to the store directly
+        return None
+    return WriteBehind(store)
+
+
+UNKNOWN_W = 4000.0  # miners.unknown_w: above every simulated model, so an unidentified address is a true worst case
+
+
+def _said(reply: Reply) -> str:
+    return "ok" if reply.is_ok else f"refused {reply.error_code}: {reply.error_message}"
+
+
+def _hhmm(minute: int) -> str:
+    minute = max(0, min(24 * 60, minute))
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+Factory = Callable[[], World]

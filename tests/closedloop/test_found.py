@@ -1,0 +1,210 @@
+"""Scenarios the randomized closed-loop suite found, replayed deterministically (one `World` each, seconds of wall
+time for up to an hour of site time). Open ones are `xfail(strict=True)`: they fail today for the reason given, and
+the day the defect is fixed they pass, which fails the run until the marker is removed (then they are regression
+tests). /work/notes/closedloop_findings.md has the story of each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.closedloop.harness import SiteSpec, Violation, World
+
+
+@contextlib.contextmanager
+def _only(kind: str) -> Iterator[None]:
+    """Let through the violation the xfail expects; any other one fails the test for real."""
+    try:
+        yield
+    except Violation as v:
+        if not str(v).split(" at t=", 1)[0].startswith(kind):
+            raise AssertionError(f"expected a {kind!r} violation, got: {v}") from v
+        raise
+
+
+def _world(spec: SiteSpec) -> World:
+    w = World(spec)
+    w.prepare_start_states()
+    w.start()
+    return w
+
+
+def test_ramp_up_slower_than_one_miner_per_tick_still_brings_the_site_back() -> None:
+    """Closedloop N3: the ramp-up allowance is a credit that builds up between ticks (ramp.ramp_credit_kw); before,
+    it was per tick and never accumulated, so below one miner's power per tick no miner was ever woken again."""
+    # 3 Whatsminers (~3.3 kW each), ramp_up 20 kW/min at tick 5 s: 1.67 kW a tick, less than one miner woken
+    w = _world(SiteSpec(miners=3, mix="whatsminer:1", seed=1, cap_share=1.0, min_on_s=0, min_off_s=0,
+                        ramp_up_kw_per_min=20.0))  # fmt: skip
+    try:
+        w.run_for(60)
+        w.curtail(to_share=0.0)
+        w.run_for(60)
+        w.resume()
+        w.run_for(1800)  # the service invariant: back to >= 90 % of what the fleet can draw (was: 0.5 %)
+        assert w.margins.checks_service > 100
+        assert w.margins.service_share > 0
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize(("miners", "mix"), [(4, "luxos:1,whatsminer:3"), (8, "luxos:1,whatsminer:7")])
+def test_unreadable_luxos_miner_stepping_up_its_profile_keeps_the_site_under_a_dispatch(miners: int, mix: str) -> None:
+    """Closedloop N1: an unreadable LuxOS miner is counted at its highest preset (ATM's ceiling), not at stock.
+
+    4 miners is the first replay (was: safety at t=240 s, 12.19 kW against a dispatch to 11.83 kW); the room the fix
+    leaves there is smaller than one Whatsminer's stock power, so it also needs finding 8's throttled wake. 8 miners
+    shows N1 alone (was: safety at t=240 s, 24.51 kW against a dispatch to 24.27 kW)."""
+    w = _world(SiteSpec(miners=miners, mix=mix, seed=1, cap_share=1.0, min_on_s=0, min_off_s=0))
+    try:
+        w.run_for(60)
+        lux = next(d.ip for d in w.site.devices if d.family == "luxos")
+        w.set_fault({"mode": "atm", "ips": [lux], "direction": "up", "interval_s": 30})
+        w.set_fault({"mode": "error", "ips": [lux]})
+        w.dispatch(target_share=0.9)
+        w.run_for(900)  # every invariant, safety first
+        assert w.margins.checks_safety > 100
+        assert w.margins.safety_kw > 0
+    finally:
+        w.close()
+
+
+def test_room_smaller_than_one_miner_is_used_by_a_throttled_wake() -> None:
+    """Closedloop finding 8 (fixed; it was xfail): a miner the plan woke counted at its full power, so where the room
+    was smaller than one miner's stock power nothing was woken. LuxOS and Whatsminer are now told their limit before
+    the wake and counted at it."""
+    # 2 miners (LuxOS + Whatsminer), cap 30 % of nominal (1.87 kW), fail-safe level 0 at start: everything sleeps;
+    # once released the Whatsminer could run at 1.8 kW; the site stays at 0.04 kW
+    w = _world(SiteSpec(miners=2, mix="luxos:1,whatsminer:1,antminer:1", seed=0, cap_share=0.3, tick_s=2.0,
+                        poll_s=2.0, min_on_s=0.0, min_off_s=0.0, wake_per_interval=1, wake_interval_s=5.0,
+                        failsafe_share=0.0))  # fmt: skip
+    try:
+        with _only("service"):
+            w.run_for(900)
+    finally:
+        w.close()
+
+
+def test_the_optimal_plan_does_not_swap_out_miners_that_are_still_waking() -> None:
+    """Closedloop N4 (fixed; it was xfail until the planner stopped swapping): the hashrate-optimal plan used to
+    sleep miners the sleep-only plan had just woken, to wake more efficient ones, restarting a wake-up each time."""
+    # shrunk by Hypothesis (CI fixed seed): 16 miners asleep at start, cap 30 % of nominal, fail-safe level 0 until
+    # the heartbeat releases it; the sleep-only plan wakes 4 miners, the optimal plan then swapped them out one by one
+    w = _world(SiteSpec(miners=16, mix="luxos:1,whatsminer:1,antminer:1", seed=86, cap_share=0.3,
+                        circuits=((16, 0.4),), tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=120.0,
+                        wake_per_interval=1, wake_interval_s=5.0, failsafe_share=0.0, tou=((43, 103, 0.3),),
+                        asleep_share=1.0))  # fmt: skip
+    try:
+        w.run_for(300)  # every invariant (was: 9.92 kW down to 2.55 kW at t=170 s under a constant 15.22 kW cap)
+    finally:
+        w.close()
+
+
+def test_a_quiet_site_under_its_cap_passes_every_invariant() -> None:
+    """The harness itself: a healthy site with a dispatch, an override and a restart, checked for an hour."""
+    w = _world(SiteSpec(miners=12, mix="luxos:1,whatsminer:1,antminer:1", seed=3, cap_share=1.3))
+    try:
+        w.run_for(600)
+        w.dispatch(target_share=0.9, duration=900)
+        w.run_for(1200)
+        w.restart()
+        w.run_for(1800)
+        assert w.margins.checks_safety > 500
+        assert w.margins.checks_service > 100
+        assert w.margins.safety_kw > 0
+        assert w.margins.service_share > 0
+    finally:
+        w.close()
+
+
+def _count_batches(w: World) -> list[int]:
+    """Count the actuator batches the controller sends (one `Actuator.apply` call = one batch)."""
+    assert w.ctl is not None
+    actuator = w.ctl.actuator
+    real = actuator.apply
+    batches = [0]
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        batches[0] += 1
+        return await real(*args, **kwargs)
+
+    actuator.apply = counted  # type: ignore[method-assign]
+    return batches
+
+
+def test_a_command_that_fails_is_retried_with_back_off_not_several_times_a_second() -> None:
+    """closedloop N2: a LuxOS miner whose session another client holds refuses every command. The controller used
+    to send it again on every early tick its own failed batch asked for: ~300 batches in 60 s. A failed command is
+    now retried after a back-off (confirm_after_s doubling), and a batch whose every result failed asks for no
+    early tick."""
+    w = _world(SiteSpec(miners=6, mix="luxos:1", seed=3, cap_share=1.0, min_on_s=0, min_off_s=0))
+    try:
+        w.run_for(120)
+        w.set_fault({"mode": "session_held", "ips": [w.ips[0]]})
+        w.run_for(10)
+        batches = _count_batches(w)
+        w.curtail(to_share=0.5)
+        w.run_for(60)
+        # the curtailment itself (a fast plan, then the optimal one), and the held miner's retries at 20 s and 60 s
+        assert batches[0] <= 12, f"{batches[0]} actuator batches in 60 s (a failed command re-sent without back-off)"
+        assert w.ctl is not None
+        held = w.ctl.memory[w.ips[0]]
+        assert held.failures >= 1
+        assert held.failed_retry_at > w.ctl.clock.time()
+    finally:
+        w.close()
+
+
+def test_a_failed_wake_does_not_use_up_the_wake_stagger_budget() -> None:
+    """closedloop N2: a wake that failed used to be recorded as sent in the wake stagger, so one refusing miner
+    held back every other wake for a whole interval. Four asleep LuxOS miners, one wake per 300 s; three refuse
+    every command (another client holds their session): the one that takes commands is woken within seconds of
+    the fail-safe's release, however the plan ranks it."""
+    # (cap above the fleet's nominal: the refusing miners are counted at their worst case, awake at full power)
+    spec = SiteSpec(miners=4, mix="luxos:1", seed=5, cap_share=1.5, min_on_s=0, min_off_s=0, asleep_share=1.0,
+                    wake_per_interval=1, wake_interval_s=300.0, failsafe_share=1.0)  # fmt: skip
+    w = World(spec)
+    w.prepare_start_states()
+    # the healthy one is the least efficient (woken last by the plan's order), so the others' wakes fail first
+    healthy = max(w.site.devices, key=lambda d: d.spec.nominal_w / d.spec.nominal_ths).ip
+    w.set_fault({"mode": "session_held", "ips": [ip for ip in w.ips if ip != healthy]}, quiet=True)
+    w.start()
+    try:
+        w.run_for(spec.release_after_s + 40)  # the fail-safe holds the present draw (asleep) for release_after_s
+        state = w.site.by_ip[healthy].physics.current_state(w.vt.t)
+        assert state in ("waking", "hashing"), f"the miner that takes commands is {state}: failed wakes used the budget"
+        assert w.ctl is not None
+        assert len(w.ctl.wake_times) == 1  # only the wake that was acknowledged
+    finally:
+        w.close()
+
+
+def test_curtail_by_is_taken_from_the_site_as_the_plan_counts_it() -> None:
+    """Found by the rotating seed 20789: a grid `curtail_kw` of 2.6 kW on a site where 4 of 20 miners do not answer
+    (blackhole) was taken from the *measured* power (the answering miners only), while the plan counts the silent ones
+    at their worst case: the level fell below what the silent ones alone are counted at, and every answering miner
+    was put to sleep (healthy miners 16.7 → 1.6 kW for a 2.6 kW reduction). "By X" is taken from the site's power as
+    the plan counts it (measured, plus every miner it cannot read at its worst case): X less than that, no deeper."""
+    w = _world(SiteSpec(miners=20, mix="luxos:1,whatsminer:1,antminer:1", seed=2468, cap_share=0.8,
+                        circuits=((9, 0.4),), tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=0.0,
+                        wake_per_interval=1, wake_interval_s=5.0, failsafe_share=0.0, blackhole_share=0.2))  # fmt: skip
+    try:
+        w.run_for(135)
+
+        def true_kw() -> float:
+            return sum(d.physics.power_w(w.vt.t) for d in w.site.devices) / 1000.0
+
+        before = true_kw()  # what the grid takes "by X" from: the site as its meter sees it
+        did = w.dispatch(curtail_share=0.12)
+        assert did is not None
+        w.run_for(240)  # safety and decrease-too-deep are checked on ground truth all along
+        # the reduction is taken from the site as counted (the 4 silent miners at their worst case on both sides)
+        rec = w.inputs[did]
+        assert rec.baseline_kw is not None
+        assert rec.baseline_kw >= before
+        assert true_kw() >= 0.75 * before, (true_kw(), before)  # not a blackout (was 45 %: answering ones asleep)
+    finally:
+        w.close()

@@ -1,0 +1,219 @@
+"""Run-time caps by source (issue 12, finding 9): the grid's cap (signed, MQTT) and the operator's (local socket) are
+separate inputs, the lower binds, and lifting the grid's cap locally is an explicit, audited act. Both persist.
+
+In-process command path on a real SQLite store (CommandService → Controller → store), under a clock the test moves;
+no miners (an empty fleet through the real driver): this is about what the agent decides and remembers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import AgentConfig
+from agent.io.control_socket import ControlServer
+from agent.io.store import Store
+from agent.protocol import Channel, Reply
+from agent.runtime.actuator import Actuator
+from agent.runtime.controller import Controller
+from agent.runtime.events import EventLog
+from agent.runtime.fleet import Fleet, driver_from_config
+from agent.runtime.service import CommandService
+from tests.agent_harness import sign_for
+
+T0 = 1_760_000_000.0
+HASHFLEX = str(Path(sys.executable).parent / "hashflex")
+SITE = "caps"
+GRID = Ed25519PrivateKey.generate()
+
+
+class ManualClock:
+    scale = 1.0
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def time(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def to_wall(self, seconds: float) -> float:
+        return seconds
+
+
+@dataclass
+class Runtime:
+    clock: ManualClock
+    store: Any
+    controller: Controller
+    service: CommandService
+    task: asyncio.Task[None]
+
+    async def grid_cap(self, cap_kw: float, cid: str, **extra: Any) -> Reply:
+        self.clock.t += 1.0  # each grid command newer than the last
+        doc = sign_for(GRID, {"id": cid, "cap_kw": cap_kw, **extra}, site=SITE, verb="cap", issued_at=self.clock.t)
+        return await self.service.handle("cap", json.dumps(doc).encode(), Channel.MQTT)
+
+    async def local_cap(self, cap_kw: float, cid: str, **extra: Any) -> Reply:
+        self.clock.t += 1.0
+        doc = {"id": cid, "cap_kw": cap_kw, **extra}
+        return await self.service.handle("cap", json.dumps(doc).encode(), Channel.LOCAL)
+
+    async def target(self) -> dict[str, Any]:
+        self.controller.trigger()
+        await asyncio.sleep(0.3)
+        return self.controller.status()
+
+
+def make_config(tmp_path: Path) -> AgentConfig:
+    pub = tmp_path / "grid.pub"
+    pub.write_bytes(GRID.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    return AgentConfig.model_validate({
+        "site": {"id": SITE, "cap_kw": 1000},
+        "mqtt": {"enabled": False},
+        "grid": {"public_keys": [str(pub)]},
+        "state_dir": str(tmp_path / "state"),
+        "failsafe": {"enabled": False},
+        "dispatch": {"debounce_s": 0},
+    })  # fmt: skip
+
+
+async def start_runtime(cfg: AgentConfig, clock: ManualClock) -> Runtime:
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    store = Store.open(cfg.db_path)
+    fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=clock.time)
+    await fleet.sweep()
+    events = EventLog(clock.time)
+    actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
+    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=False)
+    ctl.restore()
+    service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[GRID.public_key()], operator_keys=[])
+    return Runtime(clock, store, ctl, service, asyncio.create_task(ctl.run()))
+
+
+async def stop_runtime(rt: Runtime) -> None:
+    rt.controller.stop()
+    await asyncio.wait_for(rt.task, 5)
+    rt.store.close()
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = await start_runtime(make_config(tmp_path), ManualClock(T0))
+    yield rt
+    await stop_runtime(rt)
+
+
+async def test_a_local_cap_never_lifts_the_grids_cap(runtime: Runtime) -> None:
+    grid = await runtime.grid_cap(400, "g-cap")
+    assert grid.is_ok, grid
+    assert grid.data["cap_kw"] == 400
+    local = await runtime.local_cap(1000, "op-cap")  # `hashflex cap 1000kW`
+    assert local.is_ok, local
+    assert local.data["cap_kw"] == 400
+    assert local.data["grid_cap_kw"] == 400
+    status = await runtime.target()
+    assert (status["cap_kw"], status["target_kw"]) == (400, 400)
+    # a lower operator cap binds under the grid's; the grid raising its own cap leaves the operator's in force
+    assert (await runtime.local_cap(300, "op-cap-2")).data["cap_kw"] == 300
+    assert (await runtime.grid_cap(900, "g-cap-2")).data["cap_kw"] == 300
+    assert (await runtime.target())["target_kw"] == 300
+
+
+async def test_lifting_the_grids_cap_locally_is_explicit_and_audited(runtime: Runtime) -> None:
+    assert (await runtime.grid_cap(400, "g-cap")).is_ok
+    lifted = await runtime.local_cap(800, "op-lift", lift_grid_cap=True)
+    assert lifted.is_ok, lifted
+    assert (lifted.data["cap_kw"], lifted.data["grid_cap_kw"], lifted.data["lifted_grid_cap_kw"]) == (800, None, 400)
+    assert (await runtime.target())["target_kw"] == 800
+    audit = [r.data for r in runtime.store.audit_records() if r.kind == "cap_change"]
+    assert audit[-1]["lifted_grid_cap_kw"] == 400
+    assert audit[-1]["source"] == "operator"
+    # the flag is the operator's, on the site's own socket: the grid sets its own cap and cannot "lift" it
+    refused = await runtime.grid_cap(500, "g-lift", lift_grid_cap=True)
+    assert refused.error_code == "bad_request"
+    assert runtime.controller.grid_cap_kw is None
+
+
+async def test_both_caps_persist_across_a_restart(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    clock = ManualClock(T0)
+    rt = await start_runtime(cfg, clock)
+    assert (await rt.grid_cap(400, "g-cap")).is_ok
+    assert (await rt.local_cap(600, "op-cap")).is_ok
+    await stop_runtime(rt)
+    rt = await start_runtime(cfg, clock)
+    try:
+        assert (rt.controller.grid_cap_kw, rt.controller.operator_cap_kw) == (400, 600)
+        assert (await rt.local_cap(1000, "op-cap-up")).data["cap_kw"] == 400  # still not lifted after a restart
+    finally:
+        await stop_runtime(rt)
+
+
+async def test_a_cap_stored_before_caps_had_sources_is_kept_as_the_grids(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    with Store.open(cfg.db_path) as store:
+        store.set_state("runtime_cap_kw", 450.0, T0)
+    rt = await start_runtime(cfg, ManualClock(T0))
+    try:
+        assert rt.controller.effective_cap_kw() == 450
+        assert (await rt.local_cap(1000, "op-cap")).data["cap_kw"] == 450
+    finally:
+        await stop_runtime(rt)
+
+
+async def test_the_cli_lifts_the_grids_cap_only_with_its_flag(tmp_path: Path) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="hf-caps-", dir="/tmp"))  # a short path: unix socket paths are short
+    try:
+        cfg = make_config(tmp_path)
+        socket = folder / "ctl.sock"
+        config = folder / "site.yaml"
+        config.write_text(yaml.safe_dump({"site": {"id": SITE, "cap_kw": 1000}, "mqtt": {"enabled": False},
+                                          "state_dir": str(folder / "state"),
+                                          "control_socket": {"path": str(socket)}}))  # fmt: skip
+        rt = await start_runtime(cfg, ManualClock(time.time()))  # the CLI stamps commands with the wall clock
+        try:
+            async with ControlServer(socket, rt.service):
+                assert (await rt.grid_cap(400, "g-cap")).is_ok
+
+                async def cli(*args: str) -> dict[str, Any]:
+                    proc = await asyncio.create_subprocess_exec(
+                        HASHFLEX, "cap", *args, "--config", str(config), "--json",
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    )  # fmt: skip
+                    out, err = await proc.communicate()
+                    assert proc.returncode == 0, err.decode()
+                    doc: dict[str, Any] = json.loads(out)
+                    return doc
+
+                plain = await cli("1000kW")
+                assert (plain["cap_kw"], plain["grid_cap_kw"]) == (400, 400)
+                assert await cli() == {"cap_kw": 400, "licensed_cap_kw": 1000, "grid_cap_kw": 400}
+                lifted = await cli("1000kW", "--lift-grid-cap")
+                assert (lifted["cap_kw"], lifted["grid_cap_kw"], lifted["lifted_grid_cap_kw"]) == (1000, None, 400)
+                shown = await cli()
+                assert shown == {"cap_kw": 1000, "licensed_cap_kw": 1000}  # no run-time cap is set
+        finally:
+            await stop_runtime(rt)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
