@@ -142,7 +142,13 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
         with TruthRecorder(sim) as truth:
             try:
                 agent = start(files, origin)
-                agent.wait_for(lambda: agent.status()["tick"]["n"] > 3, 60, what="a few ticks")
+                # the site starts at full power, above its cap: the cycles begin once the agent holds it there and
+                # has carried its plan out (a kill before that would count the first start's descent as a violation)
+                agent.wait_for(
+                    lambda: agent.status()["tick"]["n"] > 3 and agent.status().get("settled_since") is not None
+                    and truth.latest().power_kw <= cap + tol,
+                    60, what="the site settled under its cap",
+                )  # fmt: skip
                 agent.stop()
                 bytes0 = settled_db_bytes(files.state_dir)
                 for cycle in range(cycles):
