@@ -33,6 +33,9 @@ from drivers.base import (
     wakes_at_limit,
 )
 
+RAISE_DEADBAND_W = 100.0  # limit raises smaller than this (or than this share of the limit) are not sent
+RAISE_DEADBAND_SHARE = 0.05
+
 
 class Op(StrEnum):
     SLEEP = "sleep"
@@ -137,6 +140,11 @@ def diff(
         if round(current) == watts:
             continue
         lower = watts < current
+        if not lower and watts - current < max(RAISE_DEADBAND_W, RAISE_DEADBAND_SHARE * current):
+            # a raise of a few watts is not worth a command: plans refine in rounds as limits take effect, and
+            # sending each small raise kept a settled site busy every tick (skipping one is safe: the miner stays
+            # below what the plan counts it at)
+            continue
         order_by = -_shed_rate(view, current - watts) if lower else _rank(rank, view, watts)
         changes.append(Change(ip, Op.SET_POWER, watts, decrease=lower, rank=order_by))
     return changes

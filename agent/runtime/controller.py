@@ -188,7 +188,7 @@ class Controller:
         self.bias_kw = 0.0  # closed-loop correction: measured above target → plan lower
         self.alarms: dict[str, str] = {}
         self.in_flight: dict[str, Change] = {}  # commands sent and not yet answered
-        self.decreasing: set[str] = set()  # told to sleep or to draw less, not yet seen doing it (_hold_rises)
+        self.decreasing: set[str] = set()  # told to sleep, not yet seen asleep (_hold_rises)
         self.seen_on: dict[str, bool] = {}
         self.tick_n = 0
         self.tick_ms = 0.0
@@ -896,7 +896,7 @@ class Controller:
 
     # ----------------------------------------------------------------------------------------- actuation
     def _hold_rises(self, changes: list[Change], by_ip: dict[str, MinerView]) -> tuple[list[Change], int]:
-        """Wakes and limit raises wait until every decrease sent before them (or with them) shows in telemetry.
+        """Wakes and limit raises wait until every sleep sent before them (or with them) shows in telemetry.
 
         The plan takes an acknowledged sleep or lower limit as done, but the miner ramps down over seconds while a
         wake or a raise can land sooner: spending that room at once lifted the site above its level (a re-plan that
@@ -910,14 +910,16 @@ class Controller:
             if mem is None or mem.pending_op is None or mem.ignores_commands or view is None \
                     or view.state is MinerState.UNREACHABLE:  # fmt: skip
                 self.decreasing.discard(ip)
-        if not self.decreasing and not any(c.op is Op.SLEEP or c.decrease for c in changes):
+        if not self.decreasing and not any(c.op is Op.SLEEP for c in changes):
             return changes, 0
         now_ = [c for c in changes if c.op is Op.SLEEP or c.decrease]
         return now_, len(changes) - len(now_)
 
     def _launch(self, changes: list[Change], new_plan: Plan, fast: bool, now: float) -> None:
         self._energy.hold(self.fleet.latest(), now, self)  # what miners drew until now is what was last read
-        self.decreasing.update(c.ip for c in changes if c.op is Op.SLEEP or c.decrease)
+        # sleeps only: a sleeping miner ramps down over seconds; limit changes settle in rounds and holding every
+        # rise behind them stalled a site's way back up (each round lowers a miner or two a few watts)
+        self.decreasing.update(c.ip for c in changes if c.op is Op.SLEEP)
         for c in changes:
             self.in_flight[c.ip] = c
         wakes = sum(1 for c in changes if c.op is Op.WAKE)
