@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from agent.io.control_socket import ControlServer
 from agent.io.sdnotify import SdNotifier
 from agent.io.store import StoreError, StoreUnavailable
 from agent.logging import bind_context, configure_logging, get_logger
+from agent.preflight import PreflightError, metrics_bind_problem, starting_errors
 from agent.protocol import Channel, Reply
 from agent.runtime import crashpoints
 from agent.runtime.actuator import Actuator
@@ -215,6 +217,7 @@ class Agent:
         self._waiting: WaitingForStore | None = None  # the socket's answer while the store is waited for
         self.sweep_request = asyncio.Event()
         self.sweeps = 0
+        self.left_as = ""  # what the site is left with at stop (site_left_as), said once the agent has stopped
 
     # --------------------------------------------------------------------------------------------- start-up
     async def start(self) -> None:
@@ -299,7 +302,10 @@ class Agent:
             self.server = ControlServer(self.cfg.socket_path, self.service, group=cfg.control_socket.group)
             await self.server.start()
         if cfg.metrics.enabled:
-            self.metrics_port = self.metrics.start_http(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self.metrics_port = self.metrics.start_http(cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:  # taken since the preflight check: the same one line, not a traceback
+                raise ConfigError(metrics_bind_problem(cfg, exc)) from None
         ctl.tick()  # the first decision is made now, on the restored state and the first sweep
         # The fleet (a handle, a pyasic object and a reading per miner) and the loaded modules live as long as the
         # process: move them out of the collector's sight, or every full collection walks all of them again (at
@@ -458,11 +464,15 @@ class Agent:
     async def close(self) -> None:
         log.info("agent stopping")
         self.notifier.stopping("stopping")
+        shutdown_failed = False
         if self.controller is not None:
             try:
                 await self.controller.shutdown_miners()
             except Exception:
+                shutdown_failed = True
                 log.exception("on_shutdown commands failed")
+        self.left_as = site_left_as(self.cfg.control.on_shutdown, controlled=self.controller is not None,
+                                    failed=shutdown_failed)  # fmt: skip
         if self.server is not None:
             await self.server.close()
         if self.metrics is not None:
@@ -486,15 +496,48 @@ class Agent:
                                   records=persist.backlog, error=persist.error)  # fmt: skip
             with contextlib.suppress(Exception):
                 self.store.close()
-        log.info("agent stopped")
+        log.info("agent stopped", left=self.left_as)
+        if _isatty(sys.stderr):  # someone pressed Ctrl-C at a terminal: tell them in a sentence, not only a log field
+            print(f"hashflex stopped: {self.left_as}", file=sys.stderr, flush=True)
+
+
+def site_left_as(on_shutdown: str, *, controlled: bool, failed: bool = False) -> str:
+    """What the site is left with once the agent has stopped (control.on_shutdown), in words for the operator: no
+    cap is held any more, whatever the miners were told."""
+    if not controlled:
+        return "miners left as they are (the agent stopped before it controlled them); hashflex holds no cap"
+    if failed:
+        return (
+            f"on_shutdown {on_shutdown!r} failed part-way: miners may be left as they are; hashflex no longer "
+            "holds the cap"
+        )
+    if on_shutdown == "sleep":
+        return "miners put to sleep (those that could be reached); hashflex no longer holds the cap"
+    if on_shutdown == "wake":
+        return "miners woken (those that could be reached), free to draw full power; hashflex no longer holds the cap"
+    return "miners left as they are; hashflex no longer holds the cap"
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def run(cfg: AgentConfig, *, time_scale: float | None = None, time_origin: float | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Config problems raise ConfigError before any miner is touched."""
     check_time_scale(cfg, time_scale)
-    load_keys(cfg)  # fail on unreadable keys before logging is set up or a miner is contacted
+    # the checks `hashflex config check` makes, before logging is set up or a miner is contacted
+    errors = starting_errors(cfg)
+    if errors:
+        raise PreflightError(errors)
     configure_logging(cfg.logging)
     bind_context(site_id=cfg.site.id)
+    if not cfg.mqtt.enabled:
+        # said once, at start: a site without a grid link is a choice (no `mqtt:` section), not a fault to repeat
+        log.info("no grid link", why="the config has no mqtt section (or mqtt.enabled: false)",
+                 follows="site.cap_kw, the schedule and the local CLI", config=str(cfg.source))  # fmt: skip
 
     async def main() -> int:
         return await Agent(cfg, time_scale=time_scale, time_origin=time_origin).run()

@@ -167,6 +167,9 @@ class Request(BaseModel):
     id: CommandId | None = None
     issued_at: Timestamp | None = None
     signature: str | None = Field(None, min_length=1, max_length=512)
+    # optional fields added to a verb after its replies were first stored: left out of the request digest while at
+    # their default, so a retry of a request stored before they existed is still recognised as the same request
+    added_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 class PingRequest(Request):
@@ -221,13 +224,19 @@ class CapRequest(Request):
 
 
 class CurtailRequest(Request):
-    """An operator override: hold the site at `to_kw`, or `by_kw` below its power now, for `for_s` (or until resume)."""
+    """An operator override: hold the site at `to_kw`, or `by_kw` below its power now, for `for_s` (or until resume).
+
+    It replaces the operator overrides in force (an operator means "hold it here now", not "and also there"), unless
+    `add` is true: then it is held beside them and the lowest level binds. Optional on the wire: a sender that does
+    not know it gets the replacing behaviour."""
 
     verb: ClassVar[str] = "curtail"
     kind: ClassVar[Literal["grid", "cap", "operator", "read"]] = "operator"
+    added_fields: ClassVar[frozenset[str]] = frozenset({"add"})
     to_kw: PowerKw | None = None
     by_kw: PowerKw | None = None
     for_s: DurationS | None = None
+    add: bool = False
 
     @model_validator(mode="after")
     def _shape(self) -> CurtailRequest:
@@ -308,7 +317,8 @@ class Repeat:
 def request_digest(request: Request) -> str:
     """What a request asks for, as a hash: every field but the issue time and the signature (a retry may be signed
     again later and is still the same request)."""
-    body = request.model_dump(mode="json", exclude={"issued_at", "signature"})
+    at_default = {f for f in request.added_fields if getattr(request, f) == type(request).model_fields[f].default}
+    body = request.model_dump(mode="json", exclude={"issued_at", "signature", *at_default})
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

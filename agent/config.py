@@ -36,6 +36,7 @@ from pydantic import (
 from agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_spec, validate_specs
 from agent.core.circuits import Circuit, CircuitTree, check_membership
 from agent.core.units import parse_duration_s
+from drivers.base import Family
 
 DEFAULT_CONFIG_PATH = Path("/etc/hashflex/site.yaml")
 
@@ -324,10 +325,24 @@ class AgentConfig(_Model):
     # where the file was read from; paths above are relative to its folder
     source: Path | None = Field(None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_mqtt_section_no_grid_link(cls, data: Any) -> Any:
+        """A file without an `mqtt:` section runs the site without a grid link (cap, schedule and the local CLI
+        only): the grid link needs a broker and the grid's key, which a first `site:` + `miners:` file has not."""
+        if isinstance(data, dict) and data.get("mqtt") is None:
+            return {**data, "mqtt": {"enabled": False}}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> AgentConfig:
         if self.mqtt.enabled and not self.grid.public_keys:
-            raise ValueError("grid.public_keys: MQTT commands are enabled, so at least one grid key is needed")
+            raise ValueError(
+                "grid.public_keys: the mqtt section turns on the grid link, which takes only commands signed by a "
+                "grid key, and none is listed: put the grid operator's public key in a file and list it, e.g. "
+                "`grid: {public_keys: [keys/grid.pub]}` (a pair for a test: `hashflex keygen --out keys/grid`), "
+                "or remove the mqtt section to run without a grid link"
+            )
         if self.polling.read_timeout_s >= self.polling.stale_after_s:
             raise ValueError("polling.read_timeout_s must be shorter than polling.stale_after_s")
         if isinstance(self.failsafe.level, float) and self.failsafe.level > self.site.cap_kw:
@@ -391,10 +406,7 @@ class AgentConfig(_Model):
             path = candidate if candidate.exists() else None
         if path is None:
             return {}
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ConfigError(f"{path}: credentials must be a mapping of family: password")
-        return {str(k): v for k, v in data.items()}
+        return read_credentials(path)
 
     def mqtt_password(self) -> str | None:
         if self.mqtt.password_file is not None:
@@ -407,6 +419,46 @@ class AgentConfig(_Model):
 
 class ConfigError(Exception):
     """A config file that cannot be used. The message names the file, the field and the value."""
+
+
+CREDENTIAL_FAMILIES: tuple[str, ...] = tuple(f.value for f in Family)
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """Miner passwords by family from a YAML file. A family the driver does not know is refused, not ignored: a
+    misspelt `antminr:` would otherwise leave every Antminer on its default password, found only at run time."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}; write one `family: password` line "
+                          "per firmware family") from None  # fmt: skip
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: credentials must be a mapping of family: password, got a {type(data).__name__}; write one "
+            f"`family: password` line per firmware family ({', '.join(CREDENTIAL_FAMILIES)})"
+        )
+    for family, password in data.items():
+        if str(family) not in CREDENTIAL_FAMILIES:
+            close = difflib.get_close_matches(str(family), CREDENTIAL_FAMILIES, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            families = ", ".join(CREDENTIAL_FAMILIES)
+            raise ConfigError(f"{path}: family {family!r} is not a miner family: {hint}use one of {families}")
+        if not isinstance(password, str):
+            raise ConfigError(
+                f'{path}: {family} = {password!r}: a password must be text: quote it ({family}: "{password}")'
+            )
+    return {str(k): v for k, v in data.items()}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 2 column 5: not valid YAML: <problem>`, one line, from a YAML parser error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+    problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+    hint = " (indent with spaces, not tabs)" if "\\t" in problem or "\t" in problem else ""
+    return f"{where}not valid YAML: {problem}{hint}"
 
 
 def load_config(path: str | Path) -> AgentConfig:

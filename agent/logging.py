@@ -8,10 +8,11 @@ One call, `configure_logging(cfg)`, sets up both structlog (our own events) and 
 
 - Per-component levels: `logging: {level: info, levels: {drivers: warning, mqtt: debug}}`; a component named
   `drivers.pyasic` follows `drivers` unless it has its own entry. Stdlib records use their logger name.
-- pyasic logs on the ROOT logger (see PYASIC-NOTES), so its records are recognised by their source path and
+- pyasic logs on the ROOT logger (drivers/pyasic_driver.py), so its records are recognised by their source path and
   kept only from WARNING up, whatever the configured level.
 - Secrets never reach the log: a processor replaces values whose key names a secret (password, token, key,
-  signature, ...) and hides passwords in URLs.
+  signature, ...) and hides passwords in URLs. A field named just `key` is hidden only when its value looks like
+  key material: alarm and dispatch names stay readable.
 - `site_id`, `tick` and `dispatch_id` travel in contextvars (`bind_context`), so any line logged while
   handling a tick or a dispatch carries them without passing them around.
 """
@@ -65,6 +66,22 @@ def is_secret_name(name: str) -> bool:
     return any(p in _SECRET_PARTS for p in parts)
 
 
+# A field named plainly `key` is as often a name (an alarm's, a dispatch's, a sort key) as a secret: it is hidden
+# only when its value looks like key material (PEM, a long base64 or hex token), never when it is a lowercase name
+# such as `store_unavailable` or `cannot_meet:PDU-3`. Qualified names (`private_key`, `api_key`) are always hidden.
+_NAME_LIKE = re.compile(r"^[a-z][a-z0-9_]*(?::[A-Za-z0-9._-]+)*$")  # a lowercase kind, then `:`-separated ids
+_HEX_TOKEN = re.compile(r"^[0-9a-fA-F]{32,}$")
+
+
+def _hides(name: str, value: Any) -> bool:
+    """True when the value under `name` must not reach the log."""
+    if value is None or not is_secret_name(name):
+        return False
+    if name.lower() != "key":
+        return True
+    return not (isinstance(value, str) and len(value) <= 64 and _NAME_LIKE.match(value) and not _HEX_TOKEN.match(value))
+
+
 def redact(value: Any, *, _depth: int = 0) -> Any:
     """A copy of `value` with secret-named entries replaced by `***` and URL passwords hidden."""
     if _depth > 6:
@@ -72,8 +89,7 @@ def redact(value: Any, *, _depth: int = 0) -> Any:
     if isinstance(value, Mapping):
         deeper = _depth + 1
         return {
-            k: REDACTED if isinstance(k, str) and is_secret_name(k) and v is not None else redact(v, _depth=deeper)
-            for k, v in value.items()
+            k: REDACTED if isinstance(k, str) and _hides(k, v) else redact(v, _depth=deeper) for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return type(value)(redact(v, _depth=_depth + 1) for v in value)
@@ -88,7 +104,7 @@ def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict
             if key == "event" and isinstance(value, str):
                 event_dict[key] = redact(value)
             continue
-        event_dict[key] = REDACTED if is_secret_name(key) and value is not None else redact(value)
+        event_dict[key] = REDACTED if _hides(key, value) else redact(value)
     return event_dict
 
 

@@ -1,7 +1,7 @@
 """The miner driver on pyasic 0.79.0: the ONLY module of hashflex that imports pyasic (with its patches).
 
-pyasic knows how to talk to every firmware; this module fences off how it behaves at site scale
-(/work/shared/PYASIC-NOTES.md has the evidence for each point):
+pyasic knows how to talk to every firmware; this module fences off how it behaves at site scale (the tests in
+tests/drivers/ show each point against the simulated site and misbehaving ports, through unmodified pyasic):
 
 - Identification is bounded: `pyasic.get_miner` bounds nothing and 700+ at once all fail, so every
   `identify` takes a slot of one semaphore per driver (`DriverSettings.identify_concurrency`).

@@ -29,3 +29,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c 'import agent, drivers, sim, pyasic, aiomqtt' # fail loudly if the install did not take
   touch "$stamp"
 fi
+scripts/link-cli.sh  # `hashflex` on PATH for every shell, sudo included

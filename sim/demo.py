@@ -40,6 +40,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from sim.demo_notes import SleepOnlyBaseline, agent_notes
 from sim.demo_support import (
     DEMO_KEY,
     TRUTH_STATES,
@@ -229,6 +230,7 @@ class Demo:
         truth = sim.truth()
         self.full_kw = float(truth["site"]["power_w"]) / 1000.0
         self.full_ths = float(truth["site"]["hashrate_ths"])
+        self.baseline = SleepOnlyBaseline.from_truth(truth)  # the site at full power: each miner at stock
         families: dict[str, int] = {}
         for m in truth["miners"]:
             families[m["family"]] = families.get(m["family"], 0) + 1
@@ -425,7 +427,7 @@ class Demo:
         result["ok"] = bool(result["cap"]["ok"] and chain_ok and export_ok)
         self.write_timeline(samples)
         plot_path = self.out / "site-power.png"
-        self.draw(plot_path, samples, result)
+        self.draw(plot_path, samples, result, export_doc.get("audit") or [])
         result["runtime_s"] = round(time.monotonic() - self.started, 1)
         result["files"] = {"plot": str(plot_path), "export": str(export_path),
                            "timeline": str(self.out / "timeline.csv"), "config": str(self.config),
@@ -489,13 +491,14 @@ class Demo:
         with (self.out / "timeline.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["site_time_utc", "site_local", "truth_kw", "agent_kw", "target_kw", "ramp_level_kw", "cap_kw",
-                        "reason", "hashrate_ths", *TRUTH_STATES])  # fmt: skip
+                        "reason", "hashrate_ths", *TRUTH_STATES, "sleep_only_ths"])  # fmt: skip
             for s in samples:
                 w.writerow([iso(s.site_ts), self.clock.hhmm(s.site_ts, True), f"{s.truth_kw:.3f}",
                             _fmt(s.agent_kw), _fmt(s.target_kw), _fmt(s.planning_kw), _fmt(s.cap_kw), s.reason or "",
-                            f"{s.hashrate_ths:.1f}", *(s.states[k] for k in TRUTH_STATES)])  # fmt: skip
+                            f"{s.hashrate_ths:.1f}", *(s.states[k] for k in TRUTH_STATES),
+                            f"{self.baseline.ths_at(s.truth_kw):.1f}"])  # fmt: skip
 
-    def draw(self, path: Path, samples: list[Sample], result: dict[str, Any]) -> None:
+    def draw(self, path: Path, samples: list[Sample], result: dict[str, Any], audit: list[dict[str, Any]]) -> None:
         from sim.demo_plot import plot  # noqa: PLC0415  (matplotlib loads only when there is something to draw)
 
         fam = ", ".join(f"{n} {FAMILY_NAMES.get(f, f)}" for f, n in self.families.items())
@@ -508,8 +511,10 @@ class Demo:
             parts.append(f"window met {w['met_after_min'] * 60:.0f} site s after it began")
         parts.append("audit chain verified" if result["chain"]["ok"] else "AUDIT CHAIN FAILED")
         parts.append(f"{self.sc.speed:g}× speed")
+        # what the agent did, from the audit export above (no extra questions to the agent: the run time stays)
+        notes = agent_notes(audit, samples, cap_kw=self.cap_kw, tolerance_kw=self.args.tolerance * self.full_kw)
         plot(path, samples, self.clock, cap_kw=self.cap_kw, spans=self.spans, marks=self.marks, ramps=self.ramps,
-             title=title, subtitle=" · ".join(parts))  # fmt: skip
+             title=title, subtitle=" · ".join(parts), notes=notes, baseline=self.baseline)  # fmt: skip
 
     def report(self, r: dict[str, Any]) -> None:
         c = self.console

@@ -30,6 +30,7 @@ from agent.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
     JsonOpt,
+    WideOpt,
     config_or_exit,
     emit_json,
     err,
@@ -234,6 +235,9 @@ def _replace_atomically(target: Path, write: Callable[[BinaryIO], object]) -> No
 # ---------------------------------------------------------------------------------------------- energy
 _SITE_COLUMNS = ("start (UTC)", "kWh", "measured", "estimated", "coverage", "curtailed", "not drawn kWh", "peak")
 _MINER_COLUMNS = ("miner", "kWh", "estimated kWh", "minutes")
+# on a narrow terminal: the period and its energy always, then the rest in this order (--wide: all)
+_SITE_PRIORITY = {"start (UTC)": 0, "kWh": 0, "peak": 1, "curtailed": 2, "not drawn kWh": 3, "coverage": 4,
+                  "measured": 5, "estimated": 6}  # fmt: skip
 
 
 def energy(
@@ -246,6 +250,7 @@ def energy(
         Literal["1m", "15m", "1h", "day", "auto"], typer.Option("--step", help="Rows per period (site).")
     ] = "auto",
     as_json: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Energy drawn over [--from, --to): kWh, measured vs estimated, time curtailed, energy not drawn."""
     cfg = config_or_exit(config, as_json=as_json)
@@ -274,7 +279,7 @@ def energy(
         return
     rows = [_site_row(p) for p in periods]
     rows.append(["total", *_site_row(whole)[1:]])
-    r.print_table(Console(), _SITE_COLUMNS, rows, right=_SITE_COLUMNS[1:])
+    r.print_table(Console(), _SITE_COLUMNS, rows, right=_SITE_COLUMNS[1:], priority=_SITE_PRIORITY, wide=wide)
 
 
 def _site_row(p: EnergyPeriod) -> list[str]:

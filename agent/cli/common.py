@@ -12,18 +12,22 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
+from agent.cli.render import SoftConsole
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Site config file.", envvar="HASHFLEX_CONFIG")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON document to stdout.")]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", "-w", help="Show every column and cell in full, however wide the terminal.")
+]
 DEFAULT_CONFIG = DEFAULT_CONFIG_PATH
 
-out = Console()
-err = Console(stderr=True)
+out = SoftConsole()  # piped, a line is never wrapped (agent.cli.render.SoftConsole)
+err = SoftConsole(stderr=True)
 
 EXIT_REFUSED = 1  # the agent or the input said no
 EXIT_UNAVAILABLE = 2  # no agent, bad config, unreachable
@@ -32,7 +36,8 @@ EXIT_UNAVAILABLE = 2  # no agent, bad config, unreachable
 def fail(message: str, code: int = EXIT_REFUSED, *, as_json: bool = False, data: Any = None) -> NoReturn:
     if as_json:
         emit_json({"status": "error", "error": message, **({"data": data} if data is not None else {})})
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line in a pipe or the journal; escape: a message may quote YAML such as `[keys/grid.pub]`
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -1,102 +1,28 @@
 """`hashflex config check` (the unit's ExecStartPre) and `hashflex config dump` (effective config, redacted).
 
-`check` goes past validation (evcc's check_config): every file the config names must exist and parse — grid
-and operator keys, the broker password, TLS files, miner credentials, the audit signing key — and the state
-and socket folders must be usable. Problems are errors (exit 1); things that will sort themselves out (a state
-folder not created yet) are warnings. `dump` prints every setting with its default filled in, plus the paths
-derived from them; secrets (credentials, passwords) show as `***`.
+`check` goes past validation (evcc's check_config) with the same checks `hashflex run` starts with
+(`agent.preflight`): every file the config names must exist and parse, the socket's group must exist, the metrics
+port must be free, the state and socket folders must be usable. Problems are errors (exit 1); things that will
+sort themselves out (a state folder not created yet) are warnings. `dump` prints every setting with its default
+filled in, plus the paths derived from them; secrets (credentials, passwords) show as `***`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
+from rich.markup import escape
 
 from agent.cli.common import DEFAULT_CONFIG, EXIT_REFUSED, ConfigOpt, JsonOpt, config_or_exit, emit_json, err, out
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.core.addresses import expand
-from agent.core.signing import load_private_key, load_public_key
 from agent.logging import REDACTED, is_secret_name
+from agent.preflight import preflight
 
 app = typer.Typer(help="Check or show the site config.", no_args_is_help=True)
-
-
-class Findings:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-
-    def attempt(self, what: str, action: Callable[[], object]) -> None:
-        try:
-            action()
-        except FileNotFoundError as exc:
-            self.errors.append(f"{what}: {exc.filename}: no such file")
-        except PermissionError as exc:
-            self.errors.append(f"{what}: {exc.filename}: permission denied (is it readable by the agent's user?)")
-        except (OSError, ValueError, ConfigError) as exc:
-            self.errors.append(f"{what}: {exc}")
-
-
-def _readable_file(path: Path) -> None:
-    with path.open("rb"):
-        pass
-
-
-def _usable_dir(path: Path, what: str, findings: Findings) -> None:
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            findings.errors.append(f"{what} {path} is not writable by this user")
-        return
-    if path.exists():
-        findings.errors.append(f"{what} {path} exists and is not a folder")
-        return
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-        findings.warnings.append(f"{what} {path} does not exist yet (systemd creates it for the unit)")
-    else:
-        findings.warnings.append(f"{what} {path} does not exist yet; the agent will create it")
-
-
-def deep_check(cfg: AgentConfig) -> Findings:
-    findings = Findings()
-    for what, keys in (
-        ("grid.public_keys", cfg.grid.public_keys),
-        ("grid.operator_public_keys", cfg.grid.operator_public_keys),
-    ):
-        for key in keys:
-            findings.attempt(what, partial(load_public_key, cfg.resolve(key)))
-    if cfg.mqtt.enabled:
-        if cfg.mqtt.password_file is not None:
-            findings.attempt("mqtt.password_file", partial(_readable_file, cfg.resolve(cfg.mqtt.password_file)))
-        elif cfg.mqtt.username and not cfg.mqtt_password():  # the unit's empty fallback reads as ""
-            findings.warnings.append(
-                "mqtt.username is set but no password was found (mqtt.password_file or the systemd credential "
-                "mqtt-password)"
-            )
-        if cfg.mqtt.tls is not None:
-            tls = cfg.mqtt.tls
-            for name, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)):
-                if path is not None:
-                    findings.attempt(f"mqtt.tls.{name}", partial(_readable_file, cfg.resolve(path)))
-    findings.attempt("miners credentials", cfg.credentials)
-    if cfg.audit.sign_daily_head:
-        if cfg.audit.signing_key is None:
-            findings.errors.append("audit.sign_daily_head is on but audit.signing_key is not set")
-        else:
-            key_path = cfg.resolve(cfg.audit.signing_key)
-            findings.attempt("audit.signing_key", partial(load_private_key, key_path))
-    if not expand(cfg.miners.addresses):
-        findings.warnings.append("miners.addresses is empty: the agent will control no miner")
-    _usable_dir(cfg.state_path, "state_dir", findings)
-    if cfg.control_socket.path is not None:
-        _usable_dir(cfg.socket_path.parent, "control socket folder", findings)
-    return findings
 
 
 def summary(cfg: AgentConfig) -> dict[str, Any]:
@@ -121,18 +47,18 @@ def check(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
         if as_json:
             emit_json({"ok": False, "config": str(config), "errors": str(exc).splitlines(), "warnings": []})
         # soft_wrap: each problem stays one line in the journal (ExecStartPre) and in a pipe, whatever the width
-        err.print(f"[bold red]config error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]config error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED) from None
-    findings = deep_check(cfg)
+    findings = preflight(cfg)
     ok = not findings.errors
     if as_json:
         emit_json({"ok": ok, "config": str(config), "errors": findings.errors, "warnings": findings.warnings,
                    "summary": summary(cfg)})  # fmt: skip
     else:
-        for message in findings.errors:
-            err.print(f"[bold red]error:[/] {message}", highlight=False)
+        for message in findings.errors:  # the same lines `hashflex run` refuses with (agent.preflight)
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         for message in findings.warnings:
-            err.print(f"[yellow]warning:[/] {message}", highlight=False)
+            err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
         if ok:
             s = summary(cfg)
             err.print(

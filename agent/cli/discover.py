@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agent.cli import render as r
-from agent.cli.common import EXIT_REFUSED, JsonOpt, config_or_exit, emit_json, err, fail, out
+from agent.cli.common import EXIT_REFUSED, JsonOpt, WideOpt, config_or_exit, emit_json, err, fail, out
 from agent.config import LoggingConfig
 from agent.core.addresses import expand, validate_spec
 from agent.logging import configure_logging
@@ -24,14 +24,38 @@ from agent.runtime.fleet import DiscoverProgress, Fleet, driver_settings
 from drivers.base import Capability, DriverSettings, Identity, OnOff, PowerRange, Presets
 
 
-def capability_text(cap: Capability) -> str:
+def _kw_span(low_w: int, high_w: int) -> str:
+    """`1.6–3.4 kW` (one decimal: a table cell, not a measurement); `3.4 kW` when both ends are the same."""
+    low, high = f"{low_w / 1000:.1f}", f"{high_w / 1000:.1f}"
+    return f"{high} kW" if low == high else f"{low}–{high} kW"
+
+
+def capability_text(cap: Capability, *, full: bool = False) -> str:
+    """How a miner can be controlled, short enough for a table cell (`12 presets 1.6–3.4 kW`); `full` lists every
+    preset (--wide; --json has them all)."""
     if isinstance(cap, PowerRange):
-        return f"limit {cap.min_w}-{cap.max_w} W"
+        return f"limit {cap.min_w}-{cap.max_w} W" if full else f"limit {_kw_span(cap.min_w, cap.max_w)}"
     if isinstance(cap, Presets):
-        return "presets " + "/".join(str(w) for w in cap.watts) + " W"
+        if full or not cap.watts:
+            return "presets " + "/".join(str(w) for w in cap.watts) + " W"
+        n = len(cap.watts)
+        return f"{n} preset{'s' if n != 1 else ''} {_kw_span(min(cap.watts), max(cap.watts))}"
     if isinstance(cap, OnOff):
         return "on/off"
     return str(cap)
+
+
+COLUMNS = ("IP", "FAMILY", "MODEL", "FIRMWARE", "CONTROL", "NOMINAL", "HASHRATE", "MAC")
+# on a narrow terminal: the IP and its nominal power always, then the rest in this order (--wide: all)
+PRIORITY = {"IP": 0, "NOMINAL": 0, "MODEL": 1, "CONTROL": 2, "FAMILY": 3, "HASHRATE": 4, "FIRMWARE": 5, "MAC": 6}
+
+
+def identity_rows(found: list[Identity], *, wide: bool = False) -> list[list[str]]:
+    return [
+        [i.ip, str(i.family), i.model, i.firmware, capability_text(i.capability, full=wide), r.watts(i.nominal_w),
+         r.hashrate(i.nominal_ths) if i.nominal_ths else r.DASH, i.mac or r.DASH]
+        for i in found
+    ]  # fmt: skip
 
 
 def capability_doc(cap: Capability) -> dict[str, Any]:
@@ -83,6 +107,7 @@ def _event_loop_runner() -> Any:
 
 def discover(
     addresses: Annotated[list[str], typer.Argument(help="IPs, ranges a-b or CIDRs, e.g. 10.20.0.0/22.")],
+    *,
     as_json: JsonOpt = False,
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-n", min=1, max=600, help="Identifications in flight at once.")
@@ -91,6 +116,7 @@ def discover(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Take miner passwords and deadlines from this site config.")
     ] = None,
+    wide: WideOpt = False,
 ) -> None:
     """Find the miners on the given addresses and say what each one is and how it can be controlled."""
     # stdout carries the table or the JSON document; log lines (warnings only) go to stderr
@@ -116,13 +142,8 @@ def discover(
         emit_json({"status": "ok", "addresses": total, "found": [identity_doc(i) for i in found],
                    "duration_s": round(elapsed, 2)})  # fmt: skip
         return
-    rows = [
-        [i.ip, str(i.family), i.model, i.firmware, capability_text(i.capability), r.watts(i.nominal_w),
-         r.hashrate(i.nominal_ths) if i.nominal_ths else r.DASH, i.mac or r.DASH]
-        for i in found
-    ]  # fmt: skip
     r.print_table(
-        out, ["IP", "FAMILY", "MODEL", "FIRMWARE", "CONTROL", "NOMINAL", "HASHRATE", "MAC"], rows,
+        out, COLUMNS, identity_rows(found, wide=wide), priority=PRIORITY, wide=wide,
         title=f"{len(found)} miner(s) on {total} address(es) in {elapsed:.1f} s", right=["NOMINAL", "HASHRATE"],
     )  # fmt: skip
     err.print(f"{len(found)} miner(s) found on {total} address(es) in {elapsed:.1f} s", highlight=False)

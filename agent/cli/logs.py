@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -45,21 +47,44 @@ def _sorted(events: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(events, key=lambda e: r.epoch(e.get("ts")) or 0.0)
 
 
+# where journald keeps its socket (while it runs) and its files (volatile, persistent)
+JOURNAL_SOCKET_DIR = Path("/run/systemd/journal")
+JOURNAL_DIRS = (Path("/run/log/journal"), Path("/var/log/journal"))
+
+
+def journal_present() -> bool:
+    """journald runs here, or has left journal files: without either, journalctl answers nothing and exits 0."""
+    if JOURNAL_SOCKET_DIR.exists():
+        return True
+    return any(next(d.rglob("*.journal"), None) is not None for d in JOURNAL_DIRS if d.is_dir())
+
+
 def journal(limit: int, follow: bool, as_json: bool) -> None:
     exe = shutil.which("journalctl")
     if exe is None:
         fail("journalctl is not installed: without systemd, use `hashflex logs` (no --journal) or the agent's "
              "stdout", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+    if not journal_present():
+        fail("there is no systemd journal on this machine (journald is not running): the agent logs to its stdout "
+             "here; `hashflex logs` without --journal shows its events", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
     args = [exe, "-u", SERVICE_NAME, "-n", str(limit), "--no-pager", "-o", "json" if as_json else "cat"]
     if follow:
         args.append("-f")
-    if not as_json:
+    if follow and not as_json:
         raise typer.Exit(subprocess.run(args, check=False).returncode)
     done = subprocess.run(args, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         fail(f"journalctl failed: {done.stderr.strip() or done.returncode} (reading the journal needs group "
-             "systemd-journal or adm, or sudo)", EXIT_UNAVAILABLE, as_json=True)  # fmt: skip
-    emit_json([json.loads(line) for line in done.stdout.splitlines() if line.strip()])
+             "systemd-journal or adm, or sudo)", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.strip() and line.strip() != "-- No entries --"]
+    if not lines:
+        fail(f"the journal has no lines from unit {SERVICE_NAME}: the agent has not run as that systemd unit here "
+             "(`hashflex install-service`), or reading it needs group systemd-journal or adm, or sudo",
+             EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json([json.loads(line) for line in lines])
+        return
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def logs(

@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
 import typer
+from typer.core import TyperGroup
 
 import sim.demo
 import sim.typer_command
 from agent import __version__
 from agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
+from agent.core.units import join_unit_words
+
+try:
+    from typer._click.exceptions import ClickException  # newer typer carries its own copy of click
+except ImportError:  # pragma: no cover - older typer depends on click itself
+    from click.exceptions import ClickException  # type: ignore[import-not-found,no-redef]
+
+
+class HashflexGroup(TyperGroup):
+    """The root command, as typer's, but: a number and its unit typed apart (`--to 12 MW`) are one value, and a bad
+    argument is one line on stderr that says what is wrong, not a usage block and a framed box."""
+
+    def main(
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any,
+    ) -> Any:  # fmt: skip
+        words = join_unit_words(list(sys.argv[1:] if args is None else args))
+        if not standalone_mode:
+            return super().main(words, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)
+        try:
+            code = super().main(words, prog_name, complete_var, False, windows_expand_args, **extra)
+        except ClickException as exc:
+            _usage_error(exc)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: ClickException) -> NoReturn:
+    if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (`{ctx.command_path} --help` lists what it takes)" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+    sys.exit(exc.exit_code)
+
 
 app = typer.Typer(
+    cls=HashflexGroup,
     name="hashflex",
     help="Make a Bitcoin-mining site a grid-dispatchable load.",
     no_args_is_help=True,

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from agent.cli import render as r
 from agent.cli.agentclient import call
-from agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, emit_json, fail
+from agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, fail
 from agent.core.addresses import expand, validate_spec
 
 
@@ -81,6 +81,9 @@ SORT_VALUE: dict[SortKey, Callable[[Mapping[str, Any]], Any]] = {
 }
 COLUMNS = ("ip", "model", "firmware", "state", "power", "limit", "hashrate", "J/TH", "temp", "last seen")
 RIGHT = ("power", "limit", "hashrate", "J/TH", "temp")
+# which columns stay on a narrow terminal: IP, state and power always, then the rest in this order (--wide: all)
+PRIORITY = {"ip": 0, "state": 0, "power": 0, "limit": 1, "hashrate": 2, "model": 3, "temp": 4, "last seen": 5,
+            "J/TH": 6, "firmware": 7}  # fmt: skip
 
 
 def sort_rows(rows: list[dict[str, Any]], key: SortKey, desc: bool) -> list[dict[str, Any]]:
@@ -126,6 +129,7 @@ def miners(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Show at most this many rows.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Only models containing this text.")] = None,
     ip: Annotated[str | None, typer.Option("--ip", help="Only these addresses: an IP, a range a-b or a CIDR.")] = None,
+    wide: WideOpt = False,
 ) -> None:
     """Miners: IP, model, firmware, state, power, limit, hashrate, J/TH, temperature, last seen."""
     ips: set[str] | None = None
@@ -143,7 +147,7 @@ def miners(
         emit_json({"miners": shown, "total": len(rows)})
         return
     console = Console()
-    r.print_table(console, COLUMNS, [row_cells(row) for row in shown], right=RIGHT,
+    r.print_table(console, COLUMNS, [row_cells(row) for row in shown], right=RIGHT, priority=PRIORITY, wide=wide,
                   title=f"{len(shown)} of {len(rows)} miners" if limit and len(rows) > limit else None)  # fmt: skip
 
 

@@ -106,10 +106,15 @@ def curtail(
     to: Annotated[str | None, typer.Option("--to", help="Hold the site at or under this power (e.g. 12MW).")] = None,
     by: Annotated[str | None, typer.Option("--by", help="Lower the site by this much from now (e.g. 3MW).")] = None,
     for_: Annotated[str | None, typer.Option("--for", help="For this long (e.g. 2h); default until resume.")] = None,
+    add: Annotated[
+        bool, typer.Option("--add", help="Keep the overrides in force too (the lowest binds); default: replace them.")
+    ] = False,
     wait: WaitOpt = False,
     wait_timeout: WaitTimeoutOpt = "10m",
 ) -> None:
-    """Operator override: hold the site at --to, or --by under its present draw [--for a while]."""
+    """Operator override: hold the site at --to, or --by under its present draw [--for a while].
+
+    It replaces the operator override in force, if any; --add keeps that one too (the lower level binds)."""
     if (to is None) == (by is None):
         fail("give exactly one of --to POWER (a level) or --by POWER (a reduction), e.g. --to 12MW", as_json=as_json)
     payload: dict[str, Any] = {"id": request_id()}
@@ -122,6 +127,8 @@ def curtail(
         if payload["for_s"] > MAX_DURATION_S:
             fail(f"--for: at most {MAX_DURATION_S / 86400:.0f} days (leave --for out to hold until "
                  f"`hashflex resume`), got {for_!r}", as_json=as_json)  # fmt: skip
+    if add:
+        payload["add"] = True  # only when asked: an agent that predates the field refuses it, never ignores it
     timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
     data = call(config, "curtail", payload, as_json=as_json)
     dispatch = data.get("dispatch") or {}
@@ -133,9 +140,13 @@ def curtail(
         emit_json({**data, **({"status": final} if final is not None else {})})
         return
     until = f"until {r.clock(dispatch.get('end'))}" if dispatch.get("end") else "until `hashflex resume`"
+    shown = format_kw(level)
+    if "by_kw" in payload:  # a reduction: say what from, the level is what binds
+        shown += f" (present − {format_kw(payload['by_kw'])})"
+    replaced = [str(i) for i in data.get("replaced") or []]
     err.print(
         f"curtailment accepted: override {dispatch.get('id', payload['id'])} holds the site at or under "
-        f"{format_kw(level)} {until}",
+        f"{shown} {until}" + (f"; it replaces override(s) {', '.join(replaced)}" if replaced else ""),
         highlight=False,
     )
     if final is not None:

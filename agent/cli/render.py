@@ -105,22 +105,105 @@ def count(value: Any) -> str:
     return DASH if n is None else f"{int(n):,}".replace(",", " ")
 
 
+def fit_columns(
+    console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], priority: Mapping[str, int],
+    *, right: Sequence[str] = (),
+) -> list[int]:  # fmt: skip
+    """Indices of the columns that fit the console's width, the most important first to stay.
+
+    `priority`: 0 = always shown, higher numbers are dropped first (unlisted columns count as the least important).
+    Columns are dropped, never cropped: an IP, a state or a power that is cut short reads as another value."""
+    rank = {i: priority.get(name, max(priority.values(), default=0) + 1) for i, name in enumerate(columns)}
+    keep = list(range(len(columns)))
+    while len(keep) > 1:
+        width = natural_width(console, _table([columns[i] for i in keep], [[row[i] for i in keep] for row in rows],
+                                              right=right))  # fmt: skip
+        droppable = [i for i in keep if rank[i] > 0]
+        if width <= console.width or not droppable:
+            break
+        keep.remove(max(droppable, key=lambda i: (rank[i], i)))
+    return keep
+
+
+def natural_width(console: Console, renderable: Any) -> int:
+    """The width `renderable` takes when nothing limits it (console.measure alone stops at the console's width)."""
+    return console.measure(renderable, options=console.options.update_width(PIPE_WIDTH)).maximum
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
+           right: Sequence[str] = (), caption: str | None = None) -> Table:  # fmt: skip
+    table = Table(title=title, caption=caption, header_style="bold", title_justify="left", caption_justify="left")
+    for name in columns:
+        table.add_column(name, justify="right" if name in right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def fitted_table(
+    console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
+    right: Sequence[str] = (), priority: Mapping[str, int] | None = None, wide: bool = False,
+) -> Table:  # fmt: skip
+    """The Rich table for `console`'s width: the columns that fit by `priority`, the others named in its caption."""
+    keep = list(range(len(columns)))
+    if priority is not None and not wide:
+        keep = fit_columns(console, columns, rows, priority, right=right)
+    hidden = [columns[i] for i in range(len(columns)) if i not in keep]
+    caption = f"not shown at this width: {', '.join(hidden)} (--wide shows them)" if hidden else None
+    return _table([columns[i] for i in keep], [[row[i] for i in keep] for row in rows], title=title, right=right,
+                  caption=caption)  # fmt: skip
+
+
 def print_table(
     console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
-    right: Sequence[str] = (),
+    right: Sequence[str] = (), priority: Mapping[str, int] | None = None, wide: bool = False,
 ) -> None:  # fmt: skip
-    """A Rich table on a terminal; tab-separated values (header first) otherwise."""
+    """A Rich table on a terminal; tab-separated values (header first, every column) otherwise.
+
+    On a terminal narrower than the table, the least important columns (by `priority`) are left out and named
+    under the table; `wide` shows them all (the terminal may then wrap the lines)."""
     if console.is_terminal:
-        table = Table(title=title, header_style="bold", title_justify="left")
-        for name in columns:
-            table.add_column(name, justify="right" if name in right else "left", no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        table = fitted_table(console, columns, rows, title=title, right=right, priority=priority, wide=wide)
+        if wide:  # as wide as the table is: the terminal wraps the lines, nothing is cut short
+            width = max(console.width, natural_width(console, table))
+            console = Console(file=console.file, width=width, force_terminal=True, no_color=console.no_color)
+        console.print(table, crop=False)
         return
     lines = ["\t".join(columns), *("\t".join(row) for row in rows)]
     console.file.write("\n".join(lines) + "\n")  # not console.print: it would expand the tabs
     console.file.flush()
+
+
+class SoftConsole(Console):
+    """Rich's console, except that where it is not a terminal (a pipe, a file) a printed line is never wrapped:
+    scripts and grep read whole lines, and a phrase broken at column 80 defeats both."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.is_terminal:
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
+
+class _PipeConsole(Console):
+    """A console as wide as any line needs, for output that is not a terminal; the padding Rich gives a table's
+    cells is taken off the end of each line."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        with self.capture() as captured:
+            super().print(*objects, **kwargs)
+        self.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+        self.file.flush()
+
+
+def unwrapped(console: Console) -> Console:
+    """`console` on a terminal; otherwise one that never wraps: a view of grids and tables (`status`) is laid out
+    as wide as its longest line, never broken mid-phrase at 80 columns."""
+    if console.is_terminal:
+        return console
+    return _PipeConsole(file=console.file, width=PIPE_WIDTH, no_color=True, highlight=False)
+
+
+PIPE_WIDTH = 1000  # wider than any line hashflex prints
 
 
 def print_mapping(console: Console, doc: Mapping[str, Any], indent: str = "") -> None:

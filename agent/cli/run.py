@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, config_or_exit, fail
+from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, config_or_exit, err, fail
 from agent.config import ConfigError
 
 TimeScaleOpt = Annotated[
@@ -40,10 +41,15 @@ def run(config: ConfigOpt = DEFAULT_CONFIG, time_scale: TimeScaleOpt = None, tim
     from agent import app as agent_app  # noqa: PLC0415  (keeps pyasic and friends out of other commands)
     from agent.io.control_socket import ControlSocketError  # noqa: PLC0415
     from agent.io.store import StoreError  # noqa: PLC0415
+    from agent.preflight import PreflightError  # noqa: PLC0415
 
     cfg = config_or_exit(config)
     try:
         code = agent_app.run(cfg, time_scale=time_scale, time_origin=time_origin)
+    except PreflightError as exc:  # one line per problem, as `hashflex config check` prints them
+        for line in exc.errors:
+            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
     except (ConfigError, ControlSocketError, StoreError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     raise typer.Exit(code)

@@ -45,7 +45,8 @@ def explain_target(doc: Mapping[str, Any]) -> str:
             return f"time-of-use window {binding or '?'} binds"
         case "failsafe":
             why = failsafe.get("reason") or "grid link lost"
-            return f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))})"
+            return (f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))}); "
+                    f"{failsafe_release(failsafe)}")  # fmt: skip
     return reason or r.DASH
 
 
@@ -78,11 +79,27 @@ def _miners_line(miners: Mapping[str, Any]) -> Text:
     return line
 
 
+def failsafe_release(fs: Mapping[str, Any]) -> str:
+    """What releases an active fail-safe and when, in a sentence (the status doc's released_by / releases_at)."""
+    match fs.get("released_by"):
+        case "grid_command":
+            at = fs.get("releases_at")
+            when = f" or by itself at {r.clock(at)} ({r.ago(at)}) if the heartbeat holds" if at else ""
+            return f"released by a grid command{when}"
+        case "next_heartbeat":
+            return "released by the next grid heartbeat (a grid command has come)"
+        case "heartbeat":
+            after = r.num(fs.get("release_after_s"))
+            then = f", or {r.duration(after)} of heartbeats" if after is not None else ""
+            return f"released once the grid is heard: a heartbeat, then a grid command{then}"
+    return "released when the grid link is back"
+
+
 def _failsafe_line(fs: Mapping[str, Any]) -> Text:
     if fs.get("active"):
         return Text(
             f"ACTIVE since {r.clock(fs.get('since'))}: {fs.get('reason') or 'grid link lost'} "
-            f"(last heartbeat {r.ago(fs.get('last_heartbeat'))})",
+            f"(last heartbeat {r.ago(fs.get('last_heartbeat'))}); {failsafe_release(fs)}",
             style="bold red",
         )
     return Text(f"off · last heartbeat {r.ago(fs.get('last_heartbeat'))}")
@@ -105,12 +122,24 @@ def _gateway_line(gw: Mapping[str, Any]) -> Text:
     return line
 
 
+def level_text(d: Mapping[str, Any]) -> str:
+    """The level a dispatch holds the site at, as a power: `412.00 kW`; a reduction (`curtail_kw`, `--by`) as
+    `present − 50.00 kW → 412.00 kW`, from the site's power when it was accepted (its baseline)."""
+    if d.get("target_kw") is not None:
+        return r.kw(d.get("target_kw"))
+    by = f"present − {r.kw(d.get('curtail_kw'))}"
+    level = r.num(d.get("level_kw"))
+    baseline, cut = r.num(d.get("baseline_kw")), r.num(d.get("curtail_kw"))
+    if level is None and baseline is not None and cut is not None:
+        level = max(0.0, baseline - cut)
+    return by if level is None else f"{by} → {format_kw(level)}"
+
+
 def dispatch_rows(dispatches: list[Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for d in dispatches:
-        level = r.kw(d.get("target_kw")) if d.get("target_kw") is not None else f"−{r.kw(d.get('curtail_kw'))}"
         rows.append([
-            str(d.get("id", r.DASH)), str(d.get("source", r.DASH)), level, r.clock(d.get("start")),
+            str(d.get("id", r.DASH)), str(d.get("source", r.DASH)), level_text(d), r.clock(d.get("start")),
             r.clock(d.get("end")) if d.get("end") is not None else "open", str(d.get("status", r.DASH)),
             r.clock(d.get("commands_sent_at")), r.clock(d.get("target_met_at")), r.kw(d.get("max_overshoot_kw")),
         ])  # fmt: skip
@@ -118,9 +147,12 @@ def dispatch_rows(dispatches: list[Mapping[str, Any]]) -> list[list[str]]:
 
 
 DISPATCH_COLUMNS = ("id", "source", "level", "start", "end", "status", "sent", "target met", "max over")
+# on a narrow terminal: which dispatch, what level and its status always; then the rest in this order
+DISPATCH_PRIORITY = {"id": 0, "level": 0, "status": 0, "source": 1, "end": 2, "start": 3, "target met": 4, "sent": 5,
+                     "max over": 6}  # fmt: skip
 
 
-def status_view(doc: Mapping[str, Any]) -> RenderableType:
+def status_view(doc: Mapping[str, Any], console: Console | None = None) -> RenderableType:
     tick = doc.get("tick") or {}
     head = Text(f"hashflex · site {doc.get('site_id', '?')} · v{doc.get('version', '?')}", style="bold")
     dur_ms = r.num(tick.get("dur_ms")) or 0
@@ -141,12 +173,8 @@ def status_view(doc: Mapping[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [head, grid]
     active = [d for d in doc.get("dispatches") or [] if isinstance(d, Mapping) and d.get("status") in ACTIVE_STATUSES]
     if active:
-        table = Table(title="dispatches in force", title_justify="left", header_style="bold")
-        for name in DISPATCH_COLUMNS:
-            table.add_column(name, no_wrap=True)
-        for row in dispatch_rows(active):
-            table.add_row(*row)
-        parts.append(table)
+        parts.append(r.fitted_table(console or Console(), DISPATCH_COLUMNS, dispatch_rows(active),
+                                    title="dispatches in force", priority=DISPATCH_PRIORITY))  # fmt: skip
     else:
         parts.append(Text("no dispatch in force", style="dim"))
     return Group(*parts)
@@ -158,7 +186,8 @@ def status(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None
     if as_json:
         emit_json(doc)
         return
-    Console().print(status_view(doc))
+    console = r.unwrapped(Console())  # piped: never wrapped mid-phrase
+    console.print(status_view(doc, console))
 
 
 def watch(
@@ -173,7 +202,7 @@ def watch(
         fail("--json needs --count N (it prints one JSON array of N status documents)", as_json=True)
     cfg = config_or_exit(config, as_json=as_json)
     path = socket_path(cfg)
-    console = Console()
+    console = r.unwrapped(Console())
     docs: list[dict[str, Any]] = []
     n = 0
 
@@ -187,7 +216,7 @@ def watch(
         if not reply.is_ok:
             fail(f"the agent refused 'status': {reply.error_message}", as_json=as_json)
         docs.append(reply.data)
-        return status_view(reply.data)
+        return status_view(reply.data, console)
 
     try:
         if as_json or not console.is_terminal:
@@ -195,7 +224,7 @@ def watch(
                 view = fetch()
                 n += 1
                 if not as_json:
-                    console.rule(time.strftime("%H:%M:%S"))
+                    console.print(f"── {time.strftime('%H:%M:%S')} ──", highlight=False)  # no 1000-column rule
                     console.print(view)
                 if count is None or n < count:
                     time.sleep(interval)

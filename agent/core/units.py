@@ -10,6 +10,24 @@ _POWER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(w|kw|mw)?\s*$", re.IGNORECASE)
 _POWER_UNITS_KW = {"w": 0.001, "kw": 1.0, "mw": 1000.0}
 
 
+_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
+_UNIT_WORD = re.compile(r"^(?:w|kw|mw|ms|s|m|min|h|d)$", re.IGNORECASE)
+
+
+def join_unit_words(args: list[str]) -> list[str]:
+    """Command-line words with a number and the unit after it joined: `--to 12 MW` reads as `--to "12 MW"`.
+
+    The shell splits "12 MW" in two; the unit alone would then be an unexpected argument. No hashflex argument is
+    ever a bare unit, so the join cannot take one away (`--to=12 MW` joins too)."""
+    out: list[str] = []
+    for word in args:
+        if out and _UNIT_WORD.match(word) and _NUMBER.match(out[-1].rpartition("=")[2]):
+            out[-1] = f"{out[-1]} {word}"
+        else:
+            out.append(word)
+    return out
+
+
 def parse_duration_s(value: str | float | int) -> float:
     """Seconds from a number (already seconds) or a string like "30s", "5m", "2h", "250ms"."""
     if isinstance(value, bool):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -33,6 +34,7 @@ MinersProvider = Callable[[], Iterable[Mapping[str, Any]]]
 MINER_STATES = ("hashing", "throttled", "sleeping", "waking", "unreachable")
 TARGET_SOURCES = ("cap", "grid", "operator", "schedule", "failsafe")
 BROKER_STATES = ("connected", "connecting", "disconnected", "disabled")
+FAILSAFE_RELEASES = ("grid_command", "next_heartbeat", "heartbeat")  # agent.core.failsafe.release
 DEFAULT_PORT = 9708
 _MIB = 1024 * 1024
 
@@ -163,6 +165,17 @@ def _num(value: Any) -> float | None:
     return None
 
 
+def _epoch(value: Any) -> float | None:
+    """Unix time from the status doc's ISO times (None for anything else)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
 def _watts(kw: Any) -> float | None:
     value = _num(kw)
     return None if value is None else value * 1000.0
@@ -247,6 +260,14 @@ class _SiteCollector:
         failsafe = s.get("failsafe") or {}
         yield from _gauge("hashflex_failsafe_active", "1 while the grid link is lost and the fail-safe holds.",
                           1.0 if failsafe.get("active") else 0.0)  # fmt: skip
+        released_by = GaugeMetricFamily("hashflex_failsafe_released_by", "1 for what releases the active fail-safe "
+                                        "(grid_command, next_heartbeat, heartbeat).", labels=["by"])  # fmt: skip
+        for name in FAILSAFE_RELEASES:
+            released_by.add_metric([name], 1.0 if failsafe.get("released_by") == name else 0.0)
+        yield released_by
+        yield from _gauge("hashflex_failsafe_releases_at_timestamp_seconds", "When the active fail-safe releases by "
+                          "itself if the heartbeat holds (Unix time; absent when not before a heartbeat).",
+                          _epoch(failsafe.get("releases_at")))  # fmt: skip
         miners = s.get("miners") or {}
         by_state = GaugeMetricFamily("hashflex_miners", "Miners by state.", labels=["state"])
         for state in MINER_STATES:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -105,11 +105,16 @@ def diff(
     use_power_limits: bool = True,
     pending: Mapping[str, Op] | None = None,
     rank: Callable[[MinerView, int], float] | None = None,
+    held_raises_w: list[float] | None = None,
+    no_raise: Collection[str] = (),
 ) -> list[Change]:
     """The changes that take each miner from what it does (and was told) to what the plan wants.
 
     `pending`: miners with a command in flight or awaiting confirmation (skipped: the controller re-commands
     them itself when telemetry shows it did not take). `rank(view, watts)`: order of wakes and increases.
+    `no_raise`: miners whose limit may not go up now (lowered a moment ago). `held_raises_w`, when given, gets the
+    size of each planned limit raise not sent (below the deadband, or in `no_raise`): the plan counted it, the site
+    does not draw it, and the ramp credit it took is the controller's to give back.
     """
     pending = pending or {}
     changes: list[Change] = []
@@ -140,10 +145,13 @@ def diff(
         if round(current) == watts:
             continue
         lower = watts < current
-        if not lower and watts - current < max(RAISE_DEADBAND_W, RAISE_DEADBAND_SHARE * current):
+        small = watts - current < max(RAISE_DEADBAND_W, RAISE_DEADBAND_SHARE * current)
+        if not lower and (small or ip in no_raise):
             # a raise of a few watts is not worth a command: plans refine in rounds as limits take effect, and
             # sending each small raise kept a settled site busy every tick (skipping one is safe: the miner stays
             # below what the plan counts it at)
+            if held_raises_w is not None:
+                held_raises_w.append(watts - current)
             continue
         order_by = -_shed_rate(view, current - watts) if lower else _rank(rank, view, watts)
         changes.append(Change(ip, Op.SET_POWER, watts, decrease=lower, rank=order_by))

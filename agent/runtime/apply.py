@@ -287,6 +287,14 @@ def _curtail(
     did = OPERATOR_ID_PREFIX + (req.id or uuid.uuid4().hex[:12])
     if did in ctl.dispatches:
         return Reply.error(req.id, CONFLICT, f"an override with id {did!r} already exists; use a new id")
+    # a new override replaces the operator's earlier ones (they stacked silently, the lowest binding) unless it asks
+    # to be added; the safe start is not the operator's own level and still needs `resume`. Audited as cancelled
+    replaced: list[str] = []
+    if not req.add:
+        for rec in list(ctl.dispatches.values()):
+            if rec.open and rec.dispatch.source is Source.OPERATOR and rec.dispatch.id != SAFE_START_ID:
+                ctl.close_dispatch(rec, now, "cancelled", f"replaced by {did}", events=events)
+                replaced.append(rec.dispatch.id)
     baseline = round(ctl.counted_present_kw(), 3)
     d = Dispatch(
         id=did, source=Source.OPERATOR, issued_at=req.issued_at or now, start=now,
@@ -296,7 +304,7 @@ def _curtail(
     rec = DispatchRecord(d, "active", now, channel=cmd.channel.value)
     ctl.dispatches[did] = rec
     ctl.store.save_dispatch(d, rec.status, **rec.progress())
-    return Reply.ok(req.id, {"dispatch": rec.doc()})
+    return Reply.ok(req.id, {"dispatch": rec.doc(), "replaced": replaced})
 
 def _resume(ctl: Controller, req: ResumeRequest, now: float, events: Events) -> Reply:
     ended: list[str] = []

@@ -15,7 +15,9 @@ Network deadlines (read and command timeouts) are not site time: they stay in wa
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from pathlib import Path
 from typing import Protocol
 
 
@@ -147,3 +149,25 @@ def steady(clock: Clock) -> SteadyClock:
 def make_clock(scale: float | None, origin: float | None = None) -> SteadyClock:
     inner: Clock = WallClock() if scale is None or scale == 1.0 else ScaledClock(scale, origin=origin)
     return SteadyClock(inner)
+
+
+def boot_clock(clock: Clock) -> tuple[str, float] | None:
+    """The host's boot id and the seconds since that boot on `clock`'s scale, or None where there is no such clock.
+
+    CLOCK_BOOTTIME never steps and runs on across process restarts (and a suspend), so two readings on one boot
+    measure how long the agent was down whatever the wall clock did meanwhile (failsafe.resume checks the wall
+    clock against it). Linux only; elsewhere the wall clock alone is checked.
+    """
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    boot_id = _boot_id()
+    if boottime is None or boot_id is None:
+        return None
+    return boot_id, time.clock_gettime(boottime) * clock.scale
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None

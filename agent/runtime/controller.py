@@ -73,7 +73,7 @@ from agent.protocol import Reply
 from agent.runtime import readout
 from agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
 from agent.runtime.apply import SAFE_START_ID, apply_command
-from agent.runtime.clock import Clock, steady
+from agent.runtime.clock import Clock, boot_clock, steady
 from agent.runtime.crashpoints import crash_point
 from agent.runtime.energy_meter import EnergyMeter
 from agent.runtime.events import EventLog
@@ -98,6 +98,7 @@ _COMPLIANCE_FIELDS = ("level_kw", "received_at", "commands_sent_at", "target_met
                       "max_overshoot_kw")  # fmt: skip
 CONTROLS_SAVE_EVERY_S = 30.0
 CAPS_STATE_KEY = "caps"  # {"grid_kw": float | None, "operator_kw": float | None}
+FAILSAFE_STATE_KEY = "failsafe"  # the grid link as this run leaves it for the next (failsafe.link_doc)
 
 
 class SnapshotSource(Protocol):
@@ -178,6 +179,7 @@ class Controller:
         self.dispatches: dict[str, DispatchRecord] = {}
         self.memory: dict[str, MinerMemory] = {}
         self.failsafe: fs.FailsafeState | None = None
+        self._fs_saved: tuple[bool, float | None, bool] | None = None  # what the last failsafe record showed
         self.wake_times: tuple[float, ...] = ()
         self.target: Target | None = None
         self.plan: Plan | None = None
@@ -195,6 +197,7 @@ class Controller:
         self.tick_at: float | None = None
         self.last_report: Report | None = None
         self.status_doc: dict[str, Any] = {}
+        self._status_stale = False  # a command changed what the doc shows since it was built
 
         self._inbox: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -250,6 +253,18 @@ class Controller:
     def save_caps(self) -> None:
         self.store.set_state(CAPS_STATE_KEY, {"grid_kw": self.grid_cap_kw, "operator_kw": self.operator_cap_kw})
 
+    def _save_failsafe(self, now: float) -> None:
+        """Record the grid link for the next run (failsafe.resume), in wall time, when what it shows changed: once
+        a heartbeat (the tick after it), on entering or leaving the fail-safe, and on a wall-clock step."""
+        f = self.failsafe
+        shown = None if f is None else (f.active, f.last_heartbeat, self._clock_step_s is not None)
+        if f is None or shown == self._fs_saved:
+            return
+        self._fs_saved = shown
+        link = fs.saved_link(f, now, self.clock.wall(), clock_stepped=self._clock_step_s is not None,
+                             boot=boot_clock(self.clock))  # fmt: skip
+        self.persist.call("set_state", FAILSAFE_STATE_KEY, fs.link_doc(link), now)
+
     def _load_caps(self) -> None:
         def kw(value: Any) -> float | None:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -286,7 +301,20 @@ class Controller:
             if rec.open and d.expired_at(now):
                 self.close_dispatch(rec, now, "expired", "expired while the agent was down", commit=True)
         self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
-        self.failsafe = fs.start(now, self.fs_rules, hold_kw=min(present_kw, self.effective_cap_kw()))
+        # within the heartbeat timeout of a healthy link the site carries on uncurtailed (failsafe.resume)
+        saved_link = fs.link_from_doc(self.store.get_state(FAILSAFE_STATE_KEY, None))
+        self.failsafe = fs.resume(
+            now,
+            self.clock.wall(),
+            self.fs_rules,
+            min(present_kw, self.effective_cap_kw()),
+            saved_link,
+            boot=boot_clock(self.clock),
+            jump_tolerance_s=self.clock.step_threshold_s * self.clock.scale,
+        )
+        if saved_link is not None and not self.failsafe.active and self.failsafe.last_heartbeat is not None:
+            log.info("grid link resumed: healthy when the agent stopped, no fail-safe",
+                     heartbeat_age_s=round(now - self.failsafe.last_heartbeat, 1))  # fmt: skip
         self.level_kw = min(present_kw, self.effective_cap_kw())
         # the correction starts at nothing and learns only from a plan that was carried out (_correct): what the
         # site draws above its cap at start is what the first plan cuts, not model error
@@ -360,6 +388,8 @@ class Controller:
                 log.exception("command failed", verb=command.verb, id=command.id)
                 future.set_exception(exc)
                 continue
+            if reply.is_ok:  # the last tick's doc no longer shows the caps, dispatches and alarms: rebuilt on read
+                self._status_stale = True
             future.set_result(reply)
 
     def close_dispatch(
@@ -505,10 +535,17 @@ class Controller:
         self.plan = new_plan
         self._fast_done = fast
         self._plan_alarms(new_plan)
+        held_raises_w: list[float] = []
         changes = diff(
             new_plan.actions, by_ip, use_power_limits=self.cfg.control.use_power_limits,
-            pending=self._blocked(), rank=_efficiency_rank,
+            pending=self._blocked(), rank=_efficiency_rank, held_raises_w=held_raises_w,
+            no_raise=self._just_lowered(now),
         )  # fmt: skip
+        if allowance is not None and held_raises_w:
+            # raises too small to send took ramp credit for a rise the site does not make: given back, or the
+            # credit never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good
+            # under a dispatch at twice what it drew)
+            self.ramp_credit_kw = min(allowance, self.ramp_credit_kw + sum(held_raises_w) / 1000.0)
         changes += self._recommands(new_plan, {c.ip for c in changes}, now)
         changes, held = self._hold_rises(changes, by_ip)
         if changes:
@@ -582,6 +619,7 @@ class Controller:
         prev = self.failsafe
         hold = self.target.kw if self.target is not None else (self.level_kw or self.effective_cap_kw())
         self.failsafe = fs.evaluate(prev, now, self.fs_rules, hold)
+        self._save_failsafe(now)
         if self.failsafe.active != prev.active:
             kind = "failsafe_entered" if self.failsafe.active else "failsafe_exited"
             data = {"reason": self.failsafe.reason or prev.reason, "level_kw": self.failsafe.level_kw}
@@ -651,8 +689,11 @@ class Controller:
                     hint = "hashing"
             else:
                 mem.off_seen_at = None
-            if hint in ("sleeping", "waking") and now - mem.limited_at < self.cfg.control.confirm_after_s:
-                hint = "hashing"  # re-tuning to the limit it just accepted
+            if hint in ("sleeping", "waking") and now - mem.limited_at < self.cfg.control.confirm_after_s \
+                    and not mem.asleep_by_us:  # fmt: skip
+                # re-tuning to the limit it just accepted; not when we slept it since (a fast cut right after a
+                # raise: taken for a miner that had just come on, it was "kept on" by min-on and sent a limit)
+                hint = "hashing"
             if not fresh:
                 state = MinerState.UNREACHABLE
             elif told_op is Op.SLEEP:
@@ -671,6 +712,9 @@ class Controller:
                 self._track_transition(ip, mem, state, now)
             if state in _RUNNING:
                 mem.woken_to_w = None  # up: it runs at its limit now, whatever it woke to
+            up_at = commanded if commanded is not None else stock  # what it draws once up
+            if fresh and mem.wake_sent_at is not None and not readout.still_waking(mem, ms, up_at, now):
+                mem.wake_sent_at = None  # up by its power: the status shows it as it is from now on
             # what it reports drawing, once its present setting had time to take effect: counted at no less
             # (a command on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet
             # seen is `_confirm`'s: re-sent, then the miner is counted at its real draw as ignoring commands)
@@ -835,6 +879,14 @@ class Controller:
         out.update({ip: c.op for ip, c in self.in_flight.items()})
         return out
 
+    def _just_lowered(self, now: float) -> set[str]:
+        """Miners whose limit went down less than confirm_after_s ago: a raise waits until then. Re-plans on
+        readings that lag the limits they just sent traded one miner's limit against another's every tick for
+        good (a LuxOS preset up, a Whatsminer down; then back), and a site that never settles serves nobody; a
+        raise held is the safe side (the plan counts the miner at the raised limit)."""
+        window = self.cfg.control.confirm_after_s
+        return {ip for ip, m in self.memory.items() if now - m.lowered_at < window}
+
     def _recommands(self, new_plan: Plan, skip: set[str], now: float) -> list[Change]:
         """Re-send acknowledged commands telemetry has not confirmed in time, where the plan still wants them
         (`skip`: miners the diff already sends something else). Miners counted as ignoring commands are tried
@@ -988,15 +1040,19 @@ class Controller:
                     mem.last_transition = now
                 mem.asleep_by_us = True
                 mem.woken_to_w = None
+                mem.wake_sent_at = None
             elif r.op is Op.WAKE:
                 if not self.seen_on.get(r.ip, False):
                     mem.last_transition = now
                 mem.asleep_by_us = False
                 mem.woken_to_w = None
+                mem.wake_sent_at = now  # `waking` (readout.state_of) until its power shows it up (_views)
                 if r.watts is not None and "limit not set" not in r.detail:
                     mem.commanded_w = float(r.watts)
                     mem.woken_to_w = float(r.watts)  # accepted after the wake: it comes up at this limit
             else:
+                if r.watts is not None and mem.commanded_w is not None and r.watts < mem.commanded_w:
+                    mem.lowered_at = now
                 mem.commanded_w = float(r.watts) if r.watts is not None else mem.commanded_w
                 mem.limited_at = now
             if (mem.pending_op, mem.pending_w) != (r.op.value, r.watts):
@@ -1112,6 +1168,7 @@ class Controller:
     # ============================================================================================= read side
     def _publish_status(self, snap: Any, now: float) -> None:
         self.status_doc = readout.build_status(self, snap, now)
+        self._status_stale = False
         for sink in self.status_sinks:
             try:
                 sink(self.status_doc)
@@ -1119,9 +1176,10 @@ class Controller:
                 log.exception("status sink failed")
 
     def status(self) -> dict[str, Any]:
-        """The STATUS DOC (APIS.md) as of the last tick."""
-        if not self.status_doc:
+        """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
+        if not self.status_doc or self._status_stale:
             self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time())
+            self._status_stale = False
         return self.status_doc
 
     def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:

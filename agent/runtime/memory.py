@@ -36,6 +36,7 @@ class MinerMemory:
     failed_op: str | None = None
     failed_retry_at: float = -1e18
     limited_at: float = -1e18  # when it last acknowledged a power limit (firmware re-tunes for a moment after)
+    lowered_at: float = -1e18  # when it last acknowledged a lower limit (a raise waits a moment after: no flapping)
     off_seen_at: float | None = None  # first reading that showed it off when we had not slept it
     # when it acknowledged a command that changed its setting (a re-send of the same one does not count): its
     # readings show what it draws at that setting from confirm_after_s later
@@ -50,6 +51,9 @@ class MinerMemory:
     probe_at: float = -1e18
     probe_w: float = 0.0
     settled: bool = False
+    # when it acknowledged a wake its power has not shown done yet (readout.still_waking; runtime only: after a
+    # restart the telemetry's own hint decides)
+    wake_sent_at: float | None = None
 
     def to_control(self) -> MinerControl:
         """The part that survives a restart."""

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.core import failsafe as fs
 from agent.core.efficiency import stock_w
 from agent.core.model import MinerState, MinerView, RunAction, SleepAction
 from agent.core.planner import plan
@@ -21,6 +22,11 @@ from agent.runtime.memory import DispatchRecord, MinerMemory
 if TYPE_CHECKING:
     from agent.runtime.controller import Controller
 
+
+# a miner told to wake is `waking` until it draws this share of its setting (a booting unit reports mining at a
+# fraction of its power long before it is up), for at most WAKE_MAX_S (clock seconds)
+WAKE_UP_SHARE = 0.85
+WAKE_MAX_S = 900.0
 
 _SORT_KEYS = {
     "ip": "ip", "model": "model", "state": "state", "power": "power_w", "limit": "limit_w",
@@ -41,6 +47,7 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
     counts["unidentified"] = unidentified
     counts["total"] = len(snap.miners) + unidentified
     t, f = ctl.target, ctl.failsafe
+    released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.fs_rules)
     broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
     return {
         "ts": iso(now),
@@ -71,6 +78,11 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
             "reason": f.reason if f else None,
             "last_heartbeat": iso(f.last_heartbeat) if f and f.last_heartbeat else None,
             "applies": ctl.fs_rules.applies,
+            # what releases an active fail-safe (failsafe.release: "grid_command", "next_heartbeat", "heartbeat"),
+            # and when it releases by itself if the heartbeat holds (null: not before a heartbeat)
+            "released_by": released_by,
+            "releases_at": iso(releases_at),
+            "release_after_s": ctl.fs_rules.release_after_s,
         },
         "broker": broker,
         "alarms": [{"key": k, "message": v} for k, v in sorted(ctl.alarms.items())],
@@ -93,6 +105,13 @@ def state_of(ctl: Controller, ms: Any) -> MinerState:
     if not ms.reachable or ms.age_s is None or ms.age_s > stale:
         return MinerState.UNREACHABLE
     mem = ctl.memory.get(ms.ip)
+    if mem is not None and mem.wake_sent_at is not None:
+        # told to wake: `waking` until its power says it is up (a booting unit reports mining at a fraction of its
+        # power: not yet "hashing", nor "throttled" at its limit)
+        limit = mem.commanded_w or (ms.reading.power_limit_w if ms.reading is not None else None)
+        setting = float(limit) if limit else stock_w(ms.identity.capability, ms.identity.nominal_w)
+        if still_waking(mem, ms, setting, ctl.clock.time()):
+            return MinerState.WAKING
     if ms.state_hint == "sleeping" or (ms.state_hint == "unknown" and mem is not None and mem.asleep_by_us):
         return MinerState.SLEEPING
     if ms.state_hint == "waking":
@@ -103,6 +122,23 @@ def state_of(ctl: Controller, ms: Any) -> MinerState:
     if commanded is not None and commanded < stock_w(ms.identity.capability, ms.identity.nominal_w) - 1:
         return MinerState.THROTTLED
     return MinerState.HASHING
+
+
+def still_waking(mem: MinerMemory, ms: Any, setting_w: float, now: float) -> bool:
+    """A miner told to wake (`mem.wake_sent_at`) that is not up yet: it draws under WAKE_UP_SHARE of its setting;
+    where it reports no watts, it makes under that share of its hashrate at the setting (or, reporting neither,
+    does not report mining yet). At most WAKE_MAX_S after the wake: a unit that never gets there is not waking for
+    ever. (The controller clears `wake_sent_at` by the same rule once the miner is up.)"""
+    if mem.wake_sent_at is None or now - mem.wake_sent_at > WAKE_MAX_S:
+        return False
+    if ms.measured:
+        return float(ms.power_w) < WAKE_UP_SHARE * setting_w
+    ident, reading = ms.identity, ms.reading
+    ths = None if reading is None else reading.hashrate_ths
+    if ths is not None and ident.nominal_ths > 0 and ident.nominal_w > 0:
+        return bool(float(ths) < WAKE_UP_SHARE * ident.nominal_ths * min(1.0, setting_w / ident.nominal_w))
+    return bool(ms.state_hint != "hashing")
+
 
 def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
     snap = ctl.fleet.latest()

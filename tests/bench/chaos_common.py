@@ -35,7 +35,7 @@ from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso
 TOLERANCE_SHARE = 0.03  # of the site's full power
 # A woken miner reaches full power in this many (simulated) seconds. Real units take minutes; the simulator lowers a
 # power limit over 5 s. A wake faster than that (3 s, as some tests use) lets a re-plan that lowers some units and
-# wakes others overshoot its level while the lowered ones are still coming down: see /work/notes/chaos_findings.md.
+# wakes others overshoot its level while the lowered ones are still coming down (the README, chaos runs).
 # CHAOS_WAKE_S=3 reproduces it.
 WAKE_S = os.environ.get("CHAOS_WAKE_S", "10")
 

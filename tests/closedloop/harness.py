@@ -382,16 +382,18 @@ class World:
                 if not ready:
                     return
 
-    def restart(self) -> None:
-        """Stop the agent as SIGTERM does (controls saved, miners left as they are) and start it on the same store."""
-        self.loop.run_until_complete(self._stop())
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop the agent as SIGTERM does (controls saved, miners left as they are), or as SIGKILL does (`crash`:
+        what the write-behind and the periodic control save still held is lost, commands on the wire may or may not
+        have landed), and start it on the same store."""
+        self.loop.run_until_complete(self._stop(crash=crash))
         asleep = {d.ip for d in self.site.devices if d.physics.current_state(self.vt.t) == "sleeping"}
-        self.say(f"agent restarts ({len(asleep)} miners asleep)")
+        self.say(f"agent {'crashes and restarts' if crash else 'restarts'} ({len(asleep)} miners asleep)")
         self.restart_check = (self.vt.t, asleep)
         self.disturbed_at = self.changed_at = self.vt.t
         self.start()
 
-    async def _stop(self) -> None:
+    async def _stop(self, *, crash: bool = False) -> None:
         ctl = self.ctl
         assert ctl is not None
         assert self.fleet is not None
@@ -405,11 +407,12 @@ class World:
         if ctl._actuations:
             await asyncio.gather(*ctl._actuations, return_exceptions=True)
         ctl._fail_waiting()
-        ctl._save_controls(force=True)
-        with contextlib.suppress(Exception):
-            ctl._energy.flush(ctl)
+        if not crash:
+            ctl._save_controls(force=True)
+            with contextlib.suppress(Exception):
+                ctl._energy.flush(ctl)
         await self.fleet.aclose()
-        if self.persist is not None:
+        if self.persist is not None and not crash:
             self.persist.flush(force=True)
         self.store.close()
         self.ctl = None
@@ -667,6 +670,9 @@ class World:
             baseline = float(declared) if declared is not None else site_kw  # as for a grid dispatch
             level = doc.get("to_kw", baseline - doc.get("by_kw", 0.0))
             end = None if for_s is None else self.now + for_s
+            for rec in self.inputs.values():  # a new override replaces the operator's earlier ones (no `add` here)
+                if rec.source == "operator":
+                    rec.end = self.now if rec.end is None else min(rec.end, self.now)
             self.inputs[doc["id"]] = Input(doc["id"], "operator", max(0.0, level), self.now, end)
             self._note_change()
 
@@ -777,7 +783,17 @@ class World:
         assert self.fleet is not None
         if ctl.plan is None:
             return
-        measured = self.fleet.latest().power_w_measured / 1000.0
+        snap = self.fleet.latest()
+        measured = snap.power_w_measured / 1000.0
+        # a miner told to sleep (acknowledged, not yet confirmed) is counted asleep while it powers down, for at most
+        # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
+        # it needs): what it still reports is not held against the plan meanwhile (ground truth is, by `safety`)
+        now = ctl.clock.time()
+        for ip, ms in snap.miners.items():
+            mem = ctl.memory.get(ip)
+            if mem is not None and mem.pending_op == "sleep" and now - mem.pending_at < self.spec.confirm_after_s \
+                    and ms.measured and ms.power_w is not None:  # fmt: skip
+                measured -= ms.power_w / 1000.0
         worst = ctl.plan.worst_case_kw
         if worst < measured - 0.005 * measured - 0.05:
             self.fail("worst case below measured",
@@ -854,7 +870,14 @@ class World:
                 woken = [ip for ip in asleep if self.site.by_ip[ip].physics.current_state(t) in ("waking", "hashing")
                          and ip not in self.rebooted_at]  # fmt: skip
                 if woken:
-                    others = sum(truth[ip] for ip in self.ips if ip not in woken) / 1000.0
+                    # every miner as it will draw once its present setting has taken (a re-plan may lower some
+                    # miners and wake others at once: the limits take in seconds, a wake ramps for minutes), the
+                    # sleeping ones as they draw now
+                    def eventual(ip: str) -> float:
+                        up = self.site.by_ip[ip].physics.current_state(t) in ("waking", "hashing")
+                        return self._eventual_w(ip) if up else truth[ip]
+
+                    others = sum(eventual(ip) for ip in self.ips if ip not in woken) / 1000.0
                     full = sum(self._eventual_w(ip) for ip in woken) / 1000.0
                     bound = max(hi for at, hi, _lo in self.limits if at >= since)
                     if others + full > bound + tol + max(self._max_w(ip) for ip in self.ips) / 1000.0:
@@ -872,7 +895,11 @@ class World:
             # moment ago (a dispatch to 0 then cancelled) is not too deep
             lowest = min(lo for at, _hi, lo in self.limits if at >= t - self.settle_s())
             need = min(before, max(0.0, lowest - counted_u)) * (1 - self.spec.headroom_pct / 100.0) - one - tol
-            if healthy_kw < need:
+            # a waking miner is on its way to its setting (min-on keeps a miner woken a moment ago on, and the
+            # plan counts it there): the cut is judged on what the site will draw, not on a boot's first watts
+            coming = sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy
+                         if self.site.by_ip[ip].physics.current_state(t) == "waking") / 1000.0  # fmt: skip
+            if healthy_kw + coming < need:
                 self.fail("decrease too deep",
                           f"healthy miners draw {healthy_kw:.2f} kW (were {before:.2f} kW within 60 s); the limit "
                           f"{low:.2f} kW with {counted_u:.2f} kW counted for unhealthy miners needs no less than "

@@ -183,9 +183,11 @@ class ClosedLoopMachine(RuleBasedStateMachine):
         self.w.set_fault(spec)
         self.w.run_for(5.0)
 
-    @rule()
-    def restart(self) -> None:
-        self.w.restart()
+    @rule(crash=st.booleans())
+    def restart(self, crash: bool) -> None:
+        """A stop and start (SIGTERM), or a crash (SIGKILL: the last moments' control state and queued writes
+        lost, as the chaos runner's kill -9 does to the real process)."""
+        self.w.restart(crash=crash)
         self.w.run_for(5.0)
 
     @rule(seconds=st.sampled_from((-3600.0, -30.0, 30.0, 3600.0)))

@@ -3,7 +3,7 @@ scenarios every day, or CLOSEDLOOP_SEED=N to replay one), a few hundred scenario
 (`pytest -s`, and in the failure report). The long run is tests/bench/bench_closedloop.py / scripts/soak.sh.
 
 A failure prints the shrunk steps (paste them after `state = ClosedLoopMachine()` into a regression test) and the
-scenario story the world kept. Findings so far: /work/notes/closedloop_findings.md.
+scenario story the world kept. Findings so far: tests/closedloop/test_found.py and the README.
 """
 
 from __future__ import annotations

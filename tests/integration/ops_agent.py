@@ -67,6 +67,7 @@ class StandInHandler:
         self.status = copy.deepcopy(BASE_STATUS)
         self.events: list[dict[str, Any]] = []
         self.refuse: dict[str, tuple[str, str]] = {}  # verb -> (code, message) to refuse with
+        self.preview_reply: dict[str, Any] | None = None  # what `preview` answers, when a test sets it
 
     def _event(self, kind: str, **data: Any) -> None:
         self.events.append({"type": kind, "ts": time.time(), "data": data})
@@ -94,6 +95,14 @@ class StandInHandler:
             if level > self.status["cap_kw"]:
                 return Reply.error(rid, "out_of_range", f"to_kw {level:g} is above the site cap")
             end = now + body["for_s"] if "for_s" in body else None
+            # as the agent does: a new override replaces the ones in force unless asked to add
+            in_force = [
+                d["id"] for d in self.status["dispatches"] if d["source"] == "operator" and d["status"] == "active"
+            ]
+            replaced = [] if body.get("add") else in_force
+            for d in self.status["dispatches"]:
+                if d["id"] in replaced:
+                    d["status"] = "cancelled"
             dispatch = {"id": rid, "source": "operator", "target_kw": body.get("to_kw"),
                         "curtail_kw": body.get("by_kw"), "baseline_kw": power if "by_kw" in body else None,
                         "start": now, "end": end, "status": "active", "received_at": now,
@@ -103,7 +112,7 @@ class StandInHandler:
             # the site follows at once here (the real one takes ticks): power drops to the new level
             self.status["power_kw_estimated"] = min(power, level)
             self._event("accepted", dispatch_id=rid, level_kw=level)
-            return Reply.ok(rid, {"dispatch": dispatch})
+            return Reply.ok(rid, {"dispatch": dispatch, "replaced": replaced})
         if verb == "resume":
             ended = [
                 d["id"] for d in self.status["dispatches"] if d["source"] == "operator" and d["status"] == "active"
@@ -121,6 +130,8 @@ class StandInHandler:
             self._event("cap_changed", cap_kw=body["cap_kw"])
             return Reply.ok(rid, {"cap_kw": body["cap_kw"]})
         if verb == "preview":
+            if self.preview_reply is not None:
+                return Reply.ok(rid, copy.deepcopy(self.preview_reply))
             target = body["target_kw"]
             asleep = sum(1 for m in MINERS if (m["power_w"] or 0) / 1000 > target)  # those above it alone
             return Reply.ok(rid, {"target_kw": target, "expected_kw": min(target, 41200.0),

@@ -316,7 +316,11 @@ def test_preview_plans_without_touching_a_miner(restored: Site) -> None:
     assert plan["worst_case_kw"] <= target_kw
     assert plan["changes"]  # it would send something ...
     text = hashflex("preview", "-t", f"{target_kw}kW", "--config", site.config)
-    assert "preview only: nothing sent" in text.stdout
+    # plain sentences with the reason, not a key dump (issue 16 item 9)
+    assert "Preview only: nothing is sent to any miner." in text.stdout, text.stdout
+    assert "To get there, miners would be" in text.stdout, text.stdout
+    assert "Chosen" in text.stdout, text.stdout
+    assert "plan_ms" not in text.stdout
     time.sleep(2.0)  # ... but sent nothing: two sweeps later every miner still hashes at full power
     truth = site.sim.truth()
     assert all(m["state"] == "hashing" for m in truth["miners"])
@@ -346,11 +350,13 @@ def test_bad_arguments_exit_1_say_what_to_do_and_change_nothing(site: Site, args
         before["target_kw"], before["cap_kw"], before["dispatches"])
 
 
-def test_usage_errors_exit_2_with_usage(site: Site) -> None:
+def test_usage_errors_exit_2_with_one_line_and_where_the_help_is(site: Site) -> None:
     for args in (["preview"], ["watch", "--count", "0"], ["status", "--bogus"]):
         done = hashflex(*args, "--config", site.config)
         assert done.returncode == 2, args
-        assert "Usage" in done.stderr
+        [line] = done.stderr.splitlines()  # no usage block, no framed box (issue 16 item 9)
+        assert line.startswith("error: ")
+        assert f"`hashflex {args[0]} --help` lists what it takes" in line
 
 
 # ---------------------------------------------------------------------------------------------- logs, config

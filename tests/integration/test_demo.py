@@ -109,6 +109,8 @@ def test_short_demo_summary_agrees_with_its_timeline(short_run: tuple[subprocess
     assert summary["window"]["met"]
     assert min(truth) <= summary["dispatch"]["level_kw"] * 1.02
     assert truth[0] >= 0.95 * summary["full_kw"]
+    # the plot's sleep-only baseline, from each miner's truth at the start: at full power, the site's own hashrate
+    assert float(rows[0]["sleep_only_ths"]) == pytest.approx(float(rows[0]["hashrate_ths"]), rel=0.01)
     reasons = {r["reason"] for r in rows}
     assert {"cap", "grid:grid-demo-0001", "schedule:evening-peak"} <= reasons
     # the agent's view of power followed ground truth (within the simulator's PSU spread and sweep delay)

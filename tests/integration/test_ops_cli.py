@@ -4,21 +4,30 @@ as the installed `hashflex` executable."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from agent.cli import discover
 from agent.cli.main import app
-from tests.integration.ops_agent import StandInAgent
+from agent.cli.render import print_table, watts
+from agent.runtime.events import iso
+from drivers.base import Family, Identity, Presets
+from tests.integration.ops_agent import MINERS, StandInAgent
 
 pytestmark = pytest.mark.timeout(120)
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
@@ -136,7 +145,34 @@ def test_bad_arguments_are_refused_with_exit_1(args: list[str], words: str, no_a
 def test_usage_errors_exit_2(args: list[str], no_agent_config: Path) -> None:
     result = run(*args, "--config", str(no_agent_config))
     assert result.exit_code == 2
-    assert "Usage" in result.output or "Error" in result.output
+    # one line that says what is wrong and where the help is: no usage block, no framed box (issue 16 item 9)
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ")
+    assert "--help` lists what it takes" in line
+    assert not set("╭╮╰╯│") & set(result.output)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "sent"),
+    [
+        (["curtail", "--to", "12", "MW"], ("curtail", "to_kw", 12000.0)),
+        (["curtail", "--to=12", "MW"], ("curtail", "to_kw", 12000.0)),
+        (["curtail", "--by", "850", "kW", "--for", "2", "h"], ("curtail", "by_kw", 850.0)),
+        (["cap", "18", "MW"], ("cap", "cap_kw", 18000.0)),
+        (["preview", "--target", "3000", "W"], ("preview", "target_kw", 3.0)),
+    ],
+)  # fmt: skip
+def test_a_space_between_number_and_unit_is_accepted(args: list[str], sent: tuple[str, str, float],
+                                                      agent: StandInAgent) -> None:  # fmt: skip
+    """`--to 12 MW` unquoted: the shell makes two words of it; before issue 16 the unit was an unexpected extra
+    argument and the command ended in a framed usage box."""
+    result = run(*args, "--config", str(agent.config))
+    assert result.exit_code == 0, result.output
+    verb, body = agent.handler.calls[-1]
+    assert (verb, sent[1], body[sent[1]]) == sent
+    if "--for" in args:
+        assert body["for_s"] == 7200.0
 
 
 # ---------------------------------------------------------------------------------- against a stand-in agent
@@ -153,6 +189,25 @@ def test_status_text(agent: StandInAgent) -> None:
     assert "disconnected" in text
     assert "cpu 12% · mem 40% · disk 2.0 GB free · agent 310 MB" in text
     assert "no dispatch in force" in text
+
+
+def test_status_says_what_releases_the_failsafe_and_when(agent: StandInAgent) -> None:
+    releases_at = time.time() + 240
+    status = agent.handler.status
+    status.update(target_source="failsafe", target_reason="failsafe:heartbeat_lost")
+    status["failsafe"] = {
+        "active": True, "since": iso(time.time() - 60), "reason": "heartbeat_lost", "applies": True,
+        "last_heartbeat": iso(time.time() - 5), "released_by": "grid_command", "releases_at": iso(releases_at),
+        "release_after_s": 300.0,
+    }  # fmt: skip
+    text = " ".join(run("status", "--config", str(agent.config)).stdout.split())
+    at = datetime.fromtimestamp(releases_at, UTC).strftime("%H:%M:%SZ")
+    assert f"released by a grid command or by itself at {at} (in " in text, text
+    assert "if the heartbeat holds" in text
+    # not heard: nothing releases it before a heartbeat
+    status["failsafe"].update(released_by="heartbeat", releases_at=None)
+    text = " ".join(run("status", "--config", str(agent.config)).stdout.split())
+    assert "released once the grid is heard: a heartbeat, then a grid command, or 5m00s of heartbeats" in text, text
 
 
 def test_status_json_is_the_status_doc(agent: StandInAgent) -> None:
@@ -262,9 +317,31 @@ def test_preview_sends_target_and_prints_the_plan(agent: StandInAgent) -> None:
     result = run("preview", "--target", "12MW", "--config", str(agent.config))
     assert result.exit_code == 0
     assert agent.handler.calls[-1] == ("preview", {"target_kw": 12000.0})
-    assert "preview only: nothing sent" in result.stdout
-    assert "worst_case_kw  12.00 MW" in result.stdout
+    assert "Preview only: nothing is sent to any miner. The plan is for 12.00 MW." in result.stdout
+    assert "it would draw about 12.00 MW, and at most 12.00 MW" in result.stdout
     assert one_json(run("preview", "-t", "2kW", "--json", "--config", str(agent.config)).stdout)["sleep"] == 3
+
+
+PLAN = {"target_kw": 30000.0, "requested_kw": 50000.0, "method": "optimal", "worst_case_kw": 29950.0,
+        "expected_kw": 29100.0, "expected_ths": 900_000.0, "baseline_ths": 820_000.0, "present_kw": 41200.0,
+        "running": 150, "sleeping": 50, "uncontrolled": 2, "changes": {"sleep": 40, "set_power": 10},
+        "alarms": [], "circuits": {"site": 29950.0}, "wake_budget": 20, "plan_ms": 3.1}  # fmt: skip
+
+
+def test_preview_says_in_sentences_what_it_would_do_and_why(agent: StandInAgent) -> None:
+    """Issue 16 item 9: `preview` printed its reply as a raw key dump (`worst_case_kw  12.00 MW`, `plan_ms ...`)."""
+    agent.handler.preview_reply = PLAN
+    result = run("preview", "--target", "50MW", "--config", str(agent.config))
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "You asked for 50.00 MW; the site cap binds, so the plan holds 30.00 MW instead." in text
+    assert "The site draws 41.20 MW now; with this plan it would draw about 29.10 MW, and at most 29.95 MW" in text
+    assert "150 miner(s) would run and 50 sleep." in text
+    assert "To get there, miners would be 40 put to sleep, 10 given a new power limit." in text
+    assert "Chosen because it keeps the most hashrate under the target (900.00 PH/s against 820.00 PH/s" in text
+    assert "2 miner(s) cannot be controlled and count at their worst case." in text
+    assert "plan_ms" not in text
+    assert "_kw" not in text
 
 
 def test_dispatches_table_and_all(agent: StandInAgent) -> None:
@@ -328,8 +405,113 @@ def test_the_installed_executable_without_an_agent(no_agent_config: Path) -> Non
     assert "systemctl status hashflex" in done.stderr
 
 
-def test_logs_from_the_journal_is_one_json_document(no_agent_config: Path) -> None:
-    """--journal reads journald (no agent needed); here the unit has never run, so the list is empty."""
-    result = run("logs", "--journal", "--json", "-n", "5", "--config", str(no_agent_config))
+@pytest.mark.parametrize("as_json", [False, True])
+def test_logs_journal_without_a_journal_says_so_and_exits_non_zero(as_json: bool, no_agent_config: Path) -> None:
+    """--journal reads journald (no agent needed). Here there is no journal (no journald in a container), or the
+    unit has never run: either way the answer is a sentence and exit 2, not an empty output and exit 0 (issue 16
+    item 9)."""
+    result = run("logs", "--journal", "-n", "5", "--config", str(no_agent_config), *(["--json"] if as_json else []))
+    assert result.exit_code == 2, result.output
+    assert "journal" in result.stderr
+    assert "hashflex logs` without --journal" in result.stderr or "has not run as that systemd unit" in result.stderr
+    if as_json:
+        assert one_json(result.stdout)["status"] == "error"
+    else:
+        assert result.stdout == ""
+
+
+# --------------------------------------------------------------------- tables at ordinary widths (issue 16 item 3)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+tty_80 = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1", "TTY_COMPATIBLE": "1"})  # Rich sees a terminal
+pipe_80 = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+
+
+def on_tty_80(*args: str) -> list[str]:
+    result = tty_80.invoke(app, list(args))
     assert result.exit_code == 0, result.output
-    assert one_json(result.stdout) == []
+    return ANSI.sub("", result.stdout).splitlines()
+
+
+def row_of(lines: list[str], first_cell: str) -> list[str]:
+    [row] = [line for line in lines if line.startswith(f"│ {first_cell} ")]
+    return [cell.strip() for cell in row.strip("│").split("│")]
+
+
+def test_miners_at_80_columns_keep_ip_state_and_power_whole(agent: StandInAgent) -> None:
+    lines = on_tty_80("miners", "--config", str(agent.config))
+    assert max(map(len, lines)) <= 80
+    assert not any("…" in line for line in lines)  # nothing cut short: columns are left out instead
+    header = [cell.strip() for cell in lines[1].strip("┃").split("┃")]
+    assert header[:1] == ["ip"]
+    assert {"state", "power"} <= set(header)
+    for miner in MINERS:
+        cells = dict(zip(header, row_of(lines, miner["ip"]), strict=True))
+        assert cells["state"] == miner["state"]
+        assert cells["power"] == watts(miner["power_w"])
+    assert "--wide shows them" in lines[-1] or "--wide shows them" in lines[-2]
+    wide = on_tty_80("miners", "--wide", "--config", str(agent.config))
+    header = [cell.strip() for cell in wide[1].strip("┃").split("┃")]
+    assert header == ["ip", "model", "firmware", "state", "power", "limit", "hashrate", "J/TH", "temp", "last seen"]
+    assert not any("…" in line for line in wide)
+
+
+def test_dispatches_at_80_columns_keep_level_and_status_and_show_what_binds(agent: StandInAgent) -> None:
+    run("curtail", "--by", "3MW", "--config", str(agent.config))
+    override = agent.handler.calls[-1][1]["id"]
+    for lines in (on_tty_80("dispatches", "--config", str(agent.config)),
+                  on_tty_80("status", "--config", str(agent.config))):  # fmt: skip
+        table = [line for line in lines if line[:1] in "┏┃┡│└"]
+        assert max(map(len, table)) <= 80
+        header = [cell.strip() for cell in table[1].strip("┃").split("┃")]
+        cells = dict(zip(header, row_of(table, override), strict=True))
+        # a reduction is listed as the level that binds, from the power it was taken from (issue 16 item 7)
+        assert cells["level"] == "present − 3.00 MW → 38.20 MW"
+        assert cells["status"] == "active"
+
+
+def test_piped_output_is_never_wrapped_mid_phrase(agent: StandInAgent) -> None:
+    reason = "grid link lost: no heartbeat for 90 s, the fail-safe level holds until a fresh grid command arrives"
+    agent.handler.status.update(target_source="failsafe", failsafe={"active": True, "since": None, "reason": reason,
+                                                                    "last_heartbeat": None})  # fmt: skip
+    result = pipe_80.invoke(app, ["status", "--config", str(agent.config)])
+    assert result.exit_code == 0, result.output
+    assert f"FAIL-SAFE holds it: {reason} (last heartbeat —)" in result.stdout.splitlines()[2]
+    assert not any(line != line.rstrip() for line in result.stdout.splitlines())
+    result = pipe_80.invoke(app, ["curtail", "--by", "3MW", "--config", str(agent.config)])
+    [line] = result.stderr.splitlines()
+    assert "holds the site at or under 38.20 MW (present − 3.00 MW) until `hashflex resume`" in line
+
+
+def test_discover_table_at_80_columns_abbreviates_presets_and_keeps_ips() -> None:
+    presets = Presets(tuple(range(1600, 3500, 160))[:12])
+    found = [Identity(ip=f"10.20.{i}.{100 + i}", family=Family.LUXOS, make="AntMiner", model="S19j Pro",
+                      firmware="luxos 2024.8", driver_class="LUXMinerS19jPro", capability=presets,
+                      nominal_w=3250.0, nominal_ths=104.0, mac=f"aa:bb:cc:dd:ee:{i:02x}")
+             for i in range(3)]  # fmt: skip
+    stream = io.StringIO()
+    console = Console(file=stream, width=80, force_terminal=True, no_color=True)
+    print_table(console, discover.COLUMNS, discover.identity_rows(found), priority=discover.PRIORITY,
+                right=["NOMINAL", "HASHRATE"])  # fmt: skip
+    lines = ANSI.sub("", stream.getvalue()).splitlines()
+    assert max(map(len, lines)) <= 80
+    for identity in found:
+        cells = row_of(lines, identity.ip)
+        assert "3.25 kW" in cells
+        assert "12 presets 1.6–3.4 kW" in cells
+    assert discover.identity_rows(found, wide=True)[0][4] == "presets " + "/".join(map(str, presets.watts)) + " W"
+
+
+def test_curtail_add_is_sent_only_when_asked(agent: StandInAgent) -> None:
+    """Issue 16 item 7: a new curtail replaces the override in force; `--add` asks the agent to keep both. The field
+    is left out unless asked, so an agent that predates it sees the request it always did."""
+    assert run("curtail", "--to", "20MW", "--config", str(agent.config)).exit_code == 0
+    first = agent.handler.calls[-1][1]
+    assert "add" not in first
+    result = run("curtail", "--to", "30MW", "--config", str(agent.config))
+    assert f"holds the site at or under 30.00 MW until `hashflex resume`; it replaces override(s) {first['id']}" in (
+        result.stderr
+    )
+    result = run("curtail", "--to", "25MW", "--add", "--config", str(agent.config))
+    assert result.exit_code == 0
+    assert agent.handler.calls[-1][1]["add"] is True
+    assert "replaces" not in result.stderr

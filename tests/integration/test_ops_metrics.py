@@ -191,6 +191,21 @@ def test_failsafe_and_low_disk_show(served: tuple[Metrics, int, dict[str, Any]])
     assert got[("hashflex_site_over_target_watts", ())] == 0.0
 
 
+def test_what_releases_the_failsafe_shows(served: tuple[Metrics, int, dict[str, Any]]) -> None:
+    _, port, holder = served
+    holder["status"] = {**STATUS, "failsafe": {"active": True, "released_by": "grid_command",
+                                               "releases_at": "2023-11-14T22:13:20.000Z"}}  # fmt: skip
+    got = samples(scrape(port))
+    assert got[("hashflex_failsafe_released_by", (("by", "grid_command"),))] == 1.0
+    assert got[("hashflex_failsafe_released_by", (("by", "heartbeat"),))] == 0.0
+    assert got[("hashflex_failsafe_releases_at_timestamp_seconds", ())] == 1_700_000_000.0
+    # waiting for the grid's heartbeat: no time to release at
+    holder["status"] = {**STATUS, "failsafe": {"active": True, "released_by": "heartbeat", "releases_at": None}}
+    got = samples(scrape(port))
+    assert got[("hashflex_failsafe_released_by", (("by", "heartbeat"),))] == 1.0
+    assert ("hashflex_failsafe_releases_at_timestamp_seconds", ()) not in got
+
+
 def test_listens_on_localhost_only_by_default_and_stops() -> None:
     metrics = Metrics(lambda: STATUS)
     port = metrics.start_http(port=0)

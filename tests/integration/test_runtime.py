@@ -139,8 +139,9 @@ def test_operator_override_survives_a_restart_without_a_surge(site: SimProcess, 
         assert data["dispatch"]["source"] == "operator"
         wait_kw_at_most(agent, site, target, timeout=30)
         agent.ok("cap", {"cap_kw": round(full * 1.1, 1)})
-    # stopped (SIGTERM): miners are left as they are
+    # stopped (SIGTERM): miners are left as they are, and the agent says so (issue 16 item 10)
     assert truth_kw(site) <= target + 0.05 * full
+    assert "miners left as they are; hashflex no longer holds the cap" in agent.log_path.read_text()
     with AgentProcess.start(files) as agent:
         status = agent.status()
         assert [d["id"] for d in status["dispatches"]] == ["op:rt-op"]  # overrides: their own id namespace
@@ -227,6 +228,9 @@ def test_on_shutdown_sleep_puts_the_site_to_sleep_on_stop(site: SimProcess, tmp_
         agent.wait_for(lambda: running() >= 6, 30, what="miners running before the stop")
         assert agent.stop() == 0
     assert running() == 0
+    assert "miners put to sleep (those that could be reached); hashflex no longer holds the cap" in (
+        agent.log_path.read_text()
+    )
     # the next agent (default: leave) finds them asleep, and wakes them again within the stagger and the cap
     files = write_agent_config(tmp_path / "again", site.ips, cap_kw=round(full * 1.2, 1), time_scale=scale)
     with AgentProcess.start(files, time_scale=scale) as agent:

@@ -89,7 +89,7 @@ def make_config(tmp_path: Path) -> AgentConfig:
     })  # fmt: skip
 
 
-async def start_runtime(cfg: AgentConfig, clock: ManualClock) -> Runtime:
+async def start_runtime(cfg: AgentConfig, clock: ManualClock, *, safe_start: str | None = None) -> Runtime:
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     store = Store.open(cfg.db_path)
     fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=clock.time)
@@ -97,7 +97,7 @@ async def start_runtime(cfg: AgentConfig, clock: ManualClock) -> Runtime:
     events = EventLog(clock.time)
     actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
     ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=False)
-    ctl.restore()
+    ctl.restore(safe_start=safe_start)
     service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[GRID.public_key()], operator_keys=[])
     task = asyncio.create_task(ctl.run())
     return Runtime(clock, store, ctl, service, events, task)
@@ -231,5 +231,24 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
         forged = await rt.send("dispatch", {**short_doc, "target_kw": 1}, Channel.MQTT)
         assert forged.error_code == "bad_signature"
         assert next(d for d in ctl.dispatch_docs(True) if d["id"] == "short")["status"] == "expired"
+    finally:
+        await stop_runtime(rt)
+
+
+
+async def test_status_right_after_a_command_shows_what_it_changed(tmp_path: Path) -> None:
+    """The STATUS DOC is built per tick, but a client that resumes and asks for status at once must not see the
+    override it just ended (CI saw the safe-start alarm after `resume` on a loaded machine)."""
+    rt = await start_runtime(make_config(tmp_path), ManualClock(T0), safe_start="the state store was unreadable")
+    try:
+        await asyncio.sleep(0.3)  # the first tick has built the doc
+        assert any(a["key"] == "safe_start" for a in rt.controller.status()["alarms"])
+        resume = await rt.send("resume", {})
+        assert resume.data["cancelled"] == ["safe-start"]
+        after = rt.controller.status()  # no tick between the reply and this read
+        assert not any(a["key"] == "safe_start" for a in after["alarms"])
+        assert after["dispatches"] == []
+        assert (await rt.send("curtail", {"id": "o2", "to_kw": 300})).is_ok
+        assert [d["id"] for d in rt.controller.status()["dispatches"]] == ["op:o2"]
     finally:
         await stop_runtime(rt)

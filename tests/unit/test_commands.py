@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -369,3 +370,24 @@ def test_an_id_reused_for_other_content_is_a_conflict_not_the_first_ok() -> None
     code, message = error(refused)
     assert code == CONFLICT
     assert "new id" in message
+
+
+def test_curtail_add_is_optional_and_leaves_older_digests_as_they_were() -> None:
+    """Issue 16 item 7: `add` is a new optional field of `curtail`. Without it the request is what it always was, down
+    to its digest: a retry of a curtail stored before `add` existed is still a repeat, not a conflict."""
+    plain = parse("curtail", {"id": "o-1", "to_kw": 500}, Channel.LOCAL)
+    added = parse("curtail", {"id": "o-1", "to_kw": 500, "add": True}, Channel.LOCAL)
+    assert isinstance(plain, Command)
+    assert isinstance(added, Command)
+    assert isinstance(plain.request, CurtailRequest)
+    assert isinstance(added.request, CurtailRequest)
+    assert plain.request.add is False
+    assert added.request.add is True
+    # the digest as it was computed before the field existed (every field but issued_at and the signature)
+    before = json.dumps({"by_kw": None, "for_s": None, "id": "o-1", "to_kw": 500.0}, sort_keys=True,
+                        separators=(",", ":"))  # fmt: skip
+    assert plain.digest == hashlib.sha256(before.encode()).hexdigest()
+    assert added.digest != plain.digest  # asking to add is another request
+    code, message = error(parse("curtail", {"id": "o-2", "to_kw": 500, "add": "maybe"}, Channel.LOCAL))
+    assert code == BAD_REQUEST
+    assert "add" in message

@@ -204,3 +204,31 @@ def test_http_client_chatter_is_kept_from_warning_only_unless_asked_for(stream: 
     configure_logging(LoggingConfig(level="info", levels={"httpx": "info"}), force_json=True, stream=stream)
     logging.getLogger("httpx").info("kept: asked for")
     assert [line["event"] for line in lines(stream)] == ["kept: a warning", "kept: asked for"]
+
+
+PEM_KEY = (
+    "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBvUZ7x1o9Xw4ZkqgF2iY0pF3hXv9m4d1sT6cQe8bN2L\n"
+    + "-----END PRIVATE KEY-----"
+)
+B64_KEY = "MCowBQYDK2VwAyEAq3v6Xz0b8v1h2nB5c9QeW0sWJq9mX7a3xYp0t8kZJ0s="
+
+
+def test_alarm_names_stay_readable_and_key_material_is_still_hidden(stream: io.StringIO) -> None:
+    """Issue 16 item 13: `alarm cleared key=store_unavailable` was logged as `key=***` (any field named "key" was
+    taken for a secret). A plain `key` holding a name is shown; one holding key material is not, nor is any
+    qualified key name."""
+    configure_logging(LoggingConfig(), force_json=True, stream=stream)
+    log = get_logger("controller")
+    log.info("alarm cleared", key="store_unavailable")
+    log.warning("alarm", alarm="cannot_meet:PDU-3", message="cannot meet the cap")
+    log.info("event", data={"type": "alarm", "key": "safe_start"}, key="cannot_meet:site")
+    log.info("loaded", key=PEM_KEY, private_key="store_unavailable", api_key="abc")
+    log.info("loaded", key=B64_KEY, nested={"key": "0123456789abcdef" * 4})
+    cleared, alarm, event, pem, b64 = lines(stream)
+    assert cleared["key"] == "store_unavailable"
+    assert alarm["alarm"] == "cannot_meet:PDU-3"
+    assert event["data"] == {"type": "alarm", "key": "safe_start"}
+    assert event["key"] == "cannot_meet:site"
+    assert (pem["key"], pem["private_key"], pem["api_key"]) == (REDACTED, REDACTED, REDACTED)
+    assert (b64["key"], b64["nested"]) == (REDACTED, {"key": REDACTED})
+    assert "BEGIN PRIVATE KEY" not in stream.getvalue()
