@@ -265,7 +265,7 @@ def test_sigkill_at_every_point_of_a_dispatch_and_restart(site: Site, tmp_path: 
         settle(agent, site)
     rng = random.Random(50)
     plan: list[tuple[str | None, float, float]] = [(p, lasts, 0.0) for p, lasts in CRASH_POINTS]
-    plan += [(None, 24.0, rng.uniform(0.0, 0.6)) for _ in range(2)]  # from outside, at a random moment
+    plan += [(None, 40.0, rng.uniform(0.0, 0.6)) for _ in range(2)]  # from outside, at a random moment
     report = []
     for n, (point, lasts_s, kill_after) in enumerate(plan):
         did = f"crash-{n}-{point or 'random'}"
