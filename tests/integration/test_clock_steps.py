@@ -13,18 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig
-from agent.io.store import Store
 from agent.protocol import Channel, Reply
-from agent.runtime.actuator import Actuator
 from agent.runtime.controller import Controller
-from agent.runtime.events import EventLog
-from agent.runtime.fleet import Fleet, driver_from_config
 from agent.runtime.service import CommandService
 from tests.agent_harness import iso, sign_for
+from tests.runtime_support import grid_config, start_parts, stop_parts
 
 T0 = 1_760_000_000.0
 SITE = "clock"
@@ -78,38 +74,16 @@ class Runtime:
 
 
 def make_config(tmp_path: Path, **extra: Any) -> AgentConfig:
-    pub = tmp_path / "grid.pub"
-    pub.write_bytes(GRID.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return AgentConfig.model_validate({
-        "site": {"id": SITE, "cap_kw": 1000},
-        "mqtt": {"enabled": False},
-        "grid": {"public_keys": [str(pub)]},
-        "state_dir": str(tmp_path / "state"),
-        "failsafe": {"enabled": False},
-        "dispatch": {"debounce_s": 0},
-        **extra,
-    })  # fmt: skip
+    return grid_config(tmp_path, SITE, GRID, **extra)
 
 
 async def start_runtime(cfg: AgentConfig, clock: SteppingClock, *, grid_link: bool = False) -> Runtime:
-    cfg.state_path.mkdir(parents=True, exist_ok=True)
-    store = Store.open(cfg.db_path)
-    fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=clock.time)
-    await fleet.sweep()
-    events = EventLog(clock.time)
-    actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
-    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events,
-                     grid_link=grid_link)  # fmt: skip
-    ctl.restore()
-    service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[GRID.public_key()], operator_keys=[])
-    return Runtime(clock, store, ctl, service, asyncio.create_task(ctl.run()))
+    p = await start_parts(cfg, clock, GRID, grid_link=grid_link)
+    return Runtime(clock, p.store, p.controller, p.service, p.task)
 
 
 async def stop_runtime(rt: Runtime) -> None:
-    rt.controller.stop()
-    await asyncio.wait_for(rt.task, 5)
-    rt.store.close()
+    await stop_parts(rt.controller, rt.task, rt.store)
 
 
 @pytest.fixture

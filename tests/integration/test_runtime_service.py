@@ -15,42 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig
-from agent.io.store import Store
 from agent.protocol import Channel, Reply
-from agent.runtime.actuator import Actuator
 from agent.runtime.controller import Controller
 from agent.runtime.events import EventLog
-from agent.runtime.fleet import Fleet, driver_from_config
 from agent.runtime.service import CommandService
 from tests.agent_harness import guess_verb, iso, sign_for
+from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
 
 T0 = 1_760_000_000.0
 GRID = Ed25519PrivateKey.generate()
-
-
-class ManualClock:
-    """Site time that moves only when the test says so."""
-
-    scale = 1.0
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def time(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def to_wall(self, seconds: float) -> float:
-        return seconds
 
 
 @dataclass
@@ -76,37 +52,16 @@ class Runtime:
 
 
 def make_config(tmp_path: Path) -> AgentConfig:
-    pub = tmp_path / "grid.pub"
-    pub.write_bytes(GRID.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return AgentConfig.model_validate({
-        "site": {"id": "svc", "cap_kw": 1000},
-        "mqtt": {"enabled": False},
-        "grid": {"public_keys": [str(pub)]},
-        "state_dir": str(tmp_path / "state"),
-        "failsafe": {"enabled": False},
-        "dispatch": {"debounce_s": 0},
-    })  # fmt: skip
+    return grid_config(tmp_path, "svc", GRID)
 
 
 async def start_runtime(cfg: AgentConfig, clock: ManualClock, *, safe_start: str | None = None) -> Runtime:
-    cfg.state_path.mkdir(parents=True, exist_ok=True)
-    store = Store.open(cfg.db_path)
-    fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=clock.time)
-    await fleet.sweep()
-    events = EventLog(clock.time)
-    actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
-    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=False)
-    ctl.restore(safe_start=safe_start)
-    service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[GRID.public_key()], operator_keys=[])
-    task = asyncio.create_task(ctl.run())
-    return Runtime(clock, store, ctl, service, events, task)
+    p = await start_parts(cfg, clock, GRID, safe_start=safe_start)
+    return Runtime(clock, p.store, p.controller, p.service, p.events, p.task)
 
 
 async def stop_runtime(rt: Runtime) -> None:
-    rt.controller.stop()
-    await asyncio.wait_for(rt.task, 5)
-    rt.store.close()
+    await stop_parts(rt.controller, rt.task, rt.store)
 
 
 @pytest.fixture
