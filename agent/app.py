@@ -30,26 +30,26 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent import __version__
-from agent.commands import UNAVAILABLE
-from agent.config import AgentConfig, ConfigError
-from agent.core.addresses import expand
-from agent.core.audit import AuditKind
-from agent.core.signing import load_private_key, load_public_key
-from agent.io.control_socket import ControlServer
-from agent.io.sdnotify import SdNotifier
-from agent.io.store import StoreError, StoreUnavailable
-from agent.logging import bind_context, configure_logging, get_logger
-from agent.preflight import PreflightError, metrics_bind_problem, starting_errors
-from agent.protocol import Channel, Reply
-from agent.runtime import crashpoints
-from agent.runtime.actuator import Actuator
-from agent.runtime.clock import Clock, make_clock
-from agent.runtime.controller import Controller
-from agent.runtime.events import EventLog, iso
-from agent.runtime.housekeeping import Housekeeping
-from agent.runtime.persist import WriteBehind
-from agent.runtime.service import CommandService
+from hashflex.agent import __version__
+from hashflex.agent.commands import UNAVAILABLE
+from hashflex.agent.config import AgentConfig, ConfigError
+from hashflex.agent.core.addresses import expand
+from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.signing import load_private_key, load_public_key
+from hashflex.agent.io.control_socket import ControlServer
+from hashflex.agent.io.sdnotify import SdNotifier
+from hashflex.agent.io.store import StoreError, StoreUnavailable
+from hashflex.agent.logging import bind_context, configure_logging, get_logger
+from hashflex.agent.preflight import PreflightError, metrics_bind_problem, starting_errors
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime import crashpoints
+from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.clock import Clock, make_clock
+from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.events import EventLog, iso
+from hashflex.agent.runtime.housekeeping import Housekeeping
+from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.agent.runtime.service import CommandService
 
 log = get_logger("agent")
 
@@ -159,7 +159,7 @@ def open_store(cfg: AgentConfig) -> tuple[Any, str | None]:
     I/O errors) raises StoreUnavailable and is left exactly as it is. A safe start is remembered in a marker file
     next to the database before the damaged file is moved, and every start reads it: the agent starts safe until
     an operator runs `hashflex resume`, whatever happens to the new database in between."""
-    from agent.io.store import Store, StoreCorrupt, pending_safe_start, remember_safe_start  # noqa: PLC0415
+    from hashflex.agent.io.store import Store, StoreCorrupt, pending_safe_start, remember_safe_start  # noqa: PLC0415
 
     path = cfg.db_path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ class Agent:
         cfg = self.cfg
         grid_keys, operator_keys = load_keys(cfg)
         signing_key = load_signing_key(cfg)
-        from agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
+        from hashflex.agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
 
         if crashpoints.armed():
             log.warning("TEST ONLY: a crash point is armed; this agent will SIGKILL itself", point=crashpoints.armed(),
@@ -260,8 +260,8 @@ class Agent:
         await self._sweep_once()
 
         self.events = events = EventLog(self.clock.time)
-        from agent.io.metrics import Metrics  # noqa: PLC0415
-        from agent.runtime.health import gateway_health  # noqa: PLC0415
+        from hashflex.agent.io.metrics import Metrics  # noqa: PLC0415
+        from hashflex.agent.runtime.health import gateway_health  # noqa: PLC0415
 
         actuator = Actuator(
             fleet.handle,
@@ -288,7 +288,7 @@ class Agent:
             cfg, ctl, events, clock=self.clock, grid_keys=grid_keys, operator_keys=operator_keys, metrics=self.metrics
         )
         if cfg.mqtt.enabled:
-            from agent.io.mqtt import MqttLink  # noqa: PLC0415
+            from hashflex.agent.io.mqtt import MqttLink  # noqa: PLC0415
 
             # heartbeats go through the service, which passes on only signed, fresh ones for this site
             self.link = MqttLink(cfg, self.service, self.service, self.info, clock=self.clock.time,

@@ -39,10 +39,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from agent.config import DispatchRules
-from agent.core import signing
-from agent.core.units import parse_duration_s, parse_power_kw
-from agent.protocol import Channel, Reply
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.core import signing
+from hashflex.agent.core.units import parse_duration_s, parse_power_kw
+from hashflex.agent.protocol import Channel, Reply
 
 # ------------------------------------------------------------------------------------------------ error codes
 TOO_LARGE = "too_large"

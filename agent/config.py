@@ -33,10 +33,10 @@ from pydantic import (
     model_validator,
 )
 
-from agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_spec, validate_specs
-from agent.core.circuits import Circuit, CircuitTree, check_membership
-from agent.core.units import parse_duration_s
-from drivers.base import Family
+from hashflex.agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_spec, validate_specs
+from hashflex.agent.core.circuits import Circuit, CircuitTree, check_membership
+from hashflex.agent.core.units import parse_duration_s
+from hashflex.drivers.base import Family
 
 DEFAULT_CONFIG_PATH = Path("/etc/hashflex/site.yaml")
 

@@ -29,7 +29,7 @@ import structlog
 import structlog.tracebacks
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from agent.config import LoggingConfig
+from hashflex.agent.config import LoggingConfig
 
 LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agent.config import AgentConfig, ConfigError
-from agent.core.addresses import expand
-from agent.core.signing import load_private_key, load_public_key
+from hashflex.agent.config import AgentConfig, ConfigError
+from hashflex.agent.core.addresses import expand
+from hashflex.agent.core.signing import load_private_key, load_public_key
 
 
 @dataclass

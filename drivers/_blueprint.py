@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from drivers.base import (
+from hashflex.drivers.base import (
     DriverSettings,
     Identity,
     ProtocolError,

@@ -34,8 +34,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from drivers import catalogue
-from drivers.base import (
+from hashflex.drivers import catalogue
+from hashflex.drivers.base import (
     Capability,
     DriverError,
     DriverSettings,
@@ -65,7 +65,7 @@ from pyasic.miners.backends.unknown import UnknownMiner  # noqa: E402
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes, miner_factory  # noqa: E402
 from pyasic.rpc.base import BaseMinerRPCAPI  # noqa: E402
 
-from drivers import pyasic_patches  # noqa: E402
+from hashflex.drivers import pyasic_patches  # noqa: E402
 
 _root_logger.setLevel(_root_level)
 _root_logger.handlers[:] = _root_handlers

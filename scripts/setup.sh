@@ -9,6 +9,8 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v mbpoll >/dev/null 2>&1 || need+=(mbpoll)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -25,8 +27,9 @@ stamp=.venv/.hashflex-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing hashflex and its test tools into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c 'import agent, drivers, sim, pyasic, aiomqtt' # fail loudly if the install did not take
+  # setuptools warns that the hashflex/ folder shadows the install: it is the install (an editable one)
+  PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c 'import hashflex.agent, hashflex.drivers, hashflex.sim, pyasic, aiomqtt' # fail loudly if the install did not take
   touch "$stamp"
 fi
 scripts/link-cli.sh  # `hashflex` on PATH for every shell, sudo included

@@ -1,5 +1,5 @@
 import sys
 
-from sim.cli import main
+from hashflex.sim.cli import main
 
 sys.exit(main())

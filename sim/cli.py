@@ -1,4 +1,4 @@
-"""`python -m sim` / `hashflex sim`: run a simulated mining site until SIGINT/SIGTERM."""
+"""`python -m hashflex.sim` / `hashflex sim`: run a simulated mining site until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any
 import structlog
 import uvloop
 
-from sim.faults import FaultSpecError
-from sim.physics import PhysicsParams
-from sim.site import Site, TruthEndpoint
-from sim.transport import HttpProtocol
+from hashflex.sim.faults import FaultSpecError
+from hashflex.sim.physics import PhysicsParams
+from hashflex.sim.site import Site, TruthEndpoint
+from hashflex.sim.transport import HttpProtocol
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
-"""`hashflex demo` (also `python -m sim.demo`): a simulated site, the real agent driving it, and a short scenario.
+"""`hashflex demo` (also `python -m hashflex.sim.demo`): a simulated site, the real agent driving it, and a short
+scenario.
 
-The demo stands where a grid operator and an observer would: it starts the simulated site (`python -m sim`) and the
-agent (`hashflex run`) as subprocesses, talks to the agent only through its control socket and `hashflex`
+The demo stands where a grid operator and an observer would: it starts the simulated site (`python -m hashflex.sim`)
+and the agent (`hashflex run`) as subprocesses, talks to the agent only through its control socket and `hashflex`
 commands (grid commands signed with `hashflex sign`), and judges the result by the simulator's ground truth. It
 never imports the agent. Site minutes pass in wall seconds (`--speed`): the simulator's physics and the agent's
 clock run at the same pace.
@@ -40,8 +41,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from sim.demo_notes import SleepOnlyBaseline, agent_notes
-from sim.demo_support import (
+from hashflex.sim.demo_notes import SleepOnlyBaseline, agent_notes
+from hashflex.sim.demo_support import (
     DEMO_KEY,
     TRUTH_STATES,
     AgentLink,
@@ -60,7 +61,7 @@ from sim.demo_support import (
     sign,
     write_agent_config,
 )
-from sim.testing import SimError, SimProcess
+from hashflex.sim.testing import SimError, SimProcess
 
 SITE_TIMEZONE = "Asia/Karachi"  # the site's zone (site.timezone): its windows are in this wall time
 UTC_OFFSET_H = 5.0  # Asia/Karachi's offset (no daylight saving), for the demo's own clock and plot
@@ -499,7 +500,7 @@ class Demo:
                             f"{self.baseline.ths_at(s.truth_kw):.1f}"])  # fmt: skip
 
     def draw(self, path: Path, samples: list[Sample], result: dict[str, Any], audit: list[dict[str, Any]]) -> None:
-        from sim.demo_plot import plot  # noqa: PLC0415  (matplotlib loads only when there is something to draw)
+        from hashflex.sim.demo_plot import plot  # noqa: PLC0415  (matplotlib loads only when there is something to draw)
 
         fam = ", ".join(f"{n} {FAMILY_NAMES.get(f, f)}" for f, n in self.families.items())
         cap, d, w = result["cap"], result["dispatch"], result["window"]

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sim.demo_support import Sample
+from hashflex.sim.demo_support import Sample
 
 NOTE_GAP_S = 60.0  # site seconds: batches closer than this, for the same target and method, are one note
 

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from sim.demo_notes import Note, SleepOnlyBaseline
-from sim.demo_support import Mark, Ramp, Sample, SiteClock, Span
+from hashflex.sim.demo_notes import Note, SleepOnlyBaseline
+from hashflex.sim.demo_support import Mark, Ramp, Sample, SiteClock, Span
 
 STATE_COLOURS = {"hashing": "#2e7d32", "throttled": "#9ccc65", "waking": "#ffb300", "sleeping": "#90a4ae",
                  "offline": "#d32f2f"}  # fmt: skip

@@ -36,7 +36,7 @@ def hashflex_command() -> list[str]:
     script = Path(sys.executable).with_name("hashflex")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "agent.cli.main"]
+    return [sys.executable, "-m", "hashflex"]
 
 
 def run_hashflex(args: list[str], *, stdin: str | None = None,

@@ -9,13 +9,13 @@ import json
 import random
 from typing import TYPE_CHECKING, Any
 
-from sim.catalogue import ModelSpec
-from sim.physics import MinerPhysics, PhysicsParams
-from sim.transport import http_response
+from hashflex.sim.catalogue import ModelSpec
+from hashflex.sim.physics import MinerPhysics, PhysicsParams
+from hashflex.sim.transport import http_response
 
 if TYPE_CHECKING:
-    from sim.site import Site
-    from sim.transport import HttpRequest
+    from hashflex.sim.site import Site
+    from hashflex.sim.transport import HttpRequest
 
 
 class Device:

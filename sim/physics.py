@@ -10,7 +10,7 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from sim.catalogue import ModelSpec
+from hashflex.sim.catalogue import ModelSpec
 
 # hashrate ∝ power^EXPONENT: with 0.75, J/TH ∝ P^0.25, so a unit at 70 % power is ~9 % more efficient per TH
 EXPONENT = 0.75

@@ -13,15 +13,15 @@ from typing import Any
 
 import structlog
 
-from sim.catalogue import family_models
-from sim.clock import SimClock
-from sim.device import Device
-from sim.families.antminer import AntminerDevice
-from sim.families.luxos import LuxosDevice
-from sim.families.whatsminer import WhatsminerDevice
-from sim.faults import FaultAction, parse
-from sim.physics import PhysicsParams
-from sim.transport import HttpProtocol, HttpRequest, RpcProtocol, V3Protocol, http_response
+from hashflex.sim.catalogue import family_models
+from hashflex.sim.clock import SimClock
+from hashflex.sim.device import Device
+from hashflex.sim.families.antminer import AntminerDevice
+from hashflex.sim.families.luxos import LuxosDevice
+from hashflex.sim.families.whatsminer import WhatsminerDevice
+from hashflex.sim.faults import FaultAction, parse
+from hashflex.sim.physics import PhysicsParams
+from hashflex.sim.transport import HttpProtocol, HttpRequest, RpcProtocol, V3Protocol, http_response
 
 log = structlog.get_logger("sim")
 

@@ -2,7 +2,7 @@
 
 Usage:
 
-    from sim.testing import SimProcess
+    from hashflex.sim.testing import SimProcess
 
     with SimProcess(miners=12, mix="luxos:34,whatsminer:33,antminer:33", base_ip="127.10.0.1", seed=11,
                     speed=10) as sim:
@@ -65,7 +65,7 @@ class SimProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="hashflex-sim-")
         ready = Path(self._dir.name) / "ready.json"
         self._log = Path(self._dir.name) / "sim.log"
-        cmd = [sys.executable, "-m", "sim", "--miners", str(self.miners), "--mix", self.mix,
+        cmd = [sys.executable, "-m", "hashflex.sim", "--miners", str(self.miners), "--mix", self.mix,
                "--base-ip", self.base_ip, "--seed", str(self.seed), "--speed", str(self.speed),
                "--truth-port", "0", "--ready-file", str(ready), *self.extra_args]
         if self.faults is not None:

@@ -4,11 +4,11 @@ No `from __future__ import annotations` here: typer evaluates the annotations at
 
 import typer
 
-from sim.cli import main
+from hashflex.sim.cli import main
 
 
 def sim(ctx: typer.Context) -> None:
-    """Run the simulated mining site (options as `python -m sim`; `hashflex sim --help` lists them)."""
+    """Run the simulated mining site (options as `python -m hashflex.sim`; `hashflex sim --help` lists them)."""
     raise typer.Exit(main(list(ctx.args)))
 
 

@@ -30,9 +30,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.core import signing
-from agent.io.control_socket import AgentUnavailable, request_sync
-from agent.protocol import Reply
+from hashflex.agent.core import signing
+from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
+from hashflex.agent.protocol import Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -154,7 +154,7 @@ class AgentProcess:
         With `time_scale` K its clock runs K times faster than the wall from `time_origin` (default: now); pass
         the same origin to every restart within one test so they share a timeline (and `agent.now()` agrees).
         """
-        args = [sys.executable, "-m", "agent.cli.main", "run", "--config", str(files.path), *extra_args]
+        args = [sys.executable, "-m", "hashflex", "run", "--config", str(files.path), *extra_args]
         origin = time.time() if time_origin is None else time_origin
         if time_scale != 1.0:
             args += ["--time-scale", str(time_scale), "--time-origin", repr(origin)]

@@ -12,14 +12,14 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import AgentConfig
-from agent.io.store import Store
-from agent.runtime.actuator import Actuator
-from agent.runtime.clock import Clock
-from agent.runtime.controller import Controller
-from agent.runtime.events import EventLog
-from agent.runtime.fleet import Fleet, driver_from_config
-from agent.runtime.service import CommandService
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.io.store import Store
+from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.clock import Clock
+from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.fleet import Fleet, driver_from_config
+from hashflex.agent.runtime.service import CommandService
 
 
 class ManualClock:

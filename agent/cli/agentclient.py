@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import EXIT_REFUSED, EXIT_UNAVAILABLE, config_or_exit, fail
-from agent.config import AgentConfig
-from agent.io.control_socket import DEFAULT_TIMEOUT_S, AgentUnavailable, request_sync
-from agent.service_files import SOCKET_PATH
+from hashflex.agent.cli.common import EXIT_REFUSED, EXIT_UNAVAILABLE, config_or_exit, fail
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.io.control_socket import DEFAULT_TIMEOUT_S, AgentUnavailable, request_sync
+from hashflex.agent.service_files import SOCKET_PATH
 
 # Where the systemd unit's agent listens ($RUNTIME_DIRECTORY is /run/hashflex there, but unset in a shell)
 SYSTEMD_SOCKET = Path(SOCKET_PATH)

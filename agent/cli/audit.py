@@ -23,8 +23,8 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 
-from agent.cli import render as r
-from agent.cli.common import (
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.common import (
     DEFAULT_CONFIG,
     EXIT_REFUSED,
     EXIT_UNAVAILABLE,
@@ -36,12 +36,12 @@ from agent.cli.common import (
     err,
     fail,
 )
-from agent.config import AgentConfig
-from agent.core import signing
-from agent.core.energy import DAY_S, HOUR_S, MINUTE_S, QUARTER_S, EnergyPeriod
-from agent.core.units import parse_duration_s
-from agent.io import export as exp
-from agent.io.store import Store, StoreError, verify_database
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import signing
+from hashflex.agent.core.energy import DAY_S, HOUR_S, MINUTE_S, QUARTER_S, EnergyPeriod
+from hashflex.agent.core.units import parse_duration_s
+from hashflex.agent.io import export as exp
+from hashflex.agent.io.store import Store, StoreError, verify_database
 
 audit_app = typer.Typer(help="Verify and export the audit trail.", no_args_is_help=True)
 

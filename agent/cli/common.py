@@ -14,8 +14,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from agent.cli.render import SoftConsole
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+from hashflex.agent.cli.render import SoftConsole
+from hashflex.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Site config file.", envvar="HASHFLEX_CONFIG")

@@ -16,11 +16,20 @@ import typer
 import yaml
 from rich.markup import escape
 
-from agent.cli.common import DEFAULT_CONFIG, EXIT_REFUSED, ConfigOpt, JsonOpt, config_or_exit, emit_json, err, out
-from agent.config import AgentConfig, ConfigError, load_config
-from agent.core.addresses import expand
-from agent.logging import REDACTED, is_secret_name
-from agent.preflight import preflight
+from hashflex.agent.cli.common import (
+    DEFAULT_CONFIG,
+    EXIT_REFUSED,
+    ConfigOpt,
+    JsonOpt,
+    config_or_exit,
+    emit_json,
+    err,
+    out,
+)
+from hashflex.agent.config import AgentConfig, ConfigError, load_config
+from hashflex.agent.core.addresses import expand
+from hashflex.agent.logging import REDACTED, is_secret_name
+from hashflex.agent.preflight import preflight
 
 app = typer.Typer(help="Check or show the site config.", no_args_is_help=True)
 

@@ -15,13 +15,13 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agent.cli import render as r
-from agent.cli.common import EXIT_REFUSED, JsonOpt, WideOpt, config_or_exit, emit_json, err, fail, out
-from agent.config import LoggingConfig
-from agent.core.addresses import expand, validate_spec
-from agent.logging import configure_logging
-from agent.runtime.fleet import DiscoverProgress, Fleet, driver_settings
-from drivers.base import Capability, DriverSettings, Identity, OnOff, PowerRange, Presets
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.common import EXIT_REFUSED, JsonOpt, WideOpt, config_or_exit, emit_json, err, fail, out
+from hashflex.agent.config import LoggingConfig
+from hashflex.agent.core.addresses import expand, validate_spec
+from hashflex.agent.logging import configure_logging
+from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, driver_settings
+from hashflex.drivers.base import Capability, DriverSettings, Identity, OnOff, PowerRange, Presets
 
 
 def _kw_span(low_w: int, high_w: int) -> str:
@@ -75,7 +75,7 @@ def identity_doc(i: Identity) -> dict[str, Any]:
 
 
 async def _run(specs: list[str], settings: DriverSettings, concurrency: int, show_progress: bool) -> list[Identity]:
-    from drivers.registry import create  # noqa: PLC0415  (pyasic is imported only by commands that use it)
+    from hashflex.drivers.registry import create  # noqa: PLC0415  (pyasic is imported only by commands that use it)
 
     fleet = Fleet(
         create("pyasic", settings),

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from agent.cli import render as r
-from agent.cli.agentclient import call
-from agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, err
-from agent.cli.override import parse_power
-from agent.cli.status import DISPATCH_COLUMNS, DISPATCH_PRIORITY, dispatch_rows
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.agentclient import call
+from hashflex.agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, err
+from hashflex.agent.cli.override import parse_power
+from hashflex.agent.cli.status import DISPATCH_COLUMNS, DISPATCH_PRIORITY, dispatch_rows
 
 
 def dispatches(

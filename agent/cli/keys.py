@@ -21,8 +21,8 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli.common import EXIT_REFUSED, err, fail
-from agent.core import signing
+from hashflex.agent.cli.common import EXIT_REFUSED, err, fail
+from hashflex.agent.core import signing
 
 
 def register(app: typer.Typer) -> None:

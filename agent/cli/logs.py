@@ -23,11 +23,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from agent.cli import render as r
-from agent.cli.agentclient import call
-from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, JsonOpt, emit_json, fail
-from agent.runtime.events import EVENT_TYPES
-from agent.service_files import SERVICE_NAME
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.agentclient import call
+from hashflex.agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, JsonOpt, emit_json, fail
+from hashflex.agent.runtime.events import EVENT_TYPES
+from hashflex.agent.service_files import SERVICE_NAME
 
 EVENT_STYLE = {"rejected": "red", "failed": "bold red", "failsafe_entered": "bold red", "alarm": "bold red",
                "target_reached": "green", "accepted": "cyan", "failsafe_exited": "green"}  # fmt: skip

@@ -9,11 +9,11 @@ from typing import Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-import sim.demo
-import sim.typer_command
-from agent import __version__
-from agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
-from agent.core.units import join_unit_words
+from hashflex.agent import __version__
+from hashflex.agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
+from hashflex.agent.core.units import join_unit_words
+from hashflex.sim import demo as sim_demo
+from hashflex.sim import typer_command as sim_command
 
 try:
     from typer._click.exceptions import ClickException  # newer typer carries its own copy of click
@@ -85,8 +85,8 @@ service.register(app)  # install-service
 audit.register(app)  # audit verify|export, energy
 keys.register(app)  # keygen, sign (the grid side's tools)
 # the simulated site and the demo live in sim/, a separate world the agent never imports at run time
-sim.typer_command.register(app)  # sim
-sim.demo.register(app)  # demo
+sim_command.register(app)  # sim
+sim_demo.register(app)  # demo
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from agent.cli import render as r
-from agent.cli.agentclient import call
-from agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, fail
-from agent.core.addresses import expand, validate_spec
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.agentclient import call
+from hashflex.agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, fail
+from hashflex.agent.core.addresses import expand, validate_spec
 
 
 class State(StrEnum):

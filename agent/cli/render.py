@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent.core.units import format_kw
+from hashflex.agent.core.units import format_kw
 
 DASH = "—"
 

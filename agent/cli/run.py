@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, config_or_exit, err, fail
-from agent.config import ConfigError
+from hashflex.agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, config_or_exit, err, fail
+from hashflex.agent.config import ConfigError
 
 TimeScaleOpt = Annotated[
     float | None,
@@ -38,10 +38,10 @@ TimeOriginOpt = Annotated[
 
 def run(config: ConfigOpt = DEFAULT_CONFIG, time_scale: TimeScaleOpt = None, time_origin: TimeOriginOpt = None) -> None:
     """Run the agent: read the fleet, follow the grid and the cap, serve the CLI socket and MQTT."""
-    from agent import app as agent_app  # noqa: PLC0415  (keeps pyasic and friends out of other commands)
-    from agent.io.control_socket import ControlSocketError  # noqa: PLC0415
-    from agent.io.store import StoreError  # noqa: PLC0415
-    from agent.preflight import PreflightError  # noqa: PLC0415
+    from hashflex.agent import app as agent_app  # noqa: PLC0415  (keeps pyasic and friends out of other commands)
+    from hashflex.agent.io.control_socket import ControlSocketError  # noqa: PLC0415
+    from hashflex.agent.io.store import StoreError  # noqa: PLC0415
+    from hashflex.agent.preflight import PreflightError  # noqa: PLC0415
 
     cfg = config_or_exit(config)
     try:

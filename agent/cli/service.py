@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.common import EXIT_REFUSED, JsonOpt, emit_json, err, fail, out
-from agent.service_files import (
+from hashflex.agent.cli.common import EXIT_REFUSED, JsonOpt, emit_json, err, fail, out
+from hashflex.agent.service_files import (
     DEFAULT_CONFIG,
     DYNAMIC_USER_DROPIN,
     SYSUSERS,

@@ -17,11 +17,20 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.cli import render as r
-from agent.cli.agentclient import call, socket_path
-from agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOpt, JsonOpt, config_or_exit, emit_json, err, fail
-from agent.core.units import format_kw
-from agent.io.control_socket import AgentUnavailable, request_sync
+from hashflex.agent.cli import render as r
+from hashflex.agent.cli.agentclient import call, socket_path
+from hashflex.agent.cli.common import (
+    DEFAULT_CONFIG,
+    EXIT_UNAVAILABLE,
+    ConfigOpt,
+    JsonOpt,
+    config_or_exit,
+    emit_json,
+    err,
+    fail,
+)
+from hashflex.agent.core.units import format_kw
+from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
 
 STATE_ORDER = ("hashing", "throttled", "sleeping", "waking", "unreachable")
 STATE_STYLE = {"hashing": "green", "throttled": "yellow", "sleeping": "blue", "waking": "cyan", "unreachable": "red"}

@@ -32,8 +32,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.core.circuits import CircuitTree
-from agent.core.efficiency import (
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.efficiency import (
     DEFAULT_CURVE,
     EfficiencyCurve,
     range_step,
@@ -41,8 +41,8 @@ from agent.core.efficiency import (
     self_step_ceiling_w,
     stock_w,
 )
-from agent.core.model import MinerState, MinerView
-from drivers.base import Capability, wakes_at_limit
+from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.drivers.base import Capability, wakes_at_limit
 
 # miner kinds
 UNCONTROLLED, OFF_LOCKED, OFF, ON, ON_P, WAKE, WAKE_P, OFF_L = range(8)  # OFF_L: asleep, wakes at a planned limit

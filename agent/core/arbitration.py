@@ -32,9 +32,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.core.model import Dispatch, Source, Target
-from agent.core.ramp import ramp_step
-from agent.core.schedule import ScheduleRule
+from hashflex.agent.core.model import Dispatch, Source, Target
+from hashflex.agent.core.ramp import ramp_step
+from hashflex.agent.core.schedule import ScheduleRule
 
 _RANK = {Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3, Source.CAP: 4}
 

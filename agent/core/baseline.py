@@ -11,8 +11,8 @@ never woken.
 
 from __future__ import annotations
 
-from agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
-from agent.core.plan_build import Assignment
+from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
+from hashflex.agent.core.plan_build import Assignment
 
 _EPS = 1e-6
 

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.core.addresses import address, expand, span
+from hashflex.agent.core.addresses import address, expand, span
 
 ROOT = "site"  # the root node's id; reserved, no circuit may use it
 

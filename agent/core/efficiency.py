@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from drivers.base import Capability, OnOff, PowerRange, Presets
+from hashflex.drivers.base import Capability, OnOff, PowerRange, Presets
 
 
 @dataclass(frozen=True, slots=True)

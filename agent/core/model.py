@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from drivers.base import Capability, Family
+from hashflex.drivers.base import Capability, Family
 
 
 class Source(StrEnum):

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 
-from agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
-from agent.core.baseline import present_level
-from agent.core.plan_build import Assignment
+from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
+from hashflex.agent.core.baseline import present_level
+from hashflex.agent.core.plan_build import Assignment
 
 _EPS = 1e-6
 GroupKey = tuple[int, int, int, int, float, float]  # model, priority, path id, kind, full W, level W

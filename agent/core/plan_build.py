@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.core.accounting import UNCONTROLLED, Prep
-from agent.core.model import Action, MinerState, Plan, RunAction, SleepAction
+from hashflex.agent.core.accounting import UNCONTROLLED, Prep
+from hashflex.agent.core.model import Action, MinerState, Plan, RunAction, SleepAction
 
 SLEEP = SleepAction()
 NO_ACTION = -1.0  # level of a miner we do not control

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.core.accounting import PlannerRules, Prep
-from agent.core.baseline import sleep_only
-from agent.core.circuits import CircuitTree
-from agent.core.model import MinerView, Plan
-from agent.core.optimiser import optimise
-from agent.core.plan_build import Assignment, build_plan
+from hashflex.agent.core.accounting import PlannerRules, Prep
+from hashflex.agent.core.baseline import sleep_only
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.model import MinerView, Plan
+from hashflex.agent.core.optimiser import optimise
+from hashflex.agent.core.plan_build import Assignment, build_plan
 
 __all__ = ["PlannerRules", "plan", "plan_sleep_only"]
 

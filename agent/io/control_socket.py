@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.commands import MAX_DEPTH, load_json
-from agent.logging import get_logger
-from agent.protocol import Channel, CommandHandler, Reply
+from hashflex.agent.commands import MAX_DEPTH, load_json
+from hashflex.agent.logging import get_logger
+from hashflex.agent.protocol import Channel, CommandHandler, Reply
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # a request is a few hundred bytes; anything near this is not a CLI
 MAX_REPLY_BYTES = 256 << 20  # `miners` on a 10k-miner site is a few MB

@@ -25,8 +25,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent import __version__
-from agent.logging import get_logger
+from hashflex.agent import __version__
+from hashflex.agent.logging import get_logger
 
 StatusProvider = Callable[[], Mapping[str, Any] | None]
 MinersProvider = Callable[[], Iterable[Mapping[str, Any]]]

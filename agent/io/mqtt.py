@@ -64,9 +64,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.config import AgentConfig
-from agent.logging import get_logger
-from agent.protocol import Channel, CommandHandler, HeartbeatSink, Reply
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.logging import get_logger
+from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink, Reply
 
 log = get_logger("mqtt")
 

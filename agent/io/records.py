@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from agent.core.model import Dispatch, Source
-from drivers.base import Capability, Family, Identity, OnOff, PowerRange, Presets
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.drivers.base import Capability, Family, Identity, OnOff, PowerRange, Presets
 
 # statuses after which a dispatch never binds again; anything else with no closed_at is open
 CLOSED_STATUSES = frozenset({"completed", "expired", "cancelled", "failed", "rejected", "superseded", "closed"})

@@ -49,9 +49,9 @@ from urllib.parse import quote
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.core import audit, signing
-from agent.core.audit import AuditRecord, ChainVerifier, VerifyResult
-from agent.core.energy import (
+from hashflex.agent.core import audit, signing
+from hashflex.agent.core.audit import AuditRecord, ChainVerifier, VerifyResult
+from hashflex.agent.core.energy import (
     DAY_S,
     MINUTE_S,
     QUARTER_S,
@@ -63,9 +63,9 @@ from agent.core.energy import (
     rollup,
     total,
 )
-from agent.core.model import Dispatch
-from agent.io.export import ExportFormat, iso, render
-from agent.io.records import (
+from hashflex.agent.core.model import Dispatch
+from hashflex.agent.io.export import ExportFormat, iso, render
+from hashflex.agent.io.records import (
     PROGRESS_FIELDS,
     DispatchRecord,
     MinerControl,
@@ -75,7 +75,7 @@ from agent.io.records import (
     identity_from_dict,
     identity_to_dict,
 )
-from drivers.base import Identity
+from hashflex.drivers.base import Identity
 
 T = TypeVar("T")
 

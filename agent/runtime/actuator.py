@@ -18,8 +18,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from agent.core.model import Action, MinerState, MinerView, SleepAction
-from drivers.base import (
+from hashflex.agent.core.model import Action, MinerState, MinerView, SleepAction
+from hashflex.drivers.base import (
     CONTROL_COST_MS,
     DriverError,
     Failed,

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from agent.commands import (
+from hashflex.agent.commands import (
     BAD_REQUEST,
     CONFLICT,
     OPERATOR_ID_PREFIX,
@@ -29,17 +29,17 @@ from agent.commands import (
     answer_repeat,
     check_order,
 )
-from agent.core import failsafe as fs
-from agent.core.audit import AuditKind
-from agent.core.model import Dispatch, Source
-from agent.io.store import StoreError, StoreUnavailable, clear_safe_start
-from agent.logging import get_logger
-from agent.protocol import Channel, Reply
-from agent.runtime.crashpoints import crash_point
-from agent.runtime.memory import DispatchRecord
+from hashflex.agent.core import failsafe as fs
+from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
+from hashflex.agent.logging import get_logger
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime.crashpoints import crash_point
+from hashflex.agent.runtime.memory import DispatchRecord
 
 if TYPE_CHECKING:
-    from agent.runtime.controller import Controller
+    from hashflex.agent.runtime.controller import Controller
 
 log = get_logger("apply")
 

@@ -37,14 +37,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.commands import (
+from hashflex.agent.commands import (
     Command,
 )
-from agent.config import AgentConfig
-from agent.core import failsafe as fs
-from agent.core.accounting import excess_w, largest_full_w
-from agent.core.addresses import expand
-from agent.core.arbitration import (
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import failsafe as fs
+from hashflex.agent.core.accounting import excess_w, largest_full_w
+from hashflex.agent.core.addresses import expand
+from hashflex.agent.core.arbitration import (
     ArbitrationInputs,
     ArbitrationRules,
     arbitrate,
@@ -53,12 +53,12 @@ from agent.core.arbitration import (
     ramped_level,
     retention_s,
 )
-from agent.core.audit import AuditKind
-from agent.core.circuits import Circuit, CircuitTree, membership
-from agent.core.efficiency import DEFAULT_CURVE, stock_w
-from agent.core.model import Dispatch, MinerState, MinerView, Plan, SleepAction, Source, Target
-from agent.core.planner import PlannerRules, plan, plan_sleep_only
-from agent.core.ramp import (
+from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.circuits import Circuit, CircuitTree, membership
+from hashflex.agent.core.efficiency import DEFAULT_CURVE, stock_w
+from hashflex.agent.core.model import Dispatch, MinerState, MinerView, Plan, SleepAction, Source, Target
+from hashflex.agent.core.planner import PlannerRules, plan, plan_sleep_only
+from hashflex.agent.core.ramp import (
     WakeStaggerRule,
     prune_wake_times,
     ramp_credit_cap_kw,
@@ -66,20 +66,20 @@ from agent.core.ramp import (
     spend_ramp_credit,
     wake_budget,
 )
-from agent.core.schedule import ScheduleRule
-from agent.io.store import StoreError
-from agent.logging import get_logger
-from agent.protocol import Reply
-from agent.runtime import readout
-from agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
-from agent.runtime.apply import SAFE_START_ID, apply_command
-from agent.runtime.clock import Clock, boot_clock, steady
-from agent.runtime.crashpoints import crash_point
-from agent.runtime.energy_meter import EnergyMeter
-from agent.runtime.events import EventLog
-from agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy
-from agent.runtime.persist import WriteBehind
-from drivers.base import Family, OnOff
+from hashflex.agent.core.schedule import ScheduleRule
+from hashflex.agent.io.store import StoreError
+from hashflex.agent.logging import get_logger
+from hashflex.agent.protocol import Reply
+from hashflex.agent.runtime import readout
+from hashflex.agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
+from hashflex.agent.runtime.apply import SAFE_START_ID, apply_command
+from hashflex.agent.runtime.clock import Clock, boot_clock, steady
+from hashflex.agent.runtime.crashpoints import crash_point
+from hashflex.agent.runtime.energy_meter import EnergyMeter
+from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy
+from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.drivers.base import Family, OnOff
 
 log = get_logger("controller")
 
@@ -1151,7 +1151,7 @@ class Controller:
         if self.notifier is None:
             return
         if self._watchdog_every is None:
-            from agent.io.sdnotify import watchdog_interval  # noqa: PLC0415
+            from hashflex.agent.io.sdnotify import watchdog_interval  # noqa: PLC0415
 
             self._watchdog_every = watchdog_interval() or 0.0
         if self._watchdog_every and time.monotonic() - self._watchdog_at >= self._watchdog_every / 2:

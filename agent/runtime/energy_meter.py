@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from agent.core.energy import MINUTE_S, EnergyIntegrator, SiteSample
-from agent.core.model import Source
-from agent.logging import get_logger
+from hashflex.agent.core.energy import MINUTE_S, EnergyIntegrator, SiteSample
+from hashflex.agent.core.model import Source
+from hashflex.agent.logging import get_logger
 
 if TYPE_CHECKING:
-    from agent.runtime.controller import Controller
+    from hashflex.agent.runtime.controller import Controller
 
 log = get_logger("energy")
 

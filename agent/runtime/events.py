@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.logging import get_logger
+from hashflex.agent.logging import get_logger
 
 log = get_logger("events")
 

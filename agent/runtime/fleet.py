@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from agent.core.addresses import expand
-from agent.logging import get_logger
-from drivers.base import DriverError, DriverSettings, Identity, MinerDriver, MinerHandle, Reading
-from drivers.catalogue import CATALOGUE, STANDBY_W
+from hashflex.agent.core.addresses import expand
+from hashflex.agent.logging import get_logger
+from hashflex.drivers.base import DriverError, DriverSettings, Identity, MinerDriver, MinerHandle, Reading
+from hashflex.drivers.catalogue import CATALOGUE, STANDBY_W
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PollingConfig
+    from hashflex.agent.config import AgentConfig, PollingConfig
 
 StateHint = Literal["hashing", "sleeping", "waking", "unknown"]
 TRANSITIONS_LOGGED = 20  # per sweep and kind; the rest go into one summary line
@@ -559,6 +559,6 @@ def driver_settings(cfg: AgentConfig) -> DriverSettings:
 
 
 def driver_from_config(cfg: AgentConfig) -> MinerDriver:
-    from drivers.registry import create  # noqa: PLC0415  (keeps pyasic's import off paths that do not need it)
+    from hashflex.drivers.registry import create  # noqa: PLC0415  (keeps pyasic's import off paths that do not need it)
 
     return create(cfg.miners.driver, driver_settings(cfg))

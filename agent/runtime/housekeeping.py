@@ -14,10 +14,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.core.energy import DAY_S
-from agent.io.store import StoreUnavailable
-from agent.logging import get_logger
-from agent.runtime.clock import Clock
+from hashflex.agent.core.energy import DAY_S
+from hashflex.agent.io.store import StoreUnavailable
+from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.clock import Clock
 
 log = get_logger("housekeeping")
 

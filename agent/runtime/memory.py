@@ -8,9 +8,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.model import Dispatch, Source
-from agent.io.records import MinerControl
-from agent.runtime.events import iso
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.records import MinerControl
+from hashflex.agent.runtime.events import iso
 
 OPEN_STATUSES = frozenset({"pending", "active"})
 

@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.io.store import StoreError
-from agent.logging import get_logger
+from hashflex.agent.io.store import StoreError
+from hashflex.agent.logging import get_logger
 
 log = get_logger("store")
 

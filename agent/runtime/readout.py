@@ -9,18 +9,18 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
-from agent.core import failsafe as fs
-from agent.core.efficiency import stock_w
-from agent.core.model import MinerState, MinerView, RunAction, SleepAction
-from agent.core.planner import plan
-from agent.core.ramp import wake_budget
-from agent.runtime.actuator import diff
-from agent.runtime.events import iso
-from agent.runtime.memory import DispatchRecord, MinerMemory
+from hashflex.agent import __version__
+from hashflex.agent.core import failsafe as fs
+from hashflex.agent.core.efficiency import stock_w
+from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
+from hashflex.agent.core.planner import plan
+from hashflex.agent.core.ramp import wake_budget
+from hashflex.agent.runtime.actuator import diff
+from hashflex.agent.runtime.events import iso
+from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory
 
 if TYPE_CHECKING:
-    from agent.runtime.controller import Controller
+    from hashflex.agent.runtime.controller import Controller
 
 
 # a miner told to wake is `waking` until it draws this share of its setting (a booting unit reports mining at a

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.commands import (
+from hashflex.agent.commands import (
     INTERNAL,
     UNAVAILABLE,
     Command,
@@ -37,12 +37,12 @@ from agent.commands import (
     parse_heartbeat,
     parse_request,
 )
-from agent.config import AgentConfig
-from agent.core import signing
-from agent.logging import get_logger
-from agent.protocol import Channel, Reply
-from agent.runtime.clock import Clock
-from agent.runtime.events import EventLog, iso
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import signing
+from hashflex.agent.logging import get_logger
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime.clock import Clock
+from hashflex.agent.runtime.events import EventLog, iso
 
 log = get_logger("commands")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sim.device import Device
-from sim.digest import DigestAuth
-from sim.physics import hashrate_at
-from sim.transport import HttpRequest, http_response
+from hashflex.sim.device import Device
+from hashflex.sim.digest import DigestAuth
+from hashflex.sim.physics import hashrate_at
+from hashflex.sim.transport import HttpRequest, http_response
 
 MINER_VERSION = "49.0.1.3"
 BMMINER_VERSION = "1.0.0"

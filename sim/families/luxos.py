@@ -9,8 +9,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sim.device import Device
-from sim.physics import hashrate_at
+from hashflex.sim.device import Device
+from hashflex.sim.physics import hashrate_at
 
 FREQ_STEP_MHZ = 25
 STEPS = range(-8, 4)  # profiles from 8 steps under the stock frequency to 3 over

@@ -10,8 +10,8 @@ import hashlib
 import time
 from typing import Any
 
-from sim.device import Device
-from sim.physics import hashrate_at
+from hashflex.sim.device import Device
+from hashflex.sim.physics import hashrate_at
 
 FW_VERSION = "20250915.16.Rel2"
 API_VERSION = "3.0.2"

@@ -3,7 +3,7 @@
     python -m tests.bench.bench_control                         # 1,000 and 10,000 miners
     python -m tests.bench.bench_control --miners 1000 --concurrency 200
 
-For each site size the simulator runs in its own process (`python -m sim`, real time, woken units at full power
+For each site size the simulator runs in its own process (`python -m hashflex.sim`, real time, woken units at full power
 in --wake-s seconds) and the agent in its own (`hashflex run`, driven through its control socket, exactly as in
 the scenario tests). Ground truth comes from the simulator (GET /truth, sampled on a thread); the agent's figures
 come from its own records: the dispatch's received_at, the `actions` log line of each command batch (when the
@@ -48,7 +48,7 @@ from typing import Any
 
 import psutil
 
-from agent.core.model import SleepAction
+from hashflex.agent.core.model import SleepAction
 
 BASE_IP = "127.37.0.1"  # this helper's loopback range: 127.30.0.0-127.39.255.255
 MIX = "luxos:40,whatsminer:40,antminer:20"
@@ -153,7 +153,7 @@ def _usage() -> float:
 
 async def _bare(op: str, jobs: list[dict[str, Any]], concurrency: int, timeout_s: float) -> dict[str, Any]:
     """The pyasic calls the agent makes for `op`, on miner objects built from stored identities, and nothing else."""
-    from drivers.pyasic_driver import build_miner  # applies the same pyasic patches the agent runs with
+    from hashflex.drivers.pyasic_driver import build_miner  # applies the same pyasic patches the agent runs with
 
     miners = [(job, build_miner(job["driver_class"], job["ip"])) for job in jobs]
     slots = asyncio.Semaphore(concurrency)
@@ -219,7 +219,7 @@ def bare_sleep_all(
 # ---------------------------------------------------------------------------------------------- planners
 def stock_views(identities: list[Any]) -> list[Any]:
     """Every miner hashing at its stock setting, never limited, free to sleep: a fresh site."""
-    from agent.core.model import MinerState, MinerView
+    from hashflex.agent.core.model import MinerState, MinerView
 
     return [
         MinerView(id=i.ip, family=i.family, capability=i.capability, nominal_w=i.nominal_w,
@@ -231,8 +231,8 @@ def stock_views(identities: list[Any]) -> list[Any]:
 
 def plan_both(views: list[Any], target_kw: float, cap_kw: float) -> tuple[Any, Any, float, float]:
     """plan_sleep_only and plan on the same inputs (the agent's headroom), with their planning times."""
-    from agent.core.circuits import CircuitTree
-    from agent.core.planner import PlannerRules, plan, plan_sleep_only
+    from hashflex.agent.core.circuits import CircuitTree
+    from hashflex.agent.core.planner import PlannerRules, plan, plan_sleep_only
 
     rules = PlannerRules(min_on_s=0, min_off_s=0, headroom_pct=1.0)
     tree = CircuitTree(cap_kw, [])
@@ -283,8 +283,8 @@ def ops_total(batches: list[dict[str, Any]], op: str, outcome: str | None = None
 
 
 def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    from agent.io.store import Store
-    from sim.testing import SimProcess
+    from hashflex.agent.io.store import Store
+    from hashflex.sim.testing import SimProcess
     from tests.agent_harness import AgentProcess, write_agent_config
 
     out: dict[str, Any] = {"miners": n}

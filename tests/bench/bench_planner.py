@@ -27,12 +27,12 @@ import statistics
 import time
 from collections.abc import Callable
 
-from agent.core.accounting import PlannerRules
-from agent.core.circuits import Circuit, CircuitTree
-from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from drivers.base import Capability, Family, OnOff, PowerRange, Presets
-from drivers.catalogue import CATALOGUE
+from hashflex.agent.core.accounting import PlannerRules
+from hashflex.agent.core.circuits import Circuit, CircuitTree
+from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
+from hashflex.drivers.catalogue import CATALOGUE
 
 NOW = 1_700_000_000.0
 SHARES = (1.0, 0.9, 0.6, 0.3)  # 100 %: no dispatch, the containers' caps (95 %) bind

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 
 BASE_IP = "127.11.0.1"  # inside the sim helper's range (127.10–127.19)
 MIX = "luxos:40,whatsminer:40,antminer:20"

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.core.energy import EnergyIntegrator, SiteSample
-from agent.core.model import Dispatch, Source
-from agent.io.store import Store, verify_database
+from hashflex.agent.core.energy import EnergyIntegrator, SiteSample
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.store import Store, verify_database
 
 T0 = 1_700_006_400
 

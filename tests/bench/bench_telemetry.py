@@ -43,9 +43,9 @@ def _usage() -> tuple[float, float]:
 
 
 async def _agent(ips: list[str], concurrency: int, identify_concurrency: int) -> dict[str, Any]:
-    from agent.runtime.fleet import Fleet
-    from drivers.base import DriverSettings
-    from drivers.pyasic_driver import PyasicDriver
+    from hashflex.agent.runtime.fleet import Fleet
+    from hashflex.drivers.base import DriverSettings
+    from hashflex.drivers.pyasic_driver import PyasicDriver
 
     driver = PyasicDriver(DriverSettings(identify_concurrency=identify_concurrency))
     fleet = Fleet(driver, concurrency=concurrency, identify_concurrency=identify_concurrency, read_timeout_s=10)
@@ -75,8 +75,8 @@ async def _agent(ips: list[str], concurrency: int, identify_concurrency: int) ->
 async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int) -> dict[str, Any]:
     import pyasic
 
-    from drivers import pyasic_patches
-    from drivers.pyasic_driver import family_of, telemetry_options
+    from hashflex.drivers import pyasic_patches
+    from hashflex.drivers.pyasic_driver import family_of, telemetry_options
 
     pyasic_patches.revert()  # pyasic exactly as installed
     out: dict[str, Any] = {}
@@ -113,8 +113,8 @@ async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int)
 
 def _child(args: argparse.Namespace) -> None:
     logging.getLogger().setLevel(logging.ERROR)
-    from agent.config import LoggingConfig
-    from agent.logging import configure_logging
+    from hashflex.agent.config import LoggingConfig
+    from hashflex.agent.logging import configure_logging
 
     configure_logging(LoggingConfig(level="warning"), stream=sys.stderr)
     ips = Path(args.ips).read_text().split()
@@ -173,7 +173,7 @@ def main() -> None:
     if args.child:
         _child(args)
         return
-    from sim.testing import SimProcess
+    from hashflex.sim.testing import SimProcess
 
     for n in args.miners:
         with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7) as site, tempfile.TemporaryDirectory() as d:

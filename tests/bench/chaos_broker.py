@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, write_agent_config
 from tests.bench.chaos_common import (
     TOLERANCE_SHARE,

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.core import signing
-from sim.testing import SimProcess
+from hashflex.agent.core import signing
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso
 
 # Ground truth may exceed the agent's own figures a little: each simulated unit draws within ±2 % of its nominal
@@ -235,7 +235,7 @@ def known_dispatches(agent: AgentProcess) -> dict[str, dict[str, Any]]:
 def audit_verify(files: AgentConfigFiles) -> tuple[bool, str]:
     """`hashflex audit verify --json` on the state database: (passed, what it said)."""
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli.main", "audit", "verify", "--config", str(files.path), "--json"],
+        [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     text = (done.stdout + done.stderr).strip()

@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from agent.io.control_socket import AgentUnavailable
-from agent.protocol import Reply
-from sim.testing import SimProcess
+from hashflex.agent.io.control_socket import AgentUnavailable
+from hashflex.agent.protocol import Reply
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, write_agent_config
 from tests.bench.chaos_common import (
     TOLERANCE_SHARE,

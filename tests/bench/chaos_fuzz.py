@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.core import signing
-from sim.testing import SimProcess
+from hashflex.agent.core import signing
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, iso, write_agent_config
 from tests.bench.chaos_common import Row, emit, full_power_kw, resign, settled_db_bytes, sign_raw, signed
 from tests.broker import HOST, Mosquitto

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.io.control_socket import AgentUnavailable
-from agent.protocol import Reply
-from agent.runtime.crashpoints import ENV as CRASH_ENV
-from agent.runtime.crashpoints import POINTS
-from sim.testing import SimProcess
+from hashflex.agent.io.control_socket import AgentUnavailable
+from hashflex.agent.protocol import Reply
+from hashflex.agent.runtime.crashpoints import ENV as CRASH_ENV
+from hashflex.agent.runtime.crashpoints import POINTS
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, write_agent_config
 from tests.bench.chaos_common import (
     TOLERANCE_SHARE,

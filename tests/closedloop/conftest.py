@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.config import LoggingConfig
-from agent.logging import configure_logging
+from hashflex.agent.config import LoggingConfig
+from hashflex.agent.logging import configure_logging
 
 
 @pytest.fixture(autouse=True, scope="package")

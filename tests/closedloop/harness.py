@@ -42,19 +42,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import AgentConfig, LoggingConfig, MinersConfig
-from agent.core import signing
-from agent.io.store import Store
-from agent.logging import configure_logging
-from agent.protocol import Channel, Reply
-from agent.runtime.actuator import Actuator
-from agent.runtime.clock import SteadyClock
-from agent.runtime.controller import MIN_EARLY_GAP_S, Controller
-from agent.runtime.events import EventLog
-from agent.runtime.fleet import Fleet, driver_settings
-from agent.runtime.service import CommandService
-from sim.families.luxos import LuxosDevice
-from sim.physics import PhysicsParams
+from hashflex.agent.config import AgentConfig, LoggingConfig, MinersConfig
+from hashflex.agent.core import signing
+from hashflex.agent.io.store import Store
+from hashflex.agent.logging import configure_logging
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.clock import SteadyClock
+from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
+from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.service import CommandService
+from hashflex.sim.families.luxos import LuxosDevice
+from hashflex.sim.physics import PhysicsParams
 from tests.closedloop.inprocess import InProcessDriver, InProcessSite, VirtualTime
 
 HEARTBEAT_EVERY_S = 10.0
@@ -1030,7 +1030,7 @@ class World:
 
 def _write_behind(store: Any) -> Any:
     try:
-        from agent.runtime.persist import WriteBehind
+        from hashflex.agent.runtime.persist import WriteBehind
     except ImportError:  # an agent without a write-behind writes to the store directly
         return None
     return WriteBehind(store)

@@ -1,5 +1,5 @@
-"""The simulated site without its TCP front: the same devices, physics and fault models as `python -m sim`, reached
-in-process through the driver contract (`drivers.base`) on a clock the caller advances.
+"""The simulated site without its TCP front: the same devices, physics and fault models as `python -m hashflex.sim`,
+reached in-process through the driver contract (`drivers.base`) on a clock the caller advances.
 
     vt = VirtualTime(epoch=1_700_000_000.0)
     site = InProcessSite(miners=12, mix="luxos:1,whatsminer:1,antminer:1", seed=3, vt=vt)
@@ -29,7 +29,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from drivers.base import (
+from hashflex.drivers.base import (
     DriverSettings,
     Failed,
     Family,
@@ -44,13 +44,13 @@ from drivers.base import (
     Unreachable,
     Unsupported,
 )
-from sim.device import Device
-from sim.families.antminer import AntminerDevice
-from sim.families.luxos import LuxosDevice
-from sim.families.whatsminer import WhatsminerDevice, v3_token
-from sim.physics import PhysicsParams
-from sim.site import Site
-from sim.transport import HttpRequest
+from hashflex.sim.device import Device
+from hashflex.sim.families.antminer import AntminerDevice
+from hashflex.sim.families.luxos import LuxosDevice
+from hashflex.sim.families.whatsminer import WhatsminerDevice, v3_token
+from hashflex.sim.physics import PhysicsParams
+from hashflex.sim.site import Site
+from hashflex.sim.transport import HttpRequest
 
 DEFAULT_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

@@ -7,9 +7,19 @@ import asyncio
 
 import pytest
 
-from drivers.base import DriverSettings, Failed, Family, Ok, OnOff, PowerRange, Presets, ProtocolError, Unreachable
-from sim.families.luxos import LuxosDevice
-from sim.physics import PhysicsParams
+from hashflex.drivers.base import (
+    DriverSettings,
+    Failed,
+    Family,
+    Ok,
+    OnOff,
+    PowerRange,
+    Presets,
+    ProtocolError,
+    Unreachable,
+)
+from hashflex.sim.families.luxos import LuxosDevice
+from hashflex.sim.physics import PhysicsParams
 from tests.closedloop.inprocess import InProcessDriver, InProcessSite, VirtualTime
 
 PARAMS = PhysicsParams(wake_s=60.0, reboot_s=30.0)

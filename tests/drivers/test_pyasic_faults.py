@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from drivers.base import DriverSettings, Failed, ProtocolError, Unreachable, Unsupported
-from drivers.pyasic_driver import PyasicDriver, round_to_capability
+from hashflex.drivers.base import DriverSettings, Failed, ProtocolError, Unreachable, Unsupported
+from hashflex.drivers.pyasic_driver import PyasicDriver, round_to_capability
 from tests.drivers.rawminers import (
     BLACKHOLE_IP,
     GARBAGE_IP,
@@ -104,7 +104,7 @@ async def test_below_the_lowest_preset_is_refused_without_touching_the_miner() -
 
 
 def test_power_is_rounded_to_what_the_capability_allows() -> None:
-    from drivers.base import PowerRange, Presets
+    from hashflex.drivers.base import PowerRange, Presets
 
     presets = Presets((1800, 2600, 3250))
     assert round_to_capability(presets, 3000) == 2600  # LuxOS: the highest profile not above the target
@@ -123,7 +123,7 @@ def test_importing_the_driver_leaves_the_root_logger_alone() -> None:
 
     code = (
         "import logging; before = (logging.getLogger().level, len(logging.getLogger().handlers));"
-        "import drivers.pyasic_driver;"
+        "import hashflex.drivers.pyasic_driver;"
         "print(before == (logging.getLogger().level, len(logging.getLogger().handlers)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

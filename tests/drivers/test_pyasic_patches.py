@@ -8,9 +8,9 @@ import httpx
 import pytest
 from pyasic import settings
 
-from drivers import pyasic_patches
-from drivers.pyasic_driver import build_miner
-from sim.testing import SimProcess
+from hashflex.drivers import pyasic_patches
+from hashflex.drivers.pyasic_driver import build_miner
+from hashflex.sim.testing import SimProcess
 
 CLASSES = ["LUXMinerS19jPro", "BTMinerM60SVK30:BTMinerV3", "BTMinerM50SVH50:BTMinerV2", "BMMinerS19jPro"]
 

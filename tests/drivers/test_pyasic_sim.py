@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.runtime.actuator import Actuator, Change, Op
-from drivers.base import (
+from hashflex.agent.runtime.actuator import Actuator, Change, Op
+from hashflex.drivers.base import (
     DriverSettings,
     Failed,
     Family,
@@ -25,8 +25,8 @@ from drivers.base import (
     Unsupported,
     wakes_at_limit,
 )
-from drivers.pyasic_driver import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
-from sim.testing import SimProcess
+from hashflex.drivers.pyasic_driver import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
+from hashflex.sim.testing import SimProcess
 from tests.drivers.rawminers import whatsminer_v3_only
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from agent.config import load_config
-from agent.io.mqtt import MqttLink
+from hashflex.agent.config import load_config
+from hashflex.agent.io.mqtt import MqttLink
 from tests.integration.mqtt_support import RecordingHandler, RecordingHeartbeat
 
 

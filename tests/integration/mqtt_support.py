@@ -15,10 +15,10 @@ from typing import Any
 
 import aiomqtt
 
-from agent.config import AgentConfig
-from agent.core import signing
-from agent.io.mqtt import LinkState, MqttLink
-from agent.protocol import Channel, Reply
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import signing
+from hashflex.agent.io.mqtt import LinkState, MqttLink
+from hashflex.agent.protocol import Channel, Reply
 from tests.broker import HOST, Mosquitto
 
 

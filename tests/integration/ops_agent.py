@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import LoggingConfig
-from agent.io.control_socket import ControlServer
-from agent.logging import configure_logging
-from agent.protocol import Channel, Reply
+from hashflex.agent.config import LoggingConfig
+from hashflex.agent.io.control_socket import ControlServer
+from hashflex.agent.logging import configure_logging
+from hashflex.agent.protocol import Channel, Reply
 
 BASE_STATUS: dict[str, Any] = {
     "ts": None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
-from agent.cli.main import app
+from hashflex.agent.cli.main import app
 
 
 def write_config(tmp_path: Path, *, signing_key: Path | None = None) -> Path:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from agent.core.energy import EnergyMinute, MinerMinute
-from agent.core.model import Dispatch, Source
-from agent.io.store import Store
+from hashflex.agent.core.energy import EnergyMinute, MinerMinute
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.store import Store
 
 T0 = 1_700_000_000
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, write_agent_config
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]

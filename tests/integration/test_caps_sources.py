@@ -22,12 +22,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import AgentConfig
-from agent.io.control_socket import ControlServer
-from agent.io.store import Store
-from agent.protocol import Channel, Reply
-from agent.runtime.controller import Controller
-from agent.runtime.service import CommandService
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.io.control_socket import ControlServer
+from hashflex.agent.io.store import Store
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.service import CommandService
 from tests.agent_harness import sign_for
 from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
 

@@ -33,8 +33,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.core.audit import AuditRecord, verify_chain
-from sim.testing import SimProcess
+from hashflex.agent.core.audit import AuditRecord, verify_chain
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, site_power_kw, write_agent_config
 from tests.broker import HOST, Mosquitto, Pki, free_port
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import AgentConfig
-from agent.protocol import Channel, Reply
-from agent.runtime.controller import Controller
-from agent.runtime.service import CommandService
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.service import CommandService
 from tests.agent_harness import iso, sign_for
 from tests.runtime_support import grid_config, start_parts, stop_parts
 

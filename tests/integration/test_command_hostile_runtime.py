@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.core import signing
-from agent.protocol import Channel
+from hashflex.agent.core import signing
+from hashflex.agent.protocol import Channel
 from tests.agent_harness import iso, sign_for
 from tests.integration.test_runtime_service import (
     GRID,
@@ -198,7 +198,7 @@ async def test_only_signed_fresh_heartbeats_reach_the_failsafe(rt: Runtime) -> N
 
 # ------------------------------------------------------------------------------------- finding 7: the socket
 async def test_the_control_socket_answers_hostile_lines_and_keeps_the_connection(rt: Runtime, tmp_path: Path) -> None:
-    from agent.io.control_socket import ControlServer
+    from hashflex.agent.io.control_socket import ControlServer
 
     lines = [
         b'{"verb": "dispatch", "payload": {"id": "a", "target_kw": 1' + b"0" * 400 + b"}}",
@@ -230,7 +230,7 @@ def test_the_cli_refuses_an_absurd_override_duration_before_sending_it(tmp_path:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli.main", "curtail", "--to", "5kW", "--for", "99999999999d",
+        [sys.executable, "-m", "hashflex", "curtail", "--to", "5kW", "--for", "99999999999d",
          "--config", str(tmp_path / "absent.yaml")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

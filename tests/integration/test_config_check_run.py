@@ -19,9 +19,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from agent.cli.main import app
-from agent.config import load_config
-from sim.testing import SimProcess
+from hashflex.agent.cli.main import app
+from hashflex.agent.config import load_config
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,7 +30,7 @@ MINIMAL = "site: {id: first-site, cap_kw: 50}\nminers: {addresses: [127.91.0.1-1
 
 
 def hashflex(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)  # fmt: skip
 
 

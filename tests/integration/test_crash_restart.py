@@ -41,11 +41,11 @@ from typing import Any
 
 import pytest
 
-from agent.io.control_socket import AgentUnavailable
-from agent.io.store import Store
-from agent.protocol import Reply
-from agent.runtime.crashpoints import ENV as CRASH_ENV
-from sim.testing import SimProcess
+from hashflex.agent.io.control_socket import AgentUnavailable
+from hashflex.agent.io.store import Store
+from hashflex.agent.protocol import Reply
+from hashflex.agent.runtime.crashpoints import ENV as CRASH_ENV
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso, write_agent_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -236,7 +236,7 @@ def check_held_down(site: Site, t0: float, t1: float, level_kw: float) -> tuple[
 
 def audit_verify(files: AgentConfigFiles) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli.main", "audit", "verify", "--config", str(files.path), "--json"],
+        [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from agent.core.audit import AuditRecord, verify_chain
-from sim.demo import cap_verdict, describe_event, explain
-from sim.demo_support import Ramp, Sample, address_ranges
+from hashflex.agent.core.audit import AuditRecord, verify_chain
+from hashflex.sim.demo import cap_verdict, describe_event, explain
+from hashflex.sim.demo_support import Ramp, Sample, address_ranges
 
 pytestmark = pytest.mark.timeout(180)
 HASHFLEX = str(Path(sys.executable).parent / "hashflex")

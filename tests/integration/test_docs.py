@@ -33,9 +33,9 @@ import typer.main
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.cli.main import app
-from agent.config import load_config
-from sim.testing import SimProcess
+from hashflex.agent.cli.main import app
+from hashflex.agent.config import load_config
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess
 from tests.broker import Mosquitto
 

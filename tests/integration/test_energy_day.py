@@ -36,8 +36,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.io.store import Store
-from sim.testing import SimProcess
+from hashflex.agent.io.store import Store
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso, write_agent_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -125,7 +125,7 @@ class Day:
 
 
 def cli(*args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "agent.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import structlog
 
-from agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w, state_hint
-from drivers.base import DriverSettings, Family, Identity, MinerDriver, OnOff, Presets, Reading
-from drivers.pyasic_driver import PyasicDriver
-from sim.testing import SimProcess
+from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w, state_hint
+from hashflex.drivers.base import DriverSettings, Family, Identity, MinerDriver, OnOff, Presets, Reading
+from hashflex.drivers.pyasic_driver import PyasicDriver
+from hashflex.sim.testing import SimProcess
 
 pytestmark = pytest.mark.timeout(180)
 

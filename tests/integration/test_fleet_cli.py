@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
 
 BASE_IP = "127.23.0.1"  # this suite's loopback range (127.20-127.29)
-HASHFLEX = [sys.executable, "-m", "agent.cli.main"]
+HASHFLEX = [sys.executable, "-m", "hashflex"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

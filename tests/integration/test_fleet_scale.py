@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.runtime.fleet import Fleet
-from drivers.base import DriverSettings
-from drivers.pyasic_driver import PyasicDriver
-from sim.testing import SimProcess
+from hashflex.agent.runtime.fleet import Fleet
+from hashflex.drivers.base import DriverSettings
+from hashflex.drivers.pyasic_driver import PyasicDriver
+from hashflex.sim.testing import SimProcess
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

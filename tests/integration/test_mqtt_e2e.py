@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.io.store import Store
-from sim.testing import SimProcess
+from hashflex.agent.io.store import Store
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, iso, sign_for, write_agent_config
 from tests.broker import DEFAULT_USERS, HOST, REPO, Mosquitto
 from tests.integration.mqtt_support import Observer, wait_until
@@ -251,7 +251,7 @@ def audit_commands(files: AgentConfigFiles) -> list[dict[str, Any]]:
 def hashflex_bin() -> str:
     """The venv's `hashflex` entry point, as an operator would run it."""
     candidate = Path(sys.executable).with_name("hashflex")
-    return str(candidate) if candidate.exists() else f"{sys.executable} -m agent.cli.main"
+    return str(candidate) if candidate.exists() else f"{sys.executable} -m hashflex"
 
 
 # ================================================================================================ every verb

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import Command, parse_heartbeat, parse_request
-from agent.config import DispatchRules
-from agent.core import signing
-from agent.protocol import Channel, Reply
+from hashflex.agent.commands import Command, parse_heartbeat, parse_request
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.core import signing
+from hashflex.agent.protocol import Channel, Reply
 from tests.broker import HOST, REPO, Mosquitto
 from tests.integration.mqtt_support import Observer, make_link, running, site_config
 
@@ -27,7 +27,7 @@ SCOPE = ("--site", "lhr-07", "--verb", "dispatch")  # what every signed command 
 
 def hashflex(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli.main", *args],
+        [sys.executable, "-m", "hashflex", *args],
         input=stdin, capture_output=True, text=True, timeout=30, cwd=REPO, check=False,
     )  # fmt: skip
 

@@ -12,8 +12,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.io.mqtt import LinkState
-from agent.protocol import Channel
+from hashflex.agent.io.mqtt import LinkState
+from hashflex.agent.protocol import Channel
 from tests.broker import Mosquitto, Mqtt311OnlyProxy
 from tests.integration.mqtt_support import Observer, RecordingHandler, make_link, running, site_config, wait_until
 

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import AgentConfig
-from agent.core import signing
-from agent.io.mqtt import MqttLink
+from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import signing
+from hashflex.agent.io.mqtt import MqttLink
 from tests.agent_harness import iso, sign_for
 from tests.broker import HOST, Mosquitto
 from tests.integration.mqtt_support import Observer, RecordingHandler, running, unique_site, wait_until

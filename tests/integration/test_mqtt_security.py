@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.io.mqtt import FailureKind, LinkState, classify_failure
+from hashflex.agent.io.mqtt import FailureKind, LinkState, classify_failure
 from tests.broker import DEFAULT_USERS, HOST, Mosquitto
 from tests.integration.mqtt_support import Observer, make_link, running, site_config, wait_until
 

@@ -22,11 +22,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent.cli import discover
-from agent.cli.main import app
-from agent.cli.render import print_table, watts
-from agent.runtime.events import iso
-from drivers.base import Family, Identity, Presets
+from hashflex.agent.cli import discover
+from hashflex.agent.cli.main import app
+from hashflex.agent.cli.render import print_table, watts
+from hashflex.agent.runtime.events import iso
+from hashflex.drivers.base import Family, Identity, Presets
 from tests.integration.ops_agent import MINERS, StandInAgent
 
 pytestmark = pytest.mark.timeout(120)

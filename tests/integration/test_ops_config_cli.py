@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from agent.cli.main import app
-from agent.core.signing import generate_keypair
+from hashflex.agent.cli.main import app
+from hashflex.agent.core.signing import generate_keypair
 
 runner = CliRunner(env={"COLUMNS": "200"})
 

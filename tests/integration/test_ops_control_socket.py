@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from agent.io.control_socket import (
+from hashflex.agent.io.control_socket import (
     AgentUnavailable,
     ControlServer,
     ControlSocketError,
     request,
     request_sync,
 )
-from agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel, Reply
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.io.metrics import Metrics
+from hashflex.agent.io.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.io.sdnotify import SdNotifier, watchdog_interval
+from hashflex.agent.io.sdnotify import SdNotifier, watchdog_interval
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_child_process_notifies_ready_then_pings_then_stops(manager: tuple[str
     script = textwrap.dedent(
         """
         import time
-        from agent.io.sdnotify import SdNotifier, watchdog_interval
+        from hashflex.agent.io.sdnotify import SdNotifier, watchdog_interval
         n = SdNotifier()
         interval = watchdog_interval()
         assert interval == 0.05, interval

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent.cli.main import app
-from agent.config import load_config
-from agent.service_files import (
+from hashflex.agent.cli.main import app
+from hashflex.agent.config import load_config
+from hashflex.agent.service_files import (
     DYNAMIC_USER_DROPIN,
     SYSUSERS,
     render_example_config,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, site_power_kw, write_agent_config
 
 pytestmark = pytest.mark.timeout(240)

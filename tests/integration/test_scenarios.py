@@ -1,8 +1,8 @@
 """Grid-control scenarios on the simulated site, judged by the simulator's ground truth (issue 4, "What must show").
 
 Every test runs the real agent (`hashflex run`, a subprocess, through tests/agent_harness.py) against a simulated
-site (`python -m sim`, another subprocess): unmodified pyasic over real TCP, real SQLite, real Mosquitto for the
-grid link. A background thread samples GET /truth throughout; each test states, as named constants, the time the
+site (`python -m hashflex.sim`, another subprocess): unmodified pyasic over real TCP, real SQLite, real Mosquitto for
+the grid link. A background thread samples GET /truth throughout; each test states, as named constants, the time the
 site has to meet its target and the tolerance above the cap it may never exceed, and checks every sample.
 
 Clocks: the simulator runs `--speed K` and the agent `--time-scale K` from the same moment, so site minutes pass in
@@ -31,7 +31,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, iso, sign_for, site_power_kw, write_agent_config
 from tests.broker import HOST, Mosquitto
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.model import Dispatch, Source
-from agent.io.records import MinerControl
-from agent.io.store import SCHEMA_VERSION, Store, StoreCorrupt, StoreError
-from drivers.base import Family, Identity, OnOff, PowerRange, Presets
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.records import MinerControl
+from hashflex.agent.io.store import SCHEMA_VERSION, Store, StoreCorrupt, StoreError
+from hashflex.drivers.base import Family, Identity, OnOff, PowerRange, Presets
 
 T = 1_700_000_000.0
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.core import signing
-from agent.core.energy import EnergyMinute, MinerMinute
-from agent.io.store import Store, verify_database
-from agent.runtime.clock import WallClock
-from agent.runtime.housekeeping import Housekeeping
+from hashflex.agent.core import signing
+from hashflex.agent.core.energy import EnergyMinute, MinerMinute
+from hashflex.agent.io.store import Store, verify_database
+from hashflex.agent.runtime.clock import WallClock
+from hashflex.agent.runtime.housekeeping import Housekeeping
 from tests.integration.store_support import hashflex, write_config
 
 DAY0 = 1_700_006_400.0  # 2023-11-15T00:00Z, a UTC midnight
@@ -253,7 +253,7 @@ def test_signed_daily_heads_verify_and_catch_a_rewritten_chain(site: tuple[Path,
     with Store.open(db) as store:
         records = store.audit_records()
     con = sqlite3.connect(db)
-    from agent.core.audit import canonical_json, make_record
+    from hashflex.agent.core.audit import canonical_json, make_record
 
     prev_seq, prev_hash = records[8].seq, records[8].hash
     for r in records[9:]:

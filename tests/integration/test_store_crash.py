@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.io.store import Store, verify_database
+from hashflex.agent.io.store import Store, verify_database
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from agent.io.control_socket import AgentUnavailable, request_sync
-from agent.io.store import Store, StoreUnavailable
-from sim.testing import SimProcess
+from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
+from hashflex.agent.io.store import Store, StoreUnavailable
+from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso, write_agent_config
 from tests.fsfaults import fill, locked, tmpfs
 
@@ -104,7 +104,7 @@ def verify(files: AgentConfigFiles) -> dict[str, Any]:
     import json
 
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli.main", "audit", "verify", "--config", str(files.path), "--json"],
+        [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     doc: dict[str, Any] = json.loads(done.stdout)
@@ -230,7 +230,7 @@ def test_a_second_agent_on_the_same_state_directory_exits_and_leaves_the_first_a
     origin = time.time()
     with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
         second = subprocess.run(
-            [sys.executable, "-m", "agent.cli.main", "run", "--config", str(files.path), "--time-scale", str(K),
+            [sys.executable, "-m", "hashflex", "run", "--config", str(files.path), "--time-scale", str(K),
              "--time-origin", repr(origin)],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -294,7 +294,7 @@ def test_a_safe_start_holds_across_restarts_until_an_operator_resumes(site: Site
 def _crash_with_open_wal(db: Path) -> None:
     """A process that writes and dies without closing (as a killed agent does): the -wal and -shm files stay, and
     with them SQLite can open the database on a read-only file system, read-only."""
-    code = ("import os, sys; from agent.io.store import Store; "
+    code = ("import os, sys; from hashflex.agent.io.store import Store; "
             "s = Store.open(sys.argv[1]); s.set_state('probe', 1); os._exit(0)")  # fmt: skip
     subprocess.run([sys.executable, "-c", code, str(db)], cwd=ROOT, check=True, timeout=60)
     assert Path(f"{db}-wal").exists()

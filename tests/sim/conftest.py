@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 
 T = TypeVar("T")
 

@@ -19,9 +19,9 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.text import Annotation
 
-from sim.demo_notes import Note, SleepOnlyBaseline, agent_notes
-from sim.demo_plot import build_figure
-from sim.demo_support import Mark, Sample, SiteClock, Span
+from hashflex.sim.demo_notes import Note, SleepOnlyBaseline, agent_notes
+from hashflex.sim.demo_plot import build_figure
+from hashflex.sim.demo_support import Mark, Sample, SiteClock, Span
 
 T0 = 1_796_129_560.0  # 17:52:40 site-local (UTC+5)
 CAP_KW, FULL_KW, TOLERANCE_KW = 420.0, 387.5, 0.02 * 387.5

@@ -11,7 +11,7 @@ import pytest
 from pyasic.config import MinerConfig
 from pyasic.config.mining import MiningModeConfig
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.sim.conftest import truth_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.sim.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,7 +24,7 @@ def start(
     args: list[str], tmp_path: Path, command: list[str] | None = None
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen([*(command or [sys.executable, "-m", "sim"]), *args, "--truth-port", "0",
+    proc = subprocess.Popen([*(command or [sys.executable, "-m", "hashflex.sim"]), *args, "--truth-port", "0",
                              "--ready-file", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     wait_until(lambda: ready.exists() or proc.poll() is not None, 30, "ready file")
@@ -71,7 +71,7 @@ def test_sigint_stops_it_too(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "sim", "--base-ip", "127.17.3.1", "--truth-port", "0", *args],
+    proc = subprocess.run([sys.executable, "-m", "hashflex.sim", "--base-ip", "127.17.3.1", "--truth-port", "0", *args],
                           capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
@@ -79,7 +79,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str
 
 def test_a_port_in_use_is_reported_not_a_traceback() -> None:
     with SimProcess(miners=1, mix="luxos:1", base_ip="127.17.4.1"):
-        proc = subprocess.run([sys.executable, "-m", "sim", "--miners", "1", "--mix", "luxos:1", "--base-ip",
+        proc = subprocess.run([sys.executable, "-m", "hashflex.sim", "--miners", "1", "--mix", "luxos:1", "--base-ip",
                                "127.17.4.1", "--truth-port", "0"], capture_output=True, text=True, timeout=30,
                               cwd=ROOT, check=False)
     assert proc.returncode == 2

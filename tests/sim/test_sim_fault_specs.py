@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sim.faults import FaultSpecError, parse
+from hashflex.sim.faults import FaultSpecError, parse
 
 IPS = [f"127.10.0.{i}" for i in range(1, 41)]
 FAMILIES = {ip: ("luxos" if i < 20 else "whatsminer" if i < 30 else "antminer") for i, ip in enumerate(IPS)}

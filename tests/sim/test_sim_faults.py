@@ -10,7 +10,7 @@ import pyasic
 import pytest
 from pyasic.errors import APIError
 
-from sim.testing import SimError, SimProcess
+from hashflex.sim.testing import SimError, SimProcess
 from tests.sim.conftest import ips_of, truth_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,7 +12,7 @@ import pyasic
 import pytest
 from pyasic.errors import APIError
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.sim.conftest import truth_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)

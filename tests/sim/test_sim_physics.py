@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.catalogue import ANTMINERS, WHATSMINERS
-from sim.physics import BOOT_POWER_SHARE, MinerPhysics, PhysicsParams, hashrate_at
+from hashflex.sim.catalogue import ANTMINERS, WHATSMINERS
+from hashflex.sim.physics import BOOT_POWER_SHARE, MinerPhysics, PhysicsParams, hashrate_at
 
 S19JPRO = ANTMINERS["Antminer S19j Pro"]
 

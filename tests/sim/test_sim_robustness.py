@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pyasic
 import pytest
 
-from sim.testing import SimProcess
+from hashflex.sim.testing import SimProcess
 from tests.sim.conftest import ips_of
 
 pytestmark = pytest.mark.timeout(120)

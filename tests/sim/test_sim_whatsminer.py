@@ -12,8 +12,8 @@ from typing import Any
 import pyasic
 import pytest
 
-from sim.families.whatsminer import v3_token
-from sim.testing import SimProcess
+from hashflex.sim.families.whatsminer import v3_token
+from hashflex.sim.testing import SimProcess
 from tests.sim.conftest import truth_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from agent.core.accounting import PlannerRules
-from agent.core.circuits import Circuit, CircuitTree
-from agent.core.model import MinerState, MinerView
-from drivers.base import Capability, Family, OnOff, PowerRange, Presets
+from hashflex.agent.core.accounting import PlannerRules
+from hashflex.agent.core.circuits import Circuit, CircuitTree
+from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 
 NOW = 1_000_000.0
 

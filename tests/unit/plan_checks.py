@@ -6,11 +6,11 @@ internals, so a planner bug that also corrupts its own accounting still fails he
 
 from __future__ import annotations
 
-from agent.core.accounting import PlannerRules
-from agent.core.circuits import CircuitTree
-from agent.core.efficiency import run_levels, stock_w
-from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from drivers.base import OnOff, PowerRange, Presets, wakes_at_limit
+from hashflex.agent.core.accounting import PlannerRules
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.efficiency import run_levels, stock_w
+from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.drivers.base import OnOff, PowerRange, Presets, wakes_at_limit
 
 EPS_W = 1e-3
 RUNNING = (MinerState.HASHING, MinerState.THROTTLED)

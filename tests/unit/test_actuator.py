@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from agent.core.model import MinerState, MinerView, RunAction, SleepAction
-from agent.runtime.actuator import Actuator, Change, Op, diff, order
-from agent.runtime.clock import ScaledClock
-from drivers.base import (
+from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
+from hashflex.agent.runtime.actuator import Actuator, Change, Op, diff, order
+from hashflex.agent.runtime.clock import ScaledClock
+from hashflex.drivers.base import (
     Failed,
     Family,
     Identity,

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.core.arbitration import (
+from hashflex.agent.core.arbitration import (
     ArbitrationInputs,
     ArbitrationRules,
     arbitrate,
@@ -16,8 +16,8 @@ from agent.core.arbitration import (
     event_windows,
     retention_s,
 )
-from agent.core.model import Dispatch, Source
-from agent.core.schedule import ScheduleRule
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.core.schedule import ScheduleRule
 
 T0 = 1_704_067_200.0  # Monday 2024-01-01 00:00 UTC
 NO_RULES = ArbitrationRules(debounce_s=0.0)

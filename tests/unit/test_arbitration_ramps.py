@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.arbitration import (
+from hashflex.agent.core.arbitration import (
     ArbitrationInputs,
     ArbitrationRules,
     RampState,
@@ -17,8 +17,8 @@ from agent.core.arbitration import (
     ramp_key,
     ramped_level,
 )
-from agent.core.model import Dispatch, Source
-from agent.core.schedule import ScheduleRule
+from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.core.schedule import ScheduleRule
 
 T0 = 1_704_067_200.0  # Monday 2024-01-01 00:00 UTC
 RULES = ArbitrationRules(debounce_s=0.0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.audit import (
+from hashflex.agent.core.audit import (
     GENESIS_HASH,
     Anchor,
     AuditRecord,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.circuits import ROOT, Circuit, CircuitTree, check_membership, membership
+from hashflex.agent.core.circuits import ROOT, Circuit, CircuitTree, check_membership, membership
 
 
 def site() -> CircuitTree:

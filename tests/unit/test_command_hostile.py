@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import commands
-from agent.commands import (
+from hashflex.agent import commands
+from hashflex.agent.commands import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
@@ -24,9 +24,9 @@ from agent.commands import (
     Repeat,
     parse_request,
 )
-from agent.config import DispatchRules
-from agent.core import signing
-from agent.protocol import Channel, Reply
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.core import signing
+from hashflex.agent.protocol import Channel, Reply
 
 NOW = 1_750_000_000.0
 SITE = "lhr-07"

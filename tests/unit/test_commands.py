@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.commands import (
+from hashflex.agent.commands import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
@@ -35,9 +35,9 @@ from agent.commands import (
     parse_timestamp,
     request_digest,
 )
-from agent.config import DispatchRules
-from agent.core import signing
-from agent.protocol import Channel, Reply
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.core import signing
+from hashflex.agent.protocol import Channel, Reply
 
 NOW = 1_750_000_000.0
 CAP_KW = 2000.0

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli.main import app
-from agent.config import ConfigError, load_config
+from hashflex.agent.cli.main import app
+from hashflex.agent.config import ConfigError, load_config
 
 GOOD = """\
 site: {id: demo, cap_kw: 1000}

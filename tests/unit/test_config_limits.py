@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 from pydantic import AfterValidator, BaseModel, ValidationError
 from typer.testing import CliRunner
 
-from agent.cli.main import app
-from agent.config import MAX_DURATION_S, MAX_POWER_KW, AgentConfig, ConfigError, _Model, load_config
-from agent.io.store import Store
-from agent.runtime.actuator import Actuator
-from agent.runtime.controller import Controller
-from agent.runtime.events import EventLog
-from agent.runtime.fleet import Fleet, driver_from_config
+from hashflex.agent.cli.main import app
+from hashflex.agent.config import MAX_DURATION_S, MAX_POWER_KW, AgentConfig, ConfigError, _Model, load_config
+from hashflex.agent.io.store import Store
+from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.fleet import Fleet, driver_from_config
 
 MARK = "__VALUE__"
 

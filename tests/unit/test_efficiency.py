@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.efficiency import (
+from hashflex.agent.core.efficiency import (
     DEFAULT_CURVE,
     EfficiencyCurve,
     expected_ths,
@@ -17,7 +17,7 @@ from agent.core.efficiency import (
     snap_down,
     stock_w,
 )
-from drivers.base import OnOff, PowerRange, Presets
+from hashflex.drivers.base import OnOff, PowerRange, Presets
 
 NOMINAL_W, NOMINAL_THS = 3250.0, 110.0
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.energy import (
+from hashflex.agent.core.energy import (
     DAY_S,
     QUARTER_S,
     EnergyIntegrator,

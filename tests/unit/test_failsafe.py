@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from agent.core.failsafe import (
+from hashflex.agent.core.failsafe import (
     FailsafeRules,
     FailsafeState,
     SavedLink,

@@ -6,6 +6,8 @@
 - Only drivers/pyasic_driver.py (and its patches) import pyasic; only agent/io/mqtt.py imports aiomqtt; only
   agent/io/store.py imports sqlite3 (checked over agent/, drivers/ and sim/; tests may use them directly).
 - sim/ shares no code with agent/ or drivers/.
+- Everything is imported through the one import package: `hashflex.agent…`, never a bare `agent…` (an installed
+  project claims only the name `hashflex`; the rules above name modules without that prefix).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("agent", "drivers", "sim")
+PACKAGES = ("agent", "drivers", "sim", "coordinator")
+TOP = "hashflex."
 IO_MODULES = {"asyncio", "socket", "sqlite3", "subprocess", "aiomqtt", "pyasic", "httpx", "selectors", "ssl"}
 OWNERS = {
     "pyasic": {"drivers/pyasic_driver.py", "drivers/pyasic_patches.py"},
@@ -35,7 +38,14 @@ def _module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, package: str | None = None) -> Iterator[str]:
-    """Every absolute module name `path` imports (relative imports resolved against its package)."""
+    """Every absolute module name `path` imports (relative imports resolved against its package), without the
+    `hashflex.` prefix, so the rules read as the folders do."""
+    for name in raw_imports_of(path, package):
+        yield name.removeprefix(TOP)
+
+
+def raw_imports_of(path: Path, package: str | None = None) -> Iterator[str]:
+    """Every absolute module name `path` imports, as written."""
     tree = ast.parse(path.read_text(), filename=str(path))
     if package is None:
         package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
@@ -86,6 +96,14 @@ def test_the_walker_sees_nested_relative_and_dynamic_imports(tmp_path: Path) -> 
     assert {"os", "drivers.base", "drivers.catalogue", "sqlite3", "agent.core", "aiomqtt"} <= found
 
 
+@pytest.mark.parametrize("path", sources(*PACKAGES, "tests"), ids=_rel)
+def test_everything_is_imported_through_the_hashflex_package(path: Path) -> None:
+    # a bare `agent` import works only from a checkout (the folder is on sys.path there) and would load a second
+    # copy of the module beside `hashflex.agent…`, with its own globals
+    bare = [m for m in raw_imports_of(path) if m.split(".")[0] in PACKAGES]
+    assert not bare, f"{_rel(path)} imports {sorted(set(bare))}: write hashflex.{bare[0]}"
+
+
 @pytest.mark.parametrize("path", sources("agent/core"), ids=_rel)
 def test_core_is_pure(path: Path) -> None:
     def forbidden(module: str) -> bool:
@@ -124,7 +142,8 @@ def test_pyasic_is_behind_the_driver_at_runtime_too() -> None:
     import sys
 
     code = (
-        "import sys, agent.config, agent.core.model, agent.core.units, drivers.base, drivers.catalogue;"
+        "import sys, hashflex.agent.config, hashflex.agent.core.model, hashflex.agent.core.units,"
+        " hashflex.drivers.base, hashflex.drivers.catalogue;"
         "print('pyasic' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.runtime.health import existing_ancestor, gateway_health
+from hashflex.agent.runtime.health import existing_ancestor, gateway_health
 
 
 def test_values_for_this_gateway(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from datetime import datetime
 
 import pytest
 
-from agent.config import LoggingConfig
-from agent.logging import (
+from hashflex.agent.config import LoggingConfig
+from hashflex.agent.logging import (
     REDACTED,
     bind_context,
     bound_context,

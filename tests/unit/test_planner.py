@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 
-from agent.core.accounting import PlannerRules
-from agent.core.circuits import Circuit, CircuitTree
-from agent.core.model import Action, MinerState, MinerView, Plan, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from drivers.base import Capability, Family, OnOff, PowerRange, Presets
+from hashflex.agent.core.accounting import PlannerRules
+from hashflex.agent.core.circuits import Circuit, CircuitTree
+from hashflex.agent.core.model import Action, MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 from tests.unit.plan_checks import check_plan
 
 NOW = 1_000_000.0

@@ -21,11 +21,11 @@ import dataclasses
 
 from hypothesis import given
 
-from agent.core.circuits import CircuitTree
-from agent.core.efficiency import stock_w
-from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from drivers.base import wakes_at_limit
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.efficiency import stock_w
+from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.drivers.base import wakes_at_limit
 from tests.unit.fleets import NOW, Case, cases
 from tests.unit.plan_checks import EPS_W, RUNNING, full_w, node_sums, uncontrolled, worst_w
 from tests.unit.test_planner_properties import PROPS

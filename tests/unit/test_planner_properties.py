@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from agent.core.model import MinerState, SleepAction
-from agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.model import MinerState, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
 from tests.unit.fleets import NOW, Case, cases
 from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, check_plan, node_caps_w, node_sums, worst_w
 
@@ -111,7 +111,7 @@ def _state(case: Case, miner_id: str) -> MinerState:
 
 
 def _present_or_stock(case: Case, miner_id: str) -> int:
-    from agent.core.efficiency import stock_w
+    from hashflex.agent.core.efficiency import stock_w
 
     v = next(v for v in case.views if v.id == miner_id)
     return int(v.commanded_w) if v.commanded_w is not None else stock_w(v.capability, v.nominal_w)

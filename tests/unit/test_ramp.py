@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.ramp import WakeStaggerRule, prune_wake_times, ramp_allowance_kw, ramp_step, wake_budget
+from hashflex.agent.core.ramp import WakeStaggerRule, prune_wake_times, ramp_allowance_kw, ramp_step, wake_budget
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.core.accounting import PlannerRules, largest_full_w
-from agent.core.circuits import CircuitTree
-from agent.core.model import MinerState, MinerView, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from agent.core.ramp import RAMP_CREDIT_TICKS, ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
-from drivers.base import Family, PowerRange
+from hashflex.agent.core.accounting import PlannerRules, largest_full_w
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.ramp import RAMP_CREDIT_TICKS, ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
+from hashflex.drivers.base import Family, PowerRange
 from tests.unit.fleets import capabilities
 from tests.unit.plan_checks import check_plan
 

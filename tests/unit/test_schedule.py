@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.core.schedule import ScheduleRule, parse_hhmm
+from hashflex.agent.core.schedule import ScheduleRule, parse_hhmm
 
 
 def local(day: str, hhmm: str, offset_h: float) -> float:

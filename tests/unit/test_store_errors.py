@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import open_store
-from agent.config import load_config
-from agent.core.energy import DAY_S, EnergyMinute, MinerMinute
-from agent.io import store as store_mod
-from agent.io.store import Store, StoreCorrupt, StoreUnavailable
-from agent.logging import configure_logging, get_logger
-from agent.runtime.clock import WallClock
-from agent.runtime.housekeeping import Housekeeping
-from agent.runtime.persist import WriteBehind
+from hashflex.agent.app import open_store
+from hashflex.agent.config import load_config
+from hashflex.agent.core.energy import DAY_S, EnergyMinute, MinerMinute
+from hashflex.agent.io import store as store_mod
+from hashflex.agent.io.store import Store, StoreCorrupt, StoreUnavailable
+from hashflex.agent.logging import configure_logging, get_logger
+from hashflex.agent.runtime.clock import WallClock
+from hashflex.agent.runtime.housekeeping import Housekeeping
+from hashflex.agent.runtime.persist import WriteBehind
 from tests.fsfaults import fill, locked, tmpfs
 from tests.integration.store_support import hashflex, write_config
 

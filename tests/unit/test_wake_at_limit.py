@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.accounting import PlannerRules
-from agent.core.circuits import CircuitTree
-from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from agent.runtime.actuator import Actuator, Change, Op, diff
-from drivers.base import Capability, Failed, Family, Identity, OnOff, PowerRange, Presets, Result, wakes_at_limit
+from hashflex.agent.core.accounting import PlannerRules
+from hashflex.agent.core.circuits import CircuitTree
+from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.runtime.actuator import Actuator, Change, Op, diff
+from hashflex.drivers.base import (
+    Capability,
+    Failed,
+    Family,
+    Identity,
+    OnOff,
+    PowerRange,
+    Presets,
+    Result,
+    wakes_at_limit,
+)
 from tests.unit.plan_checks import check_plan
 from tests.unit.test_actuator import RecordingHandle
 

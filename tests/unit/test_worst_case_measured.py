@@ -7,12 +7,12 @@ accounting of tests/unit/plan_checks.py (which re-derives the rules from the acc
 
 from __future__ import annotations
 
-from agent.core.accounting import PlannerRules, excess_w
-from agent.core.circuits import Circuit, CircuitTree
-from agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from agent.core.planner import plan, plan_sleep_only
-from agent.runtime.fleet import state_hint
-from drivers.base import Family, Identity, PowerRange, Presets, Reading
+from hashflex.agent.core.accounting import PlannerRules, excess_w
+from hashflex.agent.core.circuits import Circuit, CircuitTree
+from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.runtime.fleet import state_hint
+from hashflex.drivers.base import Family, Identity, PowerRange, Presets, Reading
 from tests.unit.plan_checks import check_plan
 
 NOW = 1_000_000.0
