@@ -177,6 +177,9 @@ class MinerControl:
     limits_unsupported: bool = False  # its firmware refused a power limit: on/off only
     ignores_commands: bool = False  # it acknowledged commands and did not act on them
     woken_to_w: float | None = None  # the limit it was told before its last wake: it comes up at it
+    # a wake sent (or about to be: written ahead of the command) and not yet seen through: a restart counts the
+    # miner as waking at full power, whatever it reads like (a booting miner draws little and does not hash)
+    wake_pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +189,7 @@ class MinerControl:
             "limits_unsupported": self.limits_unsupported,
             "ignores_commands": self.ignores_commands,
             "woken_to_w": self.woken_to_w,
+            "wake_pending": self.wake_pending,
         }
 
     @classmethod
@@ -198,4 +202,5 @@ class MinerControl:
             limits_unsupported=bool(raw.get("limits_unsupported", False)),
             ignores_commands=bool(raw.get("ignores_commands", False)),
             woken_to_w=float(ww) if isinstance(ww, int | float) and not isinstance(ww, bool) else None,
+            wake_pending=bool(raw.get("wake_pending", False)),
         )

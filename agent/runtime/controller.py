@@ -77,7 +77,7 @@ from hashflex.agent.runtime.clock import Clock, boot_clock, steady
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy
+from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.drivers.base import Family, OnOff
 
@@ -206,6 +206,7 @@ class Controller:
         self._stopping = False
         self._actuations: set[asyncio.Task[None]] = set()
         self._dirty_controls: set[str] = set()
+        self._rises_held = False  # wakes and raises held while the store cannot write them ahead (_write_ahead)
         self._controls_saved_at = 0.0
         self._last_snapshot_ts: float | None = None
         self._last_ack_at = -math.inf  # when a miner last acknowledged a command
@@ -287,6 +288,8 @@ class Controller:
         ahead_s = 0.0  # how far times recorded by the last run are ahead of the clock now: the wall went back
         for ip, control in self.store.load_controls().items():
             mem = self.memory[ip] = MinerMemory.from_control(control)
+            if mem.pending_op is not None:
+                mem.pending_at = now  # a wake the last run may have sent: telemetry confirms it from now on
             if mem.last_transition > now:  # its min on/off time runs from now, not from a time still to come
                 ahead_s = max(ahead_s, mem.last_transition - now)
                 mem.last_transition = now
@@ -548,6 +551,8 @@ class Controller:
             self.ramp_credit_kw = min(allowance, self.ramp_credit_kw + sum(held_raises_w) / 1000.0)
         changes += self._recommands(new_plan, {c.ip for c in changes}, now)
         changes, held = self._hold_rises(changes, by_ip)
+        changes, unwritten = self._write_ahead(changes)
+        held += unwritten
         if changes:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
             crash_point("planned")
@@ -1131,9 +1136,30 @@ class Controller:
         if not self._dirty_controls or (not force and now - self._controls_saved_at < CONTROLS_SAVE_EVERY_S / 10):
             return
         dirty, self._dirty_controls = self._dirty_controls, set()
-        controls = {ip: self.memory[ip].to_control() for ip in dirty if ip in self.memory}
+        # a command on the wire that raises a miner's draw stays written ahead until its reply is in
+        controls = {ip: self.memory[ip].to_control(self.in_flight.get(ip)) for ip in dirty if ip in self.memory}
         self.persist.call("save_controls", controls)
         self._controls_saved_at = now
+
+    def _write_ahead(self, changes: list[Change]) -> tuple[list[Change], int]:
+        """Store every wake and limit raise as done before it goes out (MinerMemory.to_control): killed between
+        the miner taking it and its reply being stored, the next run must not count that miner at its old, lower
+        figures (chaos kill -9: a restart woke miners into the room miners the dead run had woken were booting
+        into). A rise that cannot be stored first (the store refuses writes) is held: the site sheds, it does not
+        rise, until the store takes writes again. Returns the changes to send and how many were held."""
+        rising = [c for c in changes if raises_draw(c, self.memory.setdefault(c.ip, MinerMemory()).commanded_w)]
+        if not rising:
+            return changes, 0
+        ahead = {c.ip: self.memory[c.ip].to_control(c) for c in rising}
+        if self.persist.call("save_controls", ahead):
+            self._rises_held = False
+            return changes, 0
+        # queued behind the refused writes: once it lands, the next save puts the miner's own figures back
+        self._dirty_controls.update(ahead)
+        if not self._rises_held:  # (the store_unavailable alarm says the rest)
+            log.warning("rises held: the state store cannot record them before they go out", held=len(rising))
+        self._rises_held = True
+        return [c for c in changes if c.ip not in ahead], len(rising)
 
     def _store_health(self) -> None:
         """Retry the writes the store refused; alarm while it refuses them, clear the alarm once all are in."""

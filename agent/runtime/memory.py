@@ -10,6 +10,7 @@ from typing import Any
 
 from hashflex.agent.core.model import Dispatch, Source
 from hashflex.agent.io.records import MinerControl
+from hashflex.agent.runtime.actuator import Change, Op
 from hashflex.agent.runtime.events import iso
 
 OPEN_STATUSES = frozenset({"pending", "active"})
@@ -55,27 +56,48 @@ class MinerMemory:
     # restart the telemetry's own hint decides)
     wake_sent_at: float | None = None
 
-    def to_control(self) -> MinerControl:
-        """The part that survives a restart."""
-        return MinerControl(
+    def to_control(self, sending: Change | None = None) -> MinerControl:
+        """The part that survives a restart: never less than the miner may draw. A command that raises its draw
+        (`sending`: a wake, a higher limit) counts as done from before it goes out (the miner may take it and the
+        agent die before its reply is stored: a restart that believed the old figures woke other miners into the
+        room a booting one was about to take); a lower one counts once it is acknowledged."""
+        control = MinerControl(
             asleep_by_us=self.asleep_by_us,
             commanded_w=self.commanded_w,
             since=self.last_transition,
             limits_unsupported=self.limits_unsupported,
             ignores_commands=self.ignores_commands,
             woken_to_w=self.woken_to_w,
+            wake_pending=self.pending_op == Op.WAKE.value,
         )
+        if sending is None or not raises_draw(sending, self.commanded_w):
+            return control
+        if sending.op is Op.WAKE:  # it may come up at its stored or stock level before any limit takes
+            return dataclasses.replace(control, asleep_by_us=False, woken_to_w=None, wake_pending=True)
+        return dataclasses.replace(control, commanded_w=float(sending.watts or 0))
 
     @classmethod
     def from_control(cls, c: MinerControl) -> MinerMemory:
         return cls(
             commanded_w=c.commanded_w,
-            asleep_by_us=c.asleep_by_us,
+            asleep_by_us=c.asleep_by_us and not c.wake_pending,
             last_transition=c.since,
             limits_unsupported=c.limits_unsupported,
             ignores_commands=c.ignores_commands,
             woken_to_w=c.woken_to_w,
+            # a wake that may have gone out: confirmed (or re-sent) by telemetry as any acknowledged wake is;
+            # the restoring controller dates it (pending_at)
+            pending_op=Op.WAKE.value if c.wake_pending else None,
         )
+
+
+def raises_draw(change: Change, commanded_w: float | None) -> bool:
+    """Does this command let the miner draw more than the figures stored for it say?"""
+    if change.op is Op.WAKE:
+        return True
+    return change.op is Op.SET_POWER and change.watts is not None and not change.decrease and (
+        commanded_w is None or change.watts > commanded_w
+    )
 
 
 @dataclass(slots=True)

@@ -111,6 +111,12 @@ class Sample:
     running_kw: float  # limit (or nominal) of every miner the truth shows hashing or waking
     waking: int
     states: tuple[str, ...] = ()  # each miner's state, in the simulator's order
+    # each miner as the truth showed it: (ip, state, limit W or None, nominal W, power W), for a violation's story
+    miners: tuple[tuple[str, str, float | None, float, float], ...] = ()
+
+    def describe(self) -> str:
+        return "; ".join(f"{ip} {state} limit {limit if limit is None else round(limit)} nominal {round(nominal)} "
+                         f"drawing {round(power)} W" for ip, state, limit, nominal, power in self.miners)  # fmt: skip
 
 
 class TruthRecorder:
@@ -136,8 +142,13 @@ class TruthRecorder:
                           if m["state"] in ("hashing", "waking"))  # fmt: skip
             waking = sum(1 for m in truth["miners"] if m["state"] == "waking")
             states = tuple(str(m["state"]) for m in truth["miners"])
+            miners = tuple(
+                (str(m["ip"]), str(m["state"]), None if m["power_limit_w"] is None else float(m["power_limit_w"]),
+                 float(m["nominal_w"]), float(m["power_w"]))
+                for m in truth["miners"]
+            )  # fmt: skip
             self.samples.append(Sample(time.monotonic(), truth["site"]["power_w"] / 1000, running / 1000, waking,
-                                       states))  # fmt: skip
+                                       states, miners))  # fmt: skip
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> TruthRecorder:

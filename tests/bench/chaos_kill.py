@@ -76,7 +76,8 @@ def held_down(samples: list[Sample], level_kw: float, tol_kw: float, grace_s: fl
                 if a == "sleeping" and b == "waking"]  # fmt: skip
         if woke and s.at - t0 > grace_s and s.running_kw > level_kw + tol_kw:
             return (f"miner(s) {woke} woken {s.at - t0:.1f} s after the restart with {s.running_kw:.2f} kW running or "
-                    f"waking while the dispatch allows {level_kw} kW")  # fmt: skip
+                    f"waking while the dispatch allows {level_kw} kW (before: {prev.describe()}; after: "
+                    f"{s.describe()})")  # fmt: skip
         if s.power_kw <= level_kw + tol_kw:
             reached = reached or s
         elif reached:
@@ -312,8 +313,11 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=100)
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--workdir", type=Path, help="keep the agent's config, state and logs (one per start) here")
     args = ap.parse_args()
-    emit(run(args.cycles, seed=args.seed), args.json_out)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    emit(run(args.cycles, seed=args.seed, workdir=args.workdir), args.json_out)
 
 
 if __name__ == "__main__":

@@ -274,3 +274,37 @@ def test_a_miner_slept_right_after_a_raise_is_not_taken_for_one_that_came_on() -
         w.run_for(180)  # decrease-too-deep on ground truth (was: 0.44 kW against a need of 4.47 kW at 445 s)
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_crash_right_after_wakes_leaves_the_next_run_counting_them_at_full_power(seed: int) -> None:
+    """Chaos kill -9 (tests/bench/chaos_kill.py, 4 of 60 cycles): the agent woke miners, they acknowledged, and it
+    was killed before its periodic control save. The next run restored "asleep, by us" for them; booting, they draw
+    little and do not hash, so they read as asleep (counted at their sleeping draw), and it woke other miners into
+    the room they were about to take (19.6 kW running or waking under a 13.2 kW dispatch). Wakes and limit raises
+    are now written ahead of the command (MinerMemory.to_control): a restart counts such a miner as waking, at full
+    power, until telemetry confirms it, and the plan makes room for it or sleeps it."""
+    w = _world(SiteSpec(miners=8, mix="luxos:1,whatsminer:1", seed=seed, cap_share=1.0, min_on_s=0, min_off_s=0,
+                        wake_per_interval=8, confirm_after_s=10.0))  # fmt: skip
+    try:
+        low = w.dispatch(target_share=0.2, duration=3600)
+        w.run_for(120)  # most of the site asleep under the dispatch
+        assert low is not None
+        w.cancel(low)  # room for all: the agent wakes the sleeping miners
+        w.run_for(w.spec.tick_s + 1.0)  # the wakes are out and acknowledged; the control save is not due yet
+        booting = [d.ip for d in w.site.devices if d.physics.current_state(w.vt.t) == "waking"]
+        assert len(booting) >= 3, "the scenario needs miners booting at the kill"
+        w.restart(crash=True)
+        w.dispatch(target_share=0.55, duration=3600)  # less room than the booting miners will draw
+        w.run_for(w.spec.tick_s)  # the first plans of the new run are out
+        ctl = w.ctl
+        assert ctl is not None
+        assert ctl.plan is not None
+        t = w.vt.t
+        # what the site will draw once every boot is over, against what the new run's plan counts
+        up = sum(w._eventual_w(d.ip) for d in w.site.devices if d.physics.current_state(t) in ("waking", "hashing"))
+        assert ctl.plan.worst_case_kw >= up / 1000.0 - 0.3, (ctl.plan.worst_case_kw, up / 1000.0)
+        w.run_for(300)
+        assert w.margins.checks_safety > 10
+    finally:
+        w.close()
