@@ -18,6 +18,7 @@ import structlog
 import uvloop
 
 from hashflex.sim.faults import FaultSpecError
+from hashflex.sim.meter import MeterParams, SiteMeter, parse_address
 from hashflex.sim.physics import PhysicsParams
 from hashflex.sim.site import Site, TruthEndpoint
 from hashflex.sim.transport import HttpProtocol
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wake-s", type=float, default=180.0, help="sim seconds from wake to full power (default 180)")
     p.add_argument("--reboot-s", type=float, default=90.0, help="sim seconds a rebooting miner is offline")
     p.add_argument("--log-level", default="warning", help="sim log level (default warning)")
+    p.add_argument("--meter", default=None, metavar="HOST[:PORT]",
+                   help="serve a site meter over Modbus TCP there (loopback; port default 5020, 502 needs root)")
+    p.add_argument("--meter-config", default=None, metavar="JSON",
+                   help="meter parameters as JSON (or @file), see sim/meter.py MeterParams")
     return p
 
 
@@ -84,6 +89,10 @@ async def run(args: argparse.Namespace) -> int:
                                             host="127.0.0.1", port=args.truth_port, reuse_address=True)
     port = truth_server.sockets[0].getsockname()[1]
     bind_s = await site.start()
+    if args.meter:
+        meter = SiteMeter(site, MeterParams.from_json(load_faults(args.meter_config)), *parse_address(args.meter))
+        await meter.start()
+        site.meter = meter
     if initial:
         await site.apply_faults(initial)
     truth_url = f"http://127.0.0.1:{port}"
@@ -93,14 +102,22 @@ async def run(args: argparse.Namespace) -> int:
     print(f"hashflex sim: {len(site.devices)} miners ({per_family}), {nominal_mw:.3f} MW nominal, "
           f"{first}–{last}, {listeners} listeners bound in {bind_s:.2f} s, speed {args.speed:g}x, seed {args.seed}, "
           f"truth {truth_url}/truth", flush=True)
+    if site.meter is not None:
+        m = site.meter
+        print(f"hashflex sim: site meter on modbus tcp {m.host}:{m.port} unit {m.params.unit} (SunSpec 203/213 at "
+              f"40000, SDM630, EM24, Janitza maps), {m.model.rated_w / 1e3:.1f} kW rated", flush=True)
     if args.ready_file:
         write_ready_file(args.ready_file, {"truth_url": truth_url, "ips": [d.ip for d in site.devices],
-                                           "pid": os.getpid(), "bind_s": bind_s})
+                                           "pid": os.getpid(), "bind_s": bind_s,
+                                           "meter": None if site.meter is None else f"{site.meter.host}:"
+                                                                                    f"{site.meter.port}"})
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     truth_server.close()
+    if site.meter is not None:
+        await site.meter.close()
     await site.close()
     with contextlib.suppress(OSError):  # stdout may be gone (a closed pipe) by now
         print("hashflex sim: stopped", flush=True)

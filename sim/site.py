@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,6 +22,9 @@ from hashflex.sim.families.whatsminer import WhatsminerDevice
 from hashflex.sim.faults import FaultAction, parse
 from hashflex.sim.physics import PhysicsParams
 from hashflex.sim.transport import HttpProtocol, HttpRequest, RpcProtocol, V3Protocol, http_response
+
+if TYPE_CHECKING:
+    from hashflex.sim.meter import SiteMeter
 
 log = structlog.get_logger("sim")
 
@@ -102,6 +105,7 @@ class Site:
         self._rebooting: dict[str, asyncio.TimerHandle] = {}
         self._ticking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.meter: SiteMeter | None = None  # the site meter (sim/meter.py), when --meter is given
         counts = split_counts(miners, parse_mix(mix))
         ips = iter(allocate_ips(base_ip, miners))
         rng = random.Random(f"{seed}:models")
@@ -257,6 +261,7 @@ class Site:
                      "energy_kwh": round(energy / 3.6e6, 6),
                      "nominal_w": sum(d.spec.nominal_w for d in self.devices)},
             "miners": miners,
+            **({"meter": self.meter.truth()} if self.meter is not None else {}),
         }
 
 
@@ -295,6 +300,10 @@ class TruthEndpoint:
     def handle_http(self, port: int, request: HttpRequest) -> bytes | asyncio.Future[bytes] | None:
         if request.path == "/truth" and request.method == "GET":
             return self._json(200, self.site.truth())
+        if request.path in ("/meter", "/grid"):
+            if self.site.meter is None:
+                return self._json(404, {"error": "no meter: start the sim with --meter HOST[:PORT]"})
+            return self.site.meter.handle_http(request)
         if request.path == "/health" and request.method == "GET":
             return self._json(200, {"ok": True, "miners": len(self.site.devices)})
         if request.path == "/faults":

@@ -51,6 +51,7 @@ class SimProcess:
         self.extra_args = list(extra_args)
         self.ips: list[str] = []
         self.truth_url = ""
+        self.meter = ""  # "host:port" of the simulated site meter (extra_args=["--meter", ...]), else ""
         self.summary = ""
         self._proc: subprocess.Popen[str] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -86,6 +87,7 @@ class SimProcess:
         info = json.loads(ready.read_text())
         self.ips = list(info["ips"])
         self.truth_url = str(info["truth_url"])
+        self.meter = str(info.get("meter") or "")
         self.summary = self.log_text().strip().splitlines()[0] if self.log_text().strip() else ""
         return self
 
@@ -121,6 +123,21 @@ class SimProcess:
 
     def clear_faults(self) -> dict[str, Any]:
         return self.set_faults({"mode": "clear"})
+
+    def meter_truth(self) -> dict[str, Any]:
+        """GET /meter: the site meter's figures (sim/meter.py)."""
+        doc: dict[str, Any] = self._request("GET", "/meter")["meter"]
+        return doc
+
+    def meter_fault(self, fault: str, **params: Any) -> dict[str, Any]:
+        """POST /meter: offline | frozen | garbage (kind nan|absurd) | counter_reset | clear."""
+        doc: dict[str, Any] = self._request("POST", "/meter", {"fault": fault, **params})["meter"]
+        return doc
+
+    def grid_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        """POST /grid: a frequency event (sim/grid.py): step, ramp, dip, trace, nominal."""
+        doc: dict[str, Any] = self._request("POST", "/grid", event)
+        return doc
 
     def stop(self, timeout: float = 10) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
