@@ -26,6 +26,9 @@ OWNERS = {
     "pyasic": {"drivers/pyasic_driver.py", "drivers/pyasic_patches.py"},
     "aiomqtt": {"agent/io/mqtt.py"},
     "sqlite3": {"agent/io/store.py"},
+    # the agent's meter adapter; the simulated site serves its meter with the same stack
+    "pymodbus": {"drivers/meter_modbus.py", "sim/meter.py"},
+    "nats": {"coordinator/lease.py"},
 }
 
 
