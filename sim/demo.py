@@ -38,7 +38,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import typer
 from rich.console import Console
 
 from hashflex.sim.demo_notes import SleepOnlyBaseline, agent_notes
@@ -618,17 +617,6 @@ def _event_ts(value: Any) -> float | None:
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
-
-
-# ---------------------------------------------------------------------------------------------- `hashflex demo`
-def demo(ctx: typer.Context) -> None:
-    """Run the demo: a simulated site, the agent, a grid scenario, a plot (`hashflex demo --help` for options)."""
-    raise typer.Exit(main(list(ctx.args)))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("demo", add_help_option=False,
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(demo)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from typer.core import TyperGroup
 from hashflex.agent import __version__
 from hashflex.agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
 from hashflex.agent.core.units import join_unit_words
-from hashflex.sim import demo as sim_demo
-from hashflex.sim import typer_command as sim_command
 
 try:
     from typer._click.exceptions import ClickException  # newer typer carries its own copy of click
@@ -84,9 +82,25 @@ config.register(app)  # config check|dump
 service.register(app)  # install-service
 audit.register(app)  # audit verify|export, energy
 keys.register(app)  # keygen, sign (the grid side's tools)
-# the simulated site and the demo live in sim/, a separate world the agent never imports at run time
-sim_command.register(app)  # sim
-sim_demo.register(app)  # demo
+# the simulated site and the demo live in sim/, a separate world: imported only when one of them runs (never by
+# `hashflex run` on a site gateway); each hands its arguments to its own argparse CLI
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("sim", add_help_option=False, context_settings=PASS_THROUGH)
+def sim(ctx: typer.Context) -> None:
+    """Run the simulated mining site (options as `python -m hashflex.sim`; `hashflex sim --help` lists them)."""
+    from hashflex.sim.cli import main as sim_main  # noqa: PLC0415
+
+    raise typer.Exit(sim_main(list(ctx.args)))
+
+
+@app.command("demo", add_help_option=False, context_settings=PASS_THROUGH)
+def demo(ctx: typer.Context) -> None:
+    """Run the demo: a simulated site, the agent, a grid scenario, a plot (`hashflex demo --help` for options)."""
+    from hashflex.sim.demo import main as demo_main  # noqa: PLC0415
+
+    raise typer.Exit(demo_main(list(ctx.args)))
 
 
 def main() -> None:

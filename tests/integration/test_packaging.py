@@ -3,6 +3,7 @@ its top, so an installed hashflex claims one name in site-packages, and the `pyt
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,10 +14,13 @@ FOLDERS = ("agent", "drivers", "sim", "coordinator")
 
 
 def test_the_wheel_claims_only_hashflex_and_runs_from_outside_the_checkout(tmp_path: Path) -> None:
+    had_build = (ROOT / "build").exists()  # setuptools builds in the tree: leave the checkout as it was
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
+    if not had_build:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("hashflex-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -151,3 +151,16 @@ def test_pyasic_is_behind_the_driver_at_runtime_too() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_the_command_does_not_load_the_simulator() -> None:
+    """`hashflex run` on a site gateway never imports sim/ (nor matplotlib): only `hashflex sim|demo` do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hashflex.agent.cli.main;"
+        "print(sorted(m for m in sys.modules if m.startswith(('hashflex.sim', 'matplotlib'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
