@@ -152,20 +152,6 @@ class CircuitTree:
             if loads.get(node, 0.0) > cap + tolerance_kw
         ]
 
-    def check_change(self, loads: Mapping[str, float], circuit: str | None, old_kw: float, new_kw: float) -> str | None:
-        """May a load on `circuit` move from old_kw to new_kw? None = yes; else the first node that would overflow.
-
-        Only the increase is checked (evcc validatePower): a reduction always passes, even on an overloaded node.
-        """
-        delta = max(0.0, new_kw - old_kw)
-        if delta == 0.0:
-            return None
-        for i in self.path(circuit):
-            node = self._ids[i]
-            if loads.get(node, 0.0) + delta > self._caps[i] + 1e-9:
-                return node
-        return None
-
 
 # ---------------------------------------------------------------------------------------------------- membership
 def check_membership(tree: CircuitTree, members: Sequence[tuple[str, Sequence[str]]]) -> None:

@@ -45,22 +45,6 @@ def test_overloads_name_every_node_over_its_cap() -> None:
     assert [node for node, _, _ in t.overloads(loads)] == ["container-a", "pdu-a1"]
 
 
-def test_circuit_check_passes_a_reduction_even_on_an_overloaded_node() -> None:
-    t = site()
-    loads = t.loads_kw([("pdu-a1", 30.0)])
-    assert t.check_change(loads, "pdu-a1", old_kw=30.0, new_kw=10.0) is None
-    assert t.check_change(loads, "pdu-a1", old_kw=5.0, new_kw=5.0) is None
-
-
-def test_circuit_check_refuses_an_increase_at_the_first_node_that_would_overflow() -> None:
-    t = site()
-    loads = t.loads_kw([("pdu-a1", 15.0), ("pdu-a2", 20.0)])
-    assert t.check_change(loads, "pdu-a1", 0.0, 5.0) is None
-    assert t.check_change(loads, "pdu-a1", 0.0, 6.0) == "pdu-a1"
-    assert t.check_change(loads, "pdu-a2", 0.0, 6.0) == "pdu-a2"
-    assert t.check_change(loads, None, 0.0, 66.0) == ROOT
-
-
 def test_with_site_cap_changes_only_the_root() -> None:
     t = site().with_site_cap(40.0)
     assert t.cap_kw(ROOT) == 40.0
