@@ -20,6 +20,7 @@ Loopback range: 127.181.0.0/16 (full runs), 127.186.0.0/16 (the short test).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -173,6 +174,7 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
                         fired += 1
                     end_wall = time.monotonic()
                     t_down = time.monotonic()
+                    killed_log = agent.log_path
                     if not died_at_start:
                         body = dispatch_body(agent, did, target_kw=level, lasts_s=lasts)
                         doc = signed(agent, "dispatch", body)
@@ -238,7 +240,8 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
                         inherited += early_wakes(window)
                         if problem:
                             row.violations += 1
-                            row.note(f"cycle {cycle} ({crash_at or 'random'}): {problem}")
+                            kept = keep_evidence(cycle, killed_log, agent.log_path)
+                            row.note(f"cycle {cycle} ({crash_at or 'random'}): {problem} (logs: {kept})")
                     time.sleep(0.3)
                     over = above(truth.since(t_down), cap, tol)
                     if over:
@@ -306,6 +309,16 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
                     shutil.rmtree(tmp, ignore_errors=True)
     row.wall_s = time.monotonic() - started
     return row
+
+
+def keep_evidence(cycle: int, *logs: Path) -> Path:
+    """The killed and the restarted agent's logs of a cycle that broke a rule, kept past the run's temp folder."""
+    folder = Path(tempfile.gettempdir()) / "chaos-kill-evidence" / f"{int(time.time())}-cycle{cycle}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, log in enumerate(logs):
+        with contextlib.suppress(OSError):
+            shutil.copy(log, folder / f"{n}-{log.name}")
+    return folder
 
 
 def main() -> None:
