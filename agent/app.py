@@ -25,8 +25,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -48,8 +49,12 @@ from hashflex.agent.runtime.clock import Clock, make_clock
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog, iso
 from hashflex.agent.runtime.housekeeping import Housekeeping
+from hashflex.agent.runtime.metering import SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.service import CommandService
+
+if TYPE_CHECKING:
+    from hashflex.drivers.meter_modbus import MeterRefusal, ModbusMeter
 
 log = get_logger("agent")
 
@@ -105,6 +110,51 @@ def check_time_scale(cfg: AgentConfig, time_scale: float | None) -> None:
             raise ConfigError(
                 f"--time-scale is for runs against the simulator only, and {ip} is not a loopback address"
             )
+    meter = cfg.site.meter
+    if meter is not None and not _is_loopback(meter.host):  # the simulated site serves its meter on loopback too
+        raise ConfigError(
+            f"--time-scale is for runs against the simulator only, and site.meter.host {meter.host} is not a "
+            "loopback address"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _SiteTime:
+    """The agent's clock as the meter adapter reads time (`monotonic()`): its readings' times and staleness are
+    then on the controller's clock (a scaled one in a simulation run), comparable with every other time it keeps."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def monotonic(self) -> float:
+        return self.clock.time()
+
+
+def site_meter(
+    cfg: AgentConfig, clock: Clock, on_fault: Callable[[MeterRefusal], None] | None = None
+) -> ModbusMeter | None:
+    """The Modbus meter adapter for site.meter (started by the caller), or None without one. Imports pymodbus."""
+    m = cfg.site.meter
+    if m is None:
+        return None
+    from hashflex.drivers.meter_maps import MeterBounds  # noqa: PLC0415
+    from hashflex.drivers.meter_modbus import MeterConfig, ModbusMeter  # noqa: PLC0415  (imports pymodbus)
+
+    max_kw = m.max_kw if m.max_kw is not None else 2.0 * cfg.site.cap_kw  # more than that is garbage, not a site
+    mcfg = MeterConfig(
+        host=m.host, port=m.port, unit=m.unit, map=m.map, sunspec_model=m.sunspec_model,
+        bounds=MeterBounds(max_w=max_kw * 1000.0), poll_s=m.poll_s, stale_after_s=m.stale_after_s,
+        frozen_after_s=m.frozen_after_s,
+    )  # fmt: skip
+    return ModbusMeter(mcfg, clock=_SiteTime(clock), on_fault=on_fault)
 
 
 def configured_addresses(cfg: AgentConfig) -> list[str]:
@@ -210,6 +260,7 @@ class Agent:
         self.store: Any = None
         self._instance_lock: int | None = None  # the descriptor holding state_dir/agent.lock (see take_instance_lock)
         self.fleet: Any = None
+        self.meter: ModbusMeter | None = None  # with site.meter
         self.controller: Controller | None = None
         self.link: Any = None
         self.metrics: Any = None
@@ -239,6 +290,12 @@ class Agent:
             self.clock.time(),
         )  # fmt: skip
         driver = driver_from_config(cfg)
+        # the meter polls from now on, so its first reading is in by the first tick (a refused one asks for a tick)
+        self.meter = site_meter(cfg, self.clock, on_fault=lambda _refusal: self._meter_fault())
+        if self.meter is not None:
+            self.meter.start()
+            log.info("site meter", meter=self.meter.name, map=cfg.site.meter and str(getattr(cfg.site.meter.map,
+                     "name", cfg.site.meter.map)))  # fmt: skip
         self.fleet = fleet = Fleet.from_config(
             driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w
         )
@@ -270,10 +327,11 @@ class Agent:
             retries_per_command=cfg.control.retry_budget,
         )
         grid_link = cfg.mqtt.enabled and bool(grid_keys)
+        meter: SiteMeterPort | None = self.meter
         self.controller = ctl = Controller(
             cfg, fleet=fleet, store=self.store, actuator=actuator, clock=self.clock, events=events,
             notifier=self.notifier, grid_link=grid_link,
-            gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
+            gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb), meter=meter,
         )  # fmt: skip
         ctl.persist = persist
         ctl.sweep_request = self.sweep_request
@@ -358,6 +416,11 @@ class Agent:
             log.warning("control socket not taken while waiting for the state store", error=str(exc))
             return
         self.server = server
+
+    def _meter_fault(self) -> None:
+        """A reading the meter adapter refused: tick early, so the alarm and any fallback are not a tick late."""
+        if self.controller is not None:
+            self.controller.trigger()
 
     def info(self) -> dict[str, Any]:
         ctl = self.controller
@@ -481,6 +544,9 @@ class Agent:
         if self.fleet is not None:
             with contextlib.suppress(Exception):
                 await self.fleet.aclose()
+        if self.meter is not None:
+            with contextlib.suppress(Exception):
+                await self.meter.stop()
         service: CommandService | None = getattr(self, "service", None)
         if service is not None:
             service.refusals.flush()  # the refusals counted since the last record (never raises)

@@ -26,9 +26,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -37,6 +40,7 @@ from hashflex.agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_sp
 from hashflex.agent.core.circuits import Circuit, CircuitTree, check_membership
 from hashflex.agent.core.units import parse_duration_s
 from hashflex.drivers.base import Family
+from hashflex.drivers.meter_maps import FLOAT_METERS, INT_METERS, PRESETS, MeterMap
 
 DEFAULT_CONFIG_PATH = Path("/etc/hashflex/site.yaml")
 
@@ -97,6 +101,60 @@ class CircuitConfig(_Model):
 _SITE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+METER_MAPS: tuple[str, ...] = ("sunspec", *PRESETS)
+
+
+class SiteMeterConfig(_Model):
+    """The site meter at the point of interconnection (Modbus TCP). With one, the cap and every target apply to
+    what it reads: the miners get the site level minus the non-miner load (meter − Σ miners) at its worst case."""
+
+    host: str = Field(min_length=1, description="Meter (or Modbus gateway) address.")
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=255, description="Modbus unit (device) id.")
+    # a mapping is a register map, anything else a name: one branch's errors, not both (the tags, `<…>`, are left
+    # out of the field names errors give: format_validation_error)
+    map: Annotated[
+        Annotated[str, Tag("<name>")] | Annotated[MeterMap, Tag("<registers>")],
+        Discriminator(lambda v: "<registers>" if isinstance(v, dict | MeterMap) else "<name>"),
+    ] = Field("sunspec", description="'sunspec' (found by its marker), a preset name, or a register map.")
+    sunspec_model: int | None = Field(None, description="With map 'sunspec': this meter model (201-204, 211-214).")
+    poll_s: Seconds = Field(1.0, ge=0.02, le=60.0, description="Wall seconds between readings (network time).")
+    stale_after_s: Seconds = Field(5.0, gt=0, description="No good reading for this long: stale (fall back).")
+    frozen_after_s: Seconds = Field(10.0, gt=0, description="Registers unchanged for this long: frozen (stale).")
+    max_kw: PowerKw | None = Field(
+        None, gt=0, description="Largest plausible reading (above it: garbage); default twice site.cap_kw."
+    )
+    non_miner_allowance_kw: PowerKw = Field(
+        ge=0, description="Non-miner load (cooling, losses, base load) counted while the meter is stale."
+    )
+    non_miner_window_s: Seconds = Field(
+        900.0, gt=0, description="The non-miner load is counted at its maximum over this window."
+    )
+    cooling_pct: float = Field(
+        0.0, ge=0, le=100, description="Cooling that follows miners, as a % of their power: counted on a rise."
+    )
+
+    @field_validator("map")
+    @classmethod
+    def _known_map(cls, v: str | MeterMap) -> str | MeterMap:
+        if isinstance(v, str) and v not in METER_MAPS:
+            close = difflib.get_close_matches(v, METER_MAPS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{hint}use one of {', '.join(METER_MAPS)}, or a register map (total_w, import_wh, hz)")
+        return v
+
+    @field_validator("sunspec_model")
+    @classmethod
+    def _meter_model(cls, v: int | None) -> int | None:
+        if v is not None and v not in INT_METERS | FLOAT_METERS:
+            raise ValueError("a SunSpec meter model is one of 201-204 (integer) or 211-214 (float)")
+        return v
+
+    @property
+    def cooling_share(self) -> float:
+        return self.cooling_pct / 100.0
+
+
 class SiteConfig(_Model):
     id: str = Field(pattern=_SITE_ID.pattern, description="Site id; used in MQTT topics.")
     cap_kw: PowerKw = Field(
@@ -108,7 +166,9 @@ class SiteConfig(_Model):
         "time, daylight saving included. Required when there are schedule windows.",
     )
     circuits: list[CircuitConfig] = Field(default_factory=list)
-    meter: Literal["none"] = Field("none", description="Site meter; 'none' = power from miners' reports.")
+    meter: SiteMeterConfig | None = Field(
+        None, description="Site meter at the point of interconnection; none = power from miners' reports."
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -122,6 +182,33 @@ class SiteConfig(_Model):
                 "not an IANA time zone (e.g. Asia/Karachi, Europe/Berlin, UTC; `timedatectl list-timezones` "
                 "lists them; the system's tzdata package provides them)"
             ) from None
+        return v
+
+    @field_validator("meter", mode="before")
+    @classmethod
+    def _none_is_no_meter(cls, v: Any) -> Any:
+        return None if v == "none" else v  # the placeholder earlier files carry: no meter, as before
+
+    @field_serializer("meter")
+    def _no_meter_shown_as_before(self, v: SiteMeterConfig | None) -> Any:
+        return "none" if v is None else v  # `config dump` of a site without a meter reads as it always did
+
+    @field_validator("meter")
+    @classmethod
+    def _meter_fits_cap(cls, v: SiteMeterConfig | None, info: ValidationInfo) -> SiteMeterConfig | None:
+        cap_kw = info.data.get("cap_kw")
+        if v is None or cap_kw is None:
+            return v
+        if v.non_miner_allowance_kw >= cap_kw:
+            raise ValueError(
+                f"non_miner_allowance_kw = {v.non_miner_allowance_kw}: not below site.cap_kw ({cap_kw} kW); with "
+                "the meter stale the miners would have no room at all"
+            )
+        if v.max_kw is not None and v.max_kw <= cap_kw:
+            raise ValueError(
+                f"max_kw = {v.max_kw}: not above site.cap_kw ({cap_kw} kW); readings at the cap would be refused "
+                "as out of range"
+            )
         return v
 
     @property
@@ -499,7 +586,7 @@ def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
     problems: list[str | tuple[Any, ...]] = []  # a tuple: the field of a union, its branches' messages below
     branches: dict[tuple[Any, ...], list[str]] = {}
     for err in exc.errors():
-        where = tuple(err["loc"])
+        where = tuple(p for p in err["loc"] if not _is_branch_tag(p))
         loc = _format_loc(where)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -537,6 +624,11 @@ def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
     if len(lines) == 1:
         return f"{path}: {lines[0]}"
     return "\n".join([f"{path}: {len(lines)} error(s) in the site config", *(f"  {line}" for line in lines)])
+
+
+def _is_branch_tag(part: Any) -> bool:
+    """A tagged union's branch in an error's location (`<registers>`): not a key of the file."""
+    return isinstance(part, str) and part.startswith("<") and part.endswith(">")
 
 
 def _either(messages: list[str]) -> str:

@@ -148,6 +148,19 @@ def _check_socket_group(cfg: AgentConfig, findings: Findings) -> None:
                                "operators to the agent's own group")  # fmt: skip
 
 
+def _check_meter_host(cfg: AgentConfig, findings: Findings) -> None:
+    """The site meter's address must be one this machine can look up. Whether the meter answers is not checked
+    here: one that does not is a stale meter at run time (alarmed, the agent falls back), not a config error."""
+    meter = cfg.site.meter
+    if meter is None:
+        return
+    try:
+        socket.getaddrinfo(meter.host, meter.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        findings.error(f"site.meter.host = {meter.host!r}: not a known host name ({exc.strerror}): set the meter's "
+                       "(or its Modbus gateway's) address, e.g. 10.0.0.50")  # fmt: skip
+
+
 def preflight(cfg: AgentConfig) -> Findings:
     """Everything `hashflex run` would refuse later, found now. No miner, broker or store is touched."""
     findings = Findings(str(cfg.source) if cfg.source else "(config)")
@@ -186,6 +199,7 @@ def preflight(cfg: AgentConfig) -> Findings:
         findings.warnings.append("miners.addresses is empty: the agent will control no miner")
     _check_socket_group(cfg, findings)
     _check_metrics_port(cfg, findings)
+    _check_meter_host(cfg, findings)
     _usable_dir(cfg.state_path, "state_dir", findings)
     if cfg.control_socket.path is not None:
         _usable_dir(cfg.socket_path.parent, "control_socket.path folder", findings)

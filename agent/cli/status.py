@@ -104,6 +104,26 @@ def failsafe_release(fs: Mapping[str, Any]) -> str:
     return "released when the grid link is back"
 
 
+def _meter_line(m: Mapping[str, Any]) -> Text:
+    """The site meter: what it reads and the non-miner load, or that the agent has fallen back."""
+    if not m.get("fresh"):
+        faults = ", ".join(str(f) for f in m.get("faults") or []) or "no good reading"
+        return Text(
+            f"STALE since {r.clock(m.get('stale_since'))} ({faults}): counting miners + {r.kw(m.get('allowance_kw'))}"
+            f" = {r.kw(m.get('site_kw'))}, increases held",
+            style="bold red",
+        )
+    hz, age = r.num(m.get("hz")), r.num(m.get("age_s"))
+    parts = [f"non-miner {r.kw(m.get('non_miner_kw'))}, counted {r.kw(m.get('non_miner_counted_kw'))}"]
+    if hz is not None:
+        parts.append(f"{hz:.3f} Hz")
+    if age is not None:
+        parts.append(f"read {r.duration(age)} ago")
+    line = Text(r.kw(m.get("power_kw")), style="bold")
+    line.append(f"  ({' · '.join(parts)})")
+    return line
+
+
 def _failsafe_line(fs: Mapping[str, Any]) -> Text:
     if fs.get("active"):
         return Text(
@@ -170,6 +190,8 @@ def status_view(doc: Mapping[str, Any], console: Console | None = None) -> Rende
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("power", _power_line(doc))
+    if isinstance(doc.get("meter"), Mapping):
+        grid.add_row("meter", _meter_line(doc["meter"]))
     grid.add_row("target", Text(f"{r.kw(doc.get('target_kw'))} — {explain_target(doc)}"))
     grid.add_row("cap", Text(f"{r.kw(doc.get('cap_kw'))} (licensed {r.kw(doc.get('licensed_cap_kw'))})"))
     grid.add_row("hashrate", Text(r.hashrate(doc.get("hashrate_ths"))))

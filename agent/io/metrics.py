@@ -300,6 +300,9 @@ class _SiteCollector:
         if "low_disk" in gw:
             yield from _gauge("hashflex_gateway_low_disk", "1 when free disk is under audit.disk_alarm_mb.",
                               1.0 if gw.get("low_disk") else 0.0)  # fmt: skip
+        meter = s.get("meter")
+        if isinstance(meter, Mapping):
+            yield from _meter(meter)
         tick = s.get("tick") or {}
         if _num(tick.get("n")) is not None:
             ticks = CounterMetricFamily("hashflex_ticks", "Control ticks completed since the agent started.")
@@ -307,6 +310,27 @@ class _SiteCollector:
             yield ticks
         yield from _gauge("hashflex_last_tick_timestamp_seconds", "When the last tick completed (Unix time).",
                           _num(tick.get("ts")) or _num(s.get("ts")))  # fmt: skip
+
+
+def _meter(m: Mapping[str, Any]) -> Iterator[Metric]:
+    """The site meter's figures (status doc `meter`): absent while it has no fresh reading, but for freshness."""
+    yield from _gauge("hashflex_site_metered_watts", "Site power at the meter (point of interconnection).",
+                      _watts(m.get("power_kw")))  # fmt: skip
+    yield from _gauge("hashflex_site_non_miner_watts", "Non-miner load: metered site power less the miners' sum.",
+                      _watts(m.get("non_miner_kw")))  # fmt: skip
+    yield from _gauge("hashflex_site_non_miner_counted_watts", "Non-miner load the plan counts (recent maximum, or "
+                      "the allowance while the meter is stale, plus cooling to follow).",
+                      _watts(m.get("non_miner_counted_kw")))  # fmt: skip
+    yield from _gauge("hashflex_grid_frequency_hertz", "Grid frequency at the site meter.", _num(m.get("hz")))
+    yield from _gauge("hashflex_meter_fresh", "1 while the site meter gives good readings (0: fallback, rises held).",
+                      1.0 if m.get("fresh") else 0.0)  # fmt: skip
+    yield from _gauge("hashflex_meter_reading_age_seconds", "Age of the site meter's last good reading.",
+                      _num(m.get("age_s")))  # fmt: skip
+    kwh = _num(m.get("import_kwh"))
+    if kwh is not None:  # the meter's own register: it may reset (a replaced meter), as counters may
+        counter = CounterMetricFamily("hashflex_meter_import_energy_joules", "The site meter's import energy counter.")
+        counter.add_metric([], kwh * 3.6e6)
+        yield counter
 
 
 def _per_miner(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:

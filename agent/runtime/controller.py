@@ -76,8 +76,9 @@ from hashflex.agent.runtime.apply import SAFE_START_ID, apply_command
 from hashflex.agent.runtime.clock import Clock, boot_clock, steady
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.energy_meter import EnergyMeter
-from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.events import EventLog, iso
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw
+from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.drivers.base import Family, OnOff
 
@@ -99,6 +100,13 @@ _COMPLIANCE_FIELDS = ("level_kw", "received_at", "commands_sent_at", "target_met
 CONTROLS_SAVE_EVERY_S = 30.0
 CAPS_STATE_KEY = "caps"  # {"grid_kw": float | None, "operator_kw": float | None}
 FAILSAFE_STATE_KEY = "failsafe"  # the grid link as this run leaves it for the next (failsafe.link_doc)
+# with a site meter, the miners' level follows the non-miner load's recent maximum, which creeps up with meter noise:
+# a fall of the miners' level smaller than this share of the licensed cap goes to the ordinary plan on this tick,
+# not to a sleep-only one (which can only sleep whole miners, and the next plan would wake them back)
+METER_FAST_DROP_SHARE = 0.005
+# the non-miner load counted moves down only once its recent maximum is this share of the licensed cap below it
+# (up at once): a maximum wandering by meter noise would move every miner's limit every tick
+METER_BAND_SHARE = 0.005
 
 
 class SnapshotSource(Protocol):
@@ -124,6 +132,7 @@ class Controller:
         grid_link: bool = True,
         broker_status: Callable[[], dict[str, Any]] | None = None,
         gateway_health: Callable[[], dict[str, Any]] | None = None,
+        meter: SiteMeterPort | None = None,
     ) -> None:
         self.cfg = cfg
         self.fleet = fleet
@@ -221,6 +230,14 @@ class Controller:
         # last one is answered (the fleet pauses its sweeps in between: commands first)
         self.on_actuating: Callable[[bool], None] | None = None
         self._batches_out = 0
+        # the site meter (site.meter): the cap and every target apply to what it reads (agent.runtime.metering)
+        mcfg = cfg.site.meter
+        self.meter: MeterControl | None = None
+        if meter is not None and mcfg is not None:
+            self.meter = MeterControl(meter, mcfg, started_at=self.clock.time(),
+                                      band_kw=METER_BAND_SHARE * cfg.site.cap_kw)  # fmt: skip
+        self.miner_level_kw: float | None = None  # the miners' share of the level, planned for last tick
+        self.plan_kw: float | None = None  # what the planner was given last tick (the miners' level less the bias)
 
     # ============================================================================================= start-up
     @property
@@ -249,7 +266,13 @@ class Controller:
         alone falls below what the silent miners are counted at and sleeps every miner that answers. (Not the plan's
         own worst case: waking miners count there at full power, and "by X" is from what the site draws now.)"""
         read_kw = self.fleet.latest().power_w / 1000.0
-        return read_kw if self.plan is None else self.plan.counted_now_kw
+        miners_kw = read_kw if self.plan is None else self.plan.counted_now_kw
+        # with a site meter, targets apply at the meter: the rest of the site (what it reads above the miners, or
+        # the allowance while it is stale) is part of what the site draws now
+        t = None if self.meter is None else self.meter.last
+        if t is None:
+            return miners_kw
+        return miners_kw + (t.base_kw if t.non_miner_kw is None else max(0.0, t.non_miner_kw))
 
     def save_caps(self) -> None:
         self.store.set_state(CAPS_STATE_KEY, {"grid_kw": self.grid_cap_kw, "operator_kw": self.operator_cap_kw})
@@ -509,23 +532,38 @@ class Controller:
         measured_fresh = self._last_snapshot_ts != snap.ts
         self._last_snapshot_ts = snap.ts
         prev_level = self.level_kw if self.level_kw is not None else present_kw
+        metered = None if self.meter is None else self._observe_meter(present_kw, now)
+        # the correction works on the miners (their sum against their share of the level); with a meter, what the
+        # rest of the site draws is counted by its own rule (agent.core.site_meter), not corrected twice
+        prev_miner_level = prev_level if metered is None or self.miner_level_kw is None else self.miner_level_kw
         if measured_fresh:
             # what the plan already counts per miner (measured above its setting) is not the site's to correct
             explained_kw = sum(excess_w(v, self.planner_rules.sleep_w) for v in views) / 1000.0
-            self._correct(present_kw - explained_kw, prev_level, snap.ts)
+            self._correct(present_kw - explained_kw, prev_miner_level, snap.ts)
         # each input ramps on its own (an input without a ramp binds at once): the level is the lowest of them
         ramped = ramped_level(self._arb_inputs, now, dt, self.ramps, from_kw=prev_level)
         level, self.ramps = ramped.kw, ramped.ramps
         self.level_kw = level
-        plan_kw = max(0.0, min(target.cap_kw, level - self.bias_kw))
+        if self.meter is None:
+            miner_level = level
+            plan_kw = max(0.0, min(target.cap_kw, level - self.bias_kw))
+            fast_drop = 1e-6
+        else:
+            miner_level = self.meter.miners_share(min(target.cap_kw, level), present_kw).miner_level_kw
+            plan_kw = max(0.0, miner_level - self.bias_kw)
+            fast_drop = max(1e-6, METER_FAST_DROP_SHARE * self.licensed_cap_kw)
+        self.miner_level_kw, self.plan_kw = miner_level, plan_kw
         self.wake_times = prune_wake_times(self.wake_times, now, self.stagger)
         budget = wake_budget(self.wake_times, now, self.stagger)
+        hold_rises = metered is not None and not metered.fresh
+        if hold_rises:
+            budget = 0  # the meter is stale: nothing wakes until it is back (rises are held below too)
         up = self.cfg.control.ramp_up_kw_per_min
         # the ramp-up allowance builds up between ticks (a rate below one miner per tick must still wake miners)
         allowance = None if up is None else ramp_credit_kw(
             self.ramp_credit_kw, up, dt, ramp_credit_cap_kw(up, self.cfg.control.tick_s, largest_full_w(views) / 1000)
         )  # fmt: skip
-        fast = level < prev_level - 1e-6 or (
+        fast = miner_level < prev_miner_level - fast_drop or (
             measured_fresh and present_kw > plan_kw + self.cfg.control.tolerance_kw and not self._fast_done
         )
         planner = plan_sleep_only if fast else plan
@@ -553,6 +591,9 @@ class Controller:
         changes, held = self._hold_rises(changes, by_ip)
         changes, unwritten = self._write_ahead(changes)
         held += unwritten
+        if hold_rises:
+            changes, unmetered = self._hold_unmetered(changes)
+            held += unmetered
         if changes:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
             crash_point("planned")
@@ -568,7 +609,8 @@ class Controller:
         elif self._settled_at is None:
             self._settled_at = now
         self._mark_commands_sent(now, len(changes))
-        self._dispatch_progress(snap, present_kw, now)
+        # targets apply where the site is measured: at the meter when there is one (its fallback when stale)
+        self._dispatch_progress(snap, present_kw if metered is None else metered.site_kw, now)
         self._save_controls()
         self._store_health()
         self.tick_ms = (time.perf_counter() - started) * 1000
@@ -580,6 +622,7 @@ class Controller:
             "tick", n=self.tick_n, target_kw=round(target.kw, 2), reason=target.reason, level_kw=round(plan_kw, 2),
             cap_kw=round(target.cap_kw, 2), power_kw=round(present_kw, 2),
             worst_case_kw=round(new_plan.worst_case_kw, 2), method=new_plan.method, planned=len(new_plan.actions),
+            site_kw=None if metered is None else round(metered.site_kw, 2),
             sent=len(changes), in_flight=len(self.in_flight), unreachable=snap.unreachable,
             failsafe=target.failsafe, plan_ms=round(plan_ms, 1), dur_ms=round(self.tick_ms, 1),
         )  # fmt: skip
@@ -1160,6 +1203,35 @@ class Controller:
             log.warning("rises held: the state store cannot record them before they go out", held=len(rising))
         self._rises_held = True
         return [c for c in changes if c.ip not in ahead], len(rising)
+
+    def _hold_unmetered(self, changes: list[Change]) -> tuple[list[Change], int]:
+        """The site meter is stale: no wake and no limit raise goes out (the site may be nearer its cap than the
+        miners' sum and the allowance say); sleeps and lower limits still do. Returns what to send, how many held."""
+        rising = {c.ip for c in changes if raises_draw(c, self.memory.setdefault(c.ip, MinerMemory()).commanded_w)}
+        return [c for c in changes if c.ip not in rising], len(rising)
+
+    def _observe_meter(self, miners_kw: float, now: float) -> MeterTick:
+        """This tick's picture at the meter; alarms for a stale meter and refused readings, cleared when good."""
+        assert self.meter is not None
+        t = self.meter.observe(miners_kw, now)
+        name, allowance = self.meter.meter.name, self.meter.cfg.non_miner_allowance_kw
+        if t.fresh or t.starting:
+            if self.alarms.pop("meter_stale", None) is not None:
+                log.info("alarm cleared", key="meter_stale", meter=name)
+        else:
+            # the same words for as long as it lasts (a changing message would be a new alarm, audited, each tick)
+            since = "it started" if t.read_at is None else iso(t.read_at)
+            faults = f" ({', '.join(t.faults)})" if t.faults else ""
+            self._raise_alarm(
+                "meter_stale",
+                f"site meter {name}: no good reading since {since}{faults}; counting the miners plus the "
+                f"{allowance:g} kW non-miner allowance and holding every increase until it is back",
+            )
+        if t.faults and t.fresh:  # refused readings between good ones: said once per kind (the adapter logs why)
+            self._raise_alarm("meter_fault", f"site meter {name} refused readings: {', '.join(t.faults)}")
+        elif not t.faults:
+            self.alarms.pop("meter_fault", None)
+        return t
 
     def _store_health(self) -> None:
         """Retry the writes the store refused; alarm while it refuses them, clear the alarm once all are in."""

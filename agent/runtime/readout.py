@@ -15,6 +15,7 @@ from hashflex.agent.core.efficiency import stock_w
 from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
+from hashflex.agent.core.site_meter import miner_level
 from hashflex.agent.runtime.actuator import diff
 from hashflex.agent.runtime.events import iso
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory
@@ -57,7 +58,7 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         "target_reason": None if t is None else t.reason,
         "target_source": None if t is None else t.source.value,
         "target_detail": None if t is None else t.detail,
-        "planning_level_kw": None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3),
+        "planning_level_kw": planning_level_kw(ctl),
         "cap_kw": ctl.effective_cap_kw(),
         "licensed_cap_kw": ctl.licensed_cap_kw,
         "grid_cap_kw": ctl.grid_cap_kw,  # run-time caps by source (None = not set); the lowest cap binds
@@ -98,7 +99,17 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         # since when the plan in force has been carried out in full (nothing to send, on the wire, held back or
         # awaiting confirmation); null while the agent is still moving the fleet
         "settled_since": iso(ctl.settled_at),
+        # the site meter (site.meter; null without one): what it reads, the non-miner load (meter − miners) and
+        # what the plan counts for it, whether the agent has fallen back to the miners' sum plus the allowance
+        "meter": None if ctl.meter is None else ctl.meter.doc(now),
     }
+
+
+def planning_level_kw(ctl: Controller) -> float | None:
+    """The level the miners are planned to (with a site meter: the site level less the non-miner load counted)."""
+    if ctl.meter is not None and ctl.plan_kw is not None:
+        return round(ctl.plan_kw, 3)
+    return None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3)
 
 def state_of(ctl: Controller, ms: Any) -> MinerState:
     stale = ctl.cfg.polling.stale_after_s
@@ -186,8 +197,12 @@ def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
     views = views_readonly(ctl, snap, now)
     kw = min(target_kw, ctl.effective_cap_kw())
     budget = wake_budget(ctl.wake_times, now, ctl.stagger)
+    miners_kw = kw
+    if ctl.meter is not None and ctl.meter.last is not None:  # at the meter: the miners get the site level's share
+        miners_kw = miner_level(kw, miners_now_kw=snap.power_w / 1000, non_miner_kw=ctl.meter.last.base_kw,
+                                cooling_share=ctl.meter.cfg.cooling_share).miner_level_kw  # fmt: skip
     started = time.perf_counter()
-    p = plan(kw, views, ctl.tree, ctl.planner_rules, now, wake_budget=budget, ramp_allowance_kw=None)
+    p = plan(miners_kw, views, ctl.tree, ctl.planner_rules, now, wake_budget=budget, ramp_allowance_kw=None)
     by_ip = {v.id: v for v in views}
     changes = diff(p.actions, by_ip, use_power_limits=ctl.cfg.control.use_power_limits)
     ops: dict[str, int] = {}

@@ -44,6 +44,10 @@ def base_doc(tmp_path: Path) -> dict[str, Any]:
                 {"id": "tx1", "cap_kw": 800, "miners": ["10.0.0.0/25"]},
                 {"id": "tx2", "cap_kw": 800, "miners": ["10.0.0.128/25"]},
             ],
+            "meter": {"host": "10.0.1.1", "non_miner_allowance_kw": 50, "max_kw": 2000, "cooling_pct": 5,
+                      "map": {"name": "custom", "total_w": {"address": 0}, "import_wh": {"address": 2},
+                              "hz": {"address": 4}, "phase_w": [{"address": a} for a in (6, 8, 10)],
+                              "volts": [{"address": a} for a in (12, 14, 16)]}},
         },
         "miners": {"addresses": ["10.0.0.0/24"], "priority_groups": [{"name": "g", "priority": 1,
                                                                         "addresses": ["10.0.0.5"]}]},
@@ -69,7 +73,8 @@ def _has_float(annotation: Any) -> bool:
 
 
 def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation))
+    # a tuple of models (a meter map's three phases) is walked as a list: its first element stands for all
+    return typing.get_origin(annotation) in (list, tuple) or any(_is_list(a) for a in typing.get_args(annotation))
 
 
 def float_fields(model: type[BaseModel] = AgentConfig, prefix: tuple[str | int, ...] = ()) -> list[tuple[Any, ...]]:

@@ -1,0 +1,157 @@
+"""The controller's side of the site meter: what the meter says about the site this tick, and what the miners may
+have of the site level (agent.core.site_meter does the arithmetic).
+
+The meter itself (drivers/meter_modbus.py, started by the app) polls in the background; the controller sees it
+through `SiteMeterPort`, a typed port, so the control loop neither imports pymodbus nor waits for a reading. Times
+the meter reports (`read_at`, `stale_since`) are on the controller's clock (the app gives the meter that clock).
+
+Fresh meter: site power is what it reads; the non-miner load (metered − Σ miners) is sampled every tick into a
+window, and the miners get the site level minus its recent maximum and the cooling that follows their planned
+rise. Stale or failed (no good reading for site.meter.stale_after_s, registers frozen, a refused counter): site
+power is the miners' sum plus site.meter.non_miner_allowance_kw, which also stands in for the recent maximum, and
+the controller holds every increase (no wake, no limit raise) until the meter is fresh again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from hashflex.agent.config import SiteMeterConfig
+from hashflex.agent.core.site_meter import MinerShare, NonMinerWindow, counted_base, miner_level
+from hashflex.agent.runtime.events import iso
+
+
+class MeterReadingView(Protocol):
+    """One good reading (drivers.meter_modbus.MeterReading)."""
+
+    @property
+    def watts(self) -> float: ...
+    @property
+    def import_wh(self) -> float: ...
+    @property
+    def hz(self) -> float: ...
+    @property
+    def read_at(self) -> float: ...
+    @property
+    def source(self) -> str: ...
+
+
+class MeterStatusView(Protocol):
+    """The meter's freshness (drivers.meter_modbus.MeterStatus)."""
+
+    @property
+    def fresh(self) -> bool: ...
+    @property
+    def last(self) -> MeterReadingView | None: ...
+    @property
+    def stale_since(self) -> float | None: ...
+    @property
+    def faults(self) -> Sequence[str]: ...
+
+
+class SiteMeterPort(Protocol):
+    """What the controller needs of the site meter (drivers.meter_modbus.ModbusMeter provides it)."""
+
+    name: str
+
+    def reading(self) -> MeterReadingView | None: ...
+    def status(self) -> MeterStatusView: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MeterTick:
+    """The site at the meter, as one tick sees it."""
+
+    fresh: bool
+    starting: bool  # no good reading yet, within stale_after_s of the start: falls back, not alarmed yet
+    site_kw: float  # metered, or (stale) the miners' sum plus the allowance
+    metered_kw: float | None  # the fresh reading, else None
+    non_miner_kw: float | None  # metered − Σ miners now (fresh only)
+    base_kw: float  # the non-miner load counted: its recent maximum (fresh) or the allowance (stale)
+    recent_max_kw: float | None  # the recent maximum itself (fresh only)
+    read_at: float | None  # the last good reading's time, however old
+    stale_since: float | None
+    faults: tuple[str, ...]
+
+
+class MeterControl:
+    """Per-tick bookkeeping of the site meter for the controller (its only caller, on the event loop)."""
+
+    def __init__(self, meter: SiteMeterPort, cfg: SiteMeterConfig, started_at: float, band_kw: float) -> None:
+        self.meter = meter
+        self.cfg = cfg
+        self.started_at = started_at
+        self.band_kw = band_kw  # hysteresis of the counted non-miner load (core.site_meter.counted_base)
+        self._counted_kw: float | None = None
+        self.window = NonMinerWindow(cfg.non_miner_window_s)
+        self.last: MeterTick | None = None
+        self.share: MinerShare | None = None
+
+    def observe(self, miners_kw: float, now: float) -> MeterTick:
+        """Read the meter's latest (no I/O: the adapter polls on its own) and sample the non-miner load."""
+        status = self.meter.status()
+        reading = self.meter.reading() if status.fresh else None
+        if reading is not None and not math.isfinite(reading.watts - 1000.0 * miners_kw):
+            reading = None  # not a figure to plan with (the driver refuses non-finite readings; this is the net)
+        last = status.last
+        faults = tuple(str(f) for f in status.faults)
+        if reading is not None:
+            metered_kw = reading.watts / 1000.0
+            non_miner = metered_kw - miners_kw
+            self.window.add(now, non_miner)
+            recent = self.window.max_kw(now)
+            self._counted_kw = counted_base(non_miner if recent is None else recent, self._counted_kw, self.band_kw)
+            tick = MeterTick(
+                fresh=True, starting=False, site_kw=metered_kw, metered_kw=metered_kw, non_miner_kw=non_miner,
+                base_kw=max(0.0, self._counted_kw), recent_max_kw=recent, read_at=reading.read_at,
+                stale_since=None, faults=faults,
+            )  # fmt: skip
+        else:
+            allowance = self.cfg.non_miner_allowance_kw
+            self._counted_kw = None  # back from stale: counted from the recent maximum again
+            starting = last is None and now - self.started_at < self.cfg.stale_after_s
+            tick = MeterTick(
+                fresh=False, starting=starting, site_kw=miners_kw + allowance, metered_kw=None, non_miner_kw=None,
+                base_kw=allowance, recent_max_kw=None, read_at=None if last is None else last.read_at,
+                stale_since=status.stale_since,
+                faults=faults,
+            )  # fmt: skip
+        self.last = tick
+        return tick
+
+    def miners_share(self, site_level_kw: float, miners_now_kw: float) -> MinerShare:
+        """The miners' level under `site_level_kw` for the last observed tick (call `observe` first)."""
+        assert self.last is not None
+        self.share = miner_level(
+            site_level_kw, miners_now_kw=miners_now_kw, non_miner_kw=self.last.base_kw,
+            cooling_share=self.cfg.cooling_share,
+        )  # fmt: skip
+        return self.share
+
+    def doc(self, now: float) -> dict[str, object]:
+        """The status document's `meter` section."""
+        t, share, last = self.last, self.share, self.meter.status().last
+        read_at = None if t is None else t.read_at
+        recent = None if t is None else t.recent_max_kw
+        return {
+            "address": self.meter.name,
+            "source": None if last is None else last.source,
+            "fresh": bool(t and t.fresh),
+            "fallback": bool(t and not t.fresh),  # counting miners + allowance, increases held
+            "age_s": None if read_at is None else round(max(0.0, now - read_at), 3),
+            "stale_since": None if t is None else iso(t.stale_since),
+            "faults": [] if t is None else list(t.faults),
+            "power_kw": None if t is None or t.metered_kw is None else round(t.metered_kw, 3),
+            "site_kw": None if t is None else round(t.site_kw, 3),
+            "non_miner_kw": None if t is None or t.non_miner_kw is None else round(t.non_miner_kw, 3),
+            "non_miner_max_kw": None if recent is None else round(recent, 3),
+            "non_miner_counted_kw": None if share is None else round(share.non_miner_worst_kw, 3),
+            "cooling_kw": None if share is None else round(share.cooling_kw, 3),
+            "allowance_kw": self.cfg.non_miner_allowance_kw,
+            "miner_level_kw": None if share is None else round(share.miner_level_kw, 3),
+            "hz": None if last is None or not (t and t.fresh) else round(last.hz, 4),
+            "import_kwh": None if last is None else round(last.import_wh / 1000.0, 3),
+        }

@@ -1,0 +1,119 @@
+"""The miners' share of a site level at the meter (agent.core.site_meter): properties over random sites."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hashflex.agent.core.site_meter import NonFiniteInput, NonMinerWindow, counted_base, miner_level
+
+kw = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
+signed_kw = st.floats(min_value=-1e4, max_value=1e6, allow_nan=False, allow_infinity=False)
+share = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, allow_infinity=False)
+EPS = 1e-6
+
+
+@settings(max_examples=400, deadline=None)
+@given(site=kw, now=kw, non_miner=signed_kw, cooling=share)
+def test_never_above_site_level_less_non_miner_worst_case(site: float, now: float, non_miner: float,
+                                                           cooling: float) -> None:  # fmt: skip
+    s = miner_level(site, miners_now_kw=now, non_miner_kw=non_miner, cooling_share=cooling)
+    worst = max(0.0, non_miner) + cooling * max(0.0, s.miner_level_kw - now)
+    # the level, the non-miner load at its recent maximum and the cooling the rise brings: at or under the site
+    assert s.miner_level_kw >= 0.0
+    assert s.miner_level_kw <= max(0.0, site - worst) + EPS * max(1.0, site)
+    assert math.isclose(s.non_miner_worst_kw, worst, rel_tol=1e-9, abs_tol=1e-9)
+    if site - max(0.0, non_miner) > 0:  # where there is room, it is all given (not a level lower than it needs)
+        assert s.miner_level_kw + s.non_miner_worst_kw == pytest.approx(site, rel=1e-9, abs=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(site=kw, now=kw, low=kw, extra=kw, cooling=share)
+def test_more_non_miner_load_never_gives_miners_more(site: float, now: float, low: float, extra: float,
+                                                     cooling: float) -> None:  # fmt: skip
+    a = miner_level(site, miners_now_kw=now, non_miner_kw=low, cooling_share=cooling)
+    b = miner_level(site, miners_now_kw=now, non_miner_kw=low + extra, cooling_share=cooling)
+    assert b.miner_level_kw <= a.miner_level_kw + EPS * max(1.0, site)
+
+
+@settings(max_examples=200, deadline=None)
+@given(site=kw, now=kw, allowance=kw, cooling=share)
+def test_stale_meter_counts_the_allowance(site: float, now: float, allowance: float, cooling: float) -> None:
+    """Stale: the allowance stands in for the recent maximum (agent.runtime.metering passes it as the base)."""
+    s = miner_level(site, miners_now_kw=now, non_miner_kw=allowance, cooling_share=cooling)
+    assert s.base_kw == allowance
+    assert s.miner_level_kw <= max(0.0, site - allowance) + EPS * max(1.0, site)
+    assert s.miner_level_kw + s.non_miner_worst_kw <= max(site, allowance) + EPS * max(1.0, site)
+
+
+def test_cooling_of_the_planned_rise_is_kept_back() -> None:
+    # 100 kW site, 10 kW non-miner, miners at 50 kW, cooling 5 %: L = 50 + (90 - 50) / 1.05
+    s = miner_level(100.0, miners_now_kw=50.0, non_miner_kw=10.0, cooling_share=0.05)
+    assert s.miner_level_kw == pytest.approx(50.0 + 40.0 / 1.05)
+    assert s.cooling_kw == pytest.approx(0.05 * 40.0 / 1.05)
+    # miners above their room: no rise, so no cooling to count; the level is the room
+    s = miner_level(100.0, miners_now_kw=95.0, non_miner_kw=10.0, cooling_share=0.05)
+    assert (s.miner_level_kw, s.cooling_kw) == (90.0, 0.0)
+    # more non-miner load than the site level: nothing for the miners
+    assert miner_level(10.0, miners_now_kw=5.0, non_miner_kw=12.0, cooling_share=0.0).miner_level_kw == 0.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", ["site_level_kw", "miners_now_kw", "non_miner_kw", "cooling_share"])
+def test_non_finite_refused(field: str, bad: float) -> None:
+    args = {"site_level_kw": 100.0, "miners_now_kw": 50.0, "non_miner_kw": 5.0, "cooling_share": 0.05}
+    args[field] = bad
+    site = args.pop("site_level_kw")
+    with pytest.raises(NonFiniteInput, match=field):
+        miner_level(site, **args)
+
+
+def test_window_non_finite_refused_and_unchanged() -> None:
+    w = NonMinerWindow(60.0)
+    w.add(0.0, 3.0)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(NonFiniteInput):
+            w.add(1.0, bad)
+        with pytest.raises(NonFiniteInput):
+            w.add(bad, 1.0)
+    assert w.max_kw(1.0) == 3.0
+    with pytest.raises(NonFiniteInput, match="window_s"):
+        NonMinerWindow(math.nan)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    window=st.floats(min_value=1.0, max_value=100.0),
+    samples=st.lists(st.tuples(st.floats(min_value=0.0, max_value=20.0), signed_kw), min_size=1, max_size=60),
+)
+def test_window_max_is_the_largest_recent_sample(window: float, samples: list[tuple[float, float]]) -> None:
+    w = NonMinerWindow(window)
+    at, kept = 0.0, []
+    for gap, value in samples:
+        at += gap
+        w.add(at, value)
+        kept.append((at, value))
+        recent = [v for t, v in kept if at - t <= window]
+        assert w.max_kw(at) == max(recent)
+    assert w.max_kw(at + window + 1.0) is None  # all of it has aged out
+
+
+@settings(max_examples=300, deadline=None)
+@given(recents=st.lists(signed_kw, min_size=1, max_size=40), band=st.floats(min_value=0.0, max_value=100.0))
+def test_counted_base_never_below_the_recent_max_nor_more_than_a_band_above(recents: list[float], band: float) -> None:
+    counted: float | None = None
+    for recent in recents:
+        counted = counted_base(recent, counted, band)
+        assert recent <= counted <= recent + band
+
+
+def test_counted_base_holds_within_the_band_and_follows_outside_it() -> None:
+    assert counted_base(10.0, None, 1.0) == 10.0
+    assert counted_base(9.5, 10.0, 1.0) == 10.0  # noise: held
+    assert counted_base(8.0, 10.0, 1.0) == 8.0  # a real fall: followed
+    assert counted_base(10.2, 10.0, 1.0) == 10.2  # a new maximum: at once
+    with pytest.raises(NonFiniteInput, match="recent_max_kw"):
+        counted_base(math.nan, 10.0, 1.0)
