@@ -347,12 +347,15 @@ class Agent:
         )
         if cfg.mqtt.enabled:
             from hashflex.agent.io.mqtt import MqttLink  # noqa: PLC0415
+            from hashflex.agent.runtime.flex_publish import FlexSink  # noqa: PLC0415
 
             # heartbeats go through the service, which passes on only signed, fresh ones for this site
             self.link = MqttLink(cfg, self.service, self.service, self.info, clock=self.clock.time,
                                  authentic=self.service.authentic)  # fmt: skip
             events.subscribe(self.link.publish_event)
             ctl.status_sinks.append(self.link.publish_state)
+            # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
+            ctl.status_sinks.append(FlexSink(ctl, self.link.publish_flex))
             ctl.broker_status = self.link.status
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
             self.server.handler = self.service

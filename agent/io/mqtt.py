@@ -6,6 +6,8 @@ Topic tree (root `cfg.mqtt_root`, default `hashflex/<site id>`), see STYLE.md:
     info          out  retained QoS1  info() as JSON, republished after every (re)connect
     state         out  retained QoS1  latest status doc (latest wins), republished after every (re)connect; at
                                       most mqtt.max_payload_bytes (largest fields left out, see _fit)
+    flex          out  retained QoS1  the site's flexibility (agent.core.flexibility, schema hashflex.flex/1) for the
+                                      program coordinator; latest wins, republished after every (re)connect
     telemetry     out  QoS0           periodic site figures; lossy (a bounded queue drops the oldest)
     miners/<id>   out  retained QoS0  per-miner detail (latest per miner wins)
     events        out  QoS1           dispatch lifecycle; never dropped, in order
@@ -119,6 +121,10 @@ class Topics:
     @property
     def telemetry(self) -> str:
         return f"{self.root}/telemetry"
+
+    @property
+    def flex(self) -> str:
+        return f"{self.root}/flex"
 
     @property
     def events(self) -> str:
@@ -311,6 +317,8 @@ class MqttLink:
         self._state_doc: bytes | None = None
         self._state_dirty = False
         self._state_dropped: list[str] = []  # top-level fields left out of the state doc to fit (see _fit)
+        self._flex_doc: bytes | None = None
+        self._flex_dirty = False
         self._telemetry: deque[bytes] = deque(maxlen=telemetry_queue)
         self._miners: dict[str, bytes] = {}
         self._wake = asyncio.Event()
@@ -328,6 +336,14 @@ class MqttLink:
                 log.warning("mqtt state doc over mqtt.max_payload_bytes; fields left out", fields=dropped,
                             limit=self._max_payload)  # fmt: skip
         self._state_dirty = True
+        self._wake.set()
+
+    def publish_flex(self, document: Mapping[str, Any]) -> None:
+        """The site's flexibility, retained on …/flex. Only the newest unsent one is kept (latest wins)."""
+        if self.state is LinkState.DISABLED:
+            return
+        self._flex_doc, _ = _fit(document, self._max_payload)
+        self._flex_dirty = True
         self._wake.set()
 
     def publish_telemetry(self, document: Mapping[str, Any]) -> None:
@@ -569,6 +585,11 @@ class MqttLink:
             await client.publish(self.topics.state, doc, qos=1, retain=True)
             if self._state_doc is doc:
                 self._state_dirty = False
+        flex = self._flex_doc
+        if flex is not None:
+            await client.publish(self.topics.flex, flex, qos=1, retain=True)
+            if self._flex_doc is flex:
+                self._flex_dirty = False
 
     async def _watch(self, client: aiomqtt.Client) -> None:
         """Returns only by raising MqttError when the connection drops (messages go to the inbox)."""
@@ -609,6 +630,14 @@ class MqttLink:
                     self._state_dirty = False
 
             return _Outgoing(self.topics.state, doc, qos=1, retain=True), state_sent
+        if self._flex_dirty and self._flex_doc is not None:
+            flex = self._flex_doc
+
+            def flex_sent() -> None:
+                if self._flex_doc is flex:
+                    self._flex_dirty = False
+
+            return _Outgoing(self.topics.flex, flex, qos=1, retain=True), flex_sent
         if self._telemetry:
             return _Outgoing(self.topics.telemetry, self._telemetry.popleft(), qos=0), _nothing
         if self._miners:

@@ -24,11 +24,11 @@ TOP = "hashflex."
 IO_MODULES = {"asyncio", "socket", "sqlite3", "subprocess", "aiomqtt", "pyasic", "httpx", "selectors", "ssl"}
 OWNERS = {
     "pyasic": {"drivers/pyasic_driver.py", "drivers/pyasic_patches.py"},
-    "aiomqtt": {"agent/io/mqtt.py"},
+    "aiomqtt": {"agent/io/mqtt.py", "coordinator/fabric.py"},
     "sqlite3": {"agent/io/store.py"},
     # the agent's meter adapter; the simulated site serves its meter with the same stack
     "pymodbus": {"drivers/meter_modbus.py", "sim/meter.py"},
-    "nats": {"coordinator/lease.py"},
+    "nats": {"coordinator/lease.py", "coordinator/store.py"},
 }
 
 

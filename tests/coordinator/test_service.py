@@ -1,0 +1,235 @@
+"""The coordinator service end to end: three real agents (each its own address range of one simulated site process)
+on a real Mosquitto fabric publish their flexibility; the coordinator (leader by a real lease on a 3-node NATS
+cluster, its state in JetStream) takes a signed program hold from the grid and every site takes its share, once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import nats
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.client import Client as NatsClient
+
+from hashflex.agent.core.signing import sign_command
+from hashflex.coordinator.allocation import SiteLimits
+from hashflex.coordinator.fabric import MqttFabric
+from hashflex.coordinator.lease import Lease, LeaseConfig
+from hashflex.coordinator.program import ProgramRules, SiteConfig
+from hashflex.coordinator.service import Coordinator, CoordinatorConfig
+from hashflex.coordinator.store import JetStreamProgramStore
+from hashflex.sim.testing import SimProcess
+from tests.agent_harness import AgentProcess, write_agent_config
+from tests.broker import HOST, Mosquitto
+from tests.nats_cluster import NatsCluster
+
+PROGRAM = f"prog-{uuid.uuid4().hex[:6]}"
+SITES = ("east", "north", "west")
+PER_SITE = 4
+GRID = Ed25519PrivateKey.generate()
+COORD = Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    nodes = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+    yield nodes
+    nodes.stop()
+
+
+async def _until(predicate: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("fabric", ["mosquitto", "nats"])
+async def test_a_program_hold_reaches_every_site_once(
+    fabric: str,
+tmp_path: Path, mosquitto: Mosquitto,
+                                                      cluster: NatsCluster) -> None:  # fmt: skip
+    with SimProcess(PER_SITE * len(SITES), base_ip="127.38.0.1", seed=11) as sim:
+        # the fabric: the single-site default (Mosquitto), or the 3-node NATS cluster's MQTT listeners
+        global PROGRAM  # noqa: PLW0603  # one program per run: its lease, state bucket and site ids are its own
+        PROGRAM = f"prog-{uuid.uuid4().hex[:6]}"
+        ports = [mosquitto.plain_port] if fabric == "mosquitto" else cluster.mqtt_ports
+        ranges = {sid: sim.ips[i * PER_SITE : (i + 1) * PER_SITE] for i, sid in enumerate(SITES)}
+        agents: dict[str, AgentProcess] = {}
+        try:
+            for sid, ips in ranges.items():
+                files = write_agent_config(
+                    tmp_path / sid, ips, cap_kw=15.0, site_id=f"{PROGRAM}-{sid}", grid_key=COORD,
+                    overrides={"mqtt": {"enabled": True, "host": HOST, "port": ports[0]}},
+                )  # fmt: skip
+                agents[sid] = AgentProcess.start(files)
+            await _run_coordinator(agents, ports, cluster)
+        finally:
+            for agent in agents.values():
+                agent.stop()
+
+
+@dataclass
+class Instance:
+    """One coordinator instance: its own NATS connection, lease, store, fabric client and tasks."""
+
+    name: str
+    nc: NatsClient
+    lease: Lease
+    coord: Coordinator
+    tasks: list[asyncio.Task[Any]]
+
+    async def kill(self) -> None:
+        """As a crash: its tasks stop, its connections drop, the lease is NOT released (it ages out)."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.nc.close()
+
+
+async def start_instance(name: str, ports: list[int], cluster: NatsCluster) -> Instance:
+    nc = await nats.connect(servers=cluster.urls, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    lease = Lease(js, name, LeaseConfig(bucket=f"lease_{PROGRAM}".replace("-", "_"), ttl_s=2.0, renew_every_s=0.4,
+                                        op_timeout_s=0.5, safety_s=0.2))  # fmt: skip
+    store = JetStreamProgramStore(js, PROGRAM, bucket=f"state_{PROGRAM}".replace("-", "_"))
+    fabric = MqttFabric([(HOST, port) for port in ports], f"{name}-{PROGRAM}")
+    sites = tuple(SiteConfig(f"{PROGRAM}-{sid}", 15_000.0, SiteLimits()) for sid in SITES)
+    cfg = CoordinatorConfig(
+        program_id=PROGRAM, sites=sites, grid_keys=(GRID.public_key(),), signing_key=COORD, step_s=0.5,
+        settle_s=1.0, rules=ProgramRules(min_horizon_s=30.0, retarget_w=500.0, min_tolerance_w=500.0),
+    )  # fmt: skip
+    coord = Coordinator(cfg, fabric, store, lambda: lease.is_leader)
+    tasks = [
+        asyncio.create_task(lease.run()),
+        asyncio.create_task(fabric.run(coord.subscriptions(), coord.on_message)),
+        asyncio.create_task(coord.run()),
+    ]
+    return Instance(name, nc, lease, coord, tasks)
+
+
+async def _run_coordinator(agents: dict[str, AgentProcess], ports: list[int], cluster: NatsCluster) -> None:
+    first = await start_instance("coordinator-1", ports, cluster)
+    instances = [first]
+    lease, coord, nc = first.lease, first.coord, first.nc
+    js = nc.jetstream()
+    try:
+        await _until(lambda: lease.is_leader, 10, "the lease")
+        second = await start_instance("coordinator-2", ports, cluster)  # a follower: reads, does not act
+        instances.append(second)
+        # every site's retained flexibility is read before anything is decided
+        await _until(lambda: all(s.flex_at is not None and s.online for s in coord.sites.values()), 40,
+                     "every site's flexibility")  # fmt: skip
+        present = math.fsum(s.flex_doc.present_w for s in coord.sites.values())
+        target_kw = math.floor(present * 0.6) / 1000.0
+        replies: list[dict[str, Any]] = []
+        async with aiomqtt.Client(HOST, ports[-1], identifier=f"grid-{PROGRAM}") as grid:
+            await grid.subscribe(f"hashflex/program/{PROGRAM}/reply/+", qos=1)
+            hold = sign_command({"program": PROGRAM, "verb": "hold", "id": "evening", "issued_at": int(time.time()),
+                                 "target_kw": target_kw, "end": int(time.time()) + 3600}, GRID)  # fmt: skip
+            await grid.publish(f"hashflex/program/{PROGRAM}/cmd/hold", json.dumps(hold).encode(), qos=1)
+            async with asyncio.timeout(10):
+                async for msg in grid.messages:
+                    replies.append(json.loads(bytes(msg.payload)))
+                    break
+            assert replies[0]["status"] == "ok", replies
+            # the same command again (a grid retry): the same answer, nothing new
+            await grid.publish(f"hashflex/program/{PROGRAM}/cmd/hold", json.dumps(hold).encode(), qos=1)
+            async with asyncio.timeout(10):
+                async for msg in grid.messages:
+                    replies.append(json.loads(bytes(msg.payload)))
+                    break
+            assert replies[1] == replies[0]
+
+        # every site acknowledges its share (rev 0), and holds it as a dispatch of its own
+        def acked() -> bool:
+            shares = coord.state.assignments.get("evening", {})
+            return len(shares) == len(SITES) and all(a.acked for a in shares.values())
+
+        await _until(acked, 20, "every site's ok")
+        shares = coord.state.assignments["evening"]
+        assert math.fsum(a.target_w for a in shares.values()) <= target_kw * 1000.0
+        for sid, agent in agents.items():
+            docs = agent.ok("dispatches")["dispatches"]
+            mine = [d for d in docs if d["id"] == f"{PROGRAM}.evening"]
+            assert len(mine) == 1, docs
+            assert mine[0]["rev"] == 0
+            assert mine[0]["target_kw"] == pytest.approx(shares[f"{PROGRAM}-{sid}"].target_w / 1000.0, abs=0.001)
+        # the state is in JetStream: a new instance would read it back
+        stored = await JetStreamProgramStore(js, PROGRAM, bucket=f"state_{PROGRAM}".replace("-", "_")).load()
+        assert stored is not None
+        assert stored.assignments["evening"] == shares
+        # a site killed (kill -9) mid-dispatch: its last will; it is counted at its cap and the others take its
+        # shortfall at once (a new revision each), acknowledged by them
+        agents["east"].proc.kill()
+        killed_at = time.monotonic()
+        east = f"{PROGRAM}-east"
+
+        def redispatched() -> bool:
+            held = coord.state.assignments.get("evening", {})
+            return all(
+                held[f"{PROGRAM}-{sid}"].rev == 1 and held[f"{PROGRAM}-{sid}"].acked for sid in ("north", "west")
+            )
+
+        await _until(redispatched, 15, "the others' new shares")
+        took = time.monotonic() - killed_at
+        assert coord.last is not None
+        report = coord.last.reports[0]
+        by_site = {s.site_id: s for s in report.sites}
+        assert by_site[east].failure == "offline"
+        assert by_site[east].counted_w == 15_000.0
+        assert report.allocated_w <= target_kw * 1000.0
+        assert took <= 5.0, f"re-dispatch {took:.1f} s after the kill"
+        for sid in ("north", "west"):
+            mine = [d for d in agents[sid].ok("dispatches")["dispatches"] if d["id"] == f"{PROGRAM}.evening"]
+            assert mine[0]["rev"] == 1
+            share = coord.state.assignments["evening"][f"{PROGRAM}-{sid}"].target_w
+            assert mine[0]["target_kw"] == pytest.approx(share / 1000.0, abs=0.001)
+        print(f"re-dispatch acknowledged {took:.2f} s after kill -9")
+        # the leader crashes: the follower takes the lease when it ages out, reads the state from JetStream and
+        # carries on; it sends nothing again (every share is acknowledged) and answers the grid's next command
+        before = {k: dict(v) for k, v in coord.state.assignments.items()}
+        await first.kill()
+        instances.remove(first)
+        lost_at = time.monotonic()
+        await _until(lambda: second.coord.last is not None, 15, "the follower acting")
+        took_over = time.monotonic() - lost_at
+        assert second.coord.state.assignments == before
+        assert second.coord.last is not None
+        assert second.coord.last.commands == ()  # nothing to send twice
+        print(f"follower acting {took_over:.2f} s after the leader's crash")
+        async with aiomqtt.Client(HOST, ports[-1], identifier=f"grid2-{PROGRAM}") as grid:
+            await grid.subscribe(f"hashflex/program/{PROGRAM}/reply/+", qos=1)
+            cancel = sign_command({"program": PROGRAM, "verb": "cancel", "id": "end-evening",
+                                   "issued_at": int(time.time()), "dispatch_id": "evening"}, GRID)  # fmt: skip
+            await grid.publish(f"hashflex/program/{PROGRAM}/cmd/cancel", json.dumps(cancel).encode(), qos=1)
+            async with asyncio.timeout(10):
+                async for msg in grid.messages:
+                    answer = json.loads(bytes(msg.payload))
+                    break
+        assert answer["status"] == "ok", answer
+
+        def cancelled() -> bool:  # east is dead: its cancel waits for it (it is re-sent when it is back)
+            held = second.coord.state.assignments.get("evening", {})
+            live = [held.get(f"{PROGRAM}-{sid}") for sid in ("north", "west")]
+            return all(a is not None and a.cancelled and a.acked for a in live)
+
+        await _until(cancelled, 15, "the live sites' cancels acknowledged")
+        for sid in ("north", "west"):
+            mine = [d for d in agents[sid].ok("dispatches")["dispatches"] if d["id"] == f"{PROGRAM}.evening"]
+            assert mine == [], mine  # open dispatches only: it ended
+    finally:
+        for inst in instances:
+            with contextlib.suppress(Exception):
+                await inst.lease.release()
+            await inst.kill()
