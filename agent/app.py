@@ -357,6 +357,7 @@ class Agent:
             # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
             ctl.status_sinks.append(FlexSink(ctl, self.link.publish_flex))
             ctl.broker_status = self.link.status
+            self.link.on_message = self.metrics.count_mqtt_message
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
             self.server.handler = self.service
         else:

@@ -287,6 +287,9 @@ class MqttLink:
         inbox_soft_limit: int = INBOX_SOFT_LIMIT,
     ) -> None:
         self._cfg = cfg
+        # told of every message the broker delivers, before any filtering (the hashflex_mqtt_messages_received
+        # counter); called from aiomqtt's network callback, so it must not raise or block
+        self.on_message: Callable[[], None] | None = None
         # is a payload validly signed? (asked only while the inbox is over its soft limit; None: nothing is)
         self._authentic = authentic
         self._inbox_soft_limit = inbox_soft_limit
@@ -393,6 +396,9 @@ class MqttLink:
     def _admit(self, message: aiomqtt.Message) -> bool:
         """Queue `message`? Always below the soft limit; above it, only a validly signed one. Never raises: aiomqtt
         calls this from its network callback."""
+        if self.on_message is not None:
+            with contextlib.suppress(Exception):
+                self.on_message()
         if self._inbox.qsize() < self._inbox_soft_limit:
             return True
         try:

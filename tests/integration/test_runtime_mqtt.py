@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import aiomqtt
 import pytest
 
 from tests.agent_harness import AgentProcess, sign_for, write_agent_config
-from tests.broker import HOST, Mosquitto
+from tests.broker import HOST, Mosquitto, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,14 +33,21 @@ async def next_json(client: aiomqtt.Client, topic: str, wait_s: float = 10.0) ->
     raise AssertionError("no message")
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
 async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_path: Path) -> None:
     site = f"rt-{uuid.uuid4().hex[:8]}"
+    metrics_port = free_port()
     files = write_agent_config(
         tmp_path, [], cap_kw=1000, site_id=site,
         overrides={
             "mqtt": {"enabled": True, "host": HOST, "port": mosquitto.plain_port, "telemetry_interval_s": 1},
             "failsafe": {"enabled": True, "level": 50, "hold_at_start": True, "heartbeat_timeout_s": 4,
                          "release_after_s": 60},
+            "metrics": {"enabled": True, "host": HOST, "port": metrics_port},
         },
     )  # fmt: skip
     root = f"hashflex/{site}"
@@ -82,6 +90,12 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
             )
             assert status["target_source"] == "failsafe"
             assert status["target_kw"] == 50  # the configured level: the lowest input wins
+        # every message the broker delivered is counted: the heartbeat and the two dispatches at least
+        body = await asyncio.to_thread(scrape, metrics_port)
+        received = [float(line.split()[-1]) for line in body.splitlines()
+                    if line.startswith("hashflex_mqtt_messages_received_total ")]  # fmt: skip
+        assert received
+        assert received[0] >= 3
     finally:
         await asyncio.to_thread(agent.stop)
     assert list(agent.log_events("failsafe_entered"))
