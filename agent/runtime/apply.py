@@ -212,9 +212,9 @@ def _dispatch(
         target_kw=req.target_kw, curtail_kw=req.curtail_kw, ramp_kw_per_min=req.ramp_kw_per_min,
         priority=req.priority, rev=req.rev, baseline_kw=baseline,
     )  # fmt: skip
-    rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value)
-    if existing is not None:  # a revision keeps its reception time only if it binds the same way
-        rec.received_at = now
+    first_accepted = existing.accepted_at if existing is not None and existing.accepted_at is not None else now
+    rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value,
+                         accepted_at=first_accepted)  # fmt: skip
     ctl.dispatches[d.id] = rec
     ctl.store.save_dispatch(d, rec.status, **rec.progress())
     return Reply.ok(req.id, {"dispatch": rec.doc()})
@@ -301,7 +301,7 @@ def _curtail(
         end=None if req.for_s is None else now + req.for_s, target_kw=req.to_kw, curtail_kw=req.by_kw,
         baseline_kw=baseline,
     )  # fmt: skip
-    rec = DispatchRecord(d, "active", now, channel=cmd.channel.value)
+    rec = DispatchRecord(d, "active", now, channel=cmd.channel.value, accepted_at=now)
     ctl.dispatches[did] = rec
     ctl.store.save_dispatch(d, rec.status, **rec.progress())
     return Reply.ok(req.id, {"dispatch": rec.doc(), "replaced": replaced})

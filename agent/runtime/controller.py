@@ -363,7 +363,7 @@ class Controller:
         level = self.fs_rules.level_kw if self.fs_rules.level_kw is not None else present_kw
         level = min(level, self.effective_cap_kw())
         d = Dispatch(SAFE_START_ID, Source.OPERATOR, now, now, None, target_kw=round(level, 3))
-        rec = DispatchRecord(d, "active", now, channel="agent")
+        rec = DispatchRecord(d, "active", now, channel="agent", accepted_at=now)
         self.dispatches[d.id] = rec
         self._raise_alarm("safe_start", f"{why}; holding {level:.1f} kW until an operator runs `hashflex resume`")
         # the store may be the thing that is broken (the safe start is also remembered outside it: app.open_store)

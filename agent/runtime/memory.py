@@ -104,8 +104,9 @@ def raises_draw(change: Change, commanded_w: float | None) -> bool:
 class DispatchRecord:
     dispatch: Dispatch
     status: str  # pending | active | expired | cancelled | failed
-    received_at: float
+    received_at: float  # this revision's arrival
     channel: str = "mqtt"
+    accepted_at: float | None = None  # when its first revision was accepted (a revision keeps it)
     commands_sent_at: float | None = None
     target_met_at: float | None = None
     max_overshoot_kw: float = 0.0
@@ -119,6 +120,7 @@ class DispatchRecord:
     def progress(self) -> dict[str, Any]:
         return {
             "received_at": self.received_at,
+            "accepted_at": self.accepted_at,
             "channel": self.channel,
             "commands_sent_at": self.commands_sent_at,
             "target_met_at": self.target_met_at,
@@ -138,6 +140,7 @@ class DispatchRecord:
             status=status,
             received_at=num("received_at") or dispatch.issued_at,
             channel=str(progress.get("channel") or "mqtt"),
+            accepted_at=num("accepted_at"),
             commands_sent_at=num("commands_sent_at"),
             target_met_at=num("target_met_at"),
             max_overshoot_kw=num("max_overshoot_kw") or 0.0,
@@ -165,6 +168,7 @@ class DispatchRecord:
             "end": iso(d.end),
             "status": self.status,
             "received_at": iso(self.received_at),
+            "accepted_at": iso(self.accepted_at),
             "commands_sent_at": iso(self.commands_sent_at),
             "target_met_at": iso(self.target_met_at),
             "time_to_target_s": (

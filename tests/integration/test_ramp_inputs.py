@@ -84,6 +84,9 @@ def test_revising_a_curtail_kw_dispatch_keeps_its_first_baseline(sim: SimProcess
         rev = agent.request("dispatch", agent.signed({"id": "g-by", "curtail_kw": deeper, "rev": 1}))
         assert rev.is_ok, rev
         assert rev.data["dispatch"]["baseline_kw"] == baseline
+        # when the event was first accepted stays; when this revision arrived is its own
+        assert rev.data["dispatch"]["accepted_at"] == first.data["dispatch"]["accepted_at"] is not None
+        assert rev.data["dispatch"]["received_at"] > first.data["dispatch"]["received_at"]
         assert rev.data["dispatch"]["level_kw"] == pytest.approx(baseline - deeper, abs=1e-3)
         agent.wait_for(lambda: agent.status()["target_kw"] == pytest.approx(baseline - deeper, abs=1e-2), 10 / K + 10,
                        what="the revised target")  # fmt: skip
