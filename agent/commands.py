@@ -33,7 +33,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,6 +41,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from hashflex.agent.config import DispatchRules
 from hashflex.agent.core import signing
+from hashflex.agent.core.timefmt import iso
 from hashflex.agent.core.units import parse_duration_s, parse_power_kw
 from hashflex.agent.protocol import Channel, Reply
 
@@ -408,13 +409,9 @@ def check_order(command: Command, newest_issued: Callable[[str], float | None]) 
         return None
     return Reply.error(
         command.id, STALE,
-        f"{command.verb!r} was issued at {_iso(issued)}, before a newer {key.split(':', 1)[1]!r} command "
-        f"(issued {_iso(newest)}) that is already applied: a late or replayed command cannot undo a newer one",
+        f"{command.verb!r} was issued at {iso(issued)}, before a newer {key.split(':', 1)[1]!r} command "
+        f"(issued {iso(newest)}) that is already applied: a late or replayed command cannot undo a newer one",
     )  # fmt: skip
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------------------------- JSON in
@@ -673,7 +670,7 @@ def _check_site_ranges(request: Request, now: float, cap_kw: float) -> tuple[str
         for name, ts in (("start", request.start), ("end", request.end)):
             if ts is not None and ts > now + MAX_AHEAD_S:
                 return OUT_OF_RANGE, (
-                    f"{name} {_iso(ts)} is more than {MAX_AHEAD_S / 86400:.0f} days ahead; send the dispatch nearer "
+                    f"{name} {iso(ts)} is more than {MAX_AHEAD_S / 86400:.0f} days ahead; send the dispatch nearer "
                     "its time"
                 )
         if request.end is not None and request.end <= now:

@@ -9,12 +9,13 @@ drawn because of dispatch), optionally per-miner energy per day, and a manifest 
 from __future__ import annotations
 
 import csv
-import datetime
 import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+from hashflex.agent.core import timefmt
 
 ExportFormat = Literal["json", "csv"]
 FORMAT_NAME = "hashflex-export/1"
@@ -61,9 +62,7 @@ _DISPATCH_COLUMNS = (
 
 
 def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+    return timefmt.iso(ts)
 
 
 def render(data: Mapping[str, Any], meta: Mapping[str, Any], fmt: ExportFormat) -> dict[str, bytes]:

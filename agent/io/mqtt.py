@@ -57,7 +57,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
@@ -67,6 +66,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hashflex.agent.config import AgentConfig
+from hashflex.agent.core.timefmt import iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink, Reply
 
@@ -247,10 +247,6 @@ def _response_target(properties: Properties | None, reply_root: str) -> tuple[st
     return topic, bytes(correlation) if correlation is not None else None
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
 def _forwarding_queue(
     inbox: asyncio.Queue[aiomqtt.Message], admit: Callable[[aiomqtt.Message], bool]
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -379,7 +375,7 @@ class MqttLink:
         """The `broker` part of the status doc."""
         return {
             "state": self.state.value,
-            "since": _iso(self.since),
+            "since": iso(self.since),
             "last_error": self.last_error,
             "protocol": "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1",
             "queued": {
@@ -708,7 +704,7 @@ class MqttLink:
             self.publish_event(
                 {
                     "type": "rejected",
-                    "ts": _iso(self._clock()),
+                    "ts": iso(self._clock()),
                     "data": {"verb": verb, "channel": Channel.MQTT.value, "code": "too_large", "size": len(payload)},
                 }
             )

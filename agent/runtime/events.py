@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
+from hashflex.agent.core import timefmt
 from hashflex.agent.logging import get_logger
 
 log = get_logger("events")
@@ -25,10 +25,8 @@ Subscriber = Callable[[dict[str, Any]], None]
 
 
 def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC with milliseconds and Z, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds and Z, or None (agent.core.timefmt)."""
+    return timefmt.iso(ts, ms=True)
 
 
 class EventLog:
