@@ -8,7 +8,10 @@ in turn: losing one node of the cluster costs a reconnect, not the link.
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiomqtt
 
@@ -68,3 +71,30 @@ class MqttFabric:
                 self._client = None
                 self.connected.clear()
             await asyncio.sleep(0.5)
+
+
+async def read_retained(brokers: list[tuple[str, int]], topic: str, wait_s: float) -> dict[str, Any]:
+    """The retained document on `topic` from the first broker that answers (each tried in turn)."""
+    problems = []
+    for host, port in brokers:
+        try:
+            async with aiomqtt.Client(host, port, identifier=f"hashflex-status-{uuid.uuid4().hex[:8]}",
+                                      protocol=aiomqtt.ProtocolVersion.V311, timeout=wait_s) as client:  # fmt: skip
+                await client.subscribe(topic, qos=1)
+                try:
+                    async with asyncio.timeout(wait_s):
+                        async for message in client.messages:
+                            payload = message.payload
+                            if isinstance(payload, bytes | bytearray) and payload:
+                                doc = json.loads(bytes(payload))
+                                if isinstance(doc, dict):
+                                    return doc
+                                raise ValueError(f"{topic}: not a program state document")
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no program state on {topic} at {host}:{port} within {wait_s:g} s: is a coordinator "
+                        "leading this program (`hashflex coordinator run`)?"
+                    ) from None
+        except aiomqtt.MqttError as exc:
+            problems.append(f"{host}:{port}: {exc}")
+    raise OSError(f"no broker answered ({'; '.join(problems)})")

@@ -10,7 +10,20 @@ import typer
 from typer.core import TyperGroup
 
 from hashflex.agent import __version__
-from hashflex.agent.cli import audit, config, discover, dispatches, keys, logs, miners, override, run, service, status
+from hashflex.agent.cli import (
+    audit,
+    config,
+    coordinator,
+    discover,
+    dispatches,
+    keys,
+    logs,
+    miners,
+    override,
+    run,
+    service,
+    status,
+)
 from hashflex.agent.core.units import join_unit_words
 
 try:
@@ -82,6 +95,7 @@ config.register(app)  # config check|dump
 service.register(app)  # install-service
 audit.register(app)  # audit verify|export, energy
 keys.register(app)  # keygen, sign (the grid side's tools)
+coordinator.register(app)  # coordinator run|check, program status (the coordinator is imported lazily)
 # the simulated site and the demo live in sim/, a separate world: imported only when one of them runs (never by
 # `hashflex run` on a site gateway); each hands its arguments to its own argparse CLI
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
