@@ -587,24 +587,24 @@ def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
     branches: dict[tuple[Any, ...], list[str]] = {}
     for err in exc.errors():
         where = tuple(p for p in err["loc"] if not _is_branch_tag(p))
-        loc = _format_loc(where)
+        loc = format_loc(where)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             retired = _RETIRED.get(str(where[-1])) if where else None
             if retired is not None:
-                problems.append(f"{loc} = {_lookup(data, where)!r}: {retired}")
+                problems.append(f"{loc} = {lookup_value(data, where)!r}: {retired}")
                 continue
-            hint = _suggest(where)
+            hint = suggest_key(AgentConfig, where)
             problems.append(f"{loc}: unknown key{hint} (check its spelling; see configs/agent.example.yaml)")
             continue
         if err["type"] == "missing":
             problems.append(f"{loc}: required field is missing")
             continue
-        value = _lookup(data, where)
+        value = lookup_value(data, where)
         field = where
-        while field and value is _MISSING:  # a union reports each branch under field + the branch's name
+        while field and value is MISSING:  # a union reports each branch under field + the branch's name
             field = field[:-1]
-            value = _lookup(data, field)
+            value = lookup_value(data, field)
         if field != where and field and not isinstance(value, dict | list):
             if field not in branches:
                 branches[field] = []
@@ -612,13 +612,13 @@ def format_validation_error(path: Path, exc: ValidationError, data: Any) -> str:
             if msg not in branches[field]:
                 branches[field].append(msg)
             continue
-        if value is _MISSING or isinstance(value, dict | list):
+        if value is MISSING or isinstance(value, dict | list):
             # a cross-field check on a whole section: its message names the fields; the section is noise
             problems.append(msg if not where else f"{loc}: {msg}")
             continue
         problems.append(f"{loc} = {value!r}: {msg}{_unit_hint(err)}")
     lines = [
-        p if isinstance(p, str) else f"{_format_loc(p)} = {_lookup(data, p)!r}: {_either(branches[p])}"
+        p if isinstance(p, str) else f"{format_loc(p)} = {lookup_value(data, p)!r}: {_either(branches[p])}"
         for p in problems
     ]
     if len(lines) == 1:
@@ -639,7 +639,8 @@ def _either(messages: list[str]) -> str:
     return "; or ".join(messages)
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the config spells it: `sites[0].cap_kw`."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -659,9 +660,9 @@ def _unit_hint(err: Any) -> str:
     return ""
 
 
-def _suggest(loc: tuple[Any, ...]) -> str:
-    """`, did you mean 'miners'?` for a misspelt key, from the fields of the section it sits in."""
-    model: Any = AgentConfig
+def suggest_key(root: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`, did you mean 'miners'?` for a misspelt key, from the fields of the section of `root` it sits in."""
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -686,10 +687,11 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
-_MISSING = object()
+MISSING = object()  # what `lookup_value` gives for a location the file does not have
 
 
-def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+def lookup_value(data: Any, loc: tuple[Any, ...]) -> Any:
+    """The value the file had at a pydantic error location, else MISSING."""
     node = data
     for part in loc:
         found = (isinstance(node, dict) and part in node) or (
@@ -698,5 +700,5 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
         if found:
             node = node[part]
         else:
-            return _MISSING
+            return MISSING
     return node

@@ -8,7 +8,6 @@ number`). Nothing here is a setting the service cannot use: each field maps onto
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+from hashflex.agent.config import MISSING, format_loc, lookup_value, suggest_key
 from hashflex.agent.core.signing import load_private_key, load_public_key
 from hashflex.coordinator.allocation import SiteLimits
 from hashflex.coordinator.lease import LeaseConfig
@@ -228,23 +228,20 @@ def load(path: str | Path) -> tuple[ProgramConfig, CoordinatorConfig]:
 
 
 # ------------------------------------------------------------------------------------------------ errors
-_MISSING = object()
-
-
 def _format(path: Path, exc: ValidationError, data: Any) -> str:
     """One line per problem: `field = value: what is wrong`; a single problem is a single line after the file."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        where = _loc(loc)
+        where = format_loc(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key{_suggest(loc)} (check its spelling; see {EXAMPLE})")
+            lines.append(f"{where}: unknown key{suggest_key(ProgramConfig, loc)} (check its spelling; see {EXAMPLE})")
         elif err["type"] == "missing":
             lines.append(f"{where}: required field is missing")
         else:
-            value = _lookup(data, loc)
-            if not loc or value is _MISSING or isinstance(value, dict):
+            value = lookup_value(data, loc)
+            if not loc or value is MISSING or isinstance(value, dict):
                 # a cross-field rule on a section: its message names the fields already
                 lines.append(msg if not loc or msg.startswith(where) else f"{where}: {msg}")
             else:
@@ -254,37 +251,3 @@ def _format(path: Path, exc: ValidationError, data: Any) -> str:
     return f"{path}: {len(lines)} errors in the program config: " + "; ".join(lines)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _suggest(loc: tuple[Any, ...]) -> str:
-    model: Any = ProgramConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        annotation = getattr(field, "annotation", None)
-        args = getattr(annotation, "__args__", ())
-        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            return ""
-    known = [k for k in getattr(model, "model_fields", {}) if k != "source"]
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-    return f", did you mean {close[0]!r}?" if close else ""
-
-
-def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
-    node = data
-    for part in loc:
-        found = (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and part < len(node)
-        )
-        if found:
-            node = node[part]
-        else:
-            return _MISSING
-    return node
