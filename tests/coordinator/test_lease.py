@@ -280,9 +280,12 @@ async def test_holder_rides_through_losing_its_nats_node(cluster: NatsCluster) -
         client = clients[group.leases.index(leader)]
         victim = node_of(cluster, client)
         stream = f"KV_{name}"
-        while await stream_leader(cluster, client, stream) == victim:  # move the stream's leadership off it
-            await client.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=2.0)
-            await asyncio.sleep(0.5)
+        # move the stream's leadership off it, within a bound (an election that keeps choosing it, or a request
+        # that hangs on a recovering cluster, once held this test until pytest's 300 s timeout)
+        async with asyncio.timeout(30.0):
+            while await stream_leader(cluster, client, stream) == victim:
+                await client.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=2.0)
+                await asyncio.sleep(0.5)
         revision = leader.revision
         cluster.kill(victim)
         try:
