@@ -113,9 +113,15 @@ def test_short_demo_summary_agrees_with_its_timeline(short_run: tuple[subprocess
     assert float(rows[0]["sleep_only_ths"]) == pytest.approx(float(rows[0]["hashrate_ths"]), rel=0.01)
     reasons = {r["reason"] for r in rows}
     assert {"cap", "grid:grid-demo-0001", "schedule:evening-peak"} <= reasons
-    # the agent's view of power followed ground truth (within the simulator's PSU spread and sweep delay)
+    # the agent's view of power followed ground truth, within the simulator's PSU spread and one sample of delay:
+    # at 50x a sample is ~13 site-seconds, about the time a sweep and the status read take on a busy machine, so
+    # during a ramp the agent's read matches the previous sample's truth rather than this one's
     full = summary["full_kw"]
-    close = [abs(float(r["agent_kw"]) - float(r["truth_kw"])) <= 0.05 * full for r in rows if r["agent_kw"]]
+    close = [
+        any(abs(float(r["agent_kw"]) - float(t["truth_kw"])) <= 0.05 * full for t in (before, r))
+        for before, r in zip([rows[0], *rows], rows, strict=False)
+        if r["agent_kw"]
+    ]
     assert sum(close) >= 0.8 * len(close)
 
 
