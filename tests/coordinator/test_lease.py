@@ -124,6 +124,20 @@ class Contenders:
             assert before.end <= after.start, (before, after)
 
 
+async def open_bucket(lease: Lease, within_s: float = 20.0) -> None:
+    """The bucket, retried: on a cluster that has just elected its meta leader, creating an R3 stream can outlast
+    one 1 s request (the server goes on creating it; the retry finds it). `Lease.step` retries the same way."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            await lease.open()
+            return
+        except (nats.errors.Error, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 @contextlib.asynccontextmanager
 async def contenders(cluster: NatsCluster, n: int, name: str) -> AsyncIterator[tuple[Contenders, list[NatsClient]]]:
     clients = [await connect(cluster, i % len(cluster.nodes)) for i in range(n)]
@@ -133,7 +147,7 @@ async def contenders(cluster: NatsCluster, n: int, name: str) -> AsyncIterator[t
         holder = f"coordinator-{i}"
         group.leases.append(Lease(client.jetstream(timeout=1.0), holder, config, on_change=group.watcher(holder)))
     for lease in group.leases:
-        await lease.open()
+        await open_bucket(lease)
         group.tasks[lease.holder] = asyncio.create_task(lease.run(), name=lease.holder)
     sampler = asyncio.create_task(group.sample())
     try:
