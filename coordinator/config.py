@@ -110,6 +110,21 @@ class StateSection(_Model):
     replicas: int = Field(3, ge=1, le=5)
 
 
+class AuditSection(_Model):
+    """The coordinator's audit chain: a JetStream stream of its own per program (coordinator/audit.py)."""
+
+    stream: str | None = Field(None, description="Stream name; default hashflex_audit_<program_id> (. as _).")
+    replicas: int = Field(3, ge=1, le=5)
+
+
+class MetricsSection(_Model):
+    """Prometheus metrics (`coordinator.metrics`), served on every instance (the leader flag tells which acts)."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1, max_length=253)
+    port: int = Field(9709, ge=0, le=65535, description="0: any free port (tests).")
+
+
 class RulesSection(_Model):
     """`ProgramRules` (delivery and re-dispatch); the defaults are the program core's."""
 
@@ -130,6 +145,8 @@ class ProgramConfig(_Model):
     lease: LeaseSection = LeaseSection()
     state: StateSection = StateSection()
     rules: RulesSection = RulesSection()
+    audit: AuditSection = AuditSection()
+    metrics: MetricsSection = MetricsSection()
     step_s: Seconds = 1.0
     resend_s: Seconds = 5.0
     heartbeat_s: Seconds = 10.0
@@ -150,12 +167,17 @@ class ProgramConfig(_Model):
             if site.id in seen:
                 raise ValueError(f"sites: site id {site.id!r} is listed twice")
             seen.add(site.id)
-        for name, bucket in (("lease.bucket", self.lease.bucket), ("state.bucket", self.state.bucket)):
+        for name, bucket in (("lease.bucket", self.lease.bucket), ("state.bucket", self.state.bucket),
+                             ("audit.stream", self.audit_stream)):  # fmt: skip
             if not _BUCKET.match(bucket):
-                raise ValueError(f"{name} = {bucket!r}: a bucket name is letters, digits, _ and - only")
+                raise ValueError(f"{name} = {bucket!r}: a bucket or stream name is letters, digits, _ and - only")
         if self.lease.bucket == self.state.bucket:
             raise ValueError(f"lease.bucket and state.bucket are both {self.lease.bucket!r}: they must differ")
         return self
+
+    @property
+    def audit_stream(self) -> str:
+        return self.audit.stream or f"hashflex_audit_{self.program_id.replace('.', '_')}"
 
     def resolve(self, path: Path) -> Path:
         """A relative key path is relative to the config file (as the agent's)."""
@@ -249,5 +271,3 @@ def _format(path: Path, exc: ValidationError, data: Any) -> str:
     if len(lines) == 1:
         return f"{path}: {lines[0]}"
     return f"{path}: {len(lines)} errors in the program config: " + "; ".join(lines)
-
-

@@ -2,24 +2,30 @@
 
 MQTT 3.1.1 (what the NATS server's MQTT listener speaks; Mosquitto too), a persistent session (clean_session False,
 a stable client id: QoS 1 messages for the coordinator are kept while it reconnects), and a list of brokers tried
-in turn: losing one node of the cluster costs a reconnect, not the link.
+in turn by the agent's rule (agent.core.brokers): a failure moves on to the next broker at once while the round has
+brokers not yet tried, and backs off once all have failed; losing one node of the cluster costs a reconnect, not
+the link. `broker` names the one connected to (None while not connected).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiomqtt
 
+from hashflex.agent.core.brokers import Broker, Rotation, retry_delay_s
 from hashflex.agent.logging import get_logger
 
 log = get_logger("coordinator.fabric")
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
+STABLE_AFTER_S = 10.0  # a connection that lasted this long starts a new round of the broker list
 
 
 class NotConnected(ConnectionError):
@@ -28,13 +34,14 @@ class NotConnected(ConnectionError):
 
 class MqttFabric:
     def __init__(self, brokers: Sequence[tuple[str, int]], client_id: str, *, keepalive_s: int = 10) -> None:
-        if not brokers:
-            raise ValueError("at least one broker (host, port) is needed")
+        self.rotation = Rotation([Broker(host, port) for host, port in brokers])
         self.brokers = list(brokers)
         self.client_id = client_id
         self.keepalive_s = keepalive_s
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        self.broker: Broker | None = None  # the one connected to
+        self.failures = 0  # failed attempts (refused, or lost) since the last connection that stood
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         client = self._client
@@ -44,21 +51,19 @@ class MqttFabric:
 
     async def run(self, subscriptions: Sequence[str], handler: Handler) -> None:
         """Connect (each broker in turn), subscribe, hand every message to `handler`, for ever."""
-        attempt = 0
+        connected_at = 0.0
         while True:
-            host, port = self.brokers[attempt % len(self.brokers)]
-            attempt += 1
+            broker = self.rotation.current
             try:
                 client = aiomqtt.Client(
-                    host, port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V311,
+                    broker.host, broker.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V311,
                     clean_session=False, keepalive=self.keepalive_s, timeout=5.0,
                 )  # fmt: skip
                 async with client:
                     await client.subscribe([(topic, 1) for topic in subscriptions])
-                    self._client = client
+                    self._client, self.broker, connected_at = client, broker, time.monotonic()
                     self.connected.set()
-                    log.info("fabric connected", host=host, port=port)
-                    attempt = 0 if len(self.brokers) == 1 else attempt
+                    log.info("fabric connected", broker=str(broker), broker_index=self.rotation.index)
                     async for message in client.messages:
                         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
                         try:
@@ -66,11 +71,22 @@ class MqttFabric:
                         except Exception:  # one bad message must not take the link down
                             log.exception("fabric message handling failed", topic=message.topic.value)
             except aiomqtt.MqttError as exc:
-                log.warning("fabric connection lost", host=host, port=port, error=str(exc)[:200])
+                lost = self.broker is not None
+                if lost and time.monotonic() - connected_at >= STABLE_AFTER_S:
+                    self.failures = 0  # a connection that stood: a new round (a flapping one keeps counting)
+                self.failures += 1
+                delay = retry_delay_s(self.failures, len(self.rotation), random.random())  # not cryptographic
+                nxt = self.rotation.advance()
+                log.warning(
+                    "fabric connection lost" if lost else "fabric connect failed", broker=str(broker),
+                    error=str(exc)[:200], next_broker=str(nxt), retry_s=round(delay, 2),
+                )  # fmt: skip
+            else:  # the message stream ended without an error: reconnect to the same broker
+                delay = 0.5
             finally:
-                self._client = None
+                self._client, self.broker = None, None
                 self.connected.clear()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(delay)
 
 
 async def read_retained(brokers: list[tuple[str, int]], topic: str, wait_s: float) -> dict[str, Any]:

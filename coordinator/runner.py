@@ -17,10 +17,15 @@ from hashflex.agent.logging import get_logger
 from hashflex.coordinator.config import ProgramConfig
 from hashflex.coordinator.fabric import MqttFabric
 from hashflex.coordinator.lease import Lease
+from hashflex.coordinator.metrics import CoordinatorMetrics
 from hashflex.coordinator.service import Coordinator, CoordinatorConfig
-from hashflex.coordinator.store import JetStreamProgramStore, connect_nats
+from hashflex.coordinator.store import JetStreamAuditLog, JetStreamProgramStore, connect_nats
 
 log = get_logger("coordinator.runner")
+
+
+class StartError(RuntimeError):
+    """The service cannot start as configured (the message names the setting)."""
 
 
 def instance_name(cfg: ProgramConfig, name: str | None = None) -> str:
@@ -38,13 +43,23 @@ async def serve(cfg: ProgramConfig, ccfg: CoordinatorConfig, stop: asyncio.Event
         return
     tasks: list[asyncio.Task[Any]] = []
     lease: Lease | None = None
+    metrics: CoordinatorMetrics | None = None
     try:
         js = nc.jetstream()
         lease = Lease(js, holder, cfg.lease.to_lease())
         store = JetStreamProgramStore(js, cfg.program_id, bucket=cfg.state.bucket, replicas=cfg.state.replicas)
         fabric = MqttFabric(cfg.brokers, holder)
         leader = lease  # bound for the closure: mypy and a reader both see it is never None there
-        coord = Coordinator(ccfg, fabric, store, lambda: leader.is_leader)
+        audit = JetStreamAuditLog(js, cfg.audit_stream, replicas=cfg.audit.replicas)
+        coord = Coordinator(ccfg, fabric, store, lambda: leader.is_leader, audit=audit, holder=holder)
+        if cfg.metrics.enabled:
+            metrics = CoordinatorMetrics(lambda: coord.snapshot)
+            try:
+                metrics.start_http(cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:
+                metrics = None
+                raise StartError(f"metrics: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
+                                 f"{exc.strerror or exc}") from None  # fmt: skip
         tasks = [
             asyncio.create_task(lease.run(), name="lease"),
             asyncio.create_task(fabric.run(coord.subscriptions(), coord.on_message), name="fabric"),
@@ -65,6 +80,8 @@ async def serve(cfg: ProgramConfig, ccfg: CoordinatorConfig, stop: asyncio.Event
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if metrics is not None:
+            metrics.stop_http()
         if lease is not None:
             await lease.release()
         await nc.close()

@@ -16,16 +16,25 @@ Every instance follows the fabric (it keeps the sites' picture current); only th
 program commands, steps the program, saves the state before sending what the step decided, sends heartbeats. A
 new leader loads the state and waits `settle_s` for the sites' retained documents before its first step ("reads
 the sites before it acts"). Sends are idempotent (`program.pending_commands`): a share is re-sent every
-`resend_s` until its site acknowledges that revision.
+`resend_s` until its site acknowledges that revision. An accepted program command, and a site's availability
+changing (its last will, or its return), wake the loop at once: the shares go out now, not at the next step.
+
+The leader also keeps the coordinator's audit chain (`coordinator.audit`): each program command with its verdict,
+each allocation and re-dispatch, each program dispatch's compliance when it ends. Records are queued in order and
+appended after the state they describe is durable; an append that fails is retried next step, in order; one
+refused because the chain moved (another instance appended) is retried on the new head while this instance still
+leads, and dropped (logged) once it does not: the chain is never forked. `snapshot` is what the metrics read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +45,7 @@ from hashflex.agent.core.flexibility import parse_flex
 from hashflex.agent.core.signing import sign_command
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Reply
+from hashflex.coordinator.audit import ChainConflict, CoordinatorKind, Tracker, command_data, step_events
 from hashflex.coordinator.program import (
     Accepted,
     GateRules,
@@ -49,6 +59,7 @@ from hashflex.coordinator.program import (
     StepResult,
     acknowledge,
     apply,
+    failure_of,
     parse_program_command,
     step,
 )
@@ -64,6 +75,13 @@ class ProgramStore(Protocol):
     async def load(self) -> ProgramState | None: ...
 
     async def save(self, state: ProgramState) -> None: ...
+
+
+class AuditLog(Protocol):
+    async def append(self, ts: float, kind: str, data: Mapping[str, Any]) -> object: ...
+
+
+MAX_AUDIT_QUEUE = 10_000  # records waiting for the store (a long outage): the oldest are dropped, said in the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +115,24 @@ class Coordinator:
         is_leader: Callable[[], bool],
         *,
         clock: Callable[[], float] = time.time,
+        audit: AuditLog | None = None,
+        holder: str = "",
     ) -> None:
         self.cfg = cfg
         self.fabric = fabric
         self.store = store
         self.is_leader = is_leader
         self.clock = clock
+        self.audit = audit
+        self.holder = holder
+        self._audit_queue: collections.deque[tuple[float, str, dict[str, Any]]] = collections.deque()
+        self._audit_lock = asyncio.Lock()
+        self._tracker = Tracker()
+        self._announced = False  # this term's `leading` record is queued
+        self._wake = asyncio.Event()
+        # counters since this process started (Prometheus counters), by audit kind and program command outcome
+        self.counts: dict[str, int] = {}
+        self.snapshot: dict[str, Any] = {"leader": False, "status": None, "sites": {}, "counts": {}}
         self.state = ProgramState(cfg.program_id)
         self.sites: dict[str, _Site] = {s.site_id: _Site() for s in cfg.sites}
         self.last: StepResult | None = None
@@ -136,7 +166,10 @@ class Coordinator:
             return
         kind = parts[2]
         if kind == "availability":
-            site.online = payload.strip() == b"online"
+            online = payload.strip() == b"online"
+            if online != site.online:
+                self._wake.set()  # a site lost (its last will) or back: its shortfall re-allocated at once
+            site.online = online
         elif kind == "flex":
             try:
                 site.flex_doc = parse_flex(load_json(payload))
@@ -152,6 +185,7 @@ class Coordinator:
         async with self._lock:
             await self._ensure_loaded()
             now = self.clock()
+            self._announce(now)
             out = parse_program_command(
                 verb, payload, state=self.state, grid_keys=self.cfg.grid_keys, now=now,
                 program_max_w=self._program_max_w, rules=self.cfg.gate,
@@ -159,14 +193,22 @@ class Coordinator:
             if isinstance(out, Refusal):
                 reply = out.reply
                 log.warning("program command refused", verb=verb, id=out.id, code=out.code, reason=out.message)
+                self._record(now, CoordinatorKind.PROGRAM_COMMAND,
+                             command_data(verb, "refused", id=out.id, code=out.code, message=out.message))  # fmt: skip
             elif isinstance(out, Repeat):
                 reply = out.reply
+                self._record(now, CoordinatorKind.PROGRAM_COMMAND, command_data(verb, "repeat", id=out.request.id))
             else:
                 assert isinstance(out, Accepted)
                 new, reply = apply(self.state, out, now=now, present_w=self._present_total())
                 await self.store.save(new)  # durable before the grid hears "ok"
                 self.state = new
                 log.info("program command accepted", verb=verb, id=out.request.id, revision=new.revision)
+                self._record(now, CoordinatorKind.PROGRAM_COMMAND, command_data(
+                    verb, "accepted", id=out.request.id, document=out.raw, revision=new.revision))  # fmt: skip
+                self._wake.set()  # its shares go out now, not at the next step
+            self._count("command_" + {Refusal: "refused", Repeat: "repeat"}.get(type(out), "accepted"))
+        await self._flush_audit()
         await self.fabric.publish(self._program_topic(f"reply/{verb}"), reply.to_json(), qos=1)
 
     async def _site_reply(self, site_id: str, verb: str, payload: bytes) -> None:
@@ -213,26 +255,113 @@ class Coordinator:
         """One step if this instance leads (and has waited `settle_s` since it became leader)."""
         now = self.clock()
         if not self.is_leader():
+            if self._audit_queue:  # decided while leading: appended if the chain has not moved, else dropped
+                await self._flush_audit()
             self._leading_since, self._loaded = None, False  # a later term reloads the replicated state
+            self._announced = False
+            self._tracker = Tracker()
+            self._update_snapshot(now, None)
             return None
         if self._leading_since is None:
             self._leading_since = now
+            self.last = None
+            self._announced = False
             log.info("leading: reading the sites before acting", settle_s=self.cfg.settle_s)
         if now - self._leading_since < self.cfg.settle_s:
+            if not self._announced:
+                async with self._lock:
+                    await self._ensure_loaded()
+                    self._announce(now)
+                await self._flush_audit()
+            self._update_snapshot(now, None)
             return None
         async with self._lock:
             await self._ensure_loaded()
-            result = step(self.state, self.cfg.sites, self.views(), now=now, rules=self.cfg.rules)
-            if result.state != self.state:
+            self._announce(now)
+            before = self.state
+            result = step(before, self.cfg.sites, self.views(), now=now, rules=self.cfg.rules)
+            if result.state != before:
                 await self.store.save(result.state)  # decided, durable, then sent
             self.state = result.state
             self.last = result
+            events, self._tracker = step_events(before, result, self._tracker, now=now)
+            for kind, data in events:
+                self._record(now, kind, data)
         for alarm in result.alarms:
             log.warning("program alarm", alarm=alarm)
+        self._update_snapshot(now, result)
+        await self._flush_audit()  # the records of what is now durable, before anything is sent
         await self._send(result.commands, now)
         await self._heartbeats(now)
-        await self.fabric.publish(self._program_topic("state"), json.dumps(status_doc(result)).encode(), retain=True)
+        doc = status_doc(result, now)
+        await self.fabric.publish(self._program_topic("state"), json.dumps(doc).encode(), retain=True)
         return result
+
+    # --------------------------------------------------------------------------------------------- audit
+    def _announce(self, now: float) -> None:
+        """The first record of a term (the state loaded): who leads from here, from which state revision."""
+        if not self._announced:
+            self._announced = True
+            self._record(now, CoordinatorKind.LEADING, {"holder": self.holder, "revision": self.state.revision,
+                                                        "dispatches": sorted(self.state.dispatches)})  # fmt: skip
+
+    def _record(self, ts: float, kind: str, data: dict[str, Any]) -> None:
+        self._count(kind)
+        if self.audit is None:
+            return
+        if len(self._audit_queue) >= MAX_AUDIT_QUEUE:
+            dropped = self._audit_queue.popleft()
+            log.error("audit record dropped: the store has been unreachable too long", kind=dropped[1], ts=dropped[0])
+        self._audit_queue.append((ts, kind, data))
+
+    async def _flush_audit(self) -> None:
+        """Append the queued records in order (one writer at a time); keep what fails for the next step."""
+        if self.audit is None:
+            return
+        async with self._audit_lock:
+            conflicts = 0
+            while self._audit_queue:
+                ts, kind, data = self._audit_queue[0]
+                try:
+                    await self.audit.append(ts, kind, data)
+                except ChainConflict as exc:
+                    conflicts += 1
+                    if not self.is_leader() or conflicts > 3:
+                        log.warning("audit records not chained: another instance writes the chain",
+                                    records=len(self._audit_queue), error=str(exc))  # fmt: skip
+                        self._audit_queue.clear()
+                        return
+                    continue  # the log re-reads the head; the record is rebuilt on it
+                except ValueError as exc:  # a record that cannot be kept (not plain JSON): never blocks the rest
+                    log.error("audit record refused", kind=kind, error=str(exc)[:200])
+                except Exception as exc:  # the store is unreachable: kept, in order, for the next step
+                    log.warning("audit append failed; retried next step", error=repr(exc)[:200],
+                                queued=len(self._audit_queue))  # fmt: skip
+                    return
+                self._audit_queue.popleft()
+
+    # ------------------------------------------------------------------------------------------- metrics
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _update_snapshot(self, now: float, result: StepResult | None) -> None:
+        """What a scrape reads (built here, on the event loop; replaced whole, never mutated)."""
+        sites: dict[str, dict[str, Any]] = {}
+        views = self.views()
+        for cfg in self.cfg.sites:
+            view = views.get(cfg.site_id)
+            failure = failure_of(cfg, view, None, now, self.cfg.rules)
+            sites[cfg.site_id] = {"state": "ok" if failure is None else failure[0],
+                                  "present_w": None if view is None else view.present_w}  # fmt: skip
+        status = status_doc(result, now) if result is not None else None
+        if status is None and self.is_leader() and self.last is not None:
+            status = status_doc(self.last, now)
+        for d in (status or {}).get("dispatches", []):  # late on its share: known to the program step only
+            for s in d["sites"]:
+                if s["failure"] == "not_met" and sites.get(s["site"], {}).get("state") == "ok":
+                    sites[s["site"]]["state"] = "not_met"
+        self.snapshot = {"leader": self.is_leader(), "status": status, "sites": sites, "counts": dict(self.counts),
+                         "ts": now}  # fmt: skip
 
     async def _send(self, commands: Sequence[SiteCommand], now: float) -> None:
         for cmd in commands:
@@ -262,25 +391,47 @@ class Coordinator:
                 raise
             except Exception:  # a store or broker failure: logged, retried next step
                 log.exception("coordinator step failed")
-            await asyncio.sleep(self.cfg.step_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.step_s)
+            self._wake.clear()
 
 
-def status_doc(result: StepResult) -> dict[str, Any]:
-    """The retained program status: per program dispatch its level, Σ counted, unmet, and every site's share."""
+def status_doc(result: StepResult, now: float | None = None) -> dict[str, Any]:
+    """The retained program status: per program dispatch its revision, window and state, its level, Σ counted,
+    unmet, and every site's share (acknowledged or not). `state`: pending (its window is still to come), sending
+    (a share not yet acknowledged), short (cannot be met), met (Σ metered at or under the level), or delivering."""
+    dispatches = []
+    for r in result.reports:
+        d = result.state.dispatches.get(r.dispatch_id)
+        shares = result.state.assignments.get(r.dispatch_id, {})
+        heard = [s.present_w for s in r.sites if s.present_w is not None]
+        metered = math.fsum(heard) if heard else None  # no site heard: unknown, not 0 W
+        acked = [shares[s.site_id].acked for s in r.sites if s.site_id in shares]
+        if r.level_now_w is None and d is not None and now is not None and now < d.start:
+            state = "pending"
+        elif not all(acked):
+            state = "sending"
+        elif r.unmet_w > 0:
+            state = "short"
+        elif r.level_now_w is not None and metered is not None and metered <= r.level_now_w:
+            state = "met"
+        else:
+            state = "delivering"
+        dispatches.append({
+            "id": r.dispatch_id, "kind": r.kind, "rev": None if d is None else d.rev,
+            "start": None if d is None else d.start, "end": None if d is None else d.end, "state": state,
+            "level_w": r.level_w, "level_now_w": r.level_now_w, "allocated_w": r.allocated_w,
+            "metered_w": metered, "unmet_w": r.unmet_w, "lost_ths": r.lost_ths,
+            "sites": [
+                {"site": s.site_id, "share_w": s.target_w, "counted_w": s.counted_w, "present_w": s.present_w,
+                 "failure": s.failure, "reason": s.reason, "rev": s.rev,
+                 "acked": None if s.site_id not in shares else shares[s.site_id].acked}
+                for s in r.sites
+            ],
+        })  # fmt: skip
     return {
         "program": result.state.program_id,
         "revision": result.state.revision,
         "alarms": list(result.alarms),
-        "dispatches": [
-            {
-                "id": r.dispatch_id, "kind": r.kind, "level_w": r.level_w, "level_now_w": r.level_now_w,
-                "allocated_w": r.allocated_w, "unmet_w": r.unmet_w, "lost_ths": r.lost_ths,
-                "sites": [
-                    {"site": s.site_id, "share_w": s.target_w, "counted_w": s.counted_w, "present_w": s.present_w,
-                     "failure": s.failure, "reason": s.reason, "rev": s.rev}
-                    for s in r.sites
-                ],
-            }
-            for r in result.reports
-        ],
-    }  # fmt: skip
+        "dispatches": dispatches,
+    }

@@ -1,23 +1,29 @@
 """The program state, durable and replicated: one JetStream key-value entry (replicas 3), written with a
 compare-and-set on the revision this instance last read or wrote, so a deposed leader's late write is refused
-instead of overwriting the new leader's state. Also the coordinator's NATS connection (`connect_nats`): this module and
-the lease are the only ones that speak NATS."""
+instead of overwriting the new leader's state. The coordinator's audit chain (`JetStreamAuditLog`): an append-only
+stream, one per program, each record appended with a compare-and-set on the stream's last sequence (why:
+coordinator/audit.py). Also the coordinator's NATS connection (`connect_nats`, and `connect_once` for a command):
+this module and the lease are the only ones that speak NATS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
+from hashflex.agent.core.audit import AuditRecord
 from hashflex.agent.logging import get_logger
+from hashflex.coordinator.audit import GENESIS_HASH, ChainConflict, next_record, record_from_dict
 from hashflex.coordinator.program import ProgramState
 
 log = get_logger("coordinator.store")
@@ -65,6 +71,125 @@ class JetStreamProgramStore:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             self._revision = None
             raise StateConflict(f"program {self.key!r}: the state was written by another instance") from exc
+
+
+class NoChain(LookupError):
+    """The program has no audit stream (no coordinator of it has run against this cluster)."""
+
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Sequence
+
+
+class JetStreamAuditLog:
+    """One program's audit chain on a JetStream stream: record seq = stream sequence, appended by compare-and-set.
+
+    The stream denies deletes and purges (append-only through the API) and keeps everything (no limits): pruning
+    a regulator's trail is a decision for an operator with the NATS admin tools, after an export."""
+
+    def __init__(self, js: JetStreamContext, stream: str, *, replicas: int = 3) -> None:
+        self.js = js
+        self.stream = stream
+        self.subject = f"hashflex_audit.{stream}"
+        self.replicas = replicas
+        self._open_done = False
+        self._head: tuple[int, str] | None = None  # (seq, hash) of the last record as this writer knows it
+
+    async def _open(self, *, create: bool = True) -> None:
+        if self._open_done:
+            return
+        try:
+            await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            if not create:
+                raise
+            await self.js.add_stream(StreamConfig(
+                name=self.stream, subjects=[self.subject], storage=StorageType.FILE, num_replicas=self.replicas,
+                deny_delete=True, deny_purge=True, description="hashflex coordinator audit chain",
+            ))  # fmt: skip
+        self._open_done = True
+
+    async def head(self) -> tuple[int, str]:
+        """(seq, hash) of the chain's last record: (0, genesis) when it is empty."""
+        await self._open()
+        info = await self.js.stream_info(self.stream)
+        last = int(info.state.last_seq)
+        if last == 0:
+            return 0, GENESIS_HASH
+        record = record_from_dict(json.loads((await self.js.get_msg(self.stream, last)).data or b"null"))
+        if record.seq != last:
+            raise ValueError(f"audit stream {self.stream}: message {last} holds record {record.seq}")
+        return record.seq, record.hash
+
+    async def append(self, ts: float, kind: str, data: Mapping[str, Any]) -> AuditRecord:
+        """Append one record after the head this writer knows (read on first use and after a conflict).
+        ChainConflict when someone else appended since: nothing written; the next call re-reads the head."""
+        await self._open()
+        if self._head is None:
+            self._head = await self.head()
+        seq, prev = self._head
+        record = next_record(seq, prev, ts, kind, data)
+        payload = json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            ack = await self.js.publish(self.subject, payload, stream=self.stream,
+                                        headers={"Nats-Expected-Last-Sequence": str(seq)})  # fmt: skip
+        except nats.js.errors.APIError as exc:
+            self._head = None
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise ChainConflict(f"audit stream {self.stream}: the chain moved past record {seq}") from exc
+            raise
+        if ack.seq != record.seq:  # cannot happen with the expected-sequence header; never trust it silently
+            self._head = None
+            raise ChainConflict(f"audit stream {self.stream}: record {record.seq} stored at {ack.seq}")
+        self._head = (record.seq, record.hash)
+        return record
+
+    async def last_seq(self) -> int:
+        """The stream's last sequence (NoChain when there is no stream: a reader never creates one)."""
+        try:
+            await self._open(create=False)
+            return int((await self.js.stream_info(self.stream)).state.last_seq)
+        except nats.js.errors.NotFoundError:
+            raise NoChain(self.stream) from None
+
+    async def records(self, *, wait_s: float = 5.0) -> AsyncIterator[tuple[int, dict[str, Any] | None]]:
+        """(stream sequence, the stored document or None when it is not JSON), oldest first, up to the last record
+        stored when the read began. An ordered consumer: no state left on the server."""
+        last = await self.last_seq()
+        if last == 0:
+            return
+        sub = await self.js.subscribe(self.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=wait_s)
+                seq = msg.metadata.sequence.stream
+                try:
+                    doc = json.loads(msg.data)
+                except ValueError:
+                    doc = None
+                yield seq, doc if isinstance(doc, dict) else None
+                if seq >= last:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+
+async def connect_once(servers: list[str], timeout_s: float) -> NatsClient:
+    """A connection for a command (`program audit verify`): each server tried once; OSError naming them when
+    none answers within `timeout_s`."""
+    problems: list[str] = []
+
+    async def quiet(exc: Exception) -> None:
+        problems.append(str(exc) or type(exc).__name__)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(servers=servers, connect_timeout=timeout_s, allow_reconnect=False, max_reconnect_attempts=0,
+                         error_cb=quiet, name="hashflex-program-cli"),
+            timeout_s * len(servers) + 1,
+        )  # fmt: skip
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        why = problems[-1] if problems else str(exc) or type(exc).__name__
+        raise OSError(f"no NATS server answered ({', '.join(servers)}): {why}") from None
 
 
 async def connect_nats(servers: list[str], holder: str, stop: asyncio.Event) -> NatsClient | None:

@@ -168,10 +168,10 @@ def export(
         now = time.time()
         files = store.export(start, end, fmt, now=now, site_id=cfg.site.id, per_miner=per_miner, public_keys=keys)
         if out is None:
-            _to_stdout(files)
+            export_to_stdout(files)
             return
         try:
-            written = _write(files, out, fmt)
+            written = write_export(files, out, fmt)
         except OSError as exc:
             fail(f"cannot write {out}: {exc.strerror or exc}", EXIT_UNAVAILABLE)
         mark = store.mark_exported(start, end, fmt, exp.digest(files), now)
@@ -185,7 +185,7 @@ def export(
         store.close()
 
 
-def _to_stdout(files: dict[str, bytes]) -> None:
+def export_to_stdout(files: dict[str, bytes]) -> None:
     if len(files) == 1:
         typer.echo(next(iter(files.values())).decode(), nl=False)
         return
@@ -194,7 +194,7 @@ def _to_stdout(files: dict[str, bytes]) -> None:
         typer.echo(body.decode())
 
 
-def _write(files: dict[str, bytes], out: Path, fmt: str) -> Path:
+def write_export(files: dict[str, bytes], out: Path, fmt: str) -> Path:
     """Write atomically enough for a regulator: to a temporary file, then rename over the target.
 
     The temporary file is created exclusively under a random name (mkstemp: O_CREAT|O_EXCL, never through a

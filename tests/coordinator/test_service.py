@@ -11,26 +11,21 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nats.aio.client import Client as NatsClient
 
 from hashflex.agent.core.signing import sign_command
-from hashflex.coordinator.allocation import SiteLimits
-from hashflex.coordinator.fabric import MqttFabric
-from hashflex.coordinator.lease import Lease, LeaseConfig
-from hashflex.coordinator.program import ProgramRules, SiteConfig
-from hashflex.coordinator.service import Coordinator, CoordinatorConfig
 from hashflex.coordinator.store import JetStreamProgramStore
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, write_agent_config
 from tests.broker import HOST, Mosquitto
+from tests.coordinator.fleet import Instance, Program
+from tests.coordinator.fleet import start_instance as start_fleet_instance
+from tests.coordinator.fleet import until as _until
 from tests.nats_cluster import NatsCluster
 
 PROGRAM = f"prog-{uuid.uuid4().hex[:6]}"
@@ -45,13 +40,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     nodes = NatsCluster(tmp_path_factory.mktemp("nats")).start()
     yield nodes
     nodes.stop()
-
-
-async def _until(predicate: Any, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("fabric", ["mosquitto", "nats"])
@@ -79,43 +67,10 @@ tmp_path: Path, mosquitto: Mosquitto,
                 agent.stop()
 
 
-@dataclass
-class Instance:
-    """One coordinator instance: its own NATS connection, lease, store, fabric client and tasks."""
-
-    name: str
-    nc: NatsClient
-    lease: Lease
-    coord: Coordinator
-    tasks: list[asyncio.Task[Any]]
-
-    async def kill(self) -> None:
-        """As a crash: its tasks stop, its connections drop, the lease is NOT released (it ages out)."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.nc.close()
-
-
 async def start_instance(name: str, ports: list[int], cluster: NatsCluster) -> Instance:
-    nc = await nats.connect(servers=cluster.urls, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
-    js = nc.jetstream()
-    lease = Lease(js, name, LeaseConfig(bucket=f"lease_{PROGRAM}".replace("-", "_"), ttl_s=2.0, renew_every_s=0.4,
-                                        op_timeout_s=0.5, safety_s=0.2))  # fmt: skip
-    store = JetStreamProgramStore(js, PROGRAM, bucket=f"state_{PROGRAM}".replace("-", "_"))
-    fabric = MqttFabric([(HOST, port) for port in ports], f"{name}-{PROGRAM}")
-    sites = tuple(SiteConfig(f"{PROGRAM}-{sid}", 15_000.0, SiteLimits()) for sid in SITES)
-    cfg = CoordinatorConfig(
-        program_id=PROGRAM, sites=sites, grid_keys=(GRID.public_key(),), signing_key=COORD, step_s=0.5,
-        settle_s=1.0, rules=ProgramRules(min_horizon_s=30.0, retarget_w=500.0, min_tolerance_w=500.0),
-    )  # fmt: skip
-    coord = Coordinator(cfg, fabric, store, lambda: lease.is_leader)
-    tasks = [
-        asyncio.create_task(lease.run()),
-        asyncio.create_task(fabric.run(coord.subscriptions(), coord.on_message)),
-        asyncio.create_task(coord.run()),
-    ]
-    return Instance(name, nc, lease, coord, tasks)
+    """One coordinator instance of this run's program (tests/coordinator/fleet.py), through `ports` in turn."""
+    program = Program(PROGRAM, SITES, 15_000.0, GRID, COORD)
+    return await start_fleet_instance(name, program, [(HOST, port) for port in ports], cluster)
 
 
 async def _run_coordinator(agents: dict[str, AgentProcess], ports: list[int], cluster: NatsCluster) -> None:
