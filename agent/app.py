@@ -153,6 +153,8 @@ def site_meter(
         host=m.host, port=m.port, unit=m.unit, map=m.map, sunspec_model=m.sunspec_model,
         bounds=MeterBounds(max_w=max_kw * 1000.0), poll_s=m.poll_s, stale_after_s=m.stale_after_s,
         frozen_after_s=m.frozen_after_s,
+        # frequency response reads the frequency register alone, this often (wall s), between full readings
+        hz_poll_s=None if cfg.frequency_response is None else cfg.frequency_response.poll_s,
     )  # fmt: skip
     return ModbusMeter(mcfg, clock=_SiteTime(clock), on_fault=on_fault)
 
@@ -334,6 +336,8 @@ class Agent:
             gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb), meter=meter,
         )  # fmt: skip
         ctl.persist = persist
+        if self.meter is not None and ctl.frequency is not None:  # every reading reaches the detector as it arrives
+            self.meter.on_frequency, self.meter.on_reading = ctl.frequency.on_hz, ctl.frequency.on_reading
         ctl.sweep_request = self.sweep_request
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
         ctl.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()

@@ -12,6 +12,7 @@ code the runtime uses), and time-of-use windows are in the site's IANA zone (`si
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import re
@@ -88,6 +89,70 @@ class _Model(BaseModel):
         return self
 
 
+class CoolingConfig(_Model):
+    """Cooling that follows a circuit's miners (agent.core.facility): a fan or pump drive (speed reference in a
+    holding register) or a relay (a coil), over Modbus TCP. Stepped down `down_after_s` after its miners sleep;
+    a wake on the circuit waits until it has been running for `up_lead_s`."""
+
+    kind: Literal["drive", "relay"] = Field(description="drive: a speed reference; relay: on/off.")
+    host: str = Field(min_length=1, description="The drive's (or its Modbus gateway's) address.")
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=255, description="Modbus unit (device) id.")
+    setpoint_register: int = Field(ge=0, le=65535, description="drive: speed reference holding register; relay: coil.")
+    full_scale: int = Field(10000, ge=1, le=65535, description="drive: the reference's value at 100 % speed.")
+    speed_register: int | None = Field(None, ge=0, le=65535, description="drive: input register, actual speed.")
+    power_register: int | None = Field(
+        None, ge=0, le=65534, description="Input registers (uint32, high word first): the load's power in W."
+    )
+    full_kw: PowerKw = Field(gt=0, description="The load's power at full speed (or on), in kW.")
+    min_pct: float | None = Field(None, ge=0, le=100, description="drive: lowest speed while any miner runs.")
+    idle_pct: float = Field(0.0, ge=0, le=100, description="drive: speed with every miner asleep.")
+    curve: list[tuple[float, float]] | None = Field(
+        None,
+        description="drive: [share of the circuit's miners on %, speed %] points, ascending; default from "
+        "min_pct at none to 100 at all.",
+    )
+    down_after_s: Seconds = Field(300.0, ge=0, description="Step down only after the miners slept this long.")
+    up_lead_s: Seconds = Field(60.0, ge=0, description="Cooling runs this long before a miner wakes.")
+    timeout_s: Seconds = Field(1.0, gt=0, le=30, description="Modbus connect and reply timeout.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoolingConfig:
+        if self.kind == "relay":
+            for name in ("min_pct", "curve", "speed_register"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} = {getattr(self, name)!r}: a relay is on or off; remove {name}")
+            if self.idle_pct != 0.0:
+                raise ValueError(f"idle_pct = {self.idle_pct!r}: a relay is off with every miner asleep")
+            return self
+        if self.min_pct is not None and self.idle_pct > self.min_pct:
+            raise ValueError(f"idle_pct = {self.idle_pct!r}: above min_pct ({self.min_pct})")
+        if self.curve is not None:
+            if not self.curve:
+                raise ValueError("curve = []: give at least one [share %, speed %] point, or leave it out")
+            for share, speed in self.curve:
+                if not (0 <= share <= 100 and 0 <= speed <= 100):
+                    raise ValueError(f"curve point {[share, speed]!r}: share and speed are in 0..100 (%)")
+            shares = [p[0] for p in self.curve]
+            speeds = [p[1] for p in self.curve]
+            if shares != sorted(set(shares)):
+                raise ValueError(f"curve shares {shares!r}: must be strictly ascending")
+            if speeds != sorted(speeds):
+                raise ValueError(f"curve speeds {speeds!r}: must not fall as more miners run")
+        return self
+
+    @property
+    def minimum_pct(self) -> float:
+        return 100.0 if self.kind == "relay" else (30.0 if self.min_pct is None else self.min_pct)
+
+    def curve_shares(self) -> tuple[tuple[float, float], ...]:
+        """The curve as (share 0..1, speed %); a relay's is full speed for any miner."""
+        if self.kind == "relay":
+            return ((0.0, 100.0),)
+        points = self.curve if self.curve is not None else [(0.0, self.minimum_pct), (100.0, 100.0)]
+        return tuple((share / 100.0, speed) for share, speed in points)
+
+
 class CircuitConfig(_Model):
     id: str = Field(title="Circuit id", description="Unique name of a transformer, container or PDU.")
     parent: str | None = Field(None, description="Parent circuit id; None hangs it directly under the site.")
@@ -95,6 +160,9 @@ class CircuitConfig(_Model):
     miners: AddressList = Field(
         default_factory=list,
         description="Miners fed by this circuit. A miner may also be listed by an ancestor, never by a sibling.",
+    )
+    cooling: CoolingConfig | None = Field(
+        None, description="Cooling that follows this circuit's miners (its own and its sub-circuits')."
     )
 
 
@@ -344,10 +412,26 @@ class TlsConfig(_Model):
     insecure: bool = Field(False, description="Skip hostname verification (test brokers only).")
 
 
+class BrokerAddress(_Model):
+    host: str = Field(min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+
+
+def _protocol_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML reads 5 as 5
+
+
 class MqttConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    brokers: list[BrokerAddress] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Brokers tried in turn (a cluster's nodes: on a failure the next one); replaces host/port.",
+    )
+    # NATS's MQTT listener speaks 3.1.1 only: "3.1.1" saves a refused MQTT 5 connect per start; "auto" tries 5 first
+    protocol: Annotated[Literal["auto", "5", "3.1.1"], BeforeValidator(_protocol_text)] = "auto"
     root: str | None = Field(None, description="Topic root; default hashflex/<site id>.")
     client_id: str | None = Field(None, description="Default hashflex-<site id>.")
     username: str | None = None
@@ -358,6 +442,21 @@ class MqttConfig(_Model):
     telemetry_interval_s: Seconds = Field(10.0, gt=0)
     miner_detail_interval_s: Seconds | None = Field(None, gt=0, description="Per-miner topics; off if unset.")
     max_payload_bytes: int = Field(65_536, ge=1024)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_brokers(self) -> MqttConfig:
+        given = sorted({"host", "port"} & self.model_fields_set)
+        if self.brokers and given:
+            values = " and ".join(f"{name} = {getattr(self, name)!r}" for name in given)
+            raise ValueError(
+                f"{values} set beside brokers: list every broker under mqtt.brokers (host and port each) and "
+                f"remove mqtt.{' and mqtt.'.join(given)}"
+            )
+        return self
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The brokers in the order they are tried: `brokers`, or the single `host`/`port`."""
+        return [(b.host, b.port) for b in self.brokers] or [(self.host, self.port)]
 
 
 class GridConfig(_Model):
@@ -394,6 +493,73 @@ class AuditConfig(_Model):
     disk_alarm_mb: float = Field(500.0, ge=0, description="Alarm when the state disk has less free space.")
 
 
+_SHED = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|kW)\s*$")
+
+
+class FrequencyStage(_Model):
+    below_hz: float = Field(ge=45.0, le=65.0, description="Trips once the frequency is below this for for_s.")
+    for_s: Seconds = Field(ge=0, le=60.0, description="Ride-through: a dip shorter than this causes nothing.")
+    shed: str = Field(description="What the stage sheds in total: '25%' of the miners' draw, or '300kW'.")
+
+    @field_validator("shed", mode="before")
+    @classmethod
+    def _shed_form(cls, v: Any) -> Any:
+        m = _SHED.match(str(v)) if isinstance(v, str) else None
+        if m is None:
+            raise ValueError(f"shed = {v!r}: write a share of the miners' draw ('25%') or a power ('300kW')")
+        amount = float(m.group(1))
+        if m.group(2) == "%" and not 0 < amount <= 100:
+            raise ValueError(f"shed = {v!r}: a share is above 0 % and at most 100 %")
+        if m.group(2) == "kW" and not 0 < amount <= MAX_POWER_KW:
+            raise ValueError(f"shed = {v!r}: a power is above 0 kW and at most {MAX_POWER_KW:g} kW")
+        return v
+
+    @property
+    def shed_pct(self) -> float | None:
+        m = _SHED.match(self.shed)
+        return float(m.group(1)) if m and m.group(2) == "%" else None
+
+    @property
+    def shed_kw(self) -> float | None:
+        m = _SHED.match(self.shed)
+        return float(m.group(1)) if m and m.group(2) == "kW" else None
+
+
+class FrequencyResponseConfig(_Model):
+    """Under-frequency load shedding (opt-in; needs site.meter, which reads the frequency): see
+    agent/core/frequency.py for the rules and agent/runtime/frequency.py for how it acts."""
+
+    stages: list[FrequencyStage] = Field(min_length=1, max_length=8, description="Ordered by below_hz, falling.")
+    restore_above_hz: float = Field(ge=45.0, le=65.0, description="The event ends once above this ...")
+    restore_after_s: Seconds = Field(ge=0, le=3600.0, description="... for this long (then ramp and stagger).")
+    poll_s: Seconds | None = Field(
+        0.1, ge=0.02, le=60.0,
+        description="Wall seconds between frequency-only meter reads; none = each full meter reading only.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FrequencyResponseConfig:
+        for i, (a, b) in enumerate(itertools.pairwise(self.stages), start=1):
+            if b.below_hz >= a.below_hz:
+                raise ValueError(
+                    f"stages[{i}].below_hz = {b.below_hz}: not below stages[{i - 1}]'s {a.below_hz} (stages are "
+                    "ordered by below_hz, falling)"
+                )
+            if (a.shed_pct is None) != (b.shed_pct is None):
+                raise ValueError(f"stages[{i}].shed = {b.shed!r}: every stage sheds in one unit (all % or all kW)")
+            if (b.shed_pct or b.shed_kw or 0.0) < (a.shed_pct or a.shed_kw or 0.0):
+                raise ValueError(
+                    f"stages[{i}].shed = {b.shed!r}: less than stages[{i - 1}]'s {a.shed!r} (a stage's shed is the "
+                    "total while it holds, so a deeper one sheds at least as much)"
+                )
+        if self.restore_above_hz < self.stages[0].below_hz:
+            raise ValueError(
+                f"restore_above_hz = {self.restore_above_hz}: below stages[0].below_hz ({self.stages[0].below_hz}); "
+                "the event would end while the first stage still trips"
+            )
+        return self
+
+
 class AgentConfig(_Model):
     site: SiteConfig
     miners: MinersConfig = MinersConfig()
@@ -409,6 +575,9 @@ class AgentConfig(_Model):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     audit: AuditConfig = AuditConfig()
+    frequency_response: FrequencyResponseConfig | None = Field(
+        None, description="Under-frequency load shedding (opt-in, per programme); needs site.meter."
+    )
     # where the file was read from; paths above are relative to its folder
     source: Path | None = Field(None, exclude=True)
 
@@ -430,6 +599,11 @@ class AgentConfig(_Model):
                 "`grid: {public_keys: [keys/grid.pub]}` (a pair for a test: `hashflex keygen --out keys/grid`), "
                 "or remove the mqtt section to run without a grid link"
             )
+        if self.frequency_response is not None and self.site.meter is None:
+            raise ValueError("frequency_response needs site.meter: the frequency is read at the site meter")
+        for i, st in enumerate(self.frequency_response.stages if self.frequency_response else []):
+            if st.shed_kw is not None and st.shed_kw > self.site.cap_kw:
+                raise ValueError(f"frequency_response.stages[{i}].shed = {st.shed!r}: above site.cap_kw")
         if self.polling.read_timeout_s >= self.polling.stale_after_s:
             raise ValueError("polling.read_timeout_s must be shorter than polling.stale_after_s")
         if isinstance(self.failsafe.level, float) and self.failsafe.level > self.site.cap_kw:

@@ -10,4 +10,5 @@ echo "== mypy" >&2
 # through the import package (hashflex/ links the folders), so every module has the one name it is imported by
 .venv/bin/mypy -p hashflex.agent -p hashflex.drivers -p hashflex.coordinator
 echo "== pytest" >&2
-exec .venv/bin/pytest "$@"
+# the slowest tests in every run's log: where the 30-minute CI budget goes
+exec .venv/bin/pytest --durations=30 "$@"

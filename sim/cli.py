@@ -17,6 +17,8 @@ from typing import Any
 import structlog
 import uvloop
 
+from hashflex.sim.facility import FacilityLoads
+from hashflex.sim.facility import parse as parse_facility
 from hashflex.sim.faults import FaultSpecError
 from hashflex.sim.meter import MeterParams, SiteMeter, parse_address
 from hashflex.sim.physics import PhysicsParams
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a site meter over Modbus TCP there (loopback; port default 5020, 502 needs root)")
     p.add_argument("--meter-config", default=None, metavar="JSON",
                    help="meter parameters as JSON (or @file), see sim/meter.py MeterParams")
+    p.add_argument("--facility", default=None, metavar="JSON",
+                   help="facility loads (cooling drives, relays on Modbus TCP) as a JSON list (or @file), see "
+                        "sim/facility.py; needs --meter")
     return p
 
 
@@ -89,8 +94,15 @@ async def run(args: argparse.Namespace) -> int:
                                             host="127.0.0.1", port=args.truth_port, reuse_address=True)
     port = truth_server.sockets[0].getsockname()[1]
     bind_s = await site.start()
+    if args.facility and not args.meter:
+        raise ValueError("--facility needs --meter: the meter measures the facility loads")
+    facility = None
+    if args.facility:
+        facility = FacilityLoads(site, parse_facility(load_faults(args.facility), set(site.by_ip)))
+        await facility.start()
     if args.meter:
-        meter = SiteMeter(site, MeterParams.from_json(load_faults(args.meter_config)), *parse_address(args.meter))
+        meter = SiteMeter(site, MeterParams.from_json(load_faults(args.meter_config)), *parse_address(args.meter),
+                          facility=facility)
         await meter.start()
         site.meter = meter
     if initial:
@@ -110,7 +122,9 @@ async def run(args: argparse.Namespace) -> int:
         write_ready_file(args.ready_file, {"truth_url": truth_url, "ips": [d.ip for d in site.devices],
                                            "pid": os.getpid(), "bind_s": bind_s,
                                            "meter": None if site.meter is None else f"{site.meter.host}:"
-                                                                                    f"{site.meter.port}"})
+                                                                                    f"{site.meter.port}",
+                                           "facility": [f"{ld.host}:{ld.port}" for ld in facility.loads]
+                                           if facility is not None else []})
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -118,6 +132,8 @@ async def run(args: argparse.Namespace) -> int:
     truth_server.close()
     if site.meter is not None:
         await site.meter.close()
+    if facility is not None:
+        await facility.close()
     await site.close()
     with contextlib.suppress(OSError):  # stdout may be gone (a closed pipe) by now
         print("hashflex sim: stopped", flush=True)

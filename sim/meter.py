@@ -49,6 +49,7 @@ from hashflex.sim.grid import GridModel, GridSpecError
 from hashflex.sim.transport import http_response
 
 if TYPE_CHECKING:
+    from hashflex.sim.facility import FacilityLoads
     from hashflex.sim.site import Site
     from hashflex.sim.transport import HttpRequest
 
@@ -148,18 +149,21 @@ class Figures:
     base_w: float
     losses_w: float
     energy_j: float  # integral of total_w since start
+    facility_w: float = 0.0  # facility loads (sim/facility.py): cooling of the miners they cool, set over Modbus
 
     @property
     def total_w(self) -> float:
-        return self.it_w + self.cooling_w + self.base_w + self.losses_w
+        return self.it_w + self.cooling_w + self.base_w + self.losses_w + self.facility_w
 
 
 class MeterModel:
     """Cooling lag, losses and the energy integral, stepped forward in sim time (never back)."""
 
-    def __init__(self, params: MeterParams, site: Site) -> None:
+    def __init__(self, params: MeterParams, site: Site, facility: FacilityLoads | None = None) -> None:
         self.params = params
         self.site = site
+        # miners a facility load cools get its power instead of the automatic cooling share
+        self.facility = facility
         nominal = sum(d.spec.nominal_w for d in site.devices)
         self.base_w = params.base_kw * 1000.0
         self.rated_w = (
@@ -173,7 +177,8 @@ class MeterModel:
         self.t = t
         self.it_w = self._it_power(t)
         self.it_energy_j = self._it_energy(t)
-        self.cooling_w = params.cooling_share * self.it_w  # the site has been running: cooling has settled
+        self.auto_w = self._auto_w(t, self.it_w)
+        self.cooling_w = params.cooling_share * self.auto_w  # the site has been running: cooling has settled
         self.energy_j = 0.0
 
     def _it_power(self, t: float) -> float:
@@ -181,6 +186,13 @@ class MeterModel:
 
     def _it_energy(self, t: float) -> float:
         return sum(d.physics.energy_at(t) for d in self.site.devices)
+
+    def _auto_w(self, t: float, it_w: float) -> float:
+        """IT power whose cooling is the automatic share: all of it but what facility loads cool."""
+        return it_w if self.facility is None else it_w - self.facility.cooled_it_w(t)
+
+    def _facility_w(self, t: float) -> float:
+        return 0.0 if self.facility is None else self.facility.power_w(t)
 
     def losses(self, it_w: float, cooling_w: float) -> float:
         load = it_w + cooling_w + self.base_w
@@ -200,18 +212,23 @@ class MeterModel:
                 step = b - self.t
                 u_b = self._it_power(b)
                 e_b = self._it_energy(b)
-                g_a, g_b = s * self.it_w, s * u_b
+                a_b = self._auto_w(b, u_b)
+                g_a, g_b = s * self.auto_w, s * a_b
+                f_a, f_b = self._facility_w(self.t), self._facility_w(b)  # piecewise constant: exact energy below
+                fac_j = 0.0 if self.facility is None else self.facility.energy_j(self.t, b)
                 k = (g_b - g_a) / step
                 decay = math.exp(-step / tau)
                 c_a = self.cooling_w
                 # exact for cooling' = (g(t) − cooling) / tau with g linear over the step
                 c_b = g_b - k * tau + (c_a - g_a + k * tau) * decay
                 cool_j = (g_a + g_b) * 0.5 * step - k * tau * step + (c_a - g_a + k * tau) * tau * (1.0 - decay)
-                loss_j = (self.losses(self.it_w, c_a) + self.losses(u_b, c_b)) * 0.5 * step
-                self.energy_j += (e_b - self.it_energy_j) + cool_j + self.base_w * step + loss_j
-                self.t, self.it_w, self.it_energy_j, self.cooling_w = b, u_b, e_b, c_b
+                loss_j = (self.losses(self.it_w, c_a + f_a) + self.losses(u_b, c_b + f_b)) * 0.5 * step
+                self.energy_j += (e_b - self.it_energy_j) + cool_j + self.base_w * step + loss_j + fac_j
+                self.t, self.it_w, self.it_energy_j, self.cooling_w, self.auto_w = b, u_b, e_b, c_b, a_b
+        fac_w = self._facility_w(self.t)
         return Figures(
-            self.t, self.it_w, self.cooling_w, self.base_w, self.losses(self.it_w, self.cooling_w), self.energy_j
+            self.t, self.it_w, self.cooling_w, self.base_w, self.losses(self.it_w, self.cooling_w + fac_w),
+            self.energy_j, fac_w,
         )
 
 
@@ -555,12 +572,14 @@ def _runs(addresses: list[int]) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------------------------- the meter
 class SiteMeter:
-    def __init__(self, site: Site, params: MeterParams, host: str, port: int) -> None:
+    def __init__(self, site: Site, params: MeterParams, host: str, port: int,
+                 facility: FacilityLoads | None = None) -> None:
         params.check()
         self.site = site
         self.params = params
         self.host, self.port = host, port
-        self.model = MeterModel(params, site)
+        self.facility = facility
+        self.model = MeterModel(params, site, facility)
         self.grid = GridModel(nominal_hz=params.grid_hz, noise_hz=params.grid_noise_hz, seed=site.seed)
         self.layouts = Layouts(self.model.rated_w, params.unit, f"SIM{site.seed:05d}", params.counter_kwh * 1000.0)
         rng = random.Random(f"{site.seed}:meter:phases")
@@ -755,6 +774,7 @@ class SiteMeter:
             "power_w": round(total, 3),
             "it_w": round(f.it_w, 3),
             "cooling_w": round(f.cooling_w, 3),
+            "facility_w": round(f.facility_w, 3),
             "base_w": round(f.base_w, 3),
             "losses_w": round(f.losses_w, 3),
             "non_miner_w": round(total - f.it_w, 3),
@@ -777,6 +797,7 @@ class SiteMeter:
             },
             "requests": self.requests,
             "params": asdict(self.params),
+            **({"facility": self.facility.truth()} if self.facility is not None else {}),
         }
 
     # -- HTTP (through the site's truth endpoint) ----------------------------------------------------------
@@ -802,6 +823,17 @@ class SiteMeter:
                         return reply(500, {"error": str(exc)})
 
                 return asyncio.get_running_loop().create_task(post())
+        if request.path == "/facility":
+            if self.facility is None:
+                return reply(404, {"error": "no facility loads: start the sim with --facility JSON"})
+            answer = self.facility.handle(request.method, request.body)
+            if isinstance(answer, tuple):
+                return reply(*answer)
+
+            async def facility_reply() -> bytes:
+                return reply(*await answer)
+
+            return asyncio.get_running_loop().create_task(facility_reply())
         if request.path == "/grid":
             t = self.site.clock.now()
             if request.method == "GET":

@@ -300,7 +300,7 @@ class TruthEndpoint:
     def handle_http(self, port: int, request: HttpRequest) -> bytes | asyncio.Future[bytes] | None:
         if request.path == "/truth" and request.method == "GET":
             return self._json(200, self.site.truth())
-        if request.path in ("/meter", "/grid"):
+        if request.path in ("/meter", "/grid", "/facility"):
             if self.site.meter is None:
                 return self._json(404, {"error": "no meter: start the sim with --meter HOST[:PORT]"})
             return self.site.meter.handle_http(request)

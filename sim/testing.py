@@ -134,6 +134,16 @@ class SimProcess:
         doc: dict[str, Any] = self._request("POST", "/meter", {"fault": fault, **params})["meter"]
         return doc
 
+    def facility_truth(self) -> list[dict[str, Any]]:
+        """GET /facility: each facility load (sim/facility.py): setpoint, power, history, wakes of its miners."""
+        doc: list[dict[str, Any]] = self._request("GET", "/facility")["facility"]
+        return doc
+
+    def facility_fault(self, name: str, fault: str) -> dict[str, Any]:
+        """POST /facility: offline | refuse | clear, for the load named."""
+        doc: dict[str, Any] = self._request("POST", "/facility", {"name": name, "fault": fault})["facility"]
+        return doc
+
     def grid_event(self, event: dict[str, Any]) -> dict[str, Any]:
         """POST /grid: a frequency event (sim/grid.py): step, ramp, dip, trace, nominal."""
         doc: dict[str, Any] = self._request("POST", "/grid", event)

@@ -39,7 +39,7 @@ def summary(cfg: AgentConfig) -> dict[str, Any]:
         "site_id": cfg.site.id,
         "cap_kw": cfg.site.cap_kw,
         "addresses": len(expand(cfg.miners.addresses)),
-        "mqtt": f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.enabled else "disabled",
+        "mqtt": ", ".join(f"{h}:{p}" for h, p in cfg.mqtt.endpoints()) if cfg.mqtt.enabled else "disabled",
         "grid_keys": len(cfg.grid.public_keys),
         "state_dir": str(cfg.state_path),
         "socket": str(cfg.socket_path),

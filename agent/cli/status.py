@@ -124,6 +124,22 @@ def _meter_line(m: Mapping[str, Any]) -> Text:
     return line
 
 
+def _energy_line(e: Mapping[str, Any]) -> Text:
+    """Where the site's kWh come from (with a site meter): its counter, or the miners' sum while it is stale."""
+    counts = e.get("by_source") or {}
+    tally = ", ".join(f"{r.count(n)} {name}" for name, n in sorted(counts.items()))
+    source = e.get("source")
+    if source == "fallback":
+        line = Text("FALLBACK: the miners' sum (no meter counter)", style="bold yellow")
+    elif source == "metered":
+        line = Text("metered: the meter's import counter", style="bold")
+    else:
+        line = Text("no minute recorded yet" if source is None else str(source))
+    if tally:
+        line.append(f"  (minutes: {tally})")
+    return line
+
+
 def _failsafe_line(fs: Mapping[str, Any]) -> Text:
     if fs.get("active"):
         return Text(
@@ -138,7 +154,9 @@ def _broker_line(broker: Mapping[str, Any]) -> Text:
     state = str(broker.get("state") or "unknown")
     style = {"connected": "green", "disabled": "dim", "connecting": "yellow"}.get(state, "red")
     since = f" since {r.clock(broker.get('since'))} ({r.ago(broker.get('since'))})" if broker.get("since") else ""
-    return Text(f"{state}{since}", style=style)
+    # with a broker list (a cluster's nodes), which one: "connected to nats-2:1883 since …" (tried, while connecting)
+    where = f" {'to' if state == 'connected' else 'via'} {broker['address']}" if broker.get("address") else ""
+    return Text(f"{state}{where}{since}", style=style)
 
 
 def _gateway_line(gw: Mapping[str, Any]) -> Text:
@@ -192,6 +210,8 @@ def status_view(doc: Mapping[str, Any], console: Console | None = None) -> Rende
     grid.add_row("power", _power_line(doc))
     if isinstance(doc.get("meter"), Mapping):
         grid.add_row("meter", _meter_line(doc["meter"]))
+        if isinstance(doc.get("energy"), Mapping):
+            grid.add_row("energy", _energy_line(doc["energy"]))
     grid.add_row("target", Text(f"{r.kw(doc.get('target_kw'))} — {explain_target(doc)}"))
     grid.add_row("cap", Text(f"{r.kw(doc.get('cap_kw'))} (licensed {r.kw(doc.get('licensed_cap_kw'))})"))
     grid.add_row("hashrate", Text(r.hashrate(doc.get("hashrate_ths"))))

@@ -36,7 +36,8 @@ from hashflex.agent.core.model import Dispatch, Source, Target
 from hashflex.agent.core.ramp import ramp_step
 from hashflex.agent.core.schedule import ScheduleRule
 
-_RANK = {Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3, Source.CAP: 4}
+_RANK = {Source.FREQUENCY: -1, Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3,
+         Source.CAP: 4}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,8 @@ class ArbitrationInputs:
     dispatches: Sequence[Dispatch] = ()  # grid and operator, incl. recently ended ones (see retention_s)
     schedule: Sequence[ScheduleRule] = ()
     failsafe_kw: float | None = None  # the fail-safe limit while it is active (failsafe.limit_kw), else None
+    # the level an under-frequency event holds the site at until it is restored (agent.runtime.frequency), else None
+    frequency_kw: float | None = None
     rules: ArbitrationRules = ArbitrationRules()
 
 
@@ -177,6 +180,8 @@ def _limits(inputs: ArbitrationInputs, now: float) -> tuple[float, list[_Limit]]
             out.append((w.target_kw, _RANK[Source.SCHEDULE], w.name, Source.SCHEDULE, None, "", -math.inf))
     if inputs.failsafe_kw is not None:
         out.append((max(0.0, inputs.failsafe_kw), _RANK[Source.FAILSAFE], "", Source.FAILSAFE, None, "", -math.inf))
+    if inputs.frequency_kw is not None:
+        out.append((max(0.0, inputs.frequency_kw), _RANK[Source.FREQUENCY], "", Source.FREQUENCY, None, "", -math.inf))
     return cap, out
 
 

@@ -34,6 +34,7 @@ class AuditKind(StrEnum):
     CAP_CHANGE = "cap_change"
     ENERGY = "energy"  # minute or quarter-hour energy totals, so the energy table is pinned by the chain
     ALARM = "alarm"
+    FREQUENCY = "frequency"  # an under-frequency event's steps: tripped, commands out, shed reached, restored
     PRUNE = "prune"  # exported records older than the retention were deleted; the chain restarts from an anchor
 
 

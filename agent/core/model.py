@@ -19,6 +19,7 @@ class Source(StrEnum):
     OPERATOR = "operator"  # an override from the local CLI or operator MQTT
     SCHEDULE = "schedule"  # a time-of-use window from config
     FAILSAFE = "failsafe"  # the grid link is lost or was never heard
+    FREQUENCY = "frequency"  # under-frequency response holds a stage's shed (agent.core.frequency)
 
 
 @dataclass(frozen=True, slots=True)

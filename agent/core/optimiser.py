@@ -44,21 +44,23 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
     holds; otherwise circuit-aware (groups per circuit path, every grant checked up the path)."""
     ceiling = None if ramp_allowance_kw is None else max(prep.present_w() + ramp_allowance_kw * 1e3, floor[0])
     soft = prep.soft_caps(ceiling)
+    present = [w + x for w, x in zip(prep.node_sums(prep.cur_w), prep.excess_nodes, strict=True)]
+    settled = all(present[nd] <= soft[nd] + _EPS for nd in range(len(soft)))
     if len(soft) == 1:
-        return _allocate(prep, floor, soft, wake_budget, blind=True)
+        return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
     peak = _peaks(prep)
     binds = [nd == 0 or peak[nd] > soft[nd] + _EPS for nd in range(len(soft))]
     site_share = soft[0] / peak[0] if peak[0] > 0 else 1.0
     # circuit-blind spreads the site's share evenly; worth a try only if no binding circuit is tighter than that
     if all(not binds[nd] or soft[nd] >= site_share * peak[nd] for nd in range(1, len(soft))):
-        a = _allocate(prep, floor, soft, wake_budget, blind=True)
+        a = _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
         loads = a.node_loads(prep)
         if all(loads[nd] <= max(soft[nd], floor[nd]) + _EPS for nd in range(1, len(soft))):
             return a
     # a node whose subtree, every miner at the most it may be planned to draw, stays under its cap (a PDU sized
     # for its miners) needs no check: it is left out of the paths, so its miners group wider
     pruned = [tuple(nd for nd in path if binds[nd]) for path in prep.paths]
-    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned)
+    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled)
 
 
 def _peaks(prep: Prep) -> list[float]:
@@ -78,8 +80,10 @@ def _allocate(
     *,
     blind: bool,
     pruned_paths: list[tuple[int, ...]] | None = None,
+    settled: bool = False,
 ) -> Assignment:
-    """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id."""
+    """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id;
+    settled: the site as it runs now fits every limit (see _keep_running_first)."""
     a = Assignment(prep, "optimal")
     a.overridden = list(prep.overridden)
     s = prep.rules.sleep_w
@@ -115,7 +119,10 @@ def _allocate(
             segs.append((-prio, -gain / cost, 0, g, cost))
         taken.append(t)
     is_wake = [key[3] in _WAKE_KINDS for key in keys]
-    segs = _keep_on_before_wakes(sorted(segs), keys)
+    segs = sorted(segs)
+    if settled:
+        segs = _keep_running_first(segs, keys)
+    segs = _keep_on_before_wakes(segs, keys)
     node_paths: list[tuple[int, ...]] = [(0,) if blind else path_of[key[2]] for key in keys]
     sizes = [len(groups[key]) for key in keys]
     wakes_left = max(0, wake_budget)
@@ -148,6 +155,19 @@ def _allocate(
     extra = _top_up(segs, keys, models=models, taken=taken, paths=node_paths, room=room)
     a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=taken, extra=extra, blind=blind)
     return a
+
+
+def _keep_running_first(
+    segs: list[tuple[int, float, int, int, float]], keys: list[GroupKey]
+) -> list[tuple[int, float, int, int, float]]:
+    """While the site fits its limits as it runs, every miner that is on keeps its first level before any miner
+    of its priority is raised: no plan sleeps a running miner only to give its power to another. Such a swap is
+    worth a little hashrate on paper, but it is carried out sleep first (the raises wait until the sleep shows,
+    `Controller._hold_rises`), so the site dips by the slept miners for seconds, and each re-plan from the half-done
+    swap chose another one (soak: three miners slept in 6 s under a cap the site already met, one of them woken
+    again 11 s later). A limit that cuts still sleeps the least efficient first: then the site does not fit, and
+    the segments compete by ratio alone."""
+    return sorted(segs, key=lambda seg: (seg[0], not (seg[2] == 0 and keys[seg[3]][3] in _ON_KINDS)))
 
 
 def _keep_on_before_wakes(

@@ -4,6 +4,13 @@ An export is the set of files a regulator or grid operator asks for over a time 
 their hashes, so the chain can be re-verified from the export alone), the dispatches with their compliance
 figures, site energy per quarter hour and per day (measured vs estimated, time under curtailment, energy not
 drawn because of dispatch), optionally per-miner energy per day, and a manifest with a SHA-256 of every file.
+
+Energy source, per period: `source` is `metered` when every minute's kWh is the site meter's counter, `fallback` when
+any minute fell back to the miners' sum (the meter stale; `fallback_minutes` says how many), `miners` without a site
+meter. Beside it: `metered_kwh` (the counter over the period's own time), `carried_kwh` (counter energy of a stale
+span booked where the meter was read again; kwh = metered + carried + the fallback minutes' miners' sum),
+`miners_kwh` (the miners' sum over the whole period) and `gap_kwh` (over the metered minutes, the meter less the
+miners' sum: the load the miners do not report).
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ _ENERGY_COLUMNS = (
     "start_utc",
     "end",
     "kwh",
+    "source",
+    "metered_kwh",
+    "carried_kwh",
+    "miners_kwh",
+    "gap_kwh",
+    "metered_minutes",
+    "fallback_minutes",
     "measured_kwh",
     "estimated_kwh",
     "covered_s",

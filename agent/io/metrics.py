@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hashflex.agent import __version__
+from hashflex.agent.core.energy import SOURCES
 from hashflex.agent.logging import get_logger
 
 StatusProvider = Callable[[], Mapping[str, Any] | None]
@@ -35,6 +36,7 @@ MINER_STATES = ("hashing", "throttled", "sleeping", "waking", "unreachable")
 TARGET_SOURCES = ("cap", "grid", "operator", "schedule", "failsafe")
 BROKER_STATES = ("connected", "connecting", "disconnected", "disabled")
 FAILSAFE_RELEASES = ("grid_command", "next_heartbeat", "heartbeat")  # agent.core.failsafe.release
+ENERGY_SOURCES = SOURCES  # of a minute's site energy (agent.core.energy): metered, miners, fallback
 DEFAULT_PORT = 9708
 _MIB = 1024 * 1024
 
@@ -88,8 +90,19 @@ class Metrics:
             registry=r, buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
         )  # fmt: skip
         self.site_energy = Counter(
-            "hashflex_site_energy_joules", "Energy drawn by the site (integrated from power).", registry=r
-        )
+            "hashflex_site_energy_joules", "Energy drawn by the site: the meter's counter with a site meter (its "
+            "minutes that fell back: the miners' sum), else integrated from the miners' power.", registry=r,
+        )  # fmt: skip
+        self.site_energy_miners = Counter(
+            "hashflex_site_energy_miners_joules", "The miners' sum over the same minutes (measured plus estimated): "
+            "beside a metered site energy, the difference is the load the miners do not report.", registry=r,
+        )  # fmt: skip
+        self.energy_minutes = Counter(
+            "hashflex_site_energy_minutes", "Minutes of site energy recorded, by source (metered: the meter's "
+            "counter; fallback: the meter stale, the miners' sum; miners: no site meter).", ["source"], registry=r,
+        )  # fmt: skip
+        for source in ENERGY_SOURCES:
+            self.energy_minutes.labels(source=source)  # every source present from the start (0 until counted)
         self.registry.register(_SiteCollector(self))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -127,6 +140,14 @@ class Metrics:
 
     def add_energy_kwh(self, kwh: float) -> None:
         self.add_energy_joules(kwh * 3.6e6)
+
+    def add_energy_minute(self, kwh: float, miners_kwh: float, source: str) -> None:
+        """A minute of site energy recorded: its kWh (from `source`) and the miners' sum beside it."""
+        self.add_energy_kwh(kwh)
+        if miners_kwh > 0:
+            self.site_energy_miners.inc(miners_kwh * 3.6e6)
+        if source in ENERGY_SOURCES:
+            self.energy_minutes.labels(source=source).inc()
 
     # ------------------------------------------------------------------------------------------ exposing
     def render(self) -> bytes:
@@ -303,6 +324,13 @@ class _SiteCollector:
         meter = s.get("meter")
         if isinstance(meter, Mapping):
             yield from _meter(meter)
+        energy = s.get("energy")
+        if isinstance(energy, Mapping) and energy.get("source") in ENERGY_SOURCES:
+            source = GaugeMetricFamily("hashflex_site_energy_source", "1 for the source of the last minute of site "
+                                       "energy (metered, miners, fallback).", labels=["source"])  # fmt: skip
+            for name in ENERGY_SOURCES:
+                source.add_metric([name], 1.0 if energy.get("source") == name else 0.0)
+            yield source
         tick = s.get("tick") or {}
         if _num(tick.get("n")) is not None:
             ticks = CounterMetricFamily("hashflex_ticks", "Control ticks completed since the agent started.")
@@ -326,6 +354,10 @@ def _meter(m: Mapping[str, Any]) -> Iterator[Metric]:
                       1.0 if m.get("fresh") else 0.0)  # fmt: skip
     yield from _gauge("hashflex_meter_reading_age_seconds", "Age of the site meter's last good reading.",
                       _num(m.get("age_s")))  # fmt: skip
+    fr = m.get("frequency_response")
+    if isinstance(fr, Mapping):  # configured: 1 while an under-frequency event holds a stage's shed
+        yield from _gauge("hashflex_frequency_event_active", "1 while frequency response holds a stage's shed.",
+                          1.0 if fr.get("active") else 0.0)  # fmt: skip
     kwh = _num(m.get("import_kwh"))
     if kwh is not None:  # the meter's own register: it may reset (a replaced meter), as counters may
         counter = CounterMetricFamily("hashflex_meter_import_energy_joules", "The site meter's import energy counter.")

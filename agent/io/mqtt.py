@@ -38,6 +38,11 @@ Why it is built the way it is:
 - Reconnect forever: backoff min(1.8**n, 60) s + jitter; errors that retrying soon cannot fix (bad
   credentials, not authorised, refused subscription, untrusted certificate) wait the maximum at once. A
   warning on the first failure of a cycle, debug afterwards (aioesphomeapi).
+- A list of brokers (`mqtt.brokers`: the nodes of a NATS cluster's MQTT listener): every failure moves on to the
+  next one, at once while the round has brokers not yet tried, with the backoff above once all have failed
+  (agent.core.brokers). Availability, info, state and flex are republished on whichever broker the link lands on;
+  the status names it (`broker.address`). NATS speaks MQTT 3.1.1 only, with QoS 0/1, retained messages, wills and
+  persistent sessions kept in JetStream (replicated): `mqtt.protocol: "3.1.1"` skips the refused MQTT 5 connect.
 - Persistent session: a stable client id, clean_start=False and a session expiry, so QoS 1 commands sent
   while the agent is away are queued by the broker and delivered when it reconnects.
 
@@ -66,14 +71,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hashflex.agent.config import AgentConfig
+from hashflex.agent.core import brokers as broker_rules
+from hashflex.agent.core.brokers import Broker, Rotation, retry_delay_s
 from hashflex.agent.core.timefmt import iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink, Reply
 
 log = get_logger("mqtt")
 
-BACKOFF_BASE = 1.8
-BACKOFF_MAX_S = 60.0
+BACKOFF_BASE = broker_rules.BACKOFF_BASE  # the rule lives in agent.core.brokers (shared with the coordinator)
+BACKOFF_MAX_S = broker_rules.BACKOFF_MAX_S
 STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff; shorter ones count as flapping
 STOP_GRACE_S = 3.0  # on a clean stop: time to answer commands already received and flush replies and events
 OFFLINE_TIMEOUT_S = 2.0
@@ -159,11 +166,12 @@ class Topics:
         return None if "/" in verb else verb
 
 
-def backoff_s(failures: int, kind: FailureKind = FailureKind.TRANSIENT) -> float:
-    """Delay before the next attempt after `failures` failed ones in a row (1 → about 1 s, growing to 60 s)."""
-    base = BACKOFF_MAX_S if kind is FailureKind.AUTH else min(BACKOFF_BASE ** max(failures - 1, 0), BACKOFF_MAX_S)
+def backoff_s(failures: int, kind: FailureKind = FailureKind.TRANSIENT, brokers: int = 1) -> float:
+    """Delay before the next attempt after `failures` failed ones in a row (1 → about 1 s, growing to 60 s), with
+    `brokers` to rotate through (a hop to an untried one is almost at once; see agent.core.brokers)."""
     # jitter spreads many sites reconnecting to one broker after it restarts
-    return base + random.uniform(0.0, 1.0 + 0.1 * base)  # not cryptographic
+    unit = random.random()  # not cryptographic
+    return retry_delay_s(failures, brokers, unit, hard=kind is not FailureKind.TRANSIENT)
 
 
 def classify_failure(exc: BaseException) -> FailureKind:
@@ -299,7 +307,8 @@ class MqttLink:
         self.topics = Topics(cfg.mqtt_root)
         self.client_id = cfg.mqtt.client_id or f"hashflex-{cfg.site.id}"
         self._max_payload = cfg.mqtt.max_payload_bytes
-        self._protocol = aiomqtt.ProtocolVersion.V5
+        self._protocol = aiomqtt.ProtocolVersion.V311 if cfg.mqtt.protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+        self.rotation = Rotation([Broker(host, port) for host, port in cfg.mqtt.endpoints()])
 
         self.state = LinkState.DISABLED if not cfg.mqtt.enabled else LinkState.DISCONNECTED
         self.since = clock()
@@ -376,6 +385,9 @@ class MqttLink:
         return {
             "state": self.state.value,
             "since": iso(self.since),
+            # the broker connected to (or being tried), and the list the link rotates through
+            "address": str(self.rotation.current),
+            "brokers": [str(b) for b in self.rotation.brokers],
             "last_error": self.last_error,
             "protocol": "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1",
             "queued": {
@@ -446,9 +458,12 @@ class MqttLink:
         kind = classify_failure(exc)
         self.last_error = f"{type(exc).__name__}: {exc}"
         expected = isinstance(exc, aiomqtt.MqttError | OSError | SubscriptionRefused | ssl.SSLError)
-        if kind is FailureKind.PROTOCOL and self._protocol is aiomqtt.ProtocolVersion.V5:
+        failed = self.rotation.current
+        auto = self._cfg.mqtt.protocol == "auto"
+        if kind is FailureKind.PROTOCOL and self._protocol is aiomqtt.ProtocolVersion.V5 and auto:
+            # the same broker again, at once, in 3.1.1 (NATS's MQTT listener, older brokers)
             self._protocol = aiomqtt.ProtocolVersion.V311
-            log.warning("mqtt broker refused MQTT 5; using MQTT 3.1.1", host=self._cfg.mqtt.host)
+            log.warning("mqtt broker refused MQTT 5; using MQTT 3.1.1", broker=str(failed))
             return None
         now = self._clock()
         if self._connected_at is not None:
@@ -456,22 +471,30 @@ class MqttLink:
             if lasted >= STABLE_AFTER_S:
                 self.failures = 0
             self.failures += 1
-            delay = backoff_s(self.failures, kind)
+            delay = backoff_s(self.failures, kind, len(self.rotation))
+            nxt = self.rotation.advance()
             log.warning(
-                "mqtt connection lost", error=self.last_error, connected_s=round(lasted, 1), retry_s=round(delay, 1)
-            )
+                "mqtt connection lost", broker=str(failed), error=self.last_error, connected_s=round(lasted, 1),
+                retry_s=round(delay, 1), next_broker=str(nxt),
+            )  # fmt: skip
             return delay
         self.failures += 1
-        delay = backoff_s(self.failures, kind)
+        delay = backoff_s(self.failures, kind, len(self.rotation))
+        nxt = self.rotation.advance()
         fields: dict[str, Any] = {
-            "host": self._cfg.mqtt.host,
-            "port": self._cfg.mqtt.port,
+            "host": failed.host,
+            "port": failed.port,
             "error": self.last_error,
             "attempt": self.failures,
             "retry_s": round(delay, 1),
         }
+        if len(self.rotation) > 1:
+            fields["next_broker"] = str(nxt)
         if kind is FailureKind.AUTH:
             fields["hint"] = "check mqtt.username, the password file, the TLS files and the broker ACL"
+        elif kind is FailureKind.PROTOCOL:
+            spoken = "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+            fields["hint"] = f"the broker refused MQTT {spoken}: check mqtt.protocol"
         if not expected:
             log.error("mqtt link failed unexpectedly", exc_info=exc, **fields)
         elif self.failures == 1:
@@ -490,9 +513,10 @@ class MqttLink:
         password, tls = await asyncio.to_thread(self._secrets)
         mqtt = self._cfg.mqtt
         will = aiomqtt.Will(self.topics.availability, b"offline", qos=1, retain=True)
+        broker = self.rotation.current
         common: dict[str, Any] = {
-            "hostname": mqtt.host,
-            "port": mqtt.port,
+            "hostname": broker.host,
+            "port": broker.port,
             "username": mqtt.username,
             "password": password,
             "identifier": self.client_id,
@@ -537,8 +561,9 @@ class MqttLink:
             self._set_state(LinkState.CONNECTED)
             log.info(
                 "mqtt connected",
-                host=self._cfg.mqtt.host,
-                port=self._cfg.mqtt.port,
+                host=self.rotation.current.host,
+                port=self.rotation.current.port,
+                broker_index=self.rotation.index,
                 client_id=self.client_id,
                 root=self.topics.root,
                 after_failures=self.failures,

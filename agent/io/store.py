@@ -53,8 +53,10 @@ from hashflex.agent.core import audit, signing
 from hashflex.agent.core.audit import AuditRecord, ChainVerifier, VerifyResult
 from hashflex.agent.core.energy import (
     DAY_S,
+    FALLBACK,
     MINUTE_S,
     QUARTER_S,
+    SOURCES,
     EnergyMinute,
     EnergyPeriod,
     MinerMinute,
@@ -79,7 +81,7 @@ from hashflex.drivers.base import Identity
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so the writer never waits long behind a prune
 _PRUNE_CHUNK_BULK = 60  # per-miner minutes (~41 kB each at 10k miners): an hour of them per transaction
 _ENERGY_TOLERANCE_KWH = 1e-6
@@ -156,12 +158,23 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE exports (id INTEGER PRIMARY KEY, from_ts REAL NOT NULL, to_ts REAL NOT NULL, fmt TEXT NOT NULL,
         digest TEXT NOT NULL, exported_at REAL NOT NULL);
     """,
+    # 2: energy from the site meter. source: 0 metered, 1 miners, 2 fallback (agent.core.energy.SOURCES; a minute
+    # stored twice keeps the higher: the least direct source in it). Rows from before are the miners' sum.
+    """
+    ALTER TABLE energy_minute ADD COLUMN source INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE energy_minute ADD COLUMN metered_kwh REAL NOT NULL DEFAULT 0;
+    ALTER TABLE energy_minute ADD COLUMN carried_kwh REAL NOT NULL DEFAULT 0;
+    """,
 )
 # the bulky table quick_check skips at open (verify_audit checks the whole file)
 _BULK_TABLES = frozenset({"energy_miner_minute"})
 _ENERGY_COLUMNS = (
-    "minute_ts, kwh, measured_kwh, estimated_kwh, covered_s, curtailed_s, baseline_kwh, not_drawn_kwh, peak_kw, samples"
+    "minute_ts, kwh, measured_kwh, estimated_kwh, covered_s, curtailed_s, baseline_kwh, not_drawn_kwh, peak_kw, "
+    "samples, source, metered_kwh, carried_kwh"
 )
+# what an `energy` audit record pins and `verify_audit` recomputes (older records pin fewer: only those are checked)
+_PINNED_ENERGY = ("kwh", "not_drawn_kwh", "minutes", "metered_kwh", "carried_kwh", "miners_kwh", "metered_minutes",
+                  "fallback_minutes")  # fmt: skip
 _DISPATCH_COLUMNS = (
     "id",
     "source",
@@ -764,9 +777,12 @@ class Store:
 
     # ------------------------------------------------------------------ energy
     def record_energy_minute(self, minute: EnergyMinute, per_miner: Mapping[str, MinerMinute] | None = None) -> None:
-        """Store a site minute and its per-miner split. A minute stored twice (a restart inside it) is added up."""
+        """Store a site minute and its per-miner split. A minute stored twice (a restart inside it) is added up, and
+        labelled with the least direct source of the two (SOURCES order)."""
         if minute.minute_ts % MINUTE_S:
             raise ValueError(f"minute_ts must be the start of a minute, got {minute.minute_ts}")
+        if minute.source not in SOURCES:
+            raise ValueError(f"energy source must be one of {', '.join(SOURCES)}, got {minute.source!r}")
         site = (
             minute.minute_ts,
             minute.kwh,
@@ -778,17 +794,22 @@ class Store:
             minute.not_drawn_kwh,
             minute.peak_kw,
             minute.samples,
+            SOURCES.index(minute.source),
+            minute.metered_kwh,
+            minute.carried_kwh,
         )
         with self._relaxed(), self.transaction():
             self._db.execute(
-                f"INSERT INTO energy_minute ({_ENERGY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO energy_minute ({_ENERGY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(minute_ts) DO UPDATE SET kwh = kwh + excluded.kwh, "
                 "measured_kwh = measured_kwh + excluded.measured_kwh, "
                 "estimated_kwh = estimated_kwh + excluded.estimated_kwh, covered_s = covered_s + excluded.covered_s, "
                 "curtailed_s = curtailed_s + excluded.curtailed_s, "
                 "baseline_kwh = baseline_kwh + excluded.baseline_kwh, "
                 "not_drawn_kwh = not_drawn_kwh + excluded.not_drawn_kwh, "
-                "peak_kw = MAX(peak_kw, excluded.peak_kw), samples = samples + excluded.samples",
+                "peak_kw = MAX(peak_kw, excluded.peak_kw), samples = samples + excluded.samples, "
+                "source = MAX(source, excluded.source), metered_kwh = metered_kwh + excluded.metered_kwh, "
+                "carried_kwh = carried_kwh + excluded.carried_kwh",
                 site,
             )
             if per_miner:
@@ -891,6 +912,13 @@ class Store:
                 "kwh": t.kwh,
                 "measured_kwh": t.measured_kwh,
                 "estimated_kwh": t.estimated_kwh,
+                "source": t.source,
+                "metered_kwh": t.metered_kwh,
+                "carried_kwh": t.carried_kwh,
+                "miners_kwh": t.miners_kwh,
+                "gap_kwh": t.gap_kwh,
+                "metered_minutes": t.metered_minutes,
+                "fallback_minutes": t.fallback_minutes,
                 "not_drawn_kwh": t.not_drawn_kwh,
                 "curtailed_s": t.curtailed_s,
                 "covered_s": t.covered_s,
@@ -1120,6 +1148,9 @@ def _energy_minutes(db: sqlite3.Connection, start: float, end: float) -> list[En
             not_drawn_kwh=float(r[7]),
             peak_kw=float(r[8]),
             samples=int(r[9]),
+            source=SOURCES[int(r[10])] if 0 <= int(r[10]) < len(SOURCES) else FALLBACK,  # unknown: not metered
+            metered_kwh=float(r[11]),
+            carried_kwh=float(r[12]),
         )
         for r in rows
     ]
@@ -1278,8 +1309,8 @@ def _check_energy(db: sqlite3.Connection, checks: list[tuple[int, dict[str, Any]
             if oldest is None or start < oldest:
                 continue  # pruned after export: nothing left to compare
             t = total(_energy_minutes(db, start, end), int(start), int(end - start))
-            for name, value in (("kwh", t.kwh), ("not_drawn_kwh", t.not_drawn_kwh), ("minutes", t.minutes)):
-                pinned = data.get(name)
+            for name in _PINNED_ENERGY:
+                value, pinned = getattr(t, name), data.get(name)
                 if isinstance(pinned, int | float) and abs(value - pinned) > _ENERGY_TOLERANCE_KWH:
                     problems.append(
                         f"energy rows {start}..{end} were changed after record {seq} pinned them "

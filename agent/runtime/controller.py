@@ -12,19 +12,19 @@ before the reply is returned, and trigger an early tick.
 
 Closed loop: a command acknowledged by a miner is confirmed from telemetry within control.confirm_after_s; if the
 miner still draws well above what it was told, it is re-commanded, then (after MAX_RECOMMANDS) counted at its real
-draw (`ignores_commands`) and retried now and then. Once confirmed, a miner is still watched: every plan counts it
-at no less than its settled measured draw (on its circuit and the site), and one measured above its limit beyond
-the confirmation slack is re-commanded the same way. A command that fails (refused, timed out) is not sent again
-before a back-off (confirm_after_s, doubling per failure in a row, at most FAILED_BACKOFF_MAX_S); meanwhile the miner
-is counted at its worst case, like an unreachable one, and a failed wake does not count against the wake stagger.
-Configured addresses no miner answered at are counted at a worst
-case until the fleet identifies them (an alarm names them). At site level, once the last plan was carried out and
-has settled, measured power above the level (beyond control.tolerance_kw, and beyond what the plan already counts
-per miner) lowers the planning level by the excess; when it falls back, the correction is given back within the ramp
-allowance. Never before the first plan went out, nor while its commands settle: that excess is what they cut.
-The planning level never rises above the target: room left because miners
-draw less than their limits is not spent (the worst case stays under the target and the cap).
-"""
+draw (`ignores_commands`) and retried now and then; one that keeps drawing above a power limit is still slept and
+woken (`limits_unsupported`: on/off from then on, at what it draws). Once confirmed, a miner is still watched: every
+plan counts it at no less than its settled measured draw (on its circuit and the site), and one measured above its
+limit beyond the confirmation slack is re-commanded the same way. A command that fails (refused, timed out) is not
+sent again before a back-off (confirm_after_s, doubling per failure in a row, at most FAILED_BACKOFF_MAX_S);
+meanwhile the miner is counted at its worst case, like an unreachable one, and a failed wake does not count against
+the wake stagger. Configured addresses no miner answered at are counted at a worst case until the fleet identifies
+them (an alarm names them). At site level, once the last plan was carried out and has settled, measured power above
+the level (beyond control.tolerance_kw, and beyond what the plan already counts per miner) lowers the planning level
+by the excess; when it falls back, the correction is given back within the ramp allowance. Never before the first
+plan went out, nor while its commands settle: that excess is what they cut. The planning level never rises above the
+target: room left because miners draw less than their limits is not spent (the worst case stays under the target and
+the cap). """
 
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ from hashflex.agent.runtime.clock import Clock, boot_clock, steady
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog, iso
+from hashflex.agent.runtime.facility import FacilityControl
+from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
@@ -236,8 +238,20 @@ class Controller:
         if meter is not None and mcfg is not None:
             self.meter = MeterControl(meter, mcfg, started_at=self.clock.time(),
                                       band_kw=METER_BAND_SHARE * cfg.site.cap_kw)  # fmt: skip
+        # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
+        self.frequency: FrequencyResponse | None = None
+        if cfg.frequency_response is not None and self.meter is not None:
+            port = self.meter.meter
+            self.frequency = FrequencyResponse(
+                cfg.frequency_response, self, clock=self.clock.time, meter_fresh=lambda: port.status().fresh,
+                wall_scale=clock.scale, meter_poll_s=self.meter.cfg.poll_s,
+            )  # fmt: skip
+            self.meter.frequency = self.frequency
         self.miner_level_kw: float | None = None  # the miners' share of the level, planned for last tick
         self.plan_kw: float | None = None  # what the planner was given last tick (the miners' level less the bias)
+        # cooling that follows circuits' miners (site.circuits[].cooling): a wake waits for it (agent.runtime.facility)
+        self.facility = FacilityControl.from_config(cfg, self.tree, self.clock, raise_alarm=self._raise_alarm,
+                                                    clear_alarm=lambda key: self.alarms.pop(key, None))  # fmt: skip
 
     # ============================================================================================= start-up
     @property
@@ -495,6 +509,8 @@ class Controller:
                 self._save_controls(force=True)
             with contextlib.suppress(Exception):
                 self._energy.flush(self)
+            if self.facility is not None:
+                await self.facility.close()
 
     def _fail_waiting(self) -> None:
         while not self._inbox.empty():
@@ -533,6 +549,8 @@ class Controller:
         self._last_snapshot_ts = snap.ts
         prev_level = self.level_kw if self.level_kw is not None else present_kw
         metered = None if self.meter is None else self._observe_meter(present_kw, now)
+        if self.frequency is not None:  # the pre-armed shed list, current for a stage that trips before next tick
+            self.frequency.arm(views, self.in_flight, None if metered is None else metered.metered_kw, now)
         # the correction works on the miners (their sum against their share of the level); with a meter, what the
         # rest of the site draws is counted by its own rule (agent.core.site_meter), not corrected twice
         prev_miner_level = prev_level if metered is None or self.miner_level_kw is None else self.miner_level_kw
@@ -566,7 +584,14 @@ class Controller:
         fast = miner_level < prev_miner_level - fast_drop or (
             measured_fresh and present_kw > plan_kw + self.cfg.control.tolerance_kw and not self._fast_done
         )
-        planner = plan_sleep_only if fast else plan
+        # while sleeps sent earlier settle, rises are held (_hold_rises): an optimal plan now would lower running
+        # miners to make room for wakes and raises that cannot go out, and the site would sink below its level
+        # until the sleeps show (soak: 52 kW under a 62 kW time-of-use level after a fast cut). Sleep-only, no
+        # wakes, meanwhile: it cuts only what the level needs; the optimal plan follows once they are confirmed.
+        settling = self._settle_decreases(by_ip)
+        if settling:
+            budget = 0
+        planner = plan_sleep_only if fast or settling else plan
         t_plan = time.perf_counter()
         new_plan = planner(
             plan_kw, views, self.tree, self.planner_rules, now, wake_budget=budget, ramp_allowance_kw=allowance
@@ -594,8 +619,12 @@ class Controller:
         if hold_rises:
             changes, unmetered = self._hold_unmetered(changes)
             held += unmetered
+        if self.facility is not None:  # every tick: cooling steps down with no change to send too; sleeps never wait
+            changes, uncooled = self.facility.hold_wakes(changes, views, now)
+            held += uncooled
         if changes:
             log.debug("changes", changes=[f"{c.ip} {c.op.value} {c.watts or ''}".strip() for c in changes[:50]])
+            log.debug("planned from", views=[_describe(v) for v in views[:50]], worst_case_kw=new_plan.worst_case_kw)
             crash_point("planned")
             self._launch(changes, new_plan, fast, now)
             if fast and any(v.state in _RUNNING and ip not in self.in_flight for ip, v in by_ip.items()):
@@ -683,6 +712,7 @@ class Controller:
             schedule=self.schedule,
             failsafe_kw=fs.limit_kw(self.failsafe),
             rules=self.arb_rules,
+            frequency_kw=None if self.frequency is None else self.frequency.held_kw,
         )
         self._arb_inputs = inputs
         target = arbitrate(inputs, now)
@@ -890,6 +920,19 @@ class Controller:
             return
         if mem.ignores_commands:
             return  # re-sent now and then by _recommands
+        if mem.recommands >= MAX_RECOMMANDS and mem.pending_op == Op.SET_POWER.value:
+            # it takes commands and keeps drawing above its limit (a drifting PSU, firmware re-tuning up): a miner
+            # that ignores its limit, not one that ignores a sleep. Controlled by sleep and wake from now on, at
+            # what it draws (its excess over stock is counted, `_views`); marked uncontrollable it was never slept,
+            # not even by a fail-safe to 0 kW (soak: 4 drifting LuxOS miners held a site at 9.8 kW)
+            msg = (f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
+                   f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws")  # fmt: skip
+            mem.limits_unsupported = True
+            mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
+            self._dirty_controls.add(ip)
+            log.warning("miner ignores its power limit", ip=ip, power_w=round(power))
+            self._raise_alarm(f"ignores_limits:{ip}", msg, quiet=True)
+            return
         if mem.recommands >= MAX_RECOMMANDS:
             mem.ignores_commands = True
             mem.retry_at = now + 10 * self.cfg.control.confirm_after_s
@@ -995,6 +1038,18 @@ class Controller:
             self.bias_kw = max(0.0, self.bias_kw - step)
 
     # ----------------------------------------------------------------------------------------- actuation
+    def _settle_decreases(self, by_ip: dict[str, MinerView]) -> bool:
+        """Drop the sleeps that have settled from `decreasing`: confirmed, or their miner cannot be read or ignores
+        commands (both counted at their worst case). True while any is still settling."""
+        for ip in list(self.decreasing):
+            mem, view = self.memory.get(ip), by_ip.get(ip)
+            if ip in self.in_flight:
+                continue
+            if mem is None or mem.pending_op is None or mem.ignores_commands or view is None \
+                    or view.state is MinerState.UNREACHABLE:  # fmt: skip
+                self.decreasing.discard(ip)
+        return bool(self.decreasing)
+
     def _hold_rises(self, changes: list[Change], by_ip: dict[str, MinerView]) -> tuple[list[Change], int]:
         """Wakes and limit raises wait until every sleep sent before them (or with them) shows in telemetry.
 
@@ -1003,14 +1058,7 @@ class Controller:
         lowers some miners and wakes others; the first re-plan after a fast cut). A decrease stops holding rises once
         it is confirmed, or its miner cannot be read or ignores commands (both counted at their worst case).
         Returns the changes to send now and how many rises wait."""
-        for ip in list(self.decreasing):
-            mem, view = self.memory.get(ip), by_ip.get(ip)
-            if ip in self.in_flight:
-                continue
-            if mem is None or mem.pending_op is None or mem.ignores_commands or view is None \
-                    or view.state is MinerState.UNREACHABLE:  # fmt: skip
-                self.decreasing.discard(ip)
-        if not self.decreasing and not any(c.op is Op.SLEEP for c in changes):
+        if not self._settle_decreases(by_ip) and not any(c.op is Op.SLEEP for c in changes):
             return changes, 0
         now_ = [c for c in changes if c.op is Op.SLEEP or c.decrease]
         return now_, len(changes) - len(now_)
@@ -1065,6 +1113,8 @@ class Controller:
 
     def _on_result(self, r: OpResult, *, sent_at: float | None = None) -> None:
         now = self.clock.time()
+        if self.frequency is not None:
+            self.frequency.on_result(r)
         mem = self.memory.setdefault(r.ip, MinerMemory())
         if self.metrics is not None:
             self.metrics.observe_command(r.op.value, r.outcome, r.latency_s)
@@ -1117,6 +1167,18 @@ class Controller:
         self._dirty_controls.add(r.ip)
         if r.ok:
             crash_point("in_flight")
+
+    # ----------------------------------------------------------------------------------------- frequency
+    def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
+        """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
+        commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
+        shed = Plan(actions={c.ip: SleepAction() for c in changes}, worst_case_kw=level_kw, expected_kw=level_kw,
+                    expected_ths=0.0, target_kw=level_kw, method="frequency")  # fmt: skip
+        self._launch(changes, shed, True, now)
+
+    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+        self.persist.audit(AuditKind.FREQUENCY, data, now)
+        self._status_stale = True
 
     # ----------------------------------------------------------------------------------------- dispatches
     def _binding_records(self, now: float) -> list[DispatchRecord]:
@@ -1266,6 +1328,8 @@ class Controller:
     # ============================================================================================= read side
     def _publish_status(self, snap: Any, now: float) -> None:
         self.status_doc = readout.build_status(self, snap, now)
+        if self.facility is not None:
+            self.status_doc["facility"] = self.facility.status()
         self._status_stale = False
         for sink in self.status_sinks:
             try:
@@ -1277,6 +1341,8 @@ class Controller:
         """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
         if not self.status_doc or self._status_stale:
             self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time())
+            if self.facility is not None:
+                self.status_doc["facility"] = self.facility.status()
             self._status_stale = False
         return self.status_doc
 
@@ -1306,6 +1372,14 @@ class Controller:
 
 
 _RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
+
+
+def _describe(v: MinerView) -> str:
+    """One miner as the plan saw it, for the debug log: id, state, limit, reading, counted draw."""
+    parts = [v.id, v.state.value, f"cmd={v.commanded_w}", f"pw={v.power_w}", f"meas={v.measured_w}"]
+    if v.woken_to_w is not None:
+        parts.append(f"woken_to={v.woken_to_w}")
+    return " ".join(parts)
 
 
 def _efficiency_rank(view: MinerView, watts: int) -> float:

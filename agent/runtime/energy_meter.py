@@ -9,6 +9,14 @@ its totals that `audit verify` recomputes from the energy table, so an edited kW
 minutes close, and at start for what the last run left; never on the flush at stop, whose last minute is partial
 and gets the rest of it after the restart.
 
+With a site meter (site.meter), each minute's kWh is the meter's import counter over it (`metered`), the miners'
+sum kept beside it; a minute the counter does not cover within the meter's stale time falls back to the miners' sum
+(`fallback`), and the counter's delta over such a span is carried into the first metered minute after it
+(agent.core.energy.MeteredEnergy says why). The counter is read from the adapter's last good reading whenever a
+picture comes in (no I/O: the adapter polls on its own); its times are on the agent's clock, as the pictures' are.
+What a stale span owes when the agent stops is not carried into the next run (each run starts its counter afresh,
+as the miners' integrator does): the flush logs it as `meter energy not booked`.
+
 Curtailed: while a dispatch, an override, a time-of-use window or the fail-safe binds the target. The baseline
 (what the site would have drawn without it) is the site's power when the binding dispatch was accepted, or the
 cap when nothing better is known (a window, the fail-safe).
@@ -19,7 +27,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from hashflex.agent.core.energy import MINUTE_S, EnergyIntegrator, SiteSample
+from hashflex.agent.core.energy import (
+    MINUTE_S,
+    ClosedMinute,
+    CounterReading,
+    EnergyIntegrator,
+    MeteredEnergy,
+    SiteSample,
+)
 from hashflex.agent.core.model import Source
 from hashflex.agent.logging import get_logger
 
@@ -34,7 +49,11 @@ PER_MINER_BACKLOG = 600  # queued writes past which a refused minute keeps only 
 class EnergyMeter:
     def __init__(self, max_gap_s: float = 120.0) -> None:
         self.integrator = EnergyIntegrator(max_gap_s=max_gap_s)
+        self.max_gap_s = max_gap_s
         self.minutes = 0
+        self.by_source: dict[str, int] = {}  # minutes recorded, by source (metered, fallback, miners)
+        self.last_source: str | None = None  # of the last minute recorded
+        self.metered: MeteredEnergy | None = None  # with a site meter: built on the first picture
         self._may_hold = True  # no command has gone out since the last reading
 
     def add(self, snap: Any, ctl: Controller) -> None:
@@ -60,26 +79,75 @@ class EnergyMeter:
             curtailed=curtailed, baseline_w=baseline_w,
         )  # fmt: skip
         miners = {ip: (ms.power_w, ms.measured) for ip, ms in snap.miners.items()}
-        self._record(self.integrator.add(sample, miners), ctl)
+        closed = self.integrator.add(sample, miners)
+        metered = self._meter(ctl)
+        if metered is None:
+            self._record(closed, ctl)
+            return
+        metered.add_minutes(closed)
+        self._record(metered.release(ts), ctl)
+
+    def _meter(self, ctl: Controller) -> MeteredEnergy | None:
+        """The counter side, with the adapter's last good reading taken in (None without a site meter)."""
+        mc = ctl.meter
+        if mc is None:
+            return None
+        if self.metered is None:
+            cfg = ctl.cfg.site.meter
+            assert cfg is not None  # a MeterControl is only made with site.meter
+            max_kw = cfg.max_kw if cfg.max_kw is not None else 2.0 * ctl.cfg.site.cap_kw  # as the adapter bounds it
+            self.metered = MeteredEnergy(max_gap_s=self.max_gap_s, wait_s=cfg.stale_after_s, slack_s=1.0, max_kw=max_kw)
+        status = mc.meter.status()
+        last = status.last
+        if not status.fresh:
+            self.metered.mark_stale()
+        if last is not None:
+            self.metered.add_reading(CounterReading(last.read_at, last.import_wh, last.counter_epoch))
+        return self.metered
 
     def flush(self, ctl: Controller) -> None:
         """On stop: write what is known, the minute in progress too (its covered_s says how much of it)."""
-        self._record(self.integrator.close_until(math.inf), ctl, pin=False)
+        closed = self.integrator.close_until(math.inf)
+        metered = self._meter(ctl)
+        if metered is not None:
+            metered.add_minutes(closed)
+            closed = metered.flush()
+            if metered.dropped_kwh or metered.overcount_kwh:
+                log.info("meter energy not booked", dropped_kwh=round(metered.dropped_kwh, 6),
+                         overcount_kwh=round(metered.overcount_kwh, 6))  # fmt: skip
+        self._record(closed, ctl, pin=False)
 
     def pin_closed(self, upto: float, ctl: Controller) -> None:
         """Pin the quarter hours that end at or before `upto` (no minute before it can still arrive). Through the
         controller's write-behind: behind any minute the store refused earlier, never before it."""
         ctl.persist.call("pin_energy_until", upto, ctl.clock.time())
 
-    def _record(self, closed: list[Any], ctl: Controller, *, pin: bool = True) -> None:
+    def doc(self) -> dict[str, Any]:
+        """The status document's `energy` section: where the site's kWh come from now."""
+        m = self.metered
+        return {
+            "source": self.last_source,
+            "minutes": self.minutes,
+            "by_source": dict(self.by_source),
+            # the miners' sum booked by fallback minutes since the last metered one: reconciled with the counter
+            # (carried) at the next metered minute; dropped: counter energy lost to a reset (not knowable)
+            "fallback_kwh": None if m is None else round(m.fallback_kwh, 6),
+            "dropped_kwh": None if m is None else round(m.dropped_kwh, 6),
+        }
+
+    def _record(self, closed: list[ClosedMinute], ctl: Controller, *, pin: bool = True) -> None:
         for minute, per_miner in closed:
             # a store that refuses writes: the minute waits in the write-behind; past an hour of them only the site
             # figures do (per-miner detail for a big fleet is ~1 MB a minute, too much to hold for long)
             detail = per_miner if ctl.persist.backlog < PER_MINER_BACKLOG else None
             ctl.persist.call("record_energy_minute", minute, detail)
             self.minutes += 1
+            self.by_source[minute.source] = self.by_source.get(minute.source, 0) + 1
+            if minute.source != self.last_source and self.last_source is not None:
+                log.info("energy source", source=minute.source, was=self.last_source, minute=minute.minute_ts)
+            self.last_source = minute.source
             if ctl.metrics is not None:
-                ctl.metrics.add_energy_kwh(minute.kwh)
+                ctl.metrics.add_energy_minute(minute.kwh, minute.miners_kwh, minute.source)
         if pin and closed:
             self.pin_closed(closed[-1][0].minute_ts + MINUTE_S, ctl)
 

@@ -37,6 +37,8 @@ class MeterReadingView(Protocol):
     def read_at(self) -> float: ...
     @property
     def source(self) -> str: ...
+    @property
+    def counter_epoch(self) -> int: ...  # energy (runtime/energy_meter.py) takes no counter delta across two
 
 
 class MeterStatusView(Protocol):
@@ -59,6 +61,10 @@ class SiteMeterPort(Protocol):
 
     def reading(self) -> MeterReadingView | None: ...
     def status(self) -> MeterStatusView: ...
+
+
+class FrequencyDoc(Protocol):
+    def doc(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,8 @@ class MeterControl:
         self.window = NonMinerWindow(cfg.non_miner_window_s)
         self.last: MeterTick | None = None
         self.share: MinerShare | None = None
+        # frequency response (agent.runtime.frequency), when configured: its state shows in the meter's section
+        self.frequency: FrequencyDoc | None = None
 
     def observe(self, miners_kw: float, now: float) -> MeterTick:
         """Read the meter's latest (no I/O: the adapter polls on its own) and sample the non-miner load."""
@@ -154,4 +162,5 @@ class MeterControl:
             "miner_level_kw": None if share is None else round(share.miner_level_kw, 3),
             "hz": None if last is None or not (t and t.fresh) else round(last.hz, 4),
             "import_kwh": None if last is None else round(last.import_wh / 1000.0, 3),
+            "frequency_response": None if self.frequency is None else self.frequency.doc(),
         }

@@ -102,6 +102,9 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
         # the site meter (site.meter; null without one): what it reads, the non-miner load (meter − miners) and
         # what the plan counts for it, whether the agent has fallen back to the miners' sum plus the allowance
         "meter": None if ctl.meter is None else ctl.meter.doc(now),
+        # where the site's kWh come from (agent/runtime/energy_meter.py): the last minute's source (metered, miners,
+        # fallback), minutes by source, counter energy waiting to be carried into the next metered minute
+        "energy": ctl._energy.doc(),
     }
 
 

@@ -134,7 +134,9 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
         full = full_power_kw(sim)
         cap = round(full * 0.8, 1)
         tol = full * TOLERANCE_SHARE
-        files = write_agent_config(tmp / "agent", sim.ips, cap_kw=cap, time_scale=K)
+        # CHAOS_DEBUG=1: the controller logs at debug (what each plan was made from), kept with the evidence
+        debug = {"logging": {"levels": {"controller": "debug"}}} if os.environ.get("CHAOS_DEBUG") else None
+        files = write_agent_config(tmp / "agent", sim.ips, cap_kw=cap, time_scale=K, overrides=debug)
         origin = time.time()
         wire = Wire()
         dispatch_ids: list[str] = []

@@ -788,12 +788,18 @@ class World:
         # a miner told to sleep (acknowledged, not yet confirmed) is counted asleep while it powers down, for at most
         # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
         # it needs): what it still reports is not held against the plan meanwhile (ground truth is, by `safety`)
+        # and likewise a miner that acknowledged a lower limit is counted at it while its draw ramps down, until
+        # its readings settle or confirm_after_s has passed (Controller._settled)
         now = ctl.clock.time()
+        confirm = self.spec.confirm_after_s
         for ip, ms in snap.miners.items():
             mem = ctl.memory.get(ip)
-            if mem is not None and mem.pending_op == "sleep" and now - mem.pending_at < self.spec.confirm_after_s \
-                    and ms.measured and ms.power_w is not None:  # fmt: skip
+            if mem is None or not ms.measured or ms.power_w is None:
+                continue
+            if mem.pending_op == "sleep" and now - mem.pending_at < confirm:
                 measured -= ms.power_w / 1000.0
+            elif mem.commanded_w is not None and not mem.settled and now - mem.changed_at < confirm:
+                measured -= max(0.0, ms.power_w - mem.commanded_w - mem.excess_w) / 1000.0
         worst = ctl.plan.worst_case_kw
         if worst < measured - 0.005 * measured - 0.05:
             self.fail("worst case below measured",

@@ -308,3 +308,87 @@ def test_a_crash_right_after_wakes_leaves_the_next_run_counting_them_at_full_pow
         assert w.margins.checks_safety > 10
     finally:
         w.close()
+
+
+def test_a_site_that_fits_its_cap_does_not_sleep_running_miners_to_raise_others() -> None:
+    """Soak 2026-12-02 (seed 1075): once min-on had passed, the optimal plan slept an S19 to give its power to two
+    M60S raises; the raises waited behind the sleep (`_hold_rises`), and each re-plan from the half-done swap chose
+    another (two more slept 6 s later, the first woken again 11 s after its sleep). Was: decrease too deep at
+    t=195 s, 38.25 kW under a 43.97 kW cap the site already met at 43.62 kW. Now the optimiser keeps every running
+    miner on before any raise while the site fits (optimiser._keep_running_first)."""
+    w = _world(SiteSpec(miners=27, mix="whatsminer:3,antminer:1", seed=1075, cap_share=0.5,
+                        circuits=((23, 1.2), (1, 0.4)), min_on_s=120.0, min_off_s=0.0, wake_per_interval=50,
+                        wake_interval_s=5.0, ramp_up_kw_per_min=200.0, failsafe_share=0.0))  # fmt: skip
+    try:
+        w.run_for(900)
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
+
+
+def test_a_fast_cut_is_not_deepened_by_plans_whose_rises_wait_for_its_sleeps() -> None:
+    """Soak 2026-12-02 (seed 2068): a time-of-use window cut the site by sleep only; while those sleeps settled,
+    optimal re-plans lowered running miners to make room for wakes and raises that `_hold_rises` held behind them,
+    so the site sank to 52 kW under a 62 kW level (t = 2,710 s). Now the controller plans sleep-only, with no
+    wakes, while sleeps it sent settle (`Controller._settle_decreases`); the optimal plan follows once they show."""
+    w = _world(SiteSpec(miners=24, mix="whatsminer:3,antminer:1", seed=2068, cap_share=1.3, poll_s=2.0,
+                        min_on_s=120.0, min_off_s=0.0, ramp_up_kw_per_min=20.0, failsafe_share=0.0,
+                        tou=((45, 94, 0.6),), asleep_share=1.0, rebooting_share=0.2))  # fmt: skip
+    try:
+        w.run_for(3000)
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
+
+
+def test_a_lower_limit_still_ramping_down_is_counted_at_its_new_setting_by_the_oracle_too() -> None:
+    """CI seed 112026 on a loaded machine (an oracle fault): a LuxOS miner acknowledged a lower profile and drew
+    its old power for two more seconds while it ramped down; the agent counts it at the new setting until its
+    readings settle (Controller._settled, as a sleep is counted asleep while it powers down), the oracle counted
+    its draw and said the reported worst case was below measured (7.08 against 7.30 kW)."""
+    w = _world(SiteSpec(miners=8, mix="luxos:1", seed=1304, cap_share=1.3, circuits=((1, 0.4),), tick_s=2.0,
+                        poll_s=2.0, min_on_s=0.0, min_off_s=120.0, wake_per_interval=1, wake_interval_s=5.0,
+                        ramp_up_kw_per_min=20.0, failsafe_share=0.0, asleep_share=1.0))  # fmt: skip
+    try:
+        w.run_for(5)
+        spec = w.site.parse_faults({"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos",
+                                    "share": 1.0, "seed": 22})  # fmt: skip
+        w.set_fault({"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos", "ips": spec[0].ips})
+        w.run_for(5)
+        w.restart(crash=True)
+        w.run_for(5)
+        w.dispatch(curtail_share=0.62, duration=300.0)
+        w.run_for(5)
+        first = sorted(i for i, r in w.inputs.items() if r.source == "grid")[0]
+        w.dispatch(target_share=0.0, revise=first)
+        w.run_for(905)
+        w.set_fault({"mode": "clear", "ips": list(w.ips), "modes": ["blackhole"]})
+        w.run_for(5)
+        w.dispatch(target_share=0.62, duration=600.0, ramp_share_per_min=2.0)
+        w.run_for(5)
+        w.dispatch(target_share=0.23, revise=first)
+        w.run_for(1800)
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
+
+
+def test_a_miner_drawing_above_its_limit_is_still_slept_by_a_fail_safe_to_zero() -> None:
+    """Soak 2026-12-02 (seed 137): four LuxOS miners drifting 30 % above their limits were re-commanded, then
+    marked as ignoring commands and left out of every plan, so a fail-safe to 0 kW slept the other eleven and the
+    site stayed at 9.8 kW (safety at t=2,025 s, limit 0.35 kW). A miner that ignores a limit does not ignore a
+    sleep: it is controlled on/off from then on, counted at what it draws, and the fail-safe sleeps it."""
+    w = _world(SiteSpec(miners=15, mix="luxos:1", seed=137, cap_share=1.3, min_on_s=120.0, min_off_s=0.0,
+                        failsafe_share=0.0))  # fmt: skip
+    try:
+        w.run_for(5)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": [w.ips[0], w.ips[4], w.ips[9], w.ips[10]]})
+        w.run_for(5)
+        w.cap(0.3)
+        w.run_for(1835)
+        w.heartbeat(False)
+        w.run_for(600)
+        assert w.ctl is not None
+        assert any(key.startswith("ignores_limits:") for key in w.ctl.alarms)
+    finally:
+        w.close()

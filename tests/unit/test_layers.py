@@ -27,7 +27,7 @@ OWNERS = {
     "aiomqtt": {"agent/io/mqtt.py", "coordinator/fabric.py"},
     "sqlite3": {"agent/io/store.py"},
     # the agent's meter adapter; the simulated site serves its meter with the same stack
-    "pymodbus": {"drivers/meter_modbus.py", "sim/meter.py"},
+    "pymodbus": {"drivers/meter_modbus.py", "drivers/facility_modbus.py", "sim/meter.py", "sim/facility.py"},
     "nats": {"coordinator/lease.py", "coordinator/store.py"},
 }
 

@@ -1,0 +1,284 @@
+"""Frequency response at run time: watch the frequency as the meter reads it, shed a tripped stage at once.
+
+The rules are agent.core.frequency's; this module wires them to the meter, the actuator and the controller:
+- every tick the controller re-arms the shed list (`arm`): the miners that can shed now, ranked so each stage's kW
+  takes the fewest commands, and the site's power they are shed from;
+- every reading the meter takes (`on_hz` for the fast frequency-only poll, frequency_response.poll_s; `on_reading`
+  for the full one) goes straight into the detector, on the meter's task, without waiting for a tick. A stage
+  that trips fires its sleeps from the armed list through the controller's own launch path (so its memory, the
+  commands in flight and the audit are the ordinary ones) and holds the site at what it drew less the stage's kW:
+  `held_kw`, an input to arbitration like the others (the target's source reads "frequency");
+- a reading taken while the meter is stale is not trusted: the detector forgets the time above the restore
+  threshold (and below the stages), so a stale meter never restores an event, and the controller holds every rise
+  while it is stale anyway;
+- restore: the hold is dropped and the site comes back through the ordinary plan (ramp limit, wake stagger).
+
+Each step of an event is one audit record (kind "frequency"): tripped (with the first reading below the
+threshold), commands_out, commands_acked, shed_reached (the meter at or under the level), restored (with the
+lowest frequency seen). Times are on the controller's clock (the meter's readings are taken on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hashflex.agent.config import FrequencyResponseConfig
+from hashflex.agent.core.frequency import (
+    Candidate,
+    FrequencyRules,
+    FrequencyState,
+    ShedList,
+    Stage,
+    observe,
+    send_order,
+    shed_list,
+    unknown,
+)
+from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.actuator import Change, Op, OpResult
+from hashflex.agent.runtime.events import iso
+from hashflex.drivers.base import CONTROL_COST_MS, Family
+
+log = get_logger("frequency")
+
+_SHEDDING = (MinerState.HASHING, MinerState.THROTTLED)
+# readings further apart than this many fast polls (at least MIN_GAP_WALL_S of wall time) are not continuous: a
+# busy event loop (a tick at 10,000 miners) may delay one or two polls, not more
+GAP_POLLS = 5
+MIN_GAP_WALL_S = 1.0
+
+
+class HzReading(Protocol):
+    @property
+    def hz(self) -> float: ...
+    @property
+    def read_at(self) -> float: ...
+
+
+class PowerReading(HzReading, Protocol):
+    @property
+    def watts(self) -> float: ...
+
+
+class FrequencyHost(Protocol):
+    """What the runtime needs of the controller."""
+
+    in_flight: Any
+
+    def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
+    def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
+    def trigger(self) -> None: ...
+
+
+def rules_from_config(cfg: FrequencyResponseConfig, *, wall_scale: float = 1.0, meter_poll_s: float = 1.0) -> (
+    FrequencyRules
+):  # fmt: skip
+    """The core's rules; `wall_scale`: site seconds per wall second (a simulation run), for the gap allowance."""
+    poll = cfg.poll_s if cfg.poll_s is not None else meter_poll_s
+    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw) for s in cfg.stages)
+    return FrequencyRules(stages, cfg.restore_above_hz, cfg.restore_after_s,
+                          max_gap_s=max(MIN_GAP_WALL_S, GAP_POLLS * poll) * wall_scale)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Event:
+    """One under-frequency event as the runtime follows it (the detector's state has the frequency side)."""
+
+    base_kw: float  # the miners' draw when the first stage tripped: a % stage is a share of it
+    site_kw: float  # the site's power then (at the meter): the hold is this less the stage's kW
+    depth: int = 0
+    shed_kw: float = 0.0
+    level_kw: float = 0.0
+    fired: dict[str, float] = field(default_factory=dict)  # miner -> kW it drew, slept by this event
+    awaiting: set[str] = field(default_factory=set)  # commands not yet answered
+    ok: int = 0
+    failed: int = 0
+    fired_at: float | None = None
+    acked_at: float | None = None
+    reached_at: float | None = None
+    first_below_at: float | None = None
+
+
+class FrequencyResponse:
+    def __init__(
+        self,
+        cfg: FrequencyResponseConfig,
+        host: FrequencyHost,
+        *,
+        clock: Callable[[], float],
+        meter_fresh: Callable[[], bool],
+        wall_scale: float = 1.0,
+        meter_poll_s: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.rules = rules_from_config(cfg, wall_scale=wall_scale, meter_poll_s=meter_poll_s)
+        self.host = host
+        self.clock = clock
+        self.meter_fresh = meter_fresh
+        self.state = FrequencyState.initial(self.rules)
+        self.armed = ShedList(())
+        self.armed_base_kw = 0.0  # the miners' draw at the last arm
+        self.armed_site_kw: float | None = None  # the site at the meter at the last arm (None: not known)
+        self.event: Event | None = None
+        self.last_hz: float | None = None
+        self.last_hz_at: float | None = None
+        self.lowest_hz: float | None = None  # the lowest trusted reading since start (a dip ridden through shows)
+        self.lowest_hz_at: float | None = None
+        self.events_total = 0
+
+    # -------------------------------------------------------------------------------------------- per tick
+    def arm(self, views: Iterable[MinerView], busy: Collection[str], site_kw: float | None, now: float) -> None:
+        """Keep the shed list current: the miners that can shed now (running, reachable, obeying, nothing in
+        flight), and what the site and the miners draw. `site_kw`: the metered site power (None: stale)."""
+        candidates: list[Candidate] = []
+        base = 0.0
+        other = CONTROL_COST_MS[Family.OTHER]
+        for v in views:
+            w = v.power_w
+            if w is None or v.state is MinerState.SLEEPING:
+                continue
+            base += w
+            if w > 0 and v.state in _SHEDDING and not v.ignores_commands and v.id not in busy:
+                candidates.append(Candidate(v.id, w / 1000.0, CONTROL_COST_MS.get(v.family, other)))
+        base /= 1000.0
+        self.armed = shed_list(candidates)
+        self.armed_base_kw = base
+        self.armed_site_kw = site_kw
+        if not self.meter_fresh():
+            self.state = unknown(self.state, now)
+
+    @property
+    def held_kw(self) -> float | None:
+        """The level an event holds the site at (arbitration's frequency input), None without one."""
+        return None if self.event is None or self.event.depth == 0 else self.event.level_kw
+
+    # -------------------------------------------------------------------------------------------- readings
+    def on_hz(self, reading: HzReading) -> None:
+        """A frequency reading (the fast poll): straight into the detector."""
+        self._observe(reading.hz, reading.read_at)
+
+    def on_reading(self, reading: PowerReading) -> None:
+        """A full meter reading: its frequency, and whether the shed has reached the meter."""
+        self._observe(reading.hz, reading.read_at)
+        ev = self.event
+        if ev is not None and ev.depth and ev.reached_at is None and reading.watts / 1000.0 <= ev.level_kw:
+            ev.reached_at = reading.read_at
+            self._audit("shed_reached", reading.read_at, metered_kw=round(reading.watts / 1000.0, 3),
+                        level_kw=round(ev.level_kw, 3), after_crossing_s=self._since(ev.first_below_at,
+                        reading.read_at), after_fired_s=self._since(ev.fired_at, reading.read_at))  # fmt: skip
+
+    def _observe(self, hz: float, at: float) -> None:
+        if not self.meter_fresh():
+            self.state = unknown(self.state, at)  # not a reading to act on, nor to restore on
+            return
+        self.last_hz, self.last_hz_at = hz, at
+        if self.lowest_hz is None or hz < self.lowest_hz:
+            self.lowest_hz, self.lowest_hz_at = hz, at
+        self.state, decision = observe(self.state, self.rules, hz, at)
+        if decision.tripped:
+            self._trip(decision.depth, hz, at)
+        elif decision.restore:
+            self._restore(decision.ended, hz, at)
+
+    # -------------------------------------------------------------------------------------------- actions
+    def _trip(self, depth: int, hz: float, at: float) -> None:
+        ev = self.event
+        if ev is None:
+            site = self.armed_site_kw
+            # without a fresh site figure at the last arm the miners' draw stands in (the meter is fresh now, or
+            # this reading would not count; the next tick corrects the level from the meter)
+            site_kw = site if site is not None else self.armed_base_kw
+            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=self.state.first_below_at)
+            self.events_total += 1
+        stage = self.rules.stages[depth - 1]
+        ev.depth = depth
+        ev.shed_kw = stage.kw(ev.base_kw)
+        ev.level_kw = max(0.0, ev.site_kw - ev.shed_kw)
+        need = ev.shed_kw - sum(ev.fired.values())
+        busy = set(ev.fired) | set(self.host.in_flight)
+        chosen = send_order(self.armed.take(need, skip=busy)) if need > 0 else []
+        changes = [Change(c.id, Op.SLEEP, None, decrease=True, rank=-c.kw / max(c.cost_ms, 1e-6)) for c in chosen]
+        for c in chosen:
+            ev.fired[c.id] = c.kw
+            ev.awaiting.add(c.id)
+        now = self.clock()
+        self._audit("tripped", at, stage=depth - 1, below_hz=stage.below_hz, for_s=stage.for_s, hz=round(hz, 4),
+                    first_below_at=iso(ev.first_below_at), shed_kw=round(ev.shed_kw, 3),
+                    level_kw=round(ev.level_kw, 3), site_kw=round(ev.site_kw, 3))  # fmt: skip
+        log.warning("under-frequency stage tripped", stage=depth - 1, hz=round(hz, 4), below_hz=stage.below_hz,
+                    shed_kw=round(ev.shed_kw, 2), level_kw=round(ev.level_kw, 2), commands=len(changes))  # fmt: skip
+        if changes:
+            ev.fired_at = now
+            ev.acked_at = None
+            self.host.fire_frequency_shed(changes, ev.level_kw, now)
+        self._audit("commands_out", now, stage=depth - 1, sent=len(changes),
+                    planned_kw=round(sum(c.kw for c in chosen), 3),
+                    armed=len(self.armed.ranked), armed_kw=round(self.armed.total_kw, 3))  # fmt: skip
+        if not changes:
+            self.host.trigger()  # arbitration takes the hold at once
+        # else: not now; a tick planning the whole fleet would hold the event loop while the sleeps go out, and
+        # meanwhile the sleeps in flight count as done; the batch's end asks for a tick (Controller._actuate)
+
+    def on_result(self, r: OpResult) -> None:
+        """A command's answer (the controller hands every one in): an event's sleeps acknowledged."""
+        ev = self.event
+        if ev is None or not ev.awaiting or r.ip not in ev.awaiting or r.op is not Op.SLEEP:
+            return
+        ev.awaiting.discard(r.ip)
+        if r.ok:
+            ev.ok += 1
+        else:
+            ev.failed += 1
+        if not ev.awaiting:
+            now = self.clock()
+            ev.acked_at = now
+            self._audit("commands_acked", now, ok=ev.ok, failed=ev.failed,
+                        after_fired_s=self._since(ev.fired_at, now),
+                        after_crossing_s=self._since(ev.first_below_at, now))  # fmt: skip
+
+    def _restore(self, ended: FrequencyState | None, hz: float, at: float) -> None:
+        ev, self.event = self.event, None
+        min_hz = None if ended is None or ended.min_hz is None else round(ended.min_hz, 4)
+        self._audit("restored", at, hz=round(hz, 4), min_hz=min_hz,
+                    min_hz_at=None if ended is None else iso(ended.min_hz_at),
+                    above_since=None if ended is None else iso(ended.restore_since),
+                    duration_s=None if ev is None else self._since(ev.first_below_at, at),
+                    slept=0 if ev is None else len(ev.fired))  # fmt: skip
+        log.info("under-frequency event restored", hz=round(hz, 4), min_hz=min_hz)
+        self.host.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
+
+    # -------------------------------------------------------------------------------------------- records
+    @staticmethod
+    def _since(start: float | None, at: float) -> float | None:
+        return None if start is None else round(at - start, 3)
+
+    def _audit(self, step: str, at: float, **data: Any) -> None:
+        self.host.frequency_audit({"step": step, "at": iso(at), **data}, self.clock())
+
+    def doc(self) -> dict[str, Any]:
+        """The status document's `meter.frequency_response` section."""
+        ev, st = self.event, self.state
+        stages = [{"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(s.kw(self.armed_base_kw), 3),
+                   "commands": self.armed.count_for(s.kw(self.armed_base_kw))} for s in self.rules.stages]  # fmt: skip
+        return {
+            "active": ev is not None,
+            "stage": None if ev is None else ev.depth - 1,
+            "held_kw": None if ev is None else round(ev.level_kw, 3),
+            "shed_kw": None if ev is None else round(ev.shed_kw, 3),
+            "first_below_at": None if ev is None else iso(ev.first_below_at),
+            "min_hz": None if ev is None or st.min_hz is None else round(st.min_hz, 4),
+            "restoring_since": iso(st.restore_since) if ev is not None else None,
+            "slept": 0 if ev is None else len(ev.fired),
+            "awaiting_ack": 0 if ev is None else len(ev.awaiting),
+            "shed_reached_at": None if ev is None else iso(ev.reached_at),
+            "hz": None if self.last_hz is None else round(self.last_hz, 4),
+            "lowest_hz": None if self.lowest_hz is None else round(self.lowest_hz, 4),
+            "lowest_hz_at": iso(self.lowest_hz_at),
+            "restore_above_hz": self.rules.restore_above_hz,
+            "restore_after_s": self.rules.restore_after_s,
+            "armed": stages,
+            "events": self.events_total,
+        }

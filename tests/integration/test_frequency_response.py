@@ -1,0 +1,189 @@
+"""Frequency response (issue 14), end to end: the real agent (`hashflex run`) against the simulated site, its meter
+on Modbus TCP, the grid's frequency scripted through the simulator (POST /grid), judged at the simulated meter
+(GET /meter) and the miners' own state (GET /truth), never by what the agent says about itself.
+
+In order, on one site: a dip shorter than the stage's for_s sheds nothing; a longer one sheds the stage's kW at the
+meter, with every step in the audit chain and the export; with the meter offline during the event and the
+frequency back, nothing wakes and the event holds; the meter back, the event restores and the site comes back no
+faster than the ramp.
+
+Clocks: the simulator runs --speed K and the agent --time-scale K; stage times below are site seconds, deadlines
+wall seconds. Loopback range of this file: 127.72.0.0/16 (miners from 127.72.0.1, the meter on 127.72.1.250).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hashflex.agent.io.store import Store
+from hashflex.sim.testing import SimProcess
+from tests.agent_harness import AgentProcess, write_agent_config
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+K = 5.0  # site seconds per wall second
+METER = "127.72.1.250:5020"
+BELOW_HZ = 49.5
+FOR_S = 2.0  # site s: 0.4 s of wall time, about eight fast frequency reads (poll_s 0.05 wall)
+SHED_PCT = 30.0
+RESTORE_AFTER_S = 10.0  # site s
+RAMP_KW_PER_MIN = 12.0
+STANDBY_W = 30.0  # the simulator's largest standby draw is under this
+
+
+def frequency_doc(agent: AgentProcess) -> dict[str, Any]:
+    return ((agent.status().get("meter") or {}).get("frequency_response")) or {}
+
+
+def asleep(sim: SimProcess) -> set[str]:
+    return {m["ip"] for m in sim.truth()["miners"] if m["state"] == "sleeping"}
+
+
+def audit_steps(files_state: Path) -> list[dict[str, Any]]:
+    db = sqlite3.connect(f"file:{files_state / 'hashflex.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT data FROM audit WHERE kind = 'frequency' ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    return [json.loads(r[0]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess, AgentProcess, Path]]:
+    folder: Path = tmp_path_factory.mktemp("frequency")
+    meter_cfg = {"noise": 0.001, "update_ms": 50.0, "base_kw": 2.0, "cooling_share": 0.0}
+    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.0.1", seed=72, speed=K,
+                    extra_args=["--meter", METER, "--meter-config", json.dumps(meter_cfg), "--wake-s", "10"],
+                    ) as sim:  # fmt: skip
+        nominal_kw = sum(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
+        host, port = sim.meter.split(":")
+        files = write_agent_config(folder, sim.ips, cap_kw=round(2 * nominal_kw, 1), time_scale=K, overrides={
+            "site": {"meter": {
+                "host": host, "port": int(port), "map": "sunspec", "poll_s": 0.1, "stale_after_s": 2.0 * K,
+                "frozen_after_s": 60.0 * K, "non_miner_allowance_kw": 3.0, "non_miner_window_s": 4.0 * K,
+            }},
+            "control": {"ramp_up_kw_per_min": RAMP_KW_PER_MIN, "use_power_limits": False},
+            "frequency_response": {
+                "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%"}],
+                "restore_above_hz": 49.9, "restore_after_s": RESTORE_AFTER_S, "poll_s": 0.05,
+            },
+        })  # fmt: skip
+        with AgentProcess.start(files, time_scale=K) as agent:
+            agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
+            # every miner up and the plan carried out before any dip
+            agent.wait_for(lambda: not asleep(sim) and agent.status()["settled_since"], 40, what="all miners up")
+            agent.wait_for(lambda: frequency_doc(agent).get("armed", [{}])[0].get("commands"), 10,
+                           what="an armed shed list")  # fmt: skip
+            yield sim, agent, files.state_dir
+
+
+def test_a_dip_shorter_than_for_s_sheds_nothing(site: tuple[SimProcess, AgentProcess, Path]) -> None:
+    sim, agent, state = site
+    sim.grid_event({"event": "dip", "depth_hz": 0.8, "duration_s": 0.4 * FOR_S})  # 49.2 Hz for 0.8 site s
+    agent.wait_for(lambda: (frequency_doc(agent).get("lowest_hz") or 50.0) < BELOW_HZ, 5,
+                   what="the agent reading the dip")  # fmt: skip
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        assert not asleep(sim), "a dip shorter than for_s put miners to sleep"
+        time.sleep(0.1)
+    doc = frequency_doc(agent)
+    assert not doc["active"]
+    assert doc["events"] == 0
+    assert audit_steps(state) == []
+
+
+def test_a_dip_longer_than_for_s_sheds_the_stage_kw_at_the_meter(site: tuple[SimProcess, AgentProcess, Path]) -> None:
+    sim, agent, state = site
+    before = [sim.meter_truth() for _ in range(3)]
+    it_kw = min(t["it_w"] for t in before) / 1000.0
+    site_kw = min(t["power_w"] for t in before) / 1000.0
+    shed_kw = SHED_PCT / 100.0 * it_kw
+    crossed = time.monotonic()
+    sim.grid_event({"event": "step", "hz": 49.3})
+    # truth at the meter: the site down by the stage's kW (less the standby draw of the miners slept)
+    reached = agent.wait_for(lambda: sim.meter_truth()["power_w"] / 1000.0 <= site_kw - shed_kw + 0.5, 15,
+                             what="the stage's kW shed at the meter")  # fmt: skip
+    assert reached
+    took = time.monotonic() - crossed
+    slept = asleep(sim)
+    assert 1 <= len(slept) < 10, slept  # the stage, not the site
+    doc = frequency_doc(agent)
+    assert doc["active"]
+    assert doc["stage"] == 0
+    # the stage's sleeps went out from the armed list; the ordinary plan under the hold may sleep one more (it
+    # counts miners at their worst case and plans control.headroom_pct below the level)
+    assert 1 <= doc["slept"] <= len(slept) <= doc["slept"] + 1
+    status = agent.status()
+    assert status["target_source"] == "frequency"  # arbitration says frequency response holds the site
+    assert took < 10.0
+    steps = agent.wait_for(lambda: (s := audit_steps(state)) and "shed_reached" in [x["step"] for x in s] and s,
+                           10, what="the event's audit records")  # fmt: skip
+    names = [s["step"] for s in steps]
+    assert names[:2] == ["tripped", "commands_out"]
+    assert "commands_acked" in names
+    tripped = steps[0]
+    assert tripped["below_hz"] == BELOW_HZ
+    assert tripped["hz"] < BELOW_HZ
+    assert tripped["first_below_at"] is not None
+    assert steps[1]["sent"] == doc["slept"]
+    # the shed is held: the ordinary plan does not wake them while the event lasts
+    time.sleep(1.0)
+    assert asleep(sim) == slept
+
+
+def test_a_stale_meter_wakes_nothing_and_recovery_restores_under_the_ramp(
+    site: tuple[SimProcess, AgentProcess, Path],
+) -> None:
+    sim, agent, state = site
+    slept = asleep(sim)
+    assert slept, "the previous test left the stage shed"
+    sim.meter_fault("offline")
+    agent.wait_for(lambda: not (agent.status().get("meter") or {}).get("fresh"), 10, what="a stale meter")
+    sim.grid_event({"event": "nominal"})
+    # the frequency is back above the threshold for well over the restore time, but the meter is stale: the event
+    # holds and nothing wakes
+    end = time.monotonic() + 3 * RESTORE_AFTER_S / K
+    while time.monotonic() < end:
+        assert slept <= asleep(sim), "a miner woke while the meter was stale"
+        time.sleep(0.1)
+    assert frequency_doc(agent)["active"]
+    assert "restored" not in [s["step"] for s in audit_steps(state)]
+
+    sim.meter_fault("clear")
+    restored_at = agent.wait_for(lambda: not frequency_doc(agent)["active"] and time.monotonic(),
+                                 10 + 2 * RESTORE_AFTER_S / K, what="the event restored")  # fmt: skip
+    samples: list[tuple[float, float]] = []
+    deadline = restored_at + 40.0
+    while time.monotonic() < deadline and asleep(sim) & slept:
+        samples.append((time.monotonic(), sim.meter_truth()["it_w"] / 1000.0))
+        time.sleep(0.2)
+    assert not asleep(sim) & slept, "the slept miners did not come back"
+    # no faster than the ramp: over any stretch, the rise is within the ramp for that time plus one miner (the ramp
+    # credit lets the largest miner through whole) and the miners' spread
+    largest_kw = max(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
+    for i, (t0, p0) in enumerate(samples):
+        for t2, p2 in samples[i + 1 :]:
+            allowed = RAMP_KW_PER_MIN * (t2 - t0) * K / 60.0 + largest_kw + 0.5
+            assert p2 - p0 <= allowed, f"rose {p2 - p0:.2f} kW in {t2 - t0:.1f} s, ramp allows {allowed:.2f}"
+    first_wake = len(samples)
+    assert first_wake >= 2, "the miners all came back at once"
+    steps = audit_steps(state)
+    restored = [s for s in steps if s["step"] == "restored"]
+    assert len(restored) == 1
+    assert restored[0]["min_hz"] == pytest.approx(49.3, abs=0.05)
+    # the export carries the event's records
+    store = Store.open(state / "hashflex.db", create=False)
+    try:
+        files = store.export(0.0, time.time() + 10 * 86400 * K, "json", now=time.time(), site_id="test-site")
+    finally:
+        store.close()
+    text = b"".join(files.values()).decode()
+    assert '"frequency"' in text
+    assert "shed_reached" in text

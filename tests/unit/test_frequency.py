@@ -1,0 +1,350 @@
+"""Frequency response, the pure part (agent.core.frequency) and its config: stage detection with ride-through,
+hold and restore; the pre-armed shed list (Hypothesis: the fewest commands for any stage, never a miner that
+cannot shed); the `frequency_response:` section's errors naming file, field and value."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hashflex.agent.config import ConfigError, load_config
+from hashflex.agent.core.frequency import (
+    Candidate,
+    FrequencyRules,
+    FrequencyState,
+    Stage,
+    observe,
+    send_order,
+    shed_list,
+    unknown,
+)
+from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.runtime.frequency import FrequencyResponse
+from hashflex.drivers.base import Family, OnOff
+
+RULES = FrequencyRules(
+    (Stage(49.4, 0.2, shed_pct=25.0), Stage(49.0, 0.0, shed_pct=60.0)),
+    restore_above_hz=49.9,
+    restore_after_s=10.0,
+    max_gap_s=1.0,
+)
+
+
+def run(readings: list[tuple[float, float]], state: FrequencyState | None = None) -> tuple[FrequencyState, list[Any]]:
+    st_ = state or FrequencyState.initial(RULES)
+    decisions = []
+    for at, hz in readings:
+        st_, d = observe(st_, RULES, hz, at)
+        decisions.append(d)
+    return st_, decisions
+
+
+def poll(start: float, end: float, hz: float, every: float = 0.1) -> list[tuple[float, float]]:
+    n = round((end - start) / every)
+    return [(start + i * every, hz) for i in range(n + 1)]
+
+
+def test_a_dip_longer_than_for_s_trips_the_stage_once() -> None:
+    state, ds = run([*poll(0, 1, 50.0), *poll(1.1, 1.5, 49.3)])
+    tripped = [(i, d.tripped) for i, d in enumerate(ds) if d.tripped]
+    # the first reading below at 1.1; 0.2 s later (1.3) the stage trips, and only once
+    assert len(tripped) == 1
+    assert tripped[0][1] == (0,)
+    assert state.depth == 1
+    assert state.first_below_at == pytest.approx(1.1)
+    assert state.tripped_at == pytest.approx(1.3)
+
+
+def test_a_dip_shorter_than_for_s_is_ridden_through() -> None:
+    state, ds = run([*poll(0, 1, 50.0), *poll(1.1, 1.2, 49.3), *poll(1.3, 3, 50.0)])
+    assert not any(d.tripped for d in ds)
+    assert state.depth == 0
+    # and a second short dip later does not add up with the first
+    state, ds = run(poll(3.1, 3.2, 49.3), state)
+    assert not any(d.tripped for d in ds)
+
+
+def test_a_deeper_stage_trips_on_its_own_timer_and_the_lowest_reading_is_kept() -> None:
+    state, ds = run([*poll(0, 0.5, 50.0), *poll(0.6, 0.9, 49.3), (1.0, 48.9), (1.1, 49.2)])
+    assert [d.tripped for d in ds if d.tripped] == [(0,), (1,)]
+    assert state.depth == 2
+    assert state.min_hz == pytest.approx(48.9)
+
+
+def test_restore_after_the_frequency_has_been_above_the_threshold_for_the_restore_time() -> None:
+    state, _ = run([*poll(0, 0.5, 50.0), *poll(0.6, 1.0, 49.3)])
+    assert state.depth == 1
+    # above the threshold but a dip back to 49.85 restarts the restore time
+    state, ds = run([*poll(1.1, 6, 49.95), (6.1, 49.85), *poll(6.2, 16.1, 49.95)], state)
+    assert not any(d.restore for d in ds)
+    state, ds = run(poll(16.2, 16.4, 49.95), state)
+    restored = [d for d in ds if d.restore]
+    assert len(restored) == 1
+    assert restored[0].ended.min_hz == pytest.approx(49.3)
+    assert state.depth == 0
+
+
+def test_a_stale_meter_or_a_gap_never_restores_an_event() -> None:
+    state, _ = run([*poll(0, 0.5, 50.0), *poll(0.6, 1.0, 49.3), *poll(1.1, 9, 50.0)])
+    assert state.depth == 1  # 8 s above: not yet the 10 s restore time
+    state = unknown(state, 9.5)  # the meter went stale
+    state, ds = run(poll(20, 25, 50.0), state)
+    assert not any(d.restore for d in ds)  # the time above starts again after the gap
+    state, ds = run(poll(40, 41, 50.0), state)  # a gap in the readings (no stale flag): the same
+    assert not any(d.restore for d in ds)
+    assert state.depth == 1
+
+
+def test_a_dip_across_a_gap_is_not_counted_as_continuous() -> None:
+    _state, ds = run([(0.0, 49.3), (5.0, 49.3)])
+    assert not any(d.tripped for d in ds)
+
+
+@pytest.mark.parametrize(
+    ("stages", "why"),
+    [
+        ((Stage(49.0, 0.2, shed_pct=25.0), Stage(49.4, 0.2, shed_pct=50.0)), "falling"),
+        ((Stage(49.4, 0.2, shed_pct=50.0), Stage(49.0, 0.2, shed_pct=25.0)), "at least as much"),
+        ((Stage(49.4, 0.2, shed_pct=25.0), Stage(49.0, 0.2, shed_kw=50.0)), "same unit"),
+    ],
+)
+def test_rules_refuse_disordered_stages(stages: tuple[Stage, ...], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        FrequencyRules(stages, restore_above_hz=49.9, restore_after_s=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ shed list
+candidates = st.lists(
+    st.builds(
+        Candidate,
+        id=st.text("abcdef0123", min_size=1, max_size=6),
+        kw=st.floats(0.0, 12.0, allow_nan=False),
+        cost_ms=st.sampled_from([0.25, 0.4, 2.0, 3.0]),
+    ),
+    max_size=60,
+    unique_by=lambda c: c.id,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cands=candidates, share=st.floats(0.0, 1.2))
+def test_the_shed_list_reaches_any_kw_and_every_command_in_it_is_needed(cands: list[Candidate], share: float) -> None:
+    sl = shed_list(cands)
+    usable = [c for c in cands if c.kw > 0]
+    total = sum(c.kw for c in usable)
+    want = share * total
+    chosen = sl.take(want)
+    got = sum(c.kw for c in chosen)
+    assert all(c.kw > 0 for c in chosen)
+    assert len({c.id for c in chosen}) == len(chosen)
+    if want <= 1e-9:
+        assert chosen == []
+    elif got >= want - 1e-9:
+        # irredundant: without any one of them the rest fall short
+        for c in chosen:
+            assert got - c.kw < want - 1e-9, (c, want, got)
+    else:
+        assert want > total - 1e-9  # short only when the miners cannot reach it ...
+        assert len(chosen) == len(usable)  # ... and then every miner that can shed
+    assert sl.count_for(want) == len(chosen)
+    assert sorted(c.id for c in send_order(chosen)) == sorted(c.id for c in chosen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cands=candidates, share=st.floats(0.0, 1.0), cost=st.sampled_from([0.25, 0.4, 3.0]))
+def test_among_commands_of_one_cost_the_fewest_reach_the_kw(cands: list[Candidate], share: float, cost: float) -> None:
+    same = [Candidate(c.id, c.kw, cost) for c in cands]
+    want = share * sum(c.kw for c in same if c.kw > 0)
+    chosen = shed_list(same).take(want)
+    if want > 1e-9:
+        # no fewer miners reach it: the k-1 largest draws fall short
+        best_smaller = sum(sorted((c.kw for c in same if c.kw > 0), reverse=True)[: max(0, len(chosen) - 1)])
+        assert best_smaller < want - 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(cands=candidates, share=st.floats(0.0, 1.0))
+def test_cheaper_commands_go_first(cands: list[Candidate], share: float) -> None:
+    ranked = shed_list(cands).ranked
+    rates = [c.rate for c in ranked]
+    assert rates == sorted(rates, reverse=True)
+    order = send_order(shed_list(cands).take(share * sum(c.kw for c in cands)))
+    assert [c.rate for c in order] == sorted((c.rate for c in order), reverse=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cands=candidates, share=st.floats(0.0, 1.0), skip_n=st.integers(0, 10))
+def test_taking_around_miners_already_slept_still_reaches_the_kw(
+    cands: list[Candidate], share: float, skip_n: int
+) -> None:
+    sl = shed_list(cands)
+    skip = {c.id for c in sl.ranked[:skip_n]}
+    rest = [c for c in sl.ranked if c.id not in skip]
+    want = share * sum(c.kw for c in rest)
+    chosen = sl.take(want, skip=skip)
+    assert not skip & {c.id for c in chosen}
+    assert sum(c.kw for c in chosen) >= want - 1e-6
+
+
+def view(ip: str, state: MinerState, power_w: float | None, **kw: Any) -> MinerView:
+    return MinerView(id=ip, family=kw.pop("family", Family.LUXOS), capability=OnOff(), nominal_w=3500.0,
+                     nominal_ths=100.0, state=state, power_w=power_w, commanded_w=None, **kw)  # fmt: skip
+
+
+class _Host:
+    def __init__(self) -> None:
+        self.in_flight: dict[str, Any] = {}
+        self.fired: list[Any] = []
+        self.audits: list[dict[str, Any]] = []
+
+    def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
+        self.fired.append((changes, level_kw))
+
+    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+        self.audits.append(data)
+
+    def trigger(self) -> None:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    states=st.lists(st.sampled_from(list(MinerState)), min_size=1, max_size=40),
+    ignores=st.lists(st.booleans(), min_size=40, max_size=40),
+    busy=st.sets(st.integers(0, 39)),
+)
+def test_the_armed_list_never_holds_a_miner_asleep_unreachable_busy_or_ignoring_commands(
+    states: list[MinerState], ignores: list[bool], busy: set[int]
+) -> None:
+    from hashflex.agent.config import FrequencyResponseConfig
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "100%"}], "restore_above_hz": 49.9, "restore_after_s": 1}
+    )
+    host = _Host()
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    views = [view(f"10.0.0.{i}", s, 3000.0, ignores_commands=ignores[i]) for i, s in enumerate(states)]
+    fr.arm(views, {f"10.0.0.{i}" for i in busy}, 100.0, 0.0)
+    allowed = {v.id for i, v in enumerate(views) if v.state in (MinerState.HASHING, MinerState.THROTTLED)
+               and not v.ignores_commands and i not in busy}  # fmt: skip
+    assert {c.id for c in fr.armed.ranked} == allowed
+    # a trip sleeps from that list only, and holds the site at what it drew less the stage
+    fr.on_hz(_Hz(49.0, 1.0))
+    assert fr.held_kw is not None
+    sent = {c.ip for c in host.fired[0][0]} if host.fired else set()
+    assert sent <= allowed
+    assert [a["step"] for a in host.audits][:2] == ["tripped", "commands_out"]
+
+
+class _Hz:
+    def __init__(self, hz: float, at: float) -> None:
+        self.hz, self.read_at = hz, at
+
+
+def test_a_reading_while_the_meter_is_stale_is_not_acted_on() -> None:
+    from hashflex.agent.config import FrequencyResponseConfig
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 0}
+    )
+    host, fresh = _Host(), [False]
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
+    fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 30.0, 0.0)
+    fr.on_hz(_Hz(49.0, 1.0))
+    assert fr.held_kw is None
+    fresh[0] = True
+    fr.on_hz(_Hz(49.0, 1.1))
+    assert fr.held_kw == pytest.approx(30.0 - 0.25 * 24.0)
+    assert len(host.fired[0][0]) == 2  # 6 kW of 3 kW miners: two commands
+    fresh[0] = False
+    fr.on_hz(_Hz(50.0, 1.2))  # above the threshold, restore time 0: but the meter is stale
+    assert fr.held_kw is not None
+    fresh[0] = True
+    fr.on_hz(_Hz(50.0, 1.3))
+    assert fr.held_kw is None
+    assert [a["step"] for a in host.audits] == ["tripped", "commands_out", "restored"]
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _write(tmp_path: Path, section: dict[str, Any], meter: bool = True) -> Path:
+    doc: dict[str, Any] = {"site": {"id": "f", "cap_kw": 1000}, "frequency_response": section,
+                           "state_dir": str(tmp_path / "state")}  # fmt: skip
+    if meter:
+        doc["site"]["meter"] = {"host": "127.0.0.1", "non_miner_allowance_kw": 50}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+GOOD = {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
+        "restore_above_hz": 49.9, "restore_after_s": "30s"}  # fmt: skip
+
+
+def test_a_good_section_loads(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, GOOD))
+    fr = cfg.frequency_response
+    assert fr is not None
+    assert fr.stages[0].shed_pct == 25.0
+    assert fr.stages[0].for_s == pytest.approx(0.2)
+    assert fr.restore_after_s == 30.0
+    assert fr.poll_s == 0.1
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25"}]}, "stages[0].shed = '25'"),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "125%"}]}, "at most 100 %"),
+        ({"stages": [{"below_hz": ".nan", "for_s": 0.2, "shed": "25%"}]}, "stages[0].below_hz"),
+        ({"stages": [{"below_hz": 30, "for_s": 0.2, "shed": "25%"}]}, "stages[0].below_hz = 30"),
+        (
+            {
+                "stages": [
+                    {"below_hz": 49.0, "for_s": 0.2, "shed": "25%"},
+                    {"below_hz": 49.4, "for_s": 0, "shed": "50%"},
+                ]
+            },
+            "stages[1].below_hz = 49.4",
+        ),
+        (
+            {
+                "stages": [
+                    {"below_hz": 49.4, "for_s": 0.2, "shed": "50%"},
+                    {"below_hz": 49.0, "for_s": 0, "shed": "25%"},
+                ]
+            },
+            "stages[1].shed = '25%'",
+        ),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "2000kW"}]}, "above site.cap_kw"),
+        ({"restore_above_hz": 49.0}, "restore_above_hz = 49.0"),
+        ({"stages": []}, "stages"),
+    ],
+)
+def test_bad_sections_are_refused_naming_file_field_and_value(
+    tmp_path: Path, change: dict[str, Any], expect: str
+) -> None:
+    path = _write(tmp_path, {**GOOD, "stages": [{**GOOD["stages"][0], "for_s": 0.2}, GOOD["stages"][1]], **change})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:"), message
+    assert "frequency_response" in message, message
+    assert expect in message, message
+
+
+def test_the_section_needs_a_site_meter(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"frequency_response needs site\.meter"):
+        load_config(
+            _write(tmp_path, {**GOOD, "stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}]}, meter=False)
+        )
+
+
+def test_stage_totals_are_cumulative() -> None:
+    for a, b in itertools.pairwise(RULES.stages):
+        assert b.kw(100.0) >= a.kw(100.0)
