@@ -134,6 +134,8 @@ class RulesSection(_Model):
     tolerance_share: float = Field(0.02, ge=0, le=1)
     min_tolerance_w: float = Field(5000.0, ge=0, le=1e9)
     retarget_w: float = Field(10_000.0, ge=0, le=1e9)
+    rebalance_gain: float = Field(0.05, ge=0, le=10, description="Re-allocate shares that still meet the level only "
+                                  "for at least this share more of the hashrate they lose.")  # fmt: skip
 
 
 class ProgramConfig(_Model):

@@ -44,6 +44,7 @@ log = get_logger("coordinator.lease")
 
 # a connection lost, a request timed out, no stream leader yet (no responders), a JetStream API error
 _NATS_FAILURES = (nats.errors.Error, TimeoutError, OSError)
+INELIGIBLE_GRACE_S = 2.0  # a leader that cannot act this long gives the lease up (a reconnect is quicker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class Lease:
         *,
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        eligible: Callable[[], bool] | None = None,
     ) -> None:
         if not holder:
             raise ValueError("lease holder must not be empty")
@@ -144,6 +146,12 @@ class Lease:
         self._changed = asyncio.Event()
         self.last_seen: LeaseRecord | None = None  # the holder's record as last read by a follower
         self._open_error: str | None = None  # logged once per distinct error, not every round
+        # can this instance act now (the coordinator: connected to the site fabric)? One that cannot does not take
+        # the lease, and gives it up when it has been unable to act for INELIGIBLE_GRACE_S: leading without a link
+        # to the sites it counted every site at its cap and raised "cannot be met" alarms while a connected follower
+        # waited (seen after a NATS node loss, 7 s)
+        self._eligible = eligible
+        self._ineligible_since: float | None = None
 
     # ------------------------------------------------------------------------------------------- state
     @property
@@ -198,6 +206,18 @@ class Lease:
 
     async def step(self) -> bool:
         """One round: renew if we hold the lease, else try to acquire it. Returns `is_leader`."""
+        if self._eligible is not None and not self._eligible():
+            now = self._clock()
+            self._ineligible_since = self._ineligible_since if self._ineligible_since is not None else now
+            if self._revision is None:
+                return False  # no lease taken by an instance that cannot act
+            if now - self._ineligible_since >= INELIGIBLE_GRACE_S:
+                log.warning("lease given up: this instance cannot act", holder=self.holder,
+                            for_s=round(now - self._ineligible_since, 1))  # fmt: skip
+                await self.release()
+                return False
+        else:
+            self._ineligible_since = None
         try:  # creating the replicated bucket the first time takes longer than one KV request
             kv = await asyncio.wait_for(self.open(), self.config.ttl_s)
         except _NATS_FAILURES as exc:

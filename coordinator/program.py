@@ -73,6 +73,7 @@ from hashflex.coordinator.allocation import (
     SiteFlex,
     SiteLimits,
     allocate,
+    hashrate_lost,
 )
 
 PROGRAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -284,6 +285,12 @@ class ProgramState:
             answered={k: Answer(a["digest"], a["reply"]) for k, a in raw["answered"].items()},
             assignments={k: {s: Assignment(**a) for s, a in v.items()} for k, v in raw["assignments"].items()},
         )
+
+
+class StateConflict(RuntimeError):
+    """Someone else wrote the program state since this instance read it: it must reload before it acts. Raised by
+    the service's store port (`coordinator.store` for JetStream); defined here, with the state, so that the service
+    can handle it without importing the store's client library."""
 
 
 def _dc_dict(obj: ProgramDispatch | Assignment) -> dict[str, Any]:
@@ -507,9 +514,14 @@ class ProgramRules:
     tolerance_share: float = 0.02  # a share is met within this share of the site's cap …
     min_tolerance_w: float = 5000.0  # … and at least this many W (meter noise, the agents' own tolerance)
     retarget_w: float = 10_000.0  # a rise smaller than this is not worth a new revision
+    # shares that still meet the level are re-allocated only when that keeps at least this share of the hashrate they
+    # lose: the sites' loss curves and floors move with the shares themselves (a site told to sleep a miner publishes
+    # another curve), and re-deciding on every such move swapped whole shares between near-equal sites every step
+    rebalance_gain: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("stale_after_s", "min_horizon_s", "grace_s", "tolerance_share", "min_tolerance_w", "retarget_w"):
+        for name in ("stale_after_s", "min_horizon_s", "grace_s", "tolerance_share", "min_tolerance_w", "retarget_w",
+                     "rebalance_gain"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"program rules: {name} must be a finite number ≥ 0, got {value!r}")
@@ -683,9 +695,13 @@ def _allocate_one(
             assert view is not None
             flexes.append(_site_flex(cfg, view))
     alloc = allocate(flexes, level, horizon_s=horizon)
-    targets = _limit_rises(alloc, flexes=flexes, held=held, failures=failures, views=views, level=level)
     current = {sid: a for sid, a in held.items() if a.program_rev == d.rev}  # shares of an older rev: all new
-    chosen = _damp(alloc, flexes=flexes, targets=targets, held=current, level=level, rules=rules)
+    kept = _keep_held(alloc, flexes=flexes, held=current, level=level, horizon=horizon, rules=rules)
+    if kept is not None:
+        chosen = kept
+    else:
+        targets = _limit_rises(alloc, flexes=flexes, held=held, failures=failures, views=views, level=level)
+        chosen = _damp(alloc, flexes=flexes, targets=targets, held=current, level=level, rules=rules)
     ramps = _site_ramps(d, chosen, flexes)
     shares: dict[str, Assignment] = {}
     site_reports: list[SiteReport] = []
@@ -741,6 +757,57 @@ def _site_ramps(d: ProgramDispatch, targets: Mapping[str, float], flexes: Sequen
         return {}
     rate_kw_per_min = d.ramp_w_per_s * 60.0 / 1000.0
     return {sid: rate_kw_per_min * drop / total for sid, drop in drops.items() if drop > 0.0}
+
+
+def _keep_held(
+    alloc: Allocation,
+    *,
+    flexes: Sequence[SiteFlex],
+    held: Mapping[str, Assignment],
+    level: float,
+    horizon: float,
+    rules: ProgramRules,
+) -> dict[str, float] | None:
+    """The shares held (this program rev), when they still do the job; None when the allocation must be re-decided.
+
+    Why: the allocation's inputs are not independent of its output. A site that takes its share sleeps or wakes
+    whole miners, and its next flexibility document has another loss curve (the planner's hashrate at each depth
+    depends on which miners are on) and other floors (min-on and min-off clocks). Near-equal sites then trade places
+    in the water-filling order at every refresh, and allocating afresh every step swapped whole shares between two
+    of them every step (4.1 → 0.06 → 4.1 kW against 3.0 → 6.0 → 3.0 kW), far above `retarget_w`, which damps one
+    site's drift but not a swap. So the decision has its hysteresis: the held shares stay while they are feasible
+    (every dispatched site has one, none below what that site can reach in the horizon by more than its tolerance,
+    Σ with the failing and excluded sites' counts within the level, or, when the level cannot be met, within
+    `retarget_w` of what the allocation itself reaches) and the new allocation would keep less than
+    `rules.rebalance_gain` of the hashrate they lose. A site failing, back, or new, a level or rev changed: the
+    held shares are not feasible, or not there, and the allocation is re-decided at once. Unchanged inputs give the
+    same answer (a fixed point)."""
+    shares: dict[str, float] = {}
+    counted: list[float] = []
+    lost_held: list[float] = []
+    lost_new: list[float] = []
+    for flex, site in zip(flexes, alloc.sites, strict=True):
+        if flex.limits.excluded:  # excluded, or failing: counted as the allocation counts it, the same either way
+            counted.append(site.target_w)
+            continue
+        old = held.get(flex.site_id)
+        if old is None or old.cancelled:
+            return None
+        tolerance = max(rules.min_tolerance_w, rules.tolerance_share * flex.cap_w)
+        if old.target_w < site.floor_w - tolerance:
+            return None
+        shares[flex.site_id] = old.target_w
+        counted.append(old.target_w)
+        lost_held.append(hashrate_lost(flex, old.target_w, horizon_s=horizon))
+        lost_new.append(site.lost_ths)
+    # an unmet level: every site near its floor, and floors move a little with each refresh; a new Σ is worth
+    # sending when it comes down by `retarget_w`, the change a site's own share must make to be worth a revision
+    if math.fsum(counted) > (level if alloc.met else alloc.total_w + rules.retarget_w):
+        return None
+    held_loss, new_loss = math.fsum(lost_held), math.fsum(lost_new)
+    if held_loss - new_loss > rules.rebalance_gain * held_loss:
+        return None
+    return shares
 
 
 def _damp(

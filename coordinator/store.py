@@ -24,13 +24,17 @@ from nats.js.kv import KeyValue
 from hashflex.agent.core.audit import AuditRecord
 from hashflex.agent.logging import get_logger
 from hashflex.coordinator.audit import GENESIS_HASH, ChainConflict, next_record, record_from_dict
-from hashflex.coordinator.program import ProgramState
+from hashflex.coordinator.program import ProgramState, StateConflict
+
+__all__ = ["JetStreamAuditLog", "JetStreamProgramStore", "NoChain", "StateConflict", "connect_nats", "connect_once"]
 
 log = get_logger("coordinator.store")
 
-
-class StateConflict(RuntimeError):
-    """Someone else wrote the program state since this instance read it: it must reload before it acts."""
+# JetStream's error codes for a failed expected-last-(subject-)sequence: nats-py maps them to
+# KeyWrongLastSequenceError in `KeyValue.update`, but not on every path (a `create` over a key another instance
+# wrote came back as a plain BadRequestError 10071); both mean the same thing here
+WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE_CONSTANT = 10164
 
 
 class JetStreamProgramStore:
@@ -42,6 +46,7 @@ class JetStreamProgramStore:
         self.replicas = replicas
         self._kv: KeyValue | None = None
         self._revision: int | None = None
+        self._conflicted = False  # a write was refused: nothing more is written until the state is loaded again
 
     async def _open(self) -> KeyValue:
         if self._kv is None:
@@ -55,12 +60,17 @@ class JetStreamProgramStore:
         try:
             entry = await kv.get(self.key)
         except nats.js.errors.KeyNotFoundError:
-            self._revision = None
+            self._revision, self._conflicted = None, False
             return None
-        self._revision = entry.revision
+        self._revision, self._conflicted = entry.revision, False
         return None if entry.value is None else ProgramState.from_dict(json.loads(entry.value))
 
     async def save(self, state: ProgramState) -> None:
+        """Write `state` over the revision this instance last read or wrote. StateConflict when another instance
+        wrote since (nothing written), and on every save after that until `load`: an instance that lost a race
+        must read the state again before it writes, never `create` over a key it merely failed to update."""
+        if self._conflicted:
+            raise StateConflict(f"program {self.key!r}: the state must be read again before it is written")
         kv = await self._open()
         value = json.dumps(state.to_dict(), separators=(",", ":")).encode()
         try:
@@ -68,16 +78,19 @@ class JetStreamProgramStore:
                 self._revision = await kv.create(self.key, value)
             else:
                 self._revision = await kv.update(self.key, value, last=self._revision)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
+        except nats.js.errors.APIError as exc:
+            if not (isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
+                    or exc.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CONSTANT)):  # fmt: skip
+                raise
+            # the revision held is not the stored one: only a `load` (the state read again) may write next
             self._revision = None
+            self._conflicted = True
             raise StateConflict(f"program {self.key!r}: the state was written by another instance") from exc
 
 
 class NoChain(LookupError):
     """The program has no audit stream (no coordinator of it has run against this cluster)."""
 
-
-WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Sequence
 
 
 class JetStreamAuditLog:
@@ -212,7 +225,14 @@ async def connect_nats(servers: list[str], holder: str, stop: asyncio.Event) -> 
     stopping.cancel()
     if connecting.done():
         return connecting.result()  # a failure that nats-py gave up on is a failed start
-    connecting.cancel()
-    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
-        await connecting
+    # cancelled until it is done, bounded: on 3.11 a cancel can be swallowed by a `wait_for` inside nats-py
+    for _ in range(25):
+        connecting.cancel()
+        await asyncio.wait([connecting], timeout=0.2)
+        if connecting.done():
+            break
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        with contextlib.suppress(Exception):  # it connected as the stop came: not kept
+            async with asyncio.timeout(2):
+                await connecting.result().close()
     return None

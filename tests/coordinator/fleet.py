@@ -6,6 +6,7 @@ sending signed program commands, and waiting.
     first = await start_instance("coordinator-1", program, brokers, cluster)
     grid = Grid(program, brokers)
     reply = await grid.command("hold", {"id": "evening", "target_kw": 20, "end": ...})   # signed, answered
+    process = CoordinatorProcess("coordinator-p", program, brokers, cluster, tmp_path)  # `hashflex coordinator run`
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import nats
+import yaml
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NatsClient
 
@@ -31,6 +39,7 @@ from hashflex.coordinator.lease import Lease, LeaseConfig
 from hashflex.coordinator.program import ProgramRules, SiteConfig
 from hashflex.coordinator.service import Coordinator, CoordinatorConfig
 from hashflex.coordinator.store import JetStreamProgramStore
+from tests.broker import HOST, free_port
 from tests.nats_cluster import NatsCluster
 
 Broker = tuple[str, int]
@@ -86,21 +95,24 @@ class Instance:
     fabric: MqttFabric
     tasks: list[asyncio.Task[Any]]
 
+    async def stand_aside(self) -> None:
+        """A follower stops contending for the lease (its lease loop cancelled) and keeps following: connected,
+        reading the fabric. So that another instance, alone in the race, takes the lease when its holder lets go."""
+        assert not self.lease.is_leader, f"{self.name} leads: it cannot stand aside"
+        await _cancel_all([self.tasks[0]], self.name)
+
+    def stand_by(self) -> None:
+        """After `stand_aside`: contending again (it takes the lease when the holder's ages out)."""
+        assert self.tasks[0].done(), f"{self.name}: its lease loop still runs"
+        self.tasks[0] = asyncio.create_task(self.lease.run())
+
     async def kill(self) -> None:
         """As a crash: its tasks stop, its connections drop, the lease is NOT released (it ages out).
 
         Cancelled until they are done: on Python 3.11 `asyncio.wait_for` can swallow a cancellation that lands as
         its inner call completes (fixed in 3.12), and a lease loop that lived on would keep renewing a lease whose
         holder the test thinks dead."""
-        pending = list(self.tasks)
-        for _ in range(100):
-            pending = [task for task in pending if not task.done()]
-            if not pending:
-                break
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=0.1)
-        assert not pending, f"{self.name}: tasks still running after cancelling: {pending}"
+        await _cancel_all(self.tasks, self.name)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.nc.close()
@@ -113,6 +125,19 @@ class Instance:
                 async with asyncio.timeout(3):
                     await self.lease.release()
         await self.kill()
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[Any]], name: str) -> None:
+    """Cancelled until they are done (see `Instance.kill`)."""
+    pending = list(tasks)
+    for _ in range(100):
+        pending = [task for task in pending if not task.done()]
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+    assert not pending, f"{name}: tasks still running after cancelling: {pending}"
 
 
 async def start_instance(
@@ -184,3 +209,60 @@ class Grid:
                 problems.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.3)
         raise AssertionError(f"no reply to {verb} {request_id!r} within {within_s:g} s: {problems[-5:]}")
+
+
+class CoordinatorProcess:
+    """One coordinator instance as a real `hashflex coordinator run` process, on the same lease, state bucket and
+    rules as `start_instance`'s (so it can lead or follow beside in-process instances); killed with SIGKILL as a
+    crash. Whether it leads: its Prometheus endpoint's `hashflex_coordinator_leader`."""
+
+    def __init__(self, name: str, program: Program, brokers: Sequence[Broker], cluster: NatsCluster,
+                 folder: Path) -> None:  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "coordinator.key").write_bytes(program.coordinator.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+        (folder / "grid.pub").write_bytes(program.grid.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+        self.name = name
+        self.metrics_port = free_port()
+        config = folder / "program.yaml"
+        config.write_text(yaml.safe_dump({
+            "program_id": program.id, "signing_key": "coordinator.key", "grid_public_keys": ["grid.pub"],
+            "fabric": {"brokers": [f"{h}:{p}" for h, p in brokers], "nats_servers": cluster.urls},
+            "sites": [{"id": sid, "cap_kw": program.cap_w / 1000.0} for sid in program.site_ids],
+            # as start_instance: the same lease bucket and TTL (the bucket's max age), state bucket and rules
+            "lease": {"bucket": f"lease_{program.id}".replace("-", "_"), "ttl_s": 2.0, "renew_every_s": 0.4},
+            "state": {"bucket": program.bucket},
+            "rules": {"min_horizon_s": 30.0, "retarget_w": 500.0, "min_tolerance_w": 500.0},
+            "step_s": 0.5, "settle_s": 1.0, "resend_s": 5.0,
+            "metrics": {"enabled": True, "host": HOST, "port": self.metrics_port},
+        }))  # fmt: skip
+        self.log_path = folder / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hashflex", "coordinator", "run", "-c", str(config), "--name", name],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+
+    def leading(self) -> bool | None:
+        """Whether it leads (None: not serving its metrics yet). Blocking I/O: call it from a thread."""
+        assert self.proc.poll() is None, f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=1.0) as resp:
+                return "hashflex_coordinator_leader 1.0" in resp.read().decode().splitlines()
+        except OSError:
+            return None
+
+    def on_fabric(self) -> bool:
+        """Its log says it has connected to the fabric (it does not wait for that before it takes the lease)."""
+        assert self.proc.poll() is None, f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+        return '"event":"fabric connected"' in self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash (the lease is not released; it ages out)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -445,3 +445,37 @@ def test_lease_config_refuses_renewals_that_cannot_finish_within_the_ttl() -> No
     with pytest.raises(ValueError, match="renew_every_s"):
         LeaseConfig(ttl_s=2.0, renew_every_s=1.0, op_timeout_s=1.0)
     assert LeaseConfig(ttl_s=6.0).renew == 1.5
+
+
+async def test_an_instance_that_cannot_act_neither_takes_nor_keeps_the_lease(cluster: NatsCluster) -> None:
+    """A coordinator cut off from the site fabric must not lead: bench_program saw one take the lease after a NATS
+    node loss before its fabric was back, and lead for 7 s counting every site at its cap while a connected
+    follower waited. `eligible` False: it never acquires; a leader that turns ineligible gives the lease up."""
+    name = bucket()
+    can_act = {"a": False, "b": True}
+    clients = [await connect(cluster, 0), await connect(cluster, 1)]
+    leases = {
+        h: Lease(c.jetstream(timeout=1.0), h, lease_config(name), eligible=lambda h=h: can_act[h])
+        for h, c in zip(("a", "b"), clients, strict=True)
+    }
+    try:
+        for lease in leases.values():
+            await open_bucket(lease)
+        deadline = time.monotonic() + 10
+        while not leases["b"].is_leader:  # b can act: it takes the lease; a, cut off, never tries
+            assert time.monotonic() < deadline, "the instance that can act never led"
+            for lease in leases.values():
+                await lease.step()
+            await asyncio.sleep(0.1)
+        can_act["a"], can_act["b"] = True, False  # b loses its link: it gives the lease up, a takes it
+        while not leases["a"].is_leader:
+            assert not leases["a"].is_leader or not leases["b"].is_leader
+            assert time.monotonic() < deadline + 10, "the lease was not handed to the instance that can act"
+            for lease in leases.values():
+                await lease.step()
+            await asyncio.sleep(0.1)
+        assert not leases["b"].is_leader
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()

@@ -11,8 +11,9 @@ program commands through the third. One scenario, in order, on the same fleet:
 4. a shed sent, and the node every agent is connected to killed (SIGKILL) with its site dispatches in flight: the
    agents move to the other node of their list (node B), the dispatches sent through node C reach them, each once,
    and the shed is met in ground truth;
-5. the leading coordinator crashed right after accepting a cancel: the follower takes the lease, reads the state
-   from JetStream and finishes the cancel; nothing lost, nothing applied twice.
+5. the leading coordinator, a real `hashflex coordinator run` process by then (the in-process instances hand the
+   lease over to it), killed (`kill -9`) right after accepting a cancel: an in-process follower takes the lease,
+   reads the state from JetStream and finishes the cancel; nothing lost, nothing applied twice.
 
 Figures (printed): acknowledgement and ground-truth times, the re-dispatch after the kill, the agents' failover.
 """
@@ -35,7 +36,7 @@ from hashflex.coordinator.service import Coordinator
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, write_agent_config
 from tests.broker import HOST
-from tests.coordinator.fleet import Grid, Instance, Program, start_instance, until
+from tests.coordinator.fleet import CoordinatorProcess, Grid, Instance, Program, start_instance, until
 from tests.nats_cluster import NatsCluster
 
 SITES = 10
@@ -169,6 +170,7 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
     agents = _start_agents(program, sim, [n1, n2], tmp_path)
     figures: dict[str, float] = {"agents_started_s": time.monotonic() - began}
     instances: list[Instance] = []
+    processes: list[CoordinatorProcess] = []
     try:
         first = await start_instance("coordinator-1", program, [n3, n2], cluster)
         instances.append(first)
@@ -178,8 +180,11 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
         grid = Grid(program, [n3, n2])
         async with asyncio.timeout(SCENARIO_S):  # a hang fails here, with the await it hung in
             await _scenario(program=program, agents=agents, sim=sim, cluster=cluster, grid=grid, a_index=a,
-                            instances=instances, figures=figures)  # fmt: skip
+                            instances=instances, processes=processes, folder=tmp_path,
+                            figures=figures)  # fmt: skip
     finally:
+        for process in processes:
+            process.kill()
         for inst in instances:
             await inst.stop()
         await asyncio.to_thread(_stop_agents, agents)
@@ -189,8 +194,8 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
 
 
 async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: SimProcess, cluster: NatsCluster,
-                    grid: Grid, a_index: int, instances: list[Instance],
-                    figures: dict[str, float]) -> None:  # fmt: skip
+                    grid: Grid, a_index: int, instances: list[Instance], processes: list[CoordinatorProcess],
+                    folder: Path, figures: dict[str, float]) -> None:  # fmt: skip
     first, second = instances  # the first leads; the second follows (it reads the fabric and does not act)
     coord = first.coord
     # ------------------------------------------------------------------------------------- 1. a program hold
@@ -307,16 +312,35 @@ async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: S
     await _held_once(lambda: leader().coord, live_agents, program, "dip", "every live site holding the shed once")
 
     # ---------------------------------------------- 5. the leader crashes right after accepting a cancel
+    # the leader to kill is a real `hashflex coordinator run` process: started now (through node C, then B), it is
+    # alone in the race for the lease when the in-process leader's clean stop releases it (the in-process follower
+    # stands aside meanwhile, still connected and following), and the follower is the one that takes over after
+    # the kill -9 (a fresh instance would first have to connect, which nats-server 2.9 can take tens of seconds to
+    # serve with a node down)
     lead = leader()
     follower = second if lead is first else first
+    process = CoordinatorProcess("coordinator-p", program, grid.brokers, cluster, folder / "coordinator-p")
+    processes.append(process)
+    started_at = time.monotonic()
+    # serving, and on the fabric: it would take the lease unconnected, blind to the sites (noted in the report)
+    await until(lambda: process.leading() is not None and process.on_fabric(), 60, "the coordinator process on the "
+                "fabric", blocking=True)  # fmt: skip
+    figures["coordinator_process_start_s"] = time.monotonic() - started_at
+    handover_at = time.monotonic()
+    await follower.stand_aside()
+    await lead.stop()
+    instances.remove(lead)
+    await until(process.leading, 30, "the coordinator process leading", blocking=True)
+    follower.stand_by()
+    figures["handover_to_process_s"] = time.monotonic() - handover_at
     evening_before = await _open_at(live_agents, f"{program.id}.evening")
     cancel_doc = grid.sign("cancel", {"id": "end-dip", "dispatch_id": "dip"})
     cancel = await grid.command("cancel", cancel_doc)
     cancel_at = time.monotonic()
     assert cancel["status"] == "ok", cancel
+    assert not follower.lease.is_leader
     stepped = follower.coord.last  # from an earlier term, if it led before (the node loss may have moved the lease)
-    await lead.kill()
-    instances.remove(lead)
+    await asyncio.to_thread(process.kill)
     crashed_at = time.monotonic()
     figures["cancel_ok_to_crash_s"] = crashed_at - cancel_at
     await until(lambda: follower.lease.is_leader and follower.coord.last is not stepped, 20, "the follower acting")
