@@ -77,6 +77,8 @@ class Device:
             "state": p.current_state(t),
             "power_limit_w": self.power_limit_w(),
             "power_w": round(p.power_w(t), 1),
+            # what it draws once up at its present setting (limit, profile or work mode; PSU spread and drift)
+            "setpoint_draw_w": round(p.setpoint_w * p.power_factor * (1.0 + p.drift), 1),
             "hashrate_ths": round(p.hashrate_ths(t), 3),
             "nominal_w": self.spec.nominal_w,
             "nominal_ths": self.spec.nominal_ths,

@@ -108,7 +108,7 @@ def emit(row: Row, json_out: Path | None) -> None:
 class Sample:
     at: float  # time.monotonic() when the truth was read
     power_kw: float
-    running_kw: float  # limit (or nominal) of every miner the truth shows hashing or waking
+    running_kw: float  # what every miner the truth shows hashing or waking draws once up at its setting
     waking: int
     states: tuple[str, ...] = ()  # each miner's state, in the simulator's order
     # each miner as the truth showed it: (ip, state, limit W or None, nominal W, power W), for a violation's story
@@ -138,8 +138,9 @@ class TruthRecorder:
                 self.errors += 1
                 self._stop.wait(self.period_s)
                 continue
-            running = sum(float(m["power_limit_w"] or m["nominal_w"]) for m in truth["miners"]
-                          if m["state"] in ("hashing", "waking"))  # fmt: skip
+            # what each miner on (hashing or waking) draws once up at its present setting: its limit, LuxOS
+            # profile or Antminer work mode (a nominal figure over-counted a stock Antminer woken in low-power mode)
+            running = sum(float(m["setpoint_draw_w"]) for m in truth["miners"] if m["state"] in ("hashing", "waking"))
             waking = sum(1 for m in truth["miners"] if m["state"] == "waking")
             states = tuple(str(m["state"]) for m in truth["miners"])
             miners = tuple(
