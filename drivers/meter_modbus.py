@@ -3,7 +3,7 @@ that imports pymodbus).
 
     meter = ModbusMeter(MeterConfig(host="10.0.0.50", port=502, map="sunspec", bounds=MeterBounds(max_w=2.4e7)),
                         clock=agent_clock)
-    meter.start()                      # background polling every poll_s (wall seconds)
+    meter.start()                      # background polling every poll_s (wall seconds); hz_poll_s on a thread
     meter.reading()                    # the latest good reading if fresh, else None
     meter.status()                     # freshness, stale since when, the fault kinds seen since the last good one
     await meter.stop()
@@ -21,6 +21,15 @@ for `frozen_after_s` are a frozen meter: refused too. With no good reading for `
 replaced one) stays refused until the caller accepts the new count with `rebase_counter()`, which starts a new
 `counter_epoch` (energy accounting must not take a delta across epochs).
 
+The fast frequency poll (`hz_poll_s`, frequency response) runs on a thread of its own with its own small
+synchronous client and connection, not on the event loop: a reading must be taken on time even while the loop is
+held by a long synchronous step (a control tick at 10,000 miners holds it 0.3-1 s), and a detector fed on that
+thread sees the crossing on time. `on_frequency` is therefore called ON THAT THREAD (it must be thread-safe and
+short; agent.runtime.frequency runs the pure detector under a lock and hands a trip to the loop with
+`call_soon_threadsafe`). Refusals from the thread are handed to the loop the same way, so fault bookkeeping, its
+log line and `on_fault` stay on the loop. The register map comes from the full poll (SunSpec discovery runs
+there); the thread reads nothing until it is known.
+
 Times: `read_at` and every freshness rule use the clock passed in (its `monotonic()`, site seconds: the agent's
 clock, scaled in a simulation run so that counter deltas and elapsed time agree); poll periods and network timeouts
 are wall seconds.
@@ -31,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +48,7 @@ from typing import Any, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from hashflex.drivers.meter_maps import (
@@ -186,6 +196,8 @@ class ModbusMeter:
         self._unchanged_since: float | None = None
         self._frozen = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._hz_thread: threading.Thread | None = None
+        self._hz_stop = threading.Event()
         # the full poll and the frequency poll share one connection and one discovery
         self._setup_lock = asyncio.Lock()
         self._discover_lock = asyncio.Lock()
@@ -396,6 +408,81 @@ class ModbusMeter:
             self.on_frequency(out)
         return out
 
+    # -- the frequency thread -----------------------------------------------------------------------------
+    def _hz_thread_main(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        """Read the frequency register every `period` wall seconds on this thread, with a client of its own."""
+        client: ModbusTcpClient | None = None
+
+        def refuse(fault: MeterFault, detail: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody left to tell
+                loop.call_soon_threadsafe(self._refuse, fault, detail)
+
+        next_at = time.monotonic()
+        try:
+            while not self._hz_stop.is_set():
+                meter_map = self._map
+                if meter_map is not None:
+                    try:
+                        client = client if client is not None and client.connected else self._hz_connect(client)
+                        out = self._hz_read(client, meter_map.hz)
+                    except MeterDataError as exc:
+                        if exc.fault is MeterFault.OFFLINE and client is not None:
+                            client.close()  # type: ignore[no-untyped-call]  # pymodbus's sync client is untyped
+                            client = None
+                        refuse(exc.fault, exc.detail)
+                    except Exception as exc:  # a bug here must not end polling: log it (the meter goes stale)
+                        log.exception("meter frequency poll failed", meter=self.name, error=repr(exc))
+                    else:
+                        if self.on_frequency is not None:
+                            self.on_frequency(out)
+                next_at = max(next_at + period, time.monotonic())  # no burst to catch up after a slow read
+                self._hz_stop.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            if client is not None:
+                client.close()  # type: ignore[no-untyped-call]
+
+    def _hz_connect(self, old: ModbusTcpClient | None) -> ModbusTcpClient:
+        if old is not None:
+            old.close()  # type: ignore[no-untyped-call]
+        client = ModbusTcpClient(self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout_s, retries=0,
+                                 reconnect_delay=0, name=f"meter {self.name} hz")  # fmt: skip
+        try:
+            ok = client.connect()  # type: ignore[no-untyped-call]
+        except (OSError, ModbusException) as exc:
+            ok, why = False, str(exc) or type(exc).__name__
+        else:
+            why = "connection refused or timed out"
+        if not ok:
+            client.close()  # type: ignore[no-untyped-call]
+            raise MeterDataError(MeterFault.OFFLINE, f"frequency poll cannot connect to {self.name}: {why}")
+        return client
+
+    def _hz_read(self, client: ModbusTcpClient, field: RegisterField) -> FrequencyReading:
+        """The frequency register(s), validated as `read_frequency` does (blocking: the thread's own client)."""
+        image: dict[tuple[RegisterType, int], int] = {}
+        for block in read_plan([field], MAX_READ_REGISTERS):
+            read = (client.read_input_registers if block.register_type is RegisterType.INPUT
+                    else client.read_holding_registers)  # fmt: skip
+            where = f"{block.register_type} {block.address}+{block.count}"
+            try:
+                rr = read(block.address, count=block.count, device_id=self.cfg.unit)
+            except (OSError, ModbusException) as exc:
+                raise MeterDataError(MeterFault.OFFLINE, f"{where}: {exc or type(exc).__name__}") from None
+            if rr.isError():
+                code = getattr(rr, "exception_code", "?")
+                raise MeterDataError(MeterFault.PROTOCOL, f"{where}: exception reply {code}")
+            regs = list(rr.registers)
+            if len(regs) != block.count:
+                raise MeterDataError(MeterFault.PROTOCOL, f"{where}: {len(regs)} registers back")
+            image.update({(block.register_type, block.address + i): r for i, r in enumerate(regs)})
+        got = decode_field("hz", field, image)
+        if got is None:
+            raise MeterDataError(MeterFault.NOT_IMPLEMENTED, "hz is not implemented by the meter")
+        hz = got[0]
+        if not self.cfg.bounds.hz_min <= hz <= self.cfg.bounds.hz_max:
+            raise MeterDataError(MeterFault.OUT_OF_RANGE, f"frequency {hz:.6g} Hz")
+        return FrequencyReading(hz, self.clock.monotonic())
+
     # -- what the caller sees -----------------------------------------------------------------------------
     def status(self) -> MeterStatus:
         now = self.clock.monotonic()
@@ -443,9 +530,16 @@ class ModbusMeter:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._loop(self.cfg.poll_s, self.poll_once)))
         if self.cfg.hz_poll_s is not None:
-            self._tasks.append(loop.create_task(self._loop(self.cfg.hz_poll_s, self.read_frequency)))
+            self._hz_stop.clear()
+            self._hz_thread = threading.Thread(target=self._hz_thread_main, args=(loop, self.cfg.hz_poll_s),
+                                               name=f"meter-hz {self.name}", daemon=True)  # fmt: skip
+            self._hz_thread.start()
 
     async def stop(self) -> None:
+        thread, self._hz_thread = self._hz_thread, None
+        if thread is not None:
+            self._hz_stop.set()
+            await asyncio.to_thread(thread.join, 2 * self.cfg.timeout_s + 1.0)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

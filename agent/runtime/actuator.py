@@ -238,6 +238,29 @@ class Actuator:
         report.finished_at = time.time()
         return report
 
+    async def prepare(self, ips: Iterable[str], concurrency: int = 8) -> set[str]:
+        """Let each miner's handle fetch ahead what its first control call would fetch on the way (a session id, a
+        salt: `prepare_control`, where the driver has it), a few at a time so commands and sweeps go first.
+        Returns the miners now ready (a command to them is one exchange)."""
+        sem = asyncio.Semaphore(max(1, concurrency))
+        ready: set[str] = set()
+
+        async def one(ip: str) -> None:
+            try:
+                handle = self._handle(ip)
+            except KeyError:
+                return
+            fetch = getattr(handle, "prepare_control", None)
+            if fetch is None:
+                ready.add(ip)
+                return
+            async with sem:
+                if await fetch():
+                    ready.add(ip)
+
+        await asyncio.gather(*(one(ip) for ip in ips))
+        return ready
+
     async def _one(self, change: Change, budget: list[int]) -> OpResult:
         try:
             handle = self._handle(change.ip)

@@ -244,7 +244,7 @@ class Controller:
             port = self.meter.meter
             self.frequency = FrequencyResponse(
                 cfg.frequency_response, self, clock=self.clock.time, meter_fresh=lambda: port.status().fresh,
-                wall_scale=clock.scale, meter_poll_s=self.meter.cfg.poll_s,
+                wall_scale=clock.scale, meter_poll_s=self.meter.cfg.poll_s, prepare=self.actuator.prepare,
             )  # fmt: skip
             self.meter.frequency = self.frequency
         self.miner_level_kw: float | None = None  # the miners' share of the level, planned for last tick
@@ -491,6 +491,13 @@ class Controller:
                 self._drain_inbox()
                 due = time.monotonic() >= last_tick + tick_wall
                 early = self._early and time.monotonic() >= last_tick + MIN_EARLY_GAP_S
+                if (due or early) and self.frequency is not None and self.frequency.defer_tick():
+                    # an under-frequency stage's sleeps are on the wire: no tick holds the loop under their replies
+                    # (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a tick)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await self._wake.wait()
+                    continue
                 if due or early:
                     self._early = False
                     last_tick = time.monotonic()

@@ -4,7 +4,14 @@ The rules are agent.core.frequency's; this module wires them to the meter, the a
 - every tick the controller re-arms the shed list (`arm`): the miners that can shed now, ranked so each stage's kW
   takes the fewest commands, and the site's power they are shed from;
 - every reading the meter takes (`on_hz` for the fast frequency-only poll, frequency_response.poll_s; `on_reading`
-  for the full one) goes straight into the detector, on the meter's task, without waiting for a tick. A stage
+  for the full one) goes straight into the detector, without waiting for a tick. The fast poll runs on the meter
+  adapter's own thread (drivers/meter_modbus.py), and `on_hz` runs the pure detector right there, under a lock
+  held only for the detector's step: a reading is taken, and a crossing seen, on time even while a tick holds the
+  event loop (0.3-1 s at 10,000 miners), and the for_s timer runs on the readings' own times. What a decision
+  does (commands, audit, the hold) touches the controller, so it is handed to the loop (`call_soon_threadsafe`),
+  in the order decided. A thread rather than a tick cut into cooperative slices: the tick's work is one
+  synchronous plan over the whole fleet, and slicing it would make every step of it re-entrant against commands
+  and readings arriving in between; a thread needs only the detector's few fields guarded. A stage
   that trips fires its sleeps from the armed list through the controller's own launch path (so its memory, the
   commands in flight and the audit are the ordinary ones) and holds the site at what it drew less the stage's kW:
   `held_kw`, an input to arbitration like the others (the target's source reads "frequency");
@@ -20,7 +27,11 @@ lowest frequency seen). Times are on the controller's clock (the meter's reading
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +60,10 @@ _SHEDDING = (MinerState.HASHING, MinerState.THROTTLED)
 # busy event loop (a tick at 10,000 miners) may delay one or two polls, not more
 GAP_POLLS = 5
 MIN_GAP_WALL_S = 1.0
+# while a stage's sleeps are on the wire the controller starts no tick (`defer_tick`), for at most this long (wall
+# s): a tick at 10,000 miners holds the event loop 0.3-1 s, time the batch's own replies would wait behind it, and
+# meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered
+DEFER_TICK_MAX_S = 2.0
 
 
 class HzReading(Protocol):
@@ -112,8 +127,14 @@ class FrequencyResponse:
         meter_fresh: Callable[[], bool],
         wall_scale: float = 1.0,
         meter_poll_s: float = 1.0,
+        prepare: Callable[[list[str]], Awaitable[set[str]]] | None = None,
     ) -> None:
         self.cfg = cfg
+        # fetches ahead what the armed miners' first commands would fetch on the way (Actuator.prepare): the batch
+        # a trip fires is then one exchange per miner
+        self.prepare = prepare
+        self._prepared: set[str] = set()
+        self._preparing: asyncio.Task[None] | None = None
         self.rules = rules_from_config(cfg, wall_scale=wall_scale, meter_poll_s=meter_poll_s)
         self.host = host
         self.clock = clock
@@ -128,11 +149,23 @@ class FrequencyResponse:
         self.lowest_hz: float | None = None  # the lowest trusted reading since start (a dip ridden through shows)
         self.lowest_hz_at: float | None = None
         self.events_total = 0
+        # the detector's state is stepped on the meter's frequency thread and on the loop (full readings, arm):
+        # one lock, held for a pure step only (never across I/O or a controller call)
+        self._lock = threading.Lock()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built off a loop (unit tests): every reading is handled where it arrives
+            self._loop = None
+        self._loop_thread = threading.get_ident()
+        self._fired_wall: float | None = None  # time.monotonic() when the last stage's sleeps went out
 
     # -------------------------------------------------------------------------------------------- per tick
     def arm(self, views: Iterable[MinerView], busy: Collection[str], site_kw: float | None, now: float) -> None:
         """Keep the shed list current: the miners that can shed now (running, reachable, obeying, nothing in
         flight), and what the site and the miners draw. `site_kw`: the metered site power (None: stale)."""
+        if self._loop is None:  # built off the loop: the tick's loop is the one decisions are handed to
+            with contextlib.suppress(RuntimeError):
+                self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         candidates: list[Candidate] = []
         base = 0.0
         other = CONTROL_COST_MS[Family.OTHER]
@@ -147,8 +180,40 @@ class FrequencyResponse:
         self.armed = shed_list(candidates)
         self.armed_base_kw = base
         self.armed_site_kw = site_kw
+        self._prepare_armed()
         if not self.meter_fresh():
-            self.state = unknown(self.state, now)
+            with self._lock:
+                self.state = unknown(self.state, now)
+
+    def _prepare_armed(self) -> None:
+        """In the background, get the miners the deepest stage would sleep ready for one-exchange commands."""
+        if self.prepare is None or self._loop is None or (self._preparing is not None and not self._preparing.done()):
+            return
+        deepest = self.rules.stages[-1].kw(self.armed_base_kw)
+        todo = [c.id for c in self.armed.take(deepest) if c.id not in self._prepared]
+        if todo:
+            self._preparing = self._loop.create_task(self._prepare(todo), name="frequency-prepare")
+
+    async def _prepare(self, ips: list[str]) -> None:
+        assert self.prepare is not None
+        started = time.monotonic()
+        try:
+            ready = await self.prepare(ips)
+        except asyncio.CancelledError:
+            return  # a trip's batch goes first (`_trip`); a later arm prepares what is left
+        except Exception as exc:  # best effort: a batch from cold is only slower
+            log.warning("preparing the armed shed list failed", error=repr(exc))
+            return
+        self._prepared |= ready
+        log.info("armed shed list prepared", miners=len(ips), ready=len(ready),
+                 dur_ms=round((time.monotonic() - started) * 1000))  # fmt: skip
+
+    def defer_tick(self) -> bool:
+        """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S:
+        the controller starts no tick meanwhile, so the batch's replies do not wait behind one."""
+        ev, fired = self.event, self._fired_wall
+        return bool(ev is not None and ev.awaiting and fired is not None
+                    and time.monotonic() - fired < DEFER_TICK_MAX_S)  # fmt: skip
 
     @property
     def held_kw(self) -> float | None:
@@ -157,7 +222,7 @@ class FrequencyResponse:
 
     # -------------------------------------------------------------------------------------------- readings
     def on_hz(self, reading: HzReading) -> None:
-        """A frequency reading (the fast poll): straight into the detector."""
+        """A frequency reading (the fast poll, on the meter's frequency thread): straight into the detector."""
         self._observe(reading.hz, reading.read_at)
 
     def on_reading(self, reading: PowerReading) -> None:
@@ -171,27 +236,39 @@ class FrequencyResponse:
                         reading.read_at), after_fired_s=self._since(ev.fired_at, reading.read_at))  # fmt: skip
 
     def _observe(self, hz: float, at: float) -> None:
-        if not self.meter_fresh():
-            self.state = unknown(self.state, at)  # not a reading to act on, nor to restore on
-            return
-        self.last_hz, self.last_hz_at = hz, at
-        if self.lowest_hz is None or hz < self.lowest_hz:
-            self.lowest_hz, self.lowest_hz_at = hz, at
-        self.state, decision = observe(self.state, self.rules, hz, at)
+        """Step the detector (any thread); act on its decision on the loop."""
+        fresh = self.meter_fresh()
+        with self._lock:
+            if not fresh:
+                self.state = unknown(self.state, at)  # not a reading to act on, nor to restore on
+                return
+            self.last_hz, self.last_hz_at = hz, at
+            if self.lowest_hz is None or hz < self.lowest_hz:
+                self.lowest_hz, self.lowest_hz_at = hz, at
+            self.state, decision = observe(self.state, self.rules, hz, at)
+            first_below_at = self.state.first_below_at  # as of this reading (the loop may act later)
         if decision.tripped:
-            self._trip(decision.depth, hz, at)
+            self._on_loop(self._trip, decision.depth, hz, at, first_below_at)
         elif decision.restore:
-            self._restore(decision.ended, hz, at)
+            self._on_loop(self._restore, decision.ended, hz, at)
+
+    def _on_loop(self, action: Callable[..., None], *args: Any) -> None:
+        """Run `action` on the event loop: now if this is the loop's thread, else as soon as the loop is free."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            action(*args)
+        else:
+            loop.call_soon_threadsafe(action, *args)
 
     # -------------------------------------------------------------------------------------------- actions
-    def _trip(self, depth: int, hz: float, at: float) -> None:
+    def _trip(self, depth: int, hz: float, at: float, first_below_at: float | None) -> None:
         ev = self.event
         if ev is None:
             site = self.armed_site_kw
             # without a fresh site figure at the last arm the miners' draw stands in (the meter is fresh now, or
             # this reading would not count; the next tick corrects the level from the meter)
             site_kw = site if site is not None else self.armed_base_kw
-            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=self.state.first_below_at)
+            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=first_below_at)
             self.events_total += 1
         stage = self.rules.stages[depth - 1]
         ev.depth = depth
@@ -211,8 +288,11 @@ class FrequencyResponse:
         log.warning("under-frequency stage tripped", stage=depth - 1, hz=round(hz, 4), below_hz=stage.below_hz,
                     shed_kw=round(ev.shed_kw, 2), level_kw=round(ev.level_kw, 2), commands=len(changes))  # fmt: skip
         if changes:
+            if self._preparing is not None and not self._preparing.done():
+                self._preparing.cancel()  # the batch goes first; what is left is prepared at a later arm
             ev.fired_at = now
             ev.acked_at = None
+            self._fired_wall = time.monotonic()
             self.host.fire_frequency_shed(changes, ev.level_kw, now)
         self._audit("commands_out", now, stage=depth - 1, sent=len(changes),
                     planned_kw=round(sum(c.kw for c in chosen), 3),

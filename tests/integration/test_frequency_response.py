@@ -187,3 +187,105 @@ def test_a_stale_meter_wakes_nothing_and_recovery_restores_under_the_ramp(
     text = b"".join(files.values()).decode()
     assert '"frequency"' in text
     assert "shed_reached" in text
+
+
+# ------------------------------------------------------------------------------------------------ a held loop
+class _Host:
+    """Records what the frequency response asks of the controller (the controller itself is tested above)."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, Any] = {}
+        self.fired: list[tuple[float, int]] = []  # (time.monotonic() when fired, commands)
+        self.audits: list[dict[str, Any]] = []
+
+    def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
+        self.fired.append((time.monotonic(), len(changes)))
+
+    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+        self.audits.append(data)
+
+    def trigger(self) -> None:
+        pass
+
+
+def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_path: Path) -> None:
+    """The frequency register is read on the meter's own thread and the detector steps there: a stage trips while
+    the event loop is held by a long synchronous step (a tick at 10,000 miners), and its commands go out on the
+    loop once it is free. Ordering only: decided during the hold, fired after it."""
+    import asyncio
+
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.core.model import MinerState, MinerView
+    from hashflex.agent.runtime.frequency import FrequencyResponse
+    from hashflex.drivers.base import Family, OnOff
+    from hashflex.drivers.meter_maps import MeterBounds
+    from hashflex.drivers.meter_modbus import MeterConfig, ModbusMeter
+
+    with SimProcess(miners=2, mix="luxos:1", base_ip="127.72.2.1", seed=3,
+                    extra_args=["--meter", "127.72.2.250:5020"]) as sim:  # fmt: skip
+        host, port = sim.meter.split(":")
+
+        async def run() -> None:
+            meter = ModbusMeter(MeterConfig(host=host, port=int(port), map="sunspec", bounds=MeterBounds(max_w=1e6),
+                                            poll_s=0.2, hz_poll_s=0.05))  # fmt: skip
+            cfg = FrequencyResponseConfig.model_validate({"stages": [{"below_hz": 49.5, "for_s": 0, "shed": "50%"}],
+                                                          "restore_above_hz": 49.9, "restore_after_s": 60})  # fmt: skip
+            rec = _Host()
+            fr = FrequencyResponse(cfg, rec, clock=time.monotonic, meter_fresh=lambda: meter.status().fresh)
+            meter.on_frequency = fr.on_hz
+            meter.start()
+            try:
+                deadline = time.monotonic() + 20
+                while not (meter.status().fresh and fr.last_hz is not None) and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # (readings arrive on the meter's thread: no event to wait on)
+                assert fr.last_hz is not None, "no frequency reading from the meter's thread"
+                views = [MinerView(id=f"10.0.0.{i}", family=Family.LUXOS, capability=OnOff(), nominal_w=3000.0,
+                                   nominal_ths=100.0, state=MinerState.HASHING, power_w=3000.0, commanded_w=None)
+                         for i in range(4)]  # fmt: skip
+                fr.arm(views, set(), None, time.monotonic())
+                # the loop held, as by a long tick: nothing on it runs until the hold ends
+                sim.grid_event({"event": "step", "hz": 49.0})
+                hold_until = time.monotonic() + 20
+                while fr.state.depth == 0 and time.monotonic() < hold_until:
+                    time.sleep(0.01)  # noqa: ASYNC251 (the point: a synchronous step holding the loop)
+                released = time.monotonic()
+                assert fr.state.depth == 1, "the stage did not trip while the loop was held"
+                assert rec.fired == [], "commands went out off the event loop"
+                for _ in range(10):
+                    await asyncio.sleep(0)
+                assert len(rec.fired) == 1, "the trip's commands did not go out once the loop was free"
+                assert rec.fired[0][0] >= released
+                assert rec.fired[0][1] == 2
+                assert fr.event is not None
+                assert fr.event.first_below_at is not None
+                assert fr.event.first_below_at < released  # the first reading below was taken during the hold
+                assert [a["step"] for a in rec.audits] == ["tripped", "commands_out"]
+            finally:
+                await meter.stop()
+
+        asyncio.run(run())
+
+
+def test_the_armed_miners_are_prepared_so_a_shed_sleep_is_one_exchange() -> None:
+    """Actuator.prepare fetches ahead what a first control call fetches on the way (the LuxOS session id, the
+    Whatsminer v3 salt), through unmodified pyasic against the simulated miners; the sleeps after it are accepted."""
+    import asyncio
+
+    from hashflex.agent.runtime.actuator import Actuator, Change, Op
+    from hashflex.drivers.base import DriverSettings
+    from hashflex.drivers.pyasic_driver import PyasicDriver
+
+    with SimProcess(miners=4, mix="luxos:1,whatsminer:1", base_ip="127.72.3.1", seed=5) as sim:
+
+        async def run() -> None:
+            driver = PyasicDriver(DriverSettings(identify_concurrency=4))
+            ids = [i for i in await asyncio.gather(*(driver.identify(ip) for ip in sim.ips)) if i is not None]
+            assert {str(i.family) for i in ids} == {"luxos", "whatsminer"}
+            handles = {i.ip: driver.attach(i) for i in ids}
+            actuator = Actuator(handles.__getitem__, concurrency=4, command_timeout_s=5.0)
+            assert await actuator.prepare([*handles, "10.9.9.9"]) == set(handles)  # an unknown miner is skipped
+            report = await actuator.apply([Change(ip, Op.SLEEP, None, decrease=True) for ip in handles])
+            assert [r.outcome for r in report.results] == ["ok"] * len(handles)
+            assert all(r.attempts == 1 for r in report.results)
+
+        asyncio.run(run())

@@ -348,3 +348,25 @@ def test_the_section_needs_a_site_meter(tmp_path: Path) -> None:
 def test_stage_totals_are_cumulative() -> None:
     for a, b in itertools.pairwise(RULES.stages):
         assert b.kw(100.0) >= a.kw(100.0)
+
+
+def test_no_tick_is_wanted_while_a_tripped_stage_s_sleeps_are_unanswered() -> None:
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.runtime.actuator import Op, OpResult
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "50%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    host = _Host()
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(4)], set(), 12.0, 0.0)
+    assert not fr.defer_tick()
+    fr.on_hz(_Hz(49.0, 1.0))
+    sent = [c.ip for c in host.fired[0][0]]
+    assert len(sent) == 2
+    assert fr.defer_tick()
+    fr.on_result(OpResult(sent[0], Op.SLEEP, None, "ok", "", 1, 0.0, 0.0))
+    assert fr.defer_tick()  # one still on the wire
+    fr.on_result(OpResult(sent[1], Op.SLEEP, None, "timeout", "", 1, 0.0, 0.0))
+    assert not fr.defer_tick()  # every one answered (one failed): the tick plans around it
+    assert [a["step"] for a in host.audits][-1] == "commands_acked"
