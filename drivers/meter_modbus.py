@@ -196,6 +196,7 @@ class ModbusMeter:
         self._unchanged_since: float | None = None
         self._frozen = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._hz_thread: threading.Thread | None = None
         self._hz_stop = threading.Event()
         # the full poll and the frequency poll share one connection and one discovery
@@ -514,7 +515,7 @@ class ModbusMeter:
     async def _loop(self, period: float, step: Callable[[], Any]) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._stopping:  # (as well as the cancel: Python 3.11's wait_for can swallow one)
             try:
                 await step()
             except asyncio.CancelledError:
@@ -527,6 +528,7 @@ class ModbusMeter:
     def start(self) -> None:
         if self._tasks:
             return
+        self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._loop(self.cfg.poll_s, self.poll_once)))
         if self.cfg.hz_poll_s is not None:
@@ -540,12 +542,19 @@ class ModbusMeter:
         if thread is not None:
             self._hz_stop.set()
             await asyncio.to_thread(thread.join, 2 * self.cfg.timeout_s + 1.0)
+        self._stopping = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
+        # a cancel that a read's wait_for swallowed still ends the loop at its next round (`_stopping`); never
+        # wait for ever: the agent stopping hung here for 30 s until it was killed (demo, 2 runs in 3)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=2 * self.cfg.timeout_s + self.cfg.poll_s + 1.0)
+            if pending:
+                log.error("meter poll did not stop", meter=self.name, tasks=len(pending))
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("meter poll ended with an error", meter=self.name, error=repr(task.exception()))
         self.close()
 
     def close(self) -> None:

@@ -12,11 +12,18 @@ The scenario, in site-local time (UTC+5, the site's evening):
   17:50  the dispatch ends: the agent wakes the site, no faster than its ramp limit
   18:00  the time-of-use window "evening-peak" from the site config holds the site at 65 % until 18:10
   18:10  the window ends: ramp back up
+  18:16  the grid's frequency dips to 49.2 Hz for half a site minute: below 49.4 Hz the agent's frequency response
+         sleeps a quarter of the miners at once (its pre-armed shed list), holds them while the frequency is low, and
+         wakes them under the ramp limit once it has stayed above 49.8 Hz for a site minute
+
+The site has a meter (the simulator's, on Modbus TCP): the agent controls at it (site.meter) and reads the grid
+frequency from it.
 
 It prints a live line per site minute (ground truth against cap and target, why the target is what it is, miners
 by state) and the agent's own events, then writes to --out: site-power.png, audit-export.json (`hashflex audit
-export`), timeline.csv and summary.json, and verifies the audit chain (`hashflex audit verify`). Exit status: 0
-when the site stayed under its cap and the chain verifies, 1 when not, 2 when the demo could not run.
+export`), timeline.csv (with frequency and metered power), frequency.csv (the meter read fast around the dip) and
+summary.json, and verifies the audit chain (`hashflex audit verify`). Exit status: 0 when the site stayed under its
+cap, the dip was shed and restored and the chain verifies, 1 when not, 2 when the demo could not run.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ipaddress
 import json
 import math
 import shutil
@@ -47,7 +55,9 @@ from hashflex.sim.demo_support import (
     AgentLink,
     AgentRun,
     DemoError,
+    DipView,
     Mark,
+    MeterPoint,
     Ramp,
     Sample,
     SiteClock,
@@ -85,12 +95,24 @@ class Scenario:
     dispatch_share: float = 0.40  # dispatch level, share of the site's full power
     window_share: float = 0.65  # window level, share of full power
     ramp_share_per_min: float = 0.30  # control.ramp_up_kw_per_min, share of full power
+    dip: str = ""  # the grid frequency dips (site-local HH:MM) ...
+    dip_hz: float = 49.2  # ... to this ...
+    dip_s: float = 30.0  # ... for this many site seconds, then back to 50 Hz
+    below_hz: float = 49.4  # frequency_response: the stage trips below this ...
+    for_s: float = 0.2  # ... for this long (site s) ...
+    shed_pct: float = 25.0  # ... and sheds this share of the miners' draw
+    restore_above_hz: float = 49.8  # the event ends once above this ...
+    restore_after_s: float = 60.0  # ... for this long (site s); then the site comes back under the ramp
 
 
 FULL = Scenario(miners=300, speed=30, launch="17:36", dispatch="17:40", dispatch_end="17:50",
-                window_start="18:00", window_end="18:10", end="18:16")  # fmt: skip
+                window_start="18:00", window_end="18:10", dip="18:16", end="18:23")  # fmt: skip
 SHORT = Scenario(miners=120, speed=50, launch="17:51", dispatch="17:55", dispatch_end="18:00",
-                 window_start="18:04", window_end="18:08", end="18:11")  # fmt: skip
+                 window_start="18:04", window_end="18:08", dip="18:13", end="18:20")  # fmt: skip
+METER_PORT = 5020
+METER_SIM = {"cooling_share": 0.03, "base_kw": 2.0, "update_ms": 20.0}  # measuring interval: 1 site s at 50x
+TRACE_EVERY_S = 0.04  # wall seconds between fast looks at the meter around the dip (2 site s at 50x)
+FREQUENCY_SHED_WITHIN_S = 15.0  # site s from the crossing to the stage's kW gone at the meter (a few sweeps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{SHORT.miners} with --short)")  # fmt: skip
     p.add_argument("--mix", default="luxos:40,whatsminer:40,antminer:20", help="family weights, as `hashflex sim`")
     p.add_argument("--base-ip", default="127.1.0.1", help="first loopback address of the simulated miners")
+    p.add_argument("--meter", default=None, help="address:port of the simulated site meter (default: the "
+                   f"base-ip's .250.250, port {METER_PORT})")  # fmt: skip
+    p.add_argument("--no-dip", action="store_true", help="leave out the grid frequency dip (and the site meter)")
     p.add_argument("--seed", type=int, default=7, help="simulator seed")
     p.add_argument("--speed", type=float, default=None, help=f"site seconds per wall second (default "
                    f"{FULL.speed:g}; {SHORT.speed:g} with --short)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default ./demo-out)")
-    p.add_argument("--short", action="store_true", help="a shorter scenario on a smaller site (about 30 s)")
+    p.add_argument("--short", action="store_true", help="a shorter scenario on a smaller site (about 40 s)")
     p.add_argument("--grid-key", type=Path, default=DEMO_KEY, help="grid operator's private key (default: the "
                    "demo key in configs/demo/keys; its .pub must sit next to it)")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=0.02, help="share of the cap ground truth may exceed it by "
@@ -117,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     scenario = SHORT if args.short else FULL
-    scenario = replace(scenario, miners=args.miners or scenario.miners, speed=args.speed or scenario.speed)
+    scenario = replace(scenario, miners=args.miners or scenario.miners, speed=args.speed or scenario.speed,
+                       dip="" if args.no_dip else scenario.dip)  # fmt: skip
     console = Console(highlight=False, soft_wrap=True)
     if scenario.miners < 10:
         console.print("[red]hashflex demo: --miners must be at least 10[/]")
@@ -178,6 +204,37 @@ class Recorder:
         return self.samples[-1]
 
 
+@dataclass
+class MeterTrace:
+    """Fast looks at the meter (GET /meter) from just before the dip until the end: the 0.25 s looks of the
+    Recorder are 12 site seconds apart at 50x, too coarse to time a shed."""
+
+    sim: SimProcess
+    clock: SiteClock
+    points: list[MeterPoint] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> MeterTrace:
+        self._thread = threading.Thread(target=self._run, name="demo-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TRACE_EVERY_S):
+            with contextlib.suppress(Exception):  # one slow answer must not end the trace
+                before = self.clock.now()
+                m = self.sim.meter_truth()
+                at = (before + self.clock.now()) / 2.0  # the answer's moment, within a site second at 50x
+                self.points.append(MeterPoint(at, float(m["hz"]), float(m["power_w"]) / 1000.0,
+                                              float(m["it_w"]) / 1000.0))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- the demo
 class Demo:
     def __init__(self, args: argparse.Namespace, scenario: Scenario, console: Console) -> None:
@@ -194,6 +251,8 @@ class Demo:
         self.signing: Future[dict[str, Any]] | None = None
         self.started = time.monotonic()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-grid")
+        self.trace: MeterTrace | None = None
+        self.dip_at: float | None = None  # when the grid event was sent (site clock)
 
     # ------------------------------------------------------------------------------------------ set-up
     def prepare_out(self) -> None:
@@ -213,9 +272,13 @@ class Demo:
         sc, console = self.sc, self.console
         console.print(f"[bold]hashflex demo[/]: {sc.miners} simulated miners ({self.args.mix}), {sc.speed:g}× speed "
                       f"(a site minute takes {60 / sc.speed:.1f} s); output in {self.out}")  # fmt: skip
+        extra: list[str] = []
+        if sc.dip:
+            extra = ["--meter", meter_address(self.args.meter, self.args.base_ip), "--meter-config",
+                     json.dumps(METER_SIM)]  # fmt: skip
         try:
             sim = SimProcess(sc.miners, mix=self.args.mix, base_ip=self.args.base_ip, seed=self.args.seed,
-                             speed=sc.speed).start(timeout=120)  # fmt: skip
+                             speed=sc.speed, extra_args=extra).start(timeout=120)  # fmt: skip
         except SimError as exc:
             raise DemoError(f"the simulated site did not start ({exc}); another simulator may hold "
                             f"{self.args.base_ip}: try --base-ip 127.2.0.1") from None  # fmt: skip
@@ -241,8 +304,9 @@ class Demo:
         self.window_kw = round(self.full_kw * self.sc.window_share, 1)
         self.ramp_kw_per_min = self.full_kw * self.sc.ramp_share_per_min
         now = time.time()
-        at = {name: local_today(getattr(self.sc, name), UTC_OFFSET_H, now)
-              for name in ("launch", "dispatch", "dispatch_end", "window_start", "window_end", "end")}  # fmt: skip
+        names = ("launch", "dispatch", "dispatch_end", "window_start", "window_end", "end", *(("dip",) if self.sc.dip
+                                                                                              else ()))  # fmt: skip
+        at = {name: local_today(getattr(self.sc, name), UTC_OFFSET_H, now) for name in names}
         if at["window_end"] < at["window_start"] or at["end"] < at["launch"]:
             raise DemoError("the scenario must not cross midnight")
         if at["end"] > now:  # keep the site's evening in the past: every record then has a time that has been
@@ -253,16 +317,30 @@ class Demo:
         console = self.console
         console.print(f"site: {', '.join(f'{n} {FAMILY_NAMES.get(fam, fam)}' for fam, n in families.items())}; "
                       f"{self.full_kw:,.1f} kW at stock settings; licensed cap {self.cap_kw:,.0f} kW")  # fmt: skip
+        if "meter" in truth:
+            console.print(f"site meter on {truth['meter']['address']} (Modbus TCP): "
+                          f"{truth['meter']['power_w'] / 1000.0:,.1f} kW with cooling and base load, "
+                          f"{truth['meter']['hz']:.2f} Hz; the agent controls at the meter")  # fmt: skip
 
     def play(self, sim: SimProcess, socket_path: Path) -> Recorder:
         self.plan_site(sim)
         sc, at = self.sc, self.at
         self.config = self.out / "site.yaml"
         window = {"name": "evening-peak", "start": sc.window_start, "end": sc.window_end, "target_kw": self.window_kw}
+        meter = frequency = None
+        if sc.dip:
+            host, _, port = sim.meter.rpartition(":")
+            beat = 0.5 * sc.speed  # site seconds in half a wall second, as the config's other timers
+            meter = {"host": host, "port": int(port), "map": "sunspec", "poll_s": 0.05, "stale_after_s": 4 * beat,
+                     "frozen_after_s": 60 * beat, "non_miner_allowance_kw": round(0.08 * self.full_kw + 2.0, 1),
+                     "non_miner_window_s": 10 * beat, "cooling_pct": METER_SIM["cooling_share"] * 100.0}  # fmt: skip
+            frequency = {"stages": [{"below_hz": sc.below_hz, "for_s": sc.for_s, "shed": f"{sc.shed_pct:g}%"}],
+                         "restore_above_hz": sc.restore_above_hz, "restore_after_s": sc.restore_after_s,
+                         "poll_s": 0.05}  # fmt: skip
         write_agent_config(self.config, ips=sim.ips, cap_kw=self.cap_kw, scale=sc.speed,
                            ramp_kw_per_min=self.ramp_kw_per_min, window=window, grid_pub=self.pub,
                            state_dir=self.out / "state", socket_path=socket_path,
-                           timezone=SITE_TIMEZONE)  # fmt: skip
+                           timezone=SITE_TIMEZONE, meter=meter, frequency=frequency)  # fmt: skip
         self.clock = clock = SiteClock.reading(at["launch"], wall_at=time.time(), scale=sc.speed,
                                                utc_offset_h=UTC_OFFSET_H)  # fmt: skip
         agent = AgentRun(self.config, clock, socket_path, self.out / "agent.log")
@@ -282,6 +360,10 @@ class Demo:
                 (at["window_start"], self.window_starts),
                 (at["window_end"], self.window_ends),
             ]
+            if sc.dip:
+                actions += [(at["dip"] - 30.0, lambda: self.trace_meter(sim)),
+                            (at["dip"], lambda: self.dip(sim))]  # fmt: skip
+                actions.sort(key=lambda a: a[0])
             next_line = math.floor(clock.now() / 60.0) * 60.0 + 60.0
             while clock.now() < at["end"]:
                 if not agent.alive():
@@ -298,6 +380,8 @@ class Demo:
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             link.close()
+            if self.trace is not None:
+                self.trace.stop()
             if recorder is not None:
                 recorder.stop()
             code = agent.stop()
@@ -351,6 +435,18 @@ class Demo:
     def window_ends(self) -> None:
         self.say(self.at["window_end"], "the window ends: ramp back up")
         self.marks.append(Mark(self.at["window_end"], "window ends: ramp up"))
+
+    def trace_meter(self, sim: SimProcess) -> None:
+        self.trace = MeterTrace(sim, self.clock).start()
+
+    def dip(self, sim: SimProcess) -> None:
+        sc = self.sc
+        self.say(self.at["dip"], f"the grid: frequency dips to {sc.dip_hz:g} Hz for {sc.dip_s:g} site s (the "
+                 f"agent sheds {sc.shed_pct:g} % below {sc.below_hz:g} Hz, restores after {sc.restore_after_s:g} s "
+                 f"above {sc.restore_above_hz:g} Hz)")  # fmt: skip
+        self.dip_at = self.clock.now()
+        sim.grid_event({"event": "dip", "depth_hz": round(50.0 - sc.dip_hz, 3), "duration_s": sc.dip_s})
+        self.marks.append(Mark(self.dip_at, f"frequency dip to {sc.dip_hz:g} Hz"))
 
     # ------------------------------------------------------------------------------------------ live output
     def print_header(self) -> None:
@@ -424,14 +520,16 @@ class Demo:
                       export={"path": str(export_path), "ok": export_ok, "records": len(export_doc.get("audit") or []),
                               "dispatches": len(export_doc.get("dispatches") or [])},
                       energy={"kwh": energy.get("kwh"), "not_drawn_kwh": energy.get("not_drawn_kwh")})  # fmt: skip
-        result["ok"] = bool(result["cap"]["ok"] and chain_ok and export_ok)
+        result["ok"] = bool(result["cap"]["ok"] and chain_ok and export_ok
+                            and (result["frequency"] is None or result["frequency"]["ok"]))  # fmt: skip
         self.write_timeline(samples)
         plot_path = self.out / "site-power.png"
         self.draw(plot_path, samples, result, export_doc.get("audit") or [])
         result["runtime_s"] = round(time.monotonic() - self.started, 1)
         result["files"] = {"plot": str(plot_path), "export": str(export_path),
                            "timeline": str(self.out / "timeline.csv"), "config": str(self.config),
-                           "agent_log": str(self.out / "agent.log")}  # fmt: skip
+                           "agent_log": str(self.out / "agent.log"),
+                           **({"frequency": str(self.out / "frequency.csv")} if self.sc.dip else {})}  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         self.report(result)
         return 0 if result["ok"] else 1
@@ -456,6 +554,14 @@ class Demo:
                 self.ramps.append(ramp)
                 coming_up = [s for s in samples if ramp.start <= s.site_ts < next_event]
                 out[name]["ramp_limit_kept"] = all(s.truth_kw <= ramp.limit_kw(s.site_ts) + tol_kw for s in coming_up)
+        out["frequency"] = None
+        if self.sc.dip:
+            sc = self.sc
+            out["frequency"] = frequency_verdict(self.trace.points if self.trace else [], samples,
+                                                 dip_at=self.dip_at or at["dip"], below_hz=sc.below_hz,
+                                                 restore_above_hz=sc.restore_above_hz, shed_pct=sc.shed_pct,
+                                                 restore_after_s=sc.restore_after_s,
+                                                 within_s=FREQUENCY_SHED_WITHIN_S)  # fmt: skip
         return out
 
     def ramp_after(self, samples: list[Sample], ended: float, until: float) -> Ramp | None:
@@ -491,12 +597,21 @@ class Demo:
         with (self.out / "timeline.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["site_time_utc", "site_local", "truth_kw", "agent_kw", "target_kw", "ramp_level_kw", "cap_kw",
-                        "reason", "hashrate_ths", *TRUTH_STATES, "sleep_only_ths"])  # fmt: skip
+                        "reason", "hashrate_ths", *TRUTH_STATES, "sleep_only_ths", "meter_kw", "hz",
+                        "frequency_event"])  # fmt: skip
             for s in samples:
                 w.writerow([iso(s.site_ts), self.clock.hhmm(s.site_ts, True), f"{s.truth_kw:.3f}",
                             _fmt(s.agent_kw), _fmt(s.target_kw), _fmt(s.planning_kw), _fmt(s.cap_kw), s.reason or "",
                             f"{s.hashrate_ths:.1f}", *(s.states[k] for k in TRUTH_STATES),
-                            f"{self.baseline.ths_at(s.truth_kw):.1f}"])  # fmt: skip
+                            f"{self.baseline.ths_at(s.truth_kw):.1f}", _fmt(s.meter_kw),
+                            "" if s.hz is None else f"{s.hz:.4f}", int(s.frequency_event)])  # fmt: skip
+        if self.sc.dip:
+            with (self.out / "frequency.csv").open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["site_time_utc", "site_local", "hz", "meter_kw", "miners_kw"])
+                for p in self.trace.points if self.trace else []:
+                    w.writerow([iso(p.site_ts), self.clock.hhmm(p.site_ts, True), f"{p.hz:.4f}",
+                                f"{p.power_kw:.3f}", f"{p.it_kw:.3f}"])  # fmt: skip
 
     def draw(self, path: Path, samples: list[Sample], result: dict[str, Any], audit: list[dict[str, Any]]) -> None:
         from hashflex.sim.demo_plot import plot  # noqa: PLC0415  (matplotlib loads only when there is something to draw)
@@ -509,12 +624,20 @@ class Demo:
             parts.append(f"dispatch met {d['met_after_min'] * 60:.0f} site s after it was sent")
         if w["met"]:
             parts.append(f"window met {w['met_after_min'] * 60:.0f} site s after it began")
+        fr = result.get("frequency")
+        if fr is not None:
+            parts.append(f"dip: {fr['kw_shed']:,.0f} kW shed in {fr['shed_after_s']:.0f} site s"
+                         if fr["shed_after_s"] is not None else "FREQUENCY DIP NOT SHED")  # fmt: skip
         parts.append("audit chain verified" if result["chain"]["ok"] else "AUDIT CHAIN FAILED")
         parts.append(f"{self.sc.speed:g}× speed")
         # what the agent did, from the audit export above (no extra questions to the agent: the run time stays)
         notes = agent_notes(audit, samples, cap_kw=self.cap_kw, tolerance_kw=self.args.tolerance * self.full_kw)
+        dip = None
+        if fr is not None and self.trace is not None and self.trace.points:
+            dip = DipView(self.trace.points, below_hz=self.sc.below_hz, restore_above_hz=self.sc.restore_above_hz,
+                          verdict=fr)  # fmt: skip
         plot(path, samples, self.clock, cap_kw=self.cap_kw, spans=self.spans, marks=self.marks, ramps=self.ramps,
-             title=title, subtitle=" · ".join(parts), notes=notes, baseline=self.baseline)  # fmt: skip
+             title=title, subtitle=" · ".join(parts), notes=notes, baseline=self.baseline, dip=dip)  # fmt: skip
 
     def report(self, r: dict[str, Any]) -> None:
         c = self.console
@@ -541,6 +664,19 @@ class Demo:
                            None: ""}[x.get("ramp_limit_kept")])  # fmt: skip
             else:
                 c.print(f"  [yellow]{label} ≤ {x['level_kw']:,.1f} kW: not met within its window[/]")
+        fr = r.get("frequency")
+        if fr is not None:
+            if fr["ok"]:
+                c.print(f"[green]✔ frequency dip[/] (lowest {fr['lowest_hz']:.2f} Hz): below {fr['below_hz']:g} Hz at "
+                        f"{self.clock.hhmm(fr['crossed_ts'], True)}; {fr['kw_shed']:,.1f} kW shed at the meter "
+                        f"(stage {fr['stage_kw']:,.1f} kW) {fr['shed_after_s']:.0f} site s after the crossing, held "
+                        f"until the frequency had stayed above {fr['restore_above_hz']:g} Hz, back "
+                        f"{fr['back_after_recovery_s']:.0f} site s after it recovered")  # fmt: skip
+                if fr["over_shed"]:
+                    c.print(f"  [yellow]while the event held the site went down by {fr['kw_down_max']:,.1f} kW in all "
+                            "(the ordinary plan under the held level slept more than the stage)[/]")  # fmt: skip
+            else:
+                c.print(f"[bold red]✘ frequency dip[/]: {fr['reason']}")
         chain = r["chain"]
         if chain["ok"]:
             c.print(f"[green]✔ audit chain verified[/] (hashflex audit verify): {chain['records']} records, head "
@@ -560,6 +696,71 @@ class Demo:
                 f"in {r['runtime_s']:.0f} s")  # fmt: skip
 
 
+def meter_address(given: str | None, base_ip: str) -> str:
+    """--meter, else the base address's .250.250 on port METER_PORT (clear of the miners below it)."""
+    if given:
+        return given
+    a, b, _, _ = str(ipaddress.IPv4Address(base_ip)).split(".")
+    return f"{a}.{b}.250.250:{METER_PORT}"
+
+
+def frequency_verdict(points: list[MeterPoint], samples: list[Sample], *, dip_at: float, below_hz: float,
+                      restore_above_hz: float, shed_pct: float, restore_after_s: float,
+                      within_s: float) -> dict[str, Any]:  # fmt: skip
+    """The dip by the meter's ground truth: when the frequency crossed the stage's threshold, whether the site's
+    power fell by about the stage's kW (shed_pct of the miners' draw just before) within `within_s`, stayed down
+    until the frequency had been back above `restore_above_hz` for most of `restore_after_s`, then came back."""
+    out: dict[str, Any] = {"below_hz": below_hz, "restore_above_hz": restore_above_hz, "shed_pct": shed_pct,
+                           "dip_sent": iso(dip_at), "crossed_at": None, "crossed_ts": None, "lowest_hz": None,
+                           "before_kw": None, "stage_kw": None, "shed_reached_at": None, "shed_after_s": None,
+                           "kw_shed": None, "kw_down_max": None, "over_shed": None, "held": None,
+                           "recovered_at": None, "back_at": None, "back_after_recovery_s": None,
+                           "agent_event_samples": 0, "ok": False, "reason": None}  # fmt: skip
+    out["agent_event_samples"] = sum(1 for s in samples if s.frequency_event and s.site_ts >= dip_at)
+    crossing = next((i for i, p in enumerate(points) if p.site_ts >= dip_at - 5.0 and p.hz < below_hz), None)
+    if crossing is None or crossing == 0:
+        out["reason"] = "the meter never read the frequency below the stage's threshold (or no look before it)"
+        return out
+    cross, before = points[crossing], points[max(0, crossing - 3) : crossing]
+    before_kw = sum(p.power_kw for p in before) / len(before)
+    stage_kw = shed_pct / 100.0 * sum(p.it_kw for p in before) / len(before)
+    after = points[crossing:]
+    recovered = next((p for p in after if p.hz >= restore_above_hz), None)
+    low = [p for p in after if recovered is None or p.site_ts < recovered.site_ts]
+    out.update(crossed_at=iso(cross.site_ts), crossed_ts=cross.site_ts, lowest_hz=round(min(p.hz for p in after), 3),
+               before_kw=round(before_kw, 1), stage_kw=round(stage_kw, 1),
+               recovered_at=None if recovered is None else iso(recovered.site_ts))  # fmt: skip
+    # "about the stage's kW": 80 % of it (the slept miners keep a standby draw; cooling lags the miners)
+    reached = next((p for p in after if p.power_kw <= before_kw - 0.8 * stage_kw), None)
+    if reached is None:
+        out["reason"] = f"the site never fell by the stage's {stage_kw:,.1f} kW at the meter"
+        return out
+    # the stage's shed: the site's fall within `within_s` of the crossing; the deepest fall while the frequency was
+    # low may be more (the ordinary plan under the held level can sleep more: see the report's kw_down_max)
+    first = [p.power_kw for p in after if p.site_ts <= cross.site_ts + within_s]
+    out.update(shed_reached_at=iso(reached.site_ts), shed_after_s=round(reached.site_ts - cross.site_ts, 1),
+               kw_shed=round(before_kw - min(first), 1),
+               kw_down_max=round(before_kw - min(p.power_kw for p in low), 1))  # fmt: skip
+    # more than half as much again as the stage: the agent shed more than the stage asked (a figure, not a failure:
+    # the ordinary plan under the held level may cut further, e.g. on an inflated non-miner estimate; see the log)
+    out["over_shed"] = out["kw_down_max"] > 1.5 * stage_kw
+    if recovered is None:
+        out["reason"] = "the frequency never came back above the restore threshold in the trace"
+        return out
+    hold_until = recovered.site_ts + 0.8 * restore_after_s
+    hold = [p for p in points if reached.site_ts <= p.site_ts <= hold_until]
+    out["held"] = all(p.power_kw <= before_kw - 0.5 * stage_kw for p in hold)
+    back = next((p for p in points if p.site_ts > hold_until and p.power_kw >= before_kw - 0.2 * stage_kw), None)
+    if back is not None:
+        out.update(back_at=iso(back.site_ts), back_after_recovery_s=round(back.site_ts - recovered.site_ts, 1))
+    checks = [(out["shed_after_s"] <= within_s, f"the shed took {out['shed_after_s']:.0f} site s (> {within_s:g})"),
+              (bool(out["held"]), "the shed was not held until the frequency had stayed back up"),
+              (back is not None, "the site did not come back after the event")]  # fmt: skip
+    out["reason"] = next((why for good, why in checks if not good), None)
+    out["ok"] = out["reason"] is None
+    return out
+
+
 def cap_verdict(samples: list[Sample], cap_kw: float, tolerance: float) -> dict[str, Any]:
     """Did ground truth stay under the cap? `tolerance` is a share of the cap (PSU spread the agent cannot see)."""
     tol_kw = tolerance * cap_kw
@@ -575,7 +776,8 @@ def explain(reason: str | None) -> str:
         return "—"
     source, _, name = reason.partition(":")
     return {"cap": "site cap", "grid": f"grid dispatch {name}", "schedule": f"window {name}",
-            "operator": f"operator override {name}", "failsafe": "FAIL-SAFE"}.get(source, reason)  # fmt: skip
+            "operator": f"operator override {name}", "failsafe": "FAIL-SAFE",
+            "frequency": "under-frequency response"}.get(source, reason)  # fmt: skip
 
 
 def describe_event(e: dict[str, Any]) -> str | None:

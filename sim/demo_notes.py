@@ -107,7 +107,9 @@ def _actions_note(run: Sequence[_Batch], cap_kw: float) -> Note:
              f"{limits} limit change{'s' * (limits != 1)}" if limits else "")  # fmt: skip
     done = ", ".join(part for part in parts if part)
     batches = f"{len(run)} batches" if len(run) > 1 else "one batch"
-    if head.target_kw >= cap_kw - 0.5:  # nothing binds but the cap: the way back up
+    if head.method == "frequency":  # the pre-armed shed list, sent the moment a stage tripped
+        text = f"under-frequency stage: slept {slept} miners at once (pre-armed) to hold {head.target_kw:,.0f} kW"
+    elif head.target_kw >= cap_kw - 0.5:  # nothing binds but the cap: the way back up
         text = f"back up toward the cap in {batches}, paced by the ramp limit: {done or 'no commands took'}"
     elif slept and not woke and not limits:
         text = (f"fast cut: slept {slept} miners at once to get under {head.target_kw:,.0f} kW quickly"
@@ -131,6 +133,8 @@ def _other_text(kind: str, data: Mapping[str, Any]) -> str | None:
             return f"fail-safe released ({data.get('reason') or 'no reason given'})"
         case "alarm":
             return f"alarm {data.get('key')}: {data.get('message')}"
+        case "frequency" if data.get("step") == "restored":
+            return "under-frequency event over (the frequency back up long enough): the slept miners come back"
         case "cap_change":
             cap = data.get("cap_kw")
             return f"cap changed to {cap:,.0f} kW" if isinstance(cap, int | float) else "cap changed"

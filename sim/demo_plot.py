@@ -1,6 +1,8 @@
 """The demo's plot: ground-truth site power against the cap and the agent's target, with the scenario marked and
 what the agent did numbered on the curve; the hashrate kept against a sleep-only baseline; the miners by state; and
-the numbered notes, from the agent's audit trail, under it all. matplotlib with the Agg backend (no display needed).
+the numbered notes, from the agent's audit trail, under it all. With a frequency dip in the run, a panel of its own
+(its own time axis, a few site minutes): grid frequency and the site's power at the meter, read fast. matplotlib
+with the Agg backend (no display needed).
 
 Legends sit to the right of their panel, never over the data. The target is drawn above the cap (a thicker dashed
 line over a thin solid one), so where they coincide both show, and its legend entry says so.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from hashflex.sim.demo_notes import Note, SleepOnlyBaseline
-from hashflex.sim.demo_support import Mark, Ramp, Sample, SiteClock, Span
+from hashflex.sim.demo_support import DipView, Mark, Ramp, Sample, SiteClock, Span
 
 STATE_COLOURS = {"hashing": "#2e7d32", "throttled": "#9ccc65", "waking": "#ffb300", "sleeping": "#90a4ae",
                  "offline": "#d32f2f"}  # fmt: skip
@@ -36,22 +39,24 @@ WRAP = 160  # characters per line of the key
 
 def plot(path: Path, samples: Sequence[Sample], clock: SiteClock, *, cap_kw: float, spans: Sequence[Span],
          marks: Sequence[Mark], ramps: Sequence[Ramp], title: str, subtitle: str, notes: Sequence[Note] = (),
-         baseline: SleepOnlyBaseline | None = None) -> None:  # fmt: skip
+         baseline: SleepOnlyBaseline | None = None, dip: DipView | None = None) -> None:  # fmt: skip
     fig = build_figure(samples, clock, cap_kw=cap_kw, spans=spans, marks=marks, ramps=ramps, title=title,
-                       subtitle=subtitle, notes=notes, baseline=baseline)  # fmt: skip
+                       subtitle=subtitle, notes=notes, baseline=baseline, dip=dip)  # fmt: skip
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def build_figure(samples: Sequence[Sample], clock: SiteClock, *, cap_kw: float, spans: Sequence[Span],
                  marks: Sequence[Mark], ramps: Sequence[Ramp], title: str, subtitle: str,
-                 notes: Sequence[Note] = (), baseline: SleepOnlyBaseline | None = None) -> Figure:  # fmt: skip
+                 notes: Sequence[Note] = (), baseline: SleepOnlyBaseline | None = None,
+                 dip: DipView | None = None) -> Figure:  # fmt: skip
     """The whole figure (the caller saves and closes it)."""
     mw = cap_kw >= 2000  # megawatts read better on a large site
     unit, k = ("MW", 1000.0) if mw else ("kW", 1.0)
     times = [_x(clock, s.site_ts) for s in samples]
     key = key_lines(notes, clock, unit, k)
-    heights = [4.2, 2.0, 1.5] + ([(LINE_PT * (sum(len(lines) for lines in key) + 1) + 16) / 72] if key else [])
+    heights = [4.2, 2.0, 1.5] + ([2.6] if dip is not None else [])
+    heights += [(LINE_PT * (sum(len(lines) for lines in key) + 1) + 16) / 72] if key else []
     fig = plt.figure(figsize=(14, sum(heights) + 1.3), layout="constrained")
     grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
     ax = fig.add_subplot(grid[0])
@@ -74,8 +79,12 @@ def build_figure(samples: Sequence[Sample], clock: SiteClock, *, cap_kw: float, 
     bx.xaxis_date()  # x values are matplotlib dates (site-local), shared by the three panels
     if times:
         bx.set_xlim(times[0], times[-1])
+    if dip is not None:
+        fx = fig.add_subplot(grid[3])
+        fx.set_gid("frequency")
+        _dip_panel(fx, dip, clock)
     if key:
-        kx = fig.add_subplot(grid[3])
+        kx = fig.add_subplot(grid[len(heights) - 1])
         kx.set_gid("notes")
         _key_panel(kx, key, notes)
     return fig
@@ -179,6 +188,56 @@ def _hashrate_panel(hx: Axes, samples: Sequence[Sample], times: Sequence[float],
     hx.set_ylabel(f"hashrate ({unit})")
     hx.grid(alpha=0.25)
     _outside_legend(hx)
+
+
+def _dip_panel(fx: Axes, dip: DipView, clock: SiteClock) -> None:
+    """Grid frequency (left axis) and the site's power at the meter (right axis) around the dip, from the fast
+    meter trace; the stage's threshold, the restore threshold, and the verdict's moments marked."""
+    times = [_x(clock, p.site_ts) for p in dip.points]
+    fx.plot(times, [p.hz for p in dip.points], color="#6a1b9a", lw=1.6, label="grid frequency at the meter",
+            gid="hz")  # fmt: skip
+    fx.axhline(dip.below_hz, color="#c62828", lw=1.0, ls=(0, (5, 3)), label=f"stage trips below {dip.below_hz:g} Hz")
+    fx.axhline(dip.restore_above_hz, color="#2e7d32", lw=1.0, ls=(0, (5, 3)),
+               label=f"restores above {dip.restore_above_hz:g} Hz")  # fmt: skip
+    lowest = min(p.hz for p in dip.points)
+    fx.set_ylim(min(lowest, dip.below_hz) - 0.15, 50.15)
+    fx.set_ylabel("frequency (Hz)")
+    fx.grid(alpha=0.25)
+    px = fx.twinx()
+    px.plot(times, [p.power_kw for p in dip.points], color="#1565c0", lw=1.8, label="site power at the meter",
+            gid="meter-kw")  # fmt: skip
+    px.plot(times, [p.it_kw for p in dip.points], color="#1565c0", lw=0.9, ls=":", label="the miners' part")
+    top = max(p.power_kw for p in dip.points)
+    px.set_ylim(0, top * 1.15)
+    px.set_ylabel("power (kW)")
+    v = dip.verdict
+    for key, label in (("crossed_ts", "crossed"), ("shed_reached_at", "shed reached"),
+                       ("recovered_at", "frequency back"), ("back_at", "site back")):  # fmt: skip
+        ts = v.get(key)
+        at = _x_iso(clock, ts) if isinstance(ts, str) else _x(clock, ts) if isinstance(ts, int | float) else None
+        if at is not None:
+            fx.axvline(at, color="#555555", lw=0.8, ls=":")
+            fx.annotate(label, (at, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7.5,
+                        ha="right", va="top", xytext=(-2, -2), textcoords="offset points")  # fmt: skip
+    caption = "Frequency dip, read fast at the meter."
+    if v.get("kw_shed") is not None and v.get("shed_after_s") is not None:
+        caption += (f" The stage ({v['shed_pct']:g} % of the miners, {v['stage_kw']:,.0f} kW) shed {v['kw_shed']:,.0f}"
+                    f" kW at the meter {v['shed_after_s']:.0f} site s after the crossing; lowest "
+                    f"{v['lowest_hz']:.2f} Hz.")  # fmt: skip
+    fx.set_title(caption, fontsize=8.5, color="#444444", loc="left")
+    fx.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
+    fx.xaxis_date()
+    fx.set_xlabel(f"site time (UTC{clock.utc_offset_h:+g})")
+    if times:
+        fx.set_xlim(times[0], times[-1])
+    lines = fx.get_legend_handles_labels()
+    more = px.get_legend_handles_labels()
+    fx.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", bbox_to_anchor=(1.06, 1.0), borderaxespad=0.0,
+              fontsize=8.5, frameon=False)  # fmt: skip
+
+
+def _x_iso(clock: SiteClock, text: str) -> float:
+    return _x(clock, datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
 
 
 def _against(gain: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import signal
 import socket
@@ -169,13 +170,16 @@ class AgentLink:
 # ---------------------------------------------------------------------------------------------- the agent
 def write_agent_config(path: Path, *, ips: list[str], cap_kw: float, scale: float, ramp_kw_per_min: float,
                        window: Mapping[str, Any], grid_pub: Path, state_dir: Path, socket_path: Path,
-                       timezone: str) -> dict[str, Any]:  # fmt: skip
+                       timezone: str, meter: Mapping[str, Any] | None = None,
+                       frequency: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The site config the demo's agent runs with. Site timers are site seconds (they pass `scale` times faster);
     network deadlines are wall seconds. Sweeps and ticks come every half wall second, so the agent sees a change
-    within a few site seconds even at 50×."""
+    within a few site seconds even at 50×. `meter` (site.meter) puts the agent's control at the site meter;
+    `frequency` is its frequency_response section."""
     beat = 0.5 * scale  # site seconds in half a wall second
     doc: dict[str, Any] = {
-        "site": {"id": DEMO_SITE_ID, "cap_kw": cap_kw, "timezone": timezone},
+        "site": {"id": DEMO_SITE_ID, "cap_kw": cap_kw, "timezone": timezone,
+                 **({"meter": dict(meter)} if meter is not None else {})},
         "miners": {"addresses": address_ranges(ips)},
         "polling": {"interval_s": beat, "read_timeout_s": 3.0, "command_timeout_s": 5.0, "identify_timeout_s": 8.0,
                     "stale_after_s": 10 * beat, "concurrency": 200},
@@ -191,6 +195,8 @@ def write_agent_config(path: Path, *, ips: list[str], cap_kw: float, scale: floa
         "metrics": {"enabled": False},
         "logging": {"level": "info", "format": "json"},
     }  # fmt: skip
+    if frequency is not None:
+        doc["frequency_response"] = dict(frequency)
     header = ("# Written by `hashflex demo`: the simulated site's agent config (its clock ran scaled, from\n"
               "# --time-origin). After the demo, read its state with\n"
               f"#   hashflex audit verify --config {path}\n#   hashflex energy --config {path} --from 0 --to now\n")
@@ -221,7 +227,8 @@ class AgentRun:
                 "--time-origin", repr(clock.origin)]  # fmt: skip
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                              "PYTHONFAULTHANDLER": "1"})  # fmt: skip
 
     def wait_ready(self, timeout: float) -> None:
         link = AgentLink(self.socket_path, timeout=2.0)
@@ -244,14 +251,19 @@ class AgentRun:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (a clean stop: the audit trail gets agent_stop), SIGKILL if it hangs."""
+        """SIGTERM (a clean stop: the audit trail gets agent_stop); if it hangs, SIGABRT first, so that Python's
+        faulthandler writes every thread's stack to the agent's log (where it hung), then SIGKILL."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
         return self.proc.returncode
 
     def tail(self, lines: int = 15) -> str:
@@ -278,6 +290,9 @@ class Sample:
     planning_kw: float | None = None  # the level the ramp limit allows now (≤ target)
     cap_kw: float | None = None
     reason: str | None = None  # cap | grid:<id> | schedule:<name> | operator:<id> | failsafe
+    meter_kw: float | None = None  # the site meter's ground truth (miners + cooling + base load + losses)
+    hz: float | None = None  # grid frequency at the meter, ground truth
+    frequency_event: bool = False  # the agent's frequency response held a stage's shed at this look
 
 
 def truth_states(truth: Mapping[str, Any]) -> dict[str, int]:
@@ -293,6 +308,7 @@ def truth_states(truth: Mapping[str, Any]) -> dict[str, int]:
 
 def make_sample(site_ts: float, truth: Mapping[str, Any], status: Mapping[str, Any] | None) -> Sample:
     s = status or {}
+    meter: Mapping[str, Any] = truth.get("meter") or {}
 
     def num(key: str) -> float | None:
         value = s.get(key)
@@ -303,7 +319,39 @@ def make_sample(site_ts: float, truth: Mapping[str, Any], status: Mapping[str, A
         hashrate_ths=float(truth["site"]["hashrate_ths"]), states=truth_states(truth),
         agent_kw=num("power_kw"), target_kw=num("target_kw"), planning_kw=num("planning_level_kw"),
         cap_kw=num("cap_kw"), reason=str(s["target_reason"]) if s.get("target_reason") else None,
+        meter_kw=_kw_of(meter.get("power_w")), hz=_finite(meter.get("hz")),
+        frequency_event=bool(((s.get("meter") or {}).get("frequency_response") or {}).get("active")),
     )  # fmt: skip
+
+
+def _finite(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _kw_of(watts: Any) -> float | None:
+    w = _finite(watts)
+    return None if w is None else w / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeterPoint:
+    """One fast look at the simulated meter around the frequency event (GET /meter: light, unlike /truth)."""
+
+    site_ts: float
+    hz: float
+    power_kw: float  # the whole site at the meter
+    it_kw: float  # the miners' part of it
+
+
+@dataclass(frozen=True, slots=True)
+class DipView:
+    """What the plot's frequency panel draws: the fast meter trace, the thresholds, and the verdict's moments."""
+
+    points: list[MeterPoint]
+    below_hz: float
+    restore_above_hz: float
+    verdict: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """`hashflex status` and `hashflex watch`: the site at a glance, once or live.
 
 Shows site power against target and cap, which input sets the target and why, miners by state, dispatches
-in force, the fail-safe, the broker link, the gateway's health and alarms. Reads the agent's STATUS DOC
+in force, the fail-safe, the broker link, the gateway's health and alarms; with a site meter, an under-frequency
+event while one holds, and the facility loads (cooling per circuit) when configured. Reads the agent's STATUS DOC
 (verb `status`) over the control socket, so it works with the network and the broker down.
 """
 
@@ -52,6 +53,8 @@ def explain_target(doc: Mapping[str, Any]) -> str:
             return f"operator override {binding or '?'} binds (`hashflex resume` ends it)"
         case "schedule":
             return f"time-of-use window {binding or '?'} binds"
+        case "frequency":
+            return "under-frequency response holds the site (see the frequency row)"
         case "failsafe":
             why = failsafe.get("reason") or "grid link lost"
             return (f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))}); "
@@ -122,6 +125,50 @@ def _meter_line(m: Mapping[str, Any]) -> Text:
     line = Text(r.kw(m.get("power_kw")), style="bold")
     line.append(f"  ({' · '.join(parts)})")
     return line
+
+
+def _frequency_line(fr: Mapping[str, Any], now: float | None = None) -> Text:
+    """An under-frequency event while one holds: the stage, the kW held, the lowest Hz, since when, what ends it."""
+    stage = r.num(fr.get("stage"))
+    line = Text(f"EVENT stage {int(stage) + 1 if stage is not None else '?'}", style="bold red")
+    lowest = r.num(fr.get("min_hz"))
+    if lowest is None:
+        lowest = r.num(fr.get("lowest_hz"))
+    waiting = f", {r.count(fr.get('awaiting_ack'))} awaiting ack" if r.num(fr.get("awaiting_ack")) else ""
+    line.append(f": held at {r.kw(fr.get('held_kw'))} ({r.kw(fr.get('shed_kw'))} shed, {r.count(fr.get('slept'))} "
+                f"asleep{waiting})", style="bold red")  # fmt: skip
+    line.append(f" · lowest {lowest:.3f} Hz" if lowest is not None else "")
+    line.append(f" · below since {r.clock(fr.get('first_below_at'))} ({r.ago(fr.get('first_below_at'), now)})")
+    if fr.get("shed_reached_at"):
+        line.append(f" · shed reached {r.clock(fr.get('shed_reached_at'))}")
+    above, after = r.num(fr.get("restore_above_hz")), r.num(fr.get("restore_after_s"))
+    need = f"{after:g} s above {above:g} Hz" if above is not None and after is not None else "the frequency back"
+    since = r.epoch(fr.get("restoring_since"))
+    if since is None:
+        line.append(f" · restores after {need}")
+    else:
+        left = (after or 0.0) - ((now if now is not None else time.time()) - since)
+        line.append(f" · restores after {need}: above since {r.clock(since)}, "
+                    + (f"{r.duration(left)} to go" if left > 0 else "due now"))  # fmt: skip
+    return line
+
+
+def _facility_text(loads: list[Mapping[str, Any]]) -> Text:
+    """One line per circuit: the device's setpoint (and what it acknowledged), the miners on it, and its wakes."""
+    out = Text()
+    for i, ld in enumerate(loads):
+        if i:
+            out.append("\n")
+        out.append(f"{ld.get('circuit', '?')}", style="bold")
+        out.append(f" {ld.get('kind', '')} {ld.get('device', '')}".rstrip())
+        ack = ld.get("acknowledged_pct")
+        out.append(f" · setpoint {r.pct(ld.get('setpoint_pct'))}"
+                   + (f" (ack {r.pct(ack)})" if ack != ld.get("setpoint_pct") else ""))  # fmt: skip
+        out.append(f" · miners {r.count(ld.get('miners_on'))}/{r.count(ld.get('miners'))} on · wakes ")
+        wakes = str(ld.get("wakes") or "allowed")
+        style = "bold red" if wakes.startswith("blocked") else "yellow" if wakes.startswith("held") else "green"
+        out.append(wakes, style=style)
+    return out
 
 
 def _energy_line(e: Mapping[str, Any]) -> Text:
@@ -212,6 +259,12 @@ def status_view(doc: Mapping[str, Any], console: Console | None = None) -> Rende
         grid.add_row("meter", _meter_line(doc["meter"]))
         if isinstance(doc.get("energy"), Mapping):
             grid.add_row("energy", _energy_line(doc["energy"]))
+        fr = doc["meter"].get("frequency_response")
+        if isinstance(fr, Mapping) and fr.get("active"):
+            grid.add_row("frequency", _frequency_line(fr))
+    loads = doc.get("facility")
+    if isinstance(loads, list) and loads:
+        grid.add_row("facility", _facility_text([ld for ld in loads if isinstance(ld, Mapping)]))
     grid.add_row("target", Text(f"{r.kw(doc.get('target_kw'))} — {explain_target(doc)}"))
     grid.add_row("cap", Text(f"{r.kw(doc.get('cap_kw'))} (licensed {r.kw(doc.get('licensed_cap_kw'))})"))
     grid.add_row("hashrate", Text(r.hashrate(doc.get("hashrate_ths"))))

@@ -27,13 +27,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from hashflex.agent import __version__
 from hashflex.agent.core.energy import SOURCES
+from hashflex.agent.core.model import Source
 from hashflex.agent.logging import get_logger
 
 StatusProvider = Callable[[], Mapping[str, Any] | None]
 MinersProvider = Callable[[], Iterable[Mapping[str, Any]]]
 
 MINER_STATES = ("hashing", "throttled", "sleeping", "waking", "unreachable")
-TARGET_SOURCES = ("cap", "grid", "operator", "schedule", "failsafe")
+TARGET_SOURCES = tuple(s.value for s in Source)  # every input arbitration knows, frequency response included
 BROKER_STATES = ("connected", "connecting", "disconnected", "disabled")
 FAILSAFE_RELEASES = ("grid_command", "next_heartbeat", "heartbeat")  # agent.core.failsafe.release
 ENERGY_SOURCES = SOURCES  # of a minute's site energy (agent.core.energy): metered, miners, fallback
