@@ -195,6 +195,10 @@ class SiteMeterConfig(_Model):
     non_miner_allowance_kw: PowerKw = Field(
         ge=0, description="Non-miner load (cooling, losses, base load) counted while the meter is stale."
     )
+    lag_s: Seconds = Field(
+        2.0, ge=0, le=300, description="How far the meter's figure lags the miners' own readings (its averaging "
+        "interval and poll): the non-miner load is sampled only while the miners' sum held that long."
+    )
     non_miner_window_s: Seconds = Field(
         900.0, gt=0, description="The non-miner load is counted at its maximum over this window."
     )

@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 import structlog.tracebacks
@@ -186,7 +186,13 @@ def configure_logging(
     `stream`: where lines go (default stdout, which journald captures under systemd).
     """
     cfg = cfg or LoggingConfig()
-    out = stream if stream is not None else sys.stdout
+    # the process's own stdout and stderr are looked up at each line (`_Current`); any other stream is kept
+    if stream is None or stream is sys.stdout:
+        out = cast(TextIO, _Current("stdout"))  # (it has what loggers use of a stream)
+    elif stream is sys.stderr:
+        out = cast(TextIO, _Current("stderr"))
+    else:
+        out = stream
     if force_json is not None:
         as_json = force_json
     elif cfg.format == "auto":
@@ -246,6 +252,29 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(min(levels.floor, logging.WARNING))
+
+
+class _Current:
+    """Whatever `sys.stdout` (or `sys.stderr`) is when a line is written, not when logging was configured: a
+    command run with its output captured (a test's CliRunner, an embedding program) replaces it for a while and
+    then closes its stand-in, and a logger holding that object raised "I/O operation on closed file" at its next
+    line, whoever logged it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _stream(self) -> TextIO:
+        stream: TextIO = getattr(sys, self.name)
+        return stream
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def isatty(self) -> bool:
+        return self._stream().isatty()
 
 
 def _isatty(stream: TextIO) -> bool:

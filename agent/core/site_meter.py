@@ -8,7 +8,9 @@ it plans to run above what they draw now (cooling lags the IT load, so the meter
 have risen). With the meter stale or failed, the configured allowance stands in for the recent maximum.
 
     window = NonMinerWindow(900.0)
-    window.add(now, metered_kw - miners_kw)
+    miners.add(now, miners_kw)                     # SteadyMiners: sampled only while the miners' sum holds
+    if miners.steady(band_kw):
+        window.add(now, metered_kw - miners_kw)
     share = miner_level(site_level_kw, miners_now_kw=miners_kw, non_miner_kw=window.max_kw(now),
                         cooling_share=0.05)              # or non_miner_kw=allowance_kw when the meter is stale
     plan(share.miner_level_kw, ...)
@@ -79,6 +81,36 @@ def counted_base(recent_max_kw: float, previous_kw: float | None, band_kw: float
     if recent >= previous or recent < previous - band:
         return recent
     return previous
+
+
+class SteadyMiners:
+    """The miners' own sum over the last `span_s`: has it held within a band? The meter's figure lags the miners'
+    readings (its averaging interval and poll, the fleet's sweep): while the miners' sum moves, metered − Σ miners
+    mixes a meter figure from before the change with a sum from after it. A shed of 25 % read that way looked like
+    25 % more non-miner load; counted at its recent maximum, it slept as many miners again (demo, a frequency
+    stage shed twice over). Non-miner samples are taken only while the sum is steady."""
+
+    def __init__(self, span_s: float) -> None:
+        span = _finite("span_s", span_s)
+        if span < 0:
+            raise ValueError(f"span_s = {span!r}: must be at least 0")
+        self.span_s = span
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, kw: float) -> None:
+        at, kw = _finite("at", at), _finite("kw", kw)
+        if self._samples and at < self._samples[-1][0]:
+            at = self._samples[-1][0]
+        self._samples.append((at, kw))
+        while len(self._samples) > 1 and at - self._samples[1][0] >= self.span_s:
+            self._samples.popleft()  # keeps one sample at or before the span's start: the sum it began with
+
+    def steady(self, band_kw: float) -> bool:
+        band = max(0.0, _finite("band_kw", band_kw))
+        if not self._samples:
+            return True
+        values = [kw for _, kw in self._samples]
+        return max(values) - min(values) <= band
 
 
 class NonMinerWindow:

@@ -236,8 +236,10 @@ class Controller:
         mcfg = cfg.site.meter
         self.meter: MeterControl | None = None
         if meter is not None and mcfg is not None:
+            # the miners' sum must hold for the meter's lag and one sweep before metered − Σ miners is a sample
             self.meter = MeterControl(meter, mcfg, started_at=self.clock.time(),
-                                      band_kw=METER_BAND_SHARE * cfg.site.cap_kw)  # fmt: skip
+                                      band_kw=METER_BAND_SHARE * cfg.site.cap_kw,
+                                      align_s=mcfg.lag_s + cfg.polling.interval_s)  # fmt: skip
         # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
         self.frequency: FrequencyResponse | None = None
         if cfg.frequency_response is not None and self.meter is not None:

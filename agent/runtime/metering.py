@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hashflex.agent.config import SiteMeterConfig
-from hashflex.agent.core.site_meter import MinerShare, NonMinerWindow, counted_base, miner_level
+from hashflex.agent.core.site_meter import MinerShare, NonMinerWindow, SteadyMiners, counted_base, miner_level
 from hashflex.agent.runtime.events import iso
 
 
@@ -86,13 +86,17 @@ class MeterTick:
 class MeterControl:
     """Per-tick bookkeeping of the site meter for the controller (its only caller, on the event loop)."""
 
-    def __init__(self, meter: SiteMeterPort, cfg: SiteMeterConfig, started_at: float, band_kw: float) -> None:
+    def __init__(
+        self, meter: SiteMeterPort, cfg: SiteMeterConfig, started_at: float, band_kw: float, align_s: float = 0.0
+    ) -> None:
         self.meter = meter
         self.cfg = cfg
         self.started_at = started_at
         self.band_kw = band_kw  # hysteresis of the counted non-miner load (core.site_meter.counted_base)
         self._counted_kw: float | None = None
         self.window = NonMinerWindow(cfg.non_miner_window_s)
+        # how long the miners' sum must have held for metered − Σ miners to be a sample (core.site_meter.SteadyMiners)
+        self.miners = SteadyMiners(align_s)
         self.last: MeterTick | None = None
         self.share: MinerShare | None = None
         # frequency response (agent.runtime.frequency), when configured: its state shows in the meter's section
@@ -106,12 +110,18 @@ class MeterControl:
             reading = None  # not a figure to plan with (the driver refuses non-finite readings; this is the net)
         last = status.last
         faults = tuple(str(f) for f in status.faults)
+        self.miners.add(now, miners_kw)
         if reading is not None:
             metered_kw = reading.watts / 1000.0
             non_miner = metered_kw - miners_kw
-            self.window.add(now, non_miner)
+            steady = self.miners.steady(self.band_kw)
+            if steady:
+                self.window.add(now, non_miner)
             recent = self.window.max_kw(now)
-            self._counted_kw = counted_base(non_miner if recent is None else recent, self._counted_kw, self.band_kw)
+            basis = recent
+            if basis is None:  # no steady sample in the window: the last count stands while the miners move
+                basis = non_miner if steady or self._counted_kw is None else self._counted_kw
+            self._counted_kw = counted_base(basis, self._counted_kw, self.band_kw)
             tick = MeterTick(
                 fresh=True, starting=False, site_kw=metered_kw, metered_kw=metered_kw, non_miner_kw=non_miner,
                 base_kw=max(0.0, self._counted_kw), recent_max_kw=recent, read_at=reading.read_at,

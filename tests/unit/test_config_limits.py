@@ -41,7 +41,9 @@ def base_doc(tmp_path: Path) -> dict[str, Any]:
         "site": {
             "id": "limits", "cap_kw": 1000, "timezone": "Asia/Karachi",
             "circuits": [
-                {"id": "tx1", "cap_kw": 800, "miners": ["10.0.0.0/25"]},
+                {"id": "tx1", "cap_kw": 800, "miners": ["10.0.0.0/25"],
+                 "cooling": {"kind": "drive", "host": "10.0.1.2", "setpoint_register": 1, "full_kw": 40,
+                             "min_pct": 30, "curve": [[0, 30], [100, 100]]}},
                 {"id": "tx2", "cap_kw": 800, "miners": ["10.0.0.128/25"]},
             ],
             "meter": {"host": "10.0.1.1", "non_miner_allowance_kw": 50, "max_kw": 2000, "cooling_pct": 5,
@@ -92,8 +94,20 @@ def float_fields(model: type[BaseModel] = AgentConfig, prefix: tuple[str | int, 
             for sub in subs:
                 found += float_fields(sub, here)
         elif _has_float(annotation):
-            found.append((*prefix, name))
+            found.append((*prefix, name, *_element_path(annotation)))
     return found
+
+
+def _element_path(annotation: Any) -> tuple[int, ...]:
+    """Where the float is inside a field of lists or tuples of floats (a cooling curve's points): its first
+    element, as deep as it goes; () for a plain float."""
+    if annotation is float:
+        return ()
+    for arg in typing.get_args(annotation):
+        if _has_float(arg):
+            inner = _element_path(arg)
+            return (0, *inner) if typing.get_origin(annotation) in (list, tuple) else inner
+    return ()
 
 
 FLOAT_FIELDS = float_fields()

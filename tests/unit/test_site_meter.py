@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.site_meter import NonFiniteInput, NonMinerWindow, counted_base, miner_level
+from hashflex.agent.core.site_meter import NonFiniteInput, NonMinerWindow, SteadyMiners, counted_base, miner_level
 
 kw = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
 signed_kw = st.floats(min_value=-1e4, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -117,3 +117,33 @@ def test_counted_base_holds_within_the_band_and_follows_outside_it() -> None:
     assert counted_base(10.2, 10.0, 1.0) == 10.2  # a new maximum: at once
     with pytest.raises(NonFiniteInput, match="recent_max_kw"):
         counted_base(math.nan, 10.0, 1.0)
+
+
+def _run(miners: list[float], metered: list[float], span_s: float, band_kw: float) -> float | None:
+    """One sample a second: the non-miner window as MeterControl keeps it (sampled only while the sum holds)."""
+    steady, window = SteadyMiners(span_s), NonMinerWindow(900.0)
+    for t, (m, site) in enumerate(zip(miners, metered, strict=True)):
+        steady.add(float(t), m)
+        if steady.steady(band_kw):
+            window.add(float(t), site - m)
+    return window.max_kw(float(len(miners)))
+
+
+def test_a_shed_read_through_a_lagging_meter_is_not_taken_for_non_miner_load() -> None:
+    """Demo, a frequency stage: the miners' sum fell 25 kW at once, the meter 3 s later; metered − Σ miners read
+    35 kW of non-miner load for 3 s, its recent maximum held it, and as many miners again were slept."""
+    miners = [100.0] * 10 + [75.0] * 10
+    metered = [110.0] * 13 + [85.0] * 7  # the meter shows the shed 3 s late
+    assert _run(miners, metered, span_s=0.0, band_kw=0.5) == pytest.approx(35.0)  # the old reading: twice the shed
+    assert _run(miners, metered, span_s=4.0, band_kw=0.5) == pytest.approx(10.0)
+
+
+@given(
+    level=st.floats(1.0, 1000.0),
+    others=st.lists(st.floats(0.0, 100.0), min_size=1, max_size=40),
+    span=st.floats(0.0, 10.0),
+)
+def test_while_the_miners_hold_every_non_miner_sample_is_taken(level: float, others: list[float], span: float) -> None:
+    """A steady miners' sum never hides non-miner load: the window's maximum is the largest there was."""
+    miners = [level] * len(others)
+    assert _run(miners, [level + x for x in others], span_s=span, band_kw=0.0) == pytest.approx(max(others))
