@@ -10,5 +10,7 @@ echo "== mypy" >&2
 # through the import package (hashflex/ links the folders), so every module has the one name it is imported by
 .venv/bin/mypy -p hashflex.agent -p hashflex.drivers -p hashflex.coordinator
 echo "== pytest" >&2
-# the slowest tests in every run's log: where the 30-minute CI budget goes
-exec .venv/bin/pytest --durations=30 "$@"
+# two test files at a time (TEST_JOBS=1 for one): a file is the unit (--dist loadfile), since each keeps to its own
+# loopback range and its module-scoped sites sit on fixed addresses; and the slowest tests in every run's log: where
+# the 30-minute CI budget goes
+exec .venv/bin/pytest -n "${TEST_JOBS:-2}" --dist loadfile --durations=30 "$@"

@@ -27,7 +27,7 @@ MINERS = 12
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
-    site = SimProcess(MINERS, base_ip="127.31.0.1", seed=7).start()
+    site = SimProcess(MINERS, base_ip="127.36.0.1", seed=7).start()
     yield site
     site.stop()
 
