@@ -104,9 +104,17 @@ class CoordinatorConfig:
 
 @dataclass(slots=True)
 class _Site:
-    online: bool = False
-    flex_doc: Any = None
-    flex_at: float | None = None
+    online: bool = False  # its retained availability as last delivered
+    flex_doc: Any = None  # the newest flexibility document heard (by its own `at`)
+    flex_at: float | None = None  # when that was received (this clock)
+    # MQTT orders a site's messages on one connection only: across a reconnect, a QoS 1 redelivery or a cluster
+    # node's copy of the retained messages, its old "online" and its last document can arrive after its last will.
+    # A lost site is back once it sends a document computed after the newest one heard before it was lost.
+    lost_after: float | None = None  # that newest document's `at` when the will came (None: not lost)
+
+    @property
+    def counted_online(self) -> bool:
+        return self.online and self.lost_after is None
 
 
 class Coordinator:
@@ -169,16 +177,26 @@ class Coordinator:
             return
         kind = parts[2]
         if kind == "availability":
-            online = payload.strip() == b"online"
-            if online != site.online:
+            was = site.counted_online
+            site.online = payload.strip() == b"online"
+            if not site.online and site.lost_after is None:
+                site.lost_after = -math.inf if site.flex_doc is None else site.flex_doc.at
+            if site.counted_online != was:
                 self._wake.set()  # a site lost (its last will) or back: its shortfall re-allocated at once
-            site.online = online
         elif kind == "flex":
             try:
-                site.flex_doc = parse_flex(load_json(payload))
-                site.flex_at = self.clock()
+                doc = parse_flex(load_json(payload))
             except ValueError as exc:
                 log.warning("site flexibility refused", site=parts[1], error=str(exc)[:200])
+                return
+            if site.flex_doc is not None and doc.at <= site.flex_doc.at:
+                return  # delivered late (a redelivery, a node's retained copy): the newer one stands
+            was = site.counted_online
+            site.flex_doc, site.flex_at = doc, self.clock()
+            if site.lost_after is not None and doc.at > site.lost_after:
+                site.lost_after = None
+            if site.counted_online != was:
+                self._wake.set()
         elif kind == "reply" and len(parts) == 4:
             await self._site_reply(parts[1], parts[3], payload)
 
@@ -264,7 +282,7 @@ class Coordinator:
         out: dict[str, SiteView] = {}
         for sid, s in self.sites.items():
             present = None if s.flex_doc is None else s.flex_doc.present_w
-            out[sid] = SiteView(sid, s.online, s.flex_doc, s.flex_at, present)
+            out[sid] = SiteView(sid, s.counted_online, s.flex_doc, s.flex_at, present)
         return out
 
     def _present_total(self) -> float:
