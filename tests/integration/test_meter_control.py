@@ -116,7 +116,9 @@ def test_the_meter_is_held_under_the_cap_where_the_miners_sum_alone_would_not_be
     # instant's figure moves while miners ramp), and what it counts covers what the simulated site really draws
     assert meter["non_miner_kw"] == pytest.approx(meter["power_kw"] - doc["power_kw"], abs=0.01 * cap_kw)
     assert meter["non_miner_counted_kw"] >= non_miner_kw - tol_kw
-    assert meter["non_miner_counted_kw"] >= meter["non_miner_kw"]
+    # (the instant's figure is not always a sample: read while the miners' sum moves, it holds the meter's lag behind
+    # them, which is not load, and is left out of what is counted: `core.site_meter.SteadyMiners`)
+    assert meter["non_miner_counted_kw"] >= meter["non_miner_kw"] - tol_kw
     assert meter["hz"] == pytest.approx(50.0, abs=0.1)
     assert not [a for a in doc["alarms"] if a["key"].startswith("meter")]
     # `hashflex status` and the metrics show it, from the same document
