@@ -1,6 +1,6 @@
 """Plain-data forms of what the store keeps: identities, miner control memory, dispatches and their progress.
 
-No SQLite here (agent/io/store.py owns it); these are the JSON shapes, shared with the export.
+No SQLite here (agent/io/store/ owns it); these are the JSON shapes, shared with the export.
 """
 
 from __future__ import annotations

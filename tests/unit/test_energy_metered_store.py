@@ -9,8 +9,8 @@ import sqlite3
 from pathlib import Path
 
 from hashflex.agent.core.energy import FALLBACK, METERED, MINERS, EnergyMinute
-from hashflex.agent.io import store as store_mod
 from hashflex.agent.io.store import SCHEMA_VERSION, Store
+from hashflex.agent.io.store import database as store_db
 
 Q0 = 1_700_006_400  # a quarter-hour boundary
 
@@ -26,7 +26,7 @@ def test_a_version_1_database_is_migrated_and_its_old_pins_still_verify(tmp_path
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     db.execute("INSERT INTO schema_version VALUES (1)")
-    for statement in store_mod._split_sql(store_mod._MIGRATIONS[0]):
+    for statement in store_db._split_sql(store_db._MIGRATIONS[0]):
         db.execute(statement)
     db.close()
     # version 1 wrote rows with ten columns and pinned three figures: write them as it did
