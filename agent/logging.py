@@ -8,7 +8,7 @@ One call, `configure_logging(cfg)`, sets up both structlog (our own events) and 
 
 - Per-component levels: `logging: {level: info, levels: {drivers: warning, mqtt: debug}}`; a component named
   `drivers.pyasic` follows `drivers` unless it has its own entry. Stdlib records use their logger name.
-- pyasic logs on the ROOT logger (drivers/pyasic_driver.py), so its records are recognised by their source path and
+- pyasic logs on the ROOT logger (drivers/asic/vendor.py), so its records are recognised by their source path and
   kept only from WARNING up, whatever the configured level.
 - Secrets never reach the log: a processor replaces values whose key names a secret (password, token, key,
   signature, ...) and hides passwords in URLs. A field named just `key` is hidden only when its value looks like

@@ -1,4 +1,4 @@
-"""Upstream-ready fixes for pyasic 0.79.0's per-call CPU cost. Applied once by `drivers.pyasic_driver`.
+"""Upstream-ready fixes for pyasic 0.79.0's per-call CPU cost. Applied once by `drivers.asic.vendor`.
 
 Each patch is small, keeps pyasic's behaviour (what goes on the wire, what comes back) exactly, and is written
 so it could be sent upstream as is.

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hashflex.drivers.asic import PyasicDriver
 from hashflex.drivers.base import DriverSettings, MinerDriver
-from hashflex.drivers.pyasic_driver import PyasicDriver
 
 DRIVERS: dict[str, Callable[[DriverSettings], MinerDriver]] = {
     "pyasic": PyasicDriver,

@@ -153,7 +153,7 @@ def _usage() -> float:
 
 async def _bare(op: str, jobs: list[dict[str, Any]], concurrency: int, timeout_s: float) -> dict[str, Any]:
     """The pyasic calls the agent makes for `op`, on miner objects built from stored identities, and nothing else."""
-    from hashflex.drivers.pyasic_driver import build_miner  # applies the same pyasic patches the agent runs with
+    from hashflex.drivers.asic import build_miner  # applies the same pyasic patches the agent runs with
 
     miners = [(job, build_miner(job["driver_class"], job["ip"])) for job in jobs]
     slots = asyncio.Semaphore(concurrency)

@@ -44,8 +44,8 @@ def _usage() -> tuple[float, float]:
 
 async def _agent(ips: list[str], concurrency: int, identify_concurrency: int) -> dict[str, Any]:
     from hashflex.agent.runtime.fleet import Fleet
+    from hashflex.drivers.asic import PyasicDriver
     from hashflex.drivers.base import DriverSettings
-    from hashflex.drivers.pyasic_driver import PyasicDriver
 
     driver = PyasicDriver(DriverSettings(identify_concurrency=identify_concurrency))
     fleet = Fleet(driver, concurrency=concurrency, identify_concurrency=identify_concurrency, read_timeout_s=10)
@@ -76,7 +76,7 @@ async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int)
     import pyasic
 
     from hashflex.drivers import pyasic_patches
-    from hashflex.drivers.pyasic_driver import family_of, telemetry_options
+    from hashflex.drivers.asic import family_of, telemetry_options
 
     pyasic_patches.revert()  # pyasic exactly as installed
     out: dict[str, Any] = {}

@@ -14,7 +14,7 @@ and command deadlines are applied in site seconds here, as the pyasic driver app
 Control goes through each firmware's own command handlers (LuxOS `logon`/`atmset`/`profileset`/`curtail`,
 Whatsminer v3 `set.miner.*` with its token, the stock Antminer `set_miner_conf` CGI with a read-back), so their
 session rules, ATM lock and the `ignore`, `error`, `session_held` faults behave as they do over the wire. Readings
-are built from the device's physics the way `drivers/pyasic_driver.py` maps the firmware's replies: LuxOS and
+are built from the device's physics the way the pyasic driver (`drivers/asic/`) maps the firmware's replies: LuxOS and
 Whatsminer report watts and their limit, a stock Antminer reports no watts and its mining state from hashrate and
 work mode. The TCP path stays tested end to end by the simulator's own tests and the agent's integration tests.
 """
@@ -316,7 +316,7 @@ class InProcessHandle:
         return isinstance(status, list) and bool(status) and status[0].get("STATUS") == "S"
 
     def _privileged(self, command: str, *args: str) -> dict[str, Any] | str:
-        for _attempt in range(2):  # a stale session is renewed once (drivers/pyasic_driver.py _forget_session)
+        for _attempt in range(2):  # a stale session is renewed once (drivers/asic/ profiles: forget_session)
             if not self._session:  # pyasic's auth(): the active session if there is one, else a new one
                 current = self._rpc("session")
                 sid = str(current["SESSION"][0].get("SessionID", "")) if self._ok(current) else ""

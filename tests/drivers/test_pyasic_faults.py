@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from hashflex.drivers.asic import PyasicDriver, round_to_capability
 from hashflex.drivers.base import DriverSettings, Failed, ProtocolError, Unreachable, Unsupported
-from hashflex.drivers.pyasic_driver import PyasicDriver, round_to_capability
 from tests.drivers.rawminers import (
     BLACKHOLE_IP,
     GARBAGE_IP,
@@ -123,7 +123,7 @@ def test_importing_the_driver_leaves_the_root_logger_alone() -> None:
 
     code = (
         "import logging; before = (logging.getLogger().level, len(logging.getLogger().handlers));"
-        "import hashflex.drivers.pyasic_driver;"
+        "import hashflex.drivers.asic;"
         "print(before == (logging.getLogger().level, len(logging.getLogger().handlers)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ import pytest
 from pyasic import settings
 
 from hashflex.drivers import pyasic_patches
-from hashflex.drivers.pyasic_driver import build_miner
+from hashflex.drivers.asic import build_miner
 from hashflex.sim.testing import SimProcess
 
 CLASSES = ["LUXMinerS19jPro", "BTMinerM60SVK30:BTMinerV3", "BTMinerM50SVH50:BTMinerV2", "BMMinerS19jPro"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from hashflex.agent.runtime.actuator import Actuator, Change, Op
+from hashflex.drivers.asic import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
 from hashflex.drivers.base import (
     DriverSettings,
     Failed,
@@ -25,7 +26,6 @@ from hashflex.drivers.base import (
     Unsupported,
     wakes_at_limit,
 )
-from hashflex.drivers.pyasic_driver import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
 from hashflex.sim.testing import SimProcess
 from tests.drivers.rawminers import whatsminer_v3_only
 

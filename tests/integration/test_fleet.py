@@ -14,8 +14,8 @@ import pytest
 import structlog
 
 from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w, state_hint
+from hashflex.drivers.asic import PyasicDriver
 from hashflex.drivers.base import DriverSettings, Family, Identity, MinerDriver, OnOff, Presets, Reading
-from hashflex.drivers.pyasic_driver import PyasicDriver
 from hashflex.sim.testing import SimProcess
 
 pytestmark = pytest.mark.timeout(180)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from hashflex.agent.runtime.fleet import Fleet
+from hashflex.drivers.asic import PyasicDriver
 from hashflex.drivers.base import DriverSettings
-from hashflex.drivers.pyasic_driver import PyasicDriver
 from hashflex.sim.testing import SimProcess
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]

@@ -272,8 +272,8 @@ def test_the_armed_miners_are_prepared_so_a_shed_sleep_is_one_exchange() -> None
     import asyncio
 
     from hashflex.agent.runtime.actuator import Actuator, Change, Op
+    from hashflex.drivers.asic import PyasicDriver
     from hashflex.drivers.base import DriverSettings
-    from hashflex.drivers.pyasic_driver import PyasicDriver
 
     with SimProcess(miners=4, mix="luxos:1,whatsminer:1", base_ip="127.72.3.1", seed=5) as sim:
 
