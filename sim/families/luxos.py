@@ -1,7 +1,8 @@
 """LuxOS (Luxor firmware on Antminers): cgminer-style RPC on 4028 with LuxOS's own commands. Power is set through
 discrete profiles (frequency steps); privileged commands carry a session id from `logon` as the first parameter;
 only one session exists at a time; `curtail sleep|wakeup` sleeps and wakes; ATM (advanced thermal management) may
-move the profile by itself and blocks `profileset` while enabled."""
+move the profile by itself, within the profiles `atmset min_profile=`/`max_profile=` bound it to, and blocks
+`profileset` while enabled."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ class LuxosDevice(Device):
         super().__init__(*args, **kwargs)
         self.profile = "default"
         self.atm_enabled = True
+        # ATM's bounds (`atmset min_profile=`/`max_profile=`), profile names; None: unbounded (the lowest, and the
+        # highest profile: a pessimistic default, as an owner who allowed overclocking set it; LuxOS ships "default")
+        self.atm_min: str | None = None
+        self.atm_max: str | None = None
         self.session_id = ""
         self.session_counter = 0
         self.red_led = "off"
@@ -83,6 +88,7 @@ class LuxosDevice(Device):
     def reset_to_defaults(self) -> None:
         self.profile = "default"
         self.atm_enabled = True
+        self.atm_min = self.atm_max = None
         self.session_id = ""
 
     def truth(self, t: float) -> dict[str, Any]:
@@ -107,12 +113,31 @@ class LuxosDevice(Device):
         idx = next(i for i, p in enumerate(self.profiles) if p.name == self.profile)
         direction = str(atm.get("direction", "down"))
         step = -1 if direction == "down" else 1 if direction == "up" else self._atm_dir
-        new = min(max(idx + step, 0), len(self.profiles) - 1)
-        if direction == "cycle" and new in (idx,):
+        new = self._atm_step(idx, step)
+        if direction == "cycle" and new == idx:
             self._atm_dir = -self._atm_dir
-            new = min(max(idx + self._atm_dir, 0), len(self.profiles) - 1)
+            new = self._atm_step(idx, self._atm_dir)
         if new != idx:
             self._apply_profile(t, self.profiles[new])
+
+    def _atm_step(self, idx: int, step: int) -> int:
+        """The profile index one ATM step from `idx`: never above its max profile nor below its min (a profile
+        already outside them, set by `profileset`, is left where it is rather than moved further out)."""
+        lo = self._index(self.atm_min, 0)
+        hi = self._index(self.atm_max, len(self.profiles) - 1)
+        new = idx + step
+        if (step > 0 and new > hi) or (step < 0 and new < lo):
+            return idx
+        return min(max(new, 0), len(self.profiles) - 1)
+
+    def _index(self, name: str | None, unbounded: int) -> int:
+        return unbounded if name is None else next(i for i, p in enumerate(self.profiles) if p.name == name)
+
+    def _atm_profile(self, value: str) -> Profile | None:
+        """A profile as `atmset` takes it: its name, or its step from the default (`+1`, `-2`), as `profileset`."""
+        if value[:1] in "+-" and value[1:].isdigit():
+            return next((p for p in self.profiles if p.step == int(value)), None)
+        return self._profile(value)
 
     def _apply_profile(self, t: float, prof: Profile) -> None:
         self.profile = prof.name
@@ -268,7 +293,8 @@ class LuxosDevice(Device):
 
     def _cmd_atm(self, t: float, _p: str | None) -> dict[str, Any]:
         return self.ok(339, "ATM configuration values", ATM=[{
-            "Enabled": self.atm_enabled, "MaxProfile": self.profiles[-1].name, "MinProfile": self.profiles[0].name,
+            "Enabled": self.atm_enabled, "MaxProfile": self.atm_max or self.profiles[-1].name,
+            "MinProfile": self.atm_min or "",
             "PostRampMinutes": 15, "StartupMinutes": 15, "TempWindow": 10}])
 
     def _cmd_session(self, t: float, _p: str | None) -> dict[str, Any]:
@@ -327,14 +353,25 @@ class LuxosDevice(Device):
                 self._apply_profile(t, prof)
             return self.ok(412, "Profile set", PROFILE=[{"Profile": name, "Result": "success"}])
         if command == "atmset":
+            # every key is checked before any is applied: an invalid value is an error and changes nothing
+            update: dict[str, Any] = {}
             for arg in args:
                 key, _, value = arg.partition("=")
                 if key == "enabled":
                     if value not in ("true", "false"):
                         return self.err(341, f"Invalid value for enabled: {value}")
-                    if not ignoring:
-                        self.atm_enabled = value == "true"
-                        self._atm_last = t
+                    update[key] = value == "true"
+                elif key in ("min_profile", "max_profile"):
+                    prof = self._atm_profile(value)
+                    if prof is None and not (key == "min_profile" and value == ""):  # an empty min: unbounded
+                        return self.err(341, f"Invalid value for {key}: {value}")
+                    update[key] = None if prof is None else prof.name
+            if not ignoring:
+                if "enabled" in update:
+                    self.atm_enabled = update["enabled"]
+                    self._atm_last = t
+                self.atm_min = update.get("min_profile", self.atm_min)
+                self.atm_max = update.get("max_profile", self.atm_max)
             return self.ok(340, "Advanced Thermal Management configuration updated")
         if command == "ledset":
             if len(args) >= 2 and not ignoring:

@@ -302,7 +302,8 @@ class InProcessHandle:
             refusal = self._antminer(what)
         return Ok(op) if refusal is None else Failed(f"{op}: the miner refused: {refusal}")
 
-    # LuxOS: cgminer-style RPC with a session; ATM blocks profileset, so it is switched off around it (as pyasic)
+    # LuxOS: cgminer-style RPC with a session; ATM blocks profileset, so it is switched off around it and back on
+    # bounded above by the profile set (drivers/asic/luxos.py set_profile)
     def _rpc(self, command: str, *args: str) -> dict[str, Any]:
         raw = self.dev.handle_rpc({"command": command, **({"parameter": ",".join(args)} if args else {})})
         if raw is None:
@@ -353,8 +354,8 @@ class InProcessHandle:
             if isinstance(got, str):
                 return got
         got = self._privileged("profileset", profile)
-        if enabled:
-            self._privileged("atmset", "enabled=true")
+        if enabled and isinstance(self._privileged("atmset", "enabled=true", f"max_profile={profile}"), str):
+            self._privileged("atmset", "enabled=true")  # firmware without ATM bounds: back on unbounded
         return got if isinstance(got, str) else None
 
     # Whatsminer v3: a token per set command

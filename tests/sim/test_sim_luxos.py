@@ -123,3 +123,38 @@ async def test_privileged_commands_need_the_session(sim: SimProcess) -> None:
     assert await miner.stop_mining()  # pyasic logs on by itself
     assert truth_of(sim, ip)["state"] == "sleeping"
     assert await miner.resume_mining()
+
+
+async def test_atm_stays_within_the_profiles_atmset_bounds_it_to(sim: SimProcess) -> None:
+    ip = sim.ips[0]
+    session = (await raw(ip, {"command": "session"}))["SESSION"][0]["SessionID"]
+    if not session:
+        session = (await raw(ip, {"command": "logon"}))["SESSION"][0]["SessionID"]
+
+    async def privileged(command: str, *args: str) -> str:
+        reply = await raw(ip, {"command": command, "parameter": ",".join((session, *args))})
+        return str(reply["STATUS"][0]["STATUS"])
+
+    profiles = (await raw(ip, {"command": "profiles"}))["PROFILES"]
+    names = [p["Profile Name"] for p in sorted(profiles, key=lambda p: p["Watts"])]
+    watts = sorted(p["Watts"] for p in profiles)
+    assert await privileged("atmset", "enabled=false") == "S"
+    assert await privileged("profileset", names[5]) == "S"
+    assert await privileged("atmset", "enabled=true", f"max_profile={names[5]}", f"min_profile={names[3]}") == "S"
+    atm = (await raw(ip, {"command": "atm"}))["ATM"][0]
+    assert (atm["Enabled"], atm["MaxProfile"], atm["MinProfile"]) == (True, names[5], names[3])
+    assert await privileged("atmset", "enabled=false", "max_profile=bogus") == "E"  # an invalid value changes nothing
+    assert (await raw(ip, {"command": "atm"}))["ATM"][0]["Enabled"] is True
+    sim.set_faults({"mode": "atm", "ips": [ip], "interval_s": 20, "direction": "up"})  # one step a second at 20x
+    try:
+        await asyncio.sleep(2.5)
+        assert truth_of(sim, ip)["power_limit_w"] == watts[5]  # at its max already: ATM cannot step up
+        sim.set_faults({"mode": "atm", "ips": [ip], "interval_s": 20, "direction": "down"})
+        wait_until(lambda: truth_of(sim, ip)["power_limit_w"] == watts[3], 5, "ATM stepping down to its min")
+        await asyncio.sleep(2.5)
+        assert truth_of(sim, ip)["power_limit_w"] == watts[3]  # and no further
+        assert await privileged("atmset", "min_profile=", "max_profile=+0") == "S"  # relative: the default's step
+        atm = (await raw(ip, {"command": "atm"}))["ATM"][0]
+        assert (atm["MaxProfile"], atm["MinProfile"]) == ("default", "")
+    finally:
+        sim.set_faults({"mode": "clear", "ips": [ip], "modes": ["atm"]})
