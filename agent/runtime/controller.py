@@ -42,6 +42,7 @@ from hashflex.agent.commands import (
 )
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
+from hashflex.agent.core import timeline
 from hashflex.agent.core.accounting import excess_w, largest_full_w
 from hashflex.agent.core.addresses import expand
 from hashflex.agent.core.arbitration import (
@@ -67,6 +68,7 @@ from hashflex.agent.core.ramp import (
     wake_budget,
 )
 from hashflex.agent.core.schedule import ScheduleRule
+from hashflex.agent.io.records import MinerControl
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Reply
@@ -79,7 +81,7 @@ from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog, iso
 from hashflex.agent.runtime.facility import FacilityControl
 from hashflex.agent.runtime.frequency import FrequencyResponse
-from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw
+from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw, save_on_timeline
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.drivers.base import Family, OnOff
@@ -324,16 +326,25 @@ class Controller:
         snap = self.fleet.latest()
         present_kw = snap.power_w / 1000.0
         self._load_caps()
+        # what the last run stored is on its time, which the wall may have stepped away from while it ran: moved
+        # onto this run's (core.timeline), or an override would end early, or late, after a wall-clock step
+        shift = timeline.shift_s(self.store.get_state(timeline.TIMELINE_STATE_KEY, None),
+                                 wall_offset_s=self.clock.wall_offset_s(), threshold_s=self.clock.step_threshold_s)
+        moved_controls: dict[str, MinerControl] = {}
         ahead_s = 0.0  # how far times recorded by the last run are ahead of the clock now: the wall went back
-        for ip, control in self.store.load_controls().items():
+        for ip, stored_control in self.store.load_controls().items():
+            control = dataclasses.replace(stored_control, since=stored_control.since + shift)
+            if shift:
+                moved_controls[ip] = control
             mem = self.memory[ip] = MinerMemory.from_control(control)
             if mem.pending_op is not None:
                 mem.pending_at = now  # a wake the last run may have sent: telemetry confirms it from now on
             if mem.last_transition > now:  # its min on/off time runs from now, not from a time still to come
                 ahead_s = max(ahead_s, mem.last_transition - now)
                 mem.last_transition = now
-        for d, status, progress in self.store.load_dispatches(active_only=True):
-            rec = DispatchRecord.from_stored(d, status, dict(progress or {}))
+        for stored, status, progress in self.store.load_dispatches(active_only=True):
+            rec = DispatchRecord.from_stored(stored, status, dict(progress or {})).moved(shift)
+            d = rec.dispatch
             if rec.status == "active" and d.start > now:
                 # it was binding when the last run stopped: a wall clock that went back must not un-bind it (the
                 # store keeps the start the grid gave; this run holds it from now)
@@ -342,6 +353,13 @@ class Controller:
             self.dispatches[d.id] = rec
             if rec.open and d.expired_at(now):
                 self.close_dispatch(rec, now, "expired", "expired while the agent was down", commit=True)
+        moved = [rec for rec in self.dispatches.values() if rec.open] if shift else []
+        doc = timeline.timeline_doc(self.clock.wall_offset_s())
+        self.persist.write("timeline", lambda store: save_on_timeline(store, doc, moved_controls, moved))
+        if shift:
+            self._raise_alarm("clock_step", f"the wall clock was {shift:+.0f} s from the last run's time (it "
+                              "stepped while the agent ran); the dispatch windows, overrides and min on/off times "
+                              "that run stored keep its time, moved onto the wall's: check the gateway's time (NTP)")
         self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
         # within the heartbeat timeout of a healthy link the site carries on uncurtailed (failsafe.resume)
         saved_link = fs.link_from_doc(self.store.get_state(FAILSAFE_STATE_KEY, None))
@@ -674,16 +692,23 @@ class Controller:
         if abs(offset) > threshold:
             if self._clock_step_s is None or abs(offset - self._clock_step_s) > threshold:
                 self._clock_step_s = offset
+                self._save_timeline(offset)
                 self._raise_alarm(
                     "clock_step",
                     f"the wall clock stepped {offset:+.0f} s from the agent's time; timers and dispatch windows keep "
                     f"the agent's time, which follows the wall at most {self.clock.max_slew * 100:.2g} % (a restart "
-                    "adopts the wall clock): check the gateway's time (NTP)",
+                    "adopts the wall clock and moves them onto it): check the gateway's time (NTP)",
                 )  # fmt: skip
         elif self._clock_step_s is not None:  # (the alarm restore raises for a clock behind the store stays)
             self._clock_step_s = None
+            self._save_timeline(offset)
             self.alarms.pop("clock_step", None)
             log.info("wall clock back in step with the agent's time", offset_s=round(offset, 3))
+
+    def _save_timeline(self, wall_offset_s: float) -> None:
+        """Record how far the wall is from this run's time: the next run reads this run's times with it."""
+        self.persist.call("set_state", timeline.TIMELINE_STATE_KEY, timeline.timeline_doc(wall_offset_s),
+                          self.clock.time())  # fmt: skip
 
     def _advance_dispatches(self, now: float) -> None:
         keep_s = retention_s(self.arb_rules)

@@ -5,10 +5,12 @@ to sleep, when it last switched, whether it obeys) and per dispatch (its status 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.core.timeline import TIMELINE_STATE_KEY
 from hashflex.agent.io.records import MinerControl
 from hashflex.agent.runtime.actuator import Change, Op
 from hashflex.agent.runtime.events import iso
@@ -148,6 +150,23 @@ class DispatchRecord:
             close_reason=progress.get("close_reason"),
         )
 
+    def moved(self, by_s: float) -> DispatchRecord:
+        """This record on a time `by_s` ahead of the one it was stored on (core.timeline): its window and the times
+        of its progress move with it; the issue time stays as the sender stamped it."""
+        if not by_s:
+            return self
+
+        def move(t: float | None) -> float | None:
+            return None if t is None else t + by_s
+
+        d = self.dispatch
+        return dataclasses.replace(
+            self, dispatch=dataclasses.replace(d, start=d.start + by_s, end=move(d.end)),
+            received_at=self.received_at + by_s, accepted_at=move(self.accepted_at),
+            commands_sent_at=move(self.commands_sent_at), target_met_at=move(self.target_met_at),
+            closed_at=move(self.closed_at),
+        )  # fmt: skip
+
     def doc(self) -> dict[str, Any]:
         d = self.dispatch
         level = None
@@ -178,6 +197,19 @@ class DispatchRecord:
             "closed_at": iso(self.closed_at),
             "close_reason": self.close_reason,
         }
+
+
+def save_on_timeline(
+    store: Any, doc: Mapping[str, float], controls: Mapping[str, MinerControl], records: Iterable[DispatchRecord]
+) -> None:
+    """Store what a restart moved onto its own time (core.timeline) and the record of that time, in one transaction:
+    a run killed half-way leaves the last run's times and its record, which the next start moves again."""
+    with store.transaction():
+        if controls:
+            store.save_controls(controls)
+        for rec in records:
+            store.save_dispatch(rec.dispatch, rec.status, **rec.progress())
+        store.set_state(TIMELINE_STATE_KEY, dict(doc))
 
 
 def ended_copy(dispatch: Dispatch, now: float) -> Dispatch:
