@@ -51,7 +51,7 @@ from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.fleet import Fleet, FleetSnapshot, driver_settings
 from hashflex.agent.runtime.service import CommandService
 from hashflex.sim.families.luxos import LuxosDevice
 from hashflex.sim.physics import PhysicsParams
@@ -220,6 +220,9 @@ class World:
         self.limits: list[tuple[float, float, float]] = [(0.0, self.cap_kw, self.cap_kw)]
         self.wake_starts: dict[str, float] = {}
         self.wakes: list[float] = []
+        # miners asleep: between which two samples their sleep began (None: asleep when the first sample looked)
+        self.sleep_starts: dict[str, tuple[float, float] | None] = {}
+        self._last_sample_at: float | None = None
         self.rebooted_at: dict[str, float] = {}
         self.restart_check: tuple[float, set[str]] | None = None
         self._next_sample = 0.0
@@ -234,6 +237,7 @@ class World:
         self._next_sweep = 0.0
         self._last_sweep_start = -math.inf
         self._last_tick = -math.inf
+        self._planned_from: FleetSnapshot | None = None  # the fleet snapshot the agent's last tick planned from
         self._seq = 0
         self._baseline_of: dict[str, float] = {}
         self._achievable_cache: dict[Any, float] = {}
@@ -436,6 +440,7 @@ class World:
         ctl._wake.clear()
         ctl._drain_inbox()
         self._last_tick = self.vt.t
+        self._planned_from = self.fleet.latest() if self.fleet is not None else None  # what ctl.tick() reads
         ctl.tick()
         self.steps += 1
 
@@ -781,9 +786,12 @@ class World:
         ctl = self.ctl
         assert ctl is not None
         assert self.fleet is not None
-        if ctl.plan is None:
+        if ctl.plan is None or self._planned_from is None:
             return
-        snap = self.fleet.latest()
+        # the plan against the snapshot it was made from: a sweep may land between a tick and this sample, and
+        # what it shows (a rise nobody could see before) is the next tick's to count (soak: a LuxOS miner's ATM
+        # step, polled after the plan, judged against it). Ground truth meanwhile is the safety check's
+        snap = self._planned_from
         measured = snap.power_w_measured / 1000.0
         # a miner told to sleep (acknowledged, not yet confirmed) is counted asleep while it powers down, for at most
         # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
@@ -830,10 +838,13 @@ class World:
         healthy = [ip for ip in self.ips if self._healthy(ip, t)]
         healthy_kw = sum(truth[ip] for ip in healthy) / 1000.0
         self.samples.append((t, site_kw, healthy_kw))
-        horizon = max(self.settle_s(), 90.0, self.fault_settle_s())
+        # (limits are kept as long as `_held_off` looks back: min-off and a settle time before a sleep)
+        horizon = max(self.settle_s(), 90.0, self.fault_settle_s(),
+                      self.spec.min_off_s + 2 * self.settle_s() + SAMPLE_EVERY_S)  # fmt: skip
         while self.samples and self.samples[0][0] < t - horizon:
             self.samples.pop(0)
         self._track_wakes(t)
+        self._track_sleeps(t)
         limit = self.limit_now()
         low_now = self._limit_kw(self.now, certain=False)
         if abs(limit - self.limits[-1][1]) > 1e-6 or abs(low_now - self.limits[-1][2]) > 1e-6:
@@ -905,7 +916,14 @@ class World:
             # plan counts it there): the cut is judged on what the site will draw, not on a boot's first watts
             coming = sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy
                          if self.site.by_ip[ip].physics.current_state(t) == "waking") / 1000.0  # fmt: skip
-            if healthy_kw + coming < need:
+            # a miner slept for a lower limit (a cut this check judged against that limit while it bound) stays
+            # asleep for min_off_s whatever the limit does next: "a sleeping miner inside min_off is never woken"
+            # (core/accounting.py). Once the lower limit is older than settle_s, what min-off holds back is not a
+            # cut deeper than the present limit requires: it is judged, as a waking miner is, on what it will draw
+            # once the agent may wake it (how soon it does is the service check's, which waits for min-off)
+            held = sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy
+                       if self._held_off(ip, t, lowest)) / 1000.0  # fmt: skip
+            if healthy_kw + coming + held < need:
                 self.fail("decrease too deep",
                           f"healthy miners draw {healthy_kw:.2f} kW (were {before:.2f} kW within 60 s); the limit "
                           f"{low:.2f} kW with {counted_u:.2f} kW counted for unhealthy miners needs no less than "
@@ -928,7 +946,11 @@ class World:
                               f"{self.spec.wake_per_interval} per interval)")  # fmt: skip
         # (service) after settle + min-off + stagger: at least 90 % of min(limit, what the healthy fleet can draw)
         if t - max(self.changed_at, self.disturbed_at) >= self.service_settle_s():
-            room = max(0.0, low - counted_u) * (1 - self.spec.headroom_pct / 100.0)
+            # the headroom is a share of the limit (control.headroom_pct, as the planner applies it: the worst case
+            # under the limit less the headroom), not of what is left once the unhealthy miners are counted: taken
+            # from the room it was too generous by headroom x their count (soak 2026-12-07: 0.16 kW of a 1.84 kW
+            # room, the difference between one LuxOS miner woken at its lowest profile and none)
+            room = max(0.0, low * (1 - self.spec.headroom_pct / 100.0) - counted_u)
             capacity = self._achievable_kw(tuple(healthy), room, truth)
             floor = 0.9 * capacity
             self.margins.checks_service += 1
@@ -968,21 +990,27 @@ class World:
         return max(dev.spec.nominal_w, top, truth_w)
 
     def _options(self, ip: str, unit: float) -> list[int]:
-        """Steady draws (in `unit` W steps, rounded up) a healthy miner can be set to besides asleep."""
+        """Steady draws a healthy miner can be set to besides asleep, above its sleeping draw (in `unit` W steps,
+        rounded up)."""
         dev = self.site.by_ip[ip]
         pf = dev.physics.power_factor
+        s = dev.spec.sleep_w
         if isinstance(dev, LuxosDevice):
-            return [int(p.watts * pf / unit + 0.999) for p in dev.profiles if p.watts <= dev.spec.nominal_w]
+            return [int((p.watts * pf - s) / unit + 0.999) for p in dev.profiles if p.watts <= dev.spec.nominal_w]
         if dev.family == "whatsminer":
-            lo = int(dev.spec.wm_min_w * pf / unit + 0.999)
-            return list(range(lo, int(dev.spec.nominal_w * pf / unit + 0.999) + 1))
-        return [int(dev.spec.nominal_w * pf / unit + 0.999)]
+            lo = int((dev.spec.wm_min_w * pf - s) / unit + 0.999)
+            return list(range(lo, int((dev.spec.nominal_w * pf - s) / unit + 0.999) + 1))
+        return [int((dev.spec.nominal_w * pf - s) / unit + 0.999)]
 
     def _achievable_kw(self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float]) -> float:
         """The most the healthy miners can draw in steady state within `room_kw` at the site and, in each circuit,
         within the circuit's cap less what its unhealthy miners are counted at (and the headroom), given what each
         miner can be set to (on/off: asleep or stock; LuxOS: asleep or a profile; Whatsminer: asleep or min..max),
-        in 25 W steps. Subset sums as bitsets: bit k set = k x 25 W reachable."""
+        in 25 W steps. Subset sums as bitsets: bit k set = k x 25 W reachable above every healthy miner asleep.
+
+        A sleeping miner draws its sleep power (control board, fans), in the healthy miners' draw that is compared
+        with this and in the room: counted as nothing here, the fleet could "draw" its sleepers' watts twice (soak
+        2026-12-07: 15 sleepers, 0.33 kW, made room for a wake that does not fit)."""
         unit = 25.0
         keep = 1 - self.spec.headroom_pct / 100.0
         groups: list[tuple[list[str], float]] = []
@@ -998,10 +1026,16 @@ class World:
         hit = self._achievable_cache.get(key)
         if hit is not None:
             return hit
-        site_mask = (1 << (int(room_kw * 1000 / unit) + 1)) - 1
+        asleep_kw = sum(self.site.by_ip[ip].spec.sleep_w for ip in healthy) / 1000.0
+        site_left = room_kw - asleep_kw
+        if site_left < 0:
+            self._achievable_cache[key] = room_kw  # not even every healthy miner asleep fits (the limit is theirs)
+            return room_kw
+        site_mask = (1 << (int(site_left * 1000 / unit) + 1)) - 1
         total = 1
         for members, room in groups:
-            mask = (1 << (int(min(room, room_kw) * 1000 / unit) + 1)) - 1
+            left = room - sum(self.site.by_ip[ip].spec.sleep_w for ip in members) / 1000.0
+            mask = (1 << (int(max(0.0, min(left, site_left)) * 1000 / unit) + 1)) - 1
             reach = 1
             for ip in members:
                 step = reach
@@ -1015,7 +1049,7 @@ class World:
                 bits >>= 1
                 k += 1
             total = combined & site_mask
-        best = (total.bit_length() - 1) * unit / 1000.0
+        best = asleep_kw + (total.bit_length() - 1) * unit / 1000.0
         self._achievable_cache[key] = best
         return best
 
@@ -1032,6 +1066,28 @@ class World:
                         self.wakes.append(began)
                     self.wake_starts[dev.ip] = began
         self.wakes = [w for w in self.wakes if w > t - 120.0]
+
+    def _track_sleeps(self, t: float) -> None:
+        previous = self._last_sample_at
+        for dev in self.site.devices:
+            if dev.physics.current_state(t) != "sleeping":
+                self.sleep_starts.pop(dev.ip, None)
+            elif dev.ip not in self.sleep_starts:
+                self.sleep_starts[dev.ip] = None if previous is None else (previous, t)
+        self._last_sample_at = t
+
+    def _held_off(self, ip: str, t: float, lowest_kw: float) -> bool:
+        """`ip` is asleep since a cut made while a limit lower than `lowest_kw` bound (or the site could still be
+        settling on one), and min_off_s still keeps the agent from waking it (plus a settle time: the tick and the
+        sweep after min-off ends)."""
+        began = self.sleep_starts.get(ip)
+        if began is None:
+            return False
+        earliest, latest = began
+        if t - earliest >= self.spec.min_off_s + self.settle_s():
+            return False
+        then = [lo for at, _hi, lo in self.limits if earliest - self.settle_s() <= at <= latest]
+        return bool(then) and min(then) < lowest_kw - 1e-6
 
 
 def _write_behind(store: Any) -> Any:

@@ -1,0 +1,41 @@
+"""Closed-loop soak findings of the kind `decrease too deep` (issue 11, grid-friendly: no cut deeper than the binding
+limit requires plus one miner's worth and the headroom), replayed deterministically."""
+
+from __future__ import annotations
+
+from tests.closedloop.harness import SiteSpec, World
+
+
+def test_miners_a_brief_dispatch_slept_stay_off_for_min_off_after_it_is_revised_up() -> None:
+    """Soak 20261207 (5 of 1,631 scenarios): a grid dispatch to 14.8 kW, with 12 kW counted for silent and rebooting
+    miners, rightly sleeps every healthy miner; ten seconds later it is revised to 37 kW, but min_off_s (120 s, "a
+    sleeping miner inside min_off is never woken") keeps them asleep. The oracle forgot the 14.8 kW limit a settle
+    time after the revision and called the cut too deep (46.79 → 0.28 kW at t=1990 s); it now excuses miners that
+    min-off holds asleep since a sleep made while a lower limit bound."""
+    spec = SiteSpec(miners=17, mix="whatsminer:3,antminer:1", seed=291, cap_share=1.3, poll_s=2.0, min_on_s=0.0,
+                    min_off_s=120.0, wake_per_interval=50, failsafe_share=0.0, tou=((112, 127, 0.0),),
+                    blackhole_share=0.2, rebooting_share=0.2, atm_share=0.5)  # fmt: skip
+    w = World(spec)
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(5.0)  # as the Hypothesis machine starts (discovery took the first 10 s)
+        w.dispatch(target_share=0.0, duration=600.0)  # t=15: d1 to 0 kW for 10 minutes
+        w.run_for(1805.0)
+        w.dispatch(target_share=0.41, revise="d1")  # t=1820: refused (d1 has expired)
+        w.run_for(125.0)
+        w.curtail(by_share=0.2)  # t=1945: operator curtails by 9.347 kW
+        w.run_for(5.0)
+        w.dispatch(target_share=0.2, duration=600.0)  # t=1950: d5 to 14.813 kW: every healthy miner sleeps
+        w.run_for(5.0)
+        w.resume()  # t=1955
+        w.run_for(5.0)
+        w.dispatch(target_share=0.5, revise="d5")  # t=1960: d5 revised to 37.032 kW
+        w.run_for(100.0)  # was: decrease too deep at t=1990 s
+        healthy = [d for d in w.site.devices if w._healthy(d.ip, w.vt.t)]
+        assert all(d.physics.current_state(w.vt.t) == "sleeping" for d in healthy)  # min-off holds them
+        w.run_for(600.0)  # min-off passes: they are woken, and every invariant holds to the end
+        assert any(d.physics.current_state(w.vt.t) == "hashing" for d in healthy)
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
