@@ -530,10 +530,14 @@ class World:
             v = rec.value(t, self._ramp_ref)
             if v is not None:
                 lim = min(lim, v)
-        minute = int((t % 86400) // 60)
+        # a time-of-use window is in the site's wall time, which the agent reads on its own clock: through a wall
+        # clock step it keeps its time, and a restart adopts the stepped wall. Either may be the agent's time, so a
+        # window binds for sure (`certain`: the safety bound) only where it is open at both, and may bind (the
+        # floor under decreases and service) where it is open at either
+        times = (t, t + self.clock.offset) if self.clock.offset else (t,)
         for a, b, share in self.spec.tou:
-            inside = a <= minute < b if a < b else (minute >= a or minute < b)
-            if inside:
+            opened = [_tou_open(a, b, at) for at in times]
+            if all(opened) if certain else any(opened):
                 lim = min(lim, share * self.cap_kw)
         rel = t - self.vt.epoch
         fs_level = self.spec.failsafe_share * self.cap_kw
@@ -1099,6 +1103,12 @@ def _write_behind(store: Any) -> Any:
 
 
 UNKNOWN_W = 4000.0  # miners.unknown_w: above every simulated model, so an unidentified address is a true worst case
+
+
+def _tou_open(start_min: int, end_min: int, at: float) -> bool:
+    """Whether a time-of-use window (minutes of the UTC day, wrapping past midnight) is open at epoch time `at`."""
+    minute = int((at % 86400) // 60)
+    return start_min <= minute < end_min if start_min < end_min else (minute >= start_min or minute < end_min)
 
 
 def _said(reply: Reply) -> str:
