@@ -14,7 +14,9 @@ Worst-case rules (the planner keeps the sum of these under the target and every 
 - measured above that: a controllable miner whose own settled report (`MinerView.measured_w`) is above what the
   rules above count for its present state keeps the difference (`excess_w`) counted, whatever the plan does with
   it, on its circuit and the site: every miner counts at no less than max(planned, measured), and a miner that
-  drifts above its limit costs room on its own circuit, not only at the site.
+  drifts above its limit costs room on its own circuit, not only at the site. A waking miner's `measured_w` is
+  what it comes up at plus the excess it showed when it last ran (the controller keeps that excess while it
+  sleeps and while its readings ramp back up): a drifting PSU drifts after a wake too.
 - unreachable miner: max(last known draw, full_w, its self-step ceiling). Conservative on purpose: we cannot tell
   whether it kept our limit, rebooted into stock settings or is about to; unknown is never zero (evcc: a stale
   meter is an overload). The self-step ceiling (`efficiency.self_step_ceiling_w`) is the most its own firmware may

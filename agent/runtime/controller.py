@@ -90,6 +90,9 @@ log = get_logger("controller")
 
 SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
 SETTLED_W = 50.0
+# a steady reading at least this share of its setting shows what a miner draws at it, its drift above it gone too
+# (`_lowers_excess`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
+EXCESS_GONE_SHARE = 0.5
 UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a count)
 MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
 SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
@@ -835,9 +838,12 @@ class Controller:
                     and (state in _RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
                     and self._settled(mem, snap.ts - ms.age_s, float(ms.power_w))):
                 measured_w = float(ms.power_w)
-                setting = commanded if commanded is not None else stock
-                mem.excess_w = max(0.0, measured_w - setting) if state in _RUNNING else 0.0
-                mem.excess_setting_w = setting
+                if state in _RUNNING:
+                    setting = commanded if commanded is not None else stock
+                    if self._lowers_excess(mem, snap.ts - ms.age_s, measured_w, setting):
+                        mem.excess_w, mem.excess_setting_w = max(0.0, measured_w - setting), setting
+                    else:  # coming up from a wake or a re-tune: what it drew above its setting is still counted
+                        measured_w = max(measured_w, setting + mem.excess_w)
             elif state in _RUNNING and not mem.ignores_commands:
                 # settling at a new setting: the excess it showed at the last one is still counted (not doing so
                 # let the plan raise a drifting miner back over its circuit cap every time it moved its limit),
@@ -848,8 +854,12 @@ class Controller:
                     mem.excess_w = max(mem.excess_w, above)
                 if mem.excess_w > 0:
                     measured_w = setting + mem.excess_w
-            elif state not in _RUNNING:
-                mem.excess_w = 0.0
+            elif state is MinerState.WAKING and mem.excess_w > 0 and not mem.ignores_commands:
+                # the excess it showed when it last ran is kept while it sleeps (a drifting PSU drifts after a wake
+                # too) and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting
+                # miner was woken at its bare limit and counted so until its readings settled, and the site ran
+                # over its limit each time a cut slept one drifter and the re-plan woke another (soak 20261208)
+                measured_w = (mem.woken_to_w or up_at) + mem.excess_w
             if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
                 # its last command failed and it is left alone until the back-off ends (`_blocked`); that command
                 # may or may not have taken, so the plan counts it as one it cannot reach: no action, at the larger
@@ -884,6 +894,20 @@ class Controller:
                 return True
             mem.probe_at, mem.probe_w = read_at, power_w
         return False
+
+    @staticmethod
+    def _lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float) -> bool:
+        """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
+        draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a
+        wake or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its
+        word, the plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
+        prev_at, prev_w = mem.last_read
+        if read_at > prev_at:
+            mem.last_read = (read_at, power_w)
+        if power_w - setting_w >= mem.excess_w:
+            return True
+        steady = read_at > prev_at and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
+        return steady and power_w >= EXCESS_GONE_SHARE * setting_w
 
     def _unidentified_views(self, snap: Any) -> list[MinerView]:
         """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start):

@@ -819,11 +819,16 @@ class World:
 
     def _invisible_w(self, truth: dict[str, float], ips: list[str]) -> float:
         """Draw no reading can show: a stock Antminer reports no watts, so what it draws above its stock power
-        (a `drift` fault) is invisible to the agent (the site has no meter it reads). Added to the limit."""
+        (a `drift` fault) is invisible to the agent (the site has no meter it reads). Added to the limit.
+        Likewise an address the agent never identified: it holds it at miners.unknown_w (UNKNOWN_W, above every
+        simulated model), and what a `drift` fault takes it above that no reading ever showed (soak 20261208: five
+        blackholed miners drifting 30 % drew 0.7 kW more than counted, the circuit judged 0.4 kW over its cap)."""
         out = 0.0
         for ip in ips:
             dev = self.site.by_ip[ip]
-            if dev.family == "antminer":
+            if self.fleet is not None and ip not in self.fleet:
+                out += max(0.0, truth[ip] - UNKNOWN_W)
+            elif dev.family == "antminer":
                 out += max(0.0, truth[ip] - dev.spec.nominal_w * dev.physics.power_factor)
         return out
 
