@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 import structlog
 
+from hashflex.agent.config import LoggingConfig
+from hashflex.agent.logging import configure_logging
 from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w, state_hint
 from hashflex.drivers.asic import PyasicDriver
 from hashflex.drivers.base import DriverSettings, Family, Identity, MinerDriver, OnOff, Presets, Reading
@@ -42,6 +45,13 @@ def identities(site: SimProcess) -> list[Identity]:
 def _no_faults_left(site: SimProcess) -> Iterator[None]:
     yield
     site.set_faults({"mode": "clear"})
+
+
+@pytest.fixture(autouse=True)
+def _info_logging() -> None:
+    """The log lines these tests read are at info: logging as the agent configures it by default, whatever an
+    earlier test in this process left (the closed-loop harness quiets it; under xdist any file may run before)."""
+    configure_logging(LoggingConfig(), force_json=True, stream=io.StringIO())
 
 
 class CountingDriver:
