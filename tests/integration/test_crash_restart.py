@@ -24,6 +24,7 @@ Loopback range of this file: 127.50.0.0/16 (see COMMON.md).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -68,6 +69,7 @@ class Sample:
     power_kw: float
     running_kw: float  # limit (or nominal) of every miner the truth shows hashing or waking
     states: dict[str, str]
+    miners: dict[str, tuple[float, float | None]]  # ip -> (power_w, power_limit_w), to explain a failure
 
 
 class TruthRecorder:
@@ -89,7 +91,8 @@ class TruthRecorder:
             )
             self.samples.append(
                 Sample(time.monotonic(), truth["site"]["power_w"] / 1000, running / 1000,
-                       {m["ip"]: m["state"] for m in truth["miners"]})
+                       {m["ip"]: m["state"] for m in truth["miners"]},
+                       {m["ip"]: (float(m["power_w"]), m["power_limit_w"]) for m in truth["miners"]})
             )  # fmt: skip
             self._stop.wait(0.05)
 
@@ -152,7 +155,8 @@ def wait_crashed(agent: AgentProcess, point: str | None, timeout: float = 20.0) 
         ) from None
     assert agent.proc.returncode == -signal.SIGKILL, agent.tail()
     if point is not None:
-        assert f"{CRASH_ENV}: SIGKILL at {point}" in agent.log_path.read_text(), agent.tail()
+        name = point.partition("@")[0]
+        assert f"{CRASH_ENV}: SIGKILL at {name}" in agent.log_path.read_text(), agent.tail()
 
 
 def send(agent: AgentProcess, verb: str, doc: dict[str, Any]) -> Reply | None:
@@ -201,12 +205,21 @@ def settle(agent: AgentProcess, site: Site, *, timeout: float = 40.0) -> None:
     agent.wait_for(settled, timeout, interval=0.3, what="the site settled at the cap")
 
 
+def _miners(s: Sample) -> dict[str, tuple[str, float, float | None]]:
+    return {ip: (s.states[ip], *s.miners[ip]) for ip in sorted(s.states)}
+
+
 def check_cap(site: Site, t0: float, t1: float | None = None) -> float:
     """The site was never above the cap from t0 on; returns the highest draw seen."""
     samples = site.truth.since(t0, t1)
     assert samples, "no truth samples in the window"
-    worst = max(s.power_kw for s in samples)
-    assert worst <= site.cap_kw + site.tol_kw, f"site at {worst:.2f} kW above the cap {site.cap_kw} kW"
+    top = max(samples, key=lambda s: s.power_kw)
+    worst = top.power_kw
+    assert worst <= site.cap_kw + site.tol_kw, (
+        f"site at {worst:.2f} kW above the cap {site.cap_kw} kW, {top.at - t0:.2f} s after {t0:.2f}; "
+        f"miners (state, W, limit): {_miners(top)}; "
+        f"site kW over the second before: {[round(s.power_kw, 2) for s in samples if top.at - 1 <= s.at <= top.at]}"
+    )
     return worst
 
 
@@ -218,20 +231,33 @@ def check_held_down(site: Site, t0: float, t1: float, level_kw: float) -> tuple[
     assert samples
     allowed = max(level_kw, samples[0].running_kw) + site.tol_kw
     wakes = 0
-    reached = False
+    reached: Sample | None = None
     for prev, s in itertools.pairwise(samples):
         assert s.running_kw <= allowed, (
             f"{s.running_kw:.2f} kW of miners running or waking while the dispatch allows {level_kw} kW "
             f"(woken: {[ip for ip, st in s.states.items() if st == 'waking' and prev.states[ip] == 'sleeping']})"
         )
         if s.power_kw <= level_kw + site.tol_kw:
-            reached = True
+            reached = reached or s
         elif reached:
-            raise AssertionError(f"the site rose to {s.power_kw:.2f} kW after meeting the dispatch at {level_kw} kW")
+            raise AssertionError(
+                f"the site rose to {s.power_kw:.2f} kW {s.at - t0:.2f} s after the restart, having met the dispatch "
+                f"at {level_kw} kW {reached.at - t0:.2f} s after it; miners (state, W, limit) then: "
+                f"{_miners(reached)}; now: {_miners(s)}"
+            )
         if s.running_kw > level_kw + site.tol_kw:
             allowed = min(allowed, max(s.running_kw, level_kw + site.tol_kw))  # it may only go down from here
         wakes += sum(1 for ip, st in s.states.items() if st == "waking" and prev.states[ip] == "sleeping")
     return wakes, max(s.running_kw for s in samples)
+
+
+@contextlib.contextmanager
+def _named(round_id: str, report: list[str]) -> Iterator[None]:
+    """A failure names the round it happened in and what the rounds before it saw."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{round_id}: {e}\nrounds before: {report}") from e
 
 
 def audit_verify(files: AgentConfigFiles) -> dict[str, Any]:
@@ -251,8 +277,9 @@ def audit_verify(files: AgentConfigFiles) -> dict[str, Any]:
 CRASH_POINTS = [
     ("mid_write", 40.0),  # inside the transaction that persists the dispatch: nothing of it survives
     ("accepted", 40.0),  # committed, not answered: the client's retry gets the stored reply
-    ("planned", 40.0),  # planned, nothing sent
-    ("in_flight", 40.0),  # some miners told, some commands on the wire
+    # (`@accepted`: the plan and batch made for the dispatch, not a re-plan the restored agent made for itself at start)
+    ("planned@accepted", 40.0),  # planned, nothing sent
+    ("in_flight@accepted", 40.0),  # some miners told, some commands on the wire
     ("closing", 12.0),  # the window ends and the agent dies while closing it: closed at the restart
 ]
 
@@ -268,49 +295,50 @@ def test_sigkill_at_every_point_of_a_dispatch_and_restart(site: Site, tmp_path: 
     plan += [(None, 40.0, rng.uniform(0.0, 0.6)) for _ in range(2)]  # from outside, at a random moment
     report = []
     for n, (point, lasts_s, kill_after) in enumerate(plan):
-        did = f"crash-{n}-{point or 'random'}"
-        agent = start(files, origin, crash_at=point)
-        try:
-            doc = dispatch_doc(agent, did, lasts_s=lasts_s, target_kw=level)
-            end_at = agent.now() + lasts_s
-            t_sent = time.monotonic()
-            first = send(agent, "dispatch", doc)
-            if point is None:
-                time.sleep(kill_after)
-                os.kill(agent.proc.pid, signal.SIGKILL)
-            wait_crashed(agent, point, timeout=lasts_s / K + 15)
-        finally:
-            agent.kill()
-        t_down = time.monotonic()
-        with start(files, origin) as agent:
-            t_up = time.monotonic()
-            again = agent.request("dispatch", doc)  # the grid did not hear back (or did): it sends the same again
-            assert again.is_ok, again
-            if first is not None:
-                assert again.to_dict() == first.to_dict(), "a repeated dispatch must get the first reply"
-            binds_until = time.monotonic() + max(0.0, (end_at - agent.now()) / K - 0.5)
-            closed = agent.wait_for(
-                lambda a=agent, i=did: (d := find_dispatch(a, i)) is not None and d["status"] == "expired" and d,
-                lasts_s / K + 20, what=f"{did} closed as expired",
-            )  # fmt: skip
-            t_closed = time.monotonic()
-            if point == "closing":
-                assert closed["close_reason"] == "expired while the agent was down", closed
-            else:
-                assert closed["close_reason"] == "window ended", closed
-                assert closed["target_met_at"] is not None, closed  # the dispatch was carried out
-                wakes, running = check_held_down(site, t_up, binds_until, level)
-            assert applied_times(files, did) == 1, f"{did} applied more than once (or never)"
-            assert agent.request("dispatch", doc).to_dict() == again.to_dict()  # and after it ended, still once
-            assert find_dispatch(agent, did)["status"] == "expired"  # type: ignore[index]
-            worst = check_cap(site, t_down)
-            settle(agent, site)
-            check_cap(site, t_down)
-            report.append(f"{point or f'random {kill_after:.2f}s'}: restart {t_up - t_down:.1f}s, "
-                          f"max {worst:.1f}/{site.cap_kw} kW, dispatch {level} kW closed "
-                          f"{t_closed - t_sent:.1f}s after sending")  # fmt: skip
-            if point not in ("closing",):
-                report[-1] += f", {wakes} wakes while it bound, running ≤ {running:.1f} kW"
+        did = f"crash-{n}-{(point or 'random').partition('@')[0]}"
+        with _named(did, report):
+            agent = start(files, origin, crash_at=point)
+            try:
+                doc = dispatch_doc(agent, did, lasts_s=lasts_s, target_kw=level)
+                end_at = agent.now() + lasts_s
+                t_sent = time.monotonic()
+                first = send(agent, "dispatch", doc)
+                if point is None:
+                    time.sleep(kill_after)
+                    os.kill(agent.proc.pid, signal.SIGKILL)
+                wait_crashed(agent, point, timeout=lasts_s / K + 15)
+            finally:
+                agent.kill()
+            t_down = time.monotonic()
+            with start(files, origin) as agent:
+                t_up = time.monotonic()
+                again = agent.request("dispatch", doc)  # the grid did not hear back (or did): it sends the same again
+                assert again.is_ok, again
+                if first is not None:
+                    assert again.to_dict() == first.to_dict(), "a repeated dispatch must get the first reply"
+                binds_until = time.monotonic() + max(0.0, (end_at - agent.now()) / K - 0.5)
+                closed = agent.wait_for(
+                    lambda a=agent, i=did: (d := find_dispatch(a, i)) is not None and d["status"] == "expired" and d,
+                    lasts_s / K + 20, what=f"{did} closed as expired",
+                )  # fmt: skip
+                t_closed = time.monotonic()
+                if point == "closing":
+                    assert closed["close_reason"] == "expired while the agent was down", closed
+                else:
+                    assert closed["close_reason"] == "window ended", closed
+                    assert closed["target_met_at"] is not None, closed  # the dispatch was carried out
+                    wakes, running = check_held_down(site, t_up, binds_until, level)
+                assert applied_times(files, did) == 1, f"{did} applied more than once (or never)"
+                assert agent.request("dispatch", doc).to_dict() == again.to_dict()  # and after it ended, still once
+                assert find_dispatch(agent, did)["status"] == "expired"  # type: ignore[index]
+                worst = check_cap(site, t_down)
+                settle(agent, site)
+                check_cap(site, t_down)
+                report.append(f"{point or f'random {kill_after:.2f}s'}: restart {t_up - t_down:.1f}s, "
+                              f"max {worst:.1f}/{site.cap_kw} kW, dispatch {level} kW closed "
+                              f"{t_closed - t_sent:.1f}s after sending")  # fmt: skip
+                if point not in ("closing",):
+                    report[-1] += f", {wakes} wakes while it bound, running ≤ {running:.1f} kW"
     verdict = audit_verify(files)
     assert verdict["status"] == "ok", verdict
     starts = audit(files, "agent_start")
