@@ -84,7 +84,7 @@ from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw, save_on_timeline
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
-from hashflex.drivers.base import Family, OnOff
+from hashflex.drivers.base import Family, OnOff, wakes_at_limit
 
 log = get_logger("controller")
 
@@ -790,6 +790,15 @@ class Controller:
                 told_op = None
             if told_op is Op.SET_POWER and told_w is not None:
                 commanded = float(told_w)
+            woken_to = mem.woken_to_w
+            if told is not None and told.op is Op.WAKE and told.watts is not None and wakes_at_limit(ident.family, cap):
+                # a wake on the wire whose limit goes out first (and the wake only if the limit took, `Actuator`)
+                # comes up at that limit, as the plan that sent it counted it; counted at full power until its
+                # result came back, the next plan "made room" for it by sleeping or lowering running miners, and
+                # those lowered limits were still ramping down when the wakes reached full power (crash-restart
+                # test: a restart's first plan woke 7 miners, a tick 0.24 s later slept 2 and lowered 3 more, and
+                # the site reached 31.78 kW against its 30.5 kW cap)
+                woken_to = float(told.watts)
             running = (
                 MinerState.THROTTLED if commanded is not None and commanded < stock - 1 else MinerState.HASHING
             )
@@ -859,7 +868,7 @@ class Controller:
                 # too) and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting
                 # miner was woken at its bare limit and counted so until its readings settled, and the site ran
                 # over its limit each time a cut slept one drifter and the re-plan woke another (soak 20261208)
-                measured_w = (mem.woken_to_w or up_at) + mem.excess_w
+                measured_w = (woken_to or up_at) + mem.excess_w
             if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
                 # its last command failed and it is left alone until the back-off ends (`_blocked`); that command
                 # may or may not have taken, so the plan counts it as one it cannot reach: no action, at the larger
@@ -872,7 +881,7 @@ class Controller:
                     commanded_w=commanded, asleep_by_us=mem.asleep_by_us, last_transition=mem.last_transition,
                     circuit=self.circuit_of.get(ip), priority=self.priority_of.get(ip, 0),
                     ignores_commands=mem.ignores_commands, measured_w=measured_w,
-                    woken_to_w=mem.woken_to_w if state is MinerState.WAKING else None,
+                    woken_to_w=woken_to if state is MinerState.WAKING else None,
                 )
             )  # fmt: skip
         views.extend(self._unidentified_views(snap))
