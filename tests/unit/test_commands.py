@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.commands import (
+from hashflex.agent.commands import REQUEST_DIGEST, Command, Repeat, parse_request, request_digest
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.protocol import Channel
+from hashflex.contract import signing
+from hashflex.contract.reply import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
@@ -19,25 +23,20 @@ from hashflex.agent.commands import (
     EXPIRED,
     FUTURE,
     OUT_OF_RANGE,
-    REQUEST_DIGEST,
     RETAINED,
     TOO_LARGE,
     UNKNOWN_VERB,
     UNSIGNED,
+    Reply,
+)
+from hashflex.contract.requests import (
     CancelRequest,
     CapRequest,
-    Command,
     CurtailRequest,
     DispatchRequest,
     MinersRequest,
-    Repeat,
-    parse_request,
     parse_timestamp,
-    request_digest,
 )
-from hashflex.agent.config import DispatchRules
-from hashflex.agent.core import signing
-from hashflex.agent.protocol import Channel, Reply
 
 NOW = 1_750_000_000.0
 CAP_KW = 2000.0
@@ -208,7 +207,8 @@ def test_retained_command_is_refused() -> None:
         ({"target_kw": "lots"}, "target_kw"),
         ({"target_kw": True}, "target_kw"),
         ({"issued_at": "yesterday"}, "issued_at"),
-        ({"priority": "high"}, "priority"),
+        ({"rev": "high"}, "rev"),
+        ({"priority": 0}, "unknown field"),  # retired in contract 1.0: it never had an effect
         ({"colour": "red"}, "unknown field"),
         ({"id": ""}, "id"),
         ({"id": 7}, "id"),
