@@ -32,26 +32,27 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hashflex.agent import __version__
-from hashflex.agent.commands import UNAVAILABLE
 from hashflex.agent.config import AgentConfig, ConfigError
 from hashflex.agent.core.addresses import expand
 from hashflex.agent.core.audit import AuditKind
-from hashflex.agent.core.signing import load_private_key, load_public_key
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.io.control_socket import ControlServer
 from hashflex.agent.io.sdnotify import SdNotifier
 from hashflex.agent.io.store import StoreError, StoreUnavailable
 from hashflex.agent.logging import bind_context, configure_logging, get_logger
 from hashflex.agent.preflight import PreflightError, metrics_bind_problem, starting_errors
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime import crashpoints
 from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.clock import Clock, make_clock
 from hashflex.agent.runtime.controller import Controller
-from hashflex.agent.runtime.events import EventLog, iso
+from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.housekeeping import Housekeeping
 from hashflex.agent.runtime.metering import SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.service import CommandService
+from hashflex.contract.reply import UNAVAILABLE, Reply
+from hashflex.contract.signing import load_private_key, load_public_key
 
 if TYPE_CHECKING:
     from hashflex.drivers.meter_modbus import MeterRefusal, ModbusMeter

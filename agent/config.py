@@ -39,7 +39,7 @@ from pydantic import (
 
 from hashflex.agent.core.addresses import MAX_ADDRESSES_TOTAL, size, validate_spec, validate_specs
 from hashflex.agent.core.circuits import Circuit, CircuitTree, check_membership
-from hashflex.agent.core.units import parse_duration_s
+from hashflex.contract.units import parse_duration_s
 from hashflex.drivers.base import Family
 from hashflex.drivers.meter_maps import FLOAT_METERS, INT_METERS, PRESETS, MeterMap
 

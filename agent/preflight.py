@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hashflex.agent.config import AgentConfig, ConfigError
 from hashflex.agent.core.addresses import expand
-from hashflex.agent.core.signing import load_private_key, load_public_key
+from hashflex.contract.signing import load_private_key, load_public_key
 
 
 @dataclass

@@ -2,59 +2,21 @@
 
 Transports are thin: they hand the raw verb and payload to one `CommandHandler` and send back the `Reply`
 it returns. Parsing, signature checks, freshness, idempotency and applying the command all live behind it,
-so MQTT and the CLI share one set of verbs and one validation.
+so MQTT and the CLI share one set of verbs and one validation. The requests and the `Reply` themselves are the wire
+contract (`hashflex.contract`); this module holds the agent's side of it: the ports a transport hands over to.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
+
+from hashflex.contract.reply import Reply
 
 
 class Channel(StrEnum):
     MQTT = "mqtt"  # remote: grid commands must be signed by a grid key, operator ones by an operator key
     LOCAL = "local"  # the Unix control socket: trusted by file permissions (owner and operator group)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """`{id, status, data, error}` on the wire (zigbee2mqtt-style request/response)."""
-
-    id: str | None
-    status: str  # "ok" | "error"
-    data: dict[str, Any] = field(default_factory=dict)
-    error_code: str | None = None
-    error_message: str | None = None
-
-    @classmethod
-    def ok(cls, request_id: str | None, data: dict[str, Any] | None = None) -> Reply:
-        return cls(request_id, "ok", data or {})
-
-    @classmethod
-    def error(cls, request_id: str | None, code: str, message: str) -> Reply:
-        return cls(request_id, "error", {}, code, message)
-
-    @property
-    def is_ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "status": self.status, "data": self.data}
-        if self.status != "ok":
-            out["error"] = {"code": self.error_code, "message": self.error_message}
-        return out
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str).encode()
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Reply:
-        err = raw.get("error") or {}
-        return cls(
-            raw.get("id"), raw.get("status", "error"), raw.get("data") or {}, err.get("code"), err.get("message")
-        )
 
 
 class CommandHandler(Protocol):

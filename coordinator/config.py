@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from hashflex.agent.config import MISSING, format_loc, lookup_value, suggest_key
-from hashflex.agent.core.signing import load_private_key, load_public_key
+from hashflex.contract.signing import load_private_key, load_public_key
 from hashflex.coordinator.allocation import SiteLimits
 from hashflex.coordinator.lease import LeaseConfig
 from hashflex.coordinator.program import ProgramRules, SiteConfig

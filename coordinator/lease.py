@@ -24,7 +24,6 @@ for how long it may count on it).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import math
 import time
@@ -38,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from hashflex.agent.core import timefmt
 from hashflex.agent.logging import get_logger
 
 log = get_logger("coordinator.lease")
@@ -114,7 +114,7 @@ class LeaseRecord:
 
 
 def _utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    return timefmt.iso(time.time(), ms=True)
 
 
 class Lease:

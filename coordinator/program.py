@@ -2,7 +2,7 @@
 (`now` is passed in), no logging; the service (coordinator/service.py) receives, signs, sends, stores and logs.
 
 Program commands (grid → coordinator), on `hashflex/program/<program>/cmd/<verb>`, signed with a grid key the
-coordinator trusts in the agent's format (`agent.core.signing`, `hashflex-sig-v2`), the scope being the program
+coordinator trusts in the agent's format (`contract.signing`, `hashflex-sig-v2`), the scope being the program
 instead of the site: every command carries `program`, `verb`, `id` and `issued_at` under the signature.
 - `hold`:   hold the program at or under `target_kw` from `start` (default: at once) to `end`, optionally ramped down
             at `ramp_kw_per_min` from what the sites drew at acceptance; `rev` revises a hold of the same `id`.
@@ -41,15 +41,15 @@ from typing import Annotated, Any, ClassVar, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hashflex.agent.commands import (
+from hashflex.contract import signing
+from hashflex.contract.flex import Flexibility
+from hashflex.contract.reply import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
     CONFLICT,
     EXPIRED,
     FUTURE,
-    MAX_AHEAD_S,
-    MAX_RAMP_KW_PER_MIN,
     OUT_OF_RANGE,
     STALE,
     STALE_REVISION,
@@ -58,13 +58,9 @@ from hashflex.agent.commands import (
     UNKNOWN_VERB,
     UNSIGNED,
     WRONG_SCOPE,
-    PowerKw,
-    Timestamp,
-    load_json,
+    Reply,
 )
-from hashflex.agent.core import signing
-from hashflex.agent.core.flexibility import Flexibility
-from hashflex.agent.protocol import Reply
+from hashflex.contract.requests import MAX_AHEAD_S, MAX_RAMP_KW_PER_MIN, PowerKw, Timestamp, load_json
 from hashflex.coordinator.allocation import (
     Allocation,
     CurvePoint,

@@ -2,9 +2,9 @@
 lease. asyncio; the broker and the store are behind two small ports (`Fabric`, `ProgramStore`) so this module
 imports neither aiomqtt nor nats (their owners: `coordinator.fabric`, `coordinator.store`, `coordinator.lease`).
 
-Topics (MQTT, root `hashflex`):
+Topics (MQTT, root `hashflex`; the names are hashflex.contract.topics):
     <root>/<site>/availability    in   the agents' retained online/offline (last will)
-    <root>/<site>/flex            in   the agents' retained flexibility (agent.core.flexibility)
+    <root>/<site>/flex            in   the agents' retained flexibility (hashflex.contract.flex)
     <root>/<site>/reply/<verb>    in   the agents' replies to site dispatches and cancels
     <root>/<site>/cmd/<verb>      out  site dispatches and cancels, signed with the coordinator's key (QoS 1)
     <root>/<site>/heartbeat       out  signed heartbeats (the agents' fail-safe covers losing the coordinator)
@@ -40,11 +40,12 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hashflex.agent.commands import load_json
-from hashflex.agent.core.flexibility import parse_flex
-from hashflex.agent.core.signing import sign_command
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Reply
+from hashflex.contract.flex import parse_flex
+from hashflex.contract.reply import Reply
+from hashflex.contract.requests import HEARTBEAT_VERB, load_json
+from hashflex.contract.signing import sign_command
+from hashflex.contract.topics import ProgramTopics, Topics
 from hashflex.coordinator.audit import ChainConflict, CoordinatorKind, Tracker, command_data, step_events
 from hashflex.coordinator.program import (
     Accepted,
@@ -156,11 +157,12 @@ class Coordinator:
 
     # -------------------------------------------------------------------------------------------- topics
     def subscriptions(self) -> list[str]:
-        r = self.cfg.root
-        return [f"{r}/+/availability", f"{r}/+/flex", f"{r}/+/reply/+", f"{r}/program/{self.cfg.program_id}/cmd/+"]
+        every_site = Topics.of_site(self.cfg.root, "+")
+        return [every_site.availability, every_site.flex, every_site.reply("+"), self._program.commands]
 
-    def _program_topic(self, tail: str) -> str:
-        return f"{self.cfg.root}/program/{self.cfg.program_id}/{tail}"
+    @property
+    def _program(self) -> ProgramTopics:
+        return ProgramTopics(self.cfg.root, self.cfg.program_id)
 
     # ------------------------------------------------------------------------------------------- inbound
     async def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -234,7 +236,7 @@ class Coordinator:
                 self._wake.set()  # its shares go out now, not at the next step
             self._count("command_" + {Refusal: "refused", Repeat: "repeat"}.get(type(out), "accepted"))
         await self._flush_audit()
-        await self.fabric.publish(self._program_topic(f"reply/{verb}"), reply.to_json(), qos=1)
+        await self.fabric.publish(self._program.reply(verb), reply.to_json(), qos=1)
 
     async def _site_reply(self, site_id: str, verb: str, payload: bytes) -> None:
         """A site's answer to a site dispatch: the leader records the acknowledgement. Every instance hears the
@@ -343,7 +345,7 @@ class Coordinator:
         await self._send(result.commands, now)
         await self._heartbeats(now)
         doc = status_doc(result, now)
-        await self.fabric.publish(self._program_topic("state"), json.dumps(doc).encode(), retain=True)
+        await self.fabric.publish(self._program.state, json.dumps(doc).encode(), retain=True)
         return result
 
     # --------------------------------------------------------------------------------------------- audit
@@ -430,7 +432,7 @@ class Coordinator:
 
     async def _send_one(self, cmd: SiteCommand) -> None:
         signed = sign_command(cmd.doc, self.cfg.signing_key)
-        topic = f"{self.cfg.root}/{cmd.site_id}/cmd/{cmd.verb}"
+        topic = Topics.of_site(self.cfg.root, cmd.site_id).command(cmd.verb)
         await self.fabric.publish(topic, json.dumps(signed).encode(), qos=1)
         log.info("site dispatch sent", site=cmd.site_id, verb=cmd.verb, id=cmd.doc["id"], rev=cmd.rev,
                  target_kw=cmd.doc.get("target_kw"))  # fmt: skip
@@ -440,8 +442,9 @@ class Coordinator:
             return
         self._beat_at = now
         for s in self.cfg.sites:
-            beat = sign_command({"site": s.site_id, "verb": "heartbeat", "issued_at": now}, self.cfg.signing_key)
-            await self.fabric.publish(f"{self.cfg.root}/{s.site_id}/heartbeat", json.dumps(beat).encode(), qos=1)
+            beat = sign_command({"site": s.site_id, "verb": HEARTBEAT_VERB, "issued_at": now}, self.cfg.signing_key)
+            topic = Topics.of_site(self.cfg.root, s.site_id).heartbeat
+            await self.fabric.publish(topic, json.dumps(beat).encode(), qos=1)
 
     async def run(self) -> None:
         while True:

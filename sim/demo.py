@@ -44,10 +44,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
+from hashflex.contract.status import StatusDoc
 from hashflex.sim.demo_notes import SleepOnlyBaseline, agent_notes
 from hashflex.sim.demo_support import (
     DEMO_KEY,
@@ -195,9 +196,9 @@ class Recorder:
 
     def sample(self) -> None:
         truth = self.sim.truth()
-        status: dict[str, Any] | None = None
+        status: StatusDoc | None = None
         with contextlib.suppress(OSError, ValueError, DemoError):
-            status = self.link.ok("status")
+            status = cast(StatusDoc, self.link.ok("status"))  # the agent's answer to `status`
         self.samples.append(make_sample(self.clock.now(), truth, status))
 
     def latest(self) -> Sample:

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from hashflex.contract.status import StatusDoc
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_KEY = REPO / "configs" / "demo" / "keys" / "demo-grid.key"
 
@@ -306,8 +308,9 @@ def truth_states(truth: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
-def make_sample(site_ts: float, truth: Mapping[str, Any], status: Mapping[str, Any] | None) -> Sample:
-    s = status or {}
+def make_sample(site_ts: float, truth: Mapping[str, Any], status: StatusDoc | None) -> Sample:
+    """One sample: the simulated site's truth beside the agent's status document (None: not answered)."""
+    s: Mapping[str, Any] = status or {}
     meter: Mapping[str, Any] = truth.get("meter") or {}
 
     def num(key: str) -> float | None:

@@ -30,9 +30,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.core import signing
 from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
-from hashflex.agent.protocol import Reply
+from hashflex.contract import signing
+from hashflex.contract.reply import Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

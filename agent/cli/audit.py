@@ -37,11 +37,12 @@ from hashflex.agent.cli.common import (
     fail,
 )
 from hashflex.agent.config import AgentConfig
-from hashflex.agent.core import signing
+from hashflex.agent.core import timefmt
 from hashflex.agent.core.energy import DAY_S, HOUR_S, MINUTE_S, QUARTER_S, EnergyPeriod
-from hashflex.agent.core.units import parse_duration_s
 from hashflex.agent.io import export as exp
 from hashflex.agent.io.store import Store, StoreError, verify_database
+from hashflex.contract import signing
+from hashflex.contract.units import parse_duration_s
 
 audit_app = typer.Typer(help="Verify and export the audit trail.", no_args_is_help=True)
 
@@ -84,7 +85,7 @@ def _range(start_text: str, end_text: str, *, as_json: bool) -> tuple[float, flo
     except ValueError as exc:
         fail(str(exc), EXIT_REFUSED, as_json=as_json)
     if not end > start:
-        fail(f"--to ({exp.iso(end)}) must be after --from ({exp.iso(start)})", EXIT_REFUSED, as_json=as_json)
+        fail(f"--to ({timefmt.iso(end)}) must be after --from ({timefmt.iso(start)})", EXIT_REFUSED, as_json=as_json)
     return start, end
 
 
@@ -176,7 +177,8 @@ def export(
             fail(f"cannot write {out}: {exc.strerror or exc}", EXIT_UNAVAILABLE)
         mark = store.mark_exported(start, end, fmt, exp.digest(files), now)
         err.print(
-            f"exported {exp.iso(start)} .. {exp.iso(end)} to {written}; export watermark now {exp.iso(mark)}",
+            f"exported {timefmt.iso(start)} .. {timefmt.iso(end)} to {written}; "
+            f"export watermark now {timefmt.iso(mark)}",
             highlight=False,
         )
     except StoreError as exc:
@@ -275,7 +277,7 @@ def energy(
         )  # fmt: skip
         return
     if not periods:
-        err.print(f"no energy recorded between {exp.iso(start)} and {exp.iso(end)}", highlight=False)
+        err.print(f"no energy recorded between {timefmt.iso(start)} and {timefmt.iso(end)}", highlight=False)
         return
     rows = [_site_row(p) for p in periods]
     rows.append(["total", *_site_row(whole)[1:]])
@@ -305,7 +307,7 @@ def _print_miners(miners: dict[str, Any], start: float, end: float, *, as_json: 
         )  # fmt: skip
         return
     if not miners:
-        err.print(f"no per-miner energy recorded between {exp.iso(start)} and {exp.iso(end)}", highlight=False)
+        err.print(f"no per-miner energy recorded between {timefmt.iso(start)} and {timefmt.iso(end)}", highlight=False)
         return
     rows = [[ip, f"{t.kwh:,.4f}", f"{t.estimated_kwh:,.4f}", str(t.minutes)] for ip, t in sorted(miners.items())]
     r.print_table(Console(), _MINER_COLUMNS, rows, right=_MINER_COLUMNS[1:])

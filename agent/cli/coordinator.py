@@ -25,6 +25,7 @@ from hashflex.agent.cli import render as r
 from hashflex.agent.cli.audit import FromOpt, ToOpt, parse_when
 from hashflex.agent.cli.common import EXIT_REFUSED, EXIT_UNAVAILABLE, JsonOpt, WideOpt, emit_json, err, fail, out
 from hashflex.agent.core.units import format_kw
+from hashflex.contract.topics import ProgramTopics
 
 DEFAULT_PROGRAM_CONFIG = Path("/etc/hashflex/program.yaml")
 ProgramConfigOpt = Annotated[
@@ -118,7 +119,7 @@ def _program_config(config: Path, *, as_json: bool) -> Any:
 
 def _read_state(config: Path, *, as_json: bool, timeout: float) -> dict[str, Any]:
     cfg = _program_config(config, as_json=as_json)
-    topic = f"{cfg.fabric.root}/program/{cfg.program_id}/state"
+    topic = ProgramTopics(cfg.fabric.root, cfg.program_id).state
     from hashflex.coordinator.fabric import read_retained  # noqa: PLC0415
 
     try:

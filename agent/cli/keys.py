@@ -6,7 +6,7 @@
 
 `sign` sets `site` and `verb` (what the signature is good for: one site, one verb), fills `id` (a UUID) and
 `issued_at` (now, UTC, ISO 8601 with milliseconds) only when the command has none, then adds `signature`
-(agent.core.signing, format hashflex-sig-v2) and prints one line. `--verb heartbeat` signs a heartbeat.
+(contract.signing, format hashflex-sig-v2) and prints one line. `--verb heartbeat` signs a heartbeat.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Annotated, Any
 import typer
 
 from hashflex.agent.cli.common import EXIT_REFUSED, err, fail
-from hashflex.agent.core import signing
+from hashflex.agent.core import timefmt
+from hashflex.contract import signing
+from hashflex.contract.requests import SIGNED_VERBS
 
 
 def register(app: typer.Typer) -> None:
@@ -58,9 +60,6 @@ def keygen(
         fail(f"cannot write the key pair: {exc}")
     message = f"wrote {out} (private, keep it secret) and {pub} (list it in grid.public_keys)"
     err.print(message, highlight=False, soft_wrap=True)
-
-
-SIGNED_VERBS = ("dispatch", "cancel", "cap", "curtail", "resume", "heartbeat")
 
 
 def sign(
@@ -110,5 +109,5 @@ def fill_defaults(document: dict[str, Any], now: datetime) -> dict[str, Any]:
         filled["id"] = str(uuid.uuid4())
     if "issued_at" not in filled:
         # milliseconds: two commands signed within one second still have an order (see commands.check_order)
-        filled["issued_at"] = now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        filled["issued_at"] = timefmt.iso(now.timestamp(), ms=True)
     return filled

@@ -19,14 +19,7 @@ from hashflex.agent.cli import render as r
 from hashflex.agent.cli.agentclient import call
 from hashflex.agent.cli.common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, WideOpt, emit_json, fail
 from hashflex.agent.core.addresses import expand, validate_spec
-
-
-class State(StrEnum):
-    hashing = "hashing"
-    throttled = "throttled"
-    sleeping = "sleeping"
-    waking = "waking"
-    unreachable = "unreachable"
+from hashflex.contract.vocabulary import MinerState
 
 
 class SortKey(StrEnum):
@@ -96,7 +89,7 @@ def sort_rows(rows: list[dict[str, Any]], key: SortKey, desc: bool) -> list[dict
 
 
 def filter_rows(
-    rows: list[dict[str, Any]], state: State | None, model: str | None, ips: set[str] | None
+    rows: list[dict[str, Any]], state: MinerState | None, model: str | None, ips: set[str] | None
 ) -> list[dict[str, Any]]:
     out = rows
     if state is not None:
@@ -123,7 +116,7 @@ def miners(
     *,
     config: ConfigOpt = DEFAULT_CONFIG,
     as_json: JsonOpt = False,
-    state: Annotated[State | None, typer.Option("--state", "-s", help="Only miners in this state.")] = None,
+    state: Annotated[MinerState | None, typer.Option("--state", "-s", help="Only miners in this state.")] = None,
     sort: Annotated[SortKey, typer.Option("--sort", help="Column to sort by.")] = SortKey.ip,
     desc: Annotated[bool, typer.Option("--desc", help="Largest first.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Show at most this many rows.")] = None,

@@ -18,8 +18,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from hashflex.agent.cli import render as r
 from hashflex.agent.cli.agentclient import call, request_id
 from hashflex.agent.cli.common import DEFAULT_CONFIG, EXIT_REFUSED, ConfigOpt, JsonOpt, emit_json, err, fail
-from hashflex.agent.commands import MAX_DURATION_S
-from hashflex.agent.core.units import format_kw, parse_duration_s, parse_power_kw
+from hashflex.agent.core.units import format_kw
+from hashflex.contract.requests import MAX_DURATION_S
+from hashflex.contract.units import parse_duration_s, parse_power_kw
 
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until the site is at or under the new level.")]
 WaitTimeoutOpt = Annotated[

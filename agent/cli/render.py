@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hashflex.agent.core import timefmt
 from hashflex.agent.core.units import format_kw
 
 DASH = "—"
@@ -26,15 +27,8 @@ def num(value: Any) -> float | None:
 
 def epoch(value: Any) -> float | None:
     """Seconds since the epoch from a number or an ISO string."""
-    if (n := num(value)) is not None:
-        return n
-    if isinstance(value, str) and value:
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    return None
+    n = num(value)
+    return n if n is not None else timefmt.epoch(value)
 
 
 def kw(value: Any) -> str:

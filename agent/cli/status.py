@@ -9,8 +9,8 @@ event while one holds, and the facility loads (cooling per circuit) when configu
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console, Group, RenderableType
@@ -32,37 +32,39 @@ from hashflex.agent.cli.common import (
 )
 from hashflex.agent.core.units import format_kw
 from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
+from hashflex.contract.status import BrokerDoc, EnergyDoc, FailsafeDoc, GatewayDoc, MinerCounts, StatusDoc
+from hashflex.contract.vocabulary import MinerState, Source
 
-STATE_ORDER = ("hashing", "throttled", "sleeping", "waking", "unreachable")
-STATE_STYLE = {"hashing": "green", "throttled": "yellow", "sleeping": "blue", "waking": "cyan", "unreachable": "red"}
+STATE_STYLE = {MinerState.HASHING: "green", MinerState.THROTTLED: "yellow", MinerState.SLEEPING: "blue",
+               MinerState.WAKING: "cyan", MinerState.UNREACHABLE: "red"}  # fmt: skip
 ACTIVE_STATUSES = (None, "active", "accepted", "pending", "scheduled")
 
 
-def explain_target(doc: Mapping[str, Any]) -> str:
+def explain_target(doc: StatusDoc) -> str:
     """Why the target is what it is, in words (the lowest of all limits wins)."""
     source = str(doc.get("target_source") or "")
     reason = str(doc.get("target_reason") or "")
     binding = reason.split(":", 1)[1] if ":" in reason else None
     failsafe = doc.get("failsafe") or {}
     match source:
-        case "cap":
+        case Source.CAP:
             return "the site cap binds (no dispatch, override or window asks for less)"
-        case "grid":
+        case Source.GRID:
             return f"grid dispatch {binding or '?'} binds"
-        case "operator":
+        case Source.OPERATOR:
             return f"operator override {binding or '?'} binds (`hashflex resume` ends it)"
-        case "schedule":
+        case Source.SCHEDULE:
             return f"time-of-use window {binding or '?'} binds"
-        case "frequency":
+        case Source.FREQUENCY:
             return "under-frequency response holds the site (see the frequency row)"
-        case "failsafe":
+        case Source.FAILSAFE:
             why = failsafe.get("reason") or "grid link lost"
             return (f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))}); "
                     f"{failsafe_release(failsafe)}")  # fmt: skip
     return reason or r.DASH
 
 
-def _power_line(doc: Mapping[str, Any]) -> Text:
+def _power_line(doc: StatusDoc) -> Text:
     power = r.num(doc.get("power_kw_estimated"))
     if power is None:
         power = r.num(doc.get("power_kw_measured"))
@@ -80,18 +82,18 @@ def _power_line(doc: Mapping[str, Any]) -> Text:
     return line
 
 
-def _miners_line(miners: Mapping[str, Any]) -> Text:
+def _miners_line(miners: MinerCounts) -> Text:
     line = Text()
-    for i, state in enumerate(STATE_ORDER):
+    for i, state in enumerate(MinerState):
         if i:
             line.append(" · ")
-        n = r.num(miners.get(state)) or 0
-        line.append(f"{r.count(n)} {state}", style=STATE_STYLE[state] if n else "dim")
+        n = r.num(miners.get(state.value)) or 0
+        line.append(f"{r.count(n)} {state.value}", style=STATE_STYLE[state] if n else "dim")
     line.append(f"  ({r.count(miners.get('total'))} total)")
     return line
 
 
-def failsafe_release(fs: Mapping[str, Any]) -> str:
+def failsafe_release(fs: FailsafeDoc) -> str:
     """What releases an active fail-safe and when, in a sentence (the status doc's released_by / releases_at)."""
     match fs.get("released_by"):
         case "grid_command":
@@ -171,7 +173,7 @@ def _facility_text(loads: list[Mapping[str, Any]]) -> Text:
     return out
 
 
-def _energy_line(e: Mapping[str, Any]) -> Text:
+def _energy_line(e: EnergyDoc) -> Text:
     """Where the site's kWh come from (with a site meter): its counter, or the miners' sum while it is stale."""
     counts = e.get("by_source") or {}
     tally = ", ".join(f"{r.count(n)} {name}" for name, n in sorted(counts.items()))
@@ -187,7 +189,7 @@ def _energy_line(e: Mapping[str, Any]) -> Text:
     return line
 
 
-def _failsafe_line(fs: Mapping[str, Any]) -> Text:
+def _failsafe_line(fs: FailsafeDoc) -> Text:
     if fs.get("active"):
         return Text(
             f"ACTIVE since {r.clock(fs.get('since'))}: {fs.get('reason') or 'grid link lost'} "
@@ -197,7 +199,7 @@ def _failsafe_line(fs: Mapping[str, Any]) -> Text:
     return Text(f"off · last heartbeat {r.ago(fs.get('last_heartbeat'))}")
 
 
-def _broker_line(broker: Mapping[str, Any]) -> Text:
+def _broker_line(broker: BrokerDoc) -> Text:
     state = str(broker.get("state") or "unknown")
     style = {"connected": "green", "disabled": "dim", "connecting": "yellow"}.get(state, "red")
     since = f" since {r.clock(broker.get('since'))} ({r.ago(broker.get('since'))})" if broker.get("since") else ""
@@ -206,7 +208,7 @@ def _broker_line(broker: Mapping[str, Any]) -> Text:
     return Text(f"{state}{where}{since}", style=style)
 
 
-def _gateway_line(gw: Mapping[str, Any]) -> Text:
+def _gateway_line(gw: GatewayDoc) -> Text:
     line = Text(
         f"cpu {r.pct(gw.get('cpu_pct'))} · mem {r.pct(gw.get('mem_pct'))} · disk {r.mib(gw.get('disk_free_mb'))} "
         f"free · agent {r.mib(gw.get('rss_mb'))}"
@@ -229,7 +231,7 @@ def level_text(d: Mapping[str, Any]) -> str:
     return by if level is None else f"{by} → {format_kw(level)}"
 
 
-def dispatch_rows(dispatches: list[Mapping[str, Any]]) -> list[list[str]]:
+def dispatch_rows(dispatches: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for d in dispatches:
         rows.append([
@@ -246,7 +248,7 @@ DISPATCH_PRIORITY = {"id": 0, "level": 0, "status": 0, "source": 1, "end": 2, "s
                      "max over": 6}  # fmt: skip
 
 
-def status_view(doc: Mapping[str, Any], console: Console | None = None) -> RenderableType:
+def status_view(doc: StatusDoc, console: Console | None = None) -> RenderableType:
     tick = doc.get("tick") or {}
     head = Text(f"hashflex · site {doc.get('site_id', '?')} · v{doc.get('version', '?')}", style="bold")
     dur_ms = r.num(tick.get("dur_ms")) or 0
@@ -255,11 +257,13 @@ def status_view(doc: Mapping[str, Any], console: Console | None = None) -> Rende
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("power", _power_line(doc))
-    if isinstance(doc.get("meter"), Mapping):
-        grid.add_row("meter", _meter_line(doc["meter"]))
-        if isinstance(doc.get("energy"), Mapping):
-            grid.add_row("energy", _energy_line(doc["energy"]))
-        fr = doc["meter"].get("frequency_response")
+    meter = doc.get("meter")
+    if isinstance(meter, Mapping):
+        grid.add_row("meter", _meter_line(meter))
+        energy = doc.get("energy")
+        if isinstance(energy, Mapping):
+            grid.add_row("energy", _energy_line(energy))
+        fr = meter.get("frequency_response")
         if isinstance(fr, Mapping) and fr.get("active"):
             grid.add_row("frequency", _frequency_line(fr))
     loads = doc.get("facility")
@@ -286,7 +290,7 @@ def status_view(doc: Mapping[str, Any], console: Console | None = None) -> Rende
 
 def status(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
     """Site power against cap and target, why that target, miners by state, dispatches, fail-safe, broker."""
-    doc = call(config, "status", {}, as_json=as_json)
+    doc = cast(StatusDoc, call(config, "status", {}, as_json=as_json))  # the agent's answer to `status`
     if as_json:
         emit_json(doc)
         return
@@ -320,7 +324,7 @@ def watch(
         if not reply.is_ok:
             fail(f"the agent refused 'status': {reply.error_message}", as_json=as_json)
         docs.append(reply.data)
-        return status_view(reply.data, console)
+        return status_view(cast(StatusDoc, reply.data), console)
 
     try:
         if as_json or not console.is_terminal:

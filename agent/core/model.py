@@ -6,20 +6,11 @@ Times are plain floats (seconds since the epoch, UTC) handed in by the caller: t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
+# the wire's names, defined once in the contract; re-exported (mypy's explicit form) for the core's many readers
+from hashflex.contract.vocabulary import MinerState as MinerState  # noqa: PLC0414
+from hashflex.contract.vocabulary import Source as Source  # noqa: PLC0414
 from hashflex.drivers.base import Capability, Family
-
-
-class Source(StrEnum):
-    """Who asked for a limit. Order matters only for reporting; the lowest target always wins."""
-
-    CAP = "cap"  # the licensed site cap (config, or lowered at run time)
-    GRID = "grid"  # a signed grid-operator dispatch
-    OPERATOR = "operator"  # an override from the local CLI or operator MQTT
-    SCHEDULE = "schedule"  # a time-of-use window from config
-    FAILSAFE = "failsafe"  # the grid link is lost or was never heard
-    FREQUENCY = "frequency"  # under-frequency response holds a stage's shed (agent.core.frequency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +29,6 @@ class Dispatch:
     target_kw: float | None = None
     curtail_kw: float | None = None
     ramp_kw_per_min: float | None = None
-    priority: int = 0
     rev: int = 0
     # for curtail_kw: the site baseline measured when the dispatch was accepted, so "by X" is stable
     baseline_kw: float | None = None
@@ -75,14 +65,6 @@ class Target:
     @property
     def reason(self) -> str:
         return f"{self.source.value}:{self.binding_id}" if self.binding_id else self.source.value
-
-
-class MinerState(StrEnum):
-    HASHING = "hashing"  # running at full (nominal or highest preset) power
-    THROTTLED = "throttled"  # running under a power limit below nominal
-    SLEEPING = "sleeping"
-    WAKING = "waking"  # woken, ramping to power: counted at full power
-    UNREACHABLE = "unreachable"  # no fresh reading: counted at worst case
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """The one way the agent writes a time: ISO 8601 in UTC with a `Z` (logs, status and state documents, replies,
-exports). Pure: a Unix timestamp in, a string out."""
+events, exports, signed commands' `issued_at`), and reads one back for display. Pure: a Unix timestamp in, a string
+out (and back)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,25 @@ def iso(ts: float | None, *, ms: bool = False) -> str | None:
         return None
     text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds" if ms else "auto")
     return text.replace("+00:00", "Z")
+
+
+@overload
+def iso_ms(ts: float) -> str: ...
+@overload
+def iso_ms(ts: None) -> None: ...
+def iso_ms(ts: float | None) -> str | None:
+    """`iso(ts, ms=True)`: the form of the status document, events and dispatch documents."""
+    return iso(ts, ms=True)
+
+
+def epoch(value: object) -> float | None:
+    """Unix time from an ISO 8601 string as `iso` writes it (a zone-less one is read as UTC); None for anything
+    else. For readers of documents (the CLI, the metrics): a request's times are checked by
+    contract.requests.parse_timestamp instead."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()

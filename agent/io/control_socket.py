@@ -28,17 +28,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hashflex.agent.commands import MAX_DEPTH, load_json
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Channel, CommandHandler, Reply
+from hashflex.agent.protocol import Channel, CommandHandler
+from hashflex.contract.reply import Reply
+from hashflex.contract.requests import MAX_DEPTH, READ_VERBS, load_json
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # a request is a few hundred bytes; anything near this is not a CLI
 MAX_REPLY_BYTES = 256 << 20  # `miners` on a 10k-miner site is a few MB
 DEFAULT_TIMEOUT_S = 10.0
 SOCKET_MODE = 0o660
 DIR_MODE = 0o750
-# verbs that only read: logged at debug; everything else is logged with the caller's uid (who curtailed?)
-READ_ONLY_VERBS = frozenset({"ping", "status", "miners", "preview", "dispatches", "events"})
 _UNIX_PATH_MAX = 107
 
 log = get_logger("control_socket")
@@ -289,7 +288,8 @@ class ControlServer:
             return Reply.error(
                 request_id, "internal", "the agent failed on this request; see its log (`journalctl -u hashflex`)"
             )
-        level = log.debug if verb in READ_ONLY_VERBS else log.info
+        # verbs that only read: logged at debug; everything else with the caller's uid (who curtailed?)
+        level = log.debug if verb in READ_VERBS else log.info
         level(
             "control request", verb=verb, status=reply.status, error=reply.error_code,
             dur_ms=round((time.monotonic() - started) * 1000, 1), **peer,

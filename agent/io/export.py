@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from hashflex.agent.core import timefmt
+from hashflex.agent.core.timefmt import iso
 
 ExportFormat = Literal["json", "csv"]
 FORMAT_NAME = "hashflex-export/1"
@@ -62,7 +62,6 @@ _DISPATCH_COLUMNS = (
     "curtail_kw",
     "baseline_kw",
     "ramp_kw_per_min",
-    "priority",
     "received_at",
     "accepted_at",
     "commands_sent_at",
@@ -73,10 +72,6 @@ _DISPATCH_COLUMNS = (
     "close_reason",
     "channel",
 )
-
-
-def iso(ts: float | None) -> str | None:
-    return timefmt.iso(ts)
 
 
 def render(data: Mapping[str, Any], meta: Mapping[str, Any], fmt: ExportFormat) -> dict[str, bytes]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -26,15 +25,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hashflex.agent import __version__
+from hashflex.agent.core import timefmt
 from hashflex.agent.core.energy import SOURCES
-from hashflex.agent.core.model import Source
 from hashflex.agent.logging import get_logger
+from hashflex.contract.status import StatusDoc
+from hashflex.contract.vocabulary import MINER_STATES, TARGET_SOURCES  # every state, every arbitration input
 
-StatusProvider = Callable[[], Mapping[str, Any] | None]
+StatusProvider = Callable[[], StatusDoc | None]
 MinersProvider = Callable[[], Iterable[Mapping[str, Any]]]
 
-MINER_STATES = ("hashing", "throttled", "sleeping", "waking", "unreachable")
-TARGET_SOURCES = tuple(s.value for s in Source)  # every input arbitration knows, frequency response included
 BROKER_STATES = ("connected", "connecting", "disconnected", "disabled")
 FAILSAFE_RELEASES = ("grid_command", "next_heartbeat", "heartbeat")  # agent.core.failsafe.release
 ENERGY_SOURCES = SOURCES  # of a minute's site energy (agent.core.energy): metered, miners, fallback
@@ -187,17 +186,6 @@ def _num(value: Any) -> float | None:
     return None
 
 
-def _epoch(value: Any) -> float | None:
-    """Unix time from the status doc's ISO times (None for anything else)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-
-
 def _watts(kw: Any) -> float | None:
     value = _num(kw)
     return None if value is None else value * 1000.0
@@ -253,7 +241,7 @@ class _SiteCollector:
         self._failing = False
         return value
 
-    def _site(self, s: Mapping[str, Any]) -> Iterator[Metric]:
+    def _site(self, s: StatusDoc) -> Iterator[Metric]:
         measured, estimated = _watts(s.get("power_kw_measured")), _watts(s.get("power_kw_estimated"))
         power = estimated if estimated is not None else measured
         target = _watts(s.get("target_kw"))
@@ -289,7 +277,7 @@ class _SiteCollector:
         yield released_by
         yield from _gauge("hashflex_failsafe_releases_at_timestamp_seconds", "When the active fail-safe releases by "
                           "itself if the heartbeat holds (Unix time; absent when not before a heartbeat).",
-                          _epoch(failsafe.get("releases_at")))  # fmt: skip
+                          timefmt.epoch(failsafe.get("releases_at")))  # fmt: skip
         miners = s.get("miners") or {}
         by_state = GaugeMetricFamily("hashflex_miners", "Miners by state.", labels=["state"])
         for state in MINER_STATES:

@@ -1,12 +1,12 @@
 """The agent's link to the grid broker: the ONLY module that imports aiomqtt (and its paho types).
 
-Topic tree (root `cfg.mqtt_root`, default `hashflex/<site id>`), see STYLE.md:
+Topic tree (root `cfg.mqtt_root`, default `hashflex/<site id>`; the names are hashflex.contract.topics), see STYLE.md:
 
     availability  out  retained QoS1  "online" / "offline"; "offline" is also the last will
     info          out  retained QoS1  info() as JSON, republished after every (re)connect
     state         out  retained QoS1  latest status doc (latest wins), republished after every (re)connect; at
                                       most mqtt.max_payload_bytes (largest fields left out, see _fit)
-    flex          out  retained QoS1  the site's flexibility (agent.core.flexibility, schema hashflex.flex/1) for the
+    flex          out  retained QoS1  the site's flexibility (hashflex.contract.flex, schema hashflex.flex/1) for the
                                       program coordinator; latest wins, republished after every (re)connect
     telemetry     out  QoS0           periodic site figures; lossy (a bounded queue drops the oldest)
     miners/<id>   out  retained QoS0  per-miner detail (latest per miner wins)
@@ -14,7 +14,7 @@ Topic tree (root `cfg.mqtt_root`, default `hashflex/<site id>`), see STYLE.md:
     cmd/<verb>    in   QoS1           requests, handed to the CommandHandler in arrival order
     reply/<verb>  out  QoS1           one Reply per request (also to the MQTT 5 response topic, if it is under
                                       this site's own reply/ subtree: never …/heartbeat, …/cmd/ or another site)
-    heartbeat     in   QoS1           grid heartbeat (signed, see agent.core.signing), handed to the HeartbeatSink
+    heartbeat     in   QoS1           grid heartbeat (signed, see contract.signing), handed to the HeartbeatSink
 
 Why it is built the way it is:
 - aiomqtt 2.x PUBACKs a QoS 1 message before our code sees it, so a message it has queued must never be lost
@@ -75,7 +75,11 @@ from hashflex.agent.core import brokers as broker_rules
 from hashflex.agent.core.brokers import Broker, Rotation, retry_delay_s
 from hashflex.agent.core.timefmt import iso
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink, Reply
+from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink
+from hashflex.contract.flex import FlexDoc
+from hashflex.contract.reply import Reply
+from hashflex.contract.status import BrokerDoc, StatusDoc
+from hashflex.contract.topics import Topics
 
 log = get_logger("mqtt")
 
@@ -107,63 +111,6 @@ class FailureKind(enum.Enum):
 
 class SubscriptionRefused(Exception):
     """The broker accepted the connection but refused a subscription (its ACL): commands cannot arrive."""
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    root: str
-
-    @property
-    def availability(self) -> str:
-        return f"{self.root}/availability"
-
-    @property
-    def info(self) -> str:
-        return f"{self.root}/info"
-
-    @property
-    def state(self) -> str:
-        return f"{self.root}/state"
-
-    @property
-    def telemetry(self) -> str:
-        return f"{self.root}/telemetry"
-
-    @property
-    def flex(self) -> str:
-        return f"{self.root}/flex"
-
-    @property
-    def events(self) -> str:
-        return f"{self.root}/events"
-
-    @property
-    def heartbeat(self) -> str:
-        return f"{self.root}/heartbeat"
-
-    @property
-    def commands(self) -> str:
-        """The subscription filter for requests."""
-        return f"{self.root}/cmd/+"
-
-    def command(self, verb: str) -> str:
-        return f"{self.root}/cmd/{verb}"
-
-    def reply(self, verb: str) -> str:
-        return f"{self.root}/reply/{verb}"
-
-    def miner(self, miner_id: str) -> str:
-        # an id is one topic level: wildcards and separators would change what the topic means
-        safe = "".join("_" if ch in "/+#" else ch for ch in miner_id)
-        return f"{self.root}/miners/{safe}"
-
-    def verb_of(self, topic: str) -> str | None:
-        """The verb of a request topic, None for any other topic."""
-        prefix = f"{self.root}/cmd/"
-        if not topic.startswith(prefix):
-            return None
-        verb = topic[len(prefix) :]
-        return None if "/" in verb else verb
 
 
 def backoff_s(failures: int, kind: FailureKind = FailureKind.TRANSIENT, brokers: int = 1) -> float:
@@ -333,7 +280,7 @@ class MqttLink:
         self._connected_at: float | None = None
 
     # ------------------------------------------------------------------------------------ outbound (sync)
-    def publish_state(self, document: Mapping[str, Any]) -> None:
+    def publish_state(self, document: StatusDoc) -> None:
         """The latest status doc, retained on …/state. Only the newest unsent one is kept (latest wins)."""
         if self.state is LinkState.DISABLED:
             return
@@ -346,7 +293,7 @@ class MqttLink:
         self._state_dirty = True
         self._wake.set()
 
-    def publish_flex(self, document: Mapping[str, Any]) -> None:
+    def publish_flex(self, document: FlexDoc) -> None:
         """The site's flexibility, retained on …/flex. Only the newest unsent one is kept (latest wins)."""
         if self.state is LinkState.DISABLED:
             return
@@ -380,7 +327,7 @@ class MqttLink:
         self._miners[miner_id] = _encode(document)
         self._wake.set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BrokerDoc:
         """The `broker` part of the status doc."""
         return {
             "state": self.state.value,

@@ -50,7 +50,6 @@ class DispatchRecord(NamedTuple):
             "curtail_kw": d.curtail_kw,
             "baseline_kw": d.baseline_kw,
             "ramp_kw_per_min": d.ramp_kw_per_min,
-            "priority": d.priority,
             "status": self.status,
         }
         out.update({k: self.progress.get(k) for k in PROGRESS_FIELDS})
@@ -90,7 +89,8 @@ def dispatch_values(d: Dispatch) -> dict[str, Any]:
         "target_kw": d.target_kw,
         "curtail_kw": d.curtail_kw,
         "ramp_kw_per_min": d.ramp_kw_per_min,
-        "priority": d.priority,
+        # a retired column (dispatches have no priority since contract 1.0), NOT NULL in every existing database
+        "priority": 0,
         "rev": d.rev,
         "baseline_kw": d.baseline_kw,
     }
@@ -106,7 +106,6 @@ def dispatch_from_values(v: dict[str, Any]) -> Dispatch:
         target_kw=v["target_kw"],
         curtail_kw=v["curtail_kw"],
         ramp_kw_per_min=v["ramp_kw_per_min"],
-        priority=int(v["priority"]),
         rev=int(v["rev"]),
         baseline_kw=v["baseline_kw"],
     )

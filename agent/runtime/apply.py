@@ -12,31 +12,24 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from hashflex.agent.commands import (
-    BAD_REQUEST,
-    CONFLICT,
-    OPERATOR_ID_PREFIX,
-    REQUEST_DIGEST,
-    STALE_REVISION,
-    UNKNOWN_DISPATCH,
-    CancelRequest,
-    CapRequest,
-    Command,
-    CurtailRequest,
-    DispatchRequest,
-    Repeat,
-    ResumeRequest,
-    answer_repeat,
-    check_order,
-)
+from hashflex.agent.commands import REQUEST_DIGEST, Command, Repeat, answer_repeat, check_order
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.model import Dispatch, Source
 from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.memory import DispatchRecord
+from hashflex.contract.reply import BAD_REQUEST, CONFLICT, STALE_REVISION, UNKNOWN_DISPATCH, Reply
+from hashflex.contract.requests import (
+    OPERATOR_ID_PREFIX,
+    CancelRequest,
+    CapRequest,
+    CurtailRequest,
+    DispatchRequest,
+    ResumeRequest,
+)
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -210,7 +203,7 @@ def _dispatch(
     d = Dispatch(
         id=req.id, source=Source.GRID, issued_at=req.issued_at, start=start, end=req.end,
         target_kw=req.target_kw, curtail_kw=req.curtail_kw, ramp_kw_per_min=req.ramp_kw_per_min,
-        priority=req.priority, rev=req.rev, baseline_kw=baseline,
+        rev=req.rev, baseline_kw=baseline,
     )  # fmt: skip
     first_accepted = existing.accepted_at if existing is not None and existing.accepted_at is not None else now
     rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value,

@@ -68,22 +68,24 @@ from hashflex.agent.core.ramp import (
     wake_budget,
 )
 from hashflex.agent.core.schedule import ScheduleRule
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.io.records import MinerControl
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Reply
 from hashflex.agent.runtime import readout
 from hashflex.agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
 from hashflex.agent.runtime.apply import SAFE_START_ID, apply_command
 from hashflex.agent.runtime.clock import Clock, boot_clock, steady
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.energy_meter import EnergyMeter
-from hashflex.agent.runtime.events import EventLog, iso
+from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.facility import FacilityControl
 from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw, save_on_timeline
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.contract.reply import Reply
+from hashflex.contract.status import BrokerDoc, DispatchDoc, GatewayDoc, StatusDoc
 from hashflex.drivers.base import Family, OnOff, wakes_at_limit
 
 log = get_logger("controller")
@@ -121,7 +123,7 @@ class SnapshotSource(Protocol):
 
 
 class StatusSink(Protocol):
-    def __call__(self, doc: dict[str, Any]) -> None: ...
+    def __call__(self, doc: StatusDoc) -> None: ...
 
 
 class Controller:
@@ -137,8 +139,8 @@ class Controller:
         metrics: Any = None,
         notifier: Any = None,
         grid_link: bool = True,
-        broker_status: Callable[[], dict[str, Any]] | None = None,
-        gateway_health: Callable[[], dict[str, Any]] | None = None,
+        broker_status: Callable[[], BrokerDoc] | None = None,
+        gateway_health: Callable[[], GatewayDoc] | None = None,
         meter: SiteMeterPort | None = None,
     ) -> None:
         self.cfg = cfg
@@ -212,7 +214,7 @@ class Controller:
         self.tick_ms = 0.0
         self.tick_at: float | None = None
         self.last_report: Report | None = None
-        self.status_doc: dict[str, Any] = {}
+        self.status_doc: StatusDoc | None = None
         self._status_stale = False  # a command changed what the doc shows since it was built
 
         self._inbox: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue()
@@ -469,7 +471,8 @@ class Controller:
         if status == "cancelled":
             rec.dispatch = ended_copy(rec.dispatch, now)  # arbitration still sees it for holds and debounce
         rec.status, rec.closed_at, rec.close_reason = status, now, reason
-        data = {"id": rec.dispatch.id, "source": rec.dispatch.source.value, "status": status, "reason": reason}
+        data: dict[str, Any] = {"id": rec.dispatch.id, "source": rec.dispatch.source.value, "status": status,
+                                "reason": reason}
         data.update({k: v for k, v in rec.doc().items() if k in _COMPLIANCE_FIELDS})
 
         dispatch, progress, record = rec.dispatch, rec.progress(), dict(data)
@@ -1394,24 +1397,25 @@ class Controller:
 
     # ============================================================================================= read side
     def _publish_status(self, snap: Any, now: float) -> None:
-        self.status_doc = readout.build_status(self, snap, now)
+        doc = self.status_doc = readout.build_status(self, snap, now)
         if self.facility is not None:
-            self.status_doc["facility"] = self.facility.status()
+            doc["facility"] = self.facility.status()
         self._status_stale = False
         for sink in self.status_sinks:
             try:
-                sink(self.status_doc)
+                sink(doc)
             except Exception:
                 log.exception("status sink failed")
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusDoc:
         """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
-        if not self.status_doc or self._status_stale:
-            self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time())
+        doc = self.status_doc
+        if doc is None or self._status_stale:
+            doc = self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time())
             if self.facility is not None:
-                self.status_doc["facility"] = self.facility.status()
+                doc["facility"] = self.facility.status()
             self._status_stale = False
-        return self.status_doc
+        return doc
 
     def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
         return readout.miner_rows(self, state, sort, desc, limit)
@@ -1419,7 +1423,7 @@ class Controller:
     def preview(self, target_kw: float) -> dict[str, Any]:
         return readout.preview(self, target_kw)
 
-    def dispatch_docs(self, include_closed: bool) -> list[dict[str, Any]]:
+    def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]:
         return readout.dispatch_docs(self, include_closed)
 
     # ============================================================================================= shutdown

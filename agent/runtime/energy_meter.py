@@ -37,6 +37,7 @@ from hashflex.agent.core.energy import (
 )
 from hashflex.agent.core.model import Source
 from hashflex.agent.logging import get_logger
+from hashflex.contract.status import EnergyDoc
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -122,7 +123,7 @@ class EnergyMeter:
         controller's write-behind: behind any minute the store refused earlier, never before it."""
         ctl.persist.call("pin_energy_until", upto, ctl.clock.time())
 
-    def doc(self) -> dict[str, Any]:
+    def doc(self) -> EnergyDoc:
         """The status document's `energy` section: where the site's kWh come from now."""
         m = self.metered
         return {

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from hashflex.agent.core import timefmt
+from hashflex.agent.core.timefmt import iso_ms
 from hashflex.agent.logging import get_logger
 
 log = get_logger("events")
@@ -24,11 +24,6 @@ EVENT_TYPES = frozenset(
 Subscriber = Callable[[dict[str, Any]], None]
 
 
-def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC with milliseconds and Z, or None (agent.core.timefmt)."""
-    return timefmt.iso(ts, ms=True)
-
-
 class EventLog:
     def __init__(self, clock: Callable[[], float], capacity: int = 2000) -> None:
         self._clock = clock
@@ -41,7 +36,7 @@ class EventLog:
     def emit(self, event_type: str, **data: Any) -> dict[str, Any]:
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {event_type!r}")
-        doc: dict[str, Any] = {"type": event_type, "ts": iso(self._clock()), "data": data}
+        doc: dict[str, Any] = {"type": event_type, "ts": iso_ms(self._clock()), "data": data}
         self._ring.append(doc)
         for subscriber in self._subscribers:
             try:

@@ -13,12 +13,14 @@ unless what the coordinator must hear at once (target, cap, fail-safe) changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from hashflex.agent.core.flexibility import Flexibility, FlexPublishPolicy, flexibility
+from hashflex.agent.core.flexibility import FlexPublishPolicy, flexibility
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime import readout
+from hashflex.contract.flex import FlexDoc, Flexibility
+from hashflex.contract.status import StatusDoc
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -71,7 +73,7 @@ class FlexSink:
     def __init__(
         self,
         ctl: Controller,
-        publish: Callable[[Mapping[str, Any]], None],
+        publish: Callable[[FlexDoc], None],
         *,
         policy: FlexPublishPolicy | None = None,
         compute_every_s: float = COMPUTE_EVERY_S,
@@ -95,7 +97,7 @@ class FlexSink:
             None if fs is None else (fs.active, fs.level_kw),
         )
 
-    def __call__(self, doc: dict[str, Any]) -> None:  # a status sink; the doc is not needed
+    def __call__(self, doc: StatusDoc) -> None:  # a status sink; the doc is not needed
         now = self._ctl.clock.time()
         inputs = self._watched()
         fresh_enough = self._computed_at is not None and 0.0 <= now - self._computed_at < self._every

@@ -48,9 +48,9 @@ from hashflex.agent.core.frequency import (
     unknown,
 )
 from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import Change, Op, OpResult
-from hashflex.agent.runtime.events import iso
 from hashflex.drivers.base import CONTROL_COST_MS, Family
 
 log = get_logger("frequency")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import psutil
+
+from hashflex.contract.status import GatewayDoc
 
 _MIB = 1024 * 1024
 _PROCESS = psutil.Process()
@@ -26,9 +27,9 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def gateway_health(state_dir: Path, disk_alarm_mb: float) -> dict[str, Any]:
+def gateway_health(state_dir: Path, disk_alarm_mb: float) -> GatewayDoc:
     """{cpu_pct, mem_pct, disk_free_mb, rss_mb, low_disk}; low_disk when free space < disk_alarm_mb."""
-    out: dict[str, Any] = {"cpu_pct": None, "mem_pct": None, "disk_free_mb": None, "rss_mb": None, "low_disk": False}
+    out: GatewayDoc = {"cpu_pct": None, "mem_pct": None, "disk_free_mb": None, "rss_mb": None, "low_disk": False}
     with contextlib.suppress(OSError):
         out["cpu_pct"] = round(psutil.cpu_percent(interval=None), 1)
     with contextlib.suppress(OSError):

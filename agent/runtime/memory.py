@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.core.timeline import TIMELINE_STATE_KEY
 from hashflex.agent.io.records import MinerControl
 from hashflex.agent.runtime.actuator import Change, Op
-from hashflex.agent.runtime.events import iso
+from hashflex.contract.status import DispatchDoc
 
 OPEN_STATUSES = frozenset({"pending", "active"})
 
@@ -168,7 +169,7 @@ class DispatchRecord:
             closed_at=move(self.closed_at),
         )  # fmt: skip
 
-    def doc(self) -> dict[str, Any]:
+    def doc(self) -> DispatchDoc:
         d = self.dispatch
         level = None
         if d.target_kw is not None or d.baseline_kw is not None:
@@ -182,7 +183,6 @@ class DispatchRecord:
             "baseline_kw": d.baseline_kw,
             "level_kw": level,
             "ramp_kw_per_min": d.ramp_kw_per_min,
-            "priority": d.priority,
             "issued_at": iso(d.issued_at),
             "start": iso(d.start),
             "end": iso(d.end),

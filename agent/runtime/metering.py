@@ -21,7 +21,7 @@ from typing import Protocol
 
 from hashflex.agent.config import SiteMeterConfig
 from hashflex.agent.core.site_meter import MinerShare, NonMinerWindow, SteadyMiners, counted_base, miner_level
-from hashflex.agent.runtime.events import iso
+from hashflex.agent.core.timefmt import iso_ms as iso
 
 
 class MeterReadingView(Protocol):

@@ -16,9 +16,10 @@ from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAct
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
 from hashflex.agent.core.site_meter import miner_level
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.runtime.actuator import diff
-from hashflex.agent.runtime.events import iso
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory
+from hashflex.contract.status import BrokerDoc, DispatchDoc, StatusDoc
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -35,7 +36,7 @@ _SORT_KEYS = {
 }  # fmt: skip
 
 
-def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
+def build_status(ctl: Controller, snap: Any, now: float) -> StatusDoc:
     counts = {s.value: 0 for s in MinerState}
     hashrate = 0.0
     for ms in snap.miners.values():
@@ -49,7 +50,7 @@ def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
     counts["total"] = len(snap.miners) + unidentified
     t, f = ctl.target, ctl.failsafe
     released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.fs_rules)
-    broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
+    broker: BrokerDoc = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
     return {
         "ts": iso(now),
         "site_id": ctl.cfg.site.id,
@@ -236,10 +237,10 @@ def views_readonly(ctl: Controller, snap: Any, now: float) -> list[MinerView]:
             saved_memory, saved_seen, saved_dirty, saved_alarms,
         )
 
-def dispatch_docs(ctl: Controller, include_closed: bool) -> list[dict[str, Any]]:
+def dispatch_docs(ctl: Controller, include_closed: bool) -> list[DispatchDoc]:
     if not include_closed:
         return [r.doc() for r in ctl.dispatches.values() if r.open]
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, DispatchDoc] = {}
     for d, status, progress in ctl.store.load_dispatches(active_only=False):
         seen[d.id] = DispatchRecord.from_stored(d, status, dict(progress or {})).doc()
     for r in ctl.dispatches.values():

@@ -24,25 +24,17 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hashflex.agent.commands import (
-    INTERNAL,
-    UNAVAILABLE,
-    Command,
-    DispatchesRequest,
-    EventsRequest,
-    MinersRequest,
-    PreviewRequest,
-    Repeat,
-    load_json,
-    parse_heartbeat,
-    parse_request,
-)
+from hashflex.agent.commands import Command, Repeat, parse_heartbeat, parse_request
 from hashflex.agent.config import AgentConfig
-from hashflex.agent.core import signing
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.clock import Clock
-from hashflex.agent.runtime.events import EventLog, iso
+from hashflex.agent.runtime.events import EventLog
+from hashflex.contract import signing
+from hashflex.contract.reply import INTERNAL, UNAVAILABLE, Reply
+from hashflex.contract.requests import DispatchesRequest, EventsRequest, MinersRequest, PreviewRequest, load_json
+from hashflex.contract.status import DispatchDoc, StatusDoc
 
 log = get_logger("commands")
 
@@ -57,13 +49,13 @@ class Applier(Protocol):
 
     def stored_reply(self, key: str) -> dict[str, Any] | None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> StatusDoc: ...
 
     def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]: ...
 
     def preview(self, target_kw: float) -> dict[str, Any]: ...
 
-    def dispatch_docs(self, include_closed: bool) -> list[dict[str, Any]]: ...
+    def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]: ...
 
     def record_refusal(self, summary: dict[str, Any]) -> None: ...
 

@@ -54,8 +54,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.core.flexibility import parse_flex
-from hashflex.agent.core.signing import sign_command
+from hashflex.contract.flex import parse_flex
+from hashflex.contract.signing import sign_command
 from hashflex.coordinator.allocation import CurvePoint, Reach, SiteFlex, SiteLimits, allocate, proportional_split
 from hashflex.coordinator.program import SiteConfig, SiteView, _site_flex  # _site_flex: the coordinator's picture
 from hashflex.sim.testing import SimProcess

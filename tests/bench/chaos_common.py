@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hashflex.agent.core import signing
+from hashflex.contract import signing
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso
 
@@ -292,7 +292,7 @@ def resign(agent: AgentProcess, doc: Mapping[str, Any], **changes: Any) -> dict[
 
 
 def sign_raw(body: Mapping[str, Any], key: Any) -> dict[str, Any]:
-    """`body` signed as it stands, in the command format of agent.core.signing (the versioned one, once there)."""
+    """`body` signed as it stands, in the command format of contract.signing (the versioned one, once there)."""
     sign = getattr(signing, "sign_command", signing.sign)
     out: dict[str, Any] = sign(body, key)
     return out

@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from hashflex.agent.io.control_socket import AgentUnavailable
-from hashflex.agent.protocol import Reply
+from hashflex.contract.reply import Reply
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, write_agent_config
 from tests.bench.chaos_common import (

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from hashflex.agent.core import signing
+from hashflex.contract import signing
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, iso, write_agent_config
 from tests.bench.chaos_common import Row, emit, full_power_kw, resign, settled_db_bytes, sign_raw, signed
@@ -61,7 +61,7 @@ _NOT_A_START = tuple(v for v in _NOT_A_TIME if not isinstance(v, int))  # a past
 WRONG: dict[str, tuple[Any, ...]] = {  # per field, values it can never take
     "id": _NOT_AN_ID, "dispatch_id": _NOT_AN_ID, "target_kw": _NOT_A_NUMBER, "cap_kw": _NOT_A_NUMBER,
     "to_kw": _NOT_A_NUMBER, "start": _NOT_A_START, "end": _NOT_A_TIME,
-    "ramp_kw_per_min": ("fast", 0, -5, [], {}), "priority": (1.5, "high", 10**9, [], None),
+    "ramp_kw_per_min": ("fast", 0, -5, [], {}),
     "rev": (-1, 1.5, 2**40, None, []), "for_s": (True, [], "forever", 0, -60, "99999999999d", "1e400s"),
     "state": (1, "on fire", []), "sort": (1, "random", []), "limit": (0, -1, "all", 10**12, 1.5),
 }  # fmt: skip
@@ -88,7 +88,7 @@ class Generator:
         r = self.rng
         if verb == "dispatch":
             return {"id": self.uid(), "target_kw": round(r.uniform(1, 10), 1), "start": iso(now),
-                    "end": iso(now + 600), "ramp_kw_per_min": 5, "priority": 0, "rev": 0}  # fmt: skip
+                    "end": iso(now + 600), "ramp_kw_per_min": 5, "rev": 0}  # fmt: skip
         if verb == "cancel":
             return {"id": self.uid(), "dispatch_id": r.choice(("nope", "fz1", "safe-start", "x"))}
         if verb == "cap":
@@ -122,7 +122,7 @@ class Generator:
                  "miners": "limit", "cancel": "dispatch_id"}.get(verb, "id")  # fmt: skip
         choice = self.rng.random()
         if verb == "dispatch" and choice < 0.3:
-            field = self.rng.choice(("end", "start", "ramp_kw_per_min", "priority", "rev"))
+            field = self.rng.choice(("end", "start", "ramp_kw_per_min", "rev"))
         if verb == "curtail" and choice < 0.3:
             field = "for_s"
             body[field] = self.rng.choice(("99999999999d", "1e400s", "-1s", "0"))

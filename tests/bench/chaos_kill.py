@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from hashflex.agent.io.control_socket import AgentUnavailable
-from hashflex.agent.protocol import Reply
 from hashflex.agent.runtime.crashpoints import ENV as CRASH_ENV
 from hashflex.agent.runtime.crashpoints import POINTS
+from hashflex.contract.reply import Reply
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentConfigFiles, AgentProcess, write_agent_config
 from tests.bench.chaos_common import (

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NatsClient
 
-from hashflex.agent.core.signing import sign_command
+from hashflex.contract.signing import sign_command
 from hashflex.coordinator.allocation import SiteLimits
 from hashflex.coordinator.fabric import MqttFabric
 from hashflex.coordinator.lease import Lease, LeaseConfig

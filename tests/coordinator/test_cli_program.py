@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from hashflex.agent.cli.main import app
-from hashflex.agent.core.signing import generate_keypair, sign_command
+from hashflex.contract.signing import generate_keypair, sign_command
 from tests.broker import HOST, Mosquitto, free_port
 from tests.nats_cluster import NATS_SERVER
 

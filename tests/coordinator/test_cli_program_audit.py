@@ -36,7 +36,7 @@ from hashflex.agent.cli.coordinator import (
     dispatch_row,
     site_row,
 )
-from hashflex.agent.core.signing import sign_command
+from hashflex.contract.signing import sign_command
 from tests.broker import HOST, free_port
 from tests.nats_cluster import NatsCluster
 

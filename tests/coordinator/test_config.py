@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hashflex.agent.cli.main import app
-from hashflex.agent.core.signing import generate_keypair
+from hashflex.contract.signing import generate_keypair
 from hashflex.coordinator.config import ConfigError, load
 
 REPO = Path(__file__).resolve().parents[2]

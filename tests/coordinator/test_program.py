@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.flexibility import Flexibility, LossPoint, flexibility
-from hashflex.agent.core.flexibility import Reach as FlexReach
-from hashflex.agent.core.signing import sign_command
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.core.flexibility import flexibility
+from hashflex.agent.protocol import Channel
+from hashflex.contract.flex import Flexibility, LossPoint
+from hashflex.contract.flex import Reach as FlexReach
+from hashflex.contract.reply import Reply
+from hashflex.contract.signing import sign_command
 from hashflex.coordinator.allocation import SiteLimits
 from hashflex.coordinator.program import (
     CAP_ID,

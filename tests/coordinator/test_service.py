@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.core.signing import sign_command
+from hashflex.contract.signing import sign_command
 from hashflex.coordinator.store import JetStreamProgramStore
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import AgentProcess, write_agent_config

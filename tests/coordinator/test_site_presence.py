@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from hashflex.agent.core.flexibility import Flexibility
+from hashflex.contract.flex import Flexibility
 from hashflex.coordinator.fabric import MqttFabric
 from hashflex.coordinator.program import ProgramState
 from hashflex.coordinator.service import Coordinator, CoordinatorConfig

@@ -15,8 +15,8 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.flexibility import LossPoint
-from hashflex.agent.protocol import Reply
+from hashflex.contract.flex import LossPoint
+from hashflex.contract.reply import Reply
 from hashflex.coordinator.allocation import SiteLimits
 from hashflex.coordinator.program import (
     ProgramRules,

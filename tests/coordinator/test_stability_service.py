@@ -17,7 +17,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from hashflex.agent.protocol import Reply
+from hashflex.contract.reply import Reply
 from hashflex.coordinator.fabric import MqttFabric
 from hashflex.coordinator.lease import Lease, LeaseConfig
 from hashflex.coordinator.program import ProgramState, StateConflict, step

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hashflex.agent.core.signing import generate_keypair
+from hashflex.contract.signing import generate_keypair
 from hashflex.coordinator.runner import stop_tasks
 from tests.broker import HOST, Mosquitto, free_port
 from tests.coordinator.test_cli_program import _nats_server, _read

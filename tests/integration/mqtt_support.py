@@ -16,9 +16,10 @@ from typing import Any
 import aiomqtt
 
 from hashflex.agent.config import AgentConfig
-from hashflex.agent.core import signing
 from hashflex.agent.io.mqtt import LinkState, MqttLink
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
+from hashflex.contract import signing
+from hashflex.contract.reply import Reply
 from tests.broker import HOST, Mosquitto
 
 

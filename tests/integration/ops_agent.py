@@ -21,7 +21,8 @@ from typing import Any
 from hashflex.agent.config import LoggingConfig
 from hashflex.agent.io.control_socket import ControlServer
 from hashflex.agent.logging import configure_logging
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
+from hashflex.contract.reply import Reply
 
 BASE_STATUS: dict[str, Any] = {
     "ts": None,

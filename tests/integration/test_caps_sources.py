@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.io.control_socket import ControlServer
 from hashflex.agent.io.store import Store
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.service import CommandService
+from hashflex.contract.reply import Reply
 from tests.agent_harness import sign_for
 from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from hashflex.agent.core import signing
 from hashflex.agent.protocol import Channel
+from hashflex.contract import signing
 from tests.agent_harness import iso, sign_for
 from tests.integration.test_runtime_service import (
     GRID,

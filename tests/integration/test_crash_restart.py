@@ -44,8 +44,8 @@ import pytest
 
 from hashflex.agent.io.control_socket import AgentUnavailable
 from hashflex.agent.io.store import Store
-from hashflex.agent.protocol import Reply
 from hashflex.agent.runtime.crashpoints import ENV as CRASH_ENV
+from hashflex.contract.reply import Reply
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import ROOT, AgentConfigFiles, AgentProcess, iso, write_agent_config
 

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from hashflex.agent.config import load_config
-from hashflex.agent.core.flexibility import FLEX_SCHEMA, FlexPublishPolicy, parse_flex
+from hashflex.agent.core.flexibility import FlexPublishPolicy
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.clock import WallClock
 from hashflex.agent.runtime.fleet import Fleet
 from hashflex.agent.runtime.flex_publish import FlexSink, site_flexibility
+from hashflex.contract.flex import FLEX_SCHEMA, parse_flex
 from hashflex.sim.testing import SimProcess
 from tests.agent_harness import sign_for, write_agent_config
 from tests.runtime_support import start_parts, stop_parts

@@ -398,7 +398,7 @@ async def test_every_class_of_bad_input_is_refused_with_a_reason_and_an_event_an
             ("replayed id, other content", "dispatch", site.signed({"id": "real-1", **valid}), "conflict"),
             ("malformed JSON", "dispatch", b'{"id": "broken", "target_kw": 1', "bad_json"),
             ("wrong type", "dispatch", site.signed({"id": "wrong-type", **valid, "target_kw": [1]}), "bad_request"),
-            ("wrong type (priority)", "dispatch", site.signed({"id": "wrong-prio", **valid, "priority": "high"}),
+            ("wrong type (rev)", "dispatch", site.signed({"id": "wrong-rev", **valid, "rev": "high"}),
              "bad_request"),
             ("negative kW", "dispatch", site.signed({"id": "negative", **valid, "target_kw": -5}), "out_of_range"),
             ("above the cap", "dispatch", site.signed({"id": "above-cap", **valid, "target_kw": cap * 2}),

@@ -16,8 +16,9 @@ import pytest
 
 from hashflex.agent.commands import Command, parse_heartbeat, parse_request
 from hashflex.agent.config import DispatchRules
-from hashflex.agent.core import signing
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
+from hashflex.contract import signing
+from hashflex.contract.reply import Reply
 from tests.broker import HOST, REPO, Mosquitto
 from tests.integration.mqtt_support import Observer, make_link, running, site_config
 

@@ -17,8 +17,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hashflex.agent.config import AgentConfig
-from hashflex.agent.core import signing
 from hashflex.agent.io.mqtt import MqttLink
+from hashflex.contract import signing
 from tests.agent_harness import iso, sign_for
 from tests.broker import HOST, Mosquitto
 from tests.integration.mqtt_support import Observer, RecordingHandler, running, unique_site, wait_until

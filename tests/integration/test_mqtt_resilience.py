@@ -15,8 +15,8 @@ import pytest
 import structlog
 import yaml
 
-from hashflex.agent.core import signing
 from hashflex.agent.io.mqtt import BACKOFF_MAX_S, FailureKind, LinkState, backoff_s, classify_failure
+from hashflex.contract import signing
 from tests.broker import HOST, REPO, Mosquitto
 from tests.integration.mqtt_support import (
     Observer,

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from hashflex.agent.cli import discover
 from hashflex.agent.cli.main import app
 from hashflex.agent.cli.render import print_table, watts
-from hashflex.agent.runtime.events import iso
+from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.drivers.base import Family, Identity, Presets
 from tests.integration.ops_agent import MINERS, StandInAgent
 

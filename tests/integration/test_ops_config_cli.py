@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hashflex.agent.cli.main import app
-from hashflex.agent.core.signing import generate_keypair
+from hashflex.contract.signing import generate_keypair
 
 runner = CliRunner(env={"COLUMNS": "200"})
 

@@ -24,7 +24,8 @@ from hashflex.agent.io.control_socket import (
     request,
     request_sync,
 )
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
+from hashflex.contract.reply import Reply
 
 pytestmark = pytest.mark.timeout(60)
 

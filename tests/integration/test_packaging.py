@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = ("agent", "drivers", "sim", "coordinator")
+FOLDERS = ("agent", "drivers", "sim", "coordinator", "contract")
 
 
 def test_the_wheel_claims_only_hashflex_and_runs_from_outside_the_checkout(tmp_path: Path) -> None:

@@ -18,10 +18,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.config import AgentConfig
-from hashflex.agent.protocol import Channel, Reply
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.service import CommandService
+from hashflex.contract.reply import Reply
 from tests.agent_harness import guess_verb, iso, sign_for
 from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
 

@@ -11,8 +11,8 @@ import pytest
 
 from hashflex.agent.app import Agent, check_time_scale, configured_addresses, load_keys, site_left_as
 from hashflex.agent.config import AgentConfig, ConfigError, LoggingConfig
-from hashflex.agent.core.signing import generate_keypair
 from hashflex.agent.logging import configure_logging
+from hashflex.contract.signing import generate_keypair
 
 
 def config(tmp_path: Path, addresses: list[str], keys: list[str] | None = None, **extra: object) -> AgentConfig:

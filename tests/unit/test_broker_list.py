@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hashflex.agent.config import ConfigError, load_config
-from hashflex.agent.core import signing
 from hashflex.agent.core.brokers import BACKOFF_MAX_S, HOP_JITTER_S, HOP_S, Broker, Rotation, retry_delay_s
 from hashflex.agent.io.mqtt import FailureKind, backoff_s
+from hashflex.contract import signing
 from hashflex.coordinator.fabric import MqttFabric
 from tests.integration.mqtt_support import make_link
 

@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.commands import (
+from hashflex.agent.commands import REQUEST_DIGEST, Command, Repeat, answer_repeat, parse_request, request_digest
+from hashflex.agent.config import DispatchRules
+from hashflex.agent.protocol import Channel
+from hashflex.contract import signing
+from hashflex.contract.reply import (
     BAD_JSON,
     BAD_REQUEST,
     BAD_SIGNATURE,
@@ -19,25 +23,20 @@ from hashflex.agent.commands import (
     EXPIRED,
     FUTURE,
     OUT_OF_RANGE,
-    REQUEST_DIGEST,
     RETAINED,
     TOO_LARGE,
     UNKNOWN_VERB,
     UNSIGNED,
+    Reply,
+)
+from hashflex.contract.requests import (
     CancelRequest,
     CapRequest,
-    Command,
     CurtailRequest,
     DispatchRequest,
     MinersRequest,
-    Repeat,
-    parse_request,
     parse_timestamp,
-    request_digest,
 )
-from hashflex.agent.config import DispatchRules
-from hashflex.agent.core import signing
-from hashflex.agent.protocol import Channel, Reply
 
 NOW = 1_750_000_000.0
 CAP_KW = 2000.0
@@ -208,7 +207,8 @@ def test_retained_command_is_refused() -> None:
         ({"target_kw": "lots"}, "target_kw"),
         ({"target_kw": True}, "target_kw"),
         ({"issued_at": "yesterday"}, "issued_at"),
-        ({"priority": "high"}, "priority"),
+        ({"rev": "high"}, "rev"),
+        ({"priority": 0}, "unknown field"),  # retired in contract 1.0: it never had an effect
         ({"colour": "red"}, "unknown field"),
         ({"id": ""}, "id"),
         ({"id": 7}, "id"),
@@ -391,3 +391,14 @@ def test_curtail_add_is_optional_and_leaves_older_digests_as_they_were() -> None
     code, message = error(parse("curtail", {"id": "o-2", "to_kw": 500, "add": "maybe"}, Channel.LOCAL))
     assert code == BAD_REQUEST
     assert "add" in message
+
+
+def test_a_dispatch_stored_before_priority_was_retired_keeps_its_digest() -> None:
+    """`priority` (accepted, never used) left the dispatch request in contract 1.0. A dispatch answered before keeps
+    its stored digest: a grid retrying it after the upgrade gets its stored reply, not a conflict. The digest below
+    is the one the agent computed before the change (commit b03e2fa) for this very request."""
+    request = DispatchRequest.model_validate({"id": "d-7", "issued_at": 1750000000, "target_kw": 400,
+                                              "end": 1750003600})  # fmt: skip
+    assert request_digest(request) == "645a22e0dc7be8cec7cf63b4b4dcda4b4bb2b2ab15eeb80d217ebbe680964bcb"
+    stored = {"id": "d-7", "status": "ok", "data": {}, REQUEST_DIGEST: request_digest(request)}
+    assert isinstance(answer_repeat(request, stored), Repeat)

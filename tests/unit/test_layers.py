@@ -6,6 +6,8 @@
 - Only drivers/asic/vendor.py (and pyasic_patches) import pyasic; only agent/io/mqtt.py imports aiomqtt; only
   the agent/io/store package imports sqlite3 (checked over agent/, drivers/ and sim/; tests may use them directly).
 - sim/ shares no code with agent/ or drivers/.
+- contract/ (the wire contract) stands alone: nothing from agent, drivers, sim or coordinator, and no I/O; the agent,
+  the coordinator and the CLI import it, so a program that talks to sites needs nothing else.
 - Everything is imported through the one import package: `hashflex.agent…`, never a bare `agent…` (an installed
   project claims only the name `hashflex`; the rules above name modules without that prefix).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("agent", "drivers", "sim", "coordinator")
+PACKAGES = ("agent", "drivers", "sim", "coordinator", "contract")
 TOP = "hashflex."
 IO_MODULES = {"asyncio", "socket", "sqlite3", "subprocess", "aiomqtt", "pyasic", "httpx", "selectors", "ssl"}
 OWNERS = {
@@ -131,6 +133,22 @@ def test_drivers_import_only_drivers_and_their_vendor(path: Path) -> None:
 def test_each_outside_library_has_one_owner(library: str) -> None:
     users = {_rel(p) for p in sources(*PACKAGES) if any(m.split(".")[0] == library for m in imports_of(p))}
     assert users <= OWNERS[library], f"{library} imported outside its owner: {sorted(users - OWNERS[library])}"
+
+
+@pytest.mark.parametrize("path", sources("contract"), ids=_rel)
+def test_the_contract_stands_alone(path: Path) -> None:
+    allowed = {"__future__", "base64", "binascii", "json", "math", "re", "collections", "dataclasses", "datetime",
+               "enum", "itertools", "pathlib", "typing", "cryptography", "pydantic", "contract"}  # fmt: skip
+    bad = [m for m in imports_of(path) if m.split(".")[0] not in allowed]
+    assert not bad, f"{_rel(path)} (the wire contract) imports {sorted(set(bad))}"
+
+
+def test_the_coordinator_takes_the_wire_from_the_contract() -> None:
+    # the coordinator is the second program on the wire: it must not reach into the agent for requests, replies,
+    # signing, topics or the flexibility document
+    wire = ("agent.protocol", "agent.commands", "agent.core.flexibility", "agent.io.mqtt")
+    users = {_rel(p): m for p in sources("coordinator") for m in imports_of(p) if any(_under(m, w) for w in wire)}
+    assert not users, f"the coordinator imports the wire from the agent: {users}"
 
 
 @pytest.mark.parametrize("path", sources("sim"), ids=_rel)

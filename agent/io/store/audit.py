@@ -11,9 +11,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.core import audit, signing
+from hashflex.agent.core import audit
 from hashflex.agent.core.audit import AuditRecord
 from hashflex.agent.core.energy import DAY_S, period_start
+from hashflex.contract import signing
 
 
 def chain_head(db: sqlite3.Connection) -> tuple[int, str]:

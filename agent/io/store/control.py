@@ -35,7 +35,6 @@ _DISPATCH_COLUMNS = (
     "target_kw",
     "curtail_kw",
     "ramp_kw_per_min",
-    "priority",
     "rev",
     "baseline_kw",
     "status",

@@ -10,7 +10,8 @@ from typing import Any
 
 from hashflex.agent.core.audit import VerifyResult
 from hashflex.agent.core.energy import DAY_S, QUARTER_S, MinerTotal, rollup, total
-from hashflex.agent.io.export import ExportFormat, iso, render
+from hashflex.agent.core.timefmt import iso
+from hashflex.agent.io.export import ExportFormat, render
 from hashflex.agent.io.store import audit, control, energy
 
 

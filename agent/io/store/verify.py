@@ -13,11 +13,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hashflex.agent.core import audit, signing
+from hashflex.agent.core import audit
 from hashflex.agent.core.audit import ChainVerifier, VerifyResult
 from hashflex.agent.core.energy import total
 from hashflex.agent.io.store import energy
 from hashflex.agent.io.store.database import connect, inspect_file, quick_check
+from hashflex.contract import signing
 
 
 def verify_database(
