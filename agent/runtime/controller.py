@@ -914,8 +914,10 @@ class Controller:
         return steady and power_w >= EXCESS_GONE_SHARE * setting_w
 
     def _steady_gap_s(self) -> float:
-        """How far apart two readings must be for their agreeing to show a draw that has stopped moving."""
-        return min(self.cfg.polling.interval_s, self.cfg.control.confirm_after_s / 2)
+        """How far apart two readings must be for their agreeing to show a draw that has stopped moving: about a
+        poll interval (less a tenth: two sweeps' readings are taken as their replies come, not exactly that far
+        apart), and no more than half of confirm_after_s (after which the reading is taken as settled anyway)."""
+        return min(0.9 * self.cfg.polling.interval_s, self.cfg.control.confirm_after_s / 2)
 
     def _unidentified_views(self, snap: Any) -> list[MinerView]:
         """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start):
