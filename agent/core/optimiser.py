@@ -45,7 +45,12 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
     ceiling = None if ramp_allowance_kw is None else max(prep.present_w() + ramp_allowance_kw * 1e3, floor[0])
     soft = prep.soft_caps(ceiling)
     present = [w + x for w, x in zip(prep.node_sums(prep.cur_w), prep.excess_nodes, strict=True)]
-    settled = all(present[nd] <= soft[nd] + _EPS for nd in range(len(soft)))
+    # the site as it runs fits its limits: the hard ones (target, circuit caps), not the soft ones the plan aims
+    # under. The headroom is the planner's margin for noise, and noise is what fills it: a plan that filled the room
+    # to the watt is counted a few watts over it at the next tick (a woken miner's reading, a settled excess), and
+    # judged against the soft cap that was a cut, re-ranked by ratio alone: soak 20261210 (seed 3865) slept four
+    # running miners (7.2 kW) to raise seven others, over 14 W, and again each time the refilled plan wobbled over
+    settled = all(present[nd] <= prep.hard[nd] + _EPS for nd in range(len(soft)))
     if len(soft) == 1:
         return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
     peak = _peaks(prep)
@@ -83,7 +88,7 @@ def _allocate(
     settled: bool = False,
 ) -> Assignment:
     """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id;
-    settled: the site as it runs now fits every limit (see _keep_running_first)."""
+    settled: the site as it runs now fits every hard limit (see _keep_running_first)."""
     a = Assignment(prep, "optimal")
     a.overridden = list(prep.overridden)
     s = prep.rules.sleep_w
@@ -165,8 +170,9 @@ def _keep_running_first(
     worth a little hashrate on paper, but it is carried out sleep first (the raises wait until the sleep shows,
     `Controller._hold_rises`), so the site dips by the slept miners for seconds, and each re-plan from the half-done
     swap chose another one (soak: three miners slept in 6 s under a cap the site already met, one of them woken
-    again 11 s later). A limit that cuts still sleeps the least efficient first: then the site does not fit, and
-    the segments compete by ratio alone."""
+    again 11 s later). A limit that cuts still sleeps the least efficient first: then the site does not fit (its
+    target or a circuit cap; within the headroom it fits, and the cut comes off the raises), and the segments
+    compete by ratio alone."""
     return sorted(segs, key=lambda seg: (seg[0], not (seg[2] == 0 and keys[seg[3]][3] in _ON_KINDS)))
 
 

@@ -892,7 +892,11 @@ class Controller:
 
     def _settled(self, mem: MinerMemory, read_at: float, power_w: float) -> bool:
         """Has the miner's draw settled at its present setting, by this reading? Yes once confirm_after_s has
-        passed since it acknowledged the change, or earlier once two readings after it agree (its ramp is over)."""
+        passed since it acknowledged the change, or earlier once two readings after it, a poll interval apart,
+        agree (its ramp is over). Closer readings prove nothing: the early sweep after a batch comes a fraction of
+        a second after the one before, and a draw ramping down by tens of W/s reads the same twice (soak 20261210:
+        five LuxOS miners lowered by 208 W each were counted 150-220 W above their new profile from readings
+        0.25 s apart, and the plan slept four running miners to make room for that phantom excess)."""
         if read_at >= mem.changed_at + self.cfg.control.confirm_after_s or mem.settled:
             return True
         if read_at <= mem.changed_at:
@@ -900,26 +904,32 @@ class Controller:
         if mem.probe_at <= mem.changed_at:
             mem.probe_at, mem.probe_w = read_at, power_w  # the first reading since the change
             return False
-        if read_at > mem.probe_at:
+        if read_at >= mem.probe_at + self._steady_gap_s():
             if abs(power_w - mem.probe_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, mem.probe_w)):
                 mem.settled = True
                 return True
             mem.probe_at, mem.probe_w = read_at, power_w
         return False
 
-    @staticmethod
-    def _lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float) -> bool:
+    def _lowers_excess(self, mem: MinerMemory, read_at: float, power_w: float, setting_w: float) -> bool:
         """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
         draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a
         wake or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its
         word, the plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
         prev_at, prev_w = mem.last_read
-        if read_at > prev_at:
+        apart = read_at >= prev_at + self._steady_gap_s()  # (closer readings prove no ramp is over: `_settled`)
+        if apart:
             mem.last_read = (read_at, power_w)
         if power_w - setting_w >= mem.excess_w:
             return True
-        steady = read_at > prev_at and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
+        steady = apart and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
         return steady and power_w >= EXCESS_GONE_SHARE * setting_w
+
+    def _steady_gap_s(self) -> float:
+        """How far apart two readings must be for their agreeing to show a draw that has stopped moving: about a
+        poll interval (less a tenth: two sweeps' readings are taken as their replies come, not exactly that far
+        apart), and no more than half of confirm_after_s (after which the reading is taken as settled anyway)."""
+        return min(0.9 * self.cfg.polling.interval_s, self.cfg.control.confirm_after_s / 2)
 
     def _unidentified_views(self, snap: Any) -> list[MinerView]:
         """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start):
