@@ -32,11 +32,11 @@ from hashflex.agent.commands import (
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel, Reply
 from hashflex.agent.runtime.crashpoints import crash_point
-from hashflex.agent.runtime.memory import DispatchRecord
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -220,10 +220,8 @@ def _dispatch(
     return Reply.ok(req.id, {"dispatch": rec.doc()})
 
 def _load_closed(ctl: Controller, dispatch_id: str) -> DispatchRecord | None:
-    for d, status, progress in ctl.store.load_dispatches(active_only=False):
-        if d.id == dispatch_id:
-            return DispatchRecord.from_stored(d, status, dict(progress or {}))
-    return None
+    rec: DispatchRecord | None = ctl.store.get_dispatch(dispatch_id)
+    return rec
 
 def _cancel(ctl: Controller, req: CancelRequest, now: float, events: Events) -> Reply:
     rec = ctl.dispatches.get(req.dispatch_id)

@@ -56,8 +56,29 @@ from hashflex.agent.core.arbitration import (
 )
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.circuits import Circuit, CircuitTree, membership
-from hashflex.agent.core.efficiency import DEFAULT_CURVE, stock_w
-from hashflex.agent.core.model import Dispatch, MinerState, MinerView, Plan, SleepAction, Source, Target
+from hashflex.agent.core.efficiency import DEFAULT_CURVE
+from hashflex.agent.core.miner_memory import MinerMemory
+from hashflex.agent.core.model import (
+    Change,
+    Dispatch,
+    MinerState,
+    MinerView,
+    Op,
+    Plan,
+    SleepAction,
+    Source,
+    Target,
+    raises_draw,
+)
+from hashflex.agent.core.observe import (
+    RUNNING,
+    Observation,
+    ObserveRules,
+    blocked,
+    just_lowered,
+    observe,
+    recommands,
+)
 from hashflex.agent.core.planner import PlannerRules, plan, plan_sleep_only
 from hashflex.agent.core.ramp import (
     WakeStaggerRule,
@@ -68,12 +89,13 @@ from hashflex.agent.core.ramp import (
     wake_budget,
 )
 from hashflex.agent.core.schedule import ScheduleRule
-from hashflex.agent.io.records import MinerControl
+from hashflex.agent.core.snapshot import FleetSnapshot
+from hashflex.agent.io.records import DispatchRecord, MinerControl
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Reply
 from hashflex.agent.runtime import readout
-from hashflex.agent.runtime.actuator import Actuator, Change, Op, OpResult, Report, diff
+from hashflex.agent.runtime.actuator import Actuator, OpResult, Report, diff
 from hashflex.agent.runtime.apply import SAFE_START_ID, apply_command
 from hashflex.agent.runtime.clock import Clock, boot_clock, steady
 from hashflex.agent.runtime.crashpoints import crash_point
@@ -81,23 +103,12 @@ from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog, iso
 from hashflex.agent.runtime.facility import FacilityControl
 from hashflex.agent.runtime.frequency import FrequencyResponse
-from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw, save_on_timeline
+from hashflex.agent.runtime.memory import control_of, ended_copy, memory_from, save_on_timeline
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
-from hashflex.drivers.base import Family, OnOff
 
 log = get_logger("controller")
 
-SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
-SETTLED_W = 50.0
-# a steady reading at least this share of its setting shows what a miner draws at it, its drift above it gone too
-# (`_lowers_excess`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
-EXCESS_GONE_SHARE = 0.5
-UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a count)
-MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
-SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
-LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
-LIMIT_CONFIRM_W = 100.0
 MIN_EARLY_GAP_S = 0.2  # wall seconds between early ticks
 # a miner whose command failed is left alone for confirm_after_s, doubling with each failure in a row up to this
 # (clock seconds): a miner that refuses commands (a session another client holds, firmware errors) is not hammered
@@ -207,7 +218,6 @@ class Controller:
         self.alarms: dict[str, str] = {}
         self.in_flight: dict[str, Change] = {}  # commands sent and not yet answered
         self.decreasing: set[str] = set()  # told to sleep, not yet seen asleep (_hold_rises)
-        self.seen_on: dict[str, bool] = {}
         self.tick_n = 0
         self.tick_ms = 0.0
         self.tick_at: float | None = None
@@ -233,6 +243,9 @@ class Controller:
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
         self.sweep_request: asyncio.Event | None = None  # set by the app: ask the sweep loop for a fresh picture
+        self.observe_rules = ObserveRules(cfg.polling.stale_after_s, ctl.confirm_after_s, self.circuit_of,
+                                          self.priority_of)  # fmt: skip
+        self.observation: Observation | None = None  # the last tick's
         # set by the app: called with True when a command batch goes out while none is on the wire, False when the
         # last one is answered (the fleet pauses its sweeps in between: commands first)
         self.on_actuating: Callable[[bool], None] | None = None
@@ -339,14 +352,14 @@ class Controller:
             control = dataclasses.replace(stored_control, since=stored_control.since + shift)
             if shift:
                 moved_controls[ip] = control
-            mem = self.memory[ip] = MinerMemory.from_control(control)
+            mem = self.memory[ip] = memory_from(control)
             if mem.pending_op is not None:
                 mem.pending_at = now  # a wake the last run may have sent: telemetry confirms it from now on
             if mem.last_transition > now:  # its min on/off time runs from now, not from a time still to come
                 ahead_s = max(ahead_s, mem.last_transition - now)
                 mem.last_transition = now
-        for stored, status, progress in self.store.load_dispatches(active_only=True):
-            rec = DispatchRecord.from_stored(stored, status, dict(progress or {})).moved(shift)
+        for stored in self.store.load_dispatches(active_only=True):
+            rec = stored.moved(shift)
             d = rec.dispatch
             if rec.status == "active" and d.start > now:
                 # it was binding when the last run stopped: a wall clock that went back must not un-bind it (the
@@ -572,7 +585,7 @@ class Controller:
         self._check_clock()
         self._advance_dispatches(now)
         target = self._arbitrate(now)
-        views = self._views(snap, now)
+        views = self._observe(snap, now).views
         by_ip = {v.id: v for v in views}
         present_kw = snap.power_w / 1000.0
         measured_fresh = self._last_snapshot_ts != snap.ts
@@ -634,15 +647,18 @@ class Controller:
         held_raises_w: list[float] = []
         changes = diff(
             new_plan.actions, by_ip, use_power_limits=self.cfg.control.use_power_limits,
-            pending=self._blocked(), rank=_efficiency_rank, held_raises_w=held_raises_w,
-            no_raise=self._just_lowered(now),
+            pending=blocked(self.memory, self.in_flight, now), rank=_efficiency_rank,
+            held_raises_w=held_raises_w, no_raise=just_lowered(self.memory, now, self.cfg.control.confirm_after_s),
         )  # fmt: skip
         if allowance is not None and held_raises_w:
             # raises too small to send took ramp credit for a rise the site does not make: given back, or the
             # credit never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good
             # under a dispatch at twice what it drew)
             self.ramp_credit_kw = min(allowance, self.ramp_credit_kw + sum(held_raises_w) / 1000.0)
-        changes += self._recommands(new_plan, {c.ip for c in changes}, now)
+        resent, updated = recommands(self.memory, new_plan, self.in_flight, skip={c.ip for c in changes}, now=now,
+                                     confirm_after_s=self.cfg.control.confirm_after_s)  # fmt: skip
+        self.memory.update(updated)
+        changes += resent
         changes, held = self._hold_rises(changes, by_ip)
         changes, unwritten = self._write_ahead(changes)
         held += unwritten
@@ -657,7 +673,7 @@ class Controller:
             log.debug("planned from", views=[_describe(v) for v in views[:50]], worst_case_kw=new_plan.worst_case_kw)
             crash_point("planned")
             self._launch(changes, new_plan, fast, now)
-            if fast and any(v.state in _RUNNING and ip not in self.in_flight for ip, v in by_ip.items()):
+            if fast and any(v.state in RUNNING and ip not in self.in_flight for ip, v in by_ip.items()):
                 # the optimal plan follows as soon as the fast one is out, to limit the miners the fast one left
                 # running; when it is sleeping all of them there is nothing to plan until its results are in
                 # (they tick again), and a tick now would only take CPU from the batch
@@ -765,305 +781,25 @@ class Controller:
         self.target = target
         return target
 
-    # ----------------------------------------------------------------------------------------- views
-    def _views(self, snap: Any, now: float) -> list[MinerView]:
-        stale = self.cfg.polling.stale_after_s
-        views: list[MinerView] = []
-        for ip, ms in snap.miners.items():
-            mem = self.memory.get(ip)
-            if mem is None:
-                mem = self.memory[ip] = MinerMemory()
-            ident = ms.identity
-            fresh = ms.reachable and ms.age_s is not None and ms.age_s <= stale
-            self._confirm(ip, ms, mem, fresh=fresh, snap_ts=snap.ts, now=now)
-            cap = OnOff() if mem.limits_unsupported else ident.capability
-            stock = stock_w(cap, ident.nominal_w)
-            commanded = mem.commanded_w
-            if commanded is None and ms.reading is not None and ms.reading.power_limit_w:
-                commanded = float(ms.reading.power_limit_w)
-            # a command in flight, or acknowledged and not yet seen in telemetry, is taken as done (so the next
-            # plan does not count the miner twice); a miner that ignores commands is taken as it is
-            told = self.in_flight.get(ip)
-            told_op = told.op if told is not None else (Op(mem.pending_op) if mem.pending_op else None)
-            told_w = told.watts if told is not None else mem.pending_w
-            if mem.ignores_commands:
-                told_op = None
-            if told_op is Op.SET_POWER and told_w is not None:
-                commanded = float(told_w)
-            running = (
-                MinerState.THROTTLED if commanded is not None and commanded < stock - 1 else MinerState.HASHING
-            )
-            hint = ms.state_hint
-            if hint == "sleeping" and not mem.asleep_by_us:
-                # off, and not by us: believe it once it lasts (a firmware re-tuning after a new limit, or a
-                # restarting miner, shows off for a moment); until then it counts as running, which is safe
-                if mem.off_seen_at is None:  # (found off at start-up: nothing to wait for)
-                    first_look = ip not in self.seen_on
-                    mem.off_seen_at = now - self.cfg.control.confirm_after_s if first_look else now
-                if now - mem.off_seen_at < self.cfg.control.confirm_after_s:
-                    hint = "hashing"
+    # ----------------------------------------------------------------------------------------- observation
+    def _observe(self, snap: FleetSnapshot, now: float) -> Observation:
+        """What every miner is doing (agent.core.observe), its decisions applied: memory, alarms, log lines."""
+        obs = observe(snap, self.memory, self.in_flight, now, self.observe_rules)
+        self.memory = obs.memory
+        self._dirty_controls |= obs.changed
+        for note in obs.notes:
+            (log.warning if note.level == "warning" else log.info)(note.event, **note.fields)
+        for alarm in obs.alarms:
+            if alarm.message is None:
+                self.alarms.pop(alarm.key, None)
             else:
-                mem.off_seen_at = None
-            if hint in ("sleeping", "waking") and now - mem.limited_at < self.cfg.control.confirm_after_s \
-                    and not mem.asleep_by_us:  # fmt: skip
-                # re-tuning to the limit it just accepted; not when we slept it since (a fast cut right after a
-                # raise: taken for a miner that had just come on, it was "kept on" by min-on and sent a limit)
-                hint = "hashing"
-            if not fresh:
-                state = MinerState.UNREACHABLE
-            elif told_op is Op.SLEEP:
-                state = MinerState.SLEEPING
-            elif told_op is Op.WAKE:
-                state = MinerState.WAKING
-            elif hint == "sleeping" or (hint == "unknown" and mem.asleep_by_us):
-                state = MinerState.SLEEPING
-            elif hint == "waking" and not mem.asleep_by_us:
-                state = MinerState.WAKING
-            elif hint == "waking":
-                state = MinerState.SLEEPING  # not hashing, still drawing: we slept it and it is powering down
-            else:
-                state = running
-            if fresh:
-                self._track_transition(ip, mem, state, now)
-            if state in _RUNNING:
-                mem.woken_to_w = None  # up: it runs at its limit now, whatever it woke to
-            up_at = commanded if commanded is not None else stock  # what it draws once up
-            if fresh and mem.wake_sent_at is not None and not readout.still_waking(mem, ms, up_at, now):
-                mem.wake_sent_at = None  # up by its power: the status shows it as it is from now on
-            # what it reports drawing, once its present setting had time to take effect: counted at no less
-            # (a command on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet
-            # seen is `_confirm`'s: re-sent, then the miner is counted at its real draw as ignoring commands)
-            measured_w = None
-            if (fresh and ms.measured and told is None and not mem.ignores_commands and ms.age_s is not None
-                    and (state in _RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
-                    and self._settled(mem, snap.ts - ms.age_s, float(ms.power_w))):
-                measured_w = float(ms.power_w)
-                if state in _RUNNING:
-                    setting = commanded if commanded is not None else stock
-                    if self._lowers_excess(mem, snap.ts - ms.age_s, measured_w, setting):
-                        mem.excess_w, mem.excess_setting_w = max(0.0, measured_w - setting), setting
-                    else:  # coming up from a wake or a re-tune: what it drew above its setting is still counted
-                        measured_w = max(measured_w, setting + mem.excess_w)
-            elif state in _RUNNING and not mem.ignores_commands:
-                # settling at a new setting: the excess it showed at the last one is still counted (not doing so
-                # let the plan raise a drifting miner back over its circuit cap every time it moved its limit),
-                # and so is a larger one it shows meanwhile above both settings (a drift that began meanwhile)
-                setting = commanded if commanded is not None else stock
-                if fresh and ms.measured and told is None:
-                    above = float(ms.power_w) - max(setting, mem.excess_setting_w)
-                    mem.excess_w = max(mem.excess_w, above)
-                if mem.excess_w > 0:
-                    measured_w = setting + mem.excess_w
-            elif state is MinerState.WAKING and mem.excess_w > 0 and not mem.ignores_commands:
-                # the excess it showed when it last ran is kept while it sleeps (a drifting PSU drifts after a wake
-                # too) and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting
-                # miner was woken at its bare limit and counted so until its readings settled, and the site ran
-                # over its limit each time a cut slept one drifter and the re-plan woke another (soak 20261208)
-                measured_w = (mem.woken_to_w or up_at) + mem.excess_w
-            if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
-                # its last command failed and it is left alone until the back-off ends (`_blocked`); that command
-                # may or may not have taken, so the plan counts it as one it cannot reach: no action, at the larger
-                # of its full power and its draw (not at what the plan would like it to do)
-                state = MinerState.UNREACHABLE
-            views.append(
-                MinerView(
-                    id=ip, family=ident.family, capability=cap, nominal_w=ident.nominal_w,
-                    nominal_ths=ident.nominal_ths, state=state, power_w=ms.power_w if fresh else None,
-                    commanded_w=commanded, asleep_by_us=mem.asleep_by_us, last_transition=mem.last_transition,
-                    circuit=self.circuit_of.get(ip), priority=self.priority_of.get(ip, 0),
-                    ignores_commands=mem.ignores_commands, measured_w=measured_w,
-                    woken_to_w=mem.woken_to_w if state is MinerState.WAKING else None,
-                )
-            )  # fmt: skip
-        views.extend(self._unidentified_views(snap))
-        return views
+                self._raise_alarm(alarm.key, alarm.message, quiet=alarm.quiet)
+        self.observation = obs
+        return obs
 
-    def _settled(self, mem: MinerMemory, read_at: float, power_w: float) -> bool:
-        """Has the miner's draw settled at its present setting, by this reading? Yes once confirm_after_s has
-        passed since it acknowledged the change, or earlier once two readings after it agree (its ramp is over)."""
-        if read_at >= mem.changed_at + self.cfg.control.confirm_after_s or mem.settled:
-            return True
-        if read_at <= mem.changed_at:
-            return False  # taken before the change
-        if mem.probe_at <= mem.changed_at:
-            mem.probe_at, mem.probe_w = read_at, power_w  # the first reading since the change
-            return False
-        if read_at > mem.probe_at:
-            if abs(power_w - mem.probe_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, mem.probe_w)):
-                mem.settled = True
-                return True
-            mem.probe_at, mem.probe_w = read_at, power_w
-        return False
-
-    @staticmethod
-    def _lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float) -> bool:
-        """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
-        draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a
-        wake or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its
-        word, the plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
-        prev_at, prev_w = mem.last_read
-        if read_at > prev_at:
-            mem.last_read = (read_at, power_w)
-        if power_w - setting_w >= mem.excess_w:
-            return True
-        steady = read_at > prev_at and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
-        return steady and power_w >= EXCESS_GONE_SHARE * setting_w
-
-    def _unidentified_views(self, snap: Any) -> list[MinerView]:
-        """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start):
-        the fleet retries them in the background; until one is identified it is held at a worst case (the fleet's
-        `unknown_w`) on its circuit and the site, and an alarm names them. Zero would let the site run over its
-        cap the moment they come back."""
-        held: dict[str, float] = dict(getattr(snap, "unidentified", {}) or {})
-        if not held:
-            self.alarms.pop("unidentified", None)
-            return []
-        names = sorted(held, key=_ip_sort_key)
-        shown = ", ".join(names[:UNIDENTIFIED_NAMED]) + (f" and {len(names) - UNIDENTIFIED_NAMED} more"
-                                                        if len(names) > UNIDENTIFIED_NAMED else "")  # fmt: skip
-        self._raise_alarm(
-            "unidentified",
-            f"{len(names)} configured addresses not identified yet, each counted at {max(held.values()):.0f} W "
-            f"until it answers: {shown}",
-        )
-        return [
-            MinerView(
-                id=ip, family=Family.OTHER, capability=OnOff(), nominal_w=w, nominal_ths=0.0,
-                state=MinerState.UNREACHABLE, power_w=None, commanded_w=None, circuit=self.circuit_of.get(ip),
-                priority=self.priority_of.get(ip, 0),
-            )
-            for ip, w in held.items()
-        ]  # fmt: skip
-
-    def _track_transition(self, ip: str, mem: MinerMemory, state: MinerState, now: float) -> None:
-        """A miner seen switching on or off by itself (or by someone else) starts its min on/off time too."""
-        on = state is not MinerState.SLEEPING
-        was = self.seen_on.get(ip)
-        self.seen_on[ip] = on
-        if was is not None and was != on and mem.pending_op is None:
-            mem.last_transition = now
-            self._dirty_controls.add(ip)
-
-    def _confirm(self, ip: str, ms: Any, mem: MinerMemory, *, fresh: bool, snap_ts: float, now: float) -> None:
-        """Closed loop per miner: did the last acknowledged command show in telemetry? And, once it did: does the
-        miner still keep to it? (One measured above its limit beyond the slack is re-commanded, and after
-        MAX_RECOMMANDS counted at its real draw as ignoring commands; until then the plan counts it at what it
-        measures, see `_views`.)"""
-        if not fresh or ms.age_s is None:
-            return
-        if mem.pending_op is None:
-            self._watch_setting(ip, ms, mem, snap_ts=snap_ts, now=now)
-            return
-        read_at = snap_ts - ms.age_s
-        if read_at <= mem.pending_at:
-            return  # no reading taken after the command yet
-        nominal = max(1.0, ms.identity.nominal_w)
-        power = ms.power_w
-        if mem.pending_op == Op.SLEEP:
-            complied = ms.state_hint == "sleeping" or power < SLEEP_CONFIRM_SHARE * nominal
-        elif mem.pending_op == Op.WAKE:
-            complied = ms.state_hint in ("hashing", "waking") or power >= SLEEP_CONFIRM_SHARE * nominal
-        else:
-            limit = mem.pending_w or nominal
-            complied = not ms.measured or power <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W
-        if complied:
-            if mem.ignores_commands:
-                log.info("miner obeys again", ip=ip, op=mem.pending_op)
-                self.alarms.pop(f"ignores:{ip}", None)
-            mem.pending_op, mem.pending_w, mem.recommands, mem.ignores_commands = None, None, 0, False
-            mem.resend_due = False
-            self._dirty_controls.add(ip)
-            return
-        if now - mem.pending_at < self.cfg.control.confirm_after_s:
-            return
-        if mem.ignores_commands:
-            return  # re-sent now and then by _recommands
-        if mem.recommands >= MAX_RECOMMANDS and mem.pending_op == Op.SET_POWER.value:
-            # it takes commands and keeps drawing above its limit (a drifting PSU, firmware re-tuning up): a miner
-            # that ignores its limit, not one that ignores a sleep. Controlled by sleep and wake from now on, at
-            # what it draws (its excess over stock is counted, `_views`); marked uncontrollable it was never slept,
-            # not even by a fail-safe to 0 kW (soak: 4 drifting LuxOS miners held a site at 9.8 kW)
-            msg = (f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
-                   f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws")  # fmt: skip
-            mem.limits_unsupported = True
-            mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
-            self._dirty_controls.add(ip)
-            log.warning("miner ignores its power limit", ip=ip, power_w=round(power))
-            self._raise_alarm(f"ignores_limits:{ip}", msg, quiet=True)
-            return
-        if mem.recommands >= MAX_RECOMMANDS:
-            mem.ignores_commands = True
-            mem.retry_at = now + 10 * self.cfg.control.confirm_after_s
-            self._dirty_controls.add(ip)
-            msg = f"{ip} acknowledged {mem.pending_op} {mem.recommands + 1} times and draws {power:.0f} W"
-            log.warning("miner ignores commands", ip=ip, op=mem.pending_op, power_w=round(power), told_w=mem.pending_w)
-            self._raise_alarm(f"ignores:{ip}", msg, quiet=True)
-            return
-        mem.resend_due = True
-
-    def _watch_setting(self, ip: str, ms: Any, mem: MinerMemory, *, snap_ts: float, now: float) -> None:
-        """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM
-        stepping its profile up). Measured above its limit beyond the confirmation slack, once its setting had time
-        to take effect: send the limit again (the re-send and ignoring rules of `_confirm` take it from there)."""
-        confirm = self.cfg.control.confirm_after_s
-        limit = mem.commanded_w
-        if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured:
-            return
-        if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm:
-            return
-        if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
-            return
-        mem.pending_op, mem.pending_w = Op.SET_POWER.value, int(limit)
-        mem.pending_at = now - confirm  # due for a re-send on this tick (see _recommands)
-        mem.recommands, mem.resend_due = 0, True
-        self._dirty_controls.add(ip)
-        log.warning("miner draws above its limit", ip=ip, power_w=round(ms.power_w), limit_w=round(limit))
-
-    def _blocked(self) -> dict[str, Op]:
-        """Miners the diff leaves alone: a command is on the wire, or one failed and its back-off is not over (the
-        views count such a miner at its worst case). (An acknowledged command awaiting confirmation needs no
-        block: the views already take it as done, so the diff only sends what the plan changes.)"""
-        now = self.clock.time()
-        out = {ip: Op(m.failed_op) for ip, m in self.memory.items() if m.failed_op and now < m.failed_retry_at}
-        out.update({ip: c.op for ip, c in self.in_flight.items()})
-        return out
-
-    def _just_lowered(self, now: float) -> set[str]:
-        """Miners whose limit went down less than confirm_after_s ago: a raise waits until then. Re-plans on
-        readings that lag the limits they just sent traded one miner's limit against another's every tick for
-        good (a LuxOS preset up, a Whatsminer down; then back), and a site that never settles serves nobody; a
-        raise held is the safe side (the plan counts the miner at the raised limit)."""
-        window = self.cfg.control.confirm_after_s
-        return {ip for ip, m in self.memory.items() if now - m.lowered_at < window}
-
-    def _recommands(self, new_plan: Plan, skip: set[str], now: float) -> list[Change]:
-        """Re-send acknowledged commands telemetry has not confirmed in time, where the plan still wants them
-        (`skip`: miners the diff already sends something else). Miners counted as ignoring commands are tried
-        again now and then."""
-        out: list[Change] = []
-        confirm = self.cfg.control.confirm_after_s
-        for ip, mem in self.memory.items():
-            if mem.pending_op is None or ip in self.in_flight or ip in skip or now - mem.pending_at < confirm:
-                continue
-            if now < mem.failed_retry_at:
-                continue  # its last command failed: backing off
-            if mem.ignores_commands:
-                if now < mem.retry_at:
-                    continue
-                mem.retry_at = now + 10 * confirm
-            elif not mem.resend_due:
-                continue
-            else:
-                mem.resend_due = False
-                mem.recommands += 1
-            op = Op(mem.pending_op)
-            wanted = new_plan.actions.get(ip)
-            if wanted is not None and isinstance(wanted, SleepAction) != (op is Op.SLEEP):
-                continue  # the plan moved on; the diff sends what it wants
-            if op is Op.SET_POWER and mem.pending_w is None:
-                continue
-            out.append(Change(ip, op, mem.pending_w if op is not Op.SLEEP else None, decrease=op is Op.SLEEP))
-        return out
+    def observe_now(self) -> Observation:
+        """What every miner is doing now, for the read side: nothing applied (no memory written, no alarm)."""
+        return observe(self.fleet.latest(), self.memory, self.in_flight, self.clock.time(), self.observe_rules)
 
     # ----------------------------------------------------------------------------------------- correction
     def _correct(self, present_kw: float, level_kw: float, snap_ts: float) -> None:
@@ -1192,17 +928,17 @@ class Controller:
         if r.ok:
             self._last_ack_at = now
             if r.op is Op.SLEEP:
-                if self.seen_on.get(r.ip, True):
+                if mem.seen_on is None or mem.seen_on:
                     mem.last_transition = now
                 mem.asleep_by_us = True
                 mem.woken_to_w = None
                 mem.wake_sent_at = None
             elif r.op is Op.WAKE:
-                if not self.seen_on.get(r.ip, False):
+                if not mem.seen_on:
                     mem.last_transition = now
                 mem.asleep_by_us = False
                 mem.woken_to_w = None
-                mem.wake_sent_at = now  # `waking` (readout.state_of) until its power shows it up (_views)
+                mem.wake_sent_at = now  # `waking` (observe.shown_state) until its power shows it up
                 if r.watts is not None and "limit not set" not in r.detail:
                     mem.commanded_w = float(r.watts)
                     mem.woken_to_w = float(r.watts)  # accepted after the wake: it comes up at this limit
@@ -1215,7 +951,7 @@ class Controller:
                 mem.recommands = 0  # a new command, not a re-send of the last one
                 mem.changed_at, mem.settled = now, False
             mem.pending_op, mem.pending_w, mem.pending_at = r.op.value, r.watts, now
-            self.seen_on[r.ip] = r.op is not Op.SLEEP
+            mem.seen_on = r.op is not Op.SLEEP
         elif r.outcome == "unsupported" and r.op is Op.SET_POWER:
             mem.limits_unsupported = True
             log.warning("miner refuses power limits; treated as on/off", ip=r.ip, detail=r.detail)
@@ -1300,7 +1036,7 @@ class Controller:
             return
         dirty, self._dirty_controls = self._dirty_controls, set()
         # a command on the wire that raises a miner's draw stays written ahead until its reply is in
-        controls = {ip: self.memory[ip].to_control(self.in_flight.get(ip)) for ip in dirty if ip in self.memory}
+        controls = {ip: control_of(self.memory[ip], self.in_flight.get(ip)) for ip in dirty if ip in self.memory}
         self.persist.call("save_controls", controls)
         self._controls_saved_at = now
 
@@ -1313,7 +1049,7 @@ class Controller:
         rising = [c for c in changes if raises_draw(c, self.memory.setdefault(c.ip, MinerMemory()).commanded_w)]
         if not rising:
             return changes, 0
-        ahead = {c.ip: self.memory[c.ip].to_control(c) for c in rising}
+        ahead = {c.ip: control_of(self.memory[c.ip], c) for c in rising}
         if self.persist.call("save_controls", ahead):
             self._rises_held = False
             return changes, 0
@@ -1385,7 +1121,7 @@ class Controller:
 
     # ============================================================================================= read side
     def _publish_status(self, snap: Any, now: float) -> None:
-        self.status_doc = readout.build_status(self, snap, now)
+        self.status_doc = readout.build_status(self, snap, now, self.observation or self.observe_now())
         if self.facility is not None:
             self.status_doc["facility"] = self.facility.status()
         self._status_stale = False
@@ -1398,7 +1134,7 @@ class Controller:
     def status(self) -> dict[str, Any]:
         """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
         if not self.status_doc or self._status_stale:
-            self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time())
+            self.status_doc = readout.build_status(self, self.fleet.latest(), self.clock.time(), self.observe_now())
             if self.facility is not None:
                 self.status_doc["facility"] = self.facility.status()
             self._status_stale = False
@@ -1429,9 +1165,6 @@ class Controller:
                                 self.clock.time())  # fmt: skip
 
 
-_RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
-
-
 def _describe(v: MinerView) -> str:
     """One miner as the plan saw it, for the debug log: id, state, limit, reading, counted draw."""
     parts = [v.id, v.state.value, f"cmd={v.commanded_w}", f"pw={v.power_w}", f"meas={v.measured_w}"]
@@ -1443,13 +1176,6 @@ def _describe(v: MinerView) -> str:
 def _efficiency_rank(view: MinerView, watts: int) -> float:
     """Wakes and increases go to the most efficient miners first (lowest J/TH at the planned level)."""
     return DEFAULT_CURVE.j_per_th(watts, view.nominal_w, view.nominal_ths) - view.priority * 1e6
-
-
-def _ip_sort_key(ip: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in ip.split("."))
-    except ValueError:
-        return (1 << 16,)
 
 
 def _priority_map(cfg: AgentConfig) -> dict[str, int]:

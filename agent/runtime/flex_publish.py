@@ -1,7 +1,7 @@
 """The site's flexibility from the running controller, and when to publish it (retained on `<root>/flex`).
 
-Read-only on the controller: the fleet views come from `readout.views_readonly` (the preview's side-effect-free
-path), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
+Read-only on the controller: the fleet views come from `Controller.observe_now` (agent.core.observe, nothing
+applied), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
 (`Controller.status_sinks`): after a tick it recomputes the flexibility when it may have changed (the target, the cap
 or the fail-safe moved, or `compute_every_s` passed) and hands the document to `publish` when
 `FlexPublishPolicy` says it is due (changed enough, or 30 s since the last one).
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from hashflex.agent.core.flexibility import Flexibility, FlexPublishPolicy, flexibility
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime import readout
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
@@ -33,7 +32,7 @@ def site_flexibility(ctl: Controller) -> Flexibility:
     fleet snapshot and meter reading). Powers at the meter when there is a fresh one."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
-    views = readout.views_readonly(ctl, snap, now)
+    views = ctl.observe_now().views
     cfg = ctl.cfg
     cap_kw = ctl.effective_cap_kw()
     target = ctl.target

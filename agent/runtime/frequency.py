@@ -47,9 +47,9 @@ from hashflex.agent.core.frequency import (
     shed_list,
     unknown,
 )
-from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime.actuator import Change, Op, OpResult
+from hashflex.agent.runtime.actuator import OpResult
 from hashflex.agent.runtime.events import iso
 from hashflex.drivers.base import CONTROL_COST_MS, Family
 

@@ -1,7 +1,7 @@
 """The controller's read side: the STATUS DOC, the miners table, dispatch lists and the preview.
 
-Functions over a Controller; they read its state and never change it (the preview plans on a copy of the
-controller's memory), so transports may call them at any time from the event loop.
+Functions over a Controller; they read its state and never change it (a miner's state, for the counts, the table
+and the preview, is agent.core.observe's: pure), so transports may call them at any time from the event loop.
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from hashflex.agent import __version__
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.efficiency import stock_w
-from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
+from hashflex.agent.core.model import MinerState, RunAction, SleepAction
+from hashflex.agent.core.observe import Observation
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
 from hashflex.agent.core.site_meter import miner_level
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.runtime.actuator import diff
 from hashflex.agent.runtime.events import iso
-from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory
 
 if TYPE_CHECKING:
     from hashflex.agent.runtime.controller import Controller
 
-
-# a miner told to wake is `waking` until it draws this share of its setting (a booting unit reports mining at a
-# fraction of its power long before it is up), for at most WAKE_MAX_S (clock seconds)
-WAKE_UP_SHARE = 0.85
-WAKE_MAX_S = 900.0
 
 _SORT_KEYS = {
     "ip": "ip", "model": "model", "state": "state", "power": "power_w", "limit": "limit_w",
@@ -35,18 +30,15 @@ _SORT_KEYS = {
 }  # fmt: skip
 
 
-def build_status(ctl: Controller, snap: Any, now: float) -> dict[str, Any]:
-    counts = {s.value: 0 for s in MinerState}
+def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observation) -> dict[str, Any]:
+    """The STATUS DOC from the controller's state, `snap` and what `obs` (agent.core.observe) says of its miners."""
     hashrate = 0.0
     for ms in snap.miners.values():
-        counts[state_of(ctl, ms).value] += 1
         if ms.reachable and ms.reading is not None:
             hashrate += ms.reading.hashrate_ths or 0.0
     # configured addresses not identified yet: unreachable miners as far as anyone can tell (and counted so)
-    unidentified = len(getattr(snap, "unidentified", {}) or {})
-    counts[MinerState.UNREACHABLE.value] += unidentified
-    counts["unidentified"] = unidentified
-    counts["total"] = len(snap.miners) + unidentified
+    unidentified = len(snap.unidentified)
+    counts = obs.counts(unidentified)
     t, f = ctl.target, ctl.failsafe
     released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.fs_rules)
     broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
@@ -114,51 +106,12 @@ def planning_level_kw(ctl: Controller) -> float | None:
         return round(ctl.plan_kw, 3)
     return None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3)
 
-def state_of(ctl: Controller, ms: Any) -> MinerState:
-    stale = ctl.cfg.polling.stale_after_s
-    if not ms.reachable or ms.age_s is None or ms.age_s > stale:
-        return MinerState.UNREACHABLE
-    mem = ctl.memory.get(ms.ip)
-    if mem is not None and mem.wake_sent_at is not None:
-        # told to wake: `waking` until its power says it is up (a booting unit reports mining at a fraction of its
-        # power: not yet "hashing", nor "throttled" at its limit)
-        limit = mem.commanded_w or (ms.reading.power_limit_w if ms.reading is not None else None)
-        setting = float(limit) if limit else stock_w(ms.identity.capability, ms.identity.nominal_w)
-        if still_waking(mem, ms, setting, ctl.clock.time()):
-            return MinerState.WAKING
-    if ms.state_hint == "sleeping" or (ms.state_hint == "unknown" and mem is not None and mem.asleep_by_us):
-        return MinerState.SLEEPING
-    if ms.state_hint == "waking":
-        return MinerState.WAKING
-    commanded = mem.commanded_w if mem is not None else None
-    if commanded is None and ms.reading is not None and ms.reading.power_limit_w:
-        commanded = ms.reading.power_limit_w
-    if commanded is not None and commanded < stock_w(ms.identity.capability, ms.identity.nominal_w) - 1:
-        return MinerState.THROTTLED
-    return MinerState.HASHING
-
-
-def still_waking(mem: MinerMemory, ms: Any, setting_w: float, now: float) -> bool:
-    """A miner told to wake (`mem.wake_sent_at`) that is not up yet: it draws under WAKE_UP_SHARE of its setting;
-    where it reports no watts, it makes under that share of its hashrate at the setting (or, reporting neither,
-    does not report mining yet). At most WAKE_MAX_S after the wake: a unit that never gets there is not waking for
-    ever. (The controller clears `wake_sent_at` by the same rule once the miner is up.)"""
-    if mem.wake_sent_at is None or now - mem.wake_sent_at > WAKE_MAX_S:
-        return False
-    if ms.measured:
-        return float(ms.power_w) < WAKE_UP_SHARE * setting_w
-    ident, reading = ms.identity, ms.reading
-    ths = None if reading is None else reading.hashrate_ths
-    if ths is not None and ident.nominal_ths > 0 and ident.nominal_w > 0:
-        return bool(float(ths) < WAKE_UP_SHARE * ident.nominal_ths * min(1.0, setting_w / ident.nominal_w))
-    return bool(ms.state_hint != "hashing")
-
-
 def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
     snap = ctl.fleet.latest()
+    obs = ctl.observe_now()
     rows: list[dict[str, Any]] = []
     for ip, ms in snap.miners.items():
-        st = state_of(ctl, ms).value
+        st = obs.shown[ip].value
         if state is not None and st != state:
             continue
         r, ident, mem = ms.reading, ms.identity, ctl.memory.get(ip)
@@ -179,7 +132,7 @@ def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit:
             "error": ms.last_error,
         })  # fmt: skip
     if state is None or state == MinerState.UNREACHABLE.value:
-        for ip, held_w in (getattr(snap, "unidentified", {}) or {}).items():
+        for ip, held_w in snap.unidentified.items():
             rows.append({
                 "ip": ip, "model": None, "make": None, "family": None, "firmware": None, "state": "unreachable",
                 "power_w": None, "measured": False, "limit_w": None, "nominal_w": held_w, "hashrate_ths": None,
@@ -197,7 +150,7 @@ def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
     """What the planner would do for `target_kw` now, without doing it."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
-    views = views_readonly(ctl, snap, now)
+    views = ctl.observe_now().views  # pure: the preview raises no alarm and writes nothing
     kw = min(target_kw, ctl.effective_cap_kw())
     budget = wake_budget(ctl.wake_times, now, ctl.stagger)
     miners_kw = kw
@@ -224,24 +177,12 @@ def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
         "wake_budget": budget, "plan_ms": round((time.perf_counter() - started) * 1000, 2),
     }  # fmt: skip
 
-def views_readonly(ctl: Controller, snap: Any, now: float) -> list[MinerView]:
-    """Views without side effects on memory (for preview)."""
-    saved_memory = {ip: MinerMemory(**{f: getattr(m, f) for f in MinerMemory.__slots__})
-                    for ip, m in ctl.memory.items()}  # fmt: skip
-    saved_seen, saved_dirty, saved_alarms = dict(ctl.seen_on), set(ctl._dirty_controls), dict(ctl.alarms)
-    try:
-        return ctl._views(snap, now)
-    finally:
-        ctl.memory, ctl.seen_on, ctl._dirty_controls, ctl.alarms = (
-            saved_memory, saved_seen, saved_dirty, saved_alarms,
-        )
-
 def dispatch_docs(ctl: Controller, include_closed: bool) -> list[dict[str, Any]]:
     if not include_closed:
         return [r.doc() for r in ctl.dispatches.values() if r.open]
     seen: dict[str, dict[str, Any]] = {}
-    for d, status, progress in ctl.store.load_dispatches(active_only=False):
-        seen[d.id] = DispatchRecord.from_stored(d, status, dict(progress or {})).doc()
+    for stored in ctl.store.load_dispatches(active_only=False):
+        seen[stored.dispatch.id] = stored.doc()
     for r in ctl.dispatches.values():
         seen[r.dispatch.id] = r.doc()
     return sorted(seen.values(), key=lambda doc: doc["received_at"] or "")

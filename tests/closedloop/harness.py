@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.config import AgentConfig, LoggingConfig, MinersConfig
 from hashflex.agent.core import signing
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import Store
 from hashflex.agent.logging import configure_logging
 from hashflex.agent.protocol import Channel, Reply
@@ -51,7 +52,7 @@ from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.fleet import Fleet, FleetSnapshot, driver_settings
+from hashflex.agent.runtime.fleet import Fleet, driver_settings
 from hashflex.agent.runtime.service import CommandService
 from hashflex.sim.families.luxos import LuxosDevice
 from hashflex.sim.physics import PhysicsParams

@@ -76,7 +76,7 @@ async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> No
     assert reply.is_ok, reply
     assert reply.data["dispatch"]["level_kw"] == 600
     # durable before the reply: the store has the dispatch and the reply
-    stored = [d for d, _status, _progress in runtime.store.load_dispatches(active_only=True)]
+    stored = [r.dispatch for r in runtime.store.load_dispatches(active_only=True)]
     assert [d.id for d in stored] == ["d1"]
     assert runtime.store.get_reply("grid:dispatch:d1")["status"] == "ok"
     await asyncio.sleep(0.3)  # the early tick

@@ -10,9 +10,9 @@ import pytest
 
 from hashflex.agent.core.model import Dispatch, Source
 from hashflex.agent.core.timeline import TIMELINE_STATE_KEY, shift_s, timeline_doc
-from hashflex.agent.io.records import MinerControl
+from hashflex.agent.io.records import DispatchRecord, MinerControl
 from hashflex.agent.io.store import Store
-from hashflex.agent.runtime.memory import DispatchRecord, save_on_timeline
+from hashflex.agent.runtime.memory import save_on_timeline
 
 T0 = 1_760_000_000.0
 
