@@ -1,27 +1,128 @@
-"""The controller's read side: the STATUS DOC, the miners table, dispatch lists and the preview.
+"""The controller's read side: the STATUS DOC (and its publishing), the miners table and the preview.
 
-Functions over a Controller; they read its state and never change it (a miner's state, for the counts, the table
-and the preview, is agent.core.observe's: pure), so transports may call them at any time from the event loop.
+Functions over the control loop's state (`SiteState`, a port the controller satisfies) that read it and never change
+it (a miner's state, for the counts, the table and the preview, is agent.core.observe's: pure), so transports may call
+them at any time from the event loop.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from hashflex.agent import __version__
+from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.model import MinerState, RunAction, SleepAction
+from hashflex.agent.core.miner_memory import MinerMemory
+from hashflex.agent.core.model import Change, MinerState, Plan, RunAction, SleepAction, Target
 from hashflex.agent.core.observe import Observation
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
 from hashflex.agent.core.site_meter import miner_level
 from hashflex.agent.core.snapshot import FleetSnapshot
+from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import diff
+from hashflex.agent.runtime.caps import Caps
+from hashflex.agent.runtime.commanding import Commander
+from hashflex.agent.runtime.dispatches import DispatchBook
+from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import iso
+from hashflex.agent.runtime.facility import FacilityControl
+from hashflex.agent.runtime.level import PlanningLevel
+from hashflex.agent.runtime.metering import MeterControl
+from hashflex.agent.runtime.ports import Notifier, SnapshotSource
+from hashflex.agent.runtime.rules import ControlRules
 
-if TYPE_CHECKING:
-    from hashflex.agent.runtime.controller import Controller
+log = get_logger("controller")
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+
+class SiteState(Protocol):
+    """What the read side reads of the control loop (agent.runtime.controller.Controller): never changed here."""
+
+    cfg: AgentConfig
+    fleet: SnapshotSource
+    rules: ControlRules
+    caps: Caps
+    book: DispatchBook
+    commands: Commander
+    energy: EnergyMeter
+    target: Target | None
+    failsafe: fs.FailsafeState | None
+    plan: Plan | None
+    level: PlanningLevel
+    tick_n: int
+    tick_ms: float
+    tick_at: float | None
+    settled_at: float | None
+    broker_status: Callable[[], dict[str, Any]] | None
+    gateway_health: Callable[[], dict[str, Any]] | None
+
+    @property
+    def alarms(self) -> Mapping[str, str]: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def meter(self) -> MeterControl | None: ...
+    @property
+    def facility(self) -> FacilityControl | None: ...
+    @property
+    def memory(self) -> Mapping[str, MinerMemory]: ...
+    @property
+    def in_flight(self) -> Mapping[str, Change]: ...
+    def observe_now(self) -> Observation: ...
+
+
+StatusSink = Callable[[dict[str, Any]], None]
+
+
+class StatusPublisher:
+    """The status document: built after every tick (and on read, after a command changed what it shows), handed to
+    the sinks (MQTT state, the flexibility offer); and the service manager's watchdog and status line."""
+
+    def __init__(self, site: SiteState, notifier: Notifier | None) -> None:
+        self.site = site
+        self.notifier = notifier
+        self.doc: dict[str, Any] = {}
+        self.stale = False  # a command changed what the doc shows since it was built
+        self.sinks: list[StatusSink] = []
+        self._watchdog_every: float | None = None
+        self._watchdog_at = 0.0
+
+    def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
+        self.doc = build_status(self.site, snap, now, obs or self.site.observe_now())
+        for sink in self.sinks:
+            try:
+                sink(self.doc)
+            except Exception:
+                log.exception("status sink failed")
+
+    def current(self) -> dict[str, Any]:
+        """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
+        if not self.doc or self.stale:
+            site = self.site
+            self.doc = build_status(site, site.fleet.latest(), site.clock.time(), site.observe_now())
+        return self.doc
+
+    def notify(self, tick_n: int, target: Target | None, snap: FleetSnapshot) -> None:
+        """sd_notify: the watchdog at half its interval, and a status line every sixth tick."""
+        if self.notifier is None:
+            return
+        if self._watchdog_every is None:
+            from hashflex.agent.io.sdnotify import watchdog_interval  # noqa: PLC0415
+
+            self._watchdog_every = watchdog_interval() or 0.0
+        if self._watchdog_every and time.monotonic() - self._watchdog_at >= self._watchdog_every / 2:
+            self.notifier.watchdog()
+            self._watchdog_at = time.monotonic()
+        if target is not None and tick_n % 6 == 1:
+            n = len(snap.miners)
+            self.notifier.status(f"tick {tick_n} target {target.kw / 1000:.2f} MW cap {target.cap_kw / 1000:.2f} MW "
+                                 f"{n - snap.unreachable}/{n} reachable")  # fmt: skip
 
 
 _SORT_KEYS = {
@@ -30,7 +131,7 @@ _SORT_KEYS = {
 }  # fmt: skip
 
 
-def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observation) -> dict[str, Any]:
+def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observation) -> dict[str, Any]:
     """The STATUS DOC from the controller's state, `snap` and what `obs` (agent.core.observe) says of its miners."""
     hashrate = 0.0
     for ms in snap.miners.values():
@@ -40,7 +141,7 @@ def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observat
     unidentified = len(snap.unidentified)
     counts = obs.counts(unidentified)
     t, f = ctl.target, ctl.failsafe
-    released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.fs_rules)
+    released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.rules.failsafe)
     broker = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
     return {
         "ts": iso(now),
@@ -50,11 +151,11 @@ def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observat
         "target_reason": None if t is None else t.reason,
         "target_source": None if t is None else t.source.value,
         "target_detail": None if t is None else t.detail,
-        "planning_level_kw": planning_level_kw(ctl),
-        "cap_kw": ctl.effective_cap_kw(),
-        "licensed_cap_kw": ctl.licensed_cap_kw,
-        "grid_cap_kw": ctl.grid_cap_kw,  # run-time caps by source (None = not set); the lowest cap binds
-        "operator_cap_kw": ctl.operator_cap_kw,
+        "planning_level_kw": ctl.level.planning_level_kw(ctl.meter is not None),
+        "cap_kw": ctl.caps.effective_kw(),
+        "licensed_cap_kw": ctl.caps.licensed_kw,
+        "grid_cap_kw": ctl.caps.grid_kw,  # run-time caps by source (None = not set); the lowest cap binds
+        "operator_cap_kw": ctl.caps.operator_kw,
         # power_kw_measured: what miners reported; power_kw_estimated (= power_kw): the site's power with an
         # estimate for every miner that did not report (unknown is never zero); power_kw_unmeasured: those estimates
         "power_kw": round(snap.power_w / 1000, 3),
@@ -65,17 +166,17 @@ def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observat
         "power_kw_worst_case": None if ctl.plan is None else round(max(ctl.plan.worst_case_kw, snap.power_w / 1000), 3),
         "hashrate_ths": round(hashrate, 3),
         "miners": counts,
-        "dispatches": [r.doc() for r in ctl.dispatches.values() if r.open],
+        "dispatches": [r.doc() for r in ctl.book.open_records()],
         "failsafe": {
             "active": bool(f and f.active), "since": iso(f.since) if f else None,
             "reason": f.reason if f else None,
             "last_heartbeat": iso(f.last_heartbeat) if f and f.last_heartbeat else None,
-            "applies": ctl.fs_rules.applies,
+            "applies": ctl.rules.failsafe.applies,
             # what releases an active fail-safe (failsafe.release: "grid_command", "next_heartbeat", "heartbeat"),
             # and when it releases by itself if the heartbeat holds (null: not before a heartbeat)
             "released_by": released_by,
             "releases_at": iso(releases_at),
-            "release_after_s": ctl.fs_rules.release_after_s,
+            "release_after_s": ctl.rules.failsafe.release_after_s,
         },
         "broker": broker,
         "alarms": [{"key": k, "message": v} for k, v in sorted(ctl.alarms.items())],
@@ -96,17 +197,12 @@ def build_status(ctl: Controller, snap: FleetSnapshot, now: float, obs: Observat
         "meter": None if ctl.meter is None else ctl.meter.doc(now),
         # where the site's kWh come from (agent/runtime/energy_meter.py): the last minute's source (metered, miners,
         # fallback), minutes by source, counter energy waiting to be carried into the next metered minute
-        "energy": ctl._energy.doc(),
+        "energy": ctl.energy.doc(),
+        **({} if ctl.facility is None else {"facility": ctl.facility.status()}),
     }
 
 
-def planning_level_kw(ctl: Controller) -> float | None:
-    """The level the miners are planned to (with a site meter: the site level less the non-miner load counted)."""
-    if ctl.meter is not None and ctl.plan_kw is not None:
-        return round(ctl.plan_kw, 3)
-    return None if ctl.level_kw is None else round(ctl.level_kw - ctl.bias_kw, 3)
-
-def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
+def miner_rows(ctl: SiteState, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
     snap = ctl.fleet.latest()
     obs = ctl.observe_now()
     rows: list[dict[str, Any]] = []
@@ -128,7 +224,7 @@ def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit:
             "last_seen": iso(snap.ts - ms.age_s) if ms.age_s is not None else None,
             "age_s": None if ms.age_s is None else round(ms.age_s, 1),
             "asleep_by_us": bool(mem and mem.asleep_by_us), "ignores_commands": bool(mem and mem.ignores_commands),
-            "circuit": ctl.circuit_of.get(ip), "priority": ctl.priority_of.get(ip, 0),
+            "circuit": ctl.rules.circuit_of.get(ip), "priority": ctl.rules.priority_of.get(ip, 0),
             "error": ms.last_error,
         })  # fmt: skip
     if state is None or state == MinerState.UNREACHABLE.value:
@@ -137,7 +233,8 @@ def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit:
                 "ip": ip, "model": None, "make": None, "family": None, "firmware": None, "state": "unreachable",
                 "power_w": None, "measured": False, "limit_w": None, "nominal_w": held_w, "hashrate_ths": None,
                 "efficiency_j_th": None, "temp_c": None, "last_seen": None, "age_s": None, "asleep_by_us": False,
-                "ignores_commands": False, "circuit": ctl.circuit_of.get(ip), "priority": ctl.priority_of.get(ip, 0),
+                "ignores_commands": False, "circuit": ctl.rules.circuit_of.get(ip),
+                "priority": ctl.rules.priority_of.get(ip, 0),
                 "error": f"not identified yet; counted at {held_w:.0f} W until it answers",
             })  # fmt: skip
     key = _SORT_KEYS[sort]
@@ -146,19 +243,19 @@ def miner_rows(ctl: Controller, state: str | None, sort: str, desc: bool, limit:
         rows.sort(key=lambda row: row[key] is None)
     return rows[:limit] if limit else rows
 
-def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
+def preview(ctl: SiteState, target_kw: float) -> dict[str, Any]:
     """What the planner would do for `target_kw` now, without doing it."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
     views = ctl.observe_now().views  # pure: the preview raises no alarm and writes nothing
-    kw = min(target_kw, ctl.effective_cap_kw())
-    budget = wake_budget(ctl.wake_times, now, ctl.stagger)
+    kw = min(target_kw, ctl.caps.effective_kw())
+    budget = wake_budget(ctl.commands.wake_times, now, ctl.rules.stagger)
     miners_kw = kw
     if ctl.meter is not None and ctl.meter.last is not None:  # at the meter: the miners get the site level's share
         miners_kw = miner_level(kw, miners_now_kw=snap.power_w / 1000, non_miner_kw=ctl.meter.last.base_kw,
                                 cooling_share=ctl.meter.cfg.cooling_share).miner_level_kw  # fmt: skip
     started = time.perf_counter()
-    p = plan(miners_kw, views, ctl.tree, ctl.planner_rules, now, wake_budget=budget, ramp_allowance_kw=None)
+    p = plan(miners_kw, views, ctl.rules.tree, ctl.rules.planner, now, wake_budget=budget, ramp_allowance_kw=None)
     by_ip = {v.id: v for v in views}
     changes = diff(p.actions, by_ip, use_power_limits=ctl.cfg.control.use_power_limits)
     ops: dict[str, int] = {}
@@ -176,13 +273,3 @@ def preview(ctl: Controller, target_kw: float) -> dict[str, Any]:
         "circuits": {k: round(v, 3) for k, v in p.circuit_worst_case_kw.items()},
         "wake_budget": budget, "plan_ms": round((time.perf_counter() - started) * 1000, 2),
     }  # fmt: skip
-
-def dispatch_docs(ctl: Controller, include_closed: bool) -> list[dict[str, Any]]:
-    if not include_closed:
-        return [r.doc() for r in ctl.dispatches.values() if r.open]
-    seen: dict[str, dict[str, Any]] = {}
-    for stored in ctl.store.load_dispatches(active_only=False):
-        seen[stored.dispatch.id] = stored.doc()
-    for r in ctl.dispatches.values():
-        seen[r.dispatch.id] = r.doc()
-    return sorted(seen.values(), key=lambda doc: doc["received_at"] or "")

@@ -345,9 +345,7 @@ class World:
                             command_timeout_s=cfg.polling.command_timeout_s,
                             retries_per_command=cfg.control.retry_budget, backoff_s=0.0, backoff_max_s=0.0)  # fmt: skip
         ctl = Controller(cfg, fleet=fleet, store=self.store, actuator=actuator, clock=clock,
-                         events=events, grid_link=True)  # fmt: skip
-        if persist is not None:
-            ctl.persist = persist
+                         events=events, grid_link=True, persist=persist)  # fmt: skip
         ctl.sweep_request = asyncio.Event()
         ctl.restore()
         self.ctl = ctl
@@ -407,15 +405,12 @@ class World:
             with contextlib.suppress(BaseException):
                 await self._sweep_task
             self._sweep_task = None
-        for task in list(ctl._actuations):
-            task.cancel()
-        if ctl._actuations:
-            await asyncio.gather(*ctl._actuations, return_exceptions=True)
+        await ctl.commands.stop()
         ctl._fail_waiting()
         if not crash:
-            ctl._save_controls(force=True)
+            ctl.commands.save_controls(force=True)
             with contextlib.suppress(Exception):
-                ctl._energy.flush(ctl)
+                ctl.energy.flush()
         await self.fleet.aclose()
         if self.persist is not None and not crash:
             self.persist.flush(force=True)
@@ -770,13 +765,13 @@ class World:
         """Raise the violation (or, in soak mode, record it and stop checking this scenario)."""
         assert self.ctl is not None
         ctl = self.ctl
-        target = ctl.target
+        target, lv = ctl.target, ctl.level
         tail = "\n".join(self.story[-40:])
         v = Violation(
             f"{kind} at t={self.vt.t:.1f}s: {message}\n"
             f"agent: target={None if target is None else round(target.kw, 2)} "
             f"({None if target is None else target.reason}) "
-            f"level={None if ctl.level_kw is None else round(ctl.level_kw, 2)} bias={ctl.bias_kw:.2f} "
+            f"level={None if lv.level_kw is None else round(lv.level_kw, 2)} bias={lv.bias_kw:.2f} "
             f"worst_case={None if ctl.plan is None else round(ctl.plan.worst_case_kw, 2)}\n"
             f"site: {self.spec.describe()} cap_kw={self.cap_kw} "
             f"circuits={ {k: v[1] for k, v in self.circuits.items()} }\n"

@@ -123,7 +123,7 @@ def test_a_quiet_site_under_its_cap_passes_every_invariant() -> None:
 def _count_batches(w: World) -> list[int]:
     """Count the actuator batches the controller sends (one `Actuator.apply` call = one batch)."""
     assert w.ctl is not None
-    actuator = w.ctl.actuator
+    actuator = w.ctl.commands.actuator
     real = actuator.apply
     batches = [0]
 
@@ -177,7 +177,7 @@ def test_a_failed_wake_does_not_use_up_the_wake_stagger_budget() -> None:
         state = w.site.by_ip[healthy].physics.current_state(w.vt.t)
         assert state in ("waking", "hashing"), f"the miner that takes commands is {state}: failed wakes used the budget"
         assert w.ctl is not None
-        assert len(w.ctl.wake_times) == 1  # only the wake that was acknowledged
+        assert len(w.ctl.commands.wake_times) == 1  # only the wake that was acknowledged
     finally:
         w.close()
 
