@@ -37,6 +37,7 @@ from hashflex.agent.core.model import Change, Plan, SleepAction, Target
 from hashflex.agent.core.observe import RUNNING, Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
@@ -221,7 +222,7 @@ class Controller:
             self.sweep_request.set()  # confirm from a fresh picture, soon
         self.trigger()
 
-    def on_snapshot(self, snap: Any) -> None:
+    def on_snapshot(self, snap: FleetSnapshot) -> None:
         """The sweep loop has a new picture: account energy, and tick early when it can confirm or correct."""
         self.energy.add(snap)
         if any(m.pending_op for m in self.memory.values()) or self.book.unmet():
@@ -384,7 +385,7 @@ class Controller:
         self.target = target
         return target
 
-    def _observe(self, snap: Any, now: float) -> Observation:
+    def _observe(self, snap: FleetSnapshot, now: float) -> Observation:
         """What every miner is doing (agent.core.observe), its decisions applied: memory, alarms, log lines."""
         obs = observe(snap, self.memory, self.in_flight, now, self.rules.observe)
         self.commands.memory = obs.memory

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from hashflex.agent.core.miner_memory import MinerMemory
 from hashflex.agent.core.model import Change, Dispatch, Op, Source, raises_draw
 from hashflex.agent.core.timeline import TIMELINE_STATE_KEY
 from hashflex.agent.io.records import DispatchRecord, MinerControl
+from hashflex.agent.runtime.ports import ControlStore
 
 
 def control_of(mem: MinerMemory, sending: Change | None = None) -> MinerControl:
@@ -51,7 +51,8 @@ def memory_from(c: MinerControl) -> MinerMemory:
 
 
 def save_on_timeline(
-    store: Any, doc: Mapping[str, float], controls: Mapping[str, MinerControl], records: Iterable[DispatchRecord]
+    store: ControlStore, doc: Mapping[str, float], controls: Mapping[str, MinerControl],
+    records: Iterable[DispatchRecord],
 ) -> None:
     """Store what a restart moved onto its own time (core.timeline) and the record of that time, in one transaction:
     a run killed half-way leaves the last run's times and its record, which the next start moves again."""
