@@ -6,13 +6,14 @@ miner (MinerView: its state, what it is counted at), the state the status, the `
 ignored). Pure: the memory is handed back as new objects, alarms and log lines as data; the controller applies
 them (agent.runtime.controller), and a read-only caller (the preview, the flexibility offer) drops them.
 
-Closed loop: a command acknowledged by a miner is confirmed from telemetry within confirm_after_s; if the miner
-still draws well above what it was told, it is re-commanded (`recommands`), then (after MAX_RECOMMANDS) counted at
-its real draw (`ignores_commands`) and retried now and then; one that keeps drawing above a power limit is still
-slept and woken (`limits_unsupported`: on/off from then on, at what it draws). Once confirmed, a miner is still
-watched: every plan counts it at no less than its settled measured draw (on its circuit and the site), and one
-measured above its limit beyond the confirmation slack is re-commanded the same way. A miner whose command failed
-is counted at its worst case, like an unreachable one, until its back-off ends. Configured addresses no miner
+Closed loop (agent.core.closed_loop): a command acknowledged by a miner is confirmed from telemetry within
+confirm_after_s; if the miner still draws well above what it was told, it is re-commanded (agent.core.recommand),
+then (after MAX_RECOMMANDS) counted at its real draw (`ignores_commands`) and retried now and then; one that keeps
+drawing above a power limit is still slept and woken (`limits_unsupported`: on/off from then on, at what it
+draws). Once confirmed, a miner is still watched: every plan counts it at no less than its settled measured draw
+(on its circuit and the site), and one measured above its limit beyond the confirmation slack is re-commanded the
+same way. A miner whose command failed is counted at its worst case, like an unreachable one, until its back-off
+ends. Configured addresses no miner
 answered at are counted at a worst case until the fleet identifies them (an alarm names them).
 """
 
@@ -20,31 +21,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
+from hashflex.agent.core.closed_loop import (
+    RUNNING,
+    AlarmChange,
+    Decisions,
+    confirm_command,
+    counted_draw,
+)
 from hashflex.agent.core.efficiency import stock_w
 from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, SleepAction
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op
 from hashflex.agent.core.snapshot import FleetSnapshot, MinerSnapshot
 from hashflex.drivers.base import Family, OnOff
 
-SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
-SETTLED_W = 50.0
-# a steady reading at least this share of its setting shows what a miner draws at it, its drift above it gone too
-# (`_lowers_excess`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
-EXCESS_GONE_SHARE = 0.5
 UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a count)
-MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
-SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
-LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
-LIMIT_CONFIRM_W = 100.0
 # a miner told to wake is `waking` until it draws this share of its setting (a booting unit reports mining at a
 # fraction of its power long before it is up), for at most WAKE_MAX_S (clock seconds)
 WAKE_UP_SHARE = 0.85
 WAKE_MAX_S = 900.0
-
-RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
-
 
 @dataclass(frozen=True, slots=True)
 class ObserveRules:
@@ -54,32 +49,11 @@ class ObserveRules:
     priority_of: Mapping[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class AlarmChange:
-    """Raise the alarm `key` with `message` (quiet: no log line of its own), or clear it (`message` None)."""
-
-    key: str
-    message: str | None
-    quiet: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """A log line the decision asks for (the core does not log)."""
-
-    level: Literal["info", "warning"]
-    event: str
-    fields: Mapping[str, object]
-
-
 @dataclass(slots=True)
-class Observation:
-    views: list[MinerView]  # the planner's view of every miner and every unidentified address
-    shown: dict[str, MinerState]  # the state shown for each identified miner (status, `miners`, metrics)
-    memory: dict[str, MinerMemory]  # every miner's memory after this observation (changed ones are new objects)
-    changed: set[str]  # miners whose stored control figures changed (to persist)
-    alarms: list[AlarmChange]
-    notes: list[Note]
+class Observation(Decisions):
+    views: list[MinerView] = field(default_factory=list)  # the planner's view of every miner and unidentified address
+    shown: dict[str, MinerState] = field(default_factory=dict)  # the state shown per miner (status, `miners`, metric)
+    memory: dict[str, MinerMemory] = field(default_factory=dict)  # every miner's, after this (changed ones: new)
 
     def counts(self, unidentified: int) -> dict[str, int]:
         """Miners by shown state, unidentified addresses counted unreachable (as the plan counts them)."""
@@ -100,7 +74,7 @@ def observe(
     rules: ObserveRules,
 ) -> Observation:
     """What every miner in `snap` is doing, with what the agent told it (`memory`, `in_flight`), at `now`."""
-    obs = Observation(views=[], shown={}, memory=dict(memory), changed=set(), alarms=[], notes=[])
+    obs = Observation(memory=dict(memory))
     for ip, ms in snap.miners.items():
         old = memory.get(ip)
         mem = MinerMemory() if old is None else old.copy()
@@ -125,7 +99,7 @@ def _view(
     confirm = rules.confirm_after_s
     ident = ms.identity
     fresh = ms.reachable and ms.age_s is not None and ms.age_s <= rules.stale_after_s
-    _confirm(ip, ms, mem, fresh=fresh, snap_ts=snap_ts, now=now, confirm_after_s=confirm, obs=obs)
+    confirm_command(ip, ms, mem, fresh=fresh, snap_ts=snap_ts, now=now, confirm_after_s=confirm, out=obs)
     cap = OnOff() if mem.limits_unsupported else ident.capability
     stock = stock_w(cap, ident.nominal_w)
     commanded = mem.commanded_w
@@ -176,7 +150,7 @@ def _view(
     up_at = commanded if commanded is not None else stock  # what it draws once up
     if fresh and mem.wake_sent_at is not None and not still_waking(mem, ms, up_at, now):
         mem.wake_sent_at = None  # up by its power: the status shows it as it is from now on
-    measured_w = _counted_draw(ms, mem, told=told, state=state, commanded=commanded, stock=stock, up_at=up_at,
+    measured_w = counted_draw(ms, mem, told=told, state=state, commanded=commanded, stock=stock, up_at=up_at,
                                fresh=fresh, snap_ts=snap_ts, confirm_after_s=confirm)  # fmt: skip
     if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
         # its last command failed and it is left alone until the back-off ends (`blocked`); that command may or
@@ -191,52 +165,6 @@ def _view(
         ignores_commands=mem.ignores_commands, measured_w=measured_w,
         woken_to_w=mem.woken_to_w if state is MinerState.WAKING else None,
     )  # fmt: skip
-
-
-def _counted_draw(
-    ms: MinerSnapshot,
-    mem: MinerMemory,
-    *,
-    told: Change | None,
-    state: MinerState,
-    commanded: float | None,
-    stock: float,
-    up_at: float,
-    fresh: bool,
-    snap_ts: float,
-    confirm_after_s: float,
-) -> float | None:
-    """What it reports drawing, once its present setting had time to take effect: counted at no less (a command
-    on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet seen is `_confirm`'s:
-    re-sent, then the miner is counted at its real draw as ignoring commands)."""
-    measured_w = None
-    if (fresh and ms.measured and told is None and not mem.ignores_commands and ms.age_s is not None
-            and (state in RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
-            and _settled(mem, snap_ts - ms.age_s, float(ms.power_w), confirm_after_s)):  # fmt: skip
-        measured_w = float(ms.power_w)
-        if state in RUNNING:
-            setting = commanded if commanded is not None else stock
-            if _lowers_excess(mem, snap_ts - ms.age_s, measured_w, setting):
-                mem.excess_w, mem.excess_setting_w = max(0.0, measured_w - setting), setting
-            else:  # coming up from a wake or a re-tune: what it drew above its setting is still counted
-                measured_w = max(measured_w, setting + mem.excess_w)
-    elif state in RUNNING and not mem.ignores_commands:
-        # settling at a new setting: the excess it showed at the last one is still counted (not doing so let the
-        # plan raise a drifting miner back over its circuit cap every time it moved its limit), and so is a larger
-        # one it shows meanwhile above both settings (a drift that began meanwhile)
-        setting = commanded if commanded is not None else stock
-        if fresh and ms.measured and told is None:
-            above = float(ms.power_w) - max(setting, mem.excess_setting_w)
-            mem.excess_w = max(mem.excess_w, above)
-        if mem.excess_w > 0:
-            measured_w = setting + mem.excess_w
-    elif state is MinerState.WAKING and mem.excess_w > 0 and not mem.ignores_commands:
-        # the excess it showed when it last ran is kept while it sleeps (a drifting PSU drifts after a wake too)
-        # and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting miner was
-        # woken at its bare limit and counted so until its readings settled, and the site ran over its limit each
-        # time a cut slept one drifter and the re-plan woke another (soak 20261208)
-        measured_w = (mem.woken_to_w or up_at) + mem.excess_w
-    return measured_w
 
 
 def shown_state(ms: MinerSnapshot, mem: MinerMemory | None, now: float, stale_after_s: float) -> MinerState:
@@ -279,38 +207,6 @@ def still_waking(mem: MinerMemory, ms: MinerSnapshot, setting_w: float, now: flo
     return bool(ms.state_hint != "hashing")
 
 
-def _settled(mem: MinerMemory, read_at: float, power_w: float, confirm_after_s: float) -> bool:
-    """Has the miner's draw settled at its present setting, by this reading? Yes once confirm_after_s has passed
-    since it acknowledged the change, or earlier once two readings after it agree (its ramp is over)."""
-    if read_at >= mem.changed_at + confirm_after_s or mem.settled:
-        return True
-    if read_at <= mem.changed_at:
-        return False  # taken before the change
-    if mem.probe_at <= mem.changed_at:
-        mem.probe_at, mem.probe_w = read_at, power_w  # the first reading since the change
-        return False
-    if read_at > mem.probe_at:
-        if abs(power_w - mem.probe_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, mem.probe_w)):
-            mem.settled = True
-            return True
-        mem.probe_at, mem.probe_w = read_at, power_w
-    return False
-
-
-def _lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float) -> bool:
-    """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
-    draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a wake
-    or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its word, the
-    plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
-    prev_at, prev_w = mem.last_read
-    if read_at > prev_at:
-        mem.last_read = (read_at, power_w)
-    if power_w - setting_w >= mem.excess_w:
-        return True
-    steady = read_at > prev_at and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
-    return steady and power_w >= EXCESS_GONE_SHARE * setting_w
-
-
 def _unidentified_views(snap: FleetSnapshot, rules: ObserveRules, obs: Observation) -> list[MinerView]:
     """Configured addresses no miner has answered at yet (booting, unplugged, refusing connections at start): the
     fleet retries them in the background; until one is identified it is held at a worst case (the fleet's
@@ -346,153 +242,6 @@ def _track_transition(ip: str, mem: MinerMemory, state: MinerState, now: float, 
     if was is not None and was != on and mem.pending_op is None:
         mem.last_transition = now
         obs.changed.add(ip)
-
-
-def _confirm(
-    ip: str,
-    ms: MinerSnapshot,
-    mem: MinerMemory,
-    *,
-    fresh: bool,
-    snap_ts: float,
-    now: float,
-    confirm_after_s: float,
-    obs: Observation,
-) -> None:
-    """Closed loop per miner: did the last acknowledged command show in telemetry? And, once it did: does the
-    miner still keep to it? (One measured above its limit beyond the slack is re-commanded, and after
-    MAX_RECOMMANDS counted at its real draw as ignoring commands; until then the plan counts it at what it
-    measures, see `_counted_draw`.)"""
-    if not fresh or ms.age_s is None:
-        return
-    if mem.pending_op is None:
-        _watch_setting(ip, ms, mem, snap_ts=snap_ts, now=now, confirm_after_s=confirm_after_s, obs=obs)
-        return
-    read_at = snap_ts - ms.age_s
-    if read_at <= mem.pending_at:
-        return  # no reading taken after the command yet
-    nominal = max(1.0, ms.identity.nominal_w)
-    power = ms.power_w
-    if mem.pending_op == Op.SLEEP:
-        complied = ms.state_hint == "sleeping" or power < SLEEP_CONFIRM_SHARE * nominal
-    elif mem.pending_op == Op.WAKE:
-        complied = ms.state_hint in ("hashing", "waking") or power >= SLEEP_CONFIRM_SHARE * nominal
-    else:
-        limit = mem.pending_w or nominal
-        complied = not ms.measured or power <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W
-    if complied:
-        if mem.ignores_commands:
-            obs.notes.append(Note("info", "miner obeys again", {"ip": ip, "op": mem.pending_op}))
-            obs.alarms.append(AlarmChange(f"ignores:{ip}", None))
-        mem.pending_op, mem.pending_w, mem.recommands, mem.ignores_commands = None, None, 0, False
-        mem.resend_due = False
-        obs.changed.add(ip)
-        return
-    if now - mem.pending_at < confirm_after_s:
-        return
-    if mem.ignores_commands:
-        return  # re-sent now and then by `recommands`
-    if mem.recommands >= MAX_RECOMMANDS and mem.pending_op == Op.SET_POWER.value:
-        # it takes commands and keeps drawing above its limit (a drifting PSU, firmware re-tuning up): a miner that
-        # ignores its limit, not one that ignores a sleep. Controlled by sleep and wake from now on, at what it
-        # draws (its excess over stock is counted); marked uncontrollable it was never slept, not even by a
-        # fail-safe to 0 kW (soak: 4 drifting LuxOS miners held a site at 9.8 kW)
-        msg = (f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
-               f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws")  # fmt: skip
-        mem.limits_unsupported = True
-        mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
-        obs.changed.add(ip)
-        obs.notes.append(Note("warning", "miner ignores its power limit", {"ip": ip, "power_w": round(power)}))
-        obs.alarms.append(AlarmChange(f"ignores_limits:{ip}", msg, quiet=True))
-        return
-    if mem.recommands >= MAX_RECOMMANDS:
-        mem.ignores_commands = True
-        mem.retry_at = now + 10 * confirm_after_s
-        obs.changed.add(ip)
-        msg = f"{ip} acknowledged {mem.pending_op} {mem.recommands + 1} times and draws {power:.0f} W"
-        obs.notes.append(Note("warning", "miner ignores commands", {
-            "ip": ip, "op": mem.pending_op, "power_w": round(power), "told_w": mem.pending_w}))  # fmt: skip
-        obs.alarms.append(AlarmChange(f"ignores:{ip}", msg, quiet=True))
-        return
-    mem.resend_due = True
-
-
-def _watch_setting(
-    ip: str, ms: MinerSnapshot, mem: MinerMemory, *, snap_ts: float, now: float, confirm_after_s: float,
-    obs: Observation,
-) -> None:  # fmt: skip
-    """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM stepping its
-    profile up). Measured above its limit beyond the confirmation slack, once its setting had time to take effect:
-    send the limit again (the re-send and ignoring rules of `_confirm` take it from there)."""
-    limit = mem.commanded_w
-    if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured or ms.age_s is None:
-        return
-    if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm_after_s:
-        return
-    if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
-        return
-    mem.pending_op, mem.pending_w = Op.SET_POWER.value, int(limit)
-    mem.pending_at = now - confirm_after_s  # due for a re-send on this tick (see recommands)
-    mem.recommands, mem.resend_due = 0, True
-    obs.changed.add(ip)
-    obs.notes.append(Note("warning", "miner draws above its limit",
-                          {"ip": ip, "power_w": round(ms.power_w), "limit_w": round(limit)}))  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- re-commands
-def recommands(
-    memory: Mapping[str, MinerMemory],
-    planned: Plan,
-    in_flight: Mapping[str, Change],
-    *,
-    skip: set[str],
-    now: float,
-    confirm_after_s: float,
-) -> tuple[list[Change], dict[str, MinerMemory]]:
-    """Re-send acknowledged commands telemetry has not confirmed in time, where the plan still wants them (`skip`:
-    miners the diff already sends something else). Miners counted as ignoring commands are tried again now and
-    then. Returns the changes and the memories they change (new objects)."""
-    out: list[Change] = []
-    updated: dict[str, MinerMemory] = {}
-    for ip, old in memory.items():
-        pending = old.pending_op
-        if pending is None or ip in in_flight or ip in skip or now - old.pending_at < confirm_after_s:
-            continue
-        if now < old.failed_retry_at:
-            continue  # its last command failed: backing off
-        if (now < old.retry_at) if old.ignores_commands else not old.resend_due:
-            continue
-        mem = updated[ip] = old.copy()
-        if mem.ignores_commands:
-            mem.retry_at = now + 10 * confirm_after_s
-        else:
-            mem.resend_due = False
-            mem.recommands += 1
-        op = Op(pending)
-        wanted = planned.actions.get(ip)
-        if wanted is not None and isinstance(wanted, SleepAction) != (op is Op.SLEEP):
-            continue  # the plan moved on; the diff sends what it wants
-        if op is Op.SET_POWER and mem.pending_w is None:
-            continue
-        out.append(Change(ip, op, mem.pending_w if op is not Op.SLEEP else None, decrease=op is Op.SLEEP))
-    return out, updated
-
-
-def blocked(memory: Mapping[str, MinerMemory], in_flight: Mapping[str, Change], now: float) -> dict[str, Op]:
-    """Miners the diff leaves alone: a command is on the wire, or one failed and its back-off is not over (the views
-    count such a miner at its worst case). (An acknowledged command awaiting confirmation needs no block: the views
-    already take it as done, so the diff only sends what the plan changes.)"""
-    out = {ip: Op(m.failed_op) for ip, m in memory.items() if m.failed_op and now < m.failed_retry_at}
-    out.update({ip: c.op for ip, c in in_flight.items()})
-    return out
-
-
-def just_lowered(memory: Mapping[str, MinerMemory], now: float, window_s: float) -> set[str]:
-    """Miners whose limit went down less than `window_s` (confirm_after_s) ago: a raise waits until then. Re-plans
-    on readings that lag the limits they just sent traded one miner's limit against another's every tick for good
-    (a LuxOS preset up, a Whatsminer down; then back), and a site that never settles serves nobody; a raise held is
-    the safe side (the plan counts the miner at the raised limit)."""
-    return {ip for ip, m in memory.items() if now - m.lowered_at < window_s}
 
 
 def ip_sort_key(ip: str) -> tuple[int, ...]:

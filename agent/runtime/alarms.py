@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.closed_loop import AlarmChange
 from hashflex.agent.core.model import Plan
-from hashflex.agent.core.observe import AlarmChange
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.persist import WriteBehind

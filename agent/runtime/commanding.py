@@ -21,8 +21,8 @@ from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.efficiency import DEFAULT_CURVE
 from hashflex.agent.core.miner_memory import MinerMemory
 from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, raises_draw
-from hashflex.agent.core.observe import blocked, just_lowered, recommands
 from hashflex.agent.core.ramp import WakeStaggerRule
+from hashflex.agent.core.recommand import blocked, just_lowered, recommands
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import Actuator, OpResult, Report, diff
 from hashflex.agent.runtime.crashpoints import crash_point
@@ -100,7 +100,7 @@ class Commander:
     def changes_for(self, planned: Plan, by_ip: Mapping[str, MinerView], now: float, *, use_power_limits: bool,
                     held_raises_w: list[float]) -> list[Change]:  # fmt: skip
         """What takes the miners to the plan: the diff (miners with a command on the wire or backing off left alone;
-        a raise waits a moment after a lower limit), and the re-sends telemetry asks for (observe.recommands)."""
+        a raise waits a moment after a lower limit), and the re-sends telemetry asks for (core.recommand)."""
         changes = diff(
             planned.actions, by_ip, use_power_limits=use_power_limits,
             pending=blocked(self.memory, self.in_flight, now), rank=_efficiency_rank, held_raises_w=held_raises_w,
@@ -264,7 +264,7 @@ class Commander:
         if r.ok:
             mem.failures, mem.failed_op, mem.failed_retry_at = 0, None, -1e18
         elif not (r.outcome == "unsupported" and r.op is Op.SET_POWER):  # (that one: on/off from now on, below)
-            # back off before sending it anything again (observe.blocked); until then the plan counts it at its
+            # back off before sending it anything again (core.recommand.blocked); until then the plan counts it at its
             # worst case (observe): whatever the failed command was, it may or may not have taken
             mem.failures += 1
             backoff = min(FAILED_BACKOFF_MAX_S, self.confirm_after_s * 2 ** min(mem.failures - 1, 16))

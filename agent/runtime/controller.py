@@ -32,9 +32,10 @@ from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.arbitration import ArbitrationInputs, arbitrate
 from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.closed_loop import RUNNING
 from hashflex.agent.core.miner_memory import MinerMemory
 from hashflex.agent.core.model import Change, Plan, SleepAction, Target
-from hashflex.agent.core.observe import RUNNING, Observation, observe
+from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
