@@ -335,14 +335,14 @@ class Agent:
             cfg, fleet=fleet, store=self.store, actuator=actuator, clock=self.clock, events=events,
             notifier=self.notifier, grid_link=grid_link,
             gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb), meter=meter,
+            persist=persist,
         )  # fmt: skip
-        ctl.persist = persist
         if self.meter is not None and ctl.frequency is not None:  # every reading reaches the detector as it arrives
             self.meter.on_frequency, self.meter.on_reading = ctl.frequency.on_hz, ctl.frequency.on_reading
         ctl.sweep_request = self.sweep_request
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
-        ctl.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
-        self.metrics = Metrics(status_provider=lambda: ctl.status_doc or None,
+        ctl.commands.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
+        self.metrics = Metrics(status_provider=lambda: ctl.publisher.doc or None,
                                miners_provider=self._miner_rows if cfg.metrics.per_miner else None)  # fmt: skip
         ctl.metrics = self.metrics
         ctl.restore(safe_start=safe_reason)
@@ -358,9 +358,9 @@ class Agent:
             self.link = MqttLink(cfg, self.service, self.service, self.info, clock=self.clock.time,
                                  authentic=self.service.authentic)  # fmt: skip
             events.subscribe(self.link.publish_event)
-            ctl.status_sinks.append(self.link.publish_state)
+            ctl.publisher.sinks.append(self.link.publish_state)
             # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
-            ctl.status_sinks.append(FlexSink(ctl, self.link.publish_flex))
+            ctl.publisher.sinks.append(FlexSink(ctl, self.link.publish_flex))
             ctl.broker_status = self.link.status
             self.link.on_message = self.metrics.count_mqtt_message
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real

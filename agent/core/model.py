@@ -6,6 +6,7 @@ Times are plain floats (seconds since the epoch, UTC) handed in by the caller: t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 # the wire's names, defined once in the contract; re-exported (mypy's explicit form) for the core's many readers
 from hashflex.contract.vocabulary import MinerState as MinerState  # noqa: PLC0414
@@ -130,3 +131,32 @@ class Plan:
     # the site now as the plan counts it: each miner's reading, else (unreachable, unidentified, stale) the worst case
     # it is counted at. What "curtail by X" is taken from (not worst_case_kw: waking miners count there at full power)
     counted_now_kw: float = 0.0
+
+
+class Op(StrEnum):
+    """A command to one miner."""
+
+    SLEEP = "sleep"
+    WAKE = "wake"
+    SET_POWER = "set_power"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One miner's change: wake (then limit, if `watts` is set and below what it will come up at), limit, sleep."""
+
+    ip: str
+    op: Op
+    watts: int | None = None
+    decrease: bool = False  # a limit change that lowers power (goes out with the sleeps)
+    rank: float = 0.0  # lower goes first: J/TH for wakes and increases (the most efficient first); for decreases,
+    # minus the power shed per ms of client CPU the command costs (the draw falls fastest)
+
+
+def raises_draw(change: Change, commanded_w: float | None) -> bool:
+    """Does this command let the miner draw more than the figures stored for it say?"""
+    if change.op is Op.WAKE:
+        return True
+    return change.op is Op.SET_POWER and change.watts is not None and not change.decrease and (
+        commanded_w is None or change.watts > commanded_w
+    )

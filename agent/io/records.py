@@ -5,14 +5,18 @@ No SQLite here (agent/io/store/ owns it); these are the JSON shapes, shared with
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
+from hashflex.agent.core import timefmt
 from hashflex.agent.core.model import Dispatch, Source
+from hashflex.contract.status import DispatchDoc
 from hashflex.drivers.base import Capability, Family, Identity, OnOff, PowerRange, Presets
 
-# statuses after which a dispatch never binds again; anything else with no closed_at is open
-CLOSED_STATUSES = frozenset({"completed", "expired", "cancelled", "failed", "rejected", "superseded", "closed"})
+# a dispatch in one of these statuses (and never closed) may still bind; any other status is closed for good
+OPEN_STATUSES = frozenset({"pending", "active"})
 PROGRESS_FIELDS = (
     "received_at",
     "accepted_at",
@@ -26,18 +30,78 @@ PROGRESS_FIELDS = (
 _TEXT_PROGRESS = frozenset({"close_reason", "channel"})
 
 
-class DispatchRecord(NamedTuple):
-    """A stored dispatch: unpacks as (dispatch, status, progress)."""
+@dataclass(slots=True)
+class DispatchRecord:
+    """A dispatch with its status and progress: what the controller's dispatch book holds and the store keeps (the
+    one record type: the store reads and writes it, agent.runtime.dispatches changes it)."""
 
     dispatch: Dispatch
-    status: str
-    progress: dict[str, Any]  # PROGRESS_FIELDS; unset ones are None
+    status: str  # pending | active (open); expired | cancelled | failed (closed)
+    received_at: float  # this revision's arrival
+    channel: str = "mqtt"
+    accepted_at: float | None = None  # when its first revision was accepted (a revision keeps it)
+    commands_sent_at: float | None = None
+    target_met_at: float | None = None
+    max_overshoot_kw: float = 0.0
+    closed_at: float | None = None
+    close_reason: str | None = None
 
     @property
     def open(self) -> bool:
-        return self.status not in CLOSED_STATUSES and self.progress.get("closed_at") is None
+        """Can it still bind? Only a pending or active one that was never closed."""
+        return self.status in OPEN_STATUSES and self.closed_at is None
+
+    def progress(self) -> dict[str, Any]:
+        """PROGRESS_FIELDS, as the store writes them."""
+        return {
+            "received_at": self.received_at,
+            "accepted_at": self.accepted_at,
+            "channel": self.channel,
+            "commands_sent_at": self.commands_sent_at,
+            "target_met_at": self.target_met_at,
+            "max_overshoot_kw": self.max_overshoot_kw,
+            "closed_at": self.closed_at,
+            "close_reason": self.close_reason,
+        }
+
+    @classmethod
+    def from_stored(cls, dispatch: Dispatch, status: str, progress: Mapping[str, Any]) -> DispatchRecord:
+        def num(key: str) -> float | None:
+            v = progress.get(key)
+            return float(v) if isinstance(v, int | float) else None
+
+        return cls(
+            dispatch=dispatch,
+            status=status,
+            received_at=num("received_at") or dispatch.issued_at,
+            channel=str(progress.get("channel") or "mqtt"),
+            accepted_at=num("accepted_at"),
+            commands_sent_at=num("commands_sent_at"),
+            target_met_at=num("target_met_at"),
+            max_overshoot_kw=num("max_overshoot_kw") or 0.0,
+            closed_at=num("closed_at"),
+            close_reason=progress.get("close_reason"),
+        )
+
+    def moved(self, by_s: float) -> DispatchRecord:
+        """This record on a time `by_s` ahead of the one it was stored on (core.timeline): its window and the times
+        of its progress move with it; the issue time stays as the sender stamped it."""
+        if not by_s:
+            return self
+
+        def move(t: float | None) -> float | None:
+            return None if t is None else t + by_s
+
+        d = self.dispatch
+        return dataclasses.replace(
+            self, dispatch=dataclasses.replace(d, start=d.start + by_s, end=move(d.end)),
+            received_at=self.received_at + by_s, accepted_at=move(self.accepted_at),
+            commands_sent_at=move(self.commands_sent_at), target_met_at=move(self.target_met_at),
+            closed_at=move(self.closed_at),
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
+        """The export's form: times as epoch seconds, time to target from acceptance."""
         d = self.dispatch
         out: dict[str, Any] = {
             "id": d.id,
@@ -52,11 +116,42 @@ class DispatchRecord(NamedTuple):
             "ramp_kw_per_min": d.ramp_kw_per_min,
             "status": self.status,
         }
-        out.update({k: self.progress.get(k) for k in PROGRESS_FIELDS})
-        met, start = self.progress.get("target_met_at"), self.progress.get("accepted_at")
-        start = start if start is not None else self.progress.get("received_at")
-        out["time_to_target_s"] = met - start if met is not None and start is not None else None
+        out.update(self.progress())
+        met, start = self.target_met_at, self.accepted_at
+        start = start if start is not None else self.received_at
+        out["time_to_target_s"] = met - start if met is not None else None
         return out
+
+    def doc(self) -> DispatchDoc:
+        """The status document's and the CLI's form: ISO times, time to target from this revision's arrival."""
+        d = self.dispatch
+        level = None
+        if d.target_kw is not None or d.baseline_kw is not None:
+            level = round(d.level_kw(), 3)
+        return {
+            "id": d.id,
+            "rev": d.rev,
+            "source": d.source.value,
+            "target_kw": d.target_kw,
+            "curtail_kw": d.curtail_kw,
+            "baseline_kw": d.baseline_kw,
+            "level_kw": level,
+            "ramp_kw_per_min": d.ramp_kw_per_min,
+            "issued_at": timefmt.iso_ms(d.issued_at),
+            "start": timefmt.iso_ms(d.start),
+            "end": timefmt.iso_ms(d.end),
+            "status": self.status,
+            "received_at": timefmt.iso_ms(self.received_at),
+            "accepted_at": timefmt.iso_ms(self.accepted_at),
+            "commands_sent_at": timefmt.iso_ms(self.commands_sent_at),
+            "target_met_at": timefmt.iso_ms(self.target_met_at),
+            "time_to_target_s": (
+                round(self.target_met_at - self.received_at, 3) if self.target_met_at is not None else None
+            ),
+            "max_overshoot_kw": round(self.max_overshoot_kw, 3),
+            "closed_at": timefmt.iso_ms(self.closed_at),
+            "close_reason": self.close_reason,
+        }
 
 
 def check_progress(fields: dict[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,8 @@ import asyncio
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from hashflex.agent.core.model import Action, MinerState, MinerView, SleepAction
+from hashflex.agent.core.model import Action, Change, MinerState, MinerView, Op, SleepAction
 from hashflex.drivers.base import (
     CONTROL_COST_MS,
     DriverError,
@@ -35,24 +34,6 @@ from hashflex.drivers.base import (
 
 RAISE_DEADBAND_W = 100.0  # limit raises smaller than this (or than this share of the limit) are not sent
 RAISE_DEADBAND_SHARE = 0.05
-
-
-class Op(StrEnum):
-    SLEEP = "sleep"
-    WAKE = "wake"
-    SET_POWER = "set_power"
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One miner's change: wake (then limit, if `watts` is set and below what it will come up at), limit, sleep."""
-
-    ip: str
-    op: Op
-    watts: int | None = None
-    decrease: bool = False  # a limit change that lowers power (goes out with the sleeps)
-    rank: float = 0.0  # lower goes first: J/TH for wakes and increases (the most efficient first); for decreases,
-    # minus the power shed per ms of client CPU the command costs (the draw falls fastest)
 
 
 @dataclass(frozen=True, slots=True)

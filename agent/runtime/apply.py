@@ -10,17 +10,23 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hashflex.agent.commands import REQUEST_DIGEST, Command, Repeat, answer_repeat, check_order
+from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel
+from hashflex.agent.runtime.caps import Caps
 from hashflex.agent.runtime.crashpoints import crash_point
-from hashflex.agent.runtime.memory import DispatchRecord
+from hashflex.agent.runtime.dispatches import SAFE_START_ID, DispatchBook
+from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.agent.runtime.ports import ControlStore, RuntimeMetrics
 from hashflex.contract.reply import BAD_REQUEST, CONFLICT, STALE_REVISION, UNKNOWN_DISPATCH, Reply
 from hashflex.contract.requests import (
     OPERATOR_ID_PREFIX,
@@ -31,18 +37,39 @@ from hashflex.contract.requests import (
     ResumeRequest,
 )
 
-if TYPE_CHECKING:
-    from hashflex.agent.runtime.controller import Controller
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+
+class CommandHost(Protocol):
+    """What a command may read and change of the control loop (agent.runtime.controller.Controller)."""
+
+    cfg: AgentConfig
+    store: ControlStore
+    persist: WriteBehind
+    events: EventLog
+    caps: Caps
+    book: DispatchBook
+    failsafe: fs.FailsafeState | None
+
+    @property
+    def alarms(self) -> dict[str, str]: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def metrics(self) -> RuntimeMetrics | None: ...
+    def counted_present_kw(self) -> float: ...
+    def trigger(self) -> None: ...
 
 log = get_logger("apply")
 
-SAFE_START_ID = "safe-start"  # the override a safe start holds until an operator resumes
 STORE_UNAVAILABLE = "store_unavailable"  # error code: the command could not be stored, so it was not applied
 
 Events = list[tuple[str, dict[str, Any]]]
 
 
-def apply_command(ctl: Controller, cmd: Command) -> Reply:
+def apply_command(ctl: CommandHost, cmd: Command) -> Reply:
     """Apply one validated command: change, reply and audit record in one transaction, then events.
 
     A command the state store cannot record now (full, locked, read-only: StoreError) is refused with
@@ -57,10 +84,10 @@ def apply_command(ctl: Controller, cmd: Command) -> Reply:
         return _store_refused(ctl, cmd, exc)
 
 
-def _apply_command(ctl: Controller, cmd: Command) -> Reply:
+def _apply_command(ctl: CommandHost, cmd: Command) -> Reply:
     key = cmd.idempotency_key
     if key is not None:  # a repeat that raced the first one through the inbox
-        stored = ctl.stored_reply(key)
+        stored = ctl.store.get_reply(key)
         if stored is not None:
             answer = answer_repeat(cmd.request, stored)
             return answer.reply if isinstance(answer, Repeat) else answer
@@ -119,34 +146,29 @@ def _apply_command(ctl: Controller, cmd: Command) -> Reply:
     return reply
 
 
-# what a command may change in the controller besides its dispatches and alarms (the caps, whichever exist)
-_COMMAND_STATE = ("runtime_cap_kw", "grid_cap_kw", "operator_cap_kw")
-
-
 @contextlib.contextmanager
-def _all_or_nothing(ctl: Controller) -> Iterator[None]:
+def _all_or_nothing(ctl: CommandHost) -> Iterator[None]:
     """The command's transaction; when it does not commit (the store refuses, or anything raises), the controller's
     memory is put back as it was before: nothing is applied that was not committed."""
-    records = {i: (r, dataclasses.replace(r)) for i, r in ctl.dispatches.items()}
-    attrs = {a: v for a, v in vars(ctl).items() if a in _COMMAND_STATE}  # plain attributes, not properties
+    records = {i: (r, dataclasses.replace(r)) for i, r in ctl.book.records.items()}
+    caps = dataclasses.replace(ctl.caps)
     alarms = dict(ctl.alarms)
     try:
         with ctl.store.transaction():
             yield
     except BaseException:
-        ctl.dispatches.clear()
+        ctl.book.records.clear()
         for i, (rec, before) in records.items():
             for f in dataclasses.fields(rec):
                 setattr(rec, f.name, getattr(before, f.name))
-            ctl.dispatches[i] = rec
-        for a, v in attrs.items():
-            setattr(ctl, a, v)
+            ctl.book.records[i] = rec
+        ctl.caps.grid_kw, ctl.caps.operator_kw = caps.grid_kw, caps.operator_kw
         ctl.alarms.clear()
         ctl.alarms.update(alarms)
         raise
 
 
-def _store_refused(ctl: Controller, cmd: Command, exc: StoreError) -> Reply:
+def _store_refused(ctl: CommandHost, cmd: Command, exc: StoreError) -> Reply:
     req = cmd.request
     message = f"the state store cannot record this command now ({exc}); nothing was applied: retry later"
     log.warning("command refused: state store unavailable", verb=cmd.verb, id=req.id, error=str(exc))
@@ -165,7 +187,7 @@ def _store_refused(ctl: Controller, cmd: Command, exc: StoreError) -> Reply:
     return Reply.error(req.id, STORE_UNAVAILABLE, message)
 
 
-def _forget_safe_start(ctl: Controller) -> None:
+def _forget_safe_start(ctl: CommandHost) -> None:
     """The operator resumed (committed): the next start is a normal one."""
     try:
         clear_safe_start(ctl.cfg.state_path)
@@ -174,12 +196,12 @@ def _forget_safe_start(ctl: Controller) -> None:
 
 
 def _dispatch(
-    ctl: Controller, req: DispatchRequest, cmd: Command, now: float, events: Events
+    ctl: CommandHost, req: DispatchRequest, cmd: Command, now: float, events: Events
 ) -> Reply:
-    existing = ctl.dispatches.get(req.id)
+    existing = ctl.book.records.get(req.id)
     if existing is None:
         with contextlib.suppress(Exception):
-            existing = _load_closed(ctl, req.id)
+            existing = ctl.store.get_dispatch(req.id)  # closed, and forgotten by the book
     if existing is not None:
         if not existing.open:
             return Reply.error(
@@ -208,28 +230,19 @@ def _dispatch(
     first_accepted = existing.accepted_at if existing is not None and existing.accepted_at is not None else now
     rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value,
                          accepted_at=first_accepted)  # fmt: skip
-    ctl.dispatches[d.id] = rec
-    ctl.store.save_dispatch(d, rec.status, **rec.progress())
+    ctl.book.add(rec)
     return Reply.ok(req.id, {"dispatch": rec.doc()})
 
-def _load_closed(ctl: Controller, dispatch_id: str) -> DispatchRecord | None:
-    for d, status, progress in ctl.store.load_dispatches(active_only=False):
-        if d.id == dispatch_id:
-            return DispatchRecord.from_stored(d, status, dict(progress or {}))
-    return None
-
-def _cancel(ctl: Controller, req: CancelRequest, now: float, events: Events) -> Reply:
-    rec = ctl.dispatches.get(req.dispatch_id)
-    if rec is None:
-        rec = _load_closed(ctl, req.dispatch_id)
+def _cancel(ctl: CommandHost, req: CancelRequest, now: float, events: Events) -> Reply:
+    rec = ctl.book.get(req.dispatch_id)
     if rec is None or rec.dispatch.source is not Source.GRID:
         return Reply.error(req.id, UNKNOWN_DISPATCH, f"no grid dispatch with id {req.dispatch_id!r} is known")
     if rec.open:
-        ctl.close_dispatch(rec, now, "cancelled", f"cancelled by {req.id}", events=events)
+        ctl.book.close(rec, now, "cancelled", f"cancelled by {req.id}", events=events)
     return Reply.ok(req.id, {"dispatch_id": rec.dispatch.id, "status": rec.status})
 
 def _cap(
-    ctl: Controller, req: CapRequest, cmd: Command, now: float, events: Events
+    ctl: CommandHost, req: CapRequest, cmd: Command, now: float, events: Events
 ) -> Reply:
     """A cap from the grid (signed, over MQTT) or from the site's operator (the local socket): two inputs, each
     replaced only by its own source, the lower binds. So a local `hashflex cap 1000kW` never lifts a grid cap of
@@ -241,52 +254,53 @@ def _cap(
             req.id, BAD_REQUEST,
             "lift_grid_cap is an operator's act on the site's own control socket; the grid sets its cap directly",
         )  # fmt: skip
-    old = ctl.effective_cap_kw()
-    old_grid = ctl.grid_cap_kw
-    cap = None if req.cap_kw >= ctl.licensed_cap_kw else req.cap_kw
+    caps = ctl.caps
+    old = caps.effective_kw()
+    old_grid = caps.grid_kw
+    cap = None if req.cap_kw >= caps.licensed_kw else req.cap_kw
     if grid:
-        ctl.grid_cap_kw = cap
+        caps.grid_kw = cap
     else:
-        ctl.operator_cap_kw = cap
+        caps.operator_kw = cap
         if lift:
-            ctl.grid_cap_kw = None
-    ctl.save_caps()
-    new = ctl.effective_cap_kw()
+            caps.grid_kw = None
+    caps.save(ctl.store)
+    new = caps.effective_kw()
     change: dict[str, Any] = {
         "from_kw": old, "to_kw": new, "by": req.id, "channel": cmd.channel.value,
         "source": "grid" if grid else "operator", "asked_kw": req.cap_kw,
-        "grid_cap_kw": ctl.grid_cap_kw, "operator_cap_kw": ctl.operator_cap_kw,
+        "grid_cap_kw": caps.grid_kw, "operator_cap_kw": caps.operator_kw,
     }  # fmt: skip
     if lift:
         change["lifted_grid_cap_kw"] = old_grid
     ctl.store.append_audit(AuditKind.CAP_CHANGE, change, now)
     events.append(("cap_changed", change))
     if lift and old_grid is not None:
-        log.warning("grid cap lifted by the operator", lifted_kw=old_grid, operator_cap_kw=ctl.operator_cap_kw,
+        log.warning("grid cap lifted by the operator", lifted_kw=old_grid, operator_cap_kw=caps.operator_kw,
                     by=req.id)  # fmt: skip
     data: dict[str, Any] = {
-        "cap_kw": new, "licensed_cap_kw": ctl.licensed_cap_kw, "grid_cap_kw": ctl.grid_cap_kw,
-        "operator_cap_kw": ctl.operator_cap_kw,
+        "cap_kw": new, "licensed_cap_kw": caps.licensed_kw, "grid_cap_kw": caps.grid_kw,
+        "operator_cap_kw": caps.operator_kw,
     }  # fmt: skip
     if lift:
         data["lifted_grid_cap_kw"] = old_grid
     return Reply.ok(req.id, data)
 
 def _curtail(
-    ctl: Controller, req: CurtailRequest, cmd: Command, now: float, events: Events
+    ctl: CommandHost, req: CurtailRequest, cmd: Command, now: float, events: Events
 ) -> Reply:
     # operator overrides have their own id namespace (the grid may not use the prefix): a grid dispatch and an
     # override with the same id are two different things and never replace or block each other
     did = OPERATOR_ID_PREFIX + (req.id or uuid.uuid4().hex[:12])
-    if did in ctl.dispatches:
+    if did in ctl.book.records:
         return Reply.error(req.id, CONFLICT, f"an override with id {did!r} already exists; use a new id")
     # a new override replaces the operator's earlier ones (they stacked silently, the lowest binding) unless it asks
     # to be added; the safe start is not the operator's own level and still needs `resume`. Audited as cancelled
     replaced: list[str] = []
     if not req.add:
-        for rec in list(ctl.dispatches.values()):
-            if rec.open and rec.dispatch.source is Source.OPERATOR and rec.dispatch.id != SAFE_START_ID:
-                ctl.close_dispatch(rec, now, "cancelled", f"replaced by {did}", events=events)
+        for rec in ctl.book.open_records():
+            if rec.dispatch.source is Source.OPERATOR and rec.dispatch.id != SAFE_START_ID:
+                ctl.book.close(rec, now, "cancelled", f"replaced by {did}", events=events)
                 replaced.append(rec.dispatch.id)
     baseline = round(ctl.counted_present_kw(), 3)
     d = Dispatch(
@@ -295,15 +309,14 @@ def _curtail(
         baseline_kw=baseline,
     )  # fmt: skip
     rec = DispatchRecord(d, "active", now, channel=cmd.channel.value, accepted_at=now)
-    ctl.dispatches[did] = rec
-    ctl.store.save_dispatch(d, rec.status, **rec.progress())
+    ctl.book.add(rec)
     return Reply.ok(req.id, {"dispatch": rec.doc(), "replaced": replaced})
 
-def _resume(ctl: Controller, req: ResumeRequest, now: float, events: Events) -> Reply:
+def _resume(ctl: CommandHost, req: ResumeRequest, now: float, events: Events) -> Reply:
     ended: list[str] = []
-    for rec in list(ctl.dispatches.values()):
-        if rec.open and rec.dispatch.source is Source.OPERATOR:
-            ctl.close_dispatch(rec, now, "cancelled", "resumed by the operator", events=events)
+    for rec in ctl.book.open_records():
+        if rec.dispatch.source is Source.OPERATOR:
+            ctl.book.close(rec, now, "cancelled", "resumed by the operator", events=events)
             ended.append(rec.dispatch.id)
     if SAFE_START_ID in ended:
         ctl.alarms.pop("safe_start", None)

@@ -25,8 +25,9 @@ cap when nothing better is known (a window, the fail-safe).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
+from hashflex.agent.config import SiteMeterConfig
 from hashflex.agent.core.energy import (
     MINUTE_S,
     ClosedMinute,
@@ -35,12 +36,14 @@ from hashflex.agent.core.energy import (
     MeteredEnergy,
     SiteSample,
 )
-from hashflex.agent.core.model import Source
+from hashflex.agent.core.model import Source, Target
+from hashflex.agent.core.snapshot import FleetSnapshot
+from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.metering import MeterControl
+from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.agent.runtime.ports import RuntimeMetrics
 from hashflex.contract.status import EnergyDoc
-
-if TYPE_CHECKING:
-    from hashflex.agent.runtime.controller import Controller
 
 log = get_logger("energy")
 
@@ -48,7 +51,24 @@ PER_MINER_BACKLOG = 600  # queued writes past which a refused minute keeps only 
 
 
 class EnergyMeter:
-    def __init__(self, max_gap_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        persist: WriteBehind,
+        clock: Callable[[], float],
+        curtailment: Callable[[], tuple[bool, float | None]],
+        meter: MeterControl | None = None,
+        meter_cfg: SiteMeterConfig | None = None,
+        cap_kw: float = 0.0,
+        max_gap_s: float = 120.0,
+    ) -> None:
+        self.persist = persist
+        self.clock = clock
+        self.curtailment = curtailment  # (curtailed now?, the baseline in W): `curtailment` below
+        self.meter = meter
+        self.meter_cfg = meter_cfg
+        self.cap_kw = cap_kw
+        self.metrics: RuntimeMetrics | None = None
         self.integrator = EnergyIntegrator(max_gap_s=max_gap_s)
         self.max_gap_s = max_gap_s
         self.minutes = 0
@@ -57,12 +77,12 @@ class EnergyMeter:
         self.metered: MeteredEnergy | None = None  # with a site meter: built on the first picture
         self._may_hold = True  # no command has gone out since the last reading
 
-    def add(self, snap: Any, ctl: Controller) -> None:
+    def add(self, snap: FleetSnapshot) -> None:
         """A new fleet picture: a sample at the time it was taken."""
-        self._add(snap, snap.ts, ctl)
+        self._add(snap, snap.ts)
         self._may_hold = True
 
-    def hold(self, snap: Any, now: float, ctl: Controller) -> None:
+    def hold(self, snap: FleetSnapshot, now: float) -> None:
         """Commands are about to go out: the last picture still holds up to `now` (nothing the agent did changed
         any miner's draw since it was taken), so pin it here. Without this, the change the commands cause would be
         spread back over the whole gap since that picture (the trapezoid runs from the last reading), and a
@@ -71,32 +91,32 @@ class EnergyMeter:
         if not self._may_hold:
             return
         self._may_hold = False
-        self._add(snap, now, ctl)
+        self._add(snap, now)
 
-    def _add(self, snap: Any, ts: float, ctl: Controller) -> None:
-        curtailed, baseline_w = _curtailment(ctl)
+    def _add(self, snap: FleetSnapshot, ts: float) -> None:
+        curtailed, baseline_w = self.curtailment()
         sample = SiteSample(
             ts=ts, measured_w=snap.power_w_measured, estimated_w=snap.power_w_estimated,
             curtailed=curtailed, baseline_w=baseline_w,
         )  # fmt: skip
         miners = {ip: (ms.power_w, ms.measured) for ip, ms in snap.miners.items()}
         closed = self.integrator.add(sample, miners)
-        metered = self._meter(ctl)
+        metered = self._meter()
         if metered is None:
-            self._record(closed, ctl)
+            self._record(closed)
             return
         metered.add_minutes(closed)
-        self._record(metered.release(ts), ctl)
+        self._record(metered.release(ts))
 
-    def _meter(self, ctl: Controller) -> MeteredEnergy | None:
+    def _meter(self) -> MeteredEnergy | None:
         """The counter side, with the adapter's last good reading taken in (None without a site meter)."""
-        mc = ctl.meter
+        mc = self.meter
         if mc is None:
             return None
         if self.metered is None:
-            cfg = ctl.cfg.site.meter
+            cfg = self.meter_cfg
             assert cfg is not None  # a MeterControl is only made with site.meter
-            max_kw = cfg.max_kw if cfg.max_kw is not None else 2.0 * ctl.cfg.site.cap_kw  # as the adapter bounds it
+            max_kw = cfg.max_kw if cfg.max_kw is not None else 2.0 * self.cap_kw  # as the adapter bounds it
             self.metered = MeteredEnergy(max_gap_s=self.max_gap_s, wait_s=cfg.stale_after_s, slack_s=1.0, max_kw=max_kw)
         status = mc.meter.status()
         last = status.last
@@ -106,22 +126,22 @@ class EnergyMeter:
             self.metered.add_reading(CounterReading(last.read_at, last.import_wh, last.counter_epoch))
         return self.metered
 
-    def flush(self, ctl: Controller) -> None:
+    def flush(self) -> None:
         """On stop: write what is known, the minute in progress too (its covered_s says how much of it)."""
         closed = self.integrator.close_until(math.inf)
-        metered = self._meter(ctl)
+        metered = self._meter()
         if metered is not None:
             metered.add_minutes(closed)
             closed = metered.flush()
             if metered.dropped_kwh or metered.overcount_kwh:
                 log.info("meter energy not booked", dropped_kwh=round(metered.dropped_kwh, 6),
                          overcount_kwh=round(metered.overcount_kwh, 6))  # fmt: skip
-        self._record(closed, ctl, pin=False)
+        self._record(closed, pin=False)
 
-    def pin_closed(self, upto: float, ctl: Controller) -> None:
+    def pin_closed(self, upto: float) -> None:
         """Pin the quarter hours that end at or before `upto` (no minute before it can still arrive). Through the
         controller's write-behind: behind any minute the store refused earlier, never before it."""
-        ctl.persist.call("pin_energy_until", upto, ctl.clock.time())
+        self.persist.call("pin_energy_until", upto, self.clock())
 
     def doc(self) -> EnergyDoc:
         """The status document's `energy` section: where the site's kWh come from now."""
@@ -136,28 +156,28 @@ class EnergyMeter:
             "dropped_kwh": None if m is None else round(m.dropped_kwh, 6),
         }
 
-    def _record(self, closed: list[ClosedMinute], ctl: Controller, *, pin: bool = True) -> None:
+    def _record(self, closed: list[ClosedMinute], *, pin: bool = True) -> None:
         for minute, per_miner in closed:
             # a store that refuses writes: the minute waits in the write-behind; past an hour of them only the site
             # figures do (per-miner detail for a big fleet is ~1 MB a minute, too much to hold for long)
-            detail = per_miner if ctl.persist.backlog < PER_MINER_BACKLOG else None
-            ctl.persist.call("record_energy_minute", minute, detail)
+            detail = per_miner if self.persist.backlog < PER_MINER_BACKLOG else None
+            self.persist.call("record_energy_minute", minute, detail)
             self.minutes += 1
             self.by_source[minute.source] = self.by_source.get(minute.source, 0) + 1
             if minute.source != self.last_source and self.last_source is not None:
                 log.info("energy source", source=minute.source, was=self.last_source, minute=minute.minute_ts)
             self.last_source = minute.source
-            if ctl.metrics is not None:
-                ctl.metrics.add_energy_minute(minute.kwh, minute.miners_kwh, minute.source)
+            if self.metrics is not None:
+                self.metrics.add_energy_minute(minute.kwh, minute.miners_kwh, minute.source)
         if pin and closed:
-            self.pin_closed(closed[-1][0].minute_ts + MINUTE_S, ctl)
+            self.pin_closed(closed[-1][0].minute_ts + MINUTE_S)
 
 
-def _curtailment(ctl: Controller) -> tuple[bool, float | None]:
-    t = ctl.target
+def curtailment(t: Target | None, dispatches: dict[str, DispatchRecord]) -> tuple[bool, float | None]:
+    """Is the site curtailed under target `t`, and from what baseline (W)?"""
     if t is None or t.source is Source.CAP:
         return False, None
-    rec = ctl.dispatches.get(t.binding_id or "")
+    rec = dispatches.get(t.binding_id or "")
     if rec is not None and rec.dispatch.baseline_kw is not None:
         return True, rec.dispatch.baseline_kw * 1000.0
     return True, t.cap_kw * 1000.0

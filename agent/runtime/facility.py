@@ -36,9 +36,8 @@ from typing import Any, Protocol
 from hashflex.agent.config import AgentConfig, CoolingConfig
 from hashflex.agent.core import facility as core
 from hashflex.agent.core.circuits import CircuitTree
-from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime.actuator import Change, Op
 
 log = get_logger("facility")
 

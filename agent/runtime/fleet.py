@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hashflex.agent.core.addresses import expand
+from hashflex.agent.core.snapshot import FleetSnapshot, MinerSnapshot, reading_hint
 from hashflex.agent.logging import get_logger
 from hashflex.drivers.base import DriverError, DriverSettings, Identity, MinerDriver, MinerHandle, Reading
 from hashflex.drivers.catalogue import CATALOGUE, STANDBY_W
@@ -36,61 +37,13 @@ from hashflex.drivers.catalogue import CATALOGUE, STANDBY_W
 if TYPE_CHECKING:
     from hashflex.agent.config import AgentConfig, PollingConfig
 
-StateHint = Literal["hashing", "sleeping", "waking", "unknown"]
 TRANSITIONS_LOGGED = 20  # per sweep and kind; the rest go into one summary line
-WAKING_SHARE = 0.02  # not hashing, yet drawing more than this share of nominal: coming up (a booting miner draws
-# a few % of nominal for the first third of its wake-up, a sleeping one under 1 %: at 20 % a boot read as sleep)
 UNIDENTIFIED_RETRY_S = 10.0  # first retry of an address nothing answered at (fleet clock: site seconds) …
 UNIDENTIFIED_RETRY_MAX_S = 60.0  # … doubling up to this (an identify at an empty address is cheap)
 # an unidentified address is held at the largest model we know of: it may be any of them
 LARGEST_MODEL_W = max(spec.nominal_w for spec in CATALOGUE.values())
 
 log = get_logger("fleet")
-
-
-# ---------------------------------------------------------------------------------------------- snapshots
-@dataclass(frozen=True, slots=True)
-class MinerSnapshot:
-    identity: Identity
-    reading: Reading | None  # the last good reading (may be old: see age_s and reachable)
-    age_s: float | None  # seconds since that reading; None = never read
-    reachable: bool  # the last poll succeeded
-    failures: int  # consecutive failed polls
-    power_w: float  # measured, or estimated (last known or nominal): never zero for an unknown miner
-    measured: bool  # power_w is a fresh report from the miner
-    state_hint: StateHint
-    last_error: str | None = None  # why the last poll failed
-
-    @property
-    def ip(self) -> str:
-        return self.identity.ip
-
-
-@dataclass(frozen=True, slots=True)
-class FleetSnapshot:
-    ts: float
-    miners: Mapping[str, MinerSnapshot]
-    power_w_measured: float  # sum of fresh reports
-    power_w_estimated: float  # sum of estimates for the rest
-    unreachable_share: float  # 0..1 of attached miners whose last poll failed (or that were never read)
-    sweep_s: float  # wall time of the sweep that produced it; 0 when built without a sweep
-    # configured addresses not identified yet → the worst case each is held at (W); not in `miners`, not in the
-    # power sums (nothing is known of them but that a miner may be there)
-    unidentified: Mapping[str, float] = field(default_factory=dict)
-
-    @property
-    def power_w(self) -> float:
-        return self.power_w_measured + self.power_w_estimated
-
-    @property
-    def unreachable(self) -> int:
-        return sum(1 for m in self.miners.values() if not m.reachable)
-
-    @property
-    def hashrate_ths(self) -> float:
-        return sum(
-            m.reading.hashrate_ths or 0.0 for m in self.miners.values() if m.reachable and m.reading is not None
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,7 +462,7 @@ class Fleet:
             failures=rec.failures,
             power_w=power,
             measured=measured,
-            state_hint=state_hint(ident, reading if fresh else None, power),
+            state_hint=reading_hint(ident, reading if fresh else None, power),
             last_error=rec.last_error,
         )
 
@@ -526,16 +479,6 @@ def estimate_power_w(identity: Identity, fresh: Reading | None, last_known_w: fl
     if last_known_w is not None and last_known_w > 0:
         return last_known_w
     return nominal
-
-
-def state_hint(identity: Identity, fresh: Reading | None, power_w: float) -> StateHint:
-    if fresh is None or fresh.mining is None:
-        return "unknown"
-    if fresh.mining:
-        return "hashing"
-    if fresh.power_w is not None and power_w > WAKING_SHARE * identity.nominal_w:
-        return "waking"
-    return "sleeping"
 
 
 def _ip_key(ip: str) -> tuple[int, ...]:

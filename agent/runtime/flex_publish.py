@@ -1,8 +1,8 @@
 """The site's flexibility from the running controller, and when to publish it (retained on `<root>/flex`).
 
-Read-only on the controller: the fleet views come from `readout.views_readonly` (the preview's side-effect-free
-path), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
-(`Controller.status_sinks`): after a tick it recomputes the flexibility when it may have changed (the target, the cap
+Read-only on the controller: the fleet views come from `Controller.observe_now` (agent.core.observe, nothing
+applied), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
+(`Controller.publisher.sinks`): after a tick it recomputes the flexibility when it may have changed (the target, the cap
 or the fail-safe moved, or `compute_every_s` passed) and hands the document to `publish` when
 `FlexPublishPolicy` says it is due (changed enough, or 30 s since the last one).
 
@@ -14,30 +14,26 @@ unless what the coordinator must hear at once (target, cap, fail-safe) changed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from hashflex.agent.core.flexibility import FlexPublishPolicy, flexibility
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime import readout
+from hashflex.agent.runtime.readout import SiteState
 from hashflex.contract.flex import FlexDoc, Flexibility
 from hashflex.contract.status import StatusDoc
-
-if TYPE_CHECKING:
-    from hashflex.agent.runtime.controller import Controller
 
 log = get_logger("flex")
 
 COMPUTE_EVERY_S = 10.0
 
 
-def site_flexibility(ctl: Controller) -> Flexibility:
+def site_flexibility(ctl: SiteState) -> Flexibility:
     """The site's flexibility as the controller sees it now (its last tick's target and fail-safe, the latest
     fleet snapshot and meter reading). Powers at the meter when there is a fresh one."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
-    views = readout.views_readonly(ctl, snap, now)
+    views = ctl.observe_now().views
     cfg = ctl.cfg
-    cap_kw = ctl.effective_cap_kw()
+    cap_kw = ctl.caps.effective_kw()
     target = ctl.target
     tick = None if ctl.meter is None else ctl.meter.last
     miners_kw = snap.power_w / 1000.0
@@ -51,8 +47,8 @@ def site_flexibility(ctl: Controller) -> Flexibility:
     return flexibility(
         views,
         site_id=cfg.site.id,
-        tree=ctl.tree,
-        rules=ctl.planner_rules,
+        tree=ctl.rules.tree,
+        rules=ctl.rules.planner,
         now=now,
         cap_w=cap_kw * 1000.0,
         target_w=(cap_kw if target is None else min(target.kw, cap_kw)) * 1000.0,
@@ -60,7 +56,7 @@ def site_flexibility(ctl: Controller) -> Flexibility:
         metered=metered,
         other_load_w=max(0.0, other_kw) * 1000.0,
         ramp_up_w_per_s=None if up is None else up * 1000.0 / 60.0,
-        stagger=ctl.stagger,
+        stagger=ctl.rules.stagger,
         failsafe=ctl.failsafe,
         readings_at=read_at,
         stale_after_s=cfg.polling.stale_after_s,
@@ -72,7 +68,7 @@ class FlexSink:
 
     def __init__(
         self,
-        ctl: Controller,
+        ctl: SiteState,
         publish: Callable[[FlexDoc], None],
         *,
         policy: FlexPublishPolicy | None = None,
@@ -92,7 +88,7 @@ class FlexSink:
         target = ctl.target
         fs = ctl.failsafe
         return (
-            ctl.effective_cap_kw(),
+            ctl.caps.effective_kw(),
             None if target is None else round(target.kw, 3),
             None if fs is None else (fs.active, fs.level_kw),
         )

@@ -31,11 +31,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hashflex.agent.config import FrequencyResponseConfig
+from hashflex.agent.config import AgentConfig, FrequencyResponseConfig
 from hashflex.agent.core.frequency import (
     Candidate,
     FrequencyRules,
@@ -47,10 +47,11 @@ from hashflex.agent.core.frequency import (
     shed_list,
     unknown,
 )
-from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op
 from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime.actuator import Change, Op, OpResult
+from hashflex.agent.runtime.actuator import OpResult
+from hashflex.agent.runtime.metering import MeterControl
 from hashflex.drivers.base import CONTROL_COST_MS, Family
 
 log = get_logger("frequency")
@@ -81,8 +82,8 @@ class PowerReading(HzReading, Protocol):
 class FrequencyHost(Protocol):
     """What the runtime needs of the controller."""
 
-    in_flight: Any
-
+    @property
+    def in_flight(self) -> Mapping[str, Change]: ...
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
     def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
     def trigger(self) -> None: ...
@@ -118,6 +119,20 @@ class Event:
 
 
 class FrequencyResponse:
+    @classmethod
+    def for_site(
+        cls, cfg: AgentConfig, host: FrequencyHost, meter: MeterControl | None, *, clock: Callable[[], float],
+        wall_scale: float, prepare: Callable[[list[str]], Awaitable[set[str]]] | None,
+    ) -> FrequencyResponse | None:  # fmt: skip
+        """The site's response (None without frequency_response or a site meter), wired to the meter's section."""
+        if cfg.frequency_response is None or meter is None:
+            return None
+        port = meter.meter
+        response = cls(cfg.frequency_response, host, clock=clock, meter_fresh=lambda: port.status().fresh,
+                       wall_scale=wall_scale, meter_poll_s=meter.cfg.poll_s, prepare=prepare)  # fmt: skip
+        meter.frequency = response
+        return response
+
     def __init__(
         self,
         cfg: FrequencyResponseConfig,

@@ -19,9 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hashflex.agent.config import SiteMeterConfig
+from hashflex.agent.config import AgentConfig, SiteMeterConfig
+from hashflex.agent.core.model import Plan
 from hashflex.agent.core.site_meter import MinerShare, NonMinerWindow, SteadyMiners, counted_base, miner_level
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.core.timefmt import iso_ms as iso
+from hashflex.agent.logging import get_logger
+
+log = get_logger("controller")
+
+# the non-miner load counted moves down only once its recent maximum is this share of the licensed cap below it
+# (up at once): a maximum wandering by meter noise would move every miner's limit every tick
+METER_BAND_SHARE = 0.005
 
 
 class MeterReadingView(Protocol):
@@ -61,6 +70,11 @@ class SiteMeterPort(Protocol):
 
     def reading(self) -> MeterReadingView | None: ...
     def status(self) -> MeterStatusView: ...
+
+
+class AlarmSink(Protocol):
+    def raise_alarm(self, key: str, message: str, *, quiet: bool = False) -> None: ...
+    def drop(self, key: str) -> bool: ...
 
 
 class FrequencyDoc(Protocol):
@@ -140,6 +154,38 @@ class MeterControl:
         self.last = tick
         return tick
 
+    @classmethod
+    def for_site(cls, cfg: AgentConfig, port: SiteMeterPort | None, *, started_at: float) -> MeterControl | None:
+        """The site's meter control (None without site.meter or a meter adapter)."""
+        mcfg = cfg.site.meter
+        if port is None or mcfg is None:
+            return None
+        # the miners' sum must hold for the meter's lag and one sweep before metered − Σ miners is a sample
+        return cls(port, mcfg, started_at=started_at, band_kw=METER_BAND_SHARE * cfg.site.cap_kw,
+                   align_s=mcfg.lag_s + cfg.polling.interval_s)  # fmt: skip
+
+    def observe_alarmed(self, miners_kw: float, now: float, alarms: AlarmSink) -> MeterTick:
+        """`observe`, with alarms for a stale meter and refused readings, cleared when good."""
+        t = self.observe(miners_kw, now)
+        name, allowance = self.meter.name, self.cfg.non_miner_allowance_kw
+        if t.fresh or t.starting:
+            if alarms.drop("meter_stale"):
+                log.info("alarm cleared", key="meter_stale", meter=name)
+        else:
+            # the same words for as long as it lasts (a changing message would be a new alarm, audited, each tick)
+            since = "it started" if t.read_at is None else iso(t.read_at)
+            faults = f" ({', '.join(t.faults)})" if t.faults else ""
+            alarms.raise_alarm(
+                "meter_stale",
+                f"site meter {name}: no good reading since {since}{faults}; counting the miners plus the "
+                f"{allowance:g} kW non-miner allowance and holding every increase until it is back",
+            )
+        if t.faults and t.fresh:  # refused readings between good ones: said once per kind (the adapter logs why)
+            alarms.raise_alarm("meter_fault", f"site meter {name} refused readings: {', '.join(t.faults)}")
+        elif not t.faults:
+            alarms.drop("meter_fault")
+        return t
+
     def miners_share(self, site_level_kw: float, miners_now_kw: float) -> MinerShare:
         """The miners' level under `site_level_kw` for the last observed tick (call `observe` first)."""
         assert self.last is not None
@@ -174,3 +220,17 @@ class MeterControl:
             "import_kwh": None if last is None else round(last.import_wh / 1000.0, 3),
             "frequency_response": None if self.frequency is None else self.frequency.doc(),
         }
+
+
+def counted_present_kw(snap: FleetSnapshot, planned: Plan | None, tick: MeterTick | None) -> float:
+    """The site's power now as the last plan counted it: what the miners draw (measured, or estimated where a miner
+    reports no watts), and every miner it cannot read at the worst case the plan counts it at. "Curtail by X" is taken
+    from this: the planner holds the level against the same count, so a level taken from the readings alone falls
+    below what the silent miners are counted at and sleeps every miner that answers. (Not the plan's own worst case:
+    waking miners count there at full power, and "by X" is from what the site draws now.)"""
+    miners_kw = snap.power_w / 1000.0 if planned is None else planned.counted_now_kw
+    # with a site meter, targets apply at the meter: the rest of the site (what it reads above the miners, or the
+    # allowance while it is stale) is part of what the site draws now
+    if tick is None:
+        return miners_kw
+    return miners_kw + (tick.base_kw if tick.non_miner_kw is None else max(0.0, tick.non_miner_kw))

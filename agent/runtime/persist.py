@@ -25,6 +25,7 @@ from typing import Any
 
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.ports import ControlStore
 
 log = get_logger("store")
 
@@ -35,7 +36,7 @@ QUEUE_LIMIT = 20_000
 class WriteBehind:
     def __init__(
         self,
-        store: Any,
+        store: ControlStore,
         *,
         retry_every_s: float = RETRY_EVERY_S,
         limit: int = QUEUE_LIMIT,
@@ -45,7 +46,7 @@ class WriteBehind:
         self.retry_every_s = retry_every_s
         self.limit = limit
         self._monotonic = monotonic
-        self._queue: deque[tuple[str, Callable[[Any], object]]] = deque()
+        self._queue: deque[tuple[str, Callable[[ControlStore], object]]] = deque()
         self._retry_at = 0.0
         self.error: str | None = None  # why the store refused the last write (None: it takes writes)
         self.failed_since: float | None = None  # monotonic time of the first refusal of this outage
@@ -55,7 +56,7 @@ class WriteBehind:
     def backlog(self) -> int:
         return len(self._queue)
 
-    def write(self, what: str, fn: Callable[[Any], object]) -> bool:
+    def write(self, what: str, fn: Callable[[ControlStore], object]) -> bool:
         """Run `fn(store)` now, or queue it behind earlier refused writes. True when it was written now."""
         if not self._queue:
             try:

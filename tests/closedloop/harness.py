@@ -43,6 +43,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.config import AgentConfig, LoggingConfig, MinersConfig
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import Store
 from hashflex.agent.logging import configure_logging
 from hashflex.agent.protocol import Channel
@@ -50,7 +51,7 @@ from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.fleet import Fleet, FleetSnapshot, driver_settings
+from hashflex.agent.runtime.fleet import Fleet, driver_settings
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract import signing
 from hashflex.contract.reply import Reply
@@ -345,9 +346,7 @@ class World:
                             command_timeout_s=cfg.polling.command_timeout_s,
                             retries_per_command=cfg.control.retry_budget, backoff_s=0.0, backoff_max_s=0.0)  # fmt: skip
         ctl = Controller(cfg, fleet=fleet, store=self.store, actuator=actuator, clock=clock,
-                         events=events, grid_link=True)  # fmt: skip
-        if persist is not None:
-            ctl.persist = persist
+                         events=events, grid_link=True, persist=persist)  # fmt: skip
         ctl.sweep_request = asyncio.Event()
         ctl.restore()
         self.ctl = ctl
@@ -407,15 +406,12 @@ class World:
             with contextlib.suppress(BaseException):
                 await self._sweep_task
             self._sweep_task = None
-        for task in list(ctl._actuations):
-            task.cancel()
-        if ctl._actuations:
-            await asyncio.gather(*ctl._actuations, return_exceptions=True)
+        await ctl.commands.stop()
         ctl._fail_waiting()
         if not crash:
-            ctl._save_controls(force=True)
+            ctl.commands.save_controls(force=True)
             with contextlib.suppress(Exception):
-                ctl._energy.flush(ctl)
+                ctl.energy.flush()
         await self.fleet.aclose()
         if self.persist is not None and not crash:
             self.persist.flush(force=True)
@@ -770,13 +766,13 @@ class World:
         """Raise the violation (or, in soak mode, record it and stop checking this scenario)."""
         assert self.ctl is not None
         ctl = self.ctl
-        target = ctl.target
+        target, lv = ctl.target, ctl.level
         tail = "\n".join(self.story[-40:])
         v = Violation(
             f"{kind} at t={self.vt.t:.1f}s: {message}\n"
             f"agent: target={None if target is None else round(target.kw, 2)} "
             f"({None if target is None else target.reason}) "
-            f"level={None if ctl.level_kw is None else round(ctl.level_kw, 2)} bias={ctl.bias_kw:.2f} "
+            f"level={None if lv.level_kw is None else round(lv.level_kw, 2)} bias={lv.bias_kw:.2f} "
             f"worst_case={None if ctl.plan is None else round(ctl.plan.worst_case_kw, 2)}\n"
             f"site: {self.spec.describe()} cap_kw={self.cap_kw} "
             f"circuits={ {k: v[1] for k, v in self.circuits.items()} }\n"
@@ -802,7 +798,7 @@ class World:
         # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
         # it needs): what it still reports is not held against the plan meanwhile (ground truth is, by `safety`)
         # and likewise a miner that acknowledged a lower limit is counted at it while its draw ramps down, until
-        # its readings settle or confirm_after_s has passed (Controller._settled)
+        # its readings settle or confirm_after_s has passed (agent.core.closed_loop.settled)
         now = ctl.clock.time()
         confirm = self.spec.confirm_after_s
         for ip, ms in snap.miners.items():

@@ -123,7 +123,7 @@ def test_a_quiet_site_under_its_cap_passes_every_invariant() -> None:
 def _count_batches(w: World) -> list[int]:
     """Count the actuator batches the controller sends (one `Actuator.apply` call = one batch)."""
     assert w.ctl is not None
-    actuator = w.ctl.actuator
+    actuator = w.ctl.commands.actuator
     real = actuator.apply
     batches = [0]
 
@@ -177,7 +177,7 @@ def test_a_failed_wake_does_not_use_up_the_wake_stagger_budget() -> None:
         state = w.site.by_ip[healthy].physics.current_state(w.vt.t)
         assert state in ("waking", "hashing"), f"the miner that takes commands is {state}: failed wakes used the budget"
         assert w.ctl is not None
-        assert len(w.ctl.wake_times) == 1  # only the wake that was acknowledged
+        assert len(w.ctl.commands.wake_times) == 1  # only the wake that was acknowledged
     finally:
         w.close()
 
@@ -330,7 +330,7 @@ def test_a_fast_cut_is_not_deepened_by_plans_whose_rises_wait_for_its_sleeps() -
     """Soak 2026-12-02 (seed 2068): a time-of-use window cut the site by sleep only; while those sleeps settled,
     optimal re-plans lowered running miners to make room for wakes and raises that `_hold_rises` held behind them,
     so the site sank to 52 kW under a 62 kW level (t = 2,710 s). Now the controller plans sleep-only, with no
-    wakes, while sleeps it sent settle (`Controller._settle_decreases`); the optimal plan follows once they show."""
+    wakes, while sleeps it sent settle (`Commander.settle_decreases`); the optimal plan follows once they show."""
     w = _world(SiteSpec(miners=24, mix="whatsminer:3,antminer:1", seed=2068, cap_share=1.3, poll_s=2.0,
                         min_on_s=120.0, min_off_s=0.0, ramp_up_kw_per_min=20.0, failsafe_share=0.0,
                         tou=((45, 94, 0.6),), asleep_share=1.0, rebooting_share=0.2))  # fmt: skip
@@ -344,7 +344,7 @@ def test_a_fast_cut_is_not_deepened_by_plans_whose_rises_wait_for_its_sleeps() -
 def test_a_lower_limit_still_ramping_down_is_counted_at_its_new_setting_by_the_oracle_too() -> None:
     """CI seed 112026 on a loaded machine (an oracle fault): a LuxOS miner acknowledged a lower profile and drew
     its old power for two more seconds while it ramped down; the agent counts it at the new setting until its
-    readings settle (Controller._settled, as a sleep is counted asleep while it powers down), the oracle counted
+    readings settle (agent.core.closed_loop.settled, as a sleep is counted asleep while it powers down), the oracle counted
     its draw and said the reported worst case was below measured (7.08 against 7.30 kW)."""
     w = _world(SiteSpec(miners=8, mix="luxos:1", seed=1304, cap_share=1.3, circuits=((1, 0.4),), tick_s=2.0,
                         poll_s=2.0, min_on_s=0.0, min_off_s=120.0, wake_per_interval=1, wake_interval_s=5.0,

@@ -4,7 +4,7 @@ A drifting miner's excess over its setting was forgotten each time it slept, and
 it came back up (from a wake, or from a LuxOS re-tune to a new limit) showed it below its setting: the plan woke or
 raised it at its bare limit and the site ran over its limit for minutes, one drifter slept and another woken in turn.
 The excess is now kept while it sleeps, counted from its wake on, and lowered only by steady readings near its
-setting (`Controller._lowers_excess`).
+setting (`agent.core.closed_loop.lowers_excess`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from hashflex.agent.runtime.actuator import Actuator, Change, Op
+from hashflex.agent.core.model import Change, Op
+from hashflex.agent.runtime.actuator import Actuator
 from hashflex.drivers.asic import SLOW_FIELDS_EVERY, PyasicDriver, build_miner
 from hashflex.drivers.base import (
     DriverSettings,

@@ -110,7 +110,7 @@ async def test_lifting_the_grids_cap_locally_is_explicit_and_audited(runtime: Ru
     # the flag is the operator's, on the site's own socket: the grid sets its own cap and cannot "lift" it
     refused = await runtime.grid_cap(500, "g-lift", lift_grid_cap=True)
     assert refused.error_code == "bad_request"
-    assert runtime.controller.grid_cap_kw is None
+    assert runtime.controller.caps.grid_kw is None
 
 
 async def test_both_caps_persist_across_a_restart(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ async def test_both_caps_persist_across_a_restart(tmp_path: Path) -> None:
     await stop_runtime(rt)
     rt = await start_runtime(cfg, clock)
     try:
-        assert (rt.controller.grid_cap_kw, rt.controller.operator_cap_kw) == (400, 600)
+        assert (rt.controller.caps.grid_kw, rt.controller.caps.operator_kw) == (400, 600)
         assert (await rt.local_cap(1000, "op-cap-up")).data["cap_kw"] == 400  # still not lifted after a restart
     finally:
         await stop_runtime(rt)
@@ -135,7 +135,7 @@ async def test_a_cap_stored_before_caps_had_sources_is_kept_as_the_grids(tmp_pat
         store.set_state("runtime_cap_kw", 450.0, T0)
     rt = await start_runtime(cfg, ManualClock(T0))
     try:
-        assert rt.controller.effective_cap_kw() == 450
+        assert rt.controller.caps.effective_kw() == 450
         assert (await rt.local_cap(1000, "op-cap")).data["cap_kw"] == 450
     finally:
         await stop_runtime(rt)

@@ -132,7 +132,7 @@ async def test_a_late_cap_cannot_undo_a_newer_one_even_after_a_restart(tmp_path:
         assert (await rt.send("cap", newer, Channel.MQTT)).is_ok
         late = await rt.send("cap", older, Channel.MQTT)
         assert late.error_code == "stale"
-        assert rt.controller.effective_cap_kw() == 400
+        assert rt.controller.caps.effective_kw() == 400
     finally:
         await stop_runtime(rt)
     clock.t = T0 + 30
@@ -140,7 +140,7 @@ async def test_a_late_cap_cannot_undo_a_newer_one_even_after_a_restart(tmp_path:
     try:
         also_older = sign_for(GRID, {"id": "cap-old-2", "cap_kw": 900}, site=SITE, verb="cap", issued_at=T0 - 20)
         assert (await rt.send("cap", also_older, Channel.MQTT)).error_code == "stale"
-        assert rt.controller.effective_cap_kw() == 400
+        assert rt.controller.caps.effective_kw() == 400
         fresh = sign_for(GRID, {"id": "cap-fresh", "cap_kw": 900}, site=SITE, verb="cap", issued_at=clock.t)
         assert (await rt.send("cap", fresh, Channel.MQTT)).is_ok
     finally:

@@ -15,8 +15,9 @@ import pytest
 import structlog
 
 from hashflex.agent.config import LoggingConfig
+from hashflex.agent.core.snapshot import reading_hint as state_hint
 from hashflex.agent.logging import configure_logging
-from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w, state_hint
+from hashflex.agent.runtime.fleet import DiscoverProgress, Fleet, estimate_power_w
 from hashflex.drivers.asic import PyasicDriver
 from hashflex.drivers.base import DriverSettings, Family, Identity, MinerDriver, OnOff, Presets, Reading
 from hashflex.sim.testing import SimProcess

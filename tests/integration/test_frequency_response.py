@@ -271,7 +271,8 @@ def test_the_armed_miners_are_prepared_so_a_shed_sleep_is_one_exchange() -> None
     Whatsminer v3 salt), through unmodified pyasic against the simulated miners; the sleeps after it are accepted."""
     import asyncio
 
-    from hashflex.agent.runtime.actuator import Actuator, Change, Op
+    from hashflex.agent.core.model import Change, Op
+    from hashflex.agent.runtime.actuator import Actuator
     from hashflex.drivers.asic import PyasicDriver
     from hashflex.drivers.base import DriverSettings
 

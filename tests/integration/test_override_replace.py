@@ -47,7 +47,7 @@ async def test_a_new_curtail_replaces_the_previous_override_unless_added(tmp_pat
         closes = [r.data for r in rt.store.audit_records() if r.kind == "compliance" and r.data["id"] == "op:o1"]
         assert [(c["status"], c["reason"]) for c in closes] == [("cancelled", "replaced by op:o2")]
         # the store has it too: a restart keeps o1 closed
-        stored = {d.id: status for d, status, _ in rt.store.load_dispatches(active_only=False)}
+        stored = {r.dispatch.id: r.status for r in rt.store.load_dispatches(active_only=False)}
         assert stored["op:o1"] == "cancelled"
     finally:
         await stop_runtime(rt)

@@ -77,7 +77,7 @@ async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> No
     assert reply.is_ok, reply
     assert reply.data["dispatch"]["level_kw"] == 600
     # durable before the reply: the store has the dispatch and the reply
-    stored = [d for d, _status, _progress in runtime.store.load_dispatches(active_only=True)]
+    stored = [r.dispatch for r in runtime.store.load_dispatches(active_only=True)]
     assert [d.id for d in stored] == ["d1"]
     assert runtime.store.get_reply("grid:dispatch:d1")["status"] == "ok"
     await asyncio.sleep(0.3)  # the early tick
@@ -120,7 +120,7 @@ async def test_higher_revision_replaces_lower_is_refused(runtime: Runtime) -> No
 
 
 async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None:
-    before = (dict(runtime.controller.dispatches), runtime.controller.runtime_cap_kw)
+    before = (dict(runtime.controller.dispatches), runtime.controller.caps.runtime_kw)
     refused = [
         await runtime.send("dispatch", {"id": "x", "issued_at": iso(T0), "target_kw": 5}),
         await runtime.send("dispatch", None, raw=b"{oops"),
@@ -129,7 +129,7 @@ async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None
         await runtime.send("dispatch", runtime.signed({"id": "y", "target_kw": 5}), Channel.MQTT, retained=True),
     ]
     assert [r.error_code for r in refused] == ["unsigned", "bad_json", "out_of_range", "disabled", "retained"]
-    assert (dict(runtime.controller.dispatches), runtime.controller.runtime_cap_kw) == before
+    assert (dict(runtime.controller.dispatches), runtime.controller.caps.runtime_kw) == before
     assert [e["type"] for e in runtime.events.recent()].count("rejected") == len(refused)
     # audited as counts per channel and code, one record per interval (not one per refusal)
     assert runtime.audit_kinds().count("command") == 0
@@ -170,7 +170,7 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
     rt = await start_runtime(cfg, clock)
     try:
         ctl = rt.controller
-        assert ctl.runtime_cap_kw == 900
+        assert ctl.caps.runtime_kw == 900
         assert {i for i, r in ctl.dispatches.items() if r.open} == {"long", "op:op"}
         short = next(doc for doc in ctl.dispatch_docs(True) if doc["id"] == "short")
         assert short["status"] == "expired"

@@ -92,7 +92,7 @@ def test_dispatches_and_their_progress_survive_a_restart(db_path: Path) -> None:
     with Store.open(db_path) as store:
         open_ones = store.load_dispatches()
         assert [r.dispatch.id for r in open_ones] == ["d1", "op-1"]
-        d1, status, progress = open_ones[0]
+        d1, status, progress = open_ones[0].dispatch, open_ones[0].status, open_ones[0].progress()
         assert d1 == grid_dispatch("d1")
         assert status == "active"
         assert progress["commands_sent_at"] == T + 0.5
@@ -105,7 +105,7 @@ def test_dispatches_and_their_progress_survive_a_restart(db_path: Path) -> None:
         d2 = store.get_dispatch("d2")
         assert d2 is not None
         assert d2.dispatch.level_kw() == 700.0
-        assert d2.progress["close_reason"] == "expired while down"
+        assert d2.progress()["close_reason"] == "expired while down"
         assert d2.to_dict()["time_to_target_s"] is None
         assert every[0].to_dict()["time_to_target_s"] == pytest.approx(39.9)
 
@@ -116,7 +116,7 @@ def test_a_new_revision_replaces_the_dispatch_and_keeps_its_progress(db_path: Pa
         store.save_dispatch(grid_dispatch("d1", rev=1, target_kw=300.0), "active")
         (record,) = store.load_dispatches()
         assert (record.dispatch.rev, record.dispatch.target_kw) == (1, 300.0)
-        assert record.progress["commands_sent_at"] == T + 1
+        assert record.progress()["commands_sent_at"] == T + 1
 
 
 def test_bad_dispatch_writes_are_refused(db_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_bad_dispatch_writes_are_refused(db_path: Path) -> None:
             store.save_dispatch(grid_dispatch("d3", curtail_kw=5.0), "active")
         assert [r.dispatch.id for r in store.load_dispatches()] == ["d1"]
         assert store.get_dispatch("d1") is not None
-        assert store.get_dispatch("d1").progress["closed_at"] is None  # type: ignore[union-attr]
+        assert store.get_dispatch("d1").progress()["closed_at"] is None  # type: ignore[union-attr]
 
 
 def test_identities_round_trip_with_their_capability(db_path: Path) -> None:

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
-from hashflex.agent.runtime.actuator import Actuator, Change, Op, diff, order
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op, RunAction, SleepAction
+from hashflex.agent.runtime.actuator import Actuator, diff, order
 from hashflex.agent.runtime.clock import ScaledClock
 from hashflex.drivers.base import (
     Failed,

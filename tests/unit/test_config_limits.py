@@ -411,10 +411,10 @@ async def test_the_controller_counts_a_nested_miner_on_the_deepest_circuit_and_w
         actuator = Actuator(fleet.handle, concurrency=1, command_timeout_s=1.0)
         ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=_WallClock(),
                          events=EventLog(time.time), grid_link=False)  # fmt: skip
-        assert ctl.circuit_of["10.0.0.5"] == "pdu1"
-        assert ctl.circuit_of["10.0.0.100"] == "tx1"
-        assert ctl.circuit_of["10.0.0.200"] == "tx2"
-        (peak,) = ctl.schedule
+        assert ctl.rules.circuit_of["10.0.0.5"] == "pdu1"
+        assert ctl.rules.circuit_of["10.0.0.100"] == "tx1"
+        assert ctl.rules.circuit_of["10.0.0.200"] == "tx2"
+        (peak,) = ctl.rules.schedule
         assert peak.active_at(datetime(2024, 7, 15, 16, 30, tzinfo=UTC).timestamp())  # 18:30 CEST
         assert not peak.active_at(datetime(2024, 7, 15, 20, 30, tzinfo=UTC).timestamp())  # 22:30 CEST
         assert peak.active_at(datetime(2024, 1, 15, 17, 30, tzinfo=UTC).timestamp())  # 18:30 CET

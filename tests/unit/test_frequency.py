@@ -352,7 +352,8 @@ def test_stage_totals_are_cumulative() -> None:
 
 def test_no_tick_is_wanted_while_a_tripped_stage_s_sleeps_are_unanswered() -> None:
     from hashflex.agent.config import FrequencyResponseConfig
-    from hashflex.agent.runtime.actuator import Op, OpResult
+    from hashflex.agent.core.model import Op
+    from hashflex.agent.runtime.actuator import OpResult
 
     cfg = FrequencyResponseConfig.model_validate(
         {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "50%"}], "restore_above_hz": 49.9, "restore_after_s": 5}

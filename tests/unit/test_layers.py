@@ -1,6 +1,7 @@
 """The import rules of the house, checked on the source (every import, also those inside functions).
 
-- agent/core is pure: nothing from agent.runtime, agent.io, agent.cli or drivers except drivers.base, and
+- agent/core is pure: nothing from agent.runtime, agent.io, agent.cli or drivers except drivers.base (the fleet
+  snapshot, the miner state and memory types live there: core/snapshot.py, core/observe.py, core/miner_memory.py), and
   no module that does I/O or runs an event loop.
 - drivers/* import only drivers.* and their vendor library: nothing from agent or sim.
 - Only drivers/asic/vendor.py (and pyasic_patches) import pyasic; only agent/io/mqtt.py imports aiomqtt; only
@@ -8,6 +9,7 @@
 - sim/ shares no code with agent/ or drivers/.
 - contract/ (the wire contract) stands alone: nothing from agent, drivers, sim or coordinator, and no I/O; the agent,
   the coordinator and the CLI import it, so a program that talks to sites needs nothing else.
+- No import circle inside agent/ (scripts/import_cycles.py): the runtime's parts take typed ports, not the controller.
 - Everything is imported through the one import package: `hashflex.agent…`, never a bare `agent…` (an installed
   project claims only the name `hashflex`; the rules above name modules without that prefix).
 """
@@ -182,3 +184,15 @@ def test_the_command_does_not_load_the_simulator() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_import_circle_inside_the_agent() -> None:
+    """The runtime's parts take typed ports, not the controller: no module of agent/ imports one that imports it back
+    (scripts/import_cycles.py, also runnable by hand)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/import_cycles.py", "agent"], capture_output=True, text=True,
+                         cwd=ROOT, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout
+    assert " 0 import circle(s)" in out.stdout

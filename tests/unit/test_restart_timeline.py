@@ -10,9 +10,9 @@ import pytest
 
 from hashflex.agent.core.model import Dispatch, Source
 from hashflex.agent.core.timeline import TIMELINE_STATE_KEY, shift_s, timeline_doc
-from hashflex.agent.io.records import MinerControl
+from hashflex.agent.io.records import DispatchRecord, MinerControl
 from hashflex.agent.io.store import Store
-from hashflex.agent.runtime.memory import DispatchRecord, save_on_timeline
+from hashflex.agent.runtime.memory import save_on_timeline
 
 T0 = 1_760_000_000.0
 
@@ -70,7 +70,7 @@ def test_moved_times_and_the_new_record_are_stored_together(tmp_path: Path) -> N
         save_on_timeline(store, timeline_doc(0.0), {"10.0.0.1": control}, [rec])
         assert store.get_state(TIMELINE_STATE_KEY) == {"wall_offset_s": 0.0}
         assert store.load_controls()["10.0.0.1"].since == T0 + 3590
-        [(d, status, _progress)] = store.load_dispatches(active_only=True)
-        assert (d.start, d.end, status) == (T0 + 3600, T0 + 3900, "active")
+        [stored] = store.load_dispatches(active_only=True)
+        assert (stored.dispatch.start, stored.dispatch.end, stored.status) == (T0 + 3600, T0 + 3900, "active")
     finally:
         store.close()

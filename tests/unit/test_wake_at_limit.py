@@ -13,9 +13,9 @@ import pytest
 
 from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import CircuitTree
-from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, RunAction, SleepAction
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from hashflex.agent.runtime.actuator import Actuator, Change, Op, diff
+from hashflex.agent.runtime.actuator import Actuator, diff
 from hashflex.drivers.base import (
     Capability,
     Failed,

@@ -152,7 +152,7 @@ def dispatches_overlapping(db: sqlite3.Connection, start: float, end: float) -> 
 def _dispatch_record(row: Sequence[Any]) -> DispatchRecord:
     values = dict(zip(_DISPATCH_COLUMNS, row, strict=True))
     progress = {k: values[k] for k in PROGRESS_FIELDS}
-    return DispatchRecord(dispatch_from_values(values), str(values["status"]), progress)
+    return DispatchRecord.from_stored(dispatch_from_values(values), str(values["status"]), progress)
 
 
 # ---------------------------------------------------------------------------------------------- identities

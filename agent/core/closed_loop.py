@@ -1,0 +1,229 @@
+"""The closed loop per miner: did an acknowledged command show in telemetry (confirm, re-send, or count the miner
+as ignoring it), does a confirmed limit still hold, and at what does a miner count once its setting has settled.
+Pure decisions on the agent's memory of one miner (changed in place: agent.core.observe hands in a copy), with the
+alarms, log lines and persisted figures they ask for (`Decisions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hashflex.agent.core.miner_memory import MinerMemory
+from hashflex.agent.core.model import Change, MinerState, Op
+from hashflex.agent.core.snapshot import MinerSnapshot
+
+SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
+SETTLED_W = 50.0
+# a steady reading at least this share of its setting shows what a miner draws at it, its drift above it gone too
+# (`_lowers_excess`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
+EXCESS_GONE_SHARE = 0.5
+MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
+SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
+LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
+LIMIT_CONFIRM_W = 100.0
+
+RUNNING = (MinerState.HASHING, MinerState.THROTTLED)
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmChange:
+    """Raise the alarm `key` with `message` (quiet: no log line of its own), or clear it (`message` None)."""
+
+    key: str
+    message: str | None
+    quiet: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A log line the decision asks for (the core does not log)."""
+
+    level: Literal["info", "warning"]
+    event: str
+    fields: Mapping[str, object]
+
+
+@dataclass(slots=True)
+class Decisions:
+    """What the decisions ask the controller to do: persist these miners' figures, raise or clear alarms, log."""
+
+    changed: set[str] = field(default_factory=set)  # miners whose stored control figures changed (to persist)
+    alarms: list[AlarmChange] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+
+def counted_draw(
+    ms: MinerSnapshot,
+    mem: MinerMemory,
+    *,
+    told: Change | None,
+    state: MinerState,
+    commanded: float | None,
+    stock: float,
+    up_at: float,
+    woken_to: float | None,
+    fresh: bool,
+    snap_ts: float,
+    confirm_after_s: float,
+    steady_gap_s: float,
+) -> float | None:
+    """What it reports drawing, once its present setting had time to take effect: counted at no less (a command
+    on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet seen is `confirm_command`'s:
+    re-sent, then the miner is counted at its real draw as ignoring commands)."""
+    measured_w = None
+    if (fresh and ms.measured and told is None and not mem.ignores_commands and ms.age_s is not None
+            and (state in RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
+            and settled(mem, snap_ts - ms.age_s, float(ms.power_w), confirm_after_s, steady_gap_s)):  # fmt: skip
+        measured_w = float(ms.power_w)
+        if state in RUNNING:
+            setting = commanded if commanded is not None else stock
+            if lowers_excess(mem, snap_ts - ms.age_s, measured_w, setting, steady_gap_s):
+                mem.excess_w, mem.excess_setting_w = max(0.0, measured_w - setting), setting
+            else:  # coming up from a wake or a re-tune: what it drew above its setting is still counted
+                measured_w = max(measured_w, setting + mem.excess_w)
+    elif state in RUNNING and not mem.ignores_commands:
+        # settling at a new setting: the excess it showed at the last one is still counted (not doing so let the
+        # plan raise a drifting miner back over its circuit cap every time it moved its limit), and so is a larger
+        # one it shows meanwhile above both settings (a drift that began meanwhile)
+        setting = commanded if commanded is not None else stock
+        if fresh and ms.measured and told is None:
+            above = float(ms.power_w) - max(setting, mem.excess_setting_w)
+            mem.excess_w = max(mem.excess_w, above)
+        if mem.excess_w > 0:
+            measured_w = setting + mem.excess_w
+    elif state is MinerState.WAKING and mem.excess_w > 0 and not mem.ignores_commands:
+        # the excess it showed when it last ran is kept while it sleeps (a drifting PSU drifts after a wake too)
+        # and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting miner was
+        # woken at its bare limit and counted so until its readings settled, and the site ran over its limit each
+        # time a cut slept one drifter and the re-plan woke another (soak 20261208)
+        measured_w = (woken_to or up_at) + mem.excess_w
+    return measured_w
+
+
+def settled(mem: MinerMemory, read_at: float, power_w: float, confirm_after_s: float, steady_gap_s: float) -> bool:
+    """Has the miner's draw settled at its present setting, by this reading? Yes once confirm_after_s has passed
+    since it acknowledged the change, or earlier once two readings after it, `steady_gap_s` apart (about a poll
+    interval), agree (its ramp is over). Closer readings prove nothing: the early sweep after a batch comes a
+    fraction of a second after the one before, and a draw ramping down by tens of W/s reads the same twice (soak
+    20261210: five LuxOS miners lowered by 208 W each were counted 150-220 W above their new profile from readings
+    0.25 s apart, and the plan slept four running miners to make room for that phantom excess)."""
+    if read_at >= mem.changed_at + confirm_after_s or mem.settled:
+        return True
+    if read_at <= mem.changed_at:
+        return False  # taken before the change
+    if mem.probe_at <= mem.changed_at:
+        mem.probe_at, mem.probe_w = read_at, power_w  # the first reading since the change
+        return False
+    if read_at >= mem.probe_at + steady_gap_s:
+        if abs(power_w - mem.probe_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, mem.probe_w)):
+            mem.settled = True
+            return True
+        mem.probe_at, mem.probe_w = read_at, power_w
+    return False
+
+
+def lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float, steady_gap_s: float) -> bool:
+    """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
+    draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a wake
+    or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its word, the
+    plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
+    prev_at, prev_w = mem.last_read
+    apart = read_at >= prev_at + steady_gap_s  # (closer readings prove no ramp is over: `settled`)
+    if apart:
+        mem.last_read = (read_at, power_w)
+    if power_w - setting_w >= mem.excess_w:
+        return True
+    steady = apart and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
+    return steady and power_w >= EXCESS_GONE_SHARE * setting_w
+
+
+def confirm_command(
+    ip: str,
+    ms: MinerSnapshot,
+    mem: MinerMemory,
+    *,
+    fresh: bool,
+    snap_ts: float,
+    now: float,
+    confirm_after_s: float,
+    out: Decisions,
+) -> None:
+    """Closed loop per miner: did the last acknowledged command show in telemetry? And, once it did: does the
+    miner still keep to it? (One measured above its limit beyond the slack is re-commanded, and after
+    MAX_RECOMMANDS counted at its real draw as ignoring commands; until then the plan counts it at what it
+    measures, see `counted_draw`.)"""
+    if not fresh or ms.age_s is None:
+        return
+    if mem.pending_op is None:
+        _watch_setting(ip, ms, mem, snap_ts=snap_ts, now=now, confirm_after_s=confirm_after_s, out=out)
+        return
+    read_at = snap_ts - ms.age_s
+    if read_at <= mem.pending_at:
+        return  # no reading taken after the command yet
+    nominal = max(1.0, ms.identity.nominal_w)
+    power = ms.power_w
+    if mem.pending_op == Op.SLEEP:
+        complied = ms.state_hint == "sleeping" or power < SLEEP_CONFIRM_SHARE * nominal
+    elif mem.pending_op == Op.WAKE:
+        complied = ms.state_hint in ("hashing", "waking") or power >= SLEEP_CONFIRM_SHARE * nominal
+    else:
+        limit = mem.pending_w or nominal
+        complied = not ms.measured or power <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W
+    if complied:
+        if mem.ignores_commands:
+            out.notes.append(Note("info", "miner obeys again", {"ip": ip, "op": mem.pending_op}))
+            out.alarms.append(AlarmChange(f"ignores:{ip}", None))
+        mem.pending_op, mem.pending_w, mem.recommands, mem.ignores_commands = None, None, 0, False
+        mem.resend_due = False
+        out.changed.add(ip)
+        return
+    if now - mem.pending_at < confirm_after_s:
+        return
+    if mem.ignores_commands:
+        return  # re-sent now and then by `recommands`
+    if mem.recommands >= MAX_RECOMMANDS and mem.pending_op == Op.SET_POWER.value:
+        # it takes commands and keeps drawing above its limit (a drifting PSU, firmware re-tuning up): a miner that
+        # ignores its limit, not one that ignores a sleep. Controlled by sleep and wake from now on, at what it
+        # draws (its excess over stock is counted); marked uncontrollable it was never slept, not even by a
+        # fail-safe to 0 kW (soak: 4 drifting LuxOS miners held a site at 9.8 kW)
+        msg = (f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
+               f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws")  # fmt: skip
+        mem.limits_unsupported = True
+        mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
+        out.changed.add(ip)
+        out.notes.append(Note("warning", "miner ignores its power limit", {"ip": ip, "power_w": round(power)}))
+        out.alarms.append(AlarmChange(f"ignores_limits:{ip}", msg, quiet=True))
+        return
+    if mem.recommands >= MAX_RECOMMANDS:
+        mem.ignores_commands = True
+        mem.retry_at = now + 10 * confirm_after_s
+        out.changed.add(ip)
+        msg = f"{ip} acknowledged {mem.pending_op} {mem.recommands + 1} times and draws {power:.0f} W"
+        out.notes.append(Note("warning", "miner ignores commands", {
+            "ip": ip, "op": mem.pending_op, "power_w": round(power), "told_w": mem.pending_w}))  # fmt: skip
+        out.alarms.append(AlarmChange(f"ignores:{ip}", msg, quiet=True))
+        return
+    mem.resend_due = True
+
+
+def _watch_setting(
+    ip: str, ms: MinerSnapshot, mem: MinerMemory, *, snap_ts: float, now: float, confirm_after_s: float,
+    out: Decisions,
+) -> None:  # fmt: skip
+    """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM stepping its
+    profile up). Measured above its limit beyond the confirmation slack, once its setting had time to take effect:
+    send the limit again (the re-send and ignoring rules of `confirm_command` take it from there)."""
+    limit = mem.commanded_w
+    if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured or ms.age_s is None:
+        return
+    if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm_after_s:
+        return
+    if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
+        return
+    mem.pending_op, mem.pending_w = Op.SET_POWER.value, int(limit)
+    mem.pending_at = now - confirm_after_s  # due for a re-send on this tick (see recommands)
+    mem.recommands, mem.resend_due = 0, True
+    out.changed.add(ip)
+    out.notes.append(Note("warning", "miner draws above its limit",
+                          {"ip": ip, "power_w": round(ms.power_w), "limit_w": round(limit)}))  # fmt: skip

@@ -1,0 +1,100 @@
+"""The level the miners are planned to, tick by tick: each limit ramps on its own path (arbitration.ramped_level),
+with a site meter the miners get the site level's share (agent.runtime.metering), and the site-level correction
+from measurement (core.correction) plans lower while the site draws more than the plan counts. Also whether this
+tick plans fast (sleep-only, when the level drops) and the ramp-up allowance it may spend (a token bucket)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hashflex.agent.config import ControlConfig
+from hashflex.agent.core.accounting import excess_w, largest_full_w
+from hashflex.agent.core.arbitration import ArbitrationInputs, ramped_level
+from hashflex.agent.core.correction import corrected_bias
+from hashflex.agent.core.model import MinerView, Target
+from hashflex.agent.core.ramp import ramp_credit_cap_kw, ramp_credit_kw
+from hashflex.agent.runtime.metering import MeterControl, MeterTick
+
+# with a site meter, the miners' level follows the non-miner load's recent maximum, which creeps up with meter noise:
+# a fall of the miners' level smaller than this share of the licensed cap goes to the ordinary plan on this tick,
+# not to a sleep-only one (which can only sleep whole miners, and the next plan would wake them back)
+METER_FAST_DROP_SHARE = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class LevelStep:
+    plan_kw: float  # what the planner is given: the miners' level less the correction
+    fast: bool  # plan sleep-only now (the level dropped, or the site draws above it and no fast plan went out yet)
+    allowance_kw: float | None  # the ramp-up the plan may spend (None: no ramp limit)
+
+
+class PlanningLevel:
+    def __init__(self, cfg: ControlConfig, licensed_cap_kw: float) -> None:
+        self.cfg = cfg
+        self.licensed_cap_kw = licensed_cap_kw
+        self.level_kw: float | None = None  # the ramped level planned for last tick
+        self.miner_level_kw: float | None = None  # the miners' share of the level, planned for last tick
+        self.plan_kw: float | None = None  # what the planner was given last tick (the miners' level less the bias)
+        self.ramps: dict[str, float] = {}  # where each ramped input's own path is (arbitration.ramped_level)
+        self.ramp_credit_kw = 0.0  # ramp-up credit left unspent (ramp.ramp_credit_kw: a token bucket)
+        # closed-loop correction: measured above target → plan lower. Starts at nothing and learns only from a plan
+        # that was carried out: what the site draws above its cap at start is what the first plan cuts
+        self.bias_kw = 0.0
+        self.fast_done = False  # a fast plan went out for this target (no second one for the same excess)
+
+    def step(
+        self,
+        target: Target,
+        inputs: ArbitrationInputs,
+        views: Sequence[MinerView],
+        *,
+        present_kw: float,
+        now: float,
+        dt: float,
+        measured_fresh: bool,
+        may_correct: bool,
+        meter: MeterControl | None,
+        metered: MeterTick | None,
+        sleep_w: float,
+    ) -> LevelStep:
+        """This tick's level. `measured_fresh`: the picture is new; `may_correct`: the last plan was carried out
+        and has settled, so the correction may learn from it (the controller's `_plan_settled`)."""
+        prev_level = self.level_kw if self.level_kw is not None else present_kw
+        # the correction works on the miners (their sum against their share of the level); with a meter, what the
+        # rest of the site draws is counted by its own rule (agent.core.site_meter), not corrected twice
+        prev_miner_level = prev_level if metered is None or self.miner_level_kw is None else self.miner_level_kw
+        if measured_fresh and may_correct:
+            # what the plan already counts per miner (measured above its setting) is not the site's to correct
+            explained_kw = sum(excess_w(v, sleep_w) for v in views) / 1000.0
+            c = self.cfg
+            self.bias_kw = corrected_bias(self.bias_kw, present_kw - explained_kw, prev_miner_level,
+                                          tolerance_kw=c.tolerance_kw, ramp_up_kw_per_min=c.ramp_up_kw_per_min,
+                                          tick_s=c.tick_s)  # fmt: skip
+        # each input ramps on its own (an input without a ramp binds at once): the level is the lowest of them
+        ramped = ramped_level(inputs, now, dt, self.ramps, from_kw=prev_level)
+        level, self.ramps = ramped.kw, ramped.ramps
+        self.level_kw = level
+        if meter is None:
+            miner_level, fast_drop = level, 1e-6
+            plan_kw = max(0.0, min(target.cap_kw, level - self.bias_kw))
+        else:
+            miner_level = meter.miners_share(min(target.cap_kw, level), present_kw).miner_level_kw
+            plan_kw = max(0.0, miner_level - self.bias_kw)
+            fast_drop = max(1e-6, METER_FAST_DROP_SHARE * self.licensed_cap_kw)
+        self.miner_level_kw, self.plan_kw = miner_level, plan_kw
+        up = self.cfg.ramp_up_kw_per_min
+        # the ramp-up allowance builds up between ticks (a rate below one miner per tick must still wake miners)
+        allowance = None if up is None else ramp_credit_kw(
+            self.ramp_credit_kw, up, dt, ramp_credit_cap_kw(up, self.cfg.tick_s, largest_full_w(views) / 1000)
+        )  # fmt: skip
+        fast = miner_level < prev_miner_level - fast_drop or (
+            measured_fresh and present_kw > plan_kw + self.cfg.tolerance_kw and not self.fast_done
+        )
+        return LevelStep(plan_kw, fast, allowance)
+
+    def planning_level_kw(self, metered: bool) -> float | None:
+        """The level the miners are planned to (with a site meter: the site level less the non-miner load counted)."""
+        if metered and self.plan_kw is not None:
+            return round(self.plan_kw, 3)
+        return None if self.level_kw is None else round(self.level_kw - self.bias_kw, 3)
