@@ -801,15 +801,21 @@ class World:
         # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
         # it needs): what it still reports is not held against the plan meanwhile (ground truth is, by `safety`)
         # and likewise a miner that acknowledged a lower limit is counted at it while its draw ramps down, until
-        # its readings settle or confirm_after_s has passed (Controller._settled)
+        # its readings settle or confirm_after_s has passed (Controller._settled). A sleep is such a setting too:
+        # the agent confirms it by the first reading that shows the miner off or under a quarter of its nominal
+        # power, while it still powers down, and counts its draw from the reading on which it settles (soak
+        # 20261210: a LuxOS miner confirmed asleep at 533 W, read so against a plan at 0.04 kW two seconds later)
         now = ctl.clock.time()
         confirm = self.spec.confirm_after_s
+        sleep_w = ctl.planner_rules.sleep_w
         for ip, ms in snap.miners.items():
             mem = ctl.memory.get(ip)
             if mem is None or not ms.measured or ms.power_w is None:
                 continue
             if mem.pending_op == "sleep" and now - mem.pending_at < confirm:
                 measured -= ms.power_w / 1000.0
+            elif mem.asleep_by_us and not mem.settled and now - mem.changed_at < confirm:
+                measured -= max(0.0, ms.power_w - sleep_w) / 1000.0
             elif mem.commanded_w is not None and not mem.settled and now - mem.changed_at < confirm:
                 measured -= max(0.0, ms.power_w - mem.commanded_w - mem.excess_w) / 1000.0
         worst = ctl.plan.worst_case_kw

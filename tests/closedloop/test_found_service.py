@@ -1,6 +1,8 @@
 """Service shortfalls found by the soak of 2026-12-07 (seed 20261207), replayed: the site below 90 % of what its
 healthy miners could draw within the limit. One was the oracle's (it offered room the agent does not have), the
-others the planner's (a cut by sleep kept a combination of on/off miners that left a miner's worth unused).
+others the planner's (a cut by sleep kept a combination of on/off miners that left a miner's worth unused). And one
+from the soak of 2026-12-10 (seed 20261210), the planner's: a running miner raised to full where lowering it let a
+sleeping one wake at part power.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, RunAction
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from hashflex.drivers.base import Family, OnOff
+from hashflex.drivers.base import Family, OnOff, PowerRange
 from tests.closedloop.harness import SiteSpec, World
 
 # 17 stock Antminers (on/off only) behind one PDU at 60 % of their nominal power, 3 of them silent since the start
@@ -114,3 +116,69 @@ def test_a_cut_of_on_off_miners_keeps_the_combination_with_the_most_hashrate(fn:
     assert on == {"S21": 2, "XP": 1, "k": 3}, on  # 901 TH in 18.29 kW (by ratio alone: 823 TH in 16.03 kW)
     assert p.expected_ths == pytest.approx(901.0)
     assert p.circuit_worst_case_kw["c0"] <= 18.529 + 1e-9
+
+
+# ----------------------------------------------------------------------- soak 2026-12-10: a wake the ratio order missed
+def test_a_running_whatsminer_is_lowered_so_that_a_sleeping_one_wakes_into_the_room() -> None:
+    """Soak 20261210, scenario seed 394: 4 silent miners (counted at 4 kW each) left the healthy ones 4.2 kW under
+    a grid dispatch; one Whatsminer M60S ran at full power (3.44 kW), an M50S slept beside it, and no plan woke it.
+    The optimiser's ratio order raised the M60S (the more efficient model: its top segments buy more TH per W than
+    the M50S's wake at its lowest level) until the M50S's wake no longer fitted, then raised the M60S to full: 186
+    TH where both at part power (2.15 + 1.80 kW) give 211 TH. The wake-first variant fixes it (optimiser.py
+    `_wakes_before_raises`). Was: service at t=1070 s (3.70 kW < 3.81 kW, 90 % of 4.23 kW)."""
+    spec = SiteSpec(miners=15, mix="luxos:1,whatsminer:1,antminer:1", seed=394, cap_share=0.5,
+                    circuits=((7, 0.4), (4, 1.2)), poll_s=2.0, wake_interval_s=5.0, tou=((96, 134, 0.0),),
+                    asleep_share=1.0, refused_share=0.3)  # fmt: skip
+    w = _world(spec)
+    try:
+        w.run_for(5.0)
+        w.dispatch(target_share=18.588 / w.cap_kw, start_in=60.0, duration=600.0)
+        w.run_for(5.0)
+        d3 = w.dispatch(curtail_share=0.0, duration=300.0)
+        w.run_for(5.0)
+        w.dispatch(target_share=20.447 / w.cap_kw, revise=d3)
+        w.run_for(1400.0)  # every invariant; the service check runs from t = 1,060 s
+        assert w.margins.checks_service > 0
+        assert w.ctl is not None
+        assert w.ctl.plan is not None
+        assert sum(isinstance(a, RunAction) for a in w.ctl.plan.actions.values()) == 2
+    finally:
+        w.close()
+
+
+WM_NOW = 1_000_000.0
+
+
+def _whatsminer(name: str, nominal_w: float, ths: float, *, on: bool, commanded_w: float | None = None) -> MinerView:
+    run_w = commanded_w if commanded_w is not None else nominal_w
+    return MinerView(id=name, family=Family.WHATSMINER, capability=PowerRange(1700, int(nominal_w), 1),
+                     nominal_w=nominal_w, nominal_ths=ths,
+                     state=MinerState.HASHING if on else MinerState.SLEEPING, power_w=run_w if on else 18.0,
+                     commanded_w=run_w if on else None, last_transition=WM_NOW - 10_000.0,
+                     measured_w=run_w + 44.0 if on else 18.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("target_kw", [3.8, 4.0, 4.2])
+def test_a_wake_at_part_power_beats_raising_the_running_miner_to_full(target_kw: float) -> None:
+    """The planner alone, the soak's two Whatsminers: the M60S (186 TH at 3,441 W) running at full power and
+    drawing 44 W above it, the M50S (126 TH at 3,276 W) asleep. Both run, the M60S lowered (never slept), within
+    the limit; and the plan from there (the M60S at its new limit, the M50S coming up at its own) keeps them so,
+    changing no one's on/off state."""
+    fleet = [_whatsminer("m60s", 3441.0, 186.0, on=True), _whatsminer("m50s", 3276.0, 126.0, on=False)]
+    rules = PlannerRules(sleep_w=20.0, headroom_pct=1.0)
+    tree = CircuitTree(100.0, [])
+    p = plan(target_kw, fleet, tree, rules, WM_NOW, wake_budget=4)
+    assert all(isinstance(p.actions[m], RunAction) for m in ("m60s", "m50s")), p.actions
+    assert p.worst_case_kw <= target_kw * 0.99 + 1e-9
+    assert p.expected_ths > 186.0 * 1.05
+    lowered, woken_to = p.actions["m60s"], p.actions["m50s"]
+    assert isinstance(lowered, RunAction)
+    assert isinstance(woken_to, RunAction)
+    after = [
+        _whatsminer("m60s", 3441.0, 186.0, on=True, commanded_w=float(lowered.watts)),
+        MinerView(id="m50s", family=Family.WHATSMINER, capability=PowerRange(1700, 3276, 1), nominal_w=3276.0,
+                  nominal_ths=126.0, state=MinerState.WAKING, power_w=18.0, commanded_w=float(woken_to.watts),
+                  last_transition=WM_NOW, woken_to_w=float(woken_to.watts)),
+    ]  # fmt: skip
+    again = plan(target_kw, after, tree, rules, WM_NOW + 2.0, wake_budget=4)
+    assert all(isinstance(again.actions[m], RunAction) for m in ("m60s", "m50s")), again.actions
