@@ -22,18 +22,26 @@ A wake-up is a sunk cost (minutes without hashrate): every wake is granted after
 (running or waking) has had its chance to stay on, and a plan that sleeps one of those wakes nothing. So no plan
 sleeps a running or waking miner to wake a more efficient sleeping one; a more efficient model only replaces a
 less efficient one when a lower limit has slept it first (and power limits still move between them by ratio).
+
+Two corrections to the greedy, neither of which sleeps a miner that is on: a wake the ratio order reached only
+after raises of running miners had taken its room is tried first (`_wakes_before_raises`: running miners are
+lowered, never slept, and the variant is kept only above WAKE_GAIN_SHARE more hashrate); and room smaller than any
+run level is used at a level under the curve's floor, one miner per group (`_below_floor`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
 from hashflex.agent.core.baseline import present_level
+from hashflex.agent.core.efficiency import below_floor_w
 from hashflex.agent.core.plan_build import Assignment
 
 _EPS = 1e-6
-GroupKey = tuple[int, int, int, int, float, float]  # model, priority, path id, kind, full W, level W
+# model, priority, path id, kind, full W, level W, wake extra W (Prep.wake_extra_w)
+GroupKey = tuple[int, int, int, int, float, float, float]
 _ON_KINDS = (ON, ON_P, WAKE, WAKE_P)  # on now: running or waking
 _WAKE_KINDS = (OFF, OFF_L)  # asleep, may be woken
 _LADDER_KINDS = (ON, ON_P, OFF_L)  # run level by level
@@ -48,28 +56,31 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
     soft = prep.soft_caps(ceiling)
     present = [w + x for w, x in zip(prep.node_sums(prep.cur_w), prep.excess_nodes, strict=True)]
     settled = all(present[nd] <= soft[nd] + _EPS for nd in range(len(soft)))
+    # room the ramp holds back is there in a tick or two: no level under the floor for it (`_below_floor`)
+    ramped = ceiling is not None and ceiling < prep.soft_caps(None)[0] - _EPS
     if len(soft) == 1:
-        return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
+        return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled, ramped=ramped)
     peak = _peaks(prep)
     binds = [nd == 0 or peak[nd] > soft[nd] + _EPS for nd in range(len(soft))]
     site_share = soft[0] / peak[0] if peak[0] > 0 else 1.0
     # circuit-blind spreads the site's share evenly; worth a try only if no binding circuit is tighter than that
     if all(not binds[nd] or soft[nd] >= site_share * peak[nd] for nd in range(1, len(soft))):
-        a = _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
+        a = _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled, ramped=ramped)
         loads = a.node_loads(prep)
         if all(loads[nd] <= max(soft[nd], floor[nd]) + _EPS for nd in range(1, len(soft))):
             return a
     # a node whose subtree, every miner at the most it may be planned to draw, stays under its cap (a PDU sized
     # for its miners) needs no check: it is left out of the paths, so its miners group wider
     pruned = [tuple(nd for nd in path if binds[nd]) for path in prep.paths]
-    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled)
+    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled,
+                     ramped=ramped)  # fmt: skip
 
 
 def _peaks(prep: Prep) -> list[float]:
     """Per node: its subtree's load with every miner at the most the optimiser may plan it to draw."""
     most = [
-        w if k == UNCONTROLLED else max(w, full, prep.rules.sleep_w)
-        for k, w, full in zip(prep.kind, prep.cur_w, prep.full_w, strict=True)
+        w if k == UNCONTROLLED else max(w, full + x, prep.rules.sleep_w)
+        for k, w, full, x in zip(prep.kind, prep.cur_w, prep.full_w, prep.wake_extra_w, strict=True)
     ]
     return [w + x for w, x in zip(prep.node_sums(most), prep.excess_nodes, strict=True)]
 
@@ -83,9 +94,11 @@ def _allocate(
     blind: bool,
     pruned_paths: list[tuple[int, ...]] | None = None,
     settled: bool = False,
+    ramped: bool = False,
 ) -> Assignment:
     """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id;
-    settled: the site as it runs now fits every limit (see _keep_running_first)."""
+    settled: the site as it runs now fits every limit (see _keep_running_first); ramped: the ramp-up allowance,
+    not a limit, bounds the site's room."""
     a = Assignment(prep, "optimal")
     a.overridden = list(prep.overridden)
     s = prep.rules.sleep_w
@@ -102,14 +115,15 @@ def _allocate(
     keys = list(groups)
     start: list[list[int]] = []  # per group, how many of its miners reach each level before any grant
     segs: list[tuple[int, float, int, int, float]] = []  # (-priority, -ratio, level index, group, cost)
-    templates: dict[tuple[int, int], list[tuple[float, int, float]]] = {}  # (model, kind) → (-ratio, j, cost)
+    # (model, kind, wake extra) → (-ratio, j, cost)
+    templates: dict[tuple[int, int, float], list[tuple[float, int, float]]] = {}
     for g, key in enumerate(keys):
-        _, prio, _, kind, full, level = key
+        _, prio, _, kind, full, level, extra_w = key
         m = models[g]
         if kind in _LADDER_KINDS:
-            tpl = templates.get((key[0], kind))
+            tpl = templates.get((key[0], kind, extra_w))
             if tpl is None:
-                tpl = templates[(key[0], kind)] = _ladder(m, kind, s)
+                tpl = templates[(key[0], kind, extra_w)] = _ladder(m, kind, s, extra_w)
             t = [0] * len(m.levels)
             if kind == ON_P:
                 t[0] = len(groups[key])
@@ -117,7 +131,7 @@ def _allocate(
         else:  # OFF (wake) or WAKE (keep on): the whole miner at full power
             t = [0]
             gain = m.stock_ths if kind == OFF else prep.rules.curve.ths_at(level, m.nominal_w, m.nominal_ths)
-            cost = max(_EPS, full - s)
+            cost = max(_EPS, full + extra_w - s)
             segs.append((-prio, -gain / cost, 0, g, cost))
         start.append(t)
     is_wake = [key[3] in _WAKE_KINDS for key in keys]
@@ -132,20 +146,29 @@ def _allocate(
     slept_on = any(f and prep.kind[i] in _ON_KINDS for i, f in enumerate(prep.forced))
     grant = _Granting(keys, sizes=sizes, is_wake=is_wake, paths=node_paths, room=room, start=start,
                       wake_budget=max(0, wake_budget), slept_on=slept_on)  # fmt: skip
-    taken, left, skipped, kept_on = grant.run(segs)
-    extra = _top_up(segs, keys, models=models, taken=taken, paths=node_paths, room=left)
-    if skipped and kept_on:
+    got = grant.run(segs)
+    if got.skipped and got.kept_on:
         # a wake the ratio order reached too late (raises of running miners had taken the room it needed), in a
         # plan that sleeps no miner that is on: the wake-first variant, if it sleeps none either and gains enough
-        segs_w = _wakes_before_raises(segs, keys, skipped)
-        taken_w, left_w, _, kept_on_w = grant.run(segs_w)
-        extra_w = _top_up(segs_w, keys, models=models, taken=taken_w, paths=node_paths, room=left_w)
-        ths = _ths_of(prep, keys, models=models, taken=taken, extra=extra)
-        ths_w = _ths_of(prep, keys, models=models, taken=taken_w, extra=extra_w)
-        if kept_on_w and ths_w > ths * (1.0 + WAKE_GAIN_SHARE) + _EPS:
-            taken, extra = taken_w, extra_w
-    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=taken, extra=extra, blind=blind)
+        segs_w = _wakes_before_raises(segs, keys, got.skipped)
+        got_w = grant.run(segs_w)
+        ths = _ths_of(prep, keys, models=models, taken=got.taken)
+        ths_w = _ths_of(prep, keys, models=models, taken=got_w.taken)
+        if got_w.kept_on and ths_w > ths * (1.0 + WAKE_GAIN_SHARE) + _EPS:
+            got, segs = got_w, segs_w
+    below = {} if ramped else _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s)
+    extra = _top_up(segs, keys, models=models, taken=got.taken, paths=node_paths, room=got.room)
+    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=got.taken, extra=extra,
+                                     below=below, blind=blind)  # fmt: skip
     return a
+
+
+class _Granted(NamedTuple):
+    taken: list[list[int]]  # per group, how many of its miners reach each level
+    room: list[float]  # left per node
+    skipped: set[int]  # groups whose wake the room (not the budget) held back when its turn came
+    kept_on: bool  # every miner that is on stays on
+    wakes_left: int
 
 
 class _Granting:
@@ -167,11 +190,7 @@ class _Granting:
         self.keys, self.sizes, self.is_wake, self.paths = keys, sizes, is_wake, paths
         self.room, self.start, self.wake_budget, self.slept_on = room, start, wake_budget, slept_on
 
-    def run(
-        self, segs: list[tuple[int, float, int, int, float]]
-    ) -> tuple[list[list[int]], list[float], set[int], bool]:
-        """→ (per group, how many of its miners reach each level), the room left per node, the groups whose wake
-        the room (not the budget) held back when its turn came, and whether every miner that is on stays on."""
+    def run(self, segs: list[tuple[int, float, int, int, float]]) -> _Granted:
         keys, sizes, is_wake, paths = self.keys, self.sizes, self.is_wake, self.paths
         room = list(self.room)
         taken = [list(t) for t in self.start]
@@ -205,7 +224,7 @@ class _Granting:
             t[j] = n
             if waking:
                 wakes_left -= n
-        return taken, room, skipped, not slept_on
+        return _Granted(taken, room, skipped, not slept_on, wakes_left)
 
 
 def _wakes_before_raises(
@@ -226,15 +245,59 @@ def _wakes_before_raises(
     return keep + first + rest
 
 
+def _below_floor(
+    keys: list[GroupKey],
+    models: list[ModelInfo],
+    got: _Granted,
+    *,
+    sizes: list[int],
+    paths: list[tuple[int, ...]],
+    sleep_w: float,
+) -> dict[int, int]:
+    """The last resort for room no run level fits: per group, one more miner kept on (a running one this plan
+    sleeps) or woken (a sleeping one whose firmware takes a limit while asleep, within the wake budget, when the
+    plan sleeps no miner that is on) at the highest level under its lowest run level that fits. → group → level.
+
+    The run levels start at the curve's floor, where efficiency stops improving: below it more miners at lower
+    levels buy nothing over fewer at the floor. But where the room is smaller than any miner at the floor, such a
+    level is the only hashrate there is (soak 20261210: a Whatsminer M30S++ takes 1,800 W, its floor is 1,910 W,
+    and a 1.87 kW cap kept the site asleep for good). Spends `got.room`."""
+    room = got.room
+    wakes_left = got.wakes_left
+    out: dict[int, int] = {}
+    cands = [g for g, key in enumerate(keys) if (key[3] == ON or (key[3] == OFF_L and got.kept_on))
+             and got.taken[g][0] < sizes[g]]  # fmt: skip
+    # higher priority first; a running miner before a wake (no wake-up to pay); then the most TH per W
+    cands.sort(key=lambda g: (-keys[g][1], keys[g][3] != ON, -models[g].ths[0] / models[g].levels[0]))
+    for g in cands:
+        if room[0] < 1.0:
+            break
+        waking = keys[g][3] == OFF_L
+        if waking and wakes_left <= 0:
+            continue
+        m = models[g]
+        extra_w = keys[g][6]
+        spare = min(room[p] for p in paths[g])
+        level = below_floor_w(m.capability, m.nominal_w, m.levels[0], spare + sleep_w - extra_w)
+        if level is None:
+            continue
+        out[g] = level
+        for p in paths[g]:
+            room[p] -= level + extra_w - sleep_w
+        if waking:
+            wakes_left -= 1
+    return out
+
+
 def _ths_of(
     prep: Prep,
     keys: list[GroupKey],
     *,
     models: list[ModelInfo],
     taken: list[list[int]],
-    extra: dict[int, tuple[int, int]],
 ) -> float:
-    """The hashrate of the groups' level counts (what `_materialise` hands out), without handing them out."""
+    """The hashrate of the groups' level counts (what `_materialise` hands out before the top-up and the levels
+    under the floor), without handing them out."""
     curve = prep.rules.curve
     ths = 0.0
     for g, key in enumerate(keys):
@@ -242,9 +305,6 @@ def _ths_of(
         if kind in _LADDER_KINDS:
             for j, n in enumerate(t):
                 ths += (n - (t[j + 1] if j + 1 < len(t) else 0)) * m.ths[j]
-            ex = extra.get(g)
-            if ex is not None:
-                ths += curve.ths_at(ex[1], m.nominal_w, m.nominal_ths) - m.ths[ex[0]]
         elif t[0] > 0:
             gain = m.stock_ths if kind in _WAKE_KINDS else curve.ths_at(key[5], m.nominal_w, m.nominal_ths)
             ths += t[0] * gain
@@ -284,10 +344,11 @@ def _keep_on_before_wakes(
     return [seg for seg in head if keys[seg[3]][3] not in _WAKE_KINDS] + held + segs[last + 1 :]
 
 
-def _ladder(m: ModelInfo, kind: int, sleep_w: float) -> list[tuple[float, int, float]]:
-    """The segments of one miner of model m: (-ratio, level index, cost), ratios kept non-increasing."""
+def _ladder(m: ModelInfo, kind: int, sleep_w: float, wake_extra_w: float = 0.0) -> list[tuple[float, int, float]]:
+    """The segments of one miner of model m: (-ratio, level index, cost), ratios kept non-increasing. A sleeping
+    miner's first segment also costs its wake extra (`Prep.wake_extra_w`)."""
     out: list[tuple[float, int, float]] = []
-    start, prev_w, prev_h = 0, sleep_w, 0.0
+    start, prev_w, prev_h = 0, sleep_w - wake_extra_w, 0.0
     if kind == ON_P:  # already on at its lowest level (counted in the floor)
         start, prev_w, prev_h = 1, float(m.levels[0]), m.ths[0]
     ratio_prev = math.inf
@@ -319,11 +380,11 @@ def _group(
             fixed_ths += curve.ths_at(lv, m.nominal_w, m.nominal_ths)
             continue
         if k in (ON, ON_P):
-            key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0)
+            key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0, 0.0)
         elif k in _WAKE_KINDS:
-            key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0)
+            key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0, prep.wake_extra_w[i])
         else:  # WAKE
-            key = (id(m), prio[i], path_id[i], k, full_w[i], present_level(prep, i))
+            key = (id(m), prio[i], path_id[i], k, full_w[i], present_level(prep, i), 0.0)
         members = groups.get(key)
         if members is None:
             groups[key] = [i]
@@ -376,6 +437,7 @@ def _materialise(
     models: list[ModelInfo],
     taken: list[list[int]],
     extra: dict[int, tuple[int, int]],
+    below: dict[int, int],
     blind: bool,
 ) -> float:
     """Hand each group's level counts to its members (stably: who runs highest now gets the highest level;
@@ -391,7 +453,7 @@ def _materialise(
         neg_cur = [w + r * 1e-9 for w, r in zip(neg_cur, rank, strict=True)]
     ths = 0.0
     for g, key in enumerate(keys):
-        members, m, t, kind = groups[key], models[g], taken[g], key[3]
+        members, m, t, kind, extra_w = groups[key], models[g], taken[g], key[3], key[6]
         if kind in _LADDER_KINDS:
             # OFF_L: those asleep the longest are woken (and the highest level goes to the first of them)
             by = (lambda i: views[i].last_transition) if kind == OFF_L else neg_cur.__getitem__
@@ -406,13 +468,17 @@ def _materialise(
                 above = t[j]
                 w = float(m.levels[j])
                 for i in order[pos : pos + cnt]:
-                    a.level[i] = a.wc[i] = w
+                    a.level[i], a.wc[i] = w, w + extra_w
                 if ex is not None and ex[0] == j and cnt > 0:
                     first = order[pos]
-                    a.level[first] = a.wc[first] = float(ex[1])
+                    a.level[first], a.wc[first] = float(ex[1]), float(ex[1]) + extra_w
                     ths += curve.ths_at(ex[1], m.nominal_w, m.nominal_ths) - m.ths[j]
                 pos += cnt
                 ths += cnt * m.ths[j]
+            low = below.get(g)
+            if low is not None and pos < len(order):  # the next in line, under the run levels (_below_floor)
+                a.level[order[pos]], a.wc[order[pos]] = float(low), float(low) + extra_w
+                ths += curve.ths_at(low, m.nominal_w, m.nominal_ths)
             continue
         n = t[0]
         if n <= 0:
@@ -425,6 +491,6 @@ def _materialise(
             level = key[5]
             gain = curve.ths_at(level, m.nominal_w, m.nominal_ths)
         for i in chosen:
-            a.level[i], a.wc[i] = level, key[4]
+            a.level[i], a.wc[i] = level, key[4] + extra_w
         ths += n * gain
     return ths

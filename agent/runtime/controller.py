@@ -873,6 +873,7 @@ class Controller:
                     circuit=self.circuit_of.get(ip), priority=self.priority_of.get(ip, 0),
                     ignores_commands=mem.ignores_commands, measured_w=measured_w,
                     woken_to_w=mem.woken_to_w if state is MinerState.WAKING else None,
+                    wake_excess_w=mem.excess_w if state is MinerState.SLEEPING and not mem.ignores_commands else 0.0,
                 )
             )  # fmt: skip
         views.extend(self._unidentified_views(snap))

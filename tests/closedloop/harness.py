@@ -966,7 +966,13 @@ class World:
             # from the room it was too generous by headroom x their count (soak 2026-12-07: 0.16 kW of a 1.84 kW
             # room, the difference between one LuxOS miner woken at its lowest profile and none)
             room = max(0.0, low * (1 - self.spec.headroom_pct / 100.0) - counted_u)
-            capacity = self._achievable_kw(tuple(healthy), room, truth)
+            # no plan sleeps a miner that is on to wake another (optimiser.py, N4: swap chains took a site from 9.9
+            # to 1.5 kW under a steady cap): the room is what the healthy fleet can draw with every miner that is on
+            # kept on, when they all fit (a limit that cuts chooses afresh). Counted without that rule, the floor
+            # asked for swaps: three on/off miners running and 2.2 kW left, less than any sleeper, where sleeping
+            # one would let two others in (soak 7331, scenario seed 2429: 10.1 kW < 90 % of 12.4 kW)
+            on = tuple(ip for ip in healthy if self.site.by_ip[ip].physics.current_state(t) in ("hashing", "waking"))
+            capacity = self._achievable_kw(tuple(healthy), room, truth, kept_on=on)
             floor = 0.9 * capacity
             self.margins.checks_service += 1
             if floor > 0:
@@ -1017,7 +1023,9 @@ class World:
             return list(range(lo, int((dev.spec.nominal_w * pf - s) / unit + 0.999) + 1))
         return [int((dev.spec.nominal_w * pf - s) / unit + 0.999)]
 
-    def _achievable_kw(self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float]) -> float:
+    def _achievable_kw(
+        self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float], kept_on: tuple[str, ...] = ()
+    ) -> float:
         """The most the healthy miners can draw in steady state within `room_kw` at the site and, in each circuit,
         within the circuit's cap less what its unhealthy miners are counted at (and the headroom), given what each
         miner can be set to (on/off: asleep or stock; LuxOS: asleep or a profile; Whatsminer: asleep or min..max),
@@ -1025,8 +1033,11 @@ class World:
 
         A sleeping miner draws its sleep power (control board, fans), in the healthy miners' draw that is compared
         with this and in the room: counted as nothing here, the fleet could "draw" its sleepers' watts twice (soak
-        2026-12-07: 15 sleepers, 0.33 kW, made room for a wake that does not fit)."""
+        2026-12-07: 15 sleepers, 0.33 kW, made room for a wake that does not fit).
+
+        `kept_on`: miners that are on, kept on (at any of their settings, not asleep), unless they do not all fit."""
         unit = 25.0
+        on = set(kept_on)
         keep = 1 - self.spec.headroom_pct / 100.0
         groups: list[tuple[list[str], float]] = []
         placed: set[str] = set()
@@ -1037,7 +1048,7 @@ class World:
             groups.append((inside, max(0.0, cap - counted) * keep))
             placed.update(inside)
         groups.append(([ip for ip in healthy if ip not in placed], room_kw))
-        key = (tuple((tuple(g), round(r, 2)) for g, r in groups), round(room_kw, 2))
+        key = (tuple((tuple(g), round(r, 2)) for g, r in groups), round(room_kw, 2), kept_on)
         hit = self._achievable_cache.get(key)
         if hit is not None:
             return hit
@@ -1053,7 +1064,7 @@ class World:
             mask = (1 << (int(max(0.0, min(left, site_left)) * 1000 / unit) + 1)) - 1
             reach = 1
             for ip in members:
-                step = reach
+                step = 0 if ip in on else reach  # asleep: only for a miner not kept on
                 for k in self._options(ip, unit):
                     step |= reach << k
                 reach = step & mask
@@ -1064,6 +1075,10 @@ class World:
                 bits >>= 1
                 k += 1
             total = combined & site_mask
+        if not total and kept_on:  # the miners that are on do not all fit: a cut, which may sleep any of them
+            best = self._achievable_kw(healthy, room_kw, truth)
+            self._achievable_cache[key] = best
+            return best
         best = asleep_kw + (total.bit_length() - 1) * unit / 1000.0
         self._achievable_cache[key] = best
         return best
