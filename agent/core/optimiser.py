@@ -235,7 +235,7 @@ def _wakes_before_raises(
     first level: granted before any wake, and a variant that sleeps one is not taken) so that a sleeping miner
     wakes at its lowest level: two miners at part power where the ratio order had raised one to full and left the
     room for the other short (soak 20261210: a Whatsminer M60S at full power and an M50S asleep in 4.2 kW, where
-    both fit at part power with 18 % more hashrate). Taken only when it beats the ratio order by WAKE_GAIN_SHARE:
+    both fit at part power with 14 % more hashrate). Taken only when it beats the ratio order by WAKE_GAIN_SHARE:
     a wake-up is minutes without hashrate, and a re-plan from a half-done change (the runner lowered, the wake on
     its way) must not find a close call the other way. It brings back no swap chain: it sleeps nothing, so the
     miners that are on only grow in number while the limit holds."""
