@@ -16,7 +16,11 @@ Worst-case rules (the planner keeps the sum of these under the target and every 
   it, on its circuit and the site: every miner counts at no less than max(planned, measured), and a miner that
   drifts above its limit costs room on its own circuit, not only at the site. A waking miner's `measured_w` is
   what it comes up at plus the excess it showed when it last ran (the controller keeps that excess while it
-  sleeps and while its readings ramp back up): a drifting PSU drifts after a wake too.
+  sleeps and while its readings ramp back up): a drifting PSU drifts after a wake too. So a plan that wakes a
+  sleeping miner counts that excess on top of the level it wakes it to (`MinerView.wake_excess_w`): planned
+  without it, the wake filled a circuit to the watt, the waking miner counted over it on the next tick and was
+  slept, and the next plan woke its neighbour the same way (soak 20261210: two Whatsminers woken and slept in
+  turn every 0.2 s for minutes, each showing 56 W above its setting, a unit's spread, when it last ran).
 - unreachable miner: max(last known draw, full_w, its self-step ceiling). Conservative on purpose: we cannot tell
   whether it kept our limit, rebooted into stock settings or is about to; unknown is never zero (evcc: a stale
   meter is an overload). The self-step ceiling (`efficiency.self_step_ceiling_w`) is the most its own firmware may
@@ -68,9 +72,10 @@ class PlannerRules:
 class ModelInfo:
     """Everything the planners need about one (capability, nominal) pair, computed once per plan."""
 
-    __slots__ = ("ceiling", "levels", "nominal_ths", "nominal_w", "step", "stock", "stock_ths", "ths")
+    __slots__ = ("capability", "ceiling", "levels", "nominal_ths", "nominal_w", "step", "stock", "stock_ths", "ths")
 
     def __init__(self, cap: Capability, nominal_w: float, nominal_ths: float, rules: PlannerRules) -> None:
+        self.capability = cap
         self.nominal_w, self.nominal_ths = nominal_w, nominal_ths
         self.levels = run_levels(cap, nominal_w, rules.curve, rules.levels_per_range)
         self.ths = tuple(rules.curve.ths_at(w, nominal_w, nominal_ths) for w in self.levels)
@@ -99,6 +104,7 @@ class Prep:
         self.full_w = [0.0] * n
         self.fixed_w = [0.0] * n  # worst case of uncontrolled miners
         self.excess_w = [0.0] * n  # measured above what the rules count for its present state (fixed load)
+        self.wake_extra_w = [0.0] * n  # a sleeping miner's excess, counted on top of the level a plan wakes it to
         self.hard = [target_kw * 1000.0, *(c * 1000.0 for c in tree.caps_kw()[1:])]
         self.hard[0] = min(self.hard[0], tree.caps_kw()[0] * 1000.0)
         self._classify(now)
@@ -153,6 +159,8 @@ class Prep:
             elif st is sleeping:
                 kind[i] = OFF if now - v.last_transition >= min_off else OFF_LOCKED
                 cur_w[i] = sleep_w
+                if v.wake_excess_w > 0.0:
+                    self.wake_extra_w[i] = v.wake_excess_w
                 if kind[i] == OFF and limits and wakes_at_limit(v.family, v.capability):
                     kind[i] = OFF_L  # told its limit before the wake: it comes up at it, whatever it had stored
                     full_w[i] = float(m.stock)  # the most it is woken to (the sleep-only plan's level)
@@ -287,7 +295,8 @@ def excess_w(v: MinerView, sleep_w: float) -> float:
 
 def largest_full_w(views: Iterable[MinerView]) -> float:
     """The most one wake adds to the worst case: the largest `full_w` (max of nominal, stock level and last commanded
-    limit) in the fleet. The controller's ramp credit must be able to hold this much, or that miner never wakes."""
+    limit) in the fleet, with the excess a sleeping miner is woken with (`MinerView.wake_excess_w`). The controller's
+    ramp credit must be able to hold this much, or that miner never wakes."""
     stock: dict[tuple[int, float], int] = {}  # by capability object: miners share few of them
     top = 0.0
     for v in views:
@@ -295,5 +304,5 @@ def largest_full_w(views: Iterable[MinerView]) -> float:
         s = stock.get(key)
         if s is None:
             s = stock[key] = stock_w(v.capability, v.nominal_w)
-        top = max(top, v.nominal_w, float(s), v.commanded_w or 0.0)
+        top = max(top, max(v.nominal_w, float(s), v.commanded_w or 0.0) + v.wake_excess_w)
     return top

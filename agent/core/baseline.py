@@ -91,19 +91,19 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
             m = model[i]
             assert m is not None
             gain[i] = m.stock_ths
-            eff[i] = -m.stock_ths / max(_EPS, full_w[i] - s)  # most efficient first
+            eff[i] = -m.stock_ths / max(_EPS, full_w[i] + prep.wake_extra_w[i] - s)  # most efficient first
         order = sorted(sleeping, key=lambda i: (-prep.prio[i], eff[i], views[i].last_transition))
         for i in order:
             if wakes_left <= 0 or soft[0] - loads[0] < _EPS:
                 break
-            cost = full_w[i] - s
+            cost = full_w[i] + prep.wake_extra_w[i] - s  # (and the excess it showed when it last ran)
             pth = path[i]
             if all(loads[p] + cost <= soft[p] + _EPS for p in pth):
                 for p in pth:
                     loads[p] += cost
                 m = model[i]
                 assert m is not None
-                level[i], wc[i], ths[i] = float(m.stock), full_w[i], gain[i]
+                level[i], wc[i], ths[i] = float(m.stock), full_w[i] + prep.wake_extra_w[i], gain[i]
                 wakes_left -= 1
     a.ths = sum(ths)
     return a

@@ -14,7 +14,9 @@ to a miner buys no more hashrate than the watt before it, so "marginal TH per W"
 Above nominal (over-clocking) the same power law makes J/TH worse, which is also what the field sees.
 
 Power levels: the planner never commands above a miner's stock (nominal) power — over-clocking is the operator's
-choice, not the grid controller's — and never below the curve's floor (no gain there, only more machines cycling).
+choice, not the grid controller's — and its run levels start at the curve's floor (below it there is no gain over
+fewer miners at the floor, only more machines cycling). A level under the floor is only the last resort for room
+that no run level fits (`below_floor_w`).
 """
 
 from __future__ import annotations
@@ -134,6 +136,17 @@ def snap_down(capability: Capability, nominal_w: float, watts: float) -> int | N
         below = [w for w in capability.watts if w <= watts]
         return max(below) if below else None
     return round(nominal_w) if watts >= nominal_w else None
+
+
+def below_floor_w(capability: Capability, nominal_w: float, lowest_run_w: int, watts: float) -> int | None:
+    """The highest level the firmware takes under `lowest_run_w` (the planner's lowest run level, at the curve's
+    floor) and at most `watts`; None when there is none (on/off, or a range or presets that start at the floor).
+
+    Below the floor the curve is linear: a miner there hashes at the floor's TH per W, no better, so the planner
+    does not choose such a level over fewer miners at or above the floor. It is still far better than asleep: the
+    last resort for room that no run level fits (optimiser._below_floor)."""
+    level = snap_down(capability, nominal_w, min(watts, lowest_run_w - 1))
+    return level if level is not None and 0 < level < lowest_run_w else None
 
 
 def range_step(capability: Capability) -> int | None:

@@ -91,6 +91,10 @@ class MinerView:
     # a waking miner that accepted this limit after its wake command comes up at it, not at its stock profile:
     # it counts at this instead of its full power (None: it comes up at whatever it had, counted at full)
     woken_to_w: float | None = None
+    # a sleeping miner that drew this much above its setting when it last ran (kept while it sleeps: a drifting
+    # PSU drifts after a wake too): a plan that wakes it counts it on top of the level it wakes to, as the waking
+    # miner will be counted once its wake is acknowledged (its measured_w: that level plus this)
+    wake_excess_w: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

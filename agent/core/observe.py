@@ -176,6 +176,7 @@ def _view(
         circuit=rules.circuit_of.get(ip), priority=rules.priority_of.get(ip, 0),
         ignores_commands=mem.ignores_commands, measured_w=measured_w,
         woken_to_w=woken_to if state is MinerState.WAKING else None,
+        wake_excess_w=mem.excess_w if state is MinerState.SLEEPING and not mem.ignores_commands else 0.0,
     )  # fmt: skip
 
 

@@ -22,21 +22,31 @@ A wake-up is a sunk cost (minutes without hashrate): every wake is granted after
 (running or waking) has had its chance to stay on, and a plan that sleeps one of those wakes nothing. So no plan
 sleeps a running or waking miner to wake a more efficient sleeping one; a more efficient model only replaces a
 less efficient one when a lower limit has slept it first (and power limits still move between them by ratio).
+
+Two corrections to the greedy, neither of which sleeps a miner that is on: a wake the ratio order reached only
+after raises of running miners had taken its room is tried first (`_wakes_before_raises`: running miners are
+lowered, never slept, and the variant is kept only above WAKE_GAIN_SHARE more hashrate); and room smaller than any
+run level is used at a level under the curve's floor, one miner per group (`_below_floor`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
 from hashflex.agent.core.baseline import present_level
+from hashflex.agent.core.efficiency import below_floor_w
 from hashflex.agent.core.plan_build import Assignment
 
 _EPS = 1e-6
-GroupKey = tuple[int, int, int, int, float, float]  # model, priority, path id, kind, full W, level W
+# model, priority, path id, kind, full W, level W, wake extra W (Prep.wake_extra_w)
+GroupKey = tuple[int, int, int, int, float, float, float]
 _ON_KINDS = (ON, ON_P, WAKE, WAKE_P)  # on now: running or waking
 _WAKE_KINDS = (OFF, OFF_L)  # asleep, may be woken
 _LADDER_KINDS = (ON, ON_P, OFF_L)  # run level by level
+# the wake-first variant (`_wakes_before_raises`) replaces the ratio order's allocation only above this gain
+WAKE_GAIN_SHARE = 0.02
 
 
 def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
@@ -51,28 +61,31 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
     # judged against the soft cap that was a cut, re-ranked by ratio alone: soak 20261210 (seed 3865) slept four
     # running miners (7.2 kW) to raise seven others, over 14 W, and again each time the refilled plan wobbled over
     settled = all(present[nd] <= prep.hard[nd] + _EPS for nd in range(len(soft)))
+    # room the ramp holds back is there in a tick or two: no level under the floor for it (`_below_floor`)
+    ramped = ceiling is not None and ceiling < prep.soft_caps(None)[0] - _EPS
     if len(soft) == 1:
-        return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
+        return _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled, ramped=ramped)
     peak = _peaks(prep)
     binds = [nd == 0 or peak[nd] > soft[nd] + _EPS for nd in range(len(soft))]
     site_share = soft[0] / peak[0] if peak[0] > 0 else 1.0
     # circuit-blind spreads the site's share evenly; worth a try only if no binding circuit is tighter than that
     if all(not binds[nd] or soft[nd] >= site_share * peak[nd] for nd in range(1, len(soft))):
-        a = _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled)
+        a = _allocate(prep, floor, soft, wake_budget, blind=True, settled=settled, ramped=ramped)
         loads = a.node_loads(prep)
         if all(loads[nd] <= max(soft[nd], floor[nd]) + _EPS for nd in range(1, len(soft))):
             return a
     # a node whose subtree, every miner at the most it may be planned to draw, stays under its cap (a PDU sized
     # for its miners) needs no check: it is left out of the paths, so its miners group wider
     pruned = [tuple(nd for nd in path if binds[nd]) for path in prep.paths]
-    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled)
+    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled,
+                     ramped=ramped)  # fmt: skip
 
 
 def _peaks(prep: Prep) -> list[float]:
     """Per node: its subtree's load with every miner at the most the optimiser may plan it to draw."""
     most = [
-        w if k == UNCONTROLLED else max(w, full, prep.rules.sleep_w)
-        for k, w, full in zip(prep.kind, prep.cur_w, prep.full_w, strict=True)
+        w if k == UNCONTROLLED else max(w, full + x, prep.rules.sleep_w)
+        for k, w, full, x in zip(prep.kind, prep.cur_w, prep.full_w, prep.wake_extra_w, strict=True)
     ]
     return [w + x for w, x in zip(prep.node_sums(most), prep.excess_nodes, strict=True)]
 
@@ -86,9 +99,11 @@ def _allocate(
     blind: bool,
     pruned_paths: list[tuple[int, ...]] | None = None,
     settled: bool = False,
+    ramped: bool = False,
 ) -> Assignment:
     """One greedy pass. blind: only the site cap is checked; pruned_paths: the nodes to check per prep path id;
-    settled: the site as it runs now fits every hard limit (see _keep_running_first)."""
+    settled: the site as it runs now fits every hard limit (see _keep_running_first); ramped: the ramp-up
+    allowance, not a limit, bounds the site's room."""
     a = Assignment(prep, "optimal")
     a.overridden = list(prep.overridden)
     s = prep.rules.sleep_w
@@ -103,16 +118,17 @@ def _allocate(
         path_of[gid] = path
     groups, models, fixed_ths = _group(prep, a, group_path)
     keys = list(groups)
-    taken: list[list[int]] = []
+    start: list[list[int]] = []  # per group, how many of its miners reach each level before any grant
     segs: list[tuple[int, float, int, int, float]] = []  # (-priority, -ratio, level index, group, cost)
-    templates: dict[tuple[int, int], list[tuple[float, int, float]]] = {}  # (model, kind) → (-ratio, j, cost)
+    # (model, kind, wake extra) → (-ratio, j, cost)
+    templates: dict[tuple[int, int, float], list[tuple[float, int, float]]] = {}
     for g, key in enumerate(keys):
-        _, prio, _, kind, full, level = key
+        _, prio, _, kind, full, level, extra_w = key
         m = models[g]
         if kind in _LADDER_KINDS:
-            tpl = templates.get((key[0], kind))
+            tpl = templates.get((key[0], kind, extra_w))
             if tpl is None:
-                tpl = templates[(key[0], kind)] = _ladder(m, kind, s)
+                tpl = templates[(key[0], kind, extra_w)] = _ladder(m, kind, s, extra_w)
             t = [0] * len(m.levels)
             if kind == ON_P:
                 t[0] = len(groups[key])
@@ -120,9 +136,9 @@ def _allocate(
         else:  # OFF (wake) or WAKE (keep on): the whole miner at full power
             t = [0]
             gain = m.stock_ths if kind == OFF else prep.rules.curve.ths_at(level, m.nominal_w, m.nominal_ths)
-            cost = max(_EPS, full - s)
+            cost = max(_EPS, full + extra_w - s)
             segs.append((-prio, -gain / cost, 0, g, cost))
-        taken.append(t)
+        start.append(t)
     is_wake = [key[3] in _WAKE_KINDS for key in keys]
     segs = sorted(segs)
     if settled:
@@ -130,36 +146,174 @@ def _allocate(
     segs = _keep_on_before_wakes(segs, keys)
     node_paths: list[tuple[int, ...]] = [(0,) if blind else path_of[key[2]] for key in keys]
     sizes = [len(groups[key]) for key in keys]
-    wakes_left = max(0, wake_budget)
     # a miner on (running or still waking) that this plan sleeps means the limit wants less: wake nothing now
     # (else a smaller sleeping miner would take the room it leaves, a swap that throws a wake-up away)
     slept_on = any(f and prep.kind[i] in _ON_KINDS for i, f in enumerate(prep.forced))
-    min_cost = min((seg[4] for seg in segs), default=0.0)
-    for _, _, j, g, cost in segs:
-        if room[0] + _EPS < min_cost:
-            break  # the site is full: nothing left can be granted anywhere
-        t = taken[g]
-        n = t[j - 1] if j else sizes[g]
-        if is_wake[g] and j == 0:  # a wake (its next levels are not: they raise a miner this plan woke)
-            n = 0 if slept_on else min(n, wakes_left)
-        if n <= 0:
-            continue
-        for p in node_paths[g]:
-            fit = int((room[p] + _EPS) / cost)
-            n = min(n, fit)
-        if j == 0 and n < sizes[g] and keys[g][3] in _ON_KINDS:
-            slept_on = True  # not all of this group stay on (every keep-on segment comes before the wakes)
-        if n <= 0:
-            continue
-        spent = n * cost
-        for p in node_paths[g]:
-            room[p] -= spent
-        t[j] = n
-        if is_wake[g] and j == 0:
-            wakes_left -= n
-    extra = _top_up(segs, keys, models=models, taken=taken, paths=node_paths, room=room)
-    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=taken, extra=extra, blind=blind)
+    grant = _Granting(keys, sizes=sizes, is_wake=is_wake, paths=node_paths, room=room, start=start,
+                      wake_budget=max(0, wake_budget), slept_on=slept_on)  # fmt: skip
+    got = grant.run(segs)
+    if got.skipped and got.kept_on:
+        # a wake the ratio order reached too late (raises of running miners had taken the room it needed), in a
+        # plan that sleeps no miner that is on: the wake-first variant, if it sleeps none either and gains enough
+        segs_w = _wakes_before_raises(segs, keys, got.skipped)
+        got_w = grant.run(segs_w)
+        ths = _ths_of(prep, keys, models=models, taken=got.taken)
+        ths_w = _ths_of(prep, keys, models=models, taken=got_w.taken)
+        if got_w.kept_on and ths_w > ths * (1.0 + WAKE_GAIN_SHARE) + _EPS:
+            got, segs = got_w, segs_w
+    below = {} if ramped else _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s)
+    extra = _top_up(segs, keys, models=models, taken=got.taken, paths=node_paths, room=got.room)
+    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=got.taken, extra=extra,
+                                     below=below, blind=blind)  # fmt: skip
     return a
+
+
+class _Granted(NamedTuple):
+    taken: list[list[int]]  # per group, how many of its miners reach each level
+    room: list[float]  # left per node
+    skipped: set[int]  # groups whose wake the room (not the budget) held back when its turn came
+    kept_on: bool  # every miner that is on stays on
+    wakes_left: int
+
+
+class _Granting:
+    """Grant segments in a given order while every node on a group's path has room, within the wake budget.
+    Runs from the same start for each order it is given (the allocation and its wake-first variant)."""
+
+    def __init__(
+        self,
+        keys: list[GroupKey],
+        *,
+        sizes: list[int],
+        is_wake: list[bool],
+        paths: list[tuple[int, ...]],
+        room: list[float],
+        start: list[list[int]],
+        wake_budget: int,
+        slept_on: bool,
+    ) -> None:
+        self.keys, self.sizes, self.is_wake, self.paths = keys, sizes, is_wake, paths
+        self.room, self.start, self.wake_budget, self.slept_on = room, start, wake_budget, slept_on
+
+    def run(self, segs: list[tuple[int, float, int, int, float]]) -> _Granted:
+        keys, sizes, is_wake, paths = self.keys, self.sizes, self.is_wake, self.paths
+        room = list(self.room)
+        taken = [list(t) for t in self.start]
+        skipped: set[int] = set()
+        slept_on = self.slept_on
+        wakes_left = self.wake_budget
+        min_cost = min((seg[4] for seg in segs), default=0.0)
+        for _, _, j, g, cost in segs:
+            if room[0] + _EPS < min_cost:
+                break  # the site is full: nothing left can be granted anywhere
+            t = taken[g]
+            n = t[j - 1] if j else sizes[g]
+            waking = is_wake[g] and j == 0  # a wake (its next levels are not: they raise a miner this plan woke)
+            if waking:
+                n = 0 if slept_on else min(n, wakes_left)
+            if n <= 0:
+                continue
+            wanted = n
+            for p in paths[g]:
+                fit = int((room[p] + _EPS) / cost)
+                n = min(n, fit)
+            if j == 0 and n < sizes[g] and keys[g][3] in _ON_KINDS:
+                slept_on = True  # not all of this group stay on (every keep-on segment comes before the wakes)
+            if waking and n < wanted:
+                skipped.add(g)
+            if n <= 0:
+                continue
+            spent = n * cost
+            for p in paths[g]:
+                room[p] -= spent
+            t[j] = n
+            if waking:
+                wakes_left -= n
+        return _Granted(taken, room, skipped, not slept_on, wakes_left)
+
+
+def _wakes_before_raises(
+    segs: list[tuple[int, float, int, int, float]], keys: list[GroupKey], wakes: set[int]
+) -> list[tuple[int, float, int, int, float]]:
+    """The wake-first variant: every keep-on segment (a miner that is on keeps its first level), then the first
+    level of the wakes of `wakes`, then the rest in the order given. Running miners give up raises (never their
+    first level: granted before any wake, and a variant that sleeps one is not taken) so that a sleeping miner
+    wakes at its lowest level: two miners at part power where the ratio order had raised one to full and left the
+    room for the other short (soak 20261210: a Whatsminer M60S at full power and an M50S asleep in 4.2 kW, where
+    both fit at part power with 14 % more hashrate). Taken only when it beats the ratio order by WAKE_GAIN_SHARE:
+    a wake-up is minutes without hashrate, and a re-plan from a half-done change (the runner lowered, the wake on
+    its way) must not find a close call the other way. It brings back no swap chain: it sleeps nothing, so the
+    miners that are on only grow in number while the limit holds."""
+    keep = [seg for seg in segs if seg[2] == 0 and keys[seg[3]][3] in _ON_KINDS]
+    first = [seg for seg in segs if seg[2] == 0 and seg[3] in wakes]
+    rest = [seg for seg in segs if seg[2] != 0 or (keys[seg[3]][3] not in _ON_KINDS and seg[3] not in wakes)]
+    return keep + first + rest
+
+
+def _below_floor(
+    keys: list[GroupKey],
+    models: list[ModelInfo],
+    got: _Granted,
+    *,
+    sizes: list[int],
+    paths: list[tuple[int, ...]],
+    sleep_w: float,
+) -> dict[int, int]:
+    """The last resort for room no run level fits: per group, one more miner kept on (a running one this plan
+    sleeps) or woken (a sleeping one whose firmware takes a limit while asleep, within the wake budget, when the
+    plan sleeps no miner that is on) at the highest level under its lowest run level that fits. → group → level.
+
+    The run levels start at the curve's floor, where efficiency stops improving: below it more miners at lower
+    levels buy nothing over fewer at the floor. But where the room is smaller than any miner at the floor, such a
+    level is the only hashrate there is (soak 20261210: a Whatsminer M30S++ takes 1,800 W, its floor is 1,910 W,
+    and a 1.87 kW cap kept the site asleep for good). Spends `got.room`."""
+    room = got.room
+    wakes_left = got.wakes_left
+    out: dict[int, int] = {}
+    cands = [g for g, key in enumerate(keys) if (key[3] == ON or (key[3] == OFF_L and got.kept_on))
+             and got.taken[g][0] < sizes[g]]  # fmt: skip
+    # higher priority first; a running miner before a wake (no wake-up to pay); then the most TH per W
+    cands.sort(key=lambda g: (-keys[g][1], keys[g][3] != ON, -models[g].ths[0] / models[g].levels[0]))
+    for g in cands:
+        if room[0] < 1.0:
+            break
+        waking = keys[g][3] == OFF_L
+        if waking and wakes_left <= 0:
+            continue
+        m = models[g]
+        extra_w = keys[g][6]
+        spare = min(room[p] for p in paths[g])
+        level = below_floor_w(m.capability, m.nominal_w, m.levels[0], spare + sleep_w - extra_w)
+        if level is None:
+            continue
+        out[g] = level
+        for p in paths[g]:
+            room[p] -= level + extra_w - sleep_w
+        if waking:
+            wakes_left -= 1
+    return out
+
+
+def _ths_of(
+    prep: Prep,
+    keys: list[GroupKey],
+    *,
+    models: list[ModelInfo],
+    taken: list[list[int]],
+) -> float:
+    """The hashrate of the groups' level counts (what `_materialise` hands out before the top-up and the levels
+    under the floor), without handing them out."""
+    curve = prep.rules.curve
+    ths = 0.0
+    for g, key in enumerate(keys):
+        m, t, kind = models[g], taken[g], key[3]
+        if kind in _LADDER_KINDS:
+            for j, n in enumerate(t):
+                ths += (n - (t[j + 1] if j + 1 < len(t) else 0)) * m.ths[j]
+        elif t[0] > 0:
+            gain = m.stock_ths if kind in _WAKE_KINDS else curve.ths_at(key[5], m.nominal_w, m.nominal_ths)
+            ths += t[0] * gain
+    return ths
 
 
 def _keep_running_first(
@@ -196,10 +350,11 @@ def _keep_on_before_wakes(
     return [seg for seg in head if keys[seg[3]][3] not in _WAKE_KINDS] + held + segs[last + 1 :]
 
 
-def _ladder(m: ModelInfo, kind: int, sleep_w: float) -> list[tuple[float, int, float]]:
-    """The segments of one miner of model m: (-ratio, level index, cost), ratios kept non-increasing."""
+def _ladder(m: ModelInfo, kind: int, sleep_w: float, wake_extra_w: float = 0.0) -> list[tuple[float, int, float]]:
+    """The segments of one miner of model m: (-ratio, level index, cost), ratios kept non-increasing. A sleeping
+    miner's first segment also costs its wake extra (`Prep.wake_extra_w`)."""
     out: list[tuple[float, int, float]] = []
-    start, prev_w, prev_h = 0, sleep_w, 0.0
+    start, prev_w, prev_h = 0, sleep_w - wake_extra_w, 0.0
     if kind == ON_P:  # already on at its lowest level (counted in the floor)
         start, prev_w, prev_h = 1, float(m.levels[0]), m.ths[0]
     ratio_prev = math.inf
@@ -231,11 +386,11 @@ def _group(
             fixed_ths += curve.ths_at(lv, m.nominal_w, m.nominal_ths)
             continue
         if k in (ON, ON_P):
-            key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0)
+            key: GroupKey = (id(m), prio[i], path_id[i], k, 0.0, 0.0, 0.0)
         elif k in _WAKE_KINDS:
-            key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0)
+            key = (id(m), prio[i], path_id[i], k, full_w[i], 0.0, prep.wake_extra_w[i])
         else:  # WAKE
-            key = (id(m), prio[i], path_id[i], k, full_w[i], present_level(prep, i))
+            key = (id(m), prio[i], path_id[i], k, full_w[i], present_level(prep, i), 0.0)
         members = groups.get(key)
         if members is None:
             groups[key] = [i]
@@ -288,6 +443,7 @@ def _materialise(
     models: list[ModelInfo],
     taken: list[list[int]],
     extra: dict[int, tuple[int, int]],
+    below: dict[int, int],
     blind: bool,
 ) -> float:
     """Hand each group's level counts to its members (stably: who runs highest now gets the highest level;
@@ -303,7 +459,7 @@ def _materialise(
         neg_cur = [w + r * 1e-9 for w, r in zip(neg_cur, rank, strict=True)]
     ths = 0.0
     for g, key in enumerate(keys):
-        members, m, t, kind = groups[key], models[g], taken[g], key[3]
+        members, m, t, kind, extra_w = groups[key], models[g], taken[g], key[3], key[6]
         if kind in _LADDER_KINDS:
             # OFF_L: those asleep the longest are woken (and the highest level goes to the first of them)
             by = (lambda i: views[i].last_transition) if kind == OFF_L else neg_cur.__getitem__
@@ -318,13 +474,17 @@ def _materialise(
                 above = t[j]
                 w = float(m.levels[j])
                 for i in order[pos : pos + cnt]:
-                    a.level[i] = a.wc[i] = w
+                    a.level[i], a.wc[i] = w, w + extra_w
                 if ex is not None and ex[0] == j and cnt > 0:
                     first = order[pos]
-                    a.level[first] = a.wc[first] = float(ex[1])
+                    a.level[first], a.wc[first] = float(ex[1]), float(ex[1]) + extra_w
                     ths += curve.ths_at(ex[1], m.nominal_w, m.nominal_ths) - m.ths[j]
                 pos += cnt
                 ths += cnt * m.ths[j]
+            low = below.get(g)
+            if low is not None and pos < len(order):  # the next in line, under the run levels (_below_floor)
+                a.level[order[pos]], a.wc[order[pos]] = float(low), float(low) + extra_w
+                ths += curve.ths_at(low, m.nominal_w, m.nominal_ths)
             continue
         n = t[0]
         if n <= 0:
@@ -337,6 +497,6 @@ def _materialise(
             level = key[5]
             gain = curve.ths_at(level, m.nominal_w, m.nominal_ths)
         for i in chosen:
-            a.level[i], a.wc[i] = level, key[4]
+            a.level[i], a.wc[i] = level, key[4] + extra_w
         ths += n * gain
     return ths

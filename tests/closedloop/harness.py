@@ -798,15 +798,21 @@ class World:
         # confirm_after_s before the sleep is re-sent (counting its decaying draw would make every cut deeper than
         # it needs): what it still reports is not held against the plan meanwhile (ground truth is, by `safety`)
         # and likewise a miner that acknowledged a lower limit is counted at it while its draw ramps down, until
-        # its readings settle or confirm_after_s has passed (agent.core.closed_loop.settled)
+        # its readings settle or confirm_after_s has passed (closed_loop.settled). A sleep is such a setting too:
+        # the agent confirms it by the first reading that shows the miner off or under a quarter of its nominal
+        # power, while it still powers down, and counts its draw from the reading on which it settles (soak
+        # 20261210: a LuxOS miner confirmed asleep at 533 W, read so against a plan at 0.04 kW two seconds later)
         now = ctl.clock.time()
         confirm = self.spec.confirm_after_s
+        sleep_w = ctl.rules.planner.sleep_w
         for ip, ms in snap.miners.items():
             mem = ctl.memory.get(ip)
             if mem is None or not ms.measured or ms.power_w is None:
                 continue
             if mem.pending_op == "sleep" and now - mem.pending_at < confirm:
                 measured -= ms.power_w / 1000.0
+            elif mem.asleep_by_us and not mem.settled and now - mem.changed_at < confirm:
+                measured -= max(0.0, ms.power_w - sleep_w) / 1000.0
             elif mem.commanded_w is not None and not mem.settled and now - mem.changed_at < confirm:
                 measured -= max(0.0, ms.power_w - mem.commanded_w - mem.excess_w) / 1000.0
         worst = ctl.plan.worst_case_kw
@@ -957,7 +963,13 @@ class World:
             # from the room it was too generous by headroom x their count (soak 2026-12-07: 0.16 kW of a 1.84 kW
             # room, the difference between one LuxOS miner woken at its lowest profile and none)
             room = max(0.0, low * (1 - self.spec.headroom_pct / 100.0) - counted_u)
-            capacity = self._achievable_kw(tuple(healthy), room, truth)
+            # no plan sleeps a miner that is on to wake another (optimiser.py, N4: swap chains took a site from 9.9
+            # to 1.5 kW under a steady cap): the room is what the healthy fleet can draw with every miner that is on
+            # kept on, when they all fit (a limit that cuts chooses afresh). Counted without that rule, the floor
+            # asked for swaps: three on/off miners running and 2.2 kW left, less than any sleeper, where sleeping
+            # one would let two others in (soak 7331, scenario seed 2429: 10.1 kW < 90 % of 12.4 kW)
+            on = tuple(ip for ip in healthy if self.site.by_ip[ip].physics.current_state(t) in ("hashing", "waking"))
+            capacity = self._achievable_kw(tuple(healthy), room, truth, kept_on=on)
             floor = 0.9 * capacity
             self.margins.checks_service += 1
             if floor > 0:
@@ -1008,7 +1020,9 @@ class World:
             return list(range(lo, int((dev.spec.nominal_w * pf - s) / unit + 0.999) + 1))
         return [int((dev.spec.nominal_w * pf - s) / unit + 0.999)]
 
-    def _achievable_kw(self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float]) -> float:
+    def _achievable_kw(
+        self, healthy: tuple[str, ...], room_kw: float, truth: dict[str, float], kept_on: tuple[str, ...] = ()
+    ) -> float:
         """The most the healthy miners can draw in steady state within `room_kw` at the site and, in each circuit,
         within the circuit's cap less what its unhealthy miners are counted at (and the headroom), given what each
         miner can be set to (on/off: asleep or stock; LuxOS: asleep or a profile; Whatsminer: asleep or min..max),
@@ -1016,8 +1030,11 @@ class World:
 
         A sleeping miner draws its sleep power (control board, fans), in the healthy miners' draw that is compared
         with this and in the room: counted as nothing here, the fleet could "draw" its sleepers' watts twice (soak
-        2026-12-07: 15 sleepers, 0.33 kW, made room for a wake that does not fit)."""
+        2026-12-07: 15 sleepers, 0.33 kW, made room for a wake that does not fit).
+
+        `kept_on`: miners that are on, kept on (at any of their settings, not asleep), unless they do not all fit."""
         unit = 25.0
+        on = set(kept_on)
         keep = 1 - self.spec.headroom_pct / 100.0
         groups: list[tuple[list[str], float]] = []
         placed: set[str] = set()
@@ -1028,7 +1045,7 @@ class World:
             groups.append((inside, max(0.0, cap - counted) * keep))
             placed.update(inside)
         groups.append(([ip for ip in healthy if ip not in placed], room_kw))
-        key = (tuple((tuple(g), round(r, 2)) for g, r in groups), round(room_kw, 2))
+        key = (tuple((tuple(g), round(r, 2)) for g, r in groups), round(room_kw, 2), kept_on)
         hit = self._achievable_cache.get(key)
         if hit is not None:
             return hit
@@ -1044,7 +1061,7 @@ class World:
             mask = (1 << (int(max(0.0, min(left, site_left)) * 1000 / unit) + 1)) - 1
             reach = 1
             for ip in members:
-                step = reach
+                step = 0 if ip in on else reach  # asleep: only for a miner not kept on
                 for k in self._options(ip, unit):
                     step |= reach << k
                 reach = step & mask
@@ -1055,6 +1072,10 @@ class World:
                 bits >>= 1
                 k += 1
             total = combined & site_mask
+        if not total and kept_on:  # the miners that are on do not all fit: a cut, which may sleep any of them
+            best = self._achievable_kw(healthy, room_kw, truth)
+            self._achievable_cache[key] = best
+            return best
         best = asleep_kw + (total.bit_length() - 1) * unit / 1000.0
         self._achievable_cache[key] = best
         return best

@@ -344,7 +344,7 @@ def test_a_fast_cut_is_not_deepened_by_plans_whose_rises_wait_for_its_sleeps() -
 def test_a_lower_limit_still_ramping_down_is_counted_at_its_new_setting_by_the_oracle_too() -> None:
     """CI seed 112026 on a loaded machine (an oracle fault): a LuxOS miner acknowledged a lower profile and drew
     its old power for two more seconds while it ramped down; the agent counts it at the new setting until its
-    readings settle (agent.core.closed_loop.settled, as a sleep is counted asleep while it powers down), the oracle counted
+    readings settle (closed_loop.settled, as a sleep is counted asleep while it powers down), the oracle counted
     its draw and said the reported worst case was below measured (7.08 against 7.30 kW)."""
     w = _world(SiteSpec(miners=8, mix="luxos:1", seed=1304, cap_share=1.3, circuits=((1, 0.4),), tick_s=2.0,
                         poll_s=2.0, min_on_s=0.0, min_off_s=120.0, wake_per_interval=1, wake_interval_s=5.0,

@@ -51,7 +51,7 @@ def test_a_time_of_use_cut_is_not_deepened_by_phantom_excess_and_swaps_within_th
     two readings 0.25 s apart (the early sweep after a batch) taken as settled while they still ramped down. Was:
     decrease too deep at t=180 s, the healthy miners at 22.6 kW where the level needs no less than 38.1 kW (with the
     phantom gone alone, at t=255 s). Now a miner's draw is settled by readings a poll interval apart
-    (`agent.core.closed_loop.settled`), and the site fits as long as it is within its target, the headroom being the margin
+    (`closed_loop.settled`), and the site fits as long as it is within its target, the headroom being the margin
     for such noise (`optimiser.optimise`): under the unchanged window no running miner is slept."""
     spec = SiteSpec(miners=28, mix="luxos:2,whatsminer:1", seed=3865, cap_share=0.8, tick_s=2.0, min_off_s=0.0,
                     wake_per_interval=1, wake_interval_s=5.0, ramp_up_kw_per_min=200.0, tou=((2, 54, 0.6),),

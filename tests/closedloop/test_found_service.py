@@ -1,10 +1,13 @@
 """Service shortfalls found by the soak of 2026-12-07 (seed 20261207), replayed: the site below 90 % of what its
 healthy miners could draw within the limit. One was the oracle's (it offered room the agent does not have), the
-others the planner's (a cut by sleep kept a combination of on/off miners that left a miner's worth unused).
+others the planner's (a cut by sleep kept a combination of on/off miners that left a miner's worth unused). And one
+from the soak of 2026-12-10 (seed 20261210), the planner's: a running miner raised to full where lowering it let a
+sleeping one wake at part power.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -13,7 +16,7 @@ from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, RunAction
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from hashflex.drivers.base import Family, OnOff
+from hashflex.drivers.base import Family, OnOff, PowerRange
 from tests.closedloop.harness import SiteSpec, World
 
 # 17 stock Antminers (on/off only) behind one PDU at 60 % of their nominal power, 3 of them silent since the start
@@ -114,3 +117,159 @@ def test_a_cut_of_on_off_miners_keeps_the_combination_with_the_most_hashrate(fn:
     assert on == {"S21": 2, "XP": 1, "k": 3}, on  # 901 TH in 18.29 kW (by ratio alone: 823 TH in 16.03 kW)
     assert p.expected_ths == pytest.approx(901.0)
     assert p.circuit_worst_case_kw["c0"] <= 18.529 + 1e-9
+
+
+# ----------------------------------------------------------------------- soak 2026-12-10: a wake the ratio order missed
+def test_a_running_whatsminer_is_lowered_so_that_a_sleeping_one_wakes_into_the_room() -> None:
+    """Soak 20261210, scenario seed 394: 4 silent miners (counted at 4 kW each) left the healthy ones 4.2 kW under
+    a grid dispatch; one Whatsminer M60S ran at full power (3.44 kW), an M50S slept beside it, and no plan woke it.
+    The optimiser's ratio order raised the M60S (the more efficient model: its top segments buy more TH per W than
+    the M50S's wake at its lowest level) until the M50S's wake no longer fitted, then raised the M60S to full: 186
+    TH where both at part power (2.15 + 1.80 kW) give 211 TH. The wake-first variant fixes it (optimiser.py
+    `_wakes_before_raises`). Was: service at t=1070 s (3.70 kW < 3.81 kW, 90 % of 4.23 kW)."""
+    spec = SiteSpec(miners=15, mix="luxos:1,whatsminer:1,antminer:1", seed=394, cap_share=0.5,
+                    circuits=((7, 0.4), (4, 1.2)), poll_s=2.0, wake_interval_s=5.0, tou=((96, 134, 0.0),),
+                    asleep_share=1.0, refused_share=0.3)  # fmt: skip
+    w = _world(spec)
+    try:
+        w.run_for(5.0)
+        w.dispatch(target_share=18.588 / w.cap_kw, start_in=60.0, duration=600.0)
+        w.run_for(5.0)
+        d3 = w.dispatch(curtail_share=0.0, duration=300.0)
+        w.run_for(5.0)
+        w.dispatch(target_share=20.447 / w.cap_kw, revise=d3)
+        w.run_for(1400.0)  # every invariant; the service check runs from t = 1,060 s
+        assert w.margins.checks_service > 0
+        assert w.ctl is not None
+        assert w.ctl.plan is not None
+        assert sum(isinstance(a, RunAction) for a in w.ctl.plan.actions.values()) == 2
+    finally:
+        w.close()
+
+
+WM_NOW = 1_000_000.0
+
+
+def _whatsminer(name: str, nominal_w: float, ths: float, *, on: bool, commanded_w: float | None = None) -> MinerView:
+    run_w = commanded_w if commanded_w is not None else nominal_w
+    return MinerView(id=name, family=Family.WHATSMINER, capability=PowerRange(1700, int(nominal_w), 1),
+                     nominal_w=nominal_w, nominal_ths=ths,
+                     state=MinerState.HASHING if on else MinerState.SLEEPING, power_w=run_w if on else 18.0,
+                     commanded_w=run_w if on else None, last_transition=WM_NOW - 10_000.0,
+                     measured_w=run_w + 44.0 if on else 18.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("target_kw", [3.8, 4.0, 4.2])
+def test_a_wake_at_part_power_beats_raising_the_running_miner_to_full(target_kw: float) -> None:
+    """The planner alone, the soak's two Whatsminers: the M60S (186 TH at 3,441 W) running at full power and
+    drawing 44 W above it, the M50S (126 TH at 3,276 W) asleep. Both run, the M60S lowered (never slept), within
+    the limit; and the plan from there (the M60S at its new limit, the M50S coming up at its own) keeps them so,
+    changing no one's on/off state."""
+    fleet = [_whatsminer("m60s", 3441.0, 186.0, on=True), _whatsminer("m50s", 3276.0, 126.0, on=False)]
+    rules = PlannerRules(sleep_w=20.0, headroom_pct=1.0)
+    tree = CircuitTree(100.0, [])
+    p = plan(target_kw, fleet, tree, rules, WM_NOW, wake_budget=4)
+    assert all(isinstance(p.actions[m], RunAction) for m in ("m60s", "m50s")), p.actions
+    assert p.worst_case_kw <= target_kw * 0.99 + 1e-9
+    assert p.expected_ths > 186.0 * 1.05
+    lowered, woken_to = p.actions["m60s"], p.actions["m50s"]
+    assert isinstance(lowered, RunAction)
+    assert isinstance(woken_to, RunAction)
+    after = [
+        _whatsminer("m60s", 3441.0, 186.0, on=True, commanded_w=float(lowered.watts)),
+        MinerView(id="m50s", family=Family.WHATSMINER, capability=PowerRange(1700, 3276, 1), nominal_w=3276.0,
+                  nominal_ths=126.0, state=MinerState.WAKING, power_w=18.0, commanded_w=float(woken_to.watts),
+                  last_transition=WM_NOW, woken_to_w=float(woken_to.watts)),
+    ]  # fmt: skip
+    again = plan(target_kw, after, tree, rules, WM_NOW + 2.0, wake_budget=4)
+    assert all(isinstance(again.actions[m], RunAction) for m in ("m60s", "m50s")), again.actions
+
+
+# ----------------------------------------------------------------- soak 2026-12-10: room under every miner's run levels
+def test_room_under_every_run_level_is_used_by_a_level_under_the_curves_floor() -> None:
+    """Soak 20261210, scenario seed 0: a LuxOS S19k Pro and a Whatsminer M30S++ under a 1.87 kW cap, both asleep for
+    good. The planner's run levels start at the efficiency curve's floor (55 % of nominal: 1,910 W for the M30S++),
+    and 1.85 kW is less; the firmware takes 1,800 W. Now the last of the room is used at the highest level under the
+    floor that fits (optimiser._below_floor). Was: service at t=535 s (0.04 kW < 1.65 kW)."""
+    w = _world(SiteSpec(miners=2, mix="luxos:1,whatsminer:1,antminer:1", seed=0, cap_share=0.3,
+                        circuits=((1, 0.4),), min_off_s=120.0, wake_interval_s=5.0, failsafe_share=0.0))  # fmt: skip
+    try:
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(900.0)  # every invariant; the service check runs from t = 530 s
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_a_miner_runs_under_its_floor_where_no_run_level_fits(on: bool) -> None:
+    """The planner alone: an M30S++ (a 1,800-3,472 W range, run levels from 1,910 W) under 1.87 kW less 1 %
+    headroom: woken, or kept on (never slept), at the most that fits, 1,851 W, counted so."""
+    m = _whatsminer("m30s", 3472.0, 112.0, on=on)
+    m = dataclasses.replace(m, capability=PowerRange(1800, 3472, 1), measured_w=None)
+    p = plan(1.87, [m], CircuitTree(100.0, []), PlannerRules(sleep_w=20.0, headroom_pct=1.0), WM_NOW, wake_budget=1)
+    assert p.actions["m30s"] == RunAction(1851), p.actions
+    assert p.worst_case_kw == pytest.approx(1.851)
+    assert p.expected_ths > 60.0
+
+
+# ------------------------------------------------------------- soak: a wake planned without the excess it will count at
+def test_a_wake_is_planned_with_the_excess_the_miner_showed_when_it_last_ran() -> None:
+    """Soak (seed 7331), scenario seed 4: two healthy Whatsminer M50S under a PDU that 3 silent miners (counted at
+    4 kW each) left 2.48 kW; the first reading at start showed one 56 W above its stock setting (a unit's spread),
+    kept while it slept (a drifting PSU drifts after a wake too). The plan woke it at the level that filled the PDU to
+    the watt, without that excess; acknowledged, the waking miner counted at its level plus the excess, over the PDU,
+    and the next plan slept it (a waking miner cannot be throttled) and woke the other, whose own sleep readings, still
+    powering down, then took the room: the two were woken and slept in turn every 0.2 s for minutes. A plan now counts
+    a sleeping miner's excess on top of the level it wakes it to (`MinerView.wake_excess_w`). Was: service at t=340 s
+    (0.15 kW < 2.19 kW)."""
+    w = _world(SiteSpec(miners=5, mix="whatsminer:1", seed=4, cap_share=1.3, circuits=((4, 0.8),), tick_s=2.0,
+                        poll_s=2.0, min_on_s=0.0, min_off_s=0.0, wake_per_interval=50, wake_interval_s=5.0,
+                        tou=((72, 85, 0.0),), asleep_share=1.0, refused_share=0.3, blackhole_share=0.2,
+                        rebooting_share=0.2))  # fmt: skip
+    try:
+        w.run_for(600.0)  # every invariant; the service check runs from t = 330 s
+        assert w.margins.checks_service > 0
+        assert len(w.wakes) <= 2, w.wakes  # (wakes in the last 120 s)
+    finally:
+        w.close()
+
+
+def test_a_plan_counts_a_sleeping_miners_excess_on_top_of_the_level_it_wakes_it_to() -> None:
+    """The planner alone: an M50S that drew 56 W above its setting when it last ran is woken into 2.5 kW counted at
+    its level plus 56 W; the plan from the acknowledged wake (the miner waking, counted at that level plus the 56 W
+    by its measured_w) keeps it on and fits."""
+    m = _whatsminer("m50s", 3276.0, 126.0, on=False)
+    m = dataclasses.replace(m, wake_excess_w=56.0)
+    rules = PlannerRules(sleep_w=20.0, headroom_pct=0.0, min_on_s=0.0, min_off_s=0.0)
+    tree = CircuitTree(100.0, [])
+    p = plan(2.5, [m], tree, rules, WM_NOW, wake_budget=1)
+    run = p.actions["m50s"]
+    assert isinstance(run, RunAction)
+    assert p.worst_case_kw == pytest.approx((run.watts + 56.0) / 1000.0)
+    assert p.worst_case_kw <= 2.5 + 1e-9
+    waking = dataclasses.replace(m, state=MinerState.WAKING, commanded_w=float(run.watts), woken_to_w=float(run.watts),
+                                 measured_w=run.watts + 56.0, wake_excess_w=0.0, last_transition=WM_NOW)  # fmt: skip
+    again = plan(2.5, [waking], tree, rules, WM_NOW + 0.2, wake_budget=1)
+    assert isinstance(again.actions["m50s"], RunAction), again.actions
+    assert again.worst_case_kw <= 2.5 + 1e-9
+
+
+# ---------------------------------------------------------------------------- soak: the floor asked for a swap (oracle)
+def test_the_service_floor_asks_for_no_swap_of_a_running_miner_for_sleeping_ones() -> None:
+    """Soak (seed 7331), scenario seed 2429, an oracle fault: 25 stock Antminers, 12 of them silent (counted at 4 kW
+    each), left 12.4 kW to the healthy ones; two S21 and an S19 XP ran (10.0 kW) and 2.2 kW was left, less than any
+    sleeper draws. Only sleeping a running miner to wake two smaller ones fills the room, and no plan does (N4: swap
+    chains). The floor now counts what the healthy fleet can draw with every miner that is on kept on, when they all
+    fit. Was: service at t=615 s (10.14 kW < 90 % of 12.37 kW)."""
+    w = _world(SiteSpec(miners=25, mix="antminer:1", seed=2429, cap_share=0.8, circuits=((1, 0.4),), min_on_s=0.0,
+                        wake_per_interval=50, ramp_up_kw_per_min=20.0, failsafe_share=0.0, tou=((15, 65, 0.3),),
+                        refused_share=0.3, blackhole_share=0.2))  # fmt: skip
+    try:
+        w.run_for(10.0)
+        w.resume()
+        w.run_for(800.0)  # every invariant; the service check runs from t = 610 s
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()

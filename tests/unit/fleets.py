@@ -59,6 +59,8 @@ def miners(draw: st.DrawFn, idx: int, circuits: list[str], faults: bool = True) 
         circuit=draw(st.sampled_from([None, *circuits])),
         priority=draw(st.integers(0, 2)),
         ignores_commands=faults and draw(st.integers(0, 19)) == 0,
+        # what a sleeping miner drew above its setting when it last ran: a wake counts it on top of its level
+        wake_excess_w=draw(st.sampled_from([0.0, 0.0, 0.0, 56.0, 400.0])) if state is MinerState.SLEEPING else 0.0,
     )
 
 

@@ -52,10 +52,11 @@ def _planned_w(v: MinerView, plan: Plan, rules: PlannerRules) -> float:
     action = plan.actions[v.id]
     if isinstance(action, SleepAction):
         return rules.sleep_w
-    if v.state is MinerState.SLEEPING:
+    if v.state is MinerState.SLEEPING:  # woken now, counted with the excess it showed when it last ran
         if rules.use_power_limits and wakes_at_limit(v.family, v.capability):
-            return float(action.watts)  # told its limit before the wake: it comes up at it
-        return max(v.nominal_w, stock_w(v.capability, v.nominal_w), v.commanded_w or 0.0)  # woken now: full
+            return float(action.watts) + v.wake_excess_w  # told its limit before the wake: it comes up at it
+        full = max(v.nominal_w, stock_w(v.capability, v.nominal_w), v.commanded_w or 0.0)
+        return full + v.wake_excess_w  # at full power
     if v.state is MinerState.WAKING:
         return full_w(v)  # still waking: full power (or the limit it woke to)
     return float(action.watts)

@@ -65,7 +65,7 @@ def test_no_plan_cuts_deeper_than_its_limit_requires_plus_one_miner(case: Case) 
     for v in case.views:
         if uncontrolled(v):
             continue
-        one_miner = max(one_miner, full_w(v) - rules.sleep_w)
+        one_miner = max(one_miner, full_w(v) + v.wake_excess_w - rules.sleep_w)
         if v.state is MinerState.SLEEPING:
             keepable += rules.sleep_w
         elif v.state is MinerState.WAKING:
