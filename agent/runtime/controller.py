@@ -80,6 +80,7 @@ from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog, iso
 from hashflex.agent.runtime.facility import FacilityControl
+from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
 from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.memory import DispatchRecord, MinerMemory, ended_copy, raises_draw, save_on_timeline
 from hashflex.agent.runtime.metering import MeterControl, MeterTick, SiteMeterPort
@@ -364,6 +365,13 @@ class Controller:
                               "stepped while the agent ran); the dispatch windows, overrides and min on/off times "
                               "that run stored keep its time, moved onto the wall's: check the gateway's time (NTP)")
         self._energy.pin_closed(now - now % 60, self)  # what the last run recorded is complete up to this minute
+        # an under-frequency event the last run held holds on, from the first plan, until its restore rule is met
+        saved_event = self.store.get_state(FREQUENCY_STATE_KEY, None)
+        if self.frequency is not None:
+            self.frequency.resume(saved_event, shift_s=shift, now=now)
+        elif saved_event is not None:
+            log.warning("an under-frequency event was held when the agent stopped; frequency response is off now")
+            self.persist.call("delete_state", FREQUENCY_STATE_KEY)
         # within the heartbeat timeout of a healthy link the site carries on uncurtailed (failsafe.resume)
         saved_link = fs.link_from_doc(self.store.get_state(FAILSAFE_STATE_KEY, None))
         self.failsafe = fs.resume(
@@ -603,9 +611,13 @@ class Controller:
         self.miner_level_kw, self.plan_kw = miner_level, plan_kw
         self.wake_times = prune_wake_times(self.wake_times, now, self.stagger)
         budget = wake_budget(self.wake_times, now, self.stagger)
-        hold_rises = metered is not None and not metered.fresh
+        # the meter stale, or an under-frequency event holding (a grid in trouble gets no load back before the
+        # event restores, even under its level): nothing wakes, no limit rises (held below too); sleeps still go
+        hold_rises = (metered is not None and not metered.fresh) or (
+            self.frequency is not None and self.frequency.held_kw is not None
+        )
         if hold_rises:
-            budget = 0  # the meter is stale: nothing wakes until it is back (rises are held below too)
+            budget = 0
         up = self.cfg.control.ramp_up_kw_per_min
         # the ramp-up allowance builds up between ticks (a rate below one miner per tick must still wake miners)
         allowance = None if up is None else ramp_credit_kw(
@@ -1237,6 +1249,12 @@ class Controller:
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.persist.audit(AuditKind.FREQUENCY, data, now)
         self._status_stale = True
+
+    def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
+        if doc is None:
+            self.persist.call("delete_state", FREQUENCY_STATE_KEY)
+        else:
+            self.persist.call("set_state", FREQUENCY_STATE_KEY, doc, now)
 
     # ----------------------------------------------------------------------------------------- dispatches
     def _binding_records(self, now: float) -> list[DispatchRecord]:

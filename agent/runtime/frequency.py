@@ -18,17 +18,25 @@ The rules are agent.core.frequency's; this module wires them to the meter, the a
 - a reading taken while the meter is stale is not trusted: the detector forgets the time above the restore
   threshold (and below the stages), so a stale meter never restores an event, and the controller holds every rise
   while it is stale anyway;
-- restore: the hold is dropped and the site comes back through the ordinary plan (ramp limit, wake stagger).
+- restore: the hold is dropped and the site comes back through the ordinary plan (ramp limit, wake stagger);
+- an event survives a restart: while one holds, it is kept in the store's control state (`STATE_KEY`: the stage,
+  what it was shed from, the level held, the miners it slept, the lowest frequency, when it tripped, the restore
+  time running), written when it trips and when any of that changes, deleted when it restores. The next run
+  resumes it before its first tick (`resume`): the hold is in force from the first plan, the stage does not trip
+  again on a frequency still below it, and the event restores by the same rule on this run's readings (the time
+  above the threshold starts again: nothing was read while the agent was down).
 
 Each step of an event is one audit record (kind "frequency"): tripped (with the first reading below the
-threshold), commands_out, commands_acked, shed_reached (the meter at or under the level), restored (with the
-lowest frequency seen). Times are on the controller's clock (the meter's readings are taken on it).
+threshold), commands_out, commands_acked, shed_reached (the meter at or under the level), resumed (after a
+restart), restored (with the lowest frequency seen). Times are on the controller's clock (the meter's readings are
+taken on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -43,6 +51,7 @@ from hashflex.agent.core.frequency import (
     ShedList,
     Stage,
     observe,
+    resumed,
     send_order,
     shed_list,
     unknown,
@@ -64,6 +73,9 @@ MIN_GAP_WALL_S = 1.0
 # s): a tick at 10,000 miners holds the event loop 0.3-1 s, time the batch's own replies would wait behind it, and
 # meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered
 DEFER_TICK_MAX_S = 2.0
+# the store's control state (kv) key of the event that holds, if one does (see the module's docstring)
+STATE_KEY = "frequency_event"
+STATE_VERSION = 1
 
 
 class HzReading(Protocol):
@@ -85,6 +97,8 @@ class FrequencyHost(Protocol):
 
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
     def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
+    def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
+        """Keep `doc` as the event that holds (STATE_KEY), or none (None)."""
     def trigger(self) -> None: ...
 
 
@@ -93,7 +107,9 @@ def rules_from_config(cfg: FrequencyResponseConfig, *, wall_scale: float = 1.0, 
 ):  # fmt: skip
     """The core's rules; `wall_scale`: site seconds per wall second (a simulation run), for the gap allowance."""
     poll = cfg.poll_s if cfg.poll_s is not None else meter_poll_s
-    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw) for s in cfg.stages)
+    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw,
+                         restore_above_hz=s.restore_above_hz, restore_after_s=s.restore_after_s)
+                   for s in cfg.stages)  # fmt: skip
     return FrequencyRules(stages, cfg.restore_above_hz, cfg.restore_after_s,
                           max_gap_s=max(MIN_GAP_WALL_S, GAP_POLLS * poll) * wall_scale)  # fmt: skip
 
@@ -115,6 +131,20 @@ class Event:
     acked_at: float | None = None
     reached_at: float | None = None
     first_below_at: float | None = None
+    tripped_at: float | None = None
+
+
+def _number(doc: dict[str, Any], key: str, *, optional: bool = False) -> float | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} = {value!r}: not a finite number")
+    return float(value)
+
+
+def _shifted(value: float | None, shift_s: float) -> float | None:
+    return None if value is None else value + shift_s
 
 
 class FrequencyResponse:
@@ -149,6 +179,7 @@ class FrequencyResponse:
         self.lowest_hz: float | None = None  # the lowest trusted reading since start (a dip ridden through shows)
         self.lowest_hz_at: float | None = None
         self.events_total = 0
+        self._saved: tuple[Any, ...] | None = None  # what the stored event (STATE_KEY) shows, as last written
         # the detector's state is stepped on the meter's frequency thread and on the loop (full readings, arm):
         # one lock, held for a pure step only (never across I/O or a controller call)
         self._lock = threading.Lock()
@@ -184,6 +215,8 @@ class FrequencyResponse:
         if not self.meter_fresh():
             with self._lock:
                 self.state = unknown(self.state, now)
+        if self.event is not None:
+            self._save(now)  # written only when what it shows changed (the lowest frequency, the restore time)
 
     def _prepare_armed(self) -> None:
         """In the background, get the miners the deepest stage would sleep ready for one-exchange commands."""
@@ -263,12 +296,14 @@ class FrequencyResponse:
     # -------------------------------------------------------------------------------------------- actions
     def _trip(self, depth: int, hz: float, at: float, first_below_at: float | None) -> None:
         ev = self.event
+        if ev is not None and depth <= ev.depth:
+            return  # decided on the detector's state before an event was resumed (`resume`): held already
         if ev is None:
             site = self.armed_site_kw
             # without a fresh site figure at the last arm the miners' draw stands in (the meter is fresh now, or
             # this reading would not count; the next tick corrects the level from the meter)
             site_kw = site if site is not None else self.armed_base_kw
-            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=first_below_at)
+            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=first_below_at, tripped_at=at)
             self.events_total += 1
         stage = self.rules.stages[depth - 1]
         ev.depth = depth
@@ -282,6 +317,7 @@ class FrequencyResponse:
             ev.fired[c.id] = c.kw
             ev.awaiting.add(c.id)
         now = self.clock()
+        self._save(now)  # before the sleeps go out (they start once this returns to the loop)
         self._audit("tripped", at, stage=depth - 1, below_hz=stage.below_hz, for_s=stage.for_s, hz=round(hz, 4),
                     first_below_at=iso(ev.first_below_at), shed_kw=round(ev.shed_kw, 3),
                     level_kw=round(ev.level_kw, 3), site_kw=round(ev.site_kw, 3))  # fmt: skip
@@ -328,7 +364,81 @@ class FrequencyResponse:
                     duration_s=None if ev is None else self._since(ev.first_below_at, at),
                     slept=0 if ev is None else len(ev.fired))  # fmt: skip
         log.info("under-frequency event restored", hz=round(hz, 4), min_hz=min_hz)
+        self._save(self.clock())
         self.host.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
+
+    # -------------------------------------------------------------------------------------------- over a restart
+    def event_doc(self) -> dict[str, Any] | None:
+        """The event that holds, as kept in the store (None: none holds)."""
+        ev, st = self.event, self.state
+        if ev is None or ev.depth == 0:
+            return None
+        return {
+            "v": STATE_VERSION, "depth": ev.depth, "base_kw": ev.base_kw, "site_kw": ev.site_kw,
+            "shed_kw": ev.shed_kw, "level_kw": ev.level_kw, "fired": dict(ev.fired),
+            "first_below_at": ev.first_below_at, "tripped_at": ev.tripped_at, "reached_at": ev.reached_at,
+            "min_hz": st.min_hz, "min_hz_at": st.min_hz_at, "restore_since": st.restore_since,
+        }  # fmt: skip
+
+    def _save(self, now: float) -> None:
+        """Write the event that holds (or that none does) when what the store has differs."""
+        ev, st = self.event, self.state
+        shown = None if ev is None else (ev.depth, ev.level_kw, len(ev.fired), ev.reached_at, st.min_hz,
+                                         st.restore_since)  # fmt: skip
+        if shown == self._saved:
+            return
+        self._saved = shown
+        self.host.frequency_save(self.event_doc(), now)
+
+    def resume(self, doc: Any, *, shift_s: float, now: float) -> None:
+        """Hold the event the last run held (its stored `doc`, None: none), before the first tick. `shift_s`: how
+        far the last run's times are moved onto this run's clock (core.timeline, after a wall-clock step)."""
+        if doc is None:
+            return
+        try:
+            if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION:
+                raise ValueError(f"not a version {STATE_VERSION} event: {str(doc)[:80]!r}")
+            depth = doc.get("depth")
+            if isinstance(depth, bool) or not isinstance(depth, int):
+                raise ValueError(f"depth = {depth!r}: not a stage count")
+            fired = doc.get("fired")
+            if not isinstance(fired, dict) or not all(isinstance(k, str) for k in fired):
+                raise ValueError("fired: not a map of miners to kW")
+            base_kw, site_kw = _number(doc, "base_kw") or 0.0, _number(doc, "site_kw") or 0.0
+            slept = {ip: _number(fired, ip) or 0.0 for ip in fired}
+            times = {k: _shifted(_number(doc, k, optional=True), shift_s)
+                     for k in ("first_below_at", "tripped_at", "reached_at", "min_hz_at", "restore_since")}  # fmt: skip
+            min_hz = _number(doc, "min_hz", optional=True)
+            state = resumed(self.rules, depth, first_below_at=times["first_below_at"],
+                            tripped_at=times["tripped_at"], min_hz=min_hz, min_hz_at=times["min_hz_at"])  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            # the shed it held is not known: the site comes back under the ordinary plan, and the stage trips
+            # again if the frequency is still below it
+            log.error("the stored under-frequency event is unreadable; not resumed", error=str(exc))
+            self.host.frequency_save(None, now)
+            return
+        # the stage's kW and the level as this run's rules have them (a restart may come with a changed file)
+        stage = self.rules.stages[state.depth - 1]
+        shed_kw = stage.kw(base_kw)
+        ev = Event(base_kw, site_kw, depth=state.depth, shed_kw=shed_kw, level_kw=max(0.0, site_kw - shed_kw),
+                   fired=slept, reached_at=times["reached_at"], first_below_at=times["first_below_at"],
+                   tripped_at=times["tripped_at"])  # fmt: skip
+        with self._lock:
+            self.state = state
+        self.event = ev
+        self.events_total += 1
+        self._saved = None
+        self._save(now)  # what this run holds (the level, the stage, if the rules changed)
+        above_hz, after_s = self.rules.restore_rule(state.depth)
+        self._audit("resumed", now, stage=state.depth - 1, level_kw=round(ev.level_kw, 3),
+                    shed_kw=round(shed_kw, 3), site_kw=round(site_kw, 3), slept=len(slept),
+                    first_below_at=iso(ev.first_below_at), tripped_at=iso(ev.tripped_at),
+                    min_hz=None if min_hz is None else round(min_hz, 4), min_hz_at=iso(times["min_hz_at"]),
+                    restoring_since_before=iso(times["restore_since"]), restore_above_hz=above_hz,
+                    restore_after_s=after_s, shift_s=round(shift_s, 3))  # fmt: skip
+        log.warning("under-frequency event resumed: the shed holds until the restore rule is met",
+                    stage=state.depth - 1, level_kw=round(ev.level_kw, 2), slept=len(slept),
+                    restore_above_hz=above_hz, restore_after_s=after_s)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------- records
     @staticmethod
@@ -341,6 +451,7 @@ class FrequencyResponse:
     def doc(self) -> dict[str, Any]:
         """The status document's `meter.frequency_response` section."""
         ev, st = self.event, self.state
+        restore_above_hz, restore_after_s = self.rules.restore_rule(0 if ev is None else ev.depth)
         stages = [{"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(s.kw(self.armed_base_kw), 3),
                    "commands": self.armed.count_for(s.kw(self.armed_base_kw))} for s in self.rules.stages]  # fmt: skip
         return {
@@ -357,8 +468,8 @@ class FrequencyResponse:
             "hz": None if self.last_hz is None else round(self.last_hz, 4),
             "lowest_hz": None if self.lowest_hz is None else round(self.lowest_hz, 4),
             "lowest_hz_at": iso(self.lowest_hz_at),
-            "restore_above_hz": self.rules.restore_above_hz,
-            "restore_after_s": self.rules.restore_after_s,
+            "restore_above_hz": restore_above_hz,
+            "restore_after_s": restore_after_s,
             "armed": stages,
             "events": self.events_total,
         }
