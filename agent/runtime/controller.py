@@ -519,12 +519,14 @@ class Controller:
                         async with asyncio.timeout(wait):
                             await self._wake.wait()
                 self._wake.clear()
+                commanded = not self._inbox.empty()
                 self._drain_inbox()
                 due = time.monotonic() >= last_tick + tick_wall
                 early = self._early and time.monotonic() >= last_tick + MIN_EARLY_GAP_S
-                if (due or early) and self.frequency is not None and self.frequency.defer_tick():
-                    # an under-frequency stage's sleeps are on the wire: no tick holds the loop under their replies
-                    # (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a tick)
+                if (due or early) and not commanded and self.frequency is not None and self.frequency.defer_tick():
+                    # an under-frequency stage's sleeps are on the wire, or about to be: no tick holds the loop
+                    # under them (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a
+                    # tick); a command just applied is planned at once
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.05):
                             await self._wake.wait()
@@ -1249,6 +1251,11 @@ class Controller:
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.persist.audit(AuditKind.FREQUENCY, data, now)
         self._status_stale = True
+
+    def frequency_brace(self, on: bool) -> None:
+        """Sweeps pause between polls while a stage may trip (agent.runtime.frequency._brace), as for a batch."""
+        if self._batches_out == 0 and self.on_actuating is not None:
+            self.on_actuating(on)
 
     def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
         if doc is None:

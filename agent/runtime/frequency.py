@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import threading
 import time
@@ -71,8 +72,17 @@ GAP_POLLS = 5
 MIN_GAP_WALL_S = 1.0
 # while a stage's sleeps are on the wire the controller starts no tick (`defer_tick`), for at most this long (wall
 # s): a tick at 10,000 miners holds the event loop 0.3-1 s, time the batch's own replies would wait behind it, and
-# meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered
-DEFER_TICK_MAX_S = 2.0
+# meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered. The
+# trade: no re-plan for that long, the stage's own sleeps being the decrease under way; a command (a dispatch, a
+# cap) still ticks at once (Controller.run), and nothing rises while an event holds anyway
+DEFER_TICK_MAX_S = 5.0
+# bracing (`_brace`): from the first reading below a stage not yet held, for its ride-through (for_s, at most
+# BRACE_MAX_S wall s, plus BRACE_MARGIN_S), no tick starts and sweeps pause between polls (the controller holds
+# them as for a batch), so a trip's sleeps do not go out behind a tick or beside a sweep's polls; at most once per
+# BRACE_EVERY_S wall s, so a frequency hovering at a threshold never holds telemetry back for long
+BRACE_MAX_S = 1.0
+BRACE_MARGIN_S = 0.3
+BRACE_EVERY_S = 10.0
 # the store's control state (kv) key of the event that holds, if one does (see the module's docstring)
 STATE_KEY = "frequency_event"
 STATE_VERSION = 1
@@ -96,6 +106,8 @@ class FrequencyHost(Protocol):
     in_flight: Any
 
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
+    def frequency_brace(self, on: bool) -> None:
+        """A stage's ride-through began (True: hold sweeps between polls) or ended without a trip (False)."""
     def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
     def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
         """Keep `doc` as the event that holds (STATE_KEY), or none (None)."""
@@ -166,6 +178,7 @@ class FrequencyResponse:
         self._prepared: set[str] = set()
         self._preparing: asyncio.Task[None] | None = None
         self.rules = rules_from_config(cfg, wall_scale=wall_scale, meter_poll_s=meter_poll_s)
+        self.wall_scale = wall_scale
         self.host = host
         self.clock = clock
         self.meter_fresh = meter_fresh
@@ -189,6 +202,15 @@ class FrequencyResponse:
             self._loop = None
         self._loop_thread = threading.get_ident()
         self._fired_wall: float | None = None  # time.monotonic() when the last stage's sleeps went out
+        # bracing for a trip (`_brace`): the detector's wish (meter thread, under the lock), and on the loop until
+        # when (time.monotonic()) it holds, when it last began, and which brace an expiry timer belongs to
+        self._brace_wanted = False
+        self._brace_until = 0.0
+        self._braced_at = -math.inf
+        self._brace_n = 0
+        # cyclic garbage collection held off (`_hold_gc`) while bracing and while a stage's sleeps are on the wire
+        self._gc_held = False
+        self._gc_until = 0.0
 
     # -------------------------------------------------------------------------------------------- per tick
     def arm(self, views: Iterable[MinerView], busy: Collection[str], site_kw: float | None, now: float) -> None:
@@ -215,6 +237,9 @@ class FrequencyResponse:
         if not self.meter_fresh():
             with self._lock:
                 self.state = unknown(self.state, now)
+                brace = self._brace_change()
+            if brace is not None:
+                self._brace(brace)
         if self.event is not None:
             self._save(now)  # written only when what it shows changed (the lowest frequency, the restore time)
 
@@ -242,11 +267,13 @@ class FrequencyResponse:
                  dur_ms=round((time.monotonic() - started) * 1000))  # fmt: skip
 
     def defer_tick(self) -> bool:
-        """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S:
-        the controller starts no tick meanwhile, so the batch's replies do not wait behind one."""
-        ev, fired = self.event, self._fired_wall
-        return bool(ev is not None and ev.awaiting and fired is not None
-                    and time.monotonic() - fired < DEFER_TICK_MAX_S)  # fmt: skip
+        """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S,
+        and while bracing for a trip (`_brace`): the controller starts no tick meanwhile, so the batch's sleeps do
+        not go out, nor their replies wait, behind one."""
+        ev, fired, now = self.event, self._fired_wall, time.monotonic()
+        if now < self._brace_until:
+            return True
+        return bool(ev is not None and ev.awaiting and fired is not None and now - fired < DEFER_TICK_MAX_S)
 
     @property
     def held_kw(self) -> float | None:
@@ -274,16 +301,92 @@ class FrequencyResponse:
         with self._lock:
             if not fresh:
                 self.state = unknown(self.state, at)  # not a reading to act on, nor to restore on
-                return
-            self.last_hz, self.last_hz_at = hz, at
-            if self.lowest_hz is None or hz < self.lowest_hz:
-                self.lowest_hz, self.lowest_hz_at = hz, at
-            self.state, decision = observe(self.state, self.rules, hz, at)
-            first_below_at = self.state.first_below_at  # as of this reading (the loop may act later)
+                brace = self._brace_change()
+            else:
+                self.last_hz, self.last_hz_at = hz, at
+                if self.lowest_hz is None or hz < self.lowest_hz:
+                    self.lowest_hz, self.lowest_hz_at = hz, at
+                self.state, decision = observe(self.state, self.rules, hz, at)
+                first_below_at = self.state.first_below_at  # as of this reading (the loop may act later)
+                brace = None if decision.tripped else self._brace_change()
+        if brace is not None:
+            self._on_loop(self._brace, brace)
+        if not fresh:
+            return
         if decision.tripped:
             self._on_loop(self._trip, decision.depth, hz, at, first_below_at)
         elif decision.restore:
             self._on_loop(self._restore, decision.ended, hz, at)
+
+    def _brace_change(self) -> float | bool | None:
+        """Under the lock, after a step: the for_s of the stage whose ride-through just began (brace), False when
+        none runs any more (a dip ridden through, a stale meter: unbrace), None when nothing changed."""
+        st = self.state
+        running = [stage.for_s for stage, since in zip(self.rules.stages[st.depth :], st.below_since[st.depth :],
+                                                       strict=True) if since is not None]  # fmt: skip
+        if bool(running) == self._brace_wanted:
+            return None
+        self._brace_wanted = bool(running)
+        return running[0] if running else False
+
+    def _brace(self, for_s: float | bool) -> None:
+        """On the loop: brace for a stage that may trip in `for_s` site seconds (see BRACE_MAX_S), or stop (False)."""
+        now = time.monotonic()
+        if for_s is False:
+            if self._brace_until:
+                self._brace_until = 0.0
+                self.host.frequency_brace(False)
+                self._hold_gc(False)
+            return
+        if self._brace_until or now - self._braced_at < BRACE_EVERY_S:
+            return
+        self._braced_at = now
+        hold_s = min(float(for_s) / max(self.wall_scale, 1e-9), BRACE_MAX_S) + BRACE_MARGIN_S
+        self._brace_until = now + hold_s
+        self._brace_n += 1
+        self.host.frequency_brace(True)
+        self._hold_gc(True, hold_s)
+        if self._loop is not None:
+            self._loop.call_later(hold_s, self._brace_expired, self._brace_n)
+
+    def _brace_expired(self, n: int) -> None:
+        if n == self._brace_n and self._brace_until:
+            self._brace(False)
+
+    def _hold_gc(self, hold: bool, for_s: float = DEFER_TICK_MAX_S) -> None:
+        """Hold off cyclic garbage collection (True, for `for_s` wall s at most) or let it run again (False).
+
+        A full collection walks every object made since start-up (app.py freezes what was there then): at 2,000
+        miners 20-90 ms, at 10,000 several times that, and a batch of a thousand sleeps or more allocates enough
+        (tasks, futures, transports) to set one off, or several, while its replies wait. Reference counting frees
+        everything else meanwhile, so a few seconds without the cycle collector cost no memory to speak of. Only
+        with a running loop, which bounds the hold (`_gc_timeout`); idempotent."""
+        if not hold:
+            if self._gc_held:
+                self._gc_held = False
+                gc.enable()
+            return
+        if self._loop is None:
+            return
+        until = time.monotonic() + for_s
+        if not self._gc_held:
+            if not gc.isenabled():
+                return  # someone else holds it: theirs to release
+            gc.disable()
+            self._gc_held = True
+        if until > self._gc_until:
+            self._gc_until = until
+            self._loop.call_later(for_s, self._gc_timeout)
+
+    def _gc_timeout(self) -> None:
+        if self._gc_held and time.monotonic() >= self._gc_until - 1e-3:
+            self._hold_gc(False)
+
+    def close(self) -> None:
+        """Let go of what this holds (the collector, the preparation): the agent is stopping."""
+        self._hold_gc(False)
+        if self._preparing is not None and not self._preparing.done():
+            self._preparing.cancel()
 
     def _on_loop(self, action: Callable[..., None], *args: Any) -> None:
         """Run `action` on the event loop: now if this is the loop's thread, else as soon as the loop is free."""
@@ -298,6 +401,10 @@ class FrequencyResponse:
         ev = self.event
         if ev is not None and depth <= ev.depth:
             return  # decided on the detector's state before an event was resumed (`resume`): held already
+        # the stage's batch holds sweeps and ticks from here (Controller._launch, defer_tick): the brace's hold is
+        # left in place (released and held again, every sweep worker waiting on it would wake and poll beside the
+        # batch), and let go below only when there is nothing to send
+        braced, self._brace_until = bool(self._brace_until), 0.0
         if ev is None:
             site = self.armed_site_kw
             # without a fresh site figure at the last arm the miners' draw stands in (the meter is fresh now, or
@@ -329,11 +436,15 @@ class FrequencyResponse:
             ev.fired_at = now
             ev.acked_at = None
             self._fired_wall = time.monotonic()
+            self._hold_gc(True)  # until every sleep is answered (`on_result`), DEFER_TICK_MAX_S at most
             self.host.fire_frequency_shed(changes, ev.level_kw, now)
         self._audit("commands_out", now, stage=depth - 1, sent=len(changes),
                     planned_kw=round(sum(c.kw for c in chosen), 3),
                     armed=len(self.armed.ranked), armed_kw=round(self.armed.total_kw, 3))  # fmt: skip
         if not changes:
+            if braced:
+                self.host.frequency_brace(False)
+            self._hold_gc(False)
             self.host.trigger()  # arbitration takes the hold at once
         # else: not now; a tick planning the whole fleet would hold the event loop while the sleeps go out, and
         # meanwhile the sleeps in flight count as done; the batch's end asks for a tick (Controller._actuate)
@@ -349,6 +460,7 @@ class FrequencyResponse:
         else:
             ev.failed += 1
         if not ev.awaiting:
+            self._hold_gc(False)
             now = self.clock()
             ev.acked_at = now
             self._audit("commands_acked", now, ok=ev.ok, failed=ev.failed,
@@ -452,8 +564,14 @@ class FrequencyResponse:
         """The status document's `meter.frequency_response` section."""
         ev, st = self.event, self.state
         restore_above_hz, restore_after_s = self.rules.restore_rule(0 if ev is None else ev.depth)
-        stages = [{"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(s.kw(self.armed_base_kw), 3),
-                   "commands": self.armed.count_for(s.kw(self.armed_base_kw))} for s in self.rules.stages]  # fmt: skip
+        stages = []
+        for s in self.rules.stages:
+            kw = s.kw(self.armed_base_kw)
+            chosen = self.armed.take(kw)
+            # prepared: how many of those commands are one exchange now (Actuator.prepare done for the miner)
+            ready = len(chosen) if self.prepare is None else sum(1 for c in chosen if c.id in self._prepared)
+            stages.append({"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(kw, 3),
+                           "commands": len(chosen), "prepared": ready})  # fmt: skip
         return {
             "active": ev is not None,
             "stage": None if ev is None else ev.depth - 1,

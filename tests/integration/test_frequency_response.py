@@ -314,6 +314,7 @@ class _Host:
         self.fired: list[tuple[float, int]] = []  # (time.monotonic() when fired, commands)
         self.audits: list[dict[str, Any]] = []
         self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
+        self.braces: list[bool] = []
 
     def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((time.monotonic(), len(changes)))
@@ -323,6 +324,9 @@ class _Host:
 
     def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
         self.saved.append(doc)
+
+    def frequency_brace(self, on: bool) -> None:
+        self.braces.append(on)
 
     def trigger(self) -> None:
         pass
@@ -381,6 +385,7 @@ def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_pa
                 assert fr.event.first_below_at < released  # the first reading below was taken during the hold
                 assert [a["step"] for a in rec.audits] == ["tripped", "commands_out"]
             finally:
+                fr.close()  # its sleeps are never answered here: the collector is let go
                 await meter.stop()
 
         asyncio.run(run())

@@ -204,6 +204,7 @@ class _Host:
         self.fired: list[Any] = []
         self.audits: list[dict[str, Any]] = []
         self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
+        self.braces: list[bool] = []
 
     def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((changes, level_kw))
@@ -213,6 +214,9 @@ class _Host:
 
     def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
         self.saved.append(doc)
+
+    def frequency_brace(self, on: bool) -> None:
+        self.braces.append(on)
 
     def trigger(self) -> None:
         pass
@@ -547,3 +551,99 @@ def test_an_unreadable_stored_event_is_dropped(doc: Any) -> None:
     assert fr.event is None
     assert host.saved == [None]
     assert host.audits == []
+
+
+# ------------------------------------------------------------------------------------------------ bracing for a trip
+def test_a_ride_through_braces_the_agent_for_a_trip_and_a_dip_ridden_through_lets_go() -> None:
+    """From the first reading below a stage, no tick starts and sweeps are held (the host is asked) until the stage
+    trips or the dip ends; at most once per BRACE_EVERY_S, so a frequency hovering at a threshold does not hold
+    the agent's telemetry back."""
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.runtime.frequency import BRACE_EVERY_S
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.3, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    host = _Host()
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
+    fr.on_hz(_Hz(50.0, 1.0))
+    assert host.braces == []
+    assert not fr.defer_tick()
+    fr.on_hz(_Hz(49.3, 1.1))  # a ride-through begins
+    assert host.braces == [True]
+    assert fr.defer_tick()
+    fr.on_hz(_Hz(49.3, 1.2))
+    assert host.braces == [True]  # once per ride-through
+    fr.on_hz(_Hz(50.0, 1.3))  # ridden through: let go
+    assert host.braces == [True, False]
+    assert not fr.defer_tick()
+    assert BRACE_EVERY_S > 1.0
+    fr.on_hz(_Hz(49.3, 1.4))  # another dip straight after: no second brace (the rate limit)
+    assert host.braces == [True, False]
+    fr.on_hz(_Hz(49.3, 1.8))  # it trips: sleeps out, with the ordinary hold of a batch from the controller
+    assert len(host.fired) == 1
+    assert host.braces == [True, False]
+
+
+def test_a_stale_meter_ends_a_brace() -> None:
+    from hashflex.agent.config import FrequencyResponseConfig
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.5, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    host, fresh = _Host(), [True]
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
+    fr.on_hz(_Hz(49.3, 1.0))
+    assert host.braces == [True]
+    fresh[0] = False
+    fr.on_hz(_Hz(49.3, 1.1))
+    assert host.braces == [True, False]
+    assert not fr.defer_tick()
+
+
+def test_no_cyclic_collection_while_bracing_or_while_a_stage_s_sleeps_are_on_the_wire() -> None:
+    """The collector is held off from the first reading below a stage until the stage's sleeps are all answered
+    (or the dip is ridden through), and never past its bound."""
+    import asyncio
+    import gc
+
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.runtime.actuator import Op, OpResult
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.3, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    assert gc.isenabled()
+
+    async def run() -> None:
+        host = _Host()
+        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
+        try:
+            fr.on_hz(_Hz(49.3, 1.0))  # bracing
+            assert not gc.isenabled()
+            fr.on_hz(_Hz(49.3, 1.4))  # tripped: two sleeps out
+            assert not gc.isenabled()
+            sent = [c.ip for c in host.fired[0][0]]
+            fr.on_result(OpResult(sent[0], Op.SLEEP, None, "ok", "", 1, 0.0, 0.0))
+            assert not gc.isenabled()
+            fr.on_result(OpResult(sent[1], Op.SLEEP, None, "ok", "", 1, 0.0, 0.0))
+            assert gc.isenabled()  # all answered
+        finally:
+            fr.close()
+
+    async def bounded() -> None:
+        host = _Host()
+        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        try:
+            fr._hold_gc(True, 0.05)
+            assert not gc.isenabled()
+            await asyncio.sleep(0.15)
+            assert gc.isenabled()  # the bound let it go
+        finally:
+            fr.close()
+
+    asyncio.run(run())
+    asyncio.run(bounded())
+    assert gc.isenabled()
