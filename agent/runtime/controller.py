@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from hashflex.agent.commands import (
@@ -1257,11 +1257,21 @@ class Controller:
         if self._batches_out == 0 and self.on_actuating is not None:
             self.on_actuating(on)
 
-    def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
-        if doc is None:
-            self.persist.call("delete_state", FREQUENCY_STATE_KEY)
-        else:
-            self.persist.call("set_state", FREQUENCY_STATE_KEY, doc, now)
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+        records = [dict(a) for a in audits]
+
+        def write(store: Any) -> None:
+            with store.transaction():  # one commit: the event and its records
+                if doc is None:
+                    store.delete_state(FREQUENCY_STATE_KEY)
+                else:
+                    store.set_state(FREQUENCY_STATE_KEY, doc, now)
+                for record in records:
+                    store.append_audit(AuditKind.FREQUENCY, record, now)
+
+        self.persist.write("frequency event", write)
+        if records:
+            self._status_stale = True
 
     # ----------------------------------------------------------------------------------------- dispatches
     def _binding_records(self, now: float) -> list[DispatchRecord]:

@@ -322,8 +322,9 @@ class _Host:
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.audits.append(data)
 
-    def frequency_save(self, doc: dict[str, Any] | None, now: float) -> None:
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
         self.saved.append(doc)
+        self.audits.extend(audits)
 
     def frequency_brace(self, on: bool) -> None:
         self.braces.append(on)
