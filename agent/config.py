@@ -504,6 +504,9 @@ class FrequencyStage(_Model):
     below_hz: float = Field(ge=45.0, le=65.0, description="Trips once the frequency is below this for for_s.")
     for_s: Seconds = Field(ge=0, le=60.0, description="Ride-through: a dip shorter than this causes nothing.")
     shed: str = Field(description="What the stage sheds in total: '25%' of the miners' draw, or '300kW'.")
+    # this stage's own restore rule, in force while it is the deepest stage the event holds (none: the programme's)
+    restore_above_hz: float | None = Field(None, ge=45.0, le=65.0, description="Overrides the programme's.")
+    restore_after_s: Seconds | None = Field(None, ge=0, le=3600.0, description="Overrides the programme's.")
 
     @field_validator("shed", mode="before")
     @classmethod
@@ -561,6 +564,16 @@ class FrequencyResponseConfig(_Model):
                 f"restore_above_hz = {self.restore_above_hz}: below stages[0].below_hz ({self.stages[0].below_hz}); "
                 "the event would end while the first stage still trips"
             )
+        first = self.stages[0].below_hz
+        for i, stage in enumerate(self.stages):
+            above = stage.restore_above_hz
+            if above is not None and above <= stage.below_hz:
+                raise ValueError(f"stages[{i}].restore_above_hz = {above}: not above its below_hz ({stage.below_hz})")
+            if above is not None and above < first:
+                raise ValueError(
+                    f"stages[{i}].restore_above_hz = {above}: below stages[0].below_hz ({first}); the event ends "
+                    "as a whole, and would end while the first stage still trips"
+                )
         return self
 
 

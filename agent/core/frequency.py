@@ -2,8 +2,11 @@
 
 A stage trips when the frequency has stayed below its `below_hz` for its `for_s` (a shorter dip is ridden
 through: nothing happens); the event then holds the deepest stage tripped until the frequency has been above
-`restore_above_hz` for `restore_after_s`, and ends (restore). Stages are cumulative: each one's shed is the total
-shed while it holds, from the same base (the miners' draw when the event's first stage tripped).
+`restore_above_hz` for `restore_after_s`, and ends (restore). A stage may have its own restore rule, which holds
+while it is the deepest tripped (`FrequencyRules.restore_rule`). Stages are cumulative: each one's shed is the
+total shed while it holds, from the same base (the miners' draw when the event's first stage tripped). An event
+the last run held is carried over a restart (`resumed`): held, never tripped again, restored by the same rule on
+this run's readings.
 
     rules = FrequencyRules((Stage(49.4, 0.2, shed_pct=25.0),), restore_above_hz=49.9, restore_after_s=30.0)
     state = FrequencyState.initial(rules)
@@ -49,9 +52,17 @@ class Stage:
     for_s: float
     shed_pct: float | None = None
     shed_kw: float | None = None
+    # this stage's own restore rule, over the programme's while it is the deepest the event holds (None: the
+    # programme's)
+    restore_above_hz: float | None = None
+    restore_after_s: float | None = None
 
     def __post_init__(self) -> None:
         _finite("below_hz", self.below_hz)
+        if self.restore_above_hz is not None and _finite("restore_above_hz", self.restore_above_hz) <= self.below_hz:
+            raise ValueError(f"restore_above_hz = {self.restore_above_hz!r}: must be above below_hz ({self.below_hz})")
+        if self.restore_after_s is not None and _finite("restore_after_s", self.restore_after_s) < 0:
+            raise ValueError(f"restore_after_s = {self.restore_after_s!r}: must be at least 0")
         if _finite("for_s", self.for_s) < 0:
             raise ValueError(f"for_s = {self.for_s!r}: must be at least 0")
         if (self.shed_pct is None) == (self.shed_kw is None):
@@ -88,8 +99,24 @@ class FrequencyRules:
                 raise ValueError("a deeper stage sheds at least as much as the one above it (stages are totals)")
         if _finite("restore_above_hz", self.restore_above_hz) < self.stages[0].below_hz:
             raise ValueError(f"restore_above_hz = {self.restore_above_hz}: below the first stage's below_hz")
+        for i, stage in enumerate(self.stages):
+            # the event ends as a whole: a threshold under the first stage's would end it where that stage trips
+            # again at once (an event, a wake, an event ...)
+            if stage.restore_above_hz is not None and stage.restore_above_hz < self.stages[0].below_hz:
+                raise ValueError(f"stages[{i}].restore_above_hz = {stage.restore_above_hz}: below the first stage's "
+                                 f"below_hz ({self.stages[0].below_hz})")  # fmt: skip
         if _finite("restore_after_s", self.restore_after_s) < 0 or _finite("max_gap_s", self.max_gap_s) <= 0:
             raise ValueError("restore_after_s must be at least 0 and max_gap_s above 0")
+
+    def restore_rule(self, depth: int) -> tuple[float, float]:
+        """(restore_above_hz, restore_after_s) for an event holding `depth` stages: the deepest held stage's own,
+        where it has one, else the programme's. The event ends as a whole on it (every stage's shed restored)."""
+        if depth <= 0:
+            return self.restore_above_hz, self.restore_after_s
+        stage = self.stages[min(depth, len(self.stages)) - 1]
+        above = self.restore_above_hz if stage.restore_above_hz is None else stage.restore_above_hz
+        after = self.restore_after_s if stage.restore_after_s is None else stage.restore_after_s
+        return above, after
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +153,29 @@ class Decision:
         return self.tripped[-1] + 1 if self.tripped else 0
 
 
+def resumed(
+    rules: FrequencyRules,
+    depth: int,
+    *,
+    first_below_at: float | None,
+    tripped_at: float | None,
+    min_hz: float | None,
+    min_hz_at: float | None,
+) -> FrequencyState:
+    """An event the last run held, carried over a restart: held at `depth` (at most the stages there are), with
+    no reading since. Nothing was read while the agent was down, so the time below a deeper stage and the time
+    above the restore threshold both start at this run's first reading (a stage held never trips again)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth = {depth!r}: an event holds at least one stage")
+    times = {"first_below_at": first_below_at, "tripped_at": tripped_at, "min_hz": min_hz, "min_hz_at": min_hz_at}
+    for name, value in times.items():
+        if value is not None:
+            _finite(name, value)
+    return FrequencyState(below_since=(None,) * len(rules.stages), depth=min(depth, len(rules.stages)),
+                          first_below_at=first_below_at, tripped_at=tripped_at, min_hz=min_hz,
+                          min_hz_at=min_hz_at)  # fmt: skip
+
+
 def unknown(state: FrequencyState, at: float) -> FrequencyState:
     """No trusted reading at `at` (a stale meter): the time below and above thresholds starts again later."""
     _finite("at", at)
@@ -160,10 +210,11 @@ def observe(state: FrequencyState, rules: FrequencyRules, hz: float, at: float) 
         state = replace(state, min_hz=hz, min_hz_at=at)
     if tripped:
         return state, Decision(tripped=tripped)
-    if hz <= rules.restore_above_hz:
+    above_hz, after_s = rules.restore_rule(state.depth)
+    if hz <= above_hz:
         return replace(state, restore_since=None), Decision()
     since = state.restore_since if state.restore_since is not None else at
-    if at - since < rules.restore_after_s - 1e-9:
+    if at - since < after_s - 1e-9:
         return replace(state, restore_since=since), Decision()
     ended = replace(state, restore_since=since)
     return FrequencyState(below_since=below, last_at=at), Decision(restore=True, ended=ended)

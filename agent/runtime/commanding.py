@@ -207,6 +207,12 @@ class Commander:
         if self._batches_out == 1 and self.on_actuating is not None:
             self.on_actuating(True)
 
+    def brace(self, on: bool) -> None:
+        """Sweeps pause between polls (True) or go on (False) while an under-frequency stage may trip, as for a
+        batch; a batch already out holds them anyway (and lets them go when it ends)."""
+        if self._batches_out == 0 and self.on_actuating is not None:
+            self.on_actuating(on)
+
     def _actuation_done(self, task: asyncio.Task[None]) -> None:
         self._actuations.discard(task)
         self._batches_out -= 1

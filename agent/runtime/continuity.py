@@ -21,6 +21,8 @@ from hashflex.agent.runtime.caps import Caps
 from hashflex.agent.runtime.clock import SteadyClock, boot_clock
 from hashflex.agent.runtime.commanding import Commander
 from hashflex.agent.runtime.dispatches import DispatchBook
+from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
+from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.memory import memory_from, save_on_timeline
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore
@@ -43,6 +45,7 @@ def restore(
     present_kw: float,
     pin_energy: Callable[[float], object],
     safe_start: str | None,
+    frequency: FrequencyResponse | None = None,
 ) -> fs.FailsafeState:
     """Load the last run's state (after the first sweep, before the first tick); returns the grid link's state.
     `safe_start`: why this start holds the site (an override until an operator resumes), or None."""
@@ -71,6 +74,13 @@ def restore(
                            "while the agent ran); the dispatch windows, overrides and min on/off times that run "
                            "stored keep its time, moved onto the wall's: check the gateway's time (NTP)")  # fmt: skip
     pin_energy(now - now % 60)  # what the last run recorded is complete up to this minute
+    # an under-frequency event the last run held holds on, from the first plan, until its restore rule is met
+    saved_event = store.get_state(FREQUENCY_STATE_KEY, None)
+    if frequency is not None:
+        frequency.resume(saved_event, shift_s=shift, now=now)
+    elif saved_event is not None:
+        log.warning("an under-frequency event was held when the agent stopped; frequency response is off now")
+        persist.call("delete_state", FREQUENCY_STATE_KEY)
     # within the heartbeat timeout of a healthy link the site carries on uncurtailed (failsafe.resume)
     saved_link = fs.link_from_doc(store.get_state(FAILSAFE_STATE_KEY, None))
     failsafe = fs.resume(now, clock.wall(), fs_rules, min(present_kw, caps.effective_kw()), saved_link,

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from hashflex.agent.commands import Command
@@ -53,6 +53,7 @@ from hashflex.agent.runtime.dispatches import DispatchBook
 from hashflex.agent.runtime.energy_meter import EnergyMeter, curtailment
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.facility import FacilityControl
+from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
 from hashflex.agent.runtime.frequency import FrequencyResponse
 from hashflex.agent.runtime.inbox import Inbox
 from hashflex.agent.runtime.level import PlanningLevel
@@ -177,7 +178,7 @@ class Controller:
         self.failsafe = continuity.restore(
             store=self.store, persist=self.persist, clock=self.clock, caps=self.caps, book=self.book,
             commands=self.commands, alarms=self.alarms, fs_rules=self.rules.failsafe, present_kw=present_kw,
-            pin_energy=self.energy.pin_closed, safe_start=safe_start,
+            pin_energy=self.energy.pin_closed, safe_start=safe_start, frequency=self.frequency,
         )  # fmt: skip
         self.level.level_kw = min(present_kw, self.caps.effective_kw())
         self.level.bias_kw, self.settled_at = 0.0, None
@@ -245,12 +246,14 @@ class Controller:
                         async with asyncio.timeout(wait):
                             await self._wake.wait()
                 self._wake.clear()
+                commanded = not self._inbox.empty()
                 self._drain_inbox()
                 due = time.monotonic() >= last_tick + tick_wall
                 early = self._early and time.monotonic() >= last_tick + MIN_EARLY_GAP_S
-                if (due or early) and self.frequency is not None and self.frequency.defer_tick():
-                    # an under-frequency stage's sleeps are on the wire: no tick holds the loop under their replies
-                    # (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a tick)
+                if (due or early) and not commanded and self.frequency is not None and self.frequency.defer_tick():
+                    # an under-frequency stage's sleeps are on the wire, or about to be: no tick holds the loop
+                    # under them (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a
+                    # tick); a command just applied is planned at once
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.05):
                             await self._wake.wait()
@@ -302,7 +305,11 @@ class Controller:
                                meter=self.meter, metered=metered, sleep_w=self.rules.planner.sleep_w)  # fmt: skip
         commands, stagger = self.commands, self.rules.stagger
         commands.wake_times = prune_wake_times(commands.wake_times, now, stagger)
-        meter_stale = metered is not None and not metered.fresh
+        # the meter stale, or an under-frequency event holding (a grid in trouble gets no load back before the
+        # event restores, even under its level): nothing wakes, no limit rises (held in hand_off too); sleeps go
+        meter_stale = (metered is not None and not metered.fresh) or (
+            self.frequency is not None and self.frequency.held_kw is not None
+        )
         # while sleeps sent earlier settle, rises are held (Commander.hold_rises): an optimal plan now would lower
         # running miners to make room for wakes and raises that cannot go out, and the site would sink below its
         # level until the sleeps show (soak: 52 kW under a 62 kW time-of-use level after a fast cut). Sleep-only, no
@@ -420,6 +427,26 @@ class Controller:
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.persist.audit(AuditKind.FREQUENCY, data, now)
         self.publisher.stale = True
+
+    def frequency_brace(self, on: bool) -> None:
+        """Sweeps pause between polls while a stage may trip (agent.runtime.frequency._brace), as for a batch."""
+        self.commands.brace(on)
+
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+        records = [dict(a) for a in audits]
+
+        def write(store: ControlStore) -> None:
+            with store.transaction():  # one commit: the event and its records
+                if doc is None:
+                    store.delete_state(FREQUENCY_STATE_KEY)
+                else:
+                    store.set_state(FREQUENCY_STATE_KEY, doc, now)
+                for record in records:
+                    store.append_audit(AuditKind.FREQUENCY, record, now)
+
+        self.persist.write("frequency event", write)
+        if records:
+            self.publisher.stale = True
 
     # ============================================================================================= read side
     def status(self) -> StatusDoc:

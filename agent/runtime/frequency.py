@@ -18,17 +18,26 @@ The rules are agent.core.frequency's; this module wires them to the meter, the a
 - a reading taken while the meter is stale is not trusted: the detector forgets the time above the restore
   threshold (and below the stages), so a stale meter never restores an event, and the controller holds every rise
   while it is stale anyway;
-- restore: the hold is dropped and the site comes back through the ordinary plan (ramp limit, wake stagger).
+- restore: the hold is dropped and the site comes back through the ordinary plan (ramp limit, wake stagger);
+- an event survives a restart: while one holds, it is kept in the store's control state (`STATE_KEY`: the stage,
+  what it was shed from, the level held, the miners it slept, the lowest frequency, when it tripped, the restore
+  time running), written when it trips and when any of that changes, deleted when it restores. The next run
+  resumes it before its first tick (`resume`): the hold is in force from the first plan, the stage does not trip
+  again on a frequency still below it, and the event restores by the same rule on this run's readings (the time
+  above the threshold starts again: nothing was read while the agent was down).
 
 Each step of an event is one audit record (kind "frequency"): tripped (with the first reading below the
-threshold), commands_out, commands_acked, shed_reached (the meter at or under the level), restored (with the
-lowest frequency seen). Times are on the controller's clock (the meter's readings are taken on it).
+threshold), commands_out, commands_acked, shed_reached (the meter at or under the level), resumed (after a
+restart), restored (with the lowest frequency seen). Times are on the controller's clock (the meter's readings are
+taken on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -43,6 +52,7 @@ from hashflex.agent.core.frequency import (
     ShedList,
     Stage,
     observe,
+    resumed,
     send_order,
     shed_list,
     unknown,
@@ -63,8 +73,20 @@ GAP_POLLS = 5
 MIN_GAP_WALL_S = 1.0
 # while a stage's sleeps are on the wire the controller starts no tick (`defer_tick`), for at most this long (wall
 # s): a tick at 10,000 miners holds the event loop 0.3-1 s, time the batch's own replies would wait behind it, and
-# meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered
-DEFER_TICK_MAX_S = 2.0
+# meanwhile the sleeps in flight count as done anyway; past this the tick runs whatever is still unanswered. The
+# trade: no re-plan for that long, the stage's own sleeps being the decrease under way; a command (a dispatch, a
+# cap) still ticks at once (Controller.run), and nothing rises while an event holds anyway
+DEFER_TICK_MAX_S = 5.0
+# bracing (`_brace`): from the first reading below a stage not yet held, for its ride-through (for_s, at most
+# BRACE_MAX_S wall s, plus BRACE_MARGIN_S), no tick starts and sweeps pause between polls (the controller holds
+# them as for a batch), so a trip's sleeps do not go out behind a tick or beside a sweep's polls; at most once per
+# BRACE_EVERY_S wall s, so a frequency hovering at a threshold never holds telemetry back for long
+BRACE_MAX_S = 1.0
+BRACE_MARGIN_S = 0.3
+BRACE_EVERY_S = 10.0
+# the store's control state (kv) key of the event that holds, if one does (see the module's docstring)
+STATE_KEY = "frequency_event"
+STATE_VERSION = 1
 
 
 class HzReading(Protocol):
@@ -85,7 +107,12 @@ class FrequencyHost(Protocol):
     @property
     def in_flight(self) -> Mapping[str, Change]: ...
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
+    def frequency_brace(self, on: bool) -> None:
+        """A stage's ride-through began (True: hold sweeps between polls) or ended without a trip (False)."""
     def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+        """Keep `doc` as the event that holds (STATE_KEY), or none (None), with `audits` (frequency records) in
+        the same transaction: one commit (one fsync) where a trip has three things to write."""
     def trigger(self) -> None: ...
 
 
@@ -94,7 +121,9 @@ def rules_from_config(cfg: FrequencyResponseConfig, *, wall_scale: float = 1.0, 
 ):  # fmt: skip
     """The core's rules; `wall_scale`: site seconds per wall second (a simulation run), for the gap allowance."""
     poll = cfg.poll_s if cfg.poll_s is not None else meter_poll_s
-    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw) for s in cfg.stages)
+    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw,
+                         restore_above_hz=s.restore_above_hz, restore_after_s=s.restore_after_s)
+                   for s in cfg.stages)  # fmt: skip
     return FrequencyRules(stages, cfg.restore_above_hz, cfg.restore_after_s,
                           max_gap_s=max(MIN_GAP_WALL_S, GAP_POLLS * poll) * wall_scale)  # fmt: skip
 
@@ -116,6 +145,20 @@ class Event:
     acked_at: float | None = None
     reached_at: float | None = None
     first_below_at: float | None = None
+    tripped_at: float | None = None
+
+
+def _number(doc: dict[str, Any], key: str, *, optional: bool = False) -> float | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} = {value!r}: not a finite number")
+    return float(value)
+
+
+def _shifted(value: float | None, shift_s: float) -> float | None:
+    return None if value is None else value + shift_s
 
 
 class FrequencyResponse:
@@ -151,6 +194,7 @@ class FrequencyResponse:
         self._prepared: set[str] = set()
         self._preparing: asyncio.Task[None] | None = None
         self.rules = rules_from_config(cfg, wall_scale=wall_scale, meter_poll_s=meter_poll_s)
+        self.wall_scale = wall_scale
         self.host = host
         self.clock = clock
         self.meter_fresh = meter_fresh
@@ -164,6 +208,7 @@ class FrequencyResponse:
         self.lowest_hz: float | None = None  # the lowest trusted reading since start (a dip ridden through shows)
         self.lowest_hz_at: float | None = None
         self.events_total = 0
+        self._saved: tuple[Any, ...] | None = None  # what the stored event (STATE_KEY) shows, as last written
         # the detector's state is stepped on the meter's frequency thread and on the loop (full readings, arm):
         # one lock, held for a pure step only (never across I/O or a controller call)
         self._lock = threading.Lock()
@@ -173,6 +218,15 @@ class FrequencyResponse:
             self._loop = None
         self._loop_thread = threading.get_ident()
         self._fired_wall: float | None = None  # time.monotonic() when the last stage's sleeps went out
+        # bracing for a trip (`_brace`): the detector's wish (meter thread, under the lock), and on the loop until
+        # when (time.monotonic()) it holds, when it last began, and which brace an expiry timer belongs to
+        self._brace_wanted = False
+        self._brace_until = 0.0
+        self._braced_at = -math.inf
+        self._brace_n = 0
+        # cyclic garbage collection held off (`_hold_gc`) while bracing and while a stage's sleeps are on the wire
+        self._gc_held = False
+        self._gc_until = 0.0
 
     # -------------------------------------------------------------------------------------------- per tick
     def arm(self, views: Iterable[MinerView], busy: Collection[str], site_kw: float | None, now: float) -> None:
@@ -199,6 +253,11 @@ class FrequencyResponse:
         if not self.meter_fresh():
             with self._lock:
                 self.state = unknown(self.state, now)
+                brace = self._brace_change()
+            if brace is not None:
+                self._brace(brace)
+        if self.event is not None:
+            self._save(now)  # written only when what it shows changed (the lowest frequency, the restore time)
 
     def _prepare_armed(self) -> None:
         """In the background, get the miners the deepest stage would sleep ready for one-exchange commands."""
@@ -224,11 +283,13 @@ class FrequencyResponse:
                  dur_ms=round((time.monotonic() - started) * 1000))  # fmt: skip
 
     def defer_tick(self) -> bool:
-        """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S:
-        the controller starts no tick meanwhile, so the batch's replies do not wait behind one."""
-        ev, fired = self.event, self._fired_wall
-        return bool(ev is not None and ev.awaiting and fired is not None
-                    and time.monotonic() - fired < DEFER_TICK_MAX_S)  # fmt: skip
+        """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S,
+        and while bracing for a trip (`_brace`): the controller starts no tick meanwhile, so the batch's sleeps do
+        not go out, nor their replies wait, behind one."""
+        ev, fired, now = self.event, self._fired_wall, time.monotonic()
+        if now < self._brace_until:
+            return True
+        return bool(ev is not None and ev.awaiting and fired is not None and now - fired < DEFER_TICK_MAX_S)
 
     @property
     def held_kw(self) -> float | None:
@@ -256,16 +317,92 @@ class FrequencyResponse:
         with self._lock:
             if not fresh:
                 self.state = unknown(self.state, at)  # not a reading to act on, nor to restore on
-                return
-            self.last_hz, self.last_hz_at = hz, at
-            if self.lowest_hz is None or hz < self.lowest_hz:
-                self.lowest_hz, self.lowest_hz_at = hz, at
-            self.state, decision = observe(self.state, self.rules, hz, at)
-            first_below_at = self.state.first_below_at  # as of this reading (the loop may act later)
+                brace = self._brace_change()
+            else:
+                self.last_hz, self.last_hz_at = hz, at
+                if self.lowest_hz is None or hz < self.lowest_hz:
+                    self.lowest_hz, self.lowest_hz_at = hz, at
+                self.state, decision = observe(self.state, self.rules, hz, at)
+                first_below_at = self.state.first_below_at  # as of this reading (the loop may act later)
+                brace = None if decision.tripped else self._brace_change()
+        if brace is not None:
+            self._on_loop(self._brace, brace)
+        if not fresh:
+            return
         if decision.tripped:
             self._on_loop(self._trip, decision.depth, hz, at, first_below_at)
         elif decision.restore:
             self._on_loop(self._restore, decision.ended, hz, at)
+
+    def _brace_change(self) -> float | bool | None:
+        """Under the lock, after a step: the for_s of the stage whose ride-through just began (brace), False when
+        none runs any more (a dip ridden through, a stale meter: unbrace), None when nothing changed."""
+        st = self.state
+        running = [stage.for_s for stage, since in zip(self.rules.stages[st.depth :], st.below_since[st.depth :],
+                                                       strict=True) if since is not None]  # fmt: skip
+        if bool(running) == self._brace_wanted:
+            return None
+        self._brace_wanted = bool(running)
+        return running[0] if running else False
+
+    def _brace(self, for_s: float | bool) -> None:
+        """On the loop: brace for a stage that may trip in `for_s` site seconds (see BRACE_MAX_S), or stop (False)."""
+        now = time.monotonic()
+        if for_s is False:
+            if self._brace_until:
+                self._brace_until = 0.0
+                self.host.frequency_brace(False)
+                self._hold_gc(False)
+            return
+        if self._brace_until or now - self._braced_at < BRACE_EVERY_S:
+            return
+        self._braced_at = now
+        hold_s = min(float(for_s) / max(self.wall_scale, 1e-9), BRACE_MAX_S) + BRACE_MARGIN_S
+        self._brace_until = now + hold_s
+        self._brace_n += 1
+        self.host.frequency_brace(True)
+        self._hold_gc(True, hold_s)
+        if self._loop is not None:
+            self._loop.call_later(hold_s, self._brace_expired, self._brace_n)
+
+    def _brace_expired(self, n: int) -> None:
+        if n == self._brace_n and self._brace_until:
+            self._brace(False)
+
+    def _hold_gc(self, hold: bool, for_s: float = DEFER_TICK_MAX_S) -> None:
+        """Hold off cyclic garbage collection (True, for `for_s` wall s at most) or let it run again (False).
+
+        A full collection walks every object made since start-up (app.py freezes what was there then): at 2,000
+        miners 20-90 ms, at 10,000 several times that, and a batch of a thousand sleeps or more allocates enough
+        (tasks, futures, transports) to set one off, or several, while its replies wait. Reference counting frees
+        everything else meanwhile, so a few seconds without the cycle collector cost no memory to speak of. Only
+        with a running loop, which bounds the hold (`_gc_timeout`); idempotent."""
+        if not hold:
+            if self._gc_held:
+                self._gc_held = False
+                gc.enable()
+            return
+        if self._loop is None:
+            return
+        until = time.monotonic() + for_s
+        if not self._gc_held:
+            if not gc.isenabled():
+                return  # someone else holds it: theirs to release
+            gc.disable()
+            self._gc_held = True
+        if until > self._gc_until:
+            self._gc_until = until
+            self._loop.call_later(for_s, self._gc_timeout)
+
+    def _gc_timeout(self) -> None:
+        if self._gc_held and time.monotonic() >= self._gc_until - 1e-3:
+            self._hold_gc(False)
+
+    def close(self) -> None:
+        """Let go of what this holds (the collector, the preparation): the agent is stopping."""
+        self._hold_gc(False)
+        if self._preparing is not None and not self._preparing.done():
+            self._preparing.cancel()
 
     def _on_loop(self, action: Callable[..., None], *args: Any) -> None:
         """Run `action` on the event loop: now if this is the loop's thread, else as soon as the loop is free."""
@@ -278,12 +415,18 @@ class FrequencyResponse:
     # -------------------------------------------------------------------------------------------- actions
     def _trip(self, depth: int, hz: float, at: float, first_below_at: float | None) -> None:
         ev = self.event
+        if ev is not None and depth <= ev.depth:
+            return  # decided on the detector's state before an event was resumed (`resume`): held already
+        # the stage's batch holds sweeps and ticks from here (Controller._launch, defer_tick): the brace's hold is
+        # left in place (released and held again, every sweep worker waiting on it would wake and poll beside the
+        # batch), and let go below only when there is nothing to send
+        braced, self._brace_until = bool(self._brace_until), 0.0
         if ev is None:
             site = self.armed_site_kw
             # without a fresh site figure at the last arm the miners' draw stands in (the meter is fresh now, or
             # this reading would not count; the next tick corrects the level from the meter)
             site_kw = site if site is not None else self.armed_base_kw
-            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=first_below_at)
+            ev = self.event = Event(self.armed_base_kw, site_kw, first_below_at=first_below_at, tripped_at=at)
             self.events_total += 1
         stage = self.rules.stages[depth - 1]
         ev.depth = depth
@@ -297,9 +440,15 @@ class FrequencyResponse:
             ev.fired[c.id] = c.kw
             ev.awaiting.add(c.id)
         now = self.clock()
-        self._audit("tripped", at, stage=depth - 1, below_hz=stage.below_hz, for_s=stage.for_s, hz=round(hz, 4),
-                    first_below_at=iso(ev.first_below_at), shed_kw=round(ev.shed_kw, 3),
-                    level_kw=round(ev.level_kw, 3), site_kw=round(ev.site_kw, 3))  # fmt: skip
+        # the event, its trip and its commands in one commit, before the sleeps go out (they start once this
+        # returns to the loop): a restart after it resumes the event; three commits were 20-40 ms of fsync here
+        tripped = self._record("tripped", at, stage=depth - 1, below_hz=stage.below_hz, for_s=stage.for_s,
+                               hz=round(hz, 4), first_below_at=iso(ev.first_below_at), shed_kw=round(ev.shed_kw, 3),
+                               level_kw=round(ev.level_kw, 3), site_kw=round(ev.site_kw, 3))  # fmt: skip
+        out = self._record("commands_out", now, stage=depth - 1, sent=len(changes),
+                           planned_kw=round(sum(c.kw for c in chosen), 3),
+                           armed=len(self.armed.ranked), armed_kw=round(self.armed.total_kw, 3))  # fmt: skip
+        self._save(now, audits=(tripped, out))
         log.warning("under-frequency stage tripped", stage=depth - 1, hz=round(hz, 4), below_hz=stage.below_hz,
                     shed_kw=round(ev.shed_kw, 2), level_kw=round(ev.level_kw, 2), commands=len(changes))  # fmt: skip
         if changes:
@@ -308,11 +457,12 @@ class FrequencyResponse:
             ev.fired_at = now
             ev.acked_at = None
             self._fired_wall = time.monotonic()
+            self._hold_gc(True)  # until every sleep is answered (`on_result`), DEFER_TICK_MAX_S at most
             self.host.fire_frequency_shed(changes, ev.level_kw, now)
-        self._audit("commands_out", now, stage=depth - 1, sent=len(changes),
-                    planned_kw=round(sum(c.kw for c in chosen), 3),
-                    armed=len(self.armed.ranked), armed_kw=round(self.armed.total_kw, 3))  # fmt: skip
         if not changes:
+            if braced:
+                self.host.frequency_brace(False)
+            self._hold_gc(False)
             self.host.trigger()  # arbitration takes the hold at once
         # else: not now; a tick planning the whole fleet would hold the event loop while the sleeps go out, and
         # meanwhile the sleeps in flight count as done; the batch's end asks for a tick (Controller._actuate)
@@ -328,6 +478,7 @@ class FrequencyResponse:
         else:
             ev.failed += 1
         if not ev.awaiting:
+            self._hold_gc(False)
             now = self.clock()
             ev.acked_at = now
             self._audit("commands_acked", now, ok=ev.ok, failed=ev.failed,
@@ -343,21 +494,106 @@ class FrequencyResponse:
                     duration_s=None if ev is None else self._since(ev.first_below_at, at),
                     slept=0 if ev is None else len(ev.fired))  # fmt: skip
         log.info("under-frequency event restored", hz=round(hz, 4), min_hz=min_hz)
+        self._save(self.clock())
         self.host.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
+
+    # -------------------------------------------------------------------------------------------- over a restart
+    def event_doc(self) -> dict[str, Any] | None:
+        """The event that holds, as kept in the store (None: none holds)."""
+        ev, st = self.event, self.state
+        if ev is None or ev.depth == 0:
+            return None
+        return {
+            "v": STATE_VERSION, "depth": ev.depth, "base_kw": ev.base_kw, "site_kw": ev.site_kw,
+            "shed_kw": ev.shed_kw, "level_kw": ev.level_kw, "fired": dict(ev.fired),
+            "first_below_at": ev.first_below_at, "tripped_at": ev.tripped_at, "reached_at": ev.reached_at,
+            "min_hz": st.min_hz, "min_hz_at": st.min_hz_at, "restore_since": st.restore_since,
+        }  # fmt: skip
+
+    def _save(self, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+        """Write the event that holds (or that none does) when what the store has differs, or with `audits`."""
+        ev, st = self.event, self.state
+        shown = None if ev is None else (ev.depth, ev.level_kw, len(ev.fired), ev.reached_at, st.min_hz,
+                                         st.restore_since)  # fmt: skip
+        if shown == self._saved and not audits:
+            return
+        self._saved = shown
+        self.host.frequency_save(self.event_doc(), now, audits)
+
+    def resume(self, doc: Any, *, shift_s: float, now: float) -> None:
+        """Hold the event the last run held (its stored `doc`, None: none), before the first tick. `shift_s`: how
+        far the last run's times are moved onto this run's clock (core.timeline, after a wall-clock step)."""
+        if doc is None:
+            return
+        try:
+            if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION:
+                raise ValueError(f"not a version {STATE_VERSION} event: {str(doc)[:80]!r}")
+            depth = doc.get("depth")
+            if isinstance(depth, bool) or not isinstance(depth, int):
+                raise ValueError(f"depth = {depth!r}: not a stage count")
+            fired = doc.get("fired")
+            if not isinstance(fired, dict) or not all(isinstance(k, str) for k in fired):
+                raise ValueError("fired: not a map of miners to kW")
+            base_kw, site_kw = _number(doc, "base_kw") or 0.0, _number(doc, "site_kw") or 0.0
+            slept = {ip: _number(fired, ip) or 0.0 for ip in fired}
+            times = {k: _shifted(_number(doc, k, optional=True), shift_s)
+                     for k in ("first_below_at", "tripped_at", "reached_at", "min_hz_at", "restore_since")}  # fmt: skip
+            min_hz = _number(doc, "min_hz", optional=True)
+            state = resumed(self.rules, depth, first_below_at=times["first_below_at"],
+                            tripped_at=times["tripped_at"], min_hz=min_hz, min_hz_at=times["min_hz_at"])  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            # the shed it held is not known: the site comes back under the ordinary plan, and the stage trips
+            # again if the frequency is still below it
+            log.error("the stored under-frequency event is unreadable; not resumed", error=str(exc))
+            self.host.frequency_save(None, now)
+            return
+        # the stage's kW and the level as this run's rules have them (a restart may come with a changed file)
+        stage = self.rules.stages[state.depth - 1]
+        shed_kw = stage.kw(base_kw)
+        ev = Event(base_kw, site_kw, depth=state.depth, shed_kw=shed_kw, level_kw=max(0.0, site_kw - shed_kw),
+                   fired=slept, reached_at=times["reached_at"], first_below_at=times["first_below_at"],
+                   tripped_at=times["tripped_at"])  # fmt: skip
+        with self._lock:
+            self.state = state
+        self.event = ev
+        self.events_total += 1
+        self._saved = None
+        self._save(now)  # what this run holds (the level, the stage, if the rules changed)
+        above_hz, after_s = self.rules.restore_rule(state.depth)
+        self._audit("resumed", now, stage=state.depth - 1, level_kw=round(ev.level_kw, 3),
+                    shed_kw=round(shed_kw, 3), site_kw=round(site_kw, 3), slept=len(slept),
+                    first_below_at=iso(ev.first_below_at), tripped_at=iso(ev.tripped_at),
+                    min_hz=None if min_hz is None else round(min_hz, 4), min_hz_at=iso(times["min_hz_at"]),
+                    restoring_since_before=iso(times["restore_since"]), restore_above_hz=above_hz,
+                    restore_after_s=after_s, shift_s=round(shift_s, 3))  # fmt: skip
+        log.warning("under-frequency event resumed: the shed holds until the restore rule is met",
+                    stage=state.depth - 1, level_kw=round(ev.level_kw, 2), slept=len(slept),
+                    restore_above_hz=above_hz, restore_after_s=after_s)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------- records
     @staticmethod
     def _since(start: float | None, at: float) -> float | None:
         return None if start is None else round(at - start, 3)
 
+    @staticmethod
+    def _record(step: str, at: float, **data: Any) -> dict[str, Any]:
+        return {"step": step, "at": iso(at), **data}
+
     def _audit(self, step: str, at: float, **data: Any) -> None:
-        self.host.frequency_audit({"step": step, "at": iso(at), **data}, self.clock())
+        self.host.frequency_audit(self._record(step, at, **data), self.clock())
 
     def doc(self) -> dict[str, Any]:
         """The status document's `meter.frequency_response` section."""
         ev, st = self.event, self.state
-        stages = [{"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(s.kw(self.armed_base_kw), 3),
-                   "commands": self.armed.count_for(s.kw(self.armed_base_kw))} for s in self.rules.stages]  # fmt: skip
+        restore_above_hz, restore_after_s = self.rules.restore_rule(0 if ev is None else ev.depth)
+        stages = []
+        for s in self.rules.stages:
+            kw = s.kw(self.armed_base_kw)
+            chosen = self.armed.take(kw)
+            # prepared: how many of those commands are one exchange now (Actuator.prepare done for the miner)
+            ready = len(chosen) if self.prepare is None else sum(1 for c in chosen if c.id in self._prepared)
+            stages.append({"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(kw, 3),
+                           "commands": len(chosen), "prepared": ready})  # fmt: skip
         return {
             "active": ev is not None,
             "stage": None if ev is None else ev.depth - 1,
@@ -372,8 +608,8 @@ class FrequencyResponse:
             "hz": None if self.last_hz is None else round(self.last_hz, 4),
             "lowest_hz": None if self.lowest_hz is None else round(self.lowest_hz, 4),
             "lowest_hz_at": iso(self.lowest_hz_at),
-            "restore_above_hz": self.rules.restore_above_hz,
-            "restore_after_s": self.rules.restore_after_s,
+            "restore_above_hz": restore_above_hz,
+            "restore_after_s": restore_after_s,
             "armed": stages,
             "events": self.events_total,
         }

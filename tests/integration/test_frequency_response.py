@@ -5,10 +5,14 @@ on Modbus TCP, the grid's frequency scripted through the simulator (POST /grid),
 In order, on one site: a dip shorter than the stage's for_s sheds nothing; a longer one sheds the stage's kW at the
 meter, with every step in the audit chain and the export; with the meter offline during the event and the
 frequency back, nothing wakes and the event holds; the meter back, the event restores and the site comes back no
-faster than the ramp.
+faster than the ramp. On sites of their own: an agent killed during an event and started again holds the shed
+(no second trip, nothing woken) until the restore rule is met on its own readings; a stage's own restore rule
+(restore_above_hz, restore_after_s) ends its event where the programme's would not.
 
 Clocks: the simulator runs --speed K and the agent --time-scale K; stage times below are site seconds, deadlines
-wall seconds. Loopback range of this file: 127.72.0.0/16 (miners from 127.72.0.1, the meter on 127.72.1.250).
+wall seconds. Loopback range of this file: 127.72.0.0/16 (miners from 127.72.0.1, the meter on 127.72.1.250; the
+restart test's site 127.72.4.1 and 127.72.5.250, the stage restore test's 127.72.6.1 and 127.72.7.250; the
+benchmark 127.72.16.x and 127.72.255.250).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pytest
 
 from hashflex.agent.io.store import Store
 from hashflex.sim.testing import SimProcess
-from tests.agent_harness import AgentProcess, write_agent_config
+from tests.agent_harness import AgentConfigFiles, AgentProcess, write_agent_config
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -58,30 +62,42 @@ def audit_steps(files_state: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess, AgentProcess, Path]]:
     folder: Path = tmp_path_factory.mktemp("frequency")
-    meter_cfg = {"noise": 0.001, "update_ms": 50.0, "base_kw": 2.0, "cooling_share": 0.0}
     with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.0.1", seed=72, speed=K,
-                    extra_args=["--meter", METER, "--meter-config", json.dumps(meter_cfg), "--wake-s", "10"],
+                    extra_args=["--meter", METER, "--meter-config", json.dumps(METER_CFG), "--wake-s", "10"],
                     ) as sim:  # fmt: skip
-        nominal_kw = sum(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
-        host, port = sim.meter.split(":")
-        files = write_agent_config(folder, sim.ips, cap_kw=round(2 * nominal_kw, 1), time_scale=K, overrides={
-            "site": {"meter": {
-                "host": host, "port": int(port), "map": "sunspec", "poll_s": 0.1, "stale_after_s": 2.0 * K,
-                "frozen_after_s": 60.0 * K, "non_miner_allowance_kw": 3.0, "non_miner_window_s": 4.0 * K,
-            }},
-            "control": {"ramp_up_kw_per_min": RAMP_KW_PER_MIN, "use_power_limits": False},
-            "frequency_response": {
-                "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%"}],
-                "restore_above_hz": 49.9, "restore_after_s": RESTORE_AFTER_S, "poll_s": 0.05,
-            },
-        })  # fmt: skip
+        files = agent_files(folder, sim)
         with AgentProcess.start(files, time_scale=K) as agent:
-            agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
-            # every miner up and the plan carried out before any dip
-            agent.wait_for(lambda: not asleep(sim) and agent.status()["settled_since"], 40, what="all miners up")
-            agent.wait_for(lambda: frequency_doc(agent).get("armed", [{}])[0].get("commands"), 10,
-                           what="an armed shed list")  # fmt: skip
+            wait_armed(sim, agent)
             yield sim, agent, files.state_dir
+
+
+METER_CFG = {"noise": 0.001, "update_ms": 50.0, "base_kw": 2.0, "cooling_share": 0.0}
+
+
+def agent_files(folder: Path, sim: SimProcess, stage: dict[str, Any] | None = None,
+                **section: Any) -> AgentConfigFiles:  # fmt: skip
+    """The agent's config for `sim`: one stage (`stage` adds to it), the programme's restore rule (`section`)."""
+    nominal_kw = sum(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
+    host, port = sim.meter.split(":")
+    return write_agent_config(folder, sim.ips, cap_kw=round(2 * nominal_kw, 1), time_scale=K, overrides={
+        "site": {"meter": {
+            "host": host, "port": int(port), "map": "sunspec", "poll_s": 0.1, "stale_after_s": 2.0 * K,
+            "frozen_after_s": 60.0 * K, "non_miner_allowance_kw": 3.0, "non_miner_window_s": 4.0 * K,
+        }},
+        "control": {"ramp_up_kw_per_min": RAMP_KW_PER_MIN, "use_power_limits": False},
+        "frequency_response": {
+            "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%", **(stage or {})}],
+            "restore_above_hz": 49.9, "restore_after_s": RESTORE_AFTER_S, "poll_s": 0.05, **section,
+        },
+    })  # fmt: skip
+
+
+def wait_armed(sim: SimProcess, agent: AgentProcess) -> None:
+    agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
+    # every miner up and the plan carried out before any dip
+    agent.wait_for(lambda: not asleep(sim) and agent.status()["settled_since"], 40, what="all miners up")
+    agent.wait_for(lambda: frequency_doc(agent).get("armed", [{}])[0].get("commands"), 10,
+                   what="an armed shed list")  # fmt: skip
 
 
 def test_a_dip_shorter_than_for_s_sheds_nothing(site: tuple[SimProcess, AgentProcess, Path]) -> None:
@@ -189,6 +205,106 @@ def test_a_stale_meter_wakes_nothing_and_recovery_restores_under_the_ramp(
     assert "shed_reached" in text
 
 
+# ------------------------------------------------------------------------------------------------ a restart
+def steps_named(state: Path, name: str) -> list[dict[str, Any]]:
+    return [s for s in audit_steps(state) if s["step"] == name]
+
+
+def test_an_event_survives_a_restart_of_the_agent(tmp_path: Path) -> None:
+    """The agent killed during an event and started again: the shed is held (nothing wakes, the stage does not
+    trip a second time on the frequency still below it, nor is forgotten with the frequency between the stage and
+    the restore threshold), and the event restores once the frequency has been back for the restore time."""
+    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.4.1", seed=74, speed=K,
+                    extra_args=["--meter", "127.72.5.250:5020", "--meter-config", json.dumps(METER_CFG),
+                                "--wake-s", "10"]) as sim:  # fmt: skip
+        files = agent_files(tmp_path, sim)
+        origin = time.time()  # one timeline for both runs
+        with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
+            wait_armed(sim, agent)
+            sim.grid_event({"event": "step", "hz": 49.3})
+            agent.wait_for(lambda: steps_named(files.state_dir, "commands_acked"), 15, what="the stage shed")
+            slept = agent.wait_for(lambda: asleep(sim), 15, what="the stage's miners asleep")
+            held_kw = frequency_doc(agent)["held_kw"]
+            agent.kill()
+        assert 1 <= len(slept) < 10
+        with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
+            agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
+
+            def holds(wall_s: float) -> None:
+                end = time.monotonic() + wall_s
+                while time.monotonic() < end:
+                    now_asleep = asleep(sim)
+                    assert slept <= now_asleep, "a miner slept by the event woke after the restart"
+                    # the ordinary plan under the hold may sleep one more (worst case, headroom), not a second stage
+                    assert len(now_asleep) <= len(slept) + 1, "the stage was shed a second time"
+                    time.sleep(0.1)
+
+            # the frequency still below the stage: it does not trip again
+            holds(3 * FOR_S / K + 2.0)
+            assert len(steps_named(files.state_dir, "tripped")) == 1
+            doc = frequency_doc(agent)
+            assert doc["active"], "the event was forgotten over the restart"
+            assert doc["stage"] == 0
+            assert doc["held_kw"] == pytest.approx(held_kw, abs=1e-3)
+            resumed = steps_named(files.state_dir, "resumed")
+            assert len(resumed) == 1
+            assert resumed[0]["stage"] == 0
+            assert resumed[0]["min_hz"] == pytest.approx(49.3, abs=0.05)
+
+            # between the stage and the restore threshold for longer than the restore time: still held
+            sim.grid_event({"event": "step", "hz": 49.7})
+            holds(2 * RESTORE_AFTER_S / K)
+            assert frequency_doc(agent)["active"]
+            # back: the event restores (after the restore time, from the readings of this run) and the miners wake
+            back = time.monotonic()
+            sim.grid_event({"event": "nominal"})
+            agent.wait_for(lambda: not frequency_doc(agent)["active"], 10 + 2 * RESTORE_AFTER_S / K,
+                           what="the event restored")  # fmt: skip
+            assert time.monotonic() - back >= 0.9 * RESTORE_AFTER_S / K
+            agent.wait_for(lambda: not asleep(sim) & slept, 60, what="the slept miners back")
+            assert len(steps_named(files.state_dir, "restored")) == 1
+            # and a later restart has no event to resume
+            agent.stop()
+        with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
+            agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
+            assert not frequency_doc(agent)["active"]
+            assert len(steps_named(files.state_dir, "resumed")) == 1
+
+
+# ------------------------------------------------------------------------------------------------ a stage's own rule
+def test_a_stage_s_own_restore_rule_ends_its_event(tmp_path: Path) -> None:
+    """The stage restores above its own 49.7 Hz after its own 4 s, where the programme's rule (49.9 Hz, 10 min)
+    would hold the event: judged at the simulated miners."""
+    stage_after_s = 4.0
+    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.6.1", seed=76, speed=K,
+                    extra_args=["--meter", "127.72.7.250:5020", "--meter-config", json.dumps(METER_CFG),
+                                "--wake-s", "10"]) as sim:  # fmt: skip
+        files = agent_files(tmp_path, sim, stage={"restore_above_hz": 49.7, "restore_after_s": stage_after_s},
+                            restore_after_s=600.0)  # fmt: skip
+        with AgentProcess.start(files, time_scale=K) as agent:
+            wait_armed(sim, agent)
+            sim.grid_event({"event": "step", "hz": 49.3})
+            slept = agent.wait_for(lambda: steps_named(files.state_dir, "commands_acked") and asleep(sim), 15,
+                                   what="the stage shed")  # fmt: skip
+            doc = frequency_doc(agent)
+            assert (doc["restore_above_hz"], doc["restore_after_s"]) == (49.7, stage_after_s)
+            # 49.65: above the stage, below its restore threshold: held well past the stage's restore time
+            sim.grid_event({"event": "step", "hz": 49.65})
+            time.sleep(3 * stage_after_s / K)
+            assert frequency_doc(agent)["active"]
+            assert slept <= asleep(sim)
+            # 49.8: above the stage's threshold, under the programme's: restored after the stage's time
+            back = time.monotonic()
+            sim.grid_event({"event": "step", "hz": 49.8})
+            agent.wait_for(lambda: not frequency_doc(agent)["active"], 10 + 2 * stage_after_s / K,
+                           what="the event restored")  # fmt: skip
+            assert time.monotonic() - back >= 0.9 * stage_after_s / K
+            agent.wait_for(lambda: not asleep(sim) & slept, 60, what="the slept miners back")
+            restored = steps_named(files.state_dir, "restored")
+            assert len(restored) == 1
+            assert restored[0]["hz"] == pytest.approx(49.8, abs=0.05)
+
+
 # ------------------------------------------------------------------------------------------------ a held loop
 class _Host:
     """Records what the frequency response asks of the controller (the controller itself is tested above)."""
@@ -197,12 +313,21 @@ class _Host:
         self.in_flight: dict[str, Any] = {}
         self.fired: list[tuple[float, int]] = []  # (time.monotonic() when fired, commands)
         self.audits: list[dict[str, Any]] = []
+        self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
+        self.braces: list[bool] = []
 
     def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((time.monotonic(), len(changes)))
 
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.audits.append(data)
+
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
+        self.saved.append(doc)
+        self.audits.extend(audits)
+
+    def frequency_brace(self, on: bool) -> None:
+        self.braces.append(on)
 
     def trigger(self) -> None:
         pass
@@ -261,6 +386,7 @@ def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_pa
                 assert fr.event.first_below_at < released  # the first reading below was taken during the hold
                 assert [a["step"] for a in rec.audits] == ["tripped", "commands_out"]
             finally:
+                fr.close()  # its sleeps are never answered here: the collector is let go
                 await meter.stop()
 
         asyncio.run(run())

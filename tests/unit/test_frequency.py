@@ -20,6 +20,7 @@ from hashflex.agent.core.frequency import (
     FrequencyState,
     Stage,
     observe,
+    resumed,
     send_order,
     shed_list,
     unknown,
@@ -202,12 +203,21 @@ class _Host:
         self.in_flight: dict[str, Any] = {}
         self.fired: list[Any] = []
         self.audits: list[dict[str, Any]] = []
+        self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
+        self.braces: list[bool] = []
 
     def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((changes, level_kw))
 
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:
         self.audits.append(data)
+
+    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
+        self.saved.append(doc)
+        self.audits.extend(audits)
+
+    def frequency_brace(self, on: bool) -> None:
+        self.braces.append(on)
 
     def trigger(self) -> None:
         pass
@@ -323,6 +333,18 @@ def test_a_good_section_loads(tmp_path: Path) -> None:
         ),
         ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "2000kW"}]}, "above site.cap_kw"),
         ({"restore_above_hz": 49.0}, "restore_above_hz = 49.0"),
+        # a stage's own restore rule
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": 49.4}]},
+         "stages[0].restore_above_hz = 49.4"),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"},
+                     {"below_hz": 49.0, "for_s": 0, "shed": "50%", "restore_above_hz": 49.2}]},
+         "stages[1].restore_above_hz = 49.2"),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": float("nan")}]},
+         "stages[0].restore_above_hz"),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": float("inf")}]},
+         "stages[0].restore_after_s"),
+        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": "-5s"}]},
+         "stages[0].restore_after_s"),
         ({"stages": []}, "stages"),
     ],
 )
@@ -336,6 +358,20 @@ def test_bad_sections_are_refused_naming_file_field_and_value(
     assert message.startswith(f"{path}:"), message
     assert "frequency_response" in message, message
     assert expect in message, message
+
+
+def test_a_stage_s_own_restore_rule_loads_and_reaches_the_core(tmp_path: Path) -> None:
+    from hashflex.agent.runtime.frequency import rules_from_config
+
+    section = {**GOOD, "stages": [GOOD["stages"][0], {**GOOD["stages"][1], "restore_above_hz": 49.95,
+                                                      "restore_after_s": "10m"}]}  # fmt: skip
+    fr = load_config(_write(tmp_path, section)).frequency_response
+    assert fr is not None
+    assert fr.stages[0].restore_above_hz is None
+    assert fr.stages[1].restore_after_s == 600.0
+    rules = rules_from_config(fr)
+    assert rules.restore_rule(1) == (49.9, 30.0)
+    assert rules.restore_rule(2) == (49.95, 600.0)
 
 
 def test_the_section_needs_a_site_meter(tmp_path: Path) -> None:
@@ -371,3 +407,245 @@ def test_no_tick_is_wanted_while_a_tripped_stage_s_sleeps_are_unanswered() -> No
     fr.on_result(OpResult(sent[1], Op.SLEEP, None, "timeout", "", 1, 0.0, 0.0))
     assert not fr.defer_tick()  # every one answered (one failed): the tick plans around it
     assert [a["step"] for a in host.audits][-1] == "commands_acked"
+
+
+# ------------------------------------------------------------------------------------------------ per-stage restore
+_TENTHS = st.integers(0, 200).map(lambda n: n / 10)  # restore times on the readings' 0.1 s grid
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    programme=st.tuples(st.floats(49.5, 50.2), _TENTHS),
+    overrides=st.lists(st.tuples(st.none() | st.floats(49.5, 50.2), st.none() | _TENTHS), min_size=2, max_size=2),
+    depth=st.integers(1, 2),
+    hz=st.floats(49.5, 50.3),
+    polls=st.integers(0, 250),
+)
+def test_the_deepest_held_stage_s_restore_rule_ends_the_event(
+    programme: tuple[float, float], overrides: list[tuple[float | None, float | None]], depth: int, hz: float,
+    polls: int,
+) -> None:
+    """An event holding `depth` stages ends exactly when the frequency has been above the deepest held stage's
+    restore_above_hz (the programme's where it has none) for its restore_after_s (likewise), and not before."""
+    shallow_deep = ((49.4, 25.0), (49.0, 50.0))
+    stages = tuple(Stage(below, 0.0, shed_pct=pct, restore_above_hz=above, restore_after_s=after)
+                   for (below, pct), (above, after) in zip(shallow_deep, overrides, strict=True))  # fmt: skip
+    rules = FrequencyRules(stages, restore_above_hz=programme[0], restore_after_s=programme[1], max_gap_s=1.0)
+    dip = 49.3 if depth == 1 else 48.9
+    state, _ = observe(FrequencyState.initial(rules), rules, dip, 0.0)
+    assert state.depth == depth
+    above = overrides[depth - 1][0] if overrides[depth - 1][0] is not None else programme[0]
+    after = overrides[depth - 1][1] if overrides[depth - 1][1] is not None else programme[1]
+    assert rules.restore_rule(depth) == (above, after)
+    restored_at = None
+    for i in range(polls + 1):  # readings every 0.1 s, above the threshold or not, for polls / 10 s
+        state, d = observe(state, rules, hz, 0.1 + i / 10)
+        if d.restore:
+            restored_at = i / 10
+            break
+    if hz <= above or polls / 10 < after - 1e-9:
+        assert restored_at is None, (above, after, hz, polls)
+    else:
+        assert restored_at is not None
+        assert restored_at == pytest.approx(after, abs=0.1 + 1e-6)
+
+
+def test_a_stage_s_restore_threshold_must_be_above_its_below_hz_and_the_first_stage_s() -> None:
+    with pytest.raises(ValueError, match=r"restore_above_hz = 49\.0"):
+        Stage(49.0, 0.0, shed_pct=50.0, restore_above_hz=49.0)
+    with pytest.raises(ValueError, match="restore_after_s"):
+        Stage(49.0, 0.0, shed_pct=50.0, restore_after_s=float("nan"))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.restore_above_hz = 49.2"):
+        FrequencyRules((Stage(49.4, 0.2, shed_pct=25.0), Stage(49.0, 0.0, shed_pct=50.0, restore_above_hz=49.2)),
+                       restore_above_hz=49.9, restore_after_s=10.0)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ over a restart
+def test_a_resumed_event_holds_without_tripping_again_and_restores_on_this_run_s_readings() -> None:
+    # the last run tripped the first stage and had the frequency above the restore threshold for 8 s of the 10
+    state = resumed(RULES, 1, first_below_at=0.6, tripped_at=0.8, min_hz=49.3, min_hz_at=0.7)
+    state, ds = run(poll(30, 32, 49.3), state)  # still below the stage: held, not tripped again
+    assert not any(d.tripped for d in ds)
+    assert state.depth == 1
+    state, ds = run(poll(32.1, 32.5, 48.9), state)  # the deeper stage trips on its own timer
+    assert [d.tripped for d in ds if d.tripped] == [(1,)]
+    state, ds = run(poll(32.6, 42.5, 50.0), state)  # the restore time counts from this run's readings
+    assert not any(d.restore for d in ds)
+    state, ds = run(poll(42.6, 42.8, 50.0), state)
+    restored = [d for d in ds if d.restore]
+    assert len(restored) == 1
+    assert restored[0].ended.min_hz == pytest.approx(48.9)
+    assert restored[0].ended.first_below_at == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="depth"):
+        resumed(RULES, 0, first_below_at=None, tripped_at=None, min_hz=None, min_hz_at=None)
+    assert resumed(RULES, 5, first_below_at=None, tripped_at=None, min_hz=None, min_hz_at=None).depth == 2
+
+
+def _response(host: _Host, clock: list[float]) -> FrequencyResponse:
+    from hashflex.agent.config import FrequencyResponseConfig
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
+         "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    return FrequencyResponse(cfg, host, clock=lambda: clock[0], meter_fresh=lambda: True)
+
+
+def test_the_event_is_kept_while_it_holds_and_resumed_by_the_next_run() -> None:
+    clock = [1.0]
+    host = _Host()
+    fr = _response(host, clock)
+    fleet = [view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)]
+    fr.arm(fleet, set(), 30.0, 1.0)
+    fr.on_hz(_Hz(49.3, 1.0))
+    slept = {c.ip for c in host.fired[0][0]}
+    doc = host.saved[-1]
+    assert doc is not None
+    assert doc["depth"] == 1
+    assert doc["level_kw"] == pytest.approx(24.0)
+    assert set(doc["fired"]) == slept
+    fr.on_hz(_Hz(49.2, 1.1))
+    fr.arm(fleet, set(), 24.0, 1.2)  # the lowest frequency changed: kept at the tick
+    assert host.saved[-1] is not None
+    assert host.saved[-1]["min_hz"] == pytest.approx(49.2)
+    n = len(host.saved)
+    fr.arm(fleet, set(), 24.0, 1.3)
+    assert len(host.saved) == n  # nothing changed: nothing written
+
+    # the agent stops; the next run's clock is 100 s on, the wall was stepped 2 s back meanwhile
+    clock[0] = 100.0
+    host2 = _Host()
+    fr2 = _response(host2, clock)
+    fr2.resume(host.saved[-1], shift_s=-2.0, now=100.0)
+    assert fr2.held_kw == pytest.approx(24.0)
+    assert fr2.event is not None
+    assert set(fr2.event.fired) == slept
+    assert fr2.event.first_below_at == pytest.approx(-1.0)
+    assert [a["step"] for a in host2.audits] == ["resumed"]
+    assert host2.audits[0]["min_hz"] == pytest.approx(49.2)
+    remaining = [v for v in fleet if v.id not in slept]
+    fr2.arm(remaining, set(), 24.0, 100.0)
+    fr2.on_hz(_Hz(49.3, 100.1))  # still below the first stage: it does not trip again
+    assert host2.fired == []
+    fr2.on_hz(_Hz(48.9, 100.2))  # the second stage sheds what the first did not: 12 kW in all, 6 slept already
+    assert len(host2.fired) == 1
+    assert len(host2.fired[0][0]) == 2
+    assert fr2.held_kw == pytest.approx(30.0 - 12.0)
+    assert host2.saved[-1] is not None
+    assert host2.saved[-1]["depth"] == 2
+    for i in range(60):
+        fr2.on_hz(_Hz(50.0, 100.3 + i * 0.1))
+    assert fr2.held_kw is None
+    assert host2.saved[-1] is None  # restored: no event kept
+    assert [a["step"] for a in host2.audits][-1] == "restored"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [{"v": 99}, [1, 2], {"v": 1, "depth": 1, "base_kw": "x", "site_kw": 3.0, "fired": {}},
+     {"v": 1, "depth": 0, "base_kw": 1.0, "site_kw": 3.0, "fired": {}},
+     {"v": 1, "depth": 1, "base_kw": 1.0, "site_kw": 3.0, "fired": {"a": float("nan")}}],
+)
+def test_an_unreadable_stored_event_is_dropped(doc: Any) -> None:
+    host = _Host()
+    fr = _response(host, [1.0])
+    fr.resume(doc, shift_s=0.0, now=1.0)
+    assert fr.event is None
+    assert host.saved == [None]
+    assert host.audits == []
+
+
+# ------------------------------------------------------------------------------------------------ bracing for a trip
+def test_a_ride_through_braces_the_agent_for_a_trip_and_a_dip_ridden_through_lets_go() -> None:
+    """From the first reading below a stage, no tick starts and sweeps are held (the host is asked) until the stage
+    trips or the dip ends; at most once per BRACE_EVERY_S, so a frequency hovering at a threshold does not hold
+    the agent's telemetry back."""
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.runtime.frequency import BRACE_EVERY_S
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.3, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    host = _Host()
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
+    fr.on_hz(_Hz(50.0, 1.0))
+    assert host.braces == []
+    assert not fr.defer_tick()
+    fr.on_hz(_Hz(49.3, 1.1))  # a ride-through begins
+    assert host.braces == [True]
+    assert fr.defer_tick()
+    fr.on_hz(_Hz(49.3, 1.2))
+    assert host.braces == [True]  # once per ride-through
+    fr.on_hz(_Hz(50.0, 1.3))  # ridden through: let go
+    assert host.braces == [True, False]
+    assert not fr.defer_tick()
+    assert BRACE_EVERY_S > 1.0
+    fr.on_hz(_Hz(49.3, 1.4))  # another dip straight after: no second brace (the rate limit)
+    assert host.braces == [True, False]
+    fr.on_hz(_Hz(49.3, 1.8))  # it trips: sleeps out, with the ordinary hold of a batch from the controller
+    assert len(host.fired) == 1
+    assert host.braces == [True, False]
+
+
+def test_a_stale_meter_ends_a_brace() -> None:
+    from hashflex.agent.config import FrequencyResponseConfig
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.5, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    host, fresh = _Host(), [True]
+    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
+    fr.on_hz(_Hz(49.3, 1.0))
+    assert host.braces == [True]
+    fresh[0] = False
+    fr.on_hz(_Hz(49.3, 1.1))
+    assert host.braces == [True, False]
+    assert not fr.defer_tick()
+
+
+def test_no_cyclic_collection_while_bracing_or_while_a_stage_s_sleeps_are_on_the_wire() -> None:
+    """The collector is held off from the first reading below a stage until the stage's sleeps are all answered
+    (or the dip is ridden through), and never past its bound."""
+    import asyncio
+    import gc
+
+    from hashflex.agent.config import FrequencyResponseConfig
+    from hashflex.agent.runtime.actuator import Op, OpResult
+
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.3, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
+    )
+    assert gc.isenabled()
+
+    async def run() -> None:
+        host = _Host()
+        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
+        try:
+            fr.on_hz(_Hz(49.3, 1.0))  # bracing
+            assert not gc.isenabled()
+            fr.on_hz(_Hz(49.3, 1.4))  # tripped: two sleeps out
+            assert not gc.isenabled()
+            sent = [c.ip for c in host.fired[0][0]]
+            fr.on_result(OpResult(sent[0], Op.SLEEP, None, "ok", "", 1, 0.0, 0.0))
+            assert not gc.isenabled()
+            fr.on_result(OpResult(sent[1], Op.SLEEP, None, "ok", "", 1, 0.0, 0.0))
+            assert gc.isenabled()  # all answered
+        finally:
+            fr.close()
+
+    async def bounded() -> None:
+        host = _Host()
+        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        try:
+            fr._hold_gc(True, 0.05)
+            assert not gc.isenabled()
+            await asyncio.sleep(0.15)
+            assert gc.isenabled()  # the bound let it go
+        finally:
+            fr.close()
+
+    asyncio.run(run())
+    asyncio.run(bounded())
+    assert gc.isenabled()
