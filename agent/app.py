@@ -81,8 +81,9 @@ def load_keys(cfg: AgentConfig) -> tuple[list[Ed25519PublicKey], list[Ed25519Pub
                 raise ConfigError(f"{field}: {exc}") from None
         return keys
 
-    return read(cfg.grid.public_keys, "grid.public_keys"), read(cfg.grid.operator_public_keys,
-                                                                "grid.operator_public_keys")  # fmt: skip
+    return read(cfg.grid.public_keys, "grid.public_keys"), read(
+        cfg.grid.operator_public_keys, "grid.operator_public_keys"
+    )
 
 
 def load_signing_key(cfg: AgentConfig) -> Ed25519PrivateKey | None:
@@ -151,12 +152,18 @@ def site_meter(
 
     max_kw = m.max_kw if m.max_kw is not None else 2.0 * cfg.site.cap_kw  # more than that is garbage, not a site
     mcfg = MeterConfig(
-        host=m.host, port=m.port, unit=m.unit, map=m.map, sunspec_model=m.sunspec_model,
-        bounds=MeterBounds(max_w=max_kw * 1000.0), poll_s=m.poll_s, stale_after_s=m.stale_after_s,
+        host=m.host,
+        port=m.port,
+        unit=m.unit,
+        map=m.map,
+        sunspec_model=m.sunspec_model,
+        bounds=MeterBounds(max_w=max_kw * 1000.0),
+        poll_s=m.poll_s,
+        stale_after_s=m.stale_after_s,
         frozen_after_s=m.frozen_after_s,
         # frequency response reads the frequency register alone, this often (wall s), between full readings
         hz_poll_s=None if cfg.frequency_response is None else cfg.frequency_response.poll_s,
-    )  # fmt: skip
+    )
     return ModbusMeter(mcfg, clock=_SiteTime(clock), on_fault=on_fault)
 
 
@@ -246,8 +253,9 @@ class WaitingForStore:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             doc = json.loads(payload)
             request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-        return Reply.error(request_id, UNAVAILABLE, f"the agent is not controlling yet: waiting for the state store: "
-                           f"{self.reason}")  # fmt: skip
+        return Reply.error(
+            request_id, UNAVAILABLE, f"the agent is not controlling yet: waiting for the state store: {self.reason}"
+        )
 
 
 class Agent:
@@ -281,24 +289,30 @@ class Agent:
         from hashflex.agent.runtime.fleet import Fleet, driver_from_config  # noqa: PLC0415  (imports pyasic)
 
         if crashpoints.armed():
-            log.warning("TEST ONLY: a crash point is armed; this agent will SIGKILL itself", point=crashpoints.armed(),
-                        env=crashpoints.ENV)  # fmt: skip
+            log.warning(
+                "TEST ONLY: a crash point is armed; this agent will SIGKILL itself",
+                point=crashpoints.armed(),
+                env=crashpoints.ENV,
+            )
         self.store, safe_reason = await self._open_store()
         self.store.set_busy_timeout(LOOP_BUSY_TIMEOUT_MS)  # never hold the loop for another process's lock
         # the agent's own records go through the write-behind: a store that refuses writes does not stop it
         self.persist = persist = WriteBehind(self.store)
         persist.audit(
-            AuditKind.AGENT_START, {"version": __version__, "pid": os.getpid(), "time_scale": self.time_scale,
-                            "safe_start": safe_reason},
+            AuditKind.AGENT_START,
+            {"version": __version__, "pid": os.getpid(), "time_scale": self.time_scale, "safe_start": safe_reason},
             self.clock.time(),
-        )  # fmt: skip
+        )
         driver = driver_from_config(cfg)
         # the meter polls from now on, so its first reading is in by the first tick (a refused one asks for a tick)
         self.meter = site_meter(cfg, self.clock, on_fault=lambda _refusal: self._meter_fault())
         if self.meter is not None:
             self.meter.start()
-            log.info("site meter", meter=self.meter.name, map=cfg.site.meter and str(getattr(cfg.site.meter.map,
-                     "name", cfg.site.meter.map)))  # fmt: skip
+            log.info(
+                "site meter",
+                meter=self.meter.name,
+                map=cfg.site.meter and str(getattr(cfg.site.meter.map, "name", cfg.site.meter.map)),
+            )
         self.fleet = fleet = Fleet.from_config(
             driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w
         )
@@ -332,18 +346,27 @@ class Agent:
         grid_link = cfg.mqtt.enabled and bool(grid_keys)
         meter: SiteMeterPort | None = self.meter
         self.controller = ctl = Controller(
-            cfg, fleet=fleet, store=self.store, actuator=actuator, clock=self.clock, events=events,
-            notifier=self.notifier, grid_link=grid_link,
-            gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb), meter=meter,
+            cfg,
+            fleet=fleet,
+            store=self.store,
+            actuator=actuator,
+            clock=self.clock,
+            events=events,
+            notifier=self.notifier,
+            grid_link=grid_link,
+            gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
+            meter=meter,
             persist=persist,
-        )  # fmt: skip
+        )
         if self.meter is not None and ctl.frequency is not None:  # every reading reaches the detector as it arrives
             self.meter.on_frequency, self.meter.on_reading = ctl.frequency.on_hz, ctl.frequency.on_reading
         ctl.sweep_request = self.sweep_request
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
         ctl.commands.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
-        self.metrics = Metrics(status_provider=lambda: ctl.publisher.doc or None,
-                               miners_provider=self._miner_rows if cfg.metrics.per_miner else None)  # fmt: skip
+        self.metrics = Metrics(
+            status_provider=lambda: ctl.publisher.doc or None,
+            miners_provider=self._miner_rows if cfg.metrics.per_miner else None,
+        )
         ctl.metrics = self.metrics
         ctl.restore(safe_start=safe_reason)
         self.housekeeping = Housekeeping(self.store, self.clock, cfg.site.id, signing_key)
@@ -355,8 +378,9 @@ class Agent:
             from hashflex.agent.runtime.flex_publish import FlexSink  # noqa: PLC0415
 
             # heartbeats go through the service, which passes on only signed, fresh ones for this site
-            self.link = MqttLink(cfg, self.service, self.service, self.info, clock=self.clock.time,
-                                 authentic=self.service.authentic)  # fmt: skip
+            self.link = MqttLink(
+                cfg, self.service, self.service, self.info, clock=self.clock.time, authentic=self.service.authentic
+            )
             events.subscribe(self.link.publish_event)
             ctl.publisher.sinks.append(self.link.publish_state)
             # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
@@ -384,9 +408,14 @@ class Agent:
             f"ready: {len(snap.miners)} miners, {snap.unreachable} unreachable, target {ctl.status()['target_kw']} kW"
         )
         log.info(
-            "agent ready", version=__version__, miners=len(snap.miners), unreachable=snap.unreachable,
-            socket=str(self.cfg.socket_path), mqtt=cfg.mqtt.enabled, time_scale=self.time_scale,
-        )  # fmt: skip
+            "agent ready",
+            version=__version__,
+            miners=len(snap.miners),
+            unreachable=snap.unreachable,
+            socket=str(self.cfg.socket_path),
+            mqtt=cfg.mqtt.enabled,
+            time_scale=self.time_scale,
+        )
 
     async def _open_store(self) -> tuple[Any, str | None]:
         """open_store, waited for while the store cannot be used now (full, locked, read-only, I/O errors): the file
@@ -434,11 +463,14 @@ class Agent:
     def info(self) -> dict[str, Any]:
         ctl = self.controller
         return {
-            "version": __version__, "site_id": self.cfg.site.id, "started_at": iso(self.started_at),
-            "cap_kw": self.cfg.site.cap_kw, "circuits": [c.id for c in self.cfg.site.circuits],
+            "version": __version__,
+            "site_id": self.cfg.site.id,
+            "started_at": iso(self.started_at),
+            "cap_kw": self.cfg.site.cap_kw,
+            "circuits": [c.id for c in self.cfg.site.circuits],
             "miners": len(self.fleet) if self.fleet is not None else 0,
             "target_kw": None if ctl is None or ctl.target is None else ctl.target.kw,
-        }  # fmt: skip
+        }
 
     def _miner_rows(self) -> list[dict[str, Any]]:
         assert self.controller is not None
@@ -481,10 +513,22 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             s = self.controller.status()
-            self.link.publish_telemetry({
-                k: s.get(k) for k in ("ts", "target_kw", "cap_kw", "power_kw", "power_kw_measured",
-                                      "power_kw_estimated", "power_kw_worst_case", "hashrate_ths", "miners")
-            })  # fmt: skip
+            self.link.publish_telemetry(
+                {
+                    k: s.get(k)
+                    for k in (
+                        "ts",
+                        "target_kw",
+                        "cap_kw",
+                        "power_kw",
+                        "power_kw_measured",
+                        "power_kw_estimated",
+                        "power_kw_worst_case",
+                        "hashrate_ths",
+                        "miners",
+                    )
+                }
+            )
             if detail_wall is not None and time.monotonic() - last_detail >= detail_wall:
                 last_detail = time.monotonic()
                 for row in self.controller.miner_rows(None, "ip", False, None):
@@ -543,8 +587,9 @@ class Agent:
             except Exception:
                 shutdown_failed = True
                 log.exception("on_shutdown commands failed")
-        self.left_as = site_left_as(self.cfg.control.on_shutdown, controlled=self.controller is not None,
-                                    failed=shutdown_failed)  # fmt: skip
+        self.left_as = site_left_as(
+            self.cfg.control.on_shutdown, controlled=self.controller is not None, failed=shutdown_failed
+        )
         if self.server is not None:
             await self.server.close()
         if self.metrics is not None:
@@ -567,8 +612,11 @@ class Agent:
                 else:
                     persist.audit(AuditKind.AGENT_STOP, {"pid": os.getpid()}, self.clock.time())
                     if not persist.flush(force=True):
-                        log.error("state store still refuses writes at stop; queued records lost",
-                                  records=persist.backlog, error=persist.error)  # fmt: skip
+                        log.error(
+                            "state store still refuses writes at stop; queued records lost",
+                            records=persist.backlog,
+                            error=persist.error,
+                        )
             with contextlib.suppress(Exception):
                 self.store.close()
         log.info("agent stopped", left=self.left_as)
@@ -611,8 +659,12 @@ def run(cfg: AgentConfig, *, time_scale: float | None = None, time_origin: float
     bind_context(site_id=cfg.site.id)
     if not cfg.mqtt.enabled:
         # said once, at start: a site without a grid link is a choice (no `mqtt:` section), not a fault to repeat
-        log.info("no grid link", why="the config has no mqtt section (or mqtt.enabled: false)",
-                 follows="site.cap_kw, the schedule and the local CLI", config=str(cfg.source))  # fmt: skip
+        log.info(
+            "no grid link",
+            why="the config has no mqtt section (or mqtt.enabled: false)",
+            follows="site.cap_kw, the schedule and the local CLI",
+            config=str(cfg.source),
+        )
 
     async def main() -> int:
         return await Agent(cfg, time_scale=time_scale, time_origin=time_origin).run()

@@ -111,10 +111,11 @@ def answer_repeat(request: Request, stored: dict[str, Any]) -> Repeat | Reply:
         return Repeat(request, stored)
     revise = " (or a higher rev to revise a dispatch)" if request.verb == "dispatch" else ""
     return Reply.error(
-        request.id, CONFLICT,
+        request.id,
+        CONFLICT,
         f"id {request.id!r} was already used for a different {request.verb!r} request, which keeps its reply; "
         f"a repeat must ask for the same thing: send new content with a new id{revise}",
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +188,11 @@ def check_order(command: Command, newest_issued: Callable[[str], float | None]) 
     if newest is None or issued >= newest:
         return None
     return Reply.error(
-        command.id, STALE,
+        command.id,
+        STALE,
         f"{command.verb!r} was issued at {iso(issued)}, before a newer {key.split(':', 1)[1]!r} command "
         f"(issued {iso(newest)}) that is already applied: a late or replayed command cannot undo a newer one",
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------------- the gate

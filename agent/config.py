@@ -196,8 +196,11 @@ class SiteMeterConfig(_Model):
         ge=0, description="Non-miner load (cooling, losses, base load) counted while the meter is stale."
     )
     lag_s: Seconds = Field(
-        2.0, ge=0, le=300, description="How far the meter's figure lags the miners' own readings (its averaging "
-        "interval and poll): the non-miner load is sampled only while the miners' sum held that long."
+        2.0,
+        ge=0,
+        le=300,
+        description="How far the meter's figure lags the miners' own readings (its averaging "
+        "interval and poll): the non-miner load is sampled only while the miners' sum held that long.",
     )
     non_miner_window_s: Seconds = Field(
         900.0, gt=0, description="The non-miner load is counted at its maximum over this window."
@@ -327,7 +330,10 @@ class MinersConfig(_Model):
         None, description="YAML {family: password}; relative to the config file. Or $CREDENTIALS_DIRECTORY."
     )
     unknown_w: float | None = Field(
-        None, gt=0, le=20_000, allow_inf_nan=False,
+        None,
+        gt=0,
+        le=20_000,
+        allow_inf_nan=False,
         description="Worst case (W) a configured address counts at until a miner there is identified; "
         "default: the largest model in the catalogue.",
     )
@@ -338,9 +344,7 @@ class PollingConfig(_Model):
     read_timeout_s: Seconds = Field(4.0, gt=0, description="Per-miner read deadline.")
     command_timeout_s: Seconds = Field(8.0, gt=0, description="Per-miner control command deadline.")
     identify_timeout_s: Seconds = Field(10.0, gt=0)
-    concurrency: int = Field(
-        200, ge=1, le=5000, description="Miner calls in flight at once (pyasic fails past ~700)."
-    )
+    concurrency: int = Field(200, ge=1, le=5000, description="Miner calls in flight at once (pyasic fails past ~700).")
     identify_concurrency: int = Field(128, ge=1, le=600)
     stale_after_s: Seconds = Field(30.0, gt=0, description="A reading older than this counts as unknown.")
     reidentify_after_failures: int = Field(20, ge=1)
@@ -540,9 +544,11 @@ class FrequencyResponseConfig(_Model):
     restore_above_hz: float = Field(ge=45.0, le=65.0, description="The event ends once above this ...")
     restore_after_s: Seconds = Field(ge=0, le=3600.0, description="... for this long (then ramp and stagger).")
     poll_s: Seconds | None = Field(
-        0.1, ge=0.02, le=60.0,
+        0.1,
+        ge=0.02,
+        le=60.0,
         description="Wall seconds between frequency-only meter reads; none = each full meter reading only.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> FrequencyResponseConfig:
@@ -638,8 +644,12 @@ class AgentConfig(_Model):
                 f"control.tolerance_kw = {self.control.tolerance_kw}: more than {MAX_TOLERANCE_SHARE * 100:g} % of "
                 f"site.cap_kw ({self.site.cap_kw} kW); the site could stay that far above its cap uncorrected"
             )
-        lists = [self.miners.addresses, self.miners.exclude, *(g.addresses for g in self.miners.priority_groups),
-                 *(c.miners for c in self.site.circuits)]  # fmt: skip
+        lists = [
+            self.miners.addresses,
+            self.miners.exclude,
+            *(g.addresses for g in self.miners.priority_groups),
+            *(c.miners for c in self.site.circuits),
+        ]
         total = sum(size(spec) for specs in lists for spec in specs)
         if total > MAX_ADDRESSES_CONFIG:
             raise ValueError(
@@ -708,8 +718,9 @@ def read_credentials(path: Path) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: {_yaml_problem(exc)}; write one `family: password` line "
-                          "per firmware family") from None  # fmt: skip
+        raise ConfigError(
+            f"{path}: {_yaml_problem(exc)}; write one `family: password` line per firmware family"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

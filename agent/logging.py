@@ -46,10 +46,23 @@ _CHATTY_LIBRARIES = ("pyasic", "httpx", "httpcore")
 # a name part that marks a secret value (checked on lowercase, split at non-alphanumerics and camelCase)
 _SECRET_PARTS = frozenset(
     {
-        "password", "passwd", "passphrase", "pwd", "secret", "token", "key", "apikey", "privkey", "signature",
-        "credential", "credentials", "authorization", "cookie", "private",
+        "password",
+        "passwd",
+        "passphrase",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "apikey",
+        "privkey",
+        "signature",
+        "credential",
+        "credentials",
+        "authorization",
+        "cookie",
+        "private",
     }
-)  # fmt: skip
+)
 # ...unless the name ends like this: a key *file*, a key *id* or the list of public *keys* is not itself secret
 _NOT_SECRET_SUFFIXES = frozenset({"file", "files", "path", "paths", "dir", "id", "ids", "keys", "count", "name"})
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@")
@@ -213,9 +226,10 @@ def configure_logging(
         tail = [tracebacks, renderer]
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            colors=_isatty(out), sort_keys=False,
+            colors=_isatty(out),
+            sort_keys=False,
             exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
-        )  # fmt: skip
+        )
         tail = [renderer]
 
     structlog.configure(

@@ -96,8 +96,10 @@ def metrics_bind_problem(cfg: AgentConfig, exc: OSError) -> str:
     """The one line for a metrics endpoint that cannot listen (the check below, and the agent's own bind)."""
     where = f"{cfg.source}: metrics.port = {cfg.metrics.host}:{cfg.metrics.port}"
     if exc.errno == errno.EADDRINUSE:
-        return (f"{where}: the port is in use by another program (`ss -ltnp 'sport = :{cfg.metrics.port}'` shows "
-                "which): stop it, or set another metrics.port (0 picks a free one)")  # fmt: skip
+        return (
+            f"{where}: the port is in use by another program (`ss -ltnp 'sport = :{cfg.metrics.port}'` shows "
+            "which): stop it, or set another metrics.port (0 picks a free one)"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{where}: {cfg.metrics.host} is not an address of this machine: set metrics.host (e.g. 127.0.0.1)"
     if exc.errno == errno.EACCES:
@@ -109,11 +111,12 @@ def _check_metrics_port(cfg: AgentConfig, findings: Findings) -> None:
     if not cfg.metrics.enabled or cfg.metrics.port == 0:
         return
     try:
-        infos = socket.getaddrinfo(cfg.metrics.host, cfg.metrics.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)  # fmt: skip
+        infos = socket.getaddrinfo(cfg.metrics.host, cfg.metrics.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        findings.error(f"metrics.host = {cfg.metrics.host!r}: not a known host name ({exc.strerror}): set "
-                       "metrics.host to an address of this machine, e.g. 127.0.0.1")  # fmt: skip
+        findings.error(
+            f"metrics.host = {cfg.metrics.host!r}: not a known host name ({exc.strerror}): set "
+            "metrics.host to an address of this machine, e.g. 127.0.0.1"
+        )
         return
     family, kind, proto, _name, address = infos[0]
     probe = socket.socket(family, kind, proto)
@@ -139,13 +142,17 @@ def _check_socket_group(cfg: AgentConfig, findings: Findings) -> None:
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
-        findings.error(f"{where}: no such group on this machine: create it (`sudo systemd-sysusers`, or "
-                               f"`sudo groupadd {group}`) or remove control_socket.group")  # fmt: skip
+        findings.error(
+            f"{where}: no such group on this machine: create it (`sudo systemd-sysusers`, or "
+            f"`sudo groupadd {group}`) or remove control_socket.group"
+        )
         return
     if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
-        findings.error(f"{where}: this user (uid {os.geteuid()}) is not in that group, so it cannot give "
-                               "the socket to it: run the agent as a member, or remove control_socket.group and add "
-                               "operators to the agent's own group")  # fmt: skip
+        findings.error(
+            f"{where}: this user (uid {os.geteuid()}) is not in that group, so it cannot give "
+            "the socket to it: run the agent as a member, or remove control_socket.group and add "
+            "operators to the agent's own group"
+        )
 
 
 def _check_meter_host(cfg: AgentConfig, findings: Findings) -> None:
@@ -157,8 +164,10 @@ def _check_meter_host(cfg: AgentConfig, findings: Findings) -> None:
     try:
         socket.getaddrinfo(meter.host, meter.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        findings.error(f"site.meter.host = {meter.host!r}: not a known host name ({exc.strerror}): set the meter's "
-                       "(or its Modbus gateway's) address, e.g. 10.0.0.50")  # fmt: skip
+        findings.error(
+            f"site.meter.host = {meter.host!r}: not a known host name ({exc.strerror}): set the meter's "
+            "(or its Modbus gateway's) address, e.g. 10.0.0.50"
+        )
 
 
 def preflight(cfg: AgentConfig) -> Findings:
@@ -173,8 +182,11 @@ def preflight(cfg: AgentConfig) -> Findings:
             findings.attempt(what, partial(load_public_key, cfg.resolve(key)), key_fix)
     if cfg.mqtt.enabled:
         if cfg.mqtt.password_file is not None:
-            findings.attempt("mqtt.password_file", partial(_readable_file, cfg.resolve(cfg.mqtt.password_file)),
-                             "write the broker password there or correct the path")  # fmt: skip
+            findings.attempt(
+                "mqtt.password_file",
+                partial(_readable_file, cfg.resolve(cfg.mqtt.password_file)),
+                "write the broker password there or correct the path",
+            )
         elif cfg.mqtt.username and not cfg.mqtt_password():  # the unit's empty fallback reads as ""
             findings.warnings.append(
                 "mqtt.username is set but no password was found (mqtt.password_file or the systemd credential "
@@ -184,17 +196,26 @@ def preflight(cfg: AgentConfig) -> Findings:
             tls = cfg.mqtt.tls
             for name, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)):
                 if path is not None:
-                    findings.attempt(f"mqtt.tls.{name}", partial(_readable_file, cfg.resolve(path)),
-                                     "put the file there or correct the path")  # fmt: skip
-    findings.attempt("miners.credentials_file", cfg.credentials,
-                     "write the miners' passwords there (`family: password` lines) or correct the path")  # fmt: skip
+                    findings.attempt(
+                        f"mqtt.tls.{name}",
+                        partial(_readable_file, cfg.resolve(path)),
+                        "put the file there or correct the path",
+                    )
+    findings.attempt(
+        "miners.credentials_file",
+        cfg.credentials,
+        "write the miners' passwords there (`family: password` lines) or correct the path",
+    )
     if cfg.audit.sign_daily_head:
         if cfg.audit.signing_key is None:
             findings.error("audit.sign_daily_head is on but audit.signing_key is not set; set it or turn signing off")
         else:
             key_path = cfg.resolve(cfg.audit.signing_key)
-            findings.attempt("audit.signing_key", partial(load_private_key, key_path),
-                             "create it with `hashflex keygen --out FILE` or correct the path")  # fmt: skip
+            findings.attempt(
+                "audit.signing_key",
+                partial(load_private_key, key_path),
+                "create it with `hashflex keygen --out FILE` or correct the path",
+            )
     if not expand(cfg.miners.addresses):
         findings.warnings.append("miners.addresses is empty: the agent will control no miner")
     _check_socket_group(cfg, findings)

@@ -100,8 +100,6 @@ def optional_finite(value: object, name: str) -> float | None:
     return None if value is None else finite(value, name)
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Reach:
     """Within `within_s` seconds the site can be down to `floor_w` (worst-case accounting)."""
@@ -195,10 +193,6 @@ class Flexibility:
         }
 
 
-
-
-
-
 def parse_flex(doc: Mapping[str, Any]) -> Flexibility:
     """A `Flexibility` from its document (`to_dict`), checked: the schema, every number finite, the reach floors
     non-increasing and the loss curve non-decreasing. Raises ValueError naming the field."""
@@ -289,5 +283,3 @@ def parse_flex(doc: Mapping[str, Any]) -> Flexibility:
         miners=counts[0],  # type: ignore[arg-type]  # checked to be int above
         unreachable=counts[1],  # type: ignore[arg-type]
     )
-
-

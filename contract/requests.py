@@ -269,8 +269,6 @@ HEARTBEAT_VERB = "heartbeat"
 SIGNED_VERBS = (*(verb for verb in VERBS if verb in MUTATING_VERBS), HEARTBEAT_VERB)
 
 
-
-
 # ------------------------------------------------------------------------------------------------- JSON in
 class _Refused(ValueError):
     """A payload `load_json` will not parse; the message says why."""
@@ -322,15 +320,16 @@ def load_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         if _depth(payload) > max_depth:
             raise _Refused(f"nested deeper than {max_depth} levels")
         return json.loads(
-            payload, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant,
+            payload,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
             object_pairs_hook=_unique_keys,
-        )  # fmt: skip
+        )
     except _Refused:
         raise
     except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
         raise ValueError(str(exc)[:200]) from None
-
-
 
 
 class HeartbeatRequest(BaseModel):
@@ -343,5 +342,3 @@ class HeartbeatRequest(BaseModel):
     signature: str = Field(min_length=1, max_length=512)
     id: CommandId | None = None
     seq: int | None = Field(None, ge=0)
-
-

@@ -69,8 +69,9 @@ def next_record(prev_seq: int, prev_hash: str, ts: float, kind: str, data: Mappi
     try:
         kind = CoordinatorKind(kind).value
     except ValueError:
-        raise ValueError(f"unknown coordinator audit kind {kind!r} (one of: "
-                         f"{', '.join(k.value for k in CoordinatorKind)})") from None  # fmt: skip
+        raise ValueError(
+            f"unknown coordinator audit kind {kind!r} (one of: {', '.join(k.value for k in CoordinatorKind)})"
+        ) from None
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
         raise ValueError(f"audit ts must be finite epoch seconds, got {ts!r}")
     try:
@@ -84,15 +85,29 @@ def next_record(prev_seq: int, prev_hash: str, ts: float, kind: str, data: Mappi
 def record_from_dict(raw: Mapping[str, Any]) -> AuditRecord:
     """A stored record back (ValueError when it is not one: the verifier then names its place)."""
     try:
-        return AuditRecord(int(raw["seq"]), float(raw["ts"]), str(raw["kind"]), dict(raw["data"]),
-                           str(raw["prev_hash"]), str(raw["hash"]))  # fmt: skip
+        return AuditRecord(
+            int(raw["seq"]),
+            float(raw["ts"]),
+            str(raw["kind"]),
+            dict(raw["data"]),
+            str(raw["prev_hash"]),
+            str(raw["hash"]),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not an audit record: {exc!r}") from None
 
 
 # ------------------------------------------------------------------------------------------ what is recorded
-def command_data(verb: str, outcome: str, *, id: str | None, code: str | None = None, message: str | None = None,
-                 document: Any = None, revision: int | None = None) -> dict[str, Any]:  # fmt: skip
+def command_data(
+    verb: str,
+    outcome: str,
+    *,
+    id: str | None,
+    code: str | None = None,
+    message: str | None = None,
+    document: Any = None,
+    revision: int | None = None,
+) -> dict[str, Any]:
     """A program command and its verdict: outcome accepted | repeat | refused."""
     data: dict[str, Any] = {"verb": verb[:32], "outcome": outcome, "id": id}
     if code is not None:
@@ -163,24 +178,56 @@ def step_events(
             events.append((CoordinatorKind.COMPLIANCE.value, compliance_data(held, end="revised", now=now)))
         if seen is not None and seen != now_failing:
             by_site = {s.site_id: s for s in report.sites}
-            events.append((CoordinatorKind.REDISPATCH.value, {
-                "dispatch": did,
-                "failed": [{"site": sid, "failure": by_site[sid].failure, "reason": by_site[sid].reason,
-                            "counted_w": by_site[sid].counted_w} for sid in sorted(now_failing - seen)],
-                "recovered": sorted(seen - now_failing),
-                "unmet_w": report.unmet_w,
-            }))  # fmt: skip
+            events.append(
+                (
+                    CoordinatorKind.REDISPATCH.value,
+                    {
+                        "dispatch": did,
+                        "failed": [
+                            {
+                                "site": sid,
+                                "failure": by_site[sid].failure,
+                                "reason": by_site[sid].reason,
+                                "counted_w": by_site[sid].counted_w,
+                            }
+                            for sid in sorted(now_failing - seen)
+                        ],
+                        "recovered": sorted(seen - now_failing),
+                        "unmet_w": report.unmet_w,
+                    },
+                )
+            )
         if seen is None or _shares_key(before, did) != _shares_key(after, did):  # first seen in this term, or moved
             shares = after.assignments.get(did, {})
-            events.append((CoordinatorKind.ALLOCATION.value, {
-                "dispatch": did, "kind": report.kind, "program_rev": None if d is None else d.rev,
-                "level_w": report.level_w, "allocated_w": report.allocated_w, "unmet_w": report.unmet_w,
-                "lost_ths": report.lost_ths,
-                "sites": [{"site": s.site_id, "share_w": s.target_w, "rev": s.rev, "counted_w": s.counted_w,
-                           "present_w": s.present_w, "failure": s.failure, "reason": s.reason,
-                           "changed": _shares_key(before, did).get(s.site_id) != _shares_key(after, did).get(s.site_id)}
-                          for s in report.sites if s.site_id in shares or s.failure is not None],
-            }))  # fmt: skip
+            events.append(
+                (
+                    CoordinatorKind.ALLOCATION.value,
+                    {
+                        "dispatch": did,
+                        "kind": report.kind,
+                        "program_rev": None if d is None else d.rev,
+                        "level_w": report.level_w,
+                        "allocated_w": report.allocated_w,
+                        "unmet_w": report.unmet_w,
+                        "lost_ths": report.lost_ths,
+                        "sites": [
+                            {
+                                "site": s.site_id,
+                                "share_w": s.target_w,
+                                "rev": s.rev,
+                                "counted_w": s.counted_w,
+                                "present_w": s.present_w,
+                                "failure": s.failure,
+                                "reason": s.reason,
+                                "changed": _shares_key(before, did).get(s.site_id)
+                                != _shares_key(after, did).get(s.site_id),
+                            }
+                            for s in report.sites
+                            if s.site_id in shares or s.failure is not None
+                        ],
+                    },
+                )
+            )
         if d is not None:
             compliance[did] = _track(tracker.compliance.get(did), report, after, now=now)
     for did, c in tracker.compliance.items():
@@ -203,11 +250,14 @@ def _track(c: Compliance | None, report: DispatchReport, state: ProgramState, *,
     if met_at is None and over is not None and over <= 0 and not report.unmet_w:
         met_at = now
     return replace(
-        c, level_w=report.level_w, steps=c.steps + 1,
-        all_ok_at=c.all_ok_at if c.all_ok_at is not None or not all_ok else now, met_at=met_at,
+        c,
+        level_w=report.level_w,
+        steps=c.steps + 1,
+        all_ok_at=c.all_ok_at if c.all_ok_at is not None or not all_ok else now,
+        met_at=met_at,
         max_over_after_met_w=max(c.max_over_after_met_w, over or 0.0) if c.met_at is not None else 0.0,
         max_unmet_w=max(c.max_unmet_w, report.unmet_w),
-    )  # fmt: skip
+    )
 
 
 def compliance_data(c: Compliance, *, end: str, now: float) -> dict[str, Any]:
@@ -215,11 +265,19 @@ def compliance_data(c: Compliance, *, end: str, now: float) -> dict[str, Any]:
         return None if ts is None else round(ts - c.accepted_at, 3)
 
     return {
-        "dispatch": c.dispatch_id, "kind": c.kind, "rev": c.rev, "end": end, "level_w": c.level_w,
-        "accepted_at": c.accepted_at, "ended_at": now, "tracked_since": c.since,
-        "time_to_all_ok_s": after(c.all_ok_at), "time_to_level_s": after(c.met_at),
-        "max_over_after_met_w": c.max_over_after_met_w, "max_unmet_w": c.max_unmet_w,
-    }  # fmt: skip
+        "dispatch": c.dispatch_id,
+        "kind": c.kind,
+        "rev": c.rev,
+        "end": end,
+        "level_w": c.level_w,
+        "accepted_at": c.accepted_at,
+        "ended_at": now,
+        "tracked_since": c.since,
+        "time_to_all_ok_s": after(c.all_ok_at),
+        "time_to_level_s": after(c.met_at),
+        "max_over_after_met_w": c.max_over_after_met_w,
+        "max_unmet_w": c.max_unmet_w,
+    }
 
 
 def counts(events: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, int]:
@@ -249,8 +307,14 @@ def verify_stored(
         if record.seq != position:
             verifier.fail_at(position, f"message {position} of the stream holds record {record.seq}")
             break
-        if not verifier.feed(record.seq, record.ts, record.kind, canonical_json(record.data),
-                             prev_hash=record.prev_hash, stored_hash=record.hash):  # fmt: skip
+        if not verifier.feed(
+            record.seq,
+            record.ts,
+            record.kind,
+            canonical_json(record.data),
+            prev_hash=record.prev_hash,
+            stored_hash=record.hash,
+        ):
             break
     check_tail(verifier, expected_last_seq)
     return verifier.result()
@@ -258,8 +322,20 @@ def verify_stored(
 
 EXPORT_FORMAT = "hashflex-program-export/1"
 _AUDIT_COLUMNS = ("seq", "ts", "time_utc", "kind", "data", "prev_hash", "hash")
-_COMPLIANCE_COLUMNS = ("dispatch", "kind", "rev", "end", "level_w", "accepted_at", "ended_at", "tracked_since",
-                       "time_to_all_ok_s", "time_to_level_s", "max_over_after_met_w", "max_unmet_w")  # fmt: skip
+_COMPLIANCE_COLUMNS = (
+    "dispatch",
+    "kind",
+    "rev",
+    "end",
+    "level_w",
+    "accepted_at",
+    "ended_at",
+    "tracked_since",
+    "time_to_all_ok_s",
+    "time_to_level_s",
+    "max_over_after_met_w",
+    "max_unmet_w",
+)
 
 
 def export_files(records: Sequence[AuditRecord], meta: Mapping[str, Any], fmt: str) -> dict[str, bytes]:
@@ -273,8 +349,11 @@ def export_files(records: Sequence[AuditRecord], meta: Mapping[str, Any], fmt: s
         raise ValueError(f"unknown export format {fmt!r} (json or csv)")
     rows = [{**r.to_dict(), "time_utc": timefmt.iso(r.ts), "data": canonical_json(r.data)} for r in records]
     files = {"audit.csv": _csv(_AUDIT_COLUMNS, rows), "compliance.csv": _csv(_COMPLIANCE_COLUMNS, compliance)}
-    manifest = {"format": EXPORT_FORMAT, **meta,
-                "files": {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}}  # fmt: skip
+    manifest = {
+        "format": EXPORT_FORMAT,
+        **meta,
+        "files": {name: hashlib.sha256(body).hexdigest() for name, body in files.items()},
+    }
     files["manifest.json"] = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
     return files
 

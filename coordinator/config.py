@@ -101,8 +101,9 @@ class LeaseSection(_Model):
         return self
 
     def to_lease(self) -> LeaseConfig:
-        return LeaseConfig(bucket=self.bucket, ttl_s=self.ttl_s, renew_every_s=self.renew_every_s,
-                           replicas=self.replicas)  # fmt: skip
+        return LeaseConfig(
+            bucket=self.bucket, ttl_s=self.ttl_s, renew_every_s=self.renew_every_s, replicas=self.replicas
+        )
 
 
 class StateSection(_Model):
@@ -134,8 +135,13 @@ class RulesSection(_Model):
     tolerance_share: float = Field(0.02, ge=0, le=1)
     min_tolerance_w: float = Field(5000.0, ge=0, le=1e9)
     retarget_w: float = Field(10_000.0, ge=0, le=1e9)
-    rebalance_gain: float = Field(0.05, ge=0, le=10, description="Re-allocate shares that still meet the level only "
-                                  "for at least this share more of the hashrate they lose.")  # fmt: skip
+    rebalance_gain: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="Re-allocate shares that still meet the level only "
+        "for at least this share more of the hashrate they lose.",
+    )
 
 
 class ProgramConfig(_Model):
@@ -169,8 +175,11 @@ class ProgramConfig(_Model):
             if site.id in seen:
                 raise ValueError(f"sites: site id {site.id!r} is listed twice")
             seen.add(site.id)
-        for name, bucket in (("lease.bucket", self.lease.bucket), ("state.bucket", self.state.bucket),
-                             ("audit.stream", self.audit_stream)):  # fmt: skip
+        for name, bucket in (
+            ("lease.bucket", self.lease.bucket),
+            ("state.bucket", self.state.bucket),
+            ("audit.stream", self.audit_stream),
+        ):
             if not _BUCKET.match(bucket):
                 raise ValueError(f"{name} = {bucket!r}: a bucket or stream name is letters, digits, _ and - only")
         if self.lease.bucket == self.state.bucket:
@@ -204,8 +213,10 @@ def load_program_config(path: str | Path) -> ProgramConfig:
         problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
         raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with program_id, signing_key, "
-                          f"grid_public_keys, fabric and sites (see {EXAMPLE})")  # fmt: skip
+        raise ConfigError(
+            f"{path}: the top level must be a mapping with program_id, signing_key, "
+            f"grid_public_keys, fabric and sites (see {EXAMPLE})"
+        )
     if "source" in data:
         raise ConfigError(f"{path}: source: unknown key (check its spelling; see {EXAMPLE})")
     try:
@@ -239,10 +250,17 @@ def build(cfg: ProgramConfig) -> CoordinatorConfig:
         for s in cfg.sites
     )
     return CoordinatorConfig(
-        program_id=cfg.program_id, sites=sites, grid_keys=tuple(grid), signing_key=signing, root=cfg.fabric.root,
-        step_s=cfg.step_s, resend_s=cfg.resend_s, heartbeat_s=cfg.heartbeat_s, settle_s=cfg.settle_s,
+        program_id=cfg.program_id,
+        sites=sites,
+        grid_keys=tuple(grid),
+        signing_key=signing,
+        root=cfg.fabric.root,
+        step_s=cfg.step_s,
+        resend_s=cfg.resend_s,
+        heartbeat_s=cfg.heartbeat_s,
+        settle_s=cfg.settle_s,
         rules=ProgramRules(**cfg.rules.model_dump()),
-    )  # fmt: skip
+    )
 
 
 def load(path: str | Path) -> tuple[ProgramConfig, CoordinatorConfig]:

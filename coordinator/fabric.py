@@ -56,9 +56,14 @@ class MqttFabric:
             broker = self.rotation.current
             try:
                 client = aiomqtt.Client(
-                    broker.host, broker.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V311,
-                    clean_session=False, keepalive=self.keepalive_s, timeout=5.0,
-                )  # fmt: skip
+                    broker.host,
+                    broker.port,
+                    identifier=self.client_id,
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                    clean_session=False,
+                    keepalive=self.keepalive_s,
+                    timeout=5.0,
+                )
                 async with client:
                     await client.subscribe([(topic, 1) for topic in subscriptions])
                     self._client, self.broker, connected_at = client, broker, time.monotonic()
@@ -78,9 +83,12 @@ class MqttFabric:
                 delay = retry_delay_s(self.failures, len(self.rotation), random.random())  # not cryptographic
                 nxt = self.rotation.advance()
                 log.warning(
-                    "fabric connection lost" if lost else "fabric connect failed", broker=str(broker),
-                    error=str(exc)[:200], next_broker=str(nxt), retry_s=round(delay, 2),
-                )  # fmt: skip
+                    "fabric connection lost" if lost else "fabric connect failed",
+                    broker=str(broker),
+                    error=str(exc)[:200],
+                    next_broker=str(nxt),
+                    retry_s=round(delay, 2),
+                )
             else:  # the message stream ended without an error: reconnect to the same broker
                 delay = 0.5
             finally:
@@ -94,8 +102,13 @@ async def read_retained(brokers: list[tuple[str, int]], topic: str, wait_s: floa
     problems = []
     for host, port in brokers:
         try:
-            async with aiomqtt.Client(host, port, identifier=f"hashflex-status-{uuid.uuid4().hex[:8]}",
-                                      protocol=aiomqtt.ProtocolVersion.V311, timeout=wait_s) as client:  # fmt: skip
+            async with aiomqtt.Client(
+                host,
+                port,
+                identifier=f"hashflex-status-{uuid.uuid4().hex[:8]}",
+                protocol=aiomqtt.ProtocolVersion.V311,
+                timeout=wait_s,
+            ) as client:
                 await client.subscribe(topic, qos=1)
                 try:
                     async with asyncio.timeout(wait_s):

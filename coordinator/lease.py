@@ -106,9 +106,13 @@ class LeaseRecord:
         try:
             doc = json.loads(raw)
             return cls(
-                str(doc["holder"]), str(doc["lease_id"]), float(doc["ttl_s"]), str(doc["since"]),
-                str(doc["renewed"]), revision,
-            )  # fmt: skip
+                str(doc["holder"]),
+                str(doc["lease_id"]),
+                float(doc["ttl_s"]),
+                str(doc["since"]),
+                str(doc["renewed"]),
+                revision,
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -212,8 +216,11 @@ class Lease:
             if self._revision is None:
                 return False  # no lease taken by an instance that cannot act
             if now - self._ineligible_since >= INELIGIBLE_GRACE_S:
-                log.warning("lease given up: this instance cannot act", holder=self.holder,
-                            for_s=round(now - self._ineligible_since, 1))  # fmt: skip
+                log.warning(
+                    "lease given up: this instance cannot act",
+                    holder=self.holder,
+                    for_s=round(now - self._ineligible_since, 1),
+                )
                 await self.release()
                 return False
         else:
@@ -281,9 +288,12 @@ class Lease:
     def _lose(self, why: str, exc: BaseException | None = None) -> None:
         if self._revision is not None:
             log.warning(
-                "lease_lost", holder=self.holder, revision=self._revision, why=why,
+                "lease_lost",
+                holder=self.holder,
+                revision=self._revision,
+                why=why,
                 error=None if exc is None else repr(exc),
-            )  # fmt: skip
+            )
         self._revision = None
         self._valid_until = -math.inf
         self._set_leading(False)
@@ -316,9 +326,12 @@ class Lease:
             # not refused, only not answered (a node or the stream leader lost, an election under way): nobody
             # can have taken the lease before it ages out, so keep it until our own clock ends it, and retry
             log.warning(
-                "lease_renewal_failed", holder=self.holder, revision=self._revision, error=repr(exc),
+                "lease_renewal_failed",
+                holder=self.holder,
+                revision=self._revision,
+                error=repr(exc),
                 remaining_s=round(self.remaining_s(), 3),
-            )  # fmt: skip
+            )
             return
         self._won(revision, started, "renewed")
 

@@ -84,13 +84,17 @@ class _Collector:
         yield GaugeMetricFamily("hashflex_coordinator_leader", "1 while this instance holds the lease and acts.")
 
     def collect(self) -> Iterator[Metric]:
-        build = GaugeMetricFamily("hashflex_coordinator_build_info", "Version of the running coordinator.",
-                                  labels=["version", "commit"])  # fmt: skip
+        build = GaugeMetricFamily(
+            "hashflex_coordinator_build_info", "Version of the running coordinator.", labels=["version", "commit"]
+        )
         build.add_metric([self.version, self.commit], 1.0)
         yield build
         snap = self._read()
-        yield from _gauge("hashflex_coordinator_leader", "1 while this instance holds the lease and acts.",
-                          1.0 if snap.get("leader") else 0.0)  # fmt: skip
+        yield from _gauge(
+            "hashflex_coordinator_leader",
+            "1 while this instance holds the lease and acts.",
+            1.0 if snap.get("leader") else 0.0,
+        )
         yield from _sites(snap.get("sites") or {})
         yield from _counts(snap.get("counts") or {})
         status = snap.get("status")
@@ -110,10 +114,16 @@ class _Collector:
 
 
 def _sites(sites: Mapping[str, Any]) -> Iterator[Metric]:
-    by_state = GaugeMetricFamily("hashflex_program_sites", "The program's sites by state (ok, offline (last will), "
-                                 "stale, no_flexibility, not_met).", labels=["state"])  # fmt: skip
-    present = GaugeMetricFamily("hashflex_program_site_present_watts", "A site's present (metered where it has a "
-                                "meter) power, from its flexibility.", labels=["site"])  # fmt: skip
+    by_state = GaugeMetricFamily(
+        "hashflex_program_sites",
+        "The program's sites by state (ok, offline (last will), stale, no_flexibility, not_met).",
+        labels=["state"],
+    )
+    present = GaugeMetricFamily(
+        "hashflex_program_site_present_watts",
+        "A site's present (metered where it has a meter) power, from its flexibility.",
+        labels=["site"],
+    )
     totals = dict.fromkeys(SITE_STATES, 0.0)
     metered: list[float] = []
     for sid, site in sorted(sites.items()):
@@ -127,8 +137,11 @@ def _sites(sites: Mapping[str, Any]) -> Iterator[Metric]:
         by_state.add_metric([state], n)
     yield by_state
     yield present
-    yield from _gauge("hashflex_program_metered_watts", "Σ the sites' present power (sites heard from).",
-                      math.fsum(metered) if metered else None)  # fmt: skip
+    yield from _gauge(
+        "hashflex_program_metered_watts",
+        "Σ the sites' present power (sites heard from).",
+        math.fsum(metered) if metered else None,
+    )
 
 
 def _counts(counts: Mapping[str, Any]) -> Iterator[Metric]:
@@ -139,8 +152,9 @@ def _counts(counts: Mapping[str, Any]) -> Iterator[Metric]:
         family = CounterMetricFamily(name, doc)
         family.add_metric([], float(counts.get(key, 0)))
         yield family
-    commands = CounterMetricFamily("hashflex_program_commands", "Program commands answered, by outcome.",
-                                   labels=["outcome"])  # fmt: skip
+    commands = CounterMetricFamily(
+        "hashflex_program_commands", "Program commands answered, by outcome.", labels=["outcome"]
+    )
     for outcome in COMMAND_OUTCOMES:
         commands.add_metric([outcome], float(counts.get(f"command_{outcome}", 0)))
     yield commands
@@ -149,22 +163,38 @@ def _counts(counts: Mapping[str, Any]) -> Iterator[Metric]:
 def _program(status: Mapping[str, Any]) -> Iterator[Metric]:
     dispatches = [d for d in status.get("dispatches") or [] if isinstance(d, Mapping)]
     levels = [v for d in dispatches if (v := _num(d.get("level_now_w"))) is not None]
-    yield from _gauge("hashflex_program_target_watts", "The program level in force now (the lowest of the "
-                      "dispatches in force; absent when none is).", min(levels) if levels else None)  # fmt: skip
-    yield from _gauge("hashflex_program_short_watts", "By how much the program cannot be met now (0: met).",
-                      max((_num(d.get("unmet_w")) or 0.0 for d in dispatches), default=0.0))  # fmt: skip
-    yield from _gauge("hashflex_program_alarms_active", "Program alarms raised now.",
-                      float(len(status.get("alarms") or [])))  # fmt: skip
-    target = GaugeMetricFamily("hashflex_program_dispatch_target_watts", "A program dispatch's level now.",
-                               labels=["dispatch", "kind"])  # fmt: skip
-    short = GaugeMetricFamily("hashflex_program_dispatch_short_watts", "A program dispatch's shortfall.",
-                              labels=["dispatch"])  # fmt: skip
-    share = GaugeMetricFamily("hashflex_program_site_share_watts", "A site's share (the lowest of the program "
-                              "dispatches in force).", labels=["site"])  # fmt: skip
-    counted = GaugeMetricFamily("hashflex_program_site_counted_watts", "What Σ counts a site at (its worst case "
-                                "while it fails).", labels=["site"])  # fmt: skip
-    delivered = GaugeMetricFamily("hashflex_program_site_delivered", "1 when a site draws at or under its share.",
-                                  labels=["site"])  # fmt: skip
+    yield from _gauge(
+        "hashflex_program_target_watts",
+        "The program level in force now (the lowest of the dispatches in force; absent when none is).",
+        min(levels) if levels else None,
+    )
+    yield from _gauge(
+        "hashflex_program_short_watts",
+        "By how much the program cannot be met now (0: met).",
+        max((_num(d.get("unmet_w")) or 0.0 for d in dispatches), default=0.0),
+    )
+    yield from _gauge(
+        "hashflex_program_alarms_active", "Program alarms raised now.", float(len(status.get("alarms") or []))
+    )
+    target = GaugeMetricFamily(
+        "hashflex_program_dispatch_target_watts", "A program dispatch's level now.", labels=["dispatch", "kind"]
+    )
+    short = GaugeMetricFamily(
+        "hashflex_program_dispatch_short_watts", "A program dispatch's shortfall.", labels=["dispatch"]
+    )
+    share = GaugeMetricFamily(
+        "hashflex_program_site_share_watts",
+        "A site's share (the lowest of the program dispatches in force).",
+        labels=["site"],
+    )
+    counted = GaugeMetricFamily(
+        "hashflex_program_site_counted_watts",
+        "What Σ counts a site at (its worst case while it fails).",
+        labels=["site"],
+    )
+    delivered = GaugeMetricFamily(
+        "hashflex_program_site_delivered", "1 when a site draws at or under its share.", labels=["site"]
+    )
     shares: dict[str, float] = {}
     counts: dict[str, float] = {}
     present: dict[str, float] = {}

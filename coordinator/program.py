@@ -473,9 +473,13 @@ def apply(state: ProgramState, accepted: Accepted, *, now: float, present_w: flo
         del answered[next(iter(answered))]
     newest = {**state.newest_issued, req.verb: req.issued_at}
     new = replace(
-        state, revision=state.revision + 1, dispatches=dispatches, newest_issued=newest, answered=answered,
+        state,
+        revision=state.revision + 1,
+        dispatches=dispatches,
+        newest_issued=newest,
+        answered=answered,
         assignments=assignments,
-    )  # fmt: skip
+    )
     return new, reply
 
 
@@ -516,8 +520,15 @@ class ProgramRules:
     rebalance_gain: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("stale_after_s", "min_horizon_s", "grace_s", "tolerance_share", "min_tolerance_w", "retarget_w",
-                     "rebalance_gain"):  # fmt: skip
+        for name in (
+            "stale_after_s",
+            "min_horizon_s",
+            "grace_s",
+            "tolerance_share",
+            "min_tolerance_w",
+            "retarget_w",
+            "rebalance_gain",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"program rules: {name} must be a finite number ≥ 0, got {value!r}")
@@ -892,15 +903,23 @@ def pending_commands(state: ProgramState, now: float, *, fresh_s: float = 120.0)
                 continue
             if a.cancelled or d is None:
                 doc: dict[str, Any] = {
-                    "id": f"{sd_id}:cancel", "site": sid, "verb": "cancel", "dispatch_id": sd_id,
+                    "id": f"{sd_id}:cancel",
+                    "site": sid,
+                    "verb": "cancel",
+                    "dispatch_id": sd_id,
                     "issued_at": _issued(a, now, fresh_s),
-                }  # fmt: skip
+                }
                 out.append(SiteCommand(sid, "cancel", did, a.rev, doc))
                 continue
             doc = {
-                "id": sd_id, "site": sid, "verb": "dispatch", "rev": a.rev, "issued_at": _issued(a, now, fresh_s),
-                "target_kw": math.floor(a.target_w) / 1000.0, "start": _whole(d.start),
-            }  # fmt: skip
+                "id": sd_id,
+                "site": sid,
+                "verb": "dispatch",
+                "rev": a.rev,
+                "issued_at": _issued(a, now, fresh_s),
+                "target_kw": math.floor(a.target_w) / 1000.0,
+                "start": _whole(d.start),
+            }
             if d.end is not None:
                 doc["end"] = _whole(d.end)
             if a.ramp_kw_per_min is not None:

@@ -93,15 +93,22 @@ async def serve(cfg: ProgramConfig, ccfg: CoordinatorConfig, stop: asyncio.Event
                 metrics.start_http(cfg.metrics.host, cfg.metrics.port)
             except OSError as exc:
                 metrics = None
-                raise StartError(f"metrics: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
-                                 f"{exc.strerror or exc}") from None  # fmt: skip
+                raise StartError(
+                    f"metrics: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}"
+                ) from None
         tasks = [
             asyncio.create_task(lease.run(), name="lease"),
             asyncio.create_task(fabric.run(coord.subscriptions(), coord.on_message), name="fabric"),
             asyncio.create_task(coord.run(), name="coordinator"),
         ]
-        log.info("coordinator started", program=cfg.program_id, holder=holder, sites=len(ccfg.sites),
-                 brokers=cfg.fabric.brokers, nats=cfg.fabric.nats_servers)  # fmt: skip
+        log.info(
+            "coordinator started",
+            program=cfg.program_id,
+            holder=holder,
+            sites=len(ccfg.sites),
+            brokers=cfg.fabric.brokers,
+            nats=cfg.fabric.nats_servers,
+        )
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()

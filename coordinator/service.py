@@ -210,14 +210,22 @@ class Coordinator:
             now = self.clock()
             self._announce(now)
             out = parse_program_command(
-                verb, payload, state=self.state, grid_keys=self.cfg.grid_keys, now=now,
-                program_max_w=self._program_max_w, rules=self.cfg.gate,
-            )  # fmt: skip
+                verb,
+                payload,
+                state=self.state,
+                grid_keys=self.cfg.grid_keys,
+                now=now,
+                program_max_w=self._program_max_w,
+                rules=self.cfg.gate,
+            )
             if isinstance(out, Refusal):
                 reply = out.reply
                 log.warning("program command refused", verb=verb, id=out.id, code=out.code, reason=out.message)
-                self._record(now, CoordinatorKind.PROGRAM_COMMAND,
-                             command_data(verb, "refused", id=out.id, code=out.code, message=out.message))  # fmt: skip
+                self._record(
+                    now,
+                    CoordinatorKind.PROGRAM_COMMAND,
+                    command_data(verb, "refused", id=out.id, code=out.code, message=out.message),
+                )
             elif isinstance(out, Repeat):
                 reply = out.reply
                 self._record(now, CoordinatorKind.PROGRAM_COMMAND, command_data(verb, "repeat", id=out.request.id))
@@ -231,8 +239,11 @@ class Coordinator:
                     return
                 self.state = new
                 log.info("program command accepted", verb=verb, id=out.request.id, revision=new.revision)
-                self._record(now, CoordinatorKind.PROGRAM_COMMAND, command_data(
-                    verb, "accepted", id=out.request.id, document=out.raw, revision=new.revision))  # fmt: skip
+                self._record(
+                    now,
+                    CoordinatorKind.PROGRAM_COMMAND,
+                    command_data(verb, "accepted", id=out.request.id, document=out.raw, revision=new.revision),
+                )
                 self._wake.set()  # its shares go out now, not at the next step
             self._count("command_" + {Refusal: "refused", Repeat: "repeat"}.get(type(out), "accepted"))
         await self._flush_audit()
@@ -260,8 +271,14 @@ class Coordinator:
                 if verb == "dispatch" and reply.is_ok and (reply.data.get("dispatch") or {}).get("rev") != cmd.rev:
                     continue
                 if not reply.is_ok:
-                    log.warning("site refused a site dispatch", site=site_id, id=reply.id, rev=cmd.rev,
-                                code=reply.error_code, reason=reply.error_message)  # fmt: skip
+                    log.warning(
+                        "site refused a site dispatch",
+                        site=site_id,
+                        id=reply.id,
+                        rev=cmd.rev,
+                        code=reply.error_code,
+                        reason=reply.error_message,
+                    )
                 new = acknowledge(self.state, site_id, cmd, reply)
                 if new is not self.state:
                     try:
@@ -274,8 +291,9 @@ class Coordinator:
     def _lost_state(self, exc: StateConflict, during: str) -> None:
         """Another instance wrote the state (this one lost the lease, or is about to learn it has): nothing is
         decided on the old state; the next term, or the next step, reads it again first."""
-        log.warning("program state written by another instance; reading it again before acting", during=during,
-                    error=str(exc))  # fmt: skip
+        log.warning(
+            "program state written by another instance; reading it again before acting", during=during, error=str(exc)
+        )
         self._loaded = False
         self.last = None
 
@@ -353,8 +371,11 @@ class Coordinator:
         """The first record of a term (the state loaded): who leads from here, from which state revision."""
         if not self._announced:
             self._announced = True
-            self._record(now, CoordinatorKind.LEADING, {"holder": self.holder, "revision": self.state.revision,
-                                                        "dispatches": sorted(self.state.dispatches)})  # fmt: skip
+            self._record(
+                now,
+                CoordinatorKind.LEADING,
+                {"holder": self.holder, "revision": self.state.revision, "dispatches": sorted(self.state.dispatches)},
+            )
 
     def _record(self, ts: float, kind: str, data: dict[str, Any]) -> None:
         self._count(kind)
@@ -378,16 +399,20 @@ class Coordinator:
                 except ChainConflict as exc:
                     conflicts += 1
                     if not self.is_leader() or conflicts > 3:
-                        log.warning("audit records not chained: another instance writes the chain",
-                                    records=len(self._audit_queue), error=str(exc))  # fmt: skip
+                        log.warning(
+                            "audit records not chained: another instance writes the chain",
+                            records=len(self._audit_queue),
+                            error=str(exc),
+                        )
                         self._audit_queue.clear()
                         return
                     continue  # the log re-reads the head; the record is rebuilt on it
                 except ValueError as exc:  # a record that cannot be kept (not plain JSON): never blocks the rest
                     log.error("audit record refused", kind=kind, error=str(exc)[:200])
                 except Exception as exc:  # the store is unreachable: kept, in order, for the next step
-                    log.warning("audit append failed; retried next step", error=repr(exc)[:200],
-                                queued=len(self._audit_queue))  # fmt: skip
+                    log.warning(
+                        "audit append failed; retried next step", error=repr(exc)[:200], queued=len(self._audit_queue)
+                    )
                     return
                 self._audit_queue.popleft()
 
@@ -402,8 +427,10 @@ class Coordinator:
         for cfg in self.cfg.sites:
             view = views.get(cfg.site_id)
             failure = failure_of(cfg, view, None, now, self.cfg.rules)
-            sites[cfg.site_id] = {"state": "ok" if failure is None else failure[0],
-                                  "present_w": None if view is None else view.present_w}  # fmt: skip
+            sites[cfg.site_id] = {
+                "state": "ok" if failure is None else failure[0],
+                "present_w": None if view is None else view.present_w,
+            }
         status = status_doc(result, now) if result is not None else None
         if status is None and self.is_leader() and self.last is not None:
             status = status_doc(self.last, now)
@@ -411,8 +438,13 @@ class Coordinator:
             for s in d["sites"]:
                 if s["failure"] == "not_met" and sites.get(s["site"], {}).get("state") == "ok":
                     sites[s["site"]]["state"] = "not_met"
-        self.snapshot = {"leader": self.is_leader(), "status": status, "sites": sites, "counts": dict(self.counts),
-                         "ts": now}  # fmt: skip
+        self.snapshot = {
+            "leader": self.is_leader(),
+            "status": status,
+            "sites": sites,
+            "counts": dict(self.counts),
+            "ts": now,
+        }
 
     async def _send(self, commands: Sequence[SiteCommand], now: float) -> None:
         """Every site's command at once: one after the other, each waiting for the broker's acknowledgement, the
@@ -434,8 +466,14 @@ class Coordinator:
         signed = sign_command(cmd.doc, self.cfg.signing_key)
         topic = Topics.of_site(self.cfg.root, cmd.site_id).command(cmd.verb)
         await self.fabric.publish(topic, json.dumps(signed).encode(), qos=1)
-        log.info("site dispatch sent", site=cmd.site_id, verb=cmd.verb, id=cmd.doc["id"], rev=cmd.rev,
-                 target_kw=cmd.doc.get("target_kw"))  # fmt: skip
+        log.info(
+            "site dispatch sent",
+            site=cmd.site_id,
+            verb=cmd.verb,
+            id=cmd.doc["id"],
+            rev=cmd.rev,
+            target_kw=cmd.doc.get("target_kw"),
+        )
 
     async def _heartbeats(self, now: float) -> None:
         if now - self._beat_at < self.cfg.heartbeat_s:
@@ -480,18 +518,35 @@ def status_doc(result: StepResult, now: float | None = None) -> dict[str, Any]:
             state = "met"
         else:
             state = "delivering"
-        dispatches.append({
-            "id": r.dispatch_id, "kind": r.kind, "rev": None if d is None else d.rev,
-            "start": None if d is None else d.start, "end": None if d is None else d.end, "state": state,
-            "level_w": r.level_w, "level_now_w": r.level_now_w, "allocated_w": r.allocated_w,
-            "metered_w": metered, "unmet_w": r.unmet_w, "lost_ths": r.lost_ths,
-            "sites": [
-                {"site": s.site_id, "share_w": s.target_w, "counted_w": s.counted_w, "present_w": s.present_w,
-                 "failure": s.failure, "reason": s.reason, "rev": s.rev,
-                 "acked": None if s.site_id not in shares else shares[s.site_id].acked}
-                for s in r.sites
-            ],
-        })  # fmt: skip
+        dispatches.append(
+            {
+                "id": r.dispatch_id,
+                "kind": r.kind,
+                "rev": None if d is None else d.rev,
+                "start": None if d is None else d.start,
+                "end": None if d is None else d.end,
+                "state": state,
+                "level_w": r.level_w,
+                "level_now_w": r.level_now_w,
+                "allocated_w": r.allocated_w,
+                "metered_w": metered,
+                "unmet_w": r.unmet_w,
+                "lost_ths": r.lost_ths,
+                "sites": [
+                    {
+                        "site": s.site_id,
+                        "share_w": s.target_w,
+                        "counted_w": s.counted_w,
+                        "present_w": s.present_w,
+                        "failure": s.failure,
+                        "reason": s.reason,
+                        "rev": s.rev,
+                        "acked": None if s.site_id not in shares else shares[s.site_id].acked,
+                    }
+                    for s in r.sites
+                ],
+            }
+        )
     return {
         "program": result.state.program_id,
         "revision": result.state.revision,

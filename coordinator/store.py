@@ -38,8 +38,9 @@ WRONG_LAST_SEQUENCE_CONSTANT = 10164
 
 
 class JetStreamProgramStore:
-    def __init__(self, js: JetStreamContext, program_id: str, *, bucket: str = "hashflex_program",
-                 replicas: int = 3) -> None:  # fmt: skip
+    def __init__(
+        self, js: JetStreamContext, program_id: str, *, bucket: str = "hashflex_program", replicas: int = 3
+    ) -> None:
         self.js = js
         self.key = program_id
         self.bucket = bucket
@@ -79,8 +80,10 @@ class JetStreamProgramStore:
             else:
                 self._revision = await kv.update(self.key, value, last=self._revision)
         except nats.js.errors.APIError as exc:
-            if not (isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
-                    or exc.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CONSTANT)):  # fmt: skip
+            if not (
+                isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
+                or exc.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CONSTANT)
+            ):
                 raise
             # the revision held is not the stored one: only a `load` (the state read again) may write next
             self._revision = None
@@ -90,7 +93,6 @@ class JetStreamProgramStore:
 
 class NoChain(LookupError):
     """The program has no audit stream (no coordinator of it has run against this cluster)."""
-
 
 
 class JetStreamAuditLog:
@@ -115,10 +117,17 @@ class JetStreamAuditLog:
         except nats.js.errors.NotFoundError:
             if not create:
                 raise
-            await self.js.add_stream(StreamConfig(
-                name=self.stream, subjects=[self.subject], storage=StorageType.FILE, num_replicas=self.replicas,
-                deny_delete=True, deny_purge=True, description="hashflex coordinator audit chain",
-            ))  # fmt: skip
+            await self.js.add_stream(
+                StreamConfig(
+                    name=self.stream,
+                    subjects=[self.subject],
+                    storage=StorageType.FILE,
+                    num_replicas=self.replicas,
+                    deny_delete=True,
+                    deny_purge=True,
+                    description="hashflex coordinator audit chain",
+                )
+            )
         self._open_done = True
 
     async def head(self) -> tuple[int, str]:
@@ -143,8 +152,9 @@ class JetStreamAuditLog:
         record = next_record(seq, prev, ts, kind, data)
         payload = json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            ack = await self.js.publish(self.subject, payload, stream=self.stream,
-                                        headers={"Nats-Expected-Last-Sequence": str(seq)})  # fmt: skip
+            ack = await self.js.publish(
+                self.subject, payload, stream=self.stream, headers={"Nats-Expected-Last-Sequence": str(seq)}
+            )
         except nats.js.errors.APIError as exc:
             self._head = None
             if exc.err_code == WRONG_LAST_SEQUENCE:
@@ -196,10 +206,16 @@ async def connect_once(servers: list[str], timeout_s: float) -> NatsClient:
 
     try:
         return await asyncio.wait_for(
-            nats.connect(servers=servers, connect_timeout=timeout_s, allow_reconnect=False, max_reconnect_attempts=0,
-                         error_cb=quiet, name="hashflex-program-cli"),
+            nats.connect(
+                servers=servers,
+                connect_timeout=timeout_s,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=quiet,
+                name="hashflex-program-cli",
+            ),
             timeout_s * len(servers) + 1,
-        )  # fmt: skip
+        )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         why = problems[-1] if problems else str(exc) or type(exc).__name__
         raise OSError(f"no NATS server answered ({', '.join(servers)}): {why}") from None
@@ -217,9 +233,15 @@ async def connect_nats(servers: list[str], holder: str, stop: asyncio.Event) -> 
             log.warning("nats_error", servers=servers, error=repr(exc)[:200])
 
     connecting = asyncio.create_task(
-        nats.connect(servers=servers, name=holder, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
-                     connect_timeout=2, error_cb=nats_error)
-    )  # fmt: skip
+        nats.connect(
+            servers=servers,
+            name=holder,
+            reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1,
+            connect_timeout=2,
+            error_cb=nats_error,
+        )
+    )
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()

@@ -65,9 +65,13 @@ class FacilityDevice:
         if client is not None:
             client.close()
         client = AsyncModbusTcpClient(
-            self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout_s, retries=0, reconnect_delay=0,
+            self.cfg.host,
+            port=self.cfg.port,
+            timeout=self.cfg.timeout_s,
+            retries=0,
+            reconnect_delay=0,
             name=f"facility {self.name}",
-        )  # fmt: skip
+        )
         self._client = client
         try:
             ok = await asyncio.wait_for(client.connect(), self.cfg.timeout_s * 2)
@@ -99,12 +103,16 @@ class FacilityDevice:
             unit = self.cfg.unit
             if self.cfg.kind == "relay":
                 on = pct > 0
-                await self._call(f"coil {self.cfg.setpoint_register} := {on}",
-                                 client.write_coil(self.cfg.setpoint_register, on, device_id=unit))  # fmt: skip
+                await self._call(
+                    f"coil {self.cfg.setpoint_register} := {on}",
+                    client.write_coil(self.cfg.setpoint_register, on, device_id=unit),
+                )
             else:
                 value = round(pct / 100.0 * self.cfg.full_scale)
-                await self._call(f"register {self.cfg.setpoint_register} := {value}",
-                                 client.write_register(self.cfg.setpoint_register, value, device_id=unit))  # fmt: skip
+                await self._call(
+                    f"register {self.cfg.setpoint_register} := {value}",
+                    client.write_register(self.cfg.setpoint_register, value, device_id=unit),
+                )
 
     async def read(self) -> FacilityReading:
         async with self._lock:

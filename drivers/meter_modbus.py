@@ -445,8 +445,14 @@ class ModbusMeter:
     def _hz_connect(self, old: ModbusTcpClient | None) -> ModbusTcpClient:
         if old is not None:
             old.close()  # type: ignore[no-untyped-call]
-        client = ModbusTcpClient(self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout_s, retries=0,
-                                 reconnect_delay=0, name=f"meter {self.name} hz")  # fmt: skip
+        client = ModbusTcpClient(
+            self.cfg.host,
+            port=self.cfg.port,
+            timeout=self.cfg.timeout_s,
+            retries=0,
+            reconnect_delay=0,
+            name=f"meter {self.name} hz",
+        )
         try:
             ok = client.connect()  # type: ignore[no-untyped-call]
         except (OSError, ModbusException) as exc:
@@ -462,8 +468,11 @@ class ModbusMeter:
         """The frequency register(s), validated as `read_frequency` does (blocking: the thread's own client)."""
         image: dict[tuple[RegisterType, int], int] = {}
         for block in read_plan([field], MAX_READ_REGISTERS):
-            read = (client.read_input_registers if block.register_type is RegisterType.INPUT
-                    else client.read_holding_registers)  # fmt: skip
+            read = (
+                client.read_input_registers
+                if block.register_type is RegisterType.INPUT
+                else client.read_holding_registers
+            )
             where = f"{block.register_type} {block.address}+{block.count}"
             try:
                 rr = read(block.address, count=block.count, device_id=self.cfg.unit)
@@ -533,8 +542,9 @@ class ModbusMeter:
         self._tasks.append(loop.create_task(self._loop(self.cfg.poll_s, self.poll_once)))
         if self.cfg.hz_poll_s is not None:
             self._hz_stop.clear()
-            self._hz_thread = threading.Thread(target=self._hz_thread_main, args=(loop, self.cfg.hz_poll_s),
-                                               name=f"meter-hz {self.name}", daemon=True)  # fmt: skip
+            self._hz_thread = threading.Thread(
+                target=self._hz_thread_main, args=(loop, self.cfg.hz_poll_s), name=f"meter-hz {self.name}", daemon=True
+            )
             self._hz_thread.start()
 
     async def stop(self) -> None:

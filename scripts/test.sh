@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "== ruff" >&2
-.venv/bin/ruff check agent drivers sim coordinator contract hashflex tests
+.venv/bin/ruff format --check agent drivers sim coordinator contract hashflex tests scripts
+.venv/bin/ruff check agent drivers sim coordinator contract hashflex tests scripts
 echo "== mypy" >&2
 # through the import package (hashflex/ links the folders), so every module has the one name it is imported by
 .venv/bin/mypy -p hashflex.agent -p hashflex.drivers -p hashflex.coordinator -p hashflex.contract

@@ -27,13 +27,20 @@ from hashflex.sim.transport import HttpProtocol
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hashflex sim", description=(
-        "Run a simulated mining site: N miners on loopback addresses, speaking LuxOS, Whatsminer and stock "
-        "Antminer protocols well enough for unmodified pyasic; ground truth and fault controls on "
-        "http://127.0.0.1:<truth-port>/truth and /faults."))
+    p = argparse.ArgumentParser(
+        prog="hashflex sim",
+        description=(
+            "Run a simulated mining site: N miners on loopback addresses, speaking LuxOS, Whatsminer and stock "
+            "Antminer protocols well enough for unmodified pyasic; ground truth and fault controls on "
+            "http://127.0.0.1:<truth-port>/truth and /faults."
+        ),
+    )
     p.add_argument("--miners", type=int, default=100, help="number of miners (default 100)")
-    p.add_argument("--mix", default="luxos:40,whatsminer:40,antminer:20",
-                   help="family weights, e.g. luxos:40,whatsminer:40,antminer:20")
+    p.add_argument(
+        "--mix",
+        default="luxos:40,whatsminer:40,antminer:20",
+        help="family weights, e.g. luxos:40,whatsminer:40,antminer:20",
+    )
     p.add_argument("--base-ip", default="127.1.0.1", help="first loopback address (127.x.y.z)")
     p.add_argument("--seed", type=int, default=7, help="seed for models, unit spread and fault selection")
     p.add_argument("--speed", type=float, default=1.0, help="sim seconds per wall second (default 1)")
@@ -43,13 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wake-s", type=float, default=180.0, help="sim seconds from wake to full power (default 180)")
     p.add_argument("--reboot-s", type=float, default=90.0, help="sim seconds a rebooting miner is offline")
     p.add_argument("--log-level", default="warning", help="sim log level (default warning)")
-    p.add_argument("--meter", default=None, metavar="HOST[:PORT]",
-                   help="serve a site meter over Modbus TCP there (loopback; port default 5020, 502 needs root)")
-    p.add_argument("--meter-config", default=None, metavar="JSON",
-                   help="meter parameters as JSON (or @file), see sim/meter.py MeterParams")
-    p.add_argument("--facility", default=None, metavar="JSON",
-                   help="facility loads (cooling drives, relays on Modbus TCP) as a JSON list (or @file), see "
-                        "sim/facility.py; needs --meter")
+    p.add_argument(
+        "--meter",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="serve a site meter over Modbus TCP there (loopback; port default 5020, 502 needs root)",
+    )
+    p.add_argument(
+        "--meter-config",
+        default=None,
+        metavar="JSON",
+        help="meter parameters as JSON (or @file), see sim/meter.py MeterParams",
+    )
+    p.add_argument(
+        "--facility",
+        default=None,
+        metavar="JSON",
+        help="facility loads (cooling drives, relays on Modbus TCP) as a JSON list (or @file), see "
+        "sim/facility.py; needs --meter",
+    )
     return p
 
 
@@ -83,15 +102,24 @@ def write_ready_file(path: str, doc: dict[str, Any]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    site = Site(miners=args.miners, mix=args.mix, base_ip=args.base_ip, seed=args.seed, speed=args.speed,
-                params=PhysicsParams(wake_s=args.wake_s, reboot_s=args.reboot_s))
+    site = Site(
+        miners=args.miners,
+        mix=args.mix,
+        base_ip=args.base_ip,
+        seed=args.seed,
+        speed=args.speed,
+        params=PhysicsParams(wake_s=args.wake_s, reboot_s=args.reboot_s),
+    )
     listeners = sum(len(d.ports) for d in site.devices)
     raise_nofile(listeners + 20_000)
     initial = site.parse_faults(load_faults(args.faults)) if args.faults else []
     loop = asyncio.get_running_loop()
-    truth_server = await loop.create_server(lambda: HttpProtocol(TruthEndpoint(site), args.truth_port,
-                                                                 max_request=8 * 1024 * 1024),
-                                            host="127.0.0.1", port=args.truth_port, reuse_address=True)
+    truth_server = await loop.create_server(
+        lambda: HttpProtocol(TruthEndpoint(site), args.truth_port, max_request=8 * 1024 * 1024),
+        host="127.0.0.1",
+        port=args.truth_port,
+        reuse_address=True,
+    )
     port = truth_server.sockets[0].getsockname()[1]
     bind_s = await site.start()
     if args.facility and not args.meter:
@@ -101,8 +129,9 @@ async def run(args: argparse.Namespace) -> int:
         facility = FacilityLoads(site, parse_facility(load_faults(args.facility), set(site.by_ip)))
         await facility.start()
     if args.meter:
-        meter = SiteMeter(site, MeterParams.from_json(load_faults(args.meter_config)), *parse_address(args.meter),
-                          facility=facility)
+        meter = SiteMeter(
+            site, MeterParams.from_json(load_faults(args.meter_config)), *parse_address(args.meter), facility=facility
+        )
         await meter.start()
         site.meter = meter
     if initial:
@@ -111,20 +140,31 @@ async def run(args: argparse.Namespace) -> int:
     nominal_mw = sum(d.spec.nominal_w for d in site.devices) / 1e6
     per_family = ", ".join(f"{fam} {n}" for fam, n in site.counts.items() if n)
     first, last = (site.devices[0].ip, site.devices[-1].ip) if site.devices else ("-", "-")
-    print(f"hashflex sim: {len(site.devices)} miners ({per_family}), {nominal_mw:.3f} MW nominal, "
-          f"{first}–{last}, {listeners} listeners bound in {bind_s:.2f} s, speed {args.speed:g}x, seed {args.seed}, "
-          f"truth {truth_url}/truth", flush=True)
+    print(
+        f"hashflex sim: {len(site.devices)} miners ({per_family}), {nominal_mw:.3f} MW nominal, "
+        f"{first}–{last}, {listeners} listeners bound in {bind_s:.2f} s, speed {args.speed:g}x, seed {args.seed}, "
+        f"truth {truth_url}/truth",
+        flush=True,
+    )
     if site.meter is not None:
         m = site.meter
-        print(f"hashflex sim: site meter on modbus tcp {m.host}:{m.port} unit {m.params.unit} (SunSpec 203/213 at "
-              f"40000, SDM630, EM24, Janitza maps), {m.model.rated_w / 1e3:.1f} kW rated", flush=True)
+        print(
+            f"hashflex sim: site meter on modbus tcp {m.host}:{m.port} unit {m.params.unit} (SunSpec 203/213 at "
+            f"40000, SDM630, EM24, Janitza maps), {m.model.rated_w / 1e3:.1f} kW rated",
+            flush=True,
+        )
     if args.ready_file:
-        write_ready_file(args.ready_file, {"truth_url": truth_url, "ips": [d.ip for d in site.devices],
-                                           "pid": os.getpid(), "bind_s": bind_s,
-                                           "meter": None if site.meter is None else f"{site.meter.host}:"
-                                                                                    f"{site.meter.port}",
-                                           "facility": [f"{ld.host}:{ld.port}" for ld in facility.loads]
-                                           if facility is not None else []})
+        write_ready_file(
+            args.ready_file,
+            {
+                "truth_url": truth_url,
+                "ips": [d.ip for d in site.devices],
+                "pid": os.getpid(),
+                "bind_s": bind_s,
+                "meter": None if site.meter is None else f"{site.meter.host}:{site.meter.port}",
+                "facility": [f"{ld.host}:{ld.port}" for ld in facility.loads] if facility is not None else [],
+            },
+        )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -157,4 +197,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
-

@@ -106,10 +106,28 @@ class Scenario:
     restore_after_s: float = 60.0  # ... for this long (site s); then the site comes back under the ramp
 
 
-FULL = Scenario(miners=300, speed=30, launch="17:36", dispatch="17:40", dispatch_end="17:50",
-                window_start="18:00", window_end="18:10", dip="18:16", end="18:23")  # fmt: skip
-SHORT = Scenario(miners=120, speed=50, launch="17:51", dispatch="17:55", dispatch_end="18:00",
-                 window_start="18:04", window_end="18:08", dip="18:13", end="18:20")  # fmt: skip
+FULL = Scenario(
+    miners=300,
+    speed=30,
+    launch="17:36",
+    dispatch="17:40",
+    dispatch_end="17:50",
+    window_start="18:00",
+    window_end="18:10",
+    dip="18:16",
+    end="18:23",
+)
+SHORT = Scenario(
+    miners=120,
+    speed=50,
+    launch="17:51",
+    dispatch="17:55",
+    dispatch_end="18:00",
+    window_start="18:04",
+    window_end="18:08",
+    dip="18:13",
+    end="18:20",
+)
 METER_PORT = 5020
 METER_SIM = {"cooling_share": 0.03, "base_kw": 2.0, "update_ms": 20.0}  # measuring interval: 1 site s at 50x
 TRACE_EVERY_S = 0.04  # wall seconds between fast looks at the meter around the dip (2 site s at 50x)
@@ -117,34 +135,62 @@ FREQUENCY_SHED_WITHIN_S = 15.0  # site s from the crossing to the stage's kW gon
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hashflex demo", description=(
-        "Run a simulated mining site and the hashflex agent on it through a short grid scenario (a dispatch, a "
-        "time-of-use window, ramps back up); print what the agent does and why; write a plot of ground-truth site "
-        "power against cap and target, and the audit export, to --out."))  # fmt: skip
-    p.add_argument("--miners", type=int, default=None, help=f"simulated miners (default {FULL.miners}; "
-                   f"{SHORT.miners} with --short)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="hashflex demo",
+        description=(
+            "Run a simulated mining site and the hashflex agent on it through a short grid scenario (a dispatch, a "
+            "time-of-use window, ramps back up); print what the agent does and why; write a plot of ground-truth site "
+            "power against cap and target, and the audit export, to --out."
+        ),
+    )
+    p.add_argument(
+        "--miners",
+        type=int,
+        default=None,
+        help=f"simulated miners (default {FULL.miners}; {SHORT.miners} with --short)",
+    )
     p.add_argument("--mix", default="luxos:40,whatsminer:40,antminer:20", help="family weights, as `hashflex sim`")
     p.add_argument("--base-ip", default="127.1.0.1", help="first loopback address of the simulated miners")
-    p.add_argument("--meter", default=None, help="address:port of the simulated site meter (default: the "
-                   f"base-ip's .250.250, port {METER_PORT})")  # fmt: skip
+    p.add_argument(
+        "--meter",
+        default=None,
+        help=f"address:port of the simulated site meter (default: the base-ip's .250.250, port {METER_PORT})",
+    )
     p.add_argument("--no-dip", action="store_true", help="leave out the grid frequency dip (and the site meter)")
     p.add_argument("--seed", type=int, default=7, help="simulator seed")
-    p.add_argument("--speed", type=float, default=None, help=f"site seconds per wall second (default "
-                   f"{FULL.speed:g}; {SHORT.speed:g} with --short)")  # fmt: skip
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help=f"site seconds per wall second (default {FULL.speed:g}; {SHORT.speed:g} with --short)",
+    )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default ./demo-out)")
     p.add_argument("--short", action="store_true", help="a shorter scenario on a smaller site (about 40 s)")
-    p.add_argument("--grid-key", type=Path, default=DEMO_KEY, help="grid operator's private key (default: the "
-                   "demo key in configs/demo/keys; its .pub must sit next to it)")  # fmt: skip
-    p.add_argument("--tolerance", type=float, default=0.02, help="share of the cap ground truth may exceed it by "
-                   "before the demo fails (PSU spread the agent cannot see; default 0.02)")  # fmt: skip
+    p.add_argument(
+        "--grid-key",
+        type=Path,
+        default=DEMO_KEY,
+        help="grid operator's private key (default: the demo key in configs/demo/keys; its .pub must sit next to it)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="share of the cap ground truth may exceed it by "
+        "before the demo fails (PSU spread the agent cannot see; default 0.02)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     scenario = SHORT if args.short else FULL
-    scenario = replace(scenario, miners=args.miners or scenario.miners, speed=args.speed or scenario.speed,
-                       dip="" if args.no_dip else scenario.dip)  # fmt: skip
+    scenario = replace(
+        scenario,
+        miners=args.miners or scenario.miners,
+        speed=args.speed or scenario.speed,
+        dip="" if args.no_dip else scenario.dip,
+    )
     console = Console(highlight=False, soft_wrap=True)
     if scenario.miners < 10:
         console.print("[red]hashflex demo: --miners must be at least 10[/]")
@@ -232,8 +278,9 @@ class MeterTrace:
                 before = self.clock.now()
                 m = self.sim.meter_truth()
                 at = (before + self.clock.now()) / 2.0  # the answer's moment, within a site second at 50x
-                self.points.append(MeterPoint(at, float(m["hz"]), float(m["power_w"]) / 1000.0,
-                                              float(m["it_w"]) / 1000.0))  # fmt: skip
+                self.points.append(
+                    MeterPoint(at, float(m["hz"]), float(m["power_w"]) / 1000.0, float(m["it_w"]) / 1000.0)
+                )
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -271,18 +318,32 @@ class Demo:
     def run(self) -> int:
         self.prepare_out()
         sc, console = self.sc, self.console
-        console.print(f"[bold]hashflex demo[/]: {sc.miners} simulated miners ({self.args.mix}), {sc.speed:g}× speed "
-                      f"(a site minute takes {60 / sc.speed:.1f} s); output in {self.out}")  # fmt: skip
+        console.print(
+            f"[bold]hashflex demo[/]: {sc.miners} simulated miners ({self.args.mix}), {sc.speed:g}× speed "
+            f"(a site minute takes {60 / sc.speed:.1f} s); output in {self.out}"
+        )
         extra: list[str] = []
         if sc.dip:
-            extra = ["--meter", meter_address(self.args.meter, self.args.base_ip), "--meter-config",
-                     json.dumps(METER_SIM)]  # fmt: skip
+            extra = [
+                "--meter",
+                meter_address(self.args.meter, self.args.base_ip),
+                "--meter-config",
+                json.dumps(METER_SIM),
+            ]
         try:
-            sim = SimProcess(sc.miners, mix=self.args.mix, base_ip=self.args.base_ip, seed=self.args.seed,
-                             speed=sc.speed, extra_args=extra).start(timeout=120)  # fmt: skip
+            sim = SimProcess(
+                sc.miners,
+                mix=self.args.mix,
+                base_ip=self.args.base_ip,
+                seed=self.args.seed,
+                speed=sc.speed,
+                extra_args=extra,
+            ).start(timeout=120)
         except SimError as exc:
-            raise DemoError(f"the simulated site did not start ({exc}); another simulator may hold "
-                            f"{self.args.base_ip}: try --base-ip 127.2.0.1") from None  # fmt: skip
+            raise DemoError(
+                f"the simulated site did not start ({exc}); another simulator may hold "
+                f"{self.args.base_ip}: try --base-ip 127.2.0.1"
+            ) from None
         with tempfile.TemporaryDirectory(prefix="hashflex-demo-") as runtime:  # a short path for the socket
             try:
                 self.recorder = self.play(sim, Path(runtime) / "control.sock")
@@ -305,23 +366,41 @@ class Demo:
         self.window_kw = round(self.full_kw * self.sc.window_share, 1)
         self.ramp_kw_per_min = self.full_kw * self.sc.ramp_share_per_min
         now = time.time()
-        names = ("launch", "dispatch", "dispatch_end", "window_start", "window_end", "end", *(("dip",) if self.sc.dip
-                                                                                              else ()))  # fmt: skip
+        names = (
+            "launch",
+            "dispatch",
+            "dispatch_end",
+            "window_start",
+            "window_end",
+            "end",
+            *(("dip",) if self.sc.dip else ()),
+        )
         at = {name: local_today(getattr(self.sc, name), UTC_OFFSET_H, now) for name in names}
         if at["window_end"] < at["window_start"] or at["end"] < at["launch"]:
             raise DemoError("the scenario must not cross midnight")
         if at["end"] > now:  # keep the site's evening in the past: every record then has a time that has been
             at = {name: ts - 86400.0 for name, ts in at.items()}
         self.at = at
-        self.spans.append(Span(at["window_start"], at["window_end"], f"time-of-use window ≤ {self.window_kw:,.0f} kW",
-                               "schedule", self.window_kw))  # fmt: skip
+        self.spans.append(
+            Span(
+                at["window_start"],
+                at["window_end"],
+                f"time-of-use window ≤ {self.window_kw:,.0f} kW",
+                "schedule",
+                self.window_kw,
+            )
+        )
         console = self.console
-        console.print(f"site: {', '.join(f'{n} {FAMILY_NAMES.get(fam, fam)}' for fam, n in families.items())}; "
-                      f"{self.full_kw:,.1f} kW at stock settings; licensed cap {self.cap_kw:,.0f} kW")  # fmt: skip
+        console.print(
+            f"site: {', '.join(f'{n} {FAMILY_NAMES.get(fam, fam)}' for fam, n in families.items())}; "
+            f"{self.full_kw:,.1f} kW at stock settings; licensed cap {self.cap_kw:,.0f} kW"
+        )
         if "meter" in truth:
-            console.print(f"site meter on {truth['meter']['address']} (Modbus TCP): "
-                          f"{truth['meter']['power_w'] / 1000.0:,.1f} kW with cooling and base load, "
-                          f"{truth['meter']['hz']:.2f} Hz; the agent controls at the meter")  # fmt: skip
+            console.print(
+                f"site meter on {truth['meter']['address']} (Modbus TCP): "
+                f"{truth['meter']['power_w'] / 1000.0:,.1f} kW with cooling and base load, "
+                f"{truth['meter']['hz']:.2f} Hz; the agent controls at the meter"
+            )
 
     def play(self, sim: SimProcess, socket_path: Path) -> Recorder:
         self.plan_site(sim)
@@ -332,26 +411,50 @@ class Demo:
         if sc.dip:
             host, _, port = sim.meter.rpartition(":")
             beat = 0.5 * sc.speed  # site seconds in half a wall second, as the config's other timers
-            meter = {"host": host, "port": int(port), "map": "sunspec", "poll_s": 0.05, "stale_after_s": 4 * beat,
-                     "frozen_after_s": 60 * beat, "non_miner_allowance_kw": round(0.08 * self.full_kw + 2.0, 1),
-                     "non_miner_window_s": 10 * beat, "cooling_pct": METER_SIM["cooling_share"] * 100.0}  # fmt: skip
-            frequency = {"stages": [{"below_hz": sc.below_hz, "for_s": sc.for_s, "shed": f"{sc.shed_pct:g}%"}],
-                         "restore_above_hz": sc.restore_above_hz, "restore_after_s": sc.restore_after_s,
-                         "poll_s": 0.05}  # fmt: skip
-        write_agent_config(self.config, ips=sim.ips, cap_kw=self.cap_kw, scale=sc.speed,
-                           ramp_kw_per_min=self.ramp_kw_per_min, window=window, grid_pub=self.pub,
-                           state_dir=self.out / "state", socket_path=socket_path,
-                           timezone=SITE_TIMEZONE, meter=meter, frequency=frequency)  # fmt: skip
-        self.clock = clock = SiteClock.reading(at["launch"], wall_at=time.time(), scale=sc.speed,
-                                               utc_offset_h=UTC_OFFSET_H)  # fmt: skip
+            meter = {
+                "host": host,
+                "port": int(port),
+                "map": "sunspec",
+                "poll_s": 0.05,
+                "stale_after_s": 4 * beat,
+                "frozen_after_s": 60 * beat,
+                "non_miner_allowance_kw": round(0.08 * self.full_kw + 2.0, 1),
+                "non_miner_window_s": 10 * beat,
+                "cooling_pct": METER_SIM["cooling_share"] * 100.0,
+            }
+            frequency = {
+                "stages": [{"below_hz": sc.below_hz, "for_s": sc.for_s, "shed": f"{sc.shed_pct:g}%"}],
+                "restore_above_hz": sc.restore_above_hz,
+                "restore_after_s": sc.restore_after_s,
+                "poll_s": 0.05,
+            }
+        write_agent_config(
+            self.config,
+            ips=sim.ips,
+            cap_kw=self.cap_kw,
+            scale=sc.speed,
+            ramp_kw_per_min=self.ramp_kw_per_min,
+            window=window,
+            grid_pub=self.pub,
+            state_dir=self.out / "state",
+            socket_path=socket_path,
+            timezone=SITE_TIMEZONE,
+            meter=meter,
+            frequency=frequency,
+        )
+        self.clock = clock = SiteClock.reading(
+            at["launch"], wall_at=time.time(), scale=sc.speed, utc_offset_h=UTC_OFFSET_H
+        )
         agent = AgentRun(self.config, clock, socket_path, self.out / "agent.log")
         recorder: Recorder | None = None
         link = AgentLink(socket_path)
         try:
             agent.wait_ready(timeout=120)
             self.ready_at = clock.now()
-            self.console.print(f"agent ready at {clock.hhmm(self.ready_at, True)} site time "
-                               f"({time.monotonic() - self.started:.1f} s into the demo)\n")  # fmt: skip
+            self.console.print(
+                f"agent ready at {clock.hhmm(self.ready_at, True)} site time "
+                f"({time.monotonic() - self.started:.1f} s into the demo)\n"
+            )
             self.print_header()
             recorder = Recorder(sim, AgentLink(socket_path), clock).start()
             actions: list[tuple[float, Callable[[], None]]] = [
@@ -362,8 +465,7 @@ class Demo:
                 (at["window_end"], self.window_ends),
             ]
             if sc.dip:
-                actions += [(at["dip"] - 30.0, lambda: self.trace_meter(sim)),
-                            (at["dip"], lambda: self.dip(sim))]  # fmt: skip
+                actions += [(at["dip"] - 30.0, lambda: self.trace_meter(sim)), (at["dip"], lambda: self.dip(sim))]
                 actions.sort(key=lambda a: a[0])
             next_line = math.floor(clock.now() / 60.0) * 60.0 + 60.0
             while clock.now() < at["end"]:
@@ -400,15 +502,22 @@ class Demo:
         the agent came up late."""
         at = self.at
         issued = max(at["dispatch"], self.clock.now())
-        doc = {"id": "grid-demo-0001", "issued_at": iso(issued), "target_kw": self.dispatch_kw,
-               "end": iso(at["dispatch_end"])}  # fmt: skip
+        doc = {
+            "id": "grid-demo-0001",
+            "issued_at": iso(issued),
+            "target_kw": self.dispatch_kw,
+            "end": iso(at["dispatch_end"]),
+        }
         self.signing = self.pool.submit(sign, self.key, doc)
 
     def send_dispatch(self, link: AgentLink) -> None:
         at, clock = self.at, self.clock
-        self.say(at["dispatch"], f"grid operator: signed dispatch — hold the site at or under "
-                 f"{self.dispatch_kw:,.1f} kW until {clock.hhmm(at['dispatch_end'])} (sent over the agent's socket; "
-                 "MQTT on a real site)")  # fmt: skip
+        self.say(
+            at["dispatch"],
+            f"grid operator: signed dispatch — hold the site at or under "
+            f"{self.dispatch_kw:,.1f} kW until {clock.hhmm(at['dispatch_end'])} (sent over the agent's socket; "
+            "MQTT on a real site)",
+        )
         if self.signing is None:
             self.sign_dispatch()
         assert self.signing is not None
@@ -420,17 +529,24 @@ class Demo:
             raise DemoError(f"the agent refused the dispatch: {error.get('message')} [{error.get('code')}]")
         self.dispatch_sent_at = sent
         self.marks.append(Mark(sent, "grid dispatch sent"))
-        self.spans.append(Span(sent, at["dispatch_end"], f"grid dispatch ≤ {self.dispatch_kw:,.0f} kW", "grid",
-                               self.dispatch_kw))  # fmt: skip
+        self.spans.append(
+            Span(sent, at["dispatch_end"], f"grid dispatch ≤ {self.dispatch_kw:,.0f} kW", "grid", self.dispatch_kw)
+        )
 
     def dispatch_ends(self) -> None:
-        self.say(self.at["dispatch_end"], f"the dispatch ends: the agent wakes the site, at most "
-                 f"{self.ramp_kw_per_min:,.0f} kW/min more (its ramp limit)")  # fmt: skip
+        self.say(
+            self.at["dispatch_end"],
+            f"the dispatch ends: the agent wakes the site, at most "
+            f"{self.ramp_kw_per_min:,.0f} kW/min more (its ramp limit)",
+        )
         self.marks.append(Mark(self.at["dispatch_end"], "dispatch ends: ramp up"))
 
     def window_starts(self) -> None:
-        self.say(self.at["window_start"], f"time-of-use window 'evening-peak' from the site config: at or under "
-                 f"{self.window_kw:,.1f} kW until {self.clock.hhmm(self.at['window_end'])}")  # fmt: skip
+        self.say(
+            self.at["window_start"],
+            f"time-of-use window 'evening-peak' from the site config: at or under "
+            f"{self.window_kw:,.1f} kW until {self.clock.hhmm(self.at['window_end'])}",
+        )
         self.marks.append(Mark(self.at["window_start"], "window begins"))
 
     def window_ends(self) -> None:
@@ -442,17 +558,22 @@ class Demo:
 
     def dip(self, sim: SimProcess) -> None:
         sc = self.sc
-        self.say(self.at["dip"], f"the grid: frequency dips to {sc.dip_hz:g} Hz for {sc.dip_s:g} site s (the "
-                 f"agent sheds {sc.shed_pct:g} % below {sc.below_hz:g} Hz, restores after {sc.restore_after_s:g} s "
-                 f"above {sc.restore_above_hz:g} Hz)")  # fmt: skip
+        self.say(
+            self.at["dip"],
+            f"the grid: frequency dips to {sc.dip_hz:g} Hz for {sc.dip_s:g} site s (the "
+            f"agent sheds {sc.shed_pct:g} % below {sc.below_hz:g} Hz, restores after {sc.restore_after_s:g} s "
+            f"above {sc.restore_above_hz:g} Hz)",
+        )
         self.dip_at = self.clock.now()
         sim.grid_event({"event": "dip", "depth_hz": round(50.0 - sc.dip_hz, 3), "duration_s": sc.dip_s})
         self.marks.append(Mark(self.dip_at, f"frequency dip to {sc.dip_hz:g} Hz"))
 
     # ------------------------------------------------------------------------------------------ live output
     def print_header(self) -> None:
-        self.console.print(f"[dim]one line per site minute: ground-truth power (bar: share of the "
-                           f"{self.cap_kw:,.0f} kW cap), the agent's target and why, miners by state (ground truth)[/]")
+        self.console.print(
+            f"[dim]one line per site minute: ground-truth power (bar: share of the "
+            f"{self.cap_kw:,.0f} kW cap), the agent's target and why, miners by state (ground truth)[/]"
+        )
 
     def print_line(self, s: Sample) -> None:
         share = s.truth_kw / self.cap_kw
@@ -468,8 +589,9 @@ class Demo:
         miners = f"{st['hashing']} full, {st['throttled']} throttled, {st['sleeping']} asleep, {st['waking']} waking"
         if st["offline"]:
             miners += f", {st['offline']} offline"
-        self.console.print(f"{self.clock.hhmm(s.site_ts)}  {s.truth_kw:>8,.1f} kW {bar}  target {target:>9} "
-                           f"[dim]({why})[/]  {miners}")  # fmt: skip
+        self.console.print(
+            f"{self.clock.hhmm(s.site_ts)}  {s.truth_kw:>8,.1f} kW {bar}  target {target:>9} [dim]({why})[/]  {miners}"
+        )
 
     def print_events(self, link: AgentLink) -> None:
         try:
@@ -516,21 +638,39 @@ class Demo:
             energy = json.loads(energy_done.stdout).get("total") or {}
 
         result = self.judge(samples)
-        result.update(chain={"ok": chain_ok, "records": chain.get("records"), "head_hash": chain.get("head_hash"),
-                             "reason": chain.get("reason")},
-                      export={"path": str(export_path), "ok": export_ok, "records": len(export_doc.get("audit") or []),
-                              "dispatches": len(export_doc.get("dispatches") or [])},
-                      energy={"kwh": energy.get("kwh"), "not_drawn_kwh": energy.get("not_drawn_kwh")})  # fmt: skip
-        result["ok"] = bool(result["cap"]["ok"] and chain_ok and export_ok
-                            and (result["frequency"] is None or result["frequency"]["ok"]))  # fmt: skip
+        result.update(
+            chain={
+                "ok": chain_ok,
+                "records": chain.get("records"),
+                "head_hash": chain.get("head_hash"),
+                "reason": chain.get("reason"),
+            },
+            export={
+                "path": str(export_path),
+                "ok": export_ok,
+                "records": len(export_doc.get("audit") or []),
+                "dispatches": len(export_doc.get("dispatches") or []),
+            },
+            energy={"kwh": energy.get("kwh"), "not_drawn_kwh": energy.get("not_drawn_kwh")},
+        )
+        result["ok"] = bool(
+            result["cap"]["ok"]
+            and chain_ok
+            and export_ok
+            and (result["frequency"] is None or result["frequency"]["ok"])
+        )
         self.write_timeline(samples)
         plot_path = self.out / "site-power.png"
         self.draw(plot_path, samples, result, export_doc.get("audit") or [])
         result["runtime_s"] = round(time.monotonic() - self.started, 1)
-        result["files"] = {"plot": str(plot_path), "export": str(export_path),
-                           "timeline": str(self.out / "timeline.csv"), "config": str(self.config),
-                           "agent_log": str(self.out / "agent.log"),
-                           **({"frequency": str(self.out / "frequency.csv")} if self.sc.dip else {})}  # fmt: skip
+        result["files"] = {
+            "plot": str(plot_path),
+            "export": str(export_path),
+            "timeline": str(self.out / "timeline.csv"),
+            "config": str(self.config),
+            "agent_log": str(self.out / "agent.log"),
+            **({"frequency": str(self.out / "frequency.csv")} if self.sc.dip else {}),
+        }
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         self.report(result)
         return 0 if result["ok"] else 1
@@ -540,15 +680,21 @@ class Demo:
         at = self.at
         tol_kw = self.args.tolerance * self.full_kw
         out: dict[str, Any] = {
-            "miners": self.sc.miners, "families": self.families, "speed": self.sc.speed, "samples": len(samples),
-            "full_kw": round(self.full_kw, 1), "cap": cap_verdict(samples, self.cap_kw, self.args.tolerance),
-        }  # fmt: skip
+            "miners": self.sc.miners,
+            "families": self.families,
+            "speed": self.sc.speed,
+            "samples": len(samples),
+            "full_kw": round(self.full_kw, 1),
+            "cap": cap_verdict(samples, self.cap_kw, self.args.tolerance),
+        }
         sent = self.dispatch_sent_at
         out["dispatch"] = self.compliance(samples, self.dispatch_kw, sent or at["dispatch"], at["dispatch_end"])
         out["window"] = self.compliance(samples, self.window_kw, at["window_start"], at["window_end"])
         self.ramps = []
-        for name, (ended, next_event) in (("dispatch", (at["dispatch_end"], at["window_start"])),
-                                          ("window", (at["window_end"], at["end"]))):  # fmt: skip
+        for name, (ended, next_event) in (
+            ("dispatch", (at["dispatch_end"], at["window_start"])),
+            ("window", (at["window_end"], at["end"])),
+        ):
             out[name]["ramp_back_min"] = self.back_up_after(samples, ended, next_event)
             ramp = self.ramp_after(samples, ended, next_event)
             if ramp is not None:
@@ -558,17 +704,28 @@ class Demo:
         out["frequency"] = None
         if self.sc.dip:
             sc = self.sc
-            out["frequency"] = frequency_verdict(self.trace.points if self.trace else [], samples,
-                                                 dip_at=self.dip_at or at["dip"], below_hz=sc.below_hz,
-                                                 restore_above_hz=sc.restore_above_hz, shed_pct=sc.shed_pct,
-                                                 restore_after_s=sc.restore_after_s,
-                                                 within_s=FREQUENCY_SHED_WITHIN_S)  # fmt: skip
+            out["frequency"] = frequency_verdict(
+                self.trace.points if self.trace else [],
+                samples,
+                dip_at=self.dip_at or at["dip"],
+                below_hz=sc.below_hz,
+                restore_above_hz=sc.restore_above_hz,
+                shed_pct=sc.shed_pct,
+                restore_after_s=sc.restore_after_s,
+                within_s=FREQUENCY_SHED_WITHIN_S,
+            )
         return out
 
     def ramp_after(self, samples: list[Sample], ended: float, until: float) -> Ramp | None:
         """The ramp-up limit from the first look after `ended` at which the agent's target had risen."""
-        rose = next((s for s in samples if ended <= s.site_ts < until and s.target_kw is not None
-                     and s.target_kw >= self.cap_kw - 0.5), None)  # fmt: skip
+        rose = next(
+            (
+                s
+                for s in samples
+                if ended <= s.site_ts < until and s.target_kw is not None and s.target_kw >= self.cap_kw - 0.5
+            ),
+            None,
+        )
         if rose is None:
             return None
         return Ramp(rose.site_ts, rose.truth_kw, self.ramp_kw_per_min, self.cap_kw)
@@ -584,11 +741,16 @@ class Demo:
         # what the site kept while it held the level: hashrate against power, both as shares of full
         power_share = sum(s.truth_kw for s in held) / len(held) / self.full_kw if held else None
         hash_share = sum(s.hashrate_ths for s in held) / len(held) / self.full_ths if held and self.full_ths else None
-        return {"level_kw": level_kw, "start": iso(start), "end": iso(end), "met": met is not None,
-                "met_after_min": None if met is None else round((met.site_ts - start) / 60.0, 2),
-                "worst_over_kw_after_met": None if worst is None else round(max(0.0, worst), 1),
-                "power_share_held": None if power_share is None else round(power_share, 3),
-                "hashrate_share_held": None if hash_share is None else round(hash_share, 3)}  # fmt: skip
+        return {
+            "level_kw": level_kw,
+            "start": iso(start),
+            "end": iso(end),
+            "met": met is not None,
+            "met_after_min": None if met is None else round((met.site_ts - start) / 60.0, 2),
+            "worst_over_kw_after_met": None if worst is None else round(max(0.0, worst), 1),
+            "power_share_held": None if power_share is None else round(power_share, 3),
+            "hashrate_share_held": None if hash_share is None else round(hash_share, 3),
+        }
 
     def back_up_after(self, samples: list[Sample], start: float, end: float) -> float | None:
         back = next((s for s in samples if start <= s.site_ts < end and s.truth_kw >= 0.95 * self.full_kw), None)
@@ -597,22 +759,57 @@ class Demo:
     def write_timeline(self, samples: list[Sample]) -> None:
         with (self.out / "timeline.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["site_time_utc", "site_local", "truth_kw", "agent_kw", "target_kw", "ramp_level_kw", "cap_kw",
-                        "reason", "hashrate_ths", *TRUTH_STATES, "sleep_only_ths", "meter_kw", "hz",
-                        "frequency_event"])  # fmt: skip
+            w.writerow(
+                [
+                    "site_time_utc",
+                    "site_local",
+                    "truth_kw",
+                    "agent_kw",
+                    "target_kw",
+                    "ramp_level_kw",
+                    "cap_kw",
+                    "reason",
+                    "hashrate_ths",
+                    *TRUTH_STATES,
+                    "sleep_only_ths",
+                    "meter_kw",
+                    "hz",
+                    "frequency_event",
+                ]
+            )
             for s in samples:
-                w.writerow([iso(s.site_ts), self.clock.hhmm(s.site_ts, True), f"{s.truth_kw:.3f}",
-                            _fmt(s.agent_kw), _fmt(s.target_kw), _fmt(s.planning_kw), _fmt(s.cap_kw), s.reason or "",
-                            f"{s.hashrate_ths:.1f}", *(s.states[k] for k in TRUTH_STATES),
-                            f"{self.baseline.ths_at(s.truth_kw):.1f}", _fmt(s.meter_kw),
-                            "" if s.hz is None else f"{s.hz:.4f}", int(s.frequency_event)])  # fmt: skip
+                w.writerow(
+                    [
+                        iso(s.site_ts),
+                        self.clock.hhmm(s.site_ts, True),
+                        f"{s.truth_kw:.3f}",
+                        _fmt(s.agent_kw),
+                        _fmt(s.target_kw),
+                        _fmt(s.planning_kw),
+                        _fmt(s.cap_kw),
+                        s.reason or "",
+                        f"{s.hashrate_ths:.1f}",
+                        *(s.states[k] for k in TRUTH_STATES),
+                        f"{self.baseline.ths_at(s.truth_kw):.1f}",
+                        _fmt(s.meter_kw),
+                        "" if s.hz is None else f"{s.hz:.4f}",
+                        int(s.frequency_event),
+                    ]
+                )
         if self.sc.dip:
             with (self.out / "frequency.csv").open("w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["site_time_utc", "site_local", "hz", "meter_kw", "miners_kw"])
                 for p in self.trace.points if self.trace else []:
-                    w.writerow([iso(p.site_ts), self.clock.hhmm(p.site_ts, True), f"{p.hz:.4f}",
-                                f"{p.power_kw:.3f}", f"{p.it_kw:.3f}"])  # fmt: skip
+                    w.writerow(
+                        [
+                            iso(p.site_ts),
+                            self.clock.hhmm(p.site_ts, True),
+                            f"{p.hz:.4f}",
+                            f"{p.power_kw:.3f}",
+                            f"{p.it_kw:.3f}",
+                        ]
+                    )
 
     def draw(self, path: Path, samples: list[Sample], result: dict[str, Any], audit: list[dict[str, Any]]) -> None:
         from hashflex.sim.demo_plot import plot  # noqa: PLC0415  (matplotlib loads only when there is something to draw)
@@ -627,74 +824,113 @@ class Demo:
             parts.append(f"window met {w['met_after_min'] * 60:.0f} site s after it began")
         fr = result.get("frequency")
         if fr is not None:
-            parts.append(f"dip: {fr['kw_shed']:,.0f} kW shed in {fr['shed_after_s']:.0f} site s"
-                         if fr["shed_after_s"] is not None else "FREQUENCY DIP NOT SHED")  # fmt: skip
+            parts.append(
+                f"dip: {fr['kw_shed']:,.0f} kW shed in {fr['shed_after_s']:.0f} site s"
+                if fr["shed_after_s"] is not None
+                else "FREQUENCY DIP NOT SHED"
+            )
         parts.append("audit chain verified" if result["chain"]["ok"] else "AUDIT CHAIN FAILED")
         parts.append(f"{self.sc.speed:g}× speed")
         # what the agent did, from the audit export above (no extra questions to the agent: the run time stays)
         notes = agent_notes(audit, samples, cap_kw=self.cap_kw, tolerance_kw=self.args.tolerance * self.full_kw)
         dip = None
         if fr is not None and self.trace is not None and self.trace.points:
-            dip = DipView(self.trace.points, below_hz=self.sc.below_hz, restore_above_hz=self.sc.restore_above_hz,
-                          verdict=fr)  # fmt: skip
-        plot(path, samples, self.clock, cap_kw=self.cap_kw, spans=self.spans, marks=self.marks, ramps=self.ramps,
-             title=title, subtitle=" · ".join(parts), notes=notes, baseline=self.baseline, dip=dip)  # fmt: skip
+            dip = DipView(
+                self.trace.points, below_hz=self.sc.below_hz, restore_above_hz=self.sc.restore_above_hz, verdict=fr
+            )
+        plot(
+            path,
+            samples,
+            self.clock,
+            cap_kw=self.cap_kw,
+            spans=self.spans,
+            marks=self.marks,
+            ramps=self.ramps,
+            title=title,
+            subtitle=" · ".join(parts),
+            notes=notes,
+            baseline=self.baseline,
+            dip=dip,
+        )
 
     def report(self, r: dict[str, Any]) -> None:
         c = self.console
         cap = r["cap"]
         if cap["ok"]:
-            c.print(f"[green]✔ cap never exceeded[/]: peak {cap['peak_kw']:,.1f} kW = "
-                    f"{cap['peak_share'] * 100:.0f} % of the {cap['cap_kw']:,.0f} kW cap "
-                    f"({r['samples']} ground-truth samples)")  # fmt: skip
+            c.print(
+                f"[green]✔ cap never exceeded[/]: peak {cap['peak_kw']:,.1f} kW = "
+                f"{cap['peak_share'] * 100:.0f} % of the {cap['cap_kw']:,.0f} kW cap "
+                f"({r['samples']} ground-truth samples)"
+            )
         else:
-            c.print(f"[bold red]✘ the site exceeded its cap[/]: peak {cap['peak_kw']:,.1f} kW against "
-                    f"{cap['cap_kw']:,.0f} kW + {cap['tolerance_kw']:,.1f} kW tolerance in {cap['samples_over']} "
-                    "samples")  # fmt: skip
+            c.print(
+                f"[bold red]✘ the site exceeded its cap[/]: peak {cap['peak_kw']:,.1f} kW against "
+                f"{cap['cap_kw']:,.0f} kW + {cap['tolerance_kw']:,.1f} kW tolerance in {cap['samples_over']} "
+                "samples"
+            )
         for name, label in (("dispatch", "grid dispatch"), ("window", "time-of-use window")):
             x = r[name]
             if x["met"]:
-                c.print(f"  {label} ≤ {x['level_kw']:,.1f} kW: met {x['met_after_min'] * 60:.0f} site s after it "
-                        "began; "
-                        f"worst afterwards {x['worst_over_kw_after_met']:,.1f} kW over; "
-                        f"{x['hashrate_share_held'] * 100:.0f} % of the hashrate kept on "
-                        f"{x['power_share_held'] * 100:.0f} % of the power"
-                        + (f"; back to 95 % of full power {x['ramp_back_min']:.1f} min after it ended"
-                           if x["ramp_back_min"] is not None else "")
-                        + {True: "; within the ramp-up limit", False: "; [yellow]faster than the ramp-up limit[/]",
-                           None: ""}[x.get("ramp_limit_kept")])  # fmt: skip
+                c.print(
+                    f"  {label} ≤ {x['level_kw']:,.1f} kW: met {x['met_after_min'] * 60:.0f} site s after it "
+                    "began; "
+                    f"worst afterwards {x['worst_over_kw_after_met']:,.1f} kW over; "
+                    f"{x['hashrate_share_held'] * 100:.0f} % of the hashrate kept on "
+                    f"{x['power_share_held'] * 100:.0f} % of the power"
+                    + (
+                        f"; back to 95 % of full power {x['ramp_back_min']:.1f} min after it ended"
+                        if x["ramp_back_min"] is not None
+                        else ""
+                    )
+                    + {
+                        True: "; within the ramp-up limit",
+                        False: "; [yellow]faster than the ramp-up limit[/]",
+                        None: "",
+                    }[x.get("ramp_limit_kept")]
+                )
             else:
                 c.print(f"  [yellow]{label} ≤ {x['level_kw']:,.1f} kW: not met within its window[/]")
         fr = r.get("frequency")
         if fr is not None:
             if fr["ok"]:
-                c.print(f"[green]✔ frequency dip[/] (lowest {fr['lowest_hz']:.2f} Hz): below {fr['below_hz']:g} Hz at "
-                        f"{self.clock.hhmm(fr['crossed_ts'], True)}; {fr['kw_shed']:,.1f} kW shed at the meter "
-                        f"(stage {fr['stage_kw']:,.1f} kW) {fr['shed_after_s']:.0f} site s after the crossing, held "
-                        f"until the frequency had stayed above {fr['restore_above_hz']:g} Hz, back "
-                        f"{fr['back_after_recovery_s']:.0f} site s after it recovered")  # fmt: skip
+                c.print(
+                    f"[green]✔ frequency dip[/] (lowest {fr['lowest_hz']:.2f} Hz): below {fr['below_hz']:g} Hz at "
+                    f"{self.clock.hhmm(fr['crossed_ts'], True)}; {fr['kw_shed']:,.1f} kW shed at the meter "
+                    f"(stage {fr['stage_kw']:,.1f} kW) {fr['shed_after_s']:.0f} site s after the crossing, held "
+                    f"until the frequency had stayed above {fr['restore_above_hz']:g} Hz, back "
+                    f"{fr['back_after_recovery_s']:.0f} site s after it recovered"
+                )
                 if fr["over_shed"]:
-                    c.print(f"  [yellow]while the event held the site went down by {fr['kw_down_max']:,.1f} kW in all "
-                            "(the ordinary plan under the held level slept more than the stage)[/]")  # fmt: skip
+                    c.print(
+                        f"  [yellow]while the event held the site went down by {fr['kw_down_max']:,.1f} kW in all "
+                        "(the ordinary plan under the held level slept more than the stage)[/]"
+                    )
             else:
                 c.print(f"[bold red]✘ frequency dip[/]: {fr['reason']}")
         chain = r["chain"]
         if chain["ok"]:
-            c.print(f"[green]✔ audit chain verified[/] (hashflex audit verify): {chain['records']} records, head "
-                    f"{str(chain['head_hash'])[:16]}…")  # fmt: skip
+            c.print(
+                f"[green]✔ audit chain verified[/] (hashflex audit verify): {chain['records']} records, head "
+                f"{str(chain['head_hash'])[:16]}…"
+            )
         else:
             c.print(f"[bold red]✘ audit chain did not verify[/]: {chain['reason']}")
         ex = r["export"]
         mark = "[green]✔[/]" if ex["ok"] else "[bold red]✘[/]"
-        c.print(f"{mark} audit export (hashflex audit export): {ex['records']} records, {ex['dispatches']} "
-                f"dispatch(es) → {ex['path']}")  # fmt: skip
+        c.print(
+            f"{mark} audit export (hashflex audit export): {ex['records']} records, {ex['dispatches']} "
+            f"dispatch(es) → {ex['path']}"
+        )
         e = r["energy"]
         if e["kwh"] is not None:
-            c.print(f"  energy on record (hashflex energy): {e['kwh']:,.1f} kWh drawn, "
-                    f"{e['not_drawn_kwh'] or 0:,.1f} kWh not drawn because of dispatch")  # fmt: skip
+            c.print(
+                f"  energy on record (hashflex energy): {e['kwh']:,.1f} kWh drawn, "
+                f"{e['not_drawn_kwh'] or 0:,.1f} kWh not drawn because of dispatch"
+            )
         f = r["files"]
-        c.print(f"wrote {f['plot']}, {f['export']}, {f['timeline']}, {self.out / 'summary.json'} "
-                f"in {r['runtime_s']:.0f} s")  # fmt: skip
+        c.print(
+            f"wrote {f['plot']}, {f['export']}, {f['timeline']}, {self.out / 'summary.json'} in {r['runtime_s']:.0f} s"
+        )
 
 
 def meter_address(given: str | None, base_ip: str) -> str:
@@ -705,18 +941,43 @@ def meter_address(given: str | None, base_ip: str) -> str:
     return f"{a}.{b}.250.250:{METER_PORT}"
 
 
-def frequency_verdict(points: list[MeterPoint], samples: list[Sample], *, dip_at: float, below_hz: float,
-                      restore_above_hz: float, shed_pct: float, restore_after_s: float,
-                      within_s: float) -> dict[str, Any]:  # fmt: skip
+def frequency_verdict(
+    points: list[MeterPoint],
+    samples: list[Sample],
+    *,
+    dip_at: float,
+    below_hz: float,
+    restore_above_hz: float,
+    shed_pct: float,
+    restore_after_s: float,
+    within_s: float,
+) -> dict[str, Any]:
     """The dip by the meter's ground truth: when the frequency crossed the stage's threshold, whether the site's
     power fell by about the stage's kW (shed_pct of the miners' draw just before) within `within_s`, stayed down
     until the frequency had been back above `restore_above_hz` for most of `restore_after_s`, then came back."""
-    out: dict[str, Any] = {"below_hz": below_hz, "restore_above_hz": restore_above_hz, "shed_pct": shed_pct,
-                           "dip_sent": iso(dip_at), "crossed_at": None, "crossed_ts": None, "lowest_hz": None,
-                           "before_kw": None, "stage_kw": None, "shed_reached_at": None, "shed_after_s": None,
-                           "kw_shed": None, "kw_down_max": None, "over_shed": None, "held": None,
-                           "recovered_at": None, "back_at": None, "back_after_recovery_s": None,
-                           "agent_event_samples": 0, "ok": False, "reason": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "below_hz": below_hz,
+        "restore_above_hz": restore_above_hz,
+        "shed_pct": shed_pct,
+        "dip_sent": iso(dip_at),
+        "crossed_at": None,
+        "crossed_ts": None,
+        "lowest_hz": None,
+        "before_kw": None,
+        "stage_kw": None,
+        "shed_reached_at": None,
+        "shed_after_s": None,
+        "kw_shed": None,
+        "kw_down_max": None,
+        "over_shed": None,
+        "held": None,
+        "recovered_at": None,
+        "back_at": None,
+        "back_after_recovery_s": None,
+        "agent_event_samples": 0,
+        "ok": False,
+        "reason": None,
+    }
     out["agent_event_samples"] = sum(1 for s in samples if s.frequency_event and s.site_ts >= dip_at)
     crossing = next((i for i, p in enumerate(points) if p.site_ts >= dip_at - 5.0 and p.hz < below_hz), None)
     if crossing is None or crossing == 0:
@@ -728,9 +989,14 @@ def frequency_verdict(points: list[MeterPoint], samples: list[Sample], *, dip_at
     after = points[crossing:]
     recovered = next((p for p in after if p.hz >= restore_above_hz), None)
     low = [p for p in after if recovered is None or p.site_ts < recovered.site_ts]
-    out.update(crossed_at=iso(cross.site_ts), crossed_ts=cross.site_ts, lowest_hz=round(min(p.hz for p in after), 3),
-               before_kw=round(before_kw, 1), stage_kw=round(stage_kw, 1),
-               recovered_at=None if recovered is None else iso(recovered.site_ts))  # fmt: skip
+    out.update(
+        crossed_at=iso(cross.site_ts),
+        crossed_ts=cross.site_ts,
+        lowest_hz=round(min(p.hz for p in after), 3),
+        before_kw=round(before_kw, 1),
+        stage_kw=round(stage_kw, 1),
+        recovered_at=None if recovered is None else iso(recovered.site_ts),
+    )
     # "about the stage's kW": 80 % of it (the slept miners keep a standby draw; cooling lags the miners)
     reached = next((p for p in after if p.power_kw <= before_kw - 0.8 * stage_kw), None)
     if reached is None:
@@ -739,9 +1005,12 @@ def frequency_verdict(points: list[MeterPoint], samples: list[Sample], *, dip_at
     # the stage's shed: the site's fall within `within_s` of the crossing; the deepest fall while the frequency was
     # low may be more (the ordinary plan under the held level can sleep more: see the report's kw_down_max)
     first = [p.power_kw for p in after if p.site_ts <= cross.site_ts + within_s]
-    out.update(shed_reached_at=iso(reached.site_ts), shed_after_s=round(reached.site_ts - cross.site_ts, 1),
-               kw_shed=round(before_kw - min(first), 1),
-               kw_down_max=round(before_kw - min(p.power_kw for p in low), 1))  # fmt: skip
+    out.update(
+        shed_reached_at=iso(reached.site_ts),
+        shed_after_s=round(reached.site_ts - cross.site_ts, 1),
+        kw_shed=round(before_kw - min(first), 1),
+        kw_down_max=round(before_kw - min(p.power_kw for p in low), 1),
+    )
     # more than half as much again as the stage: the agent shed more than the stage asked (a figure, not a failure:
     # the ordinary plan under the held level may cut further, e.g. on an inflated non-miner estimate; see the log)
     out["over_shed"] = out["kw_down_max"] > 1.5 * stage_kw
@@ -754,9 +1023,11 @@ def frequency_verdict(points: list[MeterPoint], samples: list[Sample], *, dip_at
     back = next((p for p in points if p.site_ts > hold_until and p.power_kw >= before_kw - 0.2 * stage_kw), None)
     if back is not None:
         out.update(back_at=iso(back.site_ts), back_after_recovery_s=round(back.site_ts - recovered.site_ts, 1))
-    checks = [(out["shed_after_s"] <= within_s, f"the shed took {out['shed_after_s']:.0f} site s (> {within_s:g})"),
-              (bool(out["held"]), "the shed was not held until the frequency had stayed back up"),
-              (back is not None, "the site did not come back after the event")]  # fmt: skip
+    checks = [
+        (out["shed_after_s"] <= within_s, f"the shed took {out['shed_after_s']:.0f} site s (> {within_s:g})"),
+        (bool(out["held"]), "the shed was not held until the frequency had stayed back up"),
+        (back is not None, "the site did not come back after the event"),
+    ]
     out["reason"] = next((why for good, why in checks if not good), None)
     out["ok"] = out["reason"] is None
     return out
@@ -767,8 +1038,14 @@ def cap_verdict(samples: list[Sample], cap_kw: float, tolerance: float) -> dict[
     tol_kw = tolerance * cap_kw
     peak = max(samples, key=lambda s: s.truth_kw)
     over = [s for s in samples if s.truth_kw > cap_kw + tol_kw]
-    return {"cap_kw": cap_kw, "tolerance_kw": round(tol_kw, 1), "peak_kw": round(peak.truth_kw, 1),
-            "peak_share": round(peak.truth_kw / cap_kw, 4), "samples_over": len(over), "ok": not over}  # fmt: skip
+    return {
+        "cap_kw": cap_kw,
+        "tolerance_kw": round(tol_kw, 1),
+        "peak_kw": round(peak.truth_kw, 1),
+        "peak_share": round(peak.truth_kw / cap_kw, 4),
+        "samples_over": len(over),
+        "ok": not over,
+    }
 
 
 def explain(reason: str | None) -> str:
@@ -776,9 +1053,14 @@ def explain(reason: str | None) -> str:
     if not reason:
         return "—"
     source, _, name = reason.partition(":")
-    return {"cap": "site cap", "grid": f"grid dispatch {name}", "schedule": f"window {name}",
-            "operator": f"operator override {name}", "failsafe": "FAIL-SAFE",
-            "frequency": "under-frequency response"}.get(source, reason)  # fmt: skip
+    return {
+        "cap": "site cap",
+        "grid": f"grid dispatch {name}",
+        "schedule": f"window {name}",
+        "operator": f"operator override {name}",
+        "failsafe": "FAIL-SAFE",
+        "frequency": "under-frequency response",
+    }.get(source, reason)
 
 
 def describe_event(e: dict[str, Any]) -> str | None:
@@ -797,8 +1079,9 @@ def describe_event(e: dict[str, Any]) -> str | None:
             return f"{d.get('commands')} miner commands sent for {d.get('id')}"
         case "target_reached":
             after = d.get("after_s")
-            return (f"{d.get('id')} met: site at {_kw(d.get('power_kw'))} ≤ {_kw(d.get('level_kw'))}"
-                    + (f", {after:.0f} site s after acceptance" if isinstance(after, int | float) else ""))
+            return f"{d.get('id')} met: site at {_kw(d.get('power_kw'))} ≤ {_kw(d.get('level_kw'))}" + (
+                f", {after:.0f} site s after acceptance" if isinstance(after, int | float) else ""
+            )
         case "expired" | "cancelled":
             return f"{d.get('id')} {kind}"
     fields = ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, "", [], {}))

@@ -50,14 +50,22 @@ class _Batch:
     planned_kw: float | None
 
 
-def agent_notes(audit: Sequence[Mapping[str, Any]], samples: Sequence[Sample], *, cap_kw: float,
-                tolerance_kw: float, gap_s: float = NOTE_GAP_S) -> list[Note]:  # fmt: skip
+def agent_notes(
+    audit: Sequence[Mapping[str, Any]],
+    samples: Sequence[Sample],
+    *,
+    cap_kw: float,
+    tolerance_kw: float,
+    gap_s: float = NOTE_GAP_S,
+) -> list[Note]:
     """The agent's doings over the recorded stretch, in time order."""
     if not samples:
         return []
     first, last = samples[0].site_ts, samples[-1].site_ts
-    records = sorted((r for r in audit if isinstance(r.get("ts"), int | float) and first <= r["ts"] <= last),
-                     key=lambda r: float(r["ts"]))  # fmt: skip
+    records = sorted(
+        (r for r in audit if isinstance(r.get("ts"), int | float) and first <= r["ts"] <= last),
+        key=lambda r: float(r["ts"]),
+    )
     notes: list[Note] = []
     run: list[_Batch] = []
     for r in records:
@@ -85,14 +93,24 @@ def _batch(ts: float, data: Mapping[str, Any]) -> _Batch:
         if isinstance(ok, int) and ok > 0:
             ops[str(op)] = ok
     target, planned = data.get("target_kw"), data.get("worst_case_kw")
-    return _Batch(ts, float(target) if isinstance(target, int | float) else float("nan"), str(data.get("method")),
-                  bool(data.get("fast")), ops, int(data.get("failed_total") or 0),
-                  float(planned) if isinstance(planned, int | float) else None)  # fmt: skip
+    return _Batch(
+        ts,
+        float(target) if isinstance(target, int | float) else float("nan"),
+        str(data.get("method")),
+        bool(data.get("fast")),
+        ops,
+        int(data.get("failed_total") or 0),
+        float(planned) if isinstance(planned, int | float) else None,
+    )
 
 
 def _same_run(prev: _Batch, nxt: _Batch, gap_s: float) -> bool:
-    return (nxt.ts - prev.ts <= gap_s and abs(nxt.target_kw - prev.target_kw) < 0.05 and nxt.method == prev.method
-            and nxt.fast == prev.fast)  # fmt: skip
+    return (
+        nxt.ts - prev.ts <= gap_s
+        and abs(nxt.target_kw - prev.target_kw) < 0.05
+        and nxt.method == prev.method
+        and nxt.fast == prev.fast
+    )
 
 
 def _actions_note(run: Sequence[_Batch], cap_kw: float) -> Note:
@@ -103,8 +121,11 @@ def _actions_note(run: Sequence[_Batch], cap_kw: float) -> Note:
     failed = sum(b.failed for b in run)
     head = run[0]
     woke, slept, limits = ops.get("wake", 0), ops.get("sleep", 0), ops.get("set_power", 0)
-    parts = (f"woke {woke}" if woke else "", f"slept {slept}" if slept else "",
-             f"{limits} limit change{'s' * (limits != 1)}" if limits else "")  # fmt: skip
+    parts = (
+        f"woke {woke}" if woke else "",
+        f"slept {slept}" if slept else "",
+        f"{limits} limit change{'s' * (limits != 1)}" if limits else "",
+    )
     done = ", ".join(part for part in parts if part)
     batches = f"{len(run)} batches" if len(run) > 1 else "one batch"
     if head.method == "frequency":  # the pre-armed shed list, sent the moment a stage tripped
@@ -112,8 +133,11 @@ def _actions_note(run: Sequence[_Batch], cap_kw: float) -> Note:
     elif head.target_kw >= cap_kw - 0.5:  # nothing binds but the cap: the way back up
         text = f"back up toward the cap in {batches}, paced by the ramp limit: {done or 'no commands took'}"
     elif slept and not woke and not limits:
-        text = (f"fast cut: slept {slept} miners at once to get under {head.target_kw:,.0f} kW quickly"
-                if head.fast else f"slept {slept} miners to stay under {head.target_kw:,.0f} kW")  # fmt: skip
+        text = (
+            f"fast cut: slept {slept} miners at once to get under {head.target_kw:,.0f} kW quickly"
+            if head.fast
+            else f"slept {slept} miners to stay under {head.target_kw:,.0f} kW"
+        )
     elif woke and limits:
         text = f"swapped sleep for throttling under {head.target_kw:,.0f} kW ({done}), to keep more hashrate per kW"
     else:
@@ -154,8 +178,9 @@ def _with_shortfalls(notes: list[Note], samples: Sequence[Sample], cap_kw: float
         previous_below = below
     found: dict[int, Shortfall] = {}
     for stretch in stretches:
-        owner = next((i for i in range(len(notes) - 1, -1, -1)
-                      if notes[i].ops and notes[i].site_ts <= stretch[0].site_ts), None)  # fmt: skip
+        owner = next(
+            (i for i in range(len(notes) - 1, -1, -1) if notes[i].ops and notes[i].site_ts <= stretch[0].site_ts), None
+        )
         if owner is None:
             continue
         worst = max((s.target_kw or 0.0) - s.truth_kw for s in stretch)
@@ -174,8 +199,9 @@ def _cause(note: Note, stretch: Sequence[Sample], samples: Sequence[Sample], tol
     seen = [s for s in samples if s.site_ts <= note.site_ts]
     at = seen[-1] if seen else None
     if at is not None and at.agent_kw is not None and abs(at.agent_kw - at.truth_kw) > tolerance_kw:
-        return (f"the agent planned from a read of {at.agent_kw:,.0f} kW while the site already drew "
-                f"{at.truth_kw:,.0f} kW")  # fmt: skip
+        return (
+            f"the agent planned from a read of {at.agent_kw:,.0f} kW while the site already drew {at.truth_kw:,.0f} kW"
+        )
     if note.planned_kw is not None:
         return f"the plan counts each miner at its worst case ({note.planned_kw:,.0f} kW) and they drew less"
     return "the miners drew less than the plan counted on"

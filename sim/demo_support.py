@@ -42,10 +42,18 @@ def hashflex_command() -> list[str]:
     return [sys.executable, "-m", "hashflex"]
 
 
-def run_hashflex(args: list[str], *, stdin: str | None = None,
-                 timeout: float = 60.0) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    return subprocess.run([*hashflex_command(), *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, check=False, cwd=REPO)  # fmt: skip
+def run_hashflex(
+    args: list[str], *, stdin: str | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*hashflex_command(), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
+    )
 
 
 def public_key_for(private: Path) -> Path:
@@ -170,23 +178,50 @@ class AgentLink:
 
 
 # ---------------------------------------------------------------------------------------------- the agent
-def write_agent_config(path: Path, *, ips: list[str], cap_kw: float, scale: float, ramp_kw_per_min: float,
-                       window: Mapping[str, Any], grid_pub: Path, state_dir: Path, socket_path: Path,
-                       timezone: str, meter: Mapping[str, Any] | None = None,
-                       frequency: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_agent_config(
+    path: Path,
+    *,
+    ips: list[str],
+    cap_kw: float,
+    scale: float,
+    ramp_kw_per_min: float,
+    window: Mapping[str, Any],
+    grid_pub: Path,
+    state_dir: Path,
+    socket_path: Path,
+    timezone: str,
+    meter: Mapping[str, Any] | None = None,
+    frequency: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The site config the demo's agent runs with. Site timers are site seconds (they pass `scale` times faster);
     network deadlines are wall seconds. Sweeps and ticks come every half wall second, so the agent sees a change
     within a few site seconds even at 50×. `meter` (site.meter) puts the agent's control at the site meter;
     `frequency` is its frequency_response section."""
     beat = 0.5 * scale  # site seconds in half a wall second
     doc: dict[str, Any] = {
-        "site": {"id": DEMO_SITE_ID, "cap_kw": cap_kw, "timezone": timezone,
-                 **({"meter": dict(meter)} if meter is not None else {})},
+        "site": {
+            "id": DEMO_SITE_ID,
+            "cap_kw": cap_kw,
+            "timezone": timezone,
+            **({"meter": dict(meter)} if meter is not None else {}),
+        },
         "miners": {"addresses": address_ranges(ips)},
-        "polling": {"interval_s": beat, "read_timeout_s": 3.0, "command_timeout_s": 5.0, "identify_timeout_s": 8.0,
-                    "stale_after_s": 10 * beat, "concurrency": 200},
-        "control": {"tick_s": beat, "ramp_up_kw_per_min": round(ramp_kw_per_min, 1), "min_on_s": 120,
-                    "min_off_s": 120, "confirm_after_s": 6 * beat, "headroom_pct": 1.0},
+        "polling": {
+            "interval_s": beat,
+            "read_timeout_s": 3.0,
+            "command_timeout_s": 5.0,
+            "identify_timeout_s": 8.0,
+            "stale_after_s": 10 * beat,
+            "concurrency": 200,
+        },
+        "control": {
+            "tick_s": beat,
+            "ramp_up_kw_per_min": round(ramp_kw_per_min, 1),
+            "min_on_s": 120,
+            "min_off_s": 120,
+            "confirm_after_s": 6 * beat,
+            "headroom_pct": 1.0,
+        },
         "dispatch": {"max_skew_s": max(30.0, 2 * beat)},
         "schedule": [dict(window)],
         "failsafe": {"enabled": False},
@@ -196,12 +231,14 @@ def write_agent_config(path: Path, *, ips: list[str], cap_kw: float, scale: floa
         "control_socket": {"path": str(socket_path)},
         "metrics": {"enabled": False},
         "logging": {"level": "info", "format": "json"},
-    }  # fmt: skip
+    }
     if frequency is not None:
         doc["frequency_response"] = dict(frequency)
-    header = ("# Written by `hashflex demo`: the simulated site's agent config (its clock ran scaled, from\n"
-              "# --time-origin). After the demo, read its state with\n"
-              f"#   hashflex audit verify --config {path}\n#   hashflex energy --config {path} --from 0 --to now\n")
+    header = (
+        "# Written by `hashflex demo`: the simulated site's agent config (its clock ran scaled, from\n"
+        "# --time-origin). After the demo, read its state with\n"
+        f"#   hashflex audit verify --config {path}\n#   hashflex energy --config {path} --from 0 --to now\n"
+    )
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return doc
 
@@ -215,8 +252,10 @@ def address_ranges(ips: list[str]) -> list[str]:
             runs[-1][1] = n
         else:
             runs.append([n, n])
-    return [str(ipaddress.IPv4Address(a)) if a == b else f"{ipaddress.IPv4Address(a)}-{ipaddress.IPv4Address(b)}"
-            for a, b in runs]  # fmt: skip
+    return [
+        str(ipaddress.IPv4Address(a)) if a == b else f"{ipaddress.IPv4Address(a)}-{ipaddress.IPv4Address(b)}"
+        for a, b in runs
+    ]
 
 
 class AgentRun:
@@ -225,12 +264,24 @@ class AgentRun:
     def __init__(self, config: Path, clock: SiteClock, socket_path: Path, log_path: Path) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
-        args = [*hashflex_command(), "run", "--config", str(config), "--time-scale", repr(clock.scale),
-                "--time-origin", repr(clock.origin)]  # fmt: skip
+        args = [
+            *hashflex_command(),
+            "run",
+            "--config",
+            str(config),
+            "--time-scale",
+            repr(clock.scale),
+            "--time-origin",
+            repr(clock.origin),
+        ]
         with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                              "PYTHONFAULTHANDLER": "1"})  # fmt: skip
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+            )
 
     def wait_ready(self, timeout: float) -> None:
         link = AgentLink(self.socket_path, timeout=2.0)
@@ -238,8 +289,10 @@ class AgentRun:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise DemoError(f"the agent exited with {self.proc.returncode} before it was ready; "
-                                    f"see {self.log_path}:\n{self.tail()}")  # fmt: skip
+                    raise DemoError(
+                        f"the agent exited with {self.proc.returncode} before it was ready; "
+                        f"see {self.log_path}:\n{self.tail()}"
+                    )
                 if self.socket_path.exists():
                     with contextlib.suppress(OSError, ValueError):
                         if link.request("ping").get("status") == "ok":
@@ -318,13 +371,19 @@ def make_sample(site_ts: float, truth: Mapping[str, Any], status: StatusDoc | No
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     return Sample(
-        site_ts=site_ts, truth_kw=float(truth["site"]["power_w"]) / 1000.0,
-        hashrate_ths=float(truth["site"]["hashrate_ths"]), states=truth_states(truth),
-        agent_kw=num("power_kw"), target_kw=num("target_kw"), planning_kw=num("planning_level_kw"),
-        cap_kw=num("cap_kw"), reason=str(s["target_reason"]) if s.get("target_reason") else None,
-        meter_kw=_kw_of(meter.get("power_w")), hz=_finite(meter.get("hz")),
+        site_ts=site_ts,
+        truth_kw=float(truth["site"]["power_w"]) / 1000.0,
+        hashrate_ths=float(truth["site"]["hashrate_ths"]),
+        states=truth_states(truth),
+        agent_kw=num("power_kw"),
+        target_kw=num("target_kw"),
+        planning_kw=num("planning_level_kw"),
+        cap_kw=num("cap_kw"),
+        reason=str(s["target_reason"]) if s.get("target_reason") else None,
+        meter_kw=_kw_of(meter.get("power_w")),
+        hz=_finite(meter.get("hz")),
         frequency_event=bool(((s.get("meter") or {}).get("frequency_response") or {}).get("active")),
-    )  # fmt: skip
+    )
 
 
 def _finite(value: Any) -> float | None:

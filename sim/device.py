@@ -31,8 +31,9 @@ class Device:
         self.rng = random.Random(digest)
         self.mac = "02:" + ":".join(f"{b:02X}" for b in digest[:5])
         self.serial = digest[5:13].hex().upper()
-        self.physics = MinerPhysics(spec, site.physics_params, rng_seed=f"{seed}:{ip}:unit",
-                                    setpoint_w=self.default_setpoint_w())
+        self.physics = MinerPhysics(
+            spec, site.physics_params, rng_seed=f"{seed}:{ip}:unit", setpoint_w=self.default_setpoint_w()
+        )
         self.boot_t = -self.rng.uniform(3600.0, 30 * 86400.0)  # it has been running for a while
         self.faults: dict[str, dict[str, Any]] = {}
         self.accepted = self.rng.randint(1000, 90000)
@@ -110,8 +111,7 @@ class Device:
         return self.dumps({"STATUS": [self.status("E", code, msg)], "id": 1})
 
     def status(self, kind: str, code: int, msg: str) -> dict[str, Any]:
-        return {"STATUS": kind, "When": self.site.clock.unix(), "Code": code, "Msg": msg,
-                "Description": self.firmware}
+        return {"STATUS": kind, "When": self.site.clock.unix(), "Code": code, "Msg": msg, "Description": self.firmware}
 
     @staticmethod
     def dumps(obj: Any) -> bytes:
@@ -121,8 +121,9 @@ class Device:
         if "blackhole" in self.faults:
             return None
         if "error" in self.faults:
-            return self.rpc_error_bytes(int(self.faults["error"].get("code", 45)),
-                                        str(self.faults["error"].get("msg", "Internal error")))
+            return self.rpc_error_bytes(
+                int(self.faults["error"].get("code", 45)), str(self.faults["error"].get("msg", "Internal error"))
+            )
         command = req.get("command")
         if not isinstance(command, str) or not command:
             return self.rpc_error_bytes(23, "Missing JSON 'command'")

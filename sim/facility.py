@@ -160,21 +160,35 @@ class FacilityLoad:
         else:
             coils = [SimData(address=100, values=False, datatype=DataType.BITS, readonly=True)]
             holding = [SimData(address=REFERENCE_AT, values=0, datatype=DataType.REGISTERS)]
-        inputs = [SimData(address=SPEED_AT if self.kind == "drive" else POWER_AT,
-                          count=4 if self.kind == "drive" else 2, values=0, datatype=DataType.REGISTERS,
-                          readonly=True)]  # fmt: skip
+        inputs = [
+            SimData(
+                address=SPEED_AT if self.kind == "drive" else POWER_AT,
+                count=4 if self.kind == "drive" else 2,
+                values=0,
+                datatype=DataType.REGISTERS,
+                readonly=True,
+            )
+        ]
         discrete = [SimData(address=0, values=False, datatype=DataType.BITS, readonly=True)]
         return SimDevice(id=self.unit, simdata=(coils, discrete, holding, inputs), action=act)
 
     def truth(self, t: float) -> dict[str, Any]:
         return {
-            "name": self.name, "address": f"{self.host}:{self.port}", "kind": self.kind, "unit": self.unit,
-            "setpoint_pct": round(self.pct, 3), "speed_pct": round(self.pct, 3), "power_w": round(self.power_w(t), 3),
-            "full_w": self.full_w, "fault": self.fault, "writes": self.writes, "miners": list(self.miners),
+            "name": self.name,
+            "address": f"{self.host}:{self.port}",
+            "kind": self.kind,
+            "unit": self.unit,
+            "setpoint_pct": round(self.pct, 3),
+            "speed_pct": round(self.pct, 3),
+            "power_w": round(self.power_w(t), 3),
+            "full_w": self.full_w,
+            "fault": self.fault,
+            "writes": self.writes,
+            "miners": list(self.miners),
             "history": [[round(ts, 3), p] for ts, p in self.steps[-HISTORY:]],
             "wakes": [[round(ts, 3), ip] for ts, ip in self.wakes[-HISTORY:]],
             "sleeps": [[round(ts, 3), ip] for ts, ip in self.sleeps[-HISTORY:]],
-        }  # fmt: skip
+        }
 
 
 def parse(doc: Any, known_ips: set[str]) -> list[FacilityLoad]:
@@ -207,13 +221,25 @@ def parse(doc: Any, known_ips: set[str]) -> list[FacilityLoad]:
         full_kw, start = float(item["full_kw"]), float(item.get("start_pct", 100.0))
         unit, full_scale = int(item.get("unit", 1)), int(item.get("full_scale", 10000))
         if not (0 < full_kw <= 1e5 and 0 <= start <= 100 and 1 <= unit <= 247 and 1 <= full_scale <= 65535):
-            raise FacilitySpecError(f"{where}: need full_kw in (0, 1e5], start_pct in [0, 100], unit in [1, 247], "
-                                    "full_scale in [1, 65535]")  # fmt: skip
+            raise FacilitySpecError(
+                f"{where}: need full_kw in (0, 1e5], start_pct in [0, 100], unit in [1, 247], full_scale in [1, 65535]"
+            )
         if item["kind"] == "relay":
             start = 100.0 if start > 0 else 0.0
-        loads.append(FacilityLoad(name=str(item["name"]), host=host, port=int(port_text), kind=item["kind"],
-                                  full_w=full_kw * 1000.0, miners=miners, unit=unit, full_scale=full_scale,
-                                  exponent=float(item.get("exponent", 3.0)), pct=start))  # fmt: skip
+        loads.append(
+            FacilityLoad(
+                name=str(item["name"]),
+                host=host,
+                port=int(port_text),
+                kind=item["kind"],
+                full_w=full_kw * 1000.0,
+                miners=miners,
+                unit=unit,
+                full_scale=full_scale,
+                exponent=float(item.get("exponent", 3.0)),
+                pct=start,
+            )
+        )
     names = [ld.name for ld in loads]
     if len(set(names)) != len(names):
         raise FacilitySpecError("--facility: load names must be unique")

@@ -26,7 +26,10 @@ from typing import Any
 MODES = ("refuse", "blackhole", "slow", "error", "ignore", "reboot", "session_held", "atm", "drift")
 LUXOS_ONLY = frozenset({"session_held", "atm"})
 PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "refuse": {}, "blackhole": {}, "ignore": {}, "session_held": {},
+    "refuse": {},
+    "blackhole": {},
+    "ignore": {},
+    "session_held": {},
     "slow": {"min_ms": (int, float), "max_ms": (int, float)},
     "error": {"code": int, "msg": str},
     "reboot": {"duration_s": (int, float)},
@@ -55,7 +58,7 @@ def _items(spec: Any) -> list[Any]:
         return [spec]
     if isinstance(spec, list):
         return spec
-    raise FaultSpecError("a fault spec is an object, a list of objects, or {\"faults\": [...]}")
+    raise FaultSpecError('a fault spec is an object, a list of objects, or {"faults": [...]}')
 
 
 def parse(spec: Any, *, all_ips: list[str], families: dict[str, str], site_seed: int) -> list[FaultAction]:
@@ -105,14 +108,17 @@ def _check_params(n: int, mode: str, params: dict[str, Any]) -> None:
         raise FaultSpecError(f"fault #{n} (drift): pct must be in [-50, 100]")
 
 
-def _select(n: int, item: dict[str, Any], mode: str, *, all_ips: list[str], families: dict[str, str],
-            site_seed: int) -> list[str]:
+def _select(
+    n: int, item: dict[str, Any], mode: str, *, all_ips: list[str], families: dict[str, str], site_seed: int
+) -> list[str]:
     family = item.get("family")
     if family is not None and family not in set(families.values()):
         raise FaultSpecError(f"fault #{n}: no miner of family {family!r}")
-    eligible = [ip for ip in all_ips
-                if (family is None or families[ip] == family)
-                and (mode not in LUXOS_ONLY or families[ip] == "luxos")]
+    eligible = [
+        ip
+        for ip in all_ips
+        if (family is None or families[ip] == family) and (mode not in LUXOS_ONLY or families[ip] == "luxos")
+    ]
     selectors = [k for k in ("ips", "share", "count") if k in item]
     if len(selectors) > 1:
         raise FaultSpecError(f"fault #{n}: use only one of ips, share, count")

@@ -227,8 +227,13 @@ class MeterModel:
                 self.t, self.it_w, self.it_energy_j, self.cooling_w, self.auto_w = b, u_b, e_b, c_b, a_b
         fac_w = self._facility_w(self.t)
         return Figures(
-            self.t, self.it_w, self.cooling_w, self.base_w, self.losses(self.it_w, self.cooling_w + fac_w),
-            self.energy_j, fac_w,
+            self.t,
+            self.it_w,
+            self.cooling_w,
+            self.base_w,
+            self.losses(self.it_w, self.cooling_w + fac_w),
+            self.energy_j,
+            fac_w,
         )
 
 
@@ -572,8 +577,9 @@ def _runs(addresses: list[int]) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------------------------- the meter
 class SiteMeter:
-    def __init__(self, site: Site, params: MeterParams, host: str, port: int,
-                 facility: FacilityLoads | None = None) -> None:
+    def __init__(
+        self, site: Site, params: MeterParams, host: str, port: int, facility: FacilityLoads | None = None
+    ) -> None:
         params.check()
         self.site = site
         self.params = params

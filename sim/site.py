@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sim")
 
 
-
 DEVICE_CLASSES: dict[str, type[Device]] = {
     "luxos": LuxosDevice,
     "whatsminer": WhatsminerDevice,
@@ -92,8 +91,9 @@ def allocate_ips(base_ip: str, n: int) -> list[str]:
 
 
 class Site:
-    def __init__(self, *, miners: int, mix: str, base_ip: str, seed: int, speed: float,
-                 params: PhysicsParams | None = None) -> None:
+    def __init__(
+        self, *, miners: int, mix: str, base_ip: str, seed: int, speed: float, params: PhysicsParams | None = None
+    ) -> None:
         self.seed = seed
         self.clock = SimClock(speed)
         self.physics_params = params or PhysicsParams()
@@ -131,8 +131,7 @@ class Site:
                 factory = lambda d=dev: V3Protocol(d)  # noqa: E731
             else:
                 factory = lambda d=dev, p=port: HttpProtocol(d, p)  # noqa: E731
-            servers.append(await loop.create_server(factory, host=dev.ip, port=port, reuse_address=True,
-                                                    backlog=64))
+            servers.append(await loop.create_server(factory, host=dev.ip, port=port, reuse_address=True, backlog=64))
         self._servers[dev.ip] = servers
 
     def _unbind(self, dev: Device) -> None:
@@ -170,7 +169,9 @@ class Site:
             old.cancel()
         self._rebooting[dev.ip] = asyncio.get_running_loop().call_later(
             # never before the listeners are gone, however short the reboot
-            max(0.2, self.clock.wall_delay(duration_s)), lambda: self._spawn(self._back(dev)))
+            max(0.2, self.clock.wall_delay(duration_s)),
+            lambda: self._spawn(self._back(dev)),
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -189,8 +190,12 @@ class Site:
 
     # -- faults -------------------------------------------------------------------------------------------
     def parse_faults(self, spec: Any) -> list[FaultAction]:
-        return parse(spec, all_ips=[d.ip for d in self.devices],
-                     families={d.ip: d.family for d in self.devices}, site_seed=self.seed)
+        return parse(
+            spec,
+            all_ips=[d.ip for d in self.devices],
+            families={d.ip: d.family for d in self.devices},
+            site_seed=self.seed,
+        )
 
     async def apply_faults(self, actions: list[FaultAction]) -> list[dict[str, Any]]:
         t = self.clock.now()
@@ -204,8 +209,9 @@ class Site:
                             await self._clear_one(dev, mode, t)
                 else:
                     await self._set_one(dev, action.mode, action.params, t)
-            applied.append({"mode": action.mode, "ips": action.ips, **({"modes": action.modes}
-                                                                         if action.mode == "clear" else {})})
+            applied.append(
+                {"mode": action.mode, "ips": action.ips, **({"modes": action.modes} if action.mode == "clear" else {})}
+            )
         return applied
 
     async def _set_one(self, dev: Device, mode: str, params: dict[str, Any], t: float) -> None:
@@ -247,8 +253,9 @@ class Site:
         power = hashrate = energy = 0.0
         for dev in self.devices:
             doc = dev.truth(t)
-            doc["reachable"] = (dev.ip in self._servers and doc["state"] != "offline"
-                                and not ({"blackhole", "error"} & set(dev.faults)))
+            doc["reachable"] = (
+                dev.ip in self._servers and doc["state"] != "offline" and not ({"blackhole", "error"} & set(dev.faults))
+            )
             miners.append(doc)
             power += doc["power_w"]
             hashrate += doc["hashrate_ths"]
@@ -257,9 +264,13 @@ class Site:
             "sim_time_s": round(t, 3),
             "speed": self.clock.speed,
             "seed": self.seed,
-            "site": {"power_w": round(power, 1), "hashrate_ths": round(hashrate, 3), "miners": len(self.devices),
-                     "energy_kwh": round(energy / 3.6e6, 6),
-                     "nominal_w": sum(d.spec.nominal_w for d in self.devices)},
+            "site": {
+                "power_w": round(power, 1),
+                "hashrate_ths": round(hashrate, 3),
+                "miners": len(self.devices),
+                "energy_kwh": round(energy / 3.6e6, 6),
+                "nominal_w": sum(d.spec.nominal_w for d in self.devices),
+            },
             "miners": miners,
             **({"meter": self.meter.truth()} if self.meter is not None else {}),
         }

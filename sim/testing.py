@@ -40,8 +40,17 @@ class SimError(RuntimeError):
 
 
 class SimProcess:
-    def __init__(self, miners: int, *, mix: str = "luxos:40,whatsminer:40,antminer:20", base_ip: str = "127.10.0.1",
-                 seed: int = 7, speed: float = 1.0, faults: Any = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        miners: int,
+        *,
+        mix: str = "luxos:40,whatsminer:40,antminer:20",
+        base_ip: str = "127.10.0.1",
+        seed: int = 7,
+        speed: float = 1.0,
+        faults: Any = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.miners = miners
         self.mix = mix
         self.base_ip = base_ip
@@ -66,9 +75,26 @@ class SimProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="hashflex-sim-")
         ready = Path(self._dir.name) / "ready.json"
         self._log = Path(self._dir.name) / "sim.log"
-        cmd = [sys.executable, "-m", "hashflex.sim", "--miners", str(self.miners), "--mix", self.mix,
-               "--base-ip", self.base_ip, "--seed", str(self.seed), "--speed", str(self.speed),
-               "--truth-port", "0", "--ready-file", str(ready), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hashflex.sim",
+            "--miners",
+            str(self.miners),
+            "--mix",
+            self.mix,
+            "--base-ip",
+            self.base_ip,
+            "--seed",
+            str(self.seed),
+            "--speed",
+            str(self.speed),
+            "--truth-port",
+            "0",
+            "--ready-file",
+            str(ready),
+            *self.extra_args,
+        ]
         if self.faults is not None:
             cmd += ["--faults", json.dumps(self.faults)]
         root = str(Path(__file__).resolve().parent.parent)
@@ -99,8 +125,9 @@ class SimProcess:
 
     def _request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.truth_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.truth_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read())
@@ -178,6 +205,7 @@ class SimProcess:
     def __enter__(self) -> SimProcess:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -24,6 +24,7 @@ class Device(Protocol):
     def handle_v3(self, req: dict[str, Any]) -> dict[str, Any] | None: ...
     def handle_http(self, port: int, request: HttpRequest) -> bytes | asyncio.Future[bytes] | None: ...
 
+
 MAX_REQUEST = 64 * 1024  # bigger requests are refused: no firmware takes more
 IDLE_CLOSE_S = 15.0  # a client that sends half a request and waits gets closed
 BLACKHOLE_HOLD_S = 600.0
@@ -202,14 +203,27 @@ class HttpRequest:
         self.body = body
 
 
-REASONS = {200: "OK", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error"}
+REASONS = {
+    200: "OK",
+    307: "Temporary Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+}
 
 
-def http_response(status: int, body: bytes = b"", content_type: str = "text/html",
-                  extra: dict[str, str] | None = None) -> bytes:
-    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}", "Connection: close"]
+def http_response(
+    status: int, body: bytes = b"", content_type: str = "text/html", extra: dict[str, str] | None = None
+) -> bytes:
+    head = [
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
     for k, v in (extra or {}).items():
         head.append(f"{k}: {v}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body

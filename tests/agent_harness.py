@@ -94,12 +94,21 @@ def write_agent_config(
         "miners": {"addresses": list(addresses)},
         "polling": {
             # network deadlines are wall seconds; the sweep period is site time
-            "interval_s": 1.0 * k, "read_timeout_s": 3.0, "command_timeout_s": 5.0, "identify_timeout_s": 8.0,
-            "stale_after_s": max(20.0 * k, 10.0), "concurrency": 100, "identify_concurrency": 64,
+            "interval_s": 1.0 * k,
+            "read_timeout_s": 3.0,
+            "command_timeout_s": 5.0,
+            "identify_timeout_s": 8.0,
+            "stale_after_s": max(20.0 * k, 10.0),
+            "concurrency": 100,
+            "identify_concurrency": 64,
         },
         "control": {
-            "tick_s": 1.0 * k, "min_on_s": 5.0 * k, "min_off_s": 5.0 * k, "confirm_after_s": 6.0 * k,
-            "wake": {"max_per_interval": 1000, "interval_s": 1.0 * k}, "headroom_pct": 1.0,
+            "tick_s": 1.0 * k,
+            "min_on_s": 5.0 * k,
+            "min_off_s": 5.0 * k,
+            "confirm_after_s": 6.0 * k,
+            "wake": {"max_per_interval": 1000, "interval_s": 1.0 * k},
+            "headroom_pct": 1.0,
         },
         "dispatch": {"debounce_s": 0, "max_age_s": min(3600 * k, 7 * 86400), "max_skew_s": min(60 * k, 86400)},
         "failsafe": {"enabled": False},
@@ -109,7 +118,7 @@ def write_agent_config(
         "control_socket": {"path": str(socket)},
         "metrics": {"enabled": False},
         "logging": {"level": "info", "format": "json"},
-    }  # fmt: skip
+    }
     if overrides:
         doc = _deep_merge(doc, overrides)
     path = folder / "agent.yaml"
@@ -126,8 +135,9 @@ def guess_verb(doc: Mapping[str, Any]) -> str:
     return "dispatch"
 
 
-def sign_for(key: Ed25519PrivateKey, doc: Mapping[str, Any], *, site: str, verb: str,
-             issued_at: float) -> dict[str, Any]:  # fmt: skip
+def sign_for(
+    key: Ed25519PrivateKey, doc: Mapping[str, Any], *, site: str, verb: str, issued_at: float
+) -> dict[str, Any]:
     """What the grid side sends (hashflex-sig-v2): `doc` with issued_at, site and verb, signed with `key`. Fields
     already in `doc` win (a test may sign a wrong site or verb on purpose)."""
     return signing.sign_command({"issued_at": iso(issued_at), "site": site, "verb": verb, **doc}, key)
@@ -136,8 +146,14 @@ def sign_for(key: Ed25519PrivateKey, doc: Mapping[str, Any], *, site: str, verb:
 class AgentProcess:
     """`hashflex run --config FILE [--time-scale K]` as a subprocess, driven through its control socket."""
 
-    def __init__(self, files: AgentConfigFiles, proc: subprocess.Popen[bytes], log_path: Path,
-                 time_scale: float, time_origin: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        files: AgentConfigFiles,
+        proc: subprocess.Popen[bytes],
+        log_path: Path,
+        time_scale: float,
+        time_origin: float,
+    ) -> None:
         self.files = files
         self.proc = proc
         self.log_path = log_path
@@ -146,9 +162,16 @@ class AgentProcess:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, files: AgentConfigFiles, *, time_scale: float = 1.0, time_origin: float | None = None,
-              ready_timeout: float = 90.0, extra_args: tuple[str, ...] = (),
-              env: Mapping[str, str] | None = None) -> AgentProcess:  # fmt: skip
+    def start(
+        cls,
+        files: AgentConfigFiles,
+        *,
+        time_scale: float = 1.0,
+        time_origin: float | None = None,
+        ready_timeout: float = 90.0,
+        extra_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> AgentProcess:
         """Start the agent and wait until it answers on its socket.
 
         With `time_scale` K its clock runs K times faster than the wall from `time_origin` (default: now); pass
@@ -161,9 +184,12 @@ class AgentProcess:
         log_path = files.path.parent / f"agent-{int(time.time() * 1000)}.log"
         out = log_path.open("wb")
         proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            args,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )  # fmt: skip
+        )
         out.close()
         agent = cls(files, proc, log_path, time_scale, origin)
         try:
@@ -227,14 +253,19 @@ class AgentProcess:
         """The agent's clock (scaled like the agent's own): for issued_at, start and end fields."""
         return self.time_origin + (time.time() - self.time_origin) * self.time_scale
 
-    def signed(self, doc: Mapping[str, Any], *, issued_at: float | None = None, verb: str | None = None,
-               site: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def signed(
+        self,
+        doc: Mapping[str, Any],
+        *,
+        issued_at: float | None = None,
+        verb: str | None = None,
+        site: str | None = None,
+    ) -> dict[str, Any]:
         """`doc` grid-signed (hashflex-sig-v2) for this site: with issued_at (the agent's now, unless given), `site`
         and `verb`. The verb defaults to what the fields say (dispatch_id: cancel, cap_kw: cap, else dispatch)."""
         when = self.now() if issued_at is None else issued_at
         site = site or str(self.files.doc["site"]["id"])
         return sign_for(self.files.grid_key, doc, site=site, verb=verb or guess_verb(doc), issued_at=when)
-
 
     # ------------------------------------------------------------------------------------------ waiting
     def wait_for(self, predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "") -> T:
@@ -248,8 +279,9 @@ class AgentProcess:
             if last:
                 return last
             time.sleep(interval)
-        raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}: last={last!r}\n"
-                           f"{self.tail()}")  # fmt: skip
+        raise TimeoutError(
+            f"timed out after {timeout:g} s waiting for {what or predicate}: last={last!r}\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 60) -> str:
         try:

@@ -93,14 +93,21 @@ def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     return cert, key
 
 
@@ -214,9 +221,7 @@ class Mosquitto:
         self.pki = pki or make_pki(certs)
         if pki is not None:  # the config names certs/ca.crt etc. under workdir
             certs.mkdir(exist_ok=True)
-            for src, name in (
-                (pki.ca_cert, "ca.crt"), (pki.server_cert, "server.crt"), (pki.server_key, "server.key")
-            ):  # fmt: skip
+            for src, name in ((pki.ca_cert, "ca.crt"), (pki.server_cert, "server.crt"), (pki.server_key, "server.key")):
                 shutil.copy(src, certs / name)
         write_password_file(self.workdir / "passwd", self.users)
         shutil.copy(EXAMPLE_DIR / "acl", self.workdir / "acl")

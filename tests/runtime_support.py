@@ -46,17 +46,20 @@ class ManualClock:
 def grid_config(tmp_path: Path, site_id: str, grid: Ed25519PrivateKey, **extra: Any) -> AgentConfig:
     """A site of 1,000 kW that trusts `grid`, no MQTT, no fail-safe, no debounce, its state under tmp_path."""
     pub = tmp_path / "grid.pub"
-    pub.write_bytes(grid.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return AgentConfig.model_validate({
-        "site": {"id": site_id, "cap_kw": 1000},
-        "mqtt": {"enabled": False},
-        "grid": {"public_keys": [str(pub)]},
-        "state_dir": str(tmp_path / "state"),
-        "failsafe": {"enabled": False},
-        "dispatch": {"debounce_s": 0},
-        **extra,
-    })  # fmt: skip
+    pub.write_bytes(
+        grid.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return AgentConfig.model_validate(
+        {
+            "site": {"id": site_id, "cap_kw": 1000},
+            "mqtt": {"enabled": False},
+            "grid": {"public_keys": [str(pub)]},
+            "state_dir": str(tmp_path / "state"),
+            "failsafe": {"enabled": False},
+            "dispatch": {"debounce_s": 0},
+            **extra,
+        }
+    )
 
 
 @dataclass
@@ -68,8 +71,9 @@ class Parts:
     task: asyncio.Task[None]
 
 
-async def start_parts(cfg: AgentConfig, clock: Clock, grid: Ed25519PrivateKey, *, grid_link: bool = False,
-                      safe_start: str | None = None) -> Parts:  # fmt: skip
+async def start_parts(
+    cfg: AgentConfig, clock: Clock, grid: Ed25519PrivateKey, *, grid_link: bool = False, safe_start: str | None = None
+) -> Parts:
     """Open the store, sweep the (empty) fleet once, restore and start the control loop."""
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     store = Store.open(cfg.db_path)
@@ -77,8 +81,7 @@ async def start_parts(cfg: AgentConfig, clock: Clock, grid: Ed25519PrivateKey, *
     await fleet.sweep()
     events = EventLog(clock.time)
     actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
-    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events,
-                     grid_link=grid_link)  # fmt: skip
+    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=grid_link)
     ctl.restore(safe_start=safe_start)
     service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[grid.public_key()], operator_keys=[])
     return Parts(store, ctl, service, events, asyncio.create_task(ctl.run()))

@@ -46,8 +46,14 @@ from hashflex.contract.units import parse_duration_s
 
 audit_app = typer.Typer(help="Verify and export the audit trail.", no_args_is_help=True)
 
-FromOpt = Annotated[str, typer.Option("--from", help="Start: ISO date/time (UTC unless an offset is given), "
-                                      "epoch seconds, now, today, yesterday, or -24h style.")]  # fmt: skip
+FromOpt = Annotated[
+    str,
+    typer.Option(
+        "--from",
+        help="Start: ISO date/time (UTC unless an offset is given), "
+        "epoch seconds, now, today, yesterday, or -24h style.",
+    ),
+]
 ToOpt = Annotated[str, typer.Option("--to", help="End (exclusive), same forms as --from.")]
 STEPS = {"1m": MINUTE_S, "15m": QUARTER_S, "1h": HOUR_S, "day": DAY_S}
 
@@ -238,8 +244,16 @@ def _replace_atomically(target: Path, write: Callable[[BinaryIO], object]) -> No
 _SITE_COLUMNS = ("start (UTC)", "kWh", "measured", "estimated", "coverage", "curtailed", "not drawn kWh", "peak")
 _MINER_COLUMNS = ("miner", "kWh", "estimated kWh", "minutes")
 # on a narrow terminal: the period and its energy always, then the rest in this order (--wide: all)
-_SITE_PRIORITY = {"start (UTC)": 0, "kWh": 0, "peak": 1, "curtailed": 2, "not drawn kWh": 3, "coverage": 4,
-                  "measured": 5, "estimated": 6}  # fmt: skip
+_SITE_PRIORITY = {
+    "start (UTC)": 0,
+    "kWh": 0,
+    "peak": 1,
+    "curtailed": 2,
+    "not drawn kWh": 3,
+    "coverage": 4,
+    "measured": 5,
+    "estimated": 6,
+}
 
 
 def energy(
@@ -272,9 +286,14 @@ def energy(
         store.close()
     if as_json:
         emit_json(
-            {"from": start, "to": end, "step_s": period, "periods": [p.to_dict() for p in periods],
-             "total": whole.to_dict()}
-        )  # fmt: skip
+            {
+                "from": start,
+                "to": end,
+                "step_s": period,
+                "periods": [p.to_dict() for p in periods],
+                "total": whole.to_dict(),
+            }
+        )
         return
     if not periods:
         err.print(f"no energy recorded between {timefmt.iso(start)} and {timefmt.iso(end)}", highlight=False)
@@ -301,10 +320,15 @@ def _site_row(p: EnergyPeriod) -> list[str]:
 def _print_miners(miners: dict[str, Any], start: float, end: float, *, as_json: bool) -> None:
     if as_json:
         emit_json(
-            {"from": start, "to": end,
-             "miners": {ip: {"kwh": t.kwh, "estimated_kwh": t.estimated_kwh, "minutes": t.minutes}
-                        for ip, t in sorted(miners.items())}}
-        )  # fmt: skip
+            {
+                "from": start,
+                "to": end,
+                "miners": {
+                    ip: {"kwh": t.kwh, "estimated_kwh": t.estimated_kwh, "minutes": t.minutes}
+                    for ip, t in sorted(miners.items())
+                },
+            }
+        )
         return
     if not miners:
         err.print(f"no per-miner energy recorded between {timefmt.iso(start)} and {timefmt.iso(end)}", highlight=False)

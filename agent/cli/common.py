@@ -17,9 +17,7 @@ from rich.markup import escape
 from hashflex.agent.cli.render import SoftConsole
 from hashflex.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="Site config file.", envvar="HASHFLEX_CONFIG")
-]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Site config file.", envvar="HASHFLEX_CONFIG")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON document to stdout.")]
 WideOpt = Annotated[
     bool, typer.Option("--wide", "-w", help="Show every column and cell in full, however wide the terminal.")

@@ -61,8 +61,15 @@ def check(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
     findings = preflight(cfg)
     ok = not findings.errors
     if as_json:
-        emit_json({"ok": ok, "config": str(config), "errors": findings.errors, "warnings": findings.warnings,
-                   "summary": summary(cfg)})  # fmt: skip
+        emit_json(
+            {
+                "ok": ok,
+                "config": str(config),
+                "errors": findings.errors,
+                "warnings": findings.warnings,
+                "summary": summary(cfg),
+            }
+        )
     else:
         for message in findings.errors:  # the same lines `hashflex run` refuses with (agent.preflight)
             err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -62,13 +62,16 @@ def check(config: ProgramConfigOpt = DEFAULT_PROGRAM_CONFIG, as_json: JsonOpt = 
     """Validate the program config and read every key it names; exit 2 on an error (the unit runs this first)."""
     cfg, ccfg = _load(config, as_json=as_json)
     summary = {
-        "program_id": cfg.program_id, "sites": len(ccfg.sites),
+        "program_id": cfg.program_id,
+        "sites": len(ccfg.sites),
         "program_cap_kw": sum(s.cap_w for s in ccfg.sites) / 1000.0,
-        "excluded": [s.site_id for s in ccfg.sites if s.limits.excluded], "grid_keys": len(ccfg.grid_keys),
-        "brokers": list(cfg.fabric.brokers), "nats_servers": list(cfg.fabric.nats_servers),
+        "excluded": [s.site_id for s in ccfg.sites if s.limits.excluded],
+        "grid_keys": len(ccfg.grid_keys),
+        "brokers": list(cfg.fabric.brokers),
+        "nats_servers": list(cfg.fabric.nats_servers),
         "audit_stream": cfg.audit_stream,
         "metrics": f"{cfg.metrics.host}:{cfg.metrics.port}" if cfg.metrics.enabled else None,
-    }  # fmt: skip
+    }
     if as_json:
         emit_json({"ok": True, "config": str(config), "errors": [], "summary": summary})
         return
@@ -131,8 +134,17 @@ def _read_state(config: Path, *, as_json: bool, timeout: float) -> dict[str, Any
 # ------------------------------------------------------------------------------------------ dispatches
 DISPATCH_COLUMNS = ("id", "rev", "kind", "target", "window", "state", "ok", "metered", "short")
 # on a narrow terminal: which dispatch, its level and state always; then the rest in this order (--wide: all)
-DISPATCH_PRIORITY = {"id": 0, "target": 0, "state": 0, "short": 1, "metered": 2, "ok": 3, "window": 4, "kind": 5,
-                     "rev": 6}  # fmt: skip
+DISPATCH_PRIORITY = {
+    "id": 0,
+    "target": 0,
+    "state": 0,
+    "short": 1,
+    "metered": 2,
+    "ok": 3,
+    "window": 4,
+    "kind": 5,
+    "rev": 6,
+}
 SITE_COLUMNS = ("site", "share", "present", "counted", "rev", "ok", "failure")
 SITE_PRIORITY = {"site": 0, "share": 0, "present": 1, "failure": 2, "counted": 3, "ok": 4, "rev": 5}
 
@@ -155,8 +167,14 @@ def dispatches(
         err.print(f"no program dispatch in force (program {doc.get('program')})", highlight=False)
         return
     console = Console()
-    r.print_table(console, DISPATCH_COLUMNS, [dispatch_row(d) for d in rows], right=("rev", "target", "ok",
-                  "metered", "short"), priority=DISPATCH_PRIORITY, wide=wide)  # fmt: skip
+    r.print_table(
+        console,
+        DISPATCH_COLUMNS,
+        [dispatch_row(d) for d in rows],
+        right=("rev", "target", "ok", "metered", "short"),
+        priority=DISPATCH_PRIORITY,
+        wide=wide,
+    )
     if not sites:
         return
     for d in rows:
@@ -164,8 +182,15 @@ def dispatches(
         title = f"{d.get('kind')} {d.get('id')}: per-site allocation" if console.is_terminal else None
         if not console.is_terminal:
             console.file.write(f"# {d.get('id')}\n")
-        r.print_table(console, SITE_COLUMNS, site_rows, title=title, right=("share", "present", "counted", "rev"),
-                      priority=SITE_PRIORITY, wide=wide)  # fmt: skip
+        r.print_table(
+            console,
+            SITE_COLUMNS,
+            site_rows,
+            title=title,
+            right=("share", "present", "counted", "rev"),
+            priority=SITE_PRIORITY,
+            wide=wide,
+        )
 
 
 def _window(d: dict[str, Any]) -> str:
@@ -178,16 +203,30 @@ def _window(d: dict[str, Any]) -> str:
 def dispatch_row(d: dict[str, Any]) -> list[str]:
     shares = [s for s in d.get("sites") or [] if isinstance(s, dict) and s.get("acked") is not None]
     ok = sum(1 for s in shares if s.get("acked"))
-    return [str(d.get("id")), r.DASH if d.get("rev") is None else str(d.get("rev")), str(d.get("kind")),
-            _kw(d.get("level_now_w", d.get("level_w"))), _window(d), str(d.get("state", r.DASH)),
-            f"{ok}/{len(shares)}", _kw(d.get("metered_w")), _kw(d.get("unmet_w"))]  # fmt: skip
+    return [
+        str(d.get("id")),
+        r.DASH if d.get("rev") is None else str(d.get("rev")),
+        str(d.get("kind")),
+        _kw(d.get("level_now_w", d.get("level_w"))),
+        _window(d),
+        str(d.get("state", r.DASH)),
+        f"{ok}/{len(shares)}",
+        _kw(d.get("metered_w")),
+        _kw(d.get("unmet_w")),
+    ]
 
 
 def site_row(s: dict[str, Any]) -> list[str]:
     acked = s.get("acked")
-    return [str(s.get("site")), _kw(s.get("share_w")), _kw(s.get("present_w")), _kw(s.get("counted_w")),
-            r.DASH if s.get("rev") is None else str(s.get("rev")),
-            r.DASH if acked is None else ("yes" if acked else "no"), str(s.get("failure") or "")]  # fmt: skip
+    return [
+        str(s.get("site")),
+        _kw(s.get("share_w")),
+        _kw(s.get("present_w")),
+        _kw(s.get("counted_w")),
+        r.DASH if s.get("rev") is None else str(s.get("rev")),
+        r.DASH if acked is None else ("yes" if acked else "no"),
+        str(s.get("failure") or ""),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ audit chain
@@ -204,8 +243,10 @@ async def _read_chain(cfg: Any, wait_s: float) -> tuple[int, list[tuple[int, dic
         try:
             last = await log.last_seq()
         except NoChain:
-            raise LookupError(f"no audit chain for program {cfg.program_id!r} (stream {cfg.audit_stream} does not "
-                              "exist: has a coordinator of this program run?)") from None  # fmt: skip
+            raise LookupError(
+                f"no audit chain for program {cfg.program_id!r} (stream {cfg.audit_stream} does not "
+                "exist: has a coordinator of this program run?)"
+            ) from None
         stored = [item async for item in log.records(wait_s=wait_s)]
         return last, stored
     finally:
@@ -221,8 +262,11 @@ def _chain(config: Path, timeout: float, *, as_json: bool) -> tuple[Any, int, li
     except (OSError, TimeoutError) as exc:
         fail(str(exc) or f"timed out reading the audit stream {cfg.audit_stream}", EXIT_UNAVAILABLE, as_json=as_json)
     except Exception as exc:  # nats' own errors: one line, not a traceback
-        fail(f"cannot read the audit stream {cfg.audit_stream}: {type(exc).__name__}: {exc}", EXIT_UNAVAILABLE,
-             as_json=as_json)  # fmt: skip
+        fail(
+            f"cannot read the audit stream {cfg.audit_stream}: {type(exc).__name__}: {exc}",
+            EXIT_UNAVAILABLE,
+            as_json=as_json,
+        )
     return cfg, last, stored
 
 
@@ -236,16 +280,28 @@ def audit_verify(
     cfg, last, stored = _chain(config, timeout, as_json=as_json)
     result = verify_stored(stored, expected_last_seq=last)
     if as_json:
-        emit_json({"status": "ok" if result.ok else "error", "program": cfg.program_id, "stream": cfg.audit_stream,
-                   **result.to_dict()})  # fmt: skip
+        emit_json(
+            {
+                "status": "ok" if result.ok else "error",
+                "program": cfg.program_id,
+                "stream": cfg.audit_stream,
+                **result.to_dict(),
+            }
+        )
     elif result.ok:
         where = f"records {result.first_seq}..{result.last_seq}" if result.records else "no records"
-        typer.echo(f"program audit chain OK: {result.records} records ({where}) in stream {cfg.audit_stream}; "
-                   f"head {result.head_hash}")  # fmt: skip
+        typer.echo(
+            f"program audit chain OK: {result.records} records ({where}) in stream {cfg.audit_stream}; "
+            f"head {result.head_hash}"
+        )
     else:
-        err.print(f"[bold red]program audit chain BROKEN[/] at record {result.broken_seq}: "
-                  f"{escape(result.reason or '')} ({result.records} records verified before it, "
-                  f"stream {cfg.audit_stream})", highlight=False, soft_wrap=True)  # fmt: skip
+        err.print(
+            f"[bold red]program audit chain BROKEN[/] at record {result.broken_seq}: "
+            f"{escape(result.reason or '')} ({result.records} records verified before it, "
+            f"stream {cfg.audit_stream})",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not result.ok:
         raise typer.Exit(EXIT_REFUSED)
 
@@ -285,8 +341,14 @@ def audit_export(
             continue  # named by the verdict; an export still carries every readable record
         if start <= record.ts < end:
             records.append(record)
-    meta = {"program": cfg.program_id, "stream": cfg.audit_stream, "from": timefmt.iso(start),
-            "to": timefmt.iso(end), "generated_at": timefmt.iso(now), "chain": verdict.to_dict()}  # fmt: skip
+    meta = {
+        "program": cfg.program_id,
+        "stream": cfg.audit_stream,
+        "from": timefmt.iso(start),
+        "to": timefmt.iso(end),
+        "generated_at": timefmt.iso(now),
+        "chain": verdict.to_dict(),
+    }
     files = export_files(records, meta, fmt)
     if out_path is None:
         export_to_stdout(files)
@@ -295,11 +357,16 @@ def audit_export(
             written = write_export(files, out_path, fmt)
         except OSError as exc:
             fail(f"cannot write {out_path}: {exc.strerror or exc}", EXIT_UNAVAILABLE)
-        err.print(f"exported {len(records)} record(s) {timefmt.iso(start)} .. {timefmt.iso(end)} to {written}",
-                  highlight=False)  # fmt: skip
+        err.print(
+            f"exported {len(records)} record(s) {timefmt.iso(start)} .. {timefmt.iso(end)} to {written}",
+            highlight=False,
+        )
     if not verdict.ok:
-        err.print(f"[bold red]warning:[/] the chain is broken at record {verdict.broken_seq}: "
-                  f"{escape(verdict.reason or '')}", highlight=False, soft_wrap=True)  # fmt: skip
+        err.print(
+            f"[bold red]warning:[/] the chain is broken at record {verdict.broken_seq}: {escape(verdict.reason or '')}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_REFUSED)
 
 
@@ -321,15 +388,17 @@ def _print_status(doc: dict[str, Any]) -> None:
         out.print(
             f"{d.get('kind')} {d.get('id')}: target {_kw(d.get('level_now_w'))} (final {_kw(d.get('level_w'))}), "
             f"allocated {_kw(d.get('allocated_w'))}, metered {_kw(metered)}, short {_kw(d.get('unmet_w'))}",
-            highlight=False, soft_wrap=True,
-        )  # fmt: skip
+            highlight=False,
+            soft_wrap=True,
+        )
         for s in sites:
             failure = f"  {s['failure']}: {s.get('reason')}" if s.get("failure") else ""
             out.print(
                 f"  {s.get('site'):<16} share {_kw(s.get('share_w')):>10}  present {_kw(s.get('present_w')):>10}"
                 f"  counted {_kw(s.get('counted_w')):>10}  rev {s.get('rev')}{failure}",
-                highlight=False, soft_wrap=True,
-            )  # fmt: skip
+                highlight=False,
+                soft_wrap=True,
+            )
     for alarm in doc.get("alarms") or []:
         err.print(f"[bold red]alarm:[/] {escape(str(alarm))}", highlight=False, soft_wrap=True)
 

@@ -52,10 +52,18 @@ PRIORITY = {"IP": 0, "NOMINAL": 0, "MODEL": 1, "CONTROL": 2, "FAMILY": 3, "HASHR
 
 def identity_rows(found: list[Identity], *, wide: bool = False) -> list[list[str]]:
     return [
-        [i.ip, str(i.family), i.model, i.firmware, capability_text(i.capability, full=wide), r.watts(i.nominal_w),
-         r.hashrate(i.nominal_ths) if i.nominal_ths else r.DASH, i.mac or r.DASH]
+        [
+            i.ip,
+            str(i.family),
+            i.model,
+            i.firmware,
+            capability_text(i.capability, full=wide),
+            r.watts(i.nominal_w),
+            r.hashrate(i.nominal_ths) if i.nominal_ths else r.DASH,
+            i.mac or r.DASH,
+        ]
         for i in found
-    ]  # fmt: skip
+    ]
 
 
 def capability_doc(cap: Capability) -> dict[str, Any]:
@@ -68,10 +76,19 @@ def capability_doc(cap: Capability) -> dict[str, Any]:
 
 def identity_doc(i: Identity) -> dict[str, Any]:
     return {
-        "ip": i.ip, "family": str(i.family), "make": i.make, "model": i.model, "firmware": i.firmware,
-        "mac": i.mac, "serial": i.serial, "nominal_w": i.nominal_w, "nominal_ths": i.nominal_ths,
-        "reports_power": i.reports_power, "capability": capability_doc(i.capability), "driver_class": i.driver_class,
-    }  # fmt: skip
+        "ip": i.ip,
+        "family": str(i.family),
+        "make": i.make,
+        "model": i.model,
+        "firmware": i.firmware,
+        "mac": i.mac,
+        "serial": i.serial,
+        "nominal_w": i.nominal_w,
+        "nominal_ths": i.nominal_ths,
+        "reports_power": i.reports_power,
+        "capability": capability_doc(i.capability),
+        "driver_class": i.driver_class,
+    }
 
 
 async def _run(specs: list[str], settings: DriverSettings, concurrency: int, show_progress: bool) -> list[Identity]:
@@ -84,10 +101,16 @@ async def _run(specs: list[str], settings: DriverSettings, concurrency: int, sho
     )
     total = len(expand(specs))
     with Progress(
-        TextColumn("[bold]discover[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("found {task.fields[found]}"),
-        TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=err, disable=not show_progress,
+        TextColumn("[bold]discover[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("found {task.fields[found]}"),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show_progress,
         transient=True,
-    ) as bar:  # fmt: skip
+    ) as bar:
         task = bar.add_task("discover", total=total, found=0, last="")
 
         def on_progress(p: DiscoverProgress) -> None:
@@ -131,19 +154,33 @@ def discover(
         cfg = config_or_exit(config, as_json=as_json)
         base = driver_settings(cfg)
         settings = DriverSettings(
-            read_timeout_s=base.read_timeout_s, command_timeout_s=base.command_timeout_s,
-            identify_timeout_s=timeout, passwords=base.passwords, identify_concurrency=concurrency,
-        )  # fmt: skip
+            read_timeout_s=base.read_timeout_s,
+            command_timeout_s=base.command_timeout_s,
+            identify_timeout_s=timeout,
+            passwords=base.passwords,
+            identify_concurrency=concurrency,
+        )
     started = time.perf_counter()
     found = _event_loop_runner()(_run(list(addresses), settings, concurrency, show_progress=err.is_terminal))
     elapsed = time.perf_counter() - started
     total = len(expand(addresses))
     if as_json:
-        emit_json({"status": "ok", "addresses": total, "found": [identity_doc(i) for i in found],
-                   "duration_s": round(elapsed, 2)})  # fmt: skip
+        emit_json(
+            {
+                "status": "ok",
+                "addresses": total,
+                "found": [identity_doc(i) for i in found],
+                "duration_s": round(elapsed, 2),
+            }
+        )
         return
     r.print_table(
-        out, COLUMNS, identity_rows(found, wide=wide), priority=PRIORITY, wide=wide,
-        title=f"{len(found)} miner(s) on {total} address(es) in {elapsed:.1f} s", right=["NOMINAL", "HASHRATE"],
-    )  # fmt: skip
+        out,
+        COLUMNS,
+        identity_rows(found, wide=wide),
+        priority=PRIORITY,
+        wide=wide,
+        title=f"{len(found)} miner(s) on {total} address(es) in {elapsed:.1f} s",
+        right=["NOMINAL", "HASHRATE"],
+    )
     err.print(f"{len(found)} miner(s) found on {total} address(es) in {elapsed:.1f} s", highlight=False)

@@ -63,8 +63,10 @@ def preview_sentences(asked_kw: float, plan: Mapping[str, Any]) -> list[str]:
     present, expected, worst = (r.num(plan.get(k)) for k in ("present_kw", "expected_kw", "worst_case_kw"))
     if expected is not None or worst is not None:
         now = f"The site draws {r.kw(present)} now; with this plan" if present is not None else "With this plan"
-        lines.append(f"{now} it would draw about {r.kw(expected)}, and at most {r.kw(worst)} (miners it cannot "
-                     "read counted at their worst case).")  # fmt: skip
+        lines.append(
+            f"{now} it would draw about {r.kw(expected)}, and at most {r.kw(worst)} (miners it cannot "
+            "read counted at their worst case)."
+        )
     running, asleep = r.num(plan.get("running")), r.num(plan.get("sleeping", plan.get("sleep")))
     if running is not None:
         lines.append(f"{r.count(running)} miner(s) would run and {r.count(asleep or 0)} sleep.")

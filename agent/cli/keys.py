@@ -94,8 +94,7 @@ def sign(
         if value is not None:
             scoped[name] = value
         if not isinstance(scoped.get(name), str) or not scoped[name]:
-            fail(f"--{name} is required (the {name} the command is for; it is covered by the signature)",
-                 EXIT_REFUSED)  # fmt: skip
+            fail(f"--{name} is required (the {name} the command is for; it is covered by the signature)", EXIT_REFUSED)
     if scoped["verb"] not in SIGNED_VERBS:
         fail(f"--verb {scoped['verb']!r}: signed verbs are {', '.join(SIGNED_VERBS)}", EXIT_REFUSED)
     signed = signing.sign_command(fill_defaults(scoped, datetime.now(UTC)), private)

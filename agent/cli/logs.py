@@ -29,8 +29,15 @@ from hashflex.agent.cli.common import DEFAULT_CONFIG, EXIT_UNAVAILABLE, ConfigOp
 from hashflex.agent.runtime.events import EVENT_TYPES
 from hashflex.agent.service_files import SERVICE_NAME
 
-EVENT_STYLE = {"rejected": "red", "failed": "bold red", "failsafe_entered": "bold red", "alarm": "bold red",
-               "target_reached": "green", "accepted": "cyan", "failsafe_exited": "green"}  # fmt: skip
+EVENT_STYLE = {
+    "rejected": "red",
+    "failed": "bold red",
+    "failsafe_entered": "bold red",
+    "alarm": "bold red",
+    "target_reached": "green",
+    "accepted": "cyan",
+    "failsafe_exited": "green",
+}
 
 
 def event_line(event: Mapping[str, Any]) -> str:
@@ -62,11 +69,18 @@ def journal_present() -> bool:
 def journal(limit: int, follow: bool, as_json: bool) -> None:
     exe = shutil.which("journalctl")
     if exe is None:
-        fail("journalctl is not installed: without systemd, use `hashflex logs` (no --journal) or the agent's "
-             "stdout", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+        fail(
+            "journalctl is not installed: without systemd, use `hashflex logs` (no --journal) or the agent's stdout",
+            EXIT_UNAVAILABLE,
+            as_json=as_json,
+        )
     if not journal_present():
-        fail("there is no systemd journal on this machine (journald is not running): the agent logs to its stdout "
-             "here; `hashflex logs` without --journal shows its events", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+        fail(
+            "there is no systemd journal on this machine (journald is not running): the agent logs to its stdout "
+            "here; `hashflex logs` without --journal shows its events",
+            EXIT_UNAVAILABLE,
+            as_json=as_json,
+        )
     args = [exe, "-u", SERVICE_NAME, "-n", str(limit), "--no-pager", "-o", "json" if as_json else "cat"]
     if follow:
         args.append("-f")
@@ -74,13 +88,20 @@ def journal(limit: int, follow: bool, as_json: bool) -> None:
         raise typer.Exit(subprocess.run(args, check=False).returncode)
     done = subprocess.run(args, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        fail(f"journalctl failed: {done.stderr.strip() or done.returncode} (reading the journal needs group "
-             "systemd-journal or adm, or sudo)", EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+        fail(
+            f"journalctl failed: {done.stderr.strip() or done.returncode} (reading the journal needs group "
+            "systemd-journal or adm, or sudo)",
+            EXIT_UNAVAILABLE,
+            as_json=as_json,
+        )
     lines = [line for line in done.stdout.splitlines() if line.strip() and line.strip() != "-- No entries --"]
     if not lines:
-        fail(f"the journal has no lines from unit {SERVICE_NAME}: the agent has not run as that systemd unit here "
-             "(`hashflex install-service`), or reading it needs group systemd-journal or adm, or sudo",
-             EXIT_UNAVAILABLE, as_json=as_json)  # fmt: skip
+        fail(
+            f"the journal has no lines from unit {SERVICE_NAME}: the agent has not run as that systemd unit here "
+            "(`hashflex install-service`), or reading it needs group systemd-journal or adm, or sudo",
+            EXIT_UNAVAILABLE,
+            as_json=as_json,
+        )
     if as_json:
         emit_json([json.loads(line) for line in lines])
         return
@@ -134,8 +155,13 @@ def logs(
             time.sleep(interval)
             polls += 1
             fresh = call(config, "events", {"limit": limit}, as_json=False).get("events") or []
-            show([e for e in _sorted([e for e in fresh if isinstance(e, Mapping)])
-                  if type_ is None or e.get("type") == type_])  # fmt: skip
+            show(
+                [
+                    e
+                    for e in _sorted([e for e in fresh if isinstance(e, Mapping)])
+                    if type_ is None or e.get("type") == type_
+                ]
+            )
     except KeyboardInterrupt:
         pass
 

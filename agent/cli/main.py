@@ -37,9 +37,14 @@ class HashflexGroup(TyperGroup):
     argument is one line on stderr that says what is wrong, not a usage block and a framed box."""
 
     def main(
-        self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
-        standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any,
-    ) -> Any:  # fmt: skip
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         words = join_unit_words(list(sys.argv[1:] if args is None else args))
         if not standalone_mode:
             return super().main(words, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)

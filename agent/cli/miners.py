@@ -75,8 +75,18 @@ SORT_VALUE: dict[SortKey, Callable[[Mapping[str, Any]], Any]] = {
 COLUMNS = ("ip", "model", "firmware", "state", "power", "limit", "hashrate", "J/TH", "temp", "last seen")
 RIGHT = ("power", "limit", "hashrate", "J/TH", "temp")
 # which columns stay on a narrow terminal: IP, state and power always, then the rest in this order (--wide: all)
-PRIORITY = {"ip": 0, "state": 0, "power": 0, "limit": 1, "hashrate": 2, "model": 3, "temp": 4, "last seen": 5,
-            "J/TH": 6, "firmware": 7}  # fmt: skip
+PRIORITY = {
+    "ip": 0,
+    "state": 0,
+    "power": 0,
+    "limit": 1,
+    "hashrate": 2,
+    "model": 3,
+    "temp": 4,
+    "last seen": 5,
+    "J/TH": 6,
+    "firmware": 7,
+}
 
 
 def sort_rows(rows: list[dict[str, Any]], key: SortKey, desc: bool) -> list[dict[str, Any]]:
@@ -105,11 +115,17 @@ def filter_rows(
 def row_cells(row: Mapping[str, Any]) -> list[str]:
     eff, temp = efficiency(row), r.num(_first(row, "temp_c", "temperature_c"))
     return [
-        str(row.get("ip") or r.DASH), str(row.get("model") or r.DASH), str(row.get("firmware") or r.DASH),
-        str(row.get("state") or r.DASH), r.watts(row.get("power_w")), r.watts(_first(row, "limit_w", "power_limit_w")),
-        r.hashrate(row.get("hashrate_ths")), r.DASH if eff is None else f"{eff:.1f}",
-        r.DASH if temp is None else f"{temp:.0f}°C", r.ago(row.get("last_seen")),
-    ]  # fmt: skip
+        str(row.get("ip") or r.DASH),
+        str(row.get("model") or r.DASH),
+        str(row.get("firmware") or r.DASH),
+        str(row.get("state") or r.DASH),
+        r.watts(row.get("power_w")),
+        r.watts(_first(row, "limit_w", "power_limit_w")),
+        r.hashrate(row.get("hashrate_ths")),
+        r.DASH if eff is None else f"{eff:.1f}",
+        r.DASH if temp is None else f"{temp:.0f}°C",
+        r.ago(row.get("last_seen")),
+    ]
 
 
 def miners(
@@ -140,8 +156,15 @@ def miners(
         emit_json({"miners": shown, "total": len(rows)})
         return
     console = Console()
-    r.print_table(console, COLUMNS, [row_cells(row) for row in shown], right=RIGHT, priority=PRIORITY, wide=wide,
-                  title=f"{len(shown)} of {len(rows)} miners" if limit and len(rows) > limit else None)  # fmt: skip
+    r.print_table(
+        console,
+        COLUMNS,
+        [row_cells(row) for row in shown],
+        right=RIGHT,
+        priority=PRIORITY,
+        wide=wide,
+        title=f"{len(shown)} of {len(rows)} miners" if limit and len(rows) > limit else None,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -80,20 +80,30 @@ def wait_for_level(
     goal = level_kw if level_kw is not None else r.num(doc.get("target_kw")) or 0.0
     total = max(start - goal, 1e-9)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True, disable=as_json,
-    ) as progress:  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json,
+    ) as progress:
         task = progress.add_task(f"site power → {format_kw(goal)}", total=total)
         while not reached(doc, level_kw, dispatch_id):
             if time.monotonic() > deadline:
                 fail(
                     f"the site is still at {format_kw(site_power_kw(doc))}, above {format_kw(goal)}, after "
                     f"{r.duration(timeout_s)}; see `hashflex status` and `hashflex miners --state unreachable`",
-                    EXIT_REFUSED, as_json=as_json, data={"status": doc},
-                )  # fmt: skip
+                    EXIT_REFUSED,
+                    as_json=as_json,
+                    data={"status": doc},
+                )
             now_kw = site_power_kw(doc) or start
-            progress.update(task, completed=min(total, max(0.0, start - now_kw)),
-                            description=f"site power {format_kw(now_kw)} → {format_kw(goal)}")  # fmt: skip
+            progress.update(
+                task,
+                completed=min(total, max(0.0, start - now_kw)),
+                description=f"site power {format_kw(now_kw)} → {format_kw(goal)}",
+            )
             time.sleep(1.0)
             doc = call(config, "status", {}, as_json=as_json)
         progress.update(task, completed=total)
@@ -126,8 +136,11 @@ def curtail(
     if for_ is not None:
         payload["for_s"] = parse_duration(for_, "--for", as_json=as_json)
         if payload["for_s"] > MAX_DURATION_S:
-            fail(f"--for: at most {MAX_DURATION_S / 86400:.0f} days (leave --for out to hold until "
-                 f"`hashflex resume`), got {for_!r}", as_json=as_json)  # fmt: skip
+            fail(
+                f"--for: at most {MAX_DURATION_S / 86400:.0f} days (leave --for out to hold until "
+                f"`hashflex resume`), got {for_!r}",
+                as_json=as_json,
+            )
     if add:
         payload["add"] = True  # only when asked: an agent that predates the field refuses it, never ignores it
     timeout_s = parse_duration(wait_timeout, "--wait-timeout", as_json=as_json)
@@ -209,8 +222,11 @@ def cap(
         payload["lift_grid_cap"] = True
     data = call(config, "cap", payload, as_json=as_json)
     effective = r.num(data.get("cap_kw"))
-    final = wait_for_level(config, effective if effective is not None else cap_kw, None, timeout_s,
-                           as_json=as_json) if wait else None  # fmt: skip
+    final = (
+        wait_for_level(config, effective if effective is not None else cap_kw, None, timeout_s, as_json=as_json)
+        if wait
+        else None
+    )
     if as_json:
         emit_json({**data, **({"status": final} if final is not None else {})})
         return

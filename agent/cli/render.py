@@ -100,9 +100,13 @@ def count(value: Any) -> str:
 
 
 def fit_columns(
-    console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], priority: Mapping[str, int],
-    *, right: Sequence[str] = (),
-) -> list[int]:  # fmt: skip
+    console: Console,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    priority: Mapping[str, int],
+    *,
+    right: Sequence[str] = (),
+) -> list[int]:
     """Indices of the columns that fit the console's width, the most important first to stay.
 
     `priority`: 0 = always shown, higher numbers are dropped first (unlisted columns count as the least important).
@@ -110,8 +114,9 @@ def fit_columns(
     rank = {i: priority.get(name, max(priority.values(), default=0) + 1) for i, name in enumerate(columns)}
     keep = list(range(len(columns)))
     while len(keep) > 1:
-        width = natural_width(console, _table([columns[i] for i in keep], [[row[i] for i in keep] for row in rows],
-                                              right=right))  # fmt: skip
+        width = natural_width(
+            console, _table([columns[i] for i in keep], [[row[i] for i in keep] for row in rows], right=right)
+        )
         droppable = [i for i in keep if rank[i] > 0]
         if width <= console.width or not droppable:
             break
@@ -124,8 +129,14 @@ def natural_width(console: Console, renderable: Any) -> int:
     return console.measure(renderable, options=console.options.update_width(PIPE_WIDTH)).maximum
 
 
-def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
-           right: Sequence[str] = (), caption: str | None = None) -> Table:  # fmt: skip
+def _table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    right: Sequence[str] = (),
+    caption: str | None = None,
+) -> Table:
     table = Table(title=title, caption=caption, header_style="bold", title_justify="left", caption_justify="left")
     for name in columns:
         table.add_column(name, justify="right" if name in right else "left", no_wrap=True)
@@ -135,23 +146,36 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str 
 
 
 def fitted_table(
-    console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
-    right: Sequence[str] = (), priority: Mapping[str, int] | None = None, wide: bool = False,
-) -> Table:  # fmt: skip
+    console: Console,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    right: Sequence[str] = (),
+    priority: Mapping[str, int] | None = None,
+    wide: bool = False,
+) -> Table:
     """The Rich table for `console`'s width: the columns that fit by `priority`, the others named in its caption."""
     keep = list(range(len(columns)))
     if priority is not None and not wide:
         keep = fit_columns(console, columns, rows, priority, right=right)
     hidden = [columns[i] for i in range(len(columns)) if i not in keep]
     caption = f"not shown at this width: {', '.join(hidden)} (--wide shows them)" if hidden else None
-    return _table([columns[i] for i in keep], [[row[i] for i in keep] for row in rows], title=title, right=right,
-                  caption=caption)  # fmt: skip
+    return _table(
+        [columns[i] for i in keep], [[row[i] for i in keep] for row in rows], title=title, right=right, caption=caption
+    )
 
 
 def print_table(
-    console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
-    right: Sequence[str] = (), priority: Mapping[str, int] | None = None, wide: bool = False,
-) -> None:  # fmt: skip
+    console: Console,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    right: Sequence[str] = (),
+    priority: Mapping[str, int] | None = None,
+    wide: bool = False,
+) -> None:
     """A Rich table on a terminal; tab-separated values (header first, every column) otherwise.
 
     On a terminal narrower than the table, the least important columns (by `priority`) are left out and named

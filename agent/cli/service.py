@@ -116,8 +116,14 @@ def install_service(
         os.chmod(dest, mode)
     steps = next_steps(config_path, exe, staged=root != Path("/"))
     if as_json:
-        emit_json({"root": str(root), "bin": exe, "files": [{"path": str(w.path), "action": w.action}
-                                                          for w in written], "next_steps": steps})  # fmt: skip
+        emit_json(
+            {
+                "root": str(root),
+                "bin": exe,
+                "files": [{"path": str(w.path), "action": w.action} for w in written],
+                "next_steps": steps,
+            }
+        )
         return
     for w in written:
         err.print(f"{w.action:>9}  {root / str(w.path).lstrip('/')}", highlight=False)

@@ -35,8 +35,13 @@ from hashflex.agent.io.control_socket import AgentUnavailable, request_sync
 from hashflex.contract.status import BrokerDoc, EnergyDoc, FailsafeDoc, GatewayDoc, MinerCounts, StatusDoc
 from hashflex.contract.vocabulary import MinerState, Source
 
-STATE_STYLE = {MinerState.HASHING: "green", MinerState.THROTTLED: "yellow", MinerState.SLEEPING: "blue",
-               MinerState.WAKING: "cyan", MinerState.UNREACHABLE: "red"}  # fmt: skip
+STATE_STYLE = {
+    MinerState.HASHING: "green",
+    MinerState.THROTTLED: "yellow",
+    MinerState.SLEEPING: "blue",
+    MinerState.WAKING: "cyan",
+    MinerState.UNREACHABLE: "red",
+}
 ACTIVE_STATUSES = (None, "active", "accepted", "pending", "scheduled")
 
 
@@ -59,8 +64,10 @@ def explain_target(doc: StatusDoc) -> str:
             return "under-frequency response holds the site (see the frequency row)"
         case Source.FAILSAFE:
             why = failsafe.get("reason") or "grid link lost"
-            return (f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))}); "
-                    f"{failsafe_release(failsafe)}")  # fmt: skip
+            return (
+                f"FAIL-SAFE holds it: {why} (last heartbeat {r.ago(failsafe.get('last_heartbeat'))}); "
+                f"{failsafe_release(failsafe)}"
+            )
     return reason or r.DASH
 
 
@@ -137,8 +144,11 @@ def _frequency_line(fr: Mapping[str, Any], now: float | None = None) -> Text:
     if lowest is None:
         lowest = r.num(fr.get("lowest_hz"))
     waiting = f", {r.count(fr.get('awaiting_ack'))} awaiting ack" if r.num(fr.get("awaiting_ack")) else ""
-    line.append(f": held at {r.kw(fr.get('held_kw'))} ({r.kw(fr.get('shed_kw'))} shed, {r.count(fr.get('slept'))} "
-                f"asleep{waiting})", style="bold red")  # fmt: skip
+    line.append(
+        f": held at {r.kw(fr.get('held_kw'))} ({r.kw(fr.get('shed_kw'))} shed, {r.count(fr.get('slept'))} "
+        f"asleep{waiting})",
+        style="bold red",
+    )
     line.append(f" · lowest {lowest:.3f} Hz" if lowest is not None else "")
     line.append(f" · below since {r.clock(fr.get('first_below_at'))} ({r.ago(fr.get('first_below_at'), now)})")
     if fr.get("shed_reached_at"):
@@ -150,8 +160,10 @@ def _frequency_line(fr: Mapping[str, Any], now: float | None = None) -> Text:
         line.append(f" · restores after {need}")
     else:
         left = (after or 0.0) - ((now if now is not None else time.time()) - since)
-        line.append(f" · restores after {need}: above since {r.clock(since)}, "
-                    + (f"{r.duration(left)} to go" if left > 0 else "due now"))  # fmt: skip
+        line.append(
+            f" · restores after {need}: above since {r.clock(since)}, "
+            + (f"{r.duration(left)} to go" if left > 0 else "due now")
+        )
     return line
 
 
@@ -164,8 +176,10 @@ def _facility_text(loads: list[Mapping[str, Any]]) -> Text:
         out.append(f"{ld.get('circuit', '?')}", style="bold")
         out.append(f" {ld.get('kind', '')} {ld.get('device', '')}".rstrip())
         ack = ld.get("acknowledged_pct")
-        out.append(f" · setpoint {r.pct(ld.get('setpoint_pct'))}"
-                   + (f" (ack {r.pct(ack)})" if ack != ld.get("setpoint_pct") else ""))  # fmt: skip
+        out.append(
+            f" · setpoint {r.pct(ld.get('setpoint_pct'))}"
+            + (f" (ack {r.pct(ack)})" if ack != ld.get("setpoint_pct") else "")
+        )
         out.append(f" · miners {r.count(ld.get('miners_on'))}/{r.count(ld.get('miners'))} on · wakes ")
         wakes = str(ld.get("wakes") or "allowed")
         style = "bold red" if wakes.startswith("blocked") else "yellow" if wakes.startswith("held") else "green"
@@ -234,18 +248,35 @@ def level_text(d: Mapping[str, Any]) -> str:
 def dispatch_rows(dispatches: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for d in dispatches:
-        rows.append([
-            str(d.get("id", r.DASH)), str(d.get("source", r.DASH)), level_text(d), r.clock(d.get("start")),
-            r.clock(d.get("end")) if d.get("end") is not None else "open", str(d.get("status", r.DASH)),
-            r.clock(d.get("commands_sent_at")), r.clock(d.get("target_met_at")), r.kw(d.get("max_overshoot_kw")),
-        ])  # fmt: skip
+        rows.append(
+            [
+                str(d.get("id", r.DASH)),
+                str(d.get("source", r.DASH)),
+                level_text(d),
+                r.clock(d.get("start")),
+                r.clock(d.get("end")) if d.get("end") is not None else "open",
+                str(d.get("status", r.DASH)),
+                r.clock(d.get("commands_sent_at")),
+                r.clock(d.get("target_met_at")),
+                r.kw(d.get("max_overshoot_kw")),
+            ]
+        )
     return rows
 
 
 DISPATCH_COLUMNS = ("id", "source", "level", "start", "end", "status", "sent", "target met", "max over")
 # on a narrow terminal: which dispatch, what level and its status always; then the rest in this order
-DISPATCH_PRIORITY = {"id": 0, "level": 0, "status": 0, "source": 1, "end": 2, "start": 3, "target met": 4, "sent": 5,
-                     "max over": 6}  # fmt: skip
+DISPATCH_PRIORITY = {
+    "id": 0,
+    "level": 0,
+    "status": 0,
+    "source": 1,
+    "end": 2,
+    "start": 3,
+    "target met": 4,
+    "sent": 5,
+    "max over": 6,
+}
 
 
 def status_view(doc: StatusDoc, console: Console | None = None) -> RenderableType:
@@ -281,8 +312,15 @@ def status_view(doc: StatusDoc, console: Console | None = None) -> RenderableTyp
     parts: list[RenderableType] = [head, grid]
     active = [d for d in doc.get("dispatches") or [] if isinstance(d, Mapping) and d.get("status") in ACTIVE_STATUSES]
     if active:
-        parts.append(r.fitted_table(console or Console(), DISPATCH_COLUMNS, dispatch_rows(active),
-                                    title="dispatches in force", priority=DISPATCH_PRIORITY))  # fmt: skip
+        parts.append(
+            r.fitted_table(
+                console or Console(),
+                DISPATCH_COLUMNS,
+                dispatch_rows(active),
+                title="dispatches in force",
+                priority=DISPATCH_PRIORITY,
+            )
+        )
     else:
         parts.append(Text("no dispatch in force", style="dim"))
     return Group(*parts)

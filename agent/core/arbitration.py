@@ -36,8 +36,14 @@ from hashflex.agent.core.model import Dispatch, Source, Target
 from hashflex.agent.core.ramp import ramp_step
 from hashflex.agent.core.schedule import ScheduleRule
 
-_RANK = {Source.FREQUENCY: -1, Source.FAILSAFE: 0, Source.GRID: 1, Source.OPERATOR: 2, Source.SCHEDULE: 3,
-         Source.CAP: 4}  # fmt: skip
+_RANK = {
+    Source.FREQUENCY: -1,
+    Source.FAILSAFE: 0,
+    Source.GRID: 1,
+    Source.OPERATOR: 2,
+    Source.SCHEDULE: 3,
+    Source.CAP: 4,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,9 +72,15 @@ def counted_draw(
     on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet seen is `confirm_command`'s:
     re-sent, then the miner is counted at its real draw as ignoring commands)."""
     measured_w = None
-    if (fresh and ms.measured and told is None and not mem.ignores_commands and ms.age_s is not None
-            and (state in RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
-            and settled(mem, snap_ts - ms.age_s, float(ms.power_w), confirm_after_s, steady_gap_s)):  # fmt: skip
+    if (
+        fresh
+        and ms.measured
+        and told is None
+        and not mem.ignores_commands
+        and ms.age_s is not None
+        and (state in RUNNING or (state is MinerState.SLEEPING and mem.pending_op is None))
+        and settled(mem, snap_ts - ms.age_s, float(ms.power_w), confirm_after_s, steady_gap_s)
+    ):
         measured_w = float(ms.power_w)
         if state in RUNNING:
             setting = commanded if commanded is not None else stock
@@ -187,8 +193,10 @@ def confirm_command(
         # ignores its limit, not one that ignores a sleep. Controlled by sleep and wake from now on, at what it
         # draws (its excess over stock is counted); marked uncontrollable it was never slept, not even by a
         # fail-safe to 0 kW (soak: 4 drifting LuxOS miners held a site at 9.8 kW)
-        msg = (f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
-               f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws")  # fmt: skip
+        msg = (
+            f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
+            f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws"
+        )
         mem.limits_unsupported = True
         mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
         out.changed.add(ip)
@@ -200,17 +208,28 @@ def confirm_command(
         mem.retry_at = now + 10 * confirm_after_s
         out.changed.add(ip)
         msg = f"{ip} acknowledged {mem.pending_op} {mem.recommands + 1} times and draws {power:.0f} W"
-        out.notes.append(Note("warning", "miner ignores commands", {
-            "ip": ip, "op": mem.pending_op, "power_w": round(power), "told_w": mem.pending_w}))  # fmt: skip
+        out.notes.append(
+            Note(
+                "warning",
+                "miner ignores commands",
+                {"ip": ip, "op": mem.pending_op, "power_w": round(power), "told_w": mem.pending_w},
+            )
+        )
         out.alarms.append(AlarmChange(f"ignores:{ip}", msg, quiet=True))
         return
     mem.resend_due = True
 
 
 def _watch_setting(
-    ip: str, ms: MinerSnapshot, mem: MinerMemory, *, snap_ts: float, now: float, confirm_after_s: float,
+    ip: str,
+    ms: MinerSnapshot,
+    mem: MinerMemory,
+    *,
+    snap_ts: float,
+    now: float,
+    confirm_after_s: float,
     out: Decisions,
-) -> None:  # fmt: skip
+) -> None:
     """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM stepping its
     profile up). Measured above its limit beyond the confirmation slack, once its setting had time to take effect:
     send the limit again (the re-send and ignoring rules of `confirm_command` take it from there)."""
@@ -225,5 +244,8 @@ def _watch_setting(
     mem.pending_at = now - confirm_after_s  # due for a re-send on this tick (see recommands)
     mem.recommands, mem.resend_due = 0, True
     out.changed.add(ip)
-    out.notes.append(Note("warning", "miner draws above its limit",
-                          {"ip": ip, "power_w": round(ms.power_w), "limit_w": round(limit)}))  # fmt: skip
+    out.notes.append(
+        Note(
+            "warning", "miner draws above its limit", {"ip": ip, "power_w": round(ms.power_w), "limit_w": round(limit)}
+        )
+    )

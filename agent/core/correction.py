@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def corrected_bias(
-    bias_kw: float, present_kw: float, level_kw: float, *, tolerance_kw: float, ramp_up_kw_per_min: float | None,
+    bias_kw: float,
+    present_kw: float,
+    level_kw: float,
+    *,
+    tolerance_kw: float,
+    ramp_up_kw_per_min: float | None,
     tick_s: float,
-) -> float:  # fmt: skip
+) -> float:
     """The correction after a settled picture: the site (`present_kw`, less what the plan already counts per miner)
     draws more than the level beyond `tolerance_kw` (a miner drifting above its limit, a reading higher than the plan
     counts): plan lower by the excess, at once. Draws less again: give that correction back, in steps no larger than

@@ -318,8 +318,19 @@ def _add(row: list[float], p: EnergyPeriod | EnergyMinute) -> None:
         counts = (1.0, 1.0 if metered else 0.0, 1.0 if p.source == FALLBACK else 0.0)
     else:
         gap, counts = p.gap_kwh, (float(p.minutes), float(p.metered_minutes), float(p.fallback_minutes))
-    values = (p.kwh, p.measured_kwh, p.estimated_kwh, p.covered_s, p.curtailed_s, p.baseline_kwh, p.not_drawn_kwh,
-              p.metered_kwh, p.carried_kwh, gap, *counts)  # fmt: skip
+    values = (
+        p.kwh,
+        p.measured_kwh,
+        p.estimated_kwh,
+        p.covered_s,
+        p.curtailed_s,
+        p.baseline_kwh,
+        p.not_drawn_kwh,
+        p.metered_kwh,
+        p.carried_kwh,
+        gap,
+        *counts,
+    )
     for i, v in enumerate(values):
         row[i] += v
     row[_SUMS] = max(row[_SUMS], p.peak_kw)
@@ -327,10 +338,23 @@ def _add(row: list[float], p: EnergyPeriod | EnergyMinute) -> None:
 
 def _period(start: int, seconds: int, r: list[float]) -> EnergyPeriod:
     return EnergyPeriod(
-        start, seconds, kwh=r[0], measured_kwh=r[1], estimated_kwh=r[2], covered_s=r[3], curtailed_s=r[4],
-        baseline_kwh=r[5], not_drawn_kwh=r[6], peak_kw=r[_SUMS], minutes=int(r[10]), metered_kwh=r[7],
-        carried_kwh=r[8], gap_kwh=r[9], metered_minutes=int(r[11]), fallback_minutes=int(r[12]),
-    )  # fmt: skip
+        start,
+        seconds,
+        kwh=r[0],
+        measured_kwh=r[1],
+        estimated_kwh=r[2],
+        covered_s=r[3],
+        curtailed_s=r[4],
+        baseline_kwh=r[5],
+        not_drawn_kwh=r[6],
+        peak_kw=r[_SUMS],
+        minutes=int(r[10]),
+        metered_kwh=r[7],
+        carried_kwh=r[8],
+        gap_kwh=r[9],
+        metered_minutes=int(r[11]),
+        fallback_minutes=int(r[12]),
+    )
 
 
 def rollup(minutes: Iterable[EnergyMinute], period_s: int, offset_s: int = 0) -> list[EnergyPeriod]:
@@ -448,8 +472,11 @@ class MeteredEnergy:
         dt, kwh = r.ts - prev.ts, (r.wh - prev.wh) / 1000.0
         # the slack: a reading's time is when its reply came, the count a little older (the meter's measuring
         # interval, the network); the adapter refuses a jump on its own, this is the net for an absurd one
-        if r.epoch != prev.epoch or kwh < 0 or (self.max_kw is not None
-                                                and kwh > self.max_kw * (dt + self.wait_s) / HOUR_S):  # fmt: skip
+        if (
+            r.epoch != prev.epoch
+            or kwh < 0
+            or (self.max_kw is not None and kwh > self.max_kw * (dt + self.wait_s) / HOUR_S)
+        ):
             self._breaks.append((prev.ts, r.ts))
         elif dt > self.max_gap_s or self._stale_seen:
             self._owe(kwh, prev.ts)

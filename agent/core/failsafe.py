@@ -235,9 +235,13 @@ def release(state: FailsafeState, now: float, rules: FailsafeRules) -> tuple[str
 def link_doc(saved: SavedLink) -> dict[str, object]:
     """`saved` as a JSON document (the store's key/value state)."""
     return {
-        "active": saved.active, "last_heartbeat_wall": saved.last_heartbeat_wall, "saved_wall": saved.saved_wall,
-        "clock_stepped": saved.clock_stepped, "boot_id": saved.boot_id, "boot_s": saved.boot_s,
-    }  # fmt: skip
+        "active": saved.active,
+        "last_heartbeat_wall": saved.last_heartbeat_wall,
+        "saved_wall": saved.saved_wall,
+        "clock_stepped": saved.clock_stepped,
+        "boot_id": saved.boot_id,
+        "boot_s": saved.boot_s,
+    }
 
 
 def link_from_doc(doc: object) -> SavedLink | None:

@@ -103,8 +103,10 @@ class FrequencyRules:
             # the event ends as a whole: a threshold under the first stage's would end it where that stage trips
             # again at once (an event, a wake, an event ...)
             if stage.restore_above_hz is not None and stage.restore_above_hz < self.stages[0].below_hz:
-                raise ValueError(f"stages[{i}].restore_above_hz = {stage.restore_above_hz}: below the first stage's "
-                                 f"below_hz ({self.stages[0].below_hz})")  # fmt: skip
+                raise ValueError(
+                    f"stages[{i}].restore_above_hz = {stage.restore_above_hz}: below the first stage's "
+                    f"below_hz ({self.stages[0].below_hz})"
+                )
         if _finite("restore_after_s", self.restore_after_s) < 0 or _finite("max_gap_s", self.max_gap_s) <= 0:
             raise ValueError("restore_after_s must be at least 0 and max_gap_s above 0")
 
@@ -171,9 +173,14 @@ def resumed(
     for name, value in times.items():
         if value is not None:
             _finite(name, value)
-    return FrequencyState(below_since=(None,) * len(rules.stages), depth=min(depth, len(rules.stages)),
-                          first_below_at=first_below_at, tripped_at=tripped_at, min_hz=min_hz,
-                          min_hz_at=min_hz_at)  # fmt: skip
+    return FrequencyState(
+        below_since=(None,) * len(rules.stages),
+        depth=min(depth, len(rules.stages)),
+        first_below_at=first_below_at,
+        tripped_at=tripped_at,
+        min_hz=min_hz,
+        min_hz_at=min_hz_at,
+    )
 
 
 def unknown(state: FrequencyState, at: float) -> FrequencyState:
@@ -195,9 +202,10 @@ def observe(state: FrequencyState, rules: FrequencyRules, hz: float, at: float) 
         for stage, since in zip(rules.stages, state.below_since, strict=True)
     )
     tripped = tuple(
-        i for i, (stage, since) in enumerate(zip(rules.stages, below, strict=True))
+        i
+        for i, (stage, since) in enumerate(zip(rules.stages, below, strict=True))
         if i >= state.depth and since is not None and at - since >= stage.for_s - 1e-9
-    )  # fmt: skip
+    )
     state = replace(state, below_since=below, last_at=at)
     if tripped:
         if state.depth == 0:

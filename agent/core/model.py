@@ -161,6 +161,9 @@ def raises_draw(change: Change, commanded_w: float | None) -> bool:
     """Does this command let the miner draw more than the figures stored for it say?"""
     if change.op is Op.WAKE:
         return True
-    return change.op is Op.SET_POWER and change.watts is not None and not change.decrease and (
-        commanded_w is None or change.watts > commanded_w
+    return (
+        change.op is Op.SET_POWER
+        and change.watts is not None
+        and not change.decrease
+        and (commanded_w is None or change.watts > commanded_w)
     )

@@ -41,6 +41,7 @@ UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a c
 WAKE_UP_SHARE = 0.85
 WAKE_MAX_S = 900.0
 
+
 @dataclass(frozen=True, slots=True)
 class ObserveRules:
     stale_after_s: float  # a reading older than this is no reading (polling.stale_after_s)
@@ -161,23 +162,43 @@ def _view(
         # ramping down when the wakes reached full power (crash-restart test: a restart's first plan woke 7 miners,
         # a tick 0.24 s later slept 2 and lowered 3 more, and the site reached 31.78 kW against its 30.5 kW cap)
         woken_to = float(told.watts)
-    measured_w = counted_draw(ms, mem, told=told, state=state, commanded=commanded, stock=stock, up_at=up_at,
-                               woken_to=woken_to, fresh=fresh, snap_ts=snap_ts, confirm_after_s=confirm,
-                               steady_gap_s=rules.steady_gap_s)  # fmt: skip
+    measured_w = counted_draw(
+        ms,
+        mem,
+        told=told,
+        state=state,
+        commanded=commanded,
+        stock=stock,
+        up_at=up_at,
+        woken_to=woken_to,
+        fresh=fresh,
+        snap_ts=snap_ts,
+        confirm_after_s=confirm,
+        steady_gap_s=rules.steady_gap_s,
+    )
     if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
         # its last command failed and it is left alone until the back-off ends (`blocked`); that command may or
         # may not have taken, so the plan counts it as one it cannot reach: no action, at the larger of its full
         # power and its draw (not at what the plan would like it to do)
         state = MinerState.UNREACHABLE
     return MinerView(
-        id=ip, family=ident.family, capability=cap, nominal_w=ident.nominal_w,
-        nominal_ths=ident.nominal_ths, state=state, power_w=ms.power_w if fresh else None,
-        commanded_w=commanded, asleep_by_us=mem.asleep_by_us, last_transition=mem.last_transition,
-        circuit=rules.circuit_of.get(ip), priority=rules.priority_of.get(ip, 0),
-        ignores_commands=mem.ignores_commands, measured_w=measured_w,
+        id=ip,
+        family=ident.family,
+        capability=cap,
+        nominal_w=ident.nominal_w,
+        nominal_ths=ident.nominal_ths,
+        state=state,
+        power_w=ms.power_w if fresh else None,
+        commanded_w=commanded,
+        asleep_by_us=mem.asleep_by_us,
+        last_transition=mem.last_transition,
+        circuit=rules.circuit_of.get(ip),
+        priority=rules.priority_of.get(ip, 0),
+        ignores_commands=mem.ignores_commands,
+        measured_w=measured_w,
         woken_to_w=woken_to if state is MinerState.WAKING else None,
         wake_excess_w=mem.excess_w if state is MinerState.SLEEPING and not mem.ignores_commands else 0.0,
-    )  # fmt: skip
+    )
 
 
 def shown_state(ms: MinerSnapshot, mem: MinerMemory | None, now: float, stale_after_s: float) -> MinerState:
@@ -230,21 +251,31 @@ def _unidentified_views(snap: FleetSnapshot, rules: ObserveRules, obs: Observati
         obs.alarms.append(AlarmChange("unidentified", None))
         return []
     names = sorted(held, key=ip_sort_key)
-    shown = ", ".join(names[:UNIDENTIFIED_NAMED]) + (f" and {len(names) - UNIDENTIFIED_NAMED} more"
-                                                    if len(names) > UNIDENTIFIED_NAMED else "")  # fmt: skip
-    obs.alarms.append(AlarmChange(
-        "unidentified",
-        f"{len(names)} configured addresses not identified yet, each counted at {max(held.values()):.0f} W "
-        f"until it answers: {shown}",
-    ))  # fmt: skip
+    shown = ", ".join(names[:UNIDENTIFIED_NAMED]) + (
+        f" and {len(names) - UNIDENTIFIED_NAMED} more" if len(names) > UNIDENTIFIED_NAMED else ""
+    )
+    obs.alarms.append(
+        AlarmChange(
+            "unidentified",
+            f"{len(names)} configured addresses not identified yet, each counted at {max(held.values()):.0f} W "
+            f"until it answers: {shown}",
+        )
+    )
     return [
         MinerView(
-            id=ip, family=Family.OTHER, capability=OnOff(), nominal_w=w, nominal_ths=0.0,
-            state=MinerState.UNREACHABLE, power_w=None, commanded_w=None, circuit=rules.circuit_of.get(ip),
+            id=ip,
+            family=Family.OTHER,
+            capability=OnOff(),
+            nominal_w=w,
+            nominal_ths=0.0,
+            state=MinerState.UNREACHABLE,
+            power_w=None,
+            commanded_w=None,
+            circuit=rules.circuit_of.get(ip),
             priority=rules.priority_of.get(ip, 0),
         )
         for ip, w in held.items()
-    ]  # fmt: skip
+    ]
 
 
 def _track_transition(ip: str, mem: MinerMemory, state: MinerState, now: float, obs: Observation) -> None:

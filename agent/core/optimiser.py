@@ -77,8 +77,7 @@ def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw
     # a node whose subtree, every miner at the most it may be planned to draw, stays under its cap (a PDU sized
     # for its miners) needs no check: it is left out of the paths, so its miners group wider
     pruned = [tuple(nd for nd in path if binds[nd]) for path in prep.paths]
-    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled,
-                     ramped=ramped)  # fmt: skip
+    return _allocate(prep, floor, soft, wake_budget, blind=False, pruned_paths=pruned, settled=settled, ramped=ramped)
 
 
 def _peaks(prep: Prep) -> list[float]:
@@ -149,8 +148,16 @@ def _allocate(
     # a miner on (running or still waking) that this plan sleeps means the limit wants less: wake nothing now
     # (else a smaller sleeping miner would take the room it leaves, a swap that throws a wake-up away)
     slept_on = any(f and prep.kind[i] in _ON_KINDS for i, f in enumerate(prep.forced))
-    grant = _Granting(keys, sizes=sizes, is_wake=is_wake, paths=node_paths, room=room, start=start,
-                      wake_budget=max(0, wake_budget), slept_on=slept_on)  # fmt: skip
+    grant = _Granting(
+        keys,
+        sizes=sizes,
+        is_wake=is_wake,
+        paths=node_paths,
+        room=room,
+        start=start,
+        wake_budget=max(0, wake_budget),
+        slept_on=slept_on,
+    )
     got = grant.run(segs)
     if got.skipped and got.kept_on:
         # a wake the ratio order reached too late (raises of running miners had taken the room it needed), in a
@@ -163,8 +170,9 @@ def _allocate(
             got, segs = got_w, segs_w
     below = {} if ramped else _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s)
     extra = _top_up(segs, keys, models=models, taken=got.taken, paths=node_paths, room=got.room)
-    a.ths = fixed_ths + _materialise(prep, a, groups, keys=keys, models=models, taken=got.taken, extra=extra,
-                                     below=below, blind=blind)  # fmt: skip
+    a.ths = fixed_ths + _materialise(
+        prep, a, groups, keys=keys, models=models, taken=got.taken, extra=extra, below=below, blind=blind
+    )
     return a
 
 
@@ -270,8 +278,11 @@ def _below_floor(
     room = got.room
     wakes_left = got.wakes_left
     out: dict[int, int] = {}
-    cands = [g for g, key in enumerate(keys) if (key[3] == ON or (key[3] == OFF_L and got.kept_on))
-             and got.taken[g][0] < sizes[g]]  # fmt: skip
+    cands = [
+        g
+        for g, key in enumerate(keys)
+        if (key[3] == ON or (key[3] == OFF_L and got.kept_on)) and got.taken[g][0] < sizes[g]
+    ]
     # higher priority first; a running miner before a wake (no wake-up to pay); then the most TH per W
     cands.sort(key=lambda g: (-keys[g][1], keys[g][3] != ON, -models[g].ths[0] / models[g].levels[0]))
     for g in cands:

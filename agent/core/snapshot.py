@@ -54,9 +54,7 @@ class FleetSnapshot:
 
     @property
     def hashrate_ths(self) -> float:
-        return sum(
-            m.reading.hashrate_ths or 0.0 for m in self.miners.values() if m.reachable and m.reading is not None
-        )
+        return sum(m.reading.hashrate_ths or 0.0 for m in self.miners.values() if m.reachable and m.reading is not None)
 
 
 def reading_hint(identity: Identity, fresh: Reading | None, power_w: float) -> StateHint:

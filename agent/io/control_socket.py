@@ -291,9 +291,13 @@ class ControlServer:
         # verbs that only read: logged at debug; everything else with the caller's uid (who curtailed?)
         level = log.debug if verb in READ_VERBS else log.info
         level(
-            "control request", verb=verb, status=reply.status, error=reply.error_code,
-            dur_ms=round((time.monotonic() - started) * 1000, 1), **peer,
-        )  # fmt: skip
+            "control request",
+            verb=verb,
+            status=reply.status,
+            error=reply.error_code,
+            dur_ms=round((time.monotonic() - started) * 1000, 1),
+            **peer,
+        )
         return reply
 
 
@@ -423,8 +427,9 @@ async def request(
             except asyncio.IncompleteReadError as exc:
                 raw = exc.partial
     except asyncio.LimitOverrunError:
-        raise AgentUnavailable(f"the reply to {verb!r} is larger than {MAX_REPLY_BYTES} bytes", path=path,
-                               reason="protocol") from None  # fmt: skip
+        raise AgentUnavailable(
+            f"the reply to {verb!r} is larger than {MAX_REPLY_BYTES} bytes", path=path, reason="protocol"
+        ) from None
     except (OSError, TimeoutError) as exc:
         raise explain_os_error(path, verb, exc, timeout) from None
     finally:
@@ -459,8 +464,9 @@ def request_sync(
                 if b"\n" in chunk:
                     break
                 if len(buf) > MAX_REPLY_BYTES:
-                    raise AgentUnavailable(f"the reply to {verb!r} is larger than {MAX_REPLY_BYTES} bytes",
-                                           path=path, reason="protocol")  # fmt: skip
+                    raise AgentUnavailable(
+                        f"the reply to {verb!r} is larger than {MAX_REPLY_BYTES} bytes", path=path, reason="protocol"
+                    )
     except (OSError, TimeoutError) as exc:
         raise explain_os_error(path, verb, exc, timeout) from None
     return _decode(bytes(buf).split(b"\n", 1)[0], path, verb)

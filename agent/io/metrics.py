@@ -61,24 +61,33 @@ class Metrics:
         self.miners_provider = miners_provider
         r = self.registry
         self.tick_duration = Histogram(
-            "hashflex_tick_duration_seconds", "Duration of one control tick.", registry=r,
+            "hashflex_tick_duration_seconds",
+            "Duration of one control tick.",
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )  # fmt: skip
+        )
         self.sweep_duration = Histogram(
-            "hashflex_sweep_duration_seconds", "Duration of one telemetry sweep of the fleet.", registry=r,
+            "hashflex_sweep_duration_seconds",
+            "Duration of one telemetry sweep of the fleet.",
+            registry=r,
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
-        )  # fmt: skip
+        )
         self.command_latency = Histogram(
-            "hashflex_command_latency_seconds", "Latency of one miner control command, by operation.", ["op"],
-            registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30),
-        )  # fmt: skip
+            "hashflex_command_latency_seconds",
+            "Latency of one miner control command, by operation.",
+            ["op"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30),
+        )
         self.commands = Counter(
             "hashflex_commands", "Miner control commands sent, by operation and result.", ["op", "result"], registry=r
         )
         self.dispatches = Counter(
-            "hashflex_dispatches", "Dispatches by outcome (accepted, rejected, completed, ...).", ["result"],
+            "hashflex_dispatches",
+            "Dispatches by outcome (accepted, rejected, completed, ...).",
+            ["result"],
             registry=r,
-        )  # fmt: skip
+        )
         self.commands_rejected = Counter(
             "hashflex_commands_rejected", "Requests (grid, operator) refused, by reason code.", ["reason"], registry=r
         )
@@ -86,21 +95,30 @@ class Metrics:
             "hashflex_mqtt_messages_received", "MQTT messages received from the broker.", registry=r
         )
         self.time_to_target = Histogram(
-            "hashflex_dispatch_time_to_target_seconds", "From a dispatch's acceptance to the site meeting it.",
-            registry=r, buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
-        )  # fmt: skip
+            "hashflex_dispatch_time_to_target_seconds",
+            "From a dispatch's acceptance to the site meeting it.",
+            registry=r,
+            buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+        )
         self.site_energy = Counter(
-            "hashflex_site_energy_joules", "Energy drawn by the site: the meter's counter with a site meter (its "
-            "minutes that fell back: the miners' sum), else integrated from the miners' power.", registry=r,
-        )  # fmt: skip
+            "hashflex_site_energy_joules",
+            "Energy drawn by the site: the meter's counter with a site meter (its "
+            "minutes that fell back: the miners' sum), else integrated from the miners' power.",
+            registry=r,
+        )
         self.site_energy_miners = Counter(
-            "hashflex_site_energy_miners_joules", "The miners' sum over the same minutes (measured plus estimated): "
-            "beside a metered site energy, the difference is the load the miners do not report.", registry=r,
-        )  # fmt: skip
+            "hashflex_site_energy_miners_joules",
+            "The miners' sum over the same minutes (measured plus estimated): "
+            "beside a metered site energy, the difference is the load the miners do not report.",
+            registry=r,
+        )
         self.energy_minutes = Counter(
-            "hashflex_site_energy_minutes", "Minutes of site energy recorded, by source (metered: the meter's "
-            "counter; fallback: the meter stale, the miners' sum; miners: no site meter).", ["source"], registry=r,
-        )  # fmt: skip
+            "hashflex_site_energy_minutes",
+            "Minutes of site energy recorded, by source (metered: the meter's "
+            "counter; fallback: the meter stale, the miners' sum; miners: no site meter).",
+            ["source"],
+            registry=r,
+        )
         for source in ENERGY_SOURCES:
             self.energy_minutes.labels(source=source)  # every source present from the start (0 until counted)
         self.registry.register(_SiteCollector(self))
@@ -246,49 +264,78 @@ class _SiteCollector:
         power = estimated if estimated is not None else measured
         target = _watts(s.get("target_kw"))
         yield from _gauge("hashflex_site_power_watts", "Site power: measured plus estimates for silent miners.", power)
-        yield from _gauge("hashflex_site_power_measured_watts", "Site power reported by miners that measure it.",
-                          measured)  # fmt: skip
-        yield from _gauge("hashflex_site_power_worst_case_watts", "Site power if every unknown miner drew its most.",
-                          _watts(s.get("power_kw_worst_case")))  # fmt: skip
+        yield from _gauge(
+            "hashflex_site_power_measured_watts", "Site power reported by miners that measure it.", measured
+        )
+        yield from _gauge(
+            "hashflex_site_power_worst_case_watts",
+            "Site power if every unknown miner drew its most.",
+            _watts(s.get("power_kw_worst_case")),
+        )
         yield from _gauge("hashflex_site_target_watts", "The effective target the site is held to.", target)
-        yield from _gauge("hashflex_site_cap_watts", "The site cap in force (may be lowered at run time).",
-                          _watts(s.get("cap_kw")))  # fmt: skip
-        yield from _gauge("hashflex_site_licensed_cap_watts", "The licensed site cap from the config.",
-                          _watts(s.get("licensed_cap_kw")))  # fmt: skip
+        yield from _gauge(
+            "hashflex_site_cap_watts", "The site cap in force (may be lowered at run time).", _watts(s.get("cap_kw"))
+        )
+        yield from _gauge(
+            "hashflex_site_licensed_cap_watts",
+            "The licensed site cap from the config.",
+            _watts(s.get("licensed_cap_kw")),
+        )
         if power is not None and target is not None:
-            yield from _gauge("hashflex_site_over_target_watts", "How far site power is above target (0 = compliant).",
-                              max(0.0, power - target))  # fmt: skip
+            yield from _gauge(
+                "hashflex_site_over_target_watts",
+                "How far site power is above target (0 = compliant).",
+                max(0.0, power - target),
+            )
         hashrate = _num(s.get("hashrate_ths"))
-        yield from _gauge("hashflex_site_hashrate_hashes_per_second", "Site hashrate.",
-                          None if hashrate is None else hashrate * 1e12)  # fmt: skip
-        source = GaugeMetricFamily("hashflex_site_target_source", "1 for the input that sets the target.",
-                                   labels=["source"])  # fmt: skip
+        yield from _gauge(
+            "hashflex_site_hashrate_hashes_per_second", "Site hashrate.", None if hashrate is None else hashrate * 1e12
+        )
+        source = GaugeMetricFamily(
+            "hashflex_site_target_source", "1 for the input that sets the target.", labels=["source"]
+        )
         for name in TARGET_SOURCES:
             source.add_metric([name], 1.0 if s.get("target_source") == name else 0.0)
         yield source
 
         failsafe = s.get("failsafe") or {}
-        yield from _gauge("hashflex_failsafe_active", "1 while the grid link is lost and the fail-safe holds.",
-                          1.0 if failsafe.get("active") else 0.0)  # fmt: skip
-        released_by = GaugeMetricFamily("hashflex_failsafe_released_by", "1 for what releases the active fail-safe "
-                                        "(grid_command, next_heartbeat, heartbeat).", labels=["by"])  # fmt: skip
+        yield from _gauge(
+            "hashflex_failsafe_active",
+            "1 while the grid link is lost and the fail-safe holds.",
+            1.0 if failsafe.get("active") else 0.0,
+        )
+        released_by = GaugeMetricFamily(
+            "hashflex_failsafe_released_by",
+            "1 for what releases the active fail-safe (grid_command, next_heartbeat, heartbeat).",
+            labels=["by"],
+        )
         for name in FAILSAFE_RELEASES:
             released_by.add_metric([name], 1.0 if failsafe.get("released_by") == name else 0.0)
         yield released_by
-        yield from _gauge("hashflex_failsafe_releases_at_timestamp_seconds", "When the active fail-safe releases by "
-                          "itself if the heartbeat holds (Unix time; absent when not before a heartbeat).",
-                          timefmt.epoch(failsafe.get("releases_at")))  # fmt: skip
+        yield from _gauge(
+            "hashflex_failsafe_releases_at_timestamp_seconds",
+            "When the active fail-safe releases by "
+            "itself if the heartbeat holds (Unix time; absent when not before a heartbeat).",
+            timefmt.epoch(failsafe.get("releases_at")),
+        )
         miners = s.get("miners") or {}
         by_state = GaugeMetricFamily("hashflex_miners", "Miners by state.", labels=["state"])
         for state in MINER_STATES:
             by_state.add_metric([state], _num(miners.get(state)) or 0.0)
         yield by_state
-        yield from _gauge("hashflex_miners_unidentified", "Configured addresses not identified yet (counted as "
-                          "unreachable, at a worst case).", _num(miners.get("unidentified")) or 0.0)  # fmt: skip
+        yield from _gauge(
+            "hashflex_miners_unidentified",
+            "Configured addresses not identified yet (counted as unreachable, at a worst case).",
+            _num(miners.get("unidentified")) or 0.0,
+        )
         dispatches = s.get("dispatches") or []
-        yield from _gauge("hashflex_dispatches_active", "Dispatches and overrides in force now.", float(sum(
-            1 for d in dispatches if isinstance(d, Mapping) and d.get("status") in (None, "active", "accepted")
-        )))  # fmt: skip
+        yield from _gauge(
+            "hashflex_dispatches_active",
+            "Dispatches and overrides in force now.",
+            float(
+                sum(1 for d in dispatches if isinstance(d, Mapping) and d.get("status") in (None, "active", "accepted"))
+            ),
+        )
         broker = (s.get("broker") or {}).get("state")
         link = GaugeMetricFamily("hashflex_broker_state", "1 for the MQTT link's current state.", labels=["state"])
         for name in BROKER_STATES:
@@ -299,24 +346,36 @@ class _SiteCollector:
         gw = s.get("gateway") or {}
         cpu, mem = _num(gw.get("cpu_pct")), _num(gw.get("mem_pct"))
         disk, rss = _num(gw.get("disk_free_mb")), _num(gw.get("rss_mb"))
-        yield from _gauge("hashflex_gateway_cpu_usage_ratio", "Gateway CPU use (0-1).",
-                          None if cpu is None else cpu / 100)  # fmt: skip
-        yield from _gauge("hashflex_gateway_memory_usage_ratio", "Gateway memory use (0-1).",
-                          None if mem is None else mem / 100)  # fmt: skip
-        yield from _gauge("hashflex_gateway_disk_free_bytes", "Free space on the state directory's filesystem.",
-                          None if disk is None else disk * _MIB)  # fmt: skip
-        yield from _gauge("hashflex_agent_resident_memory_bytes", "The agent's resident memory.",
-                          None if rss is None else rss * _MIB)  # fmt: skip
+        yield from _gauge(
+            "hashflex_gateway_cpu_usage_ratio", "Gateway CPU use (0-1).", None if cpu is None else cpu / 100
+        )
+        yield from _gauge(
+            "hashflex_gateway_memory_usage_ratio", "Gateway memory use (0-1).", None if mem is None else mem / 100
+        )
+        yield from _gauge(
+            "hashflex_gateway_disk_free_bytes",
+            "Free space on the state directory's filesystem.",
+            None if disk is None else disk * _MIB,
+        )
+        yield from _gauge(
+            "hashflex_agent_resident_memory_bytes", "The agent's resident memory.", None if rss is None else rss * _MIB
+        )
         if "low_disk" in gw:
-            yield from _gauge("hashflex_gateway_low_disk", "1 when free disk is under audit.disk_alarm_mb.",
-                              1.0 if gw.get("low_disk") else 0.0)  # fmt: skip
+            yield from _gauge(
+                "hashflex_gateway_low_disk",
+                "1 when free disk is under audit.disk_alarm_mb.",
+                1.0 if gw.get("low_disk") else 0.0,
+            )
         meter = s.get("meter")
         if isinstance(meter, Mapping):
             yield from _meter(meter)
         energy = s.get("energy")
         if isinstance(energy, Mapping) and energy.get("source") in ENERGY_SOURCES:
-            source = GaugeMetricFamily("hashflex_site_energy_source", "1 for the source of the last minute of site "
-                                       "energy (metered, miners, fallback).", labels=["source"])  # fmt: skip
+            source = GaugeMetricFamily(
+                "hashflex_site_energy_source",
+                "1 for the source of the last minute of site energy (metered, miners, fallback).",
+                labels=["source"],
+            )
             for name in ENERGY_SOURCES:
                 source.add_metric([name], 1.0 if energy.get("source") == name else 0.0)
             yield source
@@ -325,28 +384,45 @@ class _SiteCollector:
             ticks = CounterMetricFamily("hashflex_ticks", "Control ticks completed since the agent started.")
             ticks.add_metric([], float(tick["n"]))
             yield ticks
-        yield from _gauge("hashflex_last_tick_timestamp_seconds", "When the last tick completed (Unix time).",
-                          _num(tick.get("ts")) or _num(s.get("ts")))  # fmt: skip
+        yield from _gauge(
+            "hashflex_last_tick_timestamp_seconds",
+            "When the last tick completed (Unix time).",
+            _num(tick.get("ts")) or _num(s.get("ts")),
+        )
 
 
 def _meter(m: Mapping[str, Any]) -> Iterator[Metric]:
     """The site meter's figures (status doc `meter`): absent while it has no fresh reading, but for freshness."""
-    yield from _gauge("hashflex_site_metered_watts", "Site power at the meter (point of interconnection).",
-                      _watts(m.get("power_kw")))  # fmt: skip
-    yield from _gauge("hashflex_site_non_miner_watts", "Non-miner load: metered site power less the miners' sum.",
-                      _watts(m.get("non_miner_kw")))  # fmt: skip
-    yield from _gauge("hashflex_site_non_miner_counted_watts", "Non-miner load the plan counts (recent maximum, or "
-                      "the allowance while the meter is stale, plus cooling to follow).",
-                      _watts(m.get("non_miner_counted_kw")))  # fmt: skip
+    yield from _gauge(
+        "hashflex_site_metered_watts", "Site power at the meter (point of interconnection).", _watts(m.get("power_kw"))
+    )
+    yield from _gauge(
+        "hashflex_site_non_miner_watts",
+        "Non-miner load: metered site power less the miners' sum.",
+        _watts(m.get("non_miner_kw")),
+    )
+    yield from _gauge(
+        "hashflex_site_non_miner_counted_watts",
+        "Non-miner load the plan counts (recent maximum, or "
+        "the allowance while the meter is stale, plus cooling to follow).",
+        _watts(m.get("non_miner_counted_kw")),
+    )
     yield from _gauge("hashflex_grid_frequency_hertz", "Grid frequency at the site meter.", _num(m.get("hz")))
-    yield from _gauge("hashflex_meter_fresh", "1 while the site meter gives good readings (0: fallback, rises held).",
-                      1.0 if m.get("fresh") else 0.0)  # fmt: skip
-    yield from _gauge("hashflex_meter_reading_age_seconds", "Age of the site meter's last good reading.",
-                      _num(m.get("age_s")))  # fmt: skip
+    yield from _gauge(
+        "hashflex_meter_fresh",
+        "1 while the site meter gives good readings (0: fallback, rises held).",
+        1.0 if m.get("fresh") else 0.0,
+    )
+    yield from _gauge(
+        "hashflex_meter_reading_age_seconds", "Age of the site meter's last good reading.", _num(m.get("age_s"))
+    )
     fr = m.get("frequency_response")
     if isinstance(fr, Mapping):  # configured: 1 while an under-frequency event holds a stage's shed
-        yield from _gauge("hashflex_frequency_event_active", "1 while frequency response holds a stage's shed.",
-                          1.0 if fr.get("active") else 0.0)  # fmt: skip
+        yield from _gauge(
+            "hashflex_frequency_event_active",
+            "1 while frequency response holds a stage's shed.",
+            1.0 if fr.get("active") else 0.0,
+        )
     kwh = _num(m.get("import_kwh"))
     if kwh is not None:  # the meter's own register: it may reset (a replaced meter), as counters may
         counter = CounterMetricFamily("hashflex_meter_import_energy_joules", "The site meter's import energy counter.")

@@ -288,8 +288,11 @@ class MqttLink:
         if dropped != self._state_dropped:  # logged when it changes, not on every tick
             self._state_dropped = dropped
             if dropped:
-                log.warning("mqtt state doc over mqtt.max_payload_bytes; fields left out", fields=dropped,
-                            limit=self._max_payload)  # fmt: skip
+                log.warning(
+                    "mqtt state doc over mqtt.max_payload_bytes; fields left out",
+                    fields=dropped,
+                    limit=self._max_payload,
+                )
         self._state_dirty = True
         self._wake.set()
 
@@ -366,8 +369,9 @@ class MqttLink:
             if self.dropped_unauthenticated == 1 or self.dropped_unauthenticated % 10_000 == 0:
                 log.warning(
                     "mqtt inbox over its bound: unauthenticated messages dropped",
-                    queued=self._inbox.qsize(), dropped=self.dropped_unauthenticated,
-                )  # fmt: skip
+                    queued=self._inbox.qsize(),
+                    dropped=self.dropped_unauthenticated,
+                )
         return ok
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -421,9 +425,13 @@ class MqttLink:
             delay = backoff_s(self.failures, kind, len(self.rotation))
             nxt = self.rotation.advance()
             log.warning(
-                "mqtt connection lost", broker=str(failed), error=self.last_error, connected_s=round(lasted, 1),
-                retry_s=round(delay, 1), next_broker=str(nxt),
-            )  # fmt: skip
+                "mqtt connection lost",
+                broker=str(failed),
+                error=self.last_error,
+                connected_s=round(lasted, 1),
+                retry_s=round(delay, 1),
+                next_broker=str(nxt),
+            )
             return delay
         self.failures += 1
         delay = backoff_s(self.failures, kind, len(self.rotation))

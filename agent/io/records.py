@@ -94,11 +94,14 @@ class DispatchRecord:
 
         d = self.dispatch
         return dataclasses.replace(
-            self, dispatch=dataclasses.replace(d, start=d.start + by_s, end=move(d.end)),
-            received_at=self.received_at + by_s, accepted_at=move(self.accepted_at),
-            commands_sent_at=move(self.commands_sent_at), target_met_at=move(self.target_met_at),
+            self,
+            dispatch=dataclasses.replace(d, start=d.start + by_s, end=move(d.end)),
+            received_at=self.received_at + by_s,
+            accepted_at=move(self.accepted_at),
+            commands_sent_at=move(self.commands_sent_at),
+            target_met_at=move(self.target_met_at),
             closed_at=move(self.closed_at),
-        )  # fmt: skip
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The export's form: times as epoch seconds, time to target from acceptance."""

@@ -246,8 +246,9 @@ class Actuator:
         try:
             handle = self._handle(change.ip)
         except KeyError:
-            return OpResult(change.ip, change.op, change.watts, "skipped", "no handle for this miner", 0, time.time(),
-                            0.0)  # fmt: skip
+            return OpResult(
+                change.ip, change.op, change.watts, "skipped", "no handle for this miner", 0, time.time(), 0.0
+            )
         attempts = 0
         started = time.monotonic()
         while True:
@@ -255,9 +256,15 @@ class Actuator:
             outcome, detail, retryable = await self._call(handle, change)
             if outcome == "ok" or not retryable or attempts > self.retries_per_command or budget[0] <= 0:
                 return OpResult(
-                    change.ip, change.op, change.watts, outcome, detail, attempts, time.time(),
+                    change.ip,
+                    change.op,
+                    change.watts,
+                    outcome,
+                    detail,
+                    attempts,
+                    time.time(),
                     time.monotonic() - started,
-                )  # fmt: skip
+                )
             budget[0] -= 1
             await asyncio.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)))
 
@@ -274,8 +281,11 @@ class Actuator:
                         limit = await handle.set_power(change.watts)
                         if not isinstance(limit, Ok):
                             outcome, detail, retryable = _outcome(limit)
-                            return ("failed" if outcome == "unsupported" else outcome,
-                                    f"limit not set, not woken: {detail}".strip(), retryable)  # fmt: skip
+                            return (
+                                "failed" if outcome == "unsupported" else outcome,
+                                f"limit not set, not woken: {detail}".strip(),
+                                retryable,
+                            )
                         result = await handle.wake()
                     elif change.op is Op.WAKE:
                         result = await handle.wake()

@@ -62,6 +62,7 @@ class CommandHost(Protocol):
     def counted_present_kw(self) -> float: ...
     def trigger(self) -> None: ...
 
+
 log = get_logger("apply")
 
 STORE_UNAVAILABLE = "store_unavailable"  # error code: the command could not be stored, so it was not applied
@@ -118,11 +119,17 @@ def _apply_command(ctl: CommandHost, cmd: Command) -> Reply:
             ctl.store.put_reply(key, cmd.verb, {**reply.to_dict(), REQUEST_DIGEST: cmd.digest}, now)
         ctl.store.append_audit(
             AuditKind.COMMAND,
-            {"verb": cmd.verb, "id": req.id, "channel": cmd.channel.value, "status": reply.status,
-             "code": reply.error_code, "message": reply.error_message,
-             "request": req.model_dump(mode="json", exclude_none=True)},
+            {
+                "verb": cmd.verb,
+                "id": req.id,
+                "channel": cmd.channel.value,
+                "status": reply.status,
+                "code": reply.error_code,
+                "message": reply.error_message,
+                "request": req.model_dump(mode="json", exclude_none=True),
+            },
             now,
-        )  # fmt: skip
+        )
         crash_point("mid_write")
     crash_point("accepted")
     if isinstance(req, ResumeRequest) and reply.is_ok:
@@ -136,9 +143,13 @@ def _apply_command(ctl: CommandHost, cmd: Command) -> Reply:
         ctl.trigger()
     else:
         ctl.events.emit(
-            "rejected", verb=cmd.verb, id=req.id, channel=cmd.channel.value, code=reply.error_code,
+            "rejected",
+            verb=cmd.verb,
+            id=req.id,
+            channel=cmd.channel.value,
+            code=reply.error_code,
             message=reply.error_message,
-        )  # fmt: skip
+        )
         if ctl.metrics is not None and reply.error_code:
             ctl.metrics.count_rejected(reply.error_code)
     if ctl.metrics is not None and cmd.verb == "dispatch":
@@ -176,12 +187,19 @@ def _store_refused(ctl: CommandHost, cmd: Command, exc: StoreError) -> Reply:
     # store_unavailable alarm up until then)
     ctl.persist.audit(
         AuditKind.COMMAND,
-        {"verb": cmd.verb, "id": req.id, "channel": cmd.channel.value, "status": "error", "code": STORE_UNAVAILABLE,
-         "message": message},
+        {
+            "verb": cmd.verb,
+            "id": req.id,
+            "channel": cmd.channel.value,
+            "status": "error",
+            "code": STORE_UNAVAILABLE,
+            "message": message,
+        },
         ctl.clock.time(),
-    )  # fmt: skip
-    ctl.events.emit("rejected", verb=cmd.verb, id=req.id, channel=cmd.channel.value, code=STORE_UNAVAILABLE,
-                    message=message)  # fmt: skip
+    )
+    ctl.events.emit(
+        "rejected", verb=cmd.verb, id=req.id, channel=cmd.channel.value, code=STORE_UNAVAILABLE, message=message
+    )
     if ctl.metrics is not None:
         ctl.metrics.count_rejected(STORE_UNAVAILABLE)
     return Reply.error(req.id, STORE_UNAVAILABLE, message)
@@ -195,9 +213,7 @@ def _forget_safe_start(ctl: CommandHost) -> None:
         log.error("safe start marker not removed", error=str(exc))
 
 
-def _dispatch(
-    ctl: CommandHost, req: DispatchRequest, cmd: Command, now: float, events: Events
-) -> Reply:
+def _dispatch(ctl: CommandHost, req: DispatchRequest, cmd: Command, now: float, events: Events) -> Reply:
     existing = ctl.book.records.get(req.id)
     if existing is None:
         with contextlib.suppress(Exception):
@@ -205,15 +221,16 @@ def _dispatch(
     if existing is not None:
         if not existing.open:
             return Reply.error(
-                req.id, CONFLICT,
-                f"dispatch {req.id!r} is already {existing.status}; a closed dispatch cannot be revised: "
-                "send a new id",
-            )  # fmt: skip
+                req.id,
+                CONFLICT,
+                f"dispatch {req.id!r} is already {existing.status}; a closed dispatch cannot be revised: send a new id",
+            )
         if req.rev <= existing.dispatch.rev:
             return Reply.error(
-                req.id, STALE_REVISION,
+                req.id,
+                STALE_REVISION,
                 f"dispatch {req.id!r} is at revision {existing.dispatch.rev}; send a higher rev to replace it",
-            )  # fmt: skip
+            )
     # the site's power now: what "curtail by X" is taken from, and the baseline of the flexibility delivered. A
     # revision keeps the baseline its first revision measured: the site now is already curtailed by the dispatch
     # being revised, and "by X" means by X from where the site was before the event
@@ -223,15 +240,24 @@ def _dispatch(
         baseline = round(ctl.counted_present_kw(), 3)
     start = req.start if req.start is not None else now
     d = Dispatch(
-        id=req.id, source=Source.GRID, issued_at=req.issued_at, start=start, end=req.end,
-        target_kw=req.target_kw, curtail_kw=req.curtail_kw, ramp_kw_per_min=req.ramp_kw_per_min,
-        rev=req.rev, baseline_kw=baseline,
-    )  # fmt: skip
+        id=req.id,
+        source=Source.GRID,
+        issued_at=req.issued_at,
+        start=start,
+        end=req.end,
+        target_kw=req.target_kw,
+        curtail_kw=req.curtail_kw,
+        ramp_kw_per_min=req.ramp_kw_per_min,
+        rev=req.rev,
+        baseline_kw=baseline,
+    )
     first_accepted = existing.accepted_at if existing is not None and existing.accepted_at is not None else now
-    rec = DispatchRecord(d, "active" if start <= now else "pending", now, channel=cmd.channel.value,
-                         accepted_at=first_accepted)  # fmt: skip
+    rec = DispatchRecord(
+        d, "active" if start <= now else "pending", now, channel=cmd.channel.value, accepted_at=first_accepted
+    )
     ctl.book.add(rec)
     return Reply.ok(req.id, {"dispatch": rec.doc()})
+
 
 def _cancel(ctl: CommandHost, req: CancelRequest, now: float, events: Events) -> Reply:
     rec = ctl.book.get(req.dispatch_id)
@@ -241,9 +267,8 @@ def _cancel(ctl: CommandHost, req: CancelRequest, now: float, events: Events) ->
         ctl.book.close(rec, now, "cancelled", f"cancelled by {req.id}", events=events)
     return Reply.ok(req.id, {"dispatch_id": rec.dispatch.id, "status": rec.status})
 
-def _cap(
-    ctl: CommandHost, req: CapRequest, cmd: Command, now: float, events: Events
-) -> Reply:
+
+def _cap(ctl: CommandHost, req: CapRequest, cmd: Command, now: float, events: Events) -> Reply:
     """A cap from the grid (signed, over MQTT) or from the site's operator (the local socket): two inputs, each
     replaced only by its own source, the lower binds. So a local `hashflex cap 1000kW` never lifts a grid cap of
     400 kW; only an explicit `lift_grid_cap` on the local socket clears the grid's, and it is audited as such."""
@@ -251,9 +276,10 @@ def _cap(
     grid = cmd.channel is not Channel.LOCAL
     if lift and grid:
         return Reply.error(
-            req.id, BAD_REQUEST,
+            req.id,
+            BAD_REQUEST,
             "lift_grid_cap is an operator's act on the site's own control socket; the grid sets its cap directly",
-        )  # fmt: skip
+        )
     caps = ctl.caps
     old = caps.effective_kw()
     old_grid = caps.grid_kw
@@ -267,28 +293,33 @@ def _cap(
     caps.save(ctl.store)
     new = caps.effective_kw()
     change: dict[str, Any] = {
-        "from_kw": old, "to_kw": new, "by": req.id, "channel": cmd.channel.value,
-        "source": "grid" if grid else "operator", "asked_kw": req.cap_kw,
-        "grid_cap_kw": caps.grid_kw, "operator_cap_kw": caps.operator_kw,
-    }  # fmt: skip
+        "from_kw": old,
+        "to_kw": new,
+        "by": req.id,
+        "channel": cmd.channel.value,
+        "source": "grid" if grid else "operator",
+        "asked_kw": req.cap_kw,
+        "grid_cap_kw": caps.grid_kw,
+        "operator_cap_kw": caps.operator_kw,
+    }
     if lift:
         change["lifted_grid_cap_kw"] = old_grid
     ctl.store.append_audit(AuditKind.CAP_CHANGE, change, now)
     events.append(("cap_changed", change))
     if lift and old_grid is not None:
-        log.warning("grid cap lifted by the operator", lifted_kw=old_grid, operator_cap_kw=caps.operator_kw,
-                    by=req.id)  # fmt: skip
+        log.warning("grid cap lifted by the operator", lifted_kw=old_grid, operator_cap_kw=caps.operator_kw, by=req.id)
     data: dict[str, Any] = {
-        "cap_kw": new, "licensed_cap_kw": caps.licensed_kw, "grid_cap_kw": caps.grid_kw,
+        "cap_kw": new,
+        "licensed_cap_kw": caps.licensed_kw,
+        "grid_cap_kw": caps.grid_kw,
         "operator_cap_kw": caps.operator_kw,
-    }  # fmt: skip
+    }
     if lift:
         data["lifted_grid_cap_kw"] = old_grid
     return Reply.ok(req.id, data)
 
-def _curtail(
-    ctl: CommandHost, req: CurtailRequest, cmd: Command, now: float, events: Events
-) -> Reply:
+
+def _curtail(ctl: CommandHost, req: CurtailRequest, cmd: Command, now: float, events: Events) -> Reply:
     # operator overrides have their own id namespace (the grid may not use the prefix): a grid dispatch and an
     # override with the same id are two different things and never replace or block each other
     did = OPERATOR_ID_PREFIX + (req.id or uuid.uuid4().hex[:12])
@@ -304,13 +335,19 @@ def _curtail(
                 replaced.append(rec.dispatch.id)
     baseline = round(ctl.counted_present_kw(), 3)
     d = Dispatch(
-        id=did, source=Source.OPERATOR, issued_at=req.issued_at or now, start=now,
-        end=None if req.for_s is None else now + req.for_s, target_kw=req.to_kw, curtail_kw=req.by_kw,
+        id=did,
+        source=Source.OPERATOR,
+        issued_at=req.issued_at or now,
+        start=now,
+        end=None if req.for_s is None else now + req.for_s,
+        target_kw=req.to_kw,
+        curtail_kw=req.by_kw,
         baseline_kw=baseline,
-    )  # fmt: skip
+    )
     rec = DispatchRecord(d, "active", now, channel=cmd.channel.value, accepted_at=now)
     ctl.book.add(rec)
     return Reply.ok(req.id, {"dispatch": rec.doc(), "replaced": replaced})
+
 
 def _resume(ctl: CommandHost, req: ResumeRequest, now: float, events: Events) -> Reply:
     ended: list[str] = []

@@ -97,17 +97,34 @@ class Commander:
         return any(m.pending_op and not m.ignores_commands for m in self.memory.values())
 
     # ----------------------------------------------------------------------------------------- before sending
-    def changes_for(self, planned: Plan, by_ip: Mapping[str, MinerView], now: float, *, use_power_limits: bool,
-                    held_raises_w: list[float]) -> list[Change]:  # fmt: skip
+    def changes_for(
+        self,
+        planned: Plan,
+        by_ip: Mapping[str, MinerView],
+        now: float,
+        *,
+        use_power_limits: bool,
+        held_raises_w: list[float],
+    ) -> list[Change]:
         """What takes the miners to the plan: the diff (miners with a command on the wire or backing off left alone;
         a raise waits a moment after a lower limit), and the re-sends telemetry asks for (core.recommand)."""
         changes = diff(
-            planned.actions, by_ip, use_power_limits=use_power_limits,
-            pending=blocked(self.memory, self.in_flight, now), rank=_efficiency_rank, held_raises_w=held_raises_w,
+            planned.actions,
+            by_ip,
+            use_power_limits=use_power_limits,
+            pending=blocked(self.memory, self.in_flight, now),
+            rank=_efficiency_rank,
+            held_raises_w=held_raises_w,
             no_raise=just_lowered(self.memory, now, self.confirm_after_s),
-        )  # fmt: skip
-        resent, updated = recommands(self.memory, planned, self.in_flight, skip={c.ip for c in changes}, now=now,
-                                     confirm_after_s=self.confirm_after_s)  # fmt: skip
+        )
+        resent, updated = recommands(
+            self.memory,
+            planned,
+            self.in_flight,
+            skip={c.ip for c in changes},
+            now=now,
+            confirm_after_s=self.confirm_after_s,
+        )
         self.memory.update(updated)
         return changes + resent
 
@@ -118,14 +135,19 @@ class Commander:
             mem, view = self.memory.get(ip), by_ip.get(ip)
             if ip in self.in_flight:
                 continue
-            if mem is None or mem.pending_op is None or mem.ignores_commands or view is None \
-                    or view.state is MinerState.UNREACHABLE:  # fmt: skip
+            if (
+                mem is None
+                or mem.pending_op is None
+                or mem.ignores_commands
+                or view is None
+                or view.state is MinerState.UNREACHABLE
+            ):
                 self.decreasing.discard(ip)
         return bool(self.decreasing)
 
-    def gate(self, changes: list[Change], by_ip: Mapping[str, MinerView], *, meter_stale: bool) -> tuple[
-        list[Change], int
-    ]:  # fmt: skip
+    def gate(
+        self, changes: list[Change], by_ip: Mapping[str, MinerView], *, meter_stale: bool
+    ) -> tuple[list[Change], int]:
         """What of `changes` may go out now, and how many rises wait (hold_rises, write_ahead, a stale meter)."""
         changes, held = self.hold_rises(changes, by_ip)
         changes, unwritten = self.write_ahead(changes)
@@ -172,9 +194,17 @@ class Commander:
 
     # ----------------------------------------------------------------------------------------- sending
     def hand_off(
-        self, planned: Plan, views: Sequence[MinerView], by_ip: Mapping[str, MinerView], *, fast: bool,
-        meter_stale: bool, now: float, use_power_limits: bool, cooling: CoolingGate | None,
-    ) -> HandOff:  # fmt: skip
+        self,
+        planned: Plan,
+        views: Sequence[MinerView],
+        by_ip: Mapping[str, MinerView],
+        *,
+        fast: bool,
+        meter_stale: bool,
+        now: float,
+        use_power_limits: bool,
+        cooling: CoolingGate | None,
+    ) -> HandOff:
         """Send what takes the miners to the plan, less what must wait (rises behind settling sleeps, the store, a
         stale meter, cooling not ready; sleeps never wait)."""
         held_raises_w: list[float] = []
@@ -230,13 +260,19 @@ class Commander:
         self.last_report = report
         failed = [r for r in report.results if not r.ok]
         data = {
-            "method": planned.method, "fast": fast, "target_kw": round(planned.target_kw, 3),
-            "worst_case_kw": round(planned.worst_case_kw, 3), "sent": report.sent, "by_op": report.by_op(),
-            "retries": report.retries, "dur_ms": round((report.finished_at - report.started_at) * 1000, 1),
-            "failed": [{"ip": r.ip, "op": r.op.value, "outcome": r.outcome, "detail": r.detail[:120]}
-                       for r in failed[:50]],
+            "method": planned.method,
+            "fast": fast,
+            "target_kw": round(planned.target_kw, 3),
+            "worst_case_kw": round(planned.worst_case_kw, 3),
+            "sent": report.sent,
+            "by_op": report.by_op(),
+            "retries": report.retries,
+            "dur_ms": round((report.finished_at - report.started_at) * 1000, 1),
+            "failed": [
+                {"ip": r.ip, "op": r.op.value, "outcome": r.outcome, "detail": r.detail[:120]} for r in failed[:50]
+            ],
             "failed_total": len(failed),
-        }  # fmt: skip
+        }
         self.persist.audit(AuditKind.ACTIONS, data, self.clock())
         log.info("actions", **{k: v for k, v in data.items() if k != "failed"})
         self.batch_done()
@@ -255,8 +291,9 @@ class Commander:
         log.info("on_shutdown", mode=mode, miners=len(changes))
         report = await self.actuator.apply(changes, wake_batch=self.stagger.max_per_interval, on_result=self.take)
         self.save_controls(force=True)
-        self.persist.store.append_audit(AuditKind.ACTIONS, {"on_shutdown": mode, "sent": report.sent,
-                                                            "by_op": report.by_op()}, self.clock())  # fmt: skip
+        self.persist.store.append_audit(
+            AuditKind.ACTIONS, {"on_shutdown": mode, "sent": report.sent, "by_op": report.by_op()}, self.clock()
+        )
 
     # ----------------------------------------------------------------------------------------- results
     def take(self, r: OpResult, sent_at: float | None = None) -> None:
@@ -287,8 +324,15 @@ class Commander:
             mem.limits_unsupported = True
             log.warning("miner refuses power limits; treated as on/off", ip=r.ip, detail=r.detail)
         elif r.outcome != "skipped":
-            log.warning("miner command failed", ip=r.ip, op=r.op.value, outcome=r.outcome, detail=r.detail,
-                        failures=mem.failures, retry_in_s=round(mem.failed_retry_at - now, 1))  # fmt: skip
+            log.warning(
+                "miner command failed",
+                ip=r.ip,
+                op=r.op.value,
+                outcome=r.outcome,
+                detail=r.detail,
+                failures=mem.failures,
+                retry_in_s=round(mem.failed_retry_at - now, 1),
+            )
         self.dirty.add(r.ip)
         if r.ok:
             crash_point("in_flight")

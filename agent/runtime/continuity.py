@@ -51,8 +51,11 @@ def restore(
     `safe_start`: why this start holds the site (an override until an operator resumes), or None."""
     now = clock.time()
     caps.load(store)
-    shift = timeline.shift_s(store.get_state(timeline.TIMELINE_STATE_KEY, None),
-                             wall_offset_s=clock.wall_offset_s(), threshold_s=clock.step_threshold_s)  # fmt: skip
+    shift = timeline.shift_s(
+        store.get_state(timeline.TIMELINE_STATE_KEY, None),
+        wall_offset_s=clock.wall_offset_s(),
+        threshold_s=clock.step_threshold_s,
+    )
     moved_controls: dict[str, MinerControl] = {}
     ahead_s = 0.0  # how far times recorded by the last run are ahead of the clock now: the wall went back
     for ip, stored_control in store.load_controls().items():
@@ -70,9 +73,12 @@ def restore(
     doc = timeline.timeline_doc(clock.wall_offset_s())
     persist.write("timeline", lambda s: save_on_timeline(s, doc, moved_controls, moved))
     if shift:
-        alarms.raise_alarm("clock_step", f"the wall clock was {shift:+.0f} s from the last run's time (it stepped "
-                           "while the agent ran); the dispatch windows, overrides and min on/off times that run "
-                           "stored keep its time, moved onto the wall's: check the gateway's time (NTP)")  # fmt: skip
+        alarms.raise_alarm(
+            "clock_step",
+            f"the wall clock was {shift:+.0f} s from the last run's time (it stepped "
+            "while the agent ran); the dispatch windows, overrides and min on/off times that run "
+            "stored keep its time, moved onto the wall's: check the gateway's time (NTP)",
+        )
     pin_energy(now - now % 60)  # what the last run recorded is complete up to this minute
     # an under-frequency event the last run held holds on, from the first plan, until its restore rule is met
     saved_event = store.get_state(FREQUENCY_STATE_KEY, None)
@@ -83,11 +89,20 @@ def restore(
         persist.call("delete_state", FREQUENCY_STATE_KEY)
     # within the heartbeat timeout of a healthy link the site carries on uncurtailed (failsafe.resume)
     saved_link = fs.link_from_doc(store.get_state(FAILSAFE_STATE_KEY, None))
-    failsafe = fs.resume(now, clock.wall(), fs_rules, min(present_kw, caps.effective_kw()), saved_link,
-                         boot=boot_clock(clock), jump_tolerance_s=clock.step_threshold_s * clock.scale)  # fmt: skip
+    failsafe = fs.resume(
+        now,
+        clock.wall(),
+        fs_rules,
+        min(present_kw, caps.effective_kw()),
+        saved_link,
+        boot=boot_clock(clock),
+        jump_tolerance_s=clock.step_threshold_s * clock.scale,
+    )
     if saved_link is not None and not failsafe.active and failsafe.last_heartbeat is not None:
-        log.info("grid link resumed: healthy when the agent stopped, no fail-safe",
-                 heartbeat_age_s=round(now - failsafe.last_heartbeat, 1))  # fmt: skip
+        log.info(
+            "grid link resumed: healthy when the agent stopped, no fail-safe",
+            heartbeat_age_s=round(now - failsafe.last_heartbeat, 1),
+        )
     if safe_start is not None:
         level = fs_rules.level_kw if fs_rules.level_kw is not None else present_kw
         level = min(level, caps.effective_kw())
@@ -95,9 +110,12 @@ def restore(
         alarms.raise_alarm("safe_start", why)
         book.hold_safe_start(now, level)  # (also remembered outside the store: app.open_store)
     if ahead_s > clock.step_threshold_s:
-        alarms.raise_alarm("clock_step", f"the wall clock is {ahead_s:.0f} s behind times the last run recorded (it "
-                           "went back while the agent was down); bound dispatches stay bound, min on/off times run "
-                           "from now: check the gateway's time (NTP)")  # fmt: skip
+        alarms.raise_alarm(
+            "clock_step",
+            f"the wall clock is {ahead_s:.0f} s behind times the last run recorded (it "
+            "went back while the agent was down); bound dispatches stay bound, min on/off times run "
+            "from now: check the gateway's time (NTP)",
+        )
     return failsafe
 
 
@@ -125,7 +143,7 @@ class TimeKeeper:
                     f"the wall clock stepped {offset:+.0f} s from the agent's time; timers and dispatch windows keep "
                     f"the agent's time, which follows the wall at most {self.clock.max_slew * 100:.2g} % (a restart "
                     "adopts the wall clock and moves them onto it): check the gateway's time (NTP)",
-                )  # fmt: skip
+                )
         elif self.step_s is not None:  # (the alarm restore raises for a clock behind the store stays)
             self.step_s = None
             self._save_timeline(offset)
@@ -134,8 +152,9 @@ class TimeKeeper:
 
     def _save_timeline(self, wall_offset_s: float) -> None:
         """Record how far the wall is from this run's time: the next run reads this run's times with it."""
-        self.persist.call("set_state", timeline.TIMELINE_STATE_KEY, timeline.timeline_doc(wall_offset_s),
-                          self.clock.time())  # fmt: skip
+        self.persist.call(
+            "set_state", timeline.TIMELINE_STATE_KEY, timeline.timeline_doc(wall_offset_s), self.clock.time()
+        )
 
     def save_link(self, f: fs.FailsafeState | None, now: float) -> None:
         """Record the grid link for the next run (failsafe.resume), in wall time, when what it shows changed: once
@@ -144,6 +163,7 @@ class TimeKeeper:
         if f is None or shown == self._link_saved:
             return
         self._link_saved = shown
-        link = fs.saved_link(f, now, self.clock.wall(), clock_stepped=self.step_s is not None,
-                             boot=boot_clock(self.clock))  # fmt: skip
+        link = fs.saved_link(
+            f, now, self.clock.wall(), clock_stepped=self.step_s is not None, boot=boot_clock(self.clock)
+        )
         self.persist.call("set_state", FAILSAFE_STATE_KEY, fs.link_doc(link), now)

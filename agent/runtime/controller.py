@@ -101,28 +101,38 @@ class Controller:
         self.caps = Caps(cfg.site.cap_kw)
         self.book = DispatchBook(store=store, persist=self.persist, events=events, rules=self.rules.arbitration)
         self.commands = Commander(
-            actuator=actuator, persist=self.persist, clock=self.clock.time, stagger=self.rules.stagger,
-            confirm_after_s=cfg.control.confirm_after_s, deliver=self._inbox.deliver, batch_done=self._batch_done,
+            actuator=actuator,
+            persist=self.persist,
+            clock=self.clock.time,
+            stagger=self.rules.stagger,
+            confirm_after_s=cfg.control.confirm_after_s,
+            deliver=self._inbox.deliver,
+            batch_done=self._batch_done,
             # what miners drew until a batch goes out is what was last read
             before_send=lambda now: self.energy.hold(self.fleet.latest(), now),
-        )  # fmt: skip
+        )
         self.time_keeper = continuity.TimeKeeper(self.clock, self.persist, self.alarms)
         # the site meter (site.meter): the cap and every target apply to what it reads (agent.runtime.metering)
         self.meter = MeterControl.for_site(cfg, meter, started_at=self.clock.time())
         self.energy = EnergyMeter(
-            persist=self.persist, clock=self.clock.time, meter=self.meter, meter_cfg=cfg.site.meter,
+            persist=self.persist,
+            clock=self.clock.time,
+            meter=self.meter,
+            meter_cfg=cfg.site.meter,
             cap_kw=cfg.site.cap_kw,
             curtailment=lambda: curtailment(self.target, self.book.records),
             max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale),
-        )  # fmt: skip
+        )
         # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
-        self.frequency = FrequencyResponse.for_site(cfg, self, self.meter, clock=self.clock.time,
-                                                    wall_scale=clock.scale, prepare=actuator.prepare)  # fmt: skip
+        self.frequency = FrequencyResponse.for_site(
+            cfg, self, self.meter, clock=self.clock.time, wall_scale=clock.scale, prepare=actuator.prepare
+        )
         if self.frequency is not None:
             self.commands.on_result = self.frequency.on_result
         # cooling that follows circuits' miners (site.circuits[].cooling): a wake waits for it (agent.runtime.facility)
-        self.facility = FacilityControl.from_config(cfg, self.rules.tree, self.clock,
-                                                    raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop)
+        self.facility = FacilityControl.from_config(
+            cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
+        )
         self.publisher = readout.StatusPublisher(self, notifier)
         self.metrics = metrics
 
@@ -176,15 +186,30 @@ class Controller:
         """Load state from the store (after the first sweep, before the first tick)."""
         present_kw = self.fleet.latest().power_w / 1000.0
         self.failsafe = continuity.restore(
-            store=self.store, persist=self.persist, clock=self.clock, caps=self.caps, book=self.book,
-            commands=self.commands, alarms=self.alarms, fs_rules=self.rules.failsafe, present_kw=present_kw,
-            pin_energy=self.energy.pin_closed, safe_start=safe_start, frequency=self.frequency,
-        )  # fmt: skip
+            store=self.store,
+            persist=self.persist,
+            clock=self.clock,
+            caps=self.caps,
+            book=self.book,
+            commands=self.commands,
+            alarms=self.alarms,
+            fs_rules=self.rules.failsafe,
+            present_kw=present_kw,
+            pin_energy=self.energy.pin_closed,
+            safe_start=safe_start,
+            frequency=self.frequency,
+        )
         self.level.level_kw = min(present_kw, self.caps.effective_kw())
         self.level.bias_kw, self.settled_at = 0.0, None
-        log.info("state restored", dispatches=len(self.book.open_records()), controls=len(self.memory),
-                 grid_cap_kw=self.caps.grid_kw, operator_cap_kw=self.caps.operator_kw,
-                 failsafe=self.failsafe.active, present_kw=round(present_kw, 2))  # fmt: skip
+        log.info(
+            "state restored",
+            dispatches=len(self.book.open_records()),
+            controls=len(self.memory),
+            grid_cap_kw=self.caps.grid_kw,
+            operator_cap_kw=self.caps.operator_kw,
+            failsafe=self.failsafe.active,
+            present_kw=round(present_kw, 2),
+        )
 
     # ============================================================================================= inbox
     async def submit(self, command: Command, timeout_s: float = 30.0) -> Reply:
@@ -300,9 +325,19 @@ class Controller:
         metered = None if self.meter is None else self.meter.observe_alarmed(present_kw, now, self.alarms)
         if self.frequency is not None:  # the pre-armed shed list, current for a stage that trips before next tick
             self.frequency.arm(views, self.in_flight, None if metered is None else metered.metered_kw, now)
-        step = self.level.step(target, self._arb_inputs, views, present_kw=present_kw, now=now, dt=dt,
-                               measured_fresh=measured_fresh, may_correct=self._plan_settled(snap.ts),
-                               meter=self.meter, metered=metered, sleep_w=self.rules.planner.sleep_w)  # fmt: skip
+        step = self.level.step(
+            target,
+            self._arb_inputs,
+            views,
+            present_kw=present_kw,
+            now=now,
+            dt=dt,
+            measured_fresh=measured_fresh,
+            may_correct=self._plan_settled(snap.ts),
+            meter=self.meter,
+            metered=metered,
+            sleep_w=self.rules.planner.sleep_w,
+        )
         commands, stagger = self.commands, self.rules.stagger
         commands.wake_times = prune_wake_times(commands.wake_times, now, stagger)
         # the meter stale, or an under-frequency event holding (a grid in trouble gets no load back before the
@@ -319,15 +354,29 @@ class Controller:
         budget = 0 if settling or meter_stale else wake_budget(commands.wake_times, now, stagger)
         planner = plan_sleep_only if step.fast or settling else plan
         t_plan = time.perf_counter()
-        new_plan = planner(step.plan_kw, views, self.rules.tree, self.rules.planner, now, wake_budget=budget,
-                           ramp_allowance_kw=step.allowance_kw)  # fmt: skip
+        new_plan = planner(
+            step.plan_kw,
+            views,
+            self.rules.tree,
+            self.rules.planner,
+            now,
+            wake_budget=budget,
+            ramp_allowance_kw=step.allowance_kw,
+        )
         plan_ms = (time.perf_counter() - t_plan) * 1000
-        self.level.ramp_credit_kw = spend_ramp_credit(step.allowance_kw,
-                                                      new_plan.worst_case_kw - new_plan.ramp_from_kw)  # fmt: skip
+        self.level.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, new_plan.worst_case_kw - new_plan.ramp_from_kw)
         self.plan, self.level.fast_done = new_plan, step.fast
         self.alarms.from_plan(new_plan)
-        out = commands.hand_off(new_plan, views, by_ip, fast=step.fast, meter_stale=meter_stale, now=now,
-                                use_power_limits=self.cfg.control.use_power_limits, cooling=self.facility)  # fmt: skip
+        out = commands.hand_off(
+            new_plan,
+            views,
+            by_ip,
+            fast=step.fast,
+            meter_stale=meter_stale,
+            now=now,
+            use_power_limits=self.cfg.control.use_power_limits,
+            cooling=self.facility,
+        )
         if step.allowance_kw is not None and out.unsent_raises_kw:
             # raises too small to send took ramp credit for a rise the site does not make: given back, or the credit
             # never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good under a
@@ -354,13 +403,24 @@ class Controller:
         self.publisher.publish(snap, now, self.observation)
         self.publisher.notify(self.tick_n, self.target, snap)
         log.info(
-            "tick", n=self.tick_n, target_kw=round(target.kw, 2), reason=target.reason,
-            level_kw=round(step.plan_kw, 2), cap_kw=round(target.cap_kw, 2), power_kw=round(present_kw, 2),
-            worst_case_kw=round(new_plan.worst_case_kw, 2), method=new_plan.method, planned=len(new_plan.actions),
+            "tick",
+            n=self.tick_n,
+            target_kw=round(target.kw, 2),
+            reason=target.reason,
+            level_kw=round(step.plan_kw, 2),
+            cap_kw=round(target.cap_kw, 2),
+            power_kw=round(present_kw, 2),
+            worst_case_kw=round(new_plan.worst_case_kw, 2),
+            method=new_plan.method,
+            planned=len(new_plan.actions),
             site_kw=None if metered is None else round(metered.site_kw, 2),
-            sent=len(changes), in_flight=len(self.in_flight), unreachable=snap.unreachable,
-            failsafe=target.failsafe, plan_ms=round(plan_ms, 1), dur_ms=round(self.tick_ms, 1),
-        )  # fmt: skip
+            sent=len(changes),
+            in_flight=len(self.in_flight),
+            unreachable=snap.unreachable,
+            failsafe=target.failsafe,
+            plan_ms=round(plan_ms, 1),
+            dur_ms=round(self.tick_ms, 1),
+        )
 
     def _arbitrate(self, now: float) -> Target:
         assert self.failsafe is not None
@@ -376,17 +436,27 @@ class Controller:
             self.events.emit(kind, **data)
             log.warning(kind, **data) if self.failsafe.active else log.info(kind, **data)
         self._arb_inputs = ArbitrationInputs(
-            licensed_cap_kw=self.caps.licensed_kw, grid_cap_kw=self.caps.grid_kw,
-            operator_cap_kw=self.caps.operator_kw, dispatches=self.book.for_arbitration(),
-            schedule=self.rules.schedule, failsafe_kw=fs.limit_kw(self.failsafe), rules=self.rules.arbitration,
+            licensed_cap_kw=self.caps.licensed_kw,
+            grid_cap_kw=self.caps.grid_kw,
+            operator_cap_kw=self.caps.operator_kw,
+            dispatches=self.book.for_arbitration(),
+            schedule=self.rules.schedule,
+            failsafe_kw=fs.limit_kw(self.failsafe),
+            rules=self.rules.arbitration,
             frequency_kw=None if self.frequency is None else self.frequency.held_kw,
-        )  # fmt: skip
+        )
         target = arbitrate(self._arb_inputs, now)
         old = self.target
         if old is None or abs(old.kw - target.kw) > 1e-6 or old.reason != target.reason or old.cap_kw != target.cap_kw:
-            data = {"kw": round(target.kw, 3), "reason": target.reason, "source": target.source.value,
-                    "cap_kw": target.cap_kw, "failsafe": target.failsafe, "detail": target.detail,
-                    "from_kw": None if old is None else round(old.kw, 3)}  # fmt: skip
+            data = {
+                "kw": round(target.kw, 3),
+                "reason": target.reason,
+                "source": target.source.value,
+                "cap_kw": target.cap_kw,
+                "failsafe": target.failsafe,
+                "detail": target.detail,
+                "from_kw": None if old is None else round(old.kw, 3),
+            }
             self.persist.audit(AuditKind.TARGET_CHANGE, data, now)
             self.events.emit("target_changed", **data)
             log.info("target changed", **data)
@@ -420,8 +490,14 @@ class Controller:
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
         """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
         commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
-        shed = Plan(actions={c.ip: SleepAction() for c in changes}, worst_case_kw=level_kw, expected_kw=level_kw,
-                    expected_ths=0.0, target_kw=level_kw, method="frequency")  # fmt: skip
+        shed = Plan(
+            actions={c.ip: SleepAction() for c in changes},
+            worst_case_kw=level_kw,
+            expected_kw=level_kw,
+            expected_ths=0.0,
+            target_kw=level_kw,
+            method="frequency",
+        )
         self.commands.launch(changes, shed, True, now)
 
     def frequency_audit(self, data: dict[str, Any], now: float) -> None:

@@ -27,8 +27,14 @@ from hashflex.contract.status import DispatchDoc
 log = get_logger("controller")
 
 SAFE_START_ID = "safe-start"  # the override a safe start holds until an operator resumes
-_COMPLIANCE_FIELDS = ("level_kw", "received_at", "commands_sent_at", "target_met_at", "time_to_target_s",
-                      "max_overshoot_kw")  # fmt: skip
+_COMPLIANCE_FIELDS = (
+    "level_kw",
+    "received_at",
+    "commands_sent_at",
+    "target_met_at",
+    "time_to_target_s",
+    "max_overshoot_kw",
+)
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -64,9 +70,10 @@ class DispatchBook:
     def binding(self, now: float) -> list[DispatchRecord]:
         windows = event_windows([r.dispatch for r in self.records.values()], self.rules)
         return [
-            r for r in self.records.values()
+            r
+            for r in self.records.values()
             if r.open and r.dispatch.id in windows and windows[r.dispatch.id].binds_at(now)
-        ]  # fmt: skip
+        ]
 
     def docs(self, include_closed: bool) -> list[DispatchDoc]:
         if not include_closed:
@@ -120,8 +127,12 @@ class DispatchBook:
         if status == "cancelled":
             rec.dispatch = ended_copy(rec.dispatch, now)  # arbitration still sees it for holds and debounce
         rec.status, rec.closed_at, rec.close_reason = status, now, reason
-        data: dict[str, Any] = {"id": rec.dispatch.id, "source": rec.dispatch.source.value, "status": status,
-                                "reason": reason}
+        data: dict[str, Any] = {
+            "id": rec.dispatch.id,
+            "source": rec.dispatch.source.value,
+            "status": status,
+            "reason": reason,
+        }
         data.update({k: v for k, v in rec.doc().items() if k in _COMPLIANCE_FIELDS})
 
         dispatch, progress, record = rec.dispatch, rec.progress(), dict(data)
@@ -184,8 +195,13 @@ class DispatchBook:
                     rec.target_met_at = snap_ts
                     self.persist.call("update_dispatch", d.id, target_met_at=snap_ts)
                     secs = snap_ts - rec.received_at
-                    self.events.emit("target_reached", id=d.id, level_kw=round(level, 3),
-                                     power_kw=round(site_kw, 3), after_s=round(secs, 3))  # fmt: skip
+                    self.events.emit(
+                        "target_reached",
+                        id=d.id,
+                        level_kw=round(level, 3),
+                        power_kw=round(site_kw, 3),
+                        after_s=round(secs, 3),
+                    )
                     if self.metrics is not None:
                         self.metrics.observe_time_to_target(secs)
                 continue

@@ -96,9 +96,12 @@ class EnergyMeter:
     def _add(self, snap: FleetSnapshot, ts: float) -> None:
         curtailed, baseline_w = self.curtailment()
         sample = SiteSample(
-            ts=ts, measured_w=snap.power_w_measured, estimated_w=snap.power_w_estimated,
-            curtailed=curtailed, baseline_w=baseline_w,
-        )  # fmt: skip
+            ts=ts,
+            measured_w=snap.power_w_measured,
+            estimated_w=snap.power_w_estimated,
+            curtailed=curtailed,
+            baseline_w=baseline_w,
+        )
         miners = {ip: (ms.power_w, ms.measured) for ip, ms in snap.miners.items()}
         closed = self.integrator.add(sample, miners)
         metered = self._meter()
@@ -134,8 +137,11 @@ class EnergyMeter:
             metered.add_minutes(closed)
             closed = metered.flush()
             if metered.dropped_kwh or metered.overcount_kwh:
-                log.info("meter energy not booked", dropped_kwh=round(metered.dropped_kwh, 6),
-                         overcount_kwh=round(metered.overcount_kwh, 6))  # fmt: skip
+                log.info(
+                    "meter energy not booked",
+                    dropped_kwh=round(metered.dropped_kwh, 6),
+                    overcount_kwh=round(metered.overcount_kwh, 6),
+                )
         self._record(closed, pin=False)
 
     def pin_closed(self, upto: float) -> None:

@@ -16,10 +16,23 @@ log = get_logger("events")
 
 EVENT_TYPES = frozenset(
     {
-        "received", "accepted", "rejected", "commands_sent", "target_reached", "expired", "cancelled", "failed",
-        "failsafe_entered", "failsafe_exited", "cap_changed", "alarm", "agent_start", "agent_stop", "target_changed",
+        "received",
+        "accepted",
+        "rejected",
+        "commands_sent",
+        "target_reached",
+        "expired",
+        "cancelled",
+        "failed",
+        "failsafe_entered",
+        "failsafe_exited",
+        "cap_changed",
+        "alarm",
+        "agent_start",
+        "agent_stop",
+        "target_changed",
     }
-)  # fmt: skip
+)
 
 Subscriber = Callable[[dict[str, Any]], None]
 

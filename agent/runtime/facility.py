@@ -67,18 +67,31 @@ def modbus_device(cfg: CoolingConfig) -> CoolingPort:
     """The Modbus adapter, imported only when a circuit has cooling (it brings pymodbus)."""
     from hashflex.drivers.facility_modbus import FacilityDevice, FacilityDeviceConfig  # noqa: PLC0415
 
-    return FacilityDevice(FacilityDeviceConfig(
-        kind=cfg.kind, host=cfg.host, port=cfg.port, unit=cfg.unit, setpoint_register=cfg.setpoint_register,
-        full_scale=cfg.full_scale, speed_register=cfg.speed_register, power_register=cfg.power_register,
-        timeout_s=cfg.timeout_s,
-    ))  # fmt: skip
+    return FacilityDevice(
+        FacilityDeviceConfig(
+            kind=cfg.kind,
+            host=cfg.host,
+            port=cfg.port,
+            unit=cfg.unit,
+            setpoint_register=cfg.setpoint_register,
+            full_scale=cfg.full_scale,
+            speed_register=cfg.speed_register,
+            power_register=cfg.power_register,
+            timeout_s=cfg.timeout_s,
+        )
+    )
 
 
 def rule_of(circuit: str, cfg: CoolingConfig) -> core.CoolingRule:
     return core.CoolingRule(
-        circuit=circuit, kind=cfg.kind, min_pct=cfg.minimum_pct, idle_pct=cfg.idle_pct, curve=cfg.curve_shares(),
-        down_after_s=cfg.down_after_s, up_lead_s=cfg.up_lead_s,
-    )  # fmt: skip
+        circuit=circuit,
+        kind=cfg.kind,
+        min_pct=cfg.minimum_pct,
+        idle_pct=cfg.idle_pct,
+        curve=cfg.curve_shares(),
+        down_after_s=cfg.down_after_s,
+        up_lead_s=cfg.up_lead_s,
+    )
 
 
 @dataclass
@@ -126,9 +139,15 @@ class FacilityControl:
 
     @classmethod
     def from_config(
-        cls, cfg: AgentConfig, tree: CircuitTree, clock: Clock, *, raise_alarm: Callable[[str, str], None],
-        clear_alarm: Callable[[str], Any], device: Callable[[CoolingConfig], CoolingPort] = modbus_device,
-    ) -> FacilityControl | None:  # fmt: skip
+        cls,
+        cfg: AgentConfig,
+        tree: CircuitTree,
+        clock: Clock,
+        *,
+        raise_alarm: Callable[[str, str], None],
+        clear_alarm: Callable[[str], Any],
+        device: Callable[[CoolingConfig], CoolingPort] = modbus_device,
+    ) -> FacilityControl | None:
         loads = [(c.id, c.cooling, device(c.cooling)) for c in cfg.site.circuits if c.cooling is not None]
         if not loads:
             return None
@@ -208,8 +227,9 @@ class FacilityControl:
             ld.state = core.acknowledged(ld.rule, ld.state, pct, now)
         ld.verified_at = now
         ld.history = [*ld.history[-49:], (now, pct)]
-        log.info("cooling set", circuit=ld.circuit, device=ld.device.name, pct=pct, on=ld.miners.on,
-                 total=ld.miners.total)  # fmt: skip
+        log.info(
+            "cooling set", circuit=ld.circuit, device=ld.device.name, pct=pct, on=ld.miners.on, total=ld.miners.total
+        )
         self._ok(ld, f"set {pct:g} %")
 
     async def _verify(self, ld: _Load) -> None:
@@ -255,16 +275,25 @@ class FacilityControl:
         out = []
         for ld in self.loads:
             s = ld.state
-            out.append({
-                "circuit": ld.circuit, "kind": ld.rule.kind, "device": ld.device.name,
-                "setpoint_pct": None if s is None else s.setpoint_pct,
-                "acknowledged_pct": None if s is None else s.acked_pct,
-                "stepping_down_since": None if s is None else s.below_since,
-                "miners_on": ld.miners.on, "miners": ld.miners.total, "wakes_held": ld.held,
-                "error": ld.error,
-                "wakes": "blocked: device not answering" if ld.error else "held: cooling coming up" if ld.held
-                else "allowed",
-            })  # fmt: skip
+            out.append(
+                {
+                    "circuit": ld.circuit,
+                    "kind": ld.rule.kind,
+                    "device": ld.device.name,
+                    "setpoint_pct": None if s is None else s.setpoint_pct,
+                    "acknowledged_pct": None if s is None else s.acked_pct,
+                    "stepping_down_since": None if s is None else s.below_since,
+                    "miners_on": ld.miners.on,
+                    "miners": ld.miners.total,
+                    "wakes_held": ld.held,
+                    "error": ld.error,
+                    "wakes": "blocked: device not answering"
+                    if ld.error
+                    else "held: cooling coming up"
+                    if ld.held
+                    else "allowed",
+                }
+            )
         return out
 
     async def close(self) -> None:

@@ -65,8 +65,17 @@ IdentifiedHook = Callable[[list[Identity]], None]
 class _Miner:
     """Mutable per-miner state, owned by the fleet."""
 
-    __slots__ = ("failures", "handle", "identity", "last_error", "last_power_w", "ok_at", "polled", "reachable",
-                 "reading")  # fmt: skip
+    __slots__ = (
+        "failures",
+        "handle",
+        "identity",
+        "last_error",
+        "last_power_w",
+        "ok_at",
+        "polled",
+        "reachable",
+        "reading",
+    )
 
     def __init__(self, handle: MinerHandle) -> None:
         self.handle = handle

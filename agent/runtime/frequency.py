@@ -109,23 +109,34 @@ class FrequencyHost(Protocol):
     def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
     def frequency_brace(self, on: bool) -> None:
         """A stage's ride-through began (True: hold sweeps between polls) or ended without a trip (False)."""
+
     def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
     def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
         """Keep `doc` as the event that holds (STATE_KEY), or none (None), with `audits` (frequency records) in
         the same transaction: one commit (one fsync) where a trip has three things to write."""
+
     def trigger(self) -> None: ...
 
 
-def rules_from_config(cfg: FrequencyResponseConfig, *, wall_scale: float = 1.0, meter_poll_s: float = 1.0) -> (
-    FrequencyRules
-):  # fmt: skip
+def rules_from_config(
+    cfg: FrequencyResponseConfig, *, wall_scale: float = 1.0, meter_poll_s: float = 1.0
+) -> FrequencyRules:
     """The core's rules; `wall_scale`: site seconds per wall second (a simulation run), for the gap allowance."""
     poll = cfg.poll_s if cfg.poll_s is not None else meter_poll_s
-    stages = tuple(Stage(s.below_hz, s.for_s, shed_pct=s.shed_pct, shed_kw=s.shed_kw,
-                         restore_above_hz=s.restore_above_hz, restore_after_s=s.restore_after_s)
-                   for s in cfg.stages)  # fmt: skip
-    return FrequencyRules(stages, cfg.restore_above_hz, cfg.restore_after_s,
-                          max_gap_s=max(MIN_GAP_WALL_S, GAP_POLLS * poll) * wall_scale)  # fmt: skip
+    stages = tuple(
+        Stage(
+            s.below_hz,
+            s.for_s,
+            shed_pct=s.shed_pct,
+            shed_kw=s.shed_kw,
+            restore_above_hz=s.restore_above_hz,
+            restore_after_s=s.restore_after_s,
+        )
+        for s in cfg.stages
+    )
+    return FrequencyRules(
+        stages, cfg.restore_above_hz, cfg.restore_after_s, max_gap_s=max(MIN_GAP_WALL_S, GAP_POLLS * poll) * wall_scale
+    )
 
 
 @dataclass(slots=True)
@@ -164,15 +175,28 @@ def _shifted(value: float | None, shift_s: float) -> float | None:
 class FrequencyResponse:
     @classmethod
     def for_site(
-        cls, cfg: AgentConfig, host: FrequencyHost, meter: MeterControl | None, *, clock: Callable[[], float],
-        wall_scale: float, prepare: Callable[[list[str]], Awaitable[set[str]]] | None,
-    ) -> FrequencyResponse | None:  # fmt: skip
+        cls,
+        cfg: AgentConfig,
+        host: FrequencyHost,
+        meter: MeterControl | None,
+        *,
+        clock: Callable[[], float],
+        wall_scale: float,
+        prepare: Callable[[list[str]], Awaitable[set[str]]] | None,
+    ) -> FrequencyResponse | None:
         """The site's response (None without frequency_response or a site meter), wired to the meter's section."""
         if cfg.frequency_response is None or meter is None:
             return None
         port = meter.meter
-        response = cls(cfg.frequency_response, host, clock=clock, meter_fresh=lambda: port.status().fresh,
-                       wall_scale=wall_scale, meter_poll_s=meter.cfg.poll_s, prepare=prepare)  # fmt: skip
+        response = cls(
+            cfg.frequency_response,
+            host,
+            clock=clock,
+            meter_fresh=lambda: port.status().fresh,
+            wall_scale=wall_scale,
+            meter_poll_s=meter.cfg.poll_s,
+            prepare=prepare,
+        )
         meter.frequency = response
         return response
 
@@ -279,8 +303,12 @@ class FrequencyResponse:
             log.warning("preparing the armed shed list failed", error=repr(exc))
             return
         self._prepared |= ready
-        log.info("armed shed list prepared", miners=len(ips), ready=len(ready),
-                 dur_ms=round((time.monotonic() - started) * 1000))  # fmt: skip
+        log.info(
+            "armed shed list prepared",
+            miners=len(ips),
+            ready=len(ready),
+            dur_ms=round((time.monotonic() - started) * 1000),
+        )
 
     def defer_tick(self) -> bool:
         """True while a tripped stage's sleeps are on the wire (not all answered), for at most DEFER_TICK_MAX_S,
@@ -307,9 +335,14 @@ class FrequencyResponse:
         ev = self.event
         if ev is not None and ev.depth and ev.reached_at is None and reading.watts / 1000.0 <= ev.level_kw:
             ev.reached_at = reading.read_at
-            self._audit("shed_reached", reading.read_at, metered_kw=round(reading.watts / 1000.0, 3),
-                        level_kw=round(ev.level_kw, 3), after_crossing_s=self._since(ev.first_below_at,
-                        reading.read_at), after_fired_s=self._since(ev.fired_at, reading.read_at))  # fmt: skip
+            self._audit(
+                "shed_reached",
+                reading.read_at,
+                metered_kw=round(reading.watts / 1000.0, 3),
+                level_kw=round(ev.level_kw, 3),
+                after_crossing_s=self._since(ev.first_below_at, reading.read_at),
+                after_fired_s=self._since(ev.fired_at, reading.read_at),
+            )
 
     def _observe(self, hz: float, at: float) -> None:
         """Step the detector (any thread); act on its decision on the loop."""
@@ -338,8 +371,11 @@ class FrequencyResponse:
         """Under the lock, after a step: the for_s of the stage whose ride-through just began (brace), False when
         none runs any more (a dip ridden through, a stale meter: unbrace), None when nothing changed."""
         st = self.state
-        running = [stage.for_s for stage, since in zip(self.rules.stages[st.depth :], st.below_since[st.depth :],
-                                                       strict=True) if since is not None]  # fmt: skip
+        running = [
+            stage.for_s
+            for stage, since in zip(self.rules.stages[st.depth :], st.below_since[st.depth :], strict=True)
+            if since is not None
+        ]
         if bool(running) == self._brace_wanted:
             return None
         self._brace_wanted = bool(running)
@@ -442,15 +478,37 @@ class FrequencyResponse:
         now = self.clock()
         # the event, its trip and its commands in one commit, before the sleeps go out (they start once this
         # returns to the loop): a restart after it resumes the event; three commits were 20-40 ms of fsync here
-        tripped = self._record("tripped", at, stage=depth - 1, below_hz=stage.below_hz, for_s=stage.for_s,
-                               hz=round(hz, 4), first_below_at=iso(ev.first_below_at), shed_kw=round(ev.shed_kw, 3),
-                               level_kw=round(ev.level_kw, 3), site_kw=round(ev.site_kw, 3))  # fmt: skip
-        out = self._record("commands_out", now, stage=depth - 1, sent=len(changes),
-                           planned_kw=round(sum(c.kw for c in chosen), 3),
-                           armed=len(self.armed.ranked), armed_kw=round(self.armed.total_kw, 3))  # fmt: skip
+        tripped = self._record(
+            "tripped",
+            at,
+            stage=depth - 1,
+            below_hz=stage.below_hz,
+            for_s=stage.for_s,
+            hz=round(hz, 4),
+            first_below_at=iso(ev.first_below_at),
+            shed_kw=round(ev.shed_kw, 3),
+            level_kw=round(ev.level_kw, 3),
+            site_kw=round(ev.site_kw, 3),
+        )
+        out = self._record(
+            "commands_out",
+            now,
+            stage=depth - 1,
+            sent=len(changes),
+            planned_kw=round(sum(c.kw for c in chosen), 3),
+            armed=len(self.armed.ranked),
+            armed_kw=round(self.armed.total_kw, 3),
+        )
         self._save(now, audits=(tripped, out))
-        log.warning("under-frequency stage tripped", stage=depth - 1, hz=round(hz, 4), below_hz=stage.below_hz,
-                    shed_kw=round(ev.shed_kw, 2), level_kw=round(ev.level_kw, 2), commands=len(changes))  # fmt: skip
+        log.warning(
+            "under-frequency stage tripped",
+            stage=depth - 1,
+            hz=round(hz, 4),
+            below_hz=stage.below_hz,
+            shed_kw=round(ev.shed_kw, 2),
+            level_kw=round(ev.level_kw, 2),
+            commands=len(changes),
+        )
         if changes:
             if self._preparing is not None and not self._preparing.done():
                 self._preparing.cancel()  # the batch goes first; what is left is prepared at a later arm
@@ -481,18 +539,28 @@ class FrequencyResponse:
             self._hold_gc(False)
             now = self.clock()
             ev.acked_at = now
-            self._audit("commands_acked", now, ok=ev.ok, failed=ev.failed,
-                        after_fired_s=self._since(ev.fired_at, now),
-                        after_crossing_s=self._since(ev.first_below_at, now))  # fmt: skip
+            self._audit(
+                "commands_acked",
+                now,
+                ok=ev.ok,
+                failed=ev.failed,
+                after_fired_s=self._since(ev.fired_at, now),
+                after_crossing_s=self._since(ev.first_below_at, now),
+            )
 
     def _restore(self, ended: FrequencyState | None, hz: float, at: float) -> None:
         ev, self.event = self.event, None
         min_hz = None if ended is None or ended.min_hz is None else round(ended.min_hz, 4)
-        self._audit("restored", at, hz=round(hz, 4), min_hz=min_hz,
-                    min_hz_at=None if ended is None else iso(ended.min_hz_at),
-                    above_since=None if ended is None else iso(ended.restore_since),
-                    duration_s=None if ev is None else self._since(ev.first_below_at, at),
-                    slept=0 if ev is None else len(ev.fired))  # fmt: skip
+        self._audit(
+            "restored",
+            at,
+            hz=round(hz, 4),
+            min_hz=min_hz,
+            min_hz_at=None if ended is None else iso(ended.min_hz_at),
+            above_since=None if ended is None else iso(ended.restore_since),
+            duration_s=None if ev is None else self._since(ev.first_below_at, at),
+            slept=0 if ev is None else len(ev.fired),
+        )
         log.info("under-frequency event restored", hz=round(hz, 4), min_hz=min_hz)
         self._save(self.clock())
         self.host.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
@@ -504,17 +572,27 @@ class FrequencyResponse:
         if ev is None or ev.depth == 0:
             return None
         return {
-            "v": STATE_VERSION, "depth": ev.depth, "base_kw": ev.base_kw, "site_kw": ev.site_kw,
-            "shed_kw": ev.shed_kw, "level_kw": ev.level_kw, "fired": dict(ev.fired),
-            "first_below_at": ev.first_below_at, "tripped_at": ev.tripped_at, "reached_at": ev.reached_at,
-            "min_hz": st.min_hz, "min_hz_at": st.min_hz_at, "restore_since": st.restore_since,
-        }  # fmt: skip
+            "v": STATE_VERSION,
+            "depth": ev.depth,
+            "base_kw": ev.base_kw,
+            "site_kw": ev.site_kw,
+            "shed_kw": ev.shed_kw,
+            "level_kw": ev.level_kw,
+            "fired": dict(ev.fired),
+            "first_below_at": ev.first_below_at,
+            "tripped_at": ev.tripped_at,
+            "reached_at": ev.reached_at,
+            "min_hz": st.min_hz,
+            "min_hz_at": st.min_hz_at,
+            "restore_since": st.restore_since,
+        }
 
     def _save(self, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
         """Write the event that holds (or that none does) when what the store has differs, or with `audits`."""
         ev, st = self.event, self.state
-        shown = None if ev is None else (ev.depth, ev.level_kw, len(ev.fired), ev.reached_at, st.min_hz,
-                                         st.restore_since)  # fmt: skip
+        shown = (
+            None if ev is None else (ev.depth, ev.level_kw, len(ev.fired), ev.reached_at, st.min_hz, st.restore_since)
+        )
         if shown == self._saved and not audits:
             return
         self._saved = shown
@@ -536,11 +614,19 @@ class FrequencyResponse:
                 raise ValueError("fired: not a map of miners to kW")
             base_kw, site_kw = _number(doc, "base_kw") or 0.0, _number(doc, "site_kw") or 0.0
             slept = {ip: _number(fired, ip) or 0.0 for ip in fired}
-            times = {k: _shifted(_number(doc, k, optional=True), shift_s)
-                     for k in ("first_below_at", "tripped_at", "reached_at", "min_hz_at", "restore_since")}  # fmt: skip
+            times = {
+                k: _shifted(_number(doc, k, optional=True), shift_s)
+                for k in ("first_below_at", "tripped_at", "reached_at", "min_hz_at", "restore_since")
+            }
             min_hz = _number(doc, "min_hz", optional=True)
-            state = resumed(self.rules, depth, first_below_at=times["first_below_at"],
-                            tripped_at=times["tripped_at"], min_hz=min_hz, min_hz_at=times["min_hz_at"])  # fmt: skip
+            state = resumed(
+                self.rules,
+                depth,
+                first_below_at=times["first_below_at"],
+                tripped_at=times["tripped_at"],
+                min_hz=min_hz,
+                min_hz_at=times["min_hz_at"],
+            )
         except (TypeError, ValueError) as exc:
             # the shed it held is not known: the site comes back under the ordinary plan, and the stage trips
             # again if the frequency is still below it
@@ -550,9 +636,17 @@ class FrequencyResponse:
         # the stage's kW and the level as this run's rules have them (a restart may come with a changed file)
         stage = self.rules.stages[state.depth - 1]
         shed_kw = stage.kw(base_kw)
-        ev = Event(base_kw, site_kw, depth=state.depth, shed_kw=shed_kw, level_kw=max(0.0, site_kw - shed_kw),
-                   fired=slept, reached_at=times["reached_at"], first_below_at=times["first_below_at"],
-                   tripped_at=times["tripped_at"])  # fmt: skip
+        ev = Event(
+            base_kw,
+            site_kw,
+            depth=state.depth,
+            shed_kw=shed_kw,
+            level_kw=max(0.0, site_kw - shed_kw),
+            fired=slept,
+            reached_at=times["reached_at"],
+            first_below_at=times["first_below_at"],
+            tripped_at=times["tripped_at"],
+        )
         with self._lock:
             self.state = state
         self.event = ev
@@ -560,15 +654,31 @@ class FrequencyResponse:
         self._saved = None
         self._save(now)  # what this run holds (the level, the stage, if the rules changed)
         above_hz, after_s = self.rules.restore_rule(state.depth)
-        self._audit("resumed", now, stage=state.depth - 1, level_kw=round(ev.level_kw, 3),
-                    shed_kw=round(shed_kw, 3), site_kw=round(site_kw, 3), slept=len(slept),
-                    first_below_at=iso(ev.first_below_at), tripped_at=iso(ev.tripped_at),
-                    min_hz=None if min_hz is None else round(min_hz, 4), min_hz_at=iso(times["min_hz_at"]),
-                    restoring_since_before=iso(times["restore_since"]), restore_above_hz=above_hz,
-                    restore_after_s=after_s, shift_s=round(shift_s, 3))  # fmt: skip
-        log.warning("under-frequency event resumed: the shed holds until the restore rule is met",
-                    stage=state.depth - 1, level_kw=round(ev.level_kw, 2), slept=len(slept),
-                    restore_above_hz=above_hz, restore_after_s=after_s)  # fmt: skip
+        self._audit(
+            "resumed",
+            now,
+            stage=state.depth - 1,
+            level_kw=round(ev.level_kw, 3),
+            shed_kw=round(shed_kw, 3),
+            site_kw=round(site_kw, 3),
+            slept=len(slept),
+            first_below_at=iso(ev.first_below_at),
+            tripped_at=iso(ev.tripped_at),
+            min_hz=None if min_hz is None else round(min_hz, 4),
+            min_hz_at=iso(times["min_hz_at"]),
+            restoring_since_before=iso(times["restore_since"]),
+            restore_above_hz=above_hz,
+            restore_after_s=after_s,
+            shift_s=round(shift_s, 3),
+        )
+        log.warning(
+            "under-frequency event resumed: the shed holds until the restore rule is met",
+            stage=state.depth - 1,
+            level_kw=round(ev.level_kw, 2),
+            slept=len(slept),
+            restore_above_hz=above_hz,
+            restore_after_s=after_s,
+        )
 
     # -------------------------------------------------------------------------------------------- records
     @staticmethod
@@ -592,8 +702,15 @@ class FrequencyResponse:
             chosen = self.armed.take(kw)
             # prepared: how many of those commands are one exchange now (Actuator.prepare done for the miner)
             ready = len(chosen) if self.prepare is None else sum(1 for c in chosen if c.id in self._prepared)
-            stages.append({"below_hz": s.below_hz, "for_s": s.for_s, "shed_kw": round(kw, 3),
-                           "commands": len(chosen), "prepared": ready})  # fmt: skip
+            stages.append(
+                {
+                    "below_hz": s.below_hz,
+                    "for_s": s.for_s,
+                    "shed_kw": round(kw, 3),
+                    "commands": len(chosen),
+                    "prepared": ready,
+                }
+            )
         return {
             "active": ev is not None,
             "stage": None if ev is None else ev.depth - 1,

@@ -59,6 +59,11 @@ class Housekeeping:
                 self.last_prune = now
                 deleted = result.audit_records + result.energy_minutes + result.miner_minutes + result.dispatches
                 if deleted:
-                    log.info("old exported records pruned", cutoff=result.cutoff, audit=result.audit_records,
-                             energy_minutes=result.energy_minutes, miner_minutes=result.miner_minutes,
-                             dispatches=result.dispatches)  # fmt: skip
+                    log.info(
+                        "old exported records pruned",
+                        cutoff=result.cutoff,
+                        audit=result.audit_records,
+                        energy_minutes=result.energy_minutes,
+                        miner_minutes=result.miner_minutes,
+                        dispatches=result.dispatches,
+                    )

@@ -68,9 +68,14 @@ class PlanningLevel:
             # what the plan already counts per miner (measured above its setting) is not the site's to correct
             explained_kw = sum(excess_w(v, sleep_w) for v in views) / 1000.0
             c = self.cfg
-            self.bias_kw = corrected_bias(self.bias_kw, present_kw - explained_kw, prev_miner_level,
-                                          tolerance_kw=c.tolerance_kw, ramp_up_kw_per_min=c.ramp_up_kw_per_min,
-                                          tick_s=c.tick_s)  # fmt: skip
+            self.bias_kw = corrected_bias(
+                self.bias_kw,
+                present_kw - explained_kw,
+                prev_miner_level,
+                tolerance_kw=c.tolerance_kw,
+                ramp_up_kw_per_min=c.ramp_up_kw_per_min,
+                tick_s=c.tick_s,
+            )
         # each input ramps on its own (an input without a ramp binds at once): the level is the lowest of them
         ramped = ramped_level(inputs, now, dt, self.ramps, from_kw=prev_level)
         level, self.ramps = ramped.kw, ramped.ramps
@@ -85,9 +90,13 @@ class PlanningLevel:
         self.miner_level_kw, self.plan_kw = miner_level, plan_kw
         up = self.cfg.ramp_up_kw_per_min
         # the ramp-up allowance builds up between ticks (a rate below one miner per tick must still wake miners)
-        allowance = None if up is None else ramp_credit_kw(
-            self.ramp_credit_kw, up, dt, ramp_credit_cap_kw(up, self.cfg.tick_s, largest_full_w(views) / 1000)
-        )  # fmt: skip
+        allowance = (
+            None
+            if up is None
+            else ramp_credit_kw(
+                self.ramp_credit_kw, up, dt, ramp_credit_cap_kw(up, self.cfg.tick_s, largest_full_w(views) / 1000)
+            )
+        )
         fast = miner_level < prev_miner_level - fast_drop or (
             measured_fresh and present_kw > plan_kw + self.cfg.tolerance_kw and not self.fast_done
         )

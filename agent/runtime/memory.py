@@ -51,7 +51,9 @@ def memory_from(c: MinerControl) -> MinerMemory:
 
 
 def save_on_timeline(
-    store: ControlStore, doc: Mapping[str, float], controls: Mapping[str, MinerControl],
+    store: ControlStore,
+    doc: Mapping[str, float],
+    controls: Mapping[str, MinerControl],
     records: Iterable[DispatchRecord],
 ) -> None:
     """Store what a restart moved onto its own time (core.timeline) and the record of that time, in one transaction:

@@ -137,20 +137,33 @@ class MeterControl:
                 basis = non_miner if steady or self._counted_kw is None else self._counted_kw
             self._counted_kw = counted_base(basis, self._counted_kw, self.band_kw)
             tick = MeterTick(
-                fresh=True, starting=False, site_kw=metered_kw, metered_kw=metered_kw, non_miner_kw=non_miner,
-                base_kw=max(0.0, self._counted_kw), recent_max_kw=recent, read_at=reading.read_at,
-                stale_since=None, faults=faults,
-            )  # fmt: skip
+                fresh=True,
+                starting=False,
+                site_kw=metered_kw,
+                metered_kw=metered_kw,
+                non_miner_kw=non_miner,
+                base_kw=max(0.0, self._counted_kw),
+                recent_max_kw=recent,
+                read_at=reading.read_at,
+                stale_since=None,
+                faults=faults,
+            )
         else:
             allowance = self.cfg.non_miner_allowance_kw
             self._counted_kw = None  # back from stale: counted from the recent maximum again
             starting = last is None and now - self.started_at < self.cfg.stale_after_s
             tick = MeterTick(
-                fresh=False, starting=starting, site_kw=miners_kw + allowance, metered_kw=None, non_miner_kw=None,
-                base_kw=allowance, recent_max_kw=None, read_at=None if last is None else last.read_at,
+                fresh=False,
+                starting=starting,
+                site_kw=miners_kw + allowance,
+                metered_kw=None,
+                non_miner_kw=None,
+                base_kw=allowance,
+                recent_max_kw=None,
+                read_at=None if last is None else last.read_at,
                 stale_since=status.stale_since,
                 faults=faults,
-            )  # fmt: skip
+            )
         self.last = tick
         return tick
 
@@ -161,8 +174,13 @@ class MeterControl:
         if port is None or mcfg is None:
             return None
         # the miners' sum must hold for the meter's lag and one sweep before metered − Σ miners is a sample
-        return cls(port, mcfg, started_at=started_at, band_kw=METER_BAND_SHARE * cfg.site.cap_kw,
-                   align_s=mcfg.lag_s + cfg.polling.interval_s)  # fmt: skip
+        return cls(
+            port,
+            mcfg,
+            started_at=started_at,
+            band_kw=METER_BAND_SHARE * cfg.site.cap_kw,
+            align_s=mcfg.lag_s + cfg.polling.interval_s,
+        )
 
     def observe_alarmed(self, miners_kw: float, now: float, alarms: AlarmSink) -> MeterTick:
         """`observe`, with alarms for a stale meter and refused readings, cleared when good."""
@@ -190,9 +208,11 @@ class MeterControl:
         """The miners' level under `site_level_kw` for the last observed tick (call `observe` first)."""
         assert self.last is not None
         self.share = miner_level(
-            site_level_kw, miners_now_kw=miners_now_kw, non_miner_kw=self.last.base_kw,
+            site_level_kw,
+            miners_now_kw=miners_now_kw,
+            non_miner_kw=self.last.base_kw,
             cooling_share=self.cfg.cooling_share,
-        )  # fmt: skip
+        )
         return self.share
 
     def doc(self, now: float) -> dict[str, object]:

@@ -123,14 +123,23 @@ class StatusPublisher:
             self._watchdog_at = time.monotonic()
         if target is not None and tick_n % 6 == 1:
             n = len(snap.miners)
-            self.notifier.status(f"tick {tick_n} target {target.kw / 1000:.2f} MW cap {target.cap_kw / 1000:.2f} MW "
-                                 f"{n - snap.unreachable}/{n} reachable")  # fmt: skip
+            self.notifier.status(
+                f"tick {tick_n} target {target.kw / 1000:.2f} MW cap {target.cap_kw / 1000:.2f} MW "
+                f"{n - snap.unreachable}/{n} reachable"
+            )
 
 
 _SORT_KEYS = {
-    "ip": "ip", "model": "model", "state": "state", "power": "power_w", "limit": "limit_w",
-    "hashrate": "hashrate_ths", "efficiency": "efficiency_j_th", "temp": "temp_c", "last_seen": "age_s",
-}  # fmt: skip
+    "ip": "ip",
+    "model": "model",
+    "state": "state",
+    "power": "power_w",
+    "limit": "limit_w",
+    "hashrate": "hashrate_ths",
+    "efficiency": "efficiency_j_th",
+    "temp": "temp_c",
+    "last_seen": "age_s",
+}
 
 
 def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observation) -> StatusDoc:
@@ -170,7 +179,8 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
         "miners": counts,
         "dispatches": [r.doc() for r in ctl.book.open_records()],
         "failsafe": {
-            "active": bool(f and f.active), "since": iso(f.since) if f else None,
+            "active": bool(f and f.active),
+            "since": iso(f.since) if f else None,
             "reason": f.reason if f else None,
             "last_heartbeat": iso(f.last_heartbeat) if f and f.last_heartbeat else None,
             "applies": ctl.rules.failsafe.applies,
@@ -185,8 +195,11 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
         "gateway": ctl.gateway_health() if ctl.gateway_health else {},
         "tick": {"n": ctl.tick_n, "dur_ms": round(ctl.tick_ms, 2), "ts": iso(ctl.tick_at)},
         "sweep": {"ts": iso(snap.ts), "dur_s": round(snap.sweep_s, 3), "unreachable": snap.unreachable + unidentified},
-        "plan": None if ctl.plan is None else {
-            "method": ctl.plan.method, "expected_kw": round(ctl.plan.expected_kw, 3),
+        "plan": None
+        if ctl.plan is None
+        else {
+            "method": ctl.plan.method,
+            "expected_kw": round(ctl.plan.expected_kw, 3),
             "expected_ths": round(ctl.plan.expected_ths, 3),
             "baseline_ths": None if ctl.plan.baseline_ths is None else round(ctl.plan.baseline_ths, 3),
         },
@@ -217,35 +230,66 @@ def miner_rows(ctl: SiteState, state: str | None, sort: str, desc: bool, limit: 
         r, ident, mem = ms.reading, ms.identity, ctl.memory.get(ip)
         power = ms.power_w if st != "unreachable" else None
         ths = r.hashrate_ths if r is not None and st != "unreachable" else None
-        rows.append({
-            "ip": ip, "model": ident.model, "make": ident.make, "family": ident.family.value,
-            "firmware": ident.firmware, "state": st, "power_w": power, "measured": ms.measured,
-            "limit_w": (mem.commanded_w if mem and mem.commanded_w is not None
-                        else (r.power_limit_w if r is not None else None)),
-            "nominal_w": ident.nominal_w, "hashrate_ths": ths,
-            "efficiency_j_th": round(power / ths, 2) if power and ths else None,
-            "temp_c": max(r.temps_c) if r is not None and r.temps_c else None,
-            "last_seen": iso(snap.ts - ms.age_s) if ms.age_s is not None else None,
-            "age_s": None if ms.age_s is None else round(ms.age_s, 1),
-            "asleep_by_us": bool(mem and mem.asleep_by_us), "ignores_commands": bool(mem and mem.ignores_commands),
-            "circuit": ctl.rules.circuit_of.get(ip), "priority": ctl.rules.priority_of.get(ip, 0),
-            "error": ms.last_error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "ip": ip,
+                "model": ident.model,
+                "make": ident.make,
+                "family": ident.family.value,
+                "firmware": ident.firmware,
+                "state": st,
+                "power_w": power,
+                "measured": ms.measured,
+                "limit_w": (
+                    mem.commanded_w
+                    if mem and mem.commanded_w is not None
+                    else (r.power_limit_w if r is not None else None)
+                ),
+                "nominal_w": ident.nominal_w,
+                "hashrate_ths": ths,
+                "efficiency_j_th": round(power / ths, 2) if power and ths else None,
+                "temp_c": max(r.temps_c) if r is not None and r.temps_c else None,
+                "last_seen": iso(snap.ts - ms.age_s) if ms.age_s is not None else None,
+                "age_s": None if ms.age_s is None else round(ms.age_s, 1),
+                "asleep_by_us": bool(mem and mem.asleep_by_us),
+                "ignores_commands": bool(mem and mem.ignores_commands),
+                "circuit": ctl.rules.circuit_of.get(ip),
+                "priority": ctl.rules.priority_of.get(ip, 0),
+                "error": ms.last_error,
+            }
+        )
     if state is None or state == MinerState.UNREACHABLE.value:
         for ip, held_w in snap.unidentified.items():
-            rows.append({
-                "ip": ip, "model": None, "make": None, "family": None, "firmware": None, "state": "unreachable",
-                "power_w": None, "measured": False, "limit_w": None, "nominal_w": held_w, "hashrate_ths": None,
-                "efficiency_j_th": None, "temp_c": None, "last_seen": None, "age_s": None, "asleep_by_us": False,
-                "ignores_commands": False, "circuit": ctl.rules.circuit_of.get(ip),
-                "priority": ctl.rules.priority_of.get(ip, 0),
-                "error": f"not identified yet; counted at {held_w:.0f} W until it answers",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "ip": ip,
+                    "model": None,
+                    "make": None,
+                    "family": None,
+                    "firmware": None,
+                    "state": "unreachable",
+                    "power_w": None,
+                    "measured": False,
+                    "limit_w": None,
+                    "nominal_w": held_w,
+                    "hashrate_ths": None,
+                    "efficiency_j_th": None,
+                    "temp_c": None,
+                    "last_seen": None,
+                    "age_s": None,
+                    "asleep_by_us": False,
+                    "ignores_commands": False,
+                    "circuit": ctl.rules.circuit_of.get(ip),
+                    "priority": ctl.rules.priority_of.get(ip, 0),
+                    "error": f"not identified yet; counted at {held_w:.0f} W until it answers",
+                }
+            )
     key = _SORT_KEYS[sort]
     rows.sort(key=lambda row: (row[key] is None, row[key] if row[key] is not None else 0), reverse=desc)
     if desc:  # keep unknowns last either way
         rows.sort(key=lambda row: row[key] is None)
     return rows[:limit] if limit else rows
+
 
 def preview(ctl: SiteState, target_kw: float) -> dict[str, Any]:
     """What the planner would do for `target_kw` now, without doing it."""
@@ -256,8 +300,12 @@ def preview(ctl: SiteState, target_kw: float) -> dict[str, Any]:
     budget = wake_budget(ctl.commands.wake_times, now, ctl.rules.stagger)
     miners_kw = kw
     if ctl.meter is not None and ctl.meter.last is not None:  # at the meter: the miners get the site level's share
-        miners_kw = miner_level(kw, miners_now_kw=snap.power_w / 1000, non_miner_kw=ctl.meter.last.base_kw,
-                                cooling_share=ctl.meter.cfg.cooling_share).miner_level_kw  # fmt: skip
+        miners_kw = miner_level(
+            kw,
+            miners_now_kw=snap.power_w / 1000,
+            non_miner_kw=ctl.meter.last.base_kw,
+            cooling_share=ctl.meter.cfg.cooling_share,
+        ).miner_level_kw
     started = time.perf_counter()
     p = plan(miners_kw, views, ctl.rules.tree, ctl.rules.planner, now, wake_budget=budget, ramp_allowance_kw=None)
     by_ip = {v.id: v for v in views}
@@ -266,14 +314,20 @@ def preview(ctl: SiteState, target_kw: float) -> dict[str, Any]:
     for c in changes:
         ops[c.op.value] = ops.get(c.op.value, 0) + 1
     return {
-        "target_kw": kw, "requested_kw": target_kw, "method": p.method,
-        "worst_case_kw": round(p.worst_case_kw, 3), "expected_kw": round(p.expected_kw, 3),
+        "target_kw": kw,
+        "requested_kw": target_kw,
+        "method": p.method,
+        "worst_case_kw": round(p.worst_case_kw, 3),
+        "expected_kw": round(p.expected_kw, 3),
         "expected_ths": round(p.expected_ths, 3),
         "baseline_ths": None if p.baseline_ths is None else round(p.baseline_ths, 3),
         "present_kw": round(snap.power_w / 1000, 3),
         "running": sum(1 for a in p.actions.values() if isinstance(a, RunAction)),
         "sleeping": sum(1 for a in p.actions.values() if isinstance(a, SleepAction)),
-        "uncontrolled": len(p.uncontrolled), "changes": ops, "alarms": list(p.alarms),
+        "uncontrolled": len(p.uncontrolled),
+        "changes": ops,
+        "alarms": list(p.alarms),
         "circuits": {k: round(v, 3) for k, v in p.circuit_worst_case_kw.items()},
-        "wake_budget": budget, "plan_ms": round((time.perf_counter() - started) * 1000, 2),
-    }  # fmt: skip
+        "wake_budget": budget,
+        "plan_ms": round((time.perf_counter() - started) * 1000, 2),
+    }

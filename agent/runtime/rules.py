@@ -46,20 +46,34 @@ class ControlRules:
                 for w in cfg.schedule
             ],
             arbitration=ArbitrationRules(
-                debounce_s=cfg.dispatch.debounce_s, min_hold_s=cfg.dispatch.min_hold_s,
-                cooldown_s=cfg.dispatch.cooldown_s, max_event_s=cfg.dispatch.max_event_s,
+                debounce_s=cfg.dispatch.debounce_s,
+                min_hold_s=cfg.dispatch.min_hold_s,
+                cooldown_s=cfg.dispatch.cooldown_s,
+                max_event_s=cfg.dispatch.max_event_s,
             ),
             failsafe=fs.FailsafeRules(
-                enabled=cfg.failsafe.enabled, grid_link=grid_link, heartbeat_timeout_s=cfg.failsafe.heartbeat_timeout_s,
-                level_kw=None if level == "hold" else float(level), hold_at_start=cfg.failsafe.hold_at_start,
+                enabled=cfg.failsafe.enabled,
+                grid_link=grid_link,
+                heartbeat_timeout_s=cfg.failsafe.heartbeat_timeout_s,
+                level_kw=None if level == "hold" else float(level),
+                hold_at_start=cfg.failsafe.hold_at_start,
                 release_after_s=cfg.failsafe.release_after_s,
             ),
-            planner=PlannerRules(min_on_s=ctl.min_on_s, min_off_s=ctl.min_off_s, headroom_pct=ctl.headroom_pct,
-                                 use_power_limits=ctl.use_power_limits),
+            planner=PlannerRules(
+                min_on_s=ctl.min_on_s,
+                min_off_s=ctl.min_off_s,
+                headroom_pct=ctl.headroom_pct,
+                use_power_limits=ctl.use_power_limits,
+            ),
             stagger=WakeStaggerRule(ctl.wake.max_per_interval, ctl.wake.interval_s),
-            observe=ObserveRules(cfg.polling.stale_after_s, ctl.confirm_after_s,
-                                 min(0.9 * cfg.polling.interval_s, ctl.confirm_after_s / 2), circuit_of, priority_of),
-        )  # fmt: skip
+            observe=ObserveRules(
+                cfg.polling.stale_after_s,
+                ctl.confirm_after_s,
+                min(0.9 * cfg.polling.interval_s, ctl.confirm_after_s / 2),
+                circuit_of,
+                priority_of,
+            ),
+        )
 
 
 def _priority_map(cfg: AgentConfig) -> dict[str, int]:

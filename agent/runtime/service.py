@@ -84,8 +84,9 @@ class RefusalAudit:
     once the interval is over). A record that cannot be written keeps its counts for the next one.
     """
 
-    def __init__(self, write: Callable[[dict[str, Any]], None], clock: Clock,
-                 interval_s: float = REFUSAL_INTERVAL_S) -> None:  # fmt: skip
+    def __init__(
+        self, write: Callable[[dict[str, Any]], None], clock: Clock, interval_s: float = REFUSAL_INTERVAL_S
+    ) -> None:
         self._write = write
         self._clock = clock
         self.interval_s = interval_s
@@ -113,10 +114,16 @@ class RefusalAudit:
             first = code not in codes
             codes[code] = codes.get(code, 0) + 1
             if len(self._sample) < REFUSAL_SAMPLE:
-                self._sample.append({
-                    "verb": _printable(verb), "id": _printable(reply.id), "channel": channel.value, "code": code,
-                    "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-                })  # fmt: skip
+                self._sample.append(
+                    {
+                        "verb": _printable(verb),
+                        "id": _printable(reply.id),
+                        "channel": channel.value,
+                        "code": code,
+                        "size": len(payload),
+                        "sha256": hashlib.sha256(payload).hexdigest(),
+                    }
+                )
             return first
         except Exception:  # counting must never turn a refusal into a crash
             log.exception("could not count a refused command")
@@ -133,11 +140,14 @@ class RefusalAudit:
             now = self._clock.time()
             summary = {
                 # "verb"/"id" as in a single command's record (none here), so readers filtering by them skip it
-                "verb": None, "id": None,
-                "refusals": self.pending, "from": iso(self._since), "to": iso(now),
+                "verb": None,
+                "id": None,
+                "refusals": self.pending,
+                "from": iso(self._since),
+                "to": iso(now),
                 "by_channel": {ch: dict(sorted(codes.items())) for ch, codes in sorted(self._counts.items())},
                 "sample": list(self._sample),
-            }  # fmt: skip
+            }
             self._write(summary)
         except Exception:  # the store alarms itself; the counts are kept and go into the next record
             log.exception("could not audit refused commands; counts kept for the next record", pending=self.pending)
@@ -204,8 +214,7 @@ class CommandService:
             self._refused(verb, channel, parsed, payload)
             return parsed
         if isinstance(parsed, Repeat):
-            log.info("repeated command answered from the store", verb=verb, id=parsed.request.id,
-                     channel=channel.value)  # fmt: skip
+            log.info("repeated command answered from the store", verb=verb, id=parsed.request.id, channel=channel.value)
             return parsed.reply
         if not parsed.mutating:
             return self._read(parsed)
@@ -219,9 +228,14 @@ class CommandService:
             log.exception("applying a command failed", verb=verb, id=parsed.id)
             reply = Reply.error(parsed.id, INTERNAL, "the agent failed to apply this command; see its log")
         log.info(
-            "command", verb=verb, id=parsed.id, channel=channel.value, status=reply.status, code=reply.error_code,
+            "command",
+            verb=verb,
+            id=parsed.id,
+            channel=channel.value,
+            status=reply.status,
+            code=reply.error_code,
             dur_ms=round((time.monotonic() - started) * 1000, 1),
-        )  # fmt: skip
+        )
         if not reply.is_ok and self._metrics is not None and reply.error_code:
             self._metrics.count_rejected(reply.error_code)
         return reply
@@ -250,15 +264,23 @@ class CommandService:
         first = self.refusals.add(verb, channel, reply, payload)
         try:
             (log.warning if first else log.debug)(
-                "command refused", verb=verb[:64], channel=channel.value, id=reply.id, code=reply.error_code,
+                "command refused",
+                verb=verb[:64],
+                channel=channel.value,
+                id=reply.id,
+                code=reply.error_code,
                 reason=reply.error_message,
-            )  # fmt: skip
+            )
             if self._metrics is not None and reply.error_code:
                 self._metrics.count_rejected(reply.error_code)
             self._events.emit(
-                "rejected", verb=verb[:64], id=reply.id, channel=channel.value, code=reply.error_code,
+                "rejected",
+                verb=verb[:64],
+                id=reply.id,
+                channel=channel.value,
+                code=reply.error_code,
                 message=reply.error_message,
-            )  # fmt: skip
+            )
         except Exception:
             log.exception("could not report a refused command", verb=verb[:64])
 
@@ -269,10 +291,14 @@ class CommandService:
         try:
             rules, failsafe = self._cfg.dispatch, self._cfg.failsafe
             verdict = parse_heartbeat(
-                payload, grid_keys=self._grid_keys, site_id=self._cfg.site.id, now=self._clock.time(),
-                max_age_s=min(rules.max_age_s, failsafe.heartbeat_timeout_s), max_skew_s=rules.max_skew_s,
+                payload,
+                grid_keys=self._grid_keys,
+                site_id=self._cfg.site.id,
+                now=self._clock.time(),
+                max_age_s=min(rules.max_age_s, failsafe.heartbeat_timeout_s),
+                max_skew_s=rules.max_skew_s,
                 newest=self._last_heartbeat,
-            )  # fmt: skip
+            )
         except Exception:
             log.exception("heartbeat check failed; heartbeat ignored")
             return

@@ -66,8 +66,11 @@ async def set_profile(miner: Any, watts: int) -> bool:
     """pyasic's `set_power_limit` (the highest profile not above `watts`; ATM off around `profileset`), with ATM
     switched back on bounded above by that profile. True when the miner took it; refusals raise `APIError`."""
     rpc = miner.rpc
-    fitting = {str(p.get("Profile Name")): w for p in (await rpc.profiles()).get("PROFILES", [])
-               if isinstance(p, dict) and (w := number(p.get("Watts"))) and 0 < w <= watts}  # fmt: skip
+    fitting = {
+        str(p.get("Profile Name")): w
+        for p in (await rpc.profiles()).get("PROFILES", [])
+        if isinstance(p, dict) and (w := number(p.get("Watts"))) and 0 < w <= watts
+    }
     if not fitting:
         return False
     name = max(fitting, key=fitting.__getitem__)
@@ -81,8 +84,9 @@ async def set_profile(miner: Any, watts: int) -> bool:
             try:
                 await rpc.atmset(enabled=True, max_profile=name)
             except APIError as exc:  # firmware without ATM bounds: back on as pyasic leaves it (it may step up)
-                log.warning("%s: ATM cannot be bounded to %s (%s); it may step the miner above its limit", rpc.ip,
-                            name, exc)  # fmt: skip
+                log.warning(
+                    "%s: ATM cannot be bounded to %s (%s); it may step the miner above its limit", rpc.ip, name, exc
+                )
                 await rpc.atmset(enabled=True)
     return bool(reply["PROFILE"][0]["Profile"] == name)
 

@@ -18,10 +18,26 @@ STEPS = range(-8, 4)  # profiles from 8 steps under the stock frequency to 3 ove
 VERSION = "2024.11.1.123456-4c2b7a1f"
 API_VERSION = "3.7"
 
-PRIVILEGED = frozenset({
-    "atmset", "curtail", "profileset", "logoff", "rebootdevice", "resetminer", "ledset", "fanset", "frequencyset",
-    "voltageset", "reboot", "healthchipset", "healthctrlset", "updaterun", "tempctrlset", "frequencystop",
-})
+PRIVILEGED = frozenset(
+    {
+        "atmset",
+        "curtail",
+        "profileset",
+        "logoff",
+        "rebootdevice",
+        "resetminer",
+        "ledset",
+        "fanset",
+        "frequencyset",
+        "voltageset",
+        "reboot",
+        "healthchipset",
+        "healthctrlset",
+        "updaterun",
+        "tempctrlset",
+        "frequencystop",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -41,8 +57,16 @@ def profiles_for(spec: Any) -> list[Profile]:
         # dynamic power ∝ f·V² and voltage scales with f: the curve that gives hashrate ∝ P^0.75
         watts = round(spec.nominal_w * (freq / spec.freq_mhz) ** (4.0 / 3.0))
         name = "default" if step == 0 else f"{freq}MHz"
-        out.append(Profile(name, step, freq, watts, round(hashrate_at(spec, watts), 2),
-                           round(13.2 * (freq / spec.freq_mhz) ** 0.33, 2)))
+        out.append(
+            Profile(
+                name,
+                step,
+                freq,
+                watts,
+                round(hashrate_at(spec, watts), 2),
+                round(13.2 * (freq / spec.freq_mhz) ** 0.33, 2),
+            )
+        )
     return out
 
 
@@ -174,17 +198,39 @@ class LuxosDevice(Device):
         return hashlib.sha256(f"{self.ip}:{self.session_counter}:{self.serial}".encode()).hexdigest()[:8]
 
     def _cmd_version(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(22, "LUXminer versions", VERSION=[{
-            "API": API_VERSION, "CompileTime": "Tue Nov 12 14:31:07 UTC 2024", "LUXminer": VERSION,
-            "Miner": VERSION, "Type": self.spec.name}])
+        return self.ok(
+            22,
+            "LUXminer versions",
+            VERSION=[
+                {
+                    "API": API_VERSION,
+                    "CompileTime": "Tue Nov 12 14:31:07 UTC 2024",
+                    "LUXminer": VERSION,
+                    "Miner": VERSION,
+                    "Type": self.spec.name,
+                }
+            ],
+        )
 
     def _cmd_devdetails(self, t: float, _p: str | None) -> dict[str, Any]:
         prof = self._profile(self.profile)
         freq = prof.freq if prof else self.spec.freq_mhz
-        rows = [{"ASC": i, "Chips": self.spec.chips_per_board, "Cores": self.spec.chips_per_board * 4,
-                 "DEVDETAILS": i, "Driver": "bitmain", "Frequency": freq, "Kernel": "", "Model": self.spec.name,
-                 "Name": "Antminer", "ID": i, "Voltage": prof.volts if prof else 13.2}
-                for i in range(self.spec.boards)]
+        rows = [
+            {
+                "ASC": i,
+                "Chips": self.spec.chips_per_board,
+                "Cores": self.spec.chips_per_board * 4,
+                "DEVDETAILS": i,
+                "Driver": "bitmain",
+                "Frequency": freq,
+                "Kernel": "",
+                "Model": self.spec.name,
+                "Name": "Antminer",
+                "ID": i,
+                "Voltage": prof.volts if prof else 13.2,
+            }
+            for i in range(self.spec.boards)
+        ]
         return self.ok(69, "Device Details", DEVDETAILS=rows)
 
     def _rates(self, t: float) -> tuple[float, list[float]]:
@@ -195,15 +241,41 @@ class LuxosDevice(Device):
     def _cmd_summary(self, t: float, _p: str | None) -> dict[str, Any]:
         ghs, _ = self._rates(t)
         up = self.uptime_s(t)
-        return self.ok(11, "Summary", SUMMARY=[{
-            "Elapsed": up, "GHS 5s": round(ghs, 2), "GHS av": round(ghs, 2), "GHS 30m": round(ghs, 2),
-            "Found Blocks": 0, "Getworks": self.accepted // 3, "Accepted": self.accepted, "Rejected": 7,
-            "Hardware Errors": 12, "Utility": 1.2, "Discarded": 310, "Stale": 0, "Get Failures": 0,
-            "Local Work": self.accepted * 4, "Remote Failures": 0, "Network Blocks": 640, "Total MH": ghs * up * 1e3,
-            "Work Utility": 1400000.0, "Difficulty Accepted": self.accepted * 65536.0,
-            "Difficulty Rejected": 7 * 65536.0, "Difficulty Stale": 0.0, "Best Share": 1503281829,
-            "Device Hardware%": 0.0001, "Device Rejected%": 0.01, "Pool Rejected%": 0.01, "Pool Stale%": 0.0,
-            "Last getwork": self.site.clock.unix()}])
+        return self.ok(
+            11,
+            "Summary",
+            SUMMARY=[
+                {
+                    "Elapsed": up,
+                    "GHS 5s": round(ghs, 2),
+                    "GHS av": round(ghs, 2),
+                    "GHS 30m": round(ghs, 2),
+                    "Found Blocks": 0,
+                    "Getworks": self.accepted // 3,
+                    "Accepted": self.accepted,
+                    "Rejected": 7,
+                    "Hardware Errors": 12,
+                    "Utility": 1.2,
+                    "Discarded": 310,
+                    "Stale": 0,
+                    "Get Failures": 0,
+                    "Local Work": self.accepted * 4,
+                    "Remote Failures": 0,
+                    "Network Blocks": 640,
+                    "Total MH": ghs * up * 1e3,
+                    "Work Utility": 1400000.0,
+                    "Difficulty Accepted": self.accepted * 65536.0,
+                    "Difficulty Rejected": 7 * 65536.0,
+                    "Difficulty Stale": 0.0,
+                    "Best Share": 1503281829,
+                    "Device Hardware%": 0.0001,
+                    "Device Rejected%": 0.01,
+                    "Pool Rejected%": 0.01,
+                    "Pool Stale%": 0.0,
+                    "Last getwork": self.site.clock.unix(),
+                }
+            ],
+        )
 
     def _cmd_stats(self, t: float, _p: str | None) -> dict[str, Any]:
         ghs, chains = self._rates(t)
@@ -215,12 +287,25 @@ class LuxosDevice(Device):
         ideal = hashrate_at(self.spec, self.physics.setpoint_w) * 1000.0
         rpm = self.physics.fan_rpm(t)
         row: dict[str, Any] = {
-            "STATS": 0, "ID": "BC50", "Elapsed": self.uptime_s(t), "Calls": 0, "Wait": 0.0, "Max": 0.0, "Min": 99.0,
-            "GHS 5s": round(ghs, 2), "GHS av": round(ghs, 2), "miner_count": self.spec.boards,
-            "frequency": (self._profile(self.profile) or self.profiles[0]).freq, "fan_num": self.spec.fans,
-            "total_rateideal": round(ideal, 2), "total_freqavg": self.spec.freq_mhz, "rate_unit": "GH",
-            "total_rate": round(ghs, 2), "total_acn": self.spec.chips_per_board * self.spec.boards,
-            "temp_max": c, "no_matching_work": 0,
+            "STATS": 0,
+            "ID": "BC50",
+            "Elapsed": self.uptime_s(t),
+            "Calls": 0,
+            "Wait": 0.0,
+            "Max": 0.0,
+            "Min": 99.0,
+            "GHS 5s": round(ghs, 2),
+            "GHS av": round(ghs, 2),
+            "miner_count": self.spec.boards,
+            "frequency": (self._profile(self.profile) or self.profiles[0]).freq,
+            "fan_num": self.spec.fans,
+            "total_rateideal": round(ideal, 2),
+            "total_freqavg": self.spec.freq_mhz,
+            "rate_unit": "GH",
+            "total_rate": round(ghs, 2),
+            "total_acn": self.spec.chips_per_board * self.spec.boards,
+            "temp_max": c,
+            "no_matching_work": 0,
         }
         for i in range(self.spec.fans):
             row[f"fan{i + 1}"] = rpm + 30 * i
@@ -235,67 +320,159 @@ class LuxosDevice(Device):
             row[f"temp{i}"] = b
             row[f"temp2_{i}"] = c
             row[f"freq{i}"] = row["frequency"]
-        head = {"STATS": 0, "ID": "LUXminer", "LUXminer": VERSION, "Miner": VERSION,
-                "CompileTime": "Tue Nov 12 14:31:07 UTC 2024", "Type": self.spec.name}
+        head = {
+            "STATS": 0,
+            "ID": "LUXminer",
+            "LUXminer": VERSION,
+            "Miner": VERSION,
+            "CompileTime": "Tue Nov 12 14:31:07 UTC 2024",
+            "Type": self.spec.name,
+        }
         return self.ok(70, "LUXminer stats", STATS=[head, row])
 
     def _cmd_power(self, t: float, _p: str | None) -> dict[str, Any]:
         return self.ok(300, "Power", POWER=[{"PSU": True, "Watts": round(self.physics.power_w(t))}])
 
     def _cmd_config(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(33, "LUXminer config", CONFIG=[{
-            "ASC Count": self.spec.boards, "PGA Count": 0, "Pool Count": 2, "Strategy": "Failover",
-            "Log Interval": 5, "Device Code": "", "OS": "Linux", "Hotplug": "None", "IsAtmEnabled": self.atm_enabled,
-            "MACAddr": self.mac.lower(), "Model": self.spec.name, "Profile": self.profile, "RedLed": self.red_led,
-            "GreenLed": "off", "SerialNumber": self.serial, "SystemStatus": self.physics.current_state(t),
-            "CurtailMode": "Sleep" if self.physics.state == "sleeping" else "None", "NumCores": 4}])
+        return self.ok(
+            33,
+            "LUXminer config",
+            CONFIG=[
+                {
+                    "ASC Count": self.spec.boards,
+                    "PGA Count": 0,
+                    "Pool Count": 2,
+                    "Strategy": "Failover",
+                    "Log Interval": 5,
+                    "Device Code": "",
+                    "OS": "Linux",
+                    "Hotplug": "None",
+                    "IsAtmEnabled": self.atm_enabled,
+                    "MACAddr": self.mac.lower(),
+                    "Model": self.spec.name,
+                    "Profile": self.profile,
+                    "RedLed": self.red_led,
+                    "GreenLed": "off",
+                    "SerialNumber": self.serial,
+                    "SystemStatus": self.physics.current_state(t),
+                    "CurtailMode": "Sleep" if self.physics.state == "sleeping" else "None",
+                    "NumCores": 4,
+                }
+            ],
+        )
 
     def _cmd_profiles(self, t: float, _p: str | None) -> dict[str, Any]:
-        rows = [{"Profile Name": p.name, "Step": str(p.step), "Frequency": p.freq, "Hashrate": p.ths,
-                 "Voltage": p.volts, "Watts": p.watts, "IsDynamic": False, "IsTuned": False}
-                for p in self.profiles]
+        rows = [
+            {
+                "Profile Name": p.name,
+                "Step": str(p.step),
+                "Frequency": p.freq,
+                "Hashrate": p.ths,
+                "Voltage": p.volts,
+                "Watts": p.watts,
+                "IsDynamic": False,
+                "IsTuned": False,
+            }
+            for p in self.profiles
+        ]
         return self.ok(327, "Profiles", PROFILES=rows)
 
     def _cmd_fans(self, t: float, _p: str | None) -> dict[str, Any]:
         rpm = self.physics.fan_rpm(t)
-        rows = [{"FAN": i, "ID": i, "RPM": rpm + 30 * i, "Speed": min(100, rpm * 100 // 6000)}
-                for i in range(self.spec.fans)]
-        return self.ok(202, f"{self.spec.fans} Fan(s)", FANS=rows,
-                       FANCTRL=[{"MinFans": self.spec.fans, "Mode": "Auto", "Speed": -1}])
+        rows = [
+            {"FAN": i, "ID": i, "RPM": rpm + 30 * i, "Speed": min(100, rpm * 100 // 6000)}
+            for i in range(self.spec.fans)
+        ]
+        return self.ok(
+            202,
+            f"{self.spec.fans} Fan(s)",
+            FANS=rows,
+            FANCTRL=[{"MinFans": self.spec.fans, "Mode": "Auto", "Speed": -1}],
+        )
 
     def _cmd_tempctrl(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(201, "Temperature control", TEMPCTRL=[{"Dangerous": 95, "Hot": 85, "Mode": "Auto",
-                                                                "Target": 75}])
+        return self.ok(
+            201, "Temperature control", TEMPCTRL=[{"Dangerous": 95, "Hot": 85, "Mode": "Auto", "Target": 75}]
+        )
 
     def _cmd_temps(self, t: float, _p: str | None) -> dict[str, Any]:
         board, chip = self.physics.temps(t)
-        rows = [{"ID": i, "TEMP": i, "Board": round(board, 1), "Chip": round(chip, 1),
-                 "BottomLeft": round(board - 3, 1), "BottomRight": round(board, 1), "TopLeft": round(chip, 1),
-                 "TopRight": round(chip - 4, 1)} for i in range(self.spec.boards)]
+        rows = [
+            {
+                "ID": i,
+                "TEMP": i,
+                "Board": round(board, 1),
+                "Chip": round(chip, 1),
+                "BottomLeft": round(board - 3, 1),
+                "BottomRight": round(board, 1),
+                "TopLeft": round(chip, 1),
+                "TopRight": round(chip - 4, 1),
+            }
+            for i in range(self.spec.boards)
+        ]
         return self.ok(201, f"{self.spec.boards} Temp(s)", TEMPS=rows)
 
     def _cmd_pools(self, t: float, _p: str | None) -> dict[str, Any]:
-        rows = [{"POOL": i, "URL": url, "Status": "Alive", "Priority": i, "Quota": 1, "Long Poll": "N",
-                 "Getworks": self.accepted // 3 if i == 0 else 0, "Accepted": self.accepted if i == 0 else 0,
-                 "Rejected": 7 if i == 0 else 0, "Works": 0, "Discarded": 0, "Stale": 0, "Get Failures": 0,
-                 "Remote Failures": 0, "User": f"site.{self.serial[:6].lower()}", "Last Share Time": 0,
-                 "Diff1 Shares": 0, "Proxy Type": "", "Proxy": "", "Difficulty Accepted": 0.0,
-                 "Difficulty Rejected": 0.0, "Difficulty Stale": 0.0, "Last Share Difficulty": 65536.0,
-                 "Has Stratum": True, "Stratum Active": i == 0, "Stratum URL": url.split("//")[-1],
-                 "Best Share": 0, "Pool Rejected%": 0.0, "Pool Stale%%": 0.0, "Bad Work": 0,
-                 "Current Block Height": 0, "Current Block Version": 0, "GROUP": 0}
-                for i, url in enumerate(("stratum+tcp://btc.global.luxor.tech:700",
-                                         "stratum+tcp://btc.global.luxor.tech:9700"))]
+        rows = [
+            {
+                "POOL": i,
+                "URL": url,
+                "Status": "Alive",
+                "Priority": i,
+                "Quota": 1,
+                "Long Poll": "N",
+                "Getworks": self.accepted // 3 if i == 0 else 0,
+                "Accepted": self.accepted if i == 0 else 0,
+                "Rejected": 7 if i == 0 else 0,
+                "Works": 0,
+                "Discarded": 0,
+                "Stale": 0,
+                "Get Failures": 0,
+                "Remote Failures": 0,
+                "User": f"site.{self.serial[:6].lower()}",
+                "Last Share Time": 0,
+                "Diff1 Shares": 0,
+                "Proxy Type": "",
+                "Proxy": "",
+                "Difficulty Accepted": 0.0,
+                "Difficulty Rejected": 0.0,
+                "Difficulty Stale": 0.0,
+                "Last Share Difficulty": 65536.0,
+                "Has Stratum": True,
+                "Stratum Active": i == 0,
+                "Stratum URL": url.split("//")[-1],
+                "Best Share": 0,
+                "Pool Rejected%": 0.0,
+                "Pool Stale%%": 0.0,
+                "Bad Work": 0,
+                "Current Block Height": 0,
+                "Current Block Version": 0,
+                "GROUP": 0,
+            }
+            for i, url in enumerate(
+                ("stratum+tcp://btc.global.luxor.tech:700", "stratum+tcp://btc.global.luxor.tech:9700")
+            )
+        ]
         return self.ok(7, f"{len(rows)} Pool(s)", POOLS=rows)
 
     def _cmd_groups(self, t: float, _p: str | None) -> dict[str, Any]:
         return self.ok(322, "Groups", GROUPS=[{"GROUP": 0, "Name": "Default", "Quota": 1}])
 
     def _cmd_atm(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(339, "ATM configuration values", ATM=[{
-            "Enabled": self.atm_enabled, "MaxProfile": self.atm_max or self.profiles[-1].name,
-            "MinProfile": self.atm_min or "",
-            "PostRampMinutes": 15, "StartupMinutes": 15, "TempWindow": 10}])
+        return self.ok(
+            339,
+            "ATM configuration values",
+            ATM=[
+                {
+                    "Enabled": self.atm_enabled,
+                    "MaxProfile": self.atm_max or self.profiles[-1].name,
+                    "MinProfile": self.atm_min or "",
+                    "PostRampMinutes": 15,
+                    "StartupMinutes": 15,
+                    "TempWindow": 10,
+                }
+            ],
+        )
 
     def _cmd_session(self, t: float, _p: str | None) -> dict[str, Any]:
         return self.ok(8, "Session", SESSION=[{"SessionID": self.session_id}])
@@ -309,22 +486,50 @@ class LuxosDevice(Device):
         return self.ok(9, "Session created", SESSION=[{"SessionID": self.session_id}])
 
     def _cmd_coin(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(78, "LUXminer coin", COIN=[{"Hash Method": "sha256", "Current Block Time": 0,
-                                                   "Current Block Hash": "", "LP": True,
-                                                   "Network Difficulty": 1.0e14}])
+        return self.ok(
+            78,
+            "LUXminer coin",
+            COIN=[
+                {
+                    "Hash Method": "sha256",
+                    "Current Block Time": 0,
+                    "Current Block Hash": "",
+                    "LP": True,
+                    "Network Difficulty": 1.0e14,
+                }
+            ],
+        )
 
     def _cmd_devs(self, t: float, _p: str | None) -> dict[str, Any]:
         _, chains = self._rates(t)
         board, _chip = self.physics.temps(t)
-        rows = [{"ASC": i, "Name": "BTM", "ID": i, "Enabled": "Y", "Status": "Alive", "Temperature": round(board, 1),
-                 "MHS av": rate * 1000, "MHS 5s": rate * 1000, "Accepted": 0, "Rejected": 0,
-                 "Hardware Errors": 0, "Utility": 0.0, "Last Share Pool": 0, "Last Share Time": 0,
-                 "Total MH": 0.0, "Device Elapsed": self.uptime_s(t)} for i, rate in enumerate(chains)]
+        rows = [
+            {
+                "ASC": i,
+                "Name": "BTM",
+                "ID": i,
+                "Enabled": "Y",
+                "Status": "Alive",
+                "Temperature": round(board, 1),
+                "MHS av": rate * 1000,
+                "MHS 5s": rate * 1000,
+                "Accepted": 0,
+                "Rejected": 0,
+                "Hardware Errors": 0,
+                "Utility": 0.0,
+                "Last Share Pool": 0,
+                "Last Share Time": 0,
+                "Total MH": 0.0,
+                "Device Elapsed": self.uptime_s(t),
+            }
+            for i, rate in enumerate(chains)
+        ]
         return self.ok(9, f"{len(rows)} ASC(s)", DEVS=rows)
 
     def _cmd_limits(self, t: float, _p: str | None) -> dict[str, Any]:
-        return self.ok(320, "Limits", LIMITS=[{"AtmMaxProfile": self.profiles[-1].name,
-                                               "AtmMinProfile": self.profiles[0].name}])
+        return self.ok(
+            320, "Limits", LIMITS=[{"AtmMaxProfile": self.profiles[-1].name, "AtmMinProfile": self.profiles[0].name}]
+        )
 
     # -- privileged ---------------------------------------------------------------------------------------
     def _privileged(self, command: str, args: list[str], t: float) -> dict[str, Any]:

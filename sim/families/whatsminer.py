@@ -58,38 +58,72 @@ class WhatsminerDevice(Device):
         t = self.now()
         when = self.site.clock.unix()
         if command == "devdetails":
-            rows = [{"DEVDETAILS": i, "Name": "SM", "ID": i, "Driver": "bitmicro", "Kernel": "",
-                     "Model": self.spec.wm_type}
-                    for i in range(self.spec.boards)]
-            return {"STATUS": [{"STATUS": "S", "When": when, "Code": 69, "Msg": "Device Details",
-                                "Description": "btminer"}], "DEVDETAILS": rows, "id": 1}
+            rows = [
+                {"DEVDETAILS": i, "Name": "SM", "ID": i, "Driver": "bitmicro", "Kernel": "", "Model": self.spec.wm_type}
+                for i in range(self.spec.boards)
+            ]
+            return {
+                "STATUS": [
+                    {"STATUS": "S", "When": when, "Code": 69, "Msg": "Device Details", "Description": "btminer"}
+                ],
+                "DEVDETAILS": rows,
+                "id": 1,
+            }
         if command == "get_version":
-            return {"STATUS": "S", "When": when, "Code": 131, "Msg": {
-                "api_ver": "2.0.5", "fw_ver": FW_VERSION, "platform": "H616", "chip": "BM1370"},
-                "Description": ""}
+            return {
+                "STATUS": "S",
+                "When": when,
+                "Code": 131,
+                "Msg": {"api_ver": "2.0.5", "fw_ver": FW_VERSION, "platform": "H616", "chip": "BM1370"},
+                "Description": "",
+            }
         if command == "summary":
             p = self.physics
             board, chip = p.temps(t)
             mhs = p.hashrate_ths(t) * 1e6
-            return {"STATUS": [{"STATUS": "S", "When": when, "Code": 11, "Msg": "Summary",
-                                "Description": "btminer"}], "SUMMARY": [{
-                "Elapsed": self.uptime_s(t), "MHS av": round(mhs, 2), "MHS 5s": round(mhs, 2),
-                "MHS 1m": round(mhs, 2), "MHS 15m": round(mhs, 2), "Temperature": round(board, 1),
-                "Fan Speed In": p.fan_rpm(t), "Fan Speed Out": p.fan_rpm(t) + 40, "Power": int(p.power_w(t)),
-                "Power Limit": self.limit_w, "Chip Temp Min": round(chip - 6, 1), "Chip Temp Max": round(chip, 1),
-                "Chip Temp Avg": round(chip - 3, 1), "Firmware Version": f"'{FW_VERSION}'",
-                "MAC": self.mac, "Factory GHS": int(hashrate_at(self.spec, self.spec.nominal_w) * 1000),
-                "Power Mode": "Normal", "btminer_fast_boot": "disable", "Upfreq Complete": 1}], "id": 1}
+            return {
+                "STATUS": [{"STATUS": "S", "When": when, "Code": 11, "Msg": "Summary", "Description": "btminer"}],
+                "SUMMARY": [
+                    {
+                        "Elapsed": self.uptime_s(t),
+                        "MHS av": round(mhs, 2),
+                        "MHS 5s": round(mhs, 2),
+                        "MHS 1m": round(mhs, 2),
+                        "MHS 15m": round(mhs, 2),
+                        "Temperature": round(board, 1),
+                        "Fan Speed In": p.fan_rpm(t),
+                        "Fan Speed Out": p.fan_rpm(t) + 40,
+                        "Power": int(p.power_w(t)),
+                        "Power Limit": self.limit_w,
+                        "Chip Temp Min": round(chip - 6, 1),
+                        "Chip Temp Max": round(chip, 1),
+                        "Chip Temp Avg": round(chip - 3, 1),
+                        "Firmware Version": f"'{FW_VERSION}'",
+                        "MAC": self.mac,
+                        "Factory GHS": int(hashrate_at(self.spec, self.spec.nominal_w) * 1000),
+                        "Power Mode": "Normal",
+                        "btminer_fast_boot": "disable",
+                        "Upfreq Complete": 1,
+                    }
+                ],
+                "id": 1,
+            }
         if command == "status":
-            return {"STATUS": "S", "When": when, "Code": 131, "Msg": {
-                "btmineroff": "true" if self.physics.state == "sleeping" else "false",
-                "Firmware Version": f"'{FW_VERSION}'"}, "Description": ""}
+            return {
+                "STATUS": "S",
+                "When": when,
+                "Code": 131,
+                "Msg": {
+                    "btmineroff": "true" if self.physics.state == "sleeping" else "false",
+                    "Firmware Version": f"'{FW_VERSION}'",
+                },
+                "Description": "",
+            }
         # `version` and the rest: the firmware's own error shape (a flat STATUS object)
         return {"STATUS": "E", "When": when, "Code": 14, "Msg": "invalid cmd", "Description": ""}
 
     def rpc_error_bytes(self, code: int, msg: str) -> bytes:
-        return self.dumps({"STATUS": "E", "When": self.site.clock.unix(), "Code": code, "Msg": msg,
-                           "Description": ""})
+        return self.dumps({"STATUS": "E", "When": self.site.clock.unix(), "Code": code, "Msg": msg, "Description": ""})
 
     # -- 4433: API v3 -------------------------------------------------------------------------------------
     def _reply(self, cmd: str, msg: Any, code: int = 0) -> dict[str, Any]:
@@ -105,8 +139,11 @@ class WhatsminerDevice(Device):
         if not isinstance(cmd, str) or not cmd:
             return self.v3_error(-1, "invalid json")
         if "error" in self.faults:
-            return self._reply(cmd, str(self.faults["error"].get("msg", "internal error")),
-                               int(self.faults["error"].get("code", -4)) if "code" in self.faults["error"] else -4)
+            return self._reply(
+                cmd,
+                str(self.faults["error"].get("msg", "internal error")),
+                int(self.faults["error"].get("code", -4)) if "code" in self.faults["error"] else -4,
+            )
         param = req.get("param")
         t = self.now()
         if cmd.startswith("set."):
@@ -114,9 +151,13 @@ class WhatsminerDevice(Device):
             if refused is not None:
                 return refused
             return self._set(cmd, param, t)
-        handler = {"get.device.info": self._device_info, "get.miner.status": self._miner_status,
-                   "get.miner.setting": self._miner_setting, "get.system.setting": self._system_setting,
-                   "get.fan.setting": self._fan_setting}.get(cmd)
+        handler = {
+            "get.device.info": self._device_info,
+            "get.miner.status": self._miner_status,
+            "get.miner.setting": self._miner_setting,
+            "get.system.setting": self._system_setting,
+            "get.fan.setting": self._fan_setting,
+        }.get(cmd)
         if handler is None:
             return self._reply(cmd, "invalid command", -2)
         return handler(cmd, param, t)
@@ -140,23 +181,57 @@ class WhatsminerDevice(Device):
         working = p.current_state(t) in ("hashing", "waking")
         ths = hashrate_at(self.spec, self.spec.nominal_w) / self.spec.boards
         msg = {
-            "network": {"ip": self.ip, "proto": "dhcp", "netmask": "255.0.0.0", "dns": "127.0.0.53",
-                        "mac": self.mac, "gateway": "127.0.0.1", "hostname": "WhatsMiner"},
-            "miner": {"working": "true" if working else "false", "type": self.spec.wm_type,
-                      "hash-board": self.spec.wm_type.split("_")[-1][:3],
-                      "detect-hash-rate": ":".join(str(int(ths * 1000)) for _ in range(self.spec.boards)),
-                      "cointype": "BTC/BCH/BSV", "pool-strategy": "FAILOVER", "heatmode": "", "hash-percent": "",
-                      "fast-boot": "disable", "board-num": str(self.spec.boards),
-                      **{f"pcbsn{i}": f"HHM{self.serial[:12]}{i}" for i in range(self.spec.boards)},
-                      **{f"chipdata{i}": "H3LA03-00000000 BINVE2-0000000" for i in range(self.spec.boards)},
-                      "miner-sn": f"HTM{self.serial}", "power-limit-set": str(self.limit_w), "UpfreqSpeed": "",
-                      "web-pool": 1, "permission": "super=255 user1=0 user2=0 user3=0"},
-            "system": {"api": API_VERSION, "platform": "H616", "fwversion": FW_VERSION,
-                       "control-board-version": "CB6V10", "apiswitch": "1", "ledstatus": self.led},
-            "power": {"type": "P221B", "mode": "1", "hwversion": "V00.05", "swversion": "V02.01.V02.04",
-                      "model": "P221B", "iin": round(p.power_w(t) / 231.0, 2), "vin": 231.0, "vout": 1222,
-                      "pin": int(p.power_w(t)), "fanspeed": 4900 if working else 0, "temp0": 45,
-                      "sn": f"A{self.serial[:15]}", "vendor": "7"},
+            "network": {
+                "ip": self.ip,
+                "proto": "dhcp",
+                "netmask": "255.0.0.0",
+                "dns": "127.0.0.53",
+                "mac": self.mac,
+                "gateway": "127.0.0.1",
+                "hostname": "WhatsMiner",
+            },
+            "miner": {
+                "working": "true" if working else "false",
+                "type": self.spec.wm_type,
+                "hash-board": self.spec.wm_type.split("_")[-1][:3],
+                "detect-hash-rate": ":".join(str(int(ths * 1000)) for _ in range(self.spec.boards)),
+                "cointype": "BTC/BCH/BSV",
+                "pool-strategy": "FAILOVER",
+                "heatmode": "",
+                "hash-percent": "",
+                "fast-boot": "disable",
+                "board-num": str(self.spec.boards),
+                **{f"pcbsn{i}": f"HHM{self.serial[:12]}{i}" for i in range(self.spec.boards)},
+                **{f"chipdata{i}": "H3LA03-00000000 BINVE2-0000000" for i in range(self.spec.boards)},
+                "miner-sn": f"HTM{self.serial}",
+                "power-limit-set": str(self.limit_w),
+                "UpfreqSpeed": "",
+                "web-pool": 1,
+                "permission": "super=255 user1=0 user2=0 user3=0",
+            },
+            "system": {
+                "api": API_VERSION,
+                "platform": "H616",
+                "fwversion": FW_VERSION,
+                "control-board-version": "CB6V10",
+                "apiswitch": "1",
+                "ledstatus": self.led,
+            },
+            "power": {
+                "type": "P221B",
+                "mode": "1",
+                "hwversion": "V00.05",
+                "swversion": "V02.01.V02.04",
+                "model": "P221B",
+                "iin": round(p.power_w(t) / 231.0, 2),
+                "vin": 231.0,
+                "vout": 1222,
+                "pin": int(p.power_w(t)),
+                "fanspeed": 4900 if working else 0,
+                "temp0": 45,
+                "sn": f"A{self.serial[:15]}",
+                "vendor": "7",
+            },
             "salt": self.salt,
             "error-code": [],
         }
@@ -171,41 +246,91 @@ class WhatsminerDevice(Device):
         state = p.current_state(t)
         if param == "edevs":
             shares = (0.334, 0.331, 0.335)
-            rows = [{"id": i, "slot": i, "hash-average": round(ths * shares[i % 3], 3),
-                     "factory-hash": round(hashrate_at(self.spec, self.spec.nominal_w) / self.spec.boards, 3),
-                     "freq": self.spec.freq_mhz if ths else 0, "effective-chips": self.spec.chips_per_board,
-                     "chip-temp-min": round(chip - 6, 1), "chip-temp-avg": round(chip - 3, 1),
-                     "chip-temp-max": round(chip, 1), "upfreq-complete": 1 if state == "hashing" else 0}
-                    for i in range(self.spec.boards)]
+            rows = [
+                {
+                    "id": i,
+                    "slot": i,
+                    "hash-average": round(ths * shares[i % 3], 3),
+                    "factory-hash": round(hashrate_at(self.spec, self.spec.nominal_w) / self.spec.boards, 3),
+                    "freq": self.spec.freq_mhz if ths else 0,
+                    "effective-chips": self.spec.chips_per_board,
+                    "chip-temp-min": round(chip - 6, 1),
+                    "chip-temp-avg": round(chip - 3, 1),
+                    "chip-temp-max": round(chip, 1),
+                    "upfreq-complete": 1 if state == "hashing" else 0,
+                }
+                for i in range(self.spec.boards)
+            ]
             return self._reply(cmd, {"edevs": rows})
         if param == "pools":
-            return self._reply(cmd, {"pools": [
-                {"id": 1, "url": "stratum+tcp://btc.example-pool.net:3333", "status": "alive",
-                 "account": f"site.{self.serial[:6].lower()}", "stratum-active": True, "priority": 0,
-                 "reject-rate": 0.001, "accepted": self.accepted}]})
+            return self._reply(
+                cmd,
+                {
+                    "pools": [
+                        {
+                            "id": 1,
+                            "url": "stratum+tcp://btc.example-pool.net:3333",
+                            "status": "alive",
+                            "account": f"site.{self.serial[:6].lower()}",
+                            "stratum-active": True,
+                            "priority": 0,
+                            "reject-rate": 0.001,
+                            "accepted": self.accepted,
+                        }
+                    ]
+                },
+            )
         if param not in (None, "summary"):
             return self._reply(cmd, "invalid param", -2)
         factory = hashrate_at(self.spec, self.spec.nominal_w)
-        return self._reply(cmd, {"summary": {
-            "elapsed": self.uptime_s(t), "bootup-time": int(self.site.clock.unix() - self.uptime_s(t)),
-            "freq-avg": self.spec.freq_mhz if ths else 0, "target-freq": self.spec.freq_mhz,
-            "factory-hash": round(factory, 3), "hash-average": round(ths, 3), "hash-realtime": round(ths, 3),
-            "hash-1min": round(ths, 3), "hash-15min": round(ths, 3), "hash-percent": 100,
-            "power-limit": self.limit_w, "power-realtime": round(p.power_w(t)),
-            "power-5min": round(p.power_w(t)), "power-rate": round(p.power_w(t) / ths, 2) if ths else 0,
-            "environment-temperature": 25.0, "fan-speed-in": p.fan_rpm(t), "fan-speed-out": p.fan_rpm(t) + 40,
-            "chip-temp-min": round(chip - 6, 1), "chip-temp-avg": round(chip - 3, 1), "chip-temp-max": round(chip, 1),
-            "board-temperature": [round(board, 1)] * self.spec.boards,
-            "up-freq-finish": 1 if state == "hashing" else 0,
-            "btmineroff": "true" if state == "sleeping" else "false"}})
+        return self._reply(
+            cmd,
+            {
+                "summary": {
+                    "elapsed": self.uptime_s(t),
+                    "bootup-time": int(self.site.clock.unix() - self.uptime_s(t)),
+                    "freq-avg": self.spec.freq_mhz if ths else 0,
+                    "target-freq": self.spec.freq_mhz,
+                    "factory-hash": round(factory, 3),
+                    "hash-average": round(ths, 3),
+                    "hash-realtime": round(ths, 3),
+                    "hash-1min": round(ths, 3),
+                    "hash-15min": round(ths, 3),
+                    "hash-percent": 100,
+                    "power-limit": self.limit_w,
+                    "power-realtime": round(p.power_w(t)),
+                    "power-5min": round(p.power_w(t)),
+                    "power-rate": round(p.power_w(t) / ths, 2) if ths else 0,
+                    "environment-temperature": 25.0,
+                    "fan-speed-in": p.fan_rpm(t),
+                    "fan-speed-out": p.fan_rpm(t) + 40,
+                    "chip-temp-min": round(chip - 6, 1),
+                    "chip-temp-avg": round(chip - 3, 1),
+                    "chip-temp-max": round(chip, 1),
+                    "board-temperature": [round(board, 1)] * self.spec.boards,
+                    "up-freq-finish": 1 if state == "hashing" else 0,
+                    "btmineroff": "true" if state == "sleeping" else "false",
+                }
+            },
+        )
 
     def _miner_setting(self, cmd: str, param: Any, t: float) -> dict[str, Any]:
-        return self._reply(cmd, {"power-mode": "normal", "power-limit": self.limit_w, "fast-boot": "disable",
-                                 "heat-mode": "normal", "web-pool": 1, "hostname": "WhatsMiner"})
+        return self._reply(
+            cmd,
+            {
+                "power-mode": "normal",
+                "power-limit": self.limit_w,
+                "fast-boot": "disable",
+                "heat-mode": "normal",
+                "web-pool": 1,
+                "hostname": "WhatsMiner",
+            },
+        )
 
     def _system_setting(self, cmd: str, param: Any, t: float) -> dict[str, Any]:
-        return self._reply(cmd, {"ntp-server": ["pool.ntp.org"], "timezone": "UTC", "hostname": "WhatsMiner",
-                                 "log-server": ""})
+        return self._reply(
+            cmd, {"ntp-server": ["pool.ntp.org"], "timezone": "UTC", "hostname": "WhatsMiner", "log-server": ""}
+        )
 
     def _fan_setting(self, cmd: str, param: Any, t: float) -> dict[str, Any]:
         return self._reply(cmd, {"fan-poweroff-cool": 1, "fan-zero-speed": 0, "fan-temp-offset": 0})

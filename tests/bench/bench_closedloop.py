@@ -38,11 +38,18 @@ class _Tally:
 
     def doc(self) -> dict[str, Any]:
         m = self.margins
-        return {"scenarios": self.scenarios, "steps": self.steps, "site_hours": round(self.site_s / 3600, 1),
-                "violations": self.violations, "first_story": self.first_story,
-                "worst_safety_kw": m.safety_kw, "worst_safety_share": m.safety_share,
-                "worst_service_share": m.service_share, "safety_checks": m.checks_safety,
-                "service_checks": m.checks_service}  # fmt: skip
+        return {
+            "scenarios": self.scenarios,
+            "steps": self.steps,
+            "site_hours": round(self.site_s / 3600, 1),
+            "violations": self.violations,
+            "first_story": self.first_story,
+            "worst_safety_kw": m.safety_kw,
+            "worst_safety_share": m.safety_share,
+            "worst_service_share": m.service_share,
+            "safety_checks": m.checks_safety,
+            "service_checks": m.checks_service,
+        }
 
 
 TALLY = _Tally()
@@ -71,9 +78,15 @@ def run(scenarios: int, seed: int) -> dict[str, Any]:
     seeded = type("SeededSoakMachine", (SoakMachine,), {"_hypothesis_internal_use_seed": seed})
     run_state_machine_as_test(
         seeded,
-        settings=settings(max_examples=scenarios, stateful_step_count=12, deadline=None, database=None,
-                          phases=[Phase.generate], suppress_health_check=list(HealthCheck)),
-    )  # fmt: skip
+        settings=settings(
+            max_examples=scenarios,
+            stateful_step_count=12,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
     return TALLY.doc()
 
 
@@ -96,10 +109,20 @@ def main() -> None:
     else:
         with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             docs = pool.map(_job, jobs)
-    total: dict[str, Any] = {"seed": args.seed, "jobs": len(jobs), "scenarios": 0, "steps": 0, "site_hours": 0.0,
-                             "violations": {}, "first_story": {}, "worst_safety_kw": float("inf"),
-                             "worst_safety_share": float("inf"), "worst_service_share": float("inf"),
-                             "safety_checks": 0, "service_checks": 0}  # fmt: skip
+    total: dict[str, Any] = {
+        "seed": args.seed,
+        "jobs": len(jobs),
+        "scenarios": 0,
+        "steps": 0,
+        "site_hours": 0.0,
+        "violations": {},
+        "first_story": {},
+        "worst_safety_kw": float("inf"),
+        "worst_safety_share": float("inf"),
+        "worst_service_share": float("inf"),
+        "safety_checks": 0,
+        "service_checks": 0,
+    }
     for d in docs:
         for k in ("scenarios", "steps", "site_hours", "safety_checks", "service_checks"):
             total[k] += d[k]
@@ -114,11 +137,15 @@ def main() -> None:
         print()
         return
     print(f"closed-loop soak: seed {total['seed']} ({total['jobs']} job(s))")
-    print(f"  scenarios {total['scenarios']}, steps (controller ticks) {total['steps']}, "
-          f"site time {total['site_hours']:.1f} h, wall {total['wall_s']} s")  # fmt: skip
+    print(
+        f"  scenarios {total['scenarios']}, steps (controller ticks) {total['steps']}, "
+        f"site time {total['site_hours']:.1f} h, wall {total['wall_s']} s"
+    )
     print(f"  checks: safety {total['safety_checks']}, service {total['service_checks']}")
-    print(f"  worst safety margin: {total['worst_safety_kw']:.3f} kW ({100 * total['worst_safety_share']:.2f} % of "
-          f"the limit); worst service margin: {100 * total['worst_service_share']:.2f} % over the 90 % floor")
+    print(
+        f"  worst safety margin: {total['worst_safety_kw']:.3f} kW ({100 * total['worst_safety_share']:.2f} % of "
+        f"the limit); worst service margin: {100 * total['worst_service_share']:.2f} % over the 90 % floor"
+    )
     if not total["violations"]:
         print("  violations: none")
     for kind, n in sorted(total["violations"].items(), key=lambda kv: -kv[1]):

@@ -192,8 +192,17 @@ def _child(args: argparse.Namespace) -> None:
 def run_bare(op: str, jobs: list[dict[str, Any]], concurrency: int, folder: Path) -> dict[str, Any]:
     path = folder / f"jobs-{op}.json"
     path.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "tests.bench.bench_control", "--child", op, "--jobs", str(path),
-           "--concurrency", str(concurrency)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.bench.bench_control",
+        "--child",
+        op,
+        "--jobs",
+        str(path),
+        "--concurrency",
+        str(concurrency),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"bare loop {op} failed:\n{done.stderr[-3000:]}")
@@ -222,11 +231,19 @@ def stock_views(identities: list[Any]) -> list[Any]:
     from hashflex.agent.core.model import MinerState, MinerView
 
     return [
-        MinerView(id=i.ip, family=i.family, capability=i.capability, nominal_w=i.nominal_w,
-                  nominal_ths=i.nominal_ths, state=MinerState.HASHING, power_w=i.nominal_w, commanded_w=None,
-                  last_transition=-1e9)
+        MinerView(
+            id=i.ip,
+            family=i.family,
+            capability=i.capability,
+            nominal_w=i.nominal_w,
+            nominal_ths=i.nominal_ths,
+            state=MinerState.HASHING,
+            power_w=i.nominal_w,
+            commanded_w=None,
+            last_transition=-1e9,
+        )
         for i in identities
-    ]  # fmt: skip
+    ]
 
 
 def plan_both(views: list[Any], target_kw: float, cap_kw: float) -> tuple[Any, Any, float, float]:
@@ -294,8 +311,7 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
     # a plan is settled when no batch has gone out for two sweeps (each round of the re-plan follows a sweep)
     settle = 2 * interval + tick + 2.0
     print(f"\n== {n} miners: starting the simulator", flush=True)
-    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7,
-                    extra_args=["--wake-s", str(args.wake_s)]) as sim:  # fmt: skip
+    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7, extra_args=["--wake-s", str(args.wake_s)]) as sim:
         truth = sim.truth()
         full_kw = truth["site"]["power_w"] / 1000
         full_ths = truth["site"]["hashrate_ths"]
@@ -304,16 +320,30 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
         sim.truth()
         out["truth_ms"] = (time.perf_counter() - t0) * 1000
         files = write_agent_config(
-            folder / f"agent-{n}", sim.ips, cap_kw=round(full_kw * 1.1, 1), site_id=f"bench-{n}",
+            folder / f"agent-{n}",
+            sim.ips,
+            cap_kw=round(full_kw * 1.1, 1),
+            site_id=f"bench-{n}",
             overrides={
-                "polling": {"interval_s": interval, "concurrency": args.concurrency, "read_timeout_s": 4.0,
-                            "command_timeout_s": 10.0, "stale_after_s": max(30.0, 4 * interval),
-                            "identify_concurrency": 128, "identify_timeout_s": 30.0},
+                "polling": {
+                    "interval_s": interval,
+                    "concurrency": args.concurrency,
+                    "read_timeout_s": 4.0,
+                    "command_timeout_s": 10.0,
+                    "stale_after_s": max(30.0, 4 * interval),
+                    "identify_concurrency": 128,
+                    "identify_timeout_s": 30.0,
+                },
                 # no min on/off times and no wake stagger: the phases follow each other without waiting
-                "control": {"tick_s": tick, "min_on_s": 0, "min_off_s": 0, "confirm_after_s": 30.0,
-                            "wake": {"max_per_interval": n, "interval_s": 1.0}},
+                "control": {
+                    "tick_s": tick,
+                    "min_on_s": 0,
+                    "min_off_s": 0,
+                    "confirm_after_s": 30.0,
+                    "wake": {"max_per_interval": n, "interval_s": 1.0},
+                },
             },
-        )  # fmt: skip
+        )
         print(f"   simulator up ({full_kw:.0f} kW, {full_ths:.0f} TH/s); starting the agent", flush=True)
         t0 = time.perf_counter()
         agent = AgentProcess.start(files, ready_timeout=600)
@@ -340,11 +370,15 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
             batches = wait_settled(agent, received, 300, settle)
             fast = batches[0]
             out["curtail"] = {
-                "sleeps": ops_total(batches, "sleep"), "sleeps_ok": ops_total(batches, "sleep", "ok"),
-                "ack_s": ts_of(fast["timestamp"]) - received, "batch_s": fast["dur_ms"] / 1000,
-                "truth_s": asleep.at - received, "cpu_s": cpu.now() - c0, "batches": len(batches),
+                "sleeps": ops_total(batches, "sleep"),
+                "sleeps_ok": ops_total(batches, "sleep", "ok"),
+                "ack_s": ts_of(fast["timestamp"]) - received,
+                "batch_s": fast["dur_ms"] / 1000,
+                "truth_s": asleep.at - received,
+                "cpu_s": cpu.now() - c0,
+                "batches": len(batches),
                 "wall_s": time.time() - received,
-            }  # fmt: skip
+            }
             d = dispatch_doc(agent, "bench-curtail")
             out["curtail"]["commands_sent_s"] = ts_of(d["commands_sent_at"]) - received
 
@@ -353,8 +387,9 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
             reply = agent.request("cancel", agent.signed({"id": "bench-curtail-x", "dispatch_id": "bench-curtail"}))
             assert reply.is_ok, reply
             back_from = time.time()
-            rec.wait(back_from, lambda s: s.states.get("hashing", 0) == n and s.kw >= 0.97 * full_kw, 600,
-                     "the site back up")  # fmt: skip
+            rec.wait(
+                back_from, lambda s: s.states.get("hashing", 0) == n and s.kw >= 0.97 * full_kw, 600, "the site back up"
+            )
             wait_settled(agent, back_from, 300, settle)
 
             # ------------------------------------------------------------------ 3. re-plan to 60 %
@@ -375,23 +410,29 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
             time.sleep(2 * args.wake_s)  # woken units reach full power; then read the hashrate the plan keeps
             end_truth = rec.sample()
             out["replan"] = {
-                "target_kw": target, "truth_s": met.at - received,
+                "target_kw": target,
+                "truth_s": met.at - received,
                 "fast_ack_s": ts_of(batches[0]["timestamp"]) - received,
-                "applied_s": ts_of(last["timestamp"]) - received, "batches": len(batches),
+                "applied_s": ts_of(last["timestamp"]) - received,
+                "batches": len(batches),
                 "first_limits_s": None if first_limits is None else ts_of(first_limits["timestamp"]) - received,
                 "first_limits": 0 if first_limits is None else ops_total([first_limits], "set_power"),
                 "by_op": {op: ops_total(batches, op) for op in ("sleep", "wake", "set_power")},
                 "failed": sum(b["failed_total"] for b in batches),
                 "batch_s": [round(b["dur_ms"] / 1000, 2) for b in batches],
                 "set_power_batch_s": sum(b["dur_ms"] / 1000 for b in batches if "set_power" in b["by_op"]),
-                "plan_ms_median": statistics.median(plan_ms), "plan_ms_max": max(plan_ms),
+                "plan_ms_median": statistics.median(plan_ms),
+                "plan_ms_max": max(plan_ms),
                 "optimal_plan_ms_max": max(opt_ms) if opt_ms else None,
                 "tick_ms_max": max(float(t["dur_ms"]) for t in ticks),
-                "cpu_s": cpu.now() - c0, "expected_ths": status["plan"]["expected_ths"],
-                "baseline_ths": status["plan"]["baseline_ths"], "method": status["plan"]["method"],
-                "truth_kw": end_truth.kw, "truth_ths": end_truth.ths,
+                "cpu_s": cpu.now() - c0,
+                "expected_ths": status["plan"]["expected_ths"],
+                "baseline_ths": status["plan"]["baseline_ths"],
+                "method": status["plan"]["method"],
+                "truth_kw": end_truth.kw,
+                "truth_ths": end_truth.ths,
                 "truth_max_kw_after_met": max(s.kw for s in rec.samples if s.at >= met.at),
-            }  # fmt: skip
+            }
             out["rss_peak_mib"] = rec.rss_peak_mib
         finally:
             rec.stop()
@@ -401,9 +442,14 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
         store = Store.open(files.state_dir / "hashflex.db")
         identities = {i.ip: i for i in store.load_identities()}
         store.close()
-        limits = {m["ip"]: m["power_limit_w"] for m in sim.truth()["miners"]
-                  if m["state"] == "hashing" and m["power_limit_w"] and m["family"] != "antminer"
-                  and m["power_limit_w"] < m["nominal_w"] - 1}  # fmt: skip
+        limits = {
+            m["ip"]: m["power_limit_w"]
+            for m in sim.truth()["miners"]
+            if m["state"] == "hashing"
+            and m["power_limit_w"]
+            and m["family"] != "antminer"
+            and m["power_limit_w"] < m["nominal_w"] - 1
+        }
         jobs = [{"ip": ip, "driver_class": i.driver_class, "family": str(i.family)} for ip, i in identities.items()]
         print("   bare loop: the agent's limits again, then sleep everything", flush=True)
         limit_jobs = [{**j, "watts": limits[j["ip"]]} for j in jobs if j["ip"] in limits]
@@ -415,8 +461,7 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
     # logon, every Whatsminer its salt. The sleeps above found sessions the agent left behind. Like for like, the
     # same sleeps on a fresh simulator, where no client has logged on yet.
     print("   bare loop: sleep everything on a fresh site (no sessions yet, as the agent found it)", flush=True)
-    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7,
-                    extra_args=["--wake-s", str(args.wake_s)]) as sim:  # fmt: skip
+    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7, extra_args=["--wake-s", str(args.wake_s)]) as sim:
         bare_cold = bare_sleep_all(sim, jobs, args.concurrency, folder, every_s)
     out["bare"] = {"sleep": bare_cold, "sleep_warm": bare_sleep, "limit": bare_limit}
 
@@ -426,16 +471,22 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
     print("   baseline: plan_sleep_only on a fresh site, applied by the bare loop", flush=True)
     views = stock_views(list(identities.values()))
     base_plan, opt_plan, base_plan_ms, opt_plan_ms = plan_both(views, out["replan"]["target_kw"], out["full_kw"] * 1.1)
-    out["model"] = {"baseline_ths": base_plan.expected_ths, "optimal_ths": opt_plan.expected_ths,
-                    "baseline_ms": base_plan_ms, "optimal_ms": opt_plan_ms}  # fmt: skip
+    out["model"] = {
+        "baseline_ths": base_plan.expected_ths,
+        "optimal_ths": opt_plan.expected_ths,
+        "baseline_ms": base_plan_ms,
+        "optimal_ms": opt_plan_ms,
+    }
     to_sleep = {ip for ip, a in base_plan.actions.items() if isinstance(a, SleepAction)}
-    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7,
-                    extra_args=["--wake-s", str(args.wake_s)]) as sim:  # fmt: skip
+    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7, extra_args=["--wake-s", str(args.wake_s)]) as sim:
         run_bare("sleep", [j for j in jobs if j["ip"] in to_sleep], args.concurrency, folder)
         time.sleep(8.0)  # the simulator's 4 s power-down ramp, and a margin
         truth = sim.truth()
-        out["baseline_truth"] = {"kw": truth["site"]["power_w"] / 1000, "ths": truth["site"]["hashrate_ths"],
-                                 "asleep": len(to_sleep)}  # fmt: skip
+        out["baseline_truth"] = {
+            "kw": truth["site"]["power_w"] / 1000,
+            "ths": truth["site"]["hashrate_ths"],
+            "asleep": len(to_sleep),
+        }
     return out
 
 

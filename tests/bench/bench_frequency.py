@@ -134,8 +134,12 @@ def back_up(agent: Any, rec: MeterRecorder, site_kw: float, since: float, settle
     meter − miners, counts the miners woken and not yet read), and the non-miner window past those samples."""
     rec.wait(since, lambda kw: kw >= site_kw * 0.98, 600, "the site back up")
     wait_settled(agent, since, 600, settle)
-    agent.wait_for(lambda: agent.status()["power_kw"] >= 0.97 * rec.mean_kw(1.0), 120, interval=1.0,
-                   what="the agent's picture caught up")  # fmt: skip
+    agent.wait_for(
+        lambda: agent.status()["power_kw"] >= 0.97 * rec.mean_kw(1.0),
+        120,
+        interval=1.0,
+        what="the agent's picture caught up",
+    )
     time.sleep(NON_MINER_WINDOW_S + 2.0)
 
 
@@ -159,15 +163,25 @@ def frequency_event(sim: Any, agent: Any, rec: MeterRecorder, state_dir: Path, s
     agent_reached = wait_step(state_dir, "shed_reached", 60, after=done)
     batch = next((b for b in actions_since(agent, crossing - 1) if b.get("method") == "frequency"), None)
     ev = {
-        "site_kw": site_kw, "shed_kw": shed_kw, "sent": slept, "planned_kw": sent["planned_kw"], "ok": acked["ok"],
-        "failed": acked["failed"], "grid_request_s": request_s, "detect_s": detected - crossing,
+        "site_kw": site_kw,
+        "shed_kw": shed_kw,
+        "sent": slept,
+        "planned_kw": sent["planned_kw"],
+        "ok": acked["ok"],
+        "failed": acked["failed"],
+        "grid_request_s": request_s,
+        "detect_s": detected - crossing,
         "detect_after_reply_s": detected - crossing - request_s,
-        "trip_s": ts_of(tripped["at"]) - crossing, "acked_after_detect_s": ts_of(acked["at"]) - detected,
-        "acked_after_trip_s": acked["after_fired_s"], "acked_s": ts_of(acked["at"]) - crossing,
-        "meter_s": reached - crossing, "agent_meter_s": ts_of(agent_reached["at"]) - crossing,
+        "trip_s": ts_of(tripped["at"]) - crossing,
+        "acked_after_detect_s": ts_of(acked["at"]) - detected,
+        "acked_after_trip_s": acked["after_fired_s"],
+        "acked_s": ts_of(acked["at"]) - crossing,
+        "meter_s": reached - crossing,
+        "agent_meter_s": ts_of(agent_reached["at"]) - crossing,
         "batch_s": None if batch is None else batch["dur_ms"] / 1000,
-        "crossing_at": crossing, "acked_at": ts_of(acked["at"]),
-    }  # fmt: skip
+        "crossing_at": crossing,
+        "acked_at": ts_of(acked["at"]),
+    }
     # the way back is timed from the request: the restore's wakes can be out and answered before the record is read
     back_since = time.time()
     sim.grid_event({"event": "nominal"})
@@ -191,12 +205,15 @@ def ordinary_shed(
     batches = wait_settled(agent, received, 300, settle)
     first = min(batches, key=lambda b: ts_of(b["timestamp"]))
     out = {
-        "target_kw": target, "reply_s": received - sent_at,
+        "target_kw": target,
+        "reply_s": received - sent_at,
         "first_batch_acked_s": ts_of(first["timestamp"]) - sent_at,
-        "first_batch_sleeps": first["by_op"].get("sleep", {}).get("ok", 0), "first_method": first["method"],
-        "all_acked_s": max(ts_of(b["timestamp"]) for b in batches) - sent_at, "batches": len(batches),
+        "first_batch_sleeps": first["by_op"].get("sleep", {}).get("ok", 0),
+        "first_method": first["method"],
+        "all_acked_s": max(ts_of(b["timestamp"]) for b in batches) - sent_at,
+        "batches": len(batches),
         "meter_s": reached - sent_at,
-    }  # fmt: skip
+    }
     back_since = time.time()
     reply = agent.request("cancel", agent.signed({"id": f"bench-freq-{i}-x", "dispatch_id": f"bench-freq-{i}"}))
     assert reply.is_ok, reply
@@ -214,27 +231,66 @@ def bench_size(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]
     settle = 2 * interval + tick + 2.0
     meter_cfg = {"noise": 0.0005, "update_ms": 50.0, "base_kw": 0.0, "cooling_share": 0.0}
     print(f"\n== {n} miners: starting the simulator", flush=True)
-    with SimProcess(miners=n, mix=args.mix, base_ip=BASE_IP, seed=7, extra_args=[
-        "--wake-s", str(args.wake_s), "--meter", METER, "--meter-config", json.dumps(meter_cfg),
-    ]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=n,
+        mix=args.mix,
+        base_ip=BASE_IP,
+        seed=7,
+        extra_args=[
+            "--wake-s",
+            str(args.wake_s),
+            "--meter",
+            METER,
+            "--meter-config",
+            json.dumps(meter_cfg),
+        ],
+    ) as sim:
         full_kw = sim.truth()["site"]["power_w"] / 1000
         host, port = sim.meter.split(":")
         files = write_agent_config(
-            folder / f"agent-{n}", sim.ips, cap_kw=round(full_kw * 1.3, 1), site_id=f"freq-{n}",
+            folder / f"agent-{n}",
+            sim.ips,
+            cap_kw=round(full_kw * 1.3, 1),
+            site_id=f"freq-{n}",
             overrides={
-                "site": {"meter": {"host": host, "port": int(port), "map": "sunspec", "poll_s": 0.5,
-                                   "stale_after_s": 5.0, "frozen_after_s": 600.0,
-                                   "non_miner_allowance_kw": round(0.02 * full_kw, 1),
-                                   "non_miner_window_s": NON_MINER_WINDOW_S, "max_kw": round(full_kw * 2.0, 1)}},
-                "polling": {"interval_s": interval, "concurrency": args.concurrency, "read_timeout_s": 4.0,
-                            "command_timeout_s": 10.0, "stale_after_s": max(30.0, 4 * interval),
-                            "identify_concurrency": 128, "identify_timeout_s": 30.0},
-                "control": {"tick_s": tick, "min_on_s": 0, "min_off_s": 0, "confirm_after_s": 30.0,
-                            "use_power_limits": False, "wake": {"max_per_interval": n, "interval_s": 1.0}},
-                "frequency_response": {"stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%"}],
-                                       "restore_above_hz": 49.9, "restore_after_s": 3.0, "poll_s": 0.1},
+                "site": {
+                    "meter": {
+                        "host": host,
+                        "port": int(port),
+                        "map": "sunspec",
+                        "poll_s": 0.5,
+                        "stale_after_s": 5.0,
+                        "frozen_after_s": 600.0,
+                        "non_miner_allowance_kw": round(0.02 * full_kw, 1),
+                        "non_miner_window_s": NON_MINER_WINDOW_S,
+                        "max_kw": round(full_kw * 2.0, 1),
+                    }
+                },
+                "polling": {
+                    "interval_s": interval,
+                    "concurrency": args.concurrency,
+                    "read_timeout_s": 4.0,
+                    "command_timeout_s": 10.0,
+                    "stale_after_s": max(30.0, 4 * interval),
+                    "identify_concurrency": 128,
+                    "identify_timeout_s": 30.0,
+                },
+                "control": {
+                    "tick_s": tick,
+                    "min_on_s": 0,
+                    "min_off_s": 0,
+                    "confirm_after_s": 30.0,
+                    "use_power_limits": False,
+                    "wake": {"max_per_interval": n, "interval_s": 1.0},
+                },
+                "frequency_response": {
+                    "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%"}],
+                    "restore_above_hz": 49.9,
+                    "restore_after_s": 3.0,
+                    "poll_s": 0.1,
+                },
             },
-        )  # fmt: skip
+        )
         print(f"   simulator up ({full_kw:.0f} kW); starting the agent", flush=True)
         agent = AgentProcess.start(files, ready_timeout=900)
         rec = MeterRecorder(sim, every_s=args.sample_s).start()
@@ -309,8 +365,10 @@ def report(results: list[dict[str, Any]]) -> None:
     row("crossing -> all acknowledged", spread("acked_s"))
     row("crossing -> shed reached at the meter (truth)", spread("meter_s"))
     row("crossing -> shed reached (the agent's meter reading)", spread("agent_meter_s"))
-    row("acknowledged ok / failed (all rounds)",
-        lambda r: f"{sum(e['ok'] for e in r['events'])}/{sum(e['failed'] for e in r['events'])}")  # fmt: skip
+    row(
+        "acknowledged ok / failed (all rounds)",
+        lambda r: f"{sum(e['ok'] for e in r['events'])}/{sum(e['failed'] for e in r['events'])}",
+    )
     if not all(r["baselines"] for r in results):
         print(json.dumps(results, indent=1, default=str))
         return

@@ -79,8 +79,15 @@ DEPTHS = (0.1, 0.25, 0.5, 0.75, 1.0)
 def site_specs(n: int, seed: int = 7) -> list[dict[str, Any]]:
     """n sites of 10–30 MW, differently efficient (15–45 TH/s lost per MW at the first MW), drawing 90 % of cap."""
     rng = random.Random(seed)
-    return [{"id": f"s{i:03d}", "cap_w": float(rng.randrange(10, 31)) * MW, "cost": rng.uniform(15.0, 45.0),
-             "convexity": rng.uniform(0.3, 1.5)} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "id": f"s{i:03d}",
+            "cap_w": float(rng.randrange(10, 31)) * MW,
+            "cost": rng.uniform(15.0, 45.0),
+            "convexity": rng.uniform(0.3, 1.5),
+        }
+        for i in range(n)
+    ]
 
 
 def loss_points(spec: dict[str, Any]) -> list[tuple[float, float]]:
@@ -111,22 +118,32 @@ def bench_allocation(sizes: list[int]) -> list[dict[str, Any]]:
             baseline = proportional_split(flexes, target, horizon_s=300.0)
             prop_t.append(time.perf_counter() - t0)
         ths_at_cap = math.fsum(s["cost"] * s["cap_w"] / MW * 2 for s in specs)
-        rows.append({
-            "sites": n, "runs": runs, "allocate_ms": statistics.median(alloc_t) * 1e3,
-            "allocate_min_ms": min(alloc_t) * 1e3, "allocate_max_ms": max(alloc_t) * 1e3,
-            "proportional_ms": statistics.median(prop_t) * 1e3,
-            "target_mw": target / MW, "met": result.met, "sum_mw": result.total_w / MW,
-            "lost_ths": result.lost_ths, "proportional_lost_ths": baseline.lost_ths,
-            "proportional_feasible": baseline.feasible, "kept_ths": ths_at_cap - result.lost_ths,
-            "proportional_kept_ths": ths_at_cap - baseline.lost_ths,
-        })  # fmt: skip
+        rows.append(
+            {
+                "sites": n,
+                "runs": runs,
+                "allocate_ms": statistics.median(alloc_t) * 1e3,
+                "allocate_min_ms": min(alloc_t) * 1e3,
+                "allocate_max_ms": max(alloc_t) * 1e3,
+                "proportional_ms": statistics.median(prop_t) * 1e3,
+                "target_mw": target / MW,
+                "met": result.met,
+                "sum_mw": result.total_w / MW,
+                "lost_ths": result.lost_ths,
+                "proportional_lost_ths": baseline.lost_ths,
+                "proportional_feasible": baseline.feasible,
+                "kept_ths": ths_at_cap - result.lost_ths,
+                "proportional_kept_ths": ths_at_cap - baseline.lost_ths,
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------- live
 def pem_private(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def pem_public(key: Ed25519PrivateKey) -> bytes:
@@ -150,8 +167,9 @@ class Monitor:
         return {site: float(doc["present_w"]) for site, doc in self.flex.items()}
 
     async def run(self) -> None:
-        async with aiomqtt.Client(HOST, self.port, identifier=f"bench-{uuid.uuid4().hex[:6]}",
-                                  protocol=aiomqtt.ProtocolVersion.V311) as client:  # fmt: skip
+        async with aiomqtt.Client(
+            HOST, self.port, identifier=f"bench-{uuid.uuid4().hex[:6]}", protocol=aiomqtt.ProtocolVersion.V311
+        ) as client:
             self.client = client
             for topic in (
                 "hashflex/+/reply/+",
@@ -277,8 +295,13 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
     (folder / "coordinator.pub").write_bytes(pem_public(coord))
     site_ids = [f"{program}-s{i:03d}" for i in range(n_sites)]
     site_cap_w = CAP_PER_MINER_W * per_site
-    out: dict[str, Any] = {"sites": n_sites, "miners_per_site": per_site, "sim_speed": speed,
-                           "site_cap_kw": site_cap_w / 1000, "cores": os.cpu_count()}  # fmt: skip
+    out: dict[str, Any] = {
+        "sites": n_sites,
+        "miners_per_site": per_site,
+        "sim_speed": speed,
+        "site_cap_kw": site_cap_w / 1000,
+        "cores": os.cpu_count(),
+    }
     procs: list[subprocess.Popen[bytes]] = []
     agents: dict[str, AgentProcess] = {}
     cluster = NatsCluster(folder / "nats").start()
@@ -292,8 +315,14 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         def agent_files(i: int, sid: str) -> AgentConfigFiles:
             brokers = [{"host": HOST, "port": p} for p in ports[i % 3 :] + ports[: i % 3]]
             mqtt = {"enabled": True, "protocol": "3.1.1", "brokers": brokers}
-            return write_agent_config(folder / "sites" / sid, ips[sid], cap_kw=site_cap_w / 1000, site_id=sid,
-                                      grid_key=coord, overrides={"mqtt": mqtt})  # fmt: skip
+            return write_agent_config(
+                folder / "sites" / sid,
+                ips[sid],
+                cap_kw=site_cap_w / 1000,
+                site_id=sid,
+                grid_key=coord,
+                overrides={"mqtt": mqtt},
+            )
 
         files = {sid: agent_files(i, sid) for i, sid in enumerate(site_ids)}
         busy0, total0 = host_busy_s()
@@ -309,14 +338,24 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         for i, name in enumerate(("a", "b")):
             metrics_ports[name] = free_port(METRICS_HOST)
             config = folder / f"program-{name}.yaml"
-            config.write_text(yaml.safe_dump({
-                "program_id": program, "signing_key": "coordinator", "grid_public_keys": ["grid.pub"],
-                "fabric": {"brokers": [f"{HOST}:{p}" for p in (ports[i:] + ports[:i])], "nats_servers": cluster.urls},
-                "sites": [{"id": sid, "cap_kw": site_cap_w / 1000} for sid in site_ids],
-                # kW sites (two miners each): the program core's MW-scale tolerances scaled down, as the e2e test
-                "rules": {"min_horizon_s": 30.0, "retarget_w": 500.0, "min_tolerance_w": 500.0},
-                "metrics": {"enabled": True, "host": METRICS_HOST, "port": metrics_ports[name]},
-            }))  # fmt: skip
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "program_id": program,
+                        "signing_key": "coordinator",
+                        "grid_public_keys": ["grid.pub"],
+                        "fabric": {
+                            "brokers": [f"{HOST}:{p}" for p in (ports[i:] + ports[:i])],
+                            "nats_servers": cluster.urls,
+                        },
+                        "sites": [{"id": sid, "cap_kw": site_cap_w / 1000} for sid in site_ids],
+                        # kW sites (two miners each): the program core's MW-scale tolerances scaled down, as in
+                        # the e2e test
+                        "rules": {"min_horizon_s": 30.0, "retarget_w": 500.0, "min_tolerance_w": 500.0},
+                        "metrics": {"enabled": True, "host": METRICS_HOST, "port": metrics_ports[name]},
+                    }
+                )
+            )
             argv = [HASHFLEX, "coordinator", "run", "-c", str(config), "--name", name]
             coordinators[name] = spawn(argv, folder / f"coordinator-{name}.log")
             procs.append(coordinators[name])
@@ -324,8 +363,12 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         monitor = Monitor(ports[2], program)
         mon_task = asyncio.create_task(monitor.run())
         await monitor.ready.wait()
-        await until("every site's flexibility, online", 180,
-                    lambda: all(monitor.online.get(s) and s in monitor.flex for s in site_ids), 0.2)  # fmt: skip
+        await until(
+            "every site's flexibility, online",
+            180,
+            lambda: all(monitor.online.get(s) and s in monitor.flex for s in site_ids),
+            0.2,
+        )
         out["agents_on_fabric_s"] = time.monotonic() - t_start
         await until("the leader's program state", 30, lambda: monitor.status.get("program") == program)
         # the fleet settled and idle (no dispatch yet): what thirty agents cost here
@@ -338,17 +381,22 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         c1, r1, h1, w1 = sum(map(cpu_s, pids)), sum(map(cpu_s, rest)), host_busy_s(), time.monotonic()
         rss = sorted(rss_mb(p) for p in pids)
         out.update(
-            agents_idle_cpu_cores=(c1 - c0) / (w1 - w0), agent_idle_cpu_pct_each=100 * (c1 - c0) / (w1 - w0) / n_sites,
-            host_idle_busy_cores=(h1[0] - h0[0]) / (w1 - w0), rest_idle_cpu_cores=(r1 - r0) / (w1 - w0),
+            agents_idle_cpu_cores=(c1 - c0) / (w1 - w0),
+            agent_idle_cpu_pct_each=100 * (c1 - c0) / (w1 - w0) / n_sites,
+            host_idle_busy_cores=(h1[0] - h0[0]) / (w1 - w0),
+            rest_idle_cpu_cores=(r1 - r0) / (w1 - w0),
             agent_rss_mb_median=statistics.median(rss),
-            agent_rss_mb_max=rss[-1], agents_rss_mb_total=sum(rss), sim_rss_mb=rss_mb(sim.pid),
+            agent_rss_mb_max=rss[-1],
+            agents_rss_mb_total=sum(rss),
+            sim_rss_mb=rss_mb(sim.pid),
             host_busy_cores_through_start=(h0[0] - busy0) / (h0[1] - total0) * (os.cpu_count() or 1),
             load_average_before_hold=os.getloadavg()[0],
-        )  # fmt: skip
+        )
         assert monitor.client is not None
 
-        async def grid_command(verb: str, body: dict[str, Any], *, every_s: float | None = None,
-                               within_s: float = 15.0) -> float:  # fmt: skip
+        async def grid_command(
+            verb: str, body: dict[str, Any], *, every_s: float | None = None, within_s: float = 15.0
+        ) -> float:
             """Publish a signed program command (re-sent every `every_s` until answered); the answer's time."""
             doc = sign_command({"program": program, "verb": verb, "issued_at": int(time.time()), **body}, grid)
             sent = time.time()
@@ -377,8 +425,9 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
             by_ip = truth_by_ip(sim)
             return math.fsum(w for sid in site_ids if sid != exclude for ip, w in by_ip.items() if ip in ips[sid])
 
-        async def truth_under(limit_w: float, within_s: float, *, exclude: str | None = None,
-                              counted_w: float = 0.0) -> float:  # fmt: skip
+        async def truth_under(
+            limit_w: float, within_s: float, *, exclude: str | None = None, counted_w: float = 0.0
+        ) -> float:
             """Until Σ ground truth (the simulator's power, `exclude`'s miners counted at `counted_w` instead) is at
             or under `limit_w` (stock firmware's power is estimated: TRUTH_MARGIN); the wall time it was seen."""
             deadline = time.monotonic() + within_s
@@ -409,12 +458,20 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         sent_out = [ts for ts, d in monitor.since(t0, "site_dispatch") if d[1] == site_id]
         out["command_to_last_dispatch_out_s"] = max(sent_out) - t0
         under = await truth_under(target_w, 90)
-        out.update(command_to_reply_s=answered - t0, command_to_all_ok_s=max(all_ok.values()) - t0,
-                   command_to_first_ok_s=min(all_ok.values()) - t0, command_to_truth_under_s=under - t0,
-                   target_kw=target_w / 1000, truth_after_kw=await asyncio.to_thread(truth_w) / 1000)  # fmt: skip
+        out.update(
+            command_to_reply_s=answered - t0,
+            command_to_all_ok_s=max(all_ok.values()) - t0,
+            command_to_first_ok_s=min(all_ok.values()) - t0,
+            command_to_truth_under_s=under - t0,
+            target_kw=target_w / 1000,
+            truth_after_kw=await asyncio.to_thread(truth_w) / 1000,
+        )
         # the coordinator's own figure for the allocation it made (its retained program state), before it moves
-        await until("the hold in the program state", 10,
-                    lambda: any(d["id"] == "hold1" for d in monitor.status.get("dispatches", [])))  # fmt: skip
+        await until(
+            "the hold in the program state",
+            10,
+            lambda: any(d["id"] == "hold1" for d in monitor.status.get("dispatches", [])),
+        )
         hold: dict[str, Any] = next(d for d in monitor.status["dispatches"] if d["id"] == "hold1")
         out["live_lost_ths"] = hold.get("lost_ths")
         # where the fleet settles: ground truth each second for HOLD_WATCH_S, and Σ of the shares sent
@@ -426,13 +483,20 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         for _, d in monitor.since(t0, "site_dispatch"):
             if d[1] == site_id and d[2] >= shares.get(d[0], (-1, 0.0))[0]:
                 shares[d[0]] = (d[2], float(d[3]))
-        out.update(truth_settled_kw=series[-1], truth_min_kw=min(series), truth_max_kw=max(series),
-                   sum_shares_kw=math.fsum(kw for _, kw in shares.values()))  # fmt: skip
+        out.update(
+            truth_settled_kw=series[-1],
+            truth_min_kw=min(series),
+            truth_max_kw=max(series),
+            sum_shares_kw=math.fsum(kw for _, kw in shares.values()),
+        )
         baseline = proportional_split(flexes, target_w, horizon_s=30.0)
         same = allocate(flexes, target_w, horizon_s=30.0)
-        out.update(same_flex_allocate_lost_ths=same.lost_ths,
-                   live_proportional_lost_ths=baseline.lost_ths, live_proportional_feasible=baseline.feasible,
-                   ths_at_present=math.fsum(v.flex.ths_now for v in views.values() if v.flex))  # fmt: skip
+        out.update(
+            same_flex_allocate_lost_ths=same.lost_ths,
+            live_proportional_lost_ths=baseline.lost_ths,
+            live_proportional_feasible=baseline.feasible,
+            ths_at_present=math.fsum(v.flex.ths_now for v in views.values() if v.flex),
+        )
 
         # 2. site loss: kill -9 of the largest site's agent → its last will → re-dispatch to the others out
         revs = {d[0]: d[2] for _, d in monitor.since(t0, "site_dispatch") if d[1] == site_id}
@@ -463,18 +527,25 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         acked = await until("the re-dispatch's oks", 30, redispatch_acked)
 
         def failures() -> dict[str, Any]:
-            return {s["site"]: s["failure"] for d in monitor.status.get("dispatches", []) if d["id"] == "hold1"
-                    for s in d["sites"]}  # fmt: skip
+            return {
+                s["site"]: s["failure"]
+                for d in monitor.status.get("dispatches", [])
+                if d["id"] == "hold1"
+                for s in d["sites"]
+            }
 
         with contextlib.suppress(TimeoutError):  # the retained program state follows the step: said, not awaited
             await until("the lost site's failure in the program state", 10, lambda: failures().get(lost))
         # the others' truth plus the lost site counted at its cap (the coordinator's worst case for it)
         under = await truth_under(target_w, 90, exclude=lost, counted_w=site_cap_w)
-        out.update(kill_to_will_s=will[0] - t_kill, will_to_redispatch_s=t_redispatch - will[0],
-                   redispatch_to_acked_s=float(acked) - t_redispatch, kill_to_truth_under_s=under - t_kill,
-                   lost_site_counted_as=failures().get(lost),
-                   redispatched_sites=len({d[0] for _, d in monitor.since(t_redispatch, "site_dispatch")
-                                           if d[1] == site_id}))  # fmt: skip
+        out.update(
+            kill_to_will_s=will[0] - t_kill,
+            will_to_redispatch_s=t_redispatch - will[0],
+            redispatch_to_acked_s=float(acked) - t_redispatch,
+            kill_to_truth_under_s=under - t_kill,
+            lost_site_counted_as=failures().get(lost),
+            redispatched_sites=len({d[0] for _, d in monitor.since(t_redispatch, "site_dispatch") if d[1] == site_id}),
+        )
 
         # 3. leader loss: kill -9 the leading coordinator → the follower answers a command and dispatches
         leaders = {name: scrape_leader(port) for name, port in metrics_ports.items()}
@@ -482,22 +553,36 @@ async def bench_live(folder: Path, n_sites: int, speed: float, per_site: int) ->
         follower = next(name for name in coordinators if name != leader)
         t_kill = time.time()
         coordinators[leader].send_signal(signal.SIGKILL)
-        answered = await grid_command("hold", {"id": "hold2", "target_kw": 0.5 * present / 1000,
-                                               "end": int(t_kill) + 3600}, every_s=0.5, within_s=30)  # fmt: skip
+        answered = await grid_command(
+            "hold",
+            {"id": "hold2", "target_kw": 0.5 * present / 1000, "end": int(t_kill) + 3600},
+            every_s=0.5,
+            within_s=30,
+        )
         first_out = await until(
             "the new leader's first site dispatch",
             15,
             lambda: [ts for ts, d in monitor.since(t_kill, "site_dispatch") if d[1] == f"{program}.hold2"],
         )
-        out.update(leader=leader, follower=follower, leader_kill_to_answer_s=answered - t_kill,
-                   leader_kill_to_dispatch_s=first_out[0] - t_kill,
-                   follower_leads=scrape_leader(metrics_ports[follower]))  # fmt: skip
+        out.update(
+            leader=leader,
+            follower=follower,
+            leader_kill_to_answer_s=answered - t_kill,
+            leader_kill_to_dispatch_s=first_out[0] - t_kill,
+            follower_leads=scrape_leader(metrics_ports[follower]),
+        )
 
         # 4. the chain, through all of it
         verify = await asyncio.create_subprocess_exec(
-            HASHFLEX, "program", "audit", "verify", "-c", str(folder / f"program-{follower}.yaml"), "--json",
+            HASHFLEX,
+            "program",
+            "audit",
+            "verify",
+            "-c",
+            str(folder / f"program-{follower}.yaml"),
+            "--json",
             stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         stdout, _ = await asyncio.wait_for(verify.communicate(), 30)
         doc = json.loads(stdout)
         out.update(audit_ok=doc.get("ok"), audit_records=doc.get("records"), load_average_end=os.getloadavg()[0])
@@ -526,48 +611,71 @@ def report(alloc: list[dict[str, Any]], live: dict[str, Any] | None) -> None:
     for row in alloc:
         feas = "" if row["proportional_feasible"] else " (proportional infeasible)"
         target = "<= 50 ms" if row["sites"] == 1000 else ""
-        print(f"| {row['sites']:,} | {row['allocate_ms']:.2f} ms, {row['allocate_min_ms']:.2f} ms | "
-              f"{row['proportional_ms']:.2f} ms | "
-              f"{row['lost_ths']:,.0f} / {row['proportional_lost_ths']:,.0f} TH/s{feas} | {target} |")  # fmt: skip
+        print(
+            f"| {row['sites']:,} | {row['allocate_ms']:.2f} ms, {row['allocate_min_ms']:.2f} ms | "
+            f"{row['proportional_ms']:.2f} ms | "
+            f"{row['lost_ths']:,.0f} / {row['proportional_lost_ths']:,.0f} TH/s{feas} | {target} |"
+        )
     if live is None:
         return
-    print(f"\nlive: {live['sites']} real agents (`hashflex run`, {live['miners_per_site']} simulated miners each, "
-          f"simulator at {live['sim_speed']:g}x), 3-node NATS cluster, 2 `hashflex coordinator run` processes; "
-          f"{live['cores']} cores")  # fmt: skip
-    print(f"agents: all {live['agents_started']} up in {live['agents_start_s']:.1f} s (on the fabric at "
-          f"{live['agents_on_fabric_s']:.1f} s; host {live['host_busy_cores_through_start']:.2f} cores busy "
-          f"meanwhile); RSS median {live['agent_rss_mb_median']:.0f} MB, max {live['agent_rss_mb_max']:.0f} MB, "
-          f"{live['agents_rss_mb_total']:,.0f} MB together (simulator {live['sim_rss_mb']:.0f} MB); idle "
-          f"{live['agents_idle_cpu_cores']:.2f} cores together ({live['agent_idle_cpu_pct_each']:.1f} % each; "
-          f"simulator, nats-servers and coordinators {live['rest_idle_cpu_cores']:.2f} cores), host "
-          f"{live['host_idle_busy_cores']:.2f} cores busy; load average {live['load_average_before_hold']:.1f} "
-          f"before the hold, {live['load_average_end']:.1f} at the end")  # fmt: skip
+    print(
+        f"\nlive: {live['sites']} real agents (`hashflex run`, {live['miners_per_site']} simulated miners each, "
+        f"simulator at {live['sim_speed']:g}x), 3-node NATS cluster, 2 `hashflex coordinator run` processes; "
+        f"{live['cores']} cores"
+    )
+    print(
+        f"agents: all {live['agents_started']} up in {live['agents_start_s']:.1f} s (on the fabric at "
+        f"{live['agents_on_fabric_s']:.1f} s; host {live['host_busy_cores_through_start']:.2f} cores busy "
+        f"meanwhile); RSS median {live['agent_rss_mb_median']:.0f} MB, max {live['agent_rss_mb_max']:.0f} MB, "
+        f"{live['agents_rss_mb_total']:,.0f} MB together (simulator {live['sim_rss_mb']:.0f} MB); idle "
+        f"{live['agents_idle_cpu_cores']:.2f} cores together ({live['agent_idle_cpu_pct_each']:.1f} % each; "
+        f"simulator, nats-servers and coordinators {live['rest_idle_cpu_cores']:.2f} cores), host "
+        f"{live['host_idle_busy_cores']:.2f} cores busy; load average {live['load_average_before_hold']:.1f} "
+        f"before the hold, {live['load_average_end']:.1f} at the end"
+    )
     lost, prop = live["live_lost_ths"], live["live_proportional_lost_ths"]
     feas = "" if live["live_proportional_feasible"] else ", the split infeasible"
     rows = [
         ("program command → the grid's ok", f"{live['command_to_reply_s']:.2f} s", ""),
-        ("program command → every site's ok", f"{live['command_to_all_ok_s']:.2f} s "
-         f"(first {live['command_to_first_ok_s']:.2f} s; the last site dispatch out at "
-         f"{live['command_to_last_dispatch_out_s']:.2f} s)", "<= 1 s"),
-        ("program command → Σ ground truth at or under the target",
-         f"{live['command_to_truth_under_s']:.2f} s ({live['truth_before_kw']:.1f} → {live['truth_after_kw']:.1f} "
-         f"kW; then {live['truth_min_kw']:.1f}–{live['truth_max_kw']:.1f} kW over {HOLD_WATCH_S:g} s, "
-         f"{live['truth_settled_kw']:.1f} kW at the end; target {live['target_kw']:.1f} kW, Σ shares "
-         f"{live['sum_shares_kw']:.1f} kW)", ""),
+        (
+            "program command → every site's ok",
+            f"{live['command_to_all_ok_s']:.2f} s "
+            f"(first {live['command_to_first_ok_s']:.2f} s; the last site dispatch out at "
+            f"{live['command_to_last_dispatch_out_s']:.2f} s)",
+            "<= 1 s",
+        ),
+        (
+            "program command → Σ ground truth at or under the target",
+            f"{live['command_to_truth_under_s']:.2f} s ({live['truth_before_kw']:.1f} → {live['truth_after_kw']:.1f} "
+            f"kW; then {live['truth_min_kw']:.1f}–{live['truth_max_kw']:.1f} kW over {HOLD_WATCH_S:g} s, "
+            f"{live['truth_settled_kw']:.1f} kW at the end; target {live['target_kw']:.1f} kW, Σ shares "
+            f"{live['sum_shares_kw']:.1f} kW)",
+            "",
+        ),
         ("kill -9 of a site's agent → its last will", f"{live['kill_to_will_s']:.2f} s", ""),
-        ("last will → re-dispatch out", f"{live['will_to_redispatch_s']:.2f} s ({live['redispatched_sites']} sites; "
-         f"the lost one counted as {live['lost_site_counted_as']})", "<= 5 s"),
+        (
+            "last will → re-dispatch out",
+            f"{live['will_to_redispatch_s']:.2f} s ({live['redispatched_sites']} sites; "
+            f"the lost one counted as {live['lost_site_counted_as']})",
+            "<= 5 s",
+        ),
         ("re-dispatch out → every new share's ok", f"{live['redispatch_to_acked_s']:.2f} s", ""),
-        ("kill -9 of the site → Σ ground truth under the target again (it counted at its cap)",
-         f"{live['kill_to_truth_under_s']:.2f} s", ""),
+        (
+            "kill -9 of the site → Σ ground truth under the target again (it counted at its cap)",
+            f"{live['kill_to_truth_under_s']:.2f} s",
+            "",
+        ),
         ("kill -9 of the leader → the new leader answers", f"{live['leader_kill_to_answer_s']:.2f} s", "<= 10 s"),
         ("kill -9 of the leader → its first site dispatch", f"{live['leader_kill_to_dispatch_s']:.2f} s", ""),
-        ("hashrate lost at 60 % (the coordinator's allocation, its own figure; the same on the same flexibility "
-         "documents / a proportional split of them)",
-         f"{lost if lost is not None else float('nan'):,.1f} TH/s ({live['same_flex_allocate_lost_ths']:,.1f} / "
-         f"{prop:,.1f} TH/s{feas}) of {live['ths_at_present']:,.0f} TH/s", ""),
+        (
+            "hashrate lost at 60 % (the coordinator's allocation, its own figure; the same on the same flexibility "
+            "documents / a proportional split of them)",
+            f"{lost if lost is not None else float('nan'):,.1f} TH/s ({live['same_flex_allocate_lost_ths']:,.1f} / "
+            f"{prop:,.1f} TH/s{feas}) of {live['ths_at_present']:,.0f} TH/s",
+            "",
+        ),
         ("audit chain after it all", f"{'OK' if live['audit_ok'] else 'BROKEN'}, {live['audit_records']} records", ""),
-    ]  # fmt: skip
+    ]
     print("| measure | value | target |")
     print("|---|---:|---|")
     for label, value, target in rows:

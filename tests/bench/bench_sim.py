@@ -88,12 +88,21 @@ def cpu_s(pid: int) -> float:
 def drive(pid: int, targets: list[tuple[str, str]], requests: int, concurrency: int) -> dict[str, Any]:
     """Run the client process against `targets`; return the server's CPU per request."""
     before = cpu_s(pid)
-    proc = subprocess.run([sys.executable, "-c", CLIENT, str(requests), str(concurrency)],
-                          input=json.dumps(targets), capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(requests), str(concurrency)],
+        input=json.dumps(targets),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     after = cpu_s(pid)
     out = json.loads(proc.stdout)
-    return {"cpu_ms_per_req": (after - before) * 1000 / requests, "wall_s": out["wall_s"], "errors": out["errors"],
-            "req_per_s": requests / out["wall_s"]}
+    return {
+        "cpu_ms_per_req": (after - before) * 1000 / requests,
+        "wall_s": out["wall_s"],
+        "errors": out["errors"],
+        "req_per_s": requests / out["wall_s"],
+    }
 
 
 def baseline(requests: int, concurrency: int) -> dict[str, Any]:
@@ -122,8 +131,15 @@ def run_size(n: int, requests: int, concurrency: int) -> dict[str, Any]:
         sim.truth()
         truth_ms = (time.perf_counter() - t1) * 1000
         rss_after = psutil.Process(sim.pid).memory_info().rss / 2**20
-    return {"miners": n, "ready_s": ready_s, "bind_s": bind_s, "rss_idle_mb": rss_idle, "rss_after_mb": rss_after,
-            "truth_ms": truth_ms, **load}
+    return {
+        "miners": n,
+        "ready_s": ready_s,
+        "bind_s": bind_s,
+        "rss_idle_mb": rss_idle,
+        "rss_after_mb": rss_after,
+        "truth_ms": truth_ms,
+        **load,
+    }
 
 
 def main() -> None:
@@ -139,12 +155,16 @@ def main() -> None:
     head += f"{'errors':>8}{'truth ms':>10}"
     print(head)
     print("-" * len(head))
-    print(f"{'baseline (1 srv)':<18}{'-':>9}{'-':>8}{base['rss_mb']:>9.1f}{'-':>10}{base['cpu_ms_per_req']:>12.3f}"
-          f"{base['req_per_s']:>9.0f}{base['errors']:>8}{'-':>10}")
+    print(
+        f"{'baseline (1 srv)':<18}{'-':>9}{'-':>8}{base['rss_mb']:>9.1f}{'-':>10}{base['cpu_ms_per_req']:>12.3f}"
+        f"{base['req_per_s']:>9.0f}{base['errors']:>8}{'-':>10}"
+    )
     for r in rows:
-        print(f"{'sim ' + str(r['miners']):<18}{r['ready_s']:>9.2f}{r['bind_s']:>8.2f}{r['rss_idle_mb']:>9.1f}"
-              f"{r['rss_after_mb']:>10.1f}{r['cpu_ms_per_req']:>12.3f}{r['req_per_s']:>9.0f}{r['errors']:>8}"
-              f"{r['truth_ms']:>10.0f}")
+        print(
+            f"{'sim ' + str(r['miners']):<18}{r['ready_s']:>9.2f}{r['bind_s']:>8.2f}{r['rss_idle_mb']:>9.1f}"
+            f"{r['rss_after_mb']:>10.1f}{r['cpu_ms_per_req']:>12.3f}{r['req_per_s']:>9.0f}{r['errors']:>8}"
+            f"{r['truth_ms']:>10.0f}"
+        )
     big = rows[-1]
     ok = big["bind_s"] < 10 and big["rss_after_mb"] < 400 and big["cpu_ms_per_req"] < 0.3
     verdict = "met" if ok else "MISSED"

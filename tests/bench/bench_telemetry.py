@@ -65,9 +65,13 @@ async def _agent(ips: list[str], concurrency: int, identify_concurrency: int) ->
         t0 = time.perf_counter()
         snap = await fleet.sweep()
         out["sweeps"].append(
-            {"wall_s": time.perf_counter() - t0, "cpu_s": _usage()[0] - cpu0, "unreachable": snap.unreachable,
-             "power_kw": round(snap.power_w / 1000, 1)}
-        )  # fmt: skip
+            {
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": _usage()[0] - cpu0,
+                "unreachable": snap.unreachable,
+                "power_kw": round(snap.power_w / 1000, 1),
+            }
+        )
     out["rss_mib"] = _usage()[1]
     return out
 
@@ -104,9 +108,13 @@ async def _baseline(ips: list[str], concurrency: int, identify_concurrency: int)
         data = await asyncio.gather(*(read(m) for m in miners), return_exceptions=True)
         power = sum((d.wattage or 0) for d in data if not isinstance(d, BaseException))
         out["sweeps"].append(
-            {"wall_s": time.perf_counter() - t0, "cpu_s": _usage()[0] - cpu0,
-             "unreachable": sum(1 for d in data if isinstance(d, BaseException)), "power_kw": round(power / 1000, 1)}
-        )  # fmt: skip
+            {
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": _usage()[0] - cpu0,
+                "unreachable": sum(1 for d in data if isinstance(d, BaseException)),
+                "power_kw": round(power / 1000, 1),
+            }
+        )
     out["rss_mib"] = _usage()[1]
     return out
 
@@ -129,9 +137,19 @@ def _child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- parent
 def _run_child(variant: str, ips_file: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tests.bench.bench_telemetry", "--child", variant, "--ips", str(ips_file),
-           "--concurrency", str(args.concurrency),
-           "--identify-concurrency", str(args.identify_concurrency)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.bench.bench_telemetry",
+        "--child",
+        variant,
+        "--ips",
+        str(ips_file),
+        "--concurrency",
+        str(args.concurrency),
+        "--identify-concurrency",
+        str(args.identify_concurrency),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")

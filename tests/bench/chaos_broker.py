@@ -88,8 +88,9 @@ class GridSide:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"grid-chaos-{uuid.uuid4().hex[:6]}",
-                                  protocol=mqtt.MQTTv5)  # fmt: skip
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"grid-chaos-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
+        )
         self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
         self.client.max_queued_messages_set(CLIENT_QUEUE)
         self.client.on_connect = self._on_connect
@@ -142,9 +143,14 @@ class GridSide:
             return 0
         now = time.monotonic()
         with self.lock:
-            due = sorted((o for o in self.out.values()
-                          if now >= o.next_at and not any(is_final(r) for r in self.replies.get(o.rid, []))),
-                         key=lambda o: o.next_at)  # fmt: skip
+            due = sorted(
+                (
+                    o
+                    for o in self.out.values()
+                    if now >= o.next_at and not any(is_final(r) for r in self.replies.get(o.rid, []))
+                ),
+                key=lambda o: o.next_at,
+            )
         sent = 0
         for o in due:
             if not self._publish(o, now):
@@ -166,8 +172,9 @@ class GridSide:
         self.client.loop_stop()
 
 
-def run(cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int = 6,
-        workdir: Path | None = None) -> Row:  # fmt: skip
+def run(
+    cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int = 6, workdir: Path | None = None
+) -> Row:
     row = Row("broker kill/restart")
     rng = random.Random(seed)
     started = time.monotonic()
@@ -179,10 +186,21 @@ def run(cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int
         cap = round(full * 0.8, 1)
         tol = full * TOLERANCE_SHARE
         broker = Mosquitto(tmp / "broker").start()
-        files = write_agent_config(tmp / "agent", sim.ips, cap_kw=cap, site_id=site_id, overrides={
-            "mqtt": {"enabled": True, "host": HOST, "port": broker.plain_port, "telemetry_interval_s": 5,
-                     "keepalive_s": 5},
-        })  # fmt: skip
+        files = write_agent_config(
+            tmp / "agent",
+            sim.ips,
+            cap_kw=cap,
+            site_id=site_id,
+            overrides={
+                "mqtt": {
+                    "enabled": True,
+                    "host": HOST,
+                    "port": broker.plain_port,
+                    "telemetry_interval_s": 5,
+                    "keepalive_s": 5,
+                },
+            },
+        )
         grid: GridSide | None = None
         agent: AgentProcess | None = None
         try:
@@ -211,8 +229,9 @@ def run(cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int
                             cancels[0] += 1
                         else:
                             did = f"b{n}"
-                            body = dispatch_body(agent, did, target_kw=rng.uniform(0.3, 0.95) * cap,
-                                                 lasts_s=rng.uniform(*WINDOW_S))  # fmt: skip
+                            body = dispatch_body(
+                                agent, did, target_kw=rng.uniform(0.3, 0.95) * cap, lasts_s=rng.uniform(*WINDOW_S)
+                            )
                             grid.send("dispatch", signed(agent, "dispatch", body))
                             sent_ids.append(did)
                         grid.retry_unanswered()
@@ -263,8 +282,10 @@ def run(cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int
                         continue
                     if len({json.dumps(r, sort_keys=True) for r in replies}) > 1:
                         row.doubled += 1
-                        row.note(f"{did}: answered differently on a retry: {[r.get('status') for r in replies]} "
-                                 f"{[r.get('error', {}).get('code') for r in replies]}")  # fmt: skip
+                        row.note(
+                            f"{did}: answered differently on a retry: {[r.get('status') for r in replies]} "
+                            f"{[r.get('error', {}).get('code') for r in replies]}"
+                        )
                     if replies[0].get("status") != "ok":
                         refusals[str((replies[0].get("error") or {}).get("code"))] += 1
                         if accepted[did]:
@@ -291,14 +312,18 @@ def run(cycles: int, *, seed: int = 1, base_ip: str = "127.180.0.1", miners: int
                 over = above(truth.since(t_begin, t_end), cap, tol)
                 if over:
                     row.violations += 1
-                    row.note(f"site above its cap {cap} kW in {len(over)} samples, max "
-                             f"{max(s.power_kw for s in over):.2f} kW")  # fmt: skip
+                    row.note(
+                        f"site above its cap {cap} kW in {len(over)} samples, max "
+                        f"{max(s.power_kw for s in over):.2f} kW"
+                    )
                 if refusals or transient:
                     row.note(f"dispatches refused, by code: {dict(refusals)}; {transient} transient errors retried")
                 retries = sum(max(o.tries - 1, 0) for o in grid.out.values())
-                row.note(f"{cancels[0]} cancels sent, {sum(cancelled.values())} accepted; {retries} retries; "
-                         f"{sum(1 for r in grid.replies.values() if r[0].get('status') != 'ok')} refused; "
-                         f"truth samples {len(truth.samples)}")  # fmt: skip
+                row.note(
+                    f"{cancels[0]} cancels sent, {sum(cancelled.values())} accepted; {retries} retries; "
+                    f"{sum(1 for r in grid.replies.values() if r[0].get('status') != 'ok')} refused; "
+                    f"truth samples {len(truth.samples)}"
+                )
                 agent.stop()  # a clean stop checkpoints the WAL: the growth is the database's own
                 growth = db_bytes(files.state_dir) - bytes0
                 row.disk_growth = f"{growth / 1e6:.2f} MB"

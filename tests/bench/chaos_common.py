@@ -79,16 +79,38 @@ class Row:
         return json.dumps(asdict(self))
 
 
-HEADER = ("runner", "cycles", "sent", "acked", "applied once", "lost", "doubled", "violations", "crashes",
-          "disk growth", "wall s")  # fmt: skip
+HEADER = (
+    "runner",
+    "cycles",
+    "sent",
+    "acked",
+    "applied once",
+    "lost",
+    "doubled",
+    "violations",
+    "crashes",
+    "disk growth",
+    "wall s",
+)
 
 
 def table(rows: Iterable[Row]) -> str:
     """A Markdown table, one line per runner."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
-        cells = (r.runner, r.cycles, r.sent, r.acked, r.applied_once, r.lost, r.doubled, r.violations, r.crashes,
-                 r.disk_growth, f"{r.wall_s:.0f}")  # fmt: skip
+        cells = (
+            r.runner,
+            r.cycles,
+            r.sent,
+            r.acked,
+            r.applied_once,
+            r.lost,
+            r.doubled,
+            r.violations,
+            r.crashes,
+            r.disk_growth,
+            f"{r.wall_s:.0f}",
+        )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +137,11 @@ class Sample:
     miners: tuple[tuple[str, str, float | None, float, float], ...] = ()
 
     def describe(self) -> str:
-        return "; ".join(f"{ip} {state} limit {limit if limit is None else round(limit)} nominal {round(nominal)} "
-                         f"drawing {round(power)} W" for ip, state, limit, nominal, power in self.miners)  # fmt: skip
+        return "; ".join(
+            f"{ip} {state} limit {limit if limit is None else round(limit)} nominal {round(nominal)} "
+            f"drawing {round(power)} W"
+            for ip, state, limit, nominal, power in self.miners
+        )
 
 
 class TruthRecorder:
@@ -144,12 +169,18 @@ class TruthRecorder:
             waking = sum(1 for m in truth["miners"] if m["state"] == "waking")
             states = tuple(str(m["state"]) for m in truth["miners"])
             miners = tuple(
-                (str(m["ip"]), str(m["state"]), None if m["power_limit_w"] is None else float(m["power_limit_w"]),
-                 float(m["nominal_w"]), float(m["power_w"]))
+                (
+                    str(m["ip"]),
+                    str(m["state"]),
+                    None if m["power_limit_w"] is None else float(m["power_limit_w"]),
+                    float(m["nominal_w"]),
+                    float(m["power_w"]),
+                )
                 for m in truth["miners"]
-            )  # fmt: skip
-            self.samples.append(Sample(time.monotonic(), truth["site"]["power_w"] / 1000, running / 1000, waking,
-                                       states, miners))  # fmt: skip
+            )
+            self.samples.append(
+                Sample(time.monotonic(), truth["site"]["power_w"] / 1000, running / 1000, waking, states, miners)
+            )
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> TruthRecorder:
@@ -248,8 +279,12 @@ def audit_verify(files: AgentConfigFiles) -> tuple[bool, str]:
     """`hashflex audit verify --json` on the state database: (passed, what it said)."""
     done = subprocess.run(
         [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     text = (done.stdout + done.stderr).strip()
     with contextlib.suppress(json.JSONDecodeError):
         doc = json.loads(done.stdout)
@@ -258,8 +293,9 @@ def audit_verify(files: AgentConfigFiles) -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------------------------------ signing
-def signed(agent: AgentProcess, verb: str, doc: Mapping[str, Any], *, issued_at: float | None = None,
-           site: str | None = None) -> dict[str, Any]:  # fmt: skip
+def signed(
+    agent: AgentProcess, verb: str, doc: Mapping[str, Any], *, issued_at: float | None = None, site: str | None = None
+) -> dict[str, Any]:
     """`doc` signed by the test grid key for `verb` at this site, through the harness, whatever the format is today.
 
     The harness owns the signing format (it is changing: the signed scope gains `site` and `verb`); this adapter
@@ -278,8 +314,7 @@ def signed(agent: AgentProcess, verb: str, doc: Mapping[str, Any], *, issued_at:
     if hasattr(signing, "sign_command") and "verb" not in params:
         # the agent wants the scoped format and the harness does not give it yet: add the scope and sign again
         scope = {"site": site or agent.files.doc["site"]["id"], "verb": verb}
-        out = sign_raw({**out, **{k: v for k, v in scope.items() if k not in out or k == "site"}},
-                       agent.files.grid_key)  # fmt: skip
+        out = sign_raw({**out, **{k: v for k, v in scope.items() if k not in out or k == "site"}}, agent.files.grid_key)
     elif site is not None and "site" not in params:  # put the other site in and sign again
         out = sign_raw({**out, "site": site}, agent.files.grid_key)
     return out
@@ -298,8 +333,9 @@ def sign_raw(body: Mapping[str, Any], key: Any) -> dict[str, Any]:
     return out
 
 
-def dispatch_body(agent: AgentProcess, dispatch_id: str, *, target_kw: float, lasts_s: float | None,
-                  start_in_s: float = 0.0) -> dict[str, Any]:  # fmt: skip
+def dispatch_body(
+    agent: AgentProcess, dispatch_id: str, *, target_kw: float, lasts_s: float | None, start_in_s: float = 0.0
+) -> dict[str, Any]:
     now = agent.now()
     body: dict[str, Any] = {"id": dispatch_id, "target_kw": round(target_kw, 1)}
     if start_in_s:

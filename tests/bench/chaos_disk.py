@@ -105,8 +105,9 @@ class Applied:
             self._undo = stack.close
         else:
             subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
-            self._undo = lambda: subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True,
-                                                capture_output=True)  # fmt: skip
+            self._undo = lambda: subprocess.run(
+                ["mount", "-o", "remount,rw", str(mount)], check=True, capture_output=True
+            )
 
     def clear(self) -> None:
         self._undo()
@@ -141,14 +142,17 @@ def _new_alarms(agent: AgentProcess, before: set[str]) -> set[str]:
     return {k for k in _alarm_keys(agent) - before if k != "safe_start" and not k.startswith("cannot_meet")}
 
 
-def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int = 8,
-        workdir: Path | None = None) -> Row:  # fmt: skip
+def run(
+    cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int = 8, workdir: Path | None = None
+) -> Row:
     row = Row("disk full/locked/ro")
     rng = random.Random(seed)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="chaos-disk-")) if workdir is None else workdir
-    with SimProcess(miners=miners, base_ip=base_ip, seed=seed, extra_args=["--wake-s", WAKE_S]) as sim, \
-            tmpfs(tmp / "state-fs", "24m") as mount:  # fmt: skip
+    with (
+        SimProcess(miners=miners, base_ip=base_ip, seed=seed, extra_args=["--wake-s", WAKE_S]) as sim,
+        tmpfs(tmp / "state-fs", "24m") as mount,
+    ):
         full = full_power_kw(sim)
         cap = round(full * 0.8, 1)
         tol = full * TOLERANCE_SHARE
@@ -176,8 +180,10 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                         agent = AgentProcess.start(files)
                     level = round(rng.uniform(0.4, 0.6) * full, 1)
                     ids = {k: f"{k}{cycle}" for k in "ABC"}
-                    reply_a = agent.request("dispatch", signed(agent, "dispatch",
-                                            dispatch_body(agent, ids["A"], target_kw=level, lasts_s=None)))  # fmt: skip
+                    reply_a = agent.request(
+                        "dispatch",
+                        signed(agent, "dispatch", dispatch_body(agent, ids["A"], target_kw=level, lasts_s=None)),
+                    )
                     if not reply_a.is_ok:
                         row.violations += 1
                         row.note(f"{tag}: A refused before the fault: {reply_a.error_code} {reply_a.error_message}")
@@ -213,11 +219,20 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                             starter = threading.Thread(target=starting, daemon=True)
                             starter.start()
                             starter.join(FAULT_S)
-                        b_doc = signed(agent, "dispatch", dispatch_body(agent, ids["B"], target_kw=level - 0.1 * full,
-                                                                        lasts_s=None))  # fmt: skip
-                        live = agent if not fault.at_start else (
-                            started_under_fault[0] if started_under_fault and
-                            isinstance(started_under_fault[0], AgentProcess) else None)  # fmt: skip
+                        b_doc = signed(
+                            agent,
+                            "dispatch",
+                            dispatch_body(agent, ids["B"], target_kw=level - 0.1 * full, lasts_s=None),
+                        )
+                        live = (
+                            agent
+                            if not fault.at_start
+                            else (
+                                started_under_fault[0]
+                                if started_under_fault and isinstance(started_under_fault[0], AgentProcess)
+                                else None
+                            )
+                        )
                         reply_b = _send(live, "dispatch", b_doc)
                         if reply_b is not None and reply_b.is_ok:
                             acked.append(ids["B"])
@@ -260,8 +275,10 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                         got = started_under_fault[0] if started_under_fault else None
                         agent = got if isinstance(got, AgentProcess) else None
                         if ready_at and ready_at[0] > t_clear:
-                            row.note(f"{tag}: the agent answered only {ready_at[0] - t_clear:.1f} s after the fault "
-                                     f"ended ({t_clear - t_fault:.1f} s of fault)")  # fmt: skip
+                            row.note(
+                                f"{tag}: the agent answered only {ready_at[0] - t_clear:.1f} s after the fault "
+                                f"ended ({t_clear - t_fault:.1f} s of fault)"
+                            )
                         if agent is None:
                             row.crashes += 1
                             row.note(f"{tag}: the agent did not ride out the fault at start: {str(got)[-300:]}")
@@ -300,12 +317,19 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                         )
                     elif ids["B"] not in acked:
                         acked.append(ids["B"])
-                    if reply_b is not None and final_b is not None and reply_b.is_ok and \
-                            reply_b.to_dict() != final_b.to_dict():  # fmt: skip
+                    if (
+                        reply_b is not None
+                        and final_b is not None
+                        and reply_b.is_ok
+                        and reply_b.to_dict() != final_b.to_dict()
+                    ):
                         row.doubled += 1
                         row.note(f"{tag}: B answered differently on a retry")
-                    reply_c = _send(agent, "dispatch", signed(agent, "dispatch",
-                                    dispatch_body(agent, ids["C"], target_kw=level, lasts_s=None)))  # fmt: skip
+                    reply_c = _send(
+                        agent,
+                        "dispatch",
+                        signed(agent, "dispatch", dispatch_body(agent, ids["C"], target_kw=level, lasts_s=None)),
+                    )
                     stuck = reply_c is None or not reply_c.is_ok
                     if reply_c is not None and reply_c.is_ok:
                         acked.append(ids["C"])
@@ -316,8 +340,11 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                             f"{None if reply_c is None else reply_c.error_code}"
                         )
                     with contextlib.suppress(TimeoutError, RuntimeError):
-                        agent.wait_for(lambda a=agent, b=alarms_before: not _new_alarms(a, b),
-                                       1.0 if stuck else RECOVER_S, what="alarms cleared")  # fmt: skip
+                        agent.wait_for(
+                            lambda a=agent, b=alarms_before: not _new_alarms(a, b),
+                            1.0 if stuck else RECOVER_S,
+                            what="alarms cleared",
+                        )
                     left = _new_alarms(agent, alarms_before)
                     if left:
                         row.note(f"{tag}: alarms still raised after recovery: {sorted(left)}")
@@ -332,10 +359,12 @@ def run(cycles: int, *, seed: int = 3, base_ip: str = "127.182.0.1", miners: int
                     over = above(truth.since(t_met), level, tol)
                     if over:
                         row.violations += 1
-                        row.note(f"{tag}: site above A's level {level} kW in {len(over)} samples "
-                                 f"(max {max(s.power_kw for s in over):.2f} kW, from {over[0].at - t_met:.1f} s to "
-                                 f"{over[-1].at - t_met:.1f} s after A was met; the fault ended at "
-                                 f"{t_clear - t_met:.1f} s)")  # fmt: skip
+                        row.note(
+                            f"{tag}: site above A's level {level} kW in {len(over)} samples "
+                            f"(max {max(s.power_kw for s in over):.2f} kW, from {over[0].at - t_met:.1f} s to "
+                            f"{over[-1].at - t_met:.1f} s after A was met; the fault ended at "
+                            f"{t_clear - t_met:.1f} s)"
+                        )
                     for k in "ABC":
                         _send(agent, "cancel", signed(agent, "cancel", {"id": f"x{ids[k]}", "dispatch_id": ids[k]}))
                     if stuck:  # it did not recover by itself: restart it, so the next cycles test their own fault

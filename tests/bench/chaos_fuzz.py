@@ -50,21 +50,68 @@ from tests.broker import HOST, Mosquitto
 MUTATING = ("dispatch", "cancel", "cap", "curtail", "resume")
 READS = ("ping", "status", "miners", "preview", "dispatches", "events")
 ODD_VERBS = ("nope", "DISPATCH", "dïspatch", "dispatch ", "heartbeat", "reply")
-RAW_NUMBERS = ("1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1" + "0" * 400, "9" * 5000, "1e-400", "-0",
-               "1.7e12", "17000000000000", "4e307", "123456789012345678901234567890")  # fmt: skip
-_NOT_A_NUMBER: tuple[Any, ...] = (True, [], {}, [1], {"kw": 1}, "12XW", "1e400", "NaN", "-Infinity", "∞", "0x10",
-                                  "x" * 300, "", -1, -1e-9)  # fmt: skip
-_NOT_A_TIME: tuple[Any, ...] = (True, [], {}, "yesterday", "2026-13-45T99:00:00Z", "2026-01-01T00:00:00", -1, 0,
-                                1e400, "", "x" * 300)  # fmt: skip
+RAW_NUMBERS = (
+    "1e400",
+    "-1e400",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1" + "0" * 400,
+    "9" * 5000,
+    "1e-400",
+    "-0",
+    "1.7e12",
+    "17000000000000",
+    "4e307",
+    "123456789012345678901234567890",
+)
+_NOT_A_NUMBER: tuple[Any, ...] = (
+    True,
+    [],
+    {},
+    [1],
+    {"kw": 1},
+    "12XW",
+    "1e400",
+    "NaN",
+    "-Infinity",
+    "∞",
+    "0x10",
+    "x" * 300,
+    "",
+    -1,
+    -1e-9,
+)
+_NOT_A_TIME: tuple[Any, ...] = (
+    True,
+    [],
+    {},
+    "yesterday",
+    "2026-13-45T99:00:00Z",
+    "2026-01-01T00:00:00",
+    -1,
+    0,
+    1e400,
+    "",
+    "x" * 300,
+)
 _NOT_AN_ID: tuple[Any, ...] = (0, True, [], {}, "", "x" * 300, "a b", "naïve")
 _NOT_A_START = tuple(v for v in _NOT_A_TIME if not isinstance(v, int))  # a past start is a valid start
 WRONG: dict[str, tuple[Any, ...]] = {  # per field, values it can never take
-    "id": _NOT_AN_ID, "dispatch_id": _NOT_AN_ID, "target_kw": _NOT_A_NUMBER, "cap_kw": _NOT_A_NUMBER,
-    "to_kw": _NOT_A_NUMBER, "start": _NOT_A_START, "end": _NOT_A_TIME,
+    "id": _NOT_AN_ID,
+    "dispatch_id": _NOT_AN_ID,
+    "target_kw": _NOT_A_NUMBER,
+    "cap_kw": _NOT_A_NUMBER,
+    "to_kw": _NOT_A_NUMBER,
+    "start": _NOT_A_START,
+    "end": _NOT_A_TIME,
     "ramp_kw_per_min": ("fast", 0, -5, [], {}),
-    "rev": (-1, 1.5, 2**40, None, []), "for_s": (True, [], "forever", 0, -60, "99999999999d", "1e400s"),
-    "state": (1, "on fire", []), "sort": (1, "random", []), "limit": (0, -1, "all", 10**12, 1.5),
-}  # fmt: skip
+    "rev": (-1, 1.5, 2**40, None, []),
+    "for_s": (True, [], "forever", 0, -60, "99999999999d", "1e400s"),
+    "state": (1, "on fire", []),
+    "sort": (1, "random", []),
+    "limit": (0, -1, "all", 10**12, 1.5),
+}
 UNICODE = ("d\u200b1", "\u202eevil", "ß" * 3, "😀", "\ud800", "\x00", "id\nnew", "\u0000\u0001", "ＩＤ", "a" * 129)
 
 
@@ -87,8 +134,14 @@ class Generator:
         now = self.agent.now()
         r = self.rng
         if verb == "dispatch":
-            return {"id": self.uid(), "target_kw": round(r.uniform(1, 10), 1), "start": iso(now),
-                    "end": iso(now + 600), "ramp_kw_per_min": 5, "rev": 0}  # fmt: skip
+            return {
+                "id": self.uid(),
+                "target_kw": round(r.uniform(1, 10), 1),
+                "start": iso(now),
+                "end": iso(now + 600),
+                "ramp_kw_per_min": 5,
+                "rev": 0,
+            }
         if verb == "cancel":
             return {"id": self.uid(), "dispatch_id": r.choice(("nope", "fz1", "safe-start", "x"))}
         if verb == "cap":
@@ -118,8 +171,14 @@ class Generator:
 
     def bad_number(self, verb: str) -> tuple[bytes, str]:
         body = self.body(verb)
-        field = {"dispatch": "target_kw", "cap": "cap_kw", "curtail": "to_kw", "preview": "target_kw",
-                 "miners": "limit", "cancel": "dispatch_id"}.get(verb, "id")  # fmt: skip
+        field = {
+            "dispatch": "target_kw",
+            "cap": "cap_kw",
+            "curtail": "to_kw",
+            "preview": "target_kw",
+            "miners": "limit",
+            "cancel": "dispatch_id",
+        }.get(verb, "id")
         choice = self.rng.random()
         if verb == "dispatch" and choice < 0.3:
             field = self.rng.choice(("end", "start", "ramp_kw_per_min", "rev"))
@@ -215,9 +274,16 @@ class Generator:
 
     def one(self, verb: str) -> tuple[bytes, str]:
         makers: list[Callable[[str], tuple[bytes, str]]] = [
-            self.wrong_type, self.bad_number, self.deep, self.duplicate, self.unicode, self.truncated,
-            self.wrong_scope, self.wrong_scope, self.junk,
-        ]  # fmt: skip
+            self.wrong_type,
+            self.bad_number,
+            self.deep,
+            self.duplicate,
+            self.unicode,
+            self.truncated,
+            self.wrong_scope,
+            self.wrong_scope,
+            self.junk,
+        ]
         return self.rng.choice(makers)(verb)
 
     def heartbeat(self) -> tuple[bytes, str]:
@@ -235,8 +301,9 @@ class Generator:
             stale = self.sign("heartbeat", base, issued_at=now - 30 * 86400)
             return json.dumps(stale).encode(), "stale signed heartbeat"
         if choice == 4:
-            return json.dumps(sign_raw({**base, "site": "x", "verb": "heartbeat"}, self.other_key)).encode(), \
-                "heartbeat by another key"  # fmt: skip
+            return json.dumps(
+                sign_raw({**base, "site": "x", "verb": "heartbeat"}, self.other_key)
+            ).encode(), "heartbeat by another key"
         return self.one("heartbeat")
 
 
@@ -255,11 +322,14 @@ def snapshot(agent: AgentProcess) -> dict[str, Any]:
     fs = status.get("failsafe") or {}
     return {
         "dispatches": sorted((d["id"], d["status"], d.get("level_kw")) for d in dispatches),
-        "dispatch_rows": disp_rows, "stored_replies": replies,
-        "cap_kw": status.get("cap_kw"), "target_kw": status.get("target_kw"),
-        "target_source": status.get("target_source"), "failsafe_active": fs.get("active"),
+        "dispatch_rows": disp_rows,
+        "stored_replies": replies,
+        "cap_kw": status.get("cap_kw"),
+        "target_kw": status.get("target_kw"),
+        "target_source": status.get("target_source"),
+        "failsafe_active": fs.get("active"),
         "last_heartbeat": fs.get("last_heartbeat"),
-    }  # fmt: skip
+    }
 
 
 def audit_size(agent: AgentProcess) -> tuple[int, int]:
@@ -287,8 +357,9 @@ class MqttFuzzer:
         self.root = root
         self.replies: dict[bytes, dict[str, Any]] = {}
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fuzz-{uuid.uuid4().hex[:6]}",
-                                  protocol=mqtt.MQTTv5)  # fmt: skip
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"fuzz-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
+        )
         self.client.max_inflight_messages_set(100)
         self.client.on_message = self._on_message
         self.client.connect(HOST, port, keepalive=30)
@@ -371,8 +442,9 @@ class SocketFuzzer:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def run(payloads: int, *, seed: int = 4, base_ip: str = "127.183.0.1", batch: int = 200,
-        workdir: Path | None = None) -> list[Row]:  # fmt: skip
+def run(
+    payloads: int, *, seed: int = 4, base_ip: str = "127.183.0.1", batch: int = 200, workdir: Path | None = None
+) -> list[Row]:
     """One row per channel: mqtt commands, heartbeat, control socket."""
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="chaos-fuzz-")) if workdir is None else workdir
@@ -382,11 +454,22 @@ def run(payloads: int, *, seed: int = 4, base_ip: str = "127.183.0.1", batch: in
     with SimProcess(miners=4, base_ip=base_ip, seed=seed) as sim:
         full = full_power_kw(sim)
         broker = Mosquitto(tmp / "broker").start()
-        files = write_agent_config(tmp / "agent", sim.ips, cap_kw=round(full * 0.8, 1), site_id=site_id, overrides={
-            "mqtt": {"enabled": True, "host": HOST, "port": broker.plain_port, "telemetry_interval_s": 30},
-            "failsafe": {"enabled": True, "level": round(full * 0.5, 1), "hold_at_start": True,
-                         "heartbeat_timeout_s": 3600, "release_after_s": 2},
-        })  # fmt: skip
+        files = write_agent_config(
+            tmp / "agent",
+            sim.ips,
+            cap_kw=round(full * 0.8, 1),
+            site_id=site_id,
+            overrides={
+                "mqtt": {"enabled": True, "host": HOST, "port": broker.plain_port, "telemetry_interval_s": 30},
+                "failsafe": {
+                    "enabled": True,
+                    "level": round(full * 0.5, 1),
+                    "hold_at_start": True,
+                    "heartbeat_timeout_s": 3600,
+                    "release_after_s": 2,
+                },
+            },
+        )
         agent = AgentProcess.start(files)
         fuzz_mqtt: MqttFuzzer | None = None
         sock = SocketFuzzer(files.socket)
@@ -551,8 +634,14 @@ def _socket_line(verb: str, payload: bytes, rng: random.Random) -> bytes:
     """One request line around the fuzzed payload (its newlines flattened: one line, one reply)."""
     body = payload.replace(b"\n", b" ").replace(b"\r", b" ")
     if rng.random() < 0.05:  # the envelope itself broken
-        envelopes = (b'{"verb": 1}', b'{"payload": {}}', b"[]", b'{"verb": "ping", "payload": []}',
-                     b'{"verb": "ping", "verb": "cap", "payload": {"cap_kw": "1e400"}}', body)  # fmt: skip
+        envelopes = (
+            b'{"verb": 1}',
+            b'{"payload": {}}',
+            b"[]",
+            b'{"verb": "ping", "payload": []}',
+            b'{"verb": "ping", "verb": "cap", "payload": {"cap_kw": "1e400"}}',
+            body,
+        )
         return rng.choice(envelopes) + b"\n"
     if rng.random() < 0.001:
         return b'{"verb": "ping", "payload": {"id": "' + b"x" * (1 << 20) + b'"}}\n'  # above the line limit

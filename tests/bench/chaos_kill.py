@@ -73,18 +73,23 @@ def held_down(samples: list[Sample], level_kw: float, tol_kw: float, grace_s: fl
     reached: Sample | None = None
     t0 = samples[0].at
     for prev, s in itertools.pairwise(samples):
-        woke = [i for i, (a, b) in enumerate(zip(prev.states, s.states, strict=False))
-                if a == "sleeping" and b == "waking"]  # fmt: skip
+        woke = [
+            i for i, (a, b) in enumerate(zip(prev.states, s.states, strict=False)) if a == "sleeping" and b == "waking"
+        ]
         if woke and s.at - t0 > grace_s and s.running_kw > level_kw + tol_kw:
-            return (f"miner(s) {woke} woken {s.at - t0:.1f} s after the restart with {s.running_kw:.2f} kW running or "
-                    f"waking while the dispatch allows {level_kw} kW (before: {prev.describe()}; after: "
-                    f"{s.describe()})")  # fmt: skip
+            return (
+                f"miner(s) {woke} woken {s.at - t0:.1f} s after the restart with {s.running_kw:.2f} kW running or "
+                f"waking while the dispatch allows {level_kw} kW (before: {prev.describe()}; after: "
+                f"{s.describe()})"
+            )
         if s.power_kw <= level_kw + tol_kw:
             reached = reached or s
         elif reached:
-            return (f"the site rose to {s.power_kw:.2f} kW (running {s.running_kw:.2f}, {s.waking} waking) "
-                    f"{s.at - t0:.1f} s after the restart, after meeting the dispatch at {level_kw} kW "
-                    f"(+{tol_kw:.2f}) {reached.at - t0:.1f} s after it")  # fmt: skip
+            return (
+                f"the site rose to {s.power_kw:.2f} kW (running {s.running_kw:.2f}, {s.waking} waking) "
+                f"{s.at - t0:.1f} s after the restart, after meeting the dispatch at {level_kw} kW "
+                f"(+{tol_kw:.2f}) {reached.at - t0:.1f} s after it"
+            )
     return None
 
 
@@ -93,8 +98,13 @@ def early_wakes(samples: list[Sample], grace_s: float = 1.0) -> int:
     if not samples:
         return 0
     t0 = samples[0].at
-    return sum(1 for prev, s in itertools.pairwise(samples) if s.at - t0 <= grace_s
-               for a, b in zip(prev.states, s.states, strict=False) if a == "sleeping" and b == "waking")  # fmt: skip
+    return sum(
+        1
+        for prev, s in itertools.pairwise(samples)
+        if s.at - t0 <= grace_s
+        for a, b in zip(prev.states, s.states, strict=False)
+        if a == "sleeping" and b == "waking"
+    )
 
 
 class Wire:
@@ -123,8 +133,15 @@ def start(files: AgentConfigFiles, origin: float, crash_at: str | None = None) -
     return AgentProcess.start(files, time_scale=K, time_origin=origin, env=env, ready_timeout=60)
 
 
-def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int = 8,
-        workdir: Path | None = None, verify_every: int = 10) -> Row:  # fmt: skip
+def run(
+    cycles: int,
+    *,
+    seed: int = 2,
+    base_ip: str = "127.181.0.1",
+    miners: int = 8,
+    workdir: Path | None = None,
+    verify_every: int = 10,
+) -> Row:
     row = Row("agent kill -9")
     rng = random.Random(seed)
     started = time.monotonic()
@@ -149,10 +166,14 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
                 # the site starts at full power, above its cap: the cycles begin once the agent holds it there and
                 # has carried its plan out (a kill before that would count the first start's descent as a violation)
                 agent.wait_for(
-                    lambda: agent.status()["tick"]["n"] > 3 and agent.status().get("settled_since") is not None
-                    and truth.latest().power_kw <= cap + tol,
-                    60, what="the site settled under its cap",
-                )  # fmt: skip
+                    lambda: (
+                        agent.status()["tick"]["n"] > 3
+                        and agent.status().get("settled_since") is not None
+                        and truth.latest().power_kw <= cap + tol
+                    ),
+                    60,
+                    what="the site settled under its cap",
+                )
                 agent.stop()
                 bytes0 = settled_db_bytes(files.state_dir)
                 for cycle in range(cycles):
@@ -249,11 +270,13 @@ def run(cycles: int, *, seed: int = 2, base_ip: str = "127.181.0.1", miners: int
                     if over:
                         row.violations += 1
                         worst = max(over, key=lambda s: s.power_kw)
-                        row.note(f"cycle {cycle} ({crash_at or 'random'}): site above its cap {cap} kW (+{tol:.2f}) "
-                                 f"in {len(over)} samples from {over[0].at - t_down:.1f} s to "
-                                 f"{over[-1].at - t_down:.1f} s after the kill (restarted at {t_up - t_down:.1f} s); "
-                                 f"max {worst.power_kw:.2f} kW, running {worst.running_kw:.2f} kW, "
-                                 f"{worst.waking} waking")  # fmt: skip
+                        row.note(
+                            f"cycle {cycle} ({crash_at or 'random'}): site above its cap {cap} kW (+{tol:.2f}) "
+                            f"in {len(over)} samples from {over[0].at - t_down:.1f} s to "
+                            f"{over[-1].at - t_down:.1f} s after the kill (restarted at {t_up - t_down:.1f} s); "
+                            f"max {worst.power_kw:.2f} kW, running {worst.running_kw:.2f} kW, "
+                            f"{worst.waking} waking"
+                        )
                     row.cycles = cycle + 1
                     if verify_every and (cycle + 1) % verify_every == 0:
                         ok, said = audit_verify(files)

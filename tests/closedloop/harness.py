@@ -123,8 +123,11 @@ class SiteSpec:
     atm_share: float = 0.0  # LuxOS with ATM stepping up at start
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if v != SiteSpec.__dataclass_fields__[k].default
-                         or k in ("miners", "mix", "seed", "cap_share"))  # fmt: skip
+        return ", ".join(
+            f"{k}={v!r}"
+            for k, v in self.__dict__.items()
+            if v != SiteSpec.__dataclass_fields__[k].default or k in ("miners", "mix", "seed", "cap_share")
+        )
 
 
 @dataclass
@@ -255,29 +258,53 @@ class World:
     def _config(self) -> AgentConfig:
         s = self.spec
         doc: dict[str, Any] = {
-            "site": {"id": "closedloop", "cap_kw": self.cap_kw, "timezone": "UTC",
-                     "circuits": [{"id": cid, "cap_kw": cap, "miners": members}
-                                  for cid, (members, cap) in self.circuits.items()]},
-            "miners": {"addresses": list(self.ips),
-                       **({"unknown_w": UNKNOWN_W} if "unknown_w" in MinersConfig.model_fields else {})},
-            "polling": {"interval_s": s.poll_s, "read_timeout_s": 4.0, "command_timeout_s": 8.0,
-                        "identify_timeout_s": 10.0, "stale_after_s": 30.0, "concurrency": 200},
-            "control": {"tick_s": s.tick_s, "min_on_s": s.min_on_s, "min_off_s": s.min_off_s,
-                        "confirm_after_s": s.confirm_after_s, "headroom_pct": s.headroom_pct,
-                        "wake": {"max_per_interval": s.wake_per_interval, "interval_s": s.wake_interval_s},
-                        "ramp_up_kw_per_min": s.ramp_up_kw_per_min},
+            "site": {
+                "id": "closedloop",
+                "cap_kw": self.cap_kw,
+                "timezone": "UTC",
+                "circuits": [
+                    {"id": cid, "cap_kw": cap, "miners": members} for cid, (members, cap) in self.circuits.items()
+                ],
+            },
+            "miners": {
+                "addresses": list(self.ips),
+                **({"unknown_w": UNKNOWN_W} if "unknown_w" in MinersConfig.model_fields else {}),
+            },
+            "polling": {
+                "interval_s": s.poll_s,
+                "read_timeout_s": 4.0,
+                "command_timeout_s": 8.0,
+                "identify_timeout_s": 10.0,
+                "stale_after_s": 30.0,
+                "concurrency": 200,
+            },
+            "control": {
+                "tick_s": s.tick_s,
+                "min_on_s": s.min_on_s,
+                "min_off_s": s.min_off_s,
+                "confirm_after_s": s.confirm_after_s,
+                "headroom_pct": s.headroom_pct,
+                "wake": {"max_per_interval": s.wake_per_interval, "interval_s": s.wake_interval_s},
+                "ramp_up_kw_per_min": s.ramp_up_kw_per_min,
+            },
             "dispatch": {"debounce_s": 0, "min_hold_s": 0, "cooldown_s": 0, "max_age_s": 600, "max_skew_s": 60},
-            "failsafe": {"enabled": True, "heartbeat_timeout_s": s.heartbeat_timeout_s,
-                         "level": round(s.failsafe_share * self.cap_kw, 3), "hold_at_start": True,
-                         "release_after_s": s.release_after_s},
-            "schedule": [{"name": f"tou{n}", "start": _hhmm(a), "end": _hhmm(b),
-                          "target_kw": round(sh * self.cap_kw, 3)} for n, (a, b, sh) in enumerate(s.tou)],
+            "failsafe": {
+                "enabled": True,
+                "heartbeat_timeout_s": s.heartbeat_timeout_s,
+                "level": round(s.failsafe_share * self.cap_kw, 3),
+                "hold_at_start": True,
+                "release_after_s": s.release_after_s,
+            },
+            "schedule": [
+                {"name": f"tou{n}", "start": _hhmm(a), "end": _hhmm(b), "target_kw": round(sh * self.cap_kw, 3)}
+                for n, (a, b, sh) in enumerate(s.tou)
+            ],
             "mqtt": {"enabled": False},
             "metrics": {"enabled": False},
             "state_dir": str(self.dir / "state"),
             "control_socket": {"path": str(self.dir / "ctl.sock")},
             "logging": {"level": "error", "format": "json"},
-        }  # fmt: skip
+        }
         return AgentConfig.model_validate(doc)
 
     def say(self, line: str) -> None:
@@ -301,15 +328,24 @@ class World:
             if hasattr(dev, "work_mode"):
                 dev.work_mode = 1
         faults: list[dict[str, Any]] = []
-        for mode, share in (("refuse", s.refused_share), ("blackhole", s.blackhole_share),
-                            ("reboot", s.rebooting_share)):  # fmt: skip
+        for mode, share in (
+            ("refuse", s.refused_share),
+            ("blackhole", s.blackhole_share),
+            ("reboot", s.rebooting_share),
+        ):
             ips = pick(share, mode)
             if ips:
                 faults.append({"mode": mode, "ips": ips})
         lux = [d.ip for d in self.site.devices if isinstance(d, LuxosDevice)]
         if s.atm_share and lux:
-            faults.append({"mode": "atm", "ips": lux[: max(1, round(s.atm_share * len(lux)))], "direction": "up",
-                           "interval_s": 30})  # fmt: skip
+            faults.append(
+                {
+                    "mode": "atm",
+                    "ips": lux[: max(1, round(s.atm_share * len(lux)))],
+                    "direction": "up",
+                    "interval_s": 30,
+                }
+            )
         for f in faults:
             self.set_fault(f, quiet=True)
 
@@ -342,16 +378,30 @@ class World:
         self.fleet = fleet
         await self._pump(fleet.sweep())
         events = EventLog(clock.time)
-        actuator = Actuator(fleet.handle, concurrency=cfg.polling.concurrency,
-                            command_timeout_s=cfg.polling.command_timeout_s,
-                            retries_per_command=cfg.control.retry_budget, backoff_s=0.0, backoff_max_s=0.0)  # fmt: skip
-        ctl = Controller(cfg, fleet=fleet, store=self.store, actuator=actuator, clock=clock,
-                         events=events, grid_link=True, persist=persist)  # fmt: skip
+        actuator = Actuator(
+            fleet.handle,
+            concurrency=cfg.polling.concurrency,
+            command_timeout_s=cfg.polling.command_timeout_s,
+            retries_per_command=cfg.control.retry_budget,
+            backoff_s=0.0,
+            backoff_max_s=0.0,
+        )
+        ctl = Controller(
+            cfg,
+            fleet=fleet,
+            store=self.store,
+            actuator=actuator,
+            clock=clock,
+            events=events,
+            grid_link=True,
+            persist=persist,
+        )
         ctl.sweep_request = asyncio.Event()
         ctl.restore()
         self.ctl = ctl
-        self.service = CommandService(cfg, ctl, events, clock=clock,
-                                      grid_keys=[self.grid_key.public_key()], operator_keys=[])  # fmt: skip
+        self.service = CommandService(
+            cfg, ctl, events, clock=clock, grid_keys=[self.grid_key.public_key()], operator_keys=[]
+        )
         if self.heartbeat_on:
             ctl.heartbeat(b"{}")
         self._tick()
@@ -595,9 +645,16 @@ class World:
         self._seq += 1
         return f"{prefix}{self._seq}"
 
-    def dispatch(self, *, target_share: float | None = None, curtail_share: float | None = None,
-                 start_in: float = 0.0, duration: float | None = None, ramp_share_per_min: float | None = None,
-                 revise: str | None = None) -> str | None:  # fmt: skip
+    def dispatch(
+        self,
+        *,
+        target_share: float | None = None,
+        curtail_share: float | None = None,
+        start_in: float = 0.0,
+        duration: float | None = None,
+        ramp_share_per_min: float | None = None,
+        revise: str | None = None,
+    ) -> str | None:
         """A signed grid dispatch over MQTT: a level (share of the cap) or a reduction (share of the site's power)."""
         did = revise or self._next_id("d")
         prev = self.inputs.get(did) if revise else None
@@ -641,8 +698,9 @@ class World:
         return did
 
     def cancel(self, did: str) -> None:
-        reply = self._submit("cancel", {"id": self._next_id("x"), "issued_at": self.now - 1, "dispatch_id": did},
-                             Channel.MQTT)  # fmt: skip
+        reply = self._submit(
+            "cancel", {"id": self._next_id("x"), "issued_at": self.now - 1, "dispatch_id": did}, Channel.MQTT
+        )
         self.say(f"grid cancels {did} -> {_said(reply)}")
         rec = self.inputs.get(did)
         if reply.is_ok and rec is not None:
@@ -758,8 +816,9 @@ class World:
         a unit draws up to 2 % more) + 50 W."""
         t = self.vt.t
         devices = self.site.devices if members is None else [self.site.by_ip[ip] for ip in members]
-        blind = sum(d.spec.nominal_w for d in devices
-                    if d.family == "antminer" and d.physics.current_state(t) != "sleeping")  # fmt: skip
+        blind = sum(
+            d.spec.nominal_w for d in devices if d.family == "antminer" and d.physics.current_state(t) != "sleeping"
+        )
         return self.cfg.control.tolerance_kw + 0.005 * limit_kw + 0.03 * blind / 1000.0 + 0.05
 
     def fail(self, kind: str, message: str) -> None:
@@ -817,8 +876,10 @@ class World:
                 measured -= max(0.0, ms.power_w - mem.commanded_w - mem.excess_w) / 1000.0
         worst = ctl.plan.worst_case_kw
         if worst < measured - 0.005 * measured - 0.05:
-            self.fail("worst case below measured",
-                      f"the agent reports a worst case of {worst:.2f} kW while its miners report {measured:.2f} kW")
+            self.fail(
+                "worst case below measured",
+                f"the agent reports a worst case of {worst:.2f} kW while its miners report {measured:.2f} kW",
+            )
 
     def _invisible_w(self, truth: dict[str, float], ips: list[str]) -> float:
         """Draw no reading can show: a stock Antminer reports no watts, so what it draws above its stock power
@@ -851,8 +912,9 @@ class World:
         healthy_kw = sum(truth[ip] for ip in healthy) / 1000.0
         self.samples.append((t, site_kw, healthy_kw))
         # (limits are kept as long as `_held_off` looks back: min-off and a settle time before a sleep)
-        horizon = max(self.settle_s(), 90.0, self.fault_settle_s(),
-                      self.spec.min_off_s + 2 * self.settle_s() + SAMPLE_EVERY_S)  # fmt: skip
+        horizon = max(
+            self.settle_s(), 90.0, self.fault_settle_s(), self.spec.min_off_s + 2 * self.settle_s() + SAMPLE_EVERY_S
+        )
         while self.samples and self.samples[0][0] < t - horizon:
             self.samples.pop(0)
         self._track_wakes(t)
@@ -888,16 +950,21 @@ class World:
                 cap_eff = max(cap, floor_c / 1000.0) + self._invisible_w(truth, members) / 1000.0
                 ctol = self.tolerance_kw(cap_eff, members)
                 if drawn > cap_eff + ctol:
-                    self.fail("safety (circuit)",
-                              f"circuit {cid} draws {drawn:.2f} kW, cap {cap_eff:.2f} kW + {ctol:.2f}")
+                    self.fail(
+                        "safety (circuit)", f"circuit {cid} draws {drawn:.2f} kW, cap {cap_eff:.2f} kW + {ctol:.2f}"
+                    )
         # (state) after a restart, miners the agent had asleep are not woken beyond what the limit allows
         if self.restart_check is not None:
             since, asleep = self.restart_check
             if t - since > self.fault_settle_s() or t - self.fault_at < self.fault_settle_s():
                 self.restart_check = None  # (a fault near the restart: what woke whom is not the agent's alone)
             else:
-                woken = [ip for ip in asleep if self.site.by_ip[ip].physics.current_state(t) in ("waking", "hashing")
-                         and ip not in self.rebooted_at]  # fmt: skip
+                woken = [
+                    ip
+                    for ip in asleep
+                    if self.site.by_ip[ip].physics.current_state(t) in ("waking", "hashing")
+                    and ip not in self.rebooted_at
+                ]
                 if woken:
                     # every miner as it will draw once its present setting has taken (a re-plan may lower some
                     # miners and wake others at once: the limits take in seconds, a wake ramps for minutes), the
@@ -910,9 +977,11 @@ class World:
                     full = sum(self._eventual_w(ip) for ip in woken) / 1000.0
                     bound = max(hi for at, hi, _lo in self.limits if at >= since)
                     if others + full > bound + tol + max(self._max_w(ip) for ip in self.ips) / 1000.0:
-                        self.fail("state after restart",
-                                  f"{len(woken)} miners asleep before the restart were woken: {others:.2f} kW + "
-                                  f"{full:.2f} kW at full power > limit {bound:.2f} kW")  # fmt: skip
+                        self.fail(
+                            "state after restart",
+                            f"{len(woken)} miners asleep before the restart were woken: {others:.2f} kW + "
+                            f"{full:.2f} kW at full power > limit {bound:.2f} kW",
+                        )
         unhealthy = [ip for ip in self.ips if ip not in set(healthy)]
         counted_u = sum(self._counted_w(ip, truth[ip]) for ip in unhealthy) / 1000.0
         one = max(self._max_w(ip) for ip in self.ips) / 1000.0
@@ -926,20 +995,30 @@ class World:
             need = min(before, max(0.0, lowest - counted_u)) * (1 - self.spec.headroom_pct / 100.0) - one - tol
             # a waking miner is on its way to its setting (min-on keeps a miner woken a moment ago on, and the
             # plan counts it there): the cut is judged on what the site will draw, not on a boot's first watts
-            coming = sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy
-                         if self.site.by_ip[ip].physics.current_state(t) == "waking") / 1000.0  # fmt: skip
+            coming = (
+                sum(
+                    max(truth[ip], self._eventual_w(ip)) - truth[ip]
+                    for ip in healthy
+                    if self.site.by_ip[ip].physics.current_state(t) == "waking"
+                )
+                / 1000.0
+            )
             # a miner slept for a lower limit (a cut this check judged against that limit while it bound) stays
             # asleep for min_off_s whatever the limit does next: "a sleeping miner inside min_off is never woken"
             # (core/accounting.py). Once the lower limit is older than settle_s, what min-off holds back is not a
             # cut deeper than the present limit requires: it is judged, as a waking miner is, on what it will draw
             # once the agent may wake it (how soon it does is the service check's, which waits for min-off)
-            held = sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy
-                       if self._held_off(ip, t, lowest)) / 1000.0  # fmt: skip
+            held = (
+                sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy if self._held_off(ip, t, lowest))
+                / 1000.0
+            )
             if healthy_kw + coming + held < need:
-                self.fail("decrease too deep",
-                          f"healthy miners draw {healthy_kw:.2f} kW (were {before:.2f} kW within 60 s); the limit "
-                          f"{low:.2f} kW with {counted_u:.2f} kW counted for unhealthy miners needs no less than "
-                          f"{need:.2f} kW")  # fmt: skip
+                self.fail(
+                    "decrease too deep",
+                    f"healthy miners draw {healthy_kw:.2f} kW (were {before:.2f} kW within 60 s); the limit "
+                    f"{low:.2f} kW with {counted_u:.2f} kW counted for unhealthy miners needs no less than "
+                    f"{need:.2f} kW",
+                )
         # (grid-friendly, up) no increase faster than the ramp and the wake stagger allow
         if quiet:
             ramp = self.spec.ramp_up_kw_per_min
@@ -947,15 +1026,19 @@ class World:
                 lowest = min(s[1] for s in self.samples if s[0] >= t - 60.0)
                 allow = ramp * (60.0 + 30.0 + self.spec.tick_s) / 60.0 + one + tol
                 if site_kw - lowest > allow:
-                    self.fail("increase too fast", f"site rose {site_kw - lowest:.2f} kW within 60 s; ramp "
-                              f"{ramp} kW/min allows {allow:.2f} kW")  # fmt: skip
+                    self.fail(
+                        "increase too fast",
+                        f"site rose {site_kw - lowest:.2f} kW within 60 s; ramp {ramp} kW/min allows {allow:.2f} kW",
+                    )
             per = self.spec.wake_interval_s
             recent = [w for w in self.wakes if w > t - per - SAMPLE_EVERY_S and w >= self.disturbed_at]
             for w in recent:
                 n = sum(1 for x in recent if w <= x < w + per)
                 if n > self.spec.wake_per_interval:
-                    self.fail("wake stagger", f"{n} miners woke within {per:.0f} s (at most "
-                              f"{self.spec.wake_per_interval} per interval)")  # fmt: skip
+                    self.fail(
+                        "wake stagger",
+                        f"{n} miners woke within {per:.0f} s (at most {self.spec.wake_per_interval} per interval)",
+                    )
         # (service) after settle + min-off + stagger: at least 90 % of min(limit, what the healthy fleet can draw)
         if t - max(self.changed_at, self.disturbed_at) >= self.service_settle_s():
             # the headroom is a share of the limit (control.headroom_pct, as the planner applies it: the worst case
@@ -975,11 +1058,13 @@ class World:
             if floor > 0:
                 self.margins.service_share = min(self.margins.service_share, healthy_kw / floor - 1.0)
             if healthy_kw < floor - 1e-6:
-                self.fail(f"service{self._service_hint(low, healthy)}",
-                          f"healthy miners draw {healthy_kw:.2f} kW < 90 % of min(limit {low:.2f} kW - "
-                          f"{counted_u:.2f} kW counted for unhealthy miners, what the healthy fleet can draw "
-                          f"within it {capacity:.2f} kW) = "
-                          f"{floor:.2f} kW")  # fmt: skip
+                self.fail(
+                    f"service{self._service_hint(low, healthy)}",
+                    f"healthy miners draw {healthy_kw:.2f} kW < 90 % of min(limit {low:.2f} kW - "
+                    f"{counted_u:.2f} kW counted for unhealthy miners, what the healthy fleet can draw "
+                    f"within it {capacity:.2f} kW) = "
+                    f"{floor:.2f} kW",
+                )
 
     def _service_hint(self, limit_kw: float, healthy: list[str]) -> str:
         """Which known cause a service shortfall looks like (for the soak's tally; a hint, not a verdict)."""
@@ -1086,9 +1171,11 @@ class World:
             state = p.current_state(t)
             if state == "waking":
                 began = p.state_until - PHYSICS.wake_s
-                if self.wake_starts.get(dev.ip) != began and (
-                    dev.ip not in self.rebooted_at or began > self.rebooted_at[dev.ip] + PHYSICS.reboot_s + 1
-                ) and not dev.faults:
+                if (
+                    self.wake_starts.get(dev.ip) != began
+                    and (dev.ip not in self.rebooted_at or began > self.rebooted_at[dev.ip] + PHYSICS.reboot_s + 1)
+                    and not dev.faults
+                ):
                     if dev.ip not in self.wake_starts or abs(self.wake_starts[dev.ip] - began) > 1.0:
                         self.wakes.append(began)
                     self.wake_starts[dev.ip] = began

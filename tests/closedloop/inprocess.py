@@ -109,8 +109,16 @@ class _SimClockAdapter:
 class InProcessSite(Site):
     """`sim.site.Site` with no listeners: "bound" means the device answers; reboots and ATM run on virtual time."""
 
-    def __init__(self, *, miners: int, mix: str, seed: int, vt: VirtualTime, base_ip: str = "127.200.0.1",
-                 params: PhysicsParams | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        miners: int,
+        mix: str,
+        seed: int,
+        vt: VirtualTime,
+        base_ip: str = "127.200.0.1",
+        params: PhysicsParams | None = None,
+    ) -> None:
         super().__init__(miners=miners, mix=mix, base_ip=base_ip, seed=seed, speed=1.0, params=params)
         self.vt = vt
         self.clock = _SimClockAdapter(vt)  # type: ignore[assignment]
@@ -198,11 +206,19 @@ def identity_of(dev: Device) -> Identity:
         cap = OnOff()
     model = spec.name.removeprefix("Antminer ")
     return Identity(
-        ip=dev.ip, family=family, make="WhatsMiner" if family is Family.WHATSMINER else "AntMiner", model=model,
-        firmware=dev.firmware, driver_class=f"inprocess:{dev.family}", capability=cap, nominal_w=float(spec.nominal_w),
-        nominal_ths=float(spec.nominal_ths), mac=dev.mac, serial=dev.serial,
+        ip=dev.ip,
+        family=family,
+        make="WhatsMiner" if family is Family.WHATSMINER else "AntMiner",
+        model=model,
+        firmware=dev.firmware,
+        driver_class=f"inprocess:{dev.family}",
+        capability=cap,
+        nominal_w=float(spec.nominal_w),
+        nominal_ths=float(spec.nominal_ths),
+        mac=dev.mac,
+        serial=dev.serial,
         reports_power=family is not Family.ANTMINER,
-    )  # fmt: skip
+    )
 
 
 class InProcessHandle:
@@ -259,8 +275,14 @@ class InProcessHandle:
             mining = hashrate > 0.0 or (power is not None and power > max(100.0, 0.2 * self._identity.nominal_w))
         limit = dev.power_limit_w()
         _board, chip = p.temps(t)
-        return Reading(ts=self.site.vt.epoch + t, power_w=power, hashrate_ths=hashrate, mining=mining,
-                       power_limit_w=limit if limit and limit > 0 else None, temps_c=(round(chip, 1),))
+        return Reading(
+            ts=self.site.vt.epoch + t,
+            power_w=power,
+            hashrate_ths=hashrate,
+            mining=mining,
+            power_limit_w=limit if limit and limit > 0 else None,
+            temps_c=(round(chip, 1),),
+        )
 
     # -- control ------------------------------------------------------------------------------------------
     async def set_power(self, watts: int) -> Result:
@@ -270,8 +292,9 @@ class InProcessHandle:
         if isinstance(cap, Presets):
             fitting = [w for w in cap.watts if w <= watts]
             if not fitting:
-                return Failed(f"{watts} W is below the lowest setting ({cap.watts[0]} W); sleep the miner instead",
-                              False)  # fmt: skip
+                return Failed(
+                    f"{watts} W is below the lowest setting ({cap.watts[0]} W); sleep the miner instead", False
+                )
             target = max(fitting)
         else:
             if watts < cap.min_w:
@@ -363,11 +386,21 @@ class InProcessHandle:
         dev = self.dev
         assert isinstance(dev, WhatsminerDevice)
         kind, value = what
-        cmd, param = ("set.miner.service", "start" if value else "stop") if kind == "switch" else (
-            "set.miner.power_limit", int(value))
+        cmd, param = (
+            ("set.miner.service", "start" if value else "stop")
+            if kind == "switch"
+            else ("set.miner.power_limit", int(value))
+        )
         ts = int(time.time())
-        reply = dev.handle_v3({"cmd": cmd, "param": param, "ts": ts, "account": "super",
-                               "token": v3_token(cmd, dev.password, dev.salt, ts)})
+        reply = dev.handle_v3(
+            {
+                "cmd": cmd,
+                "param": param,
+                "ts": ts,
+                "account": "super",
+                "token": v3_token(cmd, dev.password, dev.salt, ts),
+            }
+        )
         if reply is None:
             return "no reply"
         return None if reply.get("code") == 0 else str(reply.get("msg"))

@@ -16,10 +16,27 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from tests.closedloop.harness import SiteSpec, World
 
-MIXES = ("luxos:1,whatsminer:1,antminer:1", "luxos:1", "whatsminer:1", "antminer:1", "luxos:2,whatsminer:1",
-         "whatsminer:3,antminer:1")  # fmt: skip
-FAULT_MODES = ("refuse", "blackhole", "slow", "error", "ignore", "reboot", "drift_up", "drift_down", "atm_up",
-               "atm_down", "session_held")  # fmt: skip
+MIXES = (
+    "luxos:1,whatsminer:1,antminer:1",
+    "luxos:1",
+    "whatsminer:1",
+    "antminer:1",
+    "luxos:2,whatsminer:1",
+    "whatsminer:3,antminer:1",
+)
+FAULT_MODES = (
+    "refuse",
+    "blackhole",
+    "slow",
+    "error",
+    "ignore",
+    "reboot",
+    "drift_up",
+    "drift_down",
+    "atm_up",
+    "atm_down",
+    "session_held",
+)
 
 shares = st.floats(min_value=0.0, max_value=1.0, allow_nan=False).map(lambda x: round(x, 2))
 

@@ -35,11 +35,14 @@ def _run(seed: int) -> None:
     run_state_machine_as_test(
         seeded,
         settings=settings(
-            max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
             print_blob=True,
         ),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow

@@ -37,8 +37,9 @@ def test_ramp_up_slower_than_one_miner_per_tick_still_brings_the_site_back() -> 
     """Closedloop N3: the ramp-up allowance is a credit that builds up between ticks (ramp.ramp_credit_kw); before,
     it was per tick and never accumulated, so below one miner's power per tick no miner was ever woken again."""
     # 3 Whatsminers (~3.3 kW each), ramp_up 20 kW/min at tick 5 s: 1.67 kW a tick, less than one miner woken
-    w = _world(SiteSpec(miners=3, mix="whatsminer:1", seed=1, cap_share=1.0, min_on_s=0, min_off_s=0,
-                        ramp_up_kw_per_min=20.0))  # fmt: skip
+    w = _world(
+        SiteSpec(miners=3, mix="whatsminer:1", seed=1, cap_share=1.0, min_on_s=0, min_off_s=0, ramp_up_kw_per_min=20.0)
+    )
     try:
         w.run_for(60)
         w.curtail(to_share=0.0)
@@ -78,9 +79,21 @@ def test_room_smaller_than_one_miner_is_used_by_a_throttled_wake() -> None:
     the wake and counted at it."""
     # 2 miners (LuxOS + Whatsminer), cap 30 % of nominal (1.87 kW), fail-safe level 0 at start: everything sleeps;
     # once released the Whatsminer could run at 1.8 kW; the site stays at 0.04 kW
-    w = _world(SiteSpec(miners=2, mix="luxos:1,whatsminer:1,antminer:1", seed=0, cap_share=0.3, tick_s=2.0,
-                        poll_s=2.0, min_on_s=0.0, min_off_s=0.0, wake_per_interval=1, wake_interval_s=5.0,
-                        failsafe_share=0.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=2,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=0,
+            cap_share=0.3,
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            failsafe_share=0.0,
+        )
+    )
     try:
         with _only("service"):
             w.run_for(900)
@@ -93,10 +106,24 @@ def test_the_optimal_plan_does_not_swap_out_miners_that_are_still_waking() -> No
     sleep miners the sleep-only plan had just woken, to wake more efficient ones, restarting a wake-up each time."""
     # shrunk by Hypothesis (CI fixed seed): 16 miners asleep at start, cap 30 % of nominal, fail-safe level 0 until
     # the heartbeat releases it; the sleep-only plan wakes 4 miners, the optimal plan then swapped them out one by one
-    w = _world(SiteSpec(miners=16, mix="luxos:1,whatsminer:1,antminer:1", seed=86, cap_share=0.3,
-                        circuits=((16, 0.4),), tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=120.0,
-                        wake_per_interval=1, wake_interval_s=5.0, failsafe_share=0.0, tou=((43, 103, 0.3),),
-                        asleep_share=1.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=16,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=86,
+            cap_share=0.3,
+            circuits=((16, 0.4),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=120.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            failsafe_share=0.0,
+            tou=((43, 103, 0.3),),
+            asleep_share=1.0,
+        )
+    )
     try:
         w.run_for(300)  # every invariant (was: 9.92 kW down to 2.55 kW at t=170 s under a constant 15.22 kW cap)
     finally:
@@ -164,8 +191,18 @@ def test_a_failed_wake_does_not_use_up_the_wake_stagger_budget() -> None:
     every command (another client holds their session): the one that takes commands is woken within seconds of
     the fail-safe's release, however the plan ranks it."""
     # (cap above the fleet's nominal: the refusing miners are counted at their worst case, awake at full power)
-    spec = SiteSpec(miners=4, mix="luxos:1", seed=5, cap_share=1.5, min_on_s=0, min_off_s=0, asleep_share=1.0,
-                    wake_per_interval=1, wake_interval_s=300.0, failsafe_share=1.0)  # fmt: skip
+    spec = SiteSpec(
+        miners=4,
+        mix="luxos:1",
+        seed=5,
+        cap_share=1.5,
+        min_on_s=0,
+        min_off_s=0,
+        asleep_share=1.0,
+        wake_per_interval=1,
+        wake_interval_s=300.0,
+        failsafe_share=1.0,
+    )
     w = World(spec)
     w.prepare_start_states()
     # the healthy one is the least efficient (woken last by the plan's order), so the others' wakes fail first
@@ -188,9 +225,23 @@ def test_curtail_by_is_taken_from_the_site_as_the_plan_counts_it() -> None:
     at their worst case: the level fell below what the silent ones alone are counted at, and every answering miner
     was put to sleep (healthy miners 16.7 → 1.6 kW for a 2.6 kW reduction). "By X" is taken from the site's power as
     the plan counts it (measured, plus every miner it cannot read at its worst case): X less than that, no deeper."""
-    w = _world(SiteSpec(miners=20, mix="luxos:1,whatsminer:1,antminer:1", seed=2468, cap_share=0.8,
-                        circuits=((9, 0.4),), tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=0.0,
-                        wake_per_interval=1, wake_interval_s=5.0, failsafe_share=0.0, blackhole_share=0.2))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=20,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=2468,
+            cap_share=0.8,
+            circuits=((9, 0.4),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            failsafe_share=0.0,
+            blackhole_share=0.2,
+        )
+    )
     try:
         w.run_for(135)
 
@@ -216,8 +267,19 @@ def test_raises_too_small_to_send_give_their_ramp_credit_back() -> None:
     plan spent the ramp credit on limit raises of a few watts a miner, which the actuator does not send (below the
     raise deadband): the credit never grew to a miner's worth and the site crept nowhere. A raise not sent gives its
     credit back."""
-    w = _world(SiteSpec(miners=22, mix="whatsminer:3,antminer:1", seed=3236, cap_share=1.0, tick_s=2.0,
-                        min_on_s=120.0, wake_per_interval=50, ramp_up_kw_per_min=20.0, failsafe_share=1.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=22,
+            mix="whatsminer:3,antminer:1",
+            seed=3236,
+            cap_share=1.0,
+            tick_s=2.0,
+            min_on_s=120.0,
+            wake_per_interval=50,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=1.0,
+        )
+    )
     try:
         w.run_for(5)
         w.set_fault({"mode": "clear", "ips": w.ips, "modes": ["ignore"]})
@@ -241,9 +303,21 @@ def test_a_restart_that_lowers_limits_and_wakes_miners_at_once_is_judged_on_sett
     (3.4 → 2.4 kW) and woke 5 sleeping ones at 1.8 kW in one plan, within the fail-safe level once the limits take
     (seconds) and long before the wakes ramp (minutes). The state-after-restart check added the running miners'
     present draw to the woken ones' settled draw (27.9 + 9.0 kW against 29.3 kW); it now takes both as settled."""
-    w = _world(SiteSpec(miners=29, mix="whatsminer:1", seed=818, cap_share=0.3, circuits=((15, 0.8), (11, 0.4)),
-                        tick_s=2.0, poll_s=2.0, min_on_s=0.0, wake_per_interval=50, wake_interval_s=5.0,
-                        failsafe_share=1.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=29,
+            mix="whatsminer:1",
+            seed=818,
+            cap_share=0.3,
+            circuits=((15, 0.8), (11, 0.4)),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            failsafe_share=1.0,
+        )
+    )
     try:
         w.run_for(5)
         w.restart()
@@ -259,8 +333,19 @@ def test_a_miner_slept_right_after_a_raise_is_not_taken_for_one_that_came_on() -
     miner that reads asleep within confirm_after_s of a new limit was taken to be re-tuning, so "hashing": seen
     coming on, protected by min-on and sent a limit. The agent counted 8.1 kW while the site drew 0.44 kW, far under
     the 8.18 kW level, for the two minutes of min-off. Re-tuning is not assumed for a miner we have slept since."""
-    w = _world(SiteSpec(miners=9, mix="whatsminer:1", seed=3407, cap_share=0.8, min_on_s=120.0, min_off_s=120.0,
-                        wake_per_interval=50, ramp_up_kw_per_min=200.0, failsafe_share=0.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=9,
+            mix="whatsminer:1",
+            seed=3407,
+            cap_share=0.8,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_per_interval=50,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=0.0,
+        )
+    )
     try:
         w.run_for(125)
         w.restart()
@@ -284,8 +369,18 @@ def test_a_crash_right_after_wakes_leaves_the_next_run_counting_them_at_full_pow
     the room they were about to take (19.6 kW running or waking under a 13.2 kW dispatch). Wakes and limit raises
     are now written ahead of the command (MinerMemory.to_control): a restart counts such a miner as waking, at full
     power, until telemetry confirms it, and the plan makes room for it or sleeps it."""
-    w = _world(SiteSpec(miners=8, mix="luxos:1,whatsminer:1", seed=seed, cap_share=1.0, min_on_s=0, min_off_s=0,
-                        wake_per_interval=8, confirm_after_s=10.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=8,
+            mix="luxos:1,whatsminer:1",
+            seed=seed,
+            cap_share=1.0,
+            min_on_s=0,
+            min_off_s=0,
+            wake_per_interval=8,
+            confirm_after_s=10.0,
+        )
+    )
     try:
         low = w.dispatch(target_share=0.2, duration=3600)
         w.run_for(120)  # most of the site asleep under the dispatch
@@ -316,9 +411,21 @@ def test_a_site_that_fits_its_cap_does_not_sleep_running_miners_to_raise_others(
     another (two more slept 6 s later, the first woken again 11 s after its sleep). Was: decrease too deep at
     t=195 s, 38.25 kW under a 43.97 kW cap the site already met at 43.62 kW. Now the optimiser keeps every running
     miner on before any raise while the site fits (optimiser._keep_running_first)."""
-    w = _world(SiteSpec(miners=27, mix="whatsminer:3,antminer:1", seed=1075, cap_share=0.5,
-                        circuits=((23, 1.2), (1, 0.4)), min_on_s=120.0, min_off_s=0.0, wake_per_interval=50,
-                        wake_interval_s=5.0, ramp_up_kw_per_min=200.0, failsafe_share=0.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=27,
+            mix="whatsminer:3,antminer:1",
+            seed=1075,
+            cap_share=0.5,
+            circuits=((23, 1.2), (1, 0.4)),
+            min_on_s=120.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=0.0,
+        )
+    )
     try:
         w.run_for(900)
         assert w.margins.checks_service > 0
@@ -331,9 +438,22 @@ def test_a_fast_cut_is_not_deepened_by_plans_whose_rises_wait_for_its_sleeps() -
     optimal re-plans lowered running miners to make room for wakes and raises that `_hold_rises` held behind them,
     so the site sank to 52 kW under a 62 kW level (t = 2,710 s). Now the controller plans sleep-only, with no
     wakes, while sleeps it sent settle (`Commander.settle_decreases`); the optimal plan follows once they show."""
-    w = _world(SiteSpec(miners=24, mix="whatsminer:3,antminer:1", seed=2068, cap_share=1.3, poll_s=2.0,
-                        min_on_s=120.0, min_off_s=0.0, ramp_up_kw_per_min=20.0, failsafe_share=0.0,
-                        tou=((45, 94, 0.6),), asleep_share=1.0, rebooting_share=0.2))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=24,
+            mix="whatsminer:3,antminer:1",
+            seed=2068,
+            cap_share=1.3,
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=0.0,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            tou=((45, 94, 0.6),),
+            asleep_share=1.0,
+            rebooting_share=0.2,
+        )
+    )
     try:
         w.run_for(3000)
         assert w.margins.checks_service > 0
@@ -346,13 +466,29 @@ def test_a_lower_limit_still_ramping_down_is_counted_at_its_new_setting_by_the_o
     its old power for two more seconds while it ramped down; the agent counts it at the new setting until its
     readings settle (closed_loop.settled, as a sleep is counted asleep while it powers down), the oracle counted
     its draw and said the reported worst case was below measured (7.08 against 7.30 kW)."""
-    w = _world(SiteSpec(miners=8, mix="luxos:1", seed=1304, cap_share=1.3, circuits=((1, 0.4),), tick_s=2.0,
-                        poll_s=2.0, min_on_s=0.0, min_off_s=120.0, wake_per_interval=1, wake_interval_s=5.0,
-                        ramp_up_kw_per_min=20.0, failsafe_share=0.0, asleep_share=1.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=8,
+            mix="luxos:1",
+            seed=1304,
+            cap_share=1.3,
+            circuits=((1, 0.4),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=120.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            asleep_share=1.0,
+        )
+    )
     try:
         w.run_for(5)
-        spec = w.site.parse_faults({"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos",
-                                    "share": 1.0, "seed": 22})  # fmt: skip
+        spec = w.site.parse_faults(
+            {"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos", "share": 1.0, "seed": 22}
+        )
         w.set_fault({"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos", "ips": spec[0].ips})
         w.run_for(5)
         w.restart(crash=True)
@@ -378,8 +514,9 @@ def test_a_miner_drawing_above_its_limit_is_still_slept_by_a_fail_safe_to_zero()
     marked as ignoring commands and left out of every plan, so a fail-safe to 0 kW slept the other eleven and the
     site stayed at 9.8 kW (safety at t=2,025 s, limit 0.35 kW). A miner that ignores a limit does not ignore a
     sleep: it is controlled on/off from then on, counted at what it draws, and the fail-safe sleeps it."""
-    w = _world(SiteSpec(miners=15, mix="luxos:1", seed=137, cap_share=1.3, min_on_s=120.0, min_off_s=0.0,
-                        failsafe_share=0.0))  # fmt: skip
+    w = _world(
+        SiteSpec(miners=15, mix="luxos:1", seed=137, cap_share=1.3, min_on_s=120.0, min_off_s=0.0, failsafe_share=0.0)
+    )
     try:
         w.run_for(5)
         w.set_fault({"mode": "drift", "pct": 30, "ips": [w.ips[0], w.ips[4], w.ips[9], w.ips[10]]})

@@ -43,9 +43,22 @@ def test_atm_stepping_up_keeps_a_circuit_under_its_cap() -> None:
     40 % of their nominal power. The agent set the two running ones to 2.58 kW each; ATM took them a profile higher
     every 30 s and the circuit swung between its cap and 5.50 kW against 5.40 kW + 0.08 until the agent lowered them
     again (was: t=1150 s)."""
-    w = _world(SiteSpec(miners=18, mix="luxos:1", seed=643, cap_share=1.0, circuits=((4, 0.4),), tick_s=2.0,
-                        min_on_s=120.0, wake_per_interval=1, ramp_up_kw_per_min=20.0, asleep_share=0.3,
-                        rebooting_share=0.2, atm_share=0.5))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=18,
+            mix="luxos:1",
+            seed=643,
+            cap_share=1.0,
+            circuits=((4, 0.4),),
+            tick_s=2.0,
+            min_on_s=120.0,
+            wake_per_interval=1,
+            ramp_up_kw_per_min=20.0,
+            asleep_share=0.3,
+            rebooting_share=0.2,
+            atm_share=0.5,
+        )
+    )
     try:
         w.run_for(1300)  # every invariant, the circuit's safety first
         assert w.margins.checks_safety > 200
@@ -62,9 +75,21 @@ def test_atm_stepping_up_while_miners_wake_keeps_the_site_under_its_cap() -> Non
     that plan with a snapshot polled after it (it now judges a plan against the snapshot it was made from), which
     is why the soak reported the worst case rather than the site over its cap: with the oracle corrected, the same
     replay fails `safety` at that instant."""
-    w = _world(SiteSpec(miners=13, mix="luxos:1", seed=13, cap_share=1.0, poll_s=2.0, min_off_s=120.0,
-                        wake_per_interval=50, wake_interval_s=5.0, failsafe_share=1.0, asleep_share=1.0,
-                        atm_share=0.5))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=13,
+            mix="luxos:1",
+            seed=13,
+            cap_share=1.0,
+            poll_s=2.0,
+            min_off_s=120.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            failsafe_share=1.0,
+            asleep_share=1.0,
+            atm_share=0.5,
+        )
+    )
     try:
         w.run_for(5)
         w.resume()

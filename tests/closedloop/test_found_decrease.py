@@ -12,9 +12,21 @@ def test_miners_a_brief_dispatch_slept_stay_off_for_min_off_after_it_is_revised_
     sleeping miner inside min_off is never woken") keeps them asleep. The oracle forgot the 14.8 kW limit a settle
     time after the revision and called the cut too deep (46.79 → 0.28 kW at t=1990 s); it now excuses miners that
     min-off holds asleep since a sleep made while a lower limit bound."""
-    spec = SiteSpec(miners=17, mix="whatsminer:3,antminer:1", seed=291, cap_share=1.3, poll_s=2.0, min_on_s=0.0,
-                    min_off_s=120.0, wake_per_interval=50, failsafe_share=0.0, tou=((112, 127, 0.0),),
-                    blackhole_share=0.2, rebooting_share=0.2, atm_share=0.5)  # fmt: skip
+    spec = SiteSpec(
+        miners=17,
+        mix="whatsminer:3,antminer:1",
+        seed=291,
+        cap_share=1.3,
+        poll_s=2.0,
+        min_on_s=0.0,
+        min_off_s=120.0,
+        wake_per_interval=50,
+        failsafe_share=0.0,
+        tou=((112, 127, 0.0),),
+        blackhole_share=0.2,
+        rebooting_share=0.2,
+        atm_share=0.5,
+    )
     w = World(spec)
     w.prepare_start_states()
     w.start()
@@ -53,9 +65,19 @@ def test_a_time_of_use_cut_is_not_deepened_by_phantom_excess_and_swaps_within_th
     phantom gone alone, at t=255 s). Now a miner's draw is settled by readings a poll interval apart
     (`closed_loop.settled`), and the site fits as long as it is within its target, the headroom being the margin
     for such noise (`optimiser.optimise`): under the unchanged window no running miner is slept."""
-    spec = SiteSpec(miners=28, mix="luxos:2,whatsminer:1", seed=3865, cap_share=0.8, tick_s=2.0, min_off_s=0.0,
-                    wake_per_interval=1, wake_interval_s=5.0, ramp_up_kw_per_min=200.0, tou=((2, 54, 0.6),),
-                    asleep_share=0.3)  # fmt: skip
+    spec = SiteSpec(
+        miners=28,
+        mix="luxos:2,whatsminer:1",
+        seed=3865,
+        cap_share=0.8,
+        tick_s=2.0,
+        min_off_s=0.0,
+        wake_per_interval=1,
+        wake_interval_s=5.0,
+        ramp_up_kw_per_min=200.0,
+        tou=((2, 54, 0.6),),
+        asleep_share=0.3,
+    )
     w = World(spec)
     w.prepare_start_states()
     w.start()

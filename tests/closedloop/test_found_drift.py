@@ -16,8 +16,19 @@ def test_a_drifting_miner_is_counted_with_its_drift_after_a_sleep_and_a_wake() -
     """Soak `safety`: 16 miners, a grid dispatch to 11.74 kW, all of them drifting 30 %, then a dispatch to 4.63 kW.
     The site cycled over its limit for 400 s and was at 4.99 kW against 4.63 kW + 0.07 at t=2240 s, the agent's
     worst case 4.42 kW: the miner it had just woken and re-limited drew its known 0.58 kW of drift uncounted."""
-    w = World(SiteSpec(miners=16, mix="luxos:2,whatsminer:1", seed=1867, cap_share=0.3, poll_s=2.0, min_off_s=0.0,
-                       wake_per_interval=50, failsafe_share=0.0, tou=((66, 71, 0.6),)))  # fmt: skip
+    w = World(
+        SiteSpec(
+            miners=16,
+            mix="luxos:2,whatsminer:1",
+            seed=1867,
+            cap_share=0.3,
+            poll_s=2.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            failsafe_share=0.0,
+            tou=((66, 71, 0.6),),
+        )
+    )
     try:
         w.prepare_start_states()
         w.start()
@@ -42,9 +53,23 @@ def test_never_identified_miners_drifting_above_unknown_w_are_not_held_against_a
     identified: the agent holds each at miners.unknown_w, 4 kW), all drifting 30 %. The blackholed ones drew up to
     4.59 kW each, 0.7 kW more than anything could count without a reading, and the circuit was judged over its cap
     (30.99 kW against 30.59 kW + 0.20 at t=2305 s) while every miner the agent can read was counted at its draw."""
-    w = World(SiteSpec(miners=24, mix="luxos:2,whatsminer:1", seed=1672, cap_share=0.5, circuits=((24, 0.4),),
-                       tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=0.0, ramp_up_kw_per_min=200.0,
-                       failsafe_share=0.0, blackhole_share=0.2, rebooting_share=0.2))  # fmt: skip
+    w = World(
+        SiteSpec(
+            miners=24,
+            mix="luxos:2,whatsminer:1",
+            seed=1672,
+            cap_share=0.5,
+            circuits=((24, 0.4),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=0.0,
+            blackhole_share=0.2,
+            rebooting_share=0.2,
+        )
+    )
     try:
         w.prepare_start_states()
         w.start()
@@ -61,8 +86,15 @@ def test_never_identified_miners_drifting_above_unknown_w_are_not_held_against_a
         until(2130.0)
         w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
         until(2135.0)
-        w.set_fault({"mode": "atm", "direction": "up", "interval_s": 30, "family": "luxos",
-                     "ips": ["127.200.0.1", "127.200.0.4", "127.200.0.5", "127.200.0.6", "127.200.0.15"]})  # fmt: skip
+        w.set_fault(
+            {
+                "mode": "atm",
+                "direction": "up",
+                "interval_s": 30,
+                "family": "luxos",
+                "ips": ["127.200.0.1", "127.200.0.4", "127.200.0.5", "127.200.0.6", "127.200.0.15"],
+            }
+        )
         until(2700.0)  # every invariant, the circuit's safety first (was: t=2305 s)
         assert w.margins.checks_safety > 300
         assert w.margins.safety_kw > 0

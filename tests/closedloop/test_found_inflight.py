@@ -17,8 +17,21 @@ from tests.closedloop.harness import SiteSpec, World
 
 
 def test_wakes_on_the_wire_do_not_make_the_next_plan_sleep_running_miners() -> None:
-    w = World(SiteSpec(miners=12, mix="luxos:1", seed=4, cap_share=0.8, tick_s=2.0, poll_s=2.0, min_on_s=0.0,
-                       min_off_s=0.0, wake_per_interval=50, wake_interval_s=5.0, failsafe_share=1.0))  # fmt: skip
+    w = World(
+        SiteSpec(
+            miners=12,
+            mix="luxos:1",
+            seed=4,
+            cap_share=0.8,
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            failsafe_share=1.0,
+        )
+    )
     try:
         w.prepare_start_states()
         w.start()
@@ -34,8 +47,7 @@ def test_wakes_on_the_wire_do_not_make_the_next_plan_sleep_running_miners() -> N
         end = w.vt.t + 60
         while w.vt.t < end:  # every invariant is checked as well (safety on ground truth)
             w.run_for(0.5)
-            slept |= {d.ip for d in w.site.devices
-                      if d.ip in running and d.physics.current_state(w.vt.t) == "sleeping"}  # fmt: skip
+            slept |= {d.ip for d in w.site.devices if d.ip in running and d.physics.current_state(w.vt.t) == "sleeping"}
         assert not slept, f"running miners slept under a cap the site was under: {sorted(slept)}"
         assert w.margins.checks_safety > 0
     finally:

@@ -12,9 +12,19 @@ import pytest
 
 from tests.closedloop.harness import SiteSpec, World
 
-SPEC = SiteSpec(miners=16, mix="luxos:1,whatsminer:1,antminer:1", seed=764, cap_share=0.3,
-                circuits=((4, 0.8), (12, 0.4)), tick_s=2.0, poll_s=2.0, min_on_s=0.0, min_off_s=0.0,
-                wake_per_interval=1, ramp_up_kw_per_min=200.0)  # fmt: skip
+SPEC = SiteSpec(
+    miners=16,
+    mix="luxos:1,whatsminer:1,antminer:1",
+    seed=764,
+    cap_share=0.3,
+    circuits=((4, 0.8), (12, 0.4)),
+    tick_s=2.0,
+    poll_s=2.0,
+    min_on_s=0.0,
+    min_off_s=0.0,
+    wake_per_interval=1,
+    ramp_up_kw_per_min=200.0,
+)
 
 
 def _override_binds(w: World, override: str) -> bool:
@@ -60,8 +70,9 @@ def test_an_override_outlives_a_restart_after_the_wall_clock_stepped_an_hour_ahe
 @pytest.mark.parametrize("step_s", [3600.0, -3600.0])
 def test_an_override_ends_when_its_time_has_run_on_the_clock_it_was_accepted_on(step_s: float) -> None:
     """Neither earlier (a step ahead) nor an hour later (a step back: before, its end stayed an hour away)."""
-    w = World(SiteSpec(miners=8, mix="whatsminer:1", seed=5, cap_share=1.0, min_on_s=0.0, min_off_s=0.0,
-                       failsafe_share=1.0))  # fmt: skip
+    w = World(
+        SiteSpec(miners=8, mix="whatsminer:1", seed=5, cap_share=1.0, min_on_s=0.0, min_off_s=0.0, failsafe_share=1.0)
+    )
     try:
         w.prepare_start_states()
         w.start()
@@ -85,8 +96,9 @@ def test_an_override_ends_when_its_time_has_run_on_the_clock_it_was_accepted_on(
 def test_min_off_runs_on_across_a_restart_after_the_wall_clock_stepped_an_hour_ahead() -> None:
     """A miner slept a moment before the restart stays off for min_off_s (it was woken at once: by the restarted
     agent's clock it had been asleep for an hour)."""
-    w = World(SiteSpec(miners=6, mix="whatsminer:1", seed=2, cap_share=1.0, min_on_s=0.0, min_off_s=120.0,
-                       failsafe_share=1.0))  # fmt: skip
+    w = World(
+        SiteSpec(miners=6, mix="whatsminer:1", seed=2, cap_share=1.0, min_on_s=0.0, min_off_s=120.0, failsafe_share=1.0)
+    )
     try:
         w.prepare_start_states()
         w.start()

@@ -21,9 +21,20 @@ from tests.closedloop.harness import SiteSpec, World
 
 # 17 stock Antminers (on/off only) behind one PDU at 60 % of their nominal power, 3 of them silent since the start
 # (never identified: counted at miners.unknown_w each)
-ANTMINERS = SiteSpec(miners=17, mix="antminer:1", seed=541, cap_share=1.3, circuits=((17, 0.6),), poll_s=2.0,
-                     min_on_s=0.0, wake_per_interval=50, wake_interval_s=5.0, tou=((43, 102, 0.0),),
-                     blackhole_share=0.2, atm_share=0.5)  # fmt: skip
+ANTMINERS = SiteSpec(
+    miners=17,
+    mix="antminer:1",
+    seed=541,
+    cap_share=1.3,
+    circuits=((17, 0.6),),
+    poll_s=2.0,
+    min_on_s=0.0,
+    wake_per_interval=50,
+    wake_interval_s=5.0,
+    tou=((43, 102, 0.0),),
+    blackhole_share=0.2,
+    atm_share=0.5,
+)
 
 
 def _world(spec: SiteSpec) -> World:
@@ -43,9 +54,21 @@ def test_room_smaller_than_any_wake_with_its_sleepers_counted_is_not_asked_for()
     ones (all asleep, 0.33 kW) 1.36 kW in the agent's own accounting, less than any of them draws woken at its lowest
     setting (a LuxOS miner at 1.52 kW). The oracle offered 1.84 kW: it took the headroom from the room instead of
     the limit, and counted the sleepers' own draw as nothing. Was: service at t=4560 s (0.33 kW < 1.64 kW)."""
-    w = _world(SiteSpec(miners=19, mix="luxos:1,whatsminer:1,antminer:1", seed=401, cap_share=0.5, tick_s=2.0,
-                        min_on_s=120.0, min_off_s=120.0, wake_interval_s=5.0, ramp_up_kw_per_min=20.0,
-                        tou=((62, 81, 0.6),), blackhole_share=0.2))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=19,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=401,
+            cap_share=0.5,
+            tick_s=2.0,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=20.0,
+            tou=((62, 81, 0.6),),
+            blackhole_share=0.2,
+        )
+    )
     try:
         for at in (15.0, 320.0, 325.0, 3930.0):
             _until(w, at)
@@ -103,9 +126,18 @@ MODELS = {"S21": (3500.0, 200.0), "XP": (3010.0, 141.0), "k": (2760.0, 120.0), "
 
 def _antminer(idx: int, model: str) -> MinerView:
     w, ths = MODELS[model]
-    return MinerView(id=f"{model}-{idx}", family=Family.ANTMINER, capability=OnOff(), nominal_w=w, nominal_ths=ths,
-                     state=MinerState.HASHING, power_w=w, commanded_w=None, last_transition=NOW - 10_000.0,
-                     circuit="c0")  # fmt: skip
+    return MinerView(
+        id=f"{model}-{idx}",
+        family=Family.ANTMINER,
+        capability=OnOff(),
+        nominal_w=w,
+        nominal_ths=ths,
+        state=MinerState.HASHING,
+        power_w=w,
+        commanded_w=None,
+        last_transition=NOW - 10_000.0,
+        circuit="c0",
+    )
 
 
 @pytest.mark.parametrize("fn", [plan, plan_sleep_only])
@@ -127,9 +159,18 @@ def test_a_running_whatsminer_is_lowered_so_that_a_sleeping_one_wakes_into_the_r
     the M50S's wake at its lowest level) until the M50S's wake no longer fitted, then raised the M60S to full: 186
     TH where both at part power (2.15 + 1.80 kW) give 211 TH. The wake-first variant fixes it (optimiser.py
     `_wakes_before_raises`). Was: service at t=1070 s (3.70 kW < 3.81 kW, 90 % of 4.23 kW)."""
-    spec = SiteSpec(miners=15, mix="luxos:1,whatsminer:1,antminer:1", seed=394, cap_share=0.5,
-                    circuits=((7, 0.4), (4, 1.2)), poll_s=2.0, wake_interval_s=5.0, tou=((96, 134, 0.0),),
-                    asleep_share=1.0, refused_share=0.3)  # fmt: skip
+    spec = SiteSpec(
+        miners=15,
+        mix="luxos:1,whatsminer:1,antminer:1",
+        seed=394,
+        cap_share=0.5,
+        circuits=((7, 0.4), (4, 1.2)),
+        poll_s=2.0,
+        wake_interval_s=5.0,
+        tou=((96, 134, 0.0),),
+        asleep_share=1.0,
+        refused_share=0.3,
+    )
     w = _world(spec)
     try:
         w.run_for(5.0)
@@ -152,11 +193,18 @@ WM_NOW = 1_000_000.0
 
 def _whatsminer(name: str, nominal_w: float, ths: float, *, on: bool, commanded_w: float | None = None) -> MinerView:
     run_w = commanded_w if commanded_w is not None else nominal_w
-    return MinerView(id=name, family=Family.WHATSMINER, capability=PowerRange(1700, int(nominal_w), 1),
-                     nominal_w=nominal_w, nominal_ths=ths,
-                     state=MinerState.HASHING if on else MinerState.SLEEPING, power_w=run_w if on else 18.0,
-                     commanded_w=run_w if on else None, last_transition=WM_NOW - 10_000.0,
-                     measured_w=run_w + 44.0 if on else 18.0)  # fmt: skip
+    return MinerView(
+        id=name,
+        family=Family.WHATSMINER,
+        capability=PowerRange(1700, int(nominal_w), 1),
+        nominal_w=nominal_w,
+        nominal_ths=ths,
+        state=MinerState.HASHING if on else MinerState.SLEEPING,
+        power_w=run_w if on else 18.0,
+        commanded_w=run_w if on else None,
+        last_transition=WM_NOW - 10_000.0,
+        measured_w=run_w + 44.0 if on else 18.0,
+    )
 
 
 @pytest.mark.parametrize("target_kw", [3.8, 4.0, 4.2])
@@ -177,10 +225,19 @@ def test_a_wake_at_part_power_beats_raising_the_running_miner_to_full(target_kw:
     assert isinstance(woken_to, RunAction)
     after = [
         _whatsminer("m60s", 3441.0, 186.0, on=True, commanded_w=float(lowered.watts)),
-        MinerView(id="m50s", family=Family.WHATSMINER, capability=PowerRange(1700, 3276, 1), nominal_w=3276.0,
-                  nominal_ths=126.0, state=MinerState.WAKING, power_w=18.0, commanded_w=float(woken_to.watts),
-                  last_transition=WM_NOW, woken_to_w=float(woken_to.watts)),
-    ]  # fmt: skip
+        MinerView(
+            id="m50s",
+            family=Family.WHATSMINER,
+            capability=PowerRange(1700, 3276, 1),
+            nominal_w=3276.0,
+            nominal_ths=126.0,
+            state=MinerState.WAKING,
+            power_w=18.0,
+            commanded_w=float(woken_to.watts),
+            last_transition=WM_NOW,
+            woken_to_w=float(woken_to.watts),
+        ),
+    ]
     again = plan(target_kw, after, tree, rules, WM_NOW + 2.0, wake_budget=4)
     assert all(isinstance(again.actions[m], RunAction) for m in ("m60s", "m50s")), again.actions
 
@@ -191,8 +248,18 @@ def test_room_under_every_run_level_is_used_by_a_level_under_the_curves_floor() 
     good. The planner's run levels start at the efficiency curve's floor (55 % of nominal: 1,910 W for the M30S++),
     and 1.85 kW is less; the firmware takes 1,800 W. Now the last of the room is used at the highest level under the
     floor that fits (optimiser._below_floor). Was: service at t=535 s (0.04 kW < 1.65 kW)."""
-    w = _world(SiteSpec(miners=2, mix="luxos:1,whatsminer:1,antminer:1", seed=0, cap_share=0.3,
-                        circuits=((1, 0.4),), min_off_s=120.0, wake_interval_s=5.0, failsafe_share=0.0))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=2,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=0,
+            cap_share=0.3,
+            circuits=((1, 0.4),),
+            min_off_s=120.0,
+            wake_interval_s=5.0,
+            failsafe_share=0.0,
+        )
+    )
     try:
         w.run_for(5.0)
         w.resume()
@@ -224,10 +291,26 @@ def test_a_wake_is_planned_with_the_excess_the_miner_showed_when_it_last_ran() -
     powering down, then took the room: the two were woken and slept in turn every 0.2 s for minutes. A plan now counts
     a sleeping miner's excess on top of the level it wakes it to (`MinerView.wake_excess_w`). Was: service at t=340 s
     (0.15 kW < 2.19 kW)."""
-    w = _world(SiteSpec(miners=5, mix="whatsminer:1", seed=4, cap_share=1.3, circuits=((4, 0.8),), tick_s=2.0,
-                        poll_s=2.0, min_on_s=0.0, min_off_s=0.0, wake_per_interval=50, wake_interval_s=5.0,
-                        tou=((72, 85, 0.0),), asleep_share=1.0, refused_share=0.3, blackhole_share=0.2,
-                        rebooting_share=0.2))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=5,
+            mix="whatsminer:1",
+            seed=4,
+            cap_share=1.3,
+            circuits=((4, 0.8),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            tou=((72, 85, 0.0),),
+            asleep_share=1.0,
+            refused_share=0.3,
+            blackhole_share=0.2,
+            rebooting_share=0.2,
+        )
+    )
     try:
         w.run_for(600.0)  # every invariant; the service check runs from t = 330 s
         assert w.margins.checks_service > 0
@@ -249,8 +332,15 @@ def test_a_plan_counts_a_sleeping_miners_excess_on_top_of_the_level_it_wakes_it_
     assert isinstance(run, RunAction)
     assert p.worst_case_kw == pytest.approx((run.watts + 56.0) / 1000.0)
     assert p.worst_case_kw <= 2.5 + 1e-9
-    waking = dataclasses.replace(m, state=MinerState.WAKING, commanded_w=float(run.watts), woken_to_w=float(run.watts),
-                                 measured_w=run.watts + 56.0, wake_excess_w=0.0, last_transition=WM_NOW)  # fmt: skip
+    waking = dataclasses.replace(
+        m,
+        state=MinerState.WAKING,
+        commanded_w=float(run.watts),
+        woken_to_w=float(run.watts),
+        measured_w=run.watts + 56.0,
+        wake_excess_w=0.0,
+        last_transition=WM_NOW,
+    )
     again = plan(2.5, [waking], tree, rules, WM_NOW + 0.2, wake_budget=1)
     assert isinstance(again.actions["m50s"], RunAction), again.actions
     assert again.worst_case_kw <= 2.5 + 1e-9
@@ -263,9 +353,22 @@ def test_the_service_floor_asks_for_no_swap_of_a_running_miner_for_sleeping_ones
     sleeper draws. Only sleeping a running miner to wake two smaller ones fills the room, and no plan does (N4: swap
     chains). The floor now counts what the healthy fleet can draw with every miner that is on kept on, when they all
     fit. Was: service at t=615 s (10.14 kW < 90 % of 12.37 kW)."""
-    w = _world(SiteSpec(miners=25, mix="antminer:1", seed=2429, cap_share=0.8, circuits=((1, 0.4),), min_on_s=0.0,
-                        wake_per_interval=50, ramp_up_kw_per_min=20.0, failsafe_share=0.0, tou=((15, 65, 0.3),),
-                        refused_share=0.3, blackhole_share=0.2))  # fmt: skip
+    w = _world(
+        SiteSpec(
+            miners=25,
+            mix="antminer:1",
+            seed=2429,
+            cap_share=0.8,
+            circuits=((1, 0.4),),
+            min_on_s=0.0,
+            wake_per_interval=50,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            tou=((15, 65, 0.3),),
+            refused_share=0.3,
+            blackhole_share=0.2,
+        )
+    )
     try:
         w.run_for(10.0)
         w.resume()

@@ -12,9 +12,22 @@ from tests.closedloop.harness import SiteSpec, World
 
 
 def test_a_window_opened_on_the_agents_stepped_wall_after_a_restart_is_not_a_cut_too_deep() -> None:
-    spec = SiteSpec(miners=21, mix="antminer:1", seed=1140, cap_share=1.3, circuits=((17, 1.2),), tick_s=2.0,
-                    poll_s=2.0, min_on_s=0.0, wake_per_interval=50, failsafe_share=1.0, tou=((14, 55, 0.0),),
-                    asleep_share=1.0, refused_share=0.3, atm_share=0.5)  # fmt: skip
+    spec = SiteSpec(
+        miners=21,
+        mix="antminer:1",
+        seed=1140,
+        cap_share=1.3,
+        circuits=((17, 1.2),),
+        tick_s=2.0,
+        poll_s=2.0,
+        min_on_s=0.0,
+        wake_per_interval=50,
+        failsafe_share=1.0,
+        tou=((14, 55, 0.0),),
+        asleep_share=1.0,
+        refused_share=0.3,
+        atm_share=0.5,
+    )
     w = World(spec)
     w.prepare_start_states()
     w.start()

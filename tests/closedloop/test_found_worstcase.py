@@ -22,9 +22,20 @@ from tests.closedloop.harness import SiteSpec, World
 
 
 def test_a_slept_miner_still_powering_down_after_its_sleep_is_confirmed_is_not_held_against_the_plan() -> None:
-    spec = SiteSpec(miners=2, mix="luxos:1,whatsminer:1,antminer:1", seed=1, cap_share=0.5, circuits=((1, 0.6),),
-                    poll_s=2.0, min_on_s=0.0, min_off_s=0.0, wake_per_interval=1, failsafe_share=0.0,
-                    asleep_share=1.0, rebooting_share=0.2)  # fmt: skip
+    spec = SiteSpec(
+        miners=2,
+        mix="luxos:1,whatsminer:1,antminer:1",
+        seed=1,
+        cap_share=0.5,
+        circuits=((1, 0.6),),
+        poll_s=2.0,
+        min_on_s=0.0,
+        min_off_s=0.0,
+        wake_per_interval=1,
+        failsafe_share=0.0,
+        asleep_share=1.0,
+        rebooting_share=0.2,
+    )
     w = World(spec)
     w.say(f"site: {spec.describe()}")
     w.prepare_start_states()

@@ -74,8 +74,9 @@ class Program:
         return f"hashflex/program/{self.id}/{tail}"
 
 
-async def until(predicate: Callable[[], Any], within_s: float, what: str, every_s: float = 0.2, *,
-                blocking: bool = False) -> None:  # fmt: skip
+async def until(
+    predicate: Callable[[], Any], within_s: float, what: str, every_s: float = 0.2, *, blocking: bool = False
+) -> None:
     """Until `predicate()` is true. `blocking`: it does blocking I/O (an agent's control socket, the simulator's
     truth), so it runs in a thread and the coordinators on this event loop keep running meanwhile."""
     deadline = time.monotonic() + within_s
@@ -141,21 +142,38 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[Any]], name: str) -> None:
 
 
 async def start_instance(
-    name: str, program: Program, brokers: Sequence[Broker], cluster: NatsCluster, *, step_s: float = 0.5,
-    settle_s: float = 1.0, resend_s: float = 5.0, rules: ProgramRules | None = None,
-) -> Instance:  # fmt: skip
+    name: str,
+    program: Program,
+    brokers: Sequence[Broker],
+    cluster: NatsCluster,
+    *,
+    step_s: float = 0.5,
+    settle_s: float = 1.0,
+    resend_s: float = 5.0,
+    rules: ProgramRules | None = None,
+) -> Instance:
     nc = await nats.connect(servers=cluster.urls, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
     js = nc.jetstream()
-    lease = Lease(js, name, LeaseConfig(bucket=f"lease_{program.id}".replace("-", "_"), ttl_s=2.0,
-                                        renew_every_s=0.4, op_timeout_s=0.5, safety_s=0.2))  # fmt: skip
+    lease = Lease(
+        js,
+        name,
+        LeaseConfig(
+            bucket=f"lease_{program.id}".replace("-", "_"), ttl_s=2.0, renew_every_s=0.4, op_timeout_s=0.5, safety_s=0.2
+        ),
+    )
     store = JetStreamProgramStore(js, program.id, bucket=program.bucket)
     fabric = MqttFabric(list(brokers), f"{name}-{program.id}")
     sites = tuple(SiteConfig(sid, program.cap_w, SiteLimits()) for sid in program.site_ids)
     cfg = CoordinatorConfig(
-        program_id=program.id, sites=sites, grid_keys=(program.grid.public_key(),),
-        signing_key=program.coordinator, step_s=step_s, settle_s=settle_s, resend_s=resend_s,
+        program_id=program.id,
+        sites=sites,
+        grid_keys=(program.grid.public_key(),),
+        signing_key=program.coordinator,
+        step_s=step_s,
+        settle_s=settle_s,
+        resend_s=resend_s,
         rules=rules or ProgramRules(min_horizon_s=30.0, retarget_w=500.0, min_tolerance_w=500.0),
-    )  # fmt: skip
+    )
     coord = Coordinator(cfg, fabric, store, lambda: lease.is_leader)
     tasks = [
         asyncio.create_task(lease.run()),
@@ -182,8 +200,9 @@ class Grid:
         body = {"program": self.program.id, "verb": verb, "issued_at": int(time.time()), **doc}
         return sign_command(body, key or self.program.grid)
 
-    async def command(self, verb: str, doc: Mapping[str, Any], *, signed: bool = True,
-                      within_s: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    async def command(
+        self, verb: str, doc: Mapping[str, Any], *, signed: bool = True, within_s: float = 60.0
+    ) -> dict[str, Any]:
         """The reply to `doc` (signed with the grid key unless `signed` is False, or already signed)."""
         payload = dict(doc) if not signed or "signature" in doc else self.sign(verb, doc)
         return await self.send(verb, json.dumps(payload).encode(), str(payload.get("id")), within_s=within_s)
@@ -196,8 +215,7 @@ class Grid:
             host, port = self.brokers[attempt % len(self.brokers)]
             attempt += 1
             try:
-                async with aiomqtt.Client(host, port, identifier=f"grid-{uuid.uuid4().hex[:8]}",
-                                          timeout=5.0) as client:  # fmt: skip
+                async with aiomqtt.Client(host, port, identifier=f"grid-{uuid.uuid4().hex[:8]}", timeout=5.0) as client:
                     await client.subscribe(self.program.topic(f"reply/{verb}"), qos=1)
                     await client.publish(self.program.topic(f"cmd/{verb}"), payload, qos=1)
                     async with asyncio.timeout(max(1.0, min(15.0, deadline - time.monotonic()))):
@@ -216,33 +234,50 @@ class CoordinatorProcess:
     rules as `start_instance`'s (so it can lead or follow beside in-process instances); killed with SIGKILL as a
     crash. Whether it leads: its Prometheus endpoint's `hashflex_coordinator_leader`."""
 
-    def __init__(self, name: str, program: Program, brokers: Sequence[Broker], cluster: NatsCluster,
-                 folder: Path) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, program: Program, brokers: Sequence[Broker], cluster: NatsCluster, folder: Path
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "coordinator.key").write_bytes(program.coordinator.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
-        (folder / "grid.pub").write_bytes(program.grid.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+        (folder / "coordinator.key").write_bytes(
+            program.coordinator.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (folder / "grid.pub").write_bytes(
+            program.grid.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
         self.name = name
         self.metrics_port = free_port()
         config = folder / "program.yaml"
-        config.write_text(yaml.safe_dump({
-            "program_id": program.id, "signing_key": "coordinator.key", "grid_public_keys": ["grid.pub"],
-            "fabric": {"brokers": [f"{h}:{p}" for h, p in brokers], "nats_servers": cluster.urls},
-            "sites": [{"id": sid, "cap_kw": program.cap_w / 1000.0} for sid in program.site_ids],
-            # as start_instance: the same lease bucket and TTL (the bucket's max age), state bucket and rules
-            "lease": {"bucket": f"lease_{program.id}".replace("-", "_"), "ttl_s": 2.0, "renew_every_s": 0.4},
-            "state": {"bucket": program.bucket},
-            "rules": {"min_horizon_s": 30.0, "retarget_w": 500.0, "min_tolerance_w": 500.0},
-            "step_s": 0.5, "settle_s": 1.0, "resend_s": 5.0,
-            "metrics": {"enabled": True, "host": HOST, "port": self.metrics_port},
-        }))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "program_id": program.id,
+                    "signing_key": "coordinator.key",
+                    "grid_public_keys": ["grid.pub"],
+                    "fabric": {"brokers": [f"{h}:{p}" for h, p in brokers], "nats_servers": cluster.urls},
+                    "sites": [{"id": sid, "cap_kw": program.cap_w / 1000.0} for sid in program.site_ids],
+                    # as start_instance: the same lease bucket and TTL (the bucket's max age), state bucket and rules
+                    "lease": {"bucket": f"lease_{program.id}".replace("-", "_"), "ttl_s": 2.0, "renew_every_s": 0.4},
+                    "state": {"bucket": program.bucket},
+                    "rules": {"min_horizon_s": 30.0, "retarget_w": 500.0, "min_tolerance_w": 500.0},
+                    "step_s": 0.5,
+                    "settle_s": 1.0,
+                    "resend_s": 5.0,
+                    "metrics": {"enabled": True, "host": HOST, "port": self.metrics_port},
+                }
+            )
+        )
         self.log_path = folder / f"{name}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hashflex", "coordinator", "run", "-c", str(config), "--name", name],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def leading(self) -> bool | None:
         """Whether it leads (None: not serving its metrics yet). Blocking I/O: call it from a thread."""

@@ -197,8 +197,9 @@ def check_common(case: Case, allocation: Allocation) -> None:
         assert allocation.unmet_w == 0.0
         assert allocation.met
         # and not needlessly low: the target is used (up to the caps), else hashrate was thrown away
-        caps = math.fsum(s.cap_w if bounds(s, case.horizon_s).fixed is None else count(s, case.horizon_s)
-                         for s in case.sites)  # fmt: skip
+        caps = math.fsum(
+            s.cap_w if bounds(s, case.horizon_s).fixed is None else count(s, case.horizon_s) for s in case.sites
+        )
         wanted = min(case.target_w, max(caps, floors))
         assert allocation.total_w >= wanted - 1e-6 * max(1.0, wanted)
     else:

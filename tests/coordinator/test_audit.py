@@ -70,8 +70,13 @@ def test_a_chain_verifies_and_every_kind_of_damage_is_named_at_its_record() -> N
 
 def test_a_program_step_records_its_allocation_a_redispatch_and_the_compliance_when_it_ends() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "eve", "target_kw": "40MW", "end": T0 + 600}, now=T0,
-                   present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "eve", "target_kw": "40MW", "end": T0 + 600},
+        now=T0,
+        present_w=fab.present(),
+    )
     # first step: the hold allocated across a, b, c (reasons per site); not a re-dispatch (nothing failed before)
     first = step(state, fab.configs, fab.views, now=T0 + 1, rules=RULES)
     events, tracker = step_events(state, first, Tracker(), now=T0 + 1)
@@ -108,11 +113,14 @@ def test_a_program_step_records_its_allocation_a_redispatch_and_the_compliance_w
 
 def test_an_export_carries_the_records_and_the_compliance_with_file_digests() -> None:
     records = [record_from_dict(d or {}) for _, d in chain(2)]
-    (name, body), = export_files(records, {"program": PROGRAM}, "json").items()  # fmt: skip
+    ((name, body),) = export_files(records, {"program": PROGRAM}, "json").items()
     doc = json.loads(body)
     assert (name, doc["format"], doc["program"], len(doc["records"])) == (
-        "hashflex-program-export.json", "hashflex-program-export/1", PROGRAM, 2
-    )  # fmt: skip
+        "hashflex-program-export.json",
+        "hashflex-program-export/1",
+        PROGRAM,
+        2,
+    )
     files = export_files(records, {"program": PROGRAM}, "csv")
     assert sorted(files) == ["audit.csv", "compliance.csv", "manifest.json"]
     assert files["audit.csv"].decode().splitlines()[0] == "seq,ts,time_utc,kind,data,prev_hash,hash"

@@ -47,12 +47,24 @@ def test_run_then_program_status_then_a_clean_stop(tmp_path: Path, mosquitto: Mo
     nats_port = free_port()
     nats = _nats_server(tmp_path, nats_port)
     config = tmp_path / "program.yaml"
-    config.write_text(yaml.safe_dump({
-        "program_id": program, "signing_key": "coordinator", "grid_public_keys": ["grid.pub"],
-        "fabric": {"brokers": [f"{HOST}:{mosquitto.plain_port}"], "nats_servers": [f"nats://{HOST}:{nats_port}"]},
-        "sites": [{"id": f"{program}-a", "cap_kw": 100}, {"id": f"{program}-b", "cap_kw": 60}],
-        "lease": {"ttl_s": 2, "replicas": 1}, "state": {"replicas": 1}, "step_s": 0.2, "settle_s": 0.2,
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "program_id": program,
+                "signing_key": "coordinator",
+                "grid_public_keys": ["grid.pub"],
+                "fabric": {
+                    "brokers": [f"{HOST}:{mosquitto.plain_port}"],
+                    "nats_servers": [f"nats://{HOST}:{nats_port}"],
+                },
+                "sites": [{"id": f"{program}-a", "cap_kw": 100}, {"id": f"{program}-b", "cap_kw": 60}],
+                "lease": {"ttl_s": 2, "replicas": 1},
+                "state": {"replicas": 1},
+                "step_s": 0.2,
+                "settle_s": 0.2,
+            }
+        )
+    )
     # nothing retained yet: status says so (exit 2) rather than showing a stale or empty program
     code, output = status(config, "--timeout", "0.5")
     assert code == 2
@@ -64,11 +76,20 @@ def test_run_then_program_status_then_a_clean_stop(tmp_path: Path, mosquitto: Mo
         doc = _until_status(proc, config, lambda d: d["revision"] == 0, 20)
         assert doc == {"program": program, "revision": 0, "alarms": [], "dispatches": []}
         # a signed hold from the grid: 50 kW for the next hour, over two sites never heard from
-        hold = sign_command({"program": program, "verb": "hold", "id": "evening", "issued_at": int(time.time()),
-                             "target_kw": 50.0, "end": int(time.time()) + 3600},
-                            Ed25519PrivateKey.from_private_bytes(_raw(grid_private)))  # fmt: skip
-        mqtt_publish.single(f"hashflex/program/{program}/cmd/hold", json.dumps(hold), qos=1, hostname=HOST,
-                            port=mosquitto.plain_port)  # fmt: skip
+        hold = sign_command(
+            {
+                "program": program,
+                "verb": "hold",
+                "id": "evening",
+                "issued_at": int(time.time()),
+                "target_kw": 50.0,
+                "end": int(time.time()) + 3600,
+            },
+            Ed25519PrivateKey.from_private_bytes(_raw(grid_private)),
+        )
+        mqtt_publish.single(
+            f"hashflex/program/{program}/cmd/hold", json.dumps(hold), qos=1, hostname=HOST, port=mosquitto.plain_port
+        )
         doc = _until_status(proc, config, lambda d: bool(d["dispatches"]), 10)
         assert doc["program"] == program
         assert doc["revision"] >= 1
@@ -76,8 +97,10 @@ def test_run_then_program_status_then_a_clean_stop(tmp_path: Path, mosquitto: Mo
         assert evening["id"] == "evening"
         assert evening["level_w"] == 50_000.0
         # no site has been heard: each is counted at its cap, so 160 kW against 50 kW is short by 110 kW
-        assert {s["site"]: s["counted_w"] for s in evening["sites"]} == {f"{program}-a": 100_000.0,
-                                                                         f"{program}-b": 60_000.0}  # fmt: skip
+        assert {s["site"]: s["counted_w"] for s in evening["sites"]} == {
+            f"{program}-a": 100_000.0,
+            f"{program}-b": 60_000.0,
+        }
         assert evening["unmet_w"] == pytest.approx(110_000.0)
         assert doc["alarms"], doc
         code, output = status(config)
@@ -106,8 +129,7 @@ def _raw(pem: bytes) -> bytes:
 
     key = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(key, Ed25519PrivateKey)
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
 def _until_status(proc: subprocess.Popen[bytes], config: Path, ready: Any, within_s: float) -> dict[str, Any]:
@@ -128,8 +150,18 @@ def _until_status(proc: subprocess.Popen[bytes], config: Path, ready: Any, withi
 def _nats_server(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
     """One standalone nats-server with JetStream (a single node: the config's replicas are 1), up in well under
     a second; the 3-node cluster is tests/nats_cluster.py's, used by test_service."""
-    argv = [NATS_SERVER, "-a", HOST, "-p", str(port), "-js", "-sd", str(tmp_path / "js"),
-            "-l", str(tmp_path / "nats.log")]  # fmt: skip
+    argv = [
+        NATS_SERVER,
+        "-a",
+        HOST,
+        "-p",
+        str(port),
+        "-js",
+        "-sd",
+        str(tmp_path / "js"),
+        "-l",
+        str(tmp_path / "nats.log"),
+    ]
     proc = subprocess.Popen(argv)
     deadline = time.monotonic() + 10
     while "Server is ready" not in _read(tmp_path / "nats.log"):
@@ -150,15 +182,22 @@ def test_sigterm_while_nats_is_unreachable_is_a_clean_exit(tmp_path: Path) -> No
     (tmp_path / "coordinator").write_bytes(private)
     config = tmp_path / "program.yaml"
     closed = free_port()  # nothing listens there
-    config.write_text(yaml.safe_dump({
-        "program_id": "down", "signing_key": "coordinator", "grid_public_keys": ["grid.pub"],
-        "fabric": {"brokers": [f"{HOST}:{closed}"], "nats_servers": [f"nats://{HOST}:{closed}"]},
-        "sites": [{"id": "a", "cap_kw": 100}],
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "program_id": "down",
+                "signing_key": "coordinator",
+                "grid_public_keys": ["grid.pub"],
+                "fabric": {"brokers": [f"{HOST}:{closed}"], "nats_servers": [f"nats://{HOST}:{closed}"]},
+                "sites": [{"id": "a", "cap_kw": 100}],
+            }
+        )
+    )
     log = tmp_path / "coordinator.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([HASHFLEX, "coordinator", "run", "--config", str(config)], stdout=sink,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [HASHFLEX, "coordinator", "run", "--config", str(config)], stdout=sink, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 15
             while "nats_error" not in _read(log):

@@ -47,8 +47,14 @@ GRID = Ed25519PrivateKey.generate()
 
 
 def cli(*argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HASHFLEX, *argv], check=False, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    return subprocess.run(
+        [HASHFLEX, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def pem(key: Ed25519PrivateKey, private: bool) -> bytes:
@@ -78,13 +84,21 @@ def write_config(path: Path, program: str, cluster: NatsCluster, *, metrics_port
     (path / "grid.pub").write_bytes(pem(GRID, False))
     (path / "coordinator").write_bytes(pem(Ed25519PrivateKey.generate(), True))
     config = path / "program.yaml"
-    config.write_text(yaml.safe_dump({
-        "program_id": program, "signing_key": "coordinator", "grid_public_keys": ["grid.pub"],
-        "fabric": {"brokers": [f"{HOST}:{p}" for p in cluster.mqtt_ports], "nats_servers": cluster.urls},
-        "sites": [{"id": f"{program}-a", "cap_kw": 100}, {"id": f"{program}-b", "cap_kw": 60}],
-        "step_s": 0.2, "settle_s": 0.2,  # the lease's default TTL (6 s): no term lost to a loaded host's pauses
-        "metrics": {"enabled": True, "host": METRICS_HOST, "port": metrics_port}, **extra,
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "program_id": program,
+                "signing_key": "coordinator",
+                "grid_public_keys": ["grid.pub"],
+                "fabric": {"brokers": [f"{HOST}:{p}" for p in cluster.mqtt_ports], "nats_servers": cluster.urls},
+                "sites": [{"id": f"{program}-a", "cap_kw": 100}, {"id": f"{program}-b", "cap_kw": 60}],
+                "step_s": 0.2,
+                "settle_s": 0.2,  # the lease's default TTL (6 s): no term lost to a loaded host's pauses
+                "metrics": {"enabled": True, "host": METRICS_HOST, "port": metrics_port},
+                **extra,
+            }
+        )
+    )
     return config
 
 
@@ -99,14 +113,19 @@ def until(what: str, within_s: float, probe: Any) -> Any:
     raise AssertionError(f"{what} not within {within_s} s (last: {last!r})")
 
 
-def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(tmp_path: Path,
-                                                                             cluster: NatsCluster) -> None:  # fmt: skip
+def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(
+    tmp_path: Path, cluster: NatsCluster
+) -> None:
     program = f"p{uuid.uuid4().hex[:8]}"
     metrics_port = free_metrics_port()
     config = write_config(tmp_path, program, cluster, metrics_port=metrics_port)
     log = (tmp_path / "coordinator.log").open("w")
-    proc = subprocess.Popen([HASHFLEX, "coordinator", "run", "--config", str(config), "--name", "t1"], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        [HASHFLEX, "coordinator", "run", "--config", str(config), "--name", "t1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         # nothing in force yet: said on stderr, exit 0
         done = until(
@@ -116,11 +135,22 @@ def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(tmp
         )
         assert "no program dispatch in force" in done.stderr
         now = int(time.time())
-        hold = {"program": program, "verb": "hold", "id": "evening", "issued_at": now, "target_kw": 50.0,
-                "end": now + 3600}  # fmt: skip
+        hold = {
+            "program": program,
+            "verb": "hold",
+            "id": "evening",
+            "issued_at": now,
+            "target_kw": 50.0,
+            "end": now + 3600,
+        }
         for doc in ({**hold, "id": "unsigned"}, sign_command(hold, GRID)):
-            mqtt_publish.single(f"hashflex/program/{program}/cmd/hold", json.dumps(doc), qos=1, hostname=HOST,
-                                port=cluster.mqtt_ports[1])  # fmt: skip
+            mqtt_publish.single(
+                f"hashflex/program/{program}/cmd/hold",
+                json.dumps(doc),
+                qos=1,
+                hostname=HOST,
+                port=cluster.mqtt_ports[1],
+            )
 
         def listed() -> Any:
             done = cli("program", "dispatches", "-c", str(config), "--json", "--timeout", "1")
@@ -130,8 +160,10 @@ def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(tmp
         assert (evening["id"], evening["rev"], evening["kind"], evening["state"]) == ("evening", 0, "hold", "short")
         assert evening["end"] == now + 3600
         assert evening["unmet_w"] == pytest.approx(110_000.0)  # no site heard: 100 + 60 kW counted against 50 kW
-        assert {s["site"]: s["counted_w"] for s in evening["sites"]} == {f"{program}-a": 100_000.0,
-                                                                         f"{program}-b": 60_000.0}  # fmt: skip
+        assert {s["site"]: s["counted_w"] for s in evening["sites"]} == {
+            f"{program}-a": 100_000.0,
+            f"{program}-b": 60_000.0,
+        }
         # piped: tab-separated, the header first, then each dispatch's per-site allocation
         table = cli("program", "dispatches", "-c", str(config))
         assert table.returncode == 0, table.stderr
@@ -158,13 +190,18 @@ def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(tmp
         assert doc["format"] == "hashflex-program-export/1"
         assert doc["chain"]["ok"] is True
         kinds = [(rec["kind"], rec["data"].get("outcome")) for rec in doc["records"]]
-        assert kinds[:4] == [("leading", None), ("program_command", "refused"), ("program_command", "accepted"),
-                             ("allocation", None)]  # fmt: skip
+        assert kinds[:4] == [
+            ("leading", None),
+            ("program_command", "refused"),
+            ("program_command", "accepted"),
+            ("allocation", None),
+        ]
         assert doc["records"][1]["data"]["code"] == "unsigned"
         assert doc["records"][2]["data"]["document"]["signature"]  # the grid's signed document, as received
         assert doc["records"][3]["data"]["unmet_w"] == pytest.approx(110_000.0)
-        zipped = cli("program", "audit", "export", "-c", str(config), "--format", "csv", "--out",
-                     str(tmp_path / "audit.zip"))  # fmt: skip
+        zipped = cli(
+            "program", "audit", "export", "-c", str(config), "--format", "csv", "--out", str(tmp_path / "audit.zip")
+        )
         assert zipped.returncode == 0, zipped.stderr
         with zipfile.ZipFile(tmp_path / "audit.zip") as z:
             assert sorted(z.namelist()) == ["audit.csv", "compliance.csv", "manifest.json"]
@@ -172,12 +209,16 @@ def test_dispatches_audit_verify_export_and_metrics_of_a_running_coordinator(tmp
         # Prometheus, scraped over HTTP as Prometheus does
         with urllib.request.urlopen(f"http://{METRICS_HOST}:{metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        for line in ("hashflex_coordinator_leader 1.0", "hashflex_program_target_watts 50000.0",
-                     "hashflex_program_short_watts 110000.0", 'hashflex_program_sites{state="offline"} 2.0',
-                     'hashflex_program_commands_total{outcome="refused"} 1.0',
-                     'hashflex_program_commands_total{outcome="accepted"} 1.0',
-                     'hashflex_program_dispatch_short_watts{dispatch="evening"} 110000.0',
-                     f'hashflex_program_site_counted_watts{{site="{program}-a"}} 100000.0'):  # fmt: skip
+        for line in (
+            "hashflex_coordinator_leader 1.0",
+            "hashflex_program_target_watts 50000.0",
+            "hashflex_program_short_watts 110000.0",
+            'hashflex_program_sites{state="offline"} 2.0',
+            'hashflex_program_commands_total{outcome="refused"} 1.0',
+            'hashflex_program_commands_total{outcome="accepted"} 1.0',
+            'hashflex_program_dispatch_short_watts{dispatch="evening"} 110000.0',
+            f'hashflex_program_site_counted_watts{{site="{program}-a"}} 100000.0',
+        ):
             assert line in text.splitlines(), (line, text)
         (allocations,) = [x for x in text.splitlines() if x.startswith("hashflex_program_allocations_total ")]
         assert float(allocations.split()[1]) >= 1.0
@@ -218,14 +259,33 @@ def test_audit_commands_say_in_one_line_what_is_wrong(tmp_path: Path, cluster: N
 
 def test_the_dispatch_tables_fit_80_columns_dropping_the_least_important_columns() -> None:
     doc: dict[str, Any] = {
-           "id": "evening-peak-2026", "rev": 12, "kind": "hold", "level_now_w": 1_400_000_000.0, "start": 1.7e9,
-           "end": 1.7e9 + 14_400, "state": "delivering", "metered_w": 1_398_765_432.0, "unmet_w": 0.0,
-           "sites": [{"site": f"site-{i:02d}-karachi-east", "share_w": 46_666_000.0, "present_w": 46_500_123.0,
-                      "counted_w": 46_666_000.0, "rev": 3, "acked": True, "failure": "not_met" if i else None}
-                     for i in range(30)]}  # fmt: skip
+        "id": "evening-peak-2026",
+        "rev": 12,
+        "kind": "hold",
+        "level_now_w": 1_400_000_000.0,
+        "start": 1.7e9,
+        "end": 1.7e9 + 14_400,
+        "state": "delivering",
+        "metered_w": 1_398_765_432.0,
+        "unmet_w": 0.0,
+        "sites": [
+            {
+                "site": f"site-{i:02d}-karachi-east",
+                "share_w": 46_666_000.0,
+                "present_w": 46_500_123.0,
+                "counted_w": 46_666_000.0,
+                "rev": 3,
+                "acked": True,
+                "failure": "not_met" if i else None,
+            }
+            for i in range(30)
+        ],
+    }
     console = Console(width=80, force_terminal=True)
-    for columns, rows, priority in ((DISPATCH_COLUMNS, [dispatch_row(doc)], DISPATCH_PRIORITY),
-                                    (SITE_COLUMNS, [site_row(s) for s in doc["sites"]], SITE_PRIORITY)):  # fmt: skip
+    for columns, rows, priority in (
+        (DISPATCH_COLUMNS, [dispatch_row(doc)], DISPATCH_PRIORITY),
+        (SITE_COLUMNS, [site_row(s) for s in doc["sites"]], SITE_PRIORITY),
+    ):
         table = r.fitted_table(console, columns, rows, priority=priority)
         assert r.natural_width(console, table) <= 80
         shown = [c.header for c in table.columns]

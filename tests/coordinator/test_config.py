@@ -50,8 +50,10 @@ def test_the_example_maps_onto_the_service_config(tmp_path: Path) -> None:
     cfg, service = load(example_dir(tmp_path))
     assert cfg.program_id == service.program_id == "pk-mining"
     assert [(s.site_id, s.cap_w) for s in service.sites] == [
-        ("lhr-07", 30_000_000.0), ("mul-02", 25_000_000.0), ("khi-11", 18_000_000.0),
-    ]  # fmt: skip
+        ("lhr-07", 30_000_000.0),
+        ("mul-02", 25_000_000.0),
+        ("khi-11", 18_000_000.0),
+    ]
     assert service.sites[1].limits.min_keep_share == 0.2
     assert service.sites[2].limits.excluded
     assert len(service.grid_keys) == 1
@@ -74,7 +76,7 @@ def test_the_example_maps_onto_the_service_config(tmp_path: Path) -> None:
         (lambda d: d.pop("grid_public_keys"), "grid_public_keys: required field is missing"),
         (lambda d: d["lease"].update(ttl_s=1, renew_every_s=0.9), "lease: renew_every_s (0.9)"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_config_is_one_line_naming_the_field(tmp_path: Path, change: Any, expected: str) -> None:
     bad = edited(tmp_path, change)
     with pytest.raises(ConfigError) as caught:
@@ -122,11 +124,17 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert "ExecStartPre=/opt/hashflex/bin/hashflex coordinator check --config /etc/hashflex/program.yaml" in text
     unit = tmp_path / "hashflex-coordinator.service"
     unit.write_text(text.replace("/opt/hashflex/bin/hashflex", HASHFLEX))  # verify needs the binary to exist
-    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ""
-    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
-                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert security.returncode == 0, security.stdout + security.stderr
     assert "Overall exposure level for hashflex-coordinator.service: 1." in security.stdout, security.stdout

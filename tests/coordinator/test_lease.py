@@ -203,9 +203,15 @@ async def test_leader_process_killed_is_replaced_within_ttl(cluster: NatsCluster
     the dead leader's own count (printed on the machine's monotonic clock) had run out."""
     name = bucket()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.coordinator.lease_proc", name, "coordinator-child", *cluster.urls,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "tests.coordinator.lease_proc",
+        name,
+        "coordinator-child",
+        *cluster.urls,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
     client = await connect(cluster, 1)
     try:
         assert proc.stdout is not None
@@ -361,9 +367,12 @@ async def _retained(port: int, topic: str, within_s: float = 5.0) -> bytes:
     while True:
         try:
             async with aiomqtt.Client(
-                HOST, port, identifier=f"sub-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V311,
+                HOST,
+                port,
+                identifier=f"sub-{uuid.uuid4().hex[:8]}",
+                protocol=aiomqtt.ProtocolVersion.V311,
                 timeout=max(0.5, min(1.5, deadline - time.monotonic())),
-            ) as client:  # fmt: skip
+            ) as client:
                 await client.subscribe(topic, qos=1)
                 async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
                     async for message in client.messages:
@@ -383,9 +392,12 @@ async def _publish_retained(port: int, topic: str, payload: bytes, within_s: flo
     while True:
         try:
             async with aiomqtt.Client(
-                HOST, port, identifier=f"pub-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V311,
+                HOST,
+                port,
+                identifier=f"pub-{uuid.uuid4().hex[:8]}",
+                protocol=aiomqtt.ProtocolVersion.V311,
                 timeout=max(0.5, min(1.5, deadline - time.monotonic())),
-            ) as client:  # fmt: skip
+            ) as client:
                 await client.publish(topic, payload, qos=1, retain=True)
                 return
         except aiomqtt.MqttError:

@@ -15,9 +15,12 @@ HOST = "127.73.0.2"  # this task's loopback range
 
 
 def snapshot(sites: dict[str, dict[str, Any]], dispatches: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"leader": True, "sites": sites, "counts": {"allocation": 3, "redispatch": 1, "command_accepted": 2,
-            "command_refused": 1}, "status": {"program": "p", "revision": 7, "alarms": ["short"],
-            "dispatches": dispatches}}  # fmt: skip
+    return {
+        "leader": True,
+        "sites": sites,
+        "counts": {"allocation": 3, "redispatch": 1, "command_accepted": 2, "command_refused": 1},
+        "status": {"program": "p", "revision": 7, "alarms": ["short"], "dispatches": dispatches},
+    }
 
 
 @pytest.fixture
@@ -47,25 +50,36 @@ def test_the_program_as_scraped(served: tuple[CoordinatorMetrics, dict[str, Any]
     holder["snap"] = snapshot(
         {"a": {"state": "ok", "present_w": 39e6}, "b": {"state": "offline", "present_w": 25e6}},
         [
-            {"id": "eve", "kind": "hold", "level_now_w": 60e6, "unmet_w": 4e6,
-             "sites": [site, {"site": "b", "share_w": None, "counted_w": 30e6, "present_w": 25e6}]},
-            {"id": "cap", "kind": "cap", "level_now_w": 80e6, "unmet_w": 0.0,
-             "sites": [{**site, "share_w": 50e6}]},
+            {
+                "id": "eve",
+                "kind": "hold",
+                "level_now_w": 60e6,
+                "unmet_w": 4e6,
+                "sites": [site, {"site": "b", "share_w": None, "counted_w": 30e6, "present_w": 25e6}],
+            },
+            {"id": "cap", "kind": "cap", "level_now_w": 80e6, "unmet_w": 0.0, "sites": [{**site, "share_w": 50e6}]},
         ],
-    )  # fmt: skip
+    )
     lines = scrape(port)
     for line in (
-        'hashflex_coordinator_build_info{commit="abc",version="9.9"} 1.0', "hashflex_coordinator_leader 1.0",
-        "hashflex_program_target_watts 6e+07", "hashflex_program_short_watts 4e+06",
-        "hashflex_program_metered_watts 6.4e+07", 'hashflex_program_sites{state="ok"} 1.0',
-        'hashflex_program_sites{state="offline"} 1.0', 'hashflex_program_sites{state="stale"} 0.0',
+        'hashflex_coordinator_build_info{commit="abc",version="9.9"} 1.0',
+        "hashflex_coordinator_leader 1.0",
+        "hashflex_program_target_watts 6e+07",
+        "hashflex_program_short_watts 4e+06",
+        "hashflex_program_metered_watts 6.4e+07",
+        'hashflex_program_sites{state="ok"} 1.0',
+        'hashflex_program_sites{state="offline"} 1.0',
+        'hashflex_program_sites{state="stale"} 0.0',
         'hashflex_program_site_share_watts{site="a"} 4e+07',  # the lower of its two shares: what binds
-        'hashflex_program_site_delivered{site="a"} 1.0', 'hashflex_program_site_counted_watts{site="b"} 3e+07',
+        'hashflex_program_site_delivered{site="a"} 1.0',
+        'hashflex_program_site_counted_watts{site="b"} 3e+07',
         'hashflex_program_dispatch_target_watts{dispatch="eve",kind="hold"} 6e+07',
-        'hashflex_program_dispatch_short_watts{dispatch="eve"} 4e+06', "hashflex_program_allocations_total 3.0",
-        "hashflex_program_redispatches_total 1.0", 'hashflex_program_commands_total{outcome="refused"} 1.0',
+        'hashflex_program_dispatch_short_watts{dispatch="eve"} 4e+06',
+        "hashflex_program_allocations_total 3.0",
+        "hashflex_program_redispatches_total 1.0",
+        'hashflex_program_commands_total{outcome="refused"} 1.0',
         "hashflex_program_alarms_active 1.0",
-    ):  # fmt: skip
+    ):
         assert line in lines, line
     assert not any(line.startswith('hashflex_program_site_share_watts{site="b"}') for line in lines)
     # site b leaves the config, the cap ends: their series are gone at the next scrape

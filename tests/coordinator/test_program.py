@@ -85,13 +85,33 @@ def flex(
     depths = (0.1, 0.25, 0.5, 0.75, 1.0)
     loss = tuple(LossPoint(d, d * cap, ths_per_mw * (d * cap / MW) * (1 + d)) for d in depths)
     return Flexibility(
-        site_id=site, at=at, present_w=present, metered=True,
+        site_id=site,
+        at=at,
+        present_w=present,
+        metered=True,
         reach=tuple(FlexReach(w, f) for w, f in zip((0.0, 60.0, 300.0), floors, strict=True)),
-        most_w=max(present, cap), cap_w=cap, fleet_max_w=cap, target_w=cap, ramp_up_w_per_s=None,
-        ramp_down_w_per_s=None, wake_max_per_interval=200, wake_interval_s=10.0, min_on_s=120.0, min_off_s=120.0,
-        ths_at_cap=ths_per_mw * cap / MW * 2, ths_now=0.0, loss=loss, failsafe_active=False, failsafe_reason="",
-        failsafe_level_w=None, readings_at=at, readings_age_s=0.0, stale=False, miners=100, unreachable=0,
-    )  # fmt: skip
+        most_w=max(present, cap),
+        cap_w=cap,
+        fleet_max_w=cap,
+        target_w=cap,
+        ramp_up_w_per_s=None,
+        ramp_down_w_per_s=None,
+        wake_max_per_interval=200,
+        wake_interval_s=10.0,
+        min_on_s=120.0,
+        min_off_s=120.0,
+        ths_at_cap=ths_per_mw * cap / MW * 2,
+        ths_now=0.0,
+        loss=loss,
+        failsafe_active=False,
+        failsafe_reason="",
+        failsafe_level_w=None,
+        readings_at=at,
+        readings_age_s=0.0,
+        stale=False,
+        miners=100,
+        unreachable=0,
+    )
 
 
 @dataclass
@@ -106,10 +126,15 @@ class Fabric:
         specs = [("a", 10 * MW, 30.0), ("b", 20 * MW, 20.0), ("c", 30 * MW, 40.0)]
         configs = [SiteConfig(s, cap) for s, cap, _ in specs]
         views = {
-            s: SiteView(s, True, flex(s, cap=cap, present=0.9 * cap, floors=(0.5 * cap, 0.2 * cap, 0.05 * cap),
-                                      at=now, ths_per_mw=cost), now, 0.9 * cap)
+            s: SiteView(
+                s,
+                True,
+                flex(s, cap=cap, present=0.9 * cap, floors=(0.5 * cap, 0.2 * cap, 0.05 * cap), at=now, ths_per_mw=cost),
+                now,
+                0.9 * cap,
+            )
             for s, cap, cost in specs
-        }  # fmt: skip
+        }
         return cls(configs, views)
 
     def present(self) -> float:
@@ -242,8 +267,9 @@ def test_bad_program_commands_are_refused_with_a_reason(case: str, code: str) ->
 
 
 def test_replays_are_refused_by_the_newest_issue_time_per_verb() -> None:
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=54 * MW)  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600}, now=T0, present_w=54 * MW
+    )
     # an older (or equally old) hold with another id: a replay or a late command
     for at in (T0 - 10, T0):
         out = gate("hold", command("hold", {"id": "h0", "target_kw": 30_000, "end": T0 + 3600}, at=at), state, now=T0)
@@ -253,17 +279,39 @@ def test_replays_are_refused_by_the_newest_issue_time_per_verb() -> None:
     shed = gate("shed", command("shed", {"id": "s1", "shed_kw": 1000}, at=T0 - 10), state, now=T0)
     assert isinstance(shed, Accepted)
     # a revision of the hold needs a higher rev
-    same_rev = gate("hold", command("hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600, "rev": 0},
-                                    at=T0 + 1), state, now=T0 + 1)  # fmt: skip
+    same_rev = gate(
+        "hold",
+        command("hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600, "rev": 0}, at=T0 + 1),
+        state,
+        now=T0 + 1,
+    )
     assert isinstance(same_rev, Refusal)
     assert same_rev.code == "conflict"  # rev 0 of h1 was answered with other content
-    rev1 = gate("hold", command("hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600, "rev": 1},
-                                at=T0 + 1), state, now=T0 + 1)  # fmt: skip
+    rev1 = gate(
+        "hold",
+        command("hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600, "rev": 1}, at=T0 + 1),
+        state,
+        now=T0 + 1,
+    )
     assert isinstance(rev1, Accepted)
 
 
-FIELDS = ["id", "target_kw", "shed_kw", "cap_kw", "end", "start", "rev", "dispatch_id", "ramp_kw_per_min", "program",
-          "verb", "issued_at", "signature", "extra"]  # fmt: skip
+FIELDS = [
+    "id",
+    "target_kw",
+    "shed_kw",
+    "cap_kw",
+    "end",
+    "start",
+    "rev",
+    "dispatch_id",
+    "ramp_kw_per_min",
+    "program",
+    "verb",
+    "issued_at",
+    "signature",
+    "extra",
+]
 
 
 @PROPS
@@ -296,8 +344,13 @@ def test_any_payload_is_answered_never_raises(verb: str, body: dict[str, Any], s
 
 def test_a_hold_becomes_site_dispatches_within_every_sites_range() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 30_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     result = step(state, fab.configs, fab.views, now=T0)
     (report,) = result.reports
     assert report.unmet_w == 0.0
@@ -323,8 +376,13 @@ def test_a_hold_becomes_site_dispatches_within_every_sites_range() -> None:
 
 def test_retries_and_failovers_send_the_same_revision() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 30_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 30_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     first = step(state, fab.configs, fab.views, now=T0)
     # a new leader reads the replicated state (JSON) and steps again, a little later, readings a little moved
     restored = ProgramState.from_dict(json.loads(json.dumps(first.state.to_dict())))
@@ -345,8 +403,13 @@ def test_retries_and_failovers_send_the_same_revision() -> None:
 
 def test_an_offline_site_is_counted_at_its_worst_case_and_the_others_take_its_share() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 35_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 35_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     first = step(state, fab.configs, fab.views, now=T0)
     state = ack_all(first.state, first)
     fab.obey(first)
@@ -370,8 +433,13 @@ def test_an_offline_site_is_counted_at_its_worst_case_and_the_others_take_its_sh
 @pytest.mark.parametrize("failure", ["stale", "own_stale", "not_met"])
 def test_stale_or_undelivering_sites_are_counted_at_their_worst_case(failure: str) -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     first = step(state, fab.configs, fab.views, now=T0)
     state = ack_all(first.state, first)
     fab.obey(first)
@@ -414,8 +482,13 @@ def test_a_site_back_online_rises_only_into_room() -> None:
     """When an offline site is back, its share is evened out again, but the others come down first: each site is
     counted at the most it may draw meanwhile, and Σ stays under the level."""
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     fab.set("a", online=False)
     r1 = step(state, fab.configs, fab.views, now=T0)
     state = ack_all(r1.state, r1)
@@ -436,8 +509,13 @@ def test_a_site_back_online_rises_only_into_room() -> None:
 
 def test_cancel_sends_cancels_until_acknowledged() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     r1 = step(state, fab.configs, fab.views, now=T0)
     state = ack_all(r1.state, r1)
     state = accept(state, "cancel", {"id": "c1", "dispatch_id": "h1"}, now=T0 + 10, present_w=fab.present())
@@ -454,9 +532,13 @@ def test_cancel_sends_cancels_until_acknowledged() -> None:
 
 def test_a_ramped_hold_splits_its_ramp_over_the_sites() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold",
-                   {"id": "h1", "target_kw": 30_000, "end": T0 + 7200, "ramp_kw_per_min": 1000},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 30_000, "end": T0 + 7200, "ramp_kw_per_min": 1000},
+        now=T0,
+        present_w=fab.present(),
+    )
     result = step(state, fab.configs, fab.views, now=T0)
     ramps = [c.doc["ramp_kw_per_min"] for c in result.commands]
     assert math.fsum(ramps) == pytest.approx(1000.0)
@@ -472,8 +554,13 @@ def test_config_limits_keep_a_share_and_exclude_a_site() -> None:
     fab = Fabric.make()
     fab.configs[0] = SiteConfig("a", 10 * MW, SiteLimits(excluded=True))
     fab.configs[1] = SiteConfig("b", 20 * MW, SiteLimits(min_keep_share=0.5))
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 20_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 20_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     result = step(state, fab.configs, fab.views, now=T0)
     by_site = {s.site_id: s for s in result.reports[0].sites}
     assert by_site["a"].target_w is None  # not dispatched
@@ -500,8 +587,11 @@ def fabrics(draw: st.DrawFn) -> tuple[list[SiteConfig], dict[str, SiteView]]:
         cost = draw(st.floats(5.0, 60.0))
         health = draw(st.sampled_from(["ok", "ok", "ok", "offline", "stale", "none"]))
         configs.append(SiteConfig(sid, cap, SiteLimits(min_keep_share=draw(st.sampled_from([0.0, 0.0, 0.3])))))
-        fl = None if health == "none" else flex(sid, cap=cap, present=present, floors=(f0, f1, f2), at=T0,
-                                                 ths_per_mw=cost)  # fmt: skip
+        fl = (
+            None
+            if health == "none"
+            else flex(sid, cap=cap, present=present, floors=(f0, f1, f2), at=T0, ths_per_mw=cost)
+        )
         received = T0 - (RULES.stale_after_s + 5 if health == "stale" else 1.0)
         views[sid] = SiteView(sid, health != "offline", fl, received, present)
     return configs, views
@@ -561,8 +651,13 @@ def test_pending_commands_reissue_old_shares_fresh() -> None:
     """A share decided long ago (a site away for longer than the agents' max age) goes out with a fresh issue time
     and otherwise the same content."""
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 7200},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 7200},
+        now=T0,
+        present_w=fab.present(),
+    )
     state = step(state, fab.configs, fab.views, now=T0).state
     now = pending_commands(state, T0 + 10)
     later = pending_commands(state, T0 + 1000)
@@ -587,10 +682,16 @@ async def agent(tmp_path: Path) -> AsyncIterator[Any]:
 async def test_a_real_agent_applies_a_site_dispatch_once(agent: Any) -> None:
     fab = Fabric.make()
     fab.configs = [SiteConfig("b", 1 * MW)]
-    fab.views = {"b": replace(fab.views["b"], flex=flex("b", cap=1 * MW, present=0.9 * MW, floors=(0.0, 0.0, 0.0),
-                                                         at=T0, ths_per_mw=20.0), present_w=0.9 * MW)}  # fmt: skip
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 600, "end": T0 + 3600},
-                   now=T0, present_w=0.9 * MW)  # fmt: skip
+    fab.views = {
+        "b": replace(
+            fab.views["b"],
+            flex=flex("b", cap=1 * MW, present=0.9 * MW, floors=(0.0, 0.0, 0.0), at=T0, ths_per_mw=20.0),
+            present_w=0.9 * MW,
+        )
+    }
+    state = accept(
+        ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 600, "end": T0 + 3600}, now=T0, present_w=0.9 * MW
+    )
     result = step(state, fab.configs, fab.views, now=T0)
     (cmd,) = result.commands
 
@@ -615,8 +716,9 @@ async def test_a_real_agent_applies_a_site_dispatch_once(agent: Any) -> None:
     refused = await agent.service.handle("dispatch", forged, Channel.MQTT)
     assert refused.error_code == "bad_signature"
     # the program is cancelled: the site is sent its cancel, and takes it
-    state = accept(ack_all(result.state, result), "cancel", {"id": "c1", "dispatch_id": "h1"}, now=T0 + 5,
-                   present_w=0.6 * MW)  # fmt: skip
+    state = accept(
+        ack_all(result.state, result), "cancel", {"id": "c1", "dispatch_id": "h1"}, now=T0 + 5, present_w=0.6 * MW
+    )
     (cancel,) = step(state, fab.configs, fab.views, now=T0 + 5).commands
     done = await send(cancel)
     assert done.is_ok, done
@@ -624,18 +726,29 @@ async def test_a_real_agent_applies_a_site_dispatch_once(agent: Any) -> None:
 
 def test_a_revised_hold_and_a_cap_reach_every_site() -> None:
     fab = Fabric.make()
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     r1 = step(state, fab.configs, fab.views, now=T0)
     state = ack_all(r1.state, r1)
     # the grid extends the window (rev 1), same level: every site gets a new revision with the new end
-    state = accept(state, "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 7200, "rev": 1}, now=T0 + 10,
-                   present_w=fab.present())  # fmt: skip
+    state = accept(
+        state,
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 7200, "rev": 1},
+        now=T0 + 10,
+        present_w=fab.present(),
+    )
     r2 = step(state, fab.configs, fab.views, now=T0 + 10)
     assert sorted((c.site_id, c.doc["rev"], c.doc["end"]) for c in r2.commands) == [(s, 1, T0 + 7200) for s in "abc"]
     # a program cap: its own site dispatch, `<program>.cap`, with no end, Σ under it
-    state = accept(ack_all(r2.state, r2), "cap", {"id": "cap-1", "cap_kw": "45MW"}, now=T0 + 20,
-                   present_w=fab.present())  # fmt: skip
+    state = accept(
+        ack_all(r2.state, r2), "cap", {"id": "cap-1", "cap_kw": "45MW"}, now=T0 + 20, present_w=fab.present()
+    )
     r3 = step(state, fab.configs, fab.views, now=T0 + 20)
     caps = [c for c in r3.commands if c.dispatch_id == CAP_ID]
     assert sorted(c.site_id for c in caps) == ["a", "b", "c"]
@@ -643,8 +756,9 @@ def test_a_revised_hold_and_a_cap_reach_every_site() -> None:
     assert all("end" not in c.doc for c in caps)
     assert math.fsum(c.doc["target_kw"] * 1000 for c in caps) <= 45 * MW
     # a lower cap later: a new revision of the same site dispatch
-    state = accept(ack_all(r3.state, r3), "cap", {"id": "cap-2", "cap_kw": "30MW"}, now=T0 + 30,
-                   present_w=fab.present())  # fmt: skip
+    state = accept(
+        ack_all(r3.state, r3), "cap", {"id": "cap-2", "cap_kw": "30MW"}, now=T0 + 30, present_w=fab.present()
+    )
     r4 = step(state, fab.configs, fab.views, now=T0 + 30)
     caps = [c for c in r4.commands if c.dispatch_id == CAP_ID]
     assert {c.doc["rev"] for c in caps} == {1}
@@ -662,15 +776,26 @@ def test_shares_from_the_agents_own_flexibility(fleets: list[Case], share: float
         sid = f"site{i}"
         cap_w = case.tree.caps_kw()[0] * 1000.0
         present = sum(v.power_w or 0.0 for v in case.views)
-        f = flexibility(case.views, site_id=sid, tree=case.tree, rules=case.rules, now=T0, cap_w=cap_w,
-                        target_w=cap_w, present_w=present, metered=False, readings_at=T0)  # fmt: skip
+        f = flexibility(
+            case.views,
+            site_id=sid,
+            tree=case.tree,
+            rules=case.rules,
+            now=T0,
+            cap_w=cap_w,
+            target_w=cap_w,
+            present_w=present,
+            metered=False,
+            readings_at=T0,
+        )
         configs.append(SiteConfig(sid, cap_w))
         views[sid] = SiteView(sid, True, f, T0, f.present_w)
     caps = math.fsum(c.cap_w for c in configs)
     target_kw = math.floor(caps * share) / 1000.0
     present = math.fsum(v.present_w or 0.0 for v in views.values())
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": target_kw, "end": T0 + 3600},
-                   now=T0, present_w=present)  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": target_kw, "end": T0 + 3600}, now=T0, present_w=present
+    )
     report = step(state, configs, views, now=T0).reports[0]
     lows = 0.0
     for s in report.sites:

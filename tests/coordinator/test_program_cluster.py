@@ -63,8 +63,9 @@ def sim() -> Iterator[SimProcess]:
         yield process
 
 
-def _start_agents(program: Program, sim: SimProcess, brokers: list[tuple[str, int]],
-                  folder: Path) -> dict[str, AgentProcess]:  # fmt: skip
+def _start_agents(
+    program: Program, sim: SimProcess, brokers: list[tuple[str, int]], folder: Path
+) -> dict[str, AgentProcess]:
     """Ten agents started at once (each a `hashflex run` process), site i on the sim's addresses i, i+10, i+20."""
     mqtt = {"enabled": True, "protocol": "3.1.1", "brokers": [{"host": h, "port": p} for h, p in brokers]}
     files = {
@@ -119,8 +120,9 @@ async def _open_at(agents: dict[str, AgentProcess], dispatch_id: str) -> dict[st
     return await asyncio.to_thread(lambda: {name: _open(a, dispatch_id) for name, a in agents.items()})
 
 
-async def _held_once(coord: Callable[[], Coordinator], agents: dict[str, AgentProcess], program: Program,
-                     dispatch_id: str, what: str) -> None:  # fmt: skip
+async def _held_once(
+    coord: Callable[[], Coordinator], agents: dict[str, AgentProcess], program: Program, dispatch_id: str, what: str
+) -> None:
     """Until every agent of `agents` holds the program dispatch's site dispatch exactly once, at the revision and
     target of its acknowledged share (a share revised meanwhile is waited for, not failed on)."""
 
@@ -179,9 +181,18 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
         instances.append(second)
         grid = Grid(program, [n3, n2])
         async with asyncio.timeout(SCENARIO_S):  # a hang fails here, with the await it hung in
-            await _scenario(program=program, agents=agents, sim=sim, cluster=cluster, grid=grid, a_index=a,
-                            instances=instances, processes=processes, folder=tmp_path,
-                            figures=figures)  # fmt: skip
+            await _scenario(
+                program=program,
+                agents=agents,
+                sim=sim,
+                cluster=cluster,
+                grid=grid,
+                a_index=a,
+                instances=instances,
+                processes=processes,
+                folder=tmp_path,
+                figures=figures,
+            )
     finally:
         for process in processes:
             process.kill()
@@ -193,15 +204,26 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
     print("program on the NATS cluster:", {k: round(v, 2) for k, v in figures.items()})
 
 
-async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: SimProcess, cluster: NatsCluster,
-                    grid: Grid, a_index: int, instances: list[Instance], processes: list[CoordinatorProcess],
-                    folder: Path, figures: dict[str, float]) -> None:  # fmt: skip
+async def _scenario(
+    *,
+    program: Program,
+    agents: dict[str, AgentProcess],
+    sim: SimProcess,
+    cluster: NatsCluster,
+    grid: Grid,
+    a_index: int,
+    instances: list[Instance],
+    processes: list[CoordinatorProcess],
+    folder: Path,
+    figures: dict[str, float],
+) -> None:
     first, second = instances  # the first leads; the second follows (it reads the fabric and does not act)
     coord = first.coord
     # ------------------------------------------------------------------------------------- 1. a program hold
     # every site's retained flexibility is read before anything is decided
-    await until(lambda: all(s.flex_at is not None and s.online for s in coord.sites.values()), 60,
-                "every site's flexibility")  # fmt: skip
+    await until(
+        lambda: all(s.flex_at is not None and s.online for s in coord.sites.values()), 60, "every site's flexibility"
+    )
     present = math.fsum(s.flex_doc.present_w for s in coord.sites.values())
     target_w = math.floor(present * 0.6)
     figures["truth_before_kw"] = await asyncio.to_thread(_truth_w, sim) / 1000.0
@@ -228,14 +250,15 @@ async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: S
     window = {"target_kw": 1.0, "end": now + 600}
     stranger = Ed25519PrivateKey.generate()
     bad = {
-        "unsigned": ({"program": program.id, "verb": "hold", "id": "bad-unsigned", "issued_at": now, **window},
-                     False),
+        "unsigned": ({"program": program.id, "verb": "hold", "id": "bad-unsigned", "issued_at": now, **window}, False),
         "bad_signature": (grid.sign("hold", {"id": "bad-key", **window}, key=stranger), True),
         "wrong_scope": (grid.sign("hold", {"id": "bad-program", "program": "another-program", **window}), True),
-        "out_of_range": (grid.sign("hold", {"id": "bad-range", "target_kw": SITES * CAP_W / 1000.0 + 1,
-                                            "end": now + 600}), True),
+        "out_of_range": (
+            grid.sign("hold", {"id": "bad-range", "target_kw": SITES * CAP_W / 1000.0 + 1, "end": now + 600}),
+            True,
+        ),
         "stale": (grid.sign("hold", {"id": "bad-replay", "issued_at": hold["issued_at"] - 5, **window}), True),
-    }  # fmt: skip
+    }
     for code, (doc, signed) in bad.items():
         reply = await grid.command("hold", doc, signed=signed)
         assert (reply["status"], reply["error"]["code"]) == ("error", code), reply
@@ -246,8 +269,9 @@ async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: S
     assert after.dispatches == before.dispatches
     assert after.newest_issued == before.newest_issued
     assert after.answered == before.answered
-    held_ids = await asyncio.to_thread(lambda: [{d["id"] for d in a.ok("dispatches")["dispatches"]}
-                                                for a in agents.values()])  # fmt: skip
+    held_ids = await asyncio.to_thread(
+        lambda: [{d["id"] for d in a.ok("dispatches")["dispatches"]} for a in agents.values()]
+    )
     assert all(ids == {f"{program.id}.evening"} for ids in held_ids), held_ids
 
     # -------------------------------------------------------------- 3. a site killed mid-dispatch (kill -9)
@@ -276,8 +300,9 @@ async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: S
     others_after = math.fsum(coord.state.assignments["evening"][sid].target_w for sid in live)
     assert others_after <= target_w - by_site[dead].counted_w
     assert others_after < others_before
-    figures["site_kill_truth_s"] = await _truth_under(sim, target_w, 60, "the hold without s00") + (
-        figures["site_kill_redispatch_acked_s"])  # fmt: skip
+    figures["site_kill_truth_s"] = (
+        await _truth_under(sim, target_w, 60, "the hold without s00") + (figures["site_kill_redispatch_acked_s"])
+    )
     live_agents = {name: a for name, a in agents.items() if program.site(name) != dead}
     await _held_once(lambda: coord, live_agents, program, "evening", "the others holding their new shares once")
 
@@ -323,8 +348,12 @@ async def _scenario(*, program: Program, agents: dict[str, AgentProcess], sim: S
     processes.append(process)
     started_at = time.monotonic()
     # serving, and on the fabric: it would take the lease unconnected, blind to the sites (noted in the report)
-    await until(lambda: process.leading() is not None and process.on_fabric(), 60, "the coordinator process on the "
-                "fabric", blocking=True)  # fmt: skip
+    await until(
+        lambda: process.leading() is not None and process.on_fabric(),
+        60,
+        "the coordinator process on the fabric",
+        blocking=True,
+    )
     figures["coordinator_process_start_s"] = time.monotonic() - started_at
     handover_at = time.monotonic()
     await follower.stand_aside()

@@ -44,9 +44,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
 
 @pytest.mark.parametrize("fabric", ["mosquitto", "nats"])
 async def test_a_program_hold_reaches_every_site_once(
-    fabric: str,
-tmp_path: Path, mosquitto: Mosquitto,
-                                                      cluster: NatsCluster) -> None:  # fmt: skip
+    fabric: str, tmp_path: Path, mosquitto: Mosquitto, cluster: NatsCluster
+) -> None:
     with SimProcess(PER_SITE * len(SITES), base_ip="127.38.0.1", seed=11) as sim:
         # the fabric: the single-site default (Mosquitto), or the 3-node NATS cluster's MQTT listeners
         global PROGRAM  # noqa: PLW0603  # one program per run: its lease, state bucket and site ids are its own
@@ -57,9 +56,13 @@ tmp_path: Path, mosquitto: Mosquitto,
         try:
             for sid, ips in ranges.items():
                 files = write_agent_config(
-                    tmp_path / sid, ips, cap_kw=15.0, site_id=f"{PROGRAM}-{sid}", grid_key=COORD,
+                    tmp_path / sid,
+                    ips,
+                    cap_kw=15.0,
+                    site_id=f"{PROGRAM}-{sid}",
+                    grid_key=COORD,
                     overrides={"mqtt": {"enabled": True, "host": HOST, "port": ports[0]}},
-                )  # fmt: skip
+                )
                 agents[sid] = AgentProcess.start(files)
             await _run_coordinator(agents, ports, cluster)
         finally:
@@ -83,15 +86,27 @@ async def _run_coordinator(agents: dict[str, AgentProcess], ports: list[int], cl
         second = await start_instance("coordinator-2", ports, cluster)  # a follower: reads, does not act
         instances.append(second)
         # every site's retained flexibility is read before anything is decided
-        await _until(lambda: all(s.flex_at is not None and s.online for s in coord.sites.values()), 40,
-                     "every site's flexibility")  # fmt: skip
+        await _until(
+            lambda: all(s.flex_at is not None and s.online for s in coord.sites.values()),
+            40,
+            "every site's flexibility",
+        )
         present = math.fsum(s.flex_doc.present_w for s in coord.sites.values())
         target_kw = math.floor(present * 0.6) / 1000.0
         replies: list[dict[str, Any]] = []
         async with aiomqtt.Client(HOST, ports[-1], identifier=f"grid-{PROGRAM}") as grid:
             await grid.subscribe(f"hashflex/program/{PROGRAM}/reply/+", qos=1)
-            hold = sign_command({"program": PROGRAM, "verb": "hold", "id": "evening", "issued_at": int(time.time()),
-                                 "target_kw": target_kw, "end": int(time.time()) + 3600}, GRID)  # fmt: skip
+            hold = sign_command(
+                {
+                    "program": PROGRAM,
+                    "verb": "hold",
+                    "id": "evening",
+                    "issued_at": int(time.time()),
+                    "target_kw": target_kw,
+                    "end": int(time.time()) + 3600,
+                },
+                GRID,
+            )
             await grid.publish(f"hashflex/program/{PROGRAM}/cmd/hold", json.dumps(hold).encode(), qos=1)
             async with asyncio.timeout(10):
                 async for msg in grid.messages:
@@ -171,8 +186,16 @@ async def _run_coordinator(agents: dict[str, AgentProcess], ports: list[int], cl
         print(f"follower acting {took_over:.2f} s after the leader's crash")
         async with aiomqtt.Client(HOST, ports[-1], identifier=f"grid2-{PROGRAM}") as grid:
             await grid.subscribe(f"hashflex/program/{PROGRAM}/reply/+", qos=1)
-            cancel = sign_command({"program": PROGRAM, "verb": "cancel", "id": "end-evening",
-                                   "issued_at": int(time.time()), "dispatch_id": "evening"}, GRID)  # fmt: skip
+            cancel = sign_command(
+                {
+                    "program": PROGRAM,
+                    "verb": "cancel",
+                    "id": "end-evening",
+                    "issued_at": int(time.time()),
+                    "dispatch_id": "evening",
+                },
+                GRID,
+            )
             await grid.publish(f"hashflex/program/{PROGRAM}/cmd/cancel", json.dumps(cancel).encode(), qos=1)
             async with asyncio.timeout(10):
                 async for msg in grid.messages:

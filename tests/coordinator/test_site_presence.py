@@ -28,10 +28,10 @@ class _NoStore:
 
 def _coordinator() -> Coordinator:
     fab = Fabric.make()
-    cfg = CoordinatorConfig(program_id=PROGRAM, sites=tuple(fab.configs), grid_keys=(GRID.public_key(),),
-                            signing_key=COORD)  # fmt: skip
-    return Coordinator(cfg, MqttFabric([(HOST, free_port())], "presence"), _NoStore(), lambda: False,
-                       clock=lambda: T0)  # fmt: skip
+    cfg = CoordinatorConfig(
+        program_id=PROGRAM, sites=tuple(fab.configs), grid_keys=(GRID.public_key(),), signing_key=COORD
+    )
+    return Coordinator(cfg, MqttFabric([(HOST, free_port())], "presence"), _NoStore(), lambda: False, clock=lambda: T0)
 
 
 def _doc(at: float, present: float = 9 * MW) -> bytes:

@@ -79,8 +79,9 @@ def test_near_equal_sites_do_not_swap_shares_when_their_curves_move() -> None:
     cheaper one's curve is published a hair dearer (what its sleeping miners do to its planner's figures): the held
     shares still meet the level and keep as much hashrate to within noise, so nothing is re-sent."""
     configs, views = twins(20.0, 20.2)
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 10_000, "end": T0 + 3600},
-                   now=T0, present_w=18 * MW)  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 10_000, "end": T0 + 3600}, now=T0, present_w=18 * MW
+    )
     first = step(state, configs, views, now=T0, rules=RULES)
     shares = {s.site_id: s.target_w for s in first.reports[0].sites}
     assert shares["a"] is not None
@@ -118,11 +119,15 @@ def fabrics(draw: st.DrawFn) -> tuple[list[SiteConfig], dict[str, SiteView]]:
         present = cap * draw(st.floats(0.3, 1.1))
         f0 = present * draw(st.floats(0.0, 1.0))
         f1 = f0 * draw(st.floats(0.0, 1.0))
-        cost = base * draw(st.sampled_from([1.0, 1.0, 1.001, 0.999])) if draw(st.booleans()) else draw(
-            st.floats(5.0, 60.0))  # fmt: skip
+        cost = (
+            base * draw(st.sampled_from([1.0, 1.0, 1.001, 0.999]))
+            if draw(st.booleans())
+            else draw(st.floats(5.0, 60.0))
+        )
         configs.append(SiteConfig(sid, cap, SiteLimits(min_keep_share=draw(st.sampled_from([0.0, 0.0, 0.3])))))
-        views[sid] = SiteView(sid, True, flex(sid, cap=cap, present=present, floors=(f0, f1, f1), at=T0,
-                                              ths_per_mw=cost), T0, present)  # fmt: skip
+        views[sid] = SiteView(
+            sid, True, flex(sid, cap=cap, present=present, floors=(f0, f1, f1), at=T0, ths_per_mw=cost), T0, present
+        )
     return configs, views
 
 
@@ -149,8 +154,9 @@ def test_repeated_steps_with_unchanged_or_noisy_inputs_send_no_new_revision(
     present = math.fsum(v.present_w or 0.0 for v in views.values())
     caps = math.fsum(c.cap_w for c in configs)
     target_kw = min(100_000.0, math.floor(caps * share) / 1000.0)
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": target_kw, "end": T0 + 3600},
-                   now=T0, present_w=present)  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": target_kw, "end": T0 + 3600}, now=T0, present_w=present
+    )
     first = step(state, configs, views, now=T0, rules=RULES)
     state = ack_all(first.state, first)
     seen = revisions(first)
@@ -168,9 +174,12 @@ def test_repeated_steps_with_unchanged_or_noisy_inputs_send_no_new_revision(
             if obey:  # the site has gone to its share
                 level = min(level, shares[cfg.site_id] or level)
             views[cfg.site_id] = noisy(
-                v, present_w=max(0.0, level + reading * 1000.0), curve_scale=1.0 + curve * 0.01,
-                floor_shift_w=floors * 1000.0, at=now,
-            )  # fmt: skip
+                v,
+                present_w=max(0.0, level + reading * 1000.0),
+                curve_scale=1.0 + curve * 0.01,
+                floor_shift_w=floors * 1000.0,
+                at=now,
+            )
         result = step(state, configs, views, now=now, rules=RULES)
         assert result.commands == (), [(c.site_id, c.rev, c.doc.get("target_kw")) for c in result.commands]
         assert revisions(result) == seen

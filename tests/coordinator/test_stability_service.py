@@ -57,14 +57,21 @@ async def test_a_follower_leaves_the_state_alone_on_site_replies(js: JetStreamCo
     assert await leader_lease.step()
     assert not await follower_lease.step()
     fab = Fabric.make()
-    cfg = CoordinatorConfig(program_id=PROGRAM, sites=tuple(fab.configs), grid_keys=(GRID.public_key(),),
-                            signing_key=COORD)  # fmt: skip
+    cfg = CoordinatorConfig(
+        program_id=PROGRAM, sites=tuple(fab.configs), grid_keys=(GRID.public_key(),), signing_key=COORD
+    )
     # an unconnected fabric: whatever a follower publishes fails loudly
-    old = Coordinator(cfg, MqttFabric([(HOST, free_port())], "old-leader"), _store(js, bucket),
-                      lambda: follower_lease.is_leader)  # fmt: skip
+    old = Coordinator(
+        cfg, MqttFabric([(HOST, free_port())], "old-leader"), _store(js, bucket), lambda: follower_lease.is_leader
+    )
     # the old leader's term: a hold stepped, its shares written and sent (what `tick` leaves behind)
-    state = accept(ProgramState(PROGRAM), "hold", {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
-                   now=T0, present_w=fab.present())  # fmt: skip
+    state = accept(
+        ProgramState(PROGRAM),
+        "hold",
+        {"id": "h1", "target_kw": 40_000, "end": T0 + 3600},
+        now=T0,
+        present_w=fab.present(),
+    )
     result = step(state, fab.configs, fab.views, now=T0)
     await old.store.save(result.state)
     old.state, old.last, old._loaded = result.state, result, True

@@ -67,19 +67,31 @@ def test_sigterm_while_nats_is_frozen_and_mqtt_is_down_exits_in_bounded_time(tmp
     nats_port, mqtt_port = free_port(), broker.plain_port
     nats = _nats_server(tmp_path, nats_port)
     config = tmp_path / "program.yaml"
-    config.write_text(yaml.safe_dump({
-        "program_id": "frozen", "signing_key": "coordinator", "grid_public_keys": ["grid.pub"],
-        "fabric": {"brokers": [f"{HOST}:{mqtt_port}"], "nats_servers": [f"nats://{HOST}:{nats_port}"]},
-        "sites": [{"id": "frozen-a", "cap_kw": 100}],
-        "lease": {"ttl_s": 2, "replicas": 1}, "state": {"replicas": 1}, "step_s": 0.2, "settle_s": 0.2,
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "program_id": "frozen",
+                "signing_key": "coordinator",
+                "grid_public_keys": ["grid.pub"],
+                "fabric": {"brokers": [f"{HOST}:{mqtt_port}"], "nats_servers": [f"nats://{HOST}:{nats_port}"]},
+                "sites": [{"id": "frozen-a", "cap_kw": 100}],
+                "lease": {"ttl_s": 2, "replicas": 1},
+                "state": {"replicas": 1},
+                "step_s": 0.2,
+                "settle_s": 0.2,
+            }
+        )
+    )
     log = tmp_path / "coordinator.log"
     frozen = False
     try:
         with log.open("w") as sink:
-            proc = subprocess.Popen([HASHFLEX, "coordinator", "run", "--config", str(config), "--name", "t1"],
-                                    stdout=sink, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            proc = subprocess.Popen(
+                [HASHFLEX, "coordinator", "run", "--config", str(config), "--name", "t1"],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             try:
                 deadline = time.monotonic() + 20
                 while "lease_acquired" not in _read(log):  # it leads: lease renewals and steps in flight

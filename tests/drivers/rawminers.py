@@ -72,16 +72,31 @@ async def raw_miners() -> AsyncIterator[RawMiners]:
 def luxos_identity(ip: str) -> Identity:
     """What identification would have cached for a LuxOS S19 Pro at `ip`."""
     return Identity(
-        ip=ip, family=Family.LUXOS, make="AntMiner", model="S19 Pro", firmware="2024.8.1",
-        driver_class="LUXMinerS19Pro", capability=Presets((1800, 2600, 3250)), nominal_w=3250.0, nominal_ths=110.0,
-    )  # fmt: skip
+        ip=ip,
+        family=Family.LUXOS,
+        make="AntMiner",
+        model="S19 Pro",
+        firmware="2024.8.1",
+        driver_class="LUXMinerS19Pro",
+        capability=Presets((1800, 2600, 3250)),
+        nominal_w=3250.0,
+        nominal_ths=110.0,
+    )
 
 
 def antminer_identity(ip: str) -> Identity:
     return Identity(
-        ip=ip, family=Family.ANTMINER, make="AntMiner", model="S19 Pro", firmware="stock",
-        driver_class="BMMinerS19Pro", capability=OnOff(), nominal_w=3250.0, nominal_ths=110.0, reports_power=False,
-    )  # fmt: skip
+        ip=ip,
+        family=Family.ANTMINER,
+        make="AntMiner",
+        model="S19 Pro",
+        firmware="stock",
+        driver_class="BMMinerS19Pro",
+        capability=OnOff(),
+        nominal_w=3250.0,
+        nominal_ths=110.0,
+        reports_power=False,
+    )
 
 
 V3_ONLY_IP = "127.20.250.10"  # a Whatsminer v3 reachable on 4433 only (its 4028 closed or broken)

@@ -100,8 +100,12 @@ class _StubMiner:
 async def test_firmware_without_atm_bounds_gets_atm_back_on_unbounded() -> None:
     rpc = _StubRpc(refuse_bounds=True)
     assert await set_profile(_StubMiner(rpc), 2500) is True  # the limit took; ATM is not left off
-    assert rpc.sent == ["atmset enabled=False", "profileset low", "atmset enabled=True,max_profile=low",
-                        "atmset enabled=True"]  # fmt: skip
+    assert rpc.sent == [
+        "atmset enabled=False",
+        "profileset low",
+        "atmset enabled=True,max_profile=low",
+        "atmset enabled=True",
+    ]
 
 
 async def test_a_refused_profile_still_gets_atm_back_on() -> None:

@@ -72,9 +72,16 @@ async def test_the_driver_reads_and_commands_through_the_registered_profile(
     toy: ToyAuradine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     identity = Identity(
-        ip="127.20.252.1", family=Family.OTHER, make="Auradine", model="AT1500", firmware="toy",
-        driver_class=AURADINE, capability=PowerRange(1500, 3000, 100), nominal_w=3000.0, nominal_ths=100.0,
-    )  # fmt: skip
+        ip="127.20.252.1",
+        family=Family.OTHER,
+        make="Auradine",
+        model="AT1500",
+        firmware="toy",
+        driver_class=AURADINE,
+        capability=PowerRange(1500, 3000, 100),
+        nominal_w=3000.0,
+        nominal_ths=100.0,
+    )
     handle = PyasicDriver(DriverSettings()).attach(identity)
     miner = handle._miner
     monkeypatch.setattr(miner, "stop_mining", _accepted)
@@ -88,8 +95,9 @@ async def test_the_driver_reads_and_commands_through_the_registered_profile(
 
 def test_no_pyasic_class_is_claimed_by_two_families() -> None:
     # so the order of PROFILES never decides a family, and a new profile cannot take over another's classes
-    claimed = {name: [p.family for p in PROFILES.values() if p.recognises(class_names(cls))] for name, cls in
-               CLASSES.items()}  # fmt: skip
+    claimed = {
+        name: [p.family for p in PROFILES.values() if p.recognises(class_names(cls))] for name, cls in CLASSES.items()
+    }
     assert {name: families for name, families in claimed.items() if len(families) > 1} == {}
     assert {f for families in claimed.values() for f in families} == set(PROFILES)
 

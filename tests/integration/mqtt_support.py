@@ -152,9 +152,12 @@ class Observer:
 
     async def __aenter__(self) -> Observer:
         self._client = aiomqtt.Client(
-            HOST, self.port, protocol=aiomqtt.ProtocolVersion.V5, identifier=f"obs-{uuid.uuid4().hex[:8]}",
+            HOST,
+            self.port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            identifier=f"obs-{uuid.uuid4().hex[:8]}",
             **self.client_kw,
-        )  # fmt: skip
+        )
         await self._client.__aenter__()
         for topic in self.topics:
             await self._client.subscribe(topic, qos=1)

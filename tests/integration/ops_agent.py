@@ -47,19 +47,67 @@ BASE_STATUS: dict[str, Any] = {
 }
 
 MINERS: list[dict[str, Any]] = [
-    {"ip": "10.0.0.10", "model": "S19j Pro", "firmware": "luxos", "state": "hashing", "power_w": 3050.0,
-     "limit_w": 3100.0, "hashrate_ths": 104.0, "temp_c": 68.0},
-    {"ip": "10.0.0.9", "model": "M30S++", "firmware": "stock", "state": "hashing", "power_w": 3400.0,
-     "limit_w": None, "hashrate_ths": 112.0, "temp_c": 74.0},
-    {"ip": "10.0.0.2", "model": "S19", "firmware": "stock", "state": "throttled", "power_w": 2000.0,
-     "limit_w": 2000.0, "hashrate_ths": 70.0, "temp_c": 61.0},
-    {"ip": "10.0.0.3", "model": "S9", "firmware": "stock", "state": "sleeping", "power_w": 10.0,
-     "limit_w": None, "hashrate_ths": 0.0, "temp_c": 30.0},
-    {"ip": "10.0.1.1", "model": "S19", "firmware": "luxos", "state": "hashing", "power_w": 3250.0,
-     "limit_w": 3300.0, "hashrate_ths": 95.0, "temp_c": 71.0},
-    {"ip": "10.0.0.4", "model": "M50", "firmware": "stock", "state": "unreachable", "power_w": None,
-     "limit_w": None, "hashrate_ths": None, "temp_c": None},
-]  # fmt: skip
+    {
+        "ip": "10.0.0.10",
+        "model": "S19j Pro",
+        "firmware": "luxos",
+        "state": "hashing",
+        "power_w": 3050.0,
+        "limit_w": 3100.0,
+        "hashrate_ths": 104.0,
+        "temp_c": 68.0,
+    },
+    {
+        "ip": "10.0.0.9",
+        "model": "M30S++",
+        "firmware": "stock",
+        "state": "hashing",
+        "power_w": 3400.0,
+        "limit_w": None,
+        "hashrate_ths": 112.0,
+        "temp_c": 74.0,
+    },
+    {
+        "ip": "10.0.0.2",
+        "model": "S19",
+        "firmware": "stock",
+        "state": "throttled",
+        "power_w": 2000.0,
+        "limit_w": 2000.0,
+        "hashrate_ths": 70.0,
+        "temp_c": 61.0,
+    },
+    {
+        "ip": "10.0.0.3",
+        "model": "S9",
+        "firmware": "stock",
+        "state": "sleeping",
+        "power_w": 10.0,
+        "limit_w": None,
+        "hashrate_ths": 0.0,
+        "temp_c": 30.0,
+    },
+    {
+        "ip": "10.0.1.1",
+        "model": "S19",
+        "firmware": "luxos",
+        "state": "hashing",
+        "power_w": 3250.0,
+        "limit_w": 3300.0,
+        "hashrate_ths": 95.0,
+        "temp_c": 71.0,
+    },
+    {
+        "ip": "10.0.0.4",
+        "model": "M50",
+        "firmware": "stock",
+        "state": "unreachable",
+        "power_w": None,
+        "limit_w": None,
+        "hashrate_ths": None,
+        "temp_c": None,
+    },
+]
 
 
 class StandInHandler:
@@ -104,10 +152,20 @@ class StandInHandler:
             for d in self.status["dispatches"]:
                 if d["id"] in replaced:
                     d["status"] = "cancelled"
-            dispatch = {"id": rid, "source": "operator", "target_kw": body.get("to_kw"),
-                        "curtail_kw": body.get("by_kw"), "baseline_kw": power if "by_kw" in body else None,
-                        "start": now, "end": end, "status": "active", "received_at": now,
-                        "commands_sent_at": now, "target_met_at": None, "max_overshoot_kw": None}  # fmt: skip
+            dispatch = {
+                "id": rid,
+                "source": "operator",
+                "target_kw": body.get("to_kw"),
+                "curtail_kw": body.get("by_kw"),
+                "baseline_kw": power if "by_kw" in body else None,
+                "start": now,
+                "end": end,
+                "status": "active",
+                "received_at": now,
+                "commands_sent_at": now,
+                "target_met_at": None,
+                "max_overshoot_kw": None,
+            }
             self.status["dispatches"].append(dispatch)
             self.status.update(target_kw=level, target_source="operator", target_reason=f"operator:{rid}")
             # the site follows at once here (the real one takes ticks): power drops to the new level
@@ -135,8 +193,15 @@ class StandInHandler:
                 return Reply.ok(rid, copy.deepcopy(self.preview_reply))
             target = body["target_kw"]
             asleep = sum(1 for m in MINERS if (m["power_w"] or 0) / 1000 > target)  # those above it alone
-            return Reply.ok(rid, {"target_kw": target, "expected_kw": min(target, 41200.0),
-                                  "worst_case_kw": min(target, 43000.0), "sleep": asleep})  # fmt: skip
+            return Reply.ok(
+                rid,
+                {
+                    "target_kw": target,
+                    "expected_kw": min(target, 41200.0),
+                    "worst_case_kw": min(target, 43000.0),
+                    "sleep": asleep,
+                },
+            )
         if verb == "dispatches":
             rows = [d for d in self.status["dispatches"] if body.get("all") or d["status"] == "active"]
             return Reply.ok(rid, {"dispatches": rows})

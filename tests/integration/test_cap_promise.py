@@ -93,15 +93,17 @@ IDENTIFIED_WITHIN_S = 20.0
 
 def test_miners_silent_at_start_are_held_at_worst_case_then_identified_and_the_cap_holds(tmp_path: Path) -> None:
     k = SCALE
-    with SimProcess(miners=SILENT_MINERS, mix="luxos:40,whatsminer:40,antminer:20", base_ip="127.120.0.1", seed=111,
-                    speed=k) as sim:  # fmt: skip
+    with SimProcess(
+        miners=SILENT_MINERS, mix="luxos:40,whatsminer:40,antminer:20", base_ip="127.120.0.1", seed=111, speed=k
+    ) as sim:
         full = full_kw(sim)
         cap = round(0.8 * full, 1)
         tol = TOLERANCE_SHARE * full
         silent = [sim.ips[i] for i in (1, 4, 7, 10)]  # across the families; still hashing, refusing connections
         sim.set_faults({"mode": "refuse", "ips": silent})
-        files = write_agent_config(tmp_path, sim.ips, cap_kw=cap, time_scale=k,
-                                   overrides={"miners": {"unknown_w": SILENT_HELD_W}})  # fmt: skip
+        files = write_agent_config(
+            tmp_path, sim.ips, cap_kw=cap, time_scale=k, overrides={"miners": {"unknown_w": SILENT_HELD_W}}
+        )
         with AgentProcess.start(files, time_scale=k, ready_timeout=120) as agent, Recorder(sim) as rec:
             status = agent.status()
             # counted, not forgotten: 12 miners, 4 of them not identified (and so unreachable), an alarm names them
@@ -115,17 +117,32 @@ def test_miners_silent_at_start_are_held_at_worst_case_then_identified_and_the_c
             assert set(silent) <= set(rows), rows.keys()
             # the plan holds room for them: the worst case counts each at unknown_w
             assert status["power_kw_worst_case"] <= cap + 1e-3, status
-            wait(agent, lambda: (s := agent.status())["plan"] and s["power_kw_worst_case"] >= 4 * SILENT_HELD_W / 1000,
-                 10, "a plan that counts the silent addresses")  # fmt: skip
+            wait(
+                agent,
+                lambda: (s := agent.status())["plan"] and s["power_kw_worst_case"] >= 4 * SILENT_HELD_W / 1000,
+                10,
+                "a plan that counts the silent addresses",
+            )
             # the agent has cut what it sees to leave them room (their 4 x ~3.3 kW are still drawn meanwhile)
             time.sleep(3.0)
             # … then they answer again, still at full power
             back_at = time.monotonic()
             sim.set_faults({"mode": "clear"})
-            wait(agent, lambda: agent.status()["miners"]["unidentified"] == 0, IDENTIFIED_WITHIN_S,
-                 "the silent miners identified in the background")  # fmt: skip
-            wait(agent, lambda: (s := agent.status())["miners"]["unreachable"] == 0 and "unidentified" not in
-                 {a["key"] for a in s["alarms"]}, 10, "all 12 reachable, the alarm cleared")  # fmt: skip
+            wait(
+                agent,
+                lambda: agent.status()["miners"]["unidentified"] == 0,
+                IDENTIFIED_WITHIN_S,
+                "the silent miners identified in the background",
+            )
+            wait(
+                agent,
+                lambda: (
+                    (s := agent.status())["miners"]["unreachable"] == 0
+                    and "unidentified" not in {a["key"] for a in s["alarms"]}
+                ),
+                10,
+                "all 12 reachable, the alarm cleared",
+            )
             time.sleep(3.0)
             over = worst(rec.since(back_at))
             assert over <= cap + tol, f"site {over:.1f} kW > cap {cap:.1f} kW (+{tol:.1f}) once they came back"
@@ -144,8 +161,7 @@ DRIFT_HOLD_S = 6.0
 
 def test_miners_drifting_above_their_limit_behind_a_pdu_are_brought_under_its_cap(tmp_path: Path) -> None:
     k = SCALE
-    with SimProcess(miners=DRIFT_MINERS, mix="whatsminer:50,luxos:50", base_ip="127.121.0.1", seed=121,
-                    speed=k) as sim:  # fmt: skip
+    with SimProcess(miners=DRIFT_MINERS, mix="whatsminer:50,luxos:50", base_ip="127.121.0.1", seed=121, speed=k) as sim:
         full = full_kw(sim)
         truth = sim.truth()
         pdu = {m["ip"] for m in truth["miners"] if m["family"] == "whatsminer"}
@@ -154,8 +170,9 @@ def test_miners_drifting_above_their_limit_behind_a_pdu_are_brought_under_its_ca
         pdu_cap = round(0.8 * pdu_full, 1)
         tol = TOLERANCE_SHARE * pdu_full
         circuits = [{"id": "pdu1", "cap_kw": pdu_cap, "miners": sorted(pdu)}]
-        files = write_agent_config(tmp_path, sim.ips, cap_kw=round(full * 1.1, 1), time_scale=k,
-                                   overrides={"site": {"circuits": circuits}})  # fmt: skip
+        files = write_agent_config(
+            tmp_path, sim.ips, cap_kw=round(full * 1.1, 1), time_scale=k, overrides={"site": {"circuits": circuits}}
+        )
         with AgentProcess.start(files, time_scale=k, ready_timeout=120) as agent, Recorder(sim) as rec:
             wait(agent, lambda: kw_of(sim.truth(), pdu) <= pdu_cap + tol, 15, "the PDU under its cap")
             time.sleep(2.0)
@@ -166,13 +183,22 @@ def test_miners_drifting_above_their_limit_behind_a_pdu_are_brought_under_its_ca
             time.sleep(DRIFT_HOLD_S)
             samples = rec.since(held_from)
             over = worst(samples, pdu)
-            print(f"finding 2: PDU worst {over:.2f} kW against its {pdu_cap:.2f} kW cap (drift {DRIFT_PCT} %), "
-                  f"peak {worst(rec.since(drift_at), pdu):.2f} kW right after the drift began")  # fmt: skip
+            print(
+                f"finding 2: PDU worst {over:.2f} kW against its {pdu_cap:.2f} kW cap (drift {DRIFT_PCT} %), "
+                f"peak {worst(rec.since(drift_at), pdu):.2f} kW right after the drift began"
+            )
             assert over <= pdu_cap + tol, f"PDU {over:.2f} kW > its cap {pdu_cap:.2f} kW (+{tol:.2f})"
             # the miners really drift: they draw 30 % above the limits the agent holds them to
             rows = {r["ip"]: r for r in agent.ok("miners", {})["miners"]}
-            drifting = [r for ip, r in rows.items() if ip in pdu and r["state"] in ("hashing", "throttled")
-                        and r["limit_w"] and r["power_w"] and r["power_w"] > 1.2 * r["limit_w"]]  # fmt: skip
+            drifting = [
+                r
+                for ip, r in rows.items()
+                if ip in pdu
+                and r["state"] in ("hashing", "throttled")
+                and r["limit_w"]
+                and r["power_w"]
+                and r["power_w"] > 1.2 * r["limit_w"]
+            ]
             assert drifting, [(r["ip"], r["state"], r["limit_w"], r["power_w"]) for r in rows.values()]
             # … and what the agent reports as its worst case is never below what it measures
             for _ in range(10):
@@ -197,8 +223,14 @@ START_SERVICE_SHARE = 0.8
 
 def test_agent_starting_on_a_site_at_twice_its_cap_cuts_to_the_cap_not_to_nothing(tmp_path: Path) -> None:
     k = SCALE
-    with SimProcess(miners=START_MINERS, mix="luxos:40,whatsminer:40,antminer:20", base_ip="127.122.0.1",
-                    seed=122, speed=k, extra_args=["--wake-s", str(START_WAKE_S)]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=START_MINERS,
+        mix="luxos:40,whatsminer:40,antminer:20",
+        base_ip="127.122.0.1",
+        seed=122,
+        speed=k,
+        extra_args=["--wake-s", str(START_WAKE_S)],
+    ) as sim:
         full = full_kw(sim)
         cap = round(START_SHARE * full, 1)
         tol = TOLERANCE_SHARE * full
@@ -228,6 +260,8 @@ def test_agent_starting_on_a_site_at_twice_its_cap_cuts_to_the_cap_not_to_nothin
                 assert worst(after) <= cap + tol
                 end = rec.since(met_at + START_SERVICE_WITHIN_S - 3)
                 low = min(kw_of(doc) for _, doc in end)
-                print(f"finding 7: cap {cap:.1f} kW met {met_at - started:.1f} s after start; lowest planning level "
-                      f"{min(levels):.1f} kW; at most {most_asleep} asleep; {low:.1f} kW at the end")  # fmt: skip
+                print(
+                    f"finding 7: cap {cap:.1f} kW met {met_at - started:.1f} s after start; lowest planning level "
+                    f"{min(levels):.1f} kW; at most {most_asleep} asleep; {low:.1f} kW at the end"
+                )
                 assert low >= START_SERVICE_SHARE * cap, f"site at {low:.1f} kW, under 80 % of its {cap:.1f} kW cap"

@@ -147,9 +147,16 @@ async def test_the_cli_lifts_the_grids_cap_only_with_its_flag(tmp_path: Path) ->
         cfg = make_config(tmp_path)
         socket = folder / "ctl.sock"
         config = folder / "site.yaml"
-        config.write_text(yaml.safe_dump({"site": {"id": SITE, "cap_kw": 1000}, "mqtt": {"enabled": False},
-                                          "state_dir": str(folder / "state"),
-                                          "control_socket": {"path": str(socket)}}))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "site": {"id": SITE, "cap_kw": 1000},
+                    "mqtt": {"enabled": False},
+                    "state_dir": str(folder / "state"),
+                    "control_socket": {"path": str(socket)},
+                }
+            )
+        )
         rt = await start_runtime(cfg, ManualClock(time.time()))  # the CLI stamps commands with the wall clock
         try:
             async with ControlServer(socket, rt.service):
@@ -157,9 +164,15 @@ async def test_the_cli_lifts_the_grids_cap_only_with_its_flag(tmp_path: Path) ->
 
                 async def cli(*args: str) -> dict[str, Any]:
                     proc = await asyncio.create_subprocess_exec(
-                        HASHFLEX, "cap", *args, "--config", str(config), "--json",
-                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    )  # fmt: skip
+                        HASHFLEX,
+                        "cap",
+                        *args,
+                        "--config",
+                        str(config),
+                        "--json",
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                    )
                     out, err = await proc.communicate()
                     assert proc.returncode == 0, err.decode()
                     doc: dict[str, Any] = json.loads(out)

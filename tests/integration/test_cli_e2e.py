@@ -95,8 +95,9 @@ class Site:
 
 
 def hashflex(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HASHFLEX, *args], capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env or ENV)  # fmt: skip
+    return subprocess.run(
+        [HASHFLEX, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env or ENV
+    )
 
 
 def same_model(agent_says: str, truth_says: str) -> bool:
@@ -122,15 +123,22 @@ def site(tmp_path_factory: pytest.TempPathFactory, mosquitto_pki: Pki) -> Iterat
     folder = tmp_path_factory.mktemp("cli-e2e")
     broker = Mosquitto(folder / "broker", pki=mosquitto_pki).start()
     metrics_port = free_port()
-    with SimProcess(miners=MINERS, mix=MIX, base_ip="127.64.0.1", seed=64, speed=SCALE,
-                    extra_args=["--wake-s", str(WAKE_SITE_S)]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=MINERS, mix=MIX, base_ip="127.64.0.1", seed=64, speed=SCALE, extra_args=["--wake-s", str(WAKE_SITE_S)]
+    ) as sim:
         full_kw = site_power_kw(sim.truth())
         cap_kw = round(full_kw * 1.1, 1)
-        files = write_agent_config(folder / "agent", sim.ips, cap_kw=cap_kw, time_scale=SCALE,
-                                   site_id=f"e2e-{uuid.uuid4().hex[:6]}", overrides={
-            "mqtt": {"enabled": True, "host": HOST, "port": broker.plain_port, "keepalive_s": 5 * SCALE},
-            "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},
-        })  # fmt: skip
+        files = write_agent_config(
+            folder / "agent",
+            sim.ips,
+            cap_kw=cap_kw,
+            time_scale=SCALE,
+            site_id=f"e2e-{uuid.uuid4().hex[:6]}",
+            overrides={
+                "mqtt": {"enabled": True, "host": HOST, "port": broker.plain_port, "keepalive_s": 5 * SCALE},
+                "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},
+            },
+        )
         agent = AgentProcess.start(files, time_scale=SCALE, ready_timeout=90)
         try:
             agent.wait_for(lambda: agent.status()["broker"]["state"] == "connected", 20, what="the MQTT link up")
@@ -145,8 +153,11 @@ def site(tmp_path_factory: pytest.TempPathFactory, mosquitto_pki: Pki) -> Iterat
 # ---------------------------------------------------------------------------------------------- reading
 def agent_in_step_with_truth(site: Site) -> None:
     """After a change, the agent's picture lags ground truth by up to a sweep: wait until they agree."""
-    site.agent.wait_for(lambda: abs(site.agent.status()["power_kw"] - site.truth_kw()) <= 0.05 * site.full_kw, 10,
-                        what="the agent's reading to agree with ground truth")  # fmt: skip
+    site.agent.wait_for(
+        lambda: abs(site.agent.status()["power_kw"] - site.truth_kw()) <= 0.05 * site.full_kw,
+        10,
+        what="the agent's reading to agree with ground truth",
+    )
 
 
 def test_status_shows_the_site_and_the_broker_link_down(site: Site) -> None:
@@ -191,8 +202,9 @@ def test_miners_lists_every_miner_and_sorts_and_filters(site: Site) -> None:
     assert every["total"] == MINERS
     assert {r["ip"] for r in rows} == set(site.sim.ips)
     truth = {m["ip"]: m for m in site.sim.truth()["miners"]}
-    assert all(r["family"] == truth[r["ip"]]["family"] and same_model(r["model"], truth[r["ip"]]["model"])
-               for r in rows)  # fmt: skip
+    assert all(
+        r["family"] == truth[r["ip"]]["family"] and same_model(r["model"], truth[r["ip"]]["model"]) for r in rows
+    )
 
     top = ok_json(hashflex("miners", "--sort", "power", "--desc", "--limit", "5", "--config", site.config, "--json"))
     powers = [r["power_w"] for r in top["miners"]]
@@ -236,8 +248,19 @@ def test_curtail_to_lowers_ground_truth_and_resume_brings_it_back(restored: Site
     site = restored
     site.back_to_full()
     level_kw = round(site.full_kw * 0.5, 1)
-    doc = ok_json(hashflex("curtail", "--to", f"{level_kw / 1000:.4f}MW", "--wait", "--wait-timeout", "30s",
-                           "--config", site.config, "--json"))  # fmt: skip
+    doc = ok_json(
+        hashflex(
+            "curtail",
+            "--to",
+            f"{level_kw / 1000:.4f}MW",
+            "--wait",
+            "--wait-timeout",
+            "30s",
+            "--config",
+            site.config,
+            "--json",
+        )
+    )
     override = doc["dispatch"]
     assert override["source"] == "operator"
     assert override["target_kw"] == pytest.approx(level_kw, abs=0.1)
@@ -278,8 +301,11 @@ def test_curtail_by_for_a_while_ends_on_its_own(restored: Site) -> None:
     assert override["end"] is not None
     site.wait_truth(lambda kw: kw <= before - by_kw + site.tol_kw, SETTLE_S, f"ground truth {by_kw} kW lower")
     # one site minute (6 wall s) later it expires and the cap binds again, without a resume
-    site.agent.wait_for(lambda: ok_json(hashflex("status", "--config", site.config, "--json"))["target_source"]
-                        == "cap", 30, what="the override to expire")  # fmt: skip
+    site.agent.wait_for(
+        lambda: ok_json(hashflex("status", "--config", site.config, "--json"))["target_source"] == "cap",
+        30,
+        what="the override to expire",
+    )
     ended = ok_json(hashflex("dispatches", "--all", "--config", site.config, "--json"))["dispatches"]
     assert next(d for d in ended if d["id"] == override["id"])["status"] == "expired"
     site.wait_truth(lambda kw: kw >= 0.95 * site.full_kw, RECOVER_S, "ground truth back up after expiry")
@@ -330,13 +356,16 @@ def test_preview_plans_without_touching_a_miner(restored: Site) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(("args", "words"), [
-    (["curtail"], "give exactly one of --to"),
-    (["curtail", "--to", "12 parsecs"], "--to: not a power"),
-    (["curtail", "--by", "1MW", "--for", "0s"], "--for: must be longer than zero"),
-    (["cap", "0MW"], "must be more than zero"),
-    (["logs", "--json", "--follow"], "--json and --follow do not mix"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["curtail"], "give exactly one of --to"),
+        (["curtail", "--to", "12 parsecs"], "--to: not a power"),
+        (["curtail", "--by", "1MW", "--for", "0s"], "--for: must be longer than zero"),
+        (["cap", "0MW"], "must be more than zero"),
+        (["logs", "--json", "--follow"], "--json and --follow do not mix"),
+    ],
+)
 def test_bad_arguments_exit_1_say_what_to_do_and_change_nothing(site: Site, args: list[str], words: str) -> None:
     before = site.agent.status()
     refused(hashflex(*args, "--config", site.config), 1, words)
@@ -347,7 +376,10 @@ def test_bad_arguments_exit_1_say_what_to_do_and_change_nothing(site: Site, args
     assert words in doc["error"]
     after = site.agent.status()
     assert (after["target_kw"], after["cap_kw"], after["dispatches"]) == (
-        before["target_kw"], before["cap_kw"], before["dispatches"])
+        before["target_kw"],
+        before["cap_kw"],
+        before["dispatches"],
+    )
 
 
 def test_usage_errors_exit_2_with_one_line_and_where_the_help_is(site: Site) -> None:
@@ -498,18 +530,30 @@ def folder() -> Iterator[Path]:
 
 def config_for(folder: Path, *, miners: list[str] | None = None) -> Path:
     config = folder / "site.yaml"
-    config.write_text(yaml.safe_dump({
-        "site": {"id": "gone", "cap_kw": 100}, "miners": {"addresses": miners or []}, "mqtt": {"enabled": False},
-        "state_dir": str(folder / "state"), "control_socket": {"path": str(folder / "ctl.sock")},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "site": {"id": "gone", "cap_kw": 100},
+                "miners": {"addresses": miners or []},
+                "mqtt": {"enabled": False},
+                "state_dir": str(folder / "state"),
+                "control_socket": {"path": str(folder / "ctl.sock")},
+            }
+        )
+    )
     return config
 
 
 @pytest.mark.parametrize("command", [["status"], ["curtail", "--to", "50kW"], ["miners"], ["logs"]], ids=" ".join)
 def test_no_agent_listening_exits_2_and_says_what_to_do(folder: Path, command: list[str]) -> None:
     config = str(config_for(folder))
-    refused(hashflex(*command, "--config", config), 2, "no agent listening on", "(no socket there)",
-            "systemctl status hashflex")  # fmt: skip
+    refused(
+        hashflex(*command, "--config", config),
+        2,
+        "no agent listening on",
+        "(no socket there)",
+        "systemctl status hashflex",
+    )
     doc = json.loads(hashflex(*command, "--config", config, "--json").stdout)
     assert doc["status"] == "error"
     assert doc["data"]["reason"] == "missing"

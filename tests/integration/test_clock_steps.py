@@ -126,8 +126,9 @@ async def test_a_forward_step_of_an_hour_never_unbinds_a_dispatch(runtime: Runti
 async def test_heartbeat_loss_is_detected_after_its_timeout_whatever_the_wall_does(
     tmp_path: Path, step_s: float
 ) -> None:
-    cfg = make_config(tmp_path, failsafe={"enabled": True, "heartbeat_timeout_s": 180, "hold_at_start": False,
-                                          "level": 250})  # fmt: skip
+    cfg = make_config(
+        tmp_path, failsafe={"enabled": True, "heartbeat_timeout_s": 180, "hold_at_start": False, "level": 250}
+    )
     rt = await start_runtime(cfg, SteppingClock(T0), grid_link=True)
     try:
         rt.controller.heartbeat(b"{}")

@@ -187,8 +187,9 @@ async def test_only_signed_fresh_heartbeats_reach_the_failsafe(rt: Runtime) -> N
     other = signing.sign_command({"site": "other", "verb": "heartbeat", "issued_at": iso(T0), "seq": 1}, GRID)
     rt.service.heartbeat(json.dumps(other).encode())
     assert ctl.failsafe.last_heartbeat is None
-    beat = json.dumps(signing.sign_command({"site": SITE, "verb": "heartbeat", "issued_at": iso(T0), "seq": 2},
-                                           GRID)).encode()  # fmt: skip
+    beat = json.dumps(
+        signing.sign_command({"site": SITE, "verb": "heartbeat", "issued_at": iso(T0), "seq": 2}, GRID)
+    ).encode()
     rt.service.heartbeat(beat)
     assert ctl.failsafe.last_heartbeat == T0
     rt.clock.t += 5
@@ -230,9 +231,22 @@ def test_the_cli_refuses_an_absurd_override_duration_before_sending_it(tmp_path:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "hashflex", "curtail", "--to", "5kW", "--for", "99999999999d",
-         "--config", str(tmp_path / "absent.yaml")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hashflex",
+            "curtail",
+            "--to",
+            "5kW",
+            "--for",
+            "99999999999d",
+            "--config",
+            str(tmp_path / "absent.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode != 0
     assert "--for: at most 366 days" in done.stderr

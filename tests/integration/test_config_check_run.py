@@ -30,8 +30,9 @@ MINIMAL = "site: {id: first-site, cap_kw: 50}\nminers: {addresses: [127.91.0.1-1
 
 
 def hashflex(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def error_lines(text: str) -> list[str]:
@@ -49,26 +50,37 @@ def listening_port() -> Iterator[int]:
 
 def _missing_group(tmp_path: Path, _port: int) -> tuple[str, list[str]]:
     return "control_socket: {group: hf-no-such-group-16}\n", [
-        "control_socket.group = 'hf-no-such-group-16'", "no such group", "groupadd hf-no-such-group-16"]  # fmt: skip
+        "control_socket.group = 'hf-no-such-group-16'",
+        "no such group",
+        "groupadd hf-no-such-group-16",
+    ]
 
 
 def _port_in_use(tmp_path: Path, port: int) -> tuple[str, list[str]]:
     return f"metrics: {{host: 127.0.0.1, port: {port}}}\n", [
-        f"metrics.port = 127.0.0.1:{port}", "in use by another program", "set another metrics.port"]  # fmt: skip
+        f"metrics.port = 127.0.0.1:{port}",
+        "in use by another program",
+        "set another metrics.port",
+    ]
 
 
 def _malformed_credentials(tmp_path: Path, _port: int) -> tuple[str, list[str]]:
     (tmp_path / "miners.yaml").write_text("luxos: hunter2\nwhatsminer: [admin\n")
     return "miners: {addresses: [127.91.0.1], credentials_file: miners.yaml}\n", [
-        f"miners.credentials_file: {tmp_path / 'miners.yaml'}", "line 3 column 1", "not valid YAML",
-        "family: password"]  # fmt: skip
+        f"miners.credentials_file: {tmp_path / 'miners.yaml'}",
+        "line 3 column 1",
+        "not valid YAML",
+        "family: password",
+    ]
 
 
 def _misspelt_family(tmp_path: Path, _port: int) -> tuple[str, list[str]]:
     (tmp_path / "miners.yaml").write_text("luxos: hunter2\nantminr: root\n")
     return "miners: {addresses: [127.91.0.1], credentials_file: miners.yaml}\n", [
-        f"miners.credentials_file: {tmp_path / 'miners.yaml'}", "family 'antminr' is not a miner family",
-        "did you mean 'antminer'?"]  # fmt: skip
+        f"miners.credentials_file: {tmp_path / 'miners.yaml'}",
+        "family 'antminr' is not a miner family",
+        "did you mean 'antminer'?",
+    ]
 
 
 CASES: dict[str, Callable[[Path, int], tuple[str, list[str]]]] = {
@@ -84,10 +96,13 @@ def test_config_check_refuses_what_run_refuses_with_the_same_one_line(
     tmp_path: Path, listening_port: int, case: str
 ) -> None:
     extra, fragments = CASES[case](tmp_path, listening_port)
-    base = {"site": "site: {id: t16, cap_kw: 50}\n", "miners": "miners: {addresses: [127.91.0.1]}\n",
-            "state_dir": f"state_dir: {tmp_path / 'state'}\n",
-            "control_socket": f"control_socket: {{path: {tmp_path / 'ctl.sock'}}}\n",
-            "metrics": "metrics: {enabled: false}\n"}  # fmt: skip
+    base = {
+        "site": "site: {id: t16, cap_kw: 50}\n",
+        "miners": "miners: {addresses: [127.91.0.1]}\n",
+        "state_dir": f"state_dir: {tmp_path / 'state'}\n",
+        "control_socket": f"control_socket: {{path: {tmp_path / 'ctl.sock'}}}\n",
+        "metrics": "metrics: {enabled: false}\n",
+    }
     base[extra.split(":", 1)[0]] = extra  # the case replaces its section
     path = tmp_path / "site.yaml"
     path.write_text("".join(base.values()))

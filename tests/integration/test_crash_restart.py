@@ -90,10 +90,14 @@ class TruthRecorder:
                 if m["state"] in ("hashing", "waking")
             )
             self.samples.append(
-                Sample(time.monotonic(), truth["site"]["power_w"] / 1000, running / 1000,
-                       {m["ip"]: m["state"] for m in truth["miners"]},
-                       {m["ip"]: (float(m["power_w"]), m["power_limit_w"]) for m in truth["miners"]})
-            )  # fmt: skip
+                Sample(
+                    time.monotonic(),
+                    truth["site"]["power_w"] / 1000,
+                    running / 1000,
+                    {m["ip"]: m["state"] for m in truth["miners"]},
+                    {m["ip"]: (float(m["power_w"]), m["power_limit_w"]) for m in truth["miners"]},
+                )
+            )
             self._stop.wait(0.05)
 
     def __enter__(self) -> TruthRecorder:
@@ -187,8 +191,9 @@ def audit(files: AgentConfigFiles, kind: str) -> list[dict[str, Any]]:
 
 def applied_times(files: AgentConfigFiles, dispatch_id: str) -> int:
     """How many times the dispatch was accepted, by the audit chain."""
-    return sum(1 for r in audit(files, "command")
-               if r["verb"] == "dispatch" and r["id"] == dispatch_id and r["status"] == "ok")  # fmt: skip
+    return sum(
+        1 for r in audit(files, "command") if r["verb"] == "dispatch" and r["id"] == dispatch_id and r["status"] == "ok"
+    )
 
 
 def settle(agent: AgentProcess, site: Site, *, timeout: float = 40.0) -> None:
@@ -266,8 +271,12 @@ def _named(round_id: str, report: list[str]) -> Iterator[None]:
 def audit_verify(files: AgentConfigFiles) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     doc: dict[str, Any] = json.loads(done.stdout)
     return doc
@@ -324,8 +333,9 @@ def test_sigkill_at_every_point_of_a_dispatch_and_restart(site: Site, tmp_path: 
                 binds_until = time.monotonic() + max(0.0, (end_at - agent.now()) / K - 0.5)
                 closed = agent.wait_for(
                     lambda a=agent, i=did: (d := find_dispatch(a, i)) is not None and d["status"] == "expired" and d,
-                    lasts_s / K + 20, what=f"{did} closed as expired",
-                )  # fmt: skip
+                    lasts_s / K + 20,
+                    what=f"{did} closed as expired",
+                )
                 t_closed = time.monotonic()
                 if point == "closing":
                     assert closed["close_reason"] == "expired while the agent was down", closed
@@ -339,9 +349,11 @@ def test_sigkill_at_every_point_of_a_dispatch_and_restart(site: Site, tmp_path: 
                 worst = check_cap(site, t_down)
                 settle(agent, site)
                 check_cap(site, t_down)
-                report.append(f"{point or f'random {kill_after:.2f}s'}: restart {t_up - t_down:.1f}s, "
-                              f"max {worst:.1f}/{site.cap_kw} kW, dispatch {level} kW closed "
-                              f"{t_closed - t_sent:.1f}s after sending")  # fmt: skip
+                report.append(
+                    f"{point or f'random {kill_after:.2f}s'}: restart {t_up - t_down:.1f}s, "
+                    f"max {worst:.1f}/{site.cap_kw} kW, dispatch {level} kW closed "
+                    f"{t_closed - t_sent:.1f}s after sending"
+                )
                 if point not in ("closing",):
                     report[-1] += f", {wakes} wakes while it bound, running ≤ {running:.1f} kW"
     verdict = audit_verify(files)
@@ -404,8 +416,9 @@ def test_a_torn_state_file_starts_safe_at_the_failsafe_level_with_an_alarm(
     site: Site, tmp_path: Path, how: str
 ) -> None:
     failsafe_kw = round(site.full_kw * FAILSAFE_SHARE, 1)
-    files = write_agent_config(tmp_path, site.sim.ips, cap_kw=site.cap_kw, time_scale=K,
-                               overrides={"failsafe": {"level": failsafe_kw}})  # fmt: skip
+    files = write_agent_config(
+        tmp_path, site.sim.ips, cap_kw=site.cap_kw, time_scale=K, overrides={"failsafe": {"level": failsafe_kw}}
+    )
     origin = time.time()
     with start(files, origin) as agent:
         settle(agent, site)
@@ -420,8 +433,9 @@ def test_a_torn_state_file_starts_safe_at_the_failsafe_level_with_an_alarm(
         assert [d["id"] for d in status["dispatches"]] == ["safe-start"]
         moved = list(files.state_dir.glob("*.corrupt-*"))
         assert moved, "the broken file is kept for inspection"
-        agent.wait_for(lambda: site.truth.latest().power_kw <= failsafe_kw + site.tol_kw, 30,
-                       what="site at the fail-safe level")  # fmt: skip
+        agent.wait_for(
+            lambda: site.truth.latest().power_kw <= failsafe_kw + site.tol_kw, 30, what="site at the fail-safe level"
+        )
         t_met = time.monotonic()
         time.sleep(2.0)
         held = site.truth.since(t_met)
@@ -431,7 +445,10 @@ def test_a_torn_state_file_starts_safe_at_the_failsafe_level_with_an_alarm(
         assert starts[-1]["safe_start"]
         assert "corrupt" in starts[-1]["safe_start"]
         assert agent.ok("resume", {})["cancelled"] == ["safe-start"]
-        agent.wait_for(lambda: site.truth.latest().power_kw > failsafe_kw + 2 * site.tol_kw, 30,
-                       what="the site back up after resume")  # fmt: skip
+        agent.wait_for(
+            lambda: site.truth.latest().power_kw > failsafe_kw + 2 * site.tol_kw,
+            30,
+            what="the site back up after resume",
+        )
         assert "safe_start" not in [a["key"] for a in agent.status()["alarms"]]
     assert audit_verify(files)["status"] == "ok"

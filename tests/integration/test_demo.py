@@ -31,8 +31,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def demo(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HASHFLEX, "demo", *args], capture_output=True, text=True, timeout=timeout, check=False,
-                          cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [HASHFLEX, "demo", *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +47,23 @@ def test_short_demo_runs_the_scenario_and_exits_zero(short_run: tuple[subprocess
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     text = done.stdout
     # the live view: narration of each step, the agent's reason for its target, and its own events
-    for needle in ("grid operator: signed dispatch", "the dispatch ends", "time-of-use window 'evening-peak'",
-                   "the window ends", "(grid dispatch grid-demo-0001)", "(window evening-peak)", "(site cap)",
-                   "agent: accepted dispatch grid-demo-0001", "agent: grid-demo-0001 met", "cap never exceeded",
-                   "audit chain verified", "site meter on 127.78.0.250:5020", "frequency dips to 49.2 Hz",
-                   "(under-frequency response)", "✔ frequency dip"):  # fmt: skip
+    for needle in (
+        "grid operator: signed dispatch",
+        "the dispatch ends",
+        "time-of-use window 'evening-peak'",
+        "the window ends",
+        "(grid dispatch grid-demo-0001)",
+        "(window evening-peak)",
+        "(site cap)",
+        "agent: accepted dispatch grid-demo-0001",
+        "agent: grid-demo-0001 met",
+        "cap never exceeded",
+        "audit chain verified",
+        "site meter on 127.78.0.250:5020",
+        "frequency dips to 49.2 Hz",
+        "(under-frequency response)",
+        "✔ frequency dip",
+    ):
         assert needle in text, f"{needle!r} missing from the demo's output:\n{text}"
 
 
@@ -91,8 +104,13 @@ def test_short_demo_export_verifies_from_the_export_alone(
     tampered = [*records[:2], AuditRecord(**{**records[2].to_dict(), "data": {"forged": True}}), *records[3:]]
     assert verify_chain(tampered).broken_seq == records[2].seq
     # and the agent's own database verifies too, with the agent gone
-    verify = subprocess.run([HASHFLEX, "audit", "verify", "--config", str(out / "site.yaml"), "--json"],
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    verify = subprocess.run(
+        [HASHFLEX, "audit", "verify", "--config", str(out / "site.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stderr
     assert json.loads(verify.stdout)["records"] == len(records)
 
@@ -141,8 +159,10 @@ def test_short_demo_sheds_the_stage_at_the_meter_when_the_frequency_dips(
     was low and for the restore time after, then came back; the summary says the same."""
     _, out = short_run
     with (out / "frequency.csv").open() as f:
-        trace = [(_ts(r["site_time_utc"]), float(r["hz"]), float(r["meter_kw"]), float(r["miners_kw"]))
-                 for r in csv.DictReader(f)]  # fmt: skip
+        trace = [
+            (_ts(r["site_time_utc"]), float(r["hz"]), float(r["meter_kw"]), float(r["miners_kw"]))
+            for r in csv.DictReader(f)
+        ]
     crossing = next(i for i, p in enumerate(trace) if p[1] < SHORT.below_hz)
     assert crossing >= 3, "the trace starts after the crossing"
     t_cross = trace[crossing][0]
@@ -178,13 +198,16 @@ def _ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--speed", "1"], "--speed must be at least 2"),
-    (["--miners", "3"], "--miners must be at least 10"),
-    (["--grid-key", "/nonexistent/grid.key"], "pass --grid-key FILE"),
-    (["--no-such-option"], "unrecognized arguments"),
-    (["--tolerance", "-0.5"], "--tolerance is a share of the cap"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--speed", "1"], "--speed must be at least 2"),
+        (["--miners", "3"], "--miners must be at least 10"),
+        (["--grid-key", "/nonexistent/grid.key"], "pass --grid-key FILE"),
+        (["--no-such-option"], "unrecognized arguments"),
+        (["--tolerance", "-0.5"], "--tolerance is a share of the cap"),
+    ],
+)
 def test_bad_arguments_are_refused_before_anything_starts(args: list[str], message: str, tmp_path: Path) -> None:
     done = demo(*args, "--out", str(tmp_path / "out"), timeout=60)
     assert done.returncode == 2
@@ -231,9 +254,11 @@ def test_the_live_view_explains_targets_and_events_in_words() -> None:
     assert explain("cap") == "site cap"
     assert describe_event({"type": "received", "data": {}}) is None
     assert describe_event({"type": "target_changed", "data": {"kw": 1234.5, "reason": "grid:d1"}}) == (
-        "target → 1,234.5 kW (grid dispatch d1)")
-    assert "REFUSED dispatch d2: too old" in str(describe_event(
-        {"type": "rejected", "data": {"verb": "dispatch", "id": "d2", "message": "too old"}}))
+        "target → 1,234.5 kW (grid dispatch d1)"
+    )
+    assert "REFUSED dispatch d2: too old" in str(
+        describe_event({"type": "rejected", "data": {"verb": "dispatch", "id": "d2", "message": "too old"}})
+    )
 
 
 def test_simulator_addresses_become_ranges_around_the_gaps() -> None:
@@ -248,15 +273,29 @@ def _trace(*rows: tuple[float, float, float]) -> list[MeterPoint]:
 
 
 def _verdict(points: list[MeterPoint]) -> dict[str, Any]:
-    return frequency_verdict(points, [], dip_at=10.0, below_hz=49.4, restore_above_hz=49.8, shed_pct=25.0,
-                             restore_after_s=60.0, within_s=15.0)  # fmt: skip
+    return frequency_verdict(
+        points,
+        [],
+        dip_at=10.0,
+        below_hz=49.4,
+        restore_above_hz=49.8,
+        shed_pct=25.0,
+        restore_after_s=60.0,
+        within_s=15.0,
+    )
 
 
 def test_the_frequency_verdict_passes_a_shed_held_and_restored_and_fails_one_that_never_came() -> None:
     # 420 kW at the meter, 400 kW of miners: the stage is 100 kW
     steady = [(t, 50.0, 420.0) for t in (0.0, 4.0, 8.0)]
-    good = _trace(*steady, (10.0, 49.2, 420.0), (14.0, 49.2, 320.0), (40.0, 49.9, 318.0), (90.0, 50.0, 319.0),
-                  (120.0, 50.0, 400.0))  # fmt: skip
+    good = _trace(
+        *steady,
+        (10.0, 49.2, 420.0),
+        (14.0, 49.2, 320.0),
+        (40.0, 49.9, 318.0),
+        (90.0, 50.0, 319.0),
+        (120.0, 50.0, 400.0),
+    )
     v = _verdict(good)
     assert v["ok"] is True, v
     assert (v["stage_kw"], v["kw_shed"], v["shed_after_s"], v["lowest_hz"]) == (100.0, 100.0, 4.0, 49.2)
@@ -284,11 +323,20 @@ def test_the_demo_meter_sits_in_the_base_address_range_clear_of_the_miners() -> 
 def test_the_plot_notes_name_the_frequency_stage_and_its_end() -> None:
     samples = [Sample(site_ts=t, truth_kw=400.0, hashrate_ths=0.0, states={}, target_kw=420.0) for t in (0.0, 100.0)]
     audit = [
-        {"ts": 10.0, "kind": "actions", "data": {"by_op": {"sleep": {"ok": 28}}, "fast": True, "method": "frequency",
-                                                 "target_kw": 308.2, "sent": 28}},
+        {
+            "ts": 10.0,
+            "kind": "actions",
+            "data": {
+                "by_op": {"sleep": {"ok": 28}},
+                "fast": True,
+                "method": "frequency",
+                "target_kw": 308.2,
+                "sent": 28,
+            },
+        },
         {"ts": 90.0, "kind": "frequency", "data": {"step": "restored", "min_hz": 49.2}},
         {"ts": 11.0, "kind": "frequency", "data": {"step": "tripped"}},  # the other steps: no note of their own
-    ]  # fmt: skip
+    ]
     notes = agent_notes(audit, samples, cap_kw=420.0, tolerance_kw=8.0)
     assert [n.text for n in notes] == [
         "under-frequency stage: slept 28 miners at once (pre-armed) to hold 308 kW",

@@ -195,8 +195,14 @@ def run_block(block: Block, site: DocSite, expect: str = "") -> str:
     text = block.text.replace("-p 1883", f"-p {site.broker.plain_port}")
     out = site.folder / f"block-{block.line}.out"
     with out.open("wb") as sink:
-        proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", text], cwd=site.folder, env=site.env,
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            ["bash", "-e", "-o", "pipefail", "-c", text],
+            cwd=site.folder,
+            env=site.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(60)
             deadline = time.monotonic() + 20
@@ -220,8 +226,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocSite]:
     with SimProcess(miners=6, base_ip="127.92.0.1") as sim, Mosquitto(base / "broker") as broker:
         config = folder / "site.yaml"
         config.write_text(readers_config(sim.ips, broker.plain_port))
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "HASHFLEX_CONFIG": str(config), "COLUMNS": "120", "NO_COLOR": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HASHFLEX_CONFIG": str(config),
+            "COLUMNS": "120",
+            "NO_COLOR": "1",
+        }
         yield DocSite(folder, config, broker, env)
 
 
@@ -248,14 +259,24 @@ def test_setup_leaves_hashflex_on_path(tmp_path: Path) -> None:
     for _ in range(2):  # idempotent
         subprocess.run([str(ROOT / "scripts/link-cli.sh")], env=env, check=True, capture_output=True)
     assert (tmp_path / "hashflex").resolve() == (ROOT / ".venv/bin/hashflex").resolve()
-    shell = subprocess.run(["bash", "-c", "hashflex version"], capture_output=True, text=True, check=False,
-                           env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})  # fmt: skip
+    shell = subprocess.run(
+        ["bash", "-c", "hashflex version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"},
+    )
     assert shell.returncode == 0, shell.stderr
     other = tmp_path / "elsewhere"
     other.mkdir()
     (other / "hashflex").write_text("#!/bin/sh\n")  # a packaged hashflex: never replaced
-    note = subprocess.run([str(ROOT / "scripts/link-cli.sh")], env={**env, "HASHFLEX_BIN_DIR": str(other)},
-                          check=True, capture_output=True, text=True)  # fmt: skip
+    note = subprocess.run(
+        [str(ROOT / "scripts/link-cli.sh")],
+        env={**env, "HASHFLEX_BIN_DIR": str(other)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert not (other / "hashflex").is_symlink()
     assert "left alone" in note.stderr
     # another clone's live CLI (a CI clone) is not taken over; once that clone is gone its dangling link is
@@ -263,12 +284,20 @@ def test_setup_leaves_hashflex_on_path(tmp_path: Path) -> None:
     third.mkdir()
     gone.write_text("#!/bin/sh\n")
     (third / "hashflex").symlink_to(gone)
-    subprocess.run([str(ROOT / "scripts/link-cli.sh")], env={**env, "HASHFLEX_BIN_DIR": str(third)}, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(ROOT / "scripts/link-cli.sh")],
+        env={**env, "HASHFLEX_BIN_DIR": str(third)},
+        check=True,
+        capture_output=True,
+    )
     assert (third / "hashflex").resolve() == gone.resolve()
     gone.unlink()
-    subprocess.run([str(ROOT / "scripts/link-cli.sh")], env={**env, "HASHFLEX_BIN_DIR": str(third)}, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(ROOT / "scripts/link-cli.sh")],
+        env={**env, "HASHFLEX_BIN_DIR": str(third)},
+        check=True,
+        capture_output=True,
+    )
     assert (third / "hashflex").resolve() == (ROOT / ".venv/bin/hashflex").resolve()
 
 

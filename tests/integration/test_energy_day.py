@@ -77,10 +77,15 @@ class Truth:
             w0 = time.time()
             doc = self.sim.truth()
             w1 = time.time()
-            self.samples.append(TruthSample(
-                (w0 + w1) / 2, w1 - w0, float(doc["sim_time_s"]), float(doc["site"]["energy_kwh"]),
-                {m["ip"]: float(m["energy_kwh"]) for m in doc["miners"]},
-            ))  # fmt: skip
+            self.samples.append(
+                TruthSample(
+                    (w0 + w1) / 2,
+                    w1 - w0,
+                    float(doc["sim_time_s"]),
+                    float(doc["site"]["energy_kwh"]),
+                    {m["ip"]: float(m["energy_kwh"]) for m in doc["miners"]},
+                )
+            )
             self._stop.wait(0.02)
 
     def start(self) -> Truth:
@@ -126,8 +131,9 @@ class Day:
 
 
 def cli(*args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 
@@ -143,12 +149,21 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
             full = sum(float(m["nominal_w"]) for m in first["miners"]) / 1000
             families = {m["ip"]: m["family"] for m in first["miners"]}
             site_key = Ed25519PrivateKey.generate()  # the site signs each whole day's chain head
-            (folder / "site.key").write_bytes(site_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            files = write_agent_config(folder, sim.ips, cap_kw=round(full * 0.9, 1), time_scale=K,
-                                       overrides={"polling": {"interval_s": POLL_S},
-                                                  "audit": {"sign_daily_head": True,
-                                                            "signing_key": str(folder / "site.key")}})  # fmt: skip
+            (folder / "site.key").write_bytes(
+                site_key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            files = write_agent_config(
+                folder,
+                sim.ips,
+                cap_kw=round(full * 0.9, 1),
+                time_scale=K,
+                overrides={
+                    "polling": {"interval_s": POLL_S},
+                    "audit": {"sign_daily_head": True, "signing_key": str(folder / "site.key")},
+                },
+            )
             agent = AgentProcess.start(files, time_scale=K, time_origin=origin)
             try:
                 t0 = agent.now()
@@ -156,13 +171,19 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
                 window = (a0, a0 + DAY_S)
                 h = HOUR_S
                 for did, doc in [
-                    ("d-morning", {"target_kw": round(full * 0.4, 1), "start": iso(a0 + 3 * h),
-                                   "end": iso(a0 + 5 * h)}),
-                    ("d-noon", {"curtail_kw": round(full * 0.3, 1), "start": iso(a0 + 12 * h),
-                                "end": iso(a0 + 13.5 * h)}),
-                    ("d-evening", {"target_kw": round(full * 0.1, 1), "start": iso(a0 + 19 * h),
-                                   "end": iso(a0 + 20 * h)}),
-                ]:  # fmt: skip
+                    (
+                        "d-morning",
+                        {"target_kw": round(full * 0.4, 1), "start": iso(a0 + 3 * h), "end": iso(a0 + 5 * h)},
+                    ),
+                    (
+                        "d-noon",
+                        {"curtail_kw": round(full * 0.3, 1), "start": iso(a0 + 12 * h), "end": iso(a0 + 13.5 * h)},
+                    ),
+                    (
+                        "d-evening",
+                        {"target_kw": round(full * 0.1, 1), "start": iso(a0 + 19 * h), "end": iso(a0 + 20 * h)},
+                    ),
+                ]:
                     assert agent.request("dispatch", agent.signed({"id": did, **doc})).is_ok
                 override_at = a0 + 8 * h
                 while agent.now() < override_at:
@@ -209,12 +230,15 @@ def test_a_day_of_exported_energy_agrees_with_the_ground_truth_within_one_percen
     assert len(hours) == 24
     rows = [(start, kwh, day.truth_kwh(start, start + HOUR_S)) for start, kwh in hours]
     worst = max(abs(kwh - t) for _, kwh, t in rows) / day.full_kw
-    assert worst < 0.01, "an hour off by {:.2%} of a full hour: {}".format(worst, [
-        f"+{(start - a0) / HOUR_S:.0f}h {kwh:.2f}/{t:.2f}" for start, kwh, t in rows])
-    print(f"\nday: agent {total['kwh']:.2f} kWh (measured {total['measured_kwh']:.2f}, estimated "
-          f"{total['estimated_kwh']:.2f}), truth {truth:.2f} kWh, error {error:+.3%}; worst hour off by {worst:.2%} "
-          f"of a full hour ({worst * day.full_kw:.2f} kWh); "
-          f"curtailed {total['curtailed_s'] / 3600:.2f} h, not drawn {total['not_drawn_kwh']:.2f} kWh")  # fmt: skip
+    assert worst < 0.01, "an hour off by {:.2%} of a full hour: {}".format(
+        worst, [f"+{(start - a0) / HOUR_S:.0f}h {kwh:.2f}/{t:.2f}" for start, kwh, t in rows]
+    )
+    print(
+        f"\nday: agent {total['kwh']:.2f} kWh (measured {total['measured_kwh']:.2f}, estimated "
+        f"{total['estimated_kwh']:.2f}), truth {truth:.2f} kWh, error {error:+.3%}; worst hour off by {worst:.2%} "
+        f"of a full hour ({worst * day.full_kw:.2f} kWh); "
+        f"curtailed {total['curtailed_s'] / 3600:.2f} h, not drawn {total['not_drawn_kwh']:.2f} kWh"
+    )
 
 
 def test_miners_that_report_power_agree_one_by_one(day: Day) -> None:
@@ -237,8 +261,18 @@ def test_miners_that_report_power_agree_one_by_one(day: Day) -> None:
 
 def test_the_whole_run_is_accounted_up_to_the_last_reading_before_the_stop(day: Day) -> None:
     t0, t_stop = day.run
-    doc = cli("energy", "--config", str(day.files.path), "--from", str(t0 - 120), "--to", str(t_stop + 120),
-              "--json", "--step", "1m")  # fmt: skip
+    doc = cli(
+        "energy",
+        "--config",
+        str(day.files.path),
+        "--from",
+        str(t0 - 120),
+        "--to",
+        str(t_stop + 120),
+        "--json",
+        "--step",
+        "1m",
+    )
     minutes = doc["periods"]
     first, last = minutes[0], minutes[-1]
     covered_from = first["start"] + 60 - first["covered_s"]
@@ -250,8 +284,10 @@ def test_the_whole_run_is_accounted_up_to_the_last_reading_before_the_stop(day: 
     truth = day.truth_kwh(covered_from, covered_to)
     error = (doc["total"]["kwh"] - truth) / truth
     assert abs(error) < 0.01, f"agent {doc['total']['kwh']:.2f} kWh vs truth {truth:.2f} kWh ({error:+.2%})"
-    print(f"\nwhole run: {(covered_to - covered_from) / 3600:.2f} h covered of {(t_stop - t0) / 3600:.2f} h, "
-          f"error {error:+.3%}")
+    print(
+        f"\nwhole run: {(covered_to - covered_from) / 3600:.2f} h covered of {(t_stop - t0) / 3600:.2f} h, "
+        f"error {error:+.3%}"
+    )
 
 
 def test_every_quarter_hour_is_pinned_in_the_audit_chain_and_each_day_signed(day: Day) -> None:
@@ -269,7 +305,8 @@ def test_every_quarter_hour_is_pinned_in_the_audit_chain_and_each_day_signed(day
     assert len(inside) == DAY_S // QUARTER_S, "a quarter hour of the day was never pinned"
     assert sum(p["kwh"] for p in inside) == pytest.approx(
         cli("energy", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1), "--json")["total"]["kwh"],
-        rel=1e-9)  # fmt: skip
+        rel=1e-9,
+    )
     assert heads, "no day's chain head was signed"
     verdict = cli("audit", "verify", "--config", str(day.files.path), "--json")
     assert verdict["status"] == "ok", verdict

@@ -47,17 +47,38 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess,
     extra = ["--meter", "127.75.1.250:5020", "--facility", json.dumps(loads), "--wake-s", "20"]
     with SimProcess(miners=6, mix="luxos:100", base_ip="127.75.0.1", seed=21, speed=K, extra_args=extra) as sim:
         nominal_kw = sum(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
-        common = {"port": 5021, "full_kw": 2.0, "power_register": 5, "down_after_s": DOWN_AFTER_S,
-                  "up_lead_s": UP_LEAD_S}  # fmt: skip
+        common = {
+            "port": 5021,
+            "full_kw": 2.0,
+            "power_register": 5,
+            "down_after_s": DOWN_AFTER_S,
+            "up_lead_s": UP_LEAD_S,
+        }
         circuits = [
-            {"id": "pdu-a", "cap_kw": round(nominal_kw, 1), "miners": A, "cooling": {
-                **common, "kind": "drive", "host": "127.75.1.1", "setpoint_register": 1, "speed_register": 3,
-                "min_pct": 30, "curve": [[0, 30], [100, 100]]}},
-            {"id": "pdu-b", "cap_kw": round(nominal_kw, 1), "miners": B, "cooling": {
-                **common, "kind": "relay", "host": "127.75.1.2", "setpoint_register": 0}},
-        ]  # fmt: skip
-        files = write_agent_config(folder, sim.ips, cap_kw=round(nominal_kw * 1.2, 1), time_scale=K,
-                                   overrides={"site": {"circuits": circuits}})  # fmt: skip
+            {
+                "id": "pdu-a",
+                "cap_kw": round(nominal_kw, 1),
+                "miners": A,
+                "cooling": {
+                    **common,
+                    "kind": "drive",
+                    "host": "127.75.1.1",
+                    "setpoint_register": 1,
+                    "speed_register": 3,
+                    "min_pct": 30,
+                    "curve": [[0, 30], [100, 100]],
+                },
+            },
+            {
+                "id": "pdu-b",
+                "cap_kw": round(nominal_kw, 1),
+                "miners": B,
+                "cooling": {**common, "kind": "relay", "host": "127.75.1.2", "setpoint_register": 0},
+            },
+        ]
+        files = write_agent_config(
+            folder, sim.ips, cap_kw=round(nominal_kw * 1.2, 1), time_scale=K, overrides={"site": {"circuits": circuits}}
+        )
         with AgentProcess.start(files, time_scale=K) as agent:
             yield sim, agent
 
@@ -79,10 +100,14 @@ def test_cooling_steps_down_after_its_miners_sleep_and_up_before_they_wake(
 ) -> None:
     sim, agent = site
     # the agent has read both devices: running, nothing held
-    agent.wait_for(lambda: all(f["acknowledged_pct"] == 100.0 for f in _facility(agent).values())
-                   and len(_facility(agent)) == 2, 20, what="both cooling devices read")  # fmt: skip
-    agent.wait_for(lambda: sum(m["state"] == "hashing" for m in sim.truth()["miners"]) == 6, 20,
-                   what="every miner hashing")  # fmt: skip
+    agent.wait_for(
+        lambda: all(f["acknowledged_pct"] == 100.0 for f in _facility(agent).values()) and len(_facility(agent)) == 2,
+        20,
+        what="both cooling devices read",
+    )
+    agent.wait_for(
+        lambda: sum(m["state"] == "hashing" for m in sim.truth()["miners"]) == 6, 20, what="every miner hashing"
+    )
 
     # 1. the fan drive offline: an alarm, and the curtailment still goes out
     sim.facility_fault("fans-a", "offline")
@@ -92,15 +117,21 @@ def test_cooling_steps_down_after_its_miners_sleep_and_up_before_they_wake(
     assert _facility(agent)["pdu-a"]["error"]
     assert _facility(agent)["pdu-a"]["wakes"].startswith("blocked")
     agent.ok("curtail", {"id": "cool-down", "to_kw": 0})
-    agent.wait_for(lambda: all(m["state"] == "sleeping" for m in sim.truth()["miners"]), 20,
-                   what="every miner asleep with the fan drive offline")  # fmt: skip
+    agent.wait_for(
+        lambda: all(m["state"] == "sleeping" for m in sim.truth()["miners"]),
+        20,
+        what="every miner asleep with the fan drive offline",
+    )
     assert _alarm(agent, "cooling:pdu-a") is not None
 
     # 2. the drive back: the alarm clears; each circuit's cooling steps down once its miners slept down_after_s
     sim.facility_fault("fans-a", "clear")
     agent.wait_for(lambda: _alarm(agent, "cooling:pdu-a") is None, 20, what="the alarm cleared")
-    agent.wait_for(lambda: all(ld["setpoint_pct"] == 0.0 for ld in _loads(sim).values()), 20,
-                   what="both cooling loads stepped down")  # fmt: skip
+    agent.wait_for(
+        lambda: all(ld["setpoint_pct"] == 0.0 for ld in _loads(sim).values()),
+        20,
+        what="both cooling loads stepped down",
+    )
     loads = _loads(sim)
     for name, miners in (("fans-a", A), ("pump-b", B)):
         ld = loads[name]
@@ -119,8 +150,11 @@ def test_cooling_steps_down_after_its_miners_sleep_and_up_before_they_wake(
         return any(f["wakes"].startswith("held") and f["wakes_held"] == 3 for f in _facility(agent).values())
 
     agent.wait_for(held, 5, what="wakes held for cooling, in the status")
-    agent.wait_for(lambda: sum(m["state"] in ("waking", "hashing") for m in sim.truth()["miners"]) == 6, 30,
-                   what="every miner woken")  # fmt: skip
+    agent.wait_for(
+        lambda: sum(m["state"] in ("waking", "hashing") for m in sim.truth()["miners"]) == 6,
+        30,
+        what="every miner woken",
+    )
     loads = _loads(sim)
     for name, miners in (("fans-a", A), ("pump-b", B)):
         ld = loads[name]

@@ -50,8 +50,9 @@ class Heartbeats:
             if self.on:
                 seq += 1
                 site = self.site
-                beat = sign_for(site.files.grid_key, {"seq": seq}, site=site.site_id, verb="heartbeat",
-                                issued_at=site.agent.now())  # fmt: skip
+                beat = sign_for(
+                    site.files.grid_key, {"seq": seq}, site=site.site_id, verb="heartbeat", issued_at=site.agent.now()
+                )
                 await site.grid.publish(f"{site.root}/heartbeat", beat)
             await asyncio.sleep(0.3)
 
@@ -73,15 +74,23 @@ async def min_kw_over(site: Site, wall_s: float) -> float:
 
 
 def failsafe_overrides(full_kw: float) -> dict[str, Any]:
-    return {"failsafe": {"enabled": True, "level": round(full_kw * LEVEL_SHARE, 1), "hold_at_start": True,
-                         "heartbeat_timeout_s": TIMEOUT_S, "release_after_s": 3600}}  # fmt: skip
+    return {
+        "failsafe": {
+            "enabled": True,
+            "level": round(full_kw * LEVEL_SHARE, 1),
+            "hold_at_start": True,
+            "heartbeat_timeout_s": TIMEOUT_S,
+            "release_after_s": 3600,
+        }
+    }
 
 
 async def test_restart_within_the_heartbeat_timeout_of_a_healthy_link_does_not_curtail_the_site(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    async with running_site(tmp_path, mosquitto, base_ip="127.146.0.1", miners=20,
-                            overrides=failsafe_overrides) as site:  # fmt: skip
+    async with running_site(
+        tmp_path, mosquitto, base_ip="127.146.0.1", miners=20, overrides=failsafe_overrides
+    ) as site:
         full = site.full_kw
         level = round(full * LEVEL_SHARE, 1)
         # a first start holds the fail-safe level until the grid is heard [LPC-901/1], and says what releases it
@@ -115,9 +124,14 @@ async def test_restart_within_the_heartbeat_timeout_of_a_healthy_link_does_not_c
             status = await site.status()
             assert (status["failsafe"]["active"], status["failsafe"]["reason"]) == (True, "startup")
             assert status["target_source"] == "failsafe"
-            await wait_until(lambda: site.state()["failsafe"].get("reason") == "startup" and
-                             site.state()["failsafe"].get("released_by") == "grid_command", 15,
-                             "the new run's state, the grid heard")  # fmt: skip
+            await wait_until(
+                lambda: (
+                    site.state()["failsafe"].get("reason") == "startup"
+                    and site.state()["failsafe"].get("released_by") == "grid_command"
+                ),
+                15,
+                "the new run's state, the grid heard",
+            )
             assert site.state()["failsafe"]["releases_at"] is not None
             assert (await site.retained_state())["failsafe"]["active"] is True
             assert await site.kw() <= level * 1.02

@@ -182,9 +182,7 @@ async def test_a_blackholed_miner_costs_one_deadline_not_the_sweep(
     assert all(snap.miners[ip].reachable for ip in site.ips[4:])
 
 
-async def test_pyasic_does_not_spam_the_root_logger_during_sweeps(
-    site: SimProcess, identities: list[Identity]
-) -> None:
+async def test_pyasic_does_not_spam_the_root_logger_during_sweeps(site: SimProcess, identities: list[Identity]) -> None:
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -213,9 +211,16 @@ async def test_repeated_failures_lead_to_reidentification(site: SimProcess, iden
     # the cache says LuxOS, but the miner at that address now runs other firmware (swapped, reflashed)
     real = next(i for i in identities if i.family is Family.WHATSMINER)
     stale = Identity(
-        ip=real.ip, family=Family.LUXOS, make="AntMiner", model="S19 Pro", firmware="2024.1.1",
-        driver_class="LUXMinerS19Pro", capability=Presets((2000, 3000)), nominal_w=3250.0, nominal_ths=110.0,
-    )  # fmt: skip
+        ip=real.ip,
+        family=Family.LUXOS,
+        make="AntMiner",
+        model="S19 Pro",
+        firmware="2024.1.1",
+        driver_class="LUXMinerS19Pro",
+        capability=Presets((2000, 3000)),
+        nominal_w=3250.0,
+        nominal_ths=110.0,
+    )
     fleet, driver = fleet_for([stale], reidentify_after_failures=2)
     saved: list[Identity] = []
     fleet.on_identified = saved.extend
@@ -238,10 +243,17 @@ async def test_repeated_failures_lead_to_reidentification(site: SimProcess, iden
 # ---------------------------------------------------------------------------------------------- estimates
 def _ident(reports_power: bool = True) -> Identity:
     return Identity(
-        ip="127.21.250.1", family=Family.ANTMINER if not reports_power else Family.LUXOS, make="x", model="y",
-        firmware="z", driver_class="c", capability=OnOff(), nominal_w=3000.0, nominal_ths=100.0,
+        ip="127.21.250.1",
+        family=Family.ANTMINER if not reports_power else Family.LUXOS,
+        make="x",
+        model="y",
+        firmware="z",
+        driver_class="c",
+        capability=OnOff(),
+        nominal_w=3000.0,
+        nominal_ths=100.0,
         reports_power=reports_power,
-    )  # fmt: skip
+    )
 
 
 def _reading(power: float | None, mining: bool | None, ths: float | None = None) -> Reading:

@@ -72,8 +72,13 @@ async def test_the_sink_publishes_the_sites_flexibility_when_due(tmp_path: Path,
         assert not flex.stale
         # a grid dispatch lowers the target: the document follows at once (not only at the next refresh)
         before = len(sent)
-        doc_in = sign_for(files.grid_key, {"id": "d1", "target_kw": 20, "rev": 0}, site="flex-site", verb="dispatch",
-                          issued_at=clock.time())  # fmt: skip
+        doc_in = sign_for(
+            files.grid_key,
+            {"id": "d1", "target_kw": 20, "rev": 0},
+            site="flex-site",
+            verb="dispatch",
+            issued_at=clock.time(),
+        )
         reply = await parts.service.handle("dispatch", json.dumps(doc_in).encode(), Channel.MQTT)
         assert reply.is_ok, reply
         await _until(lambda: len(sent) > before and sent[-1]["target_w"] == 20_000.0, 10.0)

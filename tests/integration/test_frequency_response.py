@@ -62,9 +62,14 @@ def audit_steps(files_state: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess, AgentProcess, Path]]:
     folder: Path = tmp_path_factory.mktemp("frequency")
-    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.0.1", seed=72, speed=K,
-                    extra_args=["--meter", METER, "--meter-config", json.dumps(METER_CFG), "--wake-s", "10"],
-                    ) as sim:  # fmt: skip
+    with SimProcess(
+        miners=10,
+        mix="luxos:50,whatsminer:50",
+        base_ip="127.72.0.1",
+        seed=72,
+        speed=K,
+        extra_args=["--meter", METER, "--meter-config", json.dumps(METER_CFG), "--wake-s", "10"],
+    ) as sim:
         files = agent_files(folder, sim)
         with AgentProcess.start(files, time_scale=K) as agent:
             wait_armed(sim, agent)
@@ -74,37 +79,53 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess,
 METER_CFG = {"noise": 0.001, "update_ms": 50.0, "base_kw": 2.0, "cooling_share": 0.0}
 
 
-def agent_files(folder: Path, sim: SimProcess, stage: dict[str, Any] | None = None,
-                **section: Any) -> AgentConfigFiles:  # fmt: skip
+def agent_files(folder: Path, sim: SimProcess, stage: dict[str, Any] | None = None, **section: Any) -> AgentConfigFiles:
     """The agent's config for `sim`: one stage (`stage` adds to it), the programme's restore rule (`section`)."""
     nominal_kw = sum(m["nominal_w"] for m in sim.truth()["miners"]) / 1000.0
     host, port = sim.meter.split(":")
-    return write_agent_config(folder, sim.ips, cap_kw=round(2 * nominal_kw, 1), time_scale=K, overrides={
-        "site": {"meter": {
-            "host": host, "port": int(port), "map": "sunspec", "poll_s": 0.1, "stale_after_s": 2.0 * K,
-            "frozen_after_s": 60.0 * K, "non_miner_allowance_kw": 3.0, "non_miner_window_s": 4.0 * K,
-        }},
-        "control": {"ramp_up_kw_per_min": RAMP_KW_PER_MIN, "use_power_limits": False},
-        "frequency_response": {
-            "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%", **(stage or {})}],
-            "restore_above_hz": 49.9, "restore_after_s": RESTORE_AFTER_S, "poll_s": 0.05, **section,
+    return write_agent_config(
+        folder,
+        sim.ips,
+        cap_kw=round(2 * nominal_kw, 1),
+        time_scale=K,
+        overrides={
+            "site": {
+                "meter": {
+                    "host": host,
+                    "port": int(port),
+                    "map": "sunspec",
+                    "poll_s": 0.1,
+                    "stale_after_s": 2.0 * K,
+                    "frozen_after_s": 60.0 * K,
+                    "non_miner_allowance_kw": 3.0,
+                    "non_miner_window_s": 4.0 * K,
+                }
+            },
+            "control": {"ramp_up_kw_per_min": RAMP_KW_PER_MIN, "use_power_limits": False},
+            "frequency_response": {
+                "stages": [{"below_hz": BELOW_HZ, "for_s": FOR_S, "shed": f"{SHED_PCT:g}%", **(stage or {})}],
+                "restore_above_hz": 49.9,
+                "restore_after_s": RESTORE_AFTER_S,
+                "poll_s": 0.05,
+                **section,
+            },
         },
-    })  # fmt: skip
+    )
 
 
 def wait_armed(sim: SimProcess, agent: AgentProcess) -> None:
     agent.wait_for(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, what="a fresh meter")
     # every miner up and the plan carried out before any dip
     agent.wait_for(lambda: not asleep(sim) and agent.status()["settled_since"], 40, what="all miners up")
-    agent.wait_for(lambda: frequency_doc(agent).get("armed", [{}])[0].get("commands"), 10,
-                   what="an armed shed list")  # fmt: skip
+    agent.wait_for(lambda: frequency_doc(agent).get("armed", [{}])[0].get("commands"), 10, what="an armed shed list")
 
 
 def test_a_dip_shorter_than_for_s_sheds_nothing(site: tuple[SimProcess, AgentProcess, Path]) -> None:
     sim, agent, state = site
     sim.grid_event({"event": "dip", "depth_hz": 0.8, "duration_s": 0.4 * FOR_S})  # 49.2 Hz for 0.8 site s
-    agent.wait_for(lambda: (frequency_doc(agent).get("lowest_hz") or 50.0) < BELOW_HZ, 5,
-                   what="the agent reading the dip")  # fmt: skip
+    agent.wait_for(
+        lambda: (frequency_doc(agent).get("lowest_hz") or 50.0) < BELOW_HZ, 5, what="the agent reading the dip"
+    )
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
         assert not asleep(sim), "a dip shorter than for_s put miners to sleep"
@@ -124,8 +145,11 @@ def test_a_dip_longer_than_for_s_sheds_the_stage_kw_at_the_meter(site: tuple[Sim
     crossed = time.monotonic()
     sim.grid_event({"event": "step", "hz": 49.3})
     # truth at the meter: the site down by the stage's kW (less the standby draw of the miners slept)
-    reached = agent.wait_for(lambda: sim.meter_truth()["power_w"] / 1000.0 <= site_kw - shed_kw + 0.5, 15,
-                             what="the stage's kW shed at the meter")  # fmt: skip
+    reached = agent.wait_for(
+        lambda: sim.meter_truth()["power_w"] / 1000.0 <= site_kw - shed_kw + 0.5,
+        15,
+        what="the stage's kW shed at the meter",
+    )
     assert reached
     took = time.monotonic() - crossed
     slept = asleep(sim)
@@ -139,8 +163,11 @@ def test_a_dip_longer_than_for_s_sheds_the_stage_kw_at_the_meter(site: tuple[Sim
     status = agent.status()
     assert status["target_source"] == "frequency"  # arbitration says frequency response holds the site
     assert took < 10.0
-    steps = agent.wait_for(lambda: (s := audit_steps(state)) and "shed_reached" in [x["step"] for x in s] and s,
-                           10, what="the event's audit records")  # fmt: skip
+    steps = agent.wait_for(
+        lambda: (s := audit_steps(state)) and "shed_reached" in [x["step"] for x in s] and s,
+        10,
+        what="the event's audit records",
+    )
     names = [s["step"] for s in steps]
     assert names[:2] == ["tripped", "commands_out"]
     assert "commands_acked" in names
@@ -173,8 +200,11 @@ def test_a_stale_meter_wakes_nothing_and_recovery_restores_under_the_ramp(
     assert "restored" not in [s["step"] for s in audit_steps(state)]
 
     sim.meter_fault("clear")
-    restored_at = agent.wait_for(lambda: not frequency_doc(agent)["active"] and time.monotonic(),
-                                 10 + 2 * RESTORE_AFTER_S / K, what="the event restored")  # fmt: skip
+    restored_at = agent.wait_for(
+        lambda: not frequency_doc(agent)["active"] and time.monotonic(),
+        10 + 2 * RESTORE_AFTER_S / K,
+        what="the event restored",
+    )
     samples: list[tuple[float, float]] = []
     deadline = restored_at + 40.0
     while time.monotonic() < deadline and asleep(sim) & slept:
@@ -214,9 +244,14 @@ def test_an_event_survives_a_restart_of_the_agent(tmp_path: Path) -> None:
     """The agent killed during an event and started again: the shed is held (nothing wakes, the stage does not
     trip a second time on the frequency still below it, nor is forgotten with the frequency between the stage and
     the restore threshold), and the event restores once the frequency has been back for the restore time."""
-    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.4.1", seed=74, speed=K,
-                    extra_args=["--meter", "127.72.5.250:5020", "--meter-config", json.dumps(METER_CFG),
-                                "--wake-s", "10"]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=10,
+        mix="luxos:50,whatsminer:50",
+        base_ip="127.72.4.1",
+        seed=74,
+        speed=K,
+        extra_args=["--meter", "127.72.5.250:5020", "--meter-config", json.dumps(METER_CFG), "--wake-s", "10"],
+    ) as sim:
         files = agent_files(tmp_path, sim)
         origin = time.time()  # one timeline for both runs
         with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
@@ -258,8 +293,9 @@ def test_an_event_survives_a_restart_of_the_agent(tmp_path: Path) -> None:
             # back: the event restores (after the restore time, from the readings of this run) and the miners wake
             back = time.monotonic()
             sim.grid_event({"event": "nominal"})
-            agent.wait_for(lambda: not frequency_doc(agent)["active"], 10 + 2 * RESTORE_AFTER_S / K,
-                           what="the event restored")  # fmt: skip
+            agent.wait_for(
+                lambda: not frequency_doc(agent)["active"], 10 + 2 * RESTORE_AFTER_S / K, what="the event restored"
+            )
             assert time.monotonic() - back >= 0.9 * RESTORE_AFTER_S / K
             agent.wait_for(lambda: not asleep(sim) & slept, 60, what="the slept miners back")
             assert len(steps_named(files.state_dir, "restored")) == 1
@@ -276,16 +312,23 @@ def test_a_stage_s_own_restore_rule_ends_its_event(tmp_path: Path) -> None:
     """The stage restores above its own 49.7 Hz after its own 4 s, where the programme's rule (49.9 Hz, 10 min)
     would hold the event: judged at the simulated miners."""
     stage_after_s = 4.0
-    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.72.6.1", seed=76, speed=K,
-                    extra_args=["--meter", "127.72.7.250:5020", "--meter-config", json.dumps(METER_CFG),
-                                "--wake-s", "10"]) as sim:  # fmt: skip
-        files = agent_files(tmp_path, sim, stage={"restore_above_hz": 49.7, "restore_after_s": stage_after_s},
-                            restore_after_s=600.0)  # fmt: skip
+    with SimProcess(
+        miners=10,
+        mix="luxos:50,whatsminer:50",
+        base_ip="127.72.6.1",
+        seed=76,
+        speed=K,
+        extra_args=["--meter", "127.72.7.250:5020", "--meter-config", json.dumps(METER_CFG), "--wake-s", "10"],
+    ) as sim:
+        files = agent_files(
+            tmp_path, sim, stage={"restore_above_hz": 49.7, "restore_after_s": stage_after_s}, restore_after_s=600.0
+        )
         with AgentProcess.start(files, time_scale=K) as agent:
             wait_armed(sim, agent)
             sim.grid_event({"event": "step", "hz": 49.3})
-            slept = agent.wait_for(lambda: steps_named(files.state_dir, "commands_acked") and asleep(sim), 15,
-                                   what="the stage shed")  # fmt: skip
+            slept = agent.wait_for(
+                lambda: steps_named(files.state_dir, "commands_acked") and asleep(sim), 15, what="the stage shed"
+            )
             doc = frequency_doc(agent)
             assert (doc["restore_above_hz"], doc["restore_after_s"]) == (49.7, stage_after_s)
             # 49.65: above the stage, below its restore threshold: held well past the stage's restore time
@@ -296,8 +339,9 @@ def test_a_stage_s_own_restore_rule_ends_its_event(tmp_path: Path) -> None:
             # 49.8: above the stage's threshold, under the programme's: restored after the stage's time
             back = time.monotonic()
             sim.grid_event({"event": "step", "hz": 49.8})
-            agent.wait_for(lambda: not frequency_doc(agent)["active"], 10 + 2 * stage_after_s / K,
-                           what="the event restored")  # fmt: skip
+            agent.wait_for(
+                lambda: not frequency_doc(agent)["active"], 10 + 2 * stage_after_s / K, what="the event restored"
+            )
             assert time.monotonic() - back >= 0.9 * stage_after_s / K
             agent.wait_for(lambda: not asleep(sim) & slept, 60, what="the slept miners back")
             restored = steps_named(files.state_dir, "restored")
@@ -346,15 +390,24 @@ def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_pa
     from hashflex.drivers.meter_maps import MeterBounds
     from hashflex.drivers.meter_modbus import MeterConfig, ModbusMeter
 
-    with SimProcess(miners=2, mix="luxos:1", base_ip="127.72.2.1", seed=3,
-                    extra_args=["--meter", "127.72.2.250:5020"]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=2, mix="luxos:1", base_ip="127.72.2.1", seed=3, extra_args=["--meter", "127.72.2.250:5020"]
+    ) as sim:
         host, port = sim.meter.split(":")
 
         async def run() -> None:
-            meter = ModbusMeter(MeterConfig(host=host, port=int(port), map="sunspec", bounds=MeterBounds(max_w=1e6),
-                                            poll_s=0.2, hz_poll_s=0.05))  # fmt: skip
-            cfg = FrequencyResponseConfig.model_validate({"stages": [{"below_hz": 49.5, "for_s": 0, "shed": "50%"}],
-                                                          "restore_above_hz": 49.9, "restore_after_s": 60})  # fmt: skip
+            meter = ModbusMeter(
+                MeterConfig(
+                    host=host, port=int(port), map="sunspec", bounds=MeterBounds(max_w=1e6), poll_s=0.2, hz_poll_s=0.05
+                )
+            )
+            cfg = FrequencyResponseConfig.model_validate(
+                {
+                    "stages": [{"below_hz": 49.5, "for_s": 0, "shed": "50%"}],
+                    "restore_above_hz": 49.9,
+                    "restore_after_s": 60,
+                }
+            )
             rec = _Host()
             fr = FrequencyResponse(cfg, rec, clock=time.monotonic, meter_fresh=lambda: meter.status().fresh)
             meter.on_frequency = fr.on_hz
@@ -364,9 +417,19 @@ def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_pa
                 while not (meter.status().fresh and fr.last_hz is not None) and time.monotonic() < deadline:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)  # (readings arrive on the meter's thread: no event to wait on)
                 assert fr.last_hz is not None, "no frequency reading from the meter's thread"
-                views = [MinerView(id=f"10.0.0.{i}", family=Family.LUXOS, capability=OnOff(), nominal_w=3000.0,
-                                   nominal_ths=100.0, state=MinerState.HASHING, power_w=3000.0, commanded_w=None)
-                         for i in range(4)]  # fmt: skip
+                views = [
+                    MinerView(
+                        id=f"10.0.0.{i}",
+                        family=Family.LUXOS,
+                        capability=OnOff(),
+                        nominal_w=3000.0,
+                        nominal_ths=100.0,
+                        state=MinerState.HASHING,
+                        power_w=3000.0,
+                        commanded_w=None,
+                    )
+                    for i in range(4)
+                ]
                 fr.arm(views, set(), None, time.monotonic())
                 # the loop held, as by a long tick: nothing on it runs until the hold ends
                 sim.grid_event({"event": "step", "hz": 49.0})

@@ -64,8 +64,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess,
     folder: Path = tmp_path_factory.mktemp("meter-control")
     # a probe for the miners' nominal power, so the cap and the base load can be sized from it
     meter_cfg = {"cooling_share": COOLING_SHARE, "cooling_tau_s": 20.0, "noise": 0.001, "update_ms": 50.0}
-    with SimProcess(miners=10, mix="luxos:50,whatsminer:50", base_ip="127.170.0.1", seed=14, speed=K,
-                    extra_args=["--meter", METER, "--wake-s", "20"]) as probe:  # fmt: skip
+    with SimProcess(
+        miners=10,
+        mix="luxos:50,whatsminer:50",
+        base_ip="127.170.0.1",
+        seed=14,
+        speed=K,
+        extra_args=["--meter", METER, "--wake-s", "20"],
+    ) as probe:
         nominal_kw = sum(m["nominal_w"] for m in probe.truth()["miners"]) / 1000.0
     cap_kw = round(CAP_SHARE * nominal_kw, 1)
     meter_cfg["base_kw"] = round(BASE_SHARE * cap_kw, 2)
@@ -78,11 +84,27 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess,
         extra_args=["--meter", METER, "--meter-config", json.dumps(meter_cfg), "--wake-s", "20"],
     ) as sim:
         host, port = sim.meter.split(":")
-        files = write_agent_config(folder, sim.ips, cap_kw=cap_kw, time_scale=K, overrides={"site": {"meter": {
-            "host": host, "port": int(port), "map": "sunspec", "poll_s": 0.1, "stale_after_s": 2.0 * K,
-            "frozen_after_s": 60.0 * K, "non_miner_allowance_kw": round(0.15 * cap_kw, 2),
-            "non_miner_window_s": 8.0 * K, "cooling_pct": COOLING_SHARE * 100,
-        }}})  # fmt: skip
+        files = write_agent_config(
+            folder,
+            sim.ips,
+            cap_kw=cap_kw,
+            time_scale=K,
+            overrides={
+                "site": {
+                    "meter": {
+                        "host": host,
+                        "port": int(port),
+                        "map": "sunspec",
+                        "poll_s": 0.1,
+                        "stale_after_s": 2.0 * K,
+                        "frozen_after_s": 60.0 * K,
+                        "non_miner_allowance_kw": round(0.15 * cap_kw, 2),
+                        "non_miner_window_s": 8.0 * K,
+                        "cooling_pct": COOLING_SHARE * 100,
+                    }
+                }
+            },
+        )
         with AgentProcess.start(files, time_scale=K) as agent:
             yield sim, agent, cap_kw
 
@@ -97,8 +119,9 @@ def test_the_meter_is_held_under_the_cap_where_the_miners_sum_alone_would_not_be
     assert over_kw > 2 * tol_kw
     wait(lambda: (agent.status().get("meter") or {}).get("fresh"), 20, "a fresh meter", agent)
     # the miners up to the level planned for them (not still asleep from the first cut: that proves nothing)
-    wait(lambda: using_room(agent.status(), cap_kw), 40, "the miners at their planned level, the plan carried out",
-         agent)  # fmt: skip
+    wait(
+        lambda: using_room(agent.status(), cap_kw), 40, "the miners at their planned level, the plan carried out", agent
+    )
     samples = sample_meter(sim, 5.0)
     worst = max(s["power_w"] for s in samples) / 1000
     assert worst <= cap_kw + tol_kw, f"metered {worst:.2f} kW over the cap {cap_kw} kW (+{tol_kw:.2f})"
@@ -127,9 +150,14 @@ def test_the_meter_is_held_under_the_cap_where_the_miners_sum_alone_would_not_be
     assert "meter" in text.getvalue()
     assert "non-miner" in text.getvalue()
     scraped = Metrics(status_provider=lambda: doc).render().decode()
-    for name in ("hashflex_site_metered_watts", "hashflex_grid_frequency_hertz", "hashflex_meter_fresh 1.0",
-                 "hashflex_meter_reading_age_seconds", "hashflex_meter_import_energy_joules_total",
-                 "hashflex_site_non_miner_watts"):  # fmt: skip
+    for name in (
+        "hashflex_site_metered_watts",
+        "hashflex_grid_frequency_hertz",
+        "hashflex_meter_fresh 1.0",
+        "hashflex_meter_reading_age_seconds",
+        "hashflex_meter_import_energy_joules_total",
+        "hashflex_site_non_miner_watts",
+    ):
         assert name in scraped, name
 
 
@@ -144,11 +172,19 @@ def test_a_stale_meter_alarms_falls_back_and_holds_increases_until_it_is_back(
     tol_kw = TOLERANCE_SHARE * cap_kw
     # an override at half the cap (at the meter), reached; then the meter goes offline
     agent.ok("curtail", {"id": "meter-low", "to_kw": round(0.5 * cap_kw, 2)})
-    wait(lambda: sim.meter_truth()["power_w"] / 1000 <= 0.5 * cap_kw + tol_kw and agent.status()["settled_since"],
-         30, "the meter at the override", agent)  # fmt: skip
+    wait(
+        lambda: sim.meter_truth()["power_w"] / 1000 <= 0.5 * cap_kw + tol_kw and agent.status()["settled_since"],
+        30,
+        "the meter at the override",
+        agent,
+    )
     sim.meter_fault("offline")
-    stale = wait(lambda: next((a for a in agent.status()["alarms"] if a["key"] == "meter_stale"), None), 15,
-                 "the meter_stale alarm", agent)  # fmt: skip
+    stale = wait(
+        lambda: next((a for a in agent.status()["alarms"] if a["key"] == "meter_stale"), None),
+        15,
+        "the meter_stale alarm",
+        agent,
+    )
     assert "holding every increase" in stale["message"]
     doc = agent.status()
     assert doc["meter"]["fallback"]
@@ -181,8 +217,12 @@ def test_a_stale_meter_alarms_falls_back_and_holds_increases_until_it_is_back(
 
     # the meter back: the alarm clears, the miners rise, the meter stays under the cap
     sim.meter_fault("clear")
-    wait(lambda: not [a for a in agent.status()["alarms"] if a["key"] == "meter_stale"], 15,
-         "the meter_stale alarm cleared", agent)  # fmt: skip
+    wait(
+        lambda: not [a for a in agent.status()["alarms"] if a["key"] == "meter_stale"],
+        15,
+        "the meter_stale alarm cleared",
+        agent,
+    )
     wait(lambda: sim.meter_truth()["it_w"] > it_before * 1.2, 30, "the miners rising again", agent)
     samples = sample_meter(sim, 6.0)
     worst = max(s["power_w"] for s in samples) / 1000

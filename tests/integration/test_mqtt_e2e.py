@@ -80,8 +80,9 @@ class Site:
     operator_key: Ed25519PrivateKey
 
     # ---------------------------------------------------------------------------------------- commands
-    def signed(self, doc: Mapping[str, Any], *, issued_at: float | None = None,
-               verb: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def signed(
+        self, doc: Mapping[str, Any], *, issued_at: float | None = None, verb: str | None = None
+    ) -> dict[str, Any]:
         """Grid-signed for this site (hashflex-sig-v2), issued now on the agent's (scaled) clock unless told
         otherwise."""
         return self.agent.signed(doc, issued_at=issued_at, verb=verb)
@@ -100,8 +101,9 @@ class Site:
     async def publish(self, verb: str, doc: Mapping[str, Any] | bytes, **kw: Any) -> None:
         await self.grid.publish(f"{self.root}/cmd/{verb}", doc if isinstance(doc, bytes) else dict(doc), **kw)
 
-    async def request(self, verb: str, doc: Mapping[str, Any] | bytes, *, within: float = 10.0,
-                      **kw: Any) -> dict[str, Any]:  # fmt: skip
+    async def request(
+        self, verb: str, doc: Mapping[str, Any] | bytes, *, within: float = 10.0, **kw: Any
+    ) -> dict[str, Any]:
         """Publish a request and return the reply to it (matched by id; an id-less one by being the next reply)."""
         seen = len(self.replies(verb))
         request_id = None if isinstance(doc, bytes) else doc.get("id")
@@ -141,14 +143,16 @@ class Site:
         return doc
 
     async def wait_state(self, predicate: Callable[[dict[str, Any]], bool], within: float = 15.0) -> dict[str, Any]:
-        await wait_until(lambda: bool(self.grid.on(f"{self.root}/state")) and predicate(self.state()), within,
-                         "a matching state")  # fmt: skip
+        await wait_until(
+            lambda: bool(self.grid.on(f"{self.root}/state")) and predicate(self.state()), within, "a matching state"
+        )
         return self.state()
 
     async def retained(self, topic: str, within: float = 10.0) -> bytes:
         """What a client connecting now gets on `root/topic`: the retained message (asserted to be flagged so)."""
-        async with Observer(self.grid.broker, f"{self.root}/{topic}", port=self.grid.port,
-                            **self.grid.client_kw) as late:  # fmt: skip
+        async with Observer(
+            self.grid.broker, f"{self.root}/{topic}", port=self.grid.port, **self.grid.client_kw
+        ) as late:
             message = await late.wait(f"{self.root}/{topic}", within=within)
             assert message.retain, f"{topic} is not retained"
             return _bytes(message.payload)
@@ -169,8 +173,9 @@ class Site:
         kw = await self.kw()
         while not predicate(kw):
             if time.monotonic() > deadline:
-                raise AssertionError(f"the site never got {what} within {within:g} s (now {kw:.1f} kW)\n"
-                                     f"{self.agent.tail(30)}")  # fmt: skip
+                raise AssertionError(
+                    f"the site never got {what} within {within:g} s (now {kw:.1f} kW)\n{self.agent.tail(30)}"
+                )
             if self.agent.proc.poll() is not None:
                 raise AssertionError(f"the agent died:\n{self.agent.tail()}")
             await asyncio.sleep(0.25)
@@ -221,8 +226,9 @@ async def running_site(
             {**mqtt_overrides(broker.plain_port), "grid": {"operator_public_keys": [str(tmp_path / "operator.pub")]}},
             {"mqtt": dict(mqtt or {}), **dict(extra or {})},
         )
-        files = write_agent_config(tmp_path, sim.ips, cap_kw=round(full_kw * 1.2, 1), site_id=site_id, time_scale=K,
-                                   overrides=doc)  # fmt: skip
+        files = write_agent_config(
+            tmp_path, sim.ips, cap_kw=round(full_kw * 1.2, 1), site_id=site_id, time_scale=K, overrides=doc
+        )
         client_kw = dict(grid_client or {})
         port = client_kw.pop("port", broker.plain_port)
         async with Observer(broker, f"{root}/#", port=port, **client_kw) as grid:
@@ -276,8 +282,18 @@ async def test_every_verb_end_to_end_changes_ground_truth_and_is_reported(mosqui
         target_a = round(full * 0.5, 1)
         ramp = round((full - target_a) / 1.0, 1)  # kW per minute: ~one site minute from full to the target
         start_a = site.agent.now() + 40
-        a = await site.ok("dispatch", site.signed({"id": "disp-a", "target_kw": target_a, "start": iso(start_a),
-                                                   "end": iso(start_a + 3600), "ramp_kw_per_min": ramp}))  # fmt: skip
+        a = await site.ok(
+            "dispatch",
+            site.signed(
+                {
+                    "id": "disp-a",
+                    "target_kw": target_a,
+                    "start": iso(start_a),
+                    "end": iso(start_a + 3600),
+                    "ramp_kw_per_min": ramp,
+                }
+            ),
+        )
         assert a["dispatch"]["status"] == "pending"
         assert (a["dispatch"]["target_kw"], a["dispatch"]["ramp_kw_per_min"]) == (target_a, ramp)
         await site.event("received", "disp-a")
@@ -310,16 +326,20 @@ async def test_every_verb_end_to_end_changes_ground_truth_and_is_reported(mosqui
 
         # --- dispatch B: curtail_kw from the present draw, for 100 site s: reached, then expired, then back up
         before_b = await site.kw()
-        b = await site.ok("dispatch", site.signed({"id": "disp-b", "curtail_kw": round(full * 0.4, 1),
-                                                   "end": iso(site.agent.now() + 100)}))  # fmt: skip
+        b = await site.ok(
+            "dispatch",
+            site.signed({"id": "disp-b", "curtail_kw": round(full * 0.4, 1), "end": iso(site.agent.now() + 100)}),
+        )
         level_b = b["dispatch"]["level_kw"]
         assert level_b == pytest.approx(b["dispatch"]["baseline_kw"] - round(full * 0.4, 1), abs=0.01)
         assert b["dispatch"]["baseline_kw"] > 0.7 * full  # the agent's last reading: the site was up again
         reached_b = await site.event("target_reached", "disp-b", within=20)
         baseline_b = b["dispatch"]["baseline_kw"]
-        print(f"A (ramped) met {epoch(reached['ts']) - start_a:.0f} site s after its start (truth then "
-              f"{at_reached / target_a:.3f} × target); B (no ramp) met after {reached_b['data']['after_s']:.0f} "
-              f"site s; truth before B {before_b:.1f} kW, agent's baseline {baseline_b:.1f} kW")  # fmt: skip
+        print(
+            f"A (ramped) met {epoch(reached['ts']) - start_a:.0f} site s after its start (truth then "
+            f"{at_reached / target_a:.3f} × target); B (no ramp) met after {reached_b['data']['after_s']:.0f} "
+            f"site s; truth before B {before_b:.1f} kW, agent's baseline {baseline_b:.1f} kW"
+        )
         await site.wait_kw(lambda kw: kw <= level_b * 1.02, 10, f"at B's {level_b} kW")
         await site.event("expired", "disp-b", within=20)
         await site.wait_kw(lambda kw: kw > 0.85 * full, 30, "back up after the expiry")
@@ -352,8 +372,10 @@ async def test_every_verb_end_to_end_changes_ground_truth_and_is_reported(mosqui
         assert {"ts", "target_kw", "cap_kw", "power_kw_measured", "power_kw_estimated", "miners"} <= set(telemetry[-1])
         listed = await site.ok("dispatches", {"id": "list-1", "all": True})
         assert sorted((d["id"], d["status"]) for d in listed["dispatches"]) == [
-            ("disp-a", "cancelled"), ("disp-b", "expired"), ("op:op-1", "cancelled")
-        ]  # fmt: skip
+            ("disp-a", "cancelled"),
+            ("disp-b", "expired"),
+            ("op:op-1", "cancelled"),
+        ]
         for request_id in ("disp-a", "cancel-a", "disp-b", "cap-1", "op-1", "op-2", "cap-2"):
             assert len(site.events("accepted", request_id)) == 1, request_id
         assert await site.retained("availability") == b"online"
@@ -385,34 +407,59 @@ async def test_every_class_of_bad_input_is_refused_with_a_reason_and_an_event_an
             # (what, verb, payload, expected code)
             ("unsigned", "dispatch", {"id": "unsigned", "issued_at": iso(now), **valid}, "unsigned"),
             ("badly signed", "dispatch", tampered, "bad_signature"),
-            ("unknown key", "dispatch",
-             sign_for(stranger, {"id": "stranger", **valid}, site=site.site_id, verb="dispatch", issued_at=now),
-             "bad_signature"),
-            ("signed for another site", "dispatch",
-             site.agent.signed({"id": "elsewhere", **valid}, site="another-site"), "wrong_scope"),
+            (
+                "unknown key",
+                "dispatch",
+                sign_for(stranger, {"id": "stranger", **valid}, site=site.site_id, verb="dispatch", issued_at=now),
+                "bad_signature",
+            ),
+            (
+                "signed for another site",
+                "dispatch",
+                site.agent.signed({"id": "elsewhere", **valid}, site="another-site"),
+                "wrong_scope",
+            ),
             ("signed as another verb", "cancel", site.signed({"id": "as-dispatch", **valid}), "wrong_scope"),
-            ("expired", "dispatch", site.signed({"id": "old", **valid}, issued_at=now - 2 * rules["max_age_s"]),
-             "expired"),
-            ("future", "dispatch", site.signed({"id": "future", **valid}, issued_at=now + 2 * rules["max_skew_s"]),
-             "future"),
+            (
+                "expired",
+                "dispatch",
+                site.signed({"id": "old", **valid}, issued_at=now - 2 * rules["max_age_s"]),
+                "expired",
+            ),
+            (
+                "future",
+                "dispatch",
+                site.signed({"id": "future", **valid}, issued_at=now + 2 * rules["max_skew_s"]),
+                "future",
+            ),
             ("replayed id, other content", "dispatch", site.signed({"id": "real-1", **valid}), "conflict"),
             ("malformed JSON", "dispatch", b'{"id": "broken", "target_kw": 1', "bad_json"),
             ("wrong type", "dispatch", site.signed({"id": "wrong-type", **valid, "target_kw": [1]}), "bad_request"),
-            ("wrong type (rev)", "dispatch", site.signed({"id": "wrong-rev", **valid, "rev": "high"}),
-             "bad_request"),
+            ("wrong type (rev)", "dispatch", site.signed({"id": "wrong-rev", **valid, "rev": "high"}), "bad_request"),
             ("negative kW", "dispatch", site.signed({"id": "negative", **valid, "target_kw": -5}), "out_of_range"),
-            ("above the cap", "dispatch", site.signed({"id": "above-cap", **valid, "target_kw": cap * 2}),
-             "out_of_range"),
-            ("end before start", "dispatch",
-             site.signed({"id": "backwards", "target_kw": 1, "start": iso(now + 600), "end": iso(now + 60)}),
-             "out_of_range"),
+            (
+                "above the cap",
+                "dispatch",
+                site.signed({"id": "above-cap", **valid, "target_kw": cap * 2}),
+                "out_of_range",
+            ),
+            (
+                "end before start",
+                "dispatch",
+                site.signed({"id": "backwards", "target_kw": 1, "start": iso(now + 600), "end": iso(now + 60)}),
+                "out_of_range",
+            ),
             ("unknown verb", "launch", site.signed({"id": "launch-1", **valid}), "unknown_verb"),
             ("oversize", "dispatch", json.dumps({"id": "huge", "pad": "x" * 70_000}).encode(), "too_large"),
             ("unsigned cap", "cap", {"id": "cap-u", "issued_at": iso(now), "cap_kw": 1}, "unsigned"),
-            ("grid key on an operator verb", "curtail", site.signed({"id": "op-grid", "to_kw": 1}, verb="curtail"),
-             "bad_signature"),
+            (
+                "grid key on an operator verb",
+                "curtail",
+                site.signed({"id": "op-grid", "to_kw": 1}, verb="curtail"),
+                "bad_signature",
+            ),
             ("unsigned operator verb", "curtail", {"id": "op-u", "to_kw": 1}, "unsigned"),
-        ]  # fmt: skip
+        ]
         for what, verb, payload, code in cases:
             reply = await site.request(verb, payload)
             assert reply["status"] == "error", (what, reply)
@@ -477,14 +524,17 @@ async def test_broker_killed_and_restarted_loses_nothing_and_applies_nothing_twi
 ) -> None:
     broker = mosquitto_factory()
     # mqtt at debug: every failed reconnect is logged with its backoff, so the test knows when the agent is away
-    async with running_site(tmp_path, broker, base_ip="127.42.0.1", miners=30,
-                            overrides={"logging": {"levels": {"mqtt": "debug"}}}) as site:  # fmt: skip
+    async with running_site(
+        tmp_path, broker, base_ip="127.42.0.1", miners=30, overrides={"logging": {"levels": {"mqtt": "debug"}}}
+    ) as site:
         full, root, agent = site.full_kw, site.root, site.agent
         # P: accepted now, starts in 60 site s: pending when the broker dies
         target_p = round(full * 0.5, 1)
         start_p = agent.now() + 60
-        p = await site.ok("dispatch", site.signed({"id": "disp-p", "target_kw": target_p, "start": iso(start_p),
-                                                   "end": iso(start_p + 3600)}))  # fmt: skip
+        p = await site.ok(
+            "dispatch",
+            site.signed({"id": "disp-p", "target_kw": target_p, "start": iso(start_p), "end": iso(start_p + 3600)}),
+        )
         assert p["dispatch"]["status"] == "pending"
         await asyncio.to_thread(broker.wait_saved, time.time() + 0.1)  # the session is on disk
         broker.kill()
@@ -546,8 +596,9 @@ async def test_broker_killed_and_restarted_loses_nothing_and_applies_nothing_twi
             assert len(site.events("accepted", "disp-q")) == 1
             listed = await site.ok("dispatches", {"id": "ls", "all": True})
             assert sorted((d["id"], d["status"]) for d in listed["dispatches"]) == [
-                ("disp-p", "active"), ("disp-q", "active")
-            ]  # fmt: skip
+                ("disp-p", "active"),
+                ("disp-q", "active"),
+            ]
             events = (await site.ok("events", {"id": "ev", "limit": 1000}))["events"]
             accepted = [e["data"]["id"] for e in events if e["type"] == "accepted"]
             assert sorted(accepted) == ["disp-p", "disp-q"]
@@ -578,17 +629,41 @@ async def test_killed_agent_shows_offline_through_its_last_will(mosquitto: Mosqu
 # ============================================================================================ TLS and the ACL
 def tls_args(broker: Mosquitto, user: str) -> list[str]:
     pki = broker.pki
-    return ["-h", HOST, "-p", str(broker.tls_port), "--cafile", str(pki.ca_cert), "--cert", str(pki.client_cert),
-            "--key", str(pki.client_key), "-u", user, "-P", DEFAULT_USERS[user], "-V", "5"]  # fmt: skip
+    return [
+        "-h",
+        HOST,
+        "-p",
+        str(broker.tls_port),
+        "--cafile",
+        str(pki.ca_cert),
+        "--cert",
+        str(pki.client_cert),
+        "--key",
+        str(pki.client_key),
+        "-u",
+        user,
+        "-P",
+        DEFAULT_USERS[user],
+        "-V",
+        "5",
+    ]
 
 
 async def mosquitto_sub(*args: str) -> asyncio.subprocess.Process:
     """mosquitto_sub printing `topic payload` lines; returns once its subscription is acknowledged."""
     # stdbuf: its stdout is block-buffered in a pipe, and the SUBACK debug line is the "subscribed" signal
     proc = await asyncio.create_subprocess_exec(
-        "stdbuf", "-oL", "mosquitto_sub", "-d", "-v", "-q", "1", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        "stdbuf",
+        "-oL",
+        "mosquitto_sub",
+        "-d",
+        "-v",
+        "-q",
+        "1",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     async with asyncio.timeout(10):
         while b"received SUBACK" not in await proc.stdout.readline():
@@ -613,22 +688,47 @@ async def test_tls_password_and_acl_from_the_example_config_with_the_whole_agent
     tls = {"ca_file": str(pki.ca_cert), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
     context = ssl_context(broker)
     async with running_site(
-        tmp_path, broker, base_ip="127.44.0.1", miners=20, site_id="site-a",
-        mqtt={"port": broker.tls_port, "username": "site-a", "password_file": str(tmp_path / "mqtt-password"),
-              "tls": tls},
-        grid_client={"port": broker.tls_port, "username": "grid-operator",
-                     "password": DEFAULT_USERS["grid-operator"], "tls_context": context},
-    ) as site:  # fmt: skip
+        tmp_path,
+        broker,
+        base_ip="127.44.0.1",
+        miners=20,
+        site_id="site-a",
+        mqtt={
+            "port": broker.tls_port,
+            "username": "site-a",
+            "password_file": str(tmp_path / "mqtt-password"),
+            "tls": tls,
+        },
+        grid_client={
+            "port": broker.tls_port,
+            "username": "grid-operator",
+            "password": DEFAULT_USERS["grid-operator"],
+            "tls_context": context,
+        },
+    ) as site:
         root = site.root
         assert "u'site-a'" in broker.log()  # the agent logged in as its site id...
         await site.wait_state(lambda s: s["broker"]["state"] == "connected")  # ...on the TLS listener, with its cert
         # another site's agent listens to everything of site-a it can name: the ACL lets nothing through
-        snoop = await mosquitto_sub("-h", HOST, "-p", str(broker.password_port), "-u", "site-b",
-                                    "-P", DEFAULT_USERS["site-b"], "-V", "5", "-t", f"{root}/#")  # fmt: skip
+        snoop = await mosquitto_sub(
+            "-h",
+            HOST,
+            "-p",
+            str(broker.password_port),
+            "-u",
+            "site-b",
+            "-P",
+            DEFAULT_USERS["site-b"],
+            "-V",
+            "5",
+            "-t",
+            f"{root}/#",
+        )
         try:
             # the grid side, as README.md tells it: hashflex sign | mosquitto_pub over TLS; the answer by mosquitto_sub
-            answer = await mosquitto_sub(*tls_args(broker, "grid-operator"), "-C", "1", "-W", "30",
-                                         "-t", f"{root}/reply/#")  # fmt: skip
+            answer = await mosquitto_sub(
+                *tls_args(broker, "grid-operator"), "-C", "1", "-W", "30", "-t", f"{root}/reply/#"
+            )
             target = round(site.full_kw * 0.5, 1)
             command = json.dumps({"target_kw": target, "end": iso(site.agent.now() + 3600)})
             key = shlex.quote(str(site.files.path.parent / "grid.key"))
@@ -636,8 +736,14 @@ async def test_tls_password_and_acl_from_the_example_config_with_the_whole_agent
                 f"echo {shlex.quote(command)} | {hashflex_bin()} sign --key {key} --site {site.site_id} --verb dispatch"
                 f" | mosquitto_pub {shlex.join(tls_args(broker, 'grid-operator'))} -q 1 -t {root}/cmd/dispatch -s"
             )
-            sent = await asyncio.to_thread(subprocess.run, ["bash", "-o", "pipefail", "-c", pipeline],
-                                           capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+            sent = await asyncio.to_thread(
+                subprocess.run,
+                ["bash", "-o", "pipefail", "-c", pipeline],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=REPO,
+            )
             assert sent.returncode == 0, sent.stderr
             [line] = await printed(answer)
             topic, body = line.split(" ", 1)
@@ -650,11 +756,29 @@ async def test_tls_password_and_acl_from_the_example_config_with_the_whole_agent
             forged = site.signed({"id": "from-site-b", "target_kw": 1, "end": iso(site.agent.now() + 3600)})
             denied = await asyncio.to_thread(
                 subprocess.run,
-                ["mosquitto_pub", "-h", HOST, "-p", str(broker.password_port), "-u", "site-b",
-                 "-P", DEFAULT_USERS["site-b"], "-V", "5", "-q", "1", "-t", f"{root}/cmd/dispatch",
-                 "-m", json.dumps(forged)],
-                capture_output=True, text=True, timeout=20,
-            )  # fmt: skip
+                [
+                    "mosquitto_pub",
+                    "-h",
+                    HOST,
+                    "-p",
+                    str(broker.password_port),
+                    "-u",
+                    "site-b",
+                    "-P",
+                    DEFAULT_USERS["site-b"],
+                    "-V",
+                    "5",
+                    "-q",
+                    "1",
+                    "-t",
+                    f"{root}/cmd/dispatch",
+                    "-m",
+                    json.dumps(forged),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             assert "Not authorized" in denied.stderr
             before = miners_as_told(await site.truth())
             assert await site.request("ping", {"id": "after-forgery"})  # the agent is there, and answers in order
@@ -681,8 +805,15 @@ async def test_heartbeat_feeds_the_failsafe(mosquitto: Mosquitto, tmp_path: Path
     timeout_s = 40.0  # site seconds: four on the wall
 
     def failsafe(full_kw: float) -> dict[str, Any]:
-        return {"failsafe": {"enabled": True, "level": round(full_kw * 0.3, 1), "hold_at_start": True,
-                             "heartbeat_timeout_s": timeout_s, "release_after_s": 3600}}  # fmt: skip
+        return {
+            "failsafe": {
+                "enabled": True,
+                "level": round(full_kw * 0.3, 1),
+                "hold_at_start": True,
+                "heartbeat_timeout_s": timeout_s,
+                "release_after_s": 3600,
+            }
+        }
 
     async with running_site(tmp_path, mosquitto, base_ip="127.45.0.1", miners=30, overrides=failsafe) as site:
         full, root = site.full_kw, site.root
@@ -703,8 +834,9 @@ async def test_heartbeat_feeds_the_failsafe(mosquitto: Mosquitto, tmp_path: Path
                     seq += 1
                     last_beat = site.agent.now()
                     # signed (hashflex-sig-v2, verb heartbeat) for this site: an anonymous one is ignored
-                    beat = sign_for(site.files.grid_key, {"seq": seq}, site=site.site_id, verb="heartbeat",
-                                    issued_at=last_beat)  # fmt: skip
+                    beat = sign_for(
+                        site.files.grid_key, {"seq": seq}, site=site.site_id, verb="heartbeat", issued_at=last_beat
+                    )
                     await site.grid.publish(f"{root}/heartbeat", beat)
                 await asyncio.sleep(0.3)
 

@@ -29,8 +29,13 @@ SCOPE = ("--site", "lhr-07", "--verb", "dispatch")  # what every signed command 
 def hashflex(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hashflex", *args],
-        input=stdin, capture_output=True, text=True, timeout=30, cwd=REPO, check=False,
-    )  # fmt: skip
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -75,8 +80,13 @@ def test_sign_round_trip_verifies_and_any_changed_field_fails(keypair: Path, tmp
     assert signed["issued_at"].endswith("Z")
     assert abs((datetime.now(UTC) - issued).total_seconds()) < 60
     # any change to any field breaks it; so does another key
-    for field, value in (("target_kw", 801), ("id", str(uuid.uuid4())), ("issued_at", "2030-01-01T00:00:00Z"),
-                         ("site", "ams-01"), ("verb", "cancel")):
+    for field, value in (
+        ("target_kw", 801),
+        ("id", str(uuid.uuid4())),
+        ("issued_at", "2030-01-01T00:00:00Z"),
+        ("site", "ams-01"),
+        ("verb", "cancel"),
+    ):
         assert not signing.verify_command({**signed, field: value}, [public])
     assert not signing.verify_command({**signed, "extra": 1}, [public])
     assert not signing.verify(signed, [public])  # a v2 signature is not a plain (v1) one
@@ -105,9 +115,15 @@ def test_sign_needs_the_site_and_the_verb(keypair: Path, missing: str) -> None:
 
 @pytest.mark.parametrize(
     ("verb", "doc"),
-    [("dispatch", {"target_kw": 5}), ("cancel", {"dispatch_id": "d-1"}), ("cap", {"cap_kw": 5}),
-     ("curtail", {"to_kw": 5}), ("resume", {}), ("heartbeat", {"seq": 1})],
-)  # fmt: skip
+    [
+        ("dispatch", {"target_kw": 5}),
+        ("cancel", {"dispatch_id": "d-1"}),
+        ("cap", {"cap_kw": 5}),
+        ("curtail", {"to_kw": 5}),
+        ("resume", {}),
+        ("heartbeat", {"seq": 1}),
+    ],
+)
 def test_sign_makes_what_the_agent_accepts_for_each_verb(keypair: Path, verb: str, doc: dict[str, object]) -> None:
     """The README's pipeline, verb by verb: what `hashflex sign --site --verb` prints passes the agent's gate."""
     result = hashflex("sign", "--key", str(keypair), "--site", "lhr-07", "--verb", verb, stdin=json.dumps(doc))
@@ -116,15 +132,36 @@ def test_sign_makes_what_the_agent_accepts_for_each_verb(keypair: Path, verb: st
     key = signing.load_public_key(keypair.with_name("grid.pub"))
     now = datetime.now(UTC).timestamp()
     if verb == "heartbeat":
-        accepted = parse_heartbeat(payload, grid_keys=[key], site_id="lhr-07", now=now, max_age_s=60, max_skew_s=5,
-                                   newest=None)  # fmt: skip
+        accepted = parse_heartbeat(
+            payload, grid_keys=[key], site_id="lhr-07", now=now, max_age_s=60, max_skew_s=5, newest=None
+        )
         assert isinstance(accepted, float), accepted
         return
-    parsed = parse_request(verb, payload, Channel.MQTT, grid_keys=[key], operator_keys=[key], now=now,
-                           rules=DispatchRules(), max_bytes=65_536, cap_kw=1000, site_id="lhr-07")  # fmt: skip
+    parsed = parse_request(
+        verb,
+        payload,
+        Channel.MQTT,
+        grid_keys=[key],
+        operator_keys=[key],
+        now=now,
+        rules=DispatchRules(),
+        max_bytes=65_536,
+        cap_kw=1000,
+        site_id="lhr-07",
+    )
     assert isinstance(parsed, Command), parsed
-    elsewhere = parse_request(verb, payload, Channel.MQTT, grid_keys=[key], operator_keys=[key], now=now,
-                              rules=DispatchRules(), max_bytes=65_536, cap_kw=1000, site_id="ams-01")  # fmt: skip
+    elsewhere = parse_request(
+        verb,
+        payload,
+        Channel.MQTT,
+        grid_keys=[key],
+        operator_keys=[key],
+        now=now,
+        rules=DispatchRules(),
+        max_bytes=65_536,
+        cap_kw=1000,
+        site_id="ams-01",
+    )
     assert isinstance(elsewhere, Reply)
     assert elsewhere.error_code == "wrong_scope"
 
@@ -149,15 +186,20 @@ async def test_signed_command_piped_to_mosquitto_pub_reaches_the_site_intact(
     cfg = site_config(tmp_path, mosquitto.plain_port)
     root = cfg.mqtt_root
     link, handler, _ = make_link(cfg)
-    signed = hashflex("sign", "--key", str(keypair), "--site", cfg.site.id, "--verb", "dispatch",
-                      stdin='{"target_kw": 750}').stdout
+    signed = hashflex(
+        "sign", "--key", str(keypair), "--site", cfg.site.id, "--verb", "dispatch", stdin='{"target_kw": 750}'
+    ).stdout
     async with running(link), Observer(mosquitto, f"{root}/reply/#") as grid:
         # the README's recipe: hashflex sign --key grid < cmd.json | mosquitto_pub -t …/cmd/dispatch -q 1 -s
         published = await asyncio.to_thread(
             subprocess.run,
             ["mosquitto_pub", "-h", HOST, "-p", str(mosquitto.plain_port), "-t", f"{root}/cmd/echo", "-q", "1", "-s"],
-            input=signed, capture_output=True, text=True, timeout=20, check=False,
-        )  # fmt: skip
+            input=signed,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         assert published.returncode == 0, published.stderr
         request_id = json.loads(signed)["id"]
         assert (await grid.wait_reply(root, "echo", request_id))["status"] == "ok"

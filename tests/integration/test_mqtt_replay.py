@@ -30,16 +30,19 @@ pytestmark = pytest.mark.timeout(90)
 def config(tmp_path: Path, broker: Mosquitto, site_id: str) -> AgentConfig:
     tmp_path.mkdir(parents=True, exist_ok=True)
     pub = tmp_path / "grid.pub"
-    pub.write_bytes(GRID.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return AgentConfig.model_validate({
-        "site": {"id": site_id, "cap_kw": 1000},
-        "mqtt": {"host": HOST, "port": broker.plain_port},
-        "grid": {"public_keys": [str(pub)]},
-        "state_dir": str(tmp_path / "state"),
-        "failsafe": {"enabled": False},
-        "dispatch": {"debounce_s": 0},
-    })  # fmt: skip
+    pub.write_bytes(
+        GRID.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return AgentConfig.model_validate(
+        {
+            "site": {"id": site_id, "cap_kw": 1000},
+            "mqtt": {"host": HOST, "port": broker.plain_port},
+            "grid": {"public_keys": [str(pub)]},
+            "state_dir": str(tmp_path / "state"),
+            "failsafe": {"enabled": False},
+            "dispatch": {"debounce_s": 0},
+        }
+    )
 
 
 @contextlib.asynccontextmanager
@@ -47,8 +50,14 @@ async def site(tmp_path: Path, broker: Mosquitto) -> AsyncIterator[tuple[Runtime
     """A site's command path on its own store, linked to the broker the way app.py wires it."""
     cfg = config(tmp_path, broker, unique_site())
     rt = await start_runtime(cfg, ManualClock(T0))
-    link = MqttLink(cfg, rt.service, rt.service, lambda: {"site_id": cfg.site.id}, clock=rt.clock.time,
-                    authentic=rt.service.authentic)  # fmt: skip
+    link = MqttLink(
+        cfg,
+        rt.service,
+        rt.service,
+        lambda: {"site_id": cfg.site.id},
+        clock=rt.clock.time,
+        authentic=rt.service.authentic,
+    )
     try:
         async with running(link):
             yield rt, link
@@ -72,12 +81,14 @@ async def test_a_cancel_captured_at_one_site_is_refused_at_another(mosquitto: Mo
         ra, rb = link_a.topics.root, link_b.topics.root
         async with Observer(mosquitto, f"{ra}/#", f"{rb}/#") as grid:
             for rt, root in ((a, ra), (b, rb)):
-                doc = sign_for(GRID, {"id": "d-1", "target_kw": 300}, site=rt.controller.cfg.site.id,
-                               verb="dispatch", issued_at=T0)  # fmt: skip
+                doc = sign_for(
+                    GRID, {"id": "d-1", "target_kw": 300}, site=rt.controller.cfg.site.id, verb="dispatch", issued_at=T0
+                )
                 await grid.publish(f"{root}/cmd/dispatch", doc)
                 assert (await reply(grid, root, "dispatch", "d-1"))["status"] == "ok"
-            cancel_a = sign_for(GRID, {"id": "c-1", "dispatch_id": "d-1"}, site=a.controller.cfg.site.id,
-                                verb="cancel", issued_at=T0)  # fmt: skip
+            cancel_a = sign_for(
+                GRID, {"id": "c-1", "dispatch_id": "d-1"}, site=a.controller.cfg.site.id, verb="cancel", issued_at=T0
+            )
             await grid.publish(f"{rb}/cmd/cancel", cancel_a)  # the byte-for-byte replay at site B
             refused = await reply(grid, rb, "cancel", "c-1")
             assert refused["error"]["code"] == "wrong_scope"
@@ -91,8 +102,14 @@ async def test_response_topics_stay_in_the_sites_reply_subtree(mosquitto: Mosqui
     async with site(tmp_path, mosquitto) as (rt, link):
         root = link.topics.root
         async with Observer(mosquitto, f"{root}/#", "elsewhere/#") as grid:
-            targets = [f"{root}/heartbeat", f"{root}/cmd/dispatch", f"{root}/state", "elsewhere/reply/ping",
-                       f"{root}/reply/../heartbeat", f"{root}/reply/"]  # fmt: skip
+            targets = [
+                f"{root}/heartbeat",
+                f"{root}/cmd/dispatch",
+                f"{root}/state",
+                "elsewhere/reply/ping",
+                f"{root}/reply/../heartbeat",
+                f"{root}/reply/",
+            ]
             for n, target in enumerate(targets):
                 await grid.publish(f"{root}/cmd/ping", {"id": f"p-{n}"}, properties=response_to(target))
                 await reply(grid, root, "ping", f"p-{n}")

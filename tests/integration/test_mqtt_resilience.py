@@ -48,9 +48,13 @@ async def test_last_will_shows_offline_when_the_agent_process_is_killed(mosquitt
     )
     async with Observer(mosquitto, f"{root}/availability", f"{root}/info") as grid:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.integration.mqtt_agent_proc", str(config),
-            cwd=REPO, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "tests.integration.mqtt_agent_proc",
+            str(config),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+        )
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(20):

@@ -27,10 +27,27 @@ def auth(user: str) -> list[str]:
 def pub(broker: Mosquitto, user: str, topic: str, message: str) -> subprocess.CompletedProcess[str]:
     """mosquitto_pub at QoS 1 over MQTT 5, so a refusal by the ACL comes back in the PUBACK."""
     return subprocess.run(
-        ["mosquitto_pub", "-V", "5", "-h", HOST, "-p", str(broker.password_port), *auth(user),
-         "-q", "1", "-t", topic, "-m", message],
-        capture_output=True, text=True, timeout=20, check=False,
-    )  # fmt: skip
+        [
+            "mosquitto_pub",
+            "-V",
+            "5",
+            "-h",
+            HOST,
+            "-p",
+            str(broker.password_port),
+            *auth(user),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            message,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
 
 
 async def apub(broker: Mosquitto, user: str, topic: str, message: str) -> subprocess.CompletedProcess[str]:
@@ -40,8 +57,26 @@ async def apub(broker: Mosquitto, user: str, topic: str, message: str) -> subpro
 async def subscribe(broker: Mosquitto, user: str, *topics: str, count: int) -> asyncio.subprocess.Process:
     """mosquitto_sub printing `topic payload` lines, exiting after `count` messages; returns once subscribed."""
     # stdbuf: mosquitto_sub's stdout is block-buffered in a pipe, and the SUBACK line is our "subscribed" signal
-    args = ["stdbuf", "-oL", "mosquitto_sub", "-V", "5", "-h", HOST, "-p", str(broker.password_port), *auth(user),
-            "-q", "1", "-v", "-d", "-C", str(count), "-W", "20"]  # fmt: skip
+    args = [
+        "stdbuf",
+        "-oL",
+        "mosquitto_sub",
+        "-V",
+        "5",
+        "-h",
+        HOST,
+        "-p",
+        str(broker.password_port),
+        *auth(user),
+        "-q",
+        "1",
+        "-v",
+        "-d",
+        "-C",
+        str(count),
+        "-W",
+        "20",
+    ]
     for topic in topics:
         args += ["-t", topic]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -112,8 +147,11 @@ async def test_tls_with_client_certificate_connects(mosquitto_factory: Factory, 
     broker = mosquitto_factory()
     password = tmp_path / "mqtt-password"
     password.write_text(DEFAULT_USERS["site-a"])
-    tls = {"ca_file": str(broker.pki.ca_cert), "cert_file": str(broker.pki.client_cert),
-           "key_file": str(broker.pki.client_key)}  # fmt: skip
+    tls = {
+        "ca_file": str(broker.pki.ca_cert),
+        "cert_file": str(broker.pki.client_cert),
+        "key_file": str(broker.pki.client_key),
+    }
     cfg = site_config(
         tmp_path, broker.tls_port, site_id="site-a", username="site-a", password_file=str(password), tls=tls
     )
@@ -129,8 +167,11 @@ async def test_tls_with_an_untrusted_ca_does_not_connect(mosquitto_factory: Fact
     broker = mosquitto_factory()
     password = tmp_path / "mqtt-password"
     password.write_text(DEFAULT_USERS["site-a"])
-    tls = {"ca_file": str(broker.pki.wrong_ca_cert), "cert_file": str(broker.pki.client_cert),
-           "key_file": str(broker.pki.client_key)}  # fmt: skip
+    tls = {
+        "ca_file": str(broker.pki.wrong_ca_cert),
+        "cert_file": str(broker.pki.client_cert),
+        "key_file": str(broker.pki.client_key),
+    }
     cfg = site_config(
         tmp_path, broker.tls_port, site_id="site-a", username="site-a", password_file=str(password), tls=tls
     )
@@ -150,9 +191,13 @@ async def test_tls_without_a_client_certificate_is_refused(mosquitto_factory: Fa
     password = tmp_path / "mqtt-password"
     password.write_text(DEFAULT_USERS["site-a"])
     cfg = site_config(
-        tmp_path, broker.tls_port, site_id="site-a", username="site-a", password_file=str(password),
+        tmp_path,
+        broker.tls_port,
+        site_id="site-a",
+        username="site-a",
+        password_file=str(password),
         tls={"ca_file": str(broker.pki.ca_cert)},
-    )  # fmt: skip
+    )
     # the server's refusal ends the TLS session after the client's handshake finished: the client only notices
     # by the missing CONNACK, so a short operation timeout keeps this test quick
     link, _, _ = make_link(cfg, op_timeout_s=1.0)

@@ -63,10 +63,18 @@ def one_json(text: str) -> Any:
 
 # --------------------------------------------------------------------------- no agent: say what to do, exit 2
 ALL_COMMANDS = [
-    ["status"], ["miners"], ["curtail", "--to", "12MW"], ["curtail", "--by", "3MW", "--for", "2h"], ["resume"],
-    ["cap", "18MW"], ["cap"], ["preview", "--target", "12MW"], ["dispatches"], ["watch", "--count", "1"],
+    ["status"],
+    ["miners"],
+    ["curtail", "--to", "12MW"],
+    ["curtail", "--by", "3MW", "--for", "2h"],
+    ["resume"],
+    ["cap", "18MW"],
+    ["cap"],
+    ["preview", "--target", "12MW"],
+    ["dispatches"],
+    ["watch", "--count", "1"],
     ["logs"],
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=" ".join)
@@ -139,9 +147,16 @@ def test_bad_arguments_are_refused_with_exit_1(args: list[str], words: str, no_a
 
 @pytest.mark.parametrize(
     "args",
-    [["preview"], ["miners", "--state", "dancing"], ["miners", "--sort", "colour"], ["watch", "--count", "0"],
-     ["logs", "--limit", "0"], ["status", "--bogus"], ["cap", "1MW", "2MW"]],
-)  # fmt: skip
+    [
+        ["preview"],
+        ["miners", "--state", "dancing"],
+        ["miners", "--sort", "colour"],
+        ["watch", "--count", "0"],
+        ["logs", "--limit", "0"],
+        ["status", "--bogus"],
+        ["cap", "1MW", "2MW"],
+    ],
+)
 def test_usage_errors_exit_2(args: list[str], no_agent_config: Path) -> None:
     result = run(*args, "--config", str(no_agent_config))
     assert result.exit_code == 2
@@ -162,9 +177,10 @@ def test_usage_errors_exit_2(args: list[str], no_agent_config: Path) -> None:
         (["cap", "18", "MW"], ("cap", "cap_kw", 18000.0)),
         (["preview", "--target", "3000", "W"], ("preview", "target_kw", 3.0)),
     ],
-)  # fmt: skip
-def test_a_space_between_number_and_unit_is_accepted(args: list[str], sent: tuple[str, str, float],
-                                                      agent: StandInAgent) -> None:  # fmt: skip
+)
+def test_a_space_between_number_and_unit_is_accepted(
+    args: list[str], sent: tuple[str, str, float], agent: StandInAgent
+) -> None:
     """`--to 12 MW` unquoted: the shell makes two words of it; before issue 16 the unit was an unexpected extra
     argument and the command ended in a framed usage box."""
     result = run(*args, "--config", str(agent.config))
@@ -196,10 +212,15 @@ def test_status_says_what_releases_the_failsafe_and_when(agent: StandInAgent) ->
     status = agent.handler.status
     status.update(target_source="failsafe", target_reason="failsafe:heartbeat_lost")
     status["failsafe"] = {
-        "active": True, "since": iso(time.time() - 60), "reason": "heartbeat_lost", "applies": True,
-        "last_heartbeat": iso(time.time() - 5), "released_by": "grid_command", "releases_at": iso(releases_at),
+        "active": True,
+        "since": iso(time.time() - 60),
+        "reason": "heartbeat_lost",
+        "applies": True,
+        "last_heartbeat": iso(time.time() - 5),
+        "released_by": "grid_command",
+        "releases_at": iso(releases_at),
         "release_after_s": 300.0,
-    }  # fmt: skip
+    }
     text = " ".join(run("status", "--config", str(agent.config)).stdout.split())
     at = datetime.fromtimestamp(releases_at, UTC).strftime("%H:%M:%SZ")
     assert f"released by a grid command or by itself at {at} (in " in text, text
@@ -288,8 +309,18 @@ def test_miners_table_sorted_filtered_limited(agent: StandInAgent) -> None:
     result = run("miners", "--sort", "power", "--desc", "--config", str(agent.config))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split("\t") == ["ip", "model", "firmware", "state", "power", "limit", "hashrate", "J/TH", "temp",
-                                    "last seen"]  # fmt: skip
+    assert lines[0].split("\t") == [
+        "ip",
+        "model",
+        "firmware",
+        "state",
+        "power",
+        "limit",
+        "hashrate",
+        "J/TH",
+        "temp",
+        "last seen",
+    ]
     ips = [line.split("\t")[0] for line in lines[1:]]
     assert ips == ["10.0.0.9", "10.0.1.1", "10.0.0.10", "10.0.0.2", "10.0.0.3", "10.0.0.4"]  # unknown power last
     row = dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=True))
@@ -307,8 +338,20 @@ def test_miners_filters_and_json(agent: StandInAgent) -> None:
     assert [m["ip"] for m in doc["miners"]] == ["10.0.0.10", "10.0.1.1"]
     assert doc["total"] == 2
     assert agent.handler.calls[-1] == ("miners", {"state": "hashing"})
-    doc = one_json(run("miners", "--ip", "10.0.0.0/28", "--sort", "efficiency", "--limit", "2", "--json",
-                       "--config", str(agent.config)).stdout)  # fmt: skip
+    doc = one_json(
+        run(
+            "miners",
+            "--ip",
+            "10.0.0.0/28",
+            "--sort",
+            "efficiency",
+            "--limit",
+            "2",
+            "--json",
+            "--config",
+            str(agent.config),
+        ).stdout
+    )
     assert [m["ip"] for m in doc["miners"]] == ["10.0.0.2", "10.0.0.10"]
     assert doc["total"] == 5
 
@@ -322,10 +365,24 @@ def test_preview_sends_target_and_prints_the_plan(agent: StandInAgent) -> None:
     assert one_json(run("preview", "-t", "2kW", "--json", "--config", str(agent.config)).stdout)["sleep"] == 3
 
 
-PLAN = {"target_kw": 30000.0, "requested_kw": 50000.0, "method": "optimal", "worst_case_kw": 29950.0,
-        "expected_kw": 29100.0, "expected_ths": 900_000.0, "baseline_ths": 820_000.0, "present_kw": 41200.0,
-        "running": 150, "sleeping": 50, "uncontrolled": 2, "changes": {"sleep": 40, "set_power": 10},
-        "alarms": [], "circuits": {"site": 29950.0}, "wake_budget": 20, "plan_ms": 3.1}  # fmt: skip
+PLAN = {
+    "target_kw": 30000.0,
+    "requested_kw": 50000.0,
+    "method": "optimal",
+    "worst_case_kw": 29950.0,
+    "expected_kw": 29100.0,
+    "expected_ths": 900_000.0,
+    "baseline_ths": 820_000.0,
+    "present_kw": 41200.0,
+    "running": 150,
+    "sleeping": 50,
+    "uncontrolled": 2,
+    "changes": {"sleep": 40, "set_power": 10},
+    "alarms": [],
+    "circuits": {"site": 29950.0},
+    "wake_budget": 20,
+    "plan_ms": 3.1,
+}
 
 
 def test_preview_says_in_sentences_what_it_would_do_and_why(agent: StandInAgent) -> None:
@@ -389,16 +446,26 @@ def test_logs_follow_prints_only_new_events(agent: StandInAgent) -> None:
 
 
 def test_the_installed_executable_keeps_stdout_to_one_json_document(agent: StandInAgent) -> None:
-    done = subprocess.run([HASHFLEX, "status", "--json", "--config", str(agent.config)], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [HASHFLEX, "status", "--json", "--config", str(agent.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert one_json(done.stdout)["site_id"] == "demo"
 
 
 def test_the_installed_executable_without_an_agent(no_agent_config: Path) -> None:
-    done = subprocess.run([HASHFLEX, "curtail", "--to", "12MW", "--config", str(no_agent_config)],
-                          capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    done = subprocess.run(
+        [HASHFLEX, "curtail", "--to", "12MW", "--config", str(no_agent_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert "no agent listening on" in done.stderr
@@ -458,8 +525,10 @@ def test_miners_at_80_columns_keep_ip_state_and_power_whole(agent: StandInAgent)
 def test_dispatches_at_80_columns_keep_level_and_status_and_show_what_binds(agent: StandInAgent) -> None:
     run("curtail", "--by", "3MW", "--config", str(agent.config))
     override = agent.handler.calls[-1][1]["id"]
-    for lines in (on_tty_80("dispatches", "--config", str(agent.config)),
-                  on_tty_80("status", "--config", str(agent.config))):  # fmt: skip
+    for lines in (
+        on_tty_80("dispatches", "--config", str(agent.config)),
+        on_tty_80("status", "--config", str(agent.config)),
+    ):
         table = [line for line in lines if line[:1] in "┏┃┡│└"]
         assert max(map(len, table)) <= 80
         header = [cell.strip() for cell in table[1].strip("┃").split("┃")]
@@ -471,8 +540,9 @@ def test_dispatches_at_80_columns_keep_level_and_status_and_show_what_binds(agen
 
 def test_piped_output_is_never_wrapped_mid_phrase(agent: StandInAgent) -> None:
     reason = "grid link lost: no heartbeat for 90 s, the fail-safe level holds until a fresh grid command arrives"
-    agent.handler.status.update(target_source="failsafe", failsafe={"active": True, "since": None, "reason": reason,
-                                                                    "last_heartbeat": None})  # fmt: skip
+    agent.handler.status.update(
+        target_source="failsafe", failsafe={"active": True, "since": None, "reason": reason, "last_heartbeat": None}
+    )
     result = pipe_80.invoke(app, ["status", "--config", str(agent.config)])
     assert result.exit_code == 0, result.output
     assert f"FAIL-SAFE holds it: {reason} (last heartbeat —)" in result.stdout.splitlines()[2]
@@ -484,14 +554,30 @@ def test_piped_output_is_never_wrapped_mid_phrase(agent: StandInAgent) -> None:
 
 def test_discover_table_at_80_columns_abbreviates_presets_and_keeps_ips() -> None:
     presets = Presets(tuple(range(1600, 3500, 160))[:12])
-    found = [Identity(ip=f"10.20.{i}.{100 + i}", family=Family.LUXOS, make="AntMiner", model="S19j Pro",
-                      firmware="luxos 2024.8", driver_class="LUXMinerS19jPro", capability=presets,
-                      nominal_w=3250.0, nominal_ths=104.0, mac=f"aa:bb:cc:dd:ee:{i:02x}")
-             for i in range(3)]  # fmt: skip
+    found = [
+        Identity(
+            ip=f"10.20.{i}.{100 + i}",
+            family=Family.LUXOS,
+            make="AntMiner",
+            model="S19j Pro",
+            firmware="luxos 2024.8",
+            driver_class="LUXMinerS19jPro",
+            capability=presets,
+            nominal_w=3250.0,
+            nominal_ths=104.0,
+            mac=f"aa:bb:cc:dd:ee:{i:02x}",
+        )
+        for i in range(3)
+    ]
     stream = io.StringIO()
     console = Console(file=stream, width=80, force_terminal=True, no_color=True)
-    print_table(console, discover.COLUMNS, discover.identity_rows(found), priority=discover.PRIORITY,
-                right=["NOMINAL", "HASHRATE"])  # fmt: skip
+    print_table(
+        console,
+        discover.COLUMNS,
+        discover.identity_rows(found),
+        priority=discover.PRIORITY,
+        right=["NOMINAL", "HASHRATE"],
+    )
     lines = ANSI.sub("", stream.getvalue()).splitlines()
     assert max(map(len, lines)) <= 80
     for identity in found:

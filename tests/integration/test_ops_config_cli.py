@@ -132,8 +132,11 @@ def test_check_state_dir_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_check_warns_about_an_empty_fleet_and_signing_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "site: {id: demo, cap_kw: 1}\nmqtt: {enabled: false}\naudit: {sign_daily_head: true}\n"
-                 f"state_dir: {tmp_path}\n")  # fmt: skip
+    path = write(
+        tmp_path,
+        "site: {id: demo, cap_kw: 1}\nmqtt: {enabled: false}\naudit: {sign_daily_head: true}\n"
+        f"state_dir: {tmp_path}\n",
+    )
     doc = json.loads(check(path, "--json").stdout)
     assert any("miners.addresses is empty" in w for w in doc["warnings"])
     unsigned = f"{path}: audit.sign_daily_head is on but audit.signing_key is not set"

@@ -137,10 +137,18 @@ def test_runtime_counters_and_histograms(served: tuple[Metrics, int, dict[str, A
 def test_per_miner_series_leave_with_their_miner(served: tuple[Metrics, int, dict[str, Any]]) -> None:
     _, port, holder = served
     holder["miners"] = [
-        {"ip": "10.0.0.1", "model": "S19", "firmware": "luxos", "state": "hashing", "power_w": 3250.0,
-         "limit_w": 3300.0, "hashrate_ths": 95.0, "temp_c": 71.0},
+        {
+            "ip": "10.0.0.1",
+            "model": "S19",
+            "firmware": "luxos",
+            "state": "hashing",
+            "power_w": 3250.0,
+            "limit_w": 3300.0,
+            "hashrate_ths": 95.0,
+            "temp_c": 71.0,
+        },
         {"ip": "10.0.0.2", "model": "M30S", "firmware": "stock", "state": "unreachable", "power_w": None},
-    ]  # fmt: skip
+    ]
     got = samples(scrape(port))
     assert got[("hashflex_miner_power_watts", (("miner", "10.0.0.1"),))] == 3250.0
     assert got[("hashflex_miner_power_limit_watts", (("miner", "10.0.0.1"),))] == 3300.0
@@ -180,9 +188,13 @@ def test_a_failing_provider_does_not_break_the_scrape(served: tuple[Metrics, int
 def test_failsafe_and_low_disk_show(served: tuple[Metrics, int, dict[str, Any]]) -> None:
     _, port, holder = served
     holder["status"] = {
-        **STATUS, "target_source": "failsafe", "failsafe": {"active": True}, "broker": {"state": "disconnected"},
-        "gateway": {**STATUS["gateway"], "low_disk": True}, "power_kw_estimated": 30000.0,
-    }  # fmt: skip
+        **STATUS,
+        "target_source": "failsafe",
+        "failsafe": {"active": True},
+        "broker": {"state": "disconnected"},
+        "gateway": {**STATUS["gateway"], "low_disk": True},
+        "power_kw_estimated": 30000.0,
+    }
     got = samples(scrape(port))
     assert got[("hashflex_failsafe_active", ())] == 1.0
     assert got[("hashflex_site_target_source", (("source", "failsafe"),))] == 1.0
@@ -193,8 +205,10 @@ def test_failsafe_and_low_disk_show(served: tuple[Metrics, int, dict[str, Any]])
 
 def test_what_releases_the_failsafe_shows(served: tuple[Metrics, int, dict[str, Any]]) -> None:
     _, port, holder = served
-    holder["status"] = {**STATUS, "failsafe": {"active": True, "released_by": "grid_command",
-                                               "releases_at": "2023-11-14T22:13:20.000Z"}}  # fmt: skip
+    holder["status"] = {
+        **STATUS,
+        "failsafe": {"active": True, "released_by": "grid_command", "releases_at": "2023-11-14T22:13:20.000Z"},
+    }
     got = samples(scrape(port))
     assert got[("hashflex_failsafe_released_by", (("by", "grid_command"),))] == 1.0
     assert got[("hashflex_failsafe_released_by", (("by", "heartbeat"),))] == 0.0

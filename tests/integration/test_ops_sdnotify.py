@@ -132,6 +132,10 @@ def test_a_child_process_notifies_ready_then_pings_then_stops(manager: tuple[str
     finally:
         assert child.wait(timeout=30) == 0
     assert [text for text, _ in got] == [
-        "READY=1\nSTATUS=state loaded, fleet read", "WATCHDOG=1", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1",
-    ]  # fmt: skip
+        "READY=1\nSTATUS=state loaded, fleet read",
+        "WATCHDOG=1",
+        "WATCHDOG=1",
+        "WATCHDOG=1",
+        "STOPPING=1",
+    ]
     assert {pid for _, pid in got} == {child.pid}

@@ -29,8 +29,9 @@ runner = CliRunner(env={"COLUMNS": "200"})
 
 
 def verify(unit: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_repo_files_are_the_rendered_defaults() -> None:
@@ -65,8 +66,13 @@ def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
 def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
     unit = tmp_path / "hashflex.service"
     unit.write_text(render_unit(HASHFLEX))
-    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Invalid" not in done.stderr
     assert "ignoring" not in done.stderr
@@ -77,15 +83,27 @@ def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
 def test_unit_has_the_settings_the_agent_relies_on() -> None:
     lines = set(render_unit().splitlines())
     for required in (
-        "Type=notify", "NotifyAccess=main", "WatchdogSec=30s", "Restart=on-failure", "User=hashflex",
-        "Group=hashflex", "RuntimeDirectory=hashflex", "StateDirectory=hashflex", "ConfigurationDirectory=hashflex",
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
+        "Restart=on-failure",
+        "User=hashflex",
+        "Group=hashflex",
+        "RuntimeDirectory=hashflex",
+        "StateDirectory=hashflex",
+        "ConfigurationDirectory=hashflex",
         "ExecStartPre=/opt/hashflex/bin/hashflex config check --config /etc/hashflex/site.yaml",
         "ExecStart=/opt/hashflex/bin/hashflex run --config /etc/hashflex/site.yaml",
         "LoadCredential=mqtt-password:/etc/hashflex/credentials/mqtt-password",
-        "LoadCredential=miners.yaml:/etc/hashflex/credentials/miners.yaml", "ProtectSystem=strict",
-        "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes", "CapabilityBoundingSet=",
-        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "LimitNOFILE=65536",
-    ):  # fmt: skip
+        "LoadCredential=miners.yaml:/etc/hashflex/credentials/miners.yaml",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "LimitNOFILE=65536",
+    ):
         assert required in lines, required
     assert not any(line.startswith("ProcSubset=") for line in lines)  # gateway health reads /proc/meminfo
 
@@ -168,8 +186,15 @@ def test_install_service_will_not_clobber_an_edited_unit_without_force(tmp_path:
 
 
 def test_install_service_custom_paths(tmp_path: Path) -> None:
-    result = install(tmp_path, "--config-path", "/srv/hashflex/site.yaml", "--unit-dir", "/usr/lib/systemd/system",
-                     "--sysusers-dir", "/usr/lib/sysusers.d")  # fmt: skip
+    result = install(
+        tmp_path,
+        "--config-path",
+        "/srv/hashflex/site.yaml",
+        "--unit-dir",
+        "/usr/lib/systemd/system",
+        "--sysusers-dir",
+        "/usr/lib/sysusers.d",
+    )
     assert result.exit_code == 0
     unit = (tmp_path / "usr/lib/systemd/system/hashflex.service").read_text()
     assert f"ExecStart={HASHFLEX} run --config /srv/hashflex/site.yaml" in unit

@@ -17,8 +17,11 @@ def test_the_wheel_claims_only_hashflex_and_runs_from_outside_the_checkout(tmp_p
     had_build = (ROOT / "build").exists()  # setuptools builds in the tree: leave the checkout as it was
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     if not had_build:
         shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert build.returncode == 0, build.stdout + build.stderr
@@ -38,11 +41,19 @@ def test_the_wheel_claims_only_hashflex_and_runs_from_outside_the_checkout(tmp_p
     # run from the unpacked wheel, far from the checkout: nothing may come from the repository's folders
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
     probe = "import hashflex.agent.cli.main as m, hashflex.sim.cli as s; print(m.__file__); print(s.__file__)"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
     assert all(line.startswith(str(tmp_path / "site")) for line in out.stdout.split()), out.stdout
     for module in ("hashflex", "hashflex.sim"):
-        run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=60, check=False)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "usage" in run.stdout.lower(), run.stdout

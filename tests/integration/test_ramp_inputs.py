@@ -55,16 +55,20 @@ def test_operator_curtail_binds_at_once_under_a_slow_grid_ramp(sim: SimProcess, 
     with agent:
         start_kw = site_power_kw(sim.truth())
         # a grid dispatch far down, at 1 kW/min: on its own it takes hours to get there
-        slow = agent.request("dispatch", agent.signed({"id": "g-slow", "target_kw": round(full * 0.3, 1),
-                                                       "ramp_kw_per_min": 1}))  # fmt: skip
+        slow = agent.request(
+            "dispatch", agent.signed({"id": "g-slow", "target_kw": round(full * 0.3, 1), "ramp_kw_per_min": 1})
+        )
         assert slow.is_ok, slow
         to_kw = round(full * 0.6, 1)  # above the grid's level, far below where its ramp is
         cur = agent.request("curtail", {"id": "op-hold", "to_kw": to_kw})
         assert cur.is_ok, cur
         # the operator's curtail has no ramp: it binds at once, whatever the grid dispatch's ramp
         margin = 0.05 * full  # one small miner's worth and the measurement noise
-        agent.wait_for(lambda: site_power_kw(sim.truth()) <= to_kw + margin, 200 / K + 20,
-                       what=f"site ≤ {to_kw + margin:.1f} kW within 200 site-seconds")  # fmt: skip
+        agent.wait_for(
+            lambda: site_power_kw(sim.truth()) <= to_kw + margin,
+            200 / K + 20,
+            what=f"site ≤ {to_kw + margin:.1f} kW within 200 site-seconds",
+        )
         status = agent.status()
         assert status["target_kw"] <= to_kw
         print(f"site from {start_kw:.1f} kW to {site_power_kw(sim.truth()):.1f} kW under a curtail to {to_kw} kW")
@@ -88,5 +92,8 @@ def test_revising_a_curtail_kw_dispatch_keeps_its_first_baseline(sim: SimProcess
         assert rev.data["dispatch"]["accepted_at"] == first.data["dispatch"]["accepted_at"] is not None
         assert rev.data["dispatch"]["received_at"] > first.data["dispatch"]["received_at"]
         assert rev.data["dispatch"]["level_kw"] == pytest.approx(baseline - deeper, abs=1e-3)
-        agent.wait_for(lambda: agent.status()["target_kw"] == pytest.approx(baseline - deeper, abs=1e-2), 10 / K + 10,
-                       what="the revised target")  # fmt: skip
+        agent.wait_for(
+            lambda: agent.status()["target_kw"] == pytest.approx(baseline - deeper, abs=1e-2),
+            10 / K + 10,
+            what="the revised target",
+        )

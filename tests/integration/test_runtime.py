@@ -97,8 +97,11 @@ def test_repeated_id_is_never_applied_twice(site: SimProcess, tmp_path: Path) ->
         assert d["status"] == "cancelled"
         assert dispatch_by_id(agent, "rt-once", closed=False) is None
         assert agent.status()["target_source"] == "cap"
-        accepted = [e for e in agent.ok("events", {"limit": 500})["events"]
-                    if e["type"] == "accepted" and e["data"].get("id") == "rt-once"]  # fmt: skip
+        accepted = [
+            e
+            for e in agent.ok("events", {"limit": 500})["events"]
+            if e["type"] == "accepted" and e["data"].get("id") == "rt-once"
+        ]
         assert len(accepted) == 1
 
 
@@ -175,8 +178,7 @@ def test_killed_agent_restarts_in_the_right_state(site: SimProcess, tmp_path: Pa
         while agent.now() < end - 2:
             assert truth_kw(site) <= target + 0.05 * full
             time.sleep(0.3)
-        closed = agent.wait_for(lambda: (x := dispatch_by_id(agent, "rt-kill")) and x["status"] == "expired" and x,
-                                15)  # fmt: skip
+        closed = agent.wait_for(lambda: (x := dispatch_by_id(agent, "rt-kill")) and x["status"] == "expired" and x, 15)
         assert closed["close_reason"] == "window ended"
 
 
@@ -204,8 +206,9 @@ def test_dispatch_that_ended_while_down_is_closed_not_applied(site: SimProcess, 
 def test_corrupt_store_starts_safe_at_the_failsafe_level(site: SimProcess, tmp_path: Path) -> None:
     full = nominal_kw(site)
     level = round(full * 0.3, 1)
-    files = write_agent_config(tmp_path, site.ips, cap_kw=round(full * 1.2, 1),
-                               overrides={"failsafe": {"level": level}})  # fmt: skip
+    files = write_agent_config(
+        tmp_path, site.ips, cap_kw=round(full * 1.2, 1), overrides={"failsafe": {"level": level}}
+    )
     files.state_dir.mkdir(parents=True)
     (files.state_dir / "hashflex.db").write_bytes(b"this is not a database" * 200)
     with AgentProcess.start(files) as agent:
@@ -221,8 +224,13 @@ def test_corrupt_store_starts_safe_at_the_failsafe_level(site: SimProcess, tmp_p
 def test_on_shutdown_sleep_puts_the_site_to_sleep_on_stop(site: SimProcess, tmp_path: Path) -> None:
     full = nominal_kw(site)
     scale = 4.0  # min on/off times pass 4x faster
-    files = write_agent_config(tmp_path, site.ips, cap_kw=round(full * 1.2, 1), time_scale=scale,
-                               overrides={"control": {"on_shutdown": "sleep"}})  # fmt: skip
+    files = write_agent_config(
+        tmp_path,
+        site.ips,
+        cap_kw=round(full * 1.2, 1),
+        time_scale=scale,
+        overrides={"control": {"on_shutdown": "sleep"}},
+    )
     running = lambda: sum(m["state"] != "sleeping" for m in site.truth()["miners"])  # noqa: E731
     with AgentProcess.start(files, time_scale=scale) as agent:
         agent.wait_for(lambda: running() >= 6, 30, what="miners running before the stop")

@@ -42,14 +42,22 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
     site = f"rt-{uuid.uuid4().hex[:8]}"
     metrics_port = free_port()
     files = write_agent_config(
-        tmp_path, [], cap_kw=1000, site_id=site,
+        tmp_path,
+        [],
+        cap_kw=1000,
+        site_id=site,
         overrides={
             "mqtt": {"enabled": True, "host": HOST, "port": mosquitto.plain_port, "telemetry_interval_s": 1},
-            "failsafe": {"enabled": True, "level": 50, "hold_at_start": True, "heartbeat_timeout_s": 4,
-                         "release_after_s": 60},
+            "failsafe": {
+                "enabled": True,
+                "level": 50,
+                "hold_at_start": True,
+                "heartbeat_timeout_s": 4,
+                "release_after_s": 60,
+            },
             "metrics": {"enabled": True, "host": HOST, "port": metrics_port},
         },
-    )  # fmt: skip
+    )
     root = f"hashflex/{site}"
     agent = await asyncio.to_thread(AgentProcess.start, files)
     try:
@@ -63,8 +71,9 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
             await grid.subscribe(f"{root}/reply/#", qos=1)
             await grid.subscribe(f"{root}/events", qos=1)
             # signed for this site (hashflex-sig-v2, verb heartbeat): an anonymous heartbeat is ignored
-            beat = sign_for(files.grid_key, {"seq": 1}, site=str(files.doc["site"]["id"]), verb="heartbeat",
-                            issued_at=agent.now())  # fmt: skip
+            beat = sign_for(
+                files.grid_key, {"seq": 1}, site=str(files.doc["site"]["id"]), verb="heartbeat", issued_at=agent.now()
+            )
             await grid.publish(f"{root}/heartbeat", json.dumps(beat), qos=1)
             doc = agent.signed({"id": "mq-1", "target_kw": 400})
             await grid.publish(f"{root}/cmd/dispatch", json.dumps(doc), qos=1)
@@ -92,8 +101,11 @@ async def test_grid_dispatch_and_heartbeat_over_mqtt(mosquitto: Mosquitto, tmp_p
             assert status["target_kw"] == 50  # the configured level: the lowest input wins
         # every message the broker delivered is counted: the heartbeat and the two dispatches at least
         body = await asyncio.to_thread(scrape, metrics_port)
-        received = [float(line.split()[-1]) for line in body.splitlines()
-                    if line.startswith("hashflex_mqtt_messages_received_total ")]  # fmt: skip
+        received = [
+            float(line.split()[-1])
+            for line in body.splitlines()
+            if line.startswith("hashflex_mqtt_messages_received_total ")
+        ]
         assert received
         assert received[0] >= 3
     finally:

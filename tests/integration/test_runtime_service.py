@@ -39,8 +39,15 @@ class Runtime:
     events: EventLog
     task: asyncio.Task[None]
 
-    async def send(self, verb: str, doc: dict[str, Any] | None, channel: Channel = Channel.LOCAL,
-                   *, raw: bytes | None = None, retained: bool = False) -> Reply:  # fmt: skip
+    async def send(
+        self,
+        verb: str,
+        doc: dict[str, Any] | None,
+        channel: Channel = Channel.LOCAL,
+        *,
+        raw: bytes | None = None,
+        retained: bool = False,
+    ) -> Reply:
         payload = raw if raw is not None else json.dumps(doc or {}).encode()
         return await self.service.handle(verb, payload, channel, retained=retained)
 
@@ -136,8 +143,10 @@ async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None
     runtime.service.refusals.flush()
     records = [r.data for r in runtime.store.audit_records() if r.kind == "command"]
     assert len(records) == 1
-    assert records[0]["by_channel"] == {"local": {"bad_json": 1, "out_of_range": 1, "unsigned": 1},
-                                        "mqtt": {"disabled": 1, "retained": 1}}  # fmt: skip
+    assert records[0]["by_channel"] == {
+        "local": {"bad_json": 1, "out_of_range": 1, "unsigned": 1},
+        "mqtt": {"disabled": 1, "retained": 1},
+    }
     assert records[0]["refusals"] == len(refused)
     assert runtime.store.get_reply("grid:dispatch:x") is None  # refused before parsing succeeded: nothing stored
 
@@ -189,7 +198,6 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
         assert next(d for d in ctl.dispatch_docs(True) if d["id"] == "short")["status"] == "expired"
     finally:
         await stop_runtime(rt)
-
 
 
 async def test_status_right_after_a_command_shows_what_it_changed(tmp_path: Path) -> None:

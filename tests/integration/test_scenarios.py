@@ -100,11 +100,13 @@ class TruthRecorder:
     def first(self, predicate: Callable[[Sample], bool], start: float) -> Sample | None:
         return next((s for s in self.between(start) if predicate(s)), None)
 
-    def wait_for(self, agent: AgentProcess, predicate: Callable[[Sample], bool], start: float, timeout: float,
-                 what: str) -> Sample:  # fmt: skip
+    def wait_for(
+        self, agent: AgentProcess, predicate: Callable[[Sample], bool], start: float, timeout: float, what: str
+    ) -> Sample:
         """The first sample since `start` that satisfies `predicate`, waiting up to `timeout` wall s after `start`."""
-        found = agent.wait_for(lambda: self.first(predicate, start), max(0.1, start + timeout - time.monotonic()),
-                               interval=0.1, what=what)  # fmt: skip
+        found = agent.wait_for(
+            lambda: self.first(predicate, start), max(0.1, start + timeout - time.monotonic()), interval=0.1, what=what
+        )
         assert isinstance(found, Sample)
         return found
 
@@ -141,8 +143,7 @@ def dispatch_doc(agent: AgentProcess, dispatch_id: str) -> dict[str, Any]:
     raise AssertionError(f"dispatch {dispatch_id!r} is not known to the agent")
 
 
-def agent_config(tmp_path: Path, sim: SimProcess, cap_kw: float, scale: float,
-                 **overrides: Any) -> AgentConfigFiles:  # fmt: skip
+def agent_config(tmp_path: Path, sim: SimProcess, cap_kw: float, scale: float, **overrides: Any) -> AgentConfigFiles:
     return write_agent_config(tmp_path, sim.ips, cap_kw=round(cap_kw, 1), time_scale=scale, overrides=overrides)
 
 
@@ -173,8 +174,13 @@ def test_full_curtailment_of_a_1000_miner_site_is_met_within_seconds(tmp_path: P
             sent_at = time.monotonic()
             reply = agent.request("dispatch", agent.signed({"id": "full-curtail", "target_kw": 0}))
             assert reply.is_ok, reply
-            met = rec.wait_for(agent, lambda s: s.states.get("sleeping", 0) == CURTAIL_MINERS and s.kw <= floor_kw,
-                               sent_at, CURTAIL_WITHIN_S, "every miner asleep, at the standby floor")  # fmt: skip
+            met = rec.wait_for(
+                agent,
+                lambda s: s.states.get("sleeping", 0) == CURTAIL_MINERS and s.kw <= floor_kw,
+                sent_at,
+                CURTAIL_WITHIN_S,
+                "every miner asleep, at the standby floor",
+            )
             held = rec.hold(CURTAIL_HOLD_S)
             assert all(s.states.get("sleeping", 0) == CURTAIL_MINERS for s in held)
             assert_at_most(held, floor_kw, 0.0, "fully curtailed site")
@@ -184,8 +190,10 @@ def test_full_curtailment_of_a_1000_miner_site_is_met_within_seconds(tmp_path: P
             status = agent.status()
             assert status["miners"]["sleeping"] == CURTAIL_MINERS
             assert any(a["key"].startswith("cannot_meet") for a in status["alarms"])  # 0 kW is below the floor
-            print(f"1,000 miners asleep {met.at - sent_at:.1f} s after the dispatch; floor {met.kw:.1f} kW; "
-                  f"commands sent at {d['commands_sent_at']}")  # fmt: skip
+            print(
+                f"1,000 miners asleep {met.at - sent_at:.1f} s after the dispatch; floor {met.kw:.1f} kW; "
+                f"commands sent at {d['commands_sent_at']}"
+            )
 
 
 # ================================================================================ (b) partial dispatch, ramp back
@@ -205,8 +213,14 @@ RECOVER_WITHIN_S = (0.4 / RAMP_UP_SHARE_PER_MIN * 60 + WAKE_SITE_S) / DISPATCH_S
 
 def test_partial_dispatch_to_60_percent_is_met_then_ramps_back_at_the_ramp_limit(tmp_path: Path) -> None:
     k = DISPATCH_SCALE
-    with SimProcess(miners=DISPATCH_MINERS, mix=MIX, base_ip="127.31.0.1", seed=32, speed=k,
-                    extra_args=["--wake-s", str(WAKE_SITE_S)]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=DISPATCH_MINERS,
+        mix=MIX,
+        base_ip="127.31.0.1",
+        seed=32,
+        speed=k,
+        extra_args=["--wake-s", str(WAKE_SITE_S)],
+    ) as sim:
         full = full_kw(sim)
         full_ths = float(sim.truth()["site"]["hashrate_ths"])
         cap = full * 1.1
@@ -227,8 +241,11 @@ def test_partial_dispatch_to_60_percent_is_met_then_ramps_back_at_the_ramp_limit
             # fast first, optimal next: by the end of the window power limits, not only sleep, carry the cut,
             # so the site makes more than 60 % of its hashrate on 60 % of its power
             truth = sim.truth()
-            throttled = [m for m in truth["miners"] if m["state"] == "hashing" and m["power_limit_w"]
-                         and m["power_limit_w"] < m["nominal_w"] - 1]  # fmt: skip
+            throttled = [
+                m
+                for m in truth["miners"]
+                if m["state"] == "hashing" and m["power_limit_w"] and m["power_limit_w"] < m["nominal_w"] - 1
+            ]
             assert throttled, "no miner runs under a power limit at the end of the dispatch"
             assert float(truth["site"]["hashrate_ths"]) > DISPATCH_SHARE * full_ths
             # the dispatch expires on its own; the site comes back no faster than the ramp limit allows
@@ -241,8 +258,10 @@ def test_partial_dispatch_to_60_percent_is_met_then_ramps_back_at_the_ramp_limit
                     f"{s.kw:.1f} kW {s.at - ends_at:.1f} s after expiry: faster than the ramp limit ({allowed:.1f} kW)"
                 )
             assert_at_most(rec.between(0.0), cap, 0.0, "the whole run")
-            print(f"60 % met after {met.at - sent_at:.1f} s; back to 95 % {back.at - ends_at:.1f} s after expiry "
-                  f"(ramp {ramp:.0f} kW/min); {len(throttled)} miners throttled at the end")  # fmt: skip
+            print(
+                f"60 % met after {met.at - sent_at:.1f} s; back to 95 % {back.at - ends_at:.1f} s after expiry "
+                f"(ramp {ramp:.0f} kW/min); {len(throttled)} miners throttled at the end"
+            )
 
 
 # ================================================================================ (c) cap lowered at run time
@@ -299,8 +318,9 @@ def origin_for(wall_at: float, site_at: float, scale: float) -> float:
 
 def test_time_of_use_window_from_config_limits_the_site_only_inside_the_window(tmp_path: Path) -> None:
     k = TOU_SCALE
-    with SimProcess(miners=TOU_MINERS, mix=MIX, base_ip="127.33.0.1", seed=34, speed=k,
-                    extra_args=["--wake-s", str(WAKE_SITE_S)]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=TOU_MINERS, mix=MIX, base_ip="127.33.0.1", seed=34, speed=k, extra_args=["--wake-s", str(WAKE_SITE_S)]
+    ) as sim:
         full = full_kw(sim)
         cap = full * 1.1
         tol = TOLERANCE_SHARE * full
@@ -311,18 +331,28 @@ def test_time_of_use_window_from_config_limits_the_site_only_inside_the_window(t
         origin = origin_for(starts_at, start_site, k)
         start_utc = datetime.fromtimestamp(start_site, UTC)
         end_utc = datetime.fromtimestamp(start_site + TOU_WINDOW_MIN * 60, UTC)
-        window = {"name": "evening-peak", "start": start_utc.strftime("%H:%M"), "end": end_utc.strftime("%H:%M"),
-                  "target_kw": window_kw}  # fmt: skip
-        files = write_agent_config(tmp_path, sim.ips, cap_kw=round(cap, 1), time_scale=k,
-                                   overrides={"site": {"timezone": "UTC"}, "schedule": [window]})  # fmt: skip
+        window = {
+            "name": "evening-peak",
+            "start": start_utc.strftime("%H:%M"),
+            "end": end_utc.strftime("%H:%M"),
+            "target_kw": window_kw,
+        }
+        files = write_agent_config(
+            tmp_path,
+            sim.ips,
+            cap_kw=round(cap, 1),
+            time_scale=k,
+            overrides={"site": {"timezone": "UTC"}, "schedule": [window]},
+        )
         agent = AgentProcess.start(files, time_scale=k, time_origin=origin, ready_timeout=60)
         with agent, TruthRecorder(sim) as rec:
             window_start = time.monotonic() + (starts_at - time.time())
             window_end = window_start + TOU_WINDOW_MIN * 60 / k
             assert window_start > time.monotonic() + 2, "the agent took too long to start: the window has begun"
             assert agent.status()["target_source"] == "cap"
-            met = rec.wait_for(agent, lambda s: s.kw <= window_kw, window_start, TOU_MEET_WITHIN_S,
-                               f"≤ {window_kw} kW in the window")  # fmt: skip
+            met = rec.wait_for(
+                agent, lambda s: s.kw <= window_kw, window_start, TOU_MEET_WITHIN_S, f"≤ {window_kw} kW in the window"
+            )
             status = agent.status()
             assert status["target_kw"] == window_kw
             assert status["target_source"] == "schedule", status["target_reason"]
@@ -330,12 +360,15 @@ def test_time_of_use_window_from_config_limits_the_site_only_inside_the_window(t
             before = rec.between(0.0, window_start - 0.5)
             assert min(s.kw for s in before) >= 0.95 * full, "the site was limited before the window began"
             assert_at_most(rec.between(met.at, window_end), window_kw, tol, "inside the window")
-            back = rec.wait_for(agent, lambda s: s.kw >= 0.95 * full, window_end, TOU_RECOVER_WITHIN_S,
-                                "back up after the window")  # fmt: skip
+            back = rec.wait_for(
+                agent, lambda s: s.kw >= 0.95 * full, window_end, TOU_RECOVER_WITHIN_S, "back up after the window"
+            )
             assert agent.status()["target_source"] == "cap"
             assert_at_most(rec.between(0.0), cap, 0.0, "the whole run")
-            print(f"window {window['start']}-{window['end']} met {met.at - window_start:.1f} s after its start; "
-                  f"back up {back.at - window_end:.1f} s after its end")  # fmt: skip
+            print(
+                f"window {window['start']}-{window['end']} met {met.at - window_start:.1f} s after its start; "
+                f"back up {back.at - window_end:.1f} s after its end"
+            )
 
 
 # ================================================================================ (e) heartbeat loss → fail-safe
@@ -369,8 +402,13 @@ class Heartbeat:
                 if self.running.is_set():
                     self.sent += 1
                     # signed for this site (hashflex-sig-v2, verb heartbeat): an anonymous heartbeat is ignored
-                    beat = sign_for(self.files.grid_key, {"seq": self.sent}, site=str(self.files.doc["site"]["id"]),
-                                    verb="heartbeat", issued_at=self.now())  # fmt: skip
+                    beat = sign_for(
+                        self.files.grid_key,
+                        {"seq": self.sent},
+                        site=str(self.files.doc["site"]["id"]),
+                        verb="heartbeat",
+                        issued_at=self.now(),
+                    )
                     await client.publish(self.topic, json.dumps(beat), qos=1)
                 await asyncio.sleep(HEARTBEAT_EVERY_S)
 
@@ -393,13 +431,22 @@ def test_heartbeat_loss_takes_the_site_to_the_failsafe_level(tmp_path: Path, mos
         tol = TOLERANCE_SHARE * full
         level = round(full * FAILSAFE_SHARE, 1)
         files = write_agent_config(
-            tmp_path, sim.ips, cap_kw=round(cap, 1), time_scale=k, site_id=site_id,
+            tmp_path,
+            sim.ips,
+            cap_kw=round(cap, 1),
+            time_scale=k,
+            site_id=site_id,
             overrides={
                 "mqtt": {"enabled": True, "host": HOST, "port": mosquitto.plain_port},
-                "failsafe": {"enabled": True, "level": level, "hold_at_start": False,
-                             "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_SITE_S, "release_after_s": RELEASE_SITE_S},
+                "failsafe": {
+                    "enabled": True,
+                    "level": level,
+                    "hold_at_start": False,
+                    "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_SITE_S,
+                    "release_after_s": RELEASE_SITE_S,
+                },
             },
-        )  # fmt: skip
+        )
         with Heartbeat(mosquitto.plain_port, f"hashflex/{site_id}/heartbeat", files) as hb:
             with start_agent(files, k) as agent, TruthRecorder(sim) as rec:
                 hb.now = agent.now
@@ -411,8 +458,13 @@ def test_heartbeat_loss_takes_the_site_to_the_failsafe_level(tmp_path: Path, mos
                 hb.running.clear()
                 lost_at = time.monotonic()
                 timeout_at = lost_at + HEARTBEAT_TIMEOUT_SITE_S / k
-                met = rec.wait_for(agent, lambda s: s.kw <= level, timeout_at - 1.0,
-                                   FAILSAFE_MEET_WITHIN_S + 1.0, f"≤ {level} kW (fail-safe level)")  # fmt: skip
+                met = rec.wait_for(
+                    agent,
+                    lambda s: s.kw <= level,
+                    timeout_at - 1.0,
+                    FAILSAFE_MEET_WITHIN_S + 1.0,
+                    f"≤ {level} kW (fail-safe level)",
+                )
                 early = lost_at + EARLY_SHARE * HEARTBEAT_TIMEOUT_SITE_S / k
                 assert met.at >= early, f"fail-safe after {met.at - lost_at:.1f} s: before the heartbeat timed out"
                 assert min(s.kw for s in rec.between(0.0, early)) >= 0.95 * full
@@ -459,8 +511,11 @@ def test_ten_percent_unreachable_and_five_percent_ignoring_commands_still_meets_
             assert len(ignoring) == FAULT_MINERS // 20
             assert not set(refusing) & set(ignoring)
             sim.set_faults([{"mode": "refuse", "ips": refusing}, {"mode": "ignore", "ips": ignoring}])
-            agent.wait_for(lambda: agent.status()["miners"]["unreachable"] == len(refusing), 15,
-                           what="the refusing miners flagged unreachable")  # fmt: skip
+            agent.wait_for(
+                lambda: agent.status()["miners"]["unreachable"] == len(refusing),
+                15,
+                what="the refusing miners flagged unreachable",
+            )
             target = round(full * FAULT_SHARE, 1)
             sent_at = time.monotonic()
             reply = agent.request("dispatch", agent.signed({"id": "grid-faults", "target_kw": target}))
@@ -484,5 +539,7 @@ def test_ten_percent_unreachable_and_five_percent_ignoring_commands_still_meets_
             assert status["power_kw_worst_case"] <= target + 1e-6
             assert_at_most(rec.between(0.0), cap, 0.0, "the whole run")
             assert held
-            print(f"with 10 % unreachable and 5 % ignoring: {target} kW met after {met.at - sent_at:.1f} s; "
-                  f"{len(flagged)} flagged as ignoring commands")  # fmt: skip
+            print(
+                f"with 10 % unreachable and 5 % ignoring: {target} kW met after {met.at - sent_at:.1f} s; "
+                f"{len(flagged)} flagged as ignoring commands"
+            )

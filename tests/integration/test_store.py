@@ -137,13 +137,43 @@ def test_bad_dispatch_writes_are_refused(db_path: Path) -> None:
 
 def test_identities_round_trip_with_their_capability(db_path: Path) -> None:
     idents = [
-        Identity("127.6.0.1", Family.LUXOS, "Bitmain", "S19j Pro", "2024.1", "LUXMinerS19jPro",
-                 Presets((2500, 3000, 3250)), 3250.0, 104.0, mac="aa:bb", serial="X1"),
-        Identity("127.6.0.2", Family.WHATSMINER, "MicroBT", "M30S+", "v3", "BTMinerM30SPlus",
-                 PowerRange(1000, 3400, 10), 3400.0, 100.0),
-        Identity("127.6.0.3", Family.ANTMINER, "Bitmain", "S19", "stock", "BMMinerS19", OnOff(), 3250.0, 95.0,
-                 reports_power=False),
-    ]  # fmt: skip
+        Identity(
+            "127.6.0.1",
+            Family.LUXOS,
+            "Bitmain",
+            "S19j Pro",
+            "2024.1",
+            "LUXMinerS19jPro",
+            Presets((2500, 3000, 3250)),
+            3250.0,
+            104.0,
+            mac="aa:bb",
+            serial="X1",
+        ),
+        Identity(
+            "127.6.0.2",
+            Family.WHATSMINER,
+            "MicroBT",
+            "M30S+",
+            "v3",
+            "BTMinerM30SPlus",
+            PowerRange(1000, 3400, 10),
+            3400.0,
+            100.0,
+        ),
+        Identity(
+            "127.6.0.3",
+            Family.ANTMINER,
+            "Bitmain",
+            "S19",
+            "stock",
+            "BMMinerS19",
+            OnOff(),
+            3250.0,
+            95.0,
+            reports_power=False,
+        ),
+    ]
     with Store.open(db_path) as store:
         store.save_identities(idents)
         store.save_identities([idents[0]])  # idempotent upsert

@@ -313,9 +313,19 @@ def test_export_json_holds_records_dispatches_and_energy(site: tuple[Path, Path]
             store.record_energy_minute(_minute(q0 + 60 * i, 1.0))
     out = tmp_path / "export.json"
     result = hashflex(
-        "audit", "export", "--config", str(config), "--from", "2023-11-15", "--to", "2023-11-15T12:00Z",
-        "--format", "json", "--out", str(out),
-    )  # fmt: skip
+        "audit",
+        "export",
+        "--config",
+        str(config),
+        "--from",
+        "2023-11-15",
+        "--to",
+        "2023-11-15T12:00Z",
+        "--format",
+        "json",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(out.read_text())
     assert doc["format"] == "hashflex-export/1"
@@ -337,9 +347,20 @@ def test_export_csv_zip_has_a_manifest_with_digests(site: tuple[Path, Path], tmp
         )
     out = tmp_path / "export.zip"
     result = hashflex(
-        "audit", "export", "--config", str(config), "--from", str(DAY0), "--to", str(DAY0 + 86400),
-        "--format", "csv", "--out", str(out), "--per-miner",
-    )  # fmt: skip
+        "audit",
+        "export",
+        "--config",
+        str(config),
+        "--from",
+        str(DAY0),
+        "--to",
+        str(DAY0 + 86400),
+        "--format",
+        "csv",
+        "--out",
+        str(out),
+        "--per-miner",
+    )
     assert result.exit_code == 0, result.stderr
     with zipfile.ZipFile(out) as z:
         names = set(z.namelist())

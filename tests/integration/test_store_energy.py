@@ -16,8 +16,16 @@ DAY0 = 1_700_006_400  # UTC midnight
 
 
 def minute(ts: int, kwh: float, **kw: float) -> EnergyMinute:
-    fields = {"measured_kwh": kwh, "estimated_kwh": 0.0, "covered_s": 60.0, "curtailed_s": 0.0,
-              "baseline_kwh": 0.0, "not_drawn_kwh": 0.0, "peak_kw": kwh * 60, "samples": 12}  # fmt: skip
+    fields = {
+        "measured_kwh": kwh,
+        "estimated_kwh": 0.0,
+        "covered_s": 60.0,
+        "curtailed_s": 0.0,
+        "baseline_kwh": 0.0,
+        "not_drawn_kwh": 0.0,
+        "peak_kw": kwh * 60,
+        "samples": 12,
+    }
     fields.update(kw)
     return EnergyMinute(ts, kwh, **fields)  # type: ignore[arg-type]
 
@@ -97,10 +105,16 @@ def test_energy_command_prints_a_table_and_json(tmp_path: Path) -> None:
         for i in range(60):
             curtailed = 60.0 if i < 15 else 0.0
             store.record_energy_minute(
-                minute(DAY0 + 60 * i, 1.0, estimated_kwh=0.25, measured_kwh=0.75, curtailed_s=curtailed,
-                       not_drawn_kwh=0.5 if curtailed else 0.0),
+                minute(
+                    DAY0 + 60 * i,
+                    1.0,
+                    estimated_kwh=0.25,
+                    measured_kwh=0.75,
+                    curtailed_s=curtailed,
+                    not_drawn_kwh=0.5 if curtailed else 0.0,
+                ),
                 {"127.6.0.1": MinerMinute(0.75, True), "127.6.0.2": MinerMinute(0.25, False)},
-            )  # fmt: skip
+            )
     table = hashflex("energy", "--config", str(config), "--from", str(DAY0), "--to", str(DAY0 + 3600))
     assert table.exit_code == 0, table.stderr
     lines = table.stdout.strip().splitlines()

@@ -63,8 +63,9 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    with SimProcess(miners=MINERS, mix="luxos:50,whatsminer:50", base_ip="127.58.1.1", seed=58,
-                    extra_args=["--wake-s", "3"]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=MINERS, mix="luxos:50,whatsminer:50", base_ip="127.58.1.1", seed=58, extra_args=["--wake-s", "3"]
+    ) as sim:
         full = sum(float(m["nominal_w"]) for m in sim.truth()["miners"]) / 1000
         samples: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -105,8 +106,12 @@ def verify(files: AgentConfigFiles) -> dict[str, Any]:
 
     done = subprocess.run(
         [sys.executable, "-m", "hashflex", "audit", "verify", "--config", str(files.path), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     doc: dict[str, Any] = json.loads(done.stdout)
     return doc
 
@@ -151,9 +156,11 @@ def test_a_full_disk_during_a_dispatch_keeps_control_alarms_and_loses_nothing_ac
             ballast.unlink()  # space is back: queued writes go out, the alarm clears, commands are stored again
             t_freed = time.monotonic()
             agent.wait_for(lambda: "store_unavailable" not in alarms(agent), 30, what="the alarm cleared")
-            print(f"\ndisk full {t_freed - t_full:.1f} s: site max {worst:.2f} kW under dispatch {l1} kW "
-                  f"(+{site.tol_kw:.2f} tolerance); alarm cleared {time.monotonic() - t_freed:.1f} s after space "
-                  "returned")  # fmt: skip
+            print(
+                f"\ndisk full {t_freed - t_full:.1f} s: site max {worst:.2f} kW under dispatch {l1} kW "
+                f"(+{site.tol_kw:.2f} tolerance); alarm cleared {time.monotonic() - t_freed:.1f} s after space "
+                "returned"
+            )
             again = agent.request("dispatch", d2)
             assert again.is_ok, again
             agent.wait_for(lambda: site.power_kw() <= l2 + site.tol_kw, 40, what="site at the second dispatch")
@@ -172,9 +179,7 @@ def test_a_full_disk_during_a_dispatch_keeps_control_alarms_and_loses_nothing_ac
 
 
 @pytest.mark.parametrize("fault", ["locked", "full", "read-only"])
-def test_a_store_that_cannot_be_used_at_start_is_waited_for_never_moved(
-    site: Site, tmp_path: Path, fault: str
-) -> None:
+def test_a_store_that_cannot_be_used_at_start_is_waited_for_never_moved(site: Site, tmp_path: Path, fault: str) -> None:
     files = config(site, tmp_path)
     with tmpfs(files.state_dir, "16m") as state:
         origin = time.time()
@@ -230,10 +235,24 @@ def test_a_second_agent_on_the_same_state_directory_exits_and_leaves_the_first_a
     origin = time.time()
     with AgentProcess.start(files, time_scale=K, time_origin=origin) as agent:
         second = subprocess.run(
-            [sys.executable, "-m", "hashflex", "run", "--config", str(files.path), "--time-scale", str(K),
-             "--time-origin", repr(origin)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hashflex",
+                "run",
+                "--config",
+                str(files.path),
+                "--time-scale",
+                str(K),
+                "--time-origin",
+                repr(origin),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert second.returncode != 0
         assert "another hashflex agent" in second.stdout + second.stderr
         for n in range(3):  # the first agent's audit appends still work
@@ -264,8 +283,10 @@ def test_a_write_lock_held_by_another_process_never_stalls_the_loop(site: Site, 
                 slowest = max(slowest, time.monotonic() - started)
                 time.sleep(0.3)
             assert slowest < 3.0
-            print(f"\nwrite lock held elsewhere: command refused in {took * 1000:.0f} ms, slowest status "
-                  f"{slowest * 1000:.0f} ms")  # fmt: skip
+            print(
+                f"\nwrite lock held elsewhere: command refused in {took * 1000:.0f} ms, slowest status "
+                f"{slowest * 1000:.0f} ms"
+            )
         agent.wait_for(lambda: "store_unavailable" not in alarms(agent), 30, what="the alarm cleared")
         assert agent.request("dispatch", doc).is_ok
         agent.wait_for(lambda: site.power_kw() <= level + site.tol_kw, 40, what="site at the dispatch")
@@ -294,8 +315,10 @@ def test_a_safe_start_holds_across_restarts_until_an_operator_resumes(site: Site
 def _crash_with_open_wal(db: Path) -> None:
     """A process that writes and dies without closing (as a killed agent does): the -wal and -shm files stay, and
     with them SQLite can open the database on a read-only file system, read-only."""
-    code = ("import os, sys; from hashflex.agent.io.store import Store; "
-            "s = Store.open(sys.argv[1]); s.set_state('probe', 1); os._exit(0)")  # fmt: skip
+    code = (
+        "import os, sys; from hashflex.agent.io.store import Store; "
+        "s = Store.open(sys.argv[1]); s.set_state('probe', 1); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code, str(db)], cwd=ROOT, check=True, timeout=60)
     assert Path(f"{db}-wal").exists()
     assert Path(f"{db}-shm").exists()
@@ -329,9 +352,7 @@ def test_a_store_opened_on_a_read_only_file_system_takes_writes_once_it_is_writa
             assert again.verify_audit().ok
 
 
-def test_an_agent_waiting_for_a_locked_store_at_start_says_so_on_its_control_socket(
-    site: Site, tmp_path: Path
-) -> None:
+def test_an_agent_waiting_for_a_locked_store_at_start_says_so_on_its_control_socket(site: Site, tmp_path: Path) -> None:
     """Chaos finding 2: while another process held the database's exclusive lock at start, `hashflex run` did not
     answer on its control socket at all (an operator saw a dead socket, not why). It now answers every request
     with `unavailable` and the reason until the store opens, then serves as usual."""

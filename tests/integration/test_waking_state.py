@@ -57,8 +57,11 @@ def test_a_woken_miner_is_waking_until_its_power_is_up(tmp_path: Path) -> None:
                 for ip in waking:
                     first_seen.setdefault(ip, now)
                 # waking in the truth for a while, and well short of its power: the agent must say waking
-                mid = [ip for ip in waking if now - first_seen[ip] >= SETTLE_S and
-                       truth[ip]["power_w"] < 0.7 * full_w(truth[ip])]  # fmt: skip
+                mid = [
+                    ip
+                    for ip in waking
+                    if now - first_seen[ip] >= SETTLE_S and truth[ip]["power_w"] < 0.7 * full_w(truth[ip])
+                ]
                 checked += [(ip, rows[ip]["state"], truth[ip]["power_w"] / full_w(truth[ip])) for ip in mid]
                 if mid:
                     counted.append((status["miners"]["waking"], len(mid)))

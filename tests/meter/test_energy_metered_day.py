@@ -119,8 +119,9 @@ class Day:
 
 
 def cli(*args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hashflex", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 
@@ -129,29 +130,56 @@ def cli(*args: str) -> Any:
 def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
     folder = tmp_path_factory.mktemp("energy-metered")
     meter_cfg = {"cooling_share": 0.06, "base_kw": 1.5, "noise": 0.001, "update_ms": 2.0}
-    with SimProcess(miners=8, mix="luxos:50,whatsminer:50", base_ip="127.71.0.1", seed=71, speed=K,
-                    extra_args=["--meter", METER, "--meter-config", json.dumps(meter_cfg)]) as sim:  # fmt: skip
+    with SimProcess(
+        miners=8,
+        mix="luxos:50,whatsminer:50",
+        base_ip="127.71.0.1",
+        seed=71,
+        speed=K,
+        extra_args=["--meter", METER, "--meter-config", json.dumps(meter_cfg)],
+    ) as sim:
         truth = Truth(sim).start()
         try:
             origin, _spread = truth.epoch()
             full = sum(float(m["nominal_w"]) for m in sim.truth()["miners"]) / 1000
             host, port = sim.meter.split(":")
-            files = write_agent_config(folder, sim.ips, cap_kw=round(full * 1.5, 1), time_scale=K, overrides={
-                "polling": {"interval_s": POLL_S},
-                "site": {"meter": {
-                    "host": host, "port": int(port), "map": "sunspec", "poll_s": METER_POLL_WALL_S,
-                    "stale_after_s": STALE_S, "frozen_after_s": 5 * K, "non_miner_allowance_kw": round(0.1 * full, 1),
-                    "cooling_pct": 6,
-                }},
-            })  # fmt: skip
+            files = write_agent_config(
+                folder,
+                sim.ips,
+                cap_kw=round(full * 1.5, 1),
+                time_scale=K,
+                overrides={
+                    "polling": {"interval_s": POLL_S},
+                    "site": {
+                        "meter": {
+                            "host": host,
+                            "port": int(port),
+                            "map": "sunspec",
+                            "poll_s": METER_POLL_WALL_S,
+                            "stale_after_s": STALE_S,
+                            "frozen_after_s": 5 * K,
+                            "non_miner_allowance_kw": round(0.1 * full, 1),
+                            "cooling_pct": 6,
+                        }
+                    },
+                },
+            )
             agent = AgentProcess.start(files, time_scale=K, time_origin=origin)
             stale_docs: list[dict[str, Any]] = []
             try:
                 a0 = math.ceil((agent.now() + 120) / HOUR_S) * HOUR_S
                 window = (a0, a0 + DAY_S)
-                assert agent.request("dispatch", agent.signed({
-                    "id": "d-morning", "target_kw": round(full * 0.5, 1), "start": iso(a0 + 3 * HOUR_S),
-                    "end": iso(a0 + 5 * HOUR_S)})).is_ok  # fmt: skip
+                assert agent.request(
+                    "dispatch",
+                    agent.signed(
+                        {
+                            "id": "d-morning",
+                            "target_kw": round(full * 0.5, 1),
+                            "start": iso(a0 + 3 * HOUR_S),
+                            "end": iso(a0 + 5 * HOUR_S),
+                        }
+                    ),
+                ).is_ok
                 off_at = a0 + OFFLINE_AT_H * HOUR_S
                 while agent.now() < off_at:
                     time.sleep(0.02)
@@ -177,8 +205,9 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
 
 def export(day: Day) -> dict[str, Any]:
     a0, a1 = day.window
-    doc: dict[str, Any] = cli("audit", "export", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1),
-                              "--format", "json")  # fmt: skip
+    doc: dict[str, Any] = cli(
+        "audit", "export", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1), "--format", "json"
+    )
     return doc
 
 
@@ -192,11 +221,13 @@ def test_a_day_of_exported_energy_is_the_meters_counter_and_agrees_with_the_phys
     miners_error = (total["miners_kwh"] - miners_kwh) / miners_kwh
     unreported = counter_kwh - miners_kwh
     # every kWh of the day is the counter's: the metered minutes' own, and the offline hour's carried in
-    print(f"\nday: exported {total['kwh']:.3f} kWh ({total['source']}: metered {total['metered_kwh']:.3f}, carried "
-          f"{total['carried_kwh']:.3f}, {total['fallback_minutes']} fallback minutes), meter counter "
-          f"{counter_kwh:.3f} kWh, error {error:+.4%}; miners' sum {total['miners_kwh']:.3f} vs physics "
-          f"{miners_kwh:.3f} kWh ({miners_error:+.3%}); not reported by the miners: exported "
-          f"{total['kwh'] - total['miners_kwh']:.3f}, physics {unreported:.3f} kWh")  # fmt: skip
+    print(
+        f"\nday: exported {total['kwh']:.3f} kWh ({total['source']}: metered {total['metered_kwh']:.3f}, carried "
+        f"{total['carried_kwh']:.3f}, {total['fallback_minutes']} fallback minutes), meter counter "
+        f"{counter_kwh:.3f} kWh, error {error:+.4%}; miners' sum {total['miners_kwh']:.3f} vs physics "
+        f"{miners_kwh:.3f} kWh ({miners_error:+.3%}); not reported by the miners: exported "
+        f"{total['kwh'] - total['miners_kwh']:.3f}, physics {unreported:.3f} kWh"
+    )
     assert abs(error) <= 0.001, f"exported {total['kwh']:.3f} kWh vs the meter's counter {counter_kwh:.3f} kWh"
     # the miners' sum kept beside it agrees with the miners' physics; the gap is the load they do not report
     assert abs(miners_error) < 0.01, f"miners' sum {total['miners_kwh']:.3f} vs physics {miners_kwh:.3f} kWh"
@@ -204,12 +235,14 @@ def test_a_day_of_exported_energy_is_the_meters_counter_and_agrees_with_the_phys
     assert total["gap_kwh"] > 0
     assert total["metered_minutes"] + total["fallback_minutes"] == total["minutes"]
     # hour by hour, away from the offline hour: each hour's metered kWh is the counter's over that hour
-    table = cli("energy", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1), "--json", "--step",
-                "1h")  # fmt: skip
+    table = cli("energy", "--config", str(day.files.path), "--from", str(a0), "--to", str(a1), "--json", "--step", "1h")
     assert table["total"]["kwh"] == pytest.approx(total["kwh"], rel=1e-9)
     near = (a0 + (OFFLINE_AT_H - 1) * HOUR_S, a0 + (OFFLINE_AT_H + OFFLINE_H) * HOUR_S)  # the offline span's hours
-    rows = [(p["start"], p["kwh"], day.truth_kwh(p["start"], p["end"])[0]) for p in table["periods"]
-            if not near[0] <= p["start"] <= near[1]]  # fmt: skip
+    rows = [
+        (p["start"], p["kwh"], day.truth_kwh(p["start"], p["end"])[0])
+        for p in table["periods"]
+        if not near[0] <= p["start"] <= near[1]
+    ]
     full_hour = max(c for _, _, c in rows)
     # Each hour against the counter, as a share of the fullest hour: the median within 0.5 %, the worst within 8 %.
     # At ×1800 a reading's count is older than its time by the simulator's and the network's lag (60 ms of wall time
@@ -218,8 +251,9 @@ def test_a_day_of_exported_energy_is_the_meters_counter_and_agrees_with_the_phys
     # Measured: worst 0.24-0.9 % on a quiet host, up to 3.1 % with other suites running; median under 0.3 %.
     errors = sorted(abs(kwh - c) / full_hour for _, kwh, c in rows)
     worst, median = errors[-1], statistics.median(errors)
-    print("hours (exported/counter kWh): " + ", ".join(f"+{(t - a0) // HOUR_S}h {kwh:.2f}/{c:.2f}"
-                                                       for t, kwh, c in rows))  # fmt: skip
+    print(
+        "hours (exported/counter kWh): " + ", ".join(f"+{(t - a0) // HOUR_S}h {kwh:.2f}/{c:.2f}" for t, kwh, c in rows)
+    )
     assert median < 0.005, f"the median hour off the counter by {median:.3%} of the fullest hour"
     assert worst < 0.08, f"an hour off the counter by {worst:.3%} of the fullest hour"
     print(f"hours (metered) off the counter by {median:.3%} (median), {worst:.3%} (worst) of the fullest hour")
@@ -240,10 +274,15 @@ def test_the_offline_hour_falls_back_to_the_miners_sum_and_the_export_says_so(da
         assert q["metered_kwh"] == 0
     # (the minutes from the last good reading before it went offline, one poll or less, fall back too: unobserved)
     clean = [q for q in quarters if q["end"] <= off - 300 or q["start"] >= back + QUARTER_S]
-    print("\nquarters not metered outside the offline hour: "
-          + ", ".join(f"+{(q['start'] - day.window[0]) / HOUR_S:.2f}h {q['source']} {q['fallback_minutes']} "
-                      f"carried {q['carried_kwh']:.3f}" for q in clean
-                      if q["source"] != "metered" or q["carried_kwh"]))  # fmt: skip
+    print(
+        "\nquarters not metered outside the offline hour: "
+        + ", ".join(
+            f"+{(q['start'] - day.window[0]) / HOUR_S:.2f}h {q['source']} {q['fallback_minutes']} "
+            f"carried {q['carried_kwh']:.3f}"
+            for q in clean
+            if q["source"] != "metered" or q["carried_kwh"]
+        )
+    )
     assert all(q["source"] == "metered" and q["carried_kwh"] == 0 for q in clean)
     # where the meter was read again: the counter's delta over the stale span, less what the fallback counted
     carried = [q for q in quarters if q["carried_kwh"] > 0]
@@ -251,10 +290,30 @@ def test_the_offline_hour_falls_back_to_the_miners_sum_and_the_export_says_so(da
     assert back <= carried[0]["end"] <= back + 2 * QUARTER_S
     counter, miners = day.truth_kwh(off, back)
     assert carried[0]["carried_kwh"] == pytest.approx(counter - miners, rel=0.25)  # the unreported load, roughly
-    done = subprocess.run([sys.executable, "-m", "hashflex", "audit", "export", "--config", str(day.files.path),
-                           "--from", str(day.window[0]), "--to", str(day.window[1]), "--format", "csv", "--out",
-                           str(day.files.path.parent / "export")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hashflex",
+            "audit",
+            "export",
+            "--config",
+            str(day.files.path),
+            "--from",
+            str(day.window[0]),
+            "--to",
+            str(day.window[1]),
+            "--format",
+            "csv",
+            "--out",
+            str(day.files.path.parent / "export"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = (day.files.path.parent / "export" / "energy_15min.csv").read_text().splitlines()
     assert rows[0].split(",")[:5] == ["start", "start_utc", "end", "kwh", "source"]

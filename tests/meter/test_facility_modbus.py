@@ -21,10 +21,16 @@ COOLED = ["127.75.2.1", "127.75.2.2"]
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
     loads = [
-        {"name": "fans", "address": "127.75.2.200:5021", "kind": "drive", "full_kw": 2.0, "miners": COOLED,
-         "full_scale": 16384},
+        {
+            "name": "fans",
+            "address": "127.75.2.200:5021",
+            "kind": "drive",
+            "full_kw": 2.0,
+            "miners": COOLED,
+            "full_scale": 16384,
+        },
         {"name": "pump", "address": "127.75.2.201:5021", "kind": "relay", "full_kw": 1.0, "miners": ["127.75.2.3"]},
-    ]  # fmt: skip
+    ]
     meter_cfg = {"cooling_share": 0.05, "noise": 0.0, "base_kw": 0.0, "loss_share": 0.0}
     extra = ["--meter", "127.75.2.250:5020", "--meter-config", json.dumps(meter_cfg), "--facility", json.dumps(loads)]
     with SimProcess(miners=4, mix="luxos:100", base_ip="127.75.2.1", seed=5, speed=1, extra_args=extra) as s:
@@ -32,13 +38,23 @@ def sim() -> Iterator[SimProcess]:
 
 
 def drive() -> FacilityDevice:
-    return FacilityDevice(FacilityDeviceConfig(kind="drive", host="127.75.2.200", port=5021, setpoint_register=1,
-                                               full_scale=16384, speed_register=3, power_register=5))  # fmt: skip
+    return FacilityDevice(
+        FacilityDeviceConfig(
+            kind="drive",
+            host="127.75.2.200",
+            port=5021,
+            setpoint_register=1,
+            full_scale=16384,
+            speed_register=3,
+            power_register=5,
+        )
+    )
 
 
 def relay() -> FacilityDevice:
-    return FacilityDevice(FacilityDeviceConfig(kind="relay", host="127.75.2.201", port=5021, setpoint_register=0,
-                                               power_register=5))  # fmt: skip
+    return FacilityDevice(
+        FacilityDeviceConfig(kind="relay", host="127.75.2.201", port=5021, setpoint_register=0, power_register=5)
+    )
 
 
 def test_a_drive_and_a_relay_are_set_and_read_back(sim: SimProcess) -> None:

@@ -49,16 +49,29 @@ RECORDED: list[tuple[float, float, float, float, str, float, dict[str, int]]] = 
     (560, 330.0, 320.0, 420.0, "cap", 14200, states(92, 0, 0, 28)),
     (600, 387.5, 387.6, 420.0, "cap", 16718, states(120)),
 ]
-SAMPLES = [Sample(T0 + dt, truth, ths, st, agent_kw=read, target_kw=target, cap_kw=CAP_KW, reason=reason)
-           for dt, truth, read, target, reason, ths, st in RECORDED]  # fmt: skip
+SAMPLES = [
+    Sample(T0 + dt, truth, ths, st, agent_kw=read, target_kw=target, cap_kw=CAP_KW, reason=reason)
+    for dt, truth, read, target, reason, ths, st in RECORDED
+]
 
 
-def actions(dt: float, target_kw: float, by_op: dict[str, int], *, fast: bool = False,
-            worst_kw: float = 150.0) -> dict[str, Any]:  # fmt: skip
-    return {"ts": T0 + dt, "kind": "actions", "data": {
-        "by_op": {op: {"ok": n} for op, n in by_op.items()}, "fast": fast,
-        "method": "sleep_only" if fast else "optimal", "target_kw": target_kw, "worst_case_kw": worst_kw,
-        "sent": sum(by_op.values()), "failed": [], "failed_total": 0}}  # fmt: skip
+def actions(
+    dt: float, target_kw: float, by_op: dict[str, int], *, fast: bool = False, worst_kw: float = 150.0
+) -> dict[str, Any]:
+    return {
+        "ts": T0 + dt,
+        "kind": "actions",
+        "data": {
+            "by_op": {op: {"ok": n} for op, n in by_op.items()},
+            "fast": fast,
+            "method": "sleep_only" if fast else "optimal",
+            "target_kw": target_kw,
+            "worst_case_kw": worst_kw,
+            "sent": sum(by_op.values()),
+            "failed": [],
+            "failed_total": 0,
+        },
+    }
 
 
 AUDIT: list[dict[str, Any]] = [
@@ -76,8 +89,13 @@ AUDIT: list[dict[str, Any]] = [
 
 # four kinds of miner at stock (kW, TH/s), 30 of each: the baseline keeps the best TH/s per kW first
 STOCK = [(3.5, 200.0), (3.3, 140.0), (2.9, 110.0), (3.2, 107.0)]
-TRUTH_AT_START = {"miners": [{"state": "hashing", "power_w": kw * 1000, "hashrate_ths": ths, "nominal_w": kw * 1000,
-                              "nominal_ths": ths} for kw, ths in STOCK for _ in range(30)]}  # fmt: skip
+TRUTH_AT_START = {
+    "miners": [
+        {"state": "hashing", "power_w": kw * 1000, "hashrate_ths": ths, "nominal_w": kw * 1000, "nominal_ths": ths}
+        for kw, ths in STOCK
+        for _ in range(30)
+    ]
+}
 
 
 @pytest.fixture
@@ -88,9 +106,18 @@ def notes() -> list[Note]:
 @pytest.fixture
 def figure(notes: list[Note]) -> Iterator[Figure]:
     span = Span(T0 + 125, T0 + 435, "grid dispatch ≤ 155 kW", "grid", 155.0)
-    fig = build_figure(SAMPLES, CLOCK, cap_kw=CAP_KW, spans=[span], marks=[Mark(T0 + 125, "grid dispatch sent")],
-                       ramps=[], title="demo", subtitle="recorded", notes=notes,
-                       baseline=SleepOnlyBaseline.from_truth(TRUTH_AT_START))  # fmt: skip
+    fig = build_figure(
+        SAMPLES,
+        CLOCK,
+        cap_kw=CAP_KW,
+        spans=[span],
+        marks=[Mark(T0 + 125, "grid dispatch sent")],
+        ramps=[],
+        title="demo",
+        subtitle="recorded",
+        notes=notes,
+        baseline=SleepOnlyBaseline.from_truth(TRUTH_AT_START),
+    )
     fig.canvas.draw()  # lay it out, as savefig would
     yield fig
     plt.close(fig)
@@ -178,13 +205,17 @@ def test_the_hashrate_panel_holds_what_the_site_kept_against_a_sleep_only_baseli
 
 
 def test_the_sleep_only_baseline_keeps_the_best_hashrate_per_kw_that_fits() -> None:
-    baseline = SleepOnlyBaseline.from_truth({"miners": [
-        {"state": "hashing", "power_w": 1000.0, "hashrate_ths": 10.0},
-        {"state": "hashing", "power_w": 1000.0, "hashrate_ths": 20.0},
-        {"state": "hashing", "power_w": 2000.0, "hashrate_ths": 30.0},
-        # asleep at the start: counted at its rating
-        {"state": "sleeping", "power_w": 8.0, "hashrate_ths": 0.0, "nominal_w": 4000.0, "nominal_ths": 100.0},
-    ]})  # fmt: skip
+    baseline = SleepOnlyBaseline.from_truth(
+        {
+            "miners": [
+                {"state": "hashing", "power_w": 1000.0, "hashrate_ths": 10.0},
+                {"state": "hashing", "power_w": 1000.0, "hashrate_ths": 20.0},
+                {"state": "hashing", "power_w": 2000.0, "hashrate_ths": 30.0},
+                # asleep at the start: counted at its rating
+                {"state": "sleeping", "power_w": 8.0, "hashrate_ths": 0.0, "nominal_w": 4000.0, "nominal_ths": 100.0},
+            ]
+        }
+    )
     assert baseline.full_kw == pytest.approx(8.0)
     assert baseline.ths_at(0.5) == 0.0
     assert baseline.ths_at(1.0) == 20.0
@@ -194,12 +225,20 @@ def test_the_sleep_only_baseline_keeps_the_best_hashrate_per_kw_that_fits() -> N
 
 
 def test_a_dip_after_a_plan_from_a_lagging_read_says_so() -> None:
-    looks = [(0, 380.0, 380.0, states(120)), (10, 245.0, 386.0, states(76, sleeping=44)),
-             (20, 203.0, 227.0, states(42, 33, 45)), (30, 203.0, 203.0, states(42, 33, 45))]  # fmt: skip
-    samples = [Sample(T0 + dt, truth, 40 * truth, st, agent_kw=read, target_kw=252.0, cap_kw=CAP_KW)
-               for dt, truth, read, st in looks]  # fmt: skip
-    audit = [actions(4, 252.0, {"sleep": 44}, fast=True, worst_kw=246.3),
-             actions(14, 252.0, {"set_power": 54, "sleep": 1}, worst_kw=249.4)]  # fmt: skip
+    looks = [
+        (0, 380.0, 380.0, states(120)),
+        (10, 245.0, 386.0, states(76, sleeping=44)),
+        (20, 203.0, 227.0, states(42, 33, 45)),
+        (30, 203.0, 203.0, states(42, 33, 45)),
+    ]
+    samples = [
+        Sample(T0 + dt, truth, 40 * truth, st, agent_kw=read, target_kw=252.0, cap_kw=CAP_KW)
+        for dt, truth, read, st in looks
+    ]
+    audit = [
+        actions(4, 252.0, {"sleep": 44}, fast=True, worst_kw=246.3),
+        actions(14, 252.0, {"set_power": 54, "sleep": 1}, worst_kw=249.4),
+    ]
     notes = agent_notes(audit, samples, cap_kw=CAP_KW, tolerance_kw=TOLERANCE_KW)
     assert [n.shortfall is None for n in notes] == [True, False]
     shortfall = notes[1].shortfall

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
-    with SimProcess(miners=4, mix="antminer:1", base_ip="127.14.0.1", seed=9, speed=20.0,
-                    extra_args=["--wake-s", "60"]) as site:
+    with SimProcess(
+        miners=4, mix="antminer:1", base_ip="127.14.0.1", seed=9, speed=20.0, extra_args=["--wake-s", "60"]
+    ) as site:
         yield site
 
 

@@ -24,9 +24,13 @@ def start(
     args: list[str], tmp_path: Path, command: list[str] | None = None
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen([*(command or [sys.executable, "-m", "hashflex.sim"]), *args, "--truth-port", "0",
-                             "--ready-file", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [*(command or [sys.executable, "-m", "hashflex.sim"]), *args, "--truth-port", "0", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     wait_until(lambda: ready.exists() or proc.poll() is not None, 30, "ready file")
     assert proc.poll() is None, proc.communicate()
     return proc, json.loads(ready.read_text())
@@ -36,8 +40,9 @@ def start(
 def test_one_summary_line_then_a_clean_exit_on_sigterm(tmp_path: Path, via_hashflex: bool) -> None:
     command = [str(Path(sys.executable).parent / "hashflex"), "sim"] if via_hashflex else None
     base = "127.17.1.1" if via_hashflex else "127.17.0.1"
-    proc, info = start(["--miners", "10", "--mix", "luxos:4,whatsminer:4,antminer:2", "--base-ip", base],
-                       tmp_path, command)
+    proc, info = start(
+        ["--miners", "10", "--mix", "luxos:4,whatsminer:4,antminer:2", "--base-ip", base], tmp_path, command
+    )
     assert info["ips"][0] == base
     assert len(info["ips"]) == 10
     assert info["pid"] > 0
@@ -71,17 +76,40 @@ def test_sigint_stops_it_too(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "hashflex.sim", "--base-ip", "127.17.3.1", "--truth-port", "0", *args],
-                          capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hashflex.sim", "--base-ip", "127.17.3.1", "--truth-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
 
 
 def test_a_port_in_use_is_reported_not_a_traceback() -> None:
     with SimProcess(miners=1, mix="luxos:1", base_ip="127.17.4.1"):
-        proc = subprocess.run([sys.executable, "-m", "hashflex.sim", "--miners", "1", "--mix", "luxos:1", "--base-ip",
-                               "127.17.4.1", "--truth-port", "0"], capture_output=True, text=True, timeout=30,
-                              cwd=ROOT, check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hashflex.sim",
+                "--miners",
+                "1",
+                "--mix",
+                "luxos:1",
+                "--base-ip",
+                "127.17.4.1",
+                "--truth-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
     assert proc.returncode == 2
     assert "address already in use" in proc.stderr
     assert "Traceback" not in proc.stderr

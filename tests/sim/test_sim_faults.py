@@ -18,8 +18,14 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
-    with SimProcess(miners=12, mix="luxos:1,whatsminer:1,antminer:1", base_ip="127.15.0.1", seed=13, speed=20.0,
-                    extra_args=["--wake-s", "40", "--reboot-s", "40"]) as site:
+    with SimProcess(
+        miners=12,
+        mix="luxos:1,whatsminer:1,antminer:1",
+        base_ip="127.15.0.1",
+        seed=13,
+        speed=20.0,
+        extra_args=["--wake-s", "40", "--reboot-s", "40"],
+    ) as site:
         yield site
 
 

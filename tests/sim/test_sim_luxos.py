@@ -22,8 +22,9 @@ WAKE_S = 60.0  # 3 s of wall time at SPEED
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
-    with SimProcess(miners=4, mix="luxos:1", base_ip="127.12.0.1", seed=3, speed=SPEED,
-                    extra_args=["--wake-s", str(WAKE_S)]) as site:
+    with SimProcess(
+        miners=4, mix="luxos:1", base_ip="127.12.0.1", seed=3, speed=SPEED, extra_args=["--wake-s", str(WAKE_S)]
+    ) as site:
         yield site
 
 

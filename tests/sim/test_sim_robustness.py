@@ -83,8 +83,12 @@ def test_whatsminer_v3_port_survives_bad_frames(sim: SimProcess) -> None:
     assert v3_reply(exchange(ip, 4433, b"\xff\xff\xff\xff{}"))["code"] == -1
     assert v3_reply(exchange(ip, 4433, v3_frame(b"not json"), half_close=True))["code"] == -1
     assert v3_reply(exchange(ip, 4433, v3_frame(b'{"cmd": "get.nothing"}'), half_close=True))["code"] == -2
-    assert v3_reply(exchange(ip, 4433, v3_frame(b'{"cmd": "set.miner.service", "param": "stop"}'),
-                             half_close=True))["code"] == -3
+    assert (
+        v3_reply(exchange(ip, 4433, v3_frame(b'{"cmd": "set.miner.service", "param": "stop"}'), half_close=True))[
+            "code"
+        ]
+        == -3
+    )
     assert v3_reply(exchange(ip, 4433, v3_frame(b'{"cmd": ["x"]}'), half_close=True))["code"] == -1
     # a truncated frame and a half-close: the connection just ends
     assert exchange(ip, 4433, b"\x10\x00\x00\x00{", half_close=True) == b""
@@ -98,8 +102,9 @@ def test_http_ports_survive_bad_requests(sim: SimProcess) -> None:
     assert exchange(ip, 80, b"GET / HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 413")
     big = b"POST /cgi-bin/set_miner_conf.cgi HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n"
     assert exchange(ip, 80, big).startswith(b"HTTP/1.1 413")
-    assert exchange(ip, 80, b"GET /cgi-bin/get_system_info.cgi HTTP/1.1\r\nAuthorization: Digest x\r\n\r\n"
-                    ).startswith(b"HTTP/1.1 401")
+    assert exchange(ip, 80, b"GET /cgi-bin/get_system_info.cgi HTTP/1.1\r\nAuthorization: Digest x\r\n\r\n").startswith(
+        b"HTTP/1.1 401"
+    )
     assert exchange(ip, 80, b"GET / HTTP/1.1\r\nHost: x", half_close=True).startswith(b"HTTP/1.1 400")
     truth = sim.truth_url.removeprefix("http://").split(":")
     host, port = truth[0], int(truth[1])

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimProcess]:
-    with SimProcess(miners=4, mix="whatsminer:1", base_ip="127.13.0.1", seed=5, speed=20.0,
-                    extra_args=["--wake-s", "60"]) as site:
+    with SimProcess(
+        miners=4, mix="whatsminer:1", base_ip="127.13.0.1", seed=5, speed=20.0, extra_args=["--wake-s", "60"]
+    ) as site:
         yield site
 
 
@@ -104,12 +105,14 @@ async def test_a_wrong_password_or_stale_token_is_refused(sim: SimProcess) -> No
     salt = (await v3(ip, {"cmd": "get.device.info", "param": "salt"}))["msg"]["salt"]
     cmd = "set.miner.service"
     stale = int(time.time()) - 3600
-    reply = await v3(ip, {"cmd": cmd, "param": "stop", "ts": stale, "account": "super",
-                          "token": v3_token(cmd, "super", salt, stale)})
+    reply = await v3(
+        ip, {"cmd": cmd, "param": "stop", "ts": stale, "account": "super", "token": v3_token(cmd, "super", salt, stale)}
+    )
     assert reply["code"] == -1
     now = int(time.time())
-    reply = await v3(ip, {"cmd": cmd, "param": "stop", "ts": now, "account": "super",
-                          "token": v3_token(cmd, "super", salt, now)})
+    reply = await v3(
+        ip, {"cmd": cmd, "param": "stop", "ts": now, "account": "super", "token": v3_token(cmd, "super", salt, now)}
+    )
     assert reply["code"] == 0
     assert reply["msg"] == "ok"
     assert truth_of(sim, ip)["state"] == "sleeping"

@@ -32,12 +32,19 @@ RANGE = PowerRange(1000, 3500, 50)
 OK = Ok()
 
 
-def view(ip: str, state: MinerState = MinerState.HASHING, *, commanded: float | None = None,
-         cap: PowerRange | OnOff = RANGE) -> MinerView:  # fmt: skip
+def view(
+    ip: str, state: MinerState = MinerState.HASHING, *, commanded: float | None = None, cap: PowerRange | OnOff = RANGE
+) -> MinerView:
     return MinerView(
-        id=ip, family=Family.LUXOS, capability=cap, nominal_w=3250.0, nominal_ths=100.0, state=state,
-        power_w=3250.0, commanded_w=commanded,
-    )  # fmt: skip
+        id=ip,
+        family=Family.LUXOS,
+        capability=cap,
+        nominal_w=3250.0,
+        nominal_ths=100.0,
+        state=state,
+        power_w=3250.0,
+        commanded_w=commanded,
+    )
 
 
 class RecordingHandle:
@@ -45,8 +52,16 @@ class RecordingHandle:
 
     family = Family.LUXOS
 
-    def __init__(self, ip: str, log: list[tuple[str, str, float]], *, fail_first: int = 0, result: Result = OK,
-                 delay_s: float = 0.0, raises: Exception | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ip: str,
+        log: list[tuple[str, str, float]],
+        *,
+        fail_first: int = 0,
+        result: Result = OK,
+        delay_s: float = 0.0,
+        raises: Exception | None = None,
+    ) -> None:
         self.ip, self.log, self.fail_first, self.result = ip, log, fail_first, result
         self.delay_s, self.raises = delay_s, raises
         self.calls = 0
@@ -93,9 +108,16 @@ def test_diff_sends_only_changes() -> None:
         "i": view("i", cap=OnOff()),  # on/off only, planned at a limit: nothing to do while it runs
     }
     actions = {
-        "a": RunAction(3250), "b": SleepAction(), "c": SleepAction(), "d": RunAction(3250), "e": RunAction(2500),
-        "f": RunAction(3000), "g": SleepAction(), "h": RunAction(3000), "i": RunAction(2000),
-    }  # fmt: skip
+        "a": RunAction(3250),
+        "b": SleepAction(),
+        "c": SleepAction(),
+        "d": RunAction(3250),
+        "e": RunAction(2500),
+        "f": RunAction(3000),
+        "g": SleepAction(),
+        "h": RunAction(3000),
+        "i": RunAction(2000),
+    }
     changes = {c.ip: c for c in diff(actions, views)}
     assert set(changes) == {"c", "d", "e", "f", "h"}
     assert changes["c"].op is Op.SLEEP
@@ -111,10 +133,12 @@ def test_diff_sends_only_changes() -> None:
 
 def test_order_puts_decreases_first_and_most_efficient_wakes_first() -> None:
     changes = [
-        Change("w1", Op.WAKE, rank=30.0), Change("up", Op.SET_POWER, 3000, rank=1.0),
-        Change("s", Op.SLEEP, decrease=True), Change("w2", Op.WAKE, rank=20.0),
+        Change("w1", Op.WAKE, rank=30.0),
+        Change("up", Op.SET_POWER, 3000, rank=1.0),
+        Change("s", Op.SLEEP, decrease=True),
+        Change("w2", Op.WAKE, rank=20.0),
         Change("down", Op.SET_POWER, 2000, decrease=True),
-    ]  # fmt: skip
+    ]
     decreases, increases, wakes = order(changes)
     assert [c.ip for c in decreases] == ["s", "down"]
     assert [c.ip for c in increases] == ["up"]
@@ -126,14 +150,24 @@ def test_decreases_go_out_in_order_of_power_shed_per_command_cost() -> None:
     draw falls fastest when the client CPU is what limits the fan-out."""
 
     def at(ip: str, family: Family, power_w: float, cap: PowerRange | OnOff = RANGE) -> MinerView:
-        return MinerView(id=ip, family=family, capability=cap, nominal_w=3250.0, nominal_ths=100.0,
-                         state=MinerState.HASHING, power_w=power_w, commanded_w=None)  # fmt: skip
+        return MinerView(
+            id=ip,
+            family=family,
+            capability=cap,
+            nominal_w=3250.0,
+            nominal_ths=100.0,
+            state=MinerState.HASHING,
+            power_w=power_w,
+            commanded_w=None,
+        )
 
     views = {
-        "am": at("am", Family.ANTMINER, 3250.0, OnOff()), "lux-small": at("lux-small", Family.LUXOS, 1200.0),
-        "lux-big": at("lux-big", Family.LUXOS, 3400.0), "wm": at("wm", Family.WHATSMINER, 3300.0),
+        "am": at("am", Family.ANTMINER, 3250.0, OnOff()),
+        "lux-small": at("lux-small", Family.LUXOS, 1200.0),
+        "lux-big": at("lux-big", Family.LUXOS, 3400.0),
+        "wm": at("wm", Family.WHATSMINER, 3300.0),
         "wm-limit": at("wm-limit", Family.WHATSMINER, 3250.0),
-    }  # fmt: skip
+    }
     actions = {ip: SleepAction() for ip in views} | {"wm-limit": RunAction(3000)}  # a 250 W cut by a limit
     decreases, _, _ = order(diff(actions, views))
     # per ms: wm 13,200 W, lux-big 8,500, lux-small 3,000, am 1,083, wm-limit 1,000 (a small cut yields)
@@ -145,9 +179,13 @@ async def test_apply_sends_sleeps_before_wakes_and_batches_wakes() -> None:
     handles = {ip: RecordingHandle(ip, log, delay_s=0.01) for ip in ("s1", "s2", "w1", "w2", "w3", "u")}
     act = Actuator(handles.__getitem__, concurrency=10, command_timeout_s=1.0)
     changes = [
-        Change("w1", Op.WAKE, rank=1.0), Change("w2", Op.WAKE, rank=2.0), Change("w3", Op.WAKE, rank=3.0),
-        Change("s1", Op.SLEEP, decrease=True), Change("u", Op.SET_POWER, 3000), Change("s2", Op.SLEEP, decrease=True),
-    ]  # fmt: skip
+        Change("w1", Op.WAKE, rank=1.0),
+        Change("w2", Op.WAKE, rank=2.0),
+        Change("w3", Op.WAKE, rank=3.0),
+        Change("s1", Op.SLEEP, decrease=True),
+        Change("u", Op.SET_POWER, 3000),
+        Change("s2", Op.SLEEP, decrease=True),
+    ]
     report = await act.apply(changes, wake_batch=2)
     assert report.sent == 6
     assert report.failed == 0
@@ -183,8 +221,7 @@ async def test_concurrency_is_bounded() -> None:
 async def test_retries_with_backoff_then_success() -> None:
     log: list[tuple[str, str, float]] = []
     h = RecordingHandle("m", log, fail_first=2)
-    act = Actuator({"m": h}.__getitem__, concurrency=1, command_timeout_s=1.0, retries_per_command=3,
-                   backoff_s=0.02)  # fmt: skip
+    act = Actuator({"m": h}.__getitem__, concurrency=1, command_timeout_s=1.0, retries_per_command=3, backoff_s=0.02)
     report = await act.apply([Change("m", Op.SLEEP, decrease=True)])
     assert report.results[0].ok
     assert report.results[0].attempts == 3
@@ -197,8 +234,14 @@ async def test_retries_with_backoff_then_success() -> None:
 async def test_retry_budget_bounds_a_dead_batch() -> None:
     log: list[tuple[str, str, float]] = []
     handles = {f"m{i}": RecordingHandle(f"m{i}", log, fail_first=99) for i in range(20)}
-    act = Actuator(handles.__getitem__, concurrency=20, command_timeout_s=1.0, retries_per_command=3,
-                   retry_budget_share=0.2, backoff_s=0.001)  # fmt: skip
+    act = Actuator(
+        handles.__getitem__,
+        concurrency=20,
+        command_timeout_s=1.0,
+        retries_per_command=3,
+        retry_budget_share=0.2,
+        backoff_s=0.001,
+    )
     report = await act.apply([Change(ip, Op.SLEEP, decrease=True) for ip in handles])
     assert report.failed == 20
     # 20 first attempts plus at most the shared budget (max(3, 20 * 0.2) = 4) of retries
@@ -213,8 +256,7 @@ async def test_outcomes_are_mapped_and_not_retried_when_pointless() -> None:
         "slow": RecordingHandle("slow", log, delay_s=1.0),
         "down": RecordingHandle("down", log, raises=Unreachable("refused")),
     }
-    act = Actuator(handles.__getitem__, concurrency=4, command_timeout_s=0.05, retries_per_command=1,
-                   backoff_s=0.001)  # fmt: skip
+    act = Actuator(handles.__getitem__, concurrency=4, command_timeout_s=0.05, retries_per_command=1, backoff_s=0.001)
     report = await act.apply([Change(ip, Op.SET_POWER, 2000) for ip in handles] + [Change("ghost", Op.SLEEP)])
     outcome = {r.ip: (r.outcome, r.attempts) for r in report.results}
     assert outcome["unsup"] == ("unsupported", 1)

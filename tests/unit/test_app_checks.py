@@ -18,10 +18,14 @@ from hashflex.contract.signing import generate_keypair
 def config(tmp_path: Path, addresses: list[str], keys: list[str] | None = None, **extra: object) -> AgentConfig:
     pub = tmp_path / "grid.pub"
     pub.write_bytes(generate_keypair()[1])
-    return AgentConfig.model_validate({
-        "site": {"id": "t", "cap_kw": 10}, "miners": {"addresses": addresses, **extra},
-        "grid": {"public_keys": keys if keys is not None else [str(pub)]}, "mqtt": {"enabled": False},
-    })  # fmt: skip
+    return AgentConfig.model_validate(
+        {
+            "site": {"id": "t", "cap_kw": 10},
+            "miners": {"addresses": addresses, **extra},
+            "grid": {"public_keys": keys if keys is not None else [str(pub)]},
+            "mqtt": {"enabled": False},
+        }
+    )
 
 
 def test_time_scale_is_refused_for_a_real_site(tmp_path: Path) -> None:
@@ -52,10 +56,15 @@ def test_excluded_addresses_are_not_controlled(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("on_shutdown", "said"),
-    [("leave", "miners left as they are; hashflex no longer holds the cap"),
-     ("sleep", "miners put to sleep (those that could be reached); hashflex no longer holds the cap"),
-     ("wake", "miners woken (those that could be reached), free to draw full power; hashflex no longer holds the cap")],
-)  # fmt: skip
+    [
+        ("leave", "miners left as they are; hashflex no longer holds the cap"),
+        ("sleep", "miners put to sleep (those that could be reached); hashflex no longer holds the cap"),
+        (
+            "wake",
+            "miners woken (those that could be reached), free to draw full power; hashflex no longer holds the cap",
+        ),
+    ],
+)
 def test_stop_says_what_the_site_is_left_with(on_shutdown: str, said: str) -> None:
     """Issue 16 item 10: Ctrl-C/stop said "agent stopped" and nothing of the miners or the cap."""
     assert site_left_as(on_shutdown, controlled=True) == said

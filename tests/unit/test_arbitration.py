@@ -83,9 +83,10 @@ def test_runtime_cap_may_only_lower_the_licensed_cap(
     assert effective_cap_kw(1000.0, runtime) == cap
 
 
-@pytest.mark.parametrize(("grid_cap", "operator_cap", "cap", "binding"),
-                         [(400.0, 1000.0, 400.0, "grid"), (400.0, 300.0, 300.0, "operator"), (400.0, 400.0, 400.0,
-                          "grid")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("grid_cap", "operator_cap", "cap", "binding"),
+    [(400.0, 1000.0, 400.0, "grid"), (400.0, 300.0, 300.0, "operator"), (400.0, 400.0, 400.0, "grid")],
+)
 def test_grid_and_operator_caps_are_separate_inputs_and_the_lower_binds(
     grid_cap: float, operator_cap: float, cap: float, binding: str
 ) -> None:

@@ -25,10 +25,18 @@ RULES = ArbitrationRules(debounce_s=0.0)
 CAP = 1000.0
 
 
-def dispatch(did: str, kw: float, *, source: Source = Source.GRID, ramp: float | None = None, start: float = 0.0,
-             end: float | None = None) -> Dispatch:  # fmt: skip
-    return Dispatch(did, source, T0 + start, T0 + start, None if end is None else T0 + end, target_kw=kw,
-                    ramp_kw_per_min=ramp)  # fmt: skip
+def dispatch(
+    did: str,
+    kw: float,
+    *,
+    source: Source = Source.GRID,
+    ramp: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+) -> Dispatch:
+    return Dispatch(
+        did, source, T0 + start, T0 + start, None if end is None else T0 + end, target_kw=kw, ramp_kw_per_min=ramp
+    )
 
 
 def run(inputs: ArbitrationInputs, *, from_kw: float, seconds: float, dt: float = 1.0) -> list[float]:
@@ -65,8 +73,13 @@ def test_every_kind_of_unramped_limit_binds_at_once_under_a_ramp() -> None:
         "grid cap": ArbitrationInputs(CAP, grid_cap_kw=650.0, dispatches=[slow], rules=RULES),
         "operator cap": ArbitrationInputs(CAP, operator_cap_kw=750.0, dispatches=[slow], rules=RULES),
     }
-    expected = {"schedule": 800.0, "failsafe": 700.0, "second grid dispatch": 600.0, "grid cap": 650.0,
-                "operator cap": 750.0}  # fmt: skip
+    expected = {
+        "schedule": 800.0,
+        "failsafe": 700.0,
+        "second grid dispatch": 600.0,
+        "grid cap": 650.0,
+        "operator cap": 750.0,
+    }
     for name, inputs in cases.items():
         first = ramped_level(inputs, T0 + 10, 1.0, {}, from_kw=999.0)
         assert first.kw == expected[name], name

@@ -93,16 +93,21 @@ def test_the_rotation_visits_each_broker_in_order_and_wraps() -> None:
 def _site_file(tmp_path: Path, mqtt: dict[str, object]) -> Path:
     pub = tmp_path / "grid.pub"
     pub.write_bytes(signing.generate_keypair()[1])
-    doc = {"site": {"id": "karachi-1", "cap_kw": 1000}, "mqtt": mqtt, "grid": {"public_keys": [str(pub)]},
-           "state_dir": str(tmp_path / "state")}  # fmt: skip
+    doc = {
+        "site": {"id": "karachi-1", "cap_kw": 1000},
+        "mqtt": mqtt,
+        "grid": {"public_keys": [str(pub)]},
+        "state_dir": str(tmp_path / "state"),
+    }
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
 def test_a_broker_list_in_the_config(tmp_path: Path) -> None:
-    path = _site_file(tmp_path, {"brokers": [{"host": "nats-1.grid"}, {"host": "nats-2.grid", "port": 1884}],
-                                 "protocol": "3.1.1"})  # fmt: skip
+    path = _site_file(
+        tmp_path, {"brokers": [{"host": "nats-1.grid"}, {"host": "nats-2.grid", "port": 1884}], "protocol": "3.1.1"}
+    )
     cfg = load_config(path)
     assert cfg.mqtt.endpoints() == [("nats-1.grid", 1883), ("nats-2.grid", 1884)]
     assert cfg.mqtt.protocol == "3.1.1"
@@ -136,8 +141,9 @@ def test_broker_list_errors_name_the_file_the_field_and_the_value(
 
 # -------------------------------------------------------------------------------------- the link, offline
 def test_the_link_moves_to_the_next_broker_after_a_failure_and_says_which(tmp_path: Path) -> None:
-    path = _site_file(tmp_path, {"brokers": [{"host": "127.0.0.1", "port": p} for p in (1001, 1002, 1003)],
-                                 "protocol": "3.1.1"})  # fmt: skip
+    path = _site_file(
+        tmp_path, {"brokers": [{"host": "127.0.0.1", "port": p} for p in (1001, 1002, 1003)], "protocol": "3.1.1"}
+    )
     link, _, _ = make_link(load_config(path))
     status = link.status()
     assert status["address"] == "127.0.0.1:1001"

@@ -28,8 +28,17 @@ GRID = Ed25519PrivateKey.generate()
 OPERATOR = Ed25519PrivateKey.generate()
 # what a refusal of malformed input may say; never internal, never an exception
 MALFORMED = {BAD_JSON, BAD_REQUEST, OUT_OF_RANGE}
-ANY_REFUSAL = MALFORMED | {"too_large", "unknown_verb", "unsigned", "bad_signature", "disabled", "expired", "future",
-                           "wrong_scope", "retained"}  # fmt: skip
+ANY_REFUSAL = MALFORMED | {
+    "too_large",
+    "unknown_verb",
+    "unsigned",
+    "bad_signature",
+    "disabled",
+    "expired",
+    "future",
+    "wrong_scope",
+    "retained",
+}
 
 
 def iso(ts: float) -> str:
@@ -39,13 +48,22 @@ def iso(ts: float) -> str:
 def parse(verb: str, payload: bytes | Any, channel: Channel = Channel.MQTT) -> Command | Repeat | Reply:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return parse_request(
-        verb, raw, channel, grid_keys=[GRID.public_key()], operator_keys=[OPERATOR.public_key()], now=NOW,
-        rules=RULES, max_bytes=65_536, cap_kw=2000.0, site_id=SITE,
-    )  # fmt: skip
+        verb,
+        raw,
+        channel,
+        grid_keys=[GRID.public_key()],
+        operator_keys=[OPERATOR.public_key()],
+        now=NOW,
+        rules=RULES,
+        max_bytes=65_536,
+        cap_kw=2000.0,
+        site_id=SITE,
+    )
 
 
-def grid_signed(doc: dict[str, Any], verb: str = "dispatch", *, site: str = SITE,
-                key: Ed25519PrivateKey = GRID) -> dict[str, Any]:  # fmt: skip
+def grid_signed(
+    doc: dict[str, Any], verb: str = "dispatch", *, site: str = SITE, key: Ed25519PrivateKey = GRID
+) -> dict[str, Any]:
     return signing.sign_command({"id": "d-1", "issued_at": iso(NOW - 1), "site": site, "verb": verb, **doc}, key)
 
 
@@ -160,9 +178,31 @@ JSONISH = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = st.sampled_from(["id", "issued_at", "target_kw", "curtail_kw", "start", "end", "ramp_kw_per_min", "priority",
-                          "rev", "dispatch_id", "cap_kw", "to_kw", "by_kw", "for_s", "site", "verb", "signature",
-                          "limit", "state", "sort", "all"])  # fmt: skip
+FIELDS = st.sampled_from(
+    [
+        "id",
+        "issued_at",
+        "target_kw",
+        "curtail_kw",
+        "start",
+        "end",
+        "ramp_kw_per_min",
+        "priority",
+        "rev",
+        "dispatch_id",
+        "cap_kw",
+        "to_kw",
+        "by_kw",
+        "for_s",
+        "site",
+        "verb",
+        "signature",
+        "limit",
+        "state",
+        "sort",
+        "all",
+    ]
+)
 VERBS = st.sampled_from([*sorted(commands.REQUESTS), "launch", ""])
 
 
@@ -176,8 +216,9 @@ def _check(result: Command | Repeat | Reply) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(verb=VERBS, doc=st.dictionaries(FIELDS, JSONISH, max_size=8),
-       channel=st.sampled_from([Channel.MQTT, Channel.LOCAL]))  # fmt: skip
+@given(
+    verb=VERBS, doc=st.dictionaries(FIELDS, JSONISH, max_size=8), channel=st.sampled_from([Channel.MQTT, Channel.LOCAL])
+)
 def test_arbitrary_documents_never_raise(verb: str, doc: dict[str, Any], channel: Channel) -> None:
     payload = json.dumps(doc, allow_nan=True).encode()  # NaN/Infinity literals too
     _check(parse(verb, payload, channel))
@@ -190,8 +231,7 @@ def test_arbitrary_bytes_never_raise(verb: str, payload: bytes, channel: Channel
 
 
 @settings(max_examples=200, deadline=None)
-@given(number=NUMBERS, field=st.sampled_from(["target_kw", "ramp_kw_per_min", "rev", "end", "start",
-                                             "issued_at"]))  # fmt: skip
+@given(number=NUMBERS, field=st.sampled_from(["target_kw", "ramp_kw_per_min", "rev", "end", "start", "issued_at"]))
 def test_any_number_in_any_signed_field_never_raises(number: str, field: str) -> None:
     result = parse("dispatch", signed_bytes({"target_kw": 5}, number, field))
     _check(result)
@@ -266,8 +306,9 @@ def beat(issued: float, *, site: str = SITE, key: Ed25519PrivateKey = GRID, **ex
 
 
 def check_beat(payload: bytes, newest: float | None = None) -> float | str:
-    return commands.parse_heartbeat(payload, grid_keys=[GRID.public_key()], site_id=SITE, now=NOW, max_age_s=60,
-                                    max_skew_s=30, newest=newest)  # fmt: skip
+    return commands.parse_heartbeat(
+        payload, grid_keys=[GRID.public_key()], site_id=SITE, now=NOW, max_age_s=60, max_skew_s=30, newest=newest
+    )
 
 
 def test_only_signed_fresh_newer_heartbeats_for_this_site_count() -> None:
@@ -287,7 +328,9 @@ def test_only_signed_fresh_newer_heartbeats_for_this_site_count() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(payload=st.binary(max_size=300) | st.dictionaries(FIELDS, JSONISH, max_size=6).map(
-    lambda d: json.dumps(d, allow_nan=True).encode()))  # fmt: skip
+@given(
+    payload=st.binary(max_size=300)
+    | st.dictionaries(FIELDS, JSONISH, max_size=6).map(lambda d: json.dumps(d, allow_nan=True).encode())
+)
 def test_arbitrary_heartbeats_never_raise(payload: bytes) -> None:
     assert isinstance(check_beat(payload), str)  # nothing unsigned is ever taken for a heartbeat

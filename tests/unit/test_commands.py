@@ -86,9 +86,21 @@ def dispatch_doc(**over: Any) -> dict[str, Any]:
 def signed(doc: dict[str, Any], key: Ed25519PrivateKey = GRID, verb: str | None = None) -> dict[str, Any]:
     """hashflex-sig-v2 for this site; the verb is what the fields say unless given."""
     if verb is None:
-        verb = next((v for f, v in (("dispatch_id", "cancel"), ("cap_kw", "cap"), ("to_kw", "curtail"),
-                                    ("by_kw", "curtail"), ("target_kw", "dispatch"), ("curtail_kw", "dispatch"))
-                     if f in doc), "resume")  # fmt: skip
+        verb = next(
+            (
+                v
+                for f, v in (
+                    ("dispatch_id", "cancel"),
+                    ("cap_kw", "cap"),
+                    ("to_kw", "curtail"),
+                    ("by_kw", "curtail"),
+                    ("target_kw", "dispatch"),
+                    ("curtail_kw", "dispatch"),
+                )
+                if f in doc
+            ),
+            "resume",
+        )
     return signing.sign_command({"site": SITE, "verb": verb, **doc}, key)
 
 
@@ -336,17 +348,35 @@ def test_an_authentic_repeat_gets_its_stored_reply_however_old() -> None:
     doc = signed(dispatch_doc(issued_at=iso(NOW - 10_000)))  # far beyond max_age
     stored = {"id": "d-1", "status": "ok", "data": {"dispatch": {"id": "d-1"}}}
     result = parse_request(
-        "dispatch", json.dumps(doc).encode(), Channel.MQTT, grid_keys=[GRID.public_key()], operator_keys=[],
-        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE, stored_reply={KEY: stored}.get,
-    )  # fmt: skip
+        "dispatch",
+        json.dumps(doc).encode(),
+        Channel.MQTT,
+        grid_keys=[GRID.public_key()],
+        operator_keys=[],
+        now=NOW,
+        rules=RULES,
+        max_bytes=4096,
+        cap_kw=CAP_KW,
+        site_id=SITE,
+        stored_reply={KEY: stored}.get,
+    )
     assert isinstance(result, Repeat)
     assert result.reply.to_dict() == stored
     # ...but only an authentic one: a forged repeat is refused before the store is asked
     forged = {**doc, "target_kw": 1}
     result = parse_request(
-        "dispatch", json.dumps(forged).encode(), Channel.MQTT, grid_keys=[GRID.public_key()], operator_keys=[],
-        now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE, stored_reply={KEY: stored}.get,
-    )  # fmt: skip
+        "dispatch",
+        json.dumps(forged).encode(),
+        Channel.MQTT,
+        grid_keys=[GRID.public_key()],
+        operator_keys=[],
+        now=NOW,
+        rules=RULES,
+        max_bytes=4096,
+        cap_kw=CAP_KW,
+        site_id=SITE,
+        stored_reply={KEY: stored}.get,
+    )
     code, _ = error(result)
     assert code == BAD_SIGNATURE
 
@@ -357,10 +387,18 @@ def test_an_id_reused_for_other_content_is_a_conflict_not_the_first_ok() -> None
 
     def send(doc: dict[str, Any]) -> Command | Repeat | Reply:
         return parse_request(
-            "dispatch", json.dumps(signed(doc)).encode(), Channel.MQTT, grid_keys=[GRID.public_key()],
-            operator_keys=[], now=NOW, rules=RULES, max_bytes=4096, cap_kw=CAP_KW, site_id=SITE,
+            "dispatch",
+            json.dumps(signed(doc)).encode(),
+            Channel.MQTT,
+            grid_keys=[GRID.public_key()],
+            operator_keys=[],
+            now=NOW,
+            rules=RULES,
+            max_bytes=4096,
+            cap_kw=CAP_KW,
+            site_id=SITE,
             stored_reply={KEY: stored}.get,
-        )  # fmt: skip
+        )
 
     # the same request signed again later (a retry) is a repeat...
     assert isinstance(send(dispatch_doc(issued_at=iso(NOW - 1))), Repeat)
@@ -384,8 +422,9 @@ def test_curtail_add_is_optional_and_leaves_older_digests_as_they_were() -> None
     assert plain.request.add is False
     assert added.request.add is True
     # the digest as it was computed before the field existed (every field but issued_at and the signature)
-    before = json.dumps({"by_kw": None, "for_s": None, "id": "o-1", "to_kw": 500.0}, sort_keys=True,
-                        separators=(",", ":"))  # fmt: skip
+    before = json.dumps(
+        {"by_kw": None, "for_s": None, "id": "o-1", "to_kw": 500.0}, sort_keys=True, separators=(",", ":")
+    )
     assert plain.digest == hashlib.sha256(before.encode()).hexdigest()
     assert added.digest != plain.digest  # asking to add is another request
     code, message = error(parse("curtail", {"id": "o-2", "to_kw": 500, "add": "maybe"}, Channel.LOCAL))
@@ -397,8 +436,9 @@ def test_a_dispatch_stored_before_priority_was_retired_keeps_its_digest() -> Non
     """`priority` (accepted, never used) left the dispatch request in contract 1.0. A dispatch answered before keeps
     its stored digest: a grid retrying it after the upgrade gets its stored reply, not a conflict. The digest below
     is the one the agent computed before the change (commit b03e2fa) for this very request."""
-    request = DispatchRequest.model_validate({"id": "d-7", "issued_at": 1750000000, "target_kw": 400,
-                                              "end": 1750003600})  # fmt: skip
+    request = DispatchRequest.model_validate(
+        {"id": "d-7", "issued_at": 1750000000, "target_kw": 400, "end": 1750003600}
+    )
     assert request_digest(request) == "645a22e0dc7be8cec7cf63b4b4dcda4b4bb2b2ab15eeb80d217ebbe680964bcb"
     stored = {"id": "d-7", "status": "ok", "data": {}, REQUEST_DIGEST: request_digest(request)}
     assert isinstance(answer_repeat(request, stored), Repeat)

@@ -10,16 +10,28 @@ import yaml
 
 from hashflex.agent.config import ConfigError, load_config
 
-DRIVE = {"kind": "drive", "host": "10.0.0.60", "setpoint_register": 1, "full_kw": 3, "min_pct": 30,
-         "curve": [[0, 30], [100, 100]], "down_after_s": "5m", "up_lead_s": "1m"}  # fmt: skip
+DRIVE = {
+    "kind": "drive",
+    "host": "10.0.0.60",
+    "setpoint_register": 1,
+    "full_kw": 3,
+    "min_pct": 30,
+    "curve": [[0, 30], [100, 100]],
+    "down_after_s": "5m",
+    "up_lead_s": "1m",
+}
 
 
 def write(tmp_path: Path, cooling: object) -> Path:
     circuit: dict[str, object] = {"id": "pdu-a", "cap_kw": 50, "miners": ["127.0.0.1-127.0.0.4"]}
     if cooling is not None:
         circuit["cooling"] = cooling
-    doc = {"site": {"id": "m", "cap_kw": 100, "circuits": [circuit]}, "miners": {"addresses": ["127.0.0.1-4"]},
-           "state_dir": str(tmp_path / "state"), "metrics": {"enabled": False}}  # fmt: skip
+    doc = {
+        "site": {"id": "m", "cap_kw": 100, "circuits": [circuit]},
+        "miners": {"addresses": ["127.0.0.1-4"]},
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"enabled": False},
+    }
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -39,29 +39,56 @@ def base_doc(tmp_path: Path) -> dict[str, Any]:
     """A valid config with at least one element in every list of sections, so every float field has a place."""
     return {
         "site": {
-            "id": "limits", "cap_kw": 1000, "timezone": "Asia/Karachi",
+            "id": "limits",
+            "cap_kw": 1000,
+            "timezone": "Asia/Karachi",
             "circuits": [
-                {"id": "tx1", "cap_kw": 800, "miners": ["10.0.0.0/25"],
-                 "cooling": {"kind": "drive", "host": "10.0.1.2", "setpoint_register": 1, "full_kw": 40,
-                             "min_pct": 30, "curve": [[0, 30], [100, 100]]}},
+                {
+                    "id": "tx1",
+                    "cap_kw": 800,
+                    "miners": ["10.0.0.0/25"],
+                    "cooling": {
+                        "kind": "drive",
+                        "host": "10.0.1.2",
+                        "setpoint_register": 1,
+                        "full_kw": 40,
+                        "min_pct": 30,
+                        "curve": [[0, 30], [100, 100]],
+                    },
+                },
                 {"id": "tx2", "cap_kw": 800, "miners": ["10.0.0.128/25"]},
             ],
-            "meter": {"host": "10.0.1.1", "non_miner_allowance_kw": 50, "max_kw": 2000, "cooling_pct": 5,
-                      "map": {"name": "custom", "total_w": {"address": 0}, "import_wh": {"address": 2},
-                              "hz": {"address": 4}, "phase_w": [{"address": a} for a in (6, 8, 10)],
-                              "volts": [{"address": a} for a in (12, 14, 16)]}},
+            "meter": {
+                "host": "10.0.1.1",
+                "non_miner_allowance_kw": 50,
+                "max_kw": 2000,
+                "cooling_pct": 5,
+                "map": {
+                    "name": "custom",
+                    "total_w": {"address": 0},
+                    "import_wh": {"address": 2},
+                    "hz": {"address": 4},
+                    "phase_w": [{"address": a} for a in (6, 8, 10)],
+                    "volts": [{"address": a} for a in (12, 14, 16)],
+                },
+            },
         },
-        "miners": {"addresses": ["10.0.0.0/24"], "priority_groups": [{"name": "g", "priority": 1,
-                                                                        "addresses": ["10.0.0.5"]}]},
+        "miners": {
+            "addresses": ["10.0.0.0/24"],
+            "priority_groups": [{"name": "g", "priority": 1, "addresses": ["10.0.0.5"]}],
+        },
         "control": {"ramp_up_kw_per_min": 600, "tolerance_kw": 5},
         "dispatch": {"max_event_s": "2h"},
         "failsafe": {"level": 500},
         "mqtt": {"enabled": False, "miner_detail_interval_s": "30s"},
         "schedule": [{"name": "peak", "start": "18:00", "end": "22:00", "target_kw": 600}],
-        "frequency_response": {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}],
-                               "restore_above_hz": 49.9, "restore_after_s": 30},
+        "frequency_response": {
+            "stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}],
+            "restore_above_hz": 49.9,
+            "restore_after_s": 30,
+        },
         "state_dir": str(tmp_path / "state"),
-    }  # fmt: skip
+    }
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -147,9 +174,18 @@ def refused(path: Path) -> str:
 
 def test_the_walk_finds_the_fields_that_defeat_the_caps(tmp_path: Path) -> None:
     names = {loc_text(p) for p in FLOAT_FIELDS}
-    for expected in ("site.cap_kw", "site.circuits[0].cap_kw", "failsafe.heartbeat_timeout_s", "failsafe.level",
-                     "control.tolerance_kw", "control.ramp_up_kw_per_min", "schedule[0].target_kw",
-                     "dispatch.max_event_s", "mqtt.miner_detail_interval_s", "control.wake.interval_s"):  # fmt: skip
+    for expected in (
+        "site.cap_kw",
+        "site.circuits[0].cap_kw",
+        "failsafe.heartbeat_timeout_s",
+        "failsafe.level",
+        "control.tolerance_kw",
+        "control.ramp_up_kw_per_min",
+        "schedule[0].target_kw",
+        "dispatch.max_event_s",
+        "mqtt.miner_detail_interval_s",
+        "control.wake.interval_s",
+    ):
         assert expected in names, sorted(names)
     cfg = load_config(write_with(tmp_path, ("site", "id"), "limits"))  # the base itself is valid
     assert cfg.site.cap_kw == 1000
@@ -409,8 +445,15 @@ async def test_the_controller_counts_a_nested_miner_on_the_deepest_circuit_and_w
     try:
         fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=time.time)
         actuator = Actuator(fleet.handle, concurrency=1, command_timeout_s=1.0)
-        ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=_WallClock(),
-                         events=EventLog(time.time), grid_link=False)  # fmt: skip
+        ctl = Controller(
+            cfg,
+            fleet=fleet,
+            store=store,
+            actuator=actuator,
+            clock=_WallClock(),
+            events=EventLog(time.time),
+            grid_link=False,
+        )
         assert ctl.rules.circuit_of["10.0.0.5"] == "pdu1"
         assert ctl.rules.circuit_of["10.0.0.100"] == "tx1"
         assert ctl.rules.circuit_of["10.0.0.200"] == "tx2"

@@ -20,8 +20,12 @@ def write(tmp_path: Path, meter: object, cap_kw: float = 1000) -> Path:
     site: dict[str, object] = {"id": "m", "cap_kw": cap_kw}
     if meter is not None:
         site["meter"] = meter
-    doc = {"site": site, "miners": {"addresses": ["127.0.0.1"]}, "state_dir": str(tmp_path / "state"),
-           "metrics": {"enabled": False}}  # fmt: skip
+    doc = {
+        "site": site,
+        "miners": {"addresses": ["127.0.0.1"]},
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"enabled": False},
+    }
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -84,19 +84,41 @@ def test_topics_of_a_site_and_of_a_program() -> None:
     assert (every.flex, every.reply("+")) == ("hashflex/+/flex", "hashflex/+/reply/+")
     program = ProgramTopics("hashflex", "p1")
     assert (program.commands, program.state, program.reply("hold")) == (
-        "hashflex/program/p1/cmd/+", "hashflex/program/p1/state", "hashflex/program/p1/reply/hold",
-    )  # fmt: skip
+        "hashflex/program/p1/cmd/+",
+        "hashflex/program/p1/state",
+        "hashflex/program/p1/reply/hold",
+    )
 
 
 def test_the_flex_document_reads_back_as_written_with_the_documented_fields() -> None:
     flex = Flexibility(
-        site_id="s", at=T0, present_w=5000.0, metered=True, reach=(Reach(0.0, 4000.0), Reach(60.0, 1000.0)),
-        most_w=9000.0, cap_w=10000.0, fleet_max_w=9000.0, target_w=8000.0, ramp_up_w_per_s=None,
-        ramp_down_w_per_s=None, wake_max_per_interval=4, wake_interval_s=10.0, min_on_s=60.0, min_off_s=60.0,
-        ths_at_cap=300.0, ths_now=250.0, loss=(LossPoint(0.1, 1000.0, 20.0), LossPoint(0.5, 5000.0, 150.0)),
-        failsafe_active=False, failsafe_reason="", failsafe_level_w=None, readings_at=T0 - 2, readings_age_s=2.0,
-        stale=False, miners=10, unreachable=1,
-    )  # fmt: skip
+        site_id="s",
+        at=T0,
+        present_w=5000.0,
+        metered=True,
+        reach=(Reach(0.0, 4000.0), Reach(60.0, 1000.0)),
+        most_w=9000.0,
+        cap_w=10000.0,
+        fleet_max_w=9000.0,
+        target_w=8000.0,
+        ramp_up_w_per_s=None,
+        ramp_down_w_per_s=None,
+        wake_max_per_interval=4,
+        wake_interval_s=10.0,
+        min_on_s=60.0,
+        min_off_s=60.0,
+        ths_at_cap=300.0,
+        ths_now=250.0,
+        loss=(LossPoint(0.1, 1000.0, 20.0), LossPoint(0.5, 5000.0, 150.0)),
+        failsafe_active=False,
+        failsafe_reason="",
+        failsafe_level_w=None,
+        readings_at=T0 - 2,
+        readings_age_s=2.0,
+        stale=False,
+        miners=10,
+        unreachable=1,
+    )
     doc = flex.to_dict()
     assert doc["schema"] == FLEX_SCHEMA
     assert set(doc) == set(get_type_hints(FlexDoc))

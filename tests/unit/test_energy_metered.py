@@ -34,8 +34,14 @@ def miners_minute(minute_ts: int, kwh: float, covered_s: float = 60.0) -> Closed
     return EnergyMinute(minute_ts, kwh, kwh, 0.0, covered_s, 0.0, 0.0, 0.0, kwh * 60, 6), {}
 
 
-def run(powers_kw: list[float], miners_share: float, stale: set[int], *, step_s: float = 10.0,
-        resets: frozenset[int] = frozenset()) -> tuple[list[EnergyMinute], float, MeteredEnergy]:  # fmt: skip
+def run(
+    powers_kw: list[float],
+    miners_share: float,
+    stale: set[int],
+    *,
+    step_s: float = 10.0,
+    resets: frozenset[int] = frozenset(),
+) -> tuple[list[EnergyMinute], float, MeteredEnergy]:
     """A site drawing powers_kw[i] in minute i, the counter read every step_s (not while a minute is in `stale`, and
     restarted from 0 in a minute in `resets`), the miners reporting miners_share of it; the pictures come at each
     minute's end. Returns the released minutes, the counter's true delta over the run, and the integrator."""
@@ -105,9 +111,11 @@ def test_a_stale_span_falls_back_marked_and_its_energy_is_carried_to_where_the_m
     assert back.source == METERED
     # every kWh of the run is the counter's, but for what the miners reported beyond it over a span (not taken back)
     assert sum(m.kwh for m in minutes) == pytest.approx(true_kwh + me.overcount_kwh, rel=1e-9, abs=1e-9)
-    assert back.carried_kwh == pytest.approx(max(0.0, sum(kw[i] for i in range(a, b + 1)) / 60
-                                                 - sum(kw[i] * share for i in range(a, b + 1)) / 60),
-                                             rel=1e-6, abs=1e-9)  # fmt: skip
+    assert back.carried_kwh == pytest.approx(
+        max(0.0, sum(kw[i] for i in range(a, b + 1)) / 60 - sum(kw[i] * share for i in range(a, b + 1)) / 60),
+        rel=1e-6,
+        abs=1e-9,
+    )
     quarter = rollup(minutes, 900)
     assert any(q.source == FALLBACK for q in quarter)
     assert sum(q.fallback_minutes for q in quarter) == len(stale) + 1  # the minute it came back in is partial

@@ -34,9 +34,11 @@ def test_a_version_1_database_is_migrated_and_its_old_pins_still_verify(tmp_path
         assert s._db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 2
     db = sqlite3.connect(path, isolation_level=None)
     for i in range(15):
-        db.execute("INSERT INTO energy_minute (minute_ts, kwh, measured_kwh, estimated_kwh, covered_s, curtailed_s, "
-                   "baseline_kwh, not_drawn_kwh, peak_kw, samples) VALUES (?, 1.0, 1.0, 0.0, 60, 0, 0, 0, 60, 6)",
-                   (Q0 + 60 * i,))  # fmt: skip
+        db.execute(
+            "INSERT INTO energy_minute (minute_ts, kwh, measured_kwh, estimated_kwh, covered_s, curtailed_s, "
+            "baseline_kwh, not_drawn_kwh, peak_kw, samples) VALUES (?, 1.0, 1.0, 0.0, 60, 0, 0, 0, 60, 6)",
+            (Q0 + 60 * i,),
+        )
     db.close()
     with Store.open(path) as s:
         old = s.energy_minutes(Q0, Q0 + 900)
@@ -82,8 +84,10 @@ def test_sources_are_kept_merged_exported_and_pinned_and_an_edit_is_found(tmp_pa
     assert pinned[0]["source"] == FALLBACK
     assert pinned[0]["fallback_minutes"] == 4
     # an edit of the source (a fallback minute passed off as metered) or of the counter figures is found
-    for edit in ("UPDATE energy_minute SET source = 0 WHERE minute_ts = ?",
-                 "UPDATE energy_minute SET carried_kwh = 0 WHERE minute_ts = ?"):  # fmt: skip
+    for edit in (
+        "UPDATE energy_minute SET source = 0 WHERE minute_ts = ?",
+        "UPDATE energy_minute SET carried_kwh = 0 WHERE minute_ts = ?",
+    ):
         copy = tmp_path / "edited.db"
         copy.write_bytes(path.read_bytes())
         db = sqlite3.connect(copy)

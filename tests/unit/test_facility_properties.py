@@ -103,8 +103,9 @@ def _run(scenario: Scenario) -> None:
             if latency == 0:
                 device_was_running = device >= rule.min_pct and device > 0
                 device = state.setpoint_pct
-                running_since = (running_since if device_was_running else now) if device >= rule.min_pct and \
-                    device > 0 else None  # fmt: skip
+                running_since = (
+                    (running_since if device_was_running else now) if device >= rule.min_pct and device > 0 else None
+                )
                 state = core.acknowledged(rule, state, device, now)
             else:
                 pending = (now + latency, state.setpoint_pct)
@@ -120,8 +121,14 @@ def _run(scenario: Scenario) -> None:
 
 
 # a circuit half on, its fans at the speed for that; a wake wanted: it waits for the raise to be acknowledged
-HALF_ON = (core.CoolingRule("c", "drive", 30.0, 0.0, ((0.0, 30.0), (1.0, 100.0)), 60.0, 30.0), 2, 1, 5.0, 65.0,
-           [Tick(100.0, 0, 1), Tick(1.0, 0, 1), Tick(10.0, 0, 1)])  # fmt: skip
+HALF_ON = (
+    core.CoolingRule("c", "drive", 30.0, 0.0, ((0.0, 30.0), (1.0, 100.0)), 60.0, 30.0),
+    2,
+    1,
+    5.0,
+    65.0,
+    [Tick(100.0, 0, 1), Tick(1.0, 0, 1), Tick(10.0, 0, 1)],
+)
 
 
 @PROPS

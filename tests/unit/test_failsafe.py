@@ -246,10 +246,15 @@ def test_wall_clock_out_of_step_when_recorded_keeps_the_start_rule() -> None:
 
 @pytest.mark.parametrize(
     "doc",
-    [{}, [], "x", {"active": "no", "saved_wall": W0, "clock_stepped": False},
-     {"active": False, "saved_wall": float("nan"), "clock_stepped": False},
-     {"active": False, "saved_wall": W0, "clock_stepped": None}],
-)  # fmt: skip
+    [
+        {},
+        [],
+        "x",
+        {"active": "no", "saved_wall": W0, "clock_stepped": False},
+        {"active": False, "saved_wall": float("nan"), "clock_stepped": False},
+        {"active": False, "saved_wall": W0, "clock_stepped": None},
+    ],
+)
 def test_damaged_record_reads_as_a_first_start(doc: object) -> None:
     assert link_from_doc(doc) is None
 

@@ -114,9 +114,17 @@ def test_min_on_keeps_miners_on_until_it_runs_out() -> None:
         _onoff(3, on_since=NOW - 100),
     ]
     f = flexibility(
-        views, site_id="s", tree=CircuitTree(12.0), rules=rules, now=NOW, cap_w=12_000.0, target_w=12_000.0,
-        present_w=12_000.0, metered=False, readings_at=NOW,
-    )  # fmt: skip
+        views,
+        site_id="s",
+        tree=CircuitTree(12.0),
+        rules=rules,
+        now=NOW,
+        cap_w=12_000.0,
+        target_w=12_000.0,
+        present_w=12_000.0,
+        metered=False,
+        readings_at=NOW,
+    )
     assert [r.floor_w for r in f.reach] == [2 * 20 + 2 * 3000, 20 * 3 + 3000, 4 * 20]
     assert f.most_w == 12_000.0
     assert f.fleet_max_w == 12_000.0
@@ -137,10 +145,20 @@ def test_meter_other_load_and_failsafe() -> None:
     views = [_onoff(i, on_since=NOW - 3600) for i in range(3)]
     fs = FailsafeState(True, NOW - 10, "heartbeat_lost", NOW - 1000, level_kw=5.0)
     f = flexibility(
-        views, site_id="s", tree=CircuitTree(100.0), rules=rules, now=NOW, cap_w=100_000.0, target_w=5000.0,
-        present_w=10_500.0, metered=True, other_load_w=1500.0, failsafe=fs, readings_at=NOW - 100,
+        views,
+        site_id="s",
+        tree=CircuitTree(100.0),
+        rules=rules,
+        now=NOW,
+        cap_w=100_000.0,
+        target_w=5000.0,
+        present_w=10_500.0,
+        metered=True,
+        other_load_w=1500.0,
+        failsafe=fs,
+        readings_at=NOW - 100,
         stale_after_s=30.0,
-    )  # fmt: skip
+    )
     assert [r.floor_w for r in f.reach] == [1500.0] * 3
     assert f.most_w == 10_500.0  # the healthy fleet at full power plus the other load, under the cap
     assert f.failsafe_active
@@ -167,9 +185,16 @@ def test_document_round_trip(case: Case, present_share: float) -> None:
 def test_non_finite_input_refused(name: str, bad: object) -> None:
     views = [_onoff(0, on_since=NOW - 3600)]
     args: dict[str, object] = {
-        "site_id": "s", "tree": CircuitTree(10.0), "rules": PlannerRules(), "now": NOW, "cap_w": 10_000.0,
-        "target_w": 10_000.0, "present_w": 3000.0, "metered": False, "readings_at": NOW,
-    }  # fmt: skip
+        "site_id": "s",
+        "tree": CircuitTree(10.0),
+        "rules": PlannerRules(),
+        "now": NOW,
+        "cap_w": 10_000.0,
+        "target_w": 10_000.0,
+        "present_w": 3000.0,
+        "metered": False,
+        "readings_at": NOW,
+    }
     if bad is None and name == "readings_at":
         flexibility(views, **args)  # type: ignore[arg-type]  # no readings yet is allowed (and stale)
         return
@@ -185,16 +210,29 @@ def test_non_finite_view_refused(field: str) -> None:
     view = replace(_onoff(0, on_since=NOW), **{field: math.nan})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=field):
         flexibility(
-            [view], site_id="s", tree=CircuitTree(10.0), rules=PlannerRules(), now=NOW, cap_w=1e4, target_w=1e4,
-            present_w=0.0, metered=False,
-        )  # fmt: skip
+            [view],
+            site_id="s",
+            tree=CircuitTree(10.0),
+            rules=PlannerRules(),
+            now=NOW,
+            cap_w=1e4,
+            target_w=1e4,
+            present_w=0.0,
+            metered=False,
+        )
 
 
 def test_depths_bounded_and_in_range() -> None:
     common: dict[str, object] = {
-        "site_id": "s", "tree": CircuitTree(10.0), "rules": PlannerRules(), "now": NOW, "cap_w": 1e4,
-        "target_w": 1e4, "present_w": 0.0, "metered": False,
-    }  # fmt: skip
+        "site_id": "s",
+        "tree": CircuitTree(10.0),
+        "rules": PlannerRules(),
+        "now": NOW,
+        "cap_w": 1e4,
+        "target_w": 1e4,
+        "present_w": 0.0,
+        "metered": False,
+    }
     with pytest.raises(ValueError, match="at most"):
         flexibility([], depths=[0.05 * k for k in range(1, MAX_DEPTHS + 2)], **common)  # type: ignore[arg-type]
     for bad in (0.0, 1.5, math.nan):
@@ -217,9 +255,17 @@ def test_depths_bounded_and_in_range() -> None:
 def test_parse_refuses_bad_documents(path: tuple[object, ...], value: object, message: str) -> None:
     views = [_onoff(i, on_since=NOW - 3600) for i in range(4)]
     f = flexibility(
-        views, site_id="s", tree=CircuitTree(12.0), rules=PlannerRules(), now=NOW, cap_w=12_000.0,
-        target_w=12_000.0, present_w=12_000.0, metered=False, readings_at=NOW,
-    )  # fmt: skip
+        views,
+        site_id="s",
+        tree=CircuitTree(12.0),
+        rules=PlannerRules(),
+        now=NOW,
+        cap_w=12_000.0,
+        target_w=12_000.0,
+        present_w=12_000.0,
+        metered=False,
+        readings_at=NOW,
+    )
     doc = json.loads(json.dumps(f.to_dict()))
     node = doc
     for key in path[:-1]:
@@ -232,9 +278,18 @@ def test_parse_refuses_bad_documents(path: tuple[object, ...], value: object, me
 def test_publish_policy() -> None:
     views = [_onoff(i, on_since=NOW - 3600, nominal_w=3000.0) for i in range(100)]
     base = flexibility(
-        views, site_id="s", tree=CircuitTree(300.0), rules=PlannerRules(), now=NOW, cap_w=300_000.0,
-        target_w=300_000.0, present_w=250_000.0, metered=True, readings_at=NOW, depths=DEPTHS[:2],
-    )  # fmt: skip
+        views,
+        site_id="s",
+        tree=CircuitTree(300.0),
+        rules=PlannerRules(),
+        now=NOW,
+        cap_w=300_000.0,
+        target_w=300_000.0,
+        present_w=250_000.0,
+        metered=True,
+        readings_at=NOW,
+        depths=DEPTHS[:2],
+    )
     policy = FlexPublishPolicy()
     assert policy.due(base, NOW)
     policy.published(base, NOW)

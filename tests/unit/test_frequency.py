@@ -194,8 +194,17 @@ def test_taking_around_miners_already_slept_still_reaches_the_kw(
 
 
 def view(ip: str, state: MinerState, power_w: float | None, **kw: Any) -> MinerView:
-    return MinerView(id=ip, family=kw.pop("family", Family.LUXOS), capability=OnOff(), nominal_w=3500.0,
-                     nominal_ths=100.0, state=state, power_w=power_w, commanded_w=None, **kw)  # fmt: skip
+    return MinerView(
+        id=ip,
+        family=kw.pop("family", Family.LUXOS),
+        capability=OnOff(),
+        nominal_w=3500.0,
+        nominal_ths=100.0,
+        state=state,
+        power_w=power_w,
+        commanded_w=None,
+        **kw,
+    )
 
 
 class _Host:
@@ -241,8 +250,11 @@ def test_the_armed_list_never_holds_a_miner_asleep_unreachable_busy_or_ignoring_
     fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
     views = [view(f"10.0.0.{i}", s, 3000.0, ignores_commands=ignores[i]) for i, s in enumerate(states)]
     fr.arm(views, {f"10.0.0.{i}" for i in busy}, 100.0, 0.0)
-    allowed = {v.id for i, v in enumerate(views) if v.state in (MinerState.HASHING, MinerState.THROTTLED)
-               and not v.ignores_commands and i not in busy}  # fmt: skip
+    allowed = {
+        v.id
+        for i, v in enumerate(views)
+        if v.state in (MinerState.HASHING, MinerState.THROTTLED) and not v.ignores_commands and i not in busy
+    }
     assert {c.id for c in fr.armed.ranked} == allowed
     # a trip sleeps from that list only, and holds the site at what it drew less the stage
     fr.on_hz(_Hz(49.0, 1.0))
@@ -283,8 +295,11 @@ def test_a_reading_while_the_meter_is_stale_is_not_acted_on() -> None:
 
 # ------------------------------------------------------------------------------------------------ config
 def _write(tmp_path: Path, section: dict[str, Any], meter: bool = True) -> Path:
-    doc: dict[str, Any] = {"site": {"id": "f", "cap_kw": 1000}, "frequency_response": section,
-                           "state_dir": str(tmp_path / "state")}  # fmt: skip
+    doc: dict[str, Any] = {
+        "site": {"id": "f", "cap_kw": 1000},
+        "frequency_response": section,
+        "state_dir": str(tmp_path / "state"),
+    }
     if meter:
         doc["site"]["meter"] = {"host": "127.0.0.1", "non_miner_allowance_kw": 50}
     path = tmp_path / "site.yaml"
@@ -292,8 +307,11 @@ def _write(tmp_path: Path, section: dict[str, Any], meter: bool = True) -> Path:
     return path
 
 
-GOOD = {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
-        "restore_above_hz": 49.9, "restore_after_s": "30s"}  # fmt: skip
+GOOD = {
+    "stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
+    "restore_above_hz": 49.9,
+    "restore_after_s": "30s",
+}
 
 
 def test_a_good_section_loads(tmp_path: Path) -> None:
@@ -334,17 +352,31 @@ def test_a_good_section_loads(tmp_path: Path) -> None:
         ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "2000kW"}]}, "above site.cap_kw"),
         ({"restore_above_hz": 49.0}, "restore_above_hz = 49.0"),
         # a stage's own restore rule
-        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": 49.4}]},
-         "stages[0].restore_above_hz = 49.4"),
-        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"},
-                     {"below_hz": 49.0, "for_s": 0, "shed": "50%", "restore_above_hz": 49.2}]},
-         "stages[1].restore_above_hz = 49.2"),
-        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": float("nan")}]},
-         "stages[0].restore_above_hz"),
-        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": float("inf")}]},
-         "stages[0].restore_after_s"),
-        ({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": "-5s"}]},
-         "stages[0].restore_after_s"),
+        (
+            {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": 49.4}]},
+            "stages[0].restore_above_hz = 49.4",
+        ),
+        (
+            {
+                "stages": [
+                    {"below_hz": 49.4, "for_s": 0.2, "shed": "25%"},
+                    {"below_hz": 49.0, "for_s": 0, "shed": "50%", "restore_above_hz": 49.2},
+                ]
+            },
+            "stages[1].restore_above_hz = 49.2",
+        ),
+        (
+            {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_above_hz": float("nan")}]},
+            "stages[0].restore_above_hz",
+        ),
+        (
+            {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": float("inf")}]},
+            "stages[0].restore_after_s",
+        ),
+        (
+            {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%", "restore_after_s": "-5s"}]},
+            "stages[0].restore_after_s",
+        ),
         ({"stages": []}, "stages"),
     ],
 )
@@ -363,8 +395,10 @@ def test_bad_sections_are_refused_naming_file_field_and_value(
 def test_a_stage_s_own_restore_rule_loads_and_reaches_the_core(tmp_path: Path) -> None:
     from hashflex.agent.runtime.frequency import rules_from_config
 
-    section = {**GOOD, "stages": [GOOD["stages"][0], {**GOOD["stages"][1], "restore_above_hz": 49.95,
-                                                      "restore_after_s": "10m"}]}  # fmt: skip
+    section = {
+        **GOOD,
+        "stages": [GOOD["stages"][0], {**GOOD["stages"][1], "restore_above_hz": 49.95, "restore_after_s": "10m"}],
+    }
     fr = load_config(_write(tmp_path, section)).frequency_response
     assert fr is not None
     assert fr.stages[0].restore_above_hz is None
@@ -422,14 +456,19 @@ _TENTHS = st.integers(0, 200).map(lambda n: n / 10)  # restore times on the read
     polls=st.integers(0, 250),
 )
 def test_the_deepest_held_stage_s_restore_rule_ends_the_event(
-    programme: tuple[float, float], overrides: list[tuple[float | None, float | None]], depth: int, hz: float,
+    programme: tuple[float, float],
+    overrides: list[tuple[float | None, float | None]],
+    depth: int,
+    hz: float,
     polls: int,
 ) -> None:
     """An event holding `depth` stages ends exactly when the frequency has been above the deepest held stage's
     restore_above_hz (the programme's where it has none) for its restore_after_s (likewise), and not before."""
     shallow_deep = ((49.4, 25.0), (49.0, 50.0))
-    stages = tuple(Stage(below, 0.0, shed_pct=pct, restore_above_hz=above, restore_after_s=after)
-                   for (below, pct), (above, after) in zip(shallow_deep, overrides, strict=True))  # fmt: skip
+    stages = tuple(
+        Stage(below, 0.0, shed_pct=pct, restore_above_hz=above, restore_after_s=after)
+        for (below, pct), (above, after) in zip(shallow_deep, overrides, strict=True)
+    )
     rules = FrequencyRules(stages, restore_above_hz=programme[0], restore_after_s=programme[1], max_gap_s=1.0)
     dip = 49.3 if depth == 1 else 48.9
     state, _ = observe(FrequencyState.initial(rules), rules, dip, 0.0)
@@ -456,8 +495,11 @@ def test_a_stage_s_restore_threshold_must_be_above_its_below_hz_and_the_first_st
     with pytest.raises(ValueError, match="restore_after_s"):
         Stage(49.0, 0.0, shed_pct=50.0, restore_after_s=float("nan"))
     with pytest.raises(ValueError, match=r"stages\[1\]\.restore_above_hz = 49.2"):
-        FrequencyRules((Stage(49.4, 0.2, shed_pct=25.0), Stage(49.0, 0.0, shed_pct=50.0, restore_above_hz=49.2)),
-                       restore_above_hz=49.9, restore_after_s=10.0)  # fmt: skip
+        FrequencyRules(
+            (Stage(49.4, 0.2, shed_pct=25.0), Stage(49.0, 0.0, shed_pct=50.0, restore_above_hz=49.2)),
+            restore_above_hz=49.9,
+            restore_after_s=10.0,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ over a restart
@@ -485,8 +527,11 @@ def _response(host: _Host, clock: list[float]) -> FrequencyResponse:
     from hashflex.agent.config import FrequencyResponseConfig
 
     cfg = FrequencyResponseConfig.model_validate(
-        {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
-         "restore_above_hz": 49.9, "restore_after_s": 5}
+        {
+            "stages": [{"below_hz": 49.4, "for_s": 0, "shed": "25%"}, {"below_hz": 49.0, "for_s": 0, "shed": "50%"}],
+            "restore_above_hz": 49.9,
+            "restore_after_s": 5,
+        }
     )
     return FrequencyResponse(cfg, host, clock=lambda: clock[0], meter_fresh=lambda: True)
 
@@ -542,9 +587,13 @@ def test_the_event_is_kept_while_it_holds_and_resumed_by_the_next_run() -> None:
 
 @pytest.mark.parametrize(
     "doc",
-    [{"v": 99}, [1, 2], {"v": 1, "depth": 1, "base_kw": "x", "site_kw": 3.0, "fired": {}},
-     {"v": 1, "depth": 0, "base_kw": 1.0, "site_kw": 3.0, "fired": {}},
-     {"v": 1, "depth": 1, "base_kw": 1.0, "site_kw": 3.0, "fired": {"a": float("nan")}}],
+    [
+        {"v": 99},
+        [1, 2],
+        {"v": 1, "depth": 1, "base_kw": "x", "site_kw": 3.0, "fired": {}},
+        {"v": 1, "depth": 0, "base_kw": 1.0, "site_kw": 3.0, "fired": {}},
+        {"v": 1, "depth": 1, "base_kw": 1.0, "site_kw": 3.0, "fired": {"a": float("nan")}},
+    ],
 )
 def test_an_unreadable_stored_event_is_dropped(doc: Any) -> None:
     host = _Host()

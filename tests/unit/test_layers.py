@@ -73,10 +73,14 @@ def raw_imports_of(path: Path, package: str | None = None) -> Iterator[str]:
                 yield f"{module}.{alias.name}"
         elif (  # __import__("x.y") and importlib.import_module("x.y") with a literal name
             isinstance(node, ast.Call)
-            and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
-                 or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"))
-            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-        ):  # fmt: skip
+            and (
+                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            )
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             yield node.args[0].value
 
 
@@ -139,8 +143,24 @@ def test_each_outside_library_has_one_owner(library: str) -> None:
 
 @pytest.mark.parametrize("path", sources("contract"), ids=_rel)
 def test_the_contract_stands_alone(path: Path) -> None:
-    allowed = {"__future__", "base64", "binascii", "json", "math", "re", "collections", "dataclasses", "datetime",
-               "enum", "itertools", "pathlib", "typing", "cryptography", "pydantic", "contract"}  # fmt: skip
+    allowed = {
+        "__future__",
+        "base64",
+        "binascii",
+        "json",
+        "math",
+        "re",
+        "collections",
+        "dataclasses",
+        "datetime",
+        "enum",
+        "itertools",
+        "pathlib",
+        "typing",
+        "cryptography",
+        "pydantic",
+        "contract",
+    }
     bad = [m for m in imports_of(path) if m.split(".")[0] not in allowed]
     assert not bad, f"{_rel(path)} (the wire contract) imports {sorted(set(bad))}"
 
@@ -192,7 +212,8 @@ def test_no_import_circle_inside_the_agent() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "scripts/import_cycles.py", "agent"], capture_output=True, text=True,
-                         cwd=ROOT, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "scripts/import_cycles.py", "agent"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     assert out.returncode == 0, out.stdout
     assert " 0 import circle(s)" in out.stdout

@@ -17,15 +17,24 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "configs/grafana/hashflex-dash
 # a site with a meter (its section as agent.runtime.metering.MeterControl.doc makes it) and metered energy
 METERED_STATUS = {
     **STATUS,
-    "meter": {"fresh": True, "power_kw": 42.0, "non_miner_kw": 1.5, "non_miner_counted_kw": 2.0, "hz": 50.01,
-              "age_s": 0.4, "import_kwh": 1234.5},
+    "meter": {
+        "fresh": True,
+        "power_kw": 42.0,
+        "non_miner_kw": 1.5,
+        "non_miner_counted_kw": 2.0,
+        "hz": 50.01,
+        "age_s": 0.4,
+        "import_kwh": 1234.5,
+    },
     "energy": {"source": "metered", "minutes": 10, "by_source": {"metered": 10}},
-}  # fmt: skip
+}
 
 
 def exported_names() -> set[str]:
-    metrics = Metrics(lambda: METERED_STATUS, lambda: [{"ip": "10.0.0.1", "power_w": 1.0, "limit_w": 1.0,
-                                                        "hashrate_ths": 1.0, "temp_c": 1.0}])  # fmt: skip
+    metrics = Metrics(
+        lambda: METERED_STATUS,
+        lambda: [{"ip": "10.0.0.1", "power_w": 1.0, "limit_w": 1.0, "hashrate_ths": 1.0, "temp_c": 1.0}],
+    )
     for op in ("set_power",):
         metrics.observe_command(op, "ok", 0.1)
     metrics.count_dispatch("accepted")
@@ -41,8 +50,18 @@ def test_every_queried_series_is_exported() -> None:
     missing = queried - exported_names()
     assert not missing, f"dashboard queries series the agent does not export: {sorted(missing)}"
     titles = " ".join(p["title"] for p in doc["panels"]).lower()
-    for topic in ("power vs target vs cap", "miners by state", "dispatch compliance", "latency", "errors", "gateway",
-                  "metered power", "non-miner load", "grid frequency", "energy minutes by source"):
+    for topic in (
+        "power vs target vs cap",
+        "miners by state",
+        "dispatch compliance",
+        "latency",
+        "errors",
+        "gateway",
+        "metered power",
+        "non-miner load",
+        "grid frequency",
+        "energy minutes by source",
+    ):
         assert topic in titles, topic
 
 

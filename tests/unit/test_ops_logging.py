@@ -106,12 +106,25 @@ def test_pyasic_root_logger_records_are_kept_from_warning_only(stream: io.String
 @pytest.mark.parametrize(
     ("name", "secret"),
     [
-        ("password", True), ("mqtt_password", True), ("apiKey", True), ("private_key", True), ("token", True),
-        ("signature", True), ("Authorization", True), ("secret", True), ("credentials", True),
-        ("password_file", False), ("public_keys", False), ("key_id", False), ("keyboard", False), ("site_id", False),
-        ("dispatch_id", False), ("target_kw", False), ("n", False),
+        ("password", True),
+        ("mqtt_password", True),
+        ("apiKey", True),
+        ("private_key", True),
+        ("token", True),
+        ("signature", True),
+        ("Authorization", True),
+        ("secret", True),
+        ("credentials", True),
+        ("password_file", False),
+        ("public_keys", False),
+        ("key_id", False),
+        ("keyboard", False),
+        ("site_id", False),
+        ("dispatch_id", False),
+        ("target_kw", False),
+        ("n", False),
     ],
-)  # fmt: skip
+)
 def test_secret_names(name: str, secret: bool) -> None:
     assert is_secret_name(name) is secret
 

@@ -125,8 +125,14 @@ def _apply(v: MinerView, p: Plan, case: Case) -> MinerView:
     if v.state is MinerState.SLEEPING:
         if case.rules.use_power_limits and wakes_at_limit(v.family, v.capability):  # limit set, then woken
             woken = float(a.watts)  # the controller records the limit it took with the wake (woken_to_w)
-            return dataclasses.replace(v, state=MinerState.WAKING, power_w=case.rules.sleep_w, last_transition=NOW,
-                                       commanded_w=woken, woken_to_w=woken)  # fmt: skip
+            return dataclasses.replace(
+                v,
+                state=MinerState.WAKING,
+                power_w=case.rules.sleep_w,
+                last_transition=NOW,
+                commanded_w=woken,
+                woken_to_w=woken,
+            )
         return dataclasses.replace(v, state=MinerState.WAKING, power_w=case.rules.sleep_w, last_transition=NOW)
     if v.state is MinerState.WAKING:
         return v  # still coming up (its run level takes hold once it is up)

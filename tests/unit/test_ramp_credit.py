@@ -103,14 +103,28 @@ def _advance(views: list[MinerView], actions: dict[str, object], now: float) -> 
 
 def _asleep(i: int, cap: object, nominal_w: float) -> MinerView:
     return MinerView(
-        id=f"m{i}", family=Family.WHATSMINER, capability=cap, nominal_w=nominal_w,  # type: ignore[arg-type]
-        nominal_ths=100.0, state=MinerState.SLEEPING, power_w=RULES.sleep_w, commanded_w=None,
-        last_transition=START - 10_000.0, asleep_by_us=True,
-    )  # fmt: skip
+        id=f"m{i}",
+        family=Family.WHATSMINER,
+        capability=cap,
+        nominal_w=nominal_w,  # type: ignore[arg-type]
+        nominal_ths=100.0,
+        state=MinerState.SLEEPING,
+        power_w=RULES.sleep_w,
+        commanded_w=None,
+        last_transition=START - 10_000.0,
+        asleep_by_us=True,
+    )
 
 
-def _run_fleet(views: list[MinerView], rate: float, tick_s: float, ticks: int, *, sleep_only: bool = False,
-               old_allowance: bool = False) -> tuple[list[MinerView], list[tuple[float, float]], float]:  # fmt: skip
+def _run_fleet(
+    views: list[MinerView],
+    rate: float,
+    tick_s: float,
+    ticks: int,
+    *,
+    sleep_only: bool = False,
+    old_allowance: bool = False,
+) -> tuple[list[MinerView], list[tuple[float, float]], float]:
     """Tick the planner with the controller's ramp credit; → the fleet, (time, rise) per tick, the largest cap."""
     tree = CircuitTree(10_000.0)
     fn = plan_sleep_only if sleep_only else plan
@@ -173,9 +187,12 @@ def test_a_sleeping_fleet_always_comes_back_within_the_ramp(
     back within (what the fleet adds) / rate + a tick per miner + a wake-up; every plan on the way keeps the
     planner's invariants; and over any window the planned rise is ≤ rate × window + the bucket's cap."""
     total_kw = sum(largest_full_w([v]) for v in fleet) / 1000.0
-    bound_s = total_kw / rate * 60.0 + (len(fleet) + 2) * tick_s + 2 * WAKE_S + ramp_credit_cap_kw(
-        rate, tick_s, largest_full_w(fleet) / 1000.0
-    ) / rate * 60.0  # fmt: skip
+    bound_s = (
+        total_kw / rate * 60.0
+        + (len(fleet) + 2) * tick_s
+        + 2 * WAKE_S
+        + ramp_credit_cap_kw(rate, tick_s, largest_full_w(fleet) / 1000.0) / rate * 60.0
+    )
     ticks = int(bound_s / tick_s) + 2
     back, rises, cap = _run_fleet(fleet, rate, tick_s, ticks, sleep_only=sleep_only)
     assert all(v.state in RUNNING for v in back), (len(rises), ticks, back)

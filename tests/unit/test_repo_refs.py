@@ -16,9 +16,18 @@ OUTSIDE = re.compile(r"/work/|PYASIC-NOTES|\.\./shared/|/home/\w+/")
 
 @pytest.mark.parametrize("package", SHIPPED)
 def test_shipped_code_cites_no_file_outside_the_repository(package: str) -> None:
-    files = sorted(p for p in (ROOT / package).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".sh", ".yaml",
-                   ".service", ".conf") and p.name != "test_repo_refs.py")  # fmt: skip
+    files = sorted(
+        p
+        for p in (ROOT / package).rglob("*")
+        if p.is_file()
+        and p.suffix in (".py", ".md", ".sh", ".yaml", ".service", ".conf")
+        and p.name != "test_repo_refs.py"
+    )
     assert files
-    cited = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in files
-             for n, line in enumerate(p.read_text().splitlines(), 1) if OUTSIDE.search(line)]  # fmt: skip
+    cited = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
     assert cited == []

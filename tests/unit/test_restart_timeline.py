@@ -44,16 +44,20 @@ def test_the_shift_counts_a_step_this_run_saw_before_it_restored() -> None:
 
 def _override(end: float | None = T0 + 300) -> DispatchRecord:
     d = Dispatch("op:o1", Source.OPERATOR, issued_at=T0 - 1, start=T0, end=end, target_kw=9.0)
-    return DispatchRecord(d, "active", T0, channel="local", accepted_at=T0, commands_sent_at=T0 + 1,
-                          target_met_at=T0 + 20)  # fmt: skip
+    return DispatchRecord(
+        d, "active", T0, channel="local", accepted_at=T0, commands_sent_at=T0 + 1, target_met_at=T0 + 20
+    )
 
 
 def test_a_moved_record_keeps_its_window_and_progress_on_the_new_time_and_the_senders_issue_time() -> None:
     rec = _override().moved(3600.0)
     assert (rec.dispatch.start, rec.dispatch.end) == (T0 + 3600, T0 + 3900)
     assert (rec.received_at, rec.accepted_at, rec.commands_sent_at, rec.target_met_at) == (
-        T0 + 3600, T0 + 3600, T0 + 3601, T0 + 3620
-    )  # fmt: skip
+        T0 + 3600,
+        T0 + 3600,
+        T0 + 3601,
+        T0 + 3620,
+    )
     assert rec.closed_at is None
     assert rec.dispatch.issued_at == T0 - 1
     assert rec.doc()["time_to_target_s"] == 20.0

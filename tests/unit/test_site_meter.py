@@ -18,8 +18,9 @@ EPS = 1e-6
 
 @settings(max_examples=400, deadline=None)
 @given(site=kw, now=kw, non_miner=signed_kw, cooling=share)
-def test_never_above_site_level_less_non_miner_worst_case(site: float, now: float, non_miner: float,
-                                                           cooling: float) -> None:  # fmt: skip
+def test_never_above_site_level_less_non_miner_worst_case(
+    site: float, now: float, non_miner: float, cooling: float
+) -> None:
     s = miner_level(site, miners_now_kw=now, non_miner_kw=non_miner, cooling_share=cooling)
     worst = max(0.0, non_miner) + cooling * max(0.0, s.miner_level_kw - now)
     # the level, the non-miner load at its recent maximum and the cooling the rise brings: at or under the site
@@ -32,8 +33,9 @@ def test_never_above_site_level_less_non_miner_worst_case(site: float, now: floa
 
 @settings(max_examples=200, deadline=None)
 @given(site=kw, now=kw, low=kw, extra=kw, cooling=share)
-def test_more_non_miner_load_never_gives_miners_more(site: float, now: float, low: float, extra: float,
-                                                     cooling: float) -> None:  # fmt: skip
+def test_more_non_miner_load_never_gives_miners_more(
+    site: float, now: float, low: float, extra: float, cooling: float
+) -> None:
     a = miner_level(site, miners_now_kw=now, non_miner_kw=low, cooling_share=cooling)
     b = miner_level(site, miners_now_kw=now, non_miner_kw=low + extra, cooling_share=cooling)
     assert b.miner_level_kw <= a.miner_level_kw + EPS * max(1.0, site)

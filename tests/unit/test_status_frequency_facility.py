@@ -34,8 +34,9 @@ class _Host:
 
 
 def frequency_doc(**event: Any) -> dict[str, Any]:
-    cfg = FrequencyResponseConfig.model_validate({"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}],
-                                                  "restore_above_hz": 49.8, "restore_after_s": 60})  # fmt: skip
+    cfg = FrequencyResponseConfig.model_validate(
+        {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}], "restore_above_hz": 49.8, "restore_after_s": 60}
+    )
     doc = FrequencyResponse(cfg, _Host(), clock=time.time, meter_fresh=lambda: True).doc()
     missing = set(event) - set(doc)
     assert not missing, f"the status document has no {missing}"
@@ -49,16 +50,38 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def site(**extra: Any) -> dict[str, Any]:
-    return {"site_id": "s1", "version": "1", "target_kw": 300.0, "cap_kw": 420.0, "power_kw_estimated": 290.0,
-            "meter": {"fresh": True, "power_kw": 305.0, "non_miner_kw": 15.0, "non_miner_counted_kw": 17.0,
-                      "hz": 49.21, "age_s": 0.1}, **extra}  # fmt: skip
+    return {
+        "site_id": "s1",
+        "version": "1",
+        "target_kw": 300.0,
+        "cap_kw": 420.0,
+        "power_kw_estimated": 290.0,
+        "meter": {
+            "fresh": True,
+            "power_kw": 305.0,
+            "non_miner_kw": 15.0,
+            "non_miner_counted_kw": 17.0,
+            "hz": 49.21,
+            "age_s": 0.1,
+        },
+        **extra,
+    }
 
 
 def test_an_active_frequency_event_shows_stage_held_kw_lowest_hz_since_and_what_restores_it() -> None:
     now = time.time()
-    fr = frequency_doc(active=True, stage=0, held_kw=308.2, shed_kw=96.8, slept=28, awaiting_ack=0,
-                       first_below_at=iso(now - 12.0), min_hz=49.197, restoring_since=None,
-                       shed_reached_at=iso(now - 10.0))  # fmt: skip
+    fr = frequency_doc(
+        active=True,
+        stage=0,
+        held_kw=308.2,
+        shed_kw=96.8,
+        slept=28,
+        awaiting_ack=0,
+        first_below_at=iso(now - 12.0),
+        min_hz=49.197,
+        restoring_since=None,
+        shed_reached_at=iso(now - 10.0),
+    )
     doc = site(target_source="frequency", target_reason="frequency")
     doc["meter"]["frequency_response"] = fr
     out = render(doc)
@@ -88,16 +111,46 @@ def test_no_frequency_row_while_nothing_holds() -> None:
 
 def test_the_facility_loads_show_setpoint_and_wakes_per_circuit() -> None:
     loads = [
-        {"circuit": "hall-a", "kind": "cooling", "device": "fan-a", "setpoint_pct": 80.0, "acknowledged_pct": 80.0,
-         "stepping_down_since": None, "miners_on": 40, "miners": 60, "wakes_held": False, "error": None,
-         "wakes": "allowed"},
-        {"circuit": "hall-b", "kind": "cooling", "device": "pump-b", "setpoint_pct": 60.0, "acknowledged_pct": 40.0,
-         "stepping_down_since": None, "miners_on": 10, "miners": 60, "wakes_held": True, "error": None,
-         "wakes": "held: cooling coming up"},
-        {"circuit": "hall-c", "kind": "cooling", "device": "fan-c", "setpoint_pct": None, "acknowledged_pct": None,
-         "stepping_down_since": None, "miners_on": 0, "miners": 60, "wakes_held": False, "error": "timeout",
-         "wakes": "blocked: device not answering"},
-    ]  # fmt: skip
+        {
+            "circuit": "hall-a",
+            "kind": "cooling",
+            "device": "fan-a",
+            "setpoint_pct": 80.0,
+            "acknowledged_pct": 80.0,
+            "stepping_down_since": None,
+            "miners_on": 40,
+            "miners": 60,
+            "wakes_held": False,
+            "error": None,
+            "wakes": "allowed",
+        },
+        {
+            "circuit": "hall-b",
+            "kind": "cooling",
+            "device": "pump-b",
+            "setpoint_pct": 60.0,
+            "acknowledged_pct": 40.0,
+            "stepping_down_since": None,
+            "miners_on": 10,
+            "miners": 60,
+            "wakes_held": True,
+            "error": None,
+            "wakes": "held: cooling coming up",
+        },
+        {
+            "circuit": "hall-c",
+            "kind": "cooling",
+            "device": "fan-c",
+            "setpoint_pct": None,
+            "acknowledged_pct": None,
+            "stepping_down_since": None,
+            "miners_on": 0,
+            "miners": 60,
+            "wakes_held": False,
+            "error": "timeout",
+            "wakes": "blocked: device not answering",
+        },
+    ]
     out = render(site(facility=loads))
     lines = out.splitlines()
     a = next(x for x in lines if "hall-a" in x)

@@ -214,8 +214,20 @@ def test_export_never_writes_through_a_planted_symlink(tmp_path: Path, fmt: str,
     out = tmp_path / "out"
     out.mkdir()
     (out / f".{name}.tmp").symlink_to(victim)
-    result = hashflex("audit", "export", "--config", str(config), "--from", str(T0 - 10), "--to", str(T0 + 10),
-                      "--format", fmt, "--out", str(out / name))  # fmt: skip
+    result = hashflex(
+        "audit",
+        "export",
+        "--config",
+        str(config),
+        "--from",
+        str(T0 - 10),
+        "--to",
+        str(T0 + 10),
+        "--format",
+        fmt,
+        "--out",
+        str(out / name),
+    )
     assert result.exit_code == 0, result.output
     assert victim.read_text() == "precious\n"
     assert (out / name).stat().st_size > 0

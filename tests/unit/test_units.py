@@ -1,5 +1,3 @@
-
-
 def test_one_time_format_for_documents_and_exports() -> None:
     from hashflex.agent.core.timefmt import iso
 

@@ -38,9 +38,16 @@ PROFILES = Presets((1200, 1800, 2400, 3250))
 
 def asleep(idx: int, family: Family, cap: Capability, *, commanded_w: float | None = None) -> MinerView:
     return MinerView(
-        id=f"m{idx}", family=family, capability=cap, nominal_w=3250.0, nominal_ths=110.0, state=MinerState.SLEEPING,
-        power_w=20.0, commanded_w=commanded_w, last_transition=NOW - 10_000.0,
-    )  # fmt: skip
+        id=f"m{idx}",
+        family=family,
+        capability=cap,
+        nominal_w=3250.0,
+        nominal_ths=110.0,
+        state=MinerState.SLEEPING,
+        power_w=20.0,
+        commanded_w=commanded_w,
+        last_transition=NOW - 10_000.0,
+    )
 
 
 def run(target_kw: float, views: list[MinerView], *, sleep_only: bool = False) -> Plan:

@@ -21,18 +21,35 @@ RANGE = PowerRange(1500, 3500, 5)
 RULES = PlannerRules(sleep_w=20.0)
 
 
-def view(idx: int, *, state: MinerState = MinerState.THROTTLED, commanded_w: float | None = 2500.0,
-         measured_w: float | None = None, woken_to_w: float | None = None, circuit: str | None = "pdu1",
-         since: float = LONG_AGO) -> MinerView:  # fmt: skip
+def view(
+    idx: int,
+    *,
+    state: MinerState = MinerState.THROTTLED,
+    commanded_w: float | None = 2500.0,
+    measured_w: float | None = None,
+    woken_to_w: float | None = None,
+    circuit: str | None = "pdu1",
+    since: float = LONG_AGO,
+) -> MinerView:
     return MinerView(
-        id=f"m{idx}", family=Family.WHATSMINER, capability=RANGE, nominal_w=3250.0, nominal_ths=110.0, state=state,
-        power_w=measured_w, commanded_w=commanded_w, last_transition=since, circuit=circuit,
-        measured_w=measured_w, woken_to_w=woken_to_w,
-    )  # fmt: skip
+        id=f"m{idx}",
+        family=Family.WHATSMINER,
+        capability=RANGE,
+        nominal_w=3250.0,
+        nominal_ths=110.0,
+        state=state,
+        power_w=measured_w,
+        commanded_w=commanded_w,
+        last_transition=since,
+        circuit=circuit,
+        measured_w=measured_w,
+        woken_to_w=woken_to_w,
+    )
 
 
-def run(target_kw: float, views: list[MinerView], tree: CircuitTree, *, sleep_only: bool = False,
-        wake_budget: int = 100) -> Plan:  # fmt: skip
+def run(
+    target_kw: float, views: list[MinerView], tree: CircuitTree, *, sleep_only: bool = False, wake_budget: int = 100
+) -> Plan:
     fn = plan_sleep_only if sleep_only else plan
     p = fn(target_kw, views, tree, RULES, NOW, wake_budget=wake_budget, ramp_allowance_kw=None)
     check_plan(p, views, tree, RULES, now=NOW, target_kw=target_kw, wake_budget=wake_budget, ramp_allowance_kw=None)
@@ -67,8 +84,10 @@ def test_worst_case_is_never_below_measured_power() -> None:
     for sleep_only in (False, True):  # kept, or raised to stock: the excess each showed still counts on top
         p = run(1000.0, views, tree, sleep_only=sleep_only)
         assert p.worst_case_kw * 1000 >= sum(v.measured_w or 0.0 for v in views) - 1e-6
-        assert p.worst_case_kw * 1000 >= sum(planned_w(p, v) for v in views) + sum(
-            (v.measured_w or 0.0) - 2500.0 for v in views) - 1e-6
+        assert (
+            p.worst_case_kw * 1000
+            >= sum(planned_w(p, v) for v in views) + sum((v.measured_w or 0.0) - 2500.0 for v in views) - 1e-6
+        )
 
 
 def test_a_miner_measured_under_its_limit_is_counted_at_its_limit() -> None:
@@ -125,8 +144,9 @@ def test_a_waking_miner_without_an_accepted_limit_still_counts_at_full_power() -
 def test_a_booting_miner_reads_as_waking_not_asleep() -> None:
     """A woken miner spends the first third of its wake-up booting at a few % of its power: read as asleep (the
     old 20 % threshold), it was counted at 20 W while coming up, and its wake judged not carried out."""
-    ident = Identity("10.0.0.1", Family.LUXOS, "Bitmain", "S19k Pro", "luxos", "X", Presets((1554, 2760)), 2760.0,
-                     120.0)  # fmt: skip
+    ident = Identity(
+        "10.0.0.1", Family.LUXOS, "Bitmain", "S19k Pro", "luxos", "X", Presets((1554, 2760)), 2760.0, 120.0
+    )
     booting = Reading(ts=NOW, power_w=0.028 * 2760, hashrate_ths=0.0, mining=False, power_limit_w=1554.0)
     asleep = Reading(ts=NOW, power_w=26.0, hashrate_ths=0.0, mining=False, power_limit_w=1554.0)
     assert state_hint(ident, booting, booting.power_w or 0.0) == "waking"

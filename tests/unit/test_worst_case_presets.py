@@ -26,14 +26,30 @@ LUX_NOMINAL = 2760.0
 WM = PowerRange(1500, 3500, 5)
 
 
-def view(idx: int, *, cap: Capability = LUX, nominal_w: float = LUX_NOMINAL, state: MinerState = MinerState.HASHING,
-         power_w: float | None = None, commanded_w: float | None = None, ignores: bool = False,
-         circuit: str | None = None) -> MinerView:  # fmt: skip
+def view(
+    idx: int,
+    *,
+    cap: Capability = LUX,
+    nominal_w: float = LUX_NOMINAL,
+    state: MinerState = MinerState.HASHING,
+    power_w: float | None = None,
+    commanded_w: float | None = None,
+    ignores: bool = False,
+    circuit: str | None = None,
+) -> MinerView:
     return MinerView(
-        id=f"m{idx}", family=Family.LUXOS if isinstance(cap, Presets) else Family.WHATSMINER, capability=cap,
-        nominal_w=nominal_w, nominal_ths=100.0, state=state, power_w=power_w, commanded_w=commanded_w,
-        last_transition=LONG_AGO, circuit=circuit, ignores_commands=ignores,
-    )  # fmt: skip
+        id=f"m{idx}",
+        family=Family.LUXOS if isinstance(cap, Presets) else Family.WHATSMINER,
+        capability=cap,
+        nominal_w=nominal_w,
+        nominal_ths=100.0,
+        state=state,
+        power_w=power_w,
+        commanded_w=commanded_w,
+        last_transition=LONG_AGO,
+        circuit=circuit,
+        ignores_commands=ignores,
+    )
 
 
 def run(target_kw: float, views: list[MinerView], tree: CircuitTree | None = None, *, sleep_only: bool = False) -> Plan:
