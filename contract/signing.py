@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +40,13 @@ def canonical_bytes(document: Mapping[str, Any]) -> bytes:
 
 
 def sign(document: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    signed = {k: v for k, v in document.items() if k != SIGNATURE_FIELD}
-    signed[SIGNATURE_FIELD] = base64.b64encode(key.sign(canonical_bytes(signed))).decode()
-    return signed
+    """`document` with a plain signature over its other fields (audit day heads)."""
+    return _signed(document, key, canonical_bytes)
 
 
 def verify(document: Mapping[str, Any], keys: Iterable[Ed25519PublicKey]) -> bool:
-    """True when `document` carries a signature by any of `keys` over its other fields."""
-    sig_text = document.get(SIGNATURE_FIELD)
-    if not isinstance(sig_text, str):
-        return False
-    try:
-        signature = base64.b64decode(sig_text, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    message = canonical_bytes(document)
-    for key in keys:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        return True
-    return False
+    """True when `document` carries a plain signature by any of `keys` over its other fields. Never raises."""
+    return _verified(document, keys, canonical_bytes)
 
 
 COMMAND_FORMAT = "hashflex-sig-v2"
@@ -75,24 +60,36 @@ def command_message(document: Mapping[str, Any]) -> bytes:
 
 def sign_command(document: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """`document` with a `hashflex-sig-v2` signature. The caller puts `site`, `verb`, `id` and `issued_at` in it."""
-    signed = {k: v for k, v in document.items() if k != SIGNATURE_FIELD}
-    signed[SIGNATURE_FIELD] = base64.b64encode(key.sign(command_message(signed))).decode()
-    return signed
+    return _signed(document, key, command_message)
 
 
 def verify_command(document: Mapping[str, Any], keys: Iterable[Ed25519PublicKey]) -> bool:
     """True when `document` carries a `hashflex-sig-v2` signature by any of `keys`. Never raises."""
+    return _verified(document, keys, command_message)
+
+
+def _signed(
+    document: Mapping[str, Any], key: Ed25519PrivateKey, message: Callable[[Mapping[str, Any]], bytes]
+) -> dict[str, Any]:
+    signed = {k: v for k, v in document.items() if k != SIGNATURE_FIELD}
+    signed[SIGNATURE_FIELD] = base64.b64encode(key.sign(message(signed))).decode()
+    return signed
+
+
+def _verified(
+    document: Mapping[str, Any], keys: Iterable[Ed25519PublicKey], message: Callable[[Mapping[str, Any]], bytes]
+) -> bool:
     sig_text = document.get(SIGNATURE_FIELD)
-    if not isinstance(sig_text, str) or len(sig_text) > 512:
+    if not isinstance(sig_text, str) or len(sig_text) > 512:  # an Ed25519 signature is 88 base64 characters
         return False
     try:
         signature = base64.b64decode(sig_text, validate=True)
-        message = command_message(document)
+        body = message(document)
     except (binascii.Error, ValueError, TypeError, RecursionError):
         return False
     for key in keys:
         try:
-            key.verify(signature, message)
+            key.verify(signature, body)
         except InvalidSignature:
             continue
         return True
