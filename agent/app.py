@@ -44,6 +44,7 @@ from hashflex.agent.preflight import PreflightError, metrics_bind_problem, start
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime import crashpoints
 from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.cancel import raise_if_cancelled
 from hashflex.agent.runtime.clock import Clock, make_clock
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog
@@ -494,6 +495,7 @@ class Agent:
         while True:
             started = time.monotonic()
             await self._sweep_once()
+            raise_if_cancelled()  # one that pyasic's wait_for swallowed (see agent/runtime/cancel.py)
             wait = max(min_gap, interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

@@ -10,6 +10,7 @@ the link. `broker` names the one connected to (None while not connected).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -26,6 +27,7 @@ log = get_logger("coordinator.fabric")
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 STABLE_AFTER_S = 10.0  # a connection that lasted this long starts a new round of the broker list
+HANDLER_GRACE_S = 15.0  # a link found broken lets the message in hand finish this long before it is cut
 
 
 class NotConnected(ConnectionError):
@@ -42,12 +44,23 @@ class MqttFabric:
         self.connected = asyncio.Event()
         self.broker: Broker | None = None  # the one connected to
         self.failures = 0  # failed attempts (refused, or lost) since the last connection that stood
+        self._broken = asyncio.Event()  # a publish on the current connection was not acknowledged
+        self._broken_why = ""
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         client = self._client
         if client is None:
             raise NotConnected(f"not connected to the fabric; {topic} not sent")
-        await client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            # not acknowledged within the client's timeout: the connection may look alive (messages still come
+            # in) while nothing we send completes: a NATS node whose MQTT streams lost their leader. Counted as a
+            # lost connection, so the link moves on to the next broker instead of staying on this one for ever
+            if client is self._client:
+                self._broken.set()
+                self._broken_why = f"{topic}: {exc}"
+            raise
 
     async def run(self, subscriptions: Sequence[str], handler: Handler) -> None:
         """Connect (each broker in turn), subscribe, hand every message to `handler`, for ever."""
@@ -66,15 +79,11 @@ class MqttFabric:
                 )
                 async with client:
                     await client.subscribe([(topic, 1) for topic in subscriptions])
+                    self._broken.clear()
                     self._client, self.broker, connected_at = client, broker, time.monotonic()
                     self.connected.set()
                     log.info("fabric connected", broker=str(broker), broker_index=self.rotation.index)
-                    async for message in client.messages:
-                        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-                        try:
-                            await handler(message.topic.value, bytes(payload), bool(message.retain))
-                        except Exception:  # one bad message must not take the link down
-                            log.exception("fabric message handling failed", topic=message.topic.value)
+                    await self._serve(client, handler)
             except aiomqtt.MqttError as exc:
                 lost = self.broker is not None
                 if lost and time.monotonic() - connected_at >= STABLE_AFTER_S:
@@ -95,6 +104,42 @@ class MqttFabric:
                 self._client, self.broker = None, None
                 self.connected.clear()
             await asyncio.sleep(delay)
+
+    async def _serve(self, client: aiomqtt.Client, handler: Handler) -> None:
+        """Hand every message to `handler` until the stream ends, or raise MqttError when it breaks or a publish
+        on it went unacknowledged. A message being handled is let finish first (up to HANDLER_GRACE_S): a command
+        cut off between its durable save and its reply would come back as a conflict with our own write."""
+        idle = asyncio.Event()
+        idle.set()
+        reader = asyncio.ensure_future(self._read(client, handler, idle))
+        broken = asyncio.ensure_future(self._broken.wait())
+        try:
+            await asyncio.wait({reader, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HANDLER_GRACE_S):
+                        while not idle.is_set():  # checked and cancelled below with no await between
+                            await idle.wait()
+        finally:
+            for task in (reader, broken):
+                task.cancel()
+            await asyncio.gather(reader, broken, return_exceptions=True)
+        if not reader.cancelled():
+            reader.result()  # the stream's own end or error
+            return
+        raise aiomqtt.MqttError(f"a publish was not acknowledged ({self._broken_why})")
+
+    @staticmethod
+    async def _read(client: aiomqtt.Client, handler: Handler, idle: asyncio.Event) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            idle.clear()
+            try:
+                await handler(message.topic.value, bytes(payload), bool(message.retain))
+            except Exception:  # one bad message must not take the link down
+                log.exception("fabric message handling failed", topic=message.topic.value)
+            finally:
+                idle.set()
 
 
 async def read_retained(brokers: list[tuple[str, int]], topic: str, wait_s: float) -> dict[str, Any]:

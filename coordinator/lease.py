@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 
 from hashflex.agent.core import timefmt
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.cancel import raise_if_cancelled, within
 
 log = get_logger("coordinator.lease")
 
@@ -203,6 +204,7 @@ class Lease:
         looks the same to the others); call `release()` on a clean shutdown."""
         while True:
             await self.step()
+            raise_if_cancelled()  # a cancel that nats-py's request swallowed (Python 3.11's wait_for)
             delay = self.config.renew
             if self._revision is not None:  # wake at the latest when our own count runs out
                 delay = min(delay, max(0.0, self._valid_until - self._clock()))
@@ -226,7 +228,7 @@ class Lease:
         else:
             self._ineligible_since = None
         try:  # creating the replicated bucket the first time takes longer than one KV request
-            kv = await asyncio.wait_for(self.open(), self.config.ttl_s)
+            kv = await within(self.open(), self.config.ttl_s)
         except _NATS_FAILURES as exc:
             # e.g. no JetStream yet, or a bucket of the same name made with another TTL or replica count
             if repr(exc) != self._open_error:
@@ -252,7 +254,7 @@ class Lease:
         if revision is None or self._kv is None:
             return
         try:
-            await asyncio.wait_for(self._kv.delete(self.config.key, last=revision), self.config.op_timeout)
+            await within(self._kv.delete(self.config.key, last=revision), self.config.op_timeout)
             log.info("lease_released", holder=self.holder, revision=revision)
         except _NATS_FAILURES as exc:  # it ages out within the TTL anyway
             log.warning("lease_release_failed", holder=self.holder, error=repr(exc))
@@ -261,7 +263,7 @@ class Lease:
         """The lease as stored now (None: nobody holds it)."""
         kv = await self.open()
         try:
-            entry = await asyncio.wait_for(kv.get(self.config.key), self.config.op_timeout)
+            entry = await within(kv.get(self.config.key), self.config.op_timeout)
         except nats.js.errors.KeyNotFoundError:
             return None
         return LeaseRecord.parse(entry.value or b"", entry.revision or 0)
@@ -310,7 +312,7 @@ class Lease:
         assert self._revision is not None
         started = self._clock()
         try:
-            revision = await asyncio.wait_for(
+            revision = await within(
                 kv.update(self.config.key, self._value(), last=self._revision), self.config.op_timeout
             )
         except nats.js.errors.KeyWrongLastSequenceError as exc:
@@ -337,7 +339,7 @@ class Lease:
 
     async def _read(self, kv: KeyValue) -> LeaseRecord | None:
         try:
-            entry = await asyncio.wait_for(kv.get(self.config.key), self.config.op_timeout)
+            entry = await within(kv.get(self.config.key), self.config.op_timeout)
         except _NATS_FAILURES:  # KeyNotFoundError included
             return None
         return LeaseRecord.parse(entry.value or b"", entry.revision or 0)
@@ -346,7 +348,7 @@ class Lease:
         started = self._clock()
         self._since = _utc_now()
         try:
-            revision = await asyncio.wait_for(kv.create(self.config.key, self._value()), self.config.op_timeout)
+            revision = await within(kv.create(self.config.key, self._value()), self.config.op_timeout)
         except nats.js.errors.KeyWrongLastSequenceError:
             await self._reclaim(kv)  # someone holds it: perhaps us, from before a renewal whose reply was lost
             return
@@ -363,7 +365,7 @@ class Lease:
         started = self._clock()
         self._since = record.since
         try:
-            revision = await asyncio.wait_for(
+            revision = await within(
                 kv.update(self.config.key, self._value(), last=record.revision), self.config.op_timeout
             )
         except _NATS_FAILURES:

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.cancel import raise_if_cancelled, within
 from hashflex.contract.flex import parse_flex
 from hashflex.contract.reply import Reply
 from hashflex.contract.requests import HEARTBEAT_VERB, load_json
@@ -492,8 +493,9 @@ class Coordinator:
                 raise
             except Exception:  # a store or broker failure: logged, retried next step
                 log.exception("coordinator step failed")
+            raise_if_cancelled()  # one a library's wait_for swallowed in the step (Python 3.11)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.step_s)
+                await within(self._wake.wait(), self.cfg.step_s)
             self._wake.clear()
 
 

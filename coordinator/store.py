@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from hashflex.agent.core.audit import AuditRecord
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.cancel import within
 from hashflex.coordinator.audit import GENESIS_HASH, ChainConflict, next_record, record_from_dict
 from hashflex.coordinator.program import ProgramState, StateConflict
 
@@ -205,7 +206,7 @@ async def connect_once(servers: list[str], timeout_s: float) -> NatsClient:
         problems.append(str(exc) or type(exc).__name__)
 
     try:
-        return await asyncio.wait_for(
+        return await within(
             nats.connect(
                 servers=servers,
                 connect_timeout=timeout_s,

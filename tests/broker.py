@@ -376,6 +376,63 @@ class Mqtt311OnlyProxy:
             writer.close()
 
 
+class PubackDroppingProxy:
+    """A TCP proxy in front of a real broker that can turn into a half-broken link: while `drop_pubacks` is set,
+    every PUBACK from the broker is dropped (the broker still takes the PUBLISH and delivers it; everything else
+    passes). What a client sees when the broker cannot store a QoS 1 message (a NATS node whose MQTT streams lost
+    their leader) or a middlebox eats packets one way: the connection looks alive, no publish completes."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop_pubacks = False
+        self.dropped = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> PubackDroppingProxy:
+        self._server = await asyncio.start_server(self._serve, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
+            await asyncio.gather(_pipe(reader, up_writer), self._downstream(up_reader, writer))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Broker to client, one MQTT packet at a time (fixed header, remaining-length varint, body)."""
+        try:
+            while True:
+                first = await reader.readexactly(1)
+                length_bytes, length, shift = b"", 0, 0
+                while True:
+                    byte = await reader.readexactly(1)
+                    length_bytes += byte
+                    length |= (byte[0] & 0x7F) << shift
+                    shift += 7
+                    if not byte[0] & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                if self.drop_pubacks and first[0] >> 4 == 4:  # PUBACK
+                    self.dropped += 1
+                    continue
+                writer.write(first + length_bytes + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(65536):

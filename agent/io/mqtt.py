@@ -76,6 +76,7 @@ from hashflex.agent.core.brokers import Broker, Rotation, retry_delay_s
 from hashflex.agent.core.timefmt import iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel, CommandHandler, HeartbeatSink
+from hashflex.agent.runtime.cancel import raise_if_cancelled
 from hashflex.contract.flex import FlexDoc
 from hashflex.contract.reply import Reply
 from hashflex.contract.status import BrokerDoc, StatusDoc
@@ -395,6 +396,7 @@ class MqttLink:
             self._connected_at = None
             try:
                 await self._session()
+                raise_if_cancelled()  # one that aiomqtt's wait_for swallowed as its request completed (3.11)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever happened, the link retries; logged below
@@ -648,6 +650,7 @@ class MqttLink:
             out, sent = nxt
             try:
                 await client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain, properties=out.properties)
+                raise_if_cancelled()  # one that aiomqtt's wait_for swallowed (see agent/runtime/cancel.py)
             except ValueError as exc:  # paho refuses the topic itself: no retry can help
                 log.error("mqtt publish refused locally; message dropped", topic=out.topic, error=str(exc))
             sent()
