@@ -22,6 +22,7 @@ import aiomqtt
 
 from hashflex.agent.core.brokers import Broker, Rotation, retry_delay_s
 from hashflex.agent.logging import get_logger
+from hashflex.agent.runtime.cancel import raise_if_cancelled
 
 log = get_logger("coordinator.fabric")
 
@@ -103,6 +104,7 @@ class MqttFabric:
             finally:
                 self._client, self.broker = None, None
                 self.connected.clear()
+            raise_if_cancelled()  # one that aiomqtt's wait_for swallowed as it connected or subscribed (3.11)
             await asyncio.sleep(delay)
 
     async def _serve(self, client: aiomqtt.Client, handler: Handler) -> None:
