@@ -193,6 +193,15 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
                 folder=tmp_path,
                 figures=figures,
             )
+    except BaseException:
+        # what each in-process coordinator believed when the scenario failed (a grid command unanswered: which
+        # instance led, which broker it was on, how many of its publishes waited for an acknowledgement)
+        for inst in instances:
+            print(
+                f"{inst.name}: leader={inst.lease.is_leader} remaining_s={inst.lease.remaining_s():.2f} "
+                f"broker={inst.fabric.broker} failures={inst.fabric.failures} counts={inst.coord.counts}"
+            )
+        raise
     finally:
         for process in processes:
             process.kill()
