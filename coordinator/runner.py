@@ -5,9 +5,9 @@ A clean stop gives the lease up at once (a compare-and-set delete) so a follower
 the TTL; a crash (kill -9) leaves it to age out, as the lease module expects.
 
 The stop is bounded whatever NATS and the brokers do (`stop_tasks`, `STOP_S`): on Python 3.11 `asyncio.wait_for`
-can swallow a cancellation that lands as its inner call completes (fixed in 3.12), so a loop cancelled once may
-live on (the lease loop would keep renewing a lease the process is giving up); each task is cancelled until it is
-done, and the lease release and the connection close are bounded too. A task that still will not stop is logged
+can swallow a cancellation that lands as its inner call completes (fixed in 3.12). Our loops end on such a cancel
+at their next round (agent/runtime/cancel.py); a task inside a library that does not is cancelled again until it
+is done, and the lease release and the connection close are bounded too. A task that still will not stop is logged
 and left: the process exits anyway.
 """
 
