@@ -12,6 +12,8 @@
 - No import circle inside agent/ (scripts/import_cycles.py): the runtime's parts take typed ports, not the controller.
 - Everything is imported through the one import package: `hashflex.agent…`, never a bare `agent…` (an installed
   project claims only the name `hashflex`; the rules above name modules without that prefix).
+- Tests share helpers through support modules, never through another test file (`tests.….test_*`), and nothing
+  under tests/unit imports tests.integration: the fast suite needs no broker, NATS or simulated site.
 """
 
 from __future__ import annotations
@@ -217,3 +219,25 @@ def test_no_import_circle_inside_the_agent() -> None:
     )
     assert out.returncode == 0, out.stdout
     assert " 0 import circle(s)" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+def _imports_a_test_module(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "tests" and any(part.startswith("test_") for part in parts[1:])
+
+
+@pytest.mark.parametrize("path", sources("tests"), ids=_rel)
+def test_tests_share_helpers_through_support_modules(path: Path) -> None:
+    # a test file is not an API: importing one runs its module body (fixtures, keys, hypothesis settings) in another
+    # file's session and ties that file to names any edit of the first may rename; what is shared lives in a support
+    # module (tests/runtime_support.py, tests/coordinator/support.py, tests/integration/site_support.py, ...)
+    bad = sorted({m for m in raw_imports_of(path) if _imports_a_test_module(m)})
+    assert not bad, f"{_rel(path)} imports the test module(s) {bad}: move what they share to a support module"
+
+
+@pytest.mark.parametrize("path", sources("tests/unit"), ids=_rel)
+def test_unit_tests_import_nothing_from_the_integration_tests(path: Path) -> None:
+    # the unit suite runs first and alone (no Mosquitto, NATS or simulated site): a helper both need lives in tests/
+    bad = sorted({m for m in raw_imports_of(path) if _under(m, "tests.integration")})
+    assert not bad, f"{_rel(path)} imports {bad}: move the helper to tests/"
