@@ -35,6 +35,35 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 CLUSTER_NAME = "hashflex-test"
 
 
+def nats_server(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """One standalone nats-server with JetStream (a single node: the config's replicas are 1), up in well under
+    a second; the 3-node cluster is NatsCluster below, used by test_service."""
+    argv = [
+        NATS_SERVER,
+        "-a",
+        HOST,
+        "-p",
+        str(port),
+        "-js",
+        "-sd",
+        str(tmp_path / "js"),
+        "-l",
+        str(tmp_path / "nats.log"),
+    ]
+    proc = subprocess.Popen(argv)
+    deadline = time.monotonic() + 10
+    while "Server is ready" not in read_log(tmp_path / "nats.log"):
+        assert proc.poll() is None, read_log(tmp_path / "nats.log")
+        assert time.monotonic() < deadline, read_log(tmp_path / "nats.log")
+        time.sleep(0.05)
+    return proc
+
+
+def read_log(path: Path) -> str:
+    """A log file's text so far: empty until the process has created it."""
+    return path.read_text() if path.exists() else ""
+
+
 @dataclass(frozen=True)
 class NodePorts:
     client: int

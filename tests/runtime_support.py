@@ -1,10 +1,12 @@
 """The command path in-process, shared by the runtime tests: a config with a grid key and no MQTT, and the real
 CommandService → Controller (the one writer) → SQLite store, over an empty fleet through the real driver, on a clock
-the test moves. Each test file keeps its own `Runtime` with the verbs it needs; this is what they all build."""
+the test moves. A test file may keep its own `Runtime` with the verbs it needs; `Runtime` below is the service tests'
+one (site "svc" trusting GRID, from T0), shared by test_runtime_service.py and the command-path files beside it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.io.store import Store
+from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.clock import Clock
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.fleet import Fleet, driver_from_config
 from hashflex.agent.runtime.service import CommandService
+from hashflex.contract.reply import Reply
+from tests.agent_harness import guess_verb, sign_for
 
 
 class ManualClock:
@@ -91,3 +96,50 @@ async def stop_parts(controller: Controller, task: asyncio.Task[None], store: An
     controller.stop()
     await asyncio.wait_for(task, 5)
     store.close()
+
+
+# ------------------------------------------------------------------------------------- the service tests' runtime
+T0 = 1_760_000_000.0
+GRID = Ed25519PrivateKey.generate()
+
+
+@dataclass
+class Runtime:
+    clock: ManualClock
+    store: Any
+    controller: Controller
+    service: CommandService
+    events: EventLog
+    task: asyncio.Task[None]
+
+    async def send(
+        self,
+        verb: str,
+        doc: dict[str, Any] | None,
+        channel: Channel = Channel.LOCAL,
+        *,
+        raw: bytes | None = None,
+        retained: bool = False,
+    ) -> Reply:
+        payload = raw if raw is not None else json.dumps(doc or {}).encode()
+        return await self.service.handle(verb, payload, channel, retained=retained)
+
+    def signed(self, doc: dict[str, Any], verb: str | None = None) -> dict[str, Any]:
+        """Grid-signed (hashflex-sig-v2) for this site, issued now."""
+        return sign_for(GRID, doc, site="svc", verb=verb or guess_verb(doc), issued_at=self.clock.t)
+
+    def audit_kinds(self) -> list[str]:
+        return [r.kind for r in self.store.audit_records()]
+
+
+def make_config(tmp_path: Path) -> AgentConfig:
+    return grid_config(tmp_path, "svc", GRID)
+
+
+async def start_runtime(cfg: AgentConfig, clock: ManualClock, *, safe_start: str | None = None) -> Runtime:
+    p = await start_parts(cfg, clock, GRID, safe_start=safe_start)
+    return Runtime(clock, p.store, p.controller, p.service, p.events, p.task)
+
+
+async def stop_runtime(rt: Runtime) -> None:
+    await stop_parts(rt.controller, rt.task, rt.store)

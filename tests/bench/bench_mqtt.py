@@ -27,7 +27,7 @@ import aiomqtt
 import structlog
 
 from tests.broker import HOST, Mosquitto
-from tests.integration.mqtt_support import Observer, make_link, running, site_config, wait_until
+from tests.mqtt_support import Observer, make_link, running, site_config, wait_until
 
 # every client here sets TCP_NODELAY, as MqttLink does, so the figures are not Nagle/delayed-ACK waits (~40 ms)
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)

@@ -14,7 +14,7 @@ import sys
 import nats
 
 from hashflex.coordinator.lease import Lease
-from tests.coordinator.test_lease import lease_config
+from tests.coordinator.support import lease_config
 
 
 async def main(bucket: str, holder: str, urls: list[str]) -> None:

@@ -27,7 +27,7 @@ from hashflex.coordinator.audit import (
 )
 from hashflex.coordinator.program import ProgramState, step
 from hashflex.coordinator.store import JetStreamAuditLog
-from tests.coordinator.test_program import MW, PROGRAM, RULES, T0, Fabric, accept, ack_all
+from tests.coordinator.support import MW, PROGRAM, RULES, T0, Fabric, accept, ack_all
 from tests.nats_cluster import NatsCluster
 
 pytestmark = pytest.mark.timeout(60)

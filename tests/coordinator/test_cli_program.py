@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from hashflex.agent.cli.main import app
 from hashflex.contract.signing import generate_keypair, sign_command
 from tests.broker import HOST, Mosquitto, free_port
-from tests.nats_cluster import NATS_SERVER
+from tests.nats_cluster import nats_server, read_log
 
 pytestmark = pytest.mark.timeout(60)
 HASHFLEX = str(Path(sys.executable).parent / "hashflex")
@@ -45,7 +45,7 @@ def test_run_then_program_status_then_a_clean_stop(tmp_path: Path, mosquitto: Mo
     (tmp_path / "grid.pub").write_bytes(grid_public)
     (tmp_path / "coordinator").write_bytes(coord_private)
     nats_port = free_port()
-    nats = _nats_server(tmp_path, nats_port)
+    nats = nats_server(tmp_path, nats_port)
     config = tmp_path / "program.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -147,34 +147,6 @@ def _until_status(proc: subprocess.Popen[bytes], config: Path, ready: Any, withi
     raise AssertionError(f"program status not ready within {within_s} s: {last}")
 
 
-def _nats_server(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    """One standalone nats-server with JetStream (a single node: the config's replicas are 1), up in well under
-    a second; the 3-node cluster is tests/nats_cluster.py's, used by test_service."""
-    argv = [
-        NATS_SERVER,
-        "-a",
-        HOST,
-        "-p",
-        str(port),
-        "-js",
-        "-sd",
-        str(tmp_path / "js"),
-        "-l",
-        str(tmp_path / "nats.log"),
-    ]
-    proc = subprocess.Popen(argv)
-    deadline = time.monotonic() + 10
-    while "Server is ready" not in _read(tmp_path / "nats.log"):
-        assert proc.poll() is None, _read(tmp_path / "nats.log")
-        assert time.monotonic() < deadline, _read(tmp_path / "nats.log")
-        time.sleep(0.05)
-    return proc
-
-
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
 def test_sigterm_while_nats_is_unreachable_is_a_clean_exit(tmp_path: Path) -> None:
     """A cluster that never answers is waited for (logged once, not every retry), and SIGTERM still ends it."""
     private, public = generate_keypair()
@@ -200,14 +172,14 @@ def test_sigterm_while_nats_is_unreachable_is_a_clean_exit(tmp_path: Path) -> No
         )
         try:
             deadline = time.monotonic() + 15
-            while "nats_error" not in _read(log):
-                assert proc.poll() is None, _read(log)
-                assert time.monotonic() < deadline, _read(log)
+            while "nats_error" not in read_log(log):
+                assert proc.poll() is None, read_log(log)
+                assert time.monotonic() < deadline, read_log(log)
                 time.sleep(0.1)
             time.sleep(1.5)  # three of nats-py's 0.5-s retries
             proc.send_signal(signal.SIGTERM)
             returncode = proc.wait(timeout=5)
         finally:
             proc.kill()
-    assert returncode == 0, _read(log)
-    assert _read(log).count("nats_error") == 1, _read(log)
+    assert returncode == 0, read_log(log)
+    assert read_log(log).count("nats_error") == 1, read_log(log)

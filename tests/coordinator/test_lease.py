@@ -24,14 +24,8 @@ from nats.aio.client import Client as NatsClient
 
 from hashflex.coordinator.lease import Lease, LeaseConfig
 from tests.broker import HOST, REPO
+from tests.coordinator.support import TTL_S, lease_config
 from tests.nats_cluster import NatsCluster
-
-TTL_S = 2.0
-
-
-def lease_config(name: str) -> LeaseConfig:
-    """Short: the tests wait through several TTLs. Renewing 5× a TTL, one request at most a quarter of it."""
-    return LeaseConfig(bucket=name, ttl_s=TTL_S, renew_every_s=0.4, op_timeout_s=0.5, safety_s=0.2)
 
 
 @pytest.fixture(scope="module")

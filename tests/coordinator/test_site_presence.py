@@ -15,7 +15,7 @@ from hashflex.coordinator.fabric import MqttFabric
 from hashflex.coordinator.program import ProgramState
 from hashflex.coordinator.service import Coordinator, CoordinatorConfig
 from tests.broker import HOST, free_port
-from tests.coordinator.test_program import COORD, GRID, MW, PROGRAM, T0, Fabric, flex
+from tests.coordinator.support import COORD, GRID, MW, PROGRAM, T0, Fabric, flex
 
 
 class _NoStore:

@@ -27,7 +27,7 @@ from hashflex.coordinator.program import (
     acknowledge,
     step,
 )
-from tests.coordinator.test_program import MW, PROGRAM, T0, accept, flex
+from tests.coordinator.support import MW, PROGRAM, T0, accept, flex
 
 RULES = ProgramRules()
 STEP_S = 0.5

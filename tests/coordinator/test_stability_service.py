@@ -24,8 +24,8 @@ from hashflex.coordinator.program import ProgramState, StateConflict, step
 from hashflex.coordinator.service import Coordinator, CoordinatorConfig
 from hashflex.coordinator.store import JetStreamProgramStore
 from tests.broker import HOST, free_port
-from tests.coordinator.test_cli_program import _nats_server
-from tests.coordinator.test_program import COORD, GRID, PROGRAM, T0, Fabric, accept
+from tests.coordinator.support import COORD, GRID, PROGRAM, T0, Fabric, accept
+from tests.nats_cluster import nats_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def nats_port(tmp_path: Path) -> Iterator[int]:
     port = free_port()
-    proc = _nats_server(tmp_path, port)
+    proc = nats_server(tmp_path, port)
     yield port
     proc.terminate()
     proc.wait(timeout=10)

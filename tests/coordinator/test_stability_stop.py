@@ -22,7 +22,7 @@ import yaml
 from hashflex.contract.signing import generate_keypair
 from hashflex.coordinator.runner import stop_tasks
 from tests.broker import HOST, Mosquitto, free_port
-from tests.coordinator.test_cli_program import _nats_server, _read
+from tests.nats_cluster import nats_server, read_log
 
 pytestmark = pytest.mark.timeout(60)
 HASHFLEX = str(Path(sys.executable).parent / "hashflex")
@@ -65,7 +65,7 @@ def test_sigterm_while_nats_is_frozen_and_mqtt_is_down_exits_in_bounded_time(tmp
     # it leads only while it reaches the sites (Lease eligible): a real broker first, killed once it leads
     broker = Mosquitto(tmp_path / "mosquitto").start()
     nats_port, mqtt_port = free_port(), broker.plain_port
-    nats = _nats_server(tmp_path, nats_port)
+    nats = nats_server(tmp_path, nats_port)
     config = tmp_path / "program.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -94,9 +94,9 @@ def test_sigterm_while_nats_is_frozen_and_mqtt_is_down_exits_in_bounded_time(tmp
             )
             try:
                 deadline = time.monotonic() + 20
-                while "lease_acquired" not in _read(log):  # it leads: lease renewals and steps in flight
-                    assert proc.poll() is None, _read(log)
-                    assert time.monotonic() < deadline, _read(log)
+                while "lease_acquired" not in read_log(log):  # it leads: lease renewals and steps in flight
+                    assert proc.poll() is None, read_log(log)
+                    assert time.monotonic() < deadline, read_log(log)
                     time.sleep(0.1)
                 time.sleep(0.5)
                 broker.kill()  # the fabric is down ...
@@ -108,7 +108,7 @@ def test_sigterm_while_nats_is_frozen_and_mqtt_is_down_exits_in_bounded_time(tmp
                 try:
                     returncode = proc.wait(timeout=EXIT_WITHIN_S)
                 except subprocess.TimeoutExpired:
-                    pytest.fail(f"still running {EXIT_WITHIN_S:g} s after SIGTERM:\n{_read(log)[-3000:]}")
+                    pytest.fail(f"still running {EXIT_WITHIN_S:g} s after SIGTERM:\n{read_log(log)[-3000:]}")
                 took = time.monotonic() - stopped_at
             finally:
                 proc.kill()
@@ -119,7 +119,7 @@ def test_sigterm_while_nats_is_frozen_and_mqtt_is_down_exits_in_bounded_time(tmp
         nats.terminate()
         nats.wait(timeout=10)
         broker.kill()
-    text = _read(log)
+    text = read_log(log)
     assert returncode == 0, text
     assert "coordinator stopped" in text, text
     print(f"exited {took:.2f} s after SIGTERM with NATS frozen and MQTT down")

@@ -12,7 +12,7 @@ import sys
 
 from hashflex.agent.config import load_config
 from hashflex.agent.io.mqtt import MqttLink
-from tests.integration.mqtt_support import RecordingHandler, RecordingHeartbeat
+from tests.mqtt_support import RecordingHandler, RecordingHeartbeat
 
 
 async def main(path: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from hashflex.agent.protocol import Channel
 from hashflex.contract import signing
 from tests.agent_harness import iso, sign_for
-from tests.integration.test_runtime_service import (
+from tests.runtime_support import (
     GRID,
     T0,
     ManualClock,

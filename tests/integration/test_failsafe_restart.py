@@ -18,8 +18,8 @@ import pytest
 
 from tests.agent_harness import AgentProcess, iso, sign_for
 from tests.broker import Mosquitto
-from tests.integration.mqtt_support import wait_until
-from tests.integration.test_mqtt_e2e import K, Site, running_site
+from tests.integration.site_support import K, Site, running_site
+from tests.mqtt_support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

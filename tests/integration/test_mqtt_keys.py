@@ -20,7 +20,7 @@ from hashflex.agent.protocol import Channel
 from hashflex.contract import signing
 from hashflex.contract.reply import Reply
 from tests.broker import HOST, REPO, Mosquitto
-from tests.integration.mqtt_support import Observer, make_link, running, site_config
+from tests.mqtt_support import Observer, make_link, running, site_config
 
 pytestmark = pytest.mark.timeout(60)
 SCOPE = ("--site", "lhr-07", "--verb", "dispatch")  # what every signed command now names (hashflex-sig-v2)

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 from hashflex.agent.io.mqtt import LinkState
 from hashflex.agent.protocol import Channel
 from tests.broker import Mosquitto, Mqtt311OnlyProxy
-from tests.integration.mqtt_support import Observer, RecordingHandler, make_link, running, site_config, wait_until
+from tests.mqtt_support import Observer, RecordingHandler, make_link, running, site_config, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

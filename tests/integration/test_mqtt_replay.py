@@ -21,8 +21,8 @@ from hashflex.agent.io.mqtt import MqttLink
 from hashflex.contract import signing
 from tests.agent_harness import iso, sign_for
 from tests.broker import HOST, Mosquitto
-from tests.integration.mqtt_support import Observer, RecordingHandler, running, unique_site, wait_until
-from tests.integration.test_runtime_service import GRID, T0, ManualClock, Runtime, start_runtime, stop_runtime
+from tests.mqtt_support import Observer, RecordingHandler, running, unique_site, wait_until
+from tests.runtime_support import GRID, T0, ManualClock, Runtime, start_runtime, stop_runtime
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,7 +18,7 @@ import yaml
 from hashflex.agent.io.mqtt import BACKOFF_MAX_S, FailureKind, LinkState, backoff_s, classify_failure
 from hashflex.contract import signing
 from tests.broker import HOST, REPO, Mosquitto
-from tests.integration.mqtt_support import (
+from tests.mqtt_support import (
     Observer,
     RecordingHandler,
     make_link,

@@ -13,7 +13,7 @@ import pytest
 
 from hashflex.agent.io.mqtt import FailureKind, LinkState, classify_failure
 from tests.broker import DEFAULT_USERS, HOST, Mosquitto
-from tests.integration.mqtt_support import Observer, make_link, running, site_config, wait_until
+from tests.mqtt_support import Observer, make_link, running, site_config, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

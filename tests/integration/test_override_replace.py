@@ -1,13 +1,13 @@
 """Operator overrides replace each other (issue 16 item 7): a new `curtail` ends the operator's earlier override
 unless it asks to be added, on the real command path (CommandService → Controller → SQLite store), in-process with
-a clock the test moves (the harness of test_runtime_service.py)."""
+a clock the test moves (the harness of test_runtime_service.py, in tests/runtime_support.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from tests.integration.test_runtime_service import T0, ManualClock, make_config, start_runtime, stop_runtime
+from tests.runtime_support import T0, ManualClock, make_config, start_runtime, stop_runtime
 
 
 async def test_a_new_curtail_replaces_the_previous_override_unless_added(tmp_path: Path) -> None:

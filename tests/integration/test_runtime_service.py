@@ -8,68 +8,14 @@ same path against a simulated site over TCP is in test_runtime.py.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.config import AgentConfig
 from hashflex.agent.protocol import Channel
-from hashflex.agent.runtime.controller import Controller
-from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.service import CommandService
-from hashflex.contract.reply import Reply
-from tests.agent_harness import guess_verb, iso, sign_for
-from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
-
-T0 = 1_760_000_000.0
-GRID = Ed25519PrivateKey.generate()
-
-
-@dataclass
-class Runtime:
-    clock: ManualClock
-    store: Any
-    controller: Controller
-    service: CommandService
-    events: EventLog
-    task: asyncio.Task[None]
-
-    async def send(
-        self,
-        verb: str,
-        doc: dict[str, Any] | None,
-        channel: Channel = Channel.LOCAL,
-        *,
-        raw: bytes | None = None,
-        retained: bool = False,
-    ) -> Reply:
-        payload = raw if raw is not None else json.dumps(doc or {}).encode()
-        return await self.service.handle(verb, payload, channel, retained=retained)
-
-    def signed(self, doc: dict[str, Any], verb: str | None = None) -> dict[str, Any]:
-        """Grid-signed (hashflex-sig-v2) for this site, issued now."""
-        return sign_for(GRID, doc, site="svc", verb=verb or guess_verb(doc), issued_at=self.clock.t)
-
-    def audit_kinds(self) -> list[str]:
-        return [r.kind for r in self.store.audit_records()]
-
-
-def make_config(tmp_path: Path) -> AgentConfig:
-    return grid_config(tmp_path, "svc", GRID)
-
-
-async def start_runtime(cfg: AgentConfig, clock: ManualClock, *, safe_start: str | None = None) -> Runtime:
-    p = await start_parts(cfg, clock, GRID, safe_start=safe_start)
-    return Runtime(clock, p.store, p.controller, p.service, p.events, p.task)
-
-
-async def stop_runtime(rt: Runtime) -> None:
-    await stop_parts(rt.controller, rt.task, rt.store)
+from tests.agent_harness import iso
+from tests.runtime_support import T0, ManualClock, Runtime, make_config, start_runtime, stop_runtime
 
 
 @pytest.fixture

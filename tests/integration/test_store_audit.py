@@ -17,7 +17,7 @@ from hashflex.agent.io.store import Store, verify_database
 from hashflex.agent.runtime.clock import WallClock
 from hashflex.agent.runtime.housekeeping import Housekeeping
 from hashflex.contract import signing
-from tests.integration.store_support import hashflex, write_config
+from tests.store_support import hashflex, write_config
 
 DAY0 = 1_700_006_400.0  # 2023-11-15T00:00Z, a UTC midnight
 KINDS = ["command", "target_change", "actions", "compliance", "failsafe_enter", "failsafe_exit", "cap_change", "alarm"]

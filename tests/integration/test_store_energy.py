@@ -10,7 +10,7 @@ import pytest
 
 from hashflex.agent.core.energy import DAY_S, QUARTER_S, EnergyIntegrator, EnergyMinute, MinerMinute, SiteSample
 from hashflex.agent.io.store import Store
-from tests.integration.store_support import hashflex, write_config
+from tests.store_support import hashflex, write_config
 
 DAY0 = 1_700_006_400  # UTC midnight
 

@@ -121,6 +121,16 @@ async def test_antminer_cgi_refuses_bad_config_bodies(sim: SimProcess) -> None:
     assert next(m for m in sim.truth()["miners"] if m["ip"] == ip)["mode"] == "normal"
 
 
+def still_answers(ip: str, port: int) -> bool:
+    """A well-formed request on `port` gets the firmware's answer."""
+    if port == 4028:
+        doc = json.loads(exchange(ip, port, b'{"command": "summary"}').rstrip(b"\x00"))
+        return bool(doc["STATUS"][0]["STATUS"] == "S")
+    if port == 4433:
+        return v3_reply(exchange(ip, port, v3_frame(b'{"cmd": "get.nothing"}'), half_close=True))["code"] == -2
+    return exchange(ip, port, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 ")
+
+
 def test_random_bytes_on_every_port_never_take_the_site_down(sim: SimProcess) -> None:
     rng = random.Random(20240601)
     ports = {"luxos": (4028,), "whatsminer": (4028, 4433), "antminer": (4028, 80)}
@@ -132,6 +142,8 @@ def test_random_bytes_on_every_port_never_take_the_site_down(sim: SimProcess) ->
                 # a payload that looks like the start of a request just waits: that is fine
                 with contextlib.suppress(TimeoutError):
                     exchange(ip, port, payload, half_close=True, timeout=3)
+            assert still_answers(ip, port), f"{family} {ip}:{port} no longer answers after random bytes"
+    assert len(sim.truth()["miners"]) == len(sim.ips)  # the simulator itself is still up
 
 
 async def test_the_site_still_serves_everyone_afterwards(sim: SimProcess) -> None:

@@ -1,9 +1,11 @@
-"""Hypothesis strategies for random fleets, circuit trees and planner rules (shared by the planner tests)."""
+"""Hypothesis strategies for random fleets, circuit trees and planner rules, and the settings the planner property
+tests run them with (shared by the planner tests)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from hashflex.agent.core.accounting import PlannerRules
@@ -12,6 +14,14 @@ from hashflex.agent.core.model import MinerState, MinerView
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 
 NOW = 1_000_000.0
+
+# the explain phase traces every line (slow on Python 3.11); shrinking alone gives a small counter-example
+PROPS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
 
 
 @st.composite

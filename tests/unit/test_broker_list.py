@@ -19,7 +19,7 @@ from hashflex.agent.core.brokers import BACKOFF_MAX_S, HOP_JITTER_S, HOP_S, Brok
 from hashflex.agent.io.mqtt import FailureKind, backoff_s
 from hashflex.contract import signing
 from hashflex.coordinator.fabric import MqttFabric
-from tests.integration.mqtt_support import make_link
+from tests.mqtt_support import make_link
 
 UNIT = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 

@@ -12,6 +12,9 @@
 - No import circle inside agent/ (scripts/import_cycles.py): the runtime's parts take typed ports, not the controller.
 - Everything is imported through the one import package: `hashflex.agent…`, never a bare `agent…` (an installed
   project claims only the name `hashflex`; the rules above name modules without that prefix).
+- Tests share helpers through support modules, never through another test file (`tests.….test_*`), and nothing
+  under tests/unit imports tests.integration: the fast suite needs no broker, NATS or simulated site.
+- Every test asserts something: an `assert`, pytest.raises/warns/fail, or a call to a helper that asserts.
 """
 
 from __future__ import annotations
@@ -217,3 +220,97 @@ def test_no_import_circle_inside_the_agent() -> None:
     )
     assert out.returncode == 0, out.stdout
     assert " 0 import circle(s)" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+def _imports_a_test_module(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "tests" and any(part.startswith("test_") for part in parts[1:])
+
+
+@pytest.mark.parametrize("path", sources("tests"), ids=_rel)
+def test_tests_share_helpers_through_support_modules(path: Path) -> None:
+    # a test file is not an API: importing one runs its module body (fixtures, keys, hypothesis settings) in another
+    # file's session and ties that file to names any edit of the first may rename; what is shared lives in a support
+    # module (tests/runtime_support.py, tests/coordinator/support.py, tests/integration/site_support.py, ...)
+    bad = sorted({m for m in raw_imports_of(path) if _imports_a_test_module(m)})
+    assert not bad, f"{_rel(path)} imports the test module(s) {bad}: move what they share to a support module"
+
+
+@pytest.mark.parametrize("path", sources("tests/unit"), ids=_rel)
+def test_unit_tests_import_nothing_from_the_integration_tests(path: Path) -> None:
+    # the unit suite runs first and alone (no Mosquitto, NATS or simulated site): a helper both need lives in tests/
+    bad = sorted({m for m in raw_imports_of(path) if _under(m, "tests.integration")})
+    assert not bad, f"{_rel(path)} imports {bad}: move the helper to tests/"
+
+
+# A call to one of these asserts on the test's behalf, so a test may consist of them alone: check_* (plan_checks.py's
+# check_plan and the like), assert_*/expect_*, until/wait_* (wait for a condition or fail with a timeout; not
+# asyncio's wait_for, which only bounds a wait), and run_state_machine_as_test (Hypothesis runs the machine's rules
+# and invariants, which assert). A helper defined in the test's own module counts when its body asserts.
+ASSERTING_PREFIXES = ("check", "assert", "expect", "until", "wait_", "run_state_machine")
+NOT_ASSERTING = {"wait_for"}
+
+
+def _called(node: ast.Call) -> str | None:
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else None
+
+
+def _asserts(fn: ast.AST, helpers: set[str]) -> bool:
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assert):
+            return True
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "pytest"
+            and func.attr in ("raises", "warns", "fail")
+        ):
+            return True
+        name = _called(node)
+        if name is None or name in NOT_ASSERTING:
+            continue
+        if name.lstrip("_").startswith(ASSERTING_PREFIXES) or name in helpers:
+            return True
+    return False
+
+
+def assertionless_tests(path: Path) -> list[str]:
+    """The test functions of `path` that assert nothing, directly or through a helper (see ASSERTING_PREFIXES)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    helpers: set[str] = set()
+    while True:  # the module's own helpers that assert, also through each other
+        found = {f.name for f in functions if not f.name.startswith("test_") and _asserts(f, helpers)}
+        if found <= helpers:
+            break
+        helpers |= found
+    return [f.name for f in functions if f.name.startswith("test_") and not _asserts(f, helpers)]
+
+
+def test_the_assertion_scan_sees_direct_and_delegated_assertions(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import asyncio, pytest\n"
+        "def _inner(x):\n    assert x\n"
+        "def _outer(x):\n    _inner(x)\n"
+        "def test_direct():\n    assert 1\n"
+        "def test_raises():\n    with pytest.raises(ValueError):\n        int('x')\n"
+        "def test_prefixed():\n    check_plan(1)\n"
+        "def test_through_helpers():\n    _outer(1)\n"
+        "async def test_only_waits():\n    await asyncio.wait_for(asyncio.sleep(0), 1)\n"
+        "def test_nothing():\n    int('1')\n"
+    )
+    assert assertionless_tests(probe) == ["test_only_waits", "test_nothing"]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in sources("tests") if p.name.startswith("test_")), ids=_rel)
+def test_every_test_asserts_something(path: Path) -> None:
+    # a test that asserts nothing passes whatever the code does: give it the check its name promises
+    assert assertionless_tests(path) == [], f"{_rel(path)}: these tests assert nothing"

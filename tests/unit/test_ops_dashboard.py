@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from hashflex.agent.io.metrics import Metrics
-from tests.integration.test_ops_metrics import STATUS
+from tests.site_status import STATUS
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "configs/grafana/hashflex-dashboard.json"
 

@@ -26,9 +26,8 @@ from hashflex.agent.core.efficiency import stock_w
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.drivers.base import wakes_at_limit
-from tests.unit.fleets import NOW, Case, cases
+from tests.unit.fleets import NOW, PROPS, Case, cases
 from tests.unit.plan_checks import EPS_W, RUNNING, full_w, node_sums, uncontrolled, worst_w
-from tests.unit.test_planner_properties import PROPS
 
 
 def _both(case: Case) -> list[Plan]:

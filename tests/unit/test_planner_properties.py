@@ -5,20 +5,12 @@ Each property is checked against an independent re-computation of the accounting
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 
 from hashflex.agent.core.model import MinerState, SleepAction
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from tests.unit.fleets import NOW, Case, cases
+from tests.unit.fleets import NOW, PROPS, Case, cases
 from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, check_plan, node_caps_w, node_sums, worst_w
-
-# the explain phase traces every line (slow on Python 3.11); shrinking alone gives a small counter-example
-PROPS = settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-)
 
 
 def _run(case: Case, sleep_only: bool = False):  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from hashflex.agent.runtime.clock import WallClock
 from hashflex.agent.runtime.housekeeping import Housekeeping
 from hashflex.agent.runtime.persist import WriteBehind
 from tests.fsfaults import fill, locked, tmpfs
-from tests.integration.store_support import hashflex, write_config
+from tests.store_support import hashflex, write_config
 
 T0 = 1_700_000_000.0
 

@@ -27,8 +27,8 @@ from hashflex.drivers.base import (
     Result,
     wakes_at_limit,
 )
+from tests.unit.handles import RecordingHandle
 from tests.unit.plan_checks import check_plan
-from tests.unit.test_actuator import RecordingHandle
 
 NOW = 1_000_000.0
 RULES = PlannerRules(sleep_w=20.0, min_on_s=0.0, min_off_s=0.0)

@@ -182,7 +182,7 @@ class Observer:
         return [m for m in self.messages if m.topic.value == topic]
 
     def payloads(self, topic: str) -> list[bytes]:
-        return [_bytes(m.payload) for m in self.on(topic)]
+        return [payload_bytes(m.payload) for m in self.on(topic)]
 
     def json(self, topic: str) -> list[Any]:
         return [json.loads(p) for p in self.payloads(topic)]
@@ -201,9 +201,9 @@ class Observer:
 
     async def wait_reply(self, root: str, verb: str, request_id: str, within: float = 10.0) -> dict[str, Any]:
         message = await self.wait(
-            f"{root}/reply/{verb}", lambda m: json.loads(_bytes(m.payload)).get("id") == request_id, within
+            f"{root}/reply/{verb}", lambda m: json.loads(payload_bytes(m.payload)).get("id") == request_id, within
         )
-        reply: dict[str, Any] = json.loads(_bytes(message.payload))
+        reply: dict[str, Any] = json.loads(payload_bytes(message.payload))
         return reply
 
     async def publish(self, topic: str, doc: Any, *, retain: bool = False, **kw: Any) -> None:
@@ -211,7 +211,8 @@ class Observer:
         await self.client.publish(topic, payload, qos=1, retain=retain, **kw)
 
 
-def _bytes(payload: object) -> bytes:
+def payload_bytes(payload: object) -> bytes:
+    """A message payload as bytes (aiomqtt types it as bytes, str, a number or None)."""
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     return b"" if payload is None else str(payload).encode()
