@@ -20,7 +20,7 @@ from typing import Protocol
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.efficiency import DEFAULT_CURVE
 from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, raises_draw
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, SleepAction, raises_draw
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.agent.core.recommand import blocked, just_lowered, recommands
 from hashflex.agent.logging import get_logger
@@ -236,6 +236,19 @@ class Commander:
         self._batches_out += 1
         if self._batches_out == 1 and self.on_actuating is not None:
             self.on_actuating(True)
+
+    def fire_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
+        """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
+        commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
+        shed = Plan(
+            actions={c.ip: SleepAction() for c in changes},
+            worst_case_kw=level_kw,
+            expected_kw=level_kw,
+            expected_ths=0.0,
+            target_kw=level_kw,
+            method="frequency",
+        )
+        self.launch(changes, shed, True, now)
 
     def brace(self, on: bool) -> None:
         """Sweeps pause between polls (True) or go on (False) while an under-frequency stage may trip, as for a

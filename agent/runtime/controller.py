@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 from hashflex.agent.commands import Command
@@ -34,7 +34,7 @@ from hashflex.agent.core.arbitration import ArbitrationInputs, arbitrate
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.closed_loop import RUNNING
 from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, Plan, SleepAction, Target
+from hashflex.agent.core.model import Change, Plan, Target
 from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
@@ -53,8 +53,7 @@ from hashflex.agent.runtime.dispatches import DispatchBook
 from hashflex.agent.runtime.energy_meter import EnergyMeter, curtailment
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.facility import FacilityControl
-from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
-from hashflex.agent.runtime.frequency import FrequencyResponse
+from hashflex.agent.runtime.frequency import FrequencyRecords, FrequencyResponse
 from hashflex.agent.runtime.inbox import Inbox
 from hashflex.agent.runtime.level import PlanningLevel
 from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort, counted_present_kw
@@ -123,9 +122,17 @@ class Controller:
             curtailment=lambda: curtailment(self.target, self.book.records),
             max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale),
         )
+        self.publisher = readout.StatusPublisher(self, notifier)
         # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
         self.frequency = FrequencyResponse.for_site(
-            cfg, self, self.meter, clock=self.clock.time, wall_scale=clock.scale, prepare=actuator.prepare
+            cfg,
+            self.commands,
+            FrequencyRecords(self.persist, self.publisher.mark_stale),
+            self.meter,
+            trigger=self.trigger,
+            clock=self.clock.time,
+            wall_scale=clock.scale,
+            prepare=actuator.prepare,
         )
         if self.frequency is not None:
             self.commands.on_result = self.frequency.on_result
@@ -133,7 +140,6 @@ class Controller:
         self.facility = FacilityControl.from_config(
             cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
         )
-        self.publisher = readout.StatusPublisher(self, notifier)
         self.metrics = metrics
 
         # state (this task is its only writer)
@@ -240,7 +246,7 @@ class Controller:
     def _drain_inbox(self, *, stopping: bool = False) -> None:
         """The miners' answers taken in, the commands applied (or, `stopping`, failed), in the order they came."""
         if self._inbox.drain(lambda c: apply_command(self, c), self.commands.take, stopping=stopping):
-            self.publisher.stale = True  # the last tick's doc no longer shows the caps, dispatches and alarms
+            self.publisher.mark_stale()  # the last tick's doc no longer shows the caps, dispatches and alarms
 
     def _fail_waiting(self) -> None:
         self._drain_inbox(stopping=True)
@@ -486,43 +492,6 @@ class Controller:
         if self.in_flight or self.commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
             return False
         return snap_ts - self.commands.last_ack_at >= self.cfg.control.confirm_after_s
-
-    def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
-        """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
-        commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
-        shed = Plan(
-            actions={c.ip: SleepAction() for c in changes},
-            worst_case_kw=level_kw,
-            expected_kw=level_kw,
-            expected_ths=0.0,
-            target_kw=level_kw,
-            method="frequency",
-        )
-        self.commands.launch(changes, shed, True, now)
-
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
-        self.persist.audit(AuditKind.FREQUENCY, data, now)
-        self.publisher.stale = True
-
-    def frequency_brace(self, on: bool) -> None:
-        """Sweeps pause between polls while a stage may trip (agent.runtime.frequency._brace), as for a batch."""
-        self.commands.brace(on)
-
-    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
-        records = [dict(a) for a in audits]
-
-        def write(store: ControlStore) -> None:
-            with store.transaction():  # one commit: the event and its records
-                if doc is None:
-                    store.delete_state(FREQUENCY_STATE_KEY)
-                else:
-                    store.set_state(FREQUENCY_STATE_KEY, doc, now)
-                for record in records:
-                    store.append_audit(AuditKind.FREQUENCY, record, now)
-
-        self.persist.write("frequency event", write)
-        if records:
-            self.publisher.stale = True
 
     # ============================================================================================= read side
     def status(self) -> StatusDoc:

@@ -94,6 +94,10 @@ class StatusPublisher:
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
 
+    def mark_stale(self) -> None:
+        """What the doc shows changed since it was built (a command, a frequency record): rebuilt on the next read."""
+        self.stale = True
+
     def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
         doc = self.doc = build_status(self.site, snap, now, obs or self.site.observe_now())
         for sink in self.sinks:
