@@ -23,6 +23,7 @@ from hashflex.agent.core.miner_memory import MinerMemory
 from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, SleepAction, raises_draw
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.agent.core.recommand import blocked, just_lowered, recommands
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import Actuator, OpResult, Report, diff
 from hashflex.agent.runtime.crashpoints import crash_point
@@ -65,6 +66,8 @@ class Commander:
         deliver: Deliver,
         batch_done: Callable[[], None],
         before_send: Callable[[float], None],
+        metrics: RuntimeMetrics | None = None,
+        on_actuating: Callable[[bool], None] | None = None,
     ) -> None:
         self.actuator = actuator
         self.persist = persist
@@ -74,11 +77,11 @@ class Commander:
         self.deliver = deliver  # a result to the controller's inbox
         self.batch_done = batch_done  # a batch is answered: confirm from a fresh picture, tick again
         self.before_send = before_send  # a batch is about to go out (energy: the last picture holds until now)
-        self.metrics: RuntimeMetrics | None = None
+        self.metrics = metrics
         self.on_result: Callable[[OpResult], None] | None = None  # every result, as it is taken in (frequency)
         # called with True when a command batch goes out while none is on the wire, False when the last one is
         # answered (the fleet pauses its sweeps in between: commands first)
-        self.on_actuating: Callable[[bool], None] | None = None
+        self.on_actuating = on_actuating
         self.memory: dict[str, MinerMemory] = {}  # what the agent told each miner, and how it answered
         self.in_flight: dict[str, Change] = {}  # commands sent and not yet answered
         self.decreasing: set[str] = set()  # told to sleep, not yet seen asleep (hold_rises)
@@ -297,8 +300,12 @@ class Commander:
         if self._actuations:
             await asyncio.gather(*self._actuations, return_exceptions=True)
 
-    async def shutdown(self, mode: str, reachable: list[str]) -> None:
-        """control.on_shutdown (the loop has stopped): sleep or wake every reachable miner, in one batch awaited."""
+    async def shutdown(self, mode: str, snap: FleetSnapshot) -> None:
+        """control.on_shutdown (the loop has stopped): leave (default: no surge on restart), or sleep or wake every
+        reachable miner, in one batch awaited."""
+        if mode == "leave":
+            return
+        reachable = [ip for ip, ms in snap.miners.items() if ms.reachable]
         op = Op.SLEEP if mode == "sleep" else Op.WAKE
         changes = [Change(ip, op) for ip in reachable]
         log.info("on_shutdown", mode=mode, miners=len(changes))

@@ -25,7 +25,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 from hashflex.agent.commands import Command
 from hashflex.agent.config import AgentConfig
@@ -39,7 +38,6 @@ from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
-from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime import continuity, readout
@@ -61,7 +59,7 @@ from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.reply import Reply
-from hashflex.contract.status import BrokerDoc, DispatchDoc, GatewayDoc, StatusDoc
+from hashflex.contract.status import BrokerDoc, GatewayDoc
 
 log = get_logger("controller")
 
@@ -85,6 +83,8 @@ class Controller:
         broker_status: Callable[[], BrokerDoc] | None = None,
         gateway_health: Callable[[], GatewayDoc] | None = None,
         meter: SiteMeterPort | None = None,
+        sweep_request: asyncio.Event | None = None,
+        on_actuating: Callable[[bool], None] | None = None,
     ) -> None:
         self.cfg, self.fleet, self.store, self.events = cfg, fleet, store, events
         self._wake = asyncio.Event()
@@ -98,7 +98,10 @@ class Controller:
         self.rules = ControlRules.from_config(cfg, grid_link=grid_link)
         self.alarms = AlarmBoard(events, self.persist, self.clock.time)
         self.caps = Caps(cfg.site.cap_kw)
-        self.book = DispatchBook(store=store, persist=self.persist, events=events, rules=self.rules.arbitration)
+        self.metrics = metrics
+        self.book = DispatchBook(
+            store=store, persist=self.persist, events=events, rules=self.rules.arbitration, metrics=metrics
+        )
         self.commands = Commander(
             actuator=actuator,
             persist=self.persist,
@@ -109,6 +112,9 @@ class Controller:
             batch_done=self._batch_done,
             # what miners drew until a batch goes out is what was last read
             before_send=lambda now: self.energy.hold(self.fleet.latest(), now),
+            metrics=metrics,
+            # the fleet pauses its sweeps while a batch is on the wire (commands first)
+            on_actuating=on_actuating,
         )
         self.time_keeper = continuity.TimeKeeper(self.clock, self.persist, self.alarms)
         # the site meter (site.meter): the cap and every target apply to what it reads (agent.runtime.metering)
@@ -121,6 +127,7 @@ class Controller:
             cap_kw=cfg.site.cap_kw,
             curtailment=lambda: curtailment(self.target, self.book.records),
             max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale),
+            metrics=metrics,
         )
         self.publisher = readout.StatusPublisher(self, notifier)
         # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
@@ -140,7 +147,6 @@ class Controller:
         self.facility = FacilityControl.from_config(
             cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
         )
-        self.metrics = metrics
 
         # state (this task is its only writer)
         self.failsafe: fs.FailsafeState | None = None
@@ -153,20 +159,12 @@ class Controller:
         # since when the plan in force has been carried out in full (a tick found nothing to send, nothing on the
         # wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
         self.settled_at: float | None = None
-        self.sweep_request: asyncio.Event | None = None  # set by the app: ask the sweep loop for a fresh picture
+        self.sweep_request = sweep_request  # ask the sweep loop for a fresh picture
         self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given
         self._last_snapshot_ts: float | None = None
         self._early = self._stopping = False
 
     # ============================================================================================= ports
-    @property
-    def metrics(self) -> RuntimeMetrics | None:
-        return self._metrics
-
-    @metrics.setter
-    def metrics(self, metrics: RuntimeMetrics | None) -> None:  # (the app makes its metrics after the controller)
-        self._metrics = self.book.metrics = self.commands.metrics = self.energy.metrics = metrics
-
     @property
     def memory(self) -> dict[str, MinerMemory]:
         return self.commands.memory
@@ -174,15 +172,6 @@ class Controller:
     @property
     def in_flight(self) -> dict[str, Change]:
         return self.commands.in_flight
-
-    @property
-    def dispatches(self) -> dict[str, DispatchRecord]:
-        return self.book.records
-
-    @property
-    def cap_kw(self) -> float:
-        """The licensed cap: no command may ask for more."""
-        return self.caps.licensed_kw
 
     def counted_present_kw(self) -> float:
         """The site's power now as the last plan counted it (agent.runtime.metering.counted_present_kw)."""
@@ -222,10 +211,6 @@ class Controller:
         """Hand a validated command to the control loop; returns once it is applied and persisted."""
         return await self._inbox.submit(command, timeout_s)
 
-    def stored_reply(self, key: str) -> dict[str, Any] | None:
-        stored = self.store.get_reply(key)
-        return dict(stored) if stored is not None else None
-
     def heartbeat(self, payload: bytes) -> None:
         """HeartbeatSink: a grid heartbeat arrived."""
         if self.failsafe is None:
@@ -238,10 +223,6 @@ class Controller:
         """Ask for an early tick."""
         self._early = True
         self._wake.set()
-
-    def record_refusal(self, summary: dict[str, Any]) -> None:
-        """One audit record for an interval's refused commands (agent.runtime.service.RefusalAudit)."""
-        self.store.append_audit(AuditKind.COMMAND, {"status": "refused", **summary}, self.clock.time())
 
     def _drain_inbox(self, *, stopping: bool = False) -> None:
         """The miners' answers taken in, the commands applied (or, `stopping`, failed), in the order they came."""
@@ -481,10 +462,6 @@ class Controller:
         self.observation = obs
         return obs
 
-    def observe_now(self) -> Observation:
-        """What every miner is doing now, for the read side: nothing applied (no memory written, no alarm)."""
-        return observe(self.fleet.latest(), self.memory, self.in_flight, self.clock.time(), self.rules.observe)
-
     def _plan_settled(self, snap_ts: float) -> bool:
         """May the site-level correction learn from this picture? Only from error the last executed plan explains:
         the plan in force was carried out in full and the picture was taken after that, and at least
@@ -492,23 +469,3 @@ class Controller:
         if self.in_flight or self.commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
             return False
         return snap_ts - self.commands.last_ack_at >= self.cfg.control.confirm_after_s
-
-    # ============================================================================================= read side
-    def status(self) -> StatusDoc:
-        """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
-        return self.publisher.current()
-
-    def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
-        return readout.miner_rows(self, state, sort, desc, limit)
-
-    def preview(self, target_kw: float) -> dict[str, Any]:
-        return readout.preview(self, target_kw)
-
-    def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]:
-        return self.book.docs(include_closed)
-
-    async def shutdown_miners(self) -> None:
-        """control.on_shutdown: leave (default: no surge on restart), sleep, or wake every reachable miner."""
-        if self.cfg.control.on_shutdown != "leave":
-            reachable = [ip for ip, ms in self.fleet.latest().miners.items() if ms.reachable]
-            await self.commands.shutdown(self.cfg.control.on_shutdown, reachable)

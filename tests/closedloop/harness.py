@@ -52,6 +52,7 @@ from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract import signing
 from hashflex.contract.reply import Reply
@@ -395,12 +396,19 @@ class World:
             events=events,
             grid_link=True,
             persist=persist,
+            sweep_request=asyncio.Event(),
         )
-        ctl.sweep_request = asyncio.Event()
         ctl.restore()
         self.ctl = ctl
         self.service = CommandService(
-            cfg, ctl, events, clock=clock, grid_keys=[self.grid_key.public_key()], operator_keys=[]
+            cfg,
+            ctl,
+            events,
+            reader=SiteReader(ctl, ctl.publisher),
+            store=self.store,
+            clock=clock,
+            grid_keys=[self.grid_key.public_key()],
+            operator_keys=[],
         )
         if self.heartbeat_on:
             ctl.heartbeat(b"{}")
