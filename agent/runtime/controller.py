@@ -29,11 +29,9 @@ from collections.abc import Callable
 from hashflex.agent.commands import Command
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.arbitration import ArbitrationInputs, arbitrate
-from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.arbitration import ArbitrationInputs
 from hashflex.agent.core.closed_loop import RUNNING
-from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, Plan, Target
+from hashflex.agent.core.model import Plan, Target
 from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
@@ -44,6 +42,7 @@ from hashflex.agent.runtime import continuity, readout
 from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.alarms import AlarmBoard
 from hashflex.agent.runtime.apply import apply_command
+from hashflex.agent.runtime.arbiter import Arbiter
 from hashflex.agent.runtime.caps import Caps
 from hashflex.agent.runtime.clock import Clock, steady
 from hashflex.agent.runtime.commanding import Commander
@@ -54,7 +53,7 @@ from hashflex.agent.runtime.facility import FacilityControl
 from hashflex.agent.runtime.frequency import FrequencyRecords, FrequencyResponse
 from hashflex.agent.runtime.inbox import Inbox
 from hashflex.agent.runtime.level import PlanningLevel
-from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort, counted_present_kw
+from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
@@ -143,6 +142,15 @@ class Controller:
         )
         if self.frequency is not None:
             self.commands.on_result = self.frequency.on_result
+        self.arbiter = Arbiter(
+            rules=self.rules,
+            caps=self.caps,
+            book=self.book,
+            frequency=self.frequency,
+            time_keeper=self.time_keeper,
+            persist=self.persist,
+            events=events,
+        )
         # cooling that follows circuits' miners (site.circuits[].cooling): a wake waits for it (agent.runtime.facility)
         self.facility = FacilityControl.from_config(
             cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
@@ -164,19 +172,7 @@ class Controller:
         self._last_snapshot_ts: float | None = None
         self._early = self._stopping = False
 
-    # ============================================================================================= ports
-    @property
-    def memory(self) -> dict[str, MinerMemory]:
-        return self.commands.memory
-
-    @property
-    def in_flight(self) -> dict[str, Change]:
-        return self.commands.in_flight
-
-    def counted_present_kw(self) -> float:
-        """The site's power now as the last plan counted it (agent.runtime.metering.counted_present_kw)."""
-        return counted_present_kw(self.fleet.latest(), self.plan, None if self.meter is None else self.meter.last)
-
+    # ============================================================================================= start-up
     def restore(self, *, safe_start: str | None = None) -> None:
         """Load state from the store (after the first sweep, before the first tick)."""
         present_kw = self.fleet.latest().power_w / 1000.0
@@ -193,18 +189,9 @@ class Controller:
             pin_energy=self.energy.pin_closed,
             safe_start=safe_start,
             frequency=self.frequency,
+            planning=self.level,
         )
-        self.level.level_kw = min(present_kw, self.caps.effective_kw())
-        self.level.bias_kw, self.settled_at = 0.0, None
-        log.info(
-            "state restored",
-            dispatches=len(self.book.open_records()),
-            controls=len(self.memory),
-            grid_cap_kw=self.caps.grid_kw,
-            operator_cap_kw=self.caps.operator_kw,
-            failsafe=self.failsafe.active,
-            present_kw=round(present_kw, 2),
-        )
+        self.settled_at = None
 
     # ============================================================================================= inbox
     async def submit(self, command: Command, timeout_s: float = 30.0) -> Reply:
@@ -240,7 +227,7 @@ class Controller:
     def on_snapshot(self, snap: FleetSnapshot) -> None:
         """The sweep loop has a new picture: account energy, and tick early when it can confirm or correct."""
         self.energy.add(snap)
-        if any(m.pending_op for m in self.memory.values()) or self.book.unmet():
+        if any(m.pending_op for m in self.commands.memory.values()) or self.book.unmet():
             self.trigger()
 
     # ============================================================================================= loop
@@ -311,7 +298,7 @@ class Controller:
         self._last_snapshot_ts = snap.ts
         metered = None if self.meter is None else self.meter.observe_alarmed(present_kw, now, self.alarms)
         if self.frequency is not None:  # the pre-armed shed list, current for a stage that trips before next tick
-            self.frequency.arm(views, self.in_flight, None if metered is None else metered.metered_kw, now)
+            self.frequency.arm(views, self.commands.in_flight, None if metered is None else metered.metered_kw, now)
         step = self.level.step(
             target,
             self._arb_inputs,
@@ -369,17 +356,17 @@ class Controller:
             # never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good under a
             # dispatch at twice what it drew)
             self.level.ramp_credit_kw = min(step.allowance_kw, self.level.ramp_credit_kw + out.unsent_raises_kw)
-        if out.sent and step.fast and any(v.state in RUNNING and v.id not in self.in_flight for v in views):
+        if out.sent and step.fast and any(v.state in RUNNING and v.id not in commands.in_flight for v in views):
             # the optimal plan follows as soon as the fast one is out, to limit the miners the fast one left running;
             # when it is sleeping all of them there is nothing to plan until its results are in (they tick again),
             # and a tick now would only take CPU from the batch
             self.trigger()
         changes = out.sent
-        if changes or out.held or self.in_flight or commands.unconfirmed:
+        if changes or out.held or commands.in_flight or commands.unconfirmed:
             self.settled_at = None
         elif self.settled_at is None:
             self.settled_at = now
-        self.book.mark_commands_sent(now, len(changes), len(self.in_flight))
+        self.book.mark_commands_sent(now, len(changes), len(commands.in_flight))
         # targets apply where the site is measured: at the meter when there is one (its fallback when stale)
         self.book.track(snap.ts, present_kw if metered is None else metered.site_kw, now, self.cfg.control.tolerance_kw)
         commands.save_controls()
@@ -402,7 +389,7 @@ class Controller:
             planned=len(new_plan.actions),
             site_kw=None if metered is None else round(metered.site_kw, 2),
             sent=len(changes),
-            in_flight=len(self.in_flight),
+            in_flight=len(commands.in_flight),
             unreachable=snap.unreachable,
             failsafe=target.failsafe,
             plan_ms=round(plan_ms, 1),
@@ -411,49 +398,16 @@ class Controller:
 
     def _arbitrate(self, now: float) -> Target:
         assert self.failsafe is not None
-        prev = self.failsafe
         hold = self.target.kw if self.target is not None else (self.level.level_kw or self.caps.effective_kw())
-        self.failsafe = fs.evaluate(prev, now, self.rules.failsafe, hold)
-        self.time_keeper.save_link(self.failsafe, now)
-        if self.failsafe.active != prev.active:
-            kind = "failsafe_entered" if self.failsafe.active else "failsafe_exited"
-            data = {"reason": self.failsafe.reason or prev.reason, "level_kw": self.failsafe.level_kw}
-            audit = AuditKind.FAILSAFE_ENTER if self.failsafe.active else AuditKind.FAILSAFE_EXIT
-            self.persist.audit(audit, data, now)
-            self.events.emit(kind, **data)
-            log.warning(kind, **data) if self.failsafe.active else log.info(kind, **data)
-        self._arb_inputs = ArbitrationInputs(
-            licensed_cap_kw=self.caps.licensed_kw,
-            grid_cap_kw=self.caps.grid_kw,
-            operator_cap_kw=self.caps.operator_kw,
-            dispatches=self.book.for_arbitration(),
-            schedule=self.rules.schedule,
-            failsafe_kw=fs.limit_kw(self.failsafe),
-            rules=self.rules.arbitration,
-            frequency_kw=None if self.frequency is None else self.frequency.held_kw,
-        )
-        target = arbitrate(self._arb_inputs, now)
-        old = self.target
-        if old is None or abs(old.kw - target.kw) > 1e-6 or old.reason != target.reason or old.cap_kw != target.cap_kw:
-            data = {
-                "kw": round(target.kw, 3),
-                "reason": target.reason,
-                "source": target.source.value,
-                "cap_kw": target.cap_kw,
-                "failsafe": target.failsafe,
-                "detail": target.detail,
-                "from_kw": None if old is None else round(old.kw, 3),
-            }
-            self.persist.audit(AuditKind.TARGET_CHANGE, data, now)
-            self.events.emit("target_changed", **data)
-            log.info("target changed", **data)
+        decision = self.arbiter.decide(self.failsafe, self.target, hold, now)
+        self.failsafe, self.target, self._arb_inputs = decision.failsafe, decision.target, decision.inputs
+        if decision.changed:
             self.level.fast_done = False
-        self.target = target
-        return target
+        return decision.target
 
     def _observe(self, snap: FleetSnapshot, now: float) -> Observation:
         """What every miner is doing (agent.core.observe), its decisions applied: memory, alarms, log lines."""
-        obs = observe(snap, self.memory, self.in_flight, now, self.rules.observe)
+        obs = observe(snap, self.commands.memory, self.commands.in_flight, now, self.rules.observe)
         self.commands.memory = obs.memory
         self.commands.dirty |= obs.changed
         for note in obs.notes:
@@ -466,6 +420,7 @@ class Controller:
         """May the site-level correction learn from this picture? Only from error the last executed plan explains:
         the plan in force was carried out in full and the picture was taken after that, and at least
         confirm_after_s after the last acknowledged command (miners may still be ramping)."""
-        if self.in_flight or self.commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
+        commands = self.commands
+        if commands.in_flight or commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
             return False
-        return snap_ts - self.commands.last_ack_at >= self.cfg.control.confirm_after_s
+        return snap_ts - commands.last_ack_at >= self.cfg.control.confirm_after_s

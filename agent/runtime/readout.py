@@ -15,8 +15,7 @@ from typing import Any, Protocol
 from hashflex.agent import __version__
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, MinerState, Plan, RunAction, SleepAction, Target
+from hashflex.agent.core.model import MinerState, Plan, RunAction, SleepAction, Target
 from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
@@ -72,15 +71,12 @@ class SiteState(Protocol):
     def meter(self) -> MeterControl | None: ...
     @property
     def facility(self) -> FacilityControl | None: ...
-    @property
-    def memory(self) -> Mapping[str, MinerMemory]: ...
-    @property
-    def in_flight(self) -> Mapping[str, Change]: ...
 
 
 def observe_now(site: SiteState) -> Observation:
     """What every miner is doing now, for the read side: nothing applied (no memory written, no alarm)."""
-    return observe(site.fleet.latest(), site.memory, site.in_flight, site.clock.time(), site.rules.observe)
+    commands = site.commands
+    return observe(site.fleet.latest(), commands.memory, commands.in_flight, site.clock.time(), site.rules.observe)
 
 
 StatusSink = Callable[[StatusDoc], None]
@@ -233,7 +229,7 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
             "expected_ths": round(ctl.plan.expected_ths, 3),
             "baseline_ths": None if ctl.plan.baseline_ths is None else round(ctl.plan.baseline_ths, 3),
         },
-        "in_flight": len(ctl.in_flight),
+        "in_flight": len(ctl.commands.in_flight),
         # since when the plan in force has been carried out in full (nothing to send, on the wire, held back or
         # awaiting confirmation); null while the agent is still moving the fleet
         "settled_since": iso(ctl.settled_at),
@@ -257,7 +253,7 @@ def miner_rows(ctl: SiteState, state: str | None, sort: str, desc: bool, limit: 
         st = obs.shown[ip].value
         if state is not None and st != state:
             continue
-        r, ident, mem = ms.reading, ms.identity, ctl.memory.get(ip)
+        r, ident, mem = ms.reading, ms.identity, ctl.commands.memory.get(ip)
         power = ms.power_w if st != "unreachable" else None
         ths = r.hashrate_ths if r is not None and st != "unreachable" else None
         rows.append(

@@ -873,7 +873,7 @@ class World:
         confirm = self.spec.confirm_after_s
         sleep_w = ctl.rules.planner.sleep_w
         for ip, ms in snap.miners.items():
-            mem = ctl.memory.get(ip)
+            mem = ctl.commands.memory.get(ip)
             if mem is None or not ms.measured or ms.power_w is None:
                 continue
             if mem.pending_op == "sleep" and now - mem.pending_at < confirm:
