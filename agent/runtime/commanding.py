@@ -88,6 +88,9 @@ class Commander:
         self.wake_times: tuple[float, ...] = ()
         self.last_report: Report | None = None
         self.last_ack_at = -float("inf")  # when a miner last acknowledged a command
+        # since when the plan in force has been carried out in full (a hand-off found nothing to send, nothing on
+        # the wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
+        self.settled_at: float | None = None
         self.dirty: set[str] = set()  # miners whose stored control figures are behind
         self._rises_held = False  # wakes and raises held while the store cannot write them ahead (write_ahead)
         self._controls_saved_at = 0.0
@@ -98,6 +101,14 @@ class Commander:
     def unconfirmed(self) -> bool:
         """Is any acknowledged command (of a miner that obeys) not yet seen in telemetry?"""
         return any(m.pending_op and not m.ignores_commands for m in self.memory.values())
+
+    def settled(self, snap_ts: float) -> bool:
+        """May the site-level correction learn from the picture taken at `snap_ts`? Only from error the last
+        executed plan explains: the plan in force was carried out in full and the picture was taken after that, and
+        at least confirm_after_s after the last acknowledged command (miners may still be ramping)."""
+        if self.in_flight or self.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
+            return False
+        return snap_ts - self.last_ack_at >= self.confirm_after_s
 
     # ----------------------------------------------------------------------------------------- before sending
     def changes_for(
@@ -209,7 +220,8 @@ class Commander:
         cooling: CoolingGate | None,
     ) -> HandOff:
         """Send what takes the miners to the plan, less what must wait (rises behind settling sleeps, the store, a
-        stale meter, cooling not ready; sleeps never wait)."""
+        stale meter, cooling not ready; sleeps never wait). The plan is settled from the first hand-off that finds
+        nothing to send or hold, nothing on the wire and nothing awaiting confirmation (`settled`)."""
         held_raises_w: list[float] = []
         changes = self.changes_for(planned, by_ip, now, use_power_limits=use_power_limits, held_raises_w=held_raises_w)
         changes, held = self.gate(changes, by_ip, meter_stale=meter_stale)
@@ -221,6 +233,10 @@ class Commander:
             log.debug("planned from", views=[_describe(v) for v in views[:50]], worst_case_kw=planned.worst_case_kw)
             crash_point("planned")
             self.launch(changes, planned, fast, now)
+        if changes or held or self.in_flight or self.unconfirmed:
+            self.settled_at = None
+        elif self.settled_at is None:
+            self.settled_at = now
         return HandOff(changes, held, sum(held_raises_w) / 1000.0)
 
     def launch(self, changes: list[Change], planned: Plan, fast: bool, now: float) -> None:

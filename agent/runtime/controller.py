@@ -34,7 +34,7 @@ from hashflex.agent.core.closed_loop import RUNNING
 from hashflex.agent.core.model import Plan, Target
 from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
+from hashflex.agent.core.ramp import prune_wake_times, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
@@ -164,9 +164,6 @@ class Controller:
         self.level = PlanningLevel(cfg.control, cfg.site.cap_kw)
         self.tick_n, self.tick_ms = 0, 0.0
         self.tick_at: float | None = None
-        # since when the plan in force has been carried out in full (a tick found nothing to send, nothing on the
-        # wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
-        self.settled_at: float | None = None
         self.sweep_request = sweep_request  # ask the sweep loop for a fresh picture
         self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given
         self._last_snapshot_ts: float | None = None
@@ -191,7 +188,6 @@ class Controller:
             frequency=self.frequency,
             planning=self.level,
         )
-        self.settled_at = None
 
     # ============================================================================================= inbox
     async def submit(self, command: Command, timeout_s: float = 30.0) -> Reply:
@@ -307,7 +303,7 @@ class Controller:
             now=now,
             dt=dt,
             measured_fresh=measured_fresh,
-            may_correct=self._plan_settled(snap.ts),
+            may_correct=self.commands.settled(snap.ts),
             meter=self.meter,
             metered=metered,
             sleep_w=self.rules.planner.sleep_w,
@@ -338,8 +334,8 @@ class Controller:
             ramp_allowance_kw=step.allowance_kw,
         )
         plan_ms = (time.perf_counter() - t_plan) * 1000
-        self.level.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, new_plan.worst_case_kw - new_plan.ramp_from_kw)
-        self.plan, self.level.fast_done = new_plan, step.fast
+        self.plan = new_plan
+        self.level.planned(step, new_plan)
         self.alarms.from_plan(new_plan)
         out = commands.hand_off(
             new_plan,
@@ -351,21 +347,13 @@ class Controller:
             use_power_limits=self.cfg.control.use_power_limits,
             cooling=self.facility,
         )
-        if step.allowance_kw is not None and out.unsent_raises_kw:
-            # raises too small to send took ramp credit for a rise the site does not make: given back, or the credit
-            # never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good under a
-            # dispatch at twice what it drew)
-            self.level.ramp_credit_kw = min(step.allowance_kw, self.level.ramp_credit_kw + out.unsent_raises_kw)
+        self.level.unsent(step, out.unsent_raises_kw)
         if out.sent and step.fast and any(v.state in RUNNING and v.id not in commands.in_flight for v in views):
             # the optimal plan follows as soon as the fast one is out, to limit the miners the fast one left running;
             # when it is sleeping all of them there is nothing to plan until its results are in (they tick again),
             # and a tick now would only take CPU from the batch
             self.trigger()
         changes = out.sent
-        if changes or out.held or commands.in_flight or commands.unconfirmed:
-            self.settled_at = None
-        elif self.settled_at is None:
-            self.settled_at = now
         self.book.mark_commands_sent(now, len(changes), len(commands.in_flight))
         # targets apply where the site is measured: at the meter when there is one (its fallback when stale)
         self.book.track(snap.ts, present_kw if metered is None else metered.site_kw, now, self.cfg.control.tolerance_kw)
@@ -415,12 +403,3 @@ class Controller:
         self.alarms.apply(obs.alarms)
         self.observation = obs
         return obs
-
-    def _plan_settled(self, snap_ts: float) -> bool:
-        """May the site-level correction learn from this picture? Only from error the last executed plan explains:
-        the plan in force was carried out in full and the picture was taken after that, and at least
-        confirm_after_s after the last acknowledged command (miners may still be ramping)."""
-        commands = self.commands
-        if commands.in_flight or commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
-            return False
-        return snap_ts - commands.last_ack_at >= self.cfg.control.confirm_after_s

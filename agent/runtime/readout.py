@@ -59,7 +59,6 @@ class SiteState(Protocol):
     tick_n: int
     tick_ms: float
     tick_at: float | None
-    settled_at: float | None
     broker_status: Callable[[], BrokerDoc] | None
     gateway_health: Callable[[], GatewayDoc] | None
 
@@ -232,7 +231,7 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
         "in_flight": len(ctl.commands.in_flight),
         # since when the plan in force has been carried out in full (nothing to send, on the wire, held back or
         # awaiting confirmation); null while the agent is still moving the fleet
-        "settled_since": iso(ctl.settled_at),
+        "settled_since": iso(ctl.commands.settled_at),
         # the site meter (site.meter; null without one): what it reads, the non-miner load (meter − miners) and
         # what the plan counts for it, whether the agent has fallen back to the miners' sum plus the allowance
         "meter": None if ctl.meter is None else ctl.meter.doc(now),
