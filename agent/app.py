@@ -51,9 +51,11 @@ from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.housekeeping import Housekeeping
 from hashflex.agent.runtime.metering import SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract.reply import UNAVAILABLE, Reply
 from hashflex.contract.signing import load_private_key, load_public_key
+from hashflex.contract.status import StatusDoc
 
 if TYPE_CHECKING:
     from hashflex.drivers.meter_modbus import MeterRefusal, ModbusMeter
@@ -274,6 +276,7 @@ class Agent:
         self.fleet: Any = None
         self.meter: ModbusMeter | None = None  # with site.meter
         self.controller: Controller | None = None
+        self.reader: SiteReader | None = None  # the read verbs' answers, the telemetry's and the metrics' rows
         self.link: Any = None
         self.metrics: Any = None
         self.server: ControlServer | None = None
@@ -346,6 +349,11 @@ class Agent:
         )
         grid_link = cfg.mqtt.enabled and bool(grid_keys)
         meter: SiteMeterPort | None = self.meter
+        self.metrics = Metrics(
+            status_provider=self._status_doc,
+            miners_provider=self._miner_rows if cfg.metrics.per_miner else None,
+        )
+        hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
         self.controller = ctl = Controller(
             cfg,
             fleet=fleet,
@@ -358,21 +366,25 @@ class Agent:
             gateway_health=lambda: gateway_health(cfg.state_path, cfg.audit.disk_alarm_mb),
             meter=meter,
             persist=persist,
+            metrics=self.metrics,
+            sweep_request=self.sweep_request,
+            on_actuating=lambda busy: fleet.hold(hold_s) if busy else fleet.release(),
         )
+        self.reader = reader = SiteReader(ctl, ctl.publisher)
         if self.meter is not None and ctl.frequency is not None:  # every reading reaches the detector as it arrives
             self.meter.on_frequency, self.meter.on_reading = ctl.frequency.on_hz, ctl.frequency.on_reading
-        ctl.sweep_request = self.sweep_request
-        hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
-        ctl.commands.on_actuating = lambda busy: fleet.hold(hold_s) if busy else fleet.release()
-        self.metrics = Metrics(
-            status_provider=lambda: ctl.publisher.doc or None,
-            miners_provider=self._miner_rows if cfg.metrics.per_miner else None,
-        )
-        ctl.metrics = self.metrics
         ctl.restore(safe_start=safe_reason)
         self.housekeeping = Housekeeping(self.store, self.clock, cfg.site.id, signing_key)
         self.service = CommandService(
-            cfg, ctl, events, clock=self.clock, grid_keys=grid_keys, operator_keys=operator_keys, metrics=self.metrics
+            cfg,
+            ctl,
+            events,
+            reader=reader,
+            store=self.store,
+            clock=self.clock,
+            grid_keys=grid_keys,
+            operator_keys=operator_keys,
+            metrics=self.metrics,
         )
         if cfg.mqtt.enabled:
             from hashflex.agent.io.mqtt import MqttLink  # noqa: PLC0415
@@ -404,10 +416,8 @@ class Agent:
         # 10,000 miners that made a command fan-out ~1.5x slower than pyasic alone).
         gc.collect()
         gc.freeze()
-        snap = fleet.latest()
-        self.notifier.ready(
-            f"ready: {len(snap.miners)} miners, {snap.unreachable} unreachable, target {ctl.status()['target_kw']} kW"
-        )
+        snap, target_kw = fleet.latest(), reader.status()["target_kw"]
+        self.notifier.ready(f"ready: {len(snap.miners)} miners, {snap.unreachable} unreachable, target {target_kw} kW")
         log.info(
             "agent ready",
             version=__version__,
@@ -473,9 +483,13 @@ class Agent:
             "target_kw": None if ctl is None or ctl.target is None else ctl.target.kw,
         }
 
+    def _status_doc(self) -> StatusDoc | None:
+        """The last tick's status doc, for the metrics (none before the first tick)."""
+        return None if self.controller is None else self.controller.publisher.doc or None
+
     def _miner_rows(self) -> list[dict[str, Any]]:
-        assert self.controller is not None
-        return self.controller.miner_rows(None, "ip", False, None)
+        assert self.reader is not None
+        return self.reader.miner_rows(None, "ip", False, None)
 
     # --------------------------------------------------------------------------------------------- loops
     async def _sweep_once(self) -> None:
@@ -506,7 +520,7 @@ class Agent:
 
     async def telemetry_loop(self) -> None:
         """Site figures on …/telemetry (lossy), and per-miner detail when configured."""
-        assert self.controller is not None
+        assert self.reader is not None
         assert self.link is not None
         interval = self.clock.to_wall(self.cfg.mqtt.telemetry_interval_s)
         detail = self.cfg.mqtt.miner_detail_interval_s
@@ -514,7 +528,7 @@ class Agent:
         last_detail = 0.0
         while True:
             await asyncio.sleep(interval)
-            s = self.controller.status()
+            s = self.reader.status()
             self.link.publish_telemetry(
                 {
                     k: s.get(k)
@@ -533,7 +547,7 @@ class Agent:
             )
             if detail_wall is not None and time.monotonic() - last_detail >= detail_wall:
                 last_detail = time.monotonic()
-                for row in self.controller.miner_rows(None, "ip", False, None):
+                for row in self.reader.miner_rows(None, "ip", False, None):
                     self.link.publish_miner(row["ip"], row)
 
     async def _wait_for_stop(self) -> None:
@@ -585,7 +599,7 @@ class Agent:
         shutdown_failed = False
         if self.controller is not None:
             try:
-                await self.controller.shutdown_miners()
+                await self.controller.commands.shutdown(self.cfg.control.on_shutdown, self.controller.fleet.latest())
             except Exception:
                 shutdown_failed = True
                 log.exception("on_shutdown commands failed")

@@ -22,6 +22,7 @@ from hashflex.agent.runtime.clock import Clock
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.fleet import Fleet, driver_from_config
+from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract.reply import Reply
 from tests.agent_harness import guess_verb, sign_for
@@ -88,7 +89,16 @@ async def start_parts(
     actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
     ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=grid_link)
     ctl.restore(safe_start=safe_start)
-    service = CommandService(cfg, ctl, events, clock=clock, grid_keys=[grid.public_key()], operator_keys=[])
+    service = CommandService(
+        cfg,
+        ctl,
+        events,
+        reader=SiteReader(ctl, ctl.publisher),
+        store=store,
+        clock=clock,
+        grid_keys=[grid.public_key()],
+        operator_keys=[],
+    )
     return Parts(store, ctl, service, events, asyncio.create_task(ctl.run()))
 
 

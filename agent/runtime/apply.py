@@ -16,7 +16,7 @@ from hashflex.agent.commands import REQUEST_DIGEST, Command, Repeat, answer_repe
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.audit import AuditKind
-from hashflex.agent.core.model import Dispatch, Source
+from hashflex.agent.core.model import Dispatch, Plan, Source
 from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
 from hashflex.agent.logging import get_logger
@@ -25,8 +25,9 @@ from hashflex.agent.runtime.caps import Caps
 from hashflex.agent.runtime.crashpoints import crash_point
 from hashflex.agent.runtime.dispatches import SAFE_START_ID, DispatchBook
 from hashflex.agent.runtime.events import EventLog
+from hashflex.agent.runtime.metering import MeterControl, counted_present_kw
 from hashflex.agent.runtime.persist import WriteBehind
-from hashflex.agent.runtime.ports import ControlStore, RuntimeMetrics
+from hashflex.agent.runtime.ports import ControlStore, RuntimeMetrics, SnapshotSource
 from hashflex.contract.reply import BAD_REQUEST, CONFLICT, STALE_REVISION, UNKNOWN_DISPATCH, Reply
 from hashflex.contract.requests import (
     OPERATOR_ID_PREFIX,
@@ -52,14 +53,17 @@ class CommandHost(Protocol):
     caps: Caps
     book: DispatchBook
     failsafe: fs.FailsafeState | None
+    fleet: SnapshotSource
+    plan: Plan | None
 
     @property
     def alarms(self) -> dict[str, str]: ...
     @property
     def clock(self) -> Clock: ...
     @property
+    def meter(self) -> MeterControl | None: ...
+    @property
     def metrics(self) -> RuntimeMetrics | None: ...
-    def counted_present_kw(self) -> float: ...
     def trigger(self) -> None: ...
 
 
@@ -205,6 +209,11 @@ def _store_refused(ctl: CommandHost, cmd: Command, exc: StoreError) -> Reply:
     return Reply.error(req.id, STORE_UNAVAILABLE, message)
 
 
+def _counted_present_kw(ctl: CommandHost) -> float:
+    """The site's power now as the last plan counted it: a curtail's or a dispatch's baseline."""
+    return counted_present_kw(ctl.fleet.latest(), ctl.plan, None if ctl.meter is None else ctl.meter.last)
+
+
 def _forget_safe_start(ctl: CommandHost) -> None:
     """The operator resumed (committed): the next start is a normal one."""
     try:
@@ -237,7 +246,7 @@ def _dispatch(ctl: CommandHost, req: DispatchRequest, cmd: Command, now: float, 
     if existing is not None and existing.dispatch.baseline_kw is not None:
         baseline = existing.dispatch.baseline_kw
     else:
-        baseline = round(ctl.counted_present_kw(), 3)
+        baseline = round(_counted_present_kw(ctl), 3)
     start = req.start if req.start is not None else now
     d = Dispatch(
         id=req.id,
@@ -333,7 +342,7 @@ def _curtail(ctl: CommandHost, req: CurtailRequest, cmd: Command, now: float, ev
             if rec.dispatch.source is Source.OPERATOR and rec.dispatch.id != SAFE_START_ID:
                 ctl.book.close(rec, now, "cancelled", f"replaced by {did}", events=events)
                 replaced.append(rec.dispatch.id)
-    baseline = round(ctl.counted_present_kw(), 3)
+    baseline = round(_counted_present_kw(ctl), 3)
     d = Dispatch(
         id=did,
         source=Source.OPERATOR,

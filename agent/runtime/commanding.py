@@ -20,9 +20,10 @@ from typing import Protocol
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.efficiency import DEFAULT_CURVE
 from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, raises_draw
+from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, SleepAction, raises_draw
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.agent.core.recommand import blocked, just_lowered, recommands
+from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import Actuator, OpResult, Report, diff
 from hashflex.agent.runtime.crashpoints import crash_point
@@ -65,6 +66,8 @@ class Commander:
         deliver: Deliver,
         batch_done: Callable[[], None],
         before_send: Callable[[float], None],
+        metrics: RuntimeMetrics | None = None,
+        on_actuating: Callable[[bool], None] | None = None,
     ) -> None:
         self.actuator = actuator
         self.persist = persist
@@ -74,17 +77,20 @@ class Commander:
         self.deliver = deliver  # a result to the controller's inbox
         self.batch_done = batch_done  # a batch is answered: confirm from a fresh picture, tick again
         self.before_send = before_send  # a batch is about to go out (energy: the last picture holds until now)
-        self.metrics: RuntimeMetrics | None = None
+        self.metrics = metrics
         self.on_result: Callable[[OpResult], None] | None = None  # every result, as it is taken in (frequency)
         # called with True when a command batch goes out while none is on the wire, False when the last one is
         # answered (the fleet pauses its sweeps in between: commands first)
-        self.on_actuating: Callable[[bool], None] | None = None
+        self.on_actuating = on_actuating
         self.memory: dict[str, MinerMemory] = {}  # what the agent told each miner, and how it answered
         self.in_flight: dict[str, Change] = {}  # commands sent and not yet answered
         self.decreasing: set[str] = set()  # told to sleep, not yet seen asleep (hold_rises)
         self.wake_times: tuple[float, ...] = ()
         self.last_report: Report | None = None
         self.last_ack_at = -float("inf")  # when a miner last acknowledged a command
+        # since when the plan in force has been carried out in full (a hand-off found nothing to send, nothing on
+        # the wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
+        self.settled_at: float | None = None
         self.dirty: set[str] = set()  # miners whose stored control figures are behind
         self._rises_held = False  # wakes and raises held while the store cannot write them ahead (write_ahead)
         self._controls_saved_at = 0.0
@@ -95,6 +101,14 @@ class Commander:
     def unconfirmed(self) -> bool:
         """Is any acknowledged command (of a miner that obeys) not yet seen in telemetry?"""
         return any(m.pending_op and not m.ignores_commands for m in self.memory.values())
+
+    def settled(self, snap_ts: float) -> bool:
+        """May the site-level correction learn from the picture taken at `snap_ts`? Only from error the last
+        executed plan explains: the plan in force was carried out in full and the picture was taken after that, and
+        at least confirm_after_s after the last acknowledged command (miners may still be ramping)."""
+        if self.in_flight or self.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
+            return False
+        return snap_ts - self.last_ack_at >= self.confirm_after_s
 
     # ----------------------------------------------------------------------------------------- before sending
     def changes_for(
@@ -206,7 +220,8 @@ class Commander:
         cooling: CoolingGate | None,
     ) -> HandOff:
         """Send what takes the miners to the plan, less what must wait (rises behind settling sleeps, the store, a
-        stale meter, cooling not ready; sleeps never wait)."""
+        stale meter, cooling not ready; sleeps never wait). The plan is settled from the first hand-off that finds
+        nothing to send or hold, nothing on the wire and nothing awaiting confirmation (`settled`)."""
         held_raises_w: list[float] = []
         changes = self.changes_for(planned, by_ip, now, use_power_limits=use_power_limits, held_raises_w=held_raises_w)
         changes, held = self.gate(changes, by_ip, meter_stale=meter_stale)
@@ -218,6 +233,10 @@ class Commander:
             log.debug("planned from", views=[_describe(v) for v in views[:50]], worst_case_kw=planned.worst_case_kw)
             crash_point("planned")
             self.launch(changes, planned, fast, now)
+        if changes or held or self.in_flight or self.unconfirmed:
+            self.settled_at = None
+        elif self.settled_at is None:
+            self.settled_at = now
         return HandOff(changes, held, sum(held_raises_w) / 1000.0)
 
     def launch(self, changes: list[Change], planned: Plan, fast: bool, now: float) -> None:
@@ -236,6 +255,19 @@ class Commander:
         self._batches_out += 1
         if self._batches_out == 1 and self.on_actuating is not None:
             self.on_actuating(True)
+
+    def fire_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
+        """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
+        commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
+        shed = Plan(
+            actions={c.ip: SleepAction() for c in changes},
+            worst_case_kw=level_kw,
+            expected_kw=level_kw,
+            expected_ths=0.0,
+            target_kw=level_kw,
+            method="frequency",
+        )
+        self.launch(changes, shed, True, now)
 
     def brace(self, on: bool) -> None:
         """Sweeps pause between polls (True) or go on (False) while an under-frequency stage may trip, as for a
@@ -284,8 +316,12 @@ class Commander:
         if self._actuations:
             await asyncio.gather(*self._actuations, return_exceptions=True)
 
-    async def shutdown(self, mode: str, reachable: list[str]) -> None:
-        """control.on_shutdown (the loop has stopped): sleep or wake every reachable miner, in one batch awaited."""
+    async def shutdown(self, mode: str, snap: FleetSnapshot) -> None:
+        """control.on_shutdown (the loop has stopped): leave (default: no surge on restart), or sleep or wake every
+        reachable miner, in one batch awaited."""
+        if mode == "leave":
+            return
+        reachable = [ip for ip, ms in snap.miners.items() if ms.reachable]
         op = Op.SLEEP if mode == "sleep" else Op.WAKE
         changes = [Change(ip, op) for ip in reachable]
         log.info("on_shutdown", mode=mode, miners=len(changes))

@@ -23,6 +23,7 @@ from hashflex.agent.runtime.commanding import Commander
 from hashflex.agent.runtime.dispatches import DispatchBook
 from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
 from hashflex.agent.runtime.frequency import FrequencyResponse
+from hashflex.agent.runtime.level import PlanningLevel
 from hashflex.agent.runtime.memory import memory_from, save_on_timeline
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore
@@ -45,10 +46,12 @@ def restore(
     present_kw: float,
     pin_energy: Callable[[float], object],
     safe_start: str | None,
+    planning: PlanningLevel,
     frequency: FrequencyResponse | None = None,
 ) -> fs.FailsafeState:
     """Load the last run's state (after the first sweep, before the first tick); returns the grid link's state.
-    `safe_start`: why this start holds the site (an override until an operator resumes), or None."""
+    `safe_start`: why this start holds the site (an override until an operator resumes), or None. The planning
+    level starts at what the site draws now (within the caps), uncorrected."""
     now = clock.time()
     caps.load(store)
     shift = timeline.shift_s(
@@ -116,6 +119,17 @@ def restore(
             "went back while the agent was down); bound dispatches stay bound, min on/off times run "
             "from now: check the gateway's time (NTP)",
         )
+    planning.level_kw = min(present_kw, caps.effective_kw())
+    planning.bias_kw = 0.0
+    log.info(
+        "state restored",
+        dispatches=len(book.open_records()),
+        controls=len(commands.memory),
+        grid_cap_kw=caps.grid_kw,
+        operator_cap_kw=caps.operator_kw,
+        failsafe=failsafe.active,
+        present_kw=round(present_kw, 2),
+    )
     return failsafe
 
 

@@ -24,28 +24,25 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable
 
 from hashflex.agent.commands import Command
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.arbitration import ArbitrationInputs, arbitrate
-from hashflex.agent.core.audit import AuditKind
+from hashflex.agent.core.arbitration import ArbitrationInputs
 from hashflex.agent.core.closed_loop import RUNNING
-from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, Plan, SleepAction, Target
+from hashflex.agent.core.model import Plan, Target
 from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan, plan_sleep_only
-from hashflex.agent.core.ramp import prune_wake_times, spend_ramp_credit, wake_budget
+from hashflex.agent.core.ramp import prune_wake_times, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
-from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime import continuity, readout
 from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.alarms import AlarmBoard
 from hashflex.agent.runtime.apply import apply_command
+from hashflex.agent.runtime.arbiter import Arbiter
 from hashflex.agent.runtime.caps import Caps
 from hashflex.agent.runtime.clock import Clock, steady
 from hashflex.agent.runtime.commanding import Commander
@@ -53,16 +50,15 @@ from hashflex.agent.runtime.dispatches import DispatchBook
 from hashflex.agent.runtime.energy_meter import EnergyMeter, curtailment
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.facility import FacilityControl
-from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
-from hashflex.agent.runtime.frequency import FrequencyResponse
+from hashflex.agent.runtime.frequency import FrequencyRecords, FrequencyResponse
 from hashflex.agent.runtime.inbox import Inbox
 from hashflex.agent.runtime.level import PlanningLevel
-from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort, counted_present_kw
+from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.reply import Reply
-from hashflex.contract.status import BrokerDoc, DispatchDoc, GatewayDoc, StatusDoc
+from hashflex.contract.status import BrokerDoc, GatewayDoc
 
 log = get_logger("controller")
 
@@ -86,6 +82,8 @@ class Controller:
         broker_status: Callable[[], BrokerDoc] | None = None,
         gateway_health: Callable[[], GatewayDoc] | None = None,
         meter: SiteMeterPort | None = None,
+        sweep_request: asyncio.Event | None = None,
+        on_actuating: Callable[[bool], None] | None = None,
     ) -> None:
         self.cfg, self.fleet, self.store, self.events = cfg, fleet, store, events
         self._wake = asyncio.Event()
@@ -99,7 +97,10 @@ class Controller:
         self.rules = ControlRules.from_config(cfg, grid_link=grid_link)
         self.alarms = AlarmBoard(events, self.persist, self.clock.time)
         self.caps = Caps(cfg.site.cap_kw)
-        self.book = DispatchBook(store=store, persist=self.persist, events=events, rules=self.rules.arbitration)
+        self.metrics = metrics
+        self.book = DispatchBook(
+            store=store, persist=self.persist, events=events, rules=self.rules.arbitration, metrics=metrics
+        )
         self.commands = Commander(
             actuator=actuator,
             persist=self.persist,
@@ -110,6 +111,9 @@ class Controller:
             batch_done=self._batch_done,
             # what miners drew until a batch goes out is what was last read
             before_send=lambda now: self.energy.hold(self.fleet.latest(), now),
+            metrics=metrics,
+            # the fleet pauses its sweeps while a batch is on the wire (commands first)
+            on_actuating=on_actuating,
         )
         self.time_keeper = continuity.TimeKeeper(self.clock, self.persist, self.alarms)
         # the site meter (site.meter): the cap and every target apply to what it reads (agent.runtime.metering)
@@ -122,19 +126,35 @@ class Controller:
             cap_kw=cfg.site.cap_kw,
             curtailment=lambda: curtailment(self.target, self.book.records),
             max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale),
+            metrics=metrics,
         )
+        self.publisher = readout.StatusPublisher(self, notifier)
         # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
         self.frequency = FrequencyResponse.for_site(
-            cfg, self, self.meter, clock=self.clock.time, wall_scale=clock.scale, prepare=actuator.prepare
+            cfg,
+            self.commands,
+            FrequencyRecords(self.persist, self.publisher.mark_stale),
+            self.meter,
+            trigger=self.trigger,
+            clock=self.clock.time,
+            wall_scale=clock.scale,
+            prepare=actuator.prepare,
         )
         if self.frequency is not None:
             self.commands.on_result = self.frequency.on_result
+        self.arbiter = Arbiter(
+            rules=self.rules,
+            caps=self.caps,
+            book=self.book,
+            frequency=self.frequency,
+            time_keeper=self.time_keeper,
+            persist=self.persist,
+            events=events,
+        )
         # cooling that follows circuits' miners (site.circuits[].cooling): a wake waits for it (agent.runtime.facility)
         self.facility = FacilityControl.from_config(
             cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
         )
-        self.publisher = readout.StatusPublisher(self, notifier)
-        self.metrics = metrics
 
         # state (this task is its only writer)
         self.failsafe: fs.FailsafeState | None = None
@@ -144,44 +164,12 @@ class Controller:
         self.level = PlanningLevel(cfg.control, cfg.site.cap_kw)
         self.tick_n, self.tick_ms = 0, 0.0
         self.tick_at: float | None = None
-        # since when the plan in force has been carried out in full (a tick found nothing to send, nothing on the
-        # wire, nothing awaiting confirmation); None: not yet, or a later plan changed something
-        self.settled_at: float | None = None
-        self.sweep_request: asyncio.Event | None = None  # set by the app: ask the sweep loop for a fresh picture
+        self.sweep_request = sweep_request  # ask the sweep loop for a fresh picture
         self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given
         self._last_snapshot_ts: float | None = None
         self._early = self._stopping = False
 
-    # ============================================================================================= ports
-    @property
-    def metrics(self) -> RuntimeMetrics | None:
-        return self._metrics
-
-    @metrics.setter
-    def metrics(self, metrics: RuntimeMetrics | None) -> None:  # (the app makes its metrics after the controller)
-        self._metrics = self.book.metrics = self.commands.metrics = self.energy.metrics = metrics
-
-    @property
-    def memory(self) -> dict[str, MinerMemory]:
-        return self.commands.memory
-
-    @property
-    def in_flight(self) -> dict[str, Change]:
-        return self.commands.in_flight
-
-    @property
-    def dispatches(self) -> dict[str, DispatchRecord]:
-        return self.book.records
-
-    @property
-    def cap_kw(self) -> float:
-        """The licensed cap: no command may ask for more."""
-        return self.caps.licensed_kw
-
-    def counted_present_kw(self) -> float:
-        """The site's power now as the last plan counted it (agent.runtime.metering.counted_present_kw)."""
-        return counted_present_kw(self.fleet.latest(), self.plan, None if self.meter is None else self.meter.last)
-
+    # ============================================================================================= start-up
     def restore(self, *, safe_start: str | None = None) -> None:
         """Load state from the store (after the first sweep, before the first tick)."""
         present_kw = self.fleet.latest().power_w / 1000.0
@@ -198,27 +186,13 @@ class Controller:
             pin_energy=self.energy.pin_closed,
             safe_start=safe_start,
             frequency=self.frequency,
-        )
-        self.level.level_kw = min(present_kw, self.caps.effective_kw())
-        self.level.bias_kw, self.settled_at = 0.0, None
-        log.info(
-            "state restored",
-            dispatches=len(self.book.open_records()),
-            controls=len(self.memory),
-            grid_cap_kw=self.caps.grid_kw,
-            operator_cap_kw=self.caps.operator_kw,
-            failsafe=self.failsafe.active,
-            present_kw=round(present_kw, 2),
+            planning=self.level,
         )
 
     # ============================================================================================= inbox
     async def submit(self, command: Command, timeout_s: float = 30.0) -> Reply:
         """Hand a validated command to the control loop; returns once it is applied and persisted."""
         return await self._inbox.submit(command, timeout_s)
-
-    def stored_reply(self, key: str) -> dict[str, Any] | None:
-        stored = self.store.get_reply(key)
-        return dict(stored) if stored is not None else None
 
     def heartbeat(self, payload: bytes) -> None:
         """HeartbeatSink: a grid heartbeat arrived."""
@@ -233,14 +207,10 @@ class Controller:
         self._early = True
         self._wake.set()
 
-    def record_refusal(self, summary: dict[str, Any]) -> None:
-        """One audit record for an interval's refused commands (agent.runtime.service.RefusalAudit)."""
-        self.store.append_audit(AuditKind.COMMAND, {"status": "refused", **summary}, self.clock.time())
-
     def _drain_inbox(self, *, stopping: bool = False) -> None:
         """The miners' answers taken in, the commands applied (or, `stopping`, failed), in the order they came."""
         if self._inbox.drain(lambda c: apply_command(self, c), self.commands.take, stopping=stopping):
-            self.publisher.stale = True  # the last tick's doc no longer shows the caps, dispatches and alarms
+            self.publisher.mark_stale()  # the last tick's doc no longer shows the caps, dispatches and alarms
 
     def _fail_waiting(self) -> None:
         self._drain_inbox(stopping=True)
@@ -253,7 +223,7 @@ class Controller:
     def on_snapshot(self, snap: FleetSnapshot) -> None:
         """The sweep loop has a new picture: account energy, and tick early when it can confirm or correct."""
         self.energy.add(snap)
-        if any(m.pending_op for m in self.memory.values()) or self.book.unmet():
+        if any(m.pending_op for m in self.commands.memory.values()) or self.book.unmet():
             self.trigger()
 
     # ============================================================================================= loop
@@ -324,7 +294,7 @@ class Controller:
         self._last_snapshot_ts = snap.ts
         metered = None if self.meter is None else self.meter.observe_alarmed(present_kw, now, self.alarms)
         if self.frequency is not None:  # the pre-armed shed list, current for a stage that trips before next tick
-            self.frequency.arm(views, self.in_flight, None if metered is None else metered.metered_kw, now)
+            self.frequency.arm(views, self.commands.in_flight, None if metered is None else metered.metered_kw, now)
         step = self.level.step(
             target,
             self._arb_inputs,
@@ -333,7 +303,7 @@ class Controller:
             now=now,
             dt=dt,
             measured_fresh=measured_fresh,
-            may_correct=self._plan_settled(snap.ts),
+            may_correct=self.commands.settled(snap.ts),
             meter=self.meter,
             metered=metered,
             sleep_w=self.rules.planner.sleep_w,
@@ -364,8 +334,8 @@ class Controller:
             ramp_allowance_kw=step.allowance_kw,
         )
         plan_ms = (time.perf_counter() - t_plan) * 1000
-        self.level.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, new_plan.worst_case_kw - new_plan.ramp_from_kw)
-        self.plan, self.level.fast_done = new_plan, step.fast
+        self.plan = new_plan
+        self.level.planned(step, new_plan)
         self.alarms.from_plan(new_plan)
         out = commands.hand_off(
             new_plan,
@@ -377,22 +347,14 @@ class Controller:
             use_power_limits=self.cfg.control.use_power_limits,
             cooling=self.facility,
         )
-        if step.allowance_kw is not None and out.unsent_raises_kw:
-            # raises too small to send took ramp credit for a rise the site does not make: given back, or the credit
-            # never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good under a
-            # dispatch at twice what it drew)
-            self.level.ramp_credit_kw = min(step.allowance_kw, self.level.ramp_credit_kw + out.unsent_raises_kw)
-        if out.sent and step.fast and any(v.state in RUNNING and v.id not in self.in_flight for v in views):
+        self.level.unsent(step, out.unsent_raises_kw)
+        if out.sent and step.fast and any(v.state in RUNNING and v.id not in commands.in_flight for v in views):
             # the optimal plan follows as soon as the fast one is out, to limit the miners the fast one left running;
             # when it is sleeping all of them there is nothing to plan until its results are in (they tick again),
             # and a tick now would only take CPU from the batch
             self.trigger()
         changes = out.sent
-        if changes or out.held or self.in_flight or commands.unconfirmed:
-            self.settled_at = None
-        elif self.settled_at is None:
-            self.settled_at = now
-        self.book.mark_commands_sent(now, len(changes), len(self.in_flight))
+        self.book.mark_commands_sent(now, len(changes), len(commands.in_flight))
         # targets apply where the site is measured: at the meter when there is one (its fallback when stale)
         self.book.track(snap.ts, present_kw if metered is None else metered.site_kw, now, self.cfg.control.tolerance_kw)
         commands.save_controls()
@@ -415,7 +377,7 @@ class Controller:
             planned=len(new_plan.actions),
             site_kw=None if metered is None else round(metered.site_kw, 2),
             sent=len(changes),
-            in_flight=len(self.in_flight),
+            in_flight=len(commands.in_flight),
             unreachable=snap.unreachable,
             failsafe=target.failsafe,
             plan_ms=round(plan_ms, 1),
@@ -424,49 +386,16 @@ class Controller:
 
     def _arbitrate(self, now: float) -> Target:
         assert self.failsafe is not None
-        prev = self.failsafe
         hold = self.target.kw if self.target is not None else (self.level.level_kw or self.caps.effective_kw())
-        self.failsafe = fs.evaluate(prev, now, self.rules.failsafe, hold)
-        self.time_keeper.save_link(self.failsafe, now)
-        if self.failsafe.active != prev.active:
-            kind = "failsafe_entered" if self.failsafe.active else "failsafe_exited"
-            data = {"reason": self.failsafe.reason or prev.reason, "level_kw": self.failsafe.level_kw}
-            audit = AuditKind.FAILSAFE_ENTER if self.failsafe.active else AuditKind.FAILSAFE_EXIT
-            self.persist.audit(audit, data, now)
-            self.events.emit(kind, **data)
-            log.warning(kind, **data) if self.failsafe.active else log.info(kind, **data)
-        self._arb_inputs = ArbitrationInputs(
-            licensed_cap_kw=self.caps.licensed_kw,
-            grid_cap_kw=self.caps.grid_kw,
-            operator_cap_kw=self.caps.operator_kw,
-            dispatches=self.book.for_arbitration(),
-            schedule=self.rules.schedule,
-            failsafe_kw=fs.limit_kw(self.failsafe),
-            rules=self.rules.arbitration,
-            frequency_kw=None if self.frequency is None else self.frequency.held_kw,
-        )
-        target = arbitrate(self._arb_inputs, now)
-        old = self.target
-        if old is None or abs(old.kw - target.kw) > 1e-6 or old.reason != target.reason or old.cap_kw != target.cap_kw:
-            data = {
-                "kw": round(target.kw, 3),
-                "reason": target.reason,
-                "source": target.source.value,
-                "cap_kw": target.cap_kw,
-                "failsafe": target.failsafe,
-                "detail": target.detail,
-                "from_kw": None if old is None else round(old.kw, 3),
-            }
-            self.persist.audit(AuditKind.TARGET_CHANGE, data, now)
-            self.events.emit("target_changed", **data)
-            log.info("target changed", **data)
+        decision = self.arbiter.decide(self.failsafe, self.target, hold, now)
+        self.failsafe, self.target, self._arb_inputs = decision.failsafe, decision.target, decision.inputs
+        if decision.changed:
             self.level.fast_done = False
-        self.target = target
-        return target
+        return decision.target
 
     def _observe(self, snap: FleetSnapshot, now: float) -> Observation:
         """What every miner is doing (agent.core.observe), its decisions applied: memory, alarms, log lines."""
-        obs = observe(snap, self.memory, self.in_flight, now, self.rules.observe)
+        obs = observe(snap, self.commands.memory, self.commands.in_flight, now, self.rules.observe)
         self.commands.memory = obs.memory
         self.commands.dirty |= obs.changed
         for note in obs.notes:
@@ -474,72 +403,3 @@ class Controller:
         self.alarms.apply(obs.alarms)
         self.observation = obs
         return obs
-
-    def observe_now(self) -> Observation:
-        """What every miner is doing now, for the read side: nothing applied (no memory written, no alarm)."""
-        return observe(self.fleet.latest(), self.memory, self.in_flight, self.clock.time(), self.rules.observe)
-
-    def _plan_settled(self, snap_ts: float) -> bool:
-        """May the site-level correction learn from this picture? Only from error the last executed plan explains:
-        the plan in force was carried out in full and the picture was taken after that, and at least
-        confirm_after_s after the last acknowledged command (miners may still be ramping)."""
-        if self.in_flight or self.commands.unconfirmed or self.settled_at is None or snap_ts <= self.settled_at:
-            return False
-        return snap_ts - self.commands.last_ack_at >= self.cfg.control.confirm_after_s
-
-    def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None:
-        """A tripped under-frequency stage: its pre-armed sleeps go out now, through the ordinary launch (memory,
-        commands in flight, the actions audit), not at the next tick (agent.runtime.frequency)."""
-        shed = Plan(
-            actions={c.ip: SleepAction() for c in changes},
-            worst_case_kw=level_kw,
-            expected_kw=level_kw,
-            expected_ths=0.0,
-            target_kw=level_kw,
-            method="frequency",
-        )
-        self.commands.launch(changes, shed, True, now)
-
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
-        self.persist.audit(AuditKind.FREQUENCY, data, now)
-        self.publisher.stale = True
-
-    def frequency_brace(self, on: bool) -> None:
-        """Sweeps pause between polls while a stage may trip (agent.runtime.frequency._brace), as for a batch."""
-        self.commands.brace(on)
-
-    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
-        records = [dict(a) for a in audits]
-
-        def write(store: ControlStore) -> None:
-            with store.transaction():  # one commit: the event and its records
-                if doc is None:
-                    store.delete_state(FREQUENCY_STATE_KEY)
-                else:
-                    store.set_state(FREQUENCY_STATE_KEY, doc, now)
-                for record in records:
-                    store.append_audit(AuditKind.FREQUENCY, record, now)
-
-        self.persist.write("frequency event", write)
-        if records:
-            self.publisher.stale = True
-
-    # ============================================================================================= read side
-    def status(self) -> StatusDoc:
-        """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
-        return self.publisher.current()
-
-    def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
-        return readout.miner_rows(self, state, sort, desc, limit)
-
-    def preview(self, target_kw: float) -> dict[str, Any]:
-        return readout.preview(self, target_kw)
-
-    def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]:
-        return self.book.docs(include_closed)
-
-    async def shutdown_miners(self) -> None:
-        """control.on_shutdown: leave (default: no surge on restart), sleep, or wake every reachable miner."""
-        if self.cfg.control.on_shutdown != "leave":
-            reachable = [ip for ip, ms in self.fleet.latest().miners.items() if ms.reachable]
-            await self.commands.shutdown(self.cfg.control.on_shutdown, reachable)

@@ -41,13 +41,19 @@ Events = list[tuple[str, dict[str, Any]]]
 
 class DispatchBook:
     def __init__(
-        self, *, store: DispatchStore, persist: WriteBehind, events: EventLog, rules: ArbitrationRules
+        self,
+        *,
+        store: DispatchStore,
+        persist: WriteBehind,
+        events: EventLog,
+        rules: ArbitrationRules,
+        metrics: RuntimeMetrics | None = None,
     ) -> None:
         self.store = store
         self.persist = persist
         self.events = events
         self.rules = rules
-        self.metrics: RuntimeMetrics | None = None
+        self.metrics = metrics
         self.records: dict[str, DispatchRecord] = {}
 
     # ----------------------------------------------------------------------------------------- reading

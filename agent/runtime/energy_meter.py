@@ -61,6 +61,7 @@ class EnergyMeter:
         meter_cfg: SiteMeterConfig | None = None,
         cap_kw: float = 0.0,
         max_gap_s: float = 120.0,
+        metrics: RuntimeMetrics | None = None,
     ) -> None:
         self.persist = persist
         self.clock = clock
@@ -68,7 +69,7 @@ class EnergyMeter:
         self.meter = meter
         self.meter_cfg = meter_cfg
         self.cap_kw = cap_kw
-        self.metrics: RuntimeMetrics | None = None
+        self.metrics = metrics
         self.integrator = EnergyIntegrator(max_gap_s=max_gap_s)
         self.max_gap_s = max_gap_s
         self.minutes = 0

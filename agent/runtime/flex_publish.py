@@ -1,6 +1,6 @@
 """The site's flexibility from the running controller, and when to publish it (retained on `<root>/flex`).
 
-Read-only on the controller: the fleet views come from `Controller.observe_now` (agent.core.observe, nothing
+Read-only on the controller: the fleet views come from `readout.observe_now` (agent.core.observe, nothing
 applied), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
 (`Controller.publisher.sinks`): after a tick it recomputes the flexibility when it may have changed (the target, the cap
 or the fail-safe moved, or `compute_every_s` passed) and hands the document to `publish` when
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from hashflex.agent.core.flexibility import FlexPublishPolicy, flexibility
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime.readout import SiteState
+from hashflex.agent.runtime.readout import SiteState, observe_now
 from hashflex.contract.flex import FlexDoc, Flexibility
 from hashflex.contract.status import StatusDoc
 
@@ -31,7 +31,7 @@ def site_flexibility(ctl: SiteState) -> Flexibility:
     fleet snapshot and meter reading). Powers at the meter when there is a fresh one."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
-    views = ctl.observe_now().views
+    views = observe_now(ctl).views
     cfg = ctl.cfg
     cap_kw = ctl.caps.effective_kw()
     target = ctl.target

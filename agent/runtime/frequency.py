@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hashflex.agent.config import AgentConfig, FrequencyResponseConfig
+from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.frequency import (
     Candidate,
     FrequencyRules,
@@ -62,6 +63,8 @@ from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import OpResult
 from hashflex.agent.runtime.metering import MeterControl
+from hashflex.agent.runtime.persist import WriteBehind
+from hashflex.agent.runtime.ports import ControlStore
 from hashflex.drivers.base import CONTROL_COST_MS, Family
 
 log = get_logger("frequency")
@@ -101,21 +104,52 @@ class PowerReading(HzReading, Protocol):
     def watts(self) -> float: ...
 
 
-class FrequencyHost(Protocol):
-    """What the runtime needs of the controller."""
+class ShedCommands(Protocol):
+    """Where a stage's sleeps go out (agent.runtime.commanding.Commander)."""
 
     @property
     def in_flight(self) -> Mapping[str, Change]: ...
-    def fire_frequency_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
-    def frequency_brace(self, on: bool) -> None:
+    def fire_shed(self, changes: list[Change], level_kw: float, now: float) -> None: ...
+    def brace(self, on: bool) -> None:
         """A stage's ride-through began (True: hold sweeps between polls) or ended without a trip (False)."""
 
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None: ...
-    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+
+class EventRecords(Protocol):
+    """Where an event's steps are kept (FrequencyRecords)."""
+
+    def audit(self, data: dict[str, Any], now: float) -> None: ...
+    def save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
         """Keep `doc` as the event that holds (STATE_KEY), or none (None), with `audits` (frequency records) in
         the same transaction: one commit (one fsync) where a trip has three things to write."""
 
-    def trigger(self) -> None: ...
+
+class FrequencyRecords:
+    """EventRecords in the state store, through the loop's write-behind; `shown`: a record changes what the status
+    document shows (it is rebuilt on the next read)."""
+
+    def __init__(self, persist: WriteBehind, shown: Callable[[], None]) -> None:
+        self.persist = persist
+        self.shown = shown
+
+    def audit(self, data: dict[str, Any], now: float) -> None:
+        self.persist.audit(AuditKind.FREQUENCY, data, now)
+        self.shown()
+
+    def save(self, doc: dict[str, Any] | None, now: float, audits: Collection[dict[str, Any]] = ()) -> None:
+        records = [dict(a) for a in audits]
+
+        def write(store: ControlStore) -> None:
+            with store.transaction():  # one commit: the event and its records
+                if doc is None:
+                    store.delete_state(STATE_KEY)
+                else:
+                    store.set_state(STATE_KEY, doc, now)
+                for record in records:
+                    store.append_audit(AuditKind.FREQUENCY, record, now)
+
+        self.persist.write("frequency event", write)
+        if records:
+            self.shown()
 
 
 def rules_from_config(
@@ -177,9 +211,11 @@ class FrequencyResponse:
     def for_site(
         cls,
         cfg: AgentConfig,
-        host: FrequencyHost,
+        commands: ShedCommands,
+        records: EventRecords,
         meter: MeterControl | None,
         *,
+        trigger: Callable[[], None],
         clock: Callable[[], float],
         wall_scale: float,
         prepare: Callable[[list[str]], Awaitable[set[str]]] | None,
@@ -190,7 +226,9 @@ class FrequencyResponse:
         port = meter.meter
         response = cls(
             cfg.frequency_response,
-            host,
+            commands,
+            records,
+            trigger=trigger,
             clock=clock,
             meter_fresh=lambda: port.status().fresh,
             wall_scale=wall_scale,
@@ -203,8 +241,10 @@ class FrequencyResponse:
     def __init__(
         self,
         cfg: FrequencyResponseConfig,
-        host: FrequencyHost,
+        commands: ShedCommands,
+        records: EventRecords,
         *,
+        trigger: Callable[[], None],
         clock: Callable[[], float],
         meter_fresh: Callable[[], bool],
         wall_scale: float = 1.0,
@@ -219,7 +259,7 @@ class FrequencyResponse:
         self._preparing: asyncio.Task[None] | None = None
         self.rules = rules_from_config(cfg, wall_scale=wall_scale, meter_poll_s=meter_poll_s)
         self.wall_scale = wall_scale
-        self.host = host
+        self.commands, self.records, self.trigger = commands, records, trigger
         self.clock = clock
         self.meter_fresh = meter_fresh
         self.state = FrequencyState.initial(self.rules)
@@ -387,7 +427,7 @@ class FrequencyResponse:
         if for_s is False:
             if self._brace_until:
                 self._brace_until = 0.0
-                self.host.frequency_brace(False)
+                self.commands.brace(False)
                 self._hold_gc(False)
             return
         if self._brace_until or now - self._braced_at < BRACE_EVERY_S:
@@ -396,7 +436,7 @@ class FrequencyResponse:
         hold_s = min(float(for_s) / max(self.wall_scale, 1e-9), BRACE_MAX_S) + BRACE_MARGIN_S
         self._brace_until = now + hold_s
         self._brace_n += 1
-        self.host.frequency_brace(True)
+        self.commands.brace(True)
         self._hold_gc(True, hold_s)
         if self._loop is not None:
             self._loop.call_later(hold_s, self._brace_expired, self._brace_n)
@@ -469,7 +509,7 @@ class FrequencyResponse:
         ev.shed_kw = stage.kw(ev.base_kw)
         ev.level_kw = max(0.0, ev.site_kw - ev.shed_kw)
         need = ev.shed_kw - sum(ev.fired.values())
-        busy = set(ev.fired) | set(self.host.in_flight)
+        busy = set(ev.fired) | set(self.commands.in_flight)
         chosen = send_order(self.armed.take(need, skip=busy)) if need > 0 else []
         changes = [Change(c.id, Op.SLEEP, None, decrease=True, rank=-c.kw / max(c.cost_ms, 1e-6)) for c in chosen]
         for c in chosen:
@@ -516,12 +556,12 @@ class FrequencyResponse:
             ev.acked_at = None
             self._fired_wall = time.monotonic()
             self._hold_gc(True)  # until every sleep is answered (`on_result`), DEFER_TICK_MAX_S at most
-            self.host.fire_frequency_shed(changes, ev.level_kw, now)
+            self.commands.fire_shed(changes, ev.level_kw, now)
         if not changes:
             if braced:
-                self.host.frequency_brace(False)
+                self.commands.brace(False)
             self._hold_gc(False)
-            self.host.trigger()  # arbitration takes the hold at once
+            self.trigger()  # arbitration takes the hold at once
         # else: not now; a tick planning the whole fleet would hold the event loop while the sleeps go out, and
         # meanwhile the sleeps in flight count as done; the batch's end asks for a tick (Controller._actuate)
 
@@ -563,7 +603,7 @@ class FrequencyResponse:
         )
         log.info("under-frequency event restored", hz=round(hz, 4), min_hz=min_hz)
         self._save(self.clock())
-        self.host.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
+        self.trigger()  # the hold is gone: the ordinary plan brings the site back (ramp, stagger)
 
     # -------------------------------------------------------------------------------------------- over a restart
     def event_doc(self) -> dict[str, Any] | None:
@@ -596,7 +636,7 @@ class FrequencyResponse:
         if shown == self._saved and not audits:
             return
         self._saved = shown
-        self.host.frequency_save(self.event_doc(), now, audits)
+        self.records.save(self.event_doc(), now, audits)
 
     def resume(self, doc: Any, *, shift_s: float, now: float) -> None:
         """Hold the event the last run held (its stored `doc`, None: none), before the first tick. `shift_s`: how
@@ -631,7 +671,7 @@ class FrequencyResponse:
             # the shed it held is not known: the site comes back under the ordinary plan, and the stage trips
             # again if the frequency is still below it
             log.error("the stored under-frequency event is unreadable; not resumed", error=str(exc))
-            self.host.frequency_save(None, now)
+            self.records.save(None, now)
             return
         # the stage's kW and the level as this run's rules have them (a restart may come with a changed file)
         stage = self.rules.stages[state.depth - 1]
@@ -690,7 +730,7 @@ class FrequencyResponse:
         return {"step": step, "at": iso(at), **data}
 
     def _audit(self, step: str, at: float, **data: Any) -> None:
-        self.host.frequency_audit(self._record(step, at, **data), self.clock())
+        self.records.audit(self._record(step, at, **data), self.clock())
 
     def doc(self) -> dict[str, Any]:
         """The status document's `meter.frequency_response` section."""

@@ -12,8 +12,8 @@ from hashflex.agent.config import ControlConfig
 from hashflex.agent.core.accounting import excess_w, largest_full_w
 from hashflex.agent.core.arbitration import ArbitrationInputs, ramped_level
 from hashflex.agent.core.correction import corrected_bias
-from hashflex.agent.core.model import MinerView, Target
-from hashflex.agent.core.ramp import ramp_credit_cap_kw, ramp_credit_kw
+from hashflex.agent.core.model import MinerView, Plan, Target
+from hashflex.agent.core.ramp import ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
 from hashflex.agent.runtime.metering import MeterControl, MeterTick
 
 # with a site meter, the miners' level follows the non-miner load's recent maximum, which creeps up with meter noise:
@@ -59,7 +59,7 @@ class PlanningLevel:
         sleep_w: float,
     ) -> LevelStep:
         """This tick's level. `measured_fresh`: the picture is new; `may_correct`: the last plan was carried out
-        and has settled, so the correction may learn from it (the controller's `_plan_settled`)."""
+        and has settled, so the correction may learn from it (Commander.settled)."""
         prev_level = self.level_kw if self.level_kw is not None else present_kw
         # the correction works on the miners (their sum against their share of the level); with a meter, what the
         # rest of the site draws is counted by its own rule (agent.core.site_meter), not corrected twice
@@ -101,6 +101,18 @@ class PlanningLevel:
             measured_fresh and present_kw > plan_kw + self.cfg.tolerance_kw and not self.fast_done
         )
         return LevelStep(plan_kw, fast, allowance)
+
+    def planned(self, step: LevelStep, planned: Plan) -> None:
+        """The plan made on `step`: the ramp-up credit it spent, and whether a fast plan went out for this target."""
+        self.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, planned.worst_case_kw - planned.ramp_from_kw)
+        self.fast_done = step.fast
+
+    def unsent(self, step: LevelStep, raises_kw: float) -> None:
+        """Raises too small to send took ramp credit for a rise the site does not make: given back, or the credit
+        never grows past them and a ramped site creeps nowhere (soak: 7 miners asleep for good under a dispatch at
+        twice what it drew)."""
+        if step.allowance_kw is not None and raises_kw:
+            self.ramp_credit_kw = min(step.allowance_kw, self.ramp_credit_kw + raises_kw)
 
     def planning_level_kw(self, metered: bool) -> float | None:
         """The level the miners are planned to (with a site meter: the site level less the non-miner load counted)."""

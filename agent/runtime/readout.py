@@ -1,4 +1,5 @@
-"""The controller's read side: the STATUS DOC (and its publishing), the miners table and the preview.
+"""The controller's read side: the STATUS DOC (and its publishing), the miners table and the preview, and
+`SiteReader`, which answers the read verbs (status, miners, preview, dispatches) with them.
 
 Functions over the control loop's state (`SiteState`, a port the controller satisfies) that read it and never change
 it (a miner's state, for the counts, the table and the preview, is agent.core.observe's: pure), so transports may call
@@ -14,9 +15,8 @@ from typing import Any, Protocol
 from hashflex.agent import __version__
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
-from hashflex.agent.core.miner_memory import MinerMemory
-from hashflex.agent.core.model import Change, MinerState, Plan, RunAction, SleepAction, Target
-from hashflex.agent.core.observe import Observation
+from hashflex.agent.core.model import MinerState, Plan, RunAction, SleepAction, Target
+from hashflex.agent.core.observe import Observation, observe
 from hashflex.agent.core.planner import plan
 from hashflex.agent.core.ramp import wake_budget
 from hashflex.agent.core.site_meter import miner_level
@@ -33,7 +33,7 @@ from hashflex.agent.runtime.level import PlanningLevel
 from hashflex.agent.runtime.metering import MeterControl
 from hashflex.agent.runtime.ports import Notifier, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
-from hashflex.contract.status import BrokerDoc, GatewayDoc, StatusDoc
+from hashflex.contract.status import BrokerDoc, DispatchDoc, GatewayDoc, StatusDoc
 
 log = get_logger("controller")
 
@@ -59,7 +59,6 @@ class SiteState(Protocol):
     tick_n: int
     tick_ms: float
     tick_at: float | None
-    settled_at: float | None
     broker_status: Callable[[], BrokerDoc] | None
     gateway_health: Callable[[], GatewayDoc] | None
 
@@ -71,11 +70,12 @@ class SiteState(Protocol):
     def meter(self) -> MeterControl | None: ...
     @property
     def facility(self) -> FacilityControl | None: ...
-    @property
-    def memory(self) -> Mapping[str, MinerMemory]: ...
-    @property
-    def in_flight(self) -> Mapping[str, Change]: ...
-    def observe_now(self) -> Observation: ...
+
+
+def observe_now(site: SiteState) -> Observation:
+    """What every miner is doing now, for the read side: nothing applied (no memory written, no alarm)."""
+    commands = site.commands
+    return observe(site.fleet.latest(), commands.memory, commands.in_flight, site.clock.time(), site.rules.observe)
 
 
 StatusSink = Callable[[StatusDoc], None]
@@ -94,8 +94,12 @@ class StatusPublisher:
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
 
+    def mark_stale(self) -> None:
+        """What the doc shows changed since it was built (a command, a frequency record): rebuilt on the next read."""
+        self.stale = True
+
     def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
-        doc = self.doc = build_status(self.site, snap, now, obs or self.site.observe_now())
+        doc = self.doc = build_status(self.site, snap, now, obs or observe_now(self.site))
         for sink in self.sinks:
             try:
                 sink(doc)
@@ -107,7 +111,7 @@ class StatusPublisher:
         doc = self.doc
         if doc is None or self.stale:
             site = self.site
-            doc = self.doc = build_status(site, site.fleet.latest(), site.clock.time(), site.observe_now())
+            doc = self.doc = build_status(site, site.fleet.latest(), site.clock.time(), observe_now(site))
         return doc
 
     def notify(self, tick_n: int, target: Target | None, snap: FleetSnapshot) -> None:
@@ -127,6 +131,27 @@ class StatusPublisher:
                 f"tick {tick_n} target {target.kw / 1000:.2f} MW cap {target.cap_kw / 1000:.2f} MW "
                 f"{n - snap.unreachable}/{n} reachable"
             )
+
+
+class SiteReader:
+    """The read verbs' answers (agent.runtime.service.Reader) from the loop's state and its last status doc."""
+
+    def __init__(self, site: SiteState, publisher: StatusPublisher) -> None:
+        self.site = site
+        self.publisher = publisher
+
+    def status(self) -> StatusDoc:
+        """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
+        return self.publisher.current()
+
+    def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
+        return miner_rows(self.site, state, sort, desc, limit)
+
+    def preview(self, target_kw: float) -> dict[str, Any]:
+        return preview(self.site, target_kw)
+
+    def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]:
+        return self.site.book.docs(include_closed)
 
 
 _SORT_KEYS = {
@@ -203,10 +228,10 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
             "expected_ths": round(ctl.plan.expected_ths, 3),
             "baseline_ths": None if ctl.plan.baseline_ths is None else round(ctl.plan.baseline_ths, 3),
         },
-        "in_flight": len(ctl.in_flight),
+        "in_flight": len(ctl.commands.in_flight),
         # since when the plan in force has been carried out in full (nothing to send, on the wire, held back or
         # awaiting confirmation); null while the agent is still moving the fleet
-        "settled_since": iso(ctl.settled_at),
+        "settled_since": iso(ctl.commands.settled_at),
         # the site meter (site.meter; null without one): what it reads, the non-miner load (meter − miners) and
         # what the plan counts for it, whether the agent has fallen back to the miners' sum plus the allowance
         "meter": None if ctl.meter is None else ctl.meter.doc(now),
@@ -221,13 +246,13 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
 
 def miner_rows(ctl: SiteState, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
     snap = ctl.fleet.latest()
-    obs = ctl.observe_now()
+    obs = observe_now(ctl)
     rows: list[dict[str, Any]] = []
     for ip, ms in snap.miners.items():
         st = obs.shown[ip].value
         if state is not None and st != state:
             continue
-        r, ident, mem = ms.reading, ms.identity, ctl.memory.get(ip)
+        r, ident, mem = ms.reading, ms.identity, ctl.commands.memory.get(ip)
         power = ms.power_w if st != "unreachable" else None
         ths = r.hashrate_ths if r is not None and st != "unreachable" else None
         rows.append(
@@ -295,7 +320,7 @@ def preview(ctl: SiteState, target_kw: float) -> dict[str, Any]:
     """What the planner would do for `target_kw` now, without doing it."""
     now = ctl.clock.time()
     snap = ctl.fleet.latest()
-    views = ctl.observe_now().views  # pure: the preview raises no alarm and writes nothing
+    views = observe_now(ctl).views  # pure: the preview raises no alarm and writes nothing
     kw = min(target_kw, ctl.caps.effective_kw())
     budget = wake_budget(ctl.commands.wake_times, now, ctl.rules.stagger)
     miners_kw = kw

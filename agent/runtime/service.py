@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hashflex.agent.commands import Command, Repeat, parse_heartbeat, parse_request
 from hashflex.agent.config import AgentConfig
+from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel
@@ -40,14 +41,15 @@ log = get_logger("commands")
 
 
 class Applier(Protocol):
-    """What the service needs from the controller (agent.runtime.controller.Controller)."""
-
-    @property
-    def cap_kw(self) -> float: ...
+    """What the service needs from the controller (agent.runtime.controller.Controller): the one writer."""
 
     async def submit(self, command: Command) -> Reply: ...
 
-    def stored_reply(self, key: str) -> dict[str, Any] | None: ...
+    def heartbeat(self, payload: bytes) -> None: ...
+
+
+class Reader(Protocol):
+    """The read verbs' answers (agent.runtime.readout.SiteReader)."""
 
     def status(self) -> StatusDoc: ...
 
@@ -57,9 +59,14 @@ class Applier(Protocol):
 
     def dispatch_docs(self, include_closed: bool) -> list[DispatchDoc]: ...
 
-    def record_refusal(self, summary: dict[str, Any]) -> None: ...
 
-    def heartbeat(self, payload: bytes) -> None: ...
+class CommandRecords(Protocol):
+    """What the service reads and writes itself in the state store (agent.io.store.Store): the stored reply to a
+    repeated command, and the refusal records."""
+
+    def get_reply(self, cmd_id: str) -> dict[str, Any] | None: ...
+
+    def append_audit(self, kind: str, data: Mapping[str, Any], ts: float) -> str: ...
 
 
 class MetricsSink(Protocol):
@@ -172,6 +179,8 @@ class CommandService:
         controller: Applier,
         events: EventLog,
         *,
+        reader: Reader,
+        store: CommandRecords,
         clock: Clock,
         grid_keys: Sequence[Ed25519PublicKey],
         operator_keys: Sequence[Ed25519PublicKey],
@@ -180,13 +189,15 @@ class CommandService:
     ) -> None:
         self._cfg = cfg
         self._controller = controller
+        self._reader = reader
+        self._store = store
         self._events = events
         self._clock = clock
         self._grid_keys = list(grid_keys)
         self._operator_keys = list(operator_keys)
         self._metrics = metrics
         self._submit_timeout_s = submit_timeout_s
-        self.refusals = RefusalAudit(controller.record_refusal, clock)
+        self.refusals = RefusalAudit(self._record_refusal, clock)
         self._last_heartbeat: float | None = None  # issue time of the newest heartbeat accepted
         self.heartbeats_ignored = 0
 
@@ -202,10 +213,10 @@ class CommandService:
                 now=now,
                 rules=self._cfg.dispatch,
                 max_bytes=self._cfg.mqtt.max_payload_bytes,
-                cap_kw=self._controller.cap_kw,
+                cap_kw=self._cfg.site.cap_kw,  # the licensed cap: no command may ask for more
                 site_id=self._cfg.site.id,
                 retained=retained,
-                stored_reply=self._controller.stored_reply,
+                stored_reply=self._store.get_reply,
             )
         except Exception:  # parsing never raises; the stored-reply lookup can (the store is unwell): retry later
             log.exception("could not check a request against the store", verb=verb[:64])
@@ -243,7 +254,7 @@ class CommandService:
     # ------------------------------------------------------------------------------------------------ reads
     def _read(self, cmd: Command) -> Reply:
         req = cmd.request
-        c = self._controller
+        c = self._reader
         if cmd.verb == "ping":
             return Reply.ok(req.id, {"pong": True, "ts": iso(self._clock.time())})
         if cmd.verb == "status":
@@ -259,6 +270,10 @@ class CommandService:
         return Reply.error(req.id, INTERNAL, f"verb {cmd.verb!r} has no reader")
 
     # --------------------------------------------------------------------------------------------- refusals
+    def _record_refusal(self, summary: dict[str, Any]) -> None:
+        """One audit record for an interval's refused commands (RefusalAudit)."""
+        self._store.append_audit(AuditKind.COMMAND, {"status": "refused", **summary}, self._clock.time())
+
     def _refused(self, verb: str, channel: Channel, reply: Reply, payload: bytes) -> None:
         """Count, log (loudly once per code and channel per interval), event. Cannot raise: the reply stands."""
         first = self.refusals.add(verb, channel, reply, payload)

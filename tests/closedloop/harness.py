@@ -52,6 +52,7 @@ from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract import signing
 from hashflex.contract.reply import Reply
@@ -395,12 +396,19 @@ class World:
             events=events,
             grid_link=True,
             persist=persist,
+            sweep_request=asyncio.Event(),
         )
-        ctl.sweep_request = asyncio.Event()
         ctl.restore()
         self.ctl = ctl
         self.service = CommandService(
-            cfg, ctl, events, clock=clock, grid_keys=[self.grid_key.public_key()], operator_keys=[]
+            cfg,
+            ctl,
+            events,
+            reader=SiteReader(ctl, ctl.publisher),
+            store=self.store,
+            clock=clock,
+            grid_keys=[self.grid_key.public_key()],
+            operator_keys=[],
         )
         if self.heartbeat_on:
             ctl.heartbeat(b"{}")
@@ -865,7 +873,7 @@ class World:
         confirm = self.spec.confirm_after_s
         sleep_w = ctl.rules.planner.sleep_w
         for ip, ms in snap.miners.items():
-            mem = ctl.memory.get(ip)
+            mem = ctl.commands.memory.get(ip)
             if mem is None or not ms.measured or ms.power_w is None:
                 continue
             if mem.pending_op == "sleep" and now - mem.pending_at < confirm:

@@ -205,7 +205,7 @@ def test_a_command_that_fails_is_retried_with_back_off_not_several_times_a_secon
         # the curtailment itself (a fast plan, then the optimal one), and the held miner's retries at 20 s and 60 s
         assert batches[0] <= 12, f"{batches[0]} actuator batches in 60 s (a failed command re-sent without back-off)"
         assert w.ctl is not None
-        held = w.ctl.memory[w.ips[0]]
+        held = w.ctl.commands.memory[w.ips[0]]
         assert held.failures >= 1
         assert held.failed_retry_at > w.ctl.clock.time()
     finally:

@@ -23,7 +23,7 @@ def _atm_bounded_to_the_agents_limit(w: World) -> list[str]:
     assert w.ctl is not None
     checked = []
     for dev in w.site.devices:
-        mem = w.ctl.memory.get(dev.ip)
+        mem = w.ctl.commands.memory.get(dev.ip)
         if not isinstance(dev, LuxosDevice) or "atm" not in dev.faults or mem is None or mem.commanded_w is None:
             continue
         if dev.physics.current_state(w.vt.t) != "hashing":

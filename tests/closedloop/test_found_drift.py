@@ -43,7 +43,7 @@ def test_a_drifting_miner_is_counted_with_its_drift_after_a_sleep_and_a_wake() -
         assert w.margins.checks_safety > 300
         assert w.margins.safety_kw > 0
         assert w.ctl is not None
-        assert any(m.excess_w > 0 for m in w.ctl.memory.values())  # the drift is known, asleep or not
+        assert any(m.excess_w > 0 for m in w.ctl.commands.memory.values())  # the drift is known, asleep or not
     finally:
         w.close()
 

@@ -48,7 +48,7 @@ def test_an_override_outlives_a_restart_after_the_wall_clock_stepped_an_hour_ahe
         w.run_for(5.0)
         w.restart()
         assert w.ctl is not None
-        assert w.ctl.dispatches["op:op1"].open
+        assert w.ctl.book.records["op:op1"].open
         assert "clock_step" in w.ctl.alarms  # the operator is told the gateway's time is off
         w.run_for(5.0)
         w.dispatch(curtail_share=0.5, duration=300.0)  # refused: the agent's wall is an hour ahead of the grid
@@ -86,7 +86,7 @@ def test_an_override_ends_when_its_time_has_run_on_the_clock_it_was_accepted_on(
         assert _override_binds(w, "op:op1")
         w.run_for(20.0)  # t=320
         assert w.ctl is not None
-        ended = w.ctl.dispatches.get("op:op1")  # (a closed one is forgotten once arbitration no longer needs it)
+        ended = w.ctl.book.records.get("op:op1")  # (a closed one is forgotten once arbitration no longer needs it)
         assert ended is None or not ended.open
         assert not _override_binds(w, "op:op1")
     finally:

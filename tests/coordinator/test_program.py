@@ -599,7 +599,7 @@ async def test_a_real_agent_applies_a_site_dispatch_once(agent: Any) -> None:
     second = await send(again)
     assert second.is_ok, second
     assert second.data == first.data
-    records = [d for d in agent.controller.dispatch_docs(True) if d["id"] == f"{PROGRAM}.h1"]
+    records = [d for d in agent.controller.book.docs(True) if d["id"] == f"{PROGRAM}.h1"]
     assert len(records) == 1
     assert records[0]["target_kw"] == pytest.approx(600.0)
     # a signature by anyone else is refused by the site

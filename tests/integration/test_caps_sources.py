@@ -59,7 +59,7 @@ class Runtime:
     async def target(self) -> dict[str, Any]:
         self.controller.trigger()
         await asyncio.sleep(0.3)
-        return self.controller.status()
+        return self.controller.publisher.current()
 
 
 def make_config(tmp_path: Path) -> AgentConfig:

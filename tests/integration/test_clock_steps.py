@@ -71,7 +71,7 @@ class Runtime:
     async def tick(self) -> dict[str, Any]:
         self.controller.trigger()
         await asyncio.sleep(0.3)  # past the minimum gap between early ticks
-        return self.controller.status()
+        return self.controller.publisher.current()
 
 
 def make_config(tmp_path: Path, **extra: Any) -> AgentConfig:
@@ -115,7 +115,7 @@ async def test_a_forward_step_of_an_hour_never_unbinds_a_dispatch(runtime: Runti
     runtime.clock.step(3600.0)
     status = await runtime.tick()
     assert status["target_kw"] == 300
-    assert runtime.controller.dispatches["d-30m"].open
+    assert runtime.controller.book.records["d-30m"].open
     assert "clock_step" in runtime.controller.alarms
     # it ends when its 30 minutes have passed on the agent's time
     runtime.clock.advance(1800.0)

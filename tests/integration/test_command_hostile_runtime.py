@@ -106,7 +106,7 @@ async def test_absurd_values_are_refused_and_the_controller_keeps_running(rt: Ru
     assert (await rt.send("dispatch", None, Channel.MQTT, raw=text.encode())).error_code == "bad_json"
     forever = await rt.send("curtail", {"id": "long", "to_kw": 5, "for_s": "99999999999d"})
     assert forever.error_code == "out_of_range"
-    assert rt.controller.dispatches == {}
+    assert rt.controller.book.records == {}
     await asyncio.sleep(0.3)
     assert not rt.task.done()
     assert (await rt.send("dispatch", rt.signed({"id": "sane", "target_kw": 5, "end": iso(T0 + 3600)}))).is_ok
@@ -119,7 +119,7 @@ async def test_a_command_signed_for_another_site_is_refused(rt: Runtime) -> None
     assert (await rt.send("cancel", theirs, Channel.MQTT)).error_code == "wrong_scope"
     as_other_verb = sign_for(GRID, {"id": "c2", "dispatch_id": "d"}, site=SITE, verb="dispatch", issued_at=T0)
     assert (await rt.send("cancel", as_other_verb, Channel.MQTT)).error_code == "wrong_scope"
-    assert rt.controller.dispatches["d"].open
+    assert rt.controller.book.records["d"].open
 
 
 async def test_a_late_cap_cannot_undo_a_newer_one_even_after_a_restart(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ async def test_a_late_cancel_cannot_end_a_newer_revision(rt: Runtime) -> None:
     rt.clock.t += 10
     assert (await rt.send("dispatch", rt.signed({"id": "d", "target_kw": 200, "rev": 1}), Channel.MQTT)).is_ok
     assert (await rt.send("cancel", cancel, Channel.MQTT)).error_code == "stale"
-    assert rt.controller.dispatches["d"].open
+    assert rt.controller.book.records["d"].open
 
 
 # ------------------------------------------------------------------------------------- finding 11: namespaces
@@ -161,7 +161,7 @@ async def test_a_local_override_does_not_block_a_grid_dispatch_with_its_id(rt: R
     assert (await rt.send("curtail", {"id": "ev-1", "to_kw": 500})).is_ok
     grid = await rt.send("dispatch", rt.signed({"id": "ev-1", "target_kw": 300}), Channel.MQTT)
     assert grid.is_ok, grid
-    assert {i for i, r in rt.controller.dispatches.items() if r.open} == {"op:ev-1", "ev-1"}
+    assert {i for i, r in rt.controller.book.records.items() if r.open} == {"op:ev-1", "ev-1"}
 
 
 async def test_a_grid_dispatch_cannot_replace_an_operator_hold(rt: Runtime) -> None:
@@ -169,13 +169,13 @@ async def test_a_grid_dispatch_cannot_replace_an_operator_hold(rt: Runtime) -> N
     for rev in (0, 1):
         doc = rt.signed({"id": "maint", "target_kw": 800, "rev": rev})
         assert (await rt.send("dispatch", doc, Channel.MQTT)).is_ok  # the grid's own "maint", revised
-    hold = rt.controller.dispatches["op:maint"]
+    hold = rt.controller.book.records["op:maint"]
     assert hold.open
     assert hold.dispatch.target_kw == 0
     await asyncio.sleep(0.3)
     rt.controller.trigger()
     await asyncio.sleep(0.3)
-    assert rt.controller.status()["target_kw"] == 0
+    assert rt.controller.publisher.current()["target_kw"] == 0
 
 
 # ------------------------------------------------------------------------------------- finding 10: heartbeats
@@ -223,7 +223,7 @@ async def test_the_control_socket_answers_hostile_lines_and_keeps_the_connection
             assert json.loads(await asyncio.wait_for(reader.readline(), 10))["status"] == "ok"
         finally:
             writer.close()
-    assert rt.controller.dispatches == {}
+    assert rt.controller.book.records == {}
 
 
 def test_the_cli_refuses_an_absurd_override_duration_before_sending_it(tmp_path: Path) -> None:

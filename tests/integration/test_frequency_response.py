@@ -360,17 +360,17 @@ class _Host:
         self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
         self.braces: list[bool] = []
 
-    def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
+    def fire_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((time.monotonic(), len(changes)))
 
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+    def audit(self, data: dict[str, Any], now: float) -> None:
         self.audits.append(data)
 
-    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
+    def save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
         self.saved.append(doc)
         self.audits.extend(audits)
 
-    def frequency_brace(self, on: bool) -> None:
+    def brace(self, on: bool) -> None:
         self.braces.append(on)
 
     def trigger(self) -> None:
@@ -409,7 +409,9 @@ def test_a_crossing_is_read_and_decided_while_a_tick_holds_the_event_loop(tmp_pa
                 }
             )
             rec = _Host()
-            fr = FrequencyResponse(cfg, rec, clock=time.monotonic, meter_fresh=lambda: meter.status().fresh)
+            fr = FrequencyResponse(
+                cfg, rec, rec, trigger=rec.trigger, clock=time.monotonic, meter_fresh=lambda: meter.status().fresh
+            )
             meter.on_frequency = fr.on_hz
             meter.start()
             try:

@@ -92,10 +92,10 @@ async def test_a_cancel_captured_at_one_site_is_refused_at_another(mosquitto: Mo
             await grid.publish(f"{rb}/cmd/cancel", cancel_a)  # the byte-for-byte replay at site B
             refused = await reply(grid, rb, "cancel", "c-1")
             assert refused["error"]["code"] == "wrong_scope"
-            assert b.controller.dispatches["d-1"].open
+            assert b.controller.book.records["d-1"].open
             await grid.publish(f"{ra}/cmd/cancel", cancel_a)  # where it belongs, it works
             assert (await reply(grid, ra, "cancel", "c-1"))["status"] == "ok"
-            assert not a.controller.dispatches["d-1"].open
+            assert not a.controller.book.records["d-1"].open
 
 
 async def test_response_topics_stay_in_the_sites_reply_subtree(mosquitto: Mosquitto, tmp_path: Path) -> None:

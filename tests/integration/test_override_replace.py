@@ -20,27 +20,27 @@ async def test_a_new_curtail_replaces_the_previous_override_unless_added(tmp_pat
         assert second.is_ok, second
         assert second.data["replaced"] == ["op:o1"]
         # before: both stayed in force and the lower (600 kW) bound while the operator had asked for 800 kW
-        assert {i for i, r in ctl.dispatches.items() if r.open} == {"op:o2"}
-        first = next(d for d in ctl.dispatch_docs(True) if d["id"] == "op:o1")
+        assert {i for i, r in ctl.book.records.items() if r.open} == {"op:o2"}
+        first = next(d for d in ctl.book.docs(True) if d["id"] == "op:o1")
         assert (first["status"], first["close_reason"]) == ("cancelled", "replaced by op:o2")
         await asyncio.sleep(0.3)  # the early tick
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.status()["target_kw"] == 800
+        assert ctl.publisher.current()["target_kw"] == 800
         # asked to add: held beside it, the lowest binds, nothing replaced
         rt.clock.t += 10
         third = await rt.send("curtail", {"id": "o3", "to_kw": 700, "add": True})
         assert third.is_ok, third
         assert third.data["replaced"] == []
-        assert {i for i, r in ctl.dispatches.items() if r.open} == {"op:o2", "op:o3"}
+        assert {i for i, r in ctl.book.records.items() if r.open} == {"op:o2", "op:o3"}
         await asyncio.sleep(0.3)
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.status()["target_kw"] == 700
+        assert ctl.publisher.current()["target_kw"] == 700
         # a repeat of o2 (the CLI retrying) gets its stored reply and replaces nothing again
         again = await rt.send("curtail", {"id": "o2", "to_kw": 800})
         assert again.to_dict() == second.to_dict()
-        assert {i for i, r in ctl.dispatches.items() if r.open} == {"op:o2", "op:o3"}
+        assert {i for i, r in ctl.book.records.items() if r.open} == {"op:o2", "op:o3"}
         # audited: each command as asked (with `add` where given), the replaced override's close with its reason
         commands = [r.data for r in rt.store.audit_records() if r.kind == "command" and r.data["verb"] == "curtail"]
         assert [c["request"].get("add") for c in commands] == [False, False, True]
@@ -60,6 +60,6 @@ async def test_a_curtail_does_not_replace_the_safe_start(tmp_path: Path) -> None
         reply = await rt.send("curtail", {"id": "o1", "to_kw": 900})
         assert reply.is_ok, reply
         assert reply.data["replaced"] == []
-        assert {i for i, r in rt.controller.dispatches.items() if r.open} == {"safe-start", "op:o1"}
+        assert {i for i, r in rt.controller.book.records.items() if r.open} == {"safe-start", "op:o1"}
     finally:
         await stop_runtime(rt)

@@ -34,7 +34,7 @@ async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> No
     assert [d.id for d in stored] == ["d1"]
     assert runtime.store.get_reply("grid:dispatch:d1")["status"] == "ok"
     await asyncio.sleep(0.3)  # the early tick
-    status = runtime.controller.status()
+    status = runtime.controller.publisher.current()
     assert status["target_kw"] == 600
     assert status["target_source"] == "grid"
     assert "command" in runtime.audit_kinds()
@@ -52,7 +52,7 @@ async def test_repeat_gets_the_stored_reply_even_after_cancel(runtime: Runtime) 
     assert cancel.data["status"] == "cancelled"
     again = await runtime.send("dispatch", doc, Channel.MQTT)
     assert again.to_dict() == first.to_dict()
-    assert runtime.controller.dispatches["d2"].status == "cancelled"
+    assert runtime.controller.book.records["d2"].status == "cancelled"
     # a new revision of a cancelled dispatch is refused, not revived
     rev = await runtime.send("dispatch", runtime.signed({"id": "d2", "target_kw": 400, "rev": 1}), Channel.MQTT)
     assert rev.error_code == "conflict"
@@ -66,14 +66,14 @@ async def test_higher_revision_replaces_lower_is_refused(runtime: Runtime) -> No
     assert (await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 700, "rev": 2}))).is_ok
     up = await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 300, "rev": 3}))
     assert up.is_ok
-    assert runtime.controller.dispatches["d3"].dispatch.target_kw == 300
+    assert runtime.controller.book.records["d3"].dispatch.target_kw == 300
     down = await runtime.send("dispatch", runtime.signed({"id": "d3", "target_kw": 900, "rev": 1}))
     assert down.error_code == "stale_revision"
-    assert runtime.controller.dispatches["d3"].dispatch.target_kw == 300
+    assert runtime.controller.book.records["d3"].dispatch.target_kw == 300
 
 
 async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None:
-    before = (dict(runtime.controller.dispatches), runtime.controller.caps.runtime_kw)
+    before = (dict(runtime.controller.book.records), runtime.controller.caps.runtime_kw)
     refused = [
         await runtime.send("dispatch", {"id": "x", "issued_at": iso(T0), "target_kw": 5}),
         await runtime.send("dispatch", None, raw=b"{oops"),
@@ -82,7 +82,7 @@ async def test_refusals_are_audited_and_change_nothing(runtime: Runtime) -> None
         await runtime.send("dispatch", runtime.signed({"id": "y", "target_kw": 5}), Channel.MQTT, retained=True),
     ]
     assert [r.error_code for r in refused] == ["unsigned", "bad_json", "out_of_range", "disabled", "retained"]
-    assert (dict(runtime.controller.dispatches), runtime.controller.caps.runtime_kw) == before
+    assert (dict(runtime.controller.book.records), runtime.controller.caps.runtime_kw) == before
     assert [e["type"] for e in runtime.events.recent()].count("rejected") == len(refused)
     # audited as counts per channel and code, one record per interval (not one per refusal)
     assert runtime.audit_kinds().count("command") == 0
@@ -105,7 +105,7 @@ async def test_operator_override_cap_and_resume(runtime: Runtime) -> None:
     resume = await runtime.send("resume", {})
     assert resume.data["cancelled"] == ["op:o1"]  # operator overrides have their own id namespace
     await asyncio.sleep(0.3)
-    assert runtime.controller.status()["cap_kw"] == 800
+    assert runtime.controller.publisher.current()["cap_kw"] == 800
     assert "cap_change" in runtime.audit_kinds()
 
 
@@ -126,14 +126,14 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
     try:
         ctl = rt.controller
         assert ctl.caps.runtime_kw == 900
-        assert {i for i, r in ctl.dispatches.items() if r.open} == {"long", "op:op"}
-        short = next(doc for doc in ctl.dispatch_docs(True) if doc["id"] == "short")
+        assert {i for i, r in ctl.book.records.items() if r.open} == {"long", "op:op"}
+        short = next(doc for doc in ctl.book.docs(True) if doc["id"] == "short")
         assert short["status"] == "expired"
         assert short["close_reason"] == "expired while the agent was down"
         await asyncio.sleep(0.3)
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.status()["target_kw"] == 450
+        assert ctl.publisher.current()["target_kw"] == 450
         # an authentic repeat of an id answered before the restart gets the stored reply, even though its
         # window is over now; a forged one is refused before the store is asked
         clock.t = T0 + 7200
@@ -141,7 +141,7 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
         assert again.to_dict() == short_reply.to_dict()
         forged = await rt.send("dispatch", {**short_doc, "target_kw": 1}, Channel.MQTT)
         assert forged.error_code == "bad_signature"
-        assert next(d for d in ctl.dispatch_docs(True) if d["id"] == "short")["status"] == "expired"
+        assert next(d for d in ctl.book.docs(True) if d["id"] == "short")["status"] == "expired"
     finally:
         await stop_runtime(rt)
 
@@ -152,13 +152,13 @@ async def test_status_right_after_a_command_shows_what_it_changed(tmp_path: Path
     rt = await start_runtime(make_config(tmp_path), ManualClock(T0), safe_start="the state store was unreadable")
     try:
         await asyncio.sleep(0.3)  # the first tick has built the doc
-        assert any(a["key"] == "safe_start" for a in rt.controller.status()["alarms"])
+        assert any(a["key"] == "safe_start" for a in rt.controller.publisher.current()["alarms"])
         resume = await rt.send("resume", {})
         assert resume.data["cancelled"] == ["safe-start"]
-        after = rt.controller.status()  # no tick between the reply and this read
+        after = rt.controller.publisher.current()  # no tick between the reply and this read
         assert not any(a["key"] == "safe_start" for a in after["alarms"])
         assert after["dispatches"] == []
         assert (await rt.send("curtail", {"id": "o2", "to_kw": 300})).is_ok
-        assert [d["id"] for d in rt.controller.status()["dispatches"]] == ["op:o2"]
+        assert [d["id"] for d in rt.controller.publisher.current()["dispatches"]] == ["op:o2"]
     finally:
         await stop_runtime(rt)

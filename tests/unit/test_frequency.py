@@ -215,17 +215,17 @@ class _Host:
         self.saved: list[dict[str, Any] | None] = []  # the event the store would keep, each write
         self.braces: list[bool] = []
 
-    def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
+    def fire_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         self.fired.append((changes, level_kw))
 
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+    def audit(self, data: dict[str, Any], now: float) -> None:
         self.audits.append(data)
 
-    def frequency_save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
+    def save(self, doc: dict[str, Any] | None, now: float, audits: Any = ()) -> None:
         self.saved.append(doc)
         self.audits.extend(audits)
 
-    def frequency_brace(self, on: bool) -> None:
+    def brace(self, on: bool) -> None:
         self.braces.append(on)
 
     def trigger(self) -> None:
@@ -247,7 +247,7 @@ def test_the_armed_list_never_holds_a_miner_asleep_unreachable_busy_or_ignoring_
         {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "100%"}], "restore_above_hz": 49.9, "restore_after_s": 1}
     )
     host = _Host()
-    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: True)
     views = [view(f"10.0.0.{i}", s, 3000.0, ignores_commands=ignores[i]) for i, s in enumerate(states)]
     fr.arm(views, {f"10.0.0.{i}" for i in busy}, 100.0, 0.0)
     allowed = {
@@ -276,7 +276,7 @@ def test_a_reading_while_the_meter_is_stale_is_not_acted_on() -> None:
         {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 0}
     )
     host, fresh = _Host(), [False]
-    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
+    fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
     fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 30.0, 0.0)
     fr.on_hz(_Hz(49.0, 1.0))
     assert fr.held_kw is None
@@ -429,7 +429,7 @@ def test_no_tick_is_wanted_while_a_tripped_stage_s_sleeps_are_unanswered() -> No
         {"stages": [{"below_hz": 49.4, "for_s": 0, "shed": "50%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
     )
     host = _Host()
-    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: True)
     fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(4)], set(), 12.0, 0.0)
     assert not fr.defer_tick()
     fr.on_hz(_Hz(49.0, 1.0))
@@ -533,7 +533,7 @@ def _response(host: _Host, clock: list[float]) -> FrequencyResponse:
             "restore_after_s": 5,
         }
     )
-    return FrequencyResponse(cfg, host, clock=lambda: clock[0], meter_fresh=lambda: True)
+    return FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: clock[0], meter_fresh=lambda: True)
 
 
 def test_the_event_is_kept_while_it_holds_and_resumed_by_the_next_run() -> None:
@@ -616,7 +616,7 @@ def test_a_ride_through_braces_the_agent_for_a_trip_and_a_dip_ridden_through_let
         {"stages": [{"below_hz": 49.4, "for_s": 0.3, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
     )
     host = _Host()
-    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+    fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: True)
     fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
     fr.on_hz(_Hz(50.0, 1.0))
     assert host.braces == []
@@ -644,7 +644,7 @@ def test_a_stale_meter_ends_a_brace() -> None:
         {"stages": [{"below_hz": 49.4, "for_s": 0.5, "shed": "25%"}], "restore_above_hz": 49.9, "restore_after_s": 5}
     )
     host, fresh = _Host(), [True]
-    fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
+    fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: fresh[0])
     fr.on_hz(_Hz(49.3, 1.0))
     assert host.braces == [True]
     fresh[0] = False
@@ -669,7 +669,7 @@ def test_no_cyclic_collection_while_bracing_or_while_a_stage_s_sleeps_are_on_the
 
     async def run() -> None:
         host = _Host()
-        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: True)
         fr.arm([view(f"10.0.0.{i}", MinerState.HASHING, 3000.0) for i in range(8)], set(), 24.0, 0.0)
         try:
             fr.on_hz(_Hz(49.3, 1.0))  # bracing
@@ -686,7 +686,7 @@ def test_no_cyclic_collection_while_bracing_or_while_a_stage_s_sleeps_are_on_the
 
     async def bounded() -> None:
         host = _Host()
-        fr = FrequencyResponse(cfg, host, clock=lambda: 0.0, meter_fresh=lambda: True)
+        fr = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=lambda: 0.0, meter_fresh=lambda: True)
         try:
             fr._hold_gc(True, 0.05)
             assert not gc.isenabled()

@@ -23,10 +23,10 @@ class _Host:
     def __init__(self) -> None:
         self.in_flight: dict[str, Any] = {}
 
-    def fire_frequency_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
+    def fire_shed(self, changes: list[Any], level_kw: float, now: float) -> None:
         pass
 
-    def frequency_audit(self, data: dict[str, Any], now: float) -> None:
+    def audit(self, data: dict[str, Any], now: float) -> None:
         pass
 
     def trigger(self) -> None:
@@ -37,7 +37,8 @@ def frequency_doc(**event: Any) -> dict[str, Any]:
     cfg = FrequencyResponseConfig.model_validate(
         {"stages": [{"below_hz": 49.4, "for_s": 0.2, "shed": "25%"}], "restore_above_hz": 49.8, "restore_after_s": 60}
     )
-    doc = FrequencyResponse(cfg, _Host(), clock=time.time, meter_fresh=lambda: True).doc()
+    host = _Host()
+    doc = FrequencyResponse(cfg, host, host, trigger=host.trigger, clock=time.time, meter_fresh=lambda: True).doc()
     missing = set(event) - set(doc)
     assert not missing, f"the status document has no {missing}"
     return {**doc, **event}
