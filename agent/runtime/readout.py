@@ -100,6 +100,7 @@ class StatusPublisher:
 
     def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
         doc = self.doc = build_status(self.site, snap, now, obs or observe_now(self.site))
+        self.stale = False
         for sink in self.sinks:
             try:
                 sink(doc)
@@ -112,6 +113,7 @@ class StatusPublisher:
         if doc is None or self.stale:
             site = self.site
             doc = self.doc = build_status(site, site.fleet.latest(), site.clock.time(), observe_now(site))
+            self.stale = False
         return doc
 
     def notify(self, tick_n: int, target: Target | None, snap: FleetSnapshot) -> None:
