@@ -299,7 +299,8 @@ class FacilityLoads:
             await self._unlisten(ld)
 
     async def _watch(self) -> None:
-        # a wake's sim time, exactly: a waking miner reaches full power at state_until, wake_s after its wake
+        # a wake's sim time, exactly, from the physics: also a wake this watcher did not see while it was waking (a
+        # starved event loop on a loaded host looked from "sleeping" straight to "hashing" and recorded none)
         wake_s = self.site.physics_params.wake_s
         while True:
             await asyncio.sleep(0.05)
@@ -308,9 +309,12 @@ class FacilityLoads:
                 for ip in ld.miners:
                     p = self.site.by_ip[ip].physics
                     state = p.current_state(t)
-                    if state == "waking" and self._states.get(ip) != "waking":
+                    before = self._states.get(ip)
+                    if state == "waking" and before != "waking":  # full power at state_until, wake_s after its wake
                         ld.wakes.append((p.state_until - wake_s, ip))
-                    elif state == "sleeping" and self._states.get(ip) != "sleeping":
+                    elif state == "hashing" and before == "sleeping" and p.wake_began is not None:
+                        ld.wakes.append((p.wake_began, ip))
+                    elif state == "sleeping" and before != "sleeping":
                         ld.sleeps.append((t, ip))
                     self._states[ip] = state
 

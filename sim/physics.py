@@ -43,6 +43,7 @@ class MinerPhysics:
     setpoint_w: float = 0.0  # the power the current setting asks for while hashing
     state: str = "hashing"  # hashing | sleeping | waking | offline
     state_until: float = 0.0  # waking → hashing / offline → waking at this sim time
+    wake_began: float | None = None  # the sim time of the last wake from sleep (or cold boot): what a watcher records
     drift: float = 0.0  # fault: fraction drawn above the setting
     energy_j: float = 0.0
     _points: list[tuple[float, float]] = field(default_factory=list)  # power breakpoints (t, W)
@@ -151,6 +152,7 @@ class MinerPhysics:
         state = self.current_state(t)
         if state in ("hashing", "waking", "offline"):
             return
+        self.wake_began = t
         self._start_wake(t, self.params.wake_s)
 
     def _start_wake(self, t: float, duration: float) -> None:
@@ -172,6 +174,7 @@ class MinerPhysics:
         """Back from a reboot at the firmware defaults: hashing again after a full wake-up."""
         self.setpoint_w = setpoint_w
         self.state = "sleeping"  # so _start_wake runs from a cold start
+        self.wake_began = t
         self._start_wake(t, self.params.wake_s)
 
     def set_drift(self, t: float, drift: float) -> None:

@@ -201,6 +201,8 @@ async def test_a_program_on_ten_sites_over_the_nats_cluster(
                 f"{inst.name}: leader={inst.lease.is_leader} remaining_s={inst.lease.remaining_s():.2f} "
                 f"broker={inst.fabric.broker} failures={inst.fabric.failures} counts={inst.coord.counts}"
             )
+        for process in processes:
+            print(f"--- {process.name}, the last of its log:\n{process.tail(80)}")
         raise
     finally:
         for process in processes:

@@ -109,3 +109,19 @@ def test_drift_draws_above_the_setting() -> None:
     u.set_drift(10.0, 0.1)
     assert u.power_w(20.0) == pytest.approx(base * 1.1)
     assert u.hashrate_ths(20.0) == pytest.approx(rate)  # the extra watts buy nothing
+
+
+def test_a_wake_keeps_when_it_began_for_a_watcher_that_looked_too_late() -> None:
+    """The facility watcher records each wake at its start; on a starved event loop it may first look when the miner
+    already hashes (sleeping → hashing, no "waking" seen), so the physics keeps the wake's start (a CI run under
+    load recorded no wake at all for three miners woken 2 wall seconds each)."""
+    u = unit(wake_s=20.0)
+    assert u.wake_began is None
+    u.sleep(10.0)
+    u.wake(30.0)
+    u.set_drift(35.0, 0.1)  # recomputes the wake in flight: not a new wake
+    assert u.wake_began == 30.0
+    assert u.current_state(60.0) == "hashing"
+    u.sleep(70.0)
+    u.boot(80.0, S19JPRO.nominal_w)
+    assert u.wake_began == 80.0
