@@ -156,7 +156,9 @@ async def read_retained(brokers: list[tuple[str, int]], topic: str, wait_s: floa
                 protocol=aiomqtt.ProtocolVersion.V311,
                 timeout=wait_s,
             ) as client:
-                await client.subscribe(topic, qos=1)
+                # QoS 0: a one-off read needs no persistent delivery, and a fresh session's QoS 1 subscription waits
+                # for a JetStream consumer that nats-server 2.9 may create late while the cluster re-elects
+                await client.subscribe(topic, qos=0)
                 try:
                     async with asyncio.timeout(wait_s):
                         async for message in client.messages:
