@@ -7,10 +7,10 @@ accounting of tests/unit/plan_checks.py (which re-derives the rules from the acc
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import PlannerRules, excess_w
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
+from hashflex.agent.core.planning.worst_case import PlannerRules, excess_w
 from hashflex.agent.core.snapshot import reading_hint as state_hint
 from hashflex.drivers.base import Family, Identity, PowerRange, Presets, Reading
 from tests.unit.plan_checks import check_plan
