@@ -2,7 +2,7 @@
 site), and a waking miner that accepted a limit is counted at it.
 
 Each test states the requirement it proves on a small hand-made fleet; every plan also passes the independent
-accounting of tests/unit/plan_checks.py (which re-derives the rules from the accounting docstring).
+accounting of tests/unit/plan_checks.py (which re-derives the rules from the planning/worst_case.py docstring).
 """
 
 from __future__ import annotations
