@@ -144,7 +144,7 @@ def below_floor_w(capability: Capability, nominal_w: float, lowest_run_w: int, w
 
     Below the floor the curve is linear: a miner there hashes at the floor's TH per W, no better, so the planner
     does not choose such a level over fewer miners at or above the floor. It is still far better than asleep: the
-    last resort for room that no run level fits (optimiser._below_floor)."""
+    last resort for room that no run level fits (planning.optimal._below_floor)."""
     level = snap_down(capability, nominal_w, min(watts, lowest_run_w - 1))
     return level if level is not None and 0 < level < lowest_run_w else None
 

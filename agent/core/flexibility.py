@@ -10,7 +10,7 @@ Every power is site-level W: what the meter reads when there is one (the miners 
 non-miner load), else the miners' sum.
 
 Reachable floors ("the least it can reach now / within 60 s / within 5 min")
-- Counted with the planner's own accounting (`accounting.Prep`, the worst case it plans against), with every miner
+- Counted with the planner's own worst case (`planning.worst_case.Prep`, what it plans against), with every miner
   at the least it may draw at that moment without breaking minimum on/off times: a miner past its min-on may sleep
   (a sleep is near-instant), one inside it stays on at its lowest run level (its present level when power limits are
   off), a waking one inside min-on stays at its full power, unreachable and command-ignoring miners stay at their
@@ -38,11 +38,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hashflex.agent.core.accounting import ON_P, UNCONTROLLED, WAKE_P, PlannerRules, Prep
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.failsafe import FailsafeState
 from hashflex.agent.core.model import MinerState, MinerView
-from hashflex.agent.core.planner import plan
+from hashflex.agent.core.planning import plan
+from hashflex.agent.core.planning.worst_case import ON_P, UNCONTROLLED, WAKE_P, PlannerRules, Prep
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.contract.flex import Flexibility, LossPoint, Reach, finite, optional_finite
 

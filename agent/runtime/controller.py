@@ -33,7 +33,7 @@ from hashflex.agent.core.arbitration import ArbitrationInputs
 from hashflex.agent.core.closed_loop import RUNNING
 from hashflex.agent.core.model import Plan, Target
 from hashflex.agent.core.observe import Observation, observe
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
 from hashflex.agent.core.ramp import prune_wake_times, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import StoreError

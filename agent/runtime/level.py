@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hashflex.agent.config import ControlConfig
-from hashflex.agent.core.accounting import excess_w, largest_full_w
 from hashflex.agent.core.arbitration import ArbitrationInputs, ramped_level
 from hashflex.agent.core.correction import corrected_bias
 from hashflex.agent.core.model import MinerView, Plan, Target
+from hashflex.agent.core.planning.worst_case import excess_w, largest_full_w
 from hashflex.agent.core.ramp import ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
 from hashflex.agent.runtime.metering import MeterControl, MeterTick
 

@@ -17,7 +17,7 @@ from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.model import MinerState, Plan, RunAction, SleepAction, Target
 from hashflex.agent.core.observe import Observation, observe
-from hashflex.agent.core.planner import plan
+from hashflex.agent.core.planning import plan
 from hashflex.agent.core.ramp import wake_budget
 from hashflex.agent.core.site_meter import miner_level
 from hashflex.agent.core.snapshot import FleetSnapshot

@@ -13,7 +13,7 @@ from hashflex.agent.core.addresses import expand
 from hashflex.agent.core.arbitration import ArbitrationRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree, membership
 from hashflex.agent.core.observe import ObserveRules
-from hashflex.agent.core.planner import PlannerRules
+from hashflex.agent.core.planning import PlannerRules
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.agent.core.schedule import ScheduleRule
 

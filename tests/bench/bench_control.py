@@ -249,7 +249,7 @@ def stock_views(identities: list[Any]) -> list[Any]:
 def plan_both(views: list[Any], target_kw: float, cap_kw: float) -> tuple[Any, Any, float, float]:
     """plan_sleep_only and plan on the same inputs (the agent's headroom), with their planning times."""
     from hashflex.agent.core.circuits import CircuitTree
-    from hashflex.agent.core.planner import PlannerRules, plan, plan_sleep_only
+    from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 
     rules = PlannerRules(min_on_s=0, min_off_s=0, headroom_pct=1.0)
     tree = CircuitTree(cap_kw, [])

@@ -27,10 +27,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 from hashflex.drivers.catalogue import CATALOGUE
 

@@ -1013,9 +1013,9 @@ class World:
             )
             # a miner slept for a lower limit (a cut this check judged against that limit while it bound) stays
             # asleep for min_off_s whatever the limit does next: "a sleeping miner inside min_off is never woken"
-            # (core/accounting.py). Once the lower limit is older than settle_s, what min-off holds back is not a
-            # cut deeper than the present limit requires: it is judged, as a waking miner is, on what it will draw
-            # once the agent may wake it (how soon it does is the service check's, which waits for min-off)
+            # (core/planning/worst_case.py). Once the lower limit is older than settle_s, what min-off holds back is
+            # not a cut deeper than the present limit requires: it is judged, as a waking miner is, on what it will
+            # draw once the agent may wake it (how soon it does is the service check's, which waits for min-off)
             held = (
                 sum(max(truth[ip], self._eventual_w(ip)) - truth[ip] for ip in healthy if self._held_off(ip, t, lowest))
                 / 1000.0
@@ -1055,9 +1055,9 @@ class World:
             # from the room it was too generous by headroom x their count (soak 2026-12-07: 0.16 kW of a 1.84 kW
             # room, the difference between one LuxOS miner woken at its lowest profile and none)
             room = max(0.0, low * (1 - self.spec.headroom_pct / 100.0) - counted_u)
-            # no plan sleeps a miner that is on to wake another (optimiser.py, N4: swap chains took a site from 9.9
-            # to 1.5 kW under a steady cap): the room is what the healthy fleet can draw with every miner that is on
-            # kept on, when they all fit (a limit that cuts chooses afresh). Counted without that rule, the floor
+            # no plan sleeps a miner that is on to wake another (core/planning/optimal.py, N4: swap chains took a site
+            # from 9.9 to 1.5 kW under a steady cap): the room is what the healthy fleet can draw with every miner that
+            # is on kept on, when they all fit (a limit that cuts chooses afresh). Counted without that rule, the floor
             # asked for swaps: three on/off miners running and 2.2 kW left, less than any sleeper, where sleeping
             # one would let two others in (soak 7331, scenario seed 2429: 10.1 kW < 90 % of 12.4 kW)
             on = tuple(ip for ip in healthy if self.site.by_ip[ip].physics.current_state(t) in ("hashing", "waking"))

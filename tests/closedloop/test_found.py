@@ -437,7 +437,7 @@ def test_a_site_that_fits_its_cap_does_not_sleep_running_miners_to_raise_others(
     M60S raises; the raises waited behind the sleep (`_hold_rises`), and each re-plan from the half-done swap chose
     another (two more slept 6 s later, the first woken again 11 s after its sleep). Was: decrease too deep at
     t=195 s, 38.25 kW under a 43.97 kW cap the site already met at 43.62 kW. Now the optimiser keeps every running
-    miner on before any raise while the site fits (optimiser._keep_running_first)."""
+    miner on before any raise while the site fits (planning.optimal._keep_running_first)."""
     w = _world(
         SiteSpec(
             miners=27,

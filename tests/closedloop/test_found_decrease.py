@@ -64,7 +64,7 @@ def test_a_time_of_use_cut_is_not_deepened_by_phantom_excess_and_swaps_within_th
     decrease too deep at t=180 s, the healthy miners at 22.6 kW where the level needs no less than 38.1 kW (with the
     phantom gone alone, at t=255 s). Now a miner's draw is settled by readings a poll interval apart
     (`closed_loop.settled`), and the site fits as long as it is within its target, the headroom being the margin
-    for such noise (`optimiser.optimise`): under the unchanged window no running miner is slept."""
+    for such noise (`planning.optimal.optimal_assignment`): under the unchanged window no running miner is slept."""
     spec = SiteSpec(
         miners=28,
         mix="luxos:2,whatsminer:1",

@@ -12,10 +12,9 @@ from collections import Counter
 
 import pytest
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, RunAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.drivers.base import Family, OnOff, PowerRange
 from tests.closedloop.harness import SiteSpec, World
 
@@ -157,7 +156,7 @@ def test_a_running_whatsminer_is_lowered_so_that_a_sleeping_one_wakes_into_the_r
     a grid dispatch; one Whatsminer M60S ran at full power (3.44 kW), an M50S slept beside it, and no plan woke it.
     The optimiser's ratio order raised the M60S (the more efficient model: its top segments buy more TH per W than
     the M50S's wake at its lowest level) until the M50S's wake no longer fitted, then raised the M60S to full: 186
-    TH where both at part power (2.15 + 1.80 kW) give 211 TH. The wake-first variant fixes it (optimiser.py
+    TH where both at part power (2.15 + 1.80 kW) give 211 TH. The wake-first variant fixes it (planning/optimal.py
     `_wakes_before_raises`). Was: service at t=1070 s (3.70 kW < 3.81 kW, 90 % of 4.23 kW)."""
     spec = SiteSpec(
         miners=15,
@@ -247,7 +246,7 @@ def test_room_under_every_run_level_is_used_by_a_level_under_the_curves_floor() 
     """Soak 20261210, scenario seed 0: a LuxOS S19k Pro and a Whatsminer M30S++ under a 1.87 kW cap, both asleep for
     good. The planner's run levels start at the efficiency curve's floor (55 % of nominal: 1,910 W for the M30S++),
     and 1.85 kW is less; the firmware takes 1,800 W. Now the last of the room is used at the highest level under the
-    floor that fits (optimiser._below_floor). Was: service at t=535 s (0.04 kW < 1.65 kW)."""
+    floor that fits (planning.optimal._below_floor). Was: service at t=535 s (0.04 kW < 1.65 kW)."""
     w = _world(
         SiteSpec(
             miners=2,

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView
+from hashflex.agent.core.planning import PlannerRules
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 
 NOW = 1_000_000.0

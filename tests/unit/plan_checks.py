@@ -1,15 +1,15 @@
 """Independent re-computation of a plan's accounting, and the invariants every plan must hold.
 
-Deliberately written from the documented rules (agent/core/accounting.py docstring), not from the planner's
+Deliberately written from the documented rules (agent/core/planning/worst_case.py docstring), not from the planner's
 internals, so a planner bug that also corrupts its own accounting still fails here.
 """
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.efficiency import run_levels, stock_w
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
+from hashflex.agent.core.planning import PlannerRules
 from hashflex.drivers.base import OnOff, PowerRange, Presets, wakes_at_limit
 
 EPS_W = 1e-3

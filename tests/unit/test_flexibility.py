@@ -12,12 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.failsafe import FailsafeState
 from hashflex.agent.core.flexibility import DEPTHS, MAX_DEPTHS, FlexPublishPolicy, flexibility
 from hashflex.agent.core.model import MinerState, MinerView
-from hashflex.agent.core.planner import plan
+from hashflex.agent.core.planning import PlannerRules, plan
 from hashflex.agent.core.ramp import WakeStaggerRule
 from hashflex.contract.flex import FLEX_SCHEMA, Flexibility, parse_flex
 from hashflex.drivers.base import Family, OnOff

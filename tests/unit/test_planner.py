@@ -6,10 +6,9 @@ from collections import Counter
 
 import pytest
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import Action, MinerState, MinerView, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 from tests.unit.plan_checks import check_plan
 

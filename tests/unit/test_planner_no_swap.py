@@ -24,7 +24,7 @@ from hypothesis import given
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.efficiency import stock_w
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
 from hashflex.drivers.base import wakes_at_limit
 from tests.unit.fleets import NOW, PROPS, Case, cases
 from tests.unit.plan_checks import EPS_W, RUNNING, full_w, node_sums, uncontrolled, worst_w

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 
 from hashflex.agent.core.model import MinerState, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
 from tests.unit.fleets import NOW, PROPS, Case, cases
 from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, check_plan, node_caps_w, node_sums, worst_w
 

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashflex.agent.core.accounting import PlannerRules, largest_full_w
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
+from hashflex.agent.core.planning.worst_case import PlannerRules, largest_full_w
 from hashflex.agent.core.ramp import RAMP_CREDIT_TICKS, ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
 from hashflex.drivers.base import Family, PowerRange
 from tests.unit.fleets import capabilities

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.model import Change, MinerState, MinerView, Op, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.agent.runtime.actuator import Actuator, diff
 from hashflex.drivers.base import (
     Capability,

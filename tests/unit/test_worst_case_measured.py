@@ -2,15 +2,15 @@
 site), and a waking miner that accepted a limit is counted at it.
 
 Each test states the requirement it proves on a small hand-made fleet; every plan also passes the independent
-accounting of tests/unit/plan_checks.py (which re-derives the rules from the accounting docstring).
+accounting of tests/unit/plan_checks.py (which re-derives the rules from the planning/worst_case.py docstring).
 """
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import PlannerRules, excess_w
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction, SleepAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan, plan_sleep_only
+from hashflex.agent.core.planning.worst_case import PlannerRules, excess_w
 from hashflex.agent.core.snapshot import reading_hint as state_hint
 from hashflex.drivers.base import Family, Identity, PowerRange, Presets, Reading
 from tests.unit.plan_checks import check_plan

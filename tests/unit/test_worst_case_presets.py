@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from hashflex.agent.core.accounting import PlannerRules
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.efficiency import self_step_ceiling_w, stock_w
 from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction
-from hashflex.agent.core.planner import plan, plan_sleep_only
+from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 from tests.unit.plan_checks import check_plan
 

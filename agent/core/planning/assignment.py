@@ -1,9 +1,10 @@
-"""An assignment (a level per miner) and the Plan built from it, with its accounting."""
+"""An assignment (a level per miner, what `sleep_only` and `optimal` produce) and, the planner's last step, the Plan
+built from it, with its worst case per node."""
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import UNCONTROLLED, Prep
 from hashflex.agent.core.model import Action, MinerState, Plan, RunAction, SleepAction
+from hashflex.agent.core.planning.worst_case import UNCONTROLLED, Prep
 
 SLEEP = SleepAction()
 NO_ACTION = -1.0  # level of a miner we do not control

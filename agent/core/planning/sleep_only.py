@@ -1,4 +1,5 @@
-"""The sleep-only planner: fast first, and the baseline the optimiser must never fall below.
+"""Step 2 of the planner (after `worst_case`): the sleep-only assignment, fast first, and the baseline the optimal
+assignment (`optimal`) must never fall below.
 
 It changes no power limit. Running miners stay at their present level; to come under the target and every
 circuit cap it sleeps the least efficient miners first (J/TH at their present level), lowest priority group
@@ -11,8 +12,8 @@ never woken.
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
-from hashflex.agent.core.plan_build import Assignment
+from hashflex.agent.core.planning.assignment import Assignment
+from hashflex.agent.core.planning.worst_case import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, Prep
 
 _EPS = 1e-6
 
@@ -25,7 +26,9 @@ def present_level(prep: Prep, i: int) -> float:
     return float(cmd) if cmd is not None else float(m.stock)
 
 
-def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
+def sleep_only_assignment(
+    prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None
+) -> Assignment:
     a = Assignment(prep, "sleep_only")
     rules, curve = prep.rules, prep.rules.curve
     s = rules.sleep_w
@@ -70,7 +73,7 @@ def sleep_only(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_
     # 1) sleep the least efficient free miners while any node on their path is over its (soft) cap
     shed = _shed(a, _sleep_order(free, eff, prep.prio), loads=loads, caps=soft, path=path, sleep_w=s, ths=ths)
     # a miner on now that this plan sleeps (curtailed, or shed) means the limit wants less: wake nothing now (a
-    # smaller sleeping miner taking the room it leaves would throw its wake-up away, see optimiser.py)
+    # smaller sleeping miner taking the room it leaves would throw its wake-up away, see optimal.py)
     slept_on = bool(shed) or any(c and k in (ON, ON_P, WAKE, WAKE_P) for c, k in zip(curtailed, kind, strict=True))
     # 2) only if a hard cap still cannot be met: min-on miners too
     if any(loads[nd] > prep.hard[nd] + _EPS for nd in range(len(loads))):

@@ -1,30 +1,37 @@
-"""The planner's public face: target + fleet picture + circuits → Plan (who runs at what limit, who sleeps).
+"""The planner: target + fleet picture + circuits → Plan (who runs at what limit, who sleeps).
 
-- `plan()`: the hashrate-optimal plan (optimiser.py), guarded by the sleep-only baseline (baseline.py): both are
-  computed from the same accounting and the better one is returned, so hashrate is never below the baseline.
-  "Better" = fewer min-on overrides first (breaking min-on is a last resort), then more expected hashrate, and on
-  a tie the sleep-only plan (fewer power-limit commands on the wire).
-- `plan_sleep_only()`: sleep and wake only — the fast first response to a lower target, and the baseline.
-- Where either cuts by sleeping running miners, `exchange.keep_best_units` re-chooses which of them stay on (the
-  ratio greedy can leave most of an on/off miner's power unused).
+The steps, in the order `plan()` runs them, one module each:
+1. `worst_case`: every miner's worst case and choices (`Prep`: its kind, run levels, what it counts at now and at
+   full power), and the floors: the min-on miners a cap forces asleep, the nodes that cannot be met at all.
+2. `sleep_only`: the sleep-only assignment (no power-limit changes), the baseline the optimal one must beat.
+3. `optimal`: the hashrate-optimal assignment (marginal TH per W over groups of identical miners).
+4. `keep_on`: on each of the two as soon as it is made, where it cuts by sleeping running miners,
+   `keep_best_units` re-chooses which of them stay on (the ratio greedy can leave most of an on/off miner's power
+   unused).
+5. the better of the two (`_rank`): fewer min-on overrides first (breaking min-on is a last resort), then more
+   expected hashrate, and on a tie the sleep-only one (fewer power-limit commands on the wire), so hashrate is never
+   below the baseline.
+6. `assignment`: the chosen assignment (a level per miner) materialised as the Plan, with its worst case per node.
+
+- `plan()`: steps 1-6. `plan_sleep_only()`: steps 1, 2, 4 and 6 — the fast first response to a lower target.
 Both are pure and deterministic; the same inputs give the same plan. Guarantees (property-tested):
 worst case ≤ target and ≤ every circuit cap unless an alarm "cannot_meet:<node>" says it cannot be (then every
 controllable miner under that node sleeps); min-off is never broken; min-on is broken only where a cap cannot be
 met otherwise (listed in Plan.min_on_overridden); wakes ≤ wake_budget; increases ≤ ramp_allowance_kw over what
-the fleet may draw now. Accounting rules: accounting.py.
+the fleet may draw now. Worst-case rules: worst_case.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hashflex.agent.core.accounting import PlannerRules, Prep
-from hashflex.agent.core.baseline import sleep_only
 from hashflex.agent.core.circuits import CircuitTree
-from hashflex.agent.core.exchange import keep_best_units
 from hashflex.agent.core.model import MinerView, Plan
-from hashflex.agent.core.optimiser import optimise
-from hashflex.agent.core.plan_build import Assignment, build_plan
+from hashflex.agent.core.planning.assignment import Assignment, build_plan
+from hashflex.agent.core.planning.keep_on import keep_best_units
+from hashflex.agent.core.planning.optimal import optimal_assignment
+from hashflex.agent.core.planning.sleep_only import sleep_only_assignment
+from hashflex.agent.core.planning.worst_case import PlannerRules, Prep
 
 __all__ = ["PlannerRules", "plan", "plan_sleep_only"]
 
@@ -44,11 +51,11 @@ def plan(
         target_kw, miners, tree, rules, now=now, wake_budget=wake_budget, ramp_allowance_kw=ramp_allowance_kw
     )
     caps = _caps(prep, floor, ramp_allowance_kw)
-    base = sleep_only(prep, floor, wake_budget, ramp_allowance_kw)
+    base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     keep_best_units(prep, base, caps)
     if not rules.use_power_limits:
         return build_plan(prep, base, target_kw, baseline_ths=None)
-    best = optimise(prep, floor, wake_budget, ramp_allowance_kw)
+    best = optimal_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     keep_best_units(prep, best, caps)
     chosen = best if _rank(best) < _rank(base) else base
     return build_plan(prep, chosen, target_kw, baseline_ths=base.ths)
@@ -68,7 +75,7 @@ def plan_sleep_only(
     prep, floor = _prepare(
         target_kw, miners, tree, rules, now=now, wake_budget=wake_budget, ramp_allowance_kw=ramp_allowance_kw
     )
-    base = sleep_only(prep, floor, wake_budget, ramp_allowance_kw)
+    base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     keep_best_units(prep, base, _caps(prep, floor, ramp_allowance_kw))
     return build_plan(prep, base, target_kw)
 

@@ -1,4 +1,5 @@
-"""Worst-case accounting and the fleet picture both planners start from.
+"""Step 1 of the planner: every miner's worst case and choices, the fleet picture both assignments (`sleep_only`,
+`optimal`) start from, and the floors they plan above (`Prep.force_off`).
 
 Worst-case rules (the planner keeps the sum of these under the target and every circuit cap):
 - running, obeying miner planned at RunAction(w): w (its limit).

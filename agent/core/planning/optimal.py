@@ -1,4 +1,5 @@
-"""The hashrate-optimal allocation: marginal efficiency, greedily, over groups of identical miners.
+"""Step 3 of the planner (after `worst_case` and `sleep_only`): the hashrate-optimal assignment, by marginal
+efficiency, greedily, over groups of identical miners.
 
 Each miner's choices are "asleep" or one of its run levels (efficiency.run_levels). Because the efficiency curve
 is concave with hashrate(0) = 0, going from asleep to the lowest level and then up level by level buys ever fewer
@@ -34,10 +35,21 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from hashflex.agent.core.accounting import OFF, OFF_L, OFF_LOCKED, ON, ON_P, UNCONTROLLED, WAKE, WAKE_P, ModelInfo, Prep
-from hashflex.agent.core.baseline import present_level
 from hashflex.agent.core.efficiency import below_floor_w
-from hashflex.agent.core.plan_build import Assignment
+from hashflex.agent.core.planning.assignment import Assignment
+from hashflex.agent.core.planning.sleep_only import present_level
+from hashflex.agent.core.planning.worst_case import (
+    OFF,
+    OFF_L,
+    OFF_LOCKED,
+    ON,
+    ON_P,
+    UNCONTROLLED,
+    WAKE,
+    WAKE_P,
+    ModelInfo,
+    Prep,
+)
 
 _EPS = 1e-6
 # model, priority, path id, kind, full W, level W, wake extra W (Prep.wake_extra_w)
@@ -49,7 +61,7 @@ _LADDER_KINDS = (ON, ON_P, OFF_L)  # run level by level
 WAKE_GAIN_SHARE = 0.02
 
 
-def optimise(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
+def optimal_assignment(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
     """Circuit-blind first (few, large groups; levels spread round-robin over circuits), kept when every circuit
     holds; otherwise circuit-aware (groups per circuit path, every grant checked up the path)."""
     ceiling = None if ramp_allowance_kw is None else max(prep.present_w() + ramp_allowance_kw * 1e3, floor[0])

@@ -1,4 +1,5 @@
-"""Which running miners a cut keeps on: the ratio greedy's choice, improved by an exact search where it matters.
+"""Step 4 of the planner, on the `sleep_only` and the `optimal` assignment alike: which running miners a cut keeps
+on, the ratio greedy's choice improved by an exact search where it matters.
 
 Both planners cut by ratio (the least TH per W sleeps first) until every node fits. For miners that can only be on
 or asleep (a stock Antminer, or any running miner in the sleep-only plan) that is a 0/1 knapsack, and the greedy can
@@ -14,8 +15,8 @@ the greedy's choice and bounded in work, kept only when it gives more hashrate a
 
 from __future__ import annotations
 
-from hashflex.agent.core.accounting import ON, Prep
-from hashflex.agent.core.plan_build import Assignment
+from hashflex.agent.core.planning.assignment import Assignment
+from hashflex.agent.core.planning.worst_case import ON, Prep
 
 _EPS = 1e-6
 MAX_SEARCH_NODES = 2_000  # the search's work bound (nodes visited); the greedy's choice stands when it runs out
