@@ -44,6 +44,7 @@ from hashflex.agent.preflight import PreflightError, metrics_bind_problem, start
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime import crashpoints
 from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.cancel import raise_if_cancelled
 from hashflex.agent.runtime.clock import Clock, make_clock
 from hashflex.agent.runtime.controller import Controller
@@ -354,7 +355,7 @@ class Agent:
             miners_provider=self._miner_rows if cfg.metrics.per_miner else None,
         )
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
-        self.controller = ctl = Controller(
+        self.controller = ctl = build_controller(
             cfg,
             fleet=fleet,
             store=self.store,
