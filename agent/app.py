@@ -393,14 +393,19 @@ class Agent:
 
             # heartbeats go through the service, which passes on only signed, fresh ones for this site
             self.link = MqttLink(
-                cfg, self.service, self.service, self.info, clock=self.clock.time, authentic=self.service.authentic
+                cfg,
+                self.service,
+                self.service,
+                self.info,
+                clock=self.clock.time,
+                authentic=self.service.authentic,
+                on_message=self.metrics.count_mqtt_message,
             )
             events.subscribe(self.link.publish_event)
-            ctl.publisher.sinks.append(self.link.publish_state)
+            ctl.publisher.add_sink(self.link.publish_state)
             # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
-            ctl.publisher.sinks.append(FlexSink(ctl, self.link.publish_flex))
-            ctl.broker_status = self.link.status
-            self.link.on_message = self.metrics.count_mqtt_message
+            ctl.publisher.add_sink(FlexSink(ctl, self.link.publish_flex))
+            ctl.publisher.show_broker(self.link.status)
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
             self.server.handler = self.service
         else:

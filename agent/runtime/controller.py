@@ -57,7 +57,7 @@ from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.reply import Reply
-from hashflex.contract.status import BrokerDoc, GatewayDoc
+from hashflex.contract.status import GatewayDoc
 
 log = get_logger("controller")
 
@@ -98,7 +98,6 @@ class Controller:
         self.book, self.commands, self.time_keeper, self.meter = book, commands, time_keeper, meter
         self.energy, self.frequency, self.arbiter, self.facility = energy, frequency, arbiter, facility
         self._wake, self._inbox = wake, inbox
-        self.broker_status: Callable[[], BrokerDoc] | None = None
         self.gateway_health = gateway_health
         # the status doc is a view of this loop's state (its site is the controller itself): made here
         self.publisher = readout.StatusPublisher(self, notifier)
