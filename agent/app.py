@@ -318,14 +318,13 @@ class Agent:
                 meter=self.meter.name,
                 map=cfg.site.meter and str(getattr(cfg.site.meter.map, "name", cfg.site.meter.map)),
             )
-        self.fleet = fleet = Fleet.from_config(
-            driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w
-        )
 
         def save_identities(identities: list[Any]) -> None:
             persist.call("save_identities", identities)
 
-        fleet.on_identified = save_identities
+        self.fleet = fleet = Fleet.from_config(
+            driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w, on_identified=save_identities
+        )
         wanted = configured_addresses(cfg)
         wanted_set = set(wanted)
         cached = [i for i in self.store.load_identities() if i.ip in wanted_set]

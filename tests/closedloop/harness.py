@@ -52,7 +52,7 @@ from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.fleet import Fleet, IdentifiedHook, driver_settings
 from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract import signing
@@ -367,11 +367,12 @@ class World:
         settings = driver_settings(cfg)
         driver = InProcessDriver(self.site, settings)
         extra = {"unknown_w": cfg.miners.unknown_w} if hasattr(cfg.miners, "unknown_w") else {}
-        fleet = Fleet.from_config(driver, cfg.polling, clock=clock.time, **extra)
-        if persist is not None:
-            fleet.on_identified = lambda identities: persist.call("save_identities", identities)
-        else:
-            fleet.on_identified = self.store.save_identities
+        save_identities: IdentifiedHook = (
+            self.store.save_identities
+            if persist is None
+            else lambda identities: persist.call("save_identities", identities)
+        )
+        fleet = Fleet.from_config(driver, cfg.polling, clock=clock.time, on_identified=save_identities, **extra)
         wanted = list(self.ips)
         cached = [i for i in self.store.load_identities() if i.ip in set(wanted)]
         fleet.attach_all(cached)
