@@ -2,7 +2,7 @@
 object graph through `build_controller`.
 
 Most parts talk back to the loop through what is made first and handed to them: the `Wake` (an early tick asked
-for) and the `Inbox` (the miners' answers). Three edges point at parts made later, because the parts name each other:
+for) and the `Inbox` (the miners' answers). Four edges point at parts made later, because the parts name each other:
 the commander goes first (the frequency response sheds through it), yet hears the energy meter before a batch goes
 out and hands every result to the frequency response; the energy meter's curtailment reads the loop's target; a
 frequency record marks the loop's status doc stale. Those are closures over the later part, called only once the
