@@ -44,6 +44,7 @@ from hashflex.agent.preflight import PreflightError, metrics_bind_problem, start
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime import crashpoints
 from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.cancel import raise_if_cancelled
 from hashflex.agent.runtime.clock import Clock, make_clock
 from hashflex.agent.runtime.controller import Controller
@@ -317,14 +318,13 @@ class Agent:
                 meter=self.meter.name,
                 map=cfg.site.meter and str(getattr(cfg.site.meter.map, "name", cfg.site.meter.map)),
             )
-        self.fleet = fleet = Fleet.from_config(
-            driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w
-        )
 
         def save_identities(identities: list[Any]) -> None:
             persist.call("save_identities", identities)
 
-        fleet.on_identified = save_identities
+        self.fleet = fleet = Fleet.from_config(
+            driver, cfg.polling, clock=self.clock.time, unknown_w=cfg.miners.unknown_w, on_identified=save_identities
+        )
         wanted = configured_addresses(cfg)
         wanted_set = set(wanted)
         cached = [i for i in self.store.load_identities() if i.ip in wanted_set]
@@ -354,7 +354,7 @@ class Agent:
             miners_provider=self._miner_rows if cfg.metrics.per_miner else None,
         )
         hold_s = self.clock.to_wall(cfg.polling.stale_after_s) / 2  # never long enough for readings to go stale
-        self.controller = ctl = Controller(
+        self.controller = ctl = build_controller(
             cfg,
             fleet=fleet,
             store=self.store,
@@ -392,14 +392,19 @@ class Agent:
 
             # heartbeats go through the service, which passes on only signed, fresh ones for this site
             self.link = MqttLink(
-                cfg, self.service, self.service, self.info, clock=self.clock.time, authentic=self.service.authentic
+                cfg,
+                self.service,
+                self.service,
+                self.info,
+                clock=self.clock.time,
+                authentic=self.service.authentic,
+                on_message=self.metrics.count_mqtt_message,
             )
             events.subscribe(self.link.publish_event)
-            ctl.publisher.sinks.append(self.link.publish_state)
+            ctl.publisher.add_sink(self.link.publish_state)
             # the site's flexibility for the program coordinator, retained on …/flex (on change, at least every 30 s)
-            ctl.publisher.sinks.append(FlexSink(ctl, self.link.publish_flex))
-            ctl.broker_status = self.link.status
-            self.link.on_message = self.metrics.count_mqtt_message
+            ctl.publisher.add_sink(FlexSink(ctl, self.link.publish_flex))
+            ctl.publisher.show_broker(self.link.status)
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
             self.server.handler = self.service
         else:

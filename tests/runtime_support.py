@@ -18,6 +18,7 @@ from hashflex.agent.config import AgentConfig
 from hashflex.agent.io.store import Store
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.clock import Clock
 from hashflex.agent.runtime.controller import Controller
 from hashflex.agent.runtime.events import EventLog
@@ -87,7 +88,9 @@ async def start_parts(
     await fleet.sweep()
     events = EventLog(clock.time)
     actuator = Actuator(fleet.handle, concurrency=4, command_timeout_s=1.0)
-    ctl = Controller(cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=grid_link)
+    ctl = build_controller(
+        cfg, fleet=fleet, store=store, actuator=actuator, clock=clock, events=events, grid_link=grid_link
+    )
     ctl.restore(safe_start=safe_start)
     service = CommandService(
         cfg,

@@ -237,11 +237,12 @@ class MqttLink:
         clock: Callable[[], float] = time.time,
         authentic: Callable[[bytes], bool] | None = None,
         inbox_soft_limit: int = INBOX_SOFT_LIMIT,
+        on_message: Callable[[], None] | None = None,
     ) -> None:
         self._cfg = cfg
         # told of every message the broker delivers, before any filtering (the hashflex_mqtt_messages_received
         # counter); called from aiomqtt's network callback, so it must not raise or block
-        self.on_message: Callable[[], None] | None = None
+        self.on_message = on_message
         # is a payload validly signed? (asked only while the inbox is over its soft limit; None: nothing is)
         self._authentic = authentic
         self._inbox_soft_limit = inbox_soft_limit

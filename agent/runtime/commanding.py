@@ -68,6 +68,7 @@ class Commander:
         before_send: Callable[[float], None],
         metrics: RuntimeMetrics | None = None,
         on_actuating: Callable[[bool], None] | None = None,
+        on_result: Callable[[OpResult], None] | None = None,
     ) -> None:
         self.actuator = actuator
         self.persist = persist
@@ -78,7 +79,7 @@ class Commander:
         self.batch_done = batch_done  # a batch is answered: confirm from a fresh picture, tick again
         self.before_send = before_send  # a batch is about to go out (energy: the last picture holds until now)
         self.metrics = metrics
-        self.on_result: Callable[[OpResult], None] | None = None  # every result, as it is taken in (frequency)
+        self.on_result = on_result  # every result, as it is taken in (frequency)
         # called with True when a command batch goes out while none is on the wire, False when the last one is
         # answered (the fleet pauses its sweeps in between: commands first)
         self.on_actuating = on_actuating

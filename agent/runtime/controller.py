@@ -39,26 +39,25 @@ from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime import continuity, readout
-from hashflex.agent.runtime.actuator import Actuator
 from hashflex.agent.runtime.alarms import AlarmBoard
 from hashflex.agent.runtime.apply import apply_command
 from hashflex.agent.runtime.arbiter import Arbiter
 from hashflex.agent.runtime.caps import Caps
-from hashflex.agent.runtime.clock import Clock, steady
+from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.commanding import Commander
 from hashflex.agent.runtime.dispatches import DispatchBook
-from hashflex.agent.runtime.energy_meter import EnergyMeter, curtailment
+from hashflex.agent.runtime.energy_meter import EnergyMeter
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.facility import FacilityControl
-from hashflex.agent.runtime.frequency import FrequencyRecords, FrequencyResponse
-from hashflex.agent.runtime.inbox import Inbox
+from hashflex.agent.runtime.frequency import FrequencyResponse
+from hashflex.agent.runtime.inbox import Inbox, Wake
 from hashflex.agent.runtime.level import PlanningLevel
-from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort
+from hashflex.agent.runtime.metering import MeterControl
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.reply import Reply
-from hashflex.contract.status import BrokerDoc, GatewayDoc
+from hashflex.contract.status import GatewayDoc
 
 log = get_logger("controller")
 
@@ -66,95 +65,42 @@ MIN_EARLY_GAP_S = 0.2  # wall seconds between early ticks
 
 
 class Controller:
+    """The loop over its parts, built by agent.runtime.assembly.build_controller."""
+
     def __init__(
         self,
         cfg: AgentConfig,
         *,
         fleet: SnapshotSource,
         store: ControlStore,
-        actuator: Actuator,
-        clock: Clock,
+        clock: SteadyClock,
         events: EventLog,
-        persist: WriteBehind | None = None,
-        metrics: RuntimeMetrics | None = None,
-        notifier: Notifier | None = None,
-        grid_link: bool = True,
-        broker_status: Callable[[], BrokerDoc] | None = None,
-        gateway_health: Callable[[], GatewayDoc] | None = None,
-        meter: SiteMeterPort | None = None,
-        sweep_request: asyncio.Event | None = None,
-        on_actuating: Callable[[bool], None] | None = None,
+        persist: WriteBehind,
+        metrics: RuntimeMetrics | None,
+        notifier: Notifier | None,
+        gateway_health: Callable[[], GatewayDoc] | None,
+        wake: Wake,
+        inbox: Inbox,
+        rules: ControlRules,
+        alarms: AlarmBoard,
+        caps: Caps,
+        book: DispatchBook,
+        commands: Commander,
+        time_keeper: continuity.TimeKeeper,
+        meter: MeterControl | None,
+        energy: EnergyMeter,
+        frequency: FrequencyResponse | None,
+        arbiter: Arbiter,
+        facility: FacilityControl | None,
     ) -> None:
-        self.cfg, self.fleet, self.store, self.events = cfg, fleet, store, events
-        self._wake = asyncio.Event()
-        self._inbox = Inbox(self._wake)  # commands, and the miners' answers (`commands.deliver`)
-        self.broker_status, self.gateway_health = broker_status, gateway_health
-        # the loop's own records go through this: a store that refuses writes must not stop the control loop
-        self.persist = persist if persist is not None else WriteBehind(store)
-        # elapsed-time rules (heartbeat timeout, min on/off, stagger, confirmation, a dispatch's start at receipt)
-        # read a time that never steps with the wall clock; a step is alarmed (continuity.TimeKeeper)
-        self.clock = steady(clock)
-        self.rules = ControlRules.from_config(cfg, grid_link=grid_link)
-        self.alarms = AlarmBoard(events, self.persist, self.clock.time)
-        self.caps = Caps(cfg.site.cap_kw)
-        self.metrics = metrics
-        self.book = DispatchBook(
-            store=store, persist=self.persist, events=events, rules=self.rules.arbitration, metrics=metrics
-        )
-        self.commands = Commander(
-            actuator=actuator,
-            persist=self.persist,
-            clock=self.clock.time,
-            stagger=self.rules.stagger,
-            confirm_after_s=cfg.control.confirm_after_s,
-            deliver=self._inbox.deliver,
-            batch_done=self._batch_done,
-            # what miners drew until a batch goes out is what was last read
-            before_send=lambda now: self.energy.hold(self.fleet.latest(), now),
-            metrics=metrics,
-            # the fleet pauses its sweeps while a batch is on the wire (commands first)
-            on_actuating=on_actuating,
-        )
-        self.time_keeper = continuity.TimeKeeper(self.clock, self.persist, self.alarms)
-        # the site meter (site.meter): the cap and every target apply to what it reads (agent.runtime.metering)
-        self.meter = MeterControl.for_site(cfg, meter, started_at=self.clock.time())
-        self.energy = EnergyMeter(
-            persist=self.persist,
-            clock=self.clock.time,
-            meter=self.meter,
-            meter_cfg=cfg.site.meter,
-            cap_kw=cfg.site.cap_kw,
-            curtailment=lambda: curtailment(self.target, self.book.records),
-            max_gap_s=max(120.0, 10 * cfg.polling.interval_s, 30 * clock.scale),
-            metrics=metrics,
-        )
+        self.cfg, self.fleet, self.store, self.events, self.clock = cfg, fleet, store, events, clock
+        self.persist, self.metrics, self.rules, self.alarms, self.caps = persist, metrics, rules, alarms, caps
+        self.book, self.commands, self.time_keeper, self.meter = book, commands, time_keeper, meter
+        self.energy, self.frequency, self.arbiter, self.facility = energy, frequency, arbiter, facility
+        self._wake, self._inbox = wake, inbox
+        self.gateway_health = gateway_health
+        # the status doc is a view of this loop's state (its site is the controller itself): made here
         self.publisher = readout.StatusPublisher(self, notifier)
-        # under-frequency response (frequency_response): sheds a tripped stage at once, holds it through arbitration
-        self.frequency = FrequencyResponse.for_site(
-            cfg,
-            self.commands,
-            FrequencyRecords(self.persist, self.publisher.mark_stale),
-            self.meter,
-            trigger=self.trigger,
-            clock=self.clock.time,
-            wall_scale=clock.scale,
-            prepare=actuator.prepare,
-        )
-        if self.frequency is not None:
-            self.commands.on_result = self.frequency.on_result
-        self.arbiter = Arbiter(
-            rules=self.rules,
-            caps=self.caps,
-            book=self.book,
-            frequency=self.frequency,
-            time_keeper=self.time_keeper,
-            persist=self.persist,
-            events=events,
-        )
-        # cooling that follows circuits' miners (site.circuits[].cooling): a wake waits for it (agent.runtime.facility)
-        self.facility = FacilityControl.from_config(
-            cfg, self.rules.tree, self.clock, raise_alarm=self.alarms.raise_alarm, clear_alarm=self.alarms.drop
-        )
 
         # state (this task is its only writer)
         self.failsafe: fs.FailsafeState | None = None
@@ -164,10 +110,9 @@ class Controller:
         self.level = PlanningLevel(cfg.control, cfg.site.cap_kw)
         self.tick_n, self.tick_ms = 0, 0.0
         self.tick_at: float | None = None
-        self.sweep_request = sweep_request  # ask the sweep loop for a fresh picture
         self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given
         self._last_snapshot_ts: float | None = None
-        self._early = self._stopping = False
+        self._stopping = False
 
     # ============================================================================================= start-up
     def restore(self, *, safe_start: str | None = None) -> None:
@@ -204,8 +149,7 @@ class Controller:
 
     def trigger(self) -> None:
         """Ask for an early tick."""
-        self._early = True
-        self._wake.set()
+        self._wake.trigger()
 
     def _drain_inbox(self, *, stopping: bool = False) -> None:
         """The miners' answers taken in, the commands applied (or, `stopping`, failed), in the order they came."""
@@ -214,11 +158,6 @@ class Controller:
 
     def _fail_waiting(self) -> None:
         self._drain_inbox(stopping=True)
-
-    def _batch_done(self) -> None:
-        if self.sweep_request is not None:
-            self.sweep_request.set()  # confirm from a fresh picture, soon
-        self.trigger()
 
     def on_snapshot(self, snap: FleetSnapshot) -> None:
         """The sweep loop has a new picture: account energy, and tick early when it can confirm or correct."""
@@ -234,27 +173,27 @@ class Controller:
         try:
             while not self._stopping:
                 wait = max(0.0, last_tick + tick_wall - time.monotonic())
-                if self._early:
+                if self._wake.early:
                     wait = min(wait, max(0.0, last_tick + MIN_EARLY_GAP_S - time.monotonic()))
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(wait):
-                            await self._wake.wait()
-                self._wake.clear()
+                            await self._wake.event.wait()
+                self._wake.event.clear()
                 commanded = not self._inbox.empty()
                 self._drain_inbox()
                 due = time.monotonic() >= last_tick + tick_wall
-                early = self._early and time.monotonic() >= last_tick + MIN_EARLY_GAP_S
+                early = self._wake.early and time.monotonic() >= last_tick + MIN_EARLY_GAP_S
                 if (due or early) and not commanded and self.frequency is not None and self.frequency.defer_tick():
                     # an under-frequency stage's sleeps are on the wire, or about to be: no tick holds the loop
                     # under them (bounded, agent.runtime.frequency.DEFER_TICK_MAX_S; the batch's end asks for a
                     # tick); a command just applied is planned at once
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.05):
-                            await self._wake.wait()
+                            await self._wake.event.wait()
                     continue
                 if due or early:
-                    self._early = False
+                    self._wake.early = False
                     last_tick = time.monotonic()
                     try:
                         self.tick()
@@ -274,7 +213,7 @@ class Controller:
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._wake.event.set()
 
     # ============================================================================================= tick
     def tick(self) -> None:

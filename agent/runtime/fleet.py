@@ -103,6 +103,7 @@ class Fleet:
         reidentify_after_failures: int = 20,
         unknown_w: float | None = None,
         clock: Callable[[], float] = time.time,
+        on_identified: IdentifiedHook | None = None,
     ) -> None:
         if concurrency < 1 or identify_concurrency < 1:
             raise ValueError("concurrency limits must be at least 1")
@@ -115,7 +116,7 @@ class Fleet:
         self.reidentify_after_failures = reidentify_after_failures
         self.clock = clock
         self.unknown_w = LARGEST_MODEL_W if unknown_w is None else float(unknown_w)
-        self.on_identified: IdentifiedHook | None = None
+        self.on_identified = on_identified
         # configured addresses nothing answered at yet → (tries, next try at, on the fleet clock)
         self._unidentified: dict[str, tuple[int, float]] = {}
         self._miners: dict[str, _Miner] = {}
@@ -135,6 +136,7 @@ class Fleet:
         *,
         clock: Callable[[], float] = time.time,
         unknown_w: float | None = None,
+        on_identified: IdentifiedHook | None = None,
     ) -> Fleet:
         return cls(
             driver,
@@ -146,6 +148,7 @@ class Fleet:
             reidentify_after_failures=polling.reidentify_after_failures,
             unknown_w=unknown_w,
             clock=clock,
+            on_identified=on_identified,
         )
 
     # ------------------------------------------------------------------ membership

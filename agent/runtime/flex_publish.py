@@ -2,8 +2,8 @@
 
 Read-only on the controller: the fleet views come from `readout.observe_now` (agent.core.observe, nothing
 applied), everything else from attributes the controller already exposes. `FlexSink` is a controller status sink
-(`Controller.publisher.sinks`): after a tick it recomputes the flexibility when it may have changed (the target, the cap
-or the fail-safe moved, or `compute_every_s` passed) and hands the document to `publish` when
+(`Controller.publisher.add_sink`): after a tick it recomputes the flexibility when it may have changed (the target,
+the cap or the fail-safe moved, or `compute_every_s` passed) and hands the document to `publish` when
 `FlexPublishPolicy` says it is due (changed enough, or 30 s since the last one).
 
 Cost: `agent.core.flexibility.flexibility` makes one planner call per loss depth plus two (about 235 ms for 10,000

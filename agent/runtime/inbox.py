@@ -24,6 +24,20 @@ class Landed:
     sent_at: float | None
 
 
+class Wake:
+    """What wakes the loop: anything put in its inbox, and an early tick asked for (`trigger`) by whatever sees a
+    reason (a batch answered, an under-frequency stage, a heartbeat, a refused meter reading). Made before the loop
+    and its parts, so each part is handed this instead of the controller."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.early = False  # an early tick was asked for (the loop clears it when it ticks)
+
+    def trigger(self) -> None:
+        self.early = True
+        self.event.set()
+
+
 class Inbox:
     def __init__(self, wake: asyncio.Event) -> None:
         self._queue: asyncio.Queue[tuple[Command, asyncio.Future[Reply]] | Landed] = asyncio.Queue()

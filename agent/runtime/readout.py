@@ -59,7 +59,6 @@ class SiteState(Protocol):
     tick_n: int
     tick_ms: float
     tick_at: float | None
-    broker_status: Callable[[], BrokerDoc] | None
     gateway_health: Callable[[], GatewayDoc] | None
 
     @property
@@ -90,18 +89,31 @@ class StatusPublisher:
         self.notifier = notifier
         self.doc: StatusDoc | None = None
         self.stale = False  # a command changed what the doc shows since it was built
-        self.sinks: list[StatusSink] = []
+        self._sinks: list[StatusSink] = []
+        self._broker: Callable[[], BrokerDoc] | None = None  # the grid link's connection (`show_broker`)
         self._watchdog_every: float | None = None
         self._watchdog_at = 0.0
+
+    def add_sink(self, sink: StatusSink) -> None:
+        """Hand every doc built after a tick to `sink` too (registered before the loop runs)."""
+        self._sinks.append(sink)
+
+    def show_broker(self, status: Callable[[], BrokerDoc]) -> None:
+        """The grid link's connection in the doc (registered before the loop runs: the link is built after the
+        controller, through the command service it needs); without one the doc says `disabled`."""
+        self._broker = status
+
+    def _broker_doc(self) -> BrokerDoc:
+        return self._broker() if self._broker is not None else {"state": "disabled", "since": None}
 
     def mark_stale(self) -> None:
         """What the doc shows changed since it was built (a command, a frequency record): rebuilt on the next read."""
         self.stale = True
 
     def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
-        doc = self.doc = build_status(self.site, snap, now, obs or observe_now(self.site))
+        doc = self.doc = build_status(self.site, snap, now, obs or observe_now(self.site), self._broker_doc())
         self.stale = False
-        for sink in self.sinks:
+        for sink in self._sinks:
             try:
                 sink(doc)
             except Exception:
@@ -112,7 +124,9 @@ class StatusPublisher:
         doc = self.doc
         if doc is None or self.stale:
             site = self.site
-            doc = self.doc = build_status(site, site.fleet.latest(), site.clock.time(), observe_now(site))
+            doc = self.doc = build_status(
+                site, site.fleet.latest(), site.clock.time(), observe_now(site), self._broker_doc()
+            )
             self.stale = False
         return doc
 
@@ -169,8 +183,9 @@ _SORT_KEYS = {
 }
 
 
-def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observation) -> StatusDoc:
-    """The STATUS DOC from the controller's state, `snap` and what `obs` (agent.core.observe) says of its miners."""
+def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observation, broker: BrokerDoc) -> StatusDoc:
+    """The STATUS DOC from the controller's state, `snap`, what `obs` (agent.core.observe) says of its miners and
+    the grid link's connection (`broker`)."""
     hashrate = 0.0
     for ms in snap.miners.values():
         if ms.reachable and ms.reading is not None:
@@ -180,7 +195,6 @@ def build_status(ctl: SiteState, snap: FleetSnapshot, now: float, obs: Observati
     counts = obs.counts(unidentified)
     t, f = ctl.target, ctl.failsafe
     released_by, releases_at = (None, None) if f is None else fs.release(f, now, ctl.rules.failsafe)
-    broker: BrokerDoc = ctl.broker_status() if ctl.broker_status else {"state": "disabled", "since": None}
     doc: StatusDoc = {
         "ts": iso(now),
         "site_id": ctl.cfg.site.id,

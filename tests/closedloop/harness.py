@@ -48,10 +48,11 @@ from hashflex.agent.io.store import Store
 from hashflex.agent.logging import configure_logging
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.actuator import Actuator
+from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.clock import SteadyClock
 from hashflex.agent.runtime.controller import MIN_EARLY_GAP_S, Controller
 from hashflex.agent.runtime.events import EventLog
-from hashflex.agent.runtime.fleet import Fleet, driver_settings
+from hashflex.agent.runtime.fleet import Fleet, IdentifiedHook, driver_settings
 from hashflex.agent.runtime.readout import SiteReader
 from hashflex.agent.runtime.service import CommandService
 from hashflex.contract import signing
@@ -238,6 +239,7 @@ class World:
         self.persist: Any = None
         self.fleet: Fleet | None = None
         self.ctl: Controller | None = None
+        self.sweep_request = asyncio.Event()  # the controller asks the sweep loop for a fresh picture
         self.service: CommandService | None = None
         self._sweep_task: asyncio.Task[Any] | None = None
         self._next_sweep = 0.0
@@ -365,11 +367,12 @@ class World:
         settings = driver_settings(cfg)
         driver = InProcessDriver(self.site, settings)
         extra = {"unknown_w": cfg.miners.unknown_w} if hasattr(cfg.miners, "unknown_w") else {}
-        fleet = Fleet.from_config(driver, cfg.polling, clock=clock.time, **extra)
-        if persist is not None:
-            fleet.on_identified = lambda identities: persist.call("save_identities", identities)
-        else:
-            fleet.on_identified = self.store.save_identities
+        save_identities: IdentifiedHook = (
+            self.store.save_identities
+            if persist is None
+            else lambda identities: persist.call("save_identities", identities)
+        )
+        fleet = Fleet.from_config(driver, cfg.polling, clock=clock.time, on_identified=save_identities, **extra)
         wanted = list(self.ips)
         cached = [i for i in self.store.load_identities() if i.ip in set(wanted)]
         fleet.attach_all(cached)
@@ -387,7 +390,7 @@ class World:
             backoff_s=0.0,
             backoff_max_s=0.0,
         )
-        ctl = Controller(
+        ctl = build_controller(
             cfg,
             fleet=fleet,
             store=self.store,
@@ -396,7 +399,7 @@ class World:
             events=events,
             grid_link=True,
             persist=persist,
-            sweep_request=asyncio.Event(),
+            sweep_request=self.sweep_request,
         )
         ctl.restore()
         self.ctl = ctl
@@ -491,8 +494,8 @@ class World:
     def _tick(self) -> None:
         ctl = self.ctl
         assert ctl is not None
-        ctl._early = False
-        ctl._wake.clear()
+        ctl._wake.early = False
+        ctl._wake.event.clear()
         ctl._drain_inbox()
         self._last_tick = self.vt.t
         self._planned_from = self.fleet.latest() if self.fleet is not None else None  # what ctl.tick() reads
@@ -515,16 +518,15 @@ class World:
             await self._settle()
             t = self.vt.t
             # the sweep loop (agent/app.py sweep_loop): every interval, or early when asked (a batch was answered)
-            request = ctl.sweep_request
+            request = self.sweep_request
             if self._sweep_task is not None and self._sweep_task.done():
                 self._sweep_task.result()
                 self._sweep_task = None
             if self._sweep_task is None:
-                asked = request is not None and request.is_set()
+                asked = request.is_set()
                 due = max(self._last_sweep_start + MIN_SWEEP_GAP_S, self._next_sweep if not asked else -math.inf)
                 if t >= due - 1e-9:
-                    if request is not None:
-                        request.clear()
+                    request.clear()
                     self._last_sweep_start = t
                     self._next_sweep = t + interval
                     self._sweep_task = asyncio.ensure_future(self._sweep())
@@ -534,7 +536,9 @@ class World:
             if not ctl._inbox.empty():
                 ctl._drain_inbox()
                 await self._settle()
-            if t >= self._last_tick + tick_s - 1e-9 or (ctl._early and t >= self._last_tick + MIN_EARLY_GAP_S - 1e-9):
+            if t >= self._last_tick + tick_s - 1e-9 or (
+                ctl._wake.early and t >= self._last_tick + MIN_EARLY_GAP_S - 1e-9
+            ):
                 self._tick()
                 await self._settle()
                 continue
@@ -546,10 +550,10 @@ class World:
                 self._next_sample = t + SAMPLE_EVERY_S
             # the next thing that happens
             candidates = [end, self._last_tick + tick_s, self._next_sample]
-            if ctl._early:
+            if ctl._wake.early:
                 candidates.append(self._last_tick + MIN_EARLY_GAP_S)
             if self._sweep_task is None:
-                asked = request is not None and request.is_set()
+                asked = request.is_set()
                 candidates.append(self._last_sweep_start + MIN_SWEEP_GAP_S if asked else self._next_sweep)
             if self.heartbeat_on:
                 candidates.append(self._next_hb)

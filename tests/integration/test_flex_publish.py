@@ -57,7 +57,7 @@ async def test_the_sink_publishes_the_sites_flexibility_when_due(tmp_path: Path,
     sweeper = asyncio.create_task(sweeps())
     sent: list[Mapping[str, Any]] = []
     sink = FlexSink(parts.controller, sent.append, policy=FlexPublishPolicy(refresh_s=2.0), compute_every_s=0.5)
-    parts.controller.publisher.sinks.append(sink)
+    parts.controller.publisher.add_sink(sink)
     try:
         await _until(lambda: bool(sent) and sent[-1]["miners"]["total"] == MINERS, 20.0)
         doc = json.loads(json.dumps(sent[-1], allow_nan=False))  # what goes on the wire: plain JSON

@@ -28,7 +28,7 @@ from hashflex.agent.cli.main import app
 from hashflex.agent.config import MAX_DURATION_S, MAX_POWER_KW, AgentConfig, ConfigError, _Model, load_config
 from hashflex.agent.io.store import Store
 from hashflex.agent.runtime.actuator import Actuator
-from hashflex.agent.runtime.controller import Controller
+from hashflex.agent.runtime.assembly import build_controller
 from hashflex.agent.runtime.events import EventLog
 from hashflex.agent.runtime.fleet import Fleet, driver_from_config
 
@@ -445,7 +445,7 @@ async def test_the_controller_counts_a_nested_miner_on_the_deepest_circuit_and_w
     try:
         fleet = Fleet.from_config(driver_from_config(cfg), cfg.polling, clock=time.time)
         actuator = Actuator(fleet.handle, concurrency=1, command_timeout_s=1.0)
-        ctl = Controller(
+        ctl = build_controller(
             cfg,
             fleet=fleet,
             store=store,

@@ -19,7 +19,7 @@ from hashflex.agent.runtime.readout import SiteState, StatusPublisher
 def builds(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     built: list[float] = []
 
-    def build(site: Any, snap: Any, now: float, obs: Any) -> Any:
+    def build(site: Any, snap: Any, now: float, obs: Any, broker: Any) -> Any:
         built.append(now)
         return {"ts": now, "n": len(built)}
 
