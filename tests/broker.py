@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -323,21 +324,15 @@ def _listening(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-class Mqtt311OnlyProxy:
-    """A TCP proxy in front of a real broker that behaves like a broker without MQTT 5.
-
-    A CONNECT asking for protocol level 5 gets what an MQTT 3.1.1 broker answers (CONNACK "unacceptable
-    protocol version") and the connection is closed; any other connection is piped to the broker untouched.
-    `levels` records the protocol level of every CONNECT seen.
-    """
+class _Proxy:
+    """A TCP proxy on a free loopback port in front of a real broker (`async with`); `_serve` handles a client."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.levels: list[int] = []
         self.port = 0
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> Mqtt311OnlyProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, HOST, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -348,18 +343,37 @@ class Mqtt311OnlyProxy:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One MQTT packet: (fixed header byte + remaining-length varint, body)."""
+    header = await reader.readexactly(1)
+    length, shift = 0, 0
+    while True:
+        byte = await reader.readexactly(1)
+        header += byte
+        length |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            return header, await reader.readexactly(length)
+
+
+class Mqtt311OnlyProxy(_Proxy):
+    """A proxy that behaves like a broker without MQTT 5.
+
+    A CONNECT asking for protocol level 5 gets what an MQTT 3.1.1 broker answers (CONNACK "unacceptable
+    protocol version") and the connection is closed; any other connection is piped to the broker untouched.
+    `levels` records the protocol level of every CONNECT seen.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self.levels: list[int] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            first = await reader.readexactly(1)
-            length_bytes = b""
-            length, shift = 0, 0
-            while True:  # the remaining-length varint
-                byte = await reader.readexactly(1)
-                length_bytes += byte
-                length |= (byte[0] & 0x7F) << shift
-                shift += 7
-                if not byte[0] & 0x80:
-                    break
-            body = await reader.readexactly(length)
+            header, body = await _read_packet(reader)
             name_len = int.from_bytes(body[:2], "big")
             level = body[2 + name_len]
             self.levels.append(level)
@@ -368,7 +382,7 @@ class Mqtt311OnlyProxy:
                 await writer.drain()
                 return
             up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
-            up_writer.write(first + length_bytes + body)
+            up_writer.write(header + body)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (asyncio.IncompleteReadError, ConnectionError, IndexError):
             pass
@@ -376,28 +390,16 @@ class Mqtt311OnlyProxy:
             writer.close()
 
 
-class PubackDroppingProxy:
-    """A TCP proxy in front of a real broker that can turn into a half-broken link: while `drop_pubacks` is set,
-    every PUBACK from the broker is dropped (the broker still takes the PUBLISH and delivers it; everything else
-    passes). What a client sees when the broker cannot store a QoS 1 message (a NATS node whose MQTT streams lost
-    their leader) or a middlebox eats packets one way: the connection looks alive, no publish completes."""
+class PubackDroppingProxy(_Proxy):
+    """A proxy that can turn into a half-broken link: while `drop_pubacks` is set, every PUBACK from the broker is
+    dropped (the broker still takes the PUBLISH and delivers it; everything else passes). What a client sees when the
+    broker cannot store a QoS 1 message (a NATS node whose MQTT streams lost their leader) or a middlebox eats packets
+    one way: the connection looks alive, no publish completes."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.drop_pubacks = False
         self.dropped = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> PubackDroppingProxy:
-        self._server = await asyncio.start_server(self._serve, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -409,23 +411,14 @@ class PubackDroppingProxy:
             writer.close()
 
     async def _downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Broker to client, one MQTT packet at a time (fixed header, remaining-length varint, body)."""
+        """Broker to client, one MQTT packet at a time."""
         try:
             while True:
-                first = await reader.readexactly(1)
-                length_bytes, length, shift = b"", 0, 0
-                while True:
-                    byte = await reader.readexactly(1)
-                    length_bytes += byte
-                    length |= (byte[0] & 0x7F) << shift
-                    shift += 7
-                    if not byte[0] & 0x80:
-                        break
-                body = await reader.readexactly(length)
-                if self.drop_pubacks and first[0] >> 4 == 4:  # PUBACK
+                header, body = await _read_packet(reader)
+                if self.drop_pubacks and header[0] >> 4 == 4:  # PUBACK
                     self.dropped += 1
                     continue
-                writer.write(first + length_bytes + body)
+                writer.write(header + body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
