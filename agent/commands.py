@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from hashflex.agent.config import DispatchRules
 from hashflex.agent.core.timefmt import iso
+from hashflex.agent.core.timeline import SenderClock, sender_window
 from hashflex.agent.protocol import Channel
 from hashflex.contract import signing
 from hashflex.contract.reply import (
@@ -125,6 +126,9 @@ class Command:
     request: Request
     channel: Channel
     received_at: float
+    # how far the agent's time is ahead of the sender's clock, this message counted (timeline.SenderClock); None
+    # for a request with no issue time
+    sender_offset_s: float | None = None
 
     @property
     def verb(self) -> str:
@@ -210,12 +214,14 @@ def parse_request(
     site_id: str,
     retained: bool = False,
     stored_reply: Callable[[str], dict[str, Any] | None] | None = None,
+    grid_clock: SenderClock | None = None,
 ) -> Command | Repeat | Reply:
     """A `Command` ready to apply, a `Repeat` of one already answered, or an error `Reply` that says what to change.
 
     `cap_kw` is the licensed site cap: no target or cap may ask for more. `now` is the agent's clock. `site_id`: the
     site a signed command must name. `stored_reply(key)`: the reply stored for an idempotency key, if any (see
-    `Command.idempotency_key`). Never raises for any payload.
+    `Command.idempotency_key`). `grid_clock`: what the grid's signed messages said of its clock so far (a grid
+    window is read on it). Never raises for any payload.
     """
     if len(payload) > max_bytes:
         return Reply.error(None, TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}")
@@ -251,7 +257,12 @@ def parse_request(
     refusal = _check_authority(request, raw, channel, grid_keys, operator_keys)
     if refusal is not None:
         return Reply.error(request_id, *refusal)
-    command = Command(request, channel, now)
+    offset = None
+    if request.issued_at is not None:
+        offset = now - request.issued_at
+        if grid_clock is not None and request.kind == "grid":
+            offset = grid_clock.offset_s(now, issued_at=request.issued_at)
+    command = Command(request, channel, now, offset)
     key = command.idempotency_key
     if key is not None and stored_reply is not None:
         stored = stored_reply(key)
@@ -260,7 +271,7 @@ def parse_request(
     refusal = _check_freshness(request, now, rules)
     if refusal is not None:
         return Reply.error(request_id, *refusal)
-    refusal = _check_site_ranges(request, now, cap_kw)
+    refusal = _check_site_ranges(request, now, cap_kw, command.sender_offset_s)
     if refusal is not None:
         return Reply.error(request_id, *refusal)
     return command
@@ -384,7 +395,9 @@ def _check_freshness(request: Request, now: float, rules: DispatchRules) -> tupl
     return None
 
 
-def _check_site_ranges(request: Request, now: float, cap_kw: float) -> tuple[str, str] | None:
+def _check_site_ranges(
+    request: Request, now: float, cap_kw: float, sender_offset_s: float | None
+) -> tuple[str, str] | None:
     if isinstance(request, DispatchRequest):
         if request.target_kw is not None and request.target_kw > cap_kw:
             return OUT_OF_RANGE, f"target_kw {request.target_kw:g} is above the site cap of {cap_kw:g} kW"
@@ -394,7 +407,8 @@ def _check_site_ranges(request: Request, now: float, cap_kw: float) -> tuple[str
                     f"{name} {iso(ts)} is more than {MAX_AHEAD_S / 86400:.0f} days ahead; send the dispatch nearer "
                     "its time"
                 )
-        if request.end is not None and request.end <= now:
+        _, end = sender_window(request.start, request.end, offset_s=sender_offset_s)
+        if end is not None and end <= now:
             return EXPIRED, "the dispatch window is already over (end is in the past)"
     elif isinstance(request, CapRequest):
         if request.cap_kw > cap_kw:

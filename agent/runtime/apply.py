@@ -17,6 +17,7 @@ from hashflex.agent.config import AgentConfig
 from hashflex.agent.core import failsafe as fs
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.model import Dispatch, Plan, Source
+from hashflex.agent.core.timeline import sender_window
 from hashflex.agent.io.records import DispatchRecord
 from hashflex.agent.io.store import StoreError, StoreUnavailable, clear_safe_start
 from hashflex.agent.logging import get_logger
@@ -247,13 +248,23 @@ def _dispatch(ctl: CommandHost, req: DispatchRequest, cmd: Command, now: float, 
         baseline = existing.dispatch.baseline_kw
     else:
         baseline = round(_counted_present_kw(ctl), 3)
-    start = req.start if req.start is not None else now
+    # the window on the agent's time, whole on the grid's clock and on ours (timeline.sender_window)
+    start, end = sender_window(req.start, req.end, offset_s=cmd.sender_offset_s)
+    if (start, end) != (req.start, req.end):
+        log.warning(
+            "grid clock and the agent's disagree: dispatch window widened",
+            dispatch=req.id,
+            agent_ahead_s=round(cmd.sender_offset_s or 0.0, 1),
+            start=req.start,
+            end=req.end,
+        )
+    start = now if start is None else start
     d = Dispatch(
         id=req.id,
         source=Source.GRID,
         issued_at=req.issued_at,
         start=start,
-        end=req.end,
+        end=end,
         target_kw=req.target_kw,
         curtail_kw=req.curtail_kw,
         ramp_kw_per_min=req.ramp_kw_per_min,

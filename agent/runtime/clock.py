@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from hashflex.agent.core.timeline import STEP_THRESHOLD_S  # beyond it the wall and the agent's time disagree: alarmed
+
 
 class Clock(Protocol):
     scale: float
@@ -88,7 +90,6 @@ class ScaledClock:
         return seconds / self.scale
 
 
-STEP_THRESHOLD_S = 2.0  # a difference between the wall and the agent's time beyond this is a step: alarmed
 MAX_SLEW = 0.0005  # the agent's time follows the wall at most this fast (500 ppm, ntpd's limit): 0.05 % of any timer
 
 

@@ -28,6 +28,7 @@ from hashflex.agent.commands import Command, Repeat, parse_heartbeat, parse_requ
 from hashflex.agent.config import AgentConfig
 from hashflex.agent.core.audit import AuditKind
 from hashflex.agent.core.timefmt import iso_ms as iso
+from hashflex.agent.core.timeline import SenderClock
 from hashflex.agent.logging import get_logger
 from hashflex.agent.protocol import Channel
 from hashflex.agent.runtime.clock import Clock
@@ -199,6 +200,7 @@ class CommandService:
         self._submit_timeout_s = submit_timeout_s
         self.refusals = RefusalAudit(self._record_refusal, clock)
         self._last_heartbeat: float | None = None  # issue time of the newest heartbeat accepted
+        self.grid_clock = SenderClock()  # the grid's clock as its signed heartbeats and commands show it
         self.heartbeats_ignored = 0
 
     async def handle(self, verb: str, payload: bytes, channel: Channel, *, retained: bool = False) -> Reply:
@@ -217,6 +219,7 @@ class CommandService:
                 site_id=self._cfg.site.id,
                 retained=retained,
                 stored_reply=self._store.get_reply,
+                grid_clock=self.grid_clock,
             )
         except Exception:  # parsing never raises; the stored-reply lookup can (the store is unwell): retry later
             log.exception("could not check a request against the store", verb=verb[:64])
@@ -229,6 +232,8 @@ class CommandService:
             return parsed.reply
         if not parsed.mutating:
             return self._read(parsed)
+        if parsed.source == "grid" and parsed.request.issued_at is not None:
+            self.grid_clock.observe(now, parsed.request.issued_at)
         self._events.emit("received", verb=verb, id=parsed.id, channel=channel.value)
         started = time.monotonic()
         try:
@@ -305,11 +310,12 @@ class CommandService:
         Never raises."""
         try:
             rules, failsafe = self._cfg.dispatch, self._cfg.failsafe
+            now = self._clock.time()
             verdict = parse_heartbeat(
                 payload,
                 grid_keys=self._grid_keys,
                 site_id=self._cfg.site.id,
-                now=self._clock.time(),
+                now=now,
                 max_age_s=min(rules.max_age_s, failsafe.heartbeat_timeout_s),
                 max_skew_s=rules.max_skew_s,
                 newest=self._last_heartbeat,
@@ -323,6 +329,7 @@ class CommandService:
             level("heartbeat ignored", reason=verdict, ignored=self.heartbeats_ignored)
             return
         self._last_heartbeat = verdict
+        self.grid_clock.observe(now, verdict)
         self._controller.heartbeat(payload)
 
     def authentic(self, payload: bytes) -> bool:

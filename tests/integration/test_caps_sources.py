@@ -14,65 +14,35 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hashflex.agent.config import AgentConfig
 from hashflex.agent.io.control_socket import ControlServer
 from hashflex.agent.io.store import Store
 from hashflex.agent.protocol import Channel
-from hashflex.agent.runtime.controller import Controller
-from hashflex.agent.runtime.service import CommandService
 from hashflex.contract.reply import Reply
-from tests.agent_harness import sign_for
-from tests.runtime_support import ManualClock, grid_config, start_parts, stop_parts
+from tests.runtime_support import T0, ManualClock, Runtime, make_config, start_runtime, stop_runtime
 
-T0 = 1_760_000_000.0
 HASHFLEX = str(Path(sys.executable).parent / "hashflex")
-SITE = "caps"
-GRID = Ed25519PrivateKey.generate()
 
 
-@dataclass
-class Runtime:
-    clock: ManualClock
-    store: Any
-    controller: Controller
-    service: CommandService
-    task: asyncio.Task[None]
-
-    async def grid_cap(self, cap_kw: float, cid: str, **extra: Any) -> Reply:
-        self.clock.t += 1.0  # each grid command newer than the last
-        doc = sign_for(GRID, {"id": cid, "cap_kw": cap_kw, **extra}, site=SITE, verb="cap", issued_at=self.clock.t)
-        return await self.service.handle("cap", json.dumps(doc).encode(), Channel.MQTT)
-
-    async def local_cap(self, cap_kw: float, cid: str, **extra: Any) -> Reply:
-        self.clock.t += 1.0
-        doc = {"id": cid, "cap_kw": cap_kw, **extra}
-        return await self.service.handle("cap", json.dumps(doc).encode(), Channel.LOCAL)
-
-    async def target(self) -> dict[str, Any]:
-        self.controller.trigger()
-        await asyncio.sleep(0.3)
-        return self.controller.publisher.current()
+async def grid_cap(rt: Runtime, cap_kw: float, cid: str, **extra: Any) -> Reply:
+    rt.clock.t += 1.0  # each grid command newer than the last
+    return await rt.send("cap", rt.signed({"id": cid, "cap_kw": cap_kw, **extra}, "cap"), Channel.MQTT)
 
 
-def make_config(tmp_path: Path) -> AgentConfig:
-    return grid_config(tmp_path, SITE, GRID)
+async def local_cap(rt: Runtime, cap_kw: float, cid: str, **extra: Any) -> Reply:
+    rt.clock.t += 1.0
+    return await rt.send("cap", {"id": cid, "cap_kw": cap_kw, **extra})
 
 
-async def start_runtime(cfg: AgentConfig, clock: ManualClock) -> Runtime:
-    p = await start_parts(cfg, clock, GRID)
-    return Runtime(clock, p.store, p.controller, p.service, p.task)
-
-
-async def stop_runtime(rt: Runtime) -> None:
-    await stop_parts(rt.controller, rt.task, rt.store)
+async def target(rt: Runtime) -> dict[str, Any]:
+    rt.controller.trigger()
+    await asyncio.sleep(0.3)
+    return rt.controller.publisher.current()
 
 
 @pytest.fixture
@@ -83,32 +53,32 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
 
 
 async def test_a_local_cap_never_lifts_the_grids_cap(runtime: Runtime) -> None:
-    grid = await runtime.grid_cap(400, "g-cap")
+    grid = await grid_cap(runtime, 400, "g-cap")
     assert grid.is_ok, grid
     assert grid.data["cap_kw"] == 400
-    local = await runtime.local_cap(1000, "op-cap")  # `hashflex cap 1000kW`
+    local = await local_cap(runtime, 1000, "op-cap")  # `hashflex cap 1000kW`
     assert local.is_ok, local
     assert local.data["cap_kw"] == 400
     assert local.data["grid_cap_kw"] == 400
-    status = await runtime.target()
+    status = await target(runtime)
     assert (status["cap_kw"], status["target_kw"]) == (400, 400)
     # a lower operator cap binds under the grid's; the grid raising its own cap leaves the operator's in force
-    assert (await runtime.local_cap(300, "op-cap-2")).data["cap_kw"] == 300
-    assert (await runtime.grid_cap(900, "g-cap-2")).data["cap_kw"] == 300
-    assert (await runtime.target())["target_kw"] == 300
+    assert (await local_cap(runtime, 300, "op-cap-2")).data["cap_kw"] == 300
+    assert (await grid_cap(runtime, 900, "g-cap-2")).data["cap_kw"] == 300
+    assert (await target(runtime))["target_kw"] == 300
 
 
 async def test_lifting_the_grids_cap_locally_is_explicit_and_audited(runtime: Runtime) -> None:
-    assert (await runtime.grid_cap(400, "g-cap")).is_ok
-    lifted = await runtime.local_cap(800, "op-lift", lift_grid_cap=True)
+    assert (await grid_cap(runtime, 400, "g-cap")).is_ok
+    lifted = await local_cap(runtime, 800, "op-lift", lift_grid_cap=True)
     assert lifted.is_ok, lifted
     assert (lifted.data["cap_kw"], lifted.data["grid_cap_kw"], lifted.data["lifted_grid_cap_kw"]) == (800, None, 400)
-    assert (await runtime.target())["target_kw"] == 800
+    assert (await target(runtime))["target_kw"] == 800
     audit = [r.data for r in runtime.store.audit_records() if r.kind == "cap_change"]
     assert audit[-1]["lifted_grid_cap_kw"] == 400
     assert audit[-1]["source"] == "operator"
     # the flag is the operator's, on the site's own socket: the grid sets its own cap and cannot "lift" it
-    refused = await runtime.grid_cap(500, "g-lift", lift_grid_cap=True)
+    refused = await grid_cap(runtime, 500, "g-lift", lift_grid_cap=True)
     assert refused.error_code == "bad_request"
     assert runtime.controller.caps.grid_kw is None
 
@@ -117,13 +87,13 @@ async def test_both_caps_persist_across_a_restart(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     clock = ManualClock(T0)
     rt = await start_runtime(cfg, clock)
-    assert (await rt.grid_cap(400, "g-cap")).is_ok
-    assert (await rt.local_cap(600, "op-cap")).is_ok
+    assert (await grid_cap(rt, 400, "g-cap")).is_ok
+    assert (await local_cap(rt, 600, "op-cap")).is_ok
     await stop_runtime(rt)
     rt = await start_runtime(cfg, clock)
     try:
         assert (rt.controller.caps.grid_kw, rt.controller.caps.operator_kw) == (400, 600)
-        assert (await rt.local_cap(1000, "op-cap-up")).data["cap_kw"] == 400  # still not lifted after a restart
+        assert (await local_cap(rt, 1000, "op-cap-up")).data["cap_kw"] == 400  # still not lifted after a restart
     finally:
         await stop_runtime(rt)
 
@@ -136,7 +106,7 @@ async def test_a_cap_stored_before_caps_had_sources_is_kept_as_the_grids(tmp_pat
     rt = await start_runtime(cfg, ManualClock(T0))
     try:
         assert rt.controller.caps.effective_kw() == 450
-        assert (await rt.local_cap(1000, "op-cap")).data["cap_kw"] == 450
+        assert (await local_cap(rt, 1000, "op-cap")).data["cap_kw"] == 450
     finally:
         await stop_runtime(rt)
 
@@ -150,7 +120,7 @@ async def test_the_cli_lifts_the_grids_cap_only_with_its_flag(tmp_path: Path) ->
         config.write_text(
             yaml.safe_dump(
                 {
-                    "site": {"id": SITE, "cap_kw": 1000},
+                    "site": {"id": cfg.site.id, "cap_kw": 1000},
                     "mqtt": {"enabled": False},
                     "state_dir": str(folder / "state"),
                     "control_socket": {"path": str(socket)},
@@ -160,7 +130,7 @@ async def test_the_cli_lifts_the_grids_cap_only_with_its_flag(tmp_path: Path) ->
         rt = await start_runtime(cfg, ManualClock(time.time()))  # the CLI stamps commands with the wall clock
         try:
             async with ControlServer(socket, rt.service):
-                assert (await rt.grid_cap(400, "g-cap")).is_ok
+                assert (await grid_cap(rt, 400, "g-cap")).is_ok
 
                 async def cli(*args: str) -> dict[str, Any]:
                     proc = await asyncio.create_subprocess_exec(

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from hashflex.agent.runtime.clock import MAX_SLEW, STEP_THRESHOLD_S, ScaledClock, SteadyClock, make_clock, steady
+from hashflex.agent.core.timeline import STEP_THRESHOLD_S
+from hashflex.agent.runtime.clock import MAX_SLEW, ScaledClock, SteadyClock, make_clock, steady
 
 T0 = 1_760_000_000.0
 

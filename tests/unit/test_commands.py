@@ -329,6 +329,17 @@ def test_dispatch_whose_window_is_over_is_refused_as_expired() -> None:
     assert "already over" in msg
 
 
+def test_a_window_over_on_the_agents_clock_but_not_the_senders_is_accepted() -> None:
+    # the agent's clock is 60 s ahead of the grid's (a restart after a wall step): the grid issued this at its now
+    # with 30 s to run; on the agent's clock the end passed 30 s ago, on the grid's it has 30 s left
+    sender_now = NOW - 60
+    doc = dispatch_doc(issued_at=iso(sender_now), end=iso(sender_now + 30))
+    assert isinstance(parse("dispatch", signed(doc)), Command)
+    # over on both clocks: refused
+    code, _ = error(parse("dispatch", signed(dispatch_doc(issued_at=iso(sender_now), end=iso(sender_now - 1)))))
+    assert code == EXPIRED
+
+
 def test_signature_is_checked_before_the_clock() -> None:
     # an attacker cannot learn anything about freshness rules from an unsigned message
     code, _ = error(parse("dispatch", dispatch_doc(issued_at=iso(NOW - 10_000))))

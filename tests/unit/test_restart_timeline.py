@@ -7,9 +7,18 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hashflex.agent.core.model import Dispatch, Source
-from hashflex.agent.core.timeline import TIMELINE_STATE_KEY, shift_s, timeline_doc
+from hashflex.agent.core.timeline import (
+    STEP_THRESHOLD_S,
+    TIMELINE_STATE_KEY,
+    SenderClock,
+    sender_window,
+    shift_s,
+    timeline_doc,
+)
 from hashflex.agent.io.records import DispatchRecord, MinerControl
 from hashflex.agent.io.store import Store
 from hashflex.agent.runtime.memory import save_on_timeline
@@ -78,3 +87,57 @@ def test_moved_times_and_the_new_record_are_stored_together(tmp_path: Path) -> N
         assert (stored.dispatch.start, stored.dispatch.end, stored.status) == (T0 + 3600, T0 + 3900, "active")
     finally:
         store.close()
+
+
+_times = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+
+
+@given(
+    start=st.none() | _times,
+    length=st.none() | st.floats(min_value=0.001, max_value=1e6),
+    issued_at=_times,
+    agent_ahead_s=st.floats(min_value=-600, max_value=600),
+    transits_s=st.lists(st.floats(min_value=0, max_value=300), min_size=1, max_size=5),
+)
+def test_a_grid_window_on_the_agents_time_holds_wherever_the_grid_meant_it_to(
+    start: float | None, length: float | None, issued_at: float, agent_ahead_s: float, transits_s: list[float]
+) -> None:
+    """The grid's clock is true, the agent's `agent_ahead_s` ahead of it; the grid's messages take `transits_s`
+    (the last one is the dispatch). The window the grid meant, placed on the agent's clock, is [start + ahead,
+    end + ahead). On the agent's time the window never ends before that (a clock disagreement never un-binds a
+    dispatch), starts later only by the quickest transit seen, and is widened by no more than the difference the
+    messages showed. Within the step threshold the clocks agree and the window stays as sent."""
+    end = None if length is None else (issued_at if start is None else start) + length
+    grid = SenderClock()
+    for k, transit in enumerate(transits_s[:-1]):  # earlier messages (heartbeats), one a second
+        sent = issued_at - len(transits_s) + k
+        grid.observe(sent + transit + agent_ahead_s, sent)
+    now = issued_at + transits_s[-1] + agent_ahead_s  # the dispatch received, on the agent's clock
+    offset = grid.offset_s(now, issued_at=issued_at)
+    assert offset is not None
+    assert agent_ahead_s - 1e-6 <= offset <= agent_ahead_s + min(transits_s) + 1e-6
+    got_start, got_end = sender_window(start, end, offset_s=offset)
+    if abs(offset) <= STEP_THRESHOLD_S:
+        assert (got_start, got_end) == (start, end)
+        return
+    eps = 1e-6 * (1 + abs(issued_at) + abs(start or 0.0))
+    assert (got_start is None) == (start is None)
+    assert (got_end is None) == (end is None)
+    if start is not None and got_start is not None:
+        assert got_start <= start + agent_ahead_s + min(transits_s) + eps
+        assert 0 <= start - got_start <= abs(offset) + eps
+    if end is not None and got_end is not None:
+        assert got_end >= end + agent_ahead_s - eps
+        assert 0 <= got_end - end <= abs(offset) + eps
+
+
+def test_a_message_late_from_the_broker_does_not_pass_for_a_clock_ahead() -> None:
+    grid = SenderClock()
+    grid.observe(T0 + 0.05, T0)  # a heartbeat, on time
+    # a dispatch queued through a broker outage: issued 120 s before it arrives; the clocks still agree
+    assert grid.offset_s(T0 + 130, issued_at=T0 + 10) == pytest.approx(0.05)
+    assert sender_window(T0, T0 + 15, offset_s=grid.offset_s(T0 + 130, issued_at=T0 + 10)) == (T0, T0 + 15)
+    # the first message of a run (nothing seen yet) is all there is to go by; what was seen is forgotten in time
+    assert SenderClock().offset_s(T0 + 30, issued_at=T0) == 30
+    assert grid.offset_s(T0 + 10_000, issued_at=T0 + 9_970) == 30
+    assert SenderClock().offset_s(T0) is None
