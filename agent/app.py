@@ -371,8 +371,6 @@ class Agent:
             on_actuating=lambda busy: fleet.hold(hold_s) if busy else fleet.release(),
         )
         self.reader = reader = SiteReader(ctl, ctl.publisher)
-        if self.meter is not None and ctl.frequency is not None:  # every reading reaches the detector as it arrives
-            self.meter.on_frequency, self.meter.on_reading = ctl.frequency.on_hz, ctl.frequency.on_reading
         ctl.restore(safe_start=safe_reason)
         self.housekeeping = Housekeeping(self.store, self.clock, cfg.site.id, signing_key)
         self.service = CommandService(
@@ -406,7 +404,7 @@ class Agent:
             ctl.publisher.add_sink(FlexSink(ctl, self.link.publish_flex))
             ctl.publisher.show_broker(self.link.status)
         if self.server is not None:  # answering since the wait for the store (`_say_waiting`): now for real
-            self.server.handler = self.service
+            self.server.hand_over(self.service)
         else:
             self.server = ControlServer(self.cfg.socket_path, self.service, group=cfg.control_socket.group)
             await self.server.start()

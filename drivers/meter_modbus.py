@@ -516,6 +516,17 @@ class ModbusMeter:
         """The latest good reading while the meter is fresh; None when stale (fall back, alarm)."""
         return self._last if self.status().fresh else None
 
+    def listen(
+        self,
+        *,
+        on_hz: Callable[[FrequencyReading], None],
+        on_reading: Callable[[MeterReading], None],
+    ) -> None:
+        """Hand every reading to these as it arrives, from now on: for a listener built after the meter (the
+        agent's frequency response reads this meter, so it is made second). `on_hz` is called on the frequency
+        thread (see the module's docstring)."""
+        self.on_frequency, self.on_reading = on_hz, on_reading
+
     def rebase_counter(self) -> None:
         """Accept the counter as the meter now gives it (after a reset or a replaced meter): a new epoch."""
         self._rebase = True

@@ -81,6 +81,12 @@ class ControlServer:
         self._inode: int | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
+    def hand_over(self, handler: CommandHandler) -> None:
+        """Answer from now on with `handler`: the agent answers on its socket while it waits for its store (a
+        handler that says so) and hands the same socket to its command service once it runs; a client connected
+        across the hand-over gets its next answer from the service."""
+        self.handler = handler
+
     @property
     def lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")

@@ -6,7 +6,8 @@ for) and the `Inbox` (the miners' answers). Four edges point at parts made later
 the commander goes first (the frequency response sheds through it), yet hears the energy meter before a batch goes
 out and hands every result to the frequency response; the energy meter's curtailment reads the loop's target; a
 frequency record marks the loop's status doc stale. Those are closures over the later part, called only once the
-loop runs, never while it is built.
+loop runs, never while it is built. A fifth runs the other way round: the site meter is made first (the frequency
+response reads it) and is told here to hand every reading to the frequency response as it arrives (`listen`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def build_controller(
         wall_scale=clock.scale,
         prepare=actuator.prepare,
     )
+    if meter is not None and frequency is not None:  # every reading reaches the detector as it arrives
+        meter.listen(on_hz=frequency.on_hz, on_reading=frequency.on_reading)
     arbiter = Arbiter(
         rules=rules, caps=caps, book=book, frequency=frequency, time_keeper=time_keeper, persist=persist, events=events
     )

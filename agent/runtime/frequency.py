@@ -62,7 +62,7 @@ from hashflex.agent.core.model import Change, MinerState, MinerView, Op
 from hashflex.agent.core.timefmt import iso_ms as iso
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.actuator import OpResult
-from hashflex.agent.runtime.metering import MeterControl
+from hashflex.agent.runtime.metering import HzReading, MeterControl, MeterReadingView
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore
 from hashflex.drivers.base import CONTROL_COST_MS, Family
@@ -90,18 +90,6 @@ BRACE_EVERY_S = 10.0
 # the store's control state (kv) key of the event that holds, if one does (see the module's docstring)
 STATE_KEY = "frequency_event"
 STATE_VERSION = 1
-
-
-class HzReading(Protocol):
-    @property
-    def hz(self) -> float: ...
-    @property
-    def read_at(self) -> float: ...
-
-
-class PowerReading(HzReading, Protocol):
-    @property
-    def watts(self) -> float: ...
 
 
 class ShedCommands(Protocol):
@@ -369,7 +357,7 @@ class FrequencyResponse:
         """A frequency reading (the fast poll, on the meter's frequency thread): straight into the detector."""
         self._observe(reading.hz, reading.read_at)
 
-    def on_reading(self, reading: PowerReading) -> None:
+    def on_reading(self, reading: MeterReadingView) -> None:
         """A full meter reading: its frequency, and whether the shed has reached the meter."""
         self._observe(reading.hz, reading.read_at)
         ev = self.event

@@ -15,7 +15,7 @@ the controller holds every increase (no wake, no limit raise) until the meter is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +31,15 @@ log = get_logger("controller")
 # the non-miner load counted moves down only once its recent maximum is this share of the licensed cap below it
 # (up at once): a maximum wandering by meter noise would move every miner's limit every tick
 METER_BAND_SHARE = 0.005
+
+
+class HzReading(Protocol):
+    """A frequency-only reading (drivers.meter_modbus.FrequencyReading, the fast poll)."""
+
+    @property
+    def hz(self) -> float: ...
+    @property
+    def read_at(self) -> float: ...
 
 
 class MeterReadingView(Protocol):
@@ -70,6 +79,9 @@ class SiteMeterPort(Protocol):
 
     def reading(self) -> MeterReadingView | None: ...
     def status(self) -> MeterStatusView: ...
+    def listen(
+        self, *, on_hz: Callable[[HzReading], None], on_reading: Callable[[MeterReadingView], None]
+    ) -> None: ...  # every reading as it arrives (the under-frequency detector), on the meter's own threads
 
 
 class AlarmSink(Protocol):
