@@ -1107,9 +1107,20 @@ class World:
 
     def _options(self, ip: str, unit: float) -> list[int]:
         """Steady draws a healthy miner can be set to besides asleep, above its sleeping draw (in `unit` W steps,
-        rounded up)."""
+        rounded up), each at no less than the setting itself.
+
+        Why never under the setting: a unit's power factor (the simulator's ±2 % spread between a setting and what
+        the unit draws at it) is no part of what the agent may plan with. A stock Antminer reports no watts at all,
+        so the agent counts it at its stock power (tolerance_kw allows for the 2 % it may draw above); a miner that
+        reports watts is counted at no less than its limit or profile, however far under it a reading shows
+        (core/planning/worst_case.py: a firmware limit is what the miner may draw, and it may come up to it). Priced
+        at what a unit under 1.0 draws, the floor asked for room the agent cannot know it has: soak 20261213,
+        scenario seed 9290, an S21 on and 2.98 kW left under a 6.67 kW cap, an S19 XP's 3.01 kW stock power counted
+        as the 2.97 kW that unit draws (0.986): 90 % of 6.59 kW was asked for, where the two at stock power with five
+        sleepers make 6.61 kW, over the 6.60 kW the headroom leaves (tests/closedloop/test_found_service.py).
+        Above 1.0 the unit's draw is kept: it is what the site sees, and a miner that reports it is counted so."""
         dev = self.site.by_ip[ip]
-        pf = dev.physics.power_factor
+        pf = max(1.0, dev.physics.power_factor)
         s = dev.spec.sleep_w
         if isinstance(dev, LuxosDevice):
             return [int((p.watts * pf - s) / unit + 0.999) for p in dev.profiles if p.watts <= dev.spec.nominal_w]

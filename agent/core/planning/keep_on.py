@@ -66,8 +66,13 @@ def keep_best_units(prep: Prep, a: Assignment, caps: list[float]) -> None:
     room = list(caps)
     for nd, load in enumerate(loads):
         room[nd] -= load
-    if any(r < -_EPS for r in room):
-        return  # a node that cannot be met: the cut already sleeps all it can there
+    # a node over its cap that a candidate sits under: the cut could not meet it, and it already sleeps all it can
+    # there. A node none of them sits under is no concern of this search (it changes no load there): a silent miner
+    # over its own PDU, which no plan can bring under its cap (its controllable miners are curtailed, none of them a
+    # candidate), turned the search off for the whole site, and a cut elsewhere kept the greedy's choice
+    touched = {nd for g in groups.values() for nd in g.nodes}
+    if any(room[nd] < -_EPS for nd in touched):
+        return
     for g in order:  # the room with every candidate asleep
         for nd in g.nodes:
             room[nd] += g.on * g.cost

@@ -71,8 +71,12 @@ def optimal_assignment(prep: Prep, floor: list[float], wake_budget: int, ramp_al
     # under. The headroom is the planner's margin for noise, and noise is what fills it: a plan that filled the room
     # to the watt is counted a few watts over it at the next tick (a woken miner's reading, a settled excess), and
     # judged against the soft cap that was a cut, re-ranked by ratio alone: soak 20261210 (seed 3865) slept four
-    # running miners (7.2 kW) to raise seven others, over 14 W, and again each time the refilled plan wobbled over
-    settled = all(present[nd] <= prep.hard[nd] + _EPS for nd in range(len(soft)))
+    # running miners (7.2 kW) to raise seven others, over 14 W, and again each time the refilled plan wobbled over.
+    # A node no plan can meet (`Prep.force_off`: its floor, what nothing can cut there, above its cap) fits as well
+    # as it can at that floor: judged against its cap alone, one silent miner over its PDU made every plan a cut for
+    # as long as it stayed so, and the ratio order then slept a stock Antminer to raise two Whatsminers, less
+    # hashrate than no change, so nothing was ever raised: 1.3 kW of a 13.4 kW cap left unused (soak 20261213, seed 2)
+    settled = all(present[nd] <= max(prep.hard[nd], floor[nd]) + _EPS for nd in range(len(soft)))
     # room the ramp holds back is there in a tick or two: no level under the floor for it (`_below_floor`)
     ramped = ceiling is not None and ceiling < prep.soft_caps(None)[0] - _EPS
     if len(soft) == 1:
