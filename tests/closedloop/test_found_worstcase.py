@@ -63,3 +63,55 @@ def test_a_slept_miner_still_powering_down_after_its_sleep_is_confirmed_is_not_h
         assert w.margins.checks_safety > 50
     finally:
         w.close()
+
+
+def test_a_plan_is_judged_by_the_time_it_was_made_not_by_the_sample_that_reads_it() -> None:
+    """Soak 20261213 (seed 3994, 2 scenarios): "worst case below measured" at t=515 s, 0.47 kW reported, 2.15 kW read.
+
+    A LuxOS miner under an `ignore` fault (it acknowledges commands and applies none) was told to sleep under a 0 kW
+    override; it acknowledged at 495.2 s and the plans of 500.25, 505.25 and 510.25 s counted it asleep, as the
+    rules say for an acknowledged sleep telemetry has not confirmed within confirm_after_s (20 s). The oracle's
+    sample at 515.0 s held the plan of 510.25 s to that miner's 1.7 kW: it judged the acknowledgement's age at the
+    sample's time (20.0 s: no longer exempt), not at the plan's (15.25 s). The next tick (515.25 s) re-sends the
+    sleep, and after MAX_RECOMMANDS re-sends counts the miner at its draw as ignoring commands.
+
+    An oracle fault: the plan is already checked against the snapshot it was made from (a sweep between a tick and
+    a sample is the next tick's to count); the commands' ages are now taken at the time of that tick as well.
+    """
+    spec = SiteSpec(
+        miners=22,
+        mix="luxos:2,whatsminer:1",
+        seed=3994,
+        cap_share=1.0,
+        min_on_s=0.0,
+        min_off_s=120.0,
+        wake_per_interval=1,
+        wake_interval_s=5.0,
+        ramp_up_kw_per_min=20.0,
+    )
+    w = World(spec)
+    w.say(f"site: {spec.describe()}")
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(125.0)
+        w.restart()
+        w.run_for(5.0)
+        w.restart()
+        w.run_for(5.0)
+        w.curtail(by_share=0.0)
+        w.run_for(5.0)
+        w.set_fault({"mode": "ignore", "ips": ["127.200.0.3", "127.200.0.8"]})
+        w.run_for(305.0)
+        w.curtail(to_share=0.0)
+        w.run_for(5.0)
+        w.cap(0.3)
+        w.run_for(5.0)
+        w.curtail(to_share=0.0)
+        w.run_for(200.0)  # every invariant; was: worst case below measured at t=515 s
+        assert w.ctl is not None
+        assert w.ctl.plan is not None
+        assert w.ctl.commands.memory["127.200.0.3"].ignores_commands  # found out, and counted at its draw
+        assert w.ctl.plan.worst_case_kw > 1.7
+    finally:
+        w.close()
