@@ -129,9 +129,12 @@ class Plan:
     uncontrolled: tuple[str, ...] = ()
     method: str = ""  # which planner produced it: "optimal" or "sleep_only"
     baseline_ths: float | None = None  # what the sleep-only baseline would have kept, for reporting
-    # the fleet's worst case as it stood before this plan: what the ramp allowance is counted from (the controller's
-    # ramp credit is spent by worst_case_kw - ramp_from_kw)
+    # the fleet's worst case as it stood before this plan: what the ramp allowance is counted from
     ramp_from_kw: float = 0.0
+    # what the plan raises, summed over miners (each one's planned worst case above what it counts at now): what
+    # the ramp credit is spent by. Not worst_case_kw - ramp_from_kw: what it lowers elsewhere takes effect in
+    # seconds, a wake over a minute, so lowering does not pay for rising (planning/ramp_hold.py)
+    raised_kw: float = 0.0
     # the site now as the plan counts it: each miner's reading, else (unreachable, unidentified, stale) the worst case
     # it is counted at. What "curtail by X" is taken from (not worst_case_kw: waking miners count there at full power)
     counted_now_kw: float = 0.0

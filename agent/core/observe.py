@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from hashflex.agent.core.closed_loop import (
     RUNNING,
+    SLEEP_CONFIRM_SHARE,
     AlarmChange,
     Decisions,
     confirm_command,
@@ -133,6 +134,8 @@ def _view(
         # re-tuning to the limit it just accepted; not when we slept it since (a fast cut right after a raise:
         # taken for a miner that had just come on, it was "kept on" by min-on and sent a limit)
         hint = "hashing"
+    if hint == "hashing" and powering_down(ms, mem, now, confirm):
+        hint = "sleeping"
     if not fresh:
         state = MinerState.UNREACHABLE
     elif told_op is Op.SLEEP:
@@ -239,6 +242,21 @@ def still_waking(mem: MinerMemory, ms: MinerSnapshot, setting_w: float, now: flo
     if ths is not None and ident.nominal_ths > 0 and ident.nominal_w > 0:
         return bool(float(ths) < WAKE_UP_SHARE * ident.nominal_ths * min(1.0, setting_w / ident.nominal_w))
     return bool(ms.state_hint != "hashing")
+
+
+def powering_down(ms: MinerSnapshot, mem: MinerMemory, now: float, confirm_after_s: float) -> bool:
+    """A miner we slept less than confirm_after_s ago (its sleep acknowledged: `changed_at`) whose fresh reading
+    draws under the share that confirms a sleep (closed_loop.SLEEP_CONFIRM_SHARE) is powering down, whatever its
+    mining flag says: firmware reports mining until its draw falls under its own threshold (a fifth of nominal, say),
+    while the sleep is confirmed under a quarter. Counted running at its limit on that reading, the sleep its draw had
+    just confirmed was undone in the accounting, and the next plan slept another running miner in its place (soak
+    20261213: six Whatsminers slept for a cut four covered). Later than confirm_after_s after the sleep, a reading
+    that says mining is a miner that came back on (a reboot, someone at its web page): counted running, as it is."""
+    if not mem.asleep_by_us or now - mem.changed_at >= confirm_after_s:
+        return False
+    if not ms.measured or ms.age_s is None or ms.power_w is None:
+        return False
+    return float(ms.power_w) < SLEEP_CONFIRM_SHARE * max(1.0, ms.identity.nominal_w)
 
 
 def _unidentified_views(snap: FleetSnapshot, rules: ObserveRules, obs: Observation) -> list[MinerView]:

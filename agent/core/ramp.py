@@ -4,7 +4,7 @@ How the controller uses them each tick (dt = time since the previous tick):
     level = arbitration.ramped_level(inputs, now, dt, ramps, from_kw=previous_level).kw  # each input on its own path
     allowance = ramp_credit_kw(credit, control.ramp_up_kw_per_min, dt, ramp_credit_cap_kw(rate, tick_s, largest))
     p = plan(level, ..., ramp_allowance_kw=allowance, wake_budget=wake_budget(wake_times, now, stagger))
-    credit = spend_ramp_credit(allowance, p.worst_case_kw - p.ramp_from_kw)
+    credit = spend_ramp_credit(allowance, p.raised_kw)  # the rises summed over miners: lowering pays for none
 Increases are limited inside the planner (relative to what the fleet may draw now) by a credit that builds up
 between ticks (a token bucket), so a rate slower than one miner's full power per tick still wakes miners, one
 every few ticks, and over any window the rise stays within rate × window + the bucket's cap. Decreases are immediate
@@ -53,8 +53,9 @@ def ramp_credit_kw(left_kw: float, up_kw_per_min: float | None, dt_s: float, cap
 
 
 def spend_ramp_credit(credit_kw: float | None, added_kw: float) -> float:
-    """The credit left after a plan that adds `added_kw` to the worst case it started from (what it gives back by
-    lowering the worst case is not credited: a plan that sleeps a miner and the next that wakes it pay twice)."""
+    """The credit left after a plan that raises miners by `added_kw` in all (`Plan.raised_kw`: what it gives back by
+    lowering miners is not credited, in the plan or later: a plan that sleeps a miner and the next that wakes it pay
+    twice, and so does one that lowers one miner to wake another)."""
     if credit_kw is None:
         return 0.0
     return max(0.0, credit_kw - max(0.0, added_kw))

@@ -104,7 +104,7 @@ class PlanningLevel:
 
     def planned(self, step: LevelStep, planned: Plan) -> None:
         """The plan made on `step`: the ramp-up credit it spent, and whether a fast plan went out for this target."""
-        self.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, planned.worst_case_kw - planned.ramp_from_kw)
+        self.ramp_credit_kw = spend_ramp_credit(step.allowance_kw, planned.raised_kw)
         self.fast_done = step.fast
 
     def unsent(self, step: LevelStep, raises_kw: float) -> None:

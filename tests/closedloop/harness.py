@@ -246,6 +246,7 @@ class World:
         self._last_sweep_start = -math.inf
         self._last_tick = -math.inf
         self._planned_from: FleetSnapshot | None = None  # the fleet snapshot the agent's last tick planned from
+        self._planned_at = 0.0  # the agent's clock at that tick (what its rules judged the commands' ages by)
         self._seq = 0
         self._baseline_of: dict[str, float] = {}
         self._achievable_cache: dict[Any, float] = {}
@@ -499,6 +500,7 @@ class World:
         ctl._drain_inbox()
         self._last_tick = self.vt.t
         self._planned_from = self.fleet.latest() if self.fleet is not None else None  # what ctl.tick() reads
+        self._planned_at = ctl.clock.time()
         ctl.tick()
         self.steps += 1
 
@@ -873,7 +875,12 @@ class World:
         # the agent confirms it by the first reading that shows the miner off or under a quarter of its nominal
         # power, while it still powers down, and counts its draw from the reading on which it settles (soak
         # 20261210: a LuxOS miner confirmed asleep at 533 W, read so against a plan at 0.04 kW two seconds later)
-        now = ctl.clock.time()
+        # judged at the time the plan was made, as the snapshot is: a sleep acknowledged 15 s before the tick is
+        # counted asleep by that plan, and a sample 4.75 s after it, 20 s after the acknowledgement, held that
+        # plan to the reading of a miner the next tick had yet to look at (soak 20261213, seed 3994: a LuxOS miner
+        # under an `ignore` fault, its sleep acknowledged at 495.2 s, the plan of 510.25 s judged at 515 s; the
+        # tick of 515.25 s re-sent the sleep as the rules say, and counts it at its draw once it is found ignoring)
+        now = self._planned_at
         confirm = self.spec.confirm_after_s
         sleep_w = ctl.rules.planner.sleep_w
         for ip, ms in snap.miners.items():

@@ -556,3 +556,47 @@ def test_a_miner_drawing_above_its_limit_is_still_slept_by_a_fail_safe_to_zero()
         assert any(key.startswith("ignores_limits:") for key in w.ctl.alarms)
     finally:
         w.close()
+
+
+def test_lowering_running_miners_does_not_pay_for_wakes_under_a_ramp() -> None:
+    """Soak 20261213 (6 of 10,744 scenarios; seed 8462): 29 LuxOS and Whatsminer miners, 30 % asleep at start, a
+    20 kW/min ramp-up limit, a dispatch to 108.6 kW and a restart. At t=120 s min-off ended for the nine miners the
+    first start had slept; the optimal plan woke them at part power and, to make room, lowered eleven running miners
+    by 11 kW: the worst case rose by the 3.5 kW of ramp credit, as the ramp allows, but the lower limits took effect
+    in seconds and the wakes over a minute. The site dipped from 57.9 to 46.1 kW, then climbed back on top of the
+    ramp: 36.26 kW within 60 s where the ramp allows 35.52 kW (increase too fast at t=200 s).
+
+    Fixed in the planner (agent/core/planning/ramp_hold.py): what a plan raises, summed over miners, is held to the
+    ramp allowance whatever it lowers elsewhere, and the controller spends its ramp credit by that gross rise
+    (`Plan.raised_kw`), not by the net change of the worst case.
+    """
+    spec = SiteSpec(
+        miners=29,
+        mix="luxos:2,whatsminer:1",
+        seed=8462,
+        cap_share=1.3,
+        tick_s=2.0,
+        min_on_s=120.0,
+        min_off_s=120.0,
+        wake_per_interval=50,
+        ramp_up_kw_per_min=20.0,
+        tou=((92, 109, 0.0),),
+        asleep_share=0.3,
+    )
+    w = World(spec)
+    w.say(f"site: {spec.describe()}")
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(5.0)
+        w.dispatch(target_share=0.91, duration=1800.0, ramp_share_per_min=2.0)  # 108.579 kW, t=5 .. 1805
+        w.run_for(5.0)
+        w.restart()
+        w.run_for(110.0)  # t=120: min-off ends for the miners the first start slept
+        before = w.samples[-1][1]
+        w.run_for(30.0)
+        assert min(kw for t, kw, _ in w.samples if t > 120.0) > before - 1.0  # no dip to climb back from
+        w.run_for(260.0)  # every invariant; was: increase too fast at t=200 s
+        assert all(d.physics.current_state(w.vt.t) == "hashing" for d in w.site.devices)  # the whole fleet is back
+    finally:
+        w.close()

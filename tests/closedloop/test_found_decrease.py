@@ -94,3 +94,49 @@ def test_a_time_of_use_cut_is_not_deepened_by_phantom_excess_and_swaps_within_th
         assert w.margins.checks_service > 0  # and the window's level is used: the service check held too
     finally:
         w.close()
+
+
+def test_a_miner_whose_sleep_its_draw_confirmed_is_not_counted_running_while_it_still_reports_mining() -> None:
+    """Soak 20261213 (9 of 10,744 scenarios; seed 3116, a crash-restart at t=15 s and nothing else): a time-of-use
+    window opens at 60 % (70.22 kW) at t=300 s with 20 kW counted for five silent miners. The fast cut slept four
+    miners, enough. A Whatsminer powering down reports mining until its draw falls under a fifth of its nominal
+    power, and its sleep is confirmed once the draw is under a quarter (closed_loop.SLEEP_CONFIRM_SHARE): read at
+    849 W of 3472 W, the sleep was confirmed and, its reading saying mining, the miner was counted running at its
+    1910 W limit again (observe took the mining flag over the draw that had just confirmed the sleep). Each such
+    reading "woke" one of the slept miners in the accounting, and the next fast plan slept another running one: six
+    slept for a cut four covered, and the site went from 59.57 to 44.91 kW of healthy draw against the 45.21 kW the
+    limit needs (decrease too deep at t=310 s).
+
+    Fixed in agent/core/observe.py: a miner we slept less than confirm_after_s ago whose draw is under the share that
+    confirms a sleep is powering down, whatever its mining flag says.
+    """
+    spec = SiteSpec(
+        miners=27,
+        mix="whatsminer:3,antminer:1",
+        seed=3116,
+        cap_share=1.3,
+        circuits=((12, 0.8), (5, 0.8)),
+        poll_s=2.0,
+        min_on_s=120.0,
+        min_off_s=0.0,
+        wake_per_interval=1,
+        ramp_up_kw_per_min=200.0,
+        tou=((5, 61, 0.6),),
+        blackhole_share=0.2,
+    )
+    w = World(spec)
+    w.say(f"site: {spec.describe()}")
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(5.0)  # t=15 (discovery took the first 10 s)
+        w.restart(crash=True)  # (the restart's discovery of the silent miners takes another 10 s)
+        w.run_for(5.0)
+        w.run_for(270.0)  # t=300: the window opens
+        slept = lambda: {d.ip for d in w.site.devices if d.physics.current_state(w.vt.t) == "sleeping"}  # noqa: E731
+        w.run_for(15.0)  # was: decrease too deep at t=310 s
+        assert len(slept()) <= 4  # the fast cut's four at most (the optimal plan after it may wake one at a limit)
+        w.run_for(600.0)  # every invariant to the end
+        assert w.margins.checks_safety > 100
+    finally:
+        w.close()

@@ -63,3 +63,48 @@ def test_a_slept_miner_still_powering_down_after_its_sleep_is_confirmed_is_not_h
         assert w.margins.checks_safety > 50
     finally:
         w.close()
+
+
+def test_a_plan_is_judged_by_the_time_it_was_made_not_by_the_sample_that_reads_it() -> None:
+    """Soak 20261213 (seed 3994, 2 scenarios): "worst case below measured" at t=515 s, 0.47 kW reported, 2.15 kW read.
+
+    A LuxOS miner under an `ignore` fault (it acknowledges commands and applies none) was told to sleep under a 0 kW
+    override; it acknowledged at 495.0 s and the plans of 500.25, 505.25 and 510.25 s counted it asleep, as the
+    rules say for an acknowledged sleep telemetry has not confirmed within confirm_after_s (20 s). The oracle's
+    sample at 515.0 s held the plan of 510.25 s to that miner's 1.7 kW: it judged the acknowledgement's age at the
+    sample's time (20.0 s: no longer exempt), not at the plan's (15.25 s). The next tick (515.25 s) re-sent the
+    sleep, as the rules say, and after MAX_RECOMMANDS re-sends counted the miner at its draw as ignoring commands.
+
+    An oracle fault: the plan is already checked against the snapshot it was made from (a sweep between a tick and
+    a sample is the next tick's to count); the commands' ages are now taken at the time of that tick as well.
+
+    The soak's replay no longer reaches that alignment of tick and sample once the planner holds its rises to the
+    ramp (test_found.py, seed 8462), so the case is set up here: a miner ignoring a sleep acknowledged 15 s before
+    the last tick, checked 20 s after the acknowledgement and before the next tick.
+    """
+    spec = SiteSpec(miners=3, mix="luxos:1", seed=5, cap_share=1.0, min_on_s=0.0, min_off_s=0.0, failsafe_share=1.0)
+    w = World(spec)
+    w.say(f"site: {spec.describe()}")
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(30.0)
+        ip = w.ips[0]
+        w.set_fault({"mode": "ignore", "ips": [ip]})
+        w.curtail(to_share=0.0)
+        assert w.ctl is not None
+        ctl = w.ctl
+        while ctl.commands.memory[ip].pending_op != "sleep":  # (each tick hands in new memories)
+            w.run_for(0.25)
+        acked = ctl.commands.memory[ip].pending_at - w.vt.epoch
+        confirm = spec.confirm_after_s
+        while w._last_tick + spec.tick_s < acked + confirm:  # up to the last tick that counts it asleep
+            w.run_for(0.25)
+        assert ctl.plan is not None
+        assert ctl.plan.worst_case_kw < 0.1  # every miner counted asleep, the ignoring one too (rightly)
+        assert w._planned_from is not None
+        assert w._planned_from.power_w_measured > 1500.0  # while it reads at full power
+        w.vt.t = acked + confirm + 0.01  # a sample after the acknowledgement's confirm window, before the next tick
+        w._check_worst_case()  # was: worst case below measured (0.07 kW reported, 2.58 kW read)
+    finally:
+        w.close()

@@ -183,12 +183,18 @@ def check_plan(
     woken = sum(1 for v in views if v.state is MinerState.SLEEPING and isinstance(plan.actions.get(v.id), RunAction))
     assert woken <= wake_budget
     # the ramp: no rise beyond what the fleet may draw now + the allowance (or the least it can draw); the plan
-    # states what it rose from (the controller's ramp credit is spent by worst_case_kw - ramp_from_kw)
+    # states what it rose from
     present = sum(_present_w(v, rules) for v in views)
     present += sum(excess(v, rules) for v in views)
     assert abs(plan.ramp_from_kw * 1000 - present) < 1e-6 * max(1.0, present) + EPS_W, (plan.ramp_from_kw, present)
     if ramp_allowance_kw is not None:
         assert loads[0] <= max(present + ramp_allowance_kw * 1000, least_loads[0]) + EPS_W
+    # and gross: the rises summed over miners (what the ramp credit is spent by) within the allowance, whatever the
+    # plan lowers elsewhere (a lower limit lands in seconds, a wake over a minute: planning/ramp_hold.py)
+    raised = sum(max(0.0, _planned_w(v, plan, rules) - _present_w(v, rules)) for v in views if not uncontrolled(v))
+    assert abs(plan.raised_kw * 1000 - raised) < 1e-6 * max(1.0, raised) + EPS_W, (plan.raised_kw, raised)
+    if ramp_allowance_kw is not None:
+        assert raised <= ramp_allowance_kw * 1000 + EPS_W, (raised, ramp_allowance_kw)
     # hashrate claimed is the hashrate of the actions
     claimed = sum(expected_ths(v, plan, rules) for v in views)
     assert abs(plan.expected_ths - claimed) < 1e-6 * max(1.0, claimed), (plan.expected_ths, claimed)

@@ -315,3 +315,26 @@ def test_headroom_applies_to_the_target_not_to_circuit_caps() -> None:
     tree = CircuitTree(100.0, [Circuit("pdu", None, 13.0)])  # sized for exactly its four miners
     p = run(100.0, [miner(i, circuit="pdu") for i in range(4)], tree=tree, rules=PlannerRules(headroom_pct=5.0))
     assert p.circuit_worst_case_kw["pdu"] == pytest.approx(13.0)
+
+
+def test_under_a_ramp_lowering_running_miners_does_not_pay_for_a_wake() -> None:
+    """Two miners at full power and two asleep, the site at its target: the optimal plan lowers the two to wake a
+    third at part power (more hashrate), a 2.15 kW wake funded by 2.09 kW lowered, within any ramp by the net change.
+    The lower limits land in seconds and the wake over a minute, so the site would dip and climb back faster than
+    the ramp (soak 20261213, seed 8462): the rise, summed over miners, is held to the allowance. Under 1 kW nothing
+    is lowered and nothing wakes; with enough credit the rebalance goes ahead, and it spends what it raises."""
+    views = [
+        miner(0, commanded_w=3250.0),
+        miner(1, commanded_w=3250.0),
+        miner(2, state=MinerState.SLEEPING, power_w=20.0),
+        miner(3, state=MinerState.SLEEPING, power_w=20.0),
+    ]
+    free = run(6.6, views)
+    assert len(asleep(free)) == 1
+    held = run(6.6, views, ramp=1.0)
+    assert asleep(held) == {"m2", "m3"}
+    assert watts(held.actions["m0"]) == watts(held.actions["m1"]) == 3250  # nothing lowered for a wake it cannot pay
+    assert held.raised_kw == 0.0
+    paid = run(6.6, views, ramp=3.5)
+    assert paid.actions == free.actions
+    assert paid.raised_kw == pytest.approx(2.15)  # what the controller's ramp credit is spent by (net: 0.06 kW)

@@ -138,8 +138,8 @@ def _run_fleet(
         allowance = ramp_credit_kw(0.0 if old_allowance else credit, rate, tick_s, cap)
         p = fn(target, views, tree, RULES, now, wake_budget=100, ramp_allowance_kw=allowance)
         check_plan(p, views, tree, RULES, now=now, target_kw=target, wake_budget=100, ramp_allowance_kw=allowance)
-        credit = spend_ramp_credit(allowance, p.worst_case_kw - p.ramp_from_kw)
-        rises.append((now, max(0.0, p.worst_case_kw - p.ramp_from_kw)))
+        credit = spend_ramp_credit(allowance, p.raised_kw)
+        rises.append((now, p.raised_kw))
         views = _advance(views, p.actions, now)
         if all(v.state in RUNNING for v in views) and not any(v.commanded_w is None for v in views):
             break

@@ -8,17 +8,20 @@ The steps, in the order `plan()` runs them, one module each:
 4. `keep_on`: on each of the two as soon as it is made, where it cuts by sleeping running miners,
    `keep_best_units` re-chooses which of them stay on (the ratio greedy can leave most of an on/off miner's power
    unused).
-5. the better of the two (`_rank`): fewer min-on overrides first (breaking min-on is a last resort), then more
+5. `ramp_hold`: on each of the two, under a ramp-up limit, what it raises (wakes, higher limits) is held to the
+   allowance, whatever it lowers elsewhere (a lower limit lands in seconds, a wake over a minute: the site would
+   dip, then climb back faster than the ramp).
+6. the better of the two (`_rank`): fewer min-on overrides first (breaking min-on is a last resort), then more
    expected hashrate, and on a tie the sleep-only one (fewer power-limit commands on the wire), so hashrate is never
    below the baseline.
-6. `assignment`: the chosen assignment (a level per miner) materialised as the Plan, with its worst case per node.
+7. `assignment`: the chosen assignment (a level per miner) materialised as the Plan, with its worst case per node.
 
-- `plan()`: steps 1-6. `plan_sleep_only()`: steps 1, 2, 4 and 6 — the fast first response to a lower target.
+- `plan()`: steps 1-7. `plan_sleep_only()`: steps 1, 2, 4, 5 and 7 — the fast first response to a lower target.
 Both are pure and deterministic; the same inputs give the same plan. Guarantees (property-tested):
 worst case ≤ target and ≤ every circuit cap unless an alarm "cannot_meet:<node>" says it cannot be (then every
 controllable miner under that node sleeps); min-off is never broken; min-on is broken only where a cap cannot be
 met otherwise (listed in Plan.min_on_overridden); wakes ≤ wake_budget; increases ≤ ramp_allowance_kw over what
-the fleet may draw now. Worst-case rules: worst_case.py.
+the fleet may draw now, net and gross (the rises summed over miners: `Plan.raised_kw`). Worst-case rules: worst_case.py.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hashflex.agent.core.model import MinerView, Plan
 from hashflex.agent.core.planning.assignment import Assignment, build_plan
 from hashflex.agent.core.planning.keep_on import keep_best_units
 from hashflex.agent.core.planning.optimal import optimal_assignment
+from hashflex.agent.core.planning.ramp_hold import hold_to_ramp
 from hashflex.agent.core.planning.sleep_only import sleep_only_assignment
 from hashflex.agent.core.planning.worst_case import PlannerRules, Prep
 
@@ -53,10 +57,12 @@ def plan(
     caps = _caps(prep, floor, ramp_allowance_kw)
     base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     keep_best_units(prep, base, caps)
+    hold_to_ramp(prep, base, ramp_allowance_kw, caps)
     if not rules.use_power_limits:
         return build_plan(prep, base, target_kw, baseline_ths=None)
     best = optimal_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     keep_best_units(prep, best, caps)
+    hold_to_ramp(prep, best, ramp_allowance_kw, caps)
     chosen = best if _rank(best) < _rank(base) else base
     return build_plan(prep, chosen, target_kw, baseline_ths=base.ths)
 
@@ -76,7 +82,9 @@ def plan_sleep_only(
         target_kw, miners, tree, rules, now=now, wake_budget=wake_budget, ramp_allowance_kw=ramp_allowance_kw
     )
     base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
-    keep_best_units(prep, base, _caps(prep, floor, ramp_allowance_kw))
+    caps = _caps(prep, floor, ramp_allowance_kw)
+    keep_best_units(prep, base, caps)
+    hold_to_ramp(prep, base, ramp_allowance_kw, caps)
     return build_plan(prep, base, target_kw)
 
 

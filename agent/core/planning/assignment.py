@@ -6,6 +6,12 @@ from __future__ import annotations
 from hashflex.agent.core.model import Action, MinerState, Plan, RunAction, SleepAction
 from hashflex.agent.core.planning.worst_case import UNCONTROLLED, Prep
 
+
+def raised_w(prep: Prep, a: Assignment) -> float:
+    """What `a` raises, summed over miners: each one's planned worst case above what it counts at now (W)."""
+    return sum(max(0.0, wc - cur) for k, wc, cur in zip(prep.kind, a.wc, prep.cur_w, strict=True) if k != UNCONTROLLED)
+
+
 SLEEP = SleepAction()
 NO_ACTION = -1.0  # level of a miner we do not control
 
@@ -74,6 +80,7 @@ def build_plan(prep: Prep, a: Assignment, target_kw: float, baseline_ths: float 
         method=a.method,
         baseline_ths=None if baseline_ths is None else baseline_ths + uncontrolled_ths,
         ramp_from_kw=prep.present_w() / 1000.0,
+        raised_kw=raised_w(prep, a) / 1000.0,
         # each miner's reading, else what the plan counts it at now (no reading: unreachable, unidentified, stale)
         counted_now_kw=sum(p if (p := v.power_w) is not None else c for v, c in zip(views, prep.cur_w, strict=True))
         / 1000.0,
