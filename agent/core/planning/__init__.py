@@ -6,8 +6,8 @@ The steps, in the order `plan()` runs them, one module each:
 2. `sleep_only`: the sleep-only assignment (no power-limit changes), the baseline the optimal one must beat.
 3. `optimal`: the hashrate-optimal assignment (marginal TH per W over groups of identical miners).
 4. `keep_on`: on each of the two as soon as it is made, where it cuts by sleeping running miners,
-   `keep_best_units` re-chooses which of them stay on (the ratio greedy can leave most of an on/off miner's power
-   unused).
+   `keep_best_units` re-chooses which of them stay on, and where it wakes sleeping on/off miners, `wake_best_units`
+   re-chooses which of them wake (the ratio greedy can leave most of an on/off miner's power unused).
 5. `ramp_hold`: on each of the two, under a ramp-up limit, what it raises (wakes, higher limits) is held to the
    allowance, whatever it lowers elsewhere (a lower limit lands in seconds, a wake over a minute: the site would
    dip, then climb back faster than the ramp).
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.model import MinerView, Plan
 from hashflex.agent.core.planning.assignment import Assignment, build_plan
-from hashflex.agent.core.planning.keep_on import keep_best_units
+from hashflex.agent.core.planning.keep_on import keep_best_units, wake_best_units
 from hashflex.agent.core.planning.optimal import optimal_assignment
 from hashflex.agent.core.planning.ramp_hold import hold_to_ramp
 from hashflex.agent.core.planning.sleep_only import sleep_only_assignment
@@ -56,12 +56,12 @@ def plan(
     )
     caps = _caps(prep, floor, ramp_allowance_kw)
     base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
-    keep_best_units(prep, base, caps)
+    _best_units(prep, base, caps, wake_budget)
     hold_to_ramp(prep, base, ramp_allowance_kw, caps)
     if not rules.use_power_limits:
         return build_plan(prep, base, target_kw, baseline_ths=None)
     best = optimal_assignment(prep, floor, wake_budget, ramp_allowance_kw)
-    keep_best_units(prep, best, caps)
+    _best_units(prep, best, caps, wake_budget)
     hold_to_ramp(prep, best, ramp_allowance_kw, caps)
     chosen = best if _rank(best) < _rank(base) else base
     return build_plan(prep, chosen, target_kw, baseline_ths=base.ths)
@@ -83,9 +83,15 @@ def plan_sleep_only(
     )
     base = sleep_only_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     caps = _caps(prep, floor, ramp_allowance_kw)
-    keep_best_units(prep, base, caps)
+    _best_units(prep, base, caps, wake_budget)
     hold_to_ramp(prep, base, ramp_allowance_kw, caps)
     return build_plan(prep, base, target_kw)
+
+
+def _best_units(prep: Prep, a: Assignment, caps: list[float], wake_budget: int) -> None:
+    """Step 4: which on/off miners a cut keeps on, which a plan with room wakes (`keep_on`)."""
+    keep_best_units(prep, a, caps)
+    wake_best_units(prep, a, caps, wake_budget)
 
 
 def _prepare(
