@@ -120,6 +120,9 @@ class MeterControl:
         self.started_at = started_at
         self.band_kw = band_kw  # hysteresis of the counted non-miner load (core.site_meter.counted_base)
         self._counted_kw: float | None = None
+        # the miners' sum when the non-miner load counted was last measured: the cooling it holds follows the miners
+        # up to that level, no further (None: no measure, stale)
+        self._measured_at_miners_kw: float | None = None
         self.window = NonMinerWindow(cfg.non_miner_window_s)
         # how long the miners' sum must have held for metered − Σ miners to be a sample (core.site_meter.SteadyMiners)
         self.miners = SteadyMiners(align_s)
@@ -147,6 +150,8 @@ class MeterControl:
             basis = recent
             if basis is None:  # no steady sample in the window: the last count stands while the miners move
                 basis = non_miner if steady or self._counted_kw is None else self._counted_kw
+            if steady or self._counted_kw is None:
+                self._measured_at_miners_kw = miners_kw
             self._counted_kw = counted_base(basis, self._counted_kw, self.band_kw)
             tick = MeterTick(
                 fresh=True,
@@ -163,6 +168,7 @@ class MeterControl:
         else:
             allowance = self.cfg.non_miner_allowance_kw
             self._counted_kw = None  # back from stale: counted from the recent maximum again
+            self._measured_at_miners_kw = None
             starting = last is None and now - self.started_at < self.cfg.stale_after_s
             tick = MeterTick(
                 fresh=False,
@@ -219,9 +225,14 @@ class MeterControl:
     def miners_share(self, site_level_kw: float, miners_now_kw: float) -> MinerShare:
         """The miners' level under `site_level_kw` for the last observed tick (call `observe` first)."""
         assert self.last is not None
+        # the cooling still to follow is counted from the level the non-miner load was measured at: while the miners'
+        # sum moves no sample is taken (SteadyMiners), so a rise over several ticks, counted each tick only above
+        # what the miners drew then, left the cooling of the part already risen out of both terms, and the meter
+        # went over the cap by nearly the cooling share of the whole rise as the cooling caught up
+        measured_at = self._measured_at_miners_kw
         self.share = miner_level(
             site_level_kw,
-            miners_now_kw=miners_now_kw,
+            miners_now_kw=miners_now_kw if measured_at is None else min(miners_now_kw, measured_at),
             non_miner_kw=self.last.base_kw,
             cooling_share=self.cfg.cooling_share,
         )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hashflex.agent.config import SiteMeterConfig
 from hashflex.agent.core.site_meter import NonFiniteInput, NonMinerWindow, SteadyMiners, counted_base, miner_level
+from hashflex.agent.runtime.metering import MeterControl
 
 kw = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
 signed_kw = st.floats(min_value=-1e4, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -149,3 +152,69 @@ def test_while_the_miners_hold_every_non_miner_sample_is_taken(level: float, oth
     """A steady miners' sum never hides non-miner load: the window's maximum is the largest there was."""
     miners = [level] * len(others)
     assert _run(miners, [level + x for x in others], span_s=span, band_kw=0.0) == pytest.approx(max(others))
+
+
+# ------------------------------------------------------------------------- MeterControl over a rise of several ticks
+@dataclass(frozen=True)
+class _Reading:
+    watts: float
+    read_at: float
+    import_wh: float = 0.0
+    hz: float = 50.0
+    source: str = "meter"
+    counter_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class _Status:
+    fresh: bool
+    last: _Reading | None
+    stale_since: float | None = None
+    faults: tuple[str, ...] = ()
+
+
+class _Meter:
+    """A meter port that reads the site as the test sets it."""
+
+    name = "test-meter"
+
+    def __init__(self) -> None:
+        self.watts = 0.0
+        self.at = 0.0
+
+    def reading(self) -> _Reading:
+        return _Reading(self.watts, self.at)
+
+    def status(self) -> _Status:
+        return _Status(True, self.reading())
+
+    def listen(self, **_: object) -> None:  # pragma: no cover - no listener here
+        return None
+
+
+def test_the_cooling_of_a_rise_over_several_ticks_is_counted_from_where_the_load_was_measured() -> None:
+    """Cooling at 8 % of the miners' power and 0.2 kW of base load: measured at 10 kW of miners, the non-miner load
+    is 1.0 kW. The miners then rise over three ticks (their sum moving: no sample is taken) to 18 kW, the cooling
+    not yet caught up. The level the miners may have under a 21 kW site must leave room for the cooling of the whole
+    rise from 10 kW: at L the site settles at L + 0.2 + 0.08 L. Counted only above the 18 kW they drew then (the
+    code before), L was 19.85 kW and the meter settled 0.64 kW over the 21 kW (CI, test_meter_control: 0.75 kW)."""
+    meter = _Meter()
+    cfg = SiteMeterConfig(
+        host="127.0.0.1", cooling_pct=8.0, non_miner_window_s=60.0, lag_s=0.0, non_miner_allowance_kw=3.0
+    )
+    ctl = MeterControl(meter, cfg, started_at=0.0, band_kw=0.05, align_s=3.0)
+    t = 0.0
+    for _ in range(6):  # steady at 10 kW: samples taken
+        t += 1.0
+        meter.watts, meter.at = (10.0 + 1.0) * 1000.0, t
+        ctl.observe(10.0, t)
+    assert ctl.last is not None
+    assert ctl.last.base_kw == pytest.approx(1.0)
+    for miners in (13.0, 16.0, 18.0):  # the rise: the meter shows the cooling of 10 kW still (it lags)
+        t += 1.0
+        meter.watts, meter.at = (miners + 1.0) * 1000.0, t
+        ctl.observe(miners, t)
+    level = ctl.miners_share(21.0, 18.0).miner_level_kw
+    settled = level + 0.2 + 0.08 * level  # the site at the meter once the cooling has followed
+    assert settled <= 21.0 + EPS
+    assert level == pytest.approx((21.0 - 1.0 + 0.08 * 10.0) / 1.08)
