@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +143,23 @@ class Input:
     start: float
     end: float | None
     ramp_kw_per_min: float | None = None
-    ref_kw: float | None = None  # the limit when it started binding, without it: a ramp starts from there
+    # the limit when it started binding, without it: a ramp starts from there. One per view of the limit (`certain`,
+    # see World._limit_kw): where the fail-safe may have held the site when the input came (at start, before the
+    # heartbeat), the agent's ramp starts from the fail-safe level it was held at, and the "may bind" view must
+    # allow that; the "binds for sure" view starts it from the limit without the fail-safe (soak 2026-12-04, seed 880:
+    # a ramped dispatch that ended a fail-safe at 0 kW was held to have started ramping from the 60.9 kW cap, and the
+    # next dispatch's ramp from 28.6 kW, where the site was, was called a service shortfall)
+    ref_kw: dict[bool, float] = field(default_factory=dict)
     baseline_kw: float | None = None
 
-    def value(self, t: float, ref: Callable[[Input], float]) -> float | None:
+    def value(self, t: float, ref: Callable[[Input], float], *, certain: bool = True) -> float | None:
         if t < self.start or (self.end is not None and t >= self.end):
             return None
         if self.ramp_kw_per_min is None:
             return self.level_kw
-        if self.ref_kw is None:
-            self.ref_kw = ref(self)
-        return max(self.level_kw, self.ref_kw - self.ramp_kw_per_min * (t - self.start) / 60.0)
+        if certain not in self.ref_kw:
+            self.ref_kw[certain] = ref(self)
+        return max(self.level_kw, self.ref_kw[certain] - self.ramp_kw_per_min * (t - self.start) / 60.0)
 
 
 @dataclass
@@ -571,8 +578,8 @@ class World:
             self.vt.fire_due()
 
     # ------------------------------------------------------------------------------------------ inputs
-    def _ramp_ref(self, rec: Input) -> float:
-        return self._limit_kw(rec.start, certain=True, without=rec.id)
+    def _ramp_ref(self, rec: Input, *, certain: bool = True) -> float:
+        return self._limit_kw(rec.start, certain=certain, without=rec.id)
 
     def _limit_kw(self, t_true: float, *, certain: bool, without: str | None = None) -> float:
         """The limit that binds at true time t: licensed cap, run-time cap, grid dispatches, overrides, time-of-use,
@@ -588,7 +595,7 @@ class World:
         for rec in (*self.inputs.values(), *self.closed):
             if rec.id == without:
                 continue
-            v = rec.value(t, self._ramp_ref)
+            v = rec.value(t, functools.partial(self._ramp_ref, certain=certain), certain=certain)
             if v is not None:
                 lim = min(lim, v)
         # a time-of-use window is in the site's wall time, which the agent reads on its own clock: through a wall
@@ -706,7 +713,7 @@ class World:
         if prev is not None:
             prev.end = now if prev.end is None else min(prev.end, now)
             self.closed.append(prev)
-        rec = Input(did, "grid", max(0.0, level), start, doc.get("end"), ramp, None, baseline)
+        rec = Input(did, "grid", max(0.0, level), start, doc.get("end"), ramp, baseline_kw=baseline)
         self.inputs[did] = rec
         self._note_change()
         return did

@@ -513,3 +513,38 @@ def test_a_cut_keeps_the_best_combination_beside_a_circuit_no_plan_can_meet(fn: 
     assert on == {"S21": 2, "XP": 1, "k": 3}, on
     assert p.circuit_worst_case_kw["c0"] <= 18.529 + 1e-9
     assert p.circuit_worst_case_kw["c1"] == pytest.approx(4.0)
+
+
+def test_a_ramp_that_starts_where_the_fail_safe_held_the_site_is_not_a_service_shortfall() -> None:
+    """Soak 2026-12-04 (seed 20261431, site seed 880): the site starts held by a 0 kW fail-safe (no heartbeat yet); a
+    ramped dispatch to 28.6 kW ends it, and one to 6.1 kW at 0.61 kW/min follows. The agent ramps the second from
+    where it held the site (28.6 kW); the oracle started the first one's ramp from the 60.9 kW cap, as if the
+    fail-safe had not been holding the site, so it held both unbound for half an hour and called the agent's 22.9 kW
+    a service shortfall under a 42.6 kW operator cap. The oracle's "may bind" view now starts a ramp from the limit
+    with the fail-safe it may have been held at (an oracle fault; fails before that fix)."""
+    spec = SiteSpec(
+        miners=19,
+        mix="luxos:2,whatsminer:1",
+        seed=880,
+        cap_share=1.0,
+        wake_per_interval=1,
+        wake_interval_s=5.0,
+        failsafe_share=0.0,
+        refused_share=0.3,
+        rebooting_share=0.2,
+    )
+    w = World(spec)
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(5)
+        cap = w.cap_kw
+        w.dispatch(target_share=28.62 / cap, duration=600.0, ramp_share_per_min=0.609 / cap)
+        w.run_for(5)
+        w.dispatch(target_share=6.089 / cap, duration=600.0, ramp_share_per_min=0.609 / cap)
+        w.run_for(5)
+        w.cap(42.625 / cap)
+        w.run_for(900)  # was: service at t=565 s (healthy miners 0.28 kW, "may draw" 16.4 kW)
+        assert w.margins.checks_service > 0
+    finally:
+        w.close()
