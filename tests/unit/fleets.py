@@ -3,14 +3,15 @@ tests run them with (shared by the planner tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from hashflex.agent.core.circuits import Circuit, CircuitTree
-from hashflex.agent.core.model import MinerState, MinerView
-from hashflex.agent.core.planning import PlannerRules
+from hashflex.agent.core.model import MinerState, MinerView, Plan
+from hashflex.agent.core.planning import PlannerRules, plan
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
 
 NOW = 1_000_000.0
@@ -82,6 +83,18 @@ class Case:
     target_kw: float
     wake_budget: int
     ramp_allowance_kw: float | None
+
+    def planned(self, planner: Callable[..., Plan] = plan) -> Plan:
+        """The plan `planner` (plan or plan_sleep_only) makes for this case at NOW."""
+        return planner(
+            self.target_kw,
+            self.views,
+            self.tree,
+            self.rules,
+            NOW,
+            wake_budget=self.wake_budget,
+            ramp_allowance_kw=self.ramp_allowance_kw,
+        )
 
 
 CIRCUIT_POOL = ["c0", "c1", "c2", "c3"]

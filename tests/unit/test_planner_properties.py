@@ -8,22 +8,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 
 from hashflex.agent.core.model import MinerState, SleepAction
-from hashflex.agent.core.planning import plan, plan_sleep_only
+from hashflex.agent.core.planning import plan_sleep_only
 from tests.unit.fleets import NOW, PROPS, Case, cases
 from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, check_plan, node_caps_w, node_sums, worst_w
-
-
-def _run(case: Case, sleep_only: bool = False):  # type: ignore[no-untyped-def]
-    fn = plan_sleep_only if sleep_only else plan
-    return fn(
-        case.target_kw,
-        case.views,
-        case.tree,
-        case.rules,
-        NOW,
-        wake_budget=case.wake_budget,
-        ramp_allowance_kw=case.ramp_allowance_kw,
-    )
 
 
 @PROPS
@@ -31,7 +18,7 @@ def _run(case: Case, sleep_only: bool = False):  # type: ignore[no-untyped-def]
 def test_plan_keeps_every_invariant_for_random_fleets_with_faults(case: Case) -> None:
     """Worst case ≤ target and every circuit cap (or an alarm and all curtailed), min off never broken, min on
     only when required, wakes ≤ budget, ramp respected, hashrate claimed = hashrate of the actions."""
-    p = _run(case)
+    p = case.planned()
     check_plan(
         p,
         case.views,
@@ -47,7 +34,7 @@ def test_plan_keeps_every_invariant_for_random_fleets_with_faults(case: Case) ->
 @PROPS
 @given(cases())
 def test_sleep_only_plan_keeps_every_invariant_for_random_fleets_with_faults(case: Case) -> None:
-    p = _run(case, sleep_only=True)
+    p = case.planned(plan_sleep_only)
     assert all(
         isinstance(a, SleepAction) or a.watts == _present_or_stock(case, mid)
         for mid, a in p.actions.items()
@@ -68,8 +55,8 @@ def test_sleep_only_plan_keeps_every_invariant_for_random_fleets_with_faults(cas
 @PROPS
 @given(cases())
 def test_hashrate_never_below_the_sleep_only_baseline(case: Case) -> None:
-    p = _run(case)
-    base = _run(case, sleep_only=True)
+    p = case.planned()
+    base = case.planned(plan_sleep_only)
     assert p.baseline_ths is not None
     assert abs(p.baseline_ths - base.expected_ths) < 1e-6 * max(1.0, base.expected_ths)
     fewer_overrides = len(p.min_on_overridden) < len(base.min_on_overridden)
@@ -80,7 +67,7 @@ def test_hashrate_never_below_the_sleep_only_baseline(case: Case) -> None:
 @given(cases(faults=False))
 def test_fully_controllable_fleet_meets_every_cap_unless_sleep_draw_alone_exceeds_it(case: Case) -> None:
     """Without faults the only thing that can make a node infeasible is the sleep draw of its own miners."""
-    p = _run(case)
+    p = case.planned()
     worst = [worst_w(v, p, case.rules) for v in case.views]
     loads = node_sums(case.tree, case.views, worst)
     caps = node_caps_w(case.tree, case.target_kw)
@@ -95,7 +82,7 @@ def test_fully_controllable_fleet_meets_every_cap_unless_sleep_draw_alone_exceed
 @settings(PROPS, max_examples=100)
 @given(cases())
 def test_plan_is_deterministic(case: Case) -> None:
-    assert _run(case) == _run(case)
+    assert case.planned() == case.planned()
 
 
 def _state(case: Case, miner_id: str) -> MinerState:

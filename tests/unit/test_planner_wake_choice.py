@@ -76,25 +76,13 @@ def test_the_wake_choice_holds_a_circuit_the_budget_and_the_ramp(fn: object) -> 
     assert _woken(p) == {"XP": 1, "k": 1}, p.actions  # XP-1 inside min off: the next best pair (261 TH)
 
 
-def _run(fn: object, case: Case) -> Plan:
-    return fn(  # type: ignore[operator,no-any-return]
-        case.target_kw,
-        case.views,
-        case.tree,
-        case.rules,
-        NOW,
-        wake_budget=case.wake_budget,
-        ramp_allowance_kw=case.ramp_allowance_kw,
-    )
-
-
 @PROPS
 @given(cases())
 def test_the_wake_choice_is_never_worse_than_the_greedy_and_keeps_every_limit(case: Case) -> None:
     for fn in PLANNERS:
-        p = _run(fn, case)
+        p = case.planned(fn)
         with mock.patch("hashflex.agent.core.planning.wake_best_units", return_value=None):
-            greedy = _run(fn, case)
+            greedy = case.planned(fn)
         assert p.expected_ths >= greedy.expected_ths - 1e-9 * max(1.0, greedy.expected_ths), (p, greedy)
         check_plan(
             p,

@@ -25,7 +25,7 @@ plan that sleeps no miner that is on (a plan that does wakes nothing). It change
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from hashflex.agent.core.planning.assignment import Assignment
 from hashflex.agent.core.planning.worst_case import OFF, OFF_L, ON, ON_P, WAKE, WAKE_P, Prep
@@ -48,6 +48,10 @@ class _Group:
         self.cost, self.ths, self.nodes, self.level, self.wc = cost, ths, nodes, level, wc
         self.members: list[int] = []
         self.on = 0  # how many of them the greedy keeps on (wakes)
+
+    def add(self, i: int, on: bool) -> None:
+        self.members.append(i)
+        self.on += on
 
 
 def keep_best_units(prep: Prep, a: Assignment, caps: list[float]) -> None:
@@ -73,15 +77,11 @@ def keep_best_units(prep: Prep, a: Assignment, caps: list[float]) -> None:
         if g is None:
             ths = curve.ths_at(cur_w[i], m.nominal_w, m.nominal_ths)
             g = groups[key] = _Group(cur_w[i] - s, ths, prep.path[i], cur_w[i], cur_w[i])
-        g.members.append(i)
-        if level[i] != 0.0:
-            g.on += 1
-    if len(groups) > MAX_GROUPS:
+        g.add(i, level[i] != 0.0)
+    ordered = _ordered_room(prep, a, caps, groups.values())
+    if ordered is None:
         return
-    order = sorted(groups.values(), key=lambda g: -g.ths / g.cost)
-    room = _room_without(prep, a, caps, order)
-    if room is None:
-        return
+    order, room = ordered
     counts = _search(order, room, min_w=sum(g.on * g.cost for g in order), max_count=len(level))
     if counts is not None:  # the greedy's choice first (fewest commands), then input order
         _apply(prep, a, order, counts, rank=lambda i: (level[i] == 0.0, i))
@@ -111,20 +111,28 @@ def wake_best_units(prep: Prep, a: Assignment, caps: list[float], wake_budget: i
             g = groups[key] = _Group(
                 max(_EPS, full + extra - s), m.stock_ths, prep.path[i], float(m.stock), full + extra
             )
-        g.members.append(i)
-        if level[i] != 0.0:
-            g.on += 1
-    if len(groups) > MAX_GROUPS:
+        g.add(i, level[i] != 0.0)
+    ordered = _ordered_room(prep, a, caps, groups.values())
+    if ordered is None:
         return
-    order = sorted(groups.values(), key=lambda g: -g.ths / g.cost)
-    room = _room_without(prep, a, caps, order)
-    if room is None:
-        return
+    order, room = ordered
     others = sum(1 for i, k in enumerate(kind) if k in (OFF, OFF_L) and level[i] > 0.0) - sum(g.on for g in order)
     counts = _search(order, room, min_w=-math.inf, max_count=wake_budget - others)
     if counts is not None:  # the greedy's choice first (fewest changes), then the longest asleep
         views = prep.views
         _apply(prep, a, order, counts, rank=lambda i: (level[i] == 0.0, views[i].last_transition))
+
+
+def _ordered_room(
+    prep: Prep, a: Assignment, caps: list[float], groups: Collection[_Group]
+) -> tuple[list[_Group], list[float]] | None:
+    """The groups in the greedy's order (most TH per W first) and the room with all of them asleep; None where the
+    search is not worth its cost (more than MAX_GROUPS groups) or a node it touches cannot be met."""
+    if len(groups) > MAX_GROUPS:
+        return None
+    order = sorted(groups, key=lambda g: -g.ths / g.cost)
+    room = _room_without(prep, a, caps, order)
+    return None if room is None else (order, room)
 
 
 def _room_without(prep: Prep, a: Assignment, caps: list[float], groups: list[_Group]) -> list[float] | None:
