@@ -13,6 +13,7 @@ from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, Plan
 from hashflex.agent.core.planning import PlannerRules, plan
 from hashflex.drivers.base import Capability, Family, OnOff, PowerRange, Presets
+from tests.unit.plan_checks import check_plan
 
 NOW = 1_000_000.0
 
@@ -92,6 +93,19 @@ class Case:
             self.tree,
             self.rules,
             NOW,
+            wake_budget=self.wake_budget,
+            ramp_allowance_kw=self.ramp_allowance_kw,
+        )
+
+    def check(self, planned: Plan) -> None:
+        """Every invariant of a plan made for this case (plan_checks.check_plan)."""
+        check_plan(
+            planned,
+            self.views,
+            self.tree,
+            self.rules,
+            now=NOW,
+            target_kw=self.target_kw,
             wake_budget=self.wake_budget,
             ramp_allowance_kw=self.ramp_allowance_kw,
         )

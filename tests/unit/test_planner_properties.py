@@ -9,8 +9,8 @@ from hypothesis import given, settings
 
 from hashflex.agent.core.model import MinerState, SleepAction
 from hashflex.agent.core.planning import plan_sleep_only
-from tests.unit.fleets import NOW, PROPS, Case, cases
-from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, check_plan, node_caps_w, node_sums, worst_w
+from tests.unit.fleets import PROPS, Case, cases
+from tests.unit.plan_checks import EPS_W, cannot_meet_nodes, node_caps_w, node_sums, worst_w
 
 
 @PROPS
@@ -19,16 +19,7 @@ def test_plan_keeps_every_invariant_for_random_fleets_with_faults(case: Case) ->
     """Worst case ≤ target and every circuit cap (or an alarm and all curtailed), min off never broken, min on
     only when required, wakes ≤ budget, ramp respected, hashrate claimed = hashrate of the actions."""
     p = case.planned()
-    check_plan(
-        p,
-        case.views,
-        case.tree,
-        case.rules,
-        now=NOW,
-        target_kw=case.target_kw,
-        wake_budget=case.wake_budget,
-        ramp_allowance_kw=case.ramp_allowance_kw,
-    )
+    case.check(p)
 
 
 @PROPS
@@ -40,16 +31,7 @@ def test_sleep_only_plan_keeps_every_invariant_for_random_fleets_with_faults(cas
         for mid, a in p.actions.items()
         if _state(case, mid) is not MinerState.SLEEPING
     ), "sleep-only must not change any running miner's limit"
-    check_plan(
-        p,
-        case.views,
-        case.tree,
-        case.rules,
-        now=NOW,
-        target_kw=case.target_kw,
-        wake_budget=case.wake_budget,
-        ramp_allowance_kw=case.ramp_allowance_kw,
-    )
+    case.check(p)
 
 
 @PROPS

@@ -22,7 +22,6 @@ from hashflex.agent.core.model import MinerState, MinerView, Plan, RunAction
 from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
 from hashflex.drivers.base import Family, OnOff
 from tests.unit.fleets import NOW, PROPS, Case, cases
-from tests.unit.plan_checks import check_plan
 
 MODELS = {"S21": (3500.0, 200.0), "XP": (3010.0, 141.0), "k": (2760.0, 120.0), "j": (3068.0, 104.0)}
 PLANNERS = [plan, plan_sleep_only]
@@ -84,13 +83,4 @@ def test_the_wake_choice_is_never_worse_than_the_greedy_and_keeps_every_limit(ca
         with mock.patch("hashflex.agent.core.planning.wake_best_units", return_value=None):
             greedy = case.planned(fn)
         assert p.expected_ths >= greedy.expected_ths - 1e-9 * max(1.0, greedy.expected_ths), (p, greedy)
-        check_plan(
-            p,
-            case.views,
-            case.tree,
-            case.rules,
-            now=NOW,
-            target_kw=case.target_kw,
-            wake_budget=case.wake_budget,
-            ramp_allowance_kw=case.ramp_allowance_kw,
-        )
+        case.check(p)
