@@ -16,7 +16,7 @@ from hashflex.agent.core.snapshot import MinerSnapshot
 SETTLED_SHARE = 0.03  # two readings after a change within this share (or SETTLED_W) of each other: settled
 SETTLED_W = 50.0
 # a steady reading at least this share of its setting shows what a miner draws at it, its drift above it gone too
-# (`_lowers_excess`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
+# (`take_excess_reading`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
 EXCESS_GONE_SHARE = 0.5
 MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
 SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
@@ -67,10 +67,15 @@ def counted_draw(
     snap_ts: float,
     confirm_after_s: float,
     steady_gap_s: float,
+    peer_excess_share: float = 0.0,
 ) -> float | None:
     """What it reports drawing, once its present setting had time to take effect: counted at no less (a command
     on the wire, or acknowledged within confirm_after_s, is still settling; a sleep not yet seen is `confirm_command`'s:
-    re-sent, then the miner is counted at its real draw as ignoring commands)."""
+    re-sent, then the miner is counted at its real draw as ignoring commands).
+
+    A miner coming up (waking, or running and not yet read settled since it came on) is counted above its setting
+    by no less than its peers' share (`peer_excess_share`, observe.peer_excess_shares): what it will draw is not
+    known before it draws it."""
     measured_w = None
     if (
         fresh
@@ -84,10 +89,9 @@ def counted_draw(
         measured_w = float(ms.power_w)
         if state in RUNNING:
             setting = commanded if commanded is not None else stock
-            if lowers_excess(mem, snap_ts - ms.age_s, measured_w, setting, steady_gap_s):
-                mem.excess_w, mem.excess_setting_w = max(0.0, measured_w - setting), setting
-            else:  # coming up from a wake or a re-tune: what it drew above its setting is still counted
-                measured_w = max(measured_w, setting + mem.excess_w)
+            take_excess_reading(mem, snap_ts - ms.age_s, measured_w, setting, steady_gap_s)
+            # coming up from a wake or a re-tune: what it drew above its setting is still counted
+            measured_w = max(measured_w, setting + excess_counted(mem, setting, peer_excess_share))
     elif state in RUNNING and not mem.ignores_commands:
         # settling at a new setting: the excess it showed at the last one is still counted (not doing so let the
         # plan raise a drifting miner back over its circuit cap every time it moved its limit), and so is a larger
@@ -96,15 +100,37 @@ def counted_draw(
         if fresh and ms.measured and told is None:
             above = float(ms.power_w) - max(setting, mem.excess_setting_w)
             mem.excess_w = max(mem.excess_w, above)
-        if mem.excess_w > 0:
-            measured_w = setting + mem.excess_w
-    elif state is MinerState.WAKING and mem.excess_w > 0 and not mem.ignores_commands:
+        extra = excess_counted(mem, setting, peer_excess_share)
+        if extra > 0:
+            measured_w = setting + extra
+    elif state is MinerState.WAKING and not mem.ignores_commands:
         # the excess it showed when it last ran is kept while it sleeps (a drifting PSU drifts after a wake too)
         # and counted from its wake on, above what it comes up at: forgotten at each sleep, a drifting miner was
         # woken at its bare limit and counted so until its readings settled, and the site ran over its limit each
         # time a cut slept one drifter and the re-plan woke another (soak 20261208)
-        measured_w = (woken_to or up_at) + mem.excess_w
+        base = woken_to or up_at
+        extra = excess_counted(mem, base, peer_excess_share)
+        if extra > 0:
+            measured_w = base + extra
     return measured_w
+
+
+def excess_counted(mem: MinerMemory, setting_w: float, peer_excess_share: float = 0.0) -> float:
+    """The excess counted above a setting: its own (no less than its share of a higher setting than the one it was
+    read at: a power supply drawing 30 % over at 1.2 kW draws 30 % over at 2.4 kW; soak 20261204, site 146: a
+    drifter read at a low limit, woken at twice it and counted at the excess in watts, drew 0.35 kW more than
+    counted), and, until a settled reading since it last came on showed its own, no less than its peers' share."""
+    own = mem.excess_w
+    if own > 0 and mem.excess_setting_w > 0:
+        own = max(own, own / mem.excess_setting_w * setting_w)
+    if has_own_excess(mem):
+        return own
+    return max(own, peer_excess_share * setting_w)
+
+
+def has_own_excess(mem: MinerMemory) -> bool:
+    """Has a settled reading since it last switched on shown what it draws above its setting?"""
+    return mem.excess_at >= mem.last_transition
 
 
 def settled(mem: MinerMemory, read_at: float, power_w: float, confirm_after_s: float, steady_gap_s: float) -> bool:
@@ -129,19 +155,27 @@ def settled(mem: MinerMemory, read_at: float, power_w: float, confirm_after_s: f
     return False
 
 
-def lowers_excess(mem: MinerMemory, read_at: float, power_w: float, setting_w: float, steady_gap_s: float) -> bool:
-    """May this settled reading of a running miner lower the excess it showed above its setting? Only once it
-    draws what it will: two readings in a row that agree, near its setting or above. A miner coming up from a wake
-    or re-tuning to a new limit reads low for a minute while it ramps to its drifted draw: taken at its word, the
-    plan forgot the drift, counted it at its bare limit (or raised it) and the site ran over."""
+def take_excess_reading(
+    mem: MinerMemory, read_at: float, power_w: float, setting_w: float, steady_gap_s: float
+) -> bool:
+    """A settled reading of a running miner: does it set the excess it shows above its setting? A higher excess at
+    once; a lower one only once the miner draws what it will: two readings in a row that agree, near its setting or
+    above. A miner coming up from a wake or re-tuning to a new limit reads low for a minute while it ramps to its
+    drifted draw: taken at its word, the plan forgot the drift, counted it at its bare limit (or raised it) and the
+    site ran over. Only a steady reading makes the excess the miner's own (`excess_at`, `has_own_excess`): one read
+    while it still climbs is a floor, not yet what it draws (soak 20261204, site 146: a drifter slept half-way up its
+    ramp was woken later counted at half its drift)."""
     prev_at, prev_w = mem.last_read
     apart = read_at >= prev_at + steady_gap_s  # (closer readings prove no ramp is over: `settled`)
     if apart:
         mem.last_read = (read_at, power_w)
-    if power_w - setting_w >= mem.excess_w:
-        return True
     steady = apart and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
-    return steady and power_w >= EXCESS_GONE_SHARE * setting_w
+    if power_w - setting_w < mem.excess_w and not (steady and power_w >= EXCESS_GONE_SHARE * setting_w):
+        return False
+    mem.excess_w, mem.excess_setting_w = max(0.0, power_w - setting_w), setting_w
+    if steady:
+        mem.excess_at = read_at
+    return True
 
 
 def confirm_command(

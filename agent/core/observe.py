@@ -19,6 +19,7 @@ answered at are counted at a worst case until the fleet identifies them (an alar
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from hashflex.agent.core.closed_loop import (
     Decisions,
     confirm_command,
     counted_draw,
+    excess_counted,
 )
 from hashflex.agent.core.efficiency import stock_w
 from hashflex.agent.core.miner_memory import MinerMemory
@@ -41,6 +43,7 @@ UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a c
 # fraction of its power long before it is up), for at most WAKE_MAX_S (clock seconds)
 WAKE_UP_SHARE = 0.85
 WAKE_MAX_S = 900.0
+PEER_EVIDENCE_S = 600.0  # a miner's steady reading tells of its peers' draw this long (peer_excess_shares)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +83,14 @@ def observe(
 ) -> Observation:
     """What every miner in `snap` is doing, with what the agent told it (`memory`, `in_flight`), at `now`."""
     obs = Observation(memory=dict(memory))
+    peers = peer_excess_shares(memory, {ip: ms.identity.family for ip, ms in snap.miners.items()}, now)
     for ip, ms in snap.miners.items():
         old = memory.get(ip)
         mem = MinerMemory() if old is None else old.copy()
         obs.memory[ip] = mem
-        obs.views.append(_view(ip, ms, mem, told=in_flight.get(ip), snap_ts=snap.ts, now=now, rules=rules, obs=obs))
+        peer = peers.get(ms.identity.family, 0.0)
+        view = _view(ip, ms, mem, told=in_flight.get(ip), snap_ts=snap.ts, now=now, rules=rules, obs=obs, peer=peer)
+        obs.views.append(view)
         obs.shown[ip] = shown_state(ms, mem, now, rules.stale_after_s)
     obs.views.extend(_unidentified_views(snap, rules, obs))
     return obs
@@ -100,6 +106,7 @@ def _view(
     now: float,
     rules: ObserveRules,
     obs: Observation,
+    peer: float,
 ) -> MinerView:
     confirm = rules.confirm_after_s
     ident = ms.identity
@@ -178,6 +185,7 @@ def _view(
         snap_ts=snap_ts,
         confirm_after_s=confirm,
         steady_gap_s=rules.steady_gap_s,
+        peer_excess_share=peer,
     )
     if mem.failed_op is not None and now < mem.failed_retry_at and told is None:
         # its last command failed and it is left alone until the back-off ends (`blocked`); that command may or
@@ -200,8 +208,30 @@ def _view(
         ignores_commands=mem.ignores_commands,
         measured_w=measured_w,
         woken_to_w=woken_to if state is MinerState.WAKING else None,
-        wake_excess_w=mem.excess_w if state is MinerState.SLEEPING and not mem.ignores_commands else 0.0,
+        wake_excess_w=excess_counted(mem, up_at, peer)
+        if state is MinerState.SLEEPING and not mem.ignores_commands
+        else 0.0,
     )
+
+
+def peer_excess_shares(
+    memory: Mapping[str, MinerMemory], family_of: Mapping[str, Family], now: float
+) -> dict[Family, float]:
+    """Per firmware family, the share above its setting its miners draw on this site: the median of their steady
+    readings of the last PEER_EVIDENCE_S (0 with none). A miner that has not been read steady since it last came on
+    is woken and counted above its setting by no less than that share until its own readings say
+    (`closed_loop.excess_counted`): its draw is not known before it draws, and what its peers draw is the best
+    evidence there is. The median: one faulty power supply says nothing of the others, a site-wide cause (supply
+    voltage, a firmware's calibration) shows in most of them (soak 20261204, site 388: every miner drifting 30 %,
+    three sleeping ones woken at their bare limits one after the other behind a circuit, which ran 0.77 kW over its
+    cap while their corrections caught up)."""
+    shares: dict[Family, list[float]] = {}
+    for ip, family in family_of.items():
+        mem = memory.get(ip)
+        if mem is None or mem.ignores_commands or now - mem.excess_at > PEER_EVIDENCE_S or mem.excess_setting_w <= 0:
+            continue
+        shares.setdefault(family, []).append(mem.excess_w / mem.excess_setting_w)
+    return {family: statistics.median(values) for family, values in shares.items()}
 
 
 def shown_state(ms: MinerSnapshot, mem: MinerMemory | None, now: float, stale_after_s: float) -> MinerState:

@@ -4,7 +4,7 @@ A drifting miner's excess over its setting was forgotten each time it slept, and
 it came back up (from a wake, or from a LuxOS re-tune to a new limit) showed it below its setting: the plan woke or
 raised it at its bare limit and the site ran over its limit for minutes, one drifter slept and another woken in turn.
 The excess is now kept while it sleeps, counted from its wake on, and lowered only by steady readings near its
-setting (`agent.core.closed_loop.lowers_excess`).
+setting (`agent.core.closed_loop.take_excess_reading`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,91 @@ def test_never_identified_miners_drifting_above_unknown_w_are_not_held_against_a
         )
         until(2700.0)  # every invariant, the circuit's safety first (was: t=2305 s)
         assert w.margins.checks_safety > 300
+        assert w.margins.safety_kw > 0
+    finally:
+        w.close()
+
+
+def test_sleeping_miners_are_woken_behind_a_circuit_with_the_drift_their_peers_show() -> None:
+    """Soak 20261204 `safety (circuit)`, site 388: 8 miners, 7 on one circuit, all drifting 30 % from t=25 s while
+    three of them slept. Their drift could not be read before they ran, so each was woken at its bare limit, one
+    after the other: the circuit drew 29.23 kW against 28.46 kW + 0.28 at t=205 s while their corrections caught
+    up. A miner not read steady since it came on is now counted above its setting by its peers' median share
+    (`agent.core.observe.peer_excess_shares`)."""
+    w = World(
+        SiteSpec(
+            miners=8,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=388,
+            cap_share=1.3,
+            circuits=((7, 1.2),),
+            tick_s=2.0,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_per_interval=1,
+            tou=((83, 92, 0.3),),
+            asleep_share=0.3,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        ips = list(w.ips)
+        w.run_for(5.0)
+        w.set_fault({"mode": "error", "ips": ips})
+        w.run_for(5.0)
+        w.set_fault({"mode": "blackhole", "ips": [ips[5], ips[7]]})
+        w.run_for(5.0)
+        w.set_fault({"mode": "clear", "ips": ips})
+        w.run_for(10.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": ips})
+        w.run_for(400.0)  # every invariant, the circuit's first (was: t=205 s)
+        assert w.margins.safety_kw > 0
+        assert w.ctl is not None
+        woken = [w.ctl.commands.memory[ip] for ip in (ips[2], ips[4], ips[5])]
+        assert all(m.excess_w > 0.2 * m.excess_setting_w for m in woken)  # each now read with its own drift
+    finally:
+        w.close()
+
+
+def test_a_drifter_slept_half_way_up_its_ramp_is_woken_with_its_whole_drift() -> None:
+    """Soak 20261204 `safety`, site 146: 13 miners, all drifting 30 % under a deep curtailment that keeps one
+    running at a time. A miner slept while still climbing to its drifted draw kept the excess of its last reading
+    (half its drift) as if it were its own; woken again, it was counted at that and drew 3.27 kW against 3.14 kW +
+    0.07 at t=990 s. Only a steady reading makes an excess the miner's own
+    (`agent.core.closed_loop.take_excess_reading`); until then its peers' share counts too."""
+    w = World(
+        SiteSpec(
+            miners=13,
+            mix="luxos:2,whatsminer:1",
+            seed=146,
+            cap_share=0.3,
+            circuits=((9, 1.2),),
+            min_on_s=120.0,
+            min_off_s=120.0,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=1.0,
+            atm_share=0.5,
+        )
+    )
+
+    def site_kw() -> float:
+        assert w.fleet is not None
+        return w.fleet.latest().power_w / 1000.0
+
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(305.0)
+        w.dispatch(curtail_share=8.461 / site_kw())
+        w.run_for(305.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
+        w.run_for(5.0)
+        w.dispatch(curtail_share=0.938 / site_kw())
+        w.run_for(5.0)
+        w.dispatch(curtail_share=0.813 / site_kw(), duration=300.0)
+        w.run_for(1200.0)  # every invariant, the site's safety first (was: t=990 s)
+        assert w.margins.checks_safety > 200
         assert w.margins.safety_kw > 0
     finally:
         w.close()
