@@ -1016,8 +1016,16 @@ class World:
         if quiet and len(self.samples) > 1:
             before = max(s[2] for s in self.samples if s[0] >= t - 60.0)
             # the lowest the limit was while the site could still be settling on it: a cut the limit asked for a
-            # moment ago (a dispatch to 0 then cancelled) is not too deep
-            lowest = min(lo for at, _hi, lo in self.limits if at >= t - self.settle_s())
+            # moment ago (a dispatch to 0 then cancelled) is not too deep. Under a ramp limit the site comes back
+            # up from a lower limit no faster than the ramp: that limit is recent for as long as the ramp needs
+            # to lift the site from it to the present one (soak 20261204, site 6258: a grid cut to 11.2 kW revised
+            # to 37.3 kW 25 s before, the site rising at its 20 kW/min, was judged a decrease too deep)
+            ramp_up = self.spec.ramp_up_kw_per_min
+            lowest = min(
+                lo
+                for at, _hi, lo in self.limits
+                if at >= t - self.settle_s() - (0.0 if not ramp_up else 60.0 * max(0.0, low - lo) / ramp_up)
+            )
             need = min(before, max(0.0, lowest - counted_u)) * (1 - self.spec.headroom_pct / 100.0) - one - tol
             # a waking miner is on its way to its setting (min-on keeps a miner woken a moment ago on, and the
             # plan counts it there): the cut is judged on what the site will draw, not on a boot's first watts

@@ -140,3 +140,51 @@ def test_a_miner_whose_sleep_its_draw_confirmed_is_not_counted_running_while_it_
         assert w.margins.checks_safety > 100
     finally:
         w.close()
+
+
+def test_a_site_coming_back_up_at_its_ramp_after_a_revised_cut_is_not_cut_too_deep() -> None:
+    """Soak 20261204 (an oracle finding), site 6258: an operator cut, a grid curtailment to 11.2 kW that rightly slept
+    every healthy miner (two silent ones counted at 8 kW), then the dispatch revised to 37.3 kW. The site rose at its
+    20 kW/min ramp limit, as it must, and 25 s after the revision the oracle judged its 2.4 kW healthy draw a
+    decrease too deep (it looked a settle time back for the lower limit). Under a ramp a lower limit counts as recent
+    for as long as the ramp needs to lift the site from it."""
+    w = World(
+        SiteSpec(
+            miners=10,
+            mix="whatsminer:3,antminer:1",
+            seed=6258,
+            cap_share=1.3,
+            tick_s=2.0,
+            poll_s=2.0,
+            min_off_s=0.0,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=20.0,
+            tou=((49, 107, 0.6),),
+            asleep_share=0.3,
+            blackhole_share=0.2,
+            rebooting_share=0.2,
+            atm_share=0.5,
+        )
+    )
+
+    def site_kw() -> float:
+        assert w.fleet is not None
+        return w.fleet.latest().power_w / 1000.0
+
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(15.0)
+        w.resume()
+        w.run_for(1025.0)
+        w.curtail(by_share=10.35 / site_kw())
+        w.run_for(5.0)
+        w.dispatch(curtail_share=12.952 / site_kw(), duration=300.0)
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(5.0)
+        assert w.dispatch(target_share=37.326 / w.cap_kw, revise="d3") == "d3"
+        w.run_for(600.0)  # every invariant: the ramp back up, and service once it is over (was: t=1090 s)
+        assert w.margins.checks_service > 50
+    finally:
+        w.close()
