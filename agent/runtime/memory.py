@@ -30,8 +30,15 @@ def control_of(mem: MinerMemory, sending: Change | None = None) -> MinerControl:
     )
     if sending is None or not raises_draw(sending, mem.commanded_w):
         return control
-    if sending.op is Op.WAKE:  # it may come up at its stored or stock level before any limit takes
-        return dataclasses.replace(control, asleep_by_us=False, woken_to_w=None, wake_pending=True)
+    if sending.op is Op.WAKE:
+        # it may come up at its stored level (or stock, none stored) before any limit takes, or at the limit the
+        # wake goes out with: at the higher of the two (chaos kill -9: a whatsminer stored at 1,910 W was woken
+        # with 3,472 W, the agent killed before the reply was stored; the restart counted it at 1,910 W and woke
+        # another miner into the room it came up to)
+        up = control.commanded_w
+        if up is not None and sending.watts is not None:
+            up = max(up, float(sending.watts))
+        return dataclasses.replace(control, commanded_w=up, asleep_by_us=False, woken_to_w=None, wake_pending=True)
     return dataclasses.replace(control, commanded_w=float(sending.watts or 0))
 
 
