@@ -44,6 +44,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.config import AgentConfig, LoggingConfig, MinersConfig
+from hashflex.agent.core.model import Change, Op
 from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import Store
 from hashflex.agent.logging import configure_logging
@@ -254,6 +255,7 @@ class World:
         self._last_tick = -math.inf
         self._planned_from: FleetSnapshot | None = None  # the fleet snapshot the agent's last tick planned from
         self._planned_at = 0.0  # the agent's clock at that tick (what its rules judged the commands' ages by)
+        self._told_with_plan: dict[str, Change] = {}  # the commands on the wire as that tick handed its plan off
         self._seq = 0
         self._baseline_of: dict[str, float] = {}
         self._achievable_cache: dict[Any, float] = {}
@@ -509,6 +511,7 @@ class World:
         self._planned_from = self.fleet.latest() if self.fleet is not None else None  # what ctl.tick() reads
         self._planned_at = ctl.clock.time()
         ctl.tick()
+        self._told_with_plan = dict(ctl.commands.in_flight)  # on the wire when the plan was handed off
         self.steps += 1
 
     async def _sweep(self) -> None:
@@ -890,11 +893,20 @@ class World:
         now = self._planned_at
         confirm = self.spec.confirm_after_s
         sleep_w = ctl.rules.planner.sleep_w
+        # A command on the wire is taken as done by the plan as an acknowledged one is (it is not counted twice):
+        # one that takes long to fail (a LuxOS session held by another client) keeps its miner counted so until
+        # its failure comes back and the miner is counted at its worst case (soak 20261204, seed 2485: a sleep on
+        # the wire to a miner drawing 2.6 kW, the plan's worst case 0.58 kW against 3.16 kW reported)
         for ip, ms in snap.miners.items():
             mem = ctl.commands.memory.get(ip)
             if mem is None or not ms.measured or ms.power_w is None:
                 continue
-            if mem.pending_op == "sleep" and now - mem.pending_at < confirm:
+            told = self._told_with_plan.get(ip)
+            if told is not None and told.op is Op.SLEEP:
+                measured -= ms.power_w / 1000.0
+            elif told is not None and told.op is Op.SET_POWER and told.decrease and told.watts is not None:
+                measured -= max(0.0, ms.power_w - told.watts - mem.excess_w) / 1000.0
+            elif mem.pending_op == "sleep" and now - mem.pending_at < confirm:
                 measured -= ms.power_w / 1000.0
             elif mem.asleep_by_us and not mem.settled and now - mem.changed_at < confirm:
                 measured -= max(0.0, ms.power_w - sleep_w) / 1000.0
