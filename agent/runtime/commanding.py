@@ -6,7 +6,8 @@ Before a batch goes out (`gate`): wakes and limit raises wait until every sleep 
 (`hold_rises`), are written ahead to the store (`write_ahead`: killed between the miner taking one and its reply being
 stored, the next run must not count that miner at its old, lower figures) and, while the site meter is stale, wait
 for it. A command that fails (refused, timed out) is not sent again before a back-off (confirm_after_s, doubling per
-failure in a row, at most FAILED_BACKOFF_MAX_S); a failed wake does not count against the wake stagger.
+failure in a row, at most FAILED_BACKOFF_MAX_S); a failed wake does not count against the wake stagger, and one that
+took counts from when it took.
 """
 
 from __future__ import annotations
@@ -354,6 +355,13 @@ class Commander:
                 wt = list(self.wake_times)
                 wt.remove(sent_at)
                 self.wake_times = tuple(wt)
+        if r.ok and r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
+            # a wake counts from when it took, not from when it was sent: one held up behind slow commands in its
+            # batch (limits first, a miner slow to answer) landed seconds after it was counted, and the next
+            # interval's wake landed right behind it (soak 20261204, seed 61: two miners woke within 10 s)
+            wt = list(self.wake_times)
+            wt[wt.index(sent_at)] = max(sent_at, now)
+            self.wake_times = tuple(wt)
         if r.ok:
             self.last_ack_at = now
             _acknowledged(mem, r, now)

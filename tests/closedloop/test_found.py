@@ -600,3 +600,42 @@ def test_lowering_running_miners_does_not_pay_for_wakes_under_a_ramp() -> None:
         assert all(d.physics.current_state(w.vt.t) == "hashing" for d in w.site.devices)  # the whole fleet is back
     finally:
         w.close()
+
+
+def test_a_wake_held_up_behind_slow_commands_counts_against_the_stagger_from_when_it_took() -> None:
+    """Soak 20261204, seed 61 (`wake stagger`): 17 Whatsminers, one wake per 10 s, five of them slow to answer. A
+    wake went out in a batch behind limits for slow miners and took 1.9 s after it was sent; the stagger counted it
+    from the send, and the next wake, sent 10.5 s after the first was sent, took 8.6 s after it. A wake now counts
+    from its acknowledgement (`agent.runtime.commanding.Commands.take`)."""
+    w = World(
+        SiteSpec(
+            miners=17,
+            mix="whatsminer:1",
+            seed=61,
+            cap_share=0.3,
+            circuits=((9, 0.6),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_off_s=120.0,
+            wake_per_interval=1,
+            ramp_up_kw_per_min=20.0,
+            asleep_share=1.0,
+            atm_share=0.5,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        ips = list(w.ips)
+        w.run_for(5.0)
+        w.dispatch(target_share=2.427 / w.cap_kw, start_in=60.0, duration=120.0, ramp_share_per_min=0.173 / w.cap_kw)
+        w.run_for(5.0)
+        w.set_fault({"mode": "clear", "ips": ips, "modes": ["atm"]})
+        w.run_for(35.0)
+        w.cap(17.339 / w.cap_kw)
+        w.run_for(10.0)
+        w.set_fault({"mode": "slow", "ips": [ips[8], ips[9], ips[10], ips[12], ips[14]]})
+        w.run_for(600.0)  # every invariant, the wake stagger first (was: t=225 s)
+        assert w.margins.checks_safety > 50
+    finally:
+        w.close()
