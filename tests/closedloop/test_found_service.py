@@ -548,3 +548,35 @@ def test_a_ramp_that_starts_where_the_fail_safe_held_the_site_is_not_a_service_s
         assert w.margins.checks_service > 0
     finally:
         w.close()
+
+
+def test_a_pdu_room_under_every_run_level_is_used_below_the_floor_while_the_site_ramps() -> None:
+    """Soak 20261204 `service`, site 544: 26 miners, two tight PDUs with silent addresses counted at 4 kW each; 1.77
+    kW left on the second, under an M50S's 1.8 kW run floor. Plans under a ramp (200 kW/min, the site ramping back
+    up) skipped the below-floor step, meant for the site room a ramp holds back; the PDU's room stayed empty: 10.52
+    kW drawn against the 11.15 kW service floor at t=560 s (`agent.core.planning.optimal._below_floor`)."""
+    w = World(
+        SiteSpec(
+            miners=26,
+            mix="luxos:2,whatsminer:1",
+            seed=544,
+            cap_share=1.0,
+            circuits=((17, 0.4), (5, 0.6)),
+            poll_s=2.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=200.0,
+            asleep_share=0.3,
+            refused_share=0.3,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(5.0)
+        w.cap(82.862 / w.cap_kw)
+        w.run_for(900.0)  # every invariant, service first (was: t=560 s)
+        assert w.margins.checks_service > 50
+    finally:
+        w.close()

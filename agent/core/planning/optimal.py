@@ -184,7 +184,7 @@ def _allocate(
         ths_w = _ths_of(prep, keys, models=models, taken=got_w.taken)
         if got_w.kept_on and ths_w > ths * (1.0 + WAKE_GAIN_SHARE) + _EPS:
             got, segs = got_w, segs_w
-    below = {} if ramped else _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s)
+    below = _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s, ramped=ramped)
     extra = _top_up(segs, keys, models=models, taken=got.taken, paths=node_paths, room=got.room)
     a.ths = fixed_ths + _materialise(
         prep, a, groups, keys=keys, models=models, taken=got.taken, extra=extra, below=below, blind=blind
@@ -282,6 +282,7 @@ def _below_floor(
     sizes: list[int],
     paths: list[tuple[int, ...]],
     sleep_w: float,
+    ramped: bool,
 ) -> dict[int, int]:
     """The last resort for room no run level fits: per group, one more miner kept on (a running one this plan
     sleeps) or woken (a sleeping one whose firmware takes a limit while asleep, within the wake budget, when the
@@ -290,7 +291,12 @@ def _below_floor(
     The run levels start at the curve's floor, where efficiency stops improving: below it more miners at lower
     levels buy nothing over fewer at the floor. But where the room is smaller than any miner at the floor, such a
     level is the only hashrate there is (soak 20261210: a Whatsminer M30S++ takes 1,800 W, its floor is 1,910 W,
-    and a 1.87 kW cap kept the site asleep for good). Spends `got.room`."""
+    and a 1.87 kW cap kept the site asleep for good). Spends `got.room`.
+
+    `ramped`: the ramp-up allowance bounds the site's room, which is there at a run level in a tick or two: a miner
+    whose room the site's bounds is left for then. One whose room a circuit bounds tighter is not (no ramp widens
+    a PDU: soak 20261204, site 544, 1.77 kW left on a PDU under an M50S's 1.8 kW floor, empty for as long as the
+    site ramped)."""
     room = got.room
     wakes_left = got.wakes_left
     out: dict[int, int] = {}
@@ -310,6 +316,8 @@ def _below_floor(
         m = models[g]
         extra_w = keys[g][6]
         spare = min(room[p] for p in paths[g])
+        if ramped and spare >= room[0] - _EPS:
+            continue
         level = below_floor_w(m.capability, m.nominal_w, m.levels[0], spare + sleep_w - extra_w)
         if level is None:
             continue
