@@ -95,10 +95,14 @@ def counted_draw(
     elif state in RUNNING and not mem.ignores_commands:
         # settling at a new setting: the excess it showed at the last one is still counted (not doing so let the
         # plan raise a drifting miner back over its circuit cap every time it moved its limit), and so is a larger
-        # one it shows meanwhile above both settings (a drift that began meanwhile)
+        # one it shows meanwhile above both settings (a drift that began meanwhile). With no settled reading yet
+        # (found running at start-up), the setting before is unknown, and a miner may still come down from its
+        # stock power to the limit it reports: a draw above that limit is not yet a drift (soak 20261204, site 133:
+        # a Whatsminer read at 3.44 kW on its way down to 2.08 kW, slept, was counted 1.36 kW over every level it
+        # could be woken to, and never woken under a PDU it fitted for the rest of the run)
         setting = commanded if commanded is not None else stock
         if fresh and ms.measured and told is None:
-            above = float(ms.power_w) - max(setting, mem.excess_setting_w)
+            above = float(ms.power_w) - max(setting, mem.excess_setting_w or stock)
             mem.excess_w = max(mem.excess_w, above)
         extra = excess_counted(mem, setting, peer_excess_share)
         if extra > 0:
