@@ -2,12 +2,13 @@
 object graph through `build_controller`.
 
 Most parts talk back to the loop through what is made first and handed to them: the `Wake` (an early tick asked
-for) and the `Inbox` (the miners' answers). Four edges point at parts made later, because the parts name each other:
-the commander goes first (the frequency response sheds through it), yet hears the energy meter before a batch goes
-out and hands every result to the frequency response; the energy meter's curtailment reads the loop's target; a
-frequency record marks the loop's status doc stale. Those are closures over the later part, called only once the
-loop runs, never while it is built. A fifth runs the other way round: the site meter is made first (the frequency
-response reads it) and is told here to hand every reading to the frequency response as it arrives (`listen`).
+for), the `Inbox` (the miners' answers) and the `StatusPublisher` (a frequency record marks the status doc stale;
+the loop hands it its state after every tick). Three edges point at parts made later, because the parts name each
+other: the commander goes first (the frequency response sheds through it), yet hears the energy meter before a batch
+goes out and hands every result to the frequency response; the energy meter's curtailment reads the loop's target.
+Those are closures over the later part, called only once the loop runs, never while it is built. A fourth runs the
+other way round: the site meter is made first (the frequency response reads it) and is told here to hand every
+reading to the frequency response as it arrives (`listen`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hashflex.agent.runtime.inbox import Inbox, Wake
 from hashflex.agent.runtime.metering import MeterControl, SiteMeterPort
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
+from hashflex.agent.runtime.readout import StatusPublisher
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.status import GatewayDoc
 
@@ -63,6 +65,7 @@ def build_controller(
     # read a time that never steps with the wall clock; a step is alarmed (continuity.TimeKeeper)
     steady_clock = steady(clock)
     rules = ControlRules.from_config(cfg, grid_link=grid_link)
+    publisher = StatusPublisher(notifier)  # the status doc of the loop's state, after every tick
     alarms = AlarmBoard(events, persist, steady_clock.time)
     caps = Caps(cfg.site.cap_kw)
     book = DispatchBook(store=store, persist=persist, events=events, rules=rules.arbitration, metrics=metrics)
@@ -75,9 +78,6 @@ def build_controller(
     def on_result(r: OpResult) -> None:
         if frequency is not None:
             frequency.on_result(r)
-
-    def doc_changed() -> None:
-        ctl.publisher.mark_stale()
 
     commands = Commander(
         actuator=actuator,
@@ -111,7 +111,7 @@ def build_controller(
     frequency = FrequencyResponse.for_site(
         cfg,
         commands,
-        FrequencyRecords(persist, doc_changed),
+        FrequencyRecords(persist, publisher.mark_stale),
         site_meter,
         trigger=wake.trigger,
         clock=steady_clock.time,
@@ -135,7 +135,7 @@ def build_controller(
         events=events,
         persist=persist,
         metrics=metrics,
-        notifier=notifier,
+        publisher=publisher,
         gateway_health=gateway_health,
         wake=wake,
         inbox=inbox,

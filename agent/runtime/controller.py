@@ -38,7 +38,7 @@ from hashflex.agent.core.ramp import prune_wake_times, wake_budget
 from hashflex.agent.core.snapshot import FleetSnapshot
 from hashflex.agent.io.store import StoreError
 from hashflex.agent.logging import get_logger
-from hashflex.agent.runtime import continuity, readout
+from hashflex.agent.runtime import continuity
 from hashflex.agent.runtime.alarms import AlarmBoard
 from hashflex.agent.runtime.apply import apply_command
 from hashflex.agent.runtime.arbiter import Arbiter
@@ -54,7 +54,8 @@ from hashflex.agent.runtime.inbox import Inbox, Wake
 from hashflex.agent.runtime.level import PlanningLevel
 from hashflex.agent.runtime.metering import MeterControl
 from hashflex.agent.runtime.persist import WriteBehind
-from hashflex.agent.runtime.ports import ControlStore, Notifier, RuntimeMetrics, SnapshotSource
+from hashflex.agent.runtime.ports import ControlStore, RuntimeMetrics, SnapshotSource
+from hashflex.agent.runtime.readout import StatusPublisher
 from hashflex.agent.runtime.rules import ControlRules
 from hashflex.contract.reply import Reply
 from hashflex.contract.status import GatewayDoc
@@ -77,7 +78,7 @@ class Controller:
         events: EventLog,
         persist: WriteBehind,
         metrics: RuntimeMetrics | None,
-        notifier: Notifier | None,
+        publisher: StatusPublisher,
         gateway_health: Callable[[], GatewayDoc] | None,
         wake: Wake,
         inbox: Inbox,
@@ -99,8 +100,7 @@ class Controller:
         self.energy, self.frequency, self.arbiter, self.facility = energy, frequency, arbiter, facility
         self._wake, self._inbox = wake, inbox
         self.gateway_health = gateway_health
-        # the status doc is a view of this loop's state (its site is the controller itself): made here
-        self.publisher = readout.StatusPublisher(self, notifier)
+        self.publisher = publisher  # renders this loop's state (the controller is its `SiteState`) after a tick
 
         # state (this task is its only writer)
         self.failsafe: fs.FailsafeState | None = None
@@ -301,7 +301,7 @@ class Controller:
         self.tick_ms = (time.perf_counter() - started) * 1000
         if self.metrics is not None:
             self.metrics.observe_tick(self.tick_ms / 1000)
-        self.publisher.publish(snap, now, self.observation)
+        self.publisher.publish(self, snap, now, self.observation)
         self.publisher.notify(self.tick_n, self.target, snap)
         log.info(
             "tick",

@@ -82,10 +82,12 @@ StatusSink = Callable[[StatusDoc], None]
 
 class StatusPublisher:
     """The status document: built after every tick (and on read, after a command changed what it shows), handed to
-    the sinks (MQTT state, the flexibility offer); and the service manager's watchdog and status line."""
+    the sinks (MQTT state, the flexibility offer); and the service manager's watchdog and status line.
 
-    def __init__(self, site: SiteState, notifier: Notifier | None) -> None:
-        self.site = site
+    It keeps the last document, not the loop: the state it renders is handed to it (`publish`, `current`), so it is
+    built before the controller (agent.runtime.assembly) and handed to it like any other part."""
+
+    def __init__(self, notifier: Notifier | None) -> None:
         self.notifier = notifier
         self.doc: StatusDoc | None = None
         self.stale = False  # a command changed what the doc shows since it was built
@@ -110,8 +112,8 @@ class StatusPublisher:
         """What the doc shows changed since it was built (a command, a frequency record): rebuilt on the next read."""
         self.stale = True
 
-    def publish(self, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
-        doc = self.doc = build_status(self.site, snap, now, obs or observe_now(self.site), self._broker_doc())
+    def publish(self, site: SiteState, snap: FleetSnapshot, now: float, obs: Observation | None) -> None:
+        doc = self.doc = build_status(site, snap, now, obs or observe_now(site), self._broker_doc())
         self.stale = False
         for sink in self._sinks:
             try:
@@ -119,11 +121,10 @@ class StatusPublisher:
             except Exception:
                 log.exception("status sink failed")
 
-    def current(self) -> StatusDoc:
+    def current(self, site: SiteState) -> StatusDoc:
         """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
         doc = self.doc
         if doc is None or self.stale:
-            site = self.site
             doc = self.doc = build_status(
                 site, site.fleet.latest(), site.clock.time(), observe_now(site), self._broker_doc()
             )
@@ -158,7 +159,7 @@ class SiteReader:
 
     def status(self) -> StatusDoc:
         """The STATUS DOC (APIS.md) as of the last tick, or of the last accepted command where that came later."""
-        return self.publisher.current()
+        return self.publisher.current(self.site)
 
     def miner_rows(self, state: str | None, sort: str, desc: bool, limit: int | None) -> list[dict[str, Any]]:
         return miner_rows(self.site, state, sort, desc, limit)

@@ -42,7 +42,7 @@ async def local_cap(rt: Runtime, cap_kw: float, cid: str, **extra: Any) -> Reply
 async def target(rt: Runtime) -> dict[str, Any]:
     rt.controller.trigger()
     await asyncio.sleep(0.3)
-    return rt.controller.publisher.current()
+    return rt.controller.publisher.current(rt.controller)
 
 
 @pytest.fixture

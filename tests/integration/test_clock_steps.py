@@ -71,7 +71,7 @@ class Runtime:
     async def tick(self) -> dict[str, Any]:
         self.controller.trigger()
         await asyncio.sleep(0.3)  # past the minimum gap between early ticks
-        return self.controller.publisher.current()
+        return self.controller.publisher.current(self.controller)
 
 
 def make_config(tmp_path: Path, **extra: Any) -> AgentConfig:

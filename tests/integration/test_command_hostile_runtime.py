@@ -175,7 +175,7 @@ async def test_a_grid_dispatch_cannot_replace_an_operator_hold(rt: Runtime) -> N
     await asyncio.sleep(0.3)
     rt.controller.trigger()
     await asyncio.sleep(0.3)
-    assert rt.controller.publisher.current()["target_kw"] == 0
+    assert rt.controller.publisher.current(rt.controller)["target_kw"] == 0
 
 
 # ------------------------------------------------------------------------------------- finding 10: heartbeats

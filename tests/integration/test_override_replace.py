@@ -26,7 +26,7 @@ async def test_a_new_curtail_replaces_the_previous_override_unless_added(tmp_pat
         await asyncio.sleep(0.3)  # the early tick
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.publisher.current()["target_kw"] == 800
+        assert ctl.publisher.current(ctl)["target_kw"] == 800
         # asked to add: held beside it, the lowest binds, nothing replaced
         rt.clock.t += 10
         third = await rt.send("curtail", {"id": "o3", "to_kw": 700, "add": True})
@@ -36,7 +36,7 @@ async def test_a_new_curtail_replaces_the_previous_override_unless_added(tmp_pat
         await asyncio.sleep(0.3)
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.publisher.current()["target_kw"] == 700
+        assert ctl.publisher.current(ctl)["target_kw"] == 700
         # a repeat of o2 (the CLI retrying) gets its stored reply and replaces nothing again
         again = await rt.send("curtail", {"id": "o2", "to_kw": 800})
         assert again.to_dict() == second.to_dict()

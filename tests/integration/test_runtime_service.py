@@ -34,7 +34,7 @@ async def test_dispatch_is_persisted_before_ok_and_binds(runtime: Runtime) -> No
     assert [d.id for d in stored] == ["d1"]
     assert runtime.store.get_reply("grid:dispatch:d1")["status"] == "ok"
     await asyncio.sleep(0.3)  # the early tick
-    status = runtime.controller.publisher.current()
+    status = runtime.controller.publisher.current(runtime.controller)
     assert status["target_kw"] == 600
     assert status["target_source"] == "grid"
     assert "command" in runtime.audit_kinds()
@@ -105,7 +105,7 @@ async def test_operator_override_cap_and_resume(runtime: Runtime) -> None:
     resume = await runtime.send("resume", {})
     assert resume.data["cancelled"] == ["op:o1"]  # operator overrides have their own id namespace
     await asyncio.sleep(0.3)
-    assert runtime.controller.publisher.current()["cap_kw"] == 800
+    assert runtime.controller.publisher.current(runtime.controller)["cap_kw"] == 800
     assert "cap_change" in runtime.audit_kinds()
 
 
@@ -133,7 +133,7 @@ async def test_restart_restores_state_and_closes_what_ended_while_down(tmp_path:
         await asyncio.sleep(0.3)
         ctl.trigger()
         await asyncio.sleep(0.3)
-        assert ctl.publisher.current()["target_kw"] == 450
+        assert ctl.publisher.current(ctl)["target_kw"] == 450
         # an authentic repeat of an id answered before the restart gets the stored reply, even though its
         # window is over now; a forged one is refused before the store is asked
         clock.t = T0 + 7200
@@ -152,13 +152,13 @@ async def test_status_right_after_a_command_shows_what_it_changed(tmp_path: Path
     rt = await start_runtime(make_config(tmp_path), ManualClock(T0), safe_start="the state store was unreadable")
     try:
         await asyncio.sleep(0.3)  # the first tick has built the doc
-        assert any(a["key"] == "safe_start" for a in rt.controller.publisher.current()["alarms"])
+        assert any(a["key"] == "safe_start" for a in rt.controller.publisher.current(rt.controller)["alarms"])
         resume = await rt.send("resume", {})
         assert resume.data["cancelled"] == ["safe-start"]
-        after = rt.controller.publisher.current()  # no tick between the reply and this read
+        after = rt.controller.publisher.current(rt.controller)  # no tick between the reply and this read
         assert not any(a["key"] == "safe_start" for a in after["alarms"])
         assert after["dispatches"] == []
         assert (await rt.send("curtail", {"id": "o2", "to_kw": 300})).is_ok
-        assert [d["id"] for d in rt.controller.publisher.current()["dispatches"]] == ["op:o2"]
+        assert [d["id"] for d in rt.controller.publisher.current(rt.controller)["dispatches"]] == ["op:o2"]
     finally:
         await stop_runtime(rt)

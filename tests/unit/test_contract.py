@@ -45,7 +45,7 @@ async def test_the_status_document_has_the_fields_the_contract_names(tmp_path: P
         assert _keys(reply.data["dispatch"]) == _fields(DispatchDoc)
         p.controller.trigger()
         await asyncio.sleep(0.3)
-        status = p.controller.publisher.current()
+        status = p.controller.publisher.current(p.controller)
     finally:
         await stop_parts(p.controller, p.task, p.store)
     assert _keys(status) == set(StatusDoc.__required_keys__)  # no facility configured: its key is left out

@@ -28,24 +28,28 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return built
 
 
+SITE = cast(
+    SiteState, SimpleNamespace(fleet=SimpleNamespace(latest=lambda: None), clock=SimpleNamespace(time=lambda: 7.0))
+)
+
+
 def _publisher() -> StatusPublisher:
-    site = SimpleNamespace(fleet=SimpleNamespace(latest=lambda: None), clock=SimpleNamespace(time=lambda: 7.0))
-    return StatusPublisher(cast(SiteState, site), None)
+    return StatusPublisher(None)
 
 
 def test_a_stale_doc_is_rebuilt_once_then_read(builds: list[float]) -> None:
     pub = _publisher()
-    pub.publish(cast(Any, None), 5.0, cast(Any, object()))  # the tick's doc
-    assert pub.current()["ts"] == 5.0
+    pub.publish(SITE, cast(Any, None), 5.0, cast(Any, object()))  # the tick's doc
+    assert pub.current(SITE)["ts"] == 5.0
     pub.mark_stale()  # a command changed what it shows
-    assert pub.current()["ts"] == 7.0
-    assert pub.current()["ts"] == 7.0
+    assert pub.current(SITE)["ts"] == 7.0
+    assert pub.current(SITE)["ts"] == 7.0
     assert builds == [5.0, 7.0]  # rebuilt once, then read
 
 
 def test_the_next_tick_clears_a_stale_mark(builds: list[float]) -> None:
     pub = _publisher()
     pub.mark_stale()
-    pub.publish(cast(Any, None), 9.0, cast(Any, object()))
-    assert pub.current()["ts"] == 9.0
+    pub.publish(SITE, cast(Any, None), 9.0, cast(Any, object()))
+    assert pub.current(SITE)["ts"] == 9.0
     assert builds == [9.0]
