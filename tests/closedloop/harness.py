@@ -635,6 +635,11 @@ class World:
         on, since = self._hb_state(rel)
         return not on and rel - since >= self.spec.heartbeat_timeout_s - HEARTBEAT_EVERY_S - 2 * self.spec.tick_s
 
+    def present_kw(self) -> float:
+        """The site's power as the agent's fleet reads it now (what a "curtail by" share is taken from)."""
+        assert self.fleet is not None
+        return self.fleet.latest().power_w / 1000.0
+
     def limit_now(self) -> float:
         return self._limit_kw(self.now, certain=True)
 

@@ -39,9 +39,7 @@ def test_a_curtailment_received_on_a_clock_30_s_ahead_holds_until_its_true_end()
         w.run_for(5.0)
         w.restart(crash=True)
         w.run_for(5.0)
-        assert w.fleet is not None
-        site_kw = round(w.fleet.latest().power_w / 1000.0, 3)
-        w.dispatch(curtail_share=4.652 / site_kw, duration=300.0)  # as the soak sent it: 4.652 kW off
+        w.dispatch(curtail_share=4.652 / round(w.present_kw(), 3), duration=300.0)  # as the soak sent it: 4.652 kW off
         w.run_for(5.0)
         w.dispatch(target_share=25.861 / w.cap_kw, ramp_share_per_min=0.601 / w.cap_kw)
         w.run_for(400.0)  # was: safety at t=300 s (the curtailment ended at 296 s true time; it runs to 325 s)

@@ -167,19 +167,15 @@ def test_a_site_coming_back_up_at_its_ramp_after_a_revised_cut_is_not_cut_too_de
         )
     )
 
-    def site_kw() -> float:
-        assert w.fleet is not None
-        return w.fleet.latest().power_w / 1000.0
-
     try:
         w.prepare_start_states()
         w.start()
         w.run_for(15.0)
         w.resume()
         w.run_for(1025.0)
-        w.curtail(by_share=10.35 / site_kw())
+        w.curtail(by_share=10.35 / w.present_kw())
         w.run_for(5.0)
-        w.dispatch(curtail_share=12.952 / site_kw(), duration=300.0)
+        w.dispatch(curtail_share=12.952 / w.present_kw(), duration=300.0)
         w.run_for(5.0)
         w.resume()
         w.run_for(5.0)

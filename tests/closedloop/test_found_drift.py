@@ -165,21 +165,17 @@ def test_a_drifter_slept_half_way_up_its_ramp_is_woken_with_its_whole_drift() ->
         )
     )
 
-    def site_kw() -> float:
-        assert w.fleet is not None
-        return w.fleet.latest().power_w / 1000.0
-
     try:
         w.prepare_start_states()
         w.start()
         w.run_for(305.0)
-        w.dispatch(curtail_share=8.461 / site_kw())
+        w.dispatch(curtail_share=8.461 / w.present_kw())
         w.run_for(305.0)
         w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
         w.run_for(5.0)
-        w.dispatch(curtail_share=0.938 / site_kw())
+        w.dispatch(curtail_share=0.938 / w.present_kw())
         w.run_for(5.0)
-        w.dispatch(curtail_share=0.813 / site_kw(), duration=300.0)
+        w.dispatch(curtail_share=0.813 / w.present_kw(), duration=300.0)
         w.run_for(1200.0)  # every invariant, the site's safety first (was: t=990 s)
         assert w.margins.checks_safety > 200
         assert w.margins.safety_kw > 0

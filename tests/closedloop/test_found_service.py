@@ -109,7 +109,7 @@ def test_a_deeper_cut_after_a_restart_and_a_crash_keeps_the_best_combination_too
         w.restart()
         _until(w, 330.0)
         assert w.fleet is not None
-        w.curtail(by_share=10.212 / (w.fleet.latest().power_w / 1000.0))
+        w.curtail(by_share=10.212 / w.present_kw())
         _until(w, 335.0)
         w.restart(crash=True)
         _until(w, 650.0)

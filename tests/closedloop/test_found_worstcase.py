@@ -142,8 +142,7 @@ def test_a_sleep_on_the_wire_to_a_miner_whose_session_is_held_is_taken_as_done_u
         w.run_for(5.0)
         w.set_fault({"mode": "session_held", "family": "luxos", "ips": ips})
         w.run_for(305.0)
-        assert w.fleet is not None
-        w.dispatch(curtail_share=0.189 / (w.fleet.latest().power_w / 1000.0))
+        w.dispatch(curtail_share=0.189 / w.present_kw())
         w.run_for(5.0)
         w.set_fault({"mode": "atm", "direction": "down", "interval_s": 30, "family": "luxos", "ips": [ips[1], ips[23]]})
         w.run_for(600.0)  # every invariant (was: worst case below measured at t=615 s)
