@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from hashflex.drivers.modbus_tcp import ModbusConnectError, connect_tcp
+
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
@@ -59,30 +61,14 @@ class FacilityDevice:
         self._lock = asyncio.Lock()  # one request at a time on the one connection
 
     async def _connected(self) -> AsyncModbusTcpClient:
-        client = self._client
-        if client is not None and client.connected:
-            return client
-        if client is not None:
-            client.close()
-        client = AsyncModbusTcpClient(
-            self.cfg.host,
-            port=self.cfg.port,
-            timeout=self.cfg.timeout_s,
-            retries=0,
-            reconnect_delay=0,
-            name=f"facility {self.name}",
-        )
-        self._client = client
+        old, self._client = self._client, None
         try:
-            ok = await asyncio.wait_for(client.connect(), self.cfg.timeout_s * 2)
-        except (TimeoutError, OSError, ModbusException) as exc:
-            ok, why = False, str(exc) or type(exc).__name__
-        else:
-            why = "connection refused or timed out"
-        if not ok:
-            self.close()
-            raise FacilityDeviceError(f"cannot connect to {self.name}: {why}")
-        return client
+            self._client = await connect_tcp(
+                old, host=self.cfg.host, port=self.cfg.port, timeout_s=self.cfg.timeout_s, name=f"facility {self.name}"
+            )
+        except ModbusConnectError as exc:
+            raise FacilityDeviceError(f"cannot connect to {self.name}: {exc}") from None
+        return self._client
 
     async def _call(self, what: str, request: Awaitable[Any]) -> Any:
         try:

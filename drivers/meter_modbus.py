@@ -75,6 +75,7 @@ from hashflex.drivers.meter_maps import (
     sunspec_meter_map,
     sunspec_model_length,
 )
+from hashflex.drivers.modbus_tcp import ModbusConnectError, connect_tcp
 
 log = structlog.get_logger(component="drivers.meter")
 # pymodbus logs every failed request at ERROR with a hex dump of the exchange, poll after poll while a meter is
@@ -209,32 +210,14 @@ class ModbusMeter:
             return await self._connect()
 
     async def _connect(self) -> AsyncModbusTcpClient:
-        client = self._client
-        if client is not None and client.connected:
-            return client
-        if client is not None:
-            client.close()
-        # no background reconnects: the poll loop decides when to try again
-        client = AsyncModbusTcpClient(
-            self.cfg.host,
-            port=self.cfg.port,
-            timeout=self.cfg.timeout_s,
-            retries=0,
-            reconnect_delay=0,
-            name=f"meter {self.name}",
-        )
-        self._client = client
+        old, self._client = self._client, None
         try:
-            ok = await asyncio.wait_for(client.connect(), self.cfg.timeout_s * 2)
-        except (TimeoutError, OSError, ModbusException) as exc:
-            ok, why = False, str(exc) or type(exc).__name__
-        else:
-            why = "connection refused or timed out"
-        if not ok:
-            client.close()
-            self._client = None
-            raise MeterDataError(MeterFault.OFFLINE, f"cannot connect to {self.name}: {why}")
-        return client
+            self._client = await connect_tcp(
+                old, host=self.cfg.host, port=self.cfg.port, timeout_s=self.cfg.timeout_s, name=f"meter {self.name}"
+            )
+        except ModbusConnectError as exc:
+            raise MeterDataError(MeterFault.OFFLINE, f"cannot connect to {self.name}: {exc}") from None
+        return self._client
 
     async def _read(self, rtype: RegisterType, address: int, count: int) -> list[int]:
         client = await self._connected()

@@ -34,7 +34,13 @@ OWNERS = {
     "aiomqtt": {"agent/io/mqtt.py", "coordinator/fabric.py"},
     "sqlite3": {p.relative_to(ROOT).as_posix() for p in (ROOT / "agent/io/store").glob("*.py")},
     # the agent's meter adapter; the simulated site serves its meter with the same stack
-    "pymodbus": {"drivers/meter_modbus.py", "drivers/facility_modbus.py", "sim/meter.py", "sim/facility.py"},
+    "pymodbus": {
+        "drivers/modbus_tcp.py",
+        "drivers/meter_modbus.py",
+        "drivers/facility_modbus.py",
+        "sim/meter.py",
+        "sim/facility.py",
+    },
     "nats": {"coordinator/lease.py", "coordinator/store.py"},
 }
 
