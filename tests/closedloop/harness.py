@@ -1036,12 +1036,17 @@ class World:
             # moment ago (a dispatch to 0 then cancelled) is not too deep. Under a ramp limit the site comes back
             # up from a lower limit no faster than the ramp: that limit is recent for as long as the ramp needs
             # to lift the site from it to the present one (soak 20261204, site 6258: a grid cut to 11.2 kW revised
-            # to 37.3 kW 25 s before, the site rising at its 20 kW/min, was judged a decrease too deep)
+            # to 37.3 kW 25 s before, the site rising at its 20 kW/min, was judged a decrease too deep); and for as
+            # long as the wake stagger needs to wake the miners asleep now (site 2470: a cut to 26.7 kW, resumed to
+            # 116 kW, 22 miners asleep waking one per 10 s, judged 40 s after the resume)
             ramp_up = self.spec.ramp_up_kw_per_min
+            asleep = sum(1 for ip in healthy if self.site.by_ip[ip].physics.current_state(t) == "sleeping")
+            wake_s = math.ceil(asleep / self.spec.wake_per_interval) * self.spec.wake_interval_s
             lowest = min(
                 lo
                 for at, _hi, lo in self.limits
-                if at >= t - self.settle_s() - (0.0 if not ramp_up else 60.0 * max(0.0, low - lo) / ramp_up)
+                if lo >= low - 1e-6
+                or at >= t - self.settle_s() - wake_s - (0.0 if not ramp_up else 60.0 * (low - lo) / ramp_up)
             )
             need = min(before, max(0.0, lowest - counted_u)) * (1 - self.spec.headroom_pct / 100.0) - one - tol
             # a waking miner is on its way to its setting (min-on keeps a miner woken a moment ago on, and the

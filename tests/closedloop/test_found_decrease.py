@@ -184,3 +184,32 @@ def test_a_site_coming_back_up_at_its_ramp_after_a_revised_cut_is_not_cut_too_de
         assert w.margins.checks_service > 50
     finally:
         w.close()
+
+
+def test_a_site_waking_at_its_stagger_after_a_brief_deep_cut_is_not_cut_too_deep() -> None:
+    """Soak 20261204 (an oracle finding), site 2470: 29 LuxOS miners, an operator cut to 26.7 kW, resumed 5 s later
+    (the limit back to the 116 kW cap). 22 miners were asleep and the stagger wakes one per 10 s; 40 s after the
+    resume the oracle judged the 27.3 kW drawn a decrease too deep. A lower limit now stays recent for as long as the
+    stagger needs to wake the miners asleep, as for the ramp."""
+    w = World(
+        SiteSpec(
+            miners=29, mix="luxos:1", seed=2470, cap_share=1.3, min_off_s=0.0, wake_per_interval=1, rebooting_share=0.2
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(905.0)
+        w.resume()
+        w.run_for(10.0)
+        w.curtail(to_share=115.95 / w.cap_kw, for_s=300.0)
+        w.run_for(905.0)
+        w.curtail(to_share=98.558 / w.cap_kw)
+        w.run_for(5.0)
+        w.curtail(to_share=26.669 / w.cap_kw)
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(400.0)  # every invariant: the stagger back up, then service (was: t=1870 s)
+        assert w.margins.checks_service > 10
+    finally:
+        w.close()
