@@ -12,8 +12,9 @@ then (after MAX_RECOMMANDS) counted at its real draw (`ignores_commands`) and re
 drawing above a power limit is still slept and woken (`limits_unsupported`: on/off from then on, at what it
 draws). Once confirmed, a miner is still watched: every plan counts it at no less than its settled measured draw
 (on its circuit and the site), and one measured above its limit beyond the confirmation slack is re-commanded the
-same way. A miner whose command failed is counted at its worst case, like an unreachable one, until its back-off
-ends. Configured addresses no miner
+same way. A miner coming up (woken, or not read steady since it came on) is counted above its setting by no less
+than its peers' share (`peer_excess_shares`). A miner whose command failed is counted at its worst case, like an
+unreachable one, until its back-off ends. Configured addresses no miner
 answered at are counted at a worst case until the fleet identifies them (an alarm names them).
 """
 
