@@ -177,6 +177,7 @@ def take_excess_reading(
     if power_w - setting_w < mem.excess_w and not (steady and power_w >= EXCESS_GONE_SHARE * setting_w):
         return False
     mem.excess_w, mem.excess_setting_w = max(0.0, power_w - setting_w), setting_w
+    mem.excess_read_at = read_at
     if steady:
         mem.excess_at = read_at
     return True

@@ -39,7 +39,8 @@ class MinerMemory:
     # setting settles (a drifting miner drifts at the next one too), renewed by the next settled reading
     excess_w: float = 0.0
     excess_setting_w: float = 0.0  # the setting that settled reading was taken at
-    excess_at: float = -1e18  # when a settled reading last set `excess_w` (before its last switch on: its peers')
+    excess_at: float = -1e18  # when a steady reading last set `excess_w` (before its last switch on: its peers')
+    excess_read_at: float = -1e18  # when any settled reading last set it (a climbing one: a floor; for its peers)
     last_read: tuple[float, float] = (-1e18, 0.0)  # its last settled reading while running (time, W): is it steady?
     # settling after a change: the first reading since (time, W); two readings in a row that agree mean it has
     # settled before confirm_after_s is up (`settled`)

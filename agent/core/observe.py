@@ -44,7 +44,7 @@ UNIDENTIFIED_NAMED = 20  # addresses named in the `unidentified` alarm (then a c
 # fraction of its power long before it is up), for at most WAKE_MAX_S (clock seconds)
 WAKE_UP_SHARE = 0.85
 WAKE_MAX_S = 900.0
-PEER_EVIDENCE_S = 600.0  # a miner's steady reading tells of its peers' draw this long (peer_excess_shares)
+PEER_EVIDENCE_S = 120.0  # a miner's settled reading tells of its peers' draw this long (peer_excess_shares)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,18 +218,22 @@ def _view(
 def peer_excess_shares(
     memory: Mapping[str, MinerMemory], family_of: Mapping[str, Family], now: float
 ) -> dict[Family, float]:
-    """Per firmware family, the share above its setting its miners draw on this site: the median of their steady
-    readings of the last PEER_EVIDENCE_S (0 with none). A miner that has not been read steady since it last came on
-    is woken and counted above its setting by no less than that share until its own readings say
-    (`closed_loop.excess_counted`): its draw is not known before it draws, and what its peers draw is the best
-    evidence there is. The median: one faulty power supply says nothing of the others, a site-wide cause (supply
-    voltage, a firmware's calibration) shows in most of them (soak 20261204, site 388: every miner drifting 30 %,
-    three sleeping ones woken at their bare limits one after the other behind a circuit, which ran 0.77 kW over its
-    cap while their corrections caught up)."""
+    """Per firmware family, the share above its setting its miners draw on this site: the median of their settled
+    readings of the last PEER_EVIDENCE_S (0 with none; a reading while a miner still climbs counts as the floor it
+    is). A miner that has not been read steady since it last came on is woken and counted above its setting by no
+    less than that share until its own readings say (`closed_loop.excess_counted`): its draw is not known before it
+    draws, and what its peers draw is the best evidence there is. The median: one faulty power supply says nothing of
+    the others, a site-wide cause (supply voltage, a firmware's calibration) shows in most of them (soak 20261204,
+    site 388: every miner drifting 30 %, three sleeping ones woken at their bare limits one after the other behind a
+    circuit, which ran 0.77 kW over its cap while their corrections caught up). Recent readings only: running miners
+    renew theirs every poll, and what sleepers showed before a change began (site 1422: readings of no drift taken
+    three minutes before every miner drifted 30 %) would outvote the one miner running since (a drifter slept for
+    its excess and another woken at its bare limit in its place, 3.08 kW against 2.84 kW)."""
     shares: dict[Family, list[float]] = {}
     for ip, family in family_of.items():
         mem = memory.get(ip)
-        if mem is None or mem.ignores_commands or now - mem.excess_at > PEER_EVIDENCE_S or mem.excess_setting_w <= 0:
+        fresh = now - mem.excess_read_at <= PEER_EVIDENCE_S if mem is not None else False
+        if mem is None or mem.ignores_commands or not fresh or mem.excess_setting_w <= 0:
             continue
         shares.setdefault(family, []).append(mem.excess_w / mem.excess_setting_w)
     return {family: statistics.median(values) for family, values in shares.items()}

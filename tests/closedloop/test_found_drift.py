@@ -181,3 +181,48 @@ def test_a_drifter_slept_half_way_up_its_ramp_is_woken_with_its_whole_drift() ->
         assert w.margins.safety_kw > 0
     finally:
         w.close()
+
+
+def test_a_drifter_slept_for_its_excess_is_not_replaced_by_a_peer_woken_at_its_bare_limit() -> None:
+    """Soak 20261204 `safety`, site 1422: 28 miners, an operator cut to 2.84 kW under a grid dispatch to 0 kW, every
+    miner drifting 30 % from t=935 s while all slept. After the dispatch one Whatsminer was woken; read climbing past
+    its setting it was slept for its excess, and another woken in its place at its bare limit (the peers' evidence
+    was the no-drift readings sleepers had shown three minutes before): 3.08 kW against 2.84 kW + 0.06 at t=1165 s.
+    Peers' evidence is now their readings of the last two minutes, a climbing one counted as the floor it is."""
+    w = World(
+        SiteSpec(
+            miners=28,
+            mix="whatsminer:3,antminer:1",
+            seed=1422,
+            cap_share=1.3,
+            circuits=((16, 1.2),),
+            tick_s=2.0,
+            min_on_s=120.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            ramp_up_kw_per_min=200.0,
+            asleep_share=1.0,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(5.0)
+        w.dispatch(curtail_share=7.424 / w.present_kw(), duration=300.0)
+        w.run_for(5.0)
+        w.dispatch(target_share=72.239 / w.cap_kw, ramp_share_per_min=1.204 / w.cap_kw)
+        w.run_for(905.0)
+        w.cap(36.119 / w.cap_kw)
+        w.run_for(5.0)
+        w.dispatch(target_share=25.284 / w.cap_kw, duration=600.0, ramp_share_per_min=240.796 / w.cap_kw)
+        w.run_for(5.0)
+        w.heartbeat(False)
+        w.curtail(by_share=25.518 / w.present_kw())
+        w.run_for(5.0)
+        w.dispatch(target_share=0.0, duration=120.0)
+        w.run_for(5.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
+        w.run_for(600.0)  # every invariant, the site's safety first (was: t=1165 s)
+        assert w.margins.safety_kw > 0
+    finally:
+        w.close()

@@ -29,6 +29,7 @@ def test_a_reading_still_climbing_raises_the_excess_without_making_it_the_miners
     assert take_excess_reading(mem, 115.0, 2500.0, 2000.0, GAP)  # and higher: still climbing
     assert mem.excess_w == 500.0
     assert not has_own_excess(mem)
+    assert mem.excess_read_at == 115.0  # a floor of what it draws: evidence for its peers
     assert take_excess_reading(mem, 120.0, 2600.0, 2000.0, GAP)
     assert take_excess_reading(mem, 125.0, 2600.0, 2000.0, GAP)  # two readings that agree: its own
     assert has_own_excess(mem)
@@ -65,12 +66,12 @@ def test_peers_count_only_until_the_miner_has_been_read_steady_since_it_came_on(
 
 def memories(*shares_at: tuple[float, float]) -> dict[str, MinerMemory]:
     return {
-        f"10.0.0.{n}": MinerMemory(excess_w=share * 3000.0, excess_setting_w=3000.0, excess_at=at)
+        f"10.0.0.{n}": MinerMemory(excess_w=share * 3000.0, excess_setting_w=3000.0, excess_at=at, excess_read_at=at)
         for n, (share, at) in enumerate(shares_at)
     }
 
 
-def test_the_peers_share_is_the_median_per_family_of_recent_steady_readings() -> None:
+def test_the_peers_share_is_the_median_per_family_of_recent_settled_readings() -> None:
     now = 10_000.0
     mem = memories((0.3, now - 10), (0.28, now - 20), (0.31, now - 30), (0.0, now - 40))
     family_of = dict.fromkeys(mem, Family.LUXOS)
@@ -78,7 +79,8 @@ def test_the_peers_share_is_the_median_per_family_of_recent_steady_readings() ->
     # one faulty supply says nothing of the others
     lone = memories((0.3, now - 10), (0.0, now - 20), (0.0, now - 30))
     assert peer_excess_shares(lone, dict.fromkeys(lone, Family.LUXOS), now)[Family.LUXOS] == 0.0
-    # old readings (before a change of the site's supply, say) tell nothing; nor do other families' miners
+    # old readings (before a change of the site's supply, say) tell nothing; nor do other families' miners (soak
+    # site 1422: no-drift readings of sleepers three minutes old outvoted the one drifter running since)
     old = memories((0.3, now - PEER_EVIDENCE_S - 1), (0.3, now - 10))
     families = {"10.0.0.0": Family.LUXOS, "10.0.0.1": Family.WHATSMINER}
     assert peer_excess_shares(old, families, now) == {Family.WHATSMINER: 0.3}
@@ -86,7 +88,7 @@ def test_the_peers_share_is_the_median_per_family_of_recent_steady_readings() ->
 
 def test_miners_that_ignore_commands_or_were_never_read_are_no_evidence() -> None:
     mem = {
-        "a": MinerMemory(excess_w=900.0, excess_setting_w=3000.0, excess_at=0.0, ignores_commands=True),
+        "a": MinerMemory(excess_w=900.0, excess_setting_w=3000.0, excess_read_at=0.0, ignores_commands=True),
         "b": MinerMemory(),
     }
     assert peer_excess_shares(mem, dict.fromkeys(mem, Family.LUXOS), 10.0) == {}
