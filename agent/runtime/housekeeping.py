@@ -10,12 +10,12 @@ day that ended while the agent was down is signed as soon as it is back.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hashflex.agent.core.energy import DAY_S
-from hashflex.agent.io.store import StoreUnavailable
+from hashflex.agent.io.store import PruneResult, StoreUnavailable
 from hashflex.agent.logging import get_logger
 from hashflex.agent.runtime.clock import Clock
 
@@ -24,8 +24,15 @@ log = get_logger("housekeeping")
 INTERVAL_S = 3600.0
 
 
+class UpkeptStore(Protocol):
+    """What the upkeep asks of the state store (agent.io.store.Store)."""
+
+    def sign_pending_heads(self, key: Ed25519PrivateKey, site_id: str, now: float) -> list[str]: ...
+    def prune(self, now: float) -> PruneResult: ...
+
+
 class Housekeeping:
-    def __init__(self, store: Any, clock: Clock, site_id: str, signing_key: Ed25519PrivateKey | None) -> None:
+    def __init__(self, store: UpkeptStore, clock: Clock, site_id: str, signing_key: Ed25519PrivateKey | None) -> None:
         self.store = store
         self.clock = clock
         self.site_id = site_id
