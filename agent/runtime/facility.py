@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -192,7 +192,7 @@ class FacilityControl:
         elif now - ld.verified_at >= VERIFY_S:
             self._spawn(ld, self._verify(ld))
 
-    def _spawn(self, ld: _Load, coro: Any) -> None:
+    def _spawn(self, ld: _Load, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"cooling {ld.circuit}")
         ld.task = task
         self._tasks.add(task)

@@ -626,7 +626,7 @@ class FrequencyResponse:
         self._saved = shown
         self.records.save(self.event_doc(), now, audits)
 
-    def resume(self, doc: Any, *, shift_s: float, now: float) -> None:
+    def resume(self, doc: object, *, shift_s: float, now: float) -> None:
         """Hold the event the last run held (its stored `doc`, None: none), before the first tick. `shift_s`: how
         far the last run's times are moved onto this run's clock (core.timeline, after a wall-clock step)."""
         if doc is None:
