@@ -19,6 +19,11 @@ SETTLED_W = 50.0
 # (`take_excess_reading`); under it, it is still booting or re-tuning (LuxOS: a few % of its setting for seconds)
 EXCESS_GONE_SHARE = 0.5
 MAX_RECOMMANDS = 2  # re-sends of an unconfirmed command before the miner is counted as ignoring commands
+# a miner counted as ignoring commands is tried again every this many confirm_after_s: what made it ignore one (an
+# operator at its web page, a session another client held, a fault) passes, and a site held over its limit by that
+# one miner (every other asleep) stayed so for up to ten of them (soak 20261204, site seed 2: 3.58 kW against a
+# 0 kW cap for 170 s after the miner's fault had cleared)
+IGNORING_RETRY_CONFIRMS = 3
 SLEEP_CONFIRM_SHARE = 0.25  # asleep: draws under this share of nominal
 LIMIT_CONFIRM_SLACK = 1.08  # obeying a limit: draws at most this × the limit (+ LIMIT_CONFIRM_W)
 LIMIT_CONFIRM_W = 100.0
@@ -244,7 +249,7 @@ def confirm_command(
         return
     if mem.recommands >= MAX_RECOMMANDS:
         mem.ignores_commands = True
-        mem.retry_at = now + 10 * confirm_after_s
+        mem.retry_at = now + IGNORING_RETRY_CONFIRMS * confirm_after_s
         out.changed.add(ip)
         msg = f"{ip} acknowledged {mem.pending_op} {mem.recommands + 1} times and draws {power:.0f} W"
         out.notes.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hashflex.agent.core.closed_loop import IGNORING_RETRY_CONFIRMS
 from hashflex.agent.core.miner_memory import MinerMemory
 from hashflex.agent.core.model import Change, Op, Plan, SleepAction
 
@@ -33,7 +34,7 @@ def recommands(
             continue
         mem = updated[ip] = old.copy()
         if mem.ignores_commands:
-            mem.retry_at = now + 10 * confirm_after_s
+            mem.retry_at = now + IGNORING_RETRY_CONFIRMS * confirm_after_s
         else:
             mem.resend_due = False
             mem.recommands += 1

@@ -23,7 +23,7 @@ from hashflex.agent.runtime.commanding import Commander
 from hashflex.agent.runtime.dispatches import DispatchBook
 from hashflex.agent.runtime.frequency import STATE_KEY as FREQUENCY_STATE_KEY
 from hashflex.agent.runtime.frequency import FrequencyResponse
-from hashflex.agent.runtime.level import PlanningLevel
+from hashflex.agent.runtime.level import RAMPS_STATE_KEY, PlanningLevel
 from hashflex.agent.runtime.memory import memory_from, save_on_timeline
 from hashflex.agent.runtime.persist import WriteBehind
 from hashflex.agent.runtime.ports import ControlStore
@@ -121,6 +121,7 @@ def restore(
         )
     planning.level_kw = min(present_kw, caps.effective_kw())
     planning.bias_kw = 0.0
+    planning.restore_ramps(store.get_state(RAMPS_STATE_KEY, None), shift_s=shift, now=now)
     log.info(
         "state restored",
         dispatches=len(book.open_records()),

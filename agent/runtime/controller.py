@@ -107,7 +107,7 @@ class Controller:
         self.target: Target | None = None
         self.plan: Plan | None = None
         self.observation: Observation | None = None  # the last tick's
-        self.level = PlanningLevel(cfg.control, cfg.site.cap_kw)
+        self.level = PlanningLevel(cfg.control, cfg.site.cap_kw, persist)
         self.tick_n, self.tick_ms = 0, 0.0
         self.tick_at: float | None = None
         self._arb_inputs = ArbitrationInputs(cfg.site.cap_kw)  # what the last arbitration was given

@@ -5,6 +5,7 @@ tick plans fast (sleep-only, when the level drops) and the ramp-up allowance it 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,11 +16,30 @@ from hashflex.agent.core.model import MinerView, Plan, Target
 from hashflex.agent.core.planning.worst_case import excess_w, largest_full_w
 from hashflex.agent.core.ramp import ramp_credit_cap_kw, ramp_credit_kw, spend_ramp_credit
 from hashflex.agent.runtime.metering import MeterControl, MeterTick
+from hashflex.agent.runtime.persist import WriteBehind
 
 # with a site meter, the miners' level follows the non-miner load's recent maximum, which creeps up with meter noise:
 # a fall of the miners' level smaller than this share of the licensed cap goes to the ordinary plan on this tick,
 # not to a sleep-only one (which can only sleep whole miners, and the next plan would wake them back)
 METER_FAST_DROP_SHARE = 0.005
+# where each ramped input's own path is ({ramp key: kW}), kept so a restart goes on down it: started again from the
+# site's power at the restart, a ramp a crash found low (the site asleep under a lower input that ended since)
+# began from there and held the site at nothing for the rest of a 100-minute ramp (soak 20261204, site 429)
+RAMPS_STATE_KEY = "ramps"
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def ramps_from_doc(doc: object) -> tuple[dict[str, float], float | None]:
+    """The ramp paths a run stored (RAMPS_STATE_KEY) and when, on its clock; what is not a finite, non-negative
+    figure is dropped."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("paths"), dict):
+        return {}, None
+    at = doc.get("at")
+    paths = {k: float(v) for k, v in doc["paths"].items() if isinstance(k, str) and _finite(v)}
+    return paths, float(at) if isinstance(at, int | float) and _finite(at) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +50,12 @@ class LevelStep:
 
 
 class PlanningLevel:
-    def __init__(self, cfg: ControlConfig, licensed_cap_kw: float) -> None:
+    def __init__(self, cfg: ControlConfig, licensed_cap_kw: float, persist: WriteBehind | None = None) -> None:
         self.cfg = cfg
         self.licensed_cap_kw = licensed_cap_kw
+        self.persist = persist  # the ramp paths are kept in the store (RAMPS_STATE_KEY)
+        self._saved_ramps: dict[str, float] = {}
+        self._ramps_at: float | None = None  # restored paths: when the last run left them (they go on from then)
         self.level_kw: float | None = None  # the ramped level planned for last tick
         self.miner_level_kw: float | None = None  # the miners' share of the level, planned for last tick
         self.plan_kw: float | None = None  # what the planner was given last tick (the miners' level less the bias)
@@ -77,8 +100,11 @@ class PlanningLevel:
                 tick_s=c.tick_s,
             )
         # each input ramps on its own (an input without a ramp binds at once): the level is the lowest of them
-        ramped = ramped_level(inputs, now, dt, self.ramps, from_kw=prev_level)
-        level, self.ramps = ramped.kw, ramped.ramps
+        # restored paths have gone on down since the last run left them, the time it was down included
+        dt_ramps = dt if self._ramps_at is None else max(dt, now - self._ramps_at)
+        ramped = ramped_level(inputs, now, dt_ramps, self.ramps, from_kw=prev_level)
+        level, self.ramps, self._ramps_at = ramped.kw, ramped.ramps, None
+        self._save_ramps(now)
         self.level_kw = level
         if meter is None:
             miner_level, fast_drop = level, 1e-6
@@ -101,6 +127,19 @@ class PlanningLevel:
             measured_fresh and present_kw > plan_kw + self.cfg.tolerance_kw and not self.fast_done
         )
         return LevelStep(plan_kw, fast, allowance)
+
+    def restore_ramps(self, doc: object, *, shift_s: float, now: float) -> None:
+        """The ramp paths the last run stored: a restart goes on down them from where they were then (`shift_s`:
+        how far the last run's times move onto this run's clock, core.timeline)."""
+        paths, at = ramps_from_doc(doc)
+        self.ramps = self._saved_ramps = paths
+        self._ramps_at = None if at is None or not paths else min(now, at + shift_s)
+
+    def _save_ramps(self, now: float) -> None:
+        shown = {k: round(v, 3) for k, v in self.ramps.items()}
+        if shown != self._saved_ramps and self.persist is not None:
+            self.persist.call("set_state", RAMPS_STATE_KEY, {"at": now, "paths": shown}, now)
+            self._saved_ramps = shown
 
     def planned(self, step: LevelStep, planned: Plan) -> None:
         """The plan made on `step`: the ramp-up credit it spent, and whether a fast plan went out for this target."""

@@ -639,3 +639,49 @@ def test_a_wake_held_up_behind_slow_commands_counts_against_the_stagger_from_whe
         assert w.margins.checks_safety > 50
     finally:
         w.close()
+
+
+def test_a_miner_that_ignored_commands_is_tried_again_soon_after_it_would_obey() -> None:
+    """Soak 20261204, site seed 2 (`safety`): 25 miners, the operator's cap at 0 kW, two LuxOS miners ignoring
+    commands until t=325 s. One of them, counted at its draw as ignoring commands, was tried again only every
+    10 x confirm_after_s: the site stayed at 3.58 kW against the 0.53 kW its sleepers draw for 170 s after the fault
+    had cleared. It is now tried every 3 x confirm_after_s (`agent.core.closed_loop.IGNORING_RETRY_CONFIRMS`)."""
+    w = World(
+        SiteSpec(
+            miners=25,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=2,
+            cap_share=0.3,
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            refused_share=0.3,
+            rebooting_share=0.2,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        ips = list(w.ips)
+        w.run_for(5.0)
+        w.set_fault({"mode": "clear", "ips": ips})
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(5.0)
+        w.cap(0.0)
+        w.run_for(5.0)
+        w.set_fault({"mode": "ignore", "ips": [ips[8], ips[22]]})
+        w.run_for(305.0)
+        w.set_fault({"mode": "clear", "ips": ips})
+        w.run_for(5.0)
+        w.cap(0.0)
+        w.run_for(5.0)
+        w.cap(0.0)
+        w.run_for(400.0)  # every invariant, the site's safety first (was: t=495 s)
+        assert w.margins.checks_safety > 50
+    finally:
+        w.close()

@@ -115,3 +115,49 @@ def test_min_off_runs_on_across_a_restart_after_the_wall_clock_stepped_an_hour_a
         assert all(d.physics.current_state(w.vt.t) != "sleeping" for d in w.site.devices)
     finally:
         w.close()
+
+
+def test_a_ramped_dispatch_goes_on_down_its_path_across_crashes() -> None:
+    """Soak 20261204 `service`, site 429: a grid dispatch to 0 kW over 100 minutes (0.75 kW/min), others above and
+    below it, then two crash-restarts 10 s apart. The second found the site asleep (a lower input held it then); the
+    ramp started again from the site's power at the restart and held the site at nothing for the rest of the ramp:
+    0.34 kW drawn where the dispatch's path and a 44.9 kW dispatch allowed 44.4 kW (t=950 s). The paths are kept
+    in the store and a restart goes on down them (`agent.runtime.level.RAMPS_STATE_KEY`)."""
+    w = World(
+        SiteSpec(
+            miners=17,
+            mix="whatsminer:3,antminer:1",
+            seed=429,
+            cap_share=1.3,
+            circuits=((6, 1.2),),
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_interval_s=5.0,
+            failsafe_share=0.0,
+            tou=((37, 62, 0.0),),
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(305.0)
+        w.dispatch(target_share=0.0, duration=1800.0, ramp_share_per_min=0.748 / w.cap_kw)
+        w.run_for(5.0)
+        w.dispatch(target_share=53.075 / w.cap_kw)
+        w.run_for(5.0)
+        w.dispatch(target_share=65.035 / w.cap_kw, duration=1800.0)
+        w.run_for(5.0)
+        w.dispatch(target_share=56.812 / w.cap_kw, ramp_share_per_min=14.951 / w.cap_kw)
+        w.run_for(5.0)
+        w.dispatch(target_share=44.852 / w.cap_kw)
+        w.run_for(5.0)
+        w.restart(crash=True)
+        w.run_for(5.0)
+        w.dispatch(target_share=62.045 / w.cap_kw, start_in=60.0, duration=1800.0)
+        w.run_for(5.0)
+        w.restart(crash=True)
+        w.run_for(700.0)  # every invariant, service first (was: t=950 s)
+        assert w.margins.checks_service > 10
+    finally:
+        w.close()
