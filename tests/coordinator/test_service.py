@@ -174,8 +174,10 @@ async def _run_coordinator(agents: dict[str, AgentProcess], ports: list[int], cl
         print(f"re-dispatch acknowledged {took:.2f} s after kill -9")
         # the leader crashes: the follower takes the lease when it ages out, reads the state from JetStream and
         # carries on; it sends nothing again (every share is acknowledged) and answers the grid's next command
-        before = {k: dict(v) for k, v in coord.state.assignments.items()}
         await first.kill()
+        # what it held when it died (taken after the kill: until its tasks stop it may still revise a share as the
+        # sites' flexibility moves; a snapshot taken before the kill missed such a revision, CI 2026-12-04)
+        before = {k: dict(v) for k, v in coord.state.assignments.items()}
         instances.remove(first)
         lost_at = time.monotonic()
         await _until(lambda: second.coord.last is not None, 15, "the follower acting")
