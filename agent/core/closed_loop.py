@@ -241,7 +241,7 @@ def confirm_command(
             f"{ip} acknowledged a {mem.pending_w or 0:.0f} W limit {MAX_RECOMMANDS + 1} times and draws "
             f"{power:.0f} W: controlled by sleep and wake only, counted at what it draws"
         )
-        mem.limits_unsupported = True
+        mem.overdraws_limit = True
         mem.pending_op, mem.pending_w, mem.recommands, mem.resend_due = None, None, 0, False
         out.changed.add(ip)
         out.notes.append(Note("warning", "miner ignores its power limit", {"ip": ip, "power_w": round(power)}))
@@ -276,14 +276,29 @@ def _watch_setting(
 ) -> None:
     """A confirmed limit is not the end of it: firmware drifts above its setting (PSU ageing, LuxOS ATM stepping its
     profile up). Measured above its limit beyond the confirmation slack, once its setting had time to take effect:
-    send the limit again (the re-send and ignoring rules of `confirm_command` take it from there)."""
+    send the limit again (the re-send and ignoring rules of `confirm_command` take it from there).
+
+    A miner on/off for drawing above its limits (`overdraws_limit`) is not re-sent its limit; read hashing under it
+    again, it is limited again: a drift clears (a PSU replaced, a fault that passed, a profile re-tuned), and kept
+    on/off for good it was counted at its stock power on every plan. A LuxOS S19k Pro that drifted for 5 s stayed
+    on/off at a 1,554 W profile for as long as the site ran, and every plan that kept it on counted it at its
+    2,760 W stock (or slept it), the room under the cap left unused: soak 20261204, site 246, 8.09 kW of 9.53 kW."""
     limit = mem.commanded_w
     if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured or ms.age_s is None:
         return
     if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm_after_s:
         return
     if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
+        if mem.overdraws_limit:
+            mem.overdraws_limit = False
+            out.changed.add(ip)
+            out.notes.append(
+                Note("info", "miner keeps its power limit again", {"ip": ip, "power_w": round(ms.power_w)})
+            )
+            out.alarms.append(AlarmChange(f"ignores_limits:{ip}", None))
         return
+    if mem.overdraws_limit:
+        return  # counted at what it draws, controlled by sleep and wake
     mem.pending_op, mem.pending_w = Op.SET_POWER.value, int(limit)
     mem.pending_at = now - confirm_after_s  # due for a re-send on this tick (see recommands)
     mem.recommands, mem.resend_due = 0, True

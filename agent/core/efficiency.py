@@ -138,6 +138,15 @@ def snap_down(capability: Capability, nominal_w: float, watts: float) -> int | N
     return round(nominal_w) if watts >= nominal_w else None
 
 
+def lowest_w(capability: Capability, nominal_w: float) -> int:
+    """The least a running miner can be set to: a range's minimum, the lowest preset; an on/off miner's nominal."""
+    if isinstance(capability, PowerRange):
+        return capability.min_w
+    if isinstance(capability, Presets):
+        return min(capability.watts)
+    return round(nominal_w)
+
+
 def below_floor_w(capability: Capability, nominal_w: float, lowest_run_w: int, watts: float) -> int | None:
     """The highest level the firmware takes under `lowest_run_w` (the planner's lowest run level, at the curve's
     floor) and at most `watts`; None when there is none (on/off, or a range or presets that start at the floor).

@@ -13,7 +13,10 @@ class MinerMemory:
     commanded_w: float | None = None  # last limit it accepted from us
     asleep_by_us: bool = False  # we put it to sleep (so a restart knows what it curtailed)
     last_transition: float = 0.0  # last sleep/wake we saw through (min on/off times)
-    limits_unsupported: bool = False  # its firmware refused a power limit, or took it and drew above it: on/off
+    limits_unsupported: bool = False  # its firmware refused a power limit: on/off
+    # it took limits and kept drawing above them (a drifting PSU): on/off, counted at its draw, until a reading
+    # shows it under its limit again (`closed_loop._watch_setting`)
+    overdraws_limit: bool = False
     ignores_commands: bool = False  # acknowledged, then did not act, repeatedly: counted at its real draw
     # a command it acknowledged and telemetry has not yet confirmed
     pending_op: str | None = None

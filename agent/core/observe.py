@@ -9,7 +9,7 @@ them (agent.runtime.controller), and a read-only caller (the preview, the flexib
 Closed loop (agent.core.closed_loop): a command acknowledged by a miner is confirmed from telemetry within
 confirm_after_s; if the miner still draws well above what it was told, it is re-commanded (agent.core.recommand),
 then (after MAX_RECOMMANDS) counted at its real draw (`ignores_commands`) and retried now and then; one that keeps
-drawing above a power limit is still slept and woken (`limits_unsupported`: on/off from then on, at what it
+drawing above a power limit is still slept and woken (`overdraws_limit`: on/off until read under it again, at what it
 draws). Once confirmed, a miner is still watched: every plan counts it at no less than its settled measured draw
 (on its circuit and the site), and one measured above its limit beyond the confirmation slack is re-commanded the
 same way. A miner coming up (woken, or not read steady since it came on) is counted above its setting by no less
@@ -113,7 +113,7 @@ def _view(
     ident = ms.identity
     fresh = ms.reachable and ms.age_s is not None and ms.age_s <= rules.stale_after_s
     confirm_command(ip, ms, mem, fresh=fresh, snap_ts=snap_ts, now=now, confirm_after_s=confirm, out=obs)
-    cap = OnOff() if mem.limits_unsupported else ident.capability
+    cap = OnOff() if mem.limits_unsupported or mem.overdraws_limit else ident.capability
     stock = stock_w(cap, ident.nominal_w)
     commanded = mem.commanded_w
     if commanded is None and ms.reading is not None and ms.reading.power_limit_w:

@@ -273,6 +273,7 @@ class MinerControl:
     since: float = 0.0  # when the agent last put it to sleep, woke it or limited it
     limits_unsupported: bool = False  # its firmware refused a power limit: on/off only
     ignores_commands: bool = False  # it acknowledged commands and did not act on them
+    overdraws_limit: bool = False  # it took limits and drew above them: on/off until it reads under one again
     woken_to_w: float | None = None  # the limit it was told before its last wake: it comes up at it
     # a wake sent (or about to be: written ahead of the command) and not yet seen through: a restart counts the
     # miner as waking at full power, whatever it reads like (a booting miner draws little and does not hash)
@@ -285,6 +286,7 @@ class MinerControl:
             "since": self.since,
             "limits_unsupported": self.limits_unsupported,
             "ignores_commands": self.ignores_commands,
+            "overdraws_limit": self.overdraws_limit,
             "woken_to_w": self.woken_to_w,
             "wake_pending": self.wake_pending,
         }
@@ -298,6 +300,7 @@ class MinerControl:
             since=float(raw.get("since", 0.0) or 0.0),
             limits_unsupported=bool(raw.get("limits_unsupported", False)),
             ignores_commands=bool(raw.get("ignores_commands", False)),
+            overdraws_limit=bool(raw.get("overdraws_limit", False)),
             woken_to_w=float(ww) if isinstance(ww, int | float) and not isinstance(ww, bool) else None,
             wake_pending=bool(raw.get("wake_pending", False)),
         )

@@ -25,6 +25,7 @@ def control_of(mem: MinerMemory, sending: Change | None = None) -> MinerControl:
         since=mem.last_transition,
         limits_unsupported=mem.limits_unsupported,
         ignores_commands=mem.ignores_commands,
+        overdraws_limit=mem.overdraws_limit,
         woken_to_w=mem.woken_to_w,
         wake_pending=mem.pending_op == Op.WAKE.value,
     )
@@ -50,6 +51,7 @@ def memory_from(c: MinerControl) -> MinerMemory:
         last_transition=c.since,
         limits_unsupported=c.limits_unsupported,
         ignores_commands=c.ignores_commands,
+        overdraws_limit=c.overdraws_limit,
         woken_to_w=c.woken_to_w,
         # a wake that may have gone out: confirmed (or re-sent) by telemetry as any acknowledged wake is;
         # the restoring controller dates it (pending_at)

@@ -17,7 +17,7 @@ import pytest
 from hashflex.agent.core.circuits import Circuit, CircuitTree
 from hashflex.agent.core.model import MinerState, MinerView, RunAction
 from hashflex.agent.core.planning import PlannerRules, plan, plan_sleep_only
-from hashflex.drivers.base import Family, OnOff, PowerRange
+from hashflex.drivers.base import Family, OnOff, PowerRange, Presets
 from tests.closedloop.harness import SiteSpec, World
 
 # 17 stock Antminers (on/off only) behind one PDU at 60 % of their nominal power, 3 of them silent since the start
@@ -619,5 +619,198 @@ def test_a_miner_read_above_its_limit_on_its_way_down_at_start_up_is_not_counted
         w.set_fault({"mode": "ignore", "ips": [ips[8]]})
         w.run_for(900.0)  # every invariant, service first (was: t=555 s)
         assert w.margins.checks_service > 50
+    finally:
+        w.close()
+
+
+# ------------------------------------------- soak 2026-12-04: room no sleeper fits unless a runner goes under its floor
+S19XP = Presets(watts=(1523, 1695, 1871, 2051, 2235, 2424, 2616, 2811, 3010, 3212, 3418, 3627))
+
+
+def _site_498(s19xp_w: float) -> list[MinerView]:
+    """Soak 20261204, site 498, as the agent saw it: two unreachable miners (never identified, 4 kW each) and two
+    LuxOS S19 XP on a PDU, one of them running, a Whatsminer M50S asleep on the site's own bus."""
+    xp = MinerView(
+        id="xp-on",
+        family=Family.LUXOS,
+        capability=S19XP,
+        nominal_w=3010.0,
+        nominal_ths=141.0,
+        state=MinerState.THROTTLED,
+        power_w=s19xp_w + 9.0,
+        commanded_w=s19xp_w,
+        last_transition=WM_NOW - 10_000.0,
+        circuit="c0",
+        measured_w=s19xp_w + 9.0,
+    )
+    asleep = dataclasses.replace(
+        xp, id="xp-off", state=MinerState.SLEEPING, power_w=24.0, commanded_w=3010.0, measured_w=24.0, asleep_by_us=True
+    )
+    silent = [
+        MinerView(
+            id=f"silent-{n}",
+            family=Family.OTHER,
+            capability=OnOff(),
+            nominal_w=4000.0,
+            nominal_ths=0.0,
+            state=MinerState.UNREACHABLE,
+            power_w=None,
+            commanded_w=None,
+            last_transition=0.0,
+            circuit="c0",
+        )
+        for n in range(2)
+    ]
+    m50s = dataclasses.replace(_whatsminer("m50s", 3276.0, 126.0, on=False), asleep_by_us=True)
+    return [xp, asleep, m50s, *silent]
+
+
+def test_a_running_miner_goes_under_its_floor_to_let_in_a_sleeper_that_fits_nowhere_else() -> None:
+    """The planner alone, site 498: 11.41 kW, 8 kW of it counted for the silent miners, the PDU (10.24 kW) full with
+    the running S19 XP at 2,051 W: 1.3 kW left at the site, less than the 1,700 W the M50S can be woken at, and the
+    S19 XP's lowest run level (1,871 W, the curve's floor) frees too little. At its lowest profile (1,523 W) it lets
+    the M50S in (planning/make_room.py): more hashrate, within every cap."""
+    tree = CircuitTree(11.411, [Circuit("c0", None, 10.237)])
+    rules = PlannerRules(sleep_w=20.0, headroom_pct=1.0)
+    views = _site_498(2051.0)
+    p = plan(11.411, views, tree, rules, WM_NOW, wake_budget=1)
+    assert isinstance(p.actions["m50s"], RunAction), p.actions
+    assert p.actions["xp-on"] == RunAction(1523), p.actions
+    assert p.worst_case_kw <= 11.411 * 0.99 + 1e-9
+    assert p.circuit_worst_case_kw["c0"] <= 10.237 + 1e-9
+    assert p.expected_ths > p.baseline_ths * 1.2  # the S19 XP alone: 106 TH
+    # no wake budget, no change: lowering the runner for nothing would only cost hashrate
+    held = plan(11.411, views, tree, rules, WM_NOW, wake_budget=0)
+    assert held.actions["xp-on"] == RunAction(2051), held.actions
+
+
+def test_the_closed_loop_lets_the_sleeper_in_and_keeps_it() -> None:
+    """Soak 20261204, site 498: three wall-clock steps back, a crash-restart, two refused dispatches (issued in the
+    agent's future), then an operator's 11.41 kW: the site drew 2.10 kW for good where 3.29 kW fit. Was: service at
+    t=840 s (2.10 kW < 2.96 kW)."""
+    w = _world(
+        SiteSpec(
+            miners=5,
+            mix="luxos:2,whatsminer:1",
+            seed=498,
+            cap_share=1.0,
+            circuits=((4, 0.8),),
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_interval_s=5.0,
+            asleep_share=1.0,
+            refused_share=0.3,
+        )
+    )
+    try:
+        w.run_for(5.0)
+        w.curtail(to_share=10.286 / w.cap_kw, for_s=300.0)
+        w.run_for(5.0)
+        for _ in range(3):
+            w.step_clock(-3600.0)
+            w.run_for(5.0)
+        d2 = w.dispatch(curtail_share=0.0, duration=300.0)
+        w.run_for(5.0)
+        w.restart(crash=True)
+        w.run_for(5.0)
+        w.dispatch(target_share=0.0, revise=d2)
+        w.run_for(5.0)
+        w.dispatch(curtail_share=0.01)
+        w.run_for(5.0)
+        w.curtail(to_share=11.411 / w.cap_kw)
+        w.run_for(1500.0)  # every invariant; the service check runs from t = 660 s
+        assert w.margins.checks_service > 100
+        assert w.present_kw() > 3.0
+    finally:
+        w.close()
+
+
+# --------------------------------------------------- soak 2026-12-04: a drift that passed left a miner on/off for good
+def test_a_miner_that_drew_above_its_limit_for_a_while_is_limited_again_once_it_keeps_to_it() -> None:
+    """Soak 20261204, site 246: every miner drifting 30 % for 5 s. One LuxOS S19k Pro at its 1,554 W profile was
+    re-told its limit, kept drawing above it and was made on/off (counted at what it draws, slept and woken), as a
+    miner that ignores its limit is; the drift cleared and it stayed on/off for as long as the agent ran, each plan
+    counting it at its 2,760 W stock, and the site sat at 8.09 kW under a 9.53 kW cap. Now read under its limit, it
+    is limited again (`closed_loop._watch_setting`). Was: service at t=2280 s (8.09 kW < 8.47 kW)."""
+    w = _world(
+        SiteSpec(
+            miners=4,
+            mix="luxos:1",
+            seed=246,
+            cap_share=0.8,
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=0.0,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            tou=((26, 31, 0.6),),
+            refused_share=0.3,
+            rebooting_share=0.2,
+        )
+    )
+    try:
+        w.run_for(910.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
+        w.run_for(5.0)
+        w.set_fault({"mode": "clear", "ips": list(w.ips), "modes": ["drift"]})
+        seen = False
+        for _ in range(5):
+            w.run_for(1.0)
+            assert w.ctl is not None
+            seen = seen or any(isinstance(v.capability, OnOff) for v in w.ctl.observation.views)
+        assert seen  # the drift was taken for a miner that does not keep its limit: on/off
+        w.curtail(to_share=0.0, for_s=300.0)
+        w.run_for(5.0)
+        w.dispatch(curtail_share=0.0, duration=900.0)
+        w.run_for(5.0)
+        w.set_fault({"mode": "clear", "ips": list(w.ips), "modes": ["refuse"]})
+        w.run_for(5.0)
+        w.step_clock(3600.0)
+        w.run_for(5.0)
+        w.curtail(to_share=2.381 / w.cap_kw, for_s=300.0)
+        w.run_for(2000.0)  # every invariant; was: service at t=2280 s
+        assert w.margins.checks_service > 100
+        assert w.ctl is not None
+        assert not any(isinstance(v.capability, OnOff) for v in w.ctl.observation.views)  # limited again
+        assert not any(key.startswith("ignores_limits:") for key in w.ctl.alarms)
+    finally:
+        w.close()
+
+
+def test_miners_made_on_off_by_their_atm_stepping_up_are_limited_again_once_it_is_capped() -> None:
+    """Soak 20261204 (seed 20261340), site 1976: four LuxOS miners with ATM stepping their profiles up (sim fault
+    `atm`), a wall clock step, an operator's 18.5 kW for 300 s and a restart. The miners ATM took above their
+    profile were made on/off for good (taken for miners that do not keep a limit); once the override ended the plans
+    counted each at its stock power and the site stayed at 12.85 kW under its 27.62 kW cap. Was: service at t=1610 s
+    (8.67 kW of healthy draw < 12.10 kW)."""
+    w = _world(
+        SiteSpec(
+            miners=11,
+            mix="luxos:2,whatsminer:1",
+            seed=1976,
+            cap_share=0.8,
+            circuits=((4, 1.2), (3, 0.8)),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=20.0,
+            atm_share=0.5,
+        )
+    )
+    try:
+        w.run_for(5.0)
+        w.step_clock(30.0)
+        w.run_for(905.0)
+        w.curtail(to_share=18.507 / w.cap_kw, for_s=300.0)
+        w.run_for(5.0)
+        w.restart()
+        w.run_for(800.0)  # every invariant; was: service at t=1610 s
+        assert w.margins.checks_service > 100
+        assert w.present_kw() > 0.9 * w.limit_now()
     finally:
         w.close()

@@ -8,15 +8,17 @@ The steps, in the order `plan()` runs them, one module each:
 4. `keep_on`: on each of the two as soon as it is made, where it cuts by sleeping running miners,
    `keep_best_units` re-chooses which of them stay on, and where it wakes sleeping on/off miners, `wake_best_units`
    re-chooses which of them wake (the ratio greedy can leave most of an on/off miner's power unused).
-5. `ramp_hold`: on each of the two, under a ramp-up limit, what it raises (wakes, higher limits) is held to the
+5. `make_room`: on the optimal one, a sleeper that fits nowhere, not even with the running miners at their floor,
+   let in by lowering running miners under it, where that buys hashrate (room smaller than any wake, left empty).
+6. `ramp_hold`: on each of the two, under a ramp-up limit, what it raises (wakes, higher limits) is held to the
    allowance, whatever it lowers elsewhere (a lower limit lands in seconds, a wake over a minute: the site would
    dip, then climb back faster than the ramp).
-6. the better of the two (`_rank`): fewer min-on overrides first (breaking min-on is a last resort), then more
+7. the better of the two (`_rank`): fewer min-on overrides first (breaking min-on is a last resort), then more
    expected hashrate, and on a tie the sleep-only one (fewer power-limit commands on the wire), so hashrate is never
    below the baseline.
-7. `assignment`: the chosen assignment (a level per miner) materialised as the Plan, with its worst case per node.
+8. `assignment`: the chosen assignment (a level per miner) materialised as the Plan, with its worst case per node.
 
-- `plan()`: steps 1-7. `plan_sleep_only()`: steps 1, 2, 4, 5 and 7 — the fast first response to a lower target.
+- `plan()`: steps 1-8. `plan_sleep_only()`: steps 1, 2, 4, 6 and 8 — the fast first response to a lower target.
 Both are pure and deterministic; the same inputs give the same plan. Guarantees (property-tested):
 worst case ≤ target and ≤ every circuit cap unless an alarm "cannot_meet:<node>" says it cannot be (then every
 controllable miner under that node sleeps); min-off is never broken; min-on is broken only where a cap cannot be
@@ -32,6 +34,7 @@ from hashflex.agent.core.circuits import CircuitTree
 from hashflex.agent.core.model import MinerView, Plan
 from hashflex.agent.core.planning.assignment import Assignment, build_plan
 from hashflex.agent.core.planning.keep_on import keep_best_units, wake_best_units
+from hashflex.agent.core.planning.make_room import lower_to_wake
 from hashflex.agent.core.planning.optimal import optimal_assignment
 from hashflex.agent.core.planning.ramp_hold import hold_to_ramp
 from hashflex.agent.core.planning.sleep_only import sleep_only_assignment
@@ -62,6 +65,7 @@ def plan(
         return build_plan(prep, base, target_kw, baseline_ths=None)
     best = optimal_assignment(prep, floor, wake_budget, ramp_allowance_kw)
     _best_units(prep, best, caps, wake_budget)
+    lower_to_wake(prep, best, caps, wake_budget)
     hold_to_ramp(prep, best, ramp_allowance_kw, caps)
     chosen = best if _rank(best) < _rank(base) else base
     return build_plan(prep, chosen, target_kw, baseline_ths=base.ths)

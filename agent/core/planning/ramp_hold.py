@@ -1,4 +1,4 @@
-"""Step 5 of the planner, on the `sleep_only` and the `optimal` assignment alike, under a ramp-up limit: what the
+"""Step 6 of the planner, on the `sleep_only` and the `optimal` assignment alike, under a ramp-up limit: what the
 assignment raises (wakes, higher limits) is at most the ramp allowance, whatever it lowers elsewhere.
 
 Both planners keep the site's worst case under the fleet's present worst case plus the allowance: the net change.
