@@ -164,6 +164,11 @@ def settled(mem: MinerMemory, read_at: float, power_w: float, confirm_after_s: f
     return False
 
 
+def _spread_w(setting_w: float) -> float:
+    """What a unit may draw above its setting without drifting (its power factor, a reading's noise)."""
+    return max(SETTLED_W, SETTLED_SHARE * setting_w)
+
+
 def take_excess_reading(
     mem: MinerMemory, read_at: float, power_w: float, setting_w: float, steady_gap_s: float
 ) -> bool:
@@ -179,9 +184,16 @@ def take_excess_reading(
     if apart:
         mem.last_read = (read_at, power_w)
     steady = apart and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
-    if power_w - setting_w < mem.excess_w and not (steady and power_w >= EXCESS_GONE_SHARE * setting_w):
+    seen = power_w - setting_w
+    if apart and not steady and prev_at > mem.last_transition and seen > _spread_w(setting_w):
+        # climbing past its setting: until the next reading shows where it got to, it may climb as much again.
+        # Counted at the reading, a floor, a lone LuxOS S19 XP drifting 30 % was read at 1,908 W on its way up
+        # from a re-tune to 1,695 W and drew 2.08 kW ten seconds later; the PDU the plan had filled around it ran
+        # 0.23 kW over its cap (soak 20261204, site 4930: no peer of its family to show the share)
+        seen += max(0.0, power_w - prev_w)
+    if seen < mem.excess_w and not (steady and power_w >= EXCESS_GONE_SHARE * setting_w):
         return False
-    mem.excess_w, mem.excess_setting_w = max(0.0, power_w - setting_w), setting_w
+    mem.excess_w, mem.excess_setting_w = max(0.0, seen), setting_w
     mem.excess_read_at = read_at
     if steady:
         mem.excess_at = read_at

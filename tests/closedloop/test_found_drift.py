@@ -226,3 +226,48 @@ def test_a_drifter_slept_for_its_excess_is_not_replaced_by_a_peer_woken_at_its_b
         assert w.margins.safety_kw > 0
     finally:
         w.close()
+
+
+def test_a_lone_drifter_read_past_its_setting_on_its_way_up_is_counted_one_rise_ahead() -> None:
+    """Soak 20261204, site 4930: three miners on one PDU (7.6 kW), a LuxOS S19 XP rebooting at the start and
+    drifting 30 % from t=10 s, no other LuxOS miner to show its peers' share, a -1 h wall-clock step and a restart.
+    Woken, then re-tuned to 1,695 W, it was read at 1,908 W while it still climbed, counted so (its excess a floor,
+    213 W), and drew 2.08 kW ten seconds later, on its way to 2.2 kW: the plan had raised the Whatsminer beside it to
+    fill the PDU, and the PDU ran 0.23 kW over its cap. A reading climbing past the setting now counts the rise since
+    the reading before on top (until the next reading it may climb as much again), until two readings agree
+    (`closed_loop.take_excess_reading`). Was: safety (circuit) at t=395 s, 7.85 kW against 7.62 kW + 0.18."""
+    w = World(
+        SiteSpec(
+            miners=3,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=4930,
+            cap_share=1.0,
+            circuits=((3, 0.8),),
+            poll_s=2.0,
+            min_on_s=120.0,
+            min_off_s=120.0,
+            wake_per_interval=50,
+            ramp_up_kw_per_min=20.0,
+            failsafe_share=0.0,
+            tou=((115, 138, 0.3),),
+            rebooting_share=0.2,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(5.0)
+        w.dispatch(curtail_share=0.04 / max(w.present_kw(), 0.001), duration=300.0)
+        w.run_for(5.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": [w.ips[0]]})
+        w.run_for(5.0)
+        w.step_clock(-3600.0)
+        w.run_for(5.0)
+        w.restart()
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(900.0)  # every invariant; was: safety (circuit) at t=395 s
+        assert w.margins.checks_safety > 100
+        assert w.margins.safety_kw > 0
+    finally:
+        w.close()

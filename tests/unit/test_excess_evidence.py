@@ -27,7 +27,7 @@ def test_a_reading_still_climbing_raises_the_excess_without_making_it_the_miners
     mem = MinerMemory(last_transition=100.0)
     assert take_excess_reading(mem, 110.0, 2300.0, 2000.0, GAP)  # above its setting: counted at once
     assert take_excess_reading(mem, 115.0, 2500.0, 2000.0, GAP)  # and higher: still climbing
-    assert mem.excess_w == 500.0
+    assert mem.excess_w == 500.0 + 200.0  # it may climb as much again before the next reading
     assert not has_own_excess(mem)
     assert mem.excess_read_at == 115.0  # a floor of what it draws: evidence for its peers
     assert take_excess_reading(mem, 120.0, 2600.0, 2000.0, GAP)
@@ -92,3 +92,28 @@ def test_miners_that_ignore_commands_or_were_never_read_are_no_evidence() -> Non
         "b": MinerMemory(),
     }
     assert peer_excess_shares(mem, dict.fromkeys(mem, Family.LUXOS), 10.0) == {}
+
+
+def test_a_miner_climbing_past_its_setting_is_counted_one_rise_ahead_until_two_readings_agree() -> None:
+    """Soak 20261204, site 4930: a lone drifter read at 1,908 W on its way up to 2.2 kW at a 1,695 W setting."""
+    mem = MinerMemory(last_transition=100.0)
+    take_excess_reading(mem, 110.0, 1600.0, 1695.0, GAP)  # still under its setting: no excess
+    assert mem.excess_w == 0.0
+    take_excess_reading(mem, 115.0, 1908.0, 1695.0, GAP)  # past it, 308 W up since the last reading
+    assert mem.excess_w == 1908.0 - 1695.0 + 308.0
+    assert not has_own_excess(mem)
+    take_excess_reading(mem, 115.0, 1908.0, 1695.0, GAP)  # the same reading again (a tick without a poll)
+    assert mem.excess_w == 1908.0 - 1695.0 + 308.0
+    read_steady(mem, 120.0, 2203.0, 1695.0)  # two readings that agree: what it draws is known
+    assert mem.excess_w == 2203.0 - 1695.0
+    assert has_own_excess(mem)
+
+
+@given(setting=watts, spread=st.floats(min_value=0.0, max_value=0.029), rise=st.floats(min_value=0.0, max_value=500))
+def test_a_miner_coming_up_to_its_setting_gets_no_excess_from_its_ramp(
+    setting: float, spread: float, rise: float
+) -> None:
+    mem = MinerMemory(last_transition=100.0)
+    take_excess_reading(mem, 110.0, max(0.0, setting - rise), setting, GAP)
+    take_excess_reading(mem, 115.0, setting * (1.0 + spread), setting, GAP)
+    assert mem.excess_w <= spread * setting + 1e-6
