@@ -185,12 +185,13 @@ def take_excess_reading(
         mem.last_read = (read_at, power_w)
     steady = apart and abs(power_w - prev_w) <= max(SETTLED_W, SETTLED_SHARE * max(power_w, prev_w))
     seen = power_w - setting_w
-    if apart and not steady and prev_at > mem.last_transition and seen > _spread_w(setting_w):
-        # climbing past its setting: until the next reading shows where it got to, it may climb as much again.
-        # Counted at the reading, a floor, a lone LuxOS S19 XP drifting 30 % was read at 1,908 W on its way up
+    if apart and not steady and prev_at > max(mem.last_transition, mem.changed_at) and seen > _spread_w(setting_w):
+        # climbing past its setting: until the next reading shows where it got to, it may climb as much again above
+        # it. Counted at the reading, a floor, a lone LuxOS S19 XP drifting 30 % was read at 1,908 W on its way up
         # from a re-tune to 1,695 W and drew 2.08 kW ten seconds later; the PDU the plan had filled around it ran
-        # 0.23 kW over its cap (soak 20261204, site 4930: no peer of its family to show the share)
-        seen += max(0.0, power_w - prev_w)
+        # 0.23 kW over its cap (soak 20261204, site 4930: no peer of its family to show the share). Only the rise
+        # above the setting, since a reading at the same setting: the climb to a raised limit is no drift
+        seen += max(0.0, power_w - max(prev_w, setting_w))
     if seen < mem.excess_w and not (steady and power_w >= EXCESS_GONE_SHARE * setting_w):
         return False
     mem.excess_w, mem.excess_setting_w = max(0.0, seen), setting_w
@@ -290,18 +291,21 @@ def _watch_setting(
     profile up). Measured above its limit beyond the confirmation slack, once its setting had time to take effect:
     send the limit again (the re-send and ignoring rules of `confirm_command` take it from there).
 
-    A miner on/off for drawing above its limits (`overdraws_limit`) is not re-sent its limit; read hashing under it
-    again, it is limited again: a drift clears (a PSU replaced, a fault that passed, a profile re-tuned), and kept
-    on/off for good it was counted at its stock power on every plan. A LuxOS S19k Pro that drifted for 5 s stayed
-    on/off at a 1,554 W profile for as long as the site ran, and every plan that kept it on counted it at its
-    2,760 W stock (or slept it), the room under the cap left unused: soak 20261204, site 246, 8.09 kW of 9.53 kW."""
+    A miner on/off for drawing above its limits (`overdraws_limit`) is not re-sent its limit; read steady at it
+    again (within a unit's spread), it is limited again: a drift clears (a PSU replaced, a fault that passed, a
+    profile re-tuned), and kept on/off for good it was counted at its stock power on every plan. A LuxOS S19k Pro
+    that drifted for 5 s stayed on/off at a 1,554 W profile for as long as the site ran, and every plan that kept it
+    on counted it at its 2,760 W stock (or slept it), the room under the cap left unused: soak 20261204, site 246,
+    8.09 kW of 9.53 kW."""
     limit = mem.commanded_w
     if limit is None or mem.asleep_by_us or mem.limits_unsupported or not ms.measured or ms.age_s is None:
         return
     if ms.state_hint in ("sleeping", "waking") or snap_ts - ms.age_s < mem.changed_at + confirm_after_s:
         return
     if ms.power_w <= limit * LIMIT_CONFIRM_SLACK + LIMIT_CONFIRM_W:
-        if mem.overdraws_limit:
+        # cleared on a steady reading since it last came on that shows it within a unit's spread of its limit: a
+        # miner still booting after a wake reads far under its limit and proves nothing
+        if mem.overdraws_limit and has_own_excess(mem) and mem.excess_w <= _spread_w(limit):
             mem.overdraws_limit = False
             out.changed.add(ip)
             out.notes.append(

@@ -682,6 +682,10 @@ def test_a_running_miner_goes_under_its_floor_to_let_in_a_sleeper_that_fits_nowh
     # no wake budget, no change: lowering the runner for nothing would only cost hashrate
     held = plan(11.411, views, tree, rules, WM_NOW, wake_budget=0)
     assert held.actions["xp-on"] == RunAction(2051), held.actions
+    # a miner of a higher priority class is not lowered for one of a lower class
+    ranked = [dataclasses.replace(v, priority=1) if v.id == "xp-on" else v for v in views]
+    kept = plan(11.411, ranked, tree, rules, WM_NOW, wake_budget=1)
+    assert kept.actions["xp-on"] == RunAction(2051), kept.actions
 
 
 def test_the_closed_loop_lets_the_sleeper_in_and_keeps_it() -> None:

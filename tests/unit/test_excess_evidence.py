@@ -99,12 +99,14 @@ def test_a_miner_climbing_past_its_setting_is_counted_one_rise_ahead_until_two_r
     mem = MinerMemory(last_transition=100.0)
     take_excess_reading(mem, 110.0, 1600.0, 1695.0, GAP)  # still under its setting: no excess
     assert mem.excess_w == 0.0
-    take_excess_reading(mem, 115.0, 1908.0, 1695.0, GAP)  # past it, 308 W up since the last reading
-    assert mem.excess_w == 1908.0 - 1695.0 + 308.0
+    take_excess_reading(mem, 115.0, 1908.0, 1695.0, GAP)  # past it: 213 W above, all of it since the last reading
+    assert mem.excess_w == 2 * (1908.0 - 1695.0)
     assert not has_own_excess(mem)
     take_excess_reading(mem, 115.0, 1908.0, 1695.0, GAP)  # the same reading again (a tick without a poll)
-    assert mem.excess_w == 1908.0 - 1695.0 + 308.0
-    read_steady(mem, 120.0, 2203.0, 1695.0)  # two readings that agree: what it draws is known
+    assert mem.excess_w == 2 * (1908.0 - 1695.0)
+    take_excess_reading(mem, 120.0, 2083.0, 1695.0, GAP)  # still climbing: 175 W more
+    assert mem.excess_w == 2083.0 - 1695.0 + 175.0
+    read_steady(mem, 125.0, 2203.0, 1695.0)  # two readings that agree: what it draws is known
     assert mem.excess_w == 2203.0 - 1695.0
     assert has_own_excess(mem)
 
@@ -117,3 +119,12 @@ def test_a_miner_coming_up_to_its_setting_gets_no_excess_from_its_ramp(
     take_excess_reading(mem, 110.0, max(0.0, setting - rise), setting, GAP)
     take_excess_reading(mem, 115.0, setting * (1.0 + spread), setting, GAP)
     assert mem.excess_w <= spread * setting + 1e-6
+
+
+def test_the_climb_to_a_raised_limit_is_no_excess() -> None:
+    """A reading before the limit was raised is no base for a climb past the new one (a raise is no drift)."""
+    mem = MinerMemory(last_transition=100.0)
+    read_steady(mem, 110.0, 1500.0, 1500.0)
+    mem.changed_at = 118.0  # raised to 2000 W
+    take_excess_reading(mem, 125.0, 2070.0, 2000.0, GAP)
+    assert mem.excess_w == 70.0

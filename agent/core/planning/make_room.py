@@ -39,19 +39,31 @@ def lower_to_wake(prep: Prep, a: Assignment, caps: list[float], wake_budget: int
     if left <= 0:
         return
     sleepers = [i for i, k in enumerate(kind) if k in (OFF, OFF_L) and level[i] == 0.0 and not prep.forced[i]]
-    if not sleepers:
+    # the most any wake could gain is its hashrate at stock power: where that is no real gain (a large fleet on,
+    # where room under one miner is a small share of the site) nothing is tried, and the step costs one pass
+    if not sleepers or max(_ths(prep, i, prep.full_w[i]) for i in sleepers) <= WAKE_GAIN_SHARE * a.ths + _EPS:
+        return
+    donors = [j for j, k in enumerate(kind) if k in (ON, ON_P) and not prep.curtailed[j] and level[j] > 0.0]
+    if not donors:
         return
     room = [cap - load for cap, load in zip(caps, a.node_loads(prep), strict=True)]
-    sleepers.sort(key=lambda i: (-prep.prio[i], -_ths(prep, i, _least_wake_w(prep, i)) / _least_wake_w(prep, i)))
-    for i in sleepers:
-        if left <= 0:
-            return
-        if _let_in(prep, a, i, room):
+    # identical sleepers fare alike: one that does not get in ends its group's turn
+    groups: dict[tuple[int, int, int, int, float], list[int]] = {}
+    for i in sorted(sleepers, key=lambda i: prep.views[i].last_transition):  # the longest asleep first
+        key = (id(prep.model[i]), kind[i], prep.path_id[i], prep.prio[i], prep.wake_extra_w[i])
+        groups.setdefault(key, []).append(i)
+    order = sorted(groups.values(), key=lambda g: (-prep.prio[g[0]], -_ths_per_w(prep, g[0])))
+    for members in order:
+        for i in members:
+            if left <= 0:
+                return
+            if not _let_in(prep, a, i, room, donors):
+                break
             left -= 1
 
 
-def _let_in(prep: Prep, a: Assignment, i: int, room: list[float]) -> bool:
-    """Wake sleeper i by lowering running miners under its path, if that buys hashrate; spends `room`."""
+def _let_in(prep: Prep, a: Assignment, i: int, room: list[float], donors: list[int]) -> bool:
+    """Wake sleeper i by lowering one of `donors` under its path, if that buys hashrate; spends `room`."""
     s, extra = prep.rules.sleep_w, prep.wake_extra_w[i]
     least = _least_wake_w(prep, i)
     path = prep.path[i]
@@ -62,8 +74,9 @@ def _let_in(prep: Prep, a: Assignment, i: int, room: list[float]) -> bool:
     # of commands and a site in motion for little (28 miners under a time-of-use window, 1.4 kW short: twelve
     # lowered by 100-170 W each to wake one, and the re-plans while they settled slept a running miner)
     best: tuple[float, int, float] | None = None  # (hashrate lost, donor, its new level)
-    for j, k in enumerate(prep.kind):
-        if k not in (ON, ON_P) or prep.curtailed[j] or not all(nd in prep.path[j] for nd in short):
+    for j in donors:
+        # never one of a higher priority class than the sleeper (the optimiser grants by class first)
+        if prep.prio[j] > prep.prio[i] or not all(nd in prep.path[j] for nd in short):
             continue
         v, cur = prep.views[j], a.level[j]
         new = snap_down(v.capability, v.nominal_w, cur - max(short.values()))
@@ -92,6 +105,11 @@ def _let_in(prep: Prep, a: Assignment, i: int, room: list[float]) -> bool:
     for nd in path:
         room[nd] -= wc - s
     return True
+
+
+def _ths_per_w(prep: Prep, i: int) -> float:
+    least = _least_wake_w(prep, i)
+    return _ths(prep, i, least) / least if least > 0 else 0.0
 
 
 def _least_wake_w(prep: Prep, i: int) -> float:
