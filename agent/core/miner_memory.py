@@ -37,6 +37,9 @@ class MinerMemory:
     # when it acknowledged a command that changed its setting (a re-send of the same one does not count): its
     # readings show what it draws at that setting from confirm_after_s later
     changed_at: float = -1e18
+    # the limit it had before the one it acknowledged last (None: none known, or a wake): while it settles at the new
+    # one it may read anywhere between the two, and that is no drift
+    left_w: float | None = None
     woken_to_w: float | None = None  # the limit it accepted right after its last wake command (it comes up at it)
     # how far above its setting it drew at its last settled reading while running: still counted while a new
     # setting settles (a drifting miner drifts at the next one too), renewed by the next settled reading

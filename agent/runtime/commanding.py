@@ -402,6 +402,7 @@ def _acknowledged(mem: MinerMemory, r: OpResult, now: float) -> None:
         mem.woken_to_w = None
         mem.wake_sent_at = None
     elif r.op is Op.WAKE:
+        mem.left_w = None  # it comes up from asleep
         if not mem.seen_on:
             mem.last_transition = now
         mem.asleep_by_us = False
@@ -413,6 +414,8 @@ def _acknowledged(mem: MinerMemory, r: OpResult, now: float) -> None:
     else:
         if r.watts is not None and mem.commanded_w is not None and r.watts < mem.commanded_w:
             mem.lowered_at = now
+        if r.watts is not None and r.watts != mem.commanded_w:
+            mem.left_w = mem.commanded_w
         mem.commanded_w = float(r.watts) if r.watts is not None else mem.commanded_w
         mem.limited_at = now
     if (mem.pending_op, mem.pending_w) != (r.op.value, r.watts):

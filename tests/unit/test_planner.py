@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -114,6 +115,21 @@ def test_a_site_over_its_headroom_but_within_its_target_sleeps_no_running_miner_
         assert p.worst_case_kw <= target_kw * 0.99 + 1e-6
         assert all(watts(p.actions[v.id]) <= 2000 for v in good)  # the cut came off the raises, nothing raised
     assert asleep(run(present_kw * 0.9, good + poor, rules=rules)) == {"m4", "m5"}  # a cut: least efficient first
+
+
+def test_a_waking_miner_is_kept_on_when_the_site_is_a_few_watts_into_its_headroom() -> None:
+    """Soak of 2026-12-04 night, site 10000: three miners at their lowest run level and one waking at its limit,
+    counted 3 W into the 1 % headroom (within the target). Slept for it, its wake-up was thrown away and the next
+    plan woke another: while the site fits its hard limits, what is on keeps its first level within them."""
+    floor_w = 1790  # the lowest run level of a 3,250 W range miner (55 % of nominal, on its run-level grid)
+    running = [miner(i, commanded_w=floor_w, state=MinerState.THROTTLED) for i in range(3)]
+    waking = miner(3, commanded_w=1800, state=MinerState.WAKING, since=NOW - 5.0)
+    waking = dataclasses.replace(waking, woken_to_w=1800.0)
+    rules = PlannerRules(sleep_w=20.0, headroom_pct=1.0)
+    present_kw = (3 * floor_w + 1800) / 1000.0
+    p = run(present_kw / 0.9995, [*running, waking], rules=rules)
+    assert not asleep(p), p.actions
+    assert p.worst_case_kw <= present_kw / 0.9995 + 1e-6
 
 
 def test_sleep_only_plan_changes_no_power_limit() -> None:

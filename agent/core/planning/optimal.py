@@ -59,6 +59,7 @@ _WAKE_KINDS = (OFF, OFF_L)  # asleep, may be woken
 _LADDER_KINDS = (ON, ON_P, OFF_L)  # run level by level
 # the wake-first variant (`_wakes_before_raises`) replaces the ratio order's allocation only above this gain
 WAKE_GAIN_SHARE = 0.02
+MAX_WAKE_VARIANTS = 8  # skipped wake groups tried one at a time (each a pass of the grant; the rest: all together)
 
 
 def optimal_assignment(prep: Prep, floor: list[float], wake_budget: int, ramp_allowance_kw: float | None) -> Assignment:
@@ -164,6 +165,12 @@ def _allocate(
     # a miner on (running or still waking) that this plan sleeps means the limit wants less: wake nothing now
     # (else a smaller sleeping miner would take the room it leaves, a swap that throws a wake-up away)
     slept_on = any(f and prep.kind[i] in _ON_KINDS for i, f in enumerate(prep.forced))
+    # while the site as it runs fits its hard limits, what is on stays on within them: the headroom under them is a
+    # margin for noise, not a reason to sleep a miner (soak 20261204, site 10000: a miner read 4 W above its limit
+    # put the site 3 W into the headroom, the waking miner was slept for it, three running ones raised into its room,
+    # and the next plan woke another: a wake-up thrown away every 20 s and the site at 80 % of its limit)
+    hard_room = prep.soft_caps(None)
+    keep_slack = [max(0.0, h - c) if settled else 0.0 for h, c in zip(prep.hard, hard_room, strict=True)]
     grant = _Granting(
         keys,
         sizes=sizes,
@@ -173,17 +180,28 @@ def _allocate(
         start=start,
         wake_budget=max(0, wake_budget),
         slept_on=slept_on,
+        keep_slack=keep_slack,
     )
     got = grant.run(segs)
+    best: tuple[_Granted, list[tuple[int, float, int, int, float]]] | None = None
     if got.skipped and got.kept_on:
         # a wake the ratio order reached too late (raises of running miners had taken the room it needed), in a
-        # plan that sleeps no miner that is on: the wake-first variant, if it sleeps none either and gains enough
-        segs_w = _wakes_before_raises(segs, keys, got.skipped)
-        got_w = grant.run(segs_w)
-        ths = _ths_of(prep, keys, models=models, taken=got.taken)
-        ths_w = _ths_of(prep, keys, models=models, taken=got_w.taken)
-        if got_w.kept_on and ths_w > ths * (1.0 + WAKE_GAIN_SHARE) + _EPS:
-            got, segs = got_w, segs_w
+        # plan that sleeps no miner that is on: the wake-first variant, if it sleeps none either and gains enough.
+        # All the skipped wakes first, and each alone: together, the one with the most TH per W took the room and
+        # the one worth more did not fit (soak 20261204, site 1943: an M50S woken into a full PDU by lowering its
+        # neighbours left no site room for a stock Antminer on the other PDU, the variant gained under 2 % and was
+        # dropped; the Antminer alone gains 4.7 %)
+        best_ths = _ths_of(prep, keys, models=models, taken=got.taken) * (1.0 + WAKE_GAIN_SHARE) + _EPS
+        skipped = sorted(got.skipped)
+        tries = [set(skipped)] + ([{g} for g in skipped[:MAX_WAKE_VARIANTS]] if len(skipped) > 1 else [])
+        for wakes in tries:
+            segs_w = _wakes_before_raises(segs, keys, wakes)
+            got_w = grant.run(segs_w)
+            ths_w = _ths_of(prep, keys, models=models, taken=got_w.taken)
+            if got_w.kept_on and ths_w > best_ths:
+                best_ths, best = ths_w, (got_w, segs_w)
+        if best is not None:
+            got, segs = best
     below = _below_floor(keys, models, got, sizes=sizes, paths=node_paths, sleep_w=s, ramped=ramped)
     extra = _top_up(segs, keys, models=models, taken=got.taken, paths=node_paths, room=got.room)
     a.ths = fixed_ths + _materialise(
@@ -215,12 +233,14 @@ class _Granting:
         start: list[list[int]],
         wake_budget: int,
         slept_on: bool,
+        keep_slack: list[float],
     ) -> None:
         self.keys, self.sizes, self.is_wake, self.paths = keys, sizes, is_wake, paths
         self.room, self.start, self.wake_budget, self.slept_on = room, start, wake_budget, slept_on
+        self.keep_slack = keep_slack  # per node, more room for a miner that is on to stay on (its first level)
 
     def run(self, segs: list[tuple[int, float, int, int, float]]) -> _Granted:
-        keys, sizes, is_wake, paths = self.keys, self.sizes, self.is_wake, self.paths
+        keys, sizes, is_wake, paths, slack = self.keys, self.sizes, self.is_wake, self.paths, self.keep_slack
         room = list(self.room)
         taken = [list(t) for t in self.start]
         skipped: set[int] = set()
@@ -238,10 +258,11 @@ class _Granting:
             if n <= 0:
                 continue
             wanted = n
+            keeping = j == 0 and keys[g][3] in _ON_KINDS
             for p in paths[g]:
-                fit = int((room[p] + _EPS) / cost)
+                fit = int((room[p] + (slack[p] if keeping else 0.0) + _EPS) / cost)
                 n = min(n, fit)
-            if j == 0 and n < sizes[g] and keys[g][3] in _ON_KINDS:
+            if keeping and n < sizes[g]:
                 slept_on = True  # not all of this group stay on (every keep-on segment comes before the wakes)
             if waking and n < wanted:
                 skipped.add(g)
