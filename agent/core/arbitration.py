@@ -234,21 +234,34 @@ def ramped_level(
 
     An input without a ramp binds at once at its level. An input that asks for a ramp (a dispatch's
     `ramp_kw_per_min`) goes down its own path: from where it was (`ramps`, the state returned by the last call) or,
-    the first time it binds, from `from_kw` (the level planned last tick: where the site is headed from), at most
-    its rate times the time since (`dt_s`, or since it began to bind), to its level; a rise of its level applies at
-    once (increases are limited by the planner's ramp allowance). So a ramp slows only its own input: any other
-    input binds as if it were alone.
+    the first time it binds, from `from_kw` (the level planned last tick: where the site is headed from) or where
+    a path already on its way is now, if lower, at most its rate times the time since (`dt_s`, or since
+    it began to bind), to its level; a rise of its level applies at once (increases are limited by the planner's
+    ramp allowance). So a ramp slows only its own input: any other input binds as if it were alone.
     """
     cap, limits = _limits(inputs, now)
     out: dict[str, float] = {}
     best: tuple[float, int, str] | None = None  # (contribution, rank, id): ties reported as in `arbitrate`
     binding, ramping = Source.CAP.value, False
+    # a path that starts now starts where the level is now: what last tick planned, or lower where a path already
+    # on its way has gone lower since. From last tick's level alone, a second ramped dispatch that came in while a
+    # fast one ramped the site down started 3.7 kW above where the fast one had got to, and once the fast one ended
+    # the level rose by that much (soak of 2026-12-04 night, site 78: 8.10 kW against the grid's 7.21 kW). An
+    # unramped input does not move it: a ramp runs from where the site was headed, whatever binds below it meanwhile
+    start_kw = min(
+        [from_kw]
+        + [
+            ramp_step(ramps[key], kw, dt_s, down_kw_per_min=ramp)
+            for kw, _rank, input_id, source, ramp, _detail, _since in limits
+            if ramp is not None and (key := ramp_key(source, input_id)) in ramps
+        ]
+    )
     for kw, rank, input_id, source, ramp, _detail, since in limits:
         contribution = kw
         if ramp is not None:
             key = ramp_key(source, input_id)
             # a path that starts now has run only since the input began to bind, not the whole tick
-            prev, run_s = (ramps[key], dt_s) if key in ramps else (from_kw, min(dt_s, now - since))
+            prev, run_s = (ramps[key], dt_s) if key in ramps else (start_kw, min(dt_s, now - since))
             contribution = out[key] = ramp_step(prev, kw, run_s, down_kw_per_min=ramp)
         if best is None or (contribution, rank, input_id) < best:
             best = (contribution, rank, input_id)

@@ -34,6 +34,7 @@ from hashflex.drivers.base import (
 
 RAISE_DEADBAND_W = 100.0  # limit raises smaller than this (or than this share of the limit) are not sent
 RAISE_DEADBAND_SHARE = 0.05
+HELD_AFTER_FAILED_DECREASE = "not sent: a decrease of its batch failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ class OpResult:
     ip: str
     op: Op
     watts: int | None
-    outcome: str  # ok | unsupported | failed | unreachable | timeout | skipped
+    outcome: str  # ok | unsupported | failed | unreachable | timeout | skipped | held (HELD_AFTER_FAILED_DECREASE)
     detail: str
     attempts: int
     done_at: float  # wall seconds (time.time()) when the last attempt ended
@@ -64,11 +65,11 @@ class Report:
 
     @property
     def sent(self) -> int:
-        return len(self.results)
+        return sum(1 for r in self.results if r.outcome != "held")
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.results if not r.ok)
+        return sum(1 for r in self.results if not r.ok and r.outcome != "held")
 
     def by_op(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -211,10 +212,23 @@ class Actuator:
                     on_result(r)
 
         await run(decreases)
-        await run(increases)
-        step = wake_batch if wake_batch and wake_batch > 0 else max(1, len(wakes))
-        for start in range(0, len(wakes), step):
-            await run(wakes[start : start + step])
+        if any(not r.ok for r in report.results):
+            # the rises of a plan are paid for by its decreases: one that did not take leaves the room they were to
+            # fill still in use, and sent anyway they take the site over its limit. Held, not sent: the next plan
+            # counts the miner that did not take its decrease at its worst case and spends only what is left
+            # (soak of 2026-12-04 night, site 2082: a LuxOS miner whose session another client held was planned
+            # 1.1 kW lower each time its back-off ended; the wake paid for by it went out, the lower limit failed,
+            # and the next plan slept a running miner: a wake-up thrown away every back-off)
+            for c in (*increases, *wakes):
+                r = OpResult(c.ip, c.op, c.watts, "held", HELD_AFTER_FAILED_DECREASE, 0, time.time(), 0.0)
+                report.results.append(r)
+                if on_result is not None:
+                    on_result(r)
+        else:
+            await run(increases)
+            step = wake_batch if wake_batch and wake_batch > 0 else max(1, len(wakes))
+            for start in range(0, len(wakes), step):
+                await run(wakes[start : start + step])
         report.retries = max(0, sum(r.attempts - 1 for r in report.results))
         report.finished_at = time.time()
         return report

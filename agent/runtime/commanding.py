@@ -292,13 +292,14 @@ class Commander:
             for c in changes:
                 self.in_flight.pop(c.ip, None)
         self.last_report = report
-        failed = [r for r in report.results if not r.ok]
+        failed = [r for r in report.results if not r.ok and r.outcome != "held"]
         data = {
             "method": planned.method,
             "fast": fast,
             "target_kw": round(planned.target_kw, 3),
             "worst_case_kw": round(planned.worst_case_kw, 3),
             "sent": report.sent,
+            "held": report.count("held"),  # rises not sent: a decrease of the batch failed (actuator.apply)
             "by_op": report.by_op(),
             "retries": report.retries,
             "dur_ms": round((report.finished_at - report.started_at) * 1000, 1),
@@ -339,6 +340,12 @@ class Commander:
         now = self.clock()
         if self.on_result is not None:
             self.on_result(r)
+        if r.outcome == "held":  # never sent (a decrease of its batch failed): the miner is as it was
+            if r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
+                wt = list(self.wake_times)
+                wt.remove(sent_at)
+                self.wake_times = tuple(wt)
+            return
         mem = self.memory.setdefault(r.ip, MinerMemory())
         if self.metrics is not None:
             self.metrics.observe_command(r.op.value, r.outcome, r.latency_s)

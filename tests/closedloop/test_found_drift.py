@@ -271,3 +271,48 @@ def test_a_lone_drifter_read_past_its_setting_on_its_way_up_is_counted_one_rise_
         assert w.margins.safety_kw > 0
     finally:
         w.close()
+
+
+def test_a_drift_no_reading_could_show_is_the_agents_to_answer_within_a_settle_time() -> None:
+    """An oracle finding (soak of 2026-12-04 night, site 0): five miners, every one asleep when their power supplies
+    began to drift 30 %; two woken 380 s later at 1,695 and 2,588 W drew 0.48 kW over a 4.39 kW limit the moment
+    they came up past their limits. No reading can show a drift before the miner draws it: the oracle now adds a
+    drifting miner's drift to the limit from the moment it first draws above its setting for one settle time, and
+    holds the agent to the limit after it. Was: safety at t=475 s (4.87 kW against 4.39 kW + 0.07)."""
+    w = World(
+        SiteSpec(
+            miners=5,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=0,
+            cap_share=0.3,
+            circuits=((5, 0.4),),
+            tick_s=2.0,
+            min_off_s=120.0,
+            wake_interval_s=5.0,
+            tou=((2, 7, 0.0),),
+            asleep_share=0.3,
+        )
+    )
+    try:
+        w.prepare_start_states()
+        w.start()
+        w.run_for(5.0)
+        for _ in range(3):
+            w.resume()
+            w.run_for(5.0)
+        w.restart(crash=True)
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(5.0)
+        w.dispatch(target_share=4.391 / w.cap_kw, start_in=60.0, ramp_share_per_min=0.046 / w.cap_kw)
+        w.run_for(5.0)
+        w.set_fault({"mode": "drift", "pct": 30, "ips": list(w.ips)})
+        w.run_for(5.0)
+        w.curtail(to_share=2.927 / w.cap_kw, for_s=300.0)
+        w.run_for(5.0)
+        w.resume()
+        w.run_for(900.0)  # every invariant; was: safety at t=475 s
+        assert w.margins.checks_safety > 100
+        assert w.drift_shown_at  # the drift showed, and the agent answered it within the settle time
+    finally:
+        w.close()

@@ -927,3 +927,82 @@ def test_a_reading_on_the_way_down_from_the_limit_it_left_is_no_drift() -> None:
         assert w.margins.checks_service > 50
     finally:
         w.close()
+
+
+def test_rises_paid_for_by_a_decrease_that_failed_are_held() -> None:
+    """Site 2082: a heartbeat lost, a fail-safe level, a LuxOS S21 whose session another client held (`session_held`:
+    every command to it fails), five blackholed miners held at 4 kW each. Each time the held miner's back-off ended
+    the plan lowered it 1.1 kW and woke a sleeper into that room; the lower limit failed, the wake went out, and the
+    next plan slept a running miner for it: a wake-up thrown away each back-off, the site at 82 % of its room. A
+    batch whose decrease fails now holds its rises (`actuator.Actuator.apply`). Was: service at t=745 s (8.33 kW <
+    9.14 kW)."""
+    w = _world(
+        SiteSpec(
+            miners=27,
+            mix="luxos:1,whatsminer:1,antminer:1",
+            seed=2082,
+            cap_share=0.8,
+            circuits=((1, 1.2), (18, 0.8)),
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=0.0,
+            wake_per_interval=1,
+            ramp_up_kw_per_min=200.0,
+            asleep_share=1.0,
+            blackhole_share=0.2,
+            rebooting_share=0.2,
+        )
+    )
+    try:
+        w.run_for(15.0)
+        w.heartbeat(False)
+        w.cap(48.66 / w.cap_kw)
+        w.run_for(5.0)
+        w.set_fault({"mode": "session_held", "family": "luxos", "ips": ["127.200.0.4"]})
+        w.run_for(5.0)
+        w.step_clock(-3600.0)
+        w.run_for(5.0)
+        w.step_clock(30.0)
+        w.run_for(5.0)
+        w.cap(69.514 / w.cap_kw)
+        w.run_for(5.0)
+        w.step_clock(3600.0)
+        w.run_for(1200.0)  # every invariant; was: service at t=745 s
+        assert w.margins.checks_service > 50
+    finally:
+        w.close()
+
+
+def test_a_ramp_that_starts_while_another_ramps_down_starts_where_that_one_has_got_to() -> None:
+    """Site 78 (safety): a grid dispatch to 0 kW at 132 kW/min for 120 s, and 5 s later a second one to 0 kW at
+    0.66 kW/min. The second path started from the last tick's level, 3.7 kW above where the fast one had got to by
+    then; when the fast one ended the level rose by that much and the site followed it over the grid's own path
+    (`arbitration.ramped_level`). Was: safety at t=1990 s (8.10 kW against 7.21 kW + 0.08)."""
+    w = _world(
+        SiteSpec(
+            miners=16,
+            mix="luxos:2,whatsminer:1",
+            seed=78,
+            cap_share=1.3,
+            poll_s=2.0,
+            min_on_s=0.0,
+            min_off_s=120.0,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=0.0,
+            tou=((120, 176, 0.6),),
+            asleep_share=1.0,
+        )
+    )
+    try:
+        w.run_for(5.0)
+        w.cap(19.803 / w.cap_kw)
+        w.run_for(5.0)
+        w.step_clock(3600.0)
+        w.run_for(1805.0)
+        w.dispatch(target_share=0.0, duration=120.0, ramp_share_per_min=132.018 / w.cap_kw)
+        w.run_for(5.0)
+        w.dispatch(target_share=0.0, ramp_share_per_min=0.66 / w.cap_kw)
+        w.run_for(600.0)  # every invariant; was: safety at t=1990 s
+        assert w.margins.checks_safety > 100
+    finally:
+        w.close()

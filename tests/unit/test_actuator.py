@@ -203,13 +203,41 @@ async def test_outcomes_are_mapped_and_not_retried_when_pointless() -> None:
         "down": RecordingHandle("down", log, raises=Unreachable("refused")),
     }
     act = Actuator(handles.__getitem__, concurrency=4, command_timeout_s=0.05, retries_per_command=1, backoff_s=0.001)
-    report = await act.apply([Change(ip, Op.SET_POWER, 2000) for ip in handles] + [Change("ghost", Op.SLEEP)])
+    report = await act.apply([Change(ip, Op.SET_POWER, 2000) for ip in handles])
+    report.results += (await act.apply([Change("ghost", Op.SLEEP)])).results
     outcome = {r.ip: (r.outcome, r.attempts) for r in report.results}
     assert outcome["unsup"] == ("unsupported", 1)
     assert outcome["final"] == ("failed", 1)
     assert outcome["slow"] == ("timeout", 2)
     assert outcome["down"] == ("unreachable", 2)
     assert outcome["ghost"] == ("skipped", 0)
+
+
+async def test_a_failed_decrease_holds_the_rises_of_its_batch() -> None:
+    """The rises of a plan are paid for by its decreases: one that fails leaves its room in use, and the rises are
+    held (not sent) for the next plan to count it (soak of 2026-12-04 night, site 2082)."""
+    log: list[tuple[str, str, float]] = []
+    handles = {
+        "held-session": RecordingHandle("held-session", log, result=Failed("session held", retryable=False)),
+        "up": RecordingHandle("up", log),
+        "waking": RecordingHandle("waking", log),
+    }
+    act = Actuator(handles.__getitem__, concurrency=4, command_timeout_s=1.0, retries_per_command=0)
+    batch = [
+        Change("held-session", Op.SET_POWER, 2363, decrease=True),
+        Change("up", Op.SET_POWER, 2500),
+        Change("waking", Op.WAKE),
+    ]
+    report = await act.apply(batch)
+    outcome = {r.ip: r.outcome for r in report.results}
+    assert outcome == {"held-session": "failed", "up": "held", "waking": "held"}
+    assert [ip for ip, _op, _t in log] == ["held-session"]  # nothing else went out
+    assert report.sent == 1
+    assert report.failed == 1
+    # the decrease taken: the rises go out after it
+    handles["held-session"] = RecordingHandle("held-session", log)
+    report = await act.apply(batch)
+    assert {r.ip: r.outcome for r in report.results} == dict.fromkeys(handles, "ok")
 
 
 async def test_wake_with_a_new_limit_sets_it_after_waking() -> None:

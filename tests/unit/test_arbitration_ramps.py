@@ -169,8 +169,10 @@ def test_level_is_the_minimum_of_inputs_each_ramped_on_its_own(
                 continue
             key = ramp_key(d.source, d.id)
             if key not in origin:
-                # from last tick's level, starting when it began to bind (or at last tick, if later)
-                origin[key] = (prior.get(key, level), max(windows[d.id].start, now - dt))
+                # from last tick's level, or where a path already on its way has got to by now if that is lower,
+                # starting when it began to bind (or at last tick, if later)
+                moving = [r.ramps[k] for k in prior if k in r.ramps]
+                origin[key] = (min([prior.get(key, level), *moving]), max(windows[d.id].start, now - dt))
             start_kw, since = origin[key]
             path = max(kw, start_kw - d.ramp_kw_per_min * (now - since) / 60.0) if kw < start_kw else kw
             # the ramped input's contribution is its own path: never below it (and never above it)
@@ -183,3 +185,15 @@ def test_level_is_the_minimum_of_inputs_each_ramped_on_its_own(
             assert r.kw <= failsafe + 1e-9
         assert abs(r.kw - expected) <= 1e-9
         level, state = r.kw, r.ramps
+
+
+def test_a_ramp_that_starts_while_another_ramps_down_starts_where_that_one_has_got_to() -> None:
+    """Soak of 2026-12-04 night, site 78: a second ramped dispatch came in between two ticks while a fast one ramped
+    the site down; its path started from the last tick's level, 3.7 kW above where the fast one had got to, and once
+    the fast one ended the level rose by that much."""
+    fast = dispatch("fast", 0.0, ramp=120.0)  # 2 kW/s
+    slow = dispatch("slow", 0.0, ramp=0.6)
+    inputs = ArbitrationInputs(CAP, dispatches=[fast, slow], rules=RULES)
+    r = ramped_level(inputs, T0 + 1, 2.0, {ramp_key(Source.GRID, "fast"): 20.0}, from_kw=20.0)
+    assert r.ramps[ramp_key(Source.GRID, "fast")] == 16.0
+    assert r.ramps[ramp_key(Source.GRID, "slow")] <= 16.0  # not 20 kW, last tick's level
