@@ -105,14 +105,14 @@ def counted_draw(
         # stock power to the limit it reports: a draw above that limit is not yet a drift (soak 20261204, site 133:
         # a Whatsminer read at 3.44 kW on its way down to 2.08 kW, slept, was counted 1.36 kW over every level it
         # could be woken to, and never woken under a PDU it fitted for the rest of the run)
-        # "Both settings": the one it is leaving (`left_w`, recorded when it acknowledged the new one) and the new
-        # one. Judged against the setting of its last excess reading instead, an older and lower one, a LuxOS S21
-        # raised to 2,805 W and lowered to 1,942 W before it got there was read at 2,267 W on its way down and
-        # counted 325 W over: the site counted over its cap, a cut, the next plan raised it again, and the site
-        # churned at 84 % of its cap for as long as it ran (soak 20261204, site 12)
+        # "Both settings": the new one and the one it is leaving, the higher of the setting of its last excess
+        # reading (stock, with none) and the one it acknowledged the new one over (`left_w`). Judged against the
+        # first alone, an older and lower one, a LuxOS S21 raised to 2,805 W and lowered to 1,942 W before it got
+        # there was read at 2,267 W on its way down and counted 325 W over: the site counted over its cap, a cut,
+        # the next plan raised it again, and the site churned at 84 % of its cap (soak of 2026-12-04 night, site 12)
         setting = commanded if commanded is not None else stock
         if fresh and ms.measured and told is None:
-            before = mem.left_w if mem.left_w is not None else mem.excess_setting_w or stock
+            before = max(mem.left_w or 0.0, mem.excess_setting_w or stock)
             above = float(ms.power_w) - max(setting, before)
             mem.excess_w = max(mem.excess_w, above)
         extra = excess_counted(mem, setting, peer_excess_share)

@@ -213,3 +213,38 @@ def test_a_site_waking_at_its_stagger_after_a_brief_deep_cut_is_not_cut_too_deep
         assert w.margins.checks_service > 10
     finally:
         w.close()
+
+
+def test_a_miner_coming_down_from_stock_is_not_counted_over_the_limit_it_left() -> None:
+    """Soak of 2026-12-04 night (seed 20261790), site 4728, found on this session's own code: 26 Whatsminers, a grid
+    dispatch to 42.26 kW from a 44.02 kW cap. Miners lowered to 2,335 W read 100-280 W above it on their way down,
+    and were counted so: the limit they left (`MinerMemory.left_w`) had replaced, not joined, the stock power the
+    rule falls back on when no settled reading says where a miner came from. The site counted over its target, a
+    running miner slept while another woke. Was: decrease too deep at t=375 s (35.76 kW where 38.05 kW is needed)."""
+    w = World(
+        SiteSpec(
+            miners=26,
+            mix="whatsminer:1",
+            seed=4728,
+            cap_share=0.5,
+            circuits=((26, 1.2),),
+            tick_s=2.0,
+            poll_s=2.0,
+            min_off_s=0.0,
+            wake_per_interval=50,
+            wake_interval_s=5.0,
+            ramp_up_kw_per_min=200.0,
+            failsafe_share=0.0,
+            tou=((99, 129, 0.0),),
+            asleep_share=0.3,
+        )
+    )
+    w.prepare_start_states()
+    w.start()
+    try:
+        w.run_for(305.0)
+        w.dispatch(target_share=42.256 / w.cap_kw, start_in=60.0, duration=600.0)
+        w.run_for(900.0)  # every invariant; was: decrease too deep at t=375 s
+        assert w.margins.checks_service > 50
+    finally:
+        w.close()
