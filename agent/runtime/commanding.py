@@ -335,16 +335,22 @@ class Commander:
         )
 
     # ----------------------------------------------------------------------------------------- results
+    def _uncount_wake(self, sent_at: float | None) -> None:
+        """The stagger counts wakes that happen: a wake refused or never sent must not hold back every other
+        miner's."""
+        if sent_at is not None and sent_at in self.wake_times:
+            wt = list(self.wake_times)
+            wt.remove(sent_at)
+            self.wake_times = tuple(wt)
+
     def take(self, r: OpResult, sent_at: float | None = None) -> None:
         """A command's result, into the miner's memory (called by the controller's task only)."""
         now = self.clock()
         if self.on_result is not None:
             self.on_result(r)
         if r.outcome == "held":  # never sent (a decrease of its batch failed): the miner is as it was
-            if r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
-                wt = list(self.wake_times)
-                wt.remove(sent_at)
-                self.wake_times = tuple(wt)
+            if r.op is Op.WAKE:
+                self._uncount_wake(sent_at)
             return
         mem = self.memory.setdefault(r.ip, MinerMemory())
         if self.metrics is not None:
@@ -357,11 +363,8 @@ class Commander:
             mem.failures += 1
             backoff = min(FAILED_BACKOFF_MAX_S, self.confirm_after_s * 2 ** min(mem.failures - 1, 16))
             mem.failed_op, mem.failed_retry_at = r.op.value, now + backoff
-            if r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
-                # the stagger counts wakes that happen: a refused wake must not hold back every other miner's
-                wt = list(self.wake_times)
-                wt.remove(sent_at)
-                self.wake_times = tuple(wt)
+            if r.op is Op.WAKE:
+                self._uncount_wake(sent_at)
         if r.ok and r.op is Op.WAKE and sent_at is not None and sent_at in self.wake_times:
             # a wake counts from when it took, not from when it was sent: one held up behind slow commands in its
             # batch (limits first, a miner slow to answer) landed seconds after it was counted, and the next

@@ -169,8 +169,8 @@ def _allocate(
     # margin for noise, not a reason to sleep a miner (soak 20261204, site 10000: a miner read 4 W above its limit
     # put the site 3 W into the headroom, the waking miner was slept for it, three running ones raised into its room,
     # and the next plan woke another: a wake-up thrown away every 20 s and the site at 80 % of its limit)
-    hard_room = prep.soft_caps(None)
-    keep_slack = [max(0.0, h - c) if settled else 0.0 for h, c in zip(prep.hard, hard_room, strict=True)]
+    headroom_caps = prep.soft_caps(None)
+    keep_slack = [max(0.0, h - c) if settled else 0.0 for h, c in zip(prep.hard, headroom_caps, strict=True)]
     grant = _Granting(
         keys,
         sizes=sizes,
